@@ -1,1 +1,486 @@
+//! A strict local stand-in for Akto's Data Ingestion Service (`POST /api/ingestData`).
+//!
+//! It exists so the connector can be tested end to end against something that rejects exactly
+//! what Akto rejects or silently drops (see `shared/reference/akto-ingestion.md`), instead of
+//! against a mock that accepts anything. It is deliberately independent of the connector crate:
+//! the rules are written a second time here, so a mistake shared with the connector's own
+//! validation cannot hide.
+//!
+//! Rules (a batch is all-or-nothing: nothing is stored when any rule fails):
+//! - body at most 10,485,760 bytes (else 413), JSON, an object with a `batchData` array (else 422);
+//! - every record an object with all 17 fields, each a string (only the optional
+//!   `publishToGuardrails` may be, and must be, a boolean), none longer than 5,242,880 bytes;
+//! - `source` one of HAR, PCAP, MIRRORING, SDK, OTHER, POSTMAN, OPEN_API, BURP, IMPERVA, WIZ;
+//! - `time` a positive 32-bit decimal integer (epoch seconds), `statusCode`, `akto_account_id`
+//!   and `akto_vxlan_id` decimal 32-bit integers;
+//! - `requestHeaders`, `responseHeaders`, `tag`: JSON objects encoded as strings with string
+//!   values; header keys lowercase; a `host` request header using only `[a-z0-9.-]`.
+//!
+//! 422 answers carry `{"actionErrors":["batchData[i].field: what is wrong"]}`. With
+//! `require_jwt`, the `authorization` header must equal the raw JWT (no `Bearer `), else 401.
+//! [`Behavior`] injects failures and delays for retry tests.
 
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Akto's limit on a whole request body.
+pub const MAX_BODY_BYTES: usize = 10_485_760;
+/// Akto's limit on any one string of a record.
+pub const MAX_STRING_BYTES: usize = 5_242_880;
+/// Accepted `source` values.
+pub const ALLOWED_SOURCES: [&str; 10] = [
+    "HAR", "PCAP", "MIRRORING", "SDK", "OTHER", "POSTMAN", "OPEN_API", "BURP", "IMPERVA", "WIZ",
+];
+/// Fields every record must carry, as strings.
+pub const REQUIRED_FIELDS: [&str; 17] = [
+    "path",
+    "method",
+    "requestHeaders",
+    "responseHeaders",
+    "requestPayload",
+    "responsePayload",
+    "ip",
+    "destIp",
+    "time",
+    "statusCode",
+    "status",
+    "type",
+    "akto_account_id",
+    "akto_vxlan_id",
+    "is_pending",
+    "source",
+    "tag",
+];
+
+/// How to run the stand-in.
+#[derive(Clone)]
+pub struct StandInConfig {
+    /// Address to bind, e.g. `127.0.0.1:0` for any free port.
+    pub listen: SocketAddr,
+    /// When set, requests must carry `authorization: <this JWT>`.
+    pub require_jwt: Option<String>,
+}
+
+impl Default for StandInConfig {
+    fn default() -> Self {
+        StandInConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            require_jwt: None,
+        }
+    }
+}
+
+impl fmt::Debug for StandInConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StandInConfig")
+            .field("listen", &self.listen)
+            .field(
+                "require_jwt",
+                &self.require_jwt.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Failure injection for the next batches.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Behavior {
+    /// Validate and store.
+    #[default]
+    Normal,
+    /// The next `count` batches are answered with `status` (nothing stored), then Normal.
+    FailNext { count: usize, status: u16 },
+    /// Every batch is answered after `delay_ms`.
+    Slow { delay_ms: u64 },
+    /// Every `every`-th batch (counted from when this behavior was set) is answered with `status`.
+    FailEvery { every: usize, status: u16 },
+    /// A batch whose body contains `needle` is rejected with 422 (a poison record).
+    Reject422Matching { needle: String },
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    records: Vec<Value>,
+    accepted: usize,
+    rejected: usize,
+    injected: usize,
+    behavior: Behavior,
+    /// Batches received since the behavior was set.
+    seen: usize,
+    /// Remaining failures of `FailNext`.
+    fail_left: usize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    jwt: Option<String>,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock only means a test thread panicked; the data is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running stand-in; dropped or [`StandIn::shutdown`] stops it.
+pub struct StandIn {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for StandIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StandIn").field("addr", &self.addr).finish()
+    }
+}
+
+impl StandIn {
+    /// Bind and serve in a background task.
+    pub async fn start(cfg: StandInConfig) -> std::io::Result<StandIn> {
+        let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            jwt: cfg.require_jwt,
+            inner: Mutex::new(Inner::default()),
+        });
+        let app = Router::new()
+            .route("/api/ingestData", post(ingest))
+            .route("/healthCheck", get(|| async { "OK" }))
+            .layer(DefaultBodyLimit::disable())
+            .with_state(shared.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("ERROR akto-standin server stopped: {e}");
+            }
+        });
+        Ok(StandIn {
+            addr,
+            shared,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every accepted record, in arrival order.
+    pub fn records(&self) -> Vec<Value> {
+        self.shared.lock().records.clone()
+    }
+
+    /// Batches answered 200.
+    pub fn accepted_batches(&self) -> usize {
+        self.shared.lock().accepted
+    }
+
+    /// Batches answered with an error (401, 413, 422, or an injected failure).
+    pub fn rejected_batches(&self) -> usize {
+        self.shared.lock().rejected
+    }
+
+    /// Of the rejected batches, those failed by a [`Behavior`] rather than by a rule.
+    pub fn injected_failures(&self) -> usize {
+        self.shared.lock().injected
+    }
+
+    /// Change the behavior for the following batches.
+    pub fn set_behavior(&self, b: Behavior) {
+        let mut g = self.shared.lock();
+        g.fail_left = match &b {
+            Behavior::FailNext { count, .. } => *count,
+            _ => 0,
+        };
+        g.seen = 0;
+        g.behavior = b;
+    }
+
+    /// Stop accepting connections and wait for the server task to end.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+fn answer(status: StatusCode, errors: Vec<String>) -> Response {
+    (status, axum::Json(json!({ "actionErrors": errors }))).into_response()
+}
+
+fn status_from(code: u16) -> StatusCode {
+    StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+/// What the current behavior decides for one batch.
+enum Injected {
+    None,
+    Delay(u64),
+    Fail(u16),
+    Needle(String),
+}
+
+async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(jwt) = &shared.jwt {
+        let ok = headers
+            .get("authorization")
+            .is_some_and(|v| v.as_bytes() == jwt.as_bytes());
+        if !ok {
+            shared.lock().rejected += 1;
+            tracing::warn!("WARN batch rejected: 401 authorization missing or wrong");
+            return answer(
+                StatusCode::UNAUTHORIZED,
+                vec!["authorization: missing or invalid token (send the raw JWT, no Bearer prefix)"
+                    .to_string()],
+            );
+        }
+    }
+    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            shared.lock().rejected += 1;
+            tracing::warn!("WARN batch rejected: 413 body over {MAX_BODY_BYTES} bytes");
+            return answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                vec![format!(
+                    "body: larger than {MAX_BODY_BYTES} bytes (or unreadable); split the batch"
+                )],
+            );
+        }
+    };
+
+    let injected = {
+        let mut g = shared.lock();
+        g.seen += 1;
+        let seen = g.seen;
+        match g.behavior.clone() {
+            Behavior::Normal => Injected::None,
+            Behavior::Slow { delay_ms } => Injected::Delay(delay_ms),
+            Behavior::FailNext { status, .. } if g.fail_left > 0 => {
+                g.fail_left -= 1;
+                Injected::Fail(status)
+            }
+            Behavior::FailNext { .. } => Injected::None,
+            Behavior::FailEvery { every, status } if every > 0 && seen % every == 0 => {
+                Injected::Fail(status)
+            }
+            Behavior::FailEvery { .. } => Injected::None,
+            Behavior::Reject422Matching { needle } => Injected::Needle(needle),
+        }
+    };
+    match injected {
+        Injected::None => {}
+        Injected::Delay(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+        Injected::Fail(code) => {
+            let mut g = shared.lock();
+            g.rejected += 1;
+            g.injected += 1;
+            tracing::warn!("WARN batch failed on purpose with {code}");
+            return answer(status_from(code), vec![format!("injected failure {code}")]);
+        }
+        Injected::Needle(needle) => {
+            if !needle.is_empty() && contains(&bytes, needle.as_bytes()) {
+                let mut g = shared.lock();
+                g.rejected += 1;
+                g.injected += 1;
+                tracing::warn!("WARN batch rejected on purpose: contains the poison marker");
+                return answer(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    vec!["batchData: contains a record rejected on purpose".to_string()],
+                );
+            }
+        }
+    }
+
+    match check_batch(&bytes) {
+        Ok(records) => {
+            let n = records.len();
+            let mut g = shared.lock();
+            g.accepted += 1;
+            g.records.extend(records);
+            tracing::info!(
+                "batch accepted: records={n} bytes={} total_records={}",
+                bytes.len(),
+                g.records.len()
+            );
+            (StatusCode::OK, axum::Json(json!({"success": true}))).into_response()
+        }
+        Err(errors) => {
+            shared.lock().rejected += 1;
+            tracing::warn!(
+                "WARN batch rejected: 422 {} problem(s), first: {}",
+                errors.len(),
+                errors.first().map(String::as_str).unwrap_or("")
+            );
+            answer(StatusCode::UNPROCESSABLE_ENTITY, errors)
+        }
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// At most this many problems are reported per batch.
+const MAX_ERRORS: usize = 20;
+
+/// Validate a whole ingestion body; the records when every rule holds, else every problem
+/// found (up to 20), each naming where it is (`batchData[i].field`).
+pub fn check_batch(body: &[u8]) -> Result<Vec<Value>, Vec<String>> {
+    if body.len() > MAX_BODY_BYTES {
+        return Err(vec![format!(
+            "body: {} bytes, over the {MAX_BODY_BYTES}-byte limit",
+            body.len()
+        )]);
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| vec![format!("body: not valid JSON: {e}")])?;
+    let Value::Object(mut top) = v else {
+        return Err(vec!["body: must be a JSON object {\"batchData\":[...]}".to_string()]);
+    };
+    let Some(Value::Array(batch)) = top.remove("batchData") else {
+        return Err(vec!["batchData: missing or not an array".to_string()]);
+    };
+    let mut errors = Vec::new();
+    for (i, rec) in batch.iter().enumerate() {
+        if let Err(e) = check_record(rec) {
+            errors.push(format!("batchData[{i}].{e}"));
+            if errors.len() >= MAX_ERRORS {
+                break;
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(batch)
+    } else {
+        Err(errors)
+    }
+}
+
+fn digits_i32(s: &str) -> Option<i32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn cut(s: &str) -> &str {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+fn object_string(
+    field: &str,
+    s: &str,
+    headers: bool,
+) -> Result<serde_json::Map<String, Value>, String> {
+    let Ok(Value::Object(map)) = serde_json::from_str::<Value>(s) else {
+        return Err(format!("{field}: must be a JSON object encoded as a string"));
+    };
+    for (k, v) in &map {
+        if !v.is_string() {
+            return Err(format!("{field}: value of {k:?} must be a string"));
+        }
+        if headers && k.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(format!("{field}: header key {k:?} must be lowercase"));
+        }
+    }
+    Ok(map)
+}
+
+/// Validate one record; the error starts with the field name.
+pub fn check_record(rec: &Value) -> Result<(), String> {
+    let Value::Object(map) = rec else {
+        return Err("(record): must be a JSON object".to_string());
+    };
+    for f in REQUIRED_FIELDS {
+        if !map.contains_key(f) {
+            return Err(format!("{f}: missing"));
+        }
+    }
+    for (k, v) in map {
+        match v {
+            Value::String(s) if s.len() > MAX_STRING_BYTES => {
+                return Err(format!(
+                    "{k}: {} bytes, over the {MAX_STRING_BYTES}-byte string limit",
+                    s.len()
+                ))
+            }
+            Value::String(_) => {}
+            Value::Bool(_) if k == "publishToGuardrails" => {}
+            _ => return Err(format!("{k}: must be a string")),
+        }
+    }
+    let s = |f: &str| map.get(f).and_then(Value::as_str).unwrap_or_default();
+    let source = s("source");
+    if !ALLOWED_SOURCES.contains(&source) {
+        return Err(format!(
+            "source: {:?} is not one of {}",
+            cut(source),
+            ALLOWED_SOURCES.join(",")
+        ));
+    }
+    if !digits_i32(s("time")).is_some_and(|t| t > 0) {
+        return Err(format!(
+            "time: {:?} is not a positive 32-bit integer of epoch seconds",
+            cut(s("time"))
+        ));
+    }
+    for f in ["statusCode", "akto_account_id", "akto_vxlan_id"] {
+        if digits_i32(s(f)).is_none() {
+            return Err(format!("{f}: {:?} is not numeric", cut(s(f))));
+        }
+    }
+    let req = object_string("requestHeaders", s("requestHeaders"), true)?;
+    object_string("responseHeaders", s("responseHeaders"), true)?;
+    object_string("tag", s("tag"), false)?;
+    match req.get("host").and_then(Value::as_str) {
+        None => Err("requestHeaders: host header missing".to_string()),
+        Some(h)
+            if h.is_empty()
+                || !h.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                }) =>
+        {
+            Err(format!(
+                "requestHeaders: host {:?} must use only [a-z0-9.-]",
+                cut(h)
+            ))
+        }
+        Some(_) => Ok(()),
+    }
+}

@@ -1,0 +1,51 @@
+//! `akto-standin`: run the strict Akto ingestion stand-in as a process, for manual runs and
+//! demos (`akto-standin --listen 127.0.0.1:0 [--require-jwt X]`).
+
+use std::net::SocketAddr;
+
+use akto_standin::{StandIn, StandInConfig};
+use clap::Parser;
+
+/// A strict local stand-in for Akto's Data Ingestion Service.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Require `authorization: <JWT>` on every batch.
+    #[arg(long, env = "AKTO_STANDIN_JWT", hide_env_values = true)]
+    require_jwt: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let args = Args::parse();
+    let cfg = StandInConfig {
+        listen: args.listen,
+        require_jwt: args.require_jwt,
+    };
+    let standin = match StandIn::start(cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ERROR cannot listen on {}: {e}", args.listen);
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!("listening on {}", standin.url());
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        eprintln!("ERROR waiting for Ctrl-C: {e}");
+    }
+    let (ok, bad, n) = (
+        standin.accepted_batches(),
+        standin.rejected_batches(),
+        standin.records().len(),
+    );
+    standin.shutdown().await;
+    println!("stopped: accepted_batches={ok} rejected_batches={bad} records={n}");
+    std::process::ExitCode::SUCCESS
+}

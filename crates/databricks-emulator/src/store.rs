@@ -1,0 +1,576 @@
+//! The SQLite store behind the inference tables: compact rows on a temporary on-disk database,
+//! one SQL view per Unity Catalog table that synthesizes payloads on read, a writer connection
+//! for generation and a small pool of read-only connections for statements.
+//!
+//! Architecture Invariant: payload bytes are never stored; they are re-created on read by the
+//! `emu_payload` application-defined function, so memory stays flat at a million rows.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rusqlite::functions::{Context, FunctionFlags};
+use rusqlite::{params, Connection};
+
+use crate::error::EmulatorError;
+use crate::layout::{Layout, TableKind};
+use crate::payload::{self, Format, PayloadSpec, Rng};
+use crate::GroundTruthRow;
+
+/// Canonical TIMESTAMP text (fixed width, so text order is time order).
+pub(crate) fn fmt_ts(us: i64) -> String {
+    match chrono::DateTime::from_timestamp_micros(us) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        None => "1970-01-01T00:00:00.000000Z".to_string(),
+    }
+}
+
+/// Canonical DATE text.
+pub(crate) fn fmt_date(us: i64) -> String {
+    match chrono::DateTime::from_timestamp_micros(us) {
+        Some(t) => t.format("%Y-%m-%d").to_string(),
+        None => "1970-01-01".to_string(),
+    }
+}
+
+pub(crate) fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Parse the timestamp spellings Spark accepts (ISO-8601 with `T` or space, optional fraction,
+/// optional `Z`/offset, or a bare date) into epoch microseconds.
+pub(crate) fn parse_ts(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_micros());
+    }
+    let norm = s.replacen(' ', "T", 1);
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&norm) {
+        return Some(t.timestamp_micros());
+    }
+    let bare = norm.trim_end_matches('Z');
+    for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(bare, f) {
+            return Some(t.and_utc().timestamp_micros());
+        }
+    }
+    chrono::NaiveDate::parse_from_str(bare, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_micros())
+}
+
+/// Parse a DATE (or a timestamp, truncated) into canonical DATE text.
+pub(crate) fn parse_date(s: &str) -> Option<String> {
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d") {
+        return Some(d.format("%Y-%m-%d").to_string());
+    }
+    parse_ts(s).map(fmt_date)
+}
+
+const READERS: usize = 4;
+
+/// The SQLite-backed row store.
+pub(crate) struct Store {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+    layout: Arc<Layout>,
+    payload_bytes: usize,
+    rng: Mutex<Rng>,
+    rows_total: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn arg_i64(ctx: &Context<'_>, i: usize) -> Option<i64> {
+    ctx.get::<Option<i64>>(i).ok().flatten()
+}
+
+fn arg_text(ctx: &Context<'_>, i: usize) -> Option<String> {
+    match ctx.get_raw(i) {
+        rusqlite::types::ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
+        rusqlite::types::ValueRef::Real(v) => Some(v.to_string()),
+        _ => None,
+    }
+}
+
+/// Register the emulator's functions (payload synthesis and the Spark built-ins SQLite lacks).
+fn register_functions(conn: &Connection, layout: &Arc<Layout>, payload_bytes: usize) -> rusqlite::Result<()> {
+    let det = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC | FunctionFlags::SQLITE_INNOCUOUS;
+    let nondet = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_INNOCUOUS;
+    let l = layout.clone();
+    conn.create_scalar_function("emu_payload", 5, det, move |ctx| {
+        let which = arg_i64(ctx, 0).unwrap_or(0);
+        let agent = arg_i64(ctx, 1).unwrap_or(-1);
+        let seed = arg_i64(ctx, 2).unwrap_or(0) as u64;
+        let status = arg_i64(ctx, 3).unwrap_or(200);
+        let flags = arg_i64(ctx, 4).unwrap_or(0);
+        let (name, tools, format): (&str, &[String], Format) =
+            match usize::try_from(agent).ok().and_then(|a| l.agents.get(a)) {
+                Some(a) => (a.name.as_str(), a.tools.as_slice(), a.format),
+                None => ("legacy_bot", &[], Format::ChatCompletions),
+            };
+        let spec = PayloadSpec { format, agent: name, tools, seed, status, flags, payload_bytes };
+        Ok(if which == 0 { payload::request_json(&spec) } else { payload::response_json(&spec) })
+    })?;
+    let l = layout.clone();
+    conn.create_scalar_function("emu_meta", 1, det, move |ctx| {
+        let agent = arg_i64(ctx, 0).unwrap_or(-1);
+        Ok(usize::try_from(agent).ok().and_then(|a| l.agents.get(a)).map(|a| {
+            serde_json::json!({
+                "endpoint_name": a.endpoint.clone().unwrap_or_default(),
+                "model_name": a.model_full_name.clone().unwrap_or_default(),
+                "model_version": a.model_versions.to_string(),
+            })
+            .to_string()
+        }))
+    })?;
+    conn.create_scalar_function("emu_current_timestamp", 0, nondet, |_| Ok(fmt_ts(now_us())))?;
+    conn.create_scalar_function("emu_current_date", 0, nondet, |_| Ok(fmt_date(now_us())))?;
+    conn.create_scalar_function("timestamp_millis", 1, det, |ctx| {
+        Ok(arg_i64(ctx, 0).map(|ms| fmt_ts(ms.saturating_mul(1000))))
+    })?;
+    conn.create_scalar_function("timestamp_micros", 1, det, |ctx| Ok(arg_i64(ctx, 0).map(fmt_ts)))?;
+    conn.create_scalar_function("unix_millis", 1, det, |ctx| {
+        Ok(arg_text(ctx, 0).and_then(|s| parse_ts(&s)).map(|us| us.div_euclid(1000)))
+    })?;
+    conn.create_scalar_function("unix_micros", 1, det, |ctx| {
+        Ok(arg_text(ctx, 0).and_then(|s| parse_ts(&s)))
+    })?;
+    conn.create_scalar_function("to_timestamp", 1, det, |ctx| {
+        Ok(arg_text(ctx, 0).and_then(|s| parse_ts(&s)).map(fmt_ts))
+    })?;
+    conn.create_scalar_function("to_date", 1, det, |ctx| {
+        Ok(arg_text(ctx, 0).and_then(|s| parse_date(&s)))
+    })?;
+    for (name, sign) in [("date_add", 1i64), ("date_sub", -1i64)] {
+        conn.create_scalar_function(name, 2, det, move |ctx| {
+            let d = arg_text(ctx, 0).and_then(|s| parse_ts(&s));
+            let n = arg_i64(ctx, 1);
+            Ok(match (d, n) {
+                (Some(d), Some(n)) => Some(fmt_date(d + sign * n * 86_400_000_000)),
+                _ => None,
+            })
+        })?;
+    }
+    conn.create_scalar_function("size", 1, det, |ctx| {
+        Ok(match arg_text(ctx, 0) {
+            Some(s) => match serde_json::from_str::<serde_json::Value>(&s) {
+                Ok(serde_json::Value::Array(a)) => a.len() as i64,
+                Ok(serde_json::Value::Object(o)) => o.len() as i64,
+                _ => -1,
+            },
+            None => -1,
+        })
+    })?;
+    conn.create_scalar_function("array_contains", 2, det, |ctx| {
+        let arr = arg_text(ctx, 0);
+        let needle = arg_text(ctx, 1);
+        Ok(match (arr, needle) {
+            (Some(a), Some(n)) => match serde_json::from_str::<Vec<serde_json::Value>>(&a) {
+                Ok(v) => Some(v.iter().any(|x| x.as_str() == Some(n.as_str()) || x.to_string() == n)),
+                Err(_) => None,
+            },
+            _ => None,
+        })
+    })?;
+    conn.create_scalar_function("nvl", 2, det, |ctx| {
+        let a: rusqlite::types::Value = ctx.get(0)?;
+        if matches!(a, rusqlite::types::Value::Null) {
+            ctx.get::<rusqlite::types::Value>(1)
+        } else {
+            Ok(a)
+        }
+    })?;
+    for (name, greatest) in [("greatest", true), ("least", false)] {
+        conn.create_scalar_function(name, -1, det, move |ctx| {
+            let mut best: Option<rusqlite::types::Value> = None;
+            for i in 0..ctx.len() {
+                let v: rusqlite::types::Value = ctx.get(i)?;
+                if matches!(v, rusqlite::types::Value::Null) {
+                    continue;
+                }
+                best = Some(match best {
+                    None => v,
+                    Some(b) => {
+                        let better = match (&v, &b) {
+                            (rusqlite::types::Value::Integer(x), rusqlite::types::Value::Integer(y)) => (x > y) == greatest,
+                            (rusqlite::types::Value::Real(x), rusqlite::types::Value::Real(y)) => (x > y) == greatest,
+                            (rusqlite::types::Value::Text(x), rusqlite::types::Value::Text(y)) => (x > y) == greatest,
+                            _ => false,
+                        };
+                        if better { v } else { b }
+                    }
+                });
+            }
+            Ok(best.unwrap_or(rusqlite::types::Value::Null))
+        })?;
+    }
+    Ok(())
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::config::DbConfig;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DQS_DML, false)?;
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_DQS_DDL, false)?;
+    conn.pragma_update(None, "case_sensitive_like", true)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    Ok(())
+}
+
+fn q(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+impl Store {
+    /// Create the database, the schema and the initial rows.
+    pub(crate) fn open(layout: Arc<Layout>, payload_bytes: usize, seed: u64, initial_rows: usize) -> Result<Store, EmulatorError> {
+        let dir = tempfile::tempdir().map_err(|e| EmulatorError::Storage(format!("cannot create a temporary directory: {e}")))?;
+        let path = dir.path().join("workspace.sqlite");
+        let writer = Connection::open(&path)?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        writer.pragma_update(None, "synchronous", "OFF")?;
+        writer.pragma_update(None, "cache_size", -131072i64)?;
+        configure(&writer)?;
+        register_functions(&writer, &layout, payload_bytes)?;
+        let store = Store {
+            _dir: dir,
+            path,
+            writer: Mutex::new(writer),
+            readers: Vec::new(),
+            next_reader: AtomicUsize::new(0),
+            layout,
+            payload_bytes,
+            rng: Mutex::new(Rng::new(seed ^ 0xD47A)),
+            rows_total: AtomicU64::new(0),
+        };
+        store.create_schema()?;
+        let now = now_us();
+        store.insert_rows(initial_rows, now - 3_600_000_000, now)?;
+        store.create_indexes()?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let c = Connection::open_with_flags(
+                &store.path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            configure(&c)?;
+            c.pragma_update(None, "cache_size", -32768i64)?;
+            register_functions(&c, &store.layout, store.payload_bytes)?;
+            readers.push(Mutex::new(c));
+        }
+        Ok(Store { readers, ..store })
+    }
+
+    /// The SQLite name (a view) of a UC table.
+    pub(crate) fn view_name(&self, table: &str) -> String {
+        self.layout.full_name(table)
+    }
+
+    fn create_schema(&self) -> Result<(), EmulatorError> {
+        let w = lock(&self.writer);
+        let l = &self.layout;
+        let customers_phys = l
+            .tables
+            .iter()
+            .find(|t| t.kind == TableKind::Customers)
+            .map(|t| t.phys.clone())
+            .unwrap_or_default();
+        let mut sql = String::new();
+        for t in &l.tables {
+            let view = q(&self.view_name(&t.name));
+            let agent = t.agent.map(|a| a as i64).unwrap_or(-1);
+            let p = &t.phys;
+            match t.kind {
+                TableKind::AiGateway => {
+                    sql.push_str(&format!(
+                        "CREATE TABLE {p} (databricks_request_id TEXT NOT NULL, request_date DATE_TEXT, client_request_id TEXT, \
+                         request_time TIMESTAMP_TEXT, status_code INT, sampling_fraction DOUBLE, execution_duration_ms BIGINT, \
+                         logging_error_codes ARRAY_TEXT, served_entity_id TEXT, requester TEXT, g INTEGER, f INTEGER);\n\
+                         CREATE VIEW {view} AS SELECT databricks_request_id, request_date, client_request_id, request_time, \
+                         status_code, sampling_fraction, execution_duration_ms, emu_payload(0, {agent}, g, status_code, f) AS request, \
+                         emu_payload(1, {agent}, g, status_code, f) AS response, logging_error_codes, served_entity_id, requester FROM {p};\n"
+                    ));
+                }
+                TableKind::Legacy => {
+                    sql.push_str(&format!(
+                        "CREATE TABLE {p} (databricks_request_id TEXT NOT NULL, client_request_id TEXT, date DATE_TEXT, \
+                         timestamp_ms BIGINT, status_code INT, execution_time_ms BIGINT, sampling_fraction DOUBLE, g INTEGER, f INTEGER);\n\
+                         CREATE VIEW {view} AS SELECT databricks_request_id, client_request_id, date, timestamp_ms, status_code, \
+                         execution_time_ms, emu_payload(0, {agent}, g, status_code, f) AS request, \
+                         emu_payload(1, {agent}, g, status_code, f) AS response, sampling_fraction, emu_meta({agent}) AS request_metadata FROM {p};\n"
+                    ));
+                }
+                TableKind::Customers => {
+                    sql.push_str(&format!(
+                        "CREATE TABLE {p} (customer_id BIGINT NOT NULL, name TEXT, email TEXT, created_at TIMESTAMP_TEXT);\n\
+                         CREATE VIEW {view} AS SELECT customer_id, name, email, created_at FROM {p};\n"
+                    ));
+                }
+                TableKind::View => {
+                    sql.push_str(&format!(
+                        "CREATE VIEW {view} AS SELECT customer_id, email FROM {customers_phys} WHERE email IS NOT NULL;\n"
+                    ));
+                }
+                TableKind::OtelSpans => {
+                    sql.push_str(&format!(
+                        "CREATE TABLE {p} (trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_span_id TEXT, name TEXT, kind TEXT, \
+                         start_time_unix_nano BIGINT, end_time_unix_nano BIGINT, attributes MAP_TEXT, status TEXT);\n\
+                         CREATE VIEW {view} AS SELECT trace_id, span_id, parent_span_id, name, kind, start_time_unix_nano, \
+                         end_time_unix_nano, attributes, status FROM {p};\n"
+                    ));
+                }
+            }
+        }
+        w.execute_batch(&sql)?;
+        // Static distractor contents.
+        let mut rng = Rng::new(0xC0FFEE);
+        let tx = w.unchecked_transaction()?;
+        let now = now_us();
+        for t in &l.tables {
+            match t.kind {
+                TableKind::Customers => {
+                    let mut st = tx.prepare(&format!("INSERT INTO {} VALUES (?1, ?2, ?3, ?4)", t.phys))?;
+                    for i in 0..25i64 {
+                        let first = rng.pick(&["Ana", "Ben", "Chen", "Dara", "Eli", "Fay"]);
+                        let email = (i % 5 != 0).then(|| format!("{}{}@example.com", first.to_lowercase(), i));
+                        st.execute(params![1000 + i, first, email, fmt_ts(now - (i + 1) * 86_400_000_000)])?;
+                    }
+                }
+                TableKind::OtelSpans => {
+                    let mut st = tx.prepare(&format!("INSERT INTO {} VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)", t.phys))?;
+                    for (k, agent) in l.agents.iter().enumerate().take(8) {
+                        let trace = format!("tr-{}", rng.hex(32));
+                        let root = rng.hex(16);
+                        let start = (now - (k as i64 + 1) * 60_000_000) * 1000;
+                        st.execute(params![trace, root, Option::<String>::None, agent.name, "SPAN_KIND_SERVER", start, start + 900_000_000,
+                            serde_json::json!({"mlflow.spanType": "AGENT"}).to_string(), "STATUS_CODE_OK"])?;
+                        let tool = agent.tools.first().cloned().unwrap_or_default();
+                        st.execute(params![trace, rng.hex(16), root, tool, "SPAN_KIND_INTERNAL", start + 100_000_000, start + 300_000_000,
+                            serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"query\":\"status\"}"}).to_string(), "STATUS_CODE_OK"])?;
+                    }
+                }
+                TableKind::AiGateway if t.agent.is_none() => {
+                    insert_ai_rows(&tx, &t.phys, None, 20, now - 3_600_000_000, now, &mut rng, l)?;
+                }
+                _ => {}
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn create_indexes(&self) -> Result<(), EmulatorError> {
+        let w = lock(&self.writer);
+        let mut sql = String::new();
+        for t in &self.layout.tables {
+            let p = &t.phys;
+            match t.kind {
+                TableKind::AiGateway => sql.push_str(&format!(
+                    "CREATE INDEX IF NOT EXISTS {p}_t ON {p}(request_time, databricks_request_id);\n\
+                     CREATE INDEX IF NOT EXISTS {p}_i ON {p}(databricks_request_id);\n"
+                )),
+                TableKind::Legacy => sql.push_str(&format!(
+                    "CREATE INDEX IF NOT EXISTS {p}_t ON {p}(timestamp_ms, databricks_request_id);\n\
+                     CREATE INDEX IF NOT EXISTS {p}_i ON {p}(databricks_request_id);\n"
+                )),
+                _ => {}
+            }
+        }
+        w.execute_batch(&sql)?;
+        w.execute_batch("ANALYZE;")?;
+        Ok(())
+    }
+
+    /// Append `rows` executions with request times uniform in `[from_us, to_us)`.
+    pub(crate) fn insert_rows(&self, rows: usize, from_us: i64, to_us: i64) -> Result<(), EmulatorError> {
+        let l = &self.layout;
+        if rows == 0 || l.agents.is_empty() {
+            return Ok(());
+        }
+        let w = lock(&self.writer);
+        let mut rng = lock(&self.rng);
+        // Split rows per agent first so each table gets one prepared statement.
+        let mut per_agent = vec![0usize; l.agents.len()];
+        for _ in 0..rows {
+            per_agent[rng.below(l.agents.len() as u64) as usize] += 1;
+        }
+        let tx = w.unchecked_transaction()?;
+        for (a, n) in per_agent.iter().enumerate() {
+            if *n == 0 {
+                continue;
+            }
+            let t = &l.tables[l.agents[a].table];
+            if t.kind == TableKind::Legacy {
+                insert_legacy_rows(&tx, &t.phys, a, *n, from_us, to_us, &mut rng)?;
+            } else {
+                insert_ai_rows(&tx, &t.phys, Some(a), *n, from_us, to_us, &mut rng, l)?;
+            }
+        }
+        tx.commit()?;
+        self.rows_total.fetch_add(rows as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) fn rows_total(&self) -> u64 {
+        self.rows_total.load(Ordering::Relaxed)
+    }
+
+    /// Run `f` on a free read-only connection (blocking; call from a blocking thread).
+    pub(crate) fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        let n = self.readers.len();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            if let Ok(c) = self.readers[(start + k) % n].try_lock() {
+                return f(&c);
+            }
+        }
+        let c = lock(&self.readers[start % n]);
+        f(&c)
+    }
+
+    /// Every visible row of the agents' inference tables.
+    pub(crate) fn ground_truth(&self) -> Result<Vec<GroundTruthRow>, EmulatorError> {
+        let l = self.layout.clone();
+        self.with_reader(|c| {
+            let mut out = Vec::new();
+            for t in l.tables.iter().filter(|t| t.ground_truth) {
+                let table = l.full_name(&t.name);
+                let sql = if t.kind == TableKind::Legacy {
+                    format!("SELECT databricks_request_id, timestamp_ms * 1000 FROM {}", t.phys)
+                } else {
+                    format!("SELECT databricks_request_id, request_time FROM {}", t.phys)
+                };
+                let mut st = c.prepare(&sql)?;
+                let mut rows = st.query([])?;
+                while let Some(r) = rows.next()? {
+                    let id: String = r.get(0)?;
+                    let time = match r.get_ref(1)? {
+                        rusqlite::types::ValueRef::Integer(us) => fmt_ts(us),
+                        rusqlite::types::ValueRef::Text(s) => String::from_utf8_lossy(s).into_owned(),
+                        _ => String::new(),
+                    };
+                    out.push(GroundTruthRow { table: table.clone(), databricks_request_id: id, request_time: time });
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+struct RowBase {
+    id: String,
+    client_request_id: Option<String>,
+    t_us: i64,
+    status: i64,
+    duration: i64,
+    flags: i64,
+    seed: i64,
+}
+
+fn row_base(rng: &mut Rng, from_us: i64, to_us: i64) -> RowBase {
+    let span = (to_us - from_us).max(1) as u64;
+    let t_us = from_us + rng.below(span) as i64;
+    let status = if rng.chance(950) { 200 } else { [400, 429, 500, 503][rng.below(4) as usize] };
+    let flags = if rng.chance(10) {
+        if rng.chance(500) { payload::FLAG_REQUEST_TOO_LARGE } else { payload::FLAG_RESPONSE_TOO_LARGE }
+    } else {
+        0
+    };
+    RowBase {
+        id: rng.uuid(),
+        client_request_id: (!rng.chance(300)).then(|| format!("cr-{}", rng.hex(12))),
+        t_us,
+        status,
+        duration: 40 + rng.below(8000) as i64,
+        flags,
+        seed: rng.next_u64() as i64,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_ai_rows(
+    tx: &rusqlite::Transaction<'_>,
+    phys: &str,
+    agent: Option<usize>,
+    n: usize,
+    from_us: i64,
+    to_us: i64,
+    rng: &mut Rng,
+    l: &Layout,
+) -> Result<(), EmulatorError> {
+    let mut st = tx.prepare_cached(&format!(
+        "INSERT INTO {phys} VALUES (?1, ?2, ?3, ?4, ?5, 1.0, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))?;
+    let served = agent.and_then(|a| l.agents.get(a)).map(|a| a.served_entity_id.clone());
+    for _ in 0..n {
+        let b = row_base(rng, from_us, to_us);
+        let codes = if b.flags & payload::FLAG_REQUEST_TOO_LARGE != 0 {
+            "[\"MAX_REQUEST_SIZE_EXCEEDED\"]"
+        } else if b.flags & payload::FLAG_RESPONSE_TOO_LARGE != 0 {
+            "[\"MAX_RESPONSE_SIZE_EXCEEDED\"]"
+        } else {
+            "[]"
+        };
+        let requester = if rng.chance(100) {
+            None
+        } else {
+            Some(format!("{}@example.com", rng.pick(&["alice", "bob", "carol", "dave", "svc-agent"])))
+        };
+        st.execute(params![
+            b.id,
+            fmt_date(b.t_us),
+            b.client_request_id,
+            fmt_ts(b.t_us),
+            b.status,
+            b.duration,
+            codes,
+            served,
+            requester,
+            b.seed,
+            b.flags
+        ])?;
+    }
+    Ok(())
+}
+
+fn insert_legacy_rows(
+    tx: &rusqlite::Transaction<'_>,
+    phys: &str,
+    _agent: usize,
+    n: usize,
+    from_us: i64,
+    to_us: i64,
+    rng: &mut Rng,
+) -> Result<(), EmulatorError> {
+    let mut st = tx.prepare_cached(&format!("INSERT INTO {phys} VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1.0, ?7, ?8)"))?;
+    for _ in 0..n {
+        let b = row_base(rng, from_us, to_us);
+        // Millisecond precision in legacy tables.
+        let ms = b.t_us.div_euclid(1000);
+        st.execute(params![b.id, b.client_request_id, fmt_date(b.t_us), ms, b.status, b.duration, b.seed, b.flags])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_and_sort() {
+        let a = parse_ts("2026-11-29T08:33:00Z").unwrap_or(0);
+        assert_eq!(fmt_ts(a), "2026-11-29T08:33:00.000000Z");
+        assert_eq!(parse_ts("2026-11-29 08:33:00.5"), Some(a + 500_000));
+        assert_eq!(parse_ts("2026-11-29T10:33:00+02:00"), Some(a));
+        assert_eq!(parse_date("2026-11-29T23:59:59Z").as_deref(), Some("2026-11-29"));
+        assert!(parse_ts("yesterday").is_none());
+        assert!(fmt_ts(a) < fmt_ts(a + 1));
+    }
+}

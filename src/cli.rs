@@ -1,0 +1,954 @@
+//! The command line: every setting as a flag with its environment variable, plus the subcommands.
+//!
+//! This module exists so that *where* a setting comes from is decided in one place, before any
+//! validation: command-line flags beat the process environment, which beats the `--env-file`
+//! file (the seed's `databricks-cron.env` format). It performs no validation beyond what clap
+//! needs to split the arguments; [`crate::config::Config::from_cli`] turns a [`Cli`] into a
+//! validated configuration and reports every problem at once.
+//!
+//! Two quirks are handled here explicitly:
+//! - Akto's job runner starts the binary as `databricks-shield -once` (one dash). clap would read
+//!   that as the short flags `-o -n -c -e`, so [`normalize_args`] rewrites it to `--once` first.
+//! - Settings are kept as raw strings so that a bad value is reported together with every other
+//!   problem instead of clap stopping at the first one. Secret settings use [`SecretArg`], whose
+//!   `Debug` is redacted, and `--help` never shows their values.
+//!
+//! Architecture Invariant: this module never performs network I/O and never prints a secret.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::Problem;
+
+/// Text shown after `--help`.
+const AFTER_HELP: &str = "\
+Settings are read from command-line flags first, then environment variables, then the file given
+with --env-file (KEY=value lines, as in databricks-cron.env). Secrets can also come from files
+(DATABRICKS_CLIENT_SECRET_FILE, DATABRICKS_TOKEN_FILE, AKTO_JWT_TOKEN_FILE) or a Databricks
+config profile (DATABRICKS_CONFIG_FILE, DATABRICKS_CONFIG_PROFILE); prefer them to flags.
+
+First step when something does not work: `databricks-shield check` tests every prerequisite
+(configuration, network, authentication, grants, tables, warehouse, sink) and prints the fix for
+each failure. `databricks-shield --print-config` only validates the configuration and prints it.
+The README's configuration table describes every setting.";
+
+/// A secret given on the command line or in the environment.
+///
+/// Its `Debug` output is `[REDACTED]`, so a `Cli` can be debug-printed safely.
+#[derive(Clone)]
+pub struct SecretArg(SecretString);
+
+impl SecretArg {
+    /// The secret, for [`crate::config`] only.
+    pub fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+
+    /// A copy as a [`SecretString`].
+    pub fn to_secret(&self) -> SecretString {
+        self.0.clone()
+    }
+}
+
+impl fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+impl FromStr for SecretArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretArg(SecretString::from(s.to_owned())))
+    }
+}
+
+impl From<&str> for SecretArg {
+    fn from(s: &str) -> Self {
+        SecretArg(SecretString::from(s.to_owned()))
+    }
+}
+
+/// The parsed command line (flags and environment; the env file is already folded in).
+///
+/// Settings are raw, unvalidated strings: `None` or an empty string both mean "not set".
+/// Fields are public so tests can build a `Cli` directly (`Cli { host: Some(..), ..Default::default() }`).
+#[derive(Parser, Debug, Default, Clone)]
+#[command(
+    name = "databricks-shield",
+    version,
+    about = "Brings a Databricks workspace's AI agents and their traffic into Akto",
+    long_about = "Brings a Databricks workspace's AI agents and their traffic into Akto.\n\n\
+        Without a subcommand it runs as a service: one collection cycle every \
+        RECURRING_INTERVAL_SECONDS. With -once / --once it runs a single cycle and exits \
+        (non-zero when the cycle failed).",
+    after_help = AFTER_HELP,
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// What to do; `None` means `run`.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Run one collection cycle and exit (also accepted as `-once`, as Akto's job runner passes it)
+    #[arg(long, global = true)]
+    pub once: bool,
+
+    /// Read settings from this file (KEY=value lines); flags and environment variables win over it
+    #[arg(long, value_name = "PATH", global = true)]
+    pub env_file: Option<PathBuf>,
+
+    /// Write records as JSON lines to PATH ("-" = stdout) instead of sending them to Akto
+    #[arg(long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    /// Forget the saved read positions (STATE_DIR) and start again from LOOKBACK_MINUTES ago
+    #[arg(long, global = true)]
+    pub reset_state: bool,
+
+    /// Validate configuration and print it (no network calls), then exit
+    #[arg(long, global = true)]
+    pub print_config: bool,
+
+    /// Databricks settings.
+    #[command(flatten)]
+    pub databricks: DatabricksArgs,
+
+    /// Where records go.
+    #[command(flatten)]
+    pub sink: SinkArgs,
+
+    /// Schedule, state and runtime settings.
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    /// Problems found while reading `--env-file` (reported by `Config::from_cli` with the rest).
+    #[arg(skip)]
+    pub env_file_problems: Vec<Problem>,
+}
+
+/// Databricks workspace, credentials and what to read.
+#[derive(Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Databricks")]
+pub struct DatabricksArgs {
+    /// Workspace URL, e.g. https://your-workspace.cloud.databricks.com (http:// only for loopback)
+    #[arg(long, env = "DATABRICKS_HOST", value_name = "URL", global = true)]
+    pub host: Option<String>,
+
+    /// Service principal application (client) id, for OAuth machine-to-machine
+    #[arg(long, env = "DATABRICKS_CLIENT_ID", value_name = "ID", global = true)]
+    pub client_id: Option<String>,
+
+    /// Service principal OAuth secret (prefer the environment or DATABRICKS_CLIENT_SECRET_FILE)
+    #[arg(
+        long,
+        env = "DATABRICKS_CLIENT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true,
+        hide_default_value = true,
+        global = true
+    )]
+    pub client_secret: Option<SecretArg>,
+
+    /// File holding the service principal secret (a mounted container secret)
+    #[arg(
+        long,
+        env = "DATABRICKS_CLIENT_SECRET_FILE",
+        value_name = "PATH",
+        global = true
+    )]
+    pub client_secret_file: Option<PathBuf>,
+
+    /// Personal access token, used when no client id and secret are set
+    #[arg(
+        long,
+        env = "DATABRICKS_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true,
+        hide_default_value = true,
+        global = true
+    )]
+    pub token: Option<SecretArg>,
+
+    /// File holding the personal access token
+    #[arg(
+        long,
+        env = "DATABRICKS_TOKEN_FILE",
+        value_name = "PATH",
+        global = true
+    )]
+    pub token_file: Option<PathBuf>,
+
+    /// Databricks config file with profiles (host, client_id, client_secret, token) [default: ~/.databrickscfg when HOME is set]
+    #[arg(
+        long,
+        env = "DATABRICKS_CONFIG_FILE",
+        value_name = "PATH",
+        global = true
+    )]
+    pub config_file: Option<PathBuf>,
+
+    /// Profile of the Databricks config file to read
+    #[arg(
+        long,
+        env = "DATABRICKS_CONFIG_PROFILE",
+        value_name = "NAME",
+        default_value = "DEFAULT",
+        global = true
+    )]
+    pub profile: Option<String>,
+
+    /// Unity Catalog catalog to read (Akto's dashboard suggests `main`)
+    #[arg(
+        long,
+        env = "DATABRICKS_CATALOG",
+        value_name = "NAME",
+        default_value = "workspace",
+        global = true
+    )]
+    pub catalog: Option<String>,
+
+    /// Schema within the catalog
+    #[arg(
+        long,
+        env = "DATABRICKS_SCHEMA",
+        value_name = "NAME",
+        default_value = "default",
+        global = true
+    )]
+    pub schema: Option<String>,
+
+    /// Only tables whose name starts with this prefix, e.g. production_ [default: empty = all]
+    #[arg(long, env = "DATABRICKS_PREFIX", value_name = "PREFIX", global = true)]
+    pub prefix: Option<String>,
+
+    /// SQL warehouse id [default: pick one: running first, serverless preferred]
+    #[arg(
+        long,
+        env = "DATABRICKS_WAREHOUSE_ID",
+        value_name = "ID",
+        global = true
+    )]
+    pub warehouse_id: Option<String>,
+}
+
+/// Where the connector sends records.
+#[derive(Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Akto delivery")]
+pub struct SinkArgs {
+    /// http | kafka | file [default: http if DATA_INGESTION_SERVICE_URL is set, else kafka if KAFKA_BROKER_HOST is set]
+    #[arg(long = "sink", env = "AKTO_SINK", value_name = "KIND", global = true)]
+    pub kind: Option<String>,
+
+    /// Akto Data Ingestion Service URL, e.g. http://akto-ingest:9000
+    #[arg(
+        long,
+        env = "DATA_INGESTION_SERVICE_URL",
+        value_name = "URL",
+        global = true
+    )]
+    pub ingestion_url: Option<String>,
+
+    /// JWT for the ingestion service (sent as the authorization header)
+    #[arg(
+        long,
+        env = "AKTO_JWT_TOKEN",
+        value_name = "JWT",
+        hide_env_values = true,
+        hide_default_value = true,
+        global = true
+    )]
+    pub jwt: Option<SecretArg>,
+
+    /// File holding the JWT for the ingestion service
+    #[arg(long, env = "AKTO_JWT_TOKEN_FILE", value_name = "PATH", global = true)]
+    pub jwt_file: Option<PathBuf>,
+
+    /// Kafka brokers, comma-separated host:port, e.g. your-kafka-broker:9092
+    #[arg(
+        long,
+        env = "KAFKA_BROKER_HOST",
+        value_name = "HOST:PORT,...",
+        global = true
+    )]
+    pub kafka_brokers: Option<String>,
+
+    /// Kafka topic Akto's traffic processor reads
+    #[arg(
+        long,
+        env = "AKTO_KAFKA_TOPIC_NAME",
+        value_name = "TOPIC",
+        default_value = "akto.api.logs",
+        global = true
+    )]
+    pub kafka_topic: Option<String>,
+
+    /// PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL [default: PLAINTEXT]
+    #[arg(
+        long,
+        env = "KAFKA_SECURITY_PROTOCOL",
+        value_name = "PROTOCOL",
+        global = true
+    )]
+    pub kafka_security_protocol: Option<String>,
+
+    /// PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512 (with a SASL_* protocol)
+    #[arg(
+        long,
+        env = "KAFKA_SASL_MECHANISM",
+        value_name = "MECHANISM",
+        global = true
+    )]
+    pub kafka_sasl_mechanism: Option<String>,
+
+    /// Kafka SASL user name
+    #[arg(long, env = "KAFKA_SASL_USERNAME", value_name = "USER", global = true)]
+    pub kafka_sasl_username: Option<String>,
+
+    /// Kafka SASL password
+    #[arg(
+        long,
+        env = "KAFKA_SASL_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true,
+        hide_default_value = true,
+        global = true
+    )]
+    pub kafka_sasl_password: Option<SecretArg>,
+
+    /// CA certificate (PEM) to verify the Kafka brokers (with SSL or SASL_SSL)
+    #[arg(long, env = "KAFKA_CA_FILE", value_name = "PATH", global = true)]
+    pub kafka_ca_file: Option<PathBuf>,
+
+    /// File for AKTO_SINK=file, as JSON lines [default: stdout]
+    #[arg(long, env = "OUTPUT_PATH", value_name = "PATH", global = true)]
+    pub output_path: Option<PathBuf>,
+
+    /// Akto account id written into every record (digits)
+    #[arg(
+        long,
+        env = "AKTO_ACCOUNT_ID",
+        value_name = "ID",
+        default_value = "1000000",
+        global = true
+    )]
+    pub akto_account_id: Option<String>,
+}
+
+/// Schedule, state, logging and tuning.
+#[derive(Args, Debug, Default, Clone)]
+#[command(next_help_heading = "Schedule and runtime")]
+pub struct RuntimeArgs {
+    /// Seconds between cycles in service mode (60 real time, 300 standard, 900 low frequency; at least 10)
+    #[arg(
+        long,
+        env = "RECURRING_INTERVAL_SECONDS",
+        value_name = "SECONDS",
+        default_value = "300",
+        global = true
+    )]
+    pub interval_seconds: Option<String>,
+
+    /// How far back the first cycle reads, in minutes
+    #[arg(
+        long,
+        env = "LOOKBACK_MINUTES",
+        value_name = "MINUTES",
+        default_value = "60",
+        global = true
+    )]
+    pub lookback_minutes: Option<String>,
+
+    /// After downtime, catch up at most this many hours
+    #[arg(
+        long,
+        env = "MAX_CATCHUP_HOURS",
+        value_name = "HOURS",
+        default_value = "24",
+        global = true
+    )]
+    pub max_catchup_hours: Option<String>,
+
+    /// Folder for read positions (relative to the working directory)
+    #[arg(
+        long,
+        env = "STATE_DIR",
+        value_name = "PATH",
+        default_value = "./state",
+        global = true
+    )]
+    pub state_dir: Option<PathBuf>,
+
+    /// text | json (one JSON object per line)
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_name = "FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: Option<String>,
+
+    /// Address for /healthz, /readyz, /metrics and the status page in service mode; "off" disables
+    #[arg(
+        long,
+        env = "METRICS_ADDR",
+        value_name = "IP:PORT",
+        default_value = "127.0.0.1:9464",
+        global = true
+    )]
+    pub metrics_addr: Option<String>,
+
+    /// Tables read at the same time (1-32)
+    #[arg(
+        long,
+        env = "TABLE_CONCURRENCY",
+        value_name = "N",
+        default_value = "4",
+        global = true
+    )]
+    pub table_concurrency: Option<String>,
+
+    /// Longest wait for one SQL statement, in seconds
+    #[arg(
+        long,
+        env = "STATEMENT_TIMEOUT_SECONDS",
+        value_name = "SECONDS",
+        default_value = "120",
+        global = true
+    )]
+    pub statement_timeout_seconds: Option<String>,
+
+    /// Records per delivery batch (1-1000)
+    #[arg(
+        long,
+        env = "BATCH_SIZE",
+        value_name = "N",
+        default_value = "50",
+        global = true
+    )]
+    pub batch_size: Option<String>,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Collect traffic and send it to Akto (the default)
+    Run,
+    /// Write synthetic demo traffic as JSON lines (no Databricks needed)
+    Demo {
+        /// File to write
+        #[arg(long, default_value = "demo-traffic.jsonl")]
+        output: PathBuf,
+    },
+    /// List the agents found in the catalog and schema (sends nothing)
+    Discover {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Test every prerequisite in order and print the fix for each failure
+    Check {
+        /// Print JSON instead of a checklist
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Rewrites Akto's single-dash `-once` (also `-once=true` / `-once=false`) to clap's `--once`.
+///
+/// The first item (the program name) and anything after `--` are left alone.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut after_double_dash = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || after_double_dash {
+            out.push(arg);
+            continue;
+        }
+        match arg.to_str() {
+            Some("--") => {
+                after_double_dash = true;
+                out.push(arg);
+            }
+            Some("-once") | Some("-once=true") => out.push(OsString::from("--once")),
+            Some("-once=false") => {}
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
+/// Parses `std::env::args_os()`: see [`parse_from`].
+pub fn parse() -> Result<Cli, clap::Error> {
+    parse_from(std::env::args_os())
+}
+
+/// Parses a command line against the process environment and the `--env-file` file.
+///
+/// Steps: [`normalize_args`]; find `--env-file`; read that file; every key of the file that names
+/// a setting's environment variable and is not set (or empty) in the process environment
+/// becomes that setting's default, so clap's own order gives flag > environment > file.
+/// Problems with the file (missing, unreadable, malformed lines) are not returned here but kept
+/// in [`Cli::env_file_problems`], so they are reported with every other configuration problem.
+/// `Err` is clap's own: `--help`, `--version`, or an unknown flag (exit with `err.exit()`).
+pub fn parse_from(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap::Error> {
+    let args = normalize_args(args);
+    let mut command = Cli::command();
+    let mut problems = Vec::new();
+    if let Some(path) = find_env_file(&args) {
+        match read_env_file(&path) {
+            Ok((entries, file_problems)) => {
+                problems.extend(file_problems);
+                command = apply_env_file(command, &entries, |key| std::env::var_os(key));
+            }
+            Err(problem) => problems.push(problem),
+        }
+    }
+    let matches = command.try_get_matches_from(args)?;
+    let mut cli = Cli::from_arg_matches(&matches)?;
+    cli.env_file_problems = problems;
+    Ok(cli)
+}
+
+/// The value of the last `--env-file PATH` / `--env-file=PATH` before any `--`.
+fn find_env_file(args: &[OsString]) -> Option<PathBuf> {
+    let mut found = None;
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        let Some(text) = arg.to_str() else { continue };
+        if text == "--" {
+            break;
+        }
+        if text == "--env-file" {
+            if let Some(value) = iter.next() {
+                found = Some(PathBuf::from(value));
+            }
+        } else if let Some(value) = text.strip_prefix("--env-file=") {
+            found = Some(PathBuf::from(value));
+        }
+    }
+    found
+}
+
+/// Reads and parses an env file; `Err` when it cannot be read at all.
+fn read_env_file(path: &Path) -> Result<(EnvEntries, Vec<Problem>), Problem> {
+    let text = std::fs::read_to_string(path).map_err(|err| Problem {
+        variable: "--env-file",
+        message: format!(
+            "--env-file {}: cannot read the file ({err}): check the path (relative paths start \
+             at the working directory) and its permissions",
+            path.display()
+        ),
+    })?;
+    let (entries, errors) = parse_env_file(&text);
+    let problems = errors
+        .into_iter()
+        .map(|err| Problem {
+            variable: "--env-file",
+            message: format!(
+                "--env-file {} line {}: {}",
+                path.display(),
+                err.line,
+                err.reason
+            ),
+        })
+        .collect();
+    Ok((entries, problems))
+}
+
+/// Makes the env file's values the defaults of the settings they name, unless the process
+/// environment sets them (non-empty). `process_env` looks a variable up.
+fn apply_env_file(
+    command: clap::Command,
+    entries: &[(String, String)],
+    process_env: impl Fn(&str) -> Option<OsString>,
+) -> clap::Command {
+    command.mut_args(|arg| {
+        let Some(name) = arg.get_env().and_then(OsStr::to_str).map(str::to_owned) else {
+            return arg;
+        };
+        // The last occurrence in the file wins, as in a shell.
+        let Some((_, value)) = entries.iter().rev().find(|(key, _)| *key == name) else {
+            return arg;
+        };
+        if value.is_empty() {
+            return arg;
+        }
+        let mut arg = arg;
+        match process_env(&name) {
+            Some(v) if !v.is_empty() => return arg,
+            // Set but empty counts as unset: drop the env lookup so the file's value applies.
+            Some(_) => arg = arg.env(None::<&str>),
+            None => {}
+        }
+        // clap keeps defaults as `&'static str`; these few strings live for the whole process.
+        let leaked: &'static str = Box::leak(value.clone().into_boxed_str());
+        arg.default_value(leaked)
+    })
+}
+
+/// `KEY=value` pairs of an env file, in file order.
+pub type EnvEntries = Vec<(String, String)>;
+
+/// A malformed line of an env file. Never holds the line's text, which may contain a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvFileError {
+    /// 1-based line number.
+    pub line: usize,
+    /// What is wrong and how to fix it.
+    pub reason: String,
+}
+
+/// Parses the `databricks-cron.env` format (a subset of docker compose's env files).
+///
+/// - `KEY=value`; blank lines and lines starting with `#` are ignored; `export KEY=value` is
+///   accepted; keys are `[A-Za-z_][A-Za-z0-9_]*`.
+/// - Unquoted values are trimmed and end at ` #` (whitespace then `#`): `a=b # note` gives `b`,
+///   `a=b#c` gives `b#c`.
+/// - `"double"` quotes understand `\"`, `\\`, `\n`, `\t`; `'single'` quotes are literal. After
+///   the closing quote only whitespace or a `# comment` may follow.
+/// - `KEY=` (empty) is returned as an empty value, which callers treat as unset.
+///
+/// Returns the entries in file order and the malformed lines (which are skipped).
+pub fn parse_env_file(text: &str) -> (EnvEntries, Vec<EnvFileError>) {
+    let mut entries = Vec::new();
+    let mut errors = Vec::new();
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    for (index, raw) in text.lines().enumerate() {
+        let line_no = index + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = match line.strip_prefix("export") {
+            Some(rest) if rest.starts_with([' ', '\t']) => rest.trim_start(),
+            _ => line,
+        };
+        let Some((key, value)) = line.split_once('=') else {
+            errors.push(EnvFileError {
+                line: line_no,
+                reason: "expected KEY=value (or a # comment)".to_owned(),
+            });
+            continue;
+        };
+        let key = key.trim();
+        if !is_env_key(key) {
+            errors.push(EnvFileError {
+                line: line_no,
+                reason: "the name before '=' must be letters, digits and '_', not starting with \
+                         a digit"
+                    .to_owned(),
+            });
+            continue;
+        }
+        match parse_env_value(value.trim_start()) {
+            Ok(value) => entries.push((key.to_owned(), value)),
+            Err(reason) => errors.push(EnvFileError {
+                line: line_no,
+                reason: format!("{key}: {reason}"),
+            }),
+        }
+    }
+    (entries, errors)
+}
+
+fn is_env_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// One value (already trimmed at the start). Errors never quote the value.
+fn parse_env_value(value: &str) -> Result<String, String> {
+    let mut chars = value.char_indices();
+    let quote = match value.chars().next() {
+        Some(q @ ('"' | '\'')) => q,
+        _ => {
+            // Unquoted: a comment starts at whitespace followed by '#'.
+            let mut end = value.len();
+            let bytes = value.as_bytes();
+            for i in 1..bytes.len() {
+                if bytes[i] == b'#' && (bytes[i - 1] == b' ' || bytes[i - 1] == b'\t') {
+                    end = i;
+                    break;
+                }
+            }
+            return Ok(value[..end].trim_end().to_owned());
+        }
+    };
+    chars.next();
+    let mut out = String::new();
+    let mut closed_at = None;
+    while let Some((i, c)) = chars.next() {
+        if c == quote {
+            closed_at = Some(i + c.len_utf8());
+            break;
+        }
+        if c == '\\' && quote == '"' {
+            match chars.next() {
+                Some((_, 'n')) => out.push('\n'),
+                Some((_, 't')) => out.push('\t'),
+                Some((_, 'r')) => out.push('\r'),
+                Some((_, other)) => out.push(other),
+                None => break,
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    let Some(end) = closed_at else {
+        return Err(format!(
+            "the value opens a {quote} quote that is never closed on the same line: close it"
+        ));
+    };
+    let rest = value[end..].trim();
+    if !rest.is_empty() && !rest.starts_with('#') {
+        return Err(format!(
+            "unexpected text after the closing {quote} quote: put the whole value inside the \
+             quotes, or use ' # ' before a comment"
+        ));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn single_dash_once_becomes_long_flag_anywhere() {
+        assert_eq!(
+            normalize_args(os(&["bin", "-once"])),
+            os(&["bin", "--once"])
+        );
+        assert_eq!(
+            normalize_args(os(&["bin", "--catalog", "main", "-once", "check"])),
+            os(&["bin", "--catalog", "main", "--once", "check"])
+        );
+        assert_eq!(
+            normalize_args(os(&["bin", "-once=true", "-once=false"])),
+            os(&["bin", "--once"])
+        );
+        // The program name and anything after `--` are untouched; look-alikes are untouched.
+        assert_eq!(
+            normalize_args(os(&["-once", "--", "-once"])),
+            os(&["-once", "--", "-once"])
+        );
+        assert_eq!(
+            normalize_args(os(&["bin", "-oncex", "--once"])),
+            os(&["bin", "-oncex", "--once"])
+        );
+    }
+
+    #[test]
+    fn once_parses_with_one_or_two_dashes() {
+        let cli = parse_from(os(&["databricks-shield", "-once"])).expect("parses");
+        assert!(cli.once);
+        assert_eq!(cli.command, None);
+        let cli = parse_from(os(&["databricks-shield", "run", "--once"])).expect("parses");
+        assert!(cli.once);
+        assert_eq!(cli.command, Some(Command::Run));
+        let cli = parse_from(os(&["databricks-shield"])).expect("parses");
+        assert!(!cli.once);
+        // Without normalisation clap rejects `-once` (it is not four known short flags).
+        assert!(Cli::try_parse_from(["databricks-shield", "-once"]).is_err());
+    }
+
+    #[test]
+    fn subcommands_and_global_settings_parse() {
+        let cli = parse_from(os(&[
+            "databricks-shield",
+            "check",
+            "--json",
+            "--catalog",
+            "main",
+            "--reset-state",
+        ]))
+        .expect("parses");
+        assert_eq!(cli.command, Some(Command::Check { json: true }));
+        assert_eq!(cli.databricks.catalog.as_deref(), Some("main"));
+        assert!(cli.reset_state);
+
+        let cli = parse_from(os(&["databricks-shield", "--schema", "s1", "discover"])).unwrap();
+        assert_eq!(cli.command, Some(Command::Discover { json: false }));
+        assert_eq!(cli.databricks.schema.as_deref(), Some("s1"));
+
+        let cli = parse_from(os(&["databricks-shield", "demo"])).unwrap();
+        assert_eq!(
+            cli.command,
+            Some(Command::Demo {
+                output: PathBuf::from("demo-traffic.jsonl")
+            })
+        );
+        let cli = parse_from(os(&[
+            "databricks-shield",
+            "--output",
+            "-",
+            "--print-config",
+        ]))
+        .unwrap();
+        assert_eq!(cli.output, Some(PathBuf::from("-")));
+        assert!(cli.print_config);
+    }
+
+    #[test]
+    fn command_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn debug_of_cli_redacts_secrets() {
+        let cli = parse_from(os(&[
+            "databricks-shield",
+            "--client-secret",
+            "s3cr3t-value",
+            "--token",
+            "dapi-tok-value",
+            "--jwt",
+            "jwt-value",
+            "--kafka-sasl-password",
+            "kafka-pw-value",
+        ]))
+        .expect("parses");
+        let debug = format!("{cli:?}");
+        for secret in [
+            "s3cr3t-value",
+            "dapi-tok-value",
+            "jwt-value",
+            "kafka-pw-value",
+        ] {
+            assert!(!debug.contains(secret), "{secret} leaked in {debug}");
+        }
+        assert!(debug.contains("[REDACTED]"));
+        assert_eq!(
+            cli.databricks.client_secret.as_ref().map(SecretArg::expose),
+            Some("s3cr3t-value")
+        );
+    }
+
+    #[test]
+    fn env_file_format() {
+        let text = "\u{feff}# comment line\n\
+            \n\
+            DATABRICKS_HOST=https://x.cloud.databricks.com\n\
+            DATABRICKS_PREFIX=\n\
+            RECURRING_INTERVAL_SECONDS=300 # five minutes\n\
+            export DATABRICKS_CATALOG=main\n\
+            DATABRICKS_CLIENT_SECRET=ab#cd\n\
+            DATABRICKS_SCHEMA = \"my schema\" # quoted\n\
+            AKTO_JWT_TOKEN='a\"b # not a comment'\n\
+            ESCAPED=\"q\\\"x\\\\y\"\r\n\
+            exported=1\n";
+        let (entries, errors) = parse_env_file(text);
+        assert!(errors.is_empty(), "{errors:?}");
+        let expected = [
+            ("DATABRICKS_HOST", "https://x.cloud.databricks.com"),
+            ("DATABRICKS_PREFIX", ""),
+            ("RECURRING_INTERVAL_SECONDS", "300"),
+            ("DATABRICKS_CATALOG", "main"),
+            ("DATABRICKS_CLIENT_SECRET", "ab#cd"),
+            ("DATABRICKS_SCHEMA", "my schema"),
+            ("AKTO_JWT_TOKEN", "a\"b # not a comment"),
+            ("ESCAPED", "q\"x\\y"),
+            ("exported", "1"),
+        ];
+        let got: Vec<(&str, &str)> = entries
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn env_file_errors_name_the_line_but_not_the_value() {
+        let text =
+            "GOOD=1\nthis line has no equals sign\n1BAD=x\nOPEN=\"s3cr3t\nAFTER=\"a\" b\nLAST=2\n";
+        let (entries, errors) = parse_env_file(text);
+        assert_eq!(
+            entries,
+            vec![
+                ("GOOD".to_owned(), "1".to_owned()),
+                ("LAST".to_owned(), "2".to_owned())
+            ]
+        );
+        let lines: Vec<usize> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![2, 3, 4, 5]);
+        for e in &errors {
+            assert!(!e.reason.contains("s3cr3t"), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn env_file_values_become_lowest_precedence_defaults() {
+        let entries = vec![
+            (
+                "DATABRICKS_HOST".to_owned(),
+                "https://file.example.com".to_owned(),
+            ),
+            ("DATABRICKS_CATALOG".to_owned(), "file_catalog".to_owned()),
+            ("DATABRICKS_SCHEMA".to_owned(), "file_schema".to_owned()),
+            ("DATABRICKS_PREFIX".to_owned(), "file_".to_owned()),
+            ("DATABRICKS_WAREHOUSE_ID".to_owned(), String::new()),
+            ("UNRELATED".to_owned(), "x".to_owned()),
+        ];
+        // Pretend the process environment sets the schema, and the prefix to empty.
+        let fake_env = |key: &str| match key {
+            "DATABRICKS_SCHEMA" => Some(OsString::from("env_schema")),
+            "DATABRICKS_PREFIX" => Some(OsString::new()),
+            _ => None,
+        };
+        let command = apply_env_file(Cli::command(), &entries, fake_env);
+        let matches = command
+            .try_get_matches_from(["databricks-shield", "--catalog", "flag_catalog"])
+            .expect("parses");
+        let cli = Cli::from_arg_matches(&matches).expect("builds");
+        assert_eq!(cli.databricks.catalog.as_deref(), Some("flag_catalog"));
+        assert_eq!(cli.databricks.prefix.as_deref(), Some("file_"));
+        assert_eq!(
+            cli.databricks.host.as_deref(),
+            Some("https://file.example.com")
+        );
+        // A variable set in the process environment is never replaced by the file's value.
+        assert_ne!(cli.databricks.schema.as_deref(), Some("file_schema"));
+        assert_eq!(cli.databricks.warehouse_id, None);
+    }
+
+    #[test]
+    fn env_file_scan_finds_both_spellings() {
+        assert_eq!(
+            find_env_file(&os(&["bin", "--env-file", "a.env", "check"])),
+            Some(PathBuf::from("a.env"))
+        );
+        assert_eq!(
+            find_env_file(&os(&["bin", "check", "--env-file=b.env"])),
+            Some(PathBuf::from("b.env"))
+        );
+        assert_eq!(find_env_file(&os(&["bin", "--", "--env-file=c.env"])), None);
+        assert_eq!(find_env_file(&os(&["bin", "--env-file"])), None);
+    }
+
+    #[test]
+    fn missing_env_file_is_a_problem_naming_the_path() {
+        let cli = parse_from(os(&[
+            "databricks-shield",
+            "--env-file",
+            "/nonexistent/dir/databricks-cron.env",
+        ]))
+        .expect("parses");
+        assert_eq!(cli.env_file_problems.len(), 1);
+        assert!(cli.env_file_problems[0]
+            .message
+            .contains("/nonexistent/dir/databricks-cron.env"));
+    }
+}

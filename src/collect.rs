@@ -1,0 +1,679 @@
+//! Collect: incremental, exactly-once reads of inference tables through the SQL Statement
+//! Execution API.
+//!
+//! Per table, with the cursor (newest delivered `(time, id)`) and the delivered ids from `state`:
+//! 1. **Head**: rows after the cursor, in `(request_time, databricks_request_id)` keyset order,
+//!    full payloads, pages sized by bytes. First run: from `now - LOOKBACK_MINUTES`. After a long
+//!    outage: from the cursor, but no further back than `MAX_CATCHUP_HOURS` (WARN when cut).
+//! 2. **Late rows** (rows land up to an hour late, with an older `request_time`): one statement
+//!    counts the rows at or before the cursor per time bucket; buckets whose count equals what
+//!    `state` delivered there are done. Mismatched buckets are split and counted again, then their
+//!    ids are read and only the missing ids are fetched with their payloads.
+//!
+//! So a steady-state cycle reads little more than its new rows. Every statement is plain,
+//! parameterized Databricks SQL (`:name` markers with explicit types) that filters on the date
+//! column too, for partition pruning.
+//!
+//! Architecture Invariant: collect never writes state and never sends; it emits [`Chunk`]s of
+//! executions, in keyset order per table, to the delivery stage.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use tokio::sync::mpsc;
+
+use crate::databricks::sql::{Param, Row, Rows, Statement};
+use crate::databricks::{DatabricksClient, DatabricksError};
+use crate::discovery::{InferenceTable, TableKind};
+use crate::state::{Cursor, StateError, StateStore};
+use crate::traffic::{Execution, TableFormat};
+
+/// Tuning of the reads.
+#[derive(Debug, Clone)]
+pub struct CollectOptions {
+    pub lookback: Duration,
+    pub max_catchup: Duration,
+    pub statement_timeout: Duration,
+    /// Target bytes of payload returned per statement (well under the 25 MiB inline cap).
+    pub target_statement_bytes: usize,
+    /// Rows per id-scan page.
+    pub id_page_rows: usize,
+    /// Ids per payload fetch (`IN (...)` list).
+    pub fetch_ids: usize,
+    /// Buckets of the late-row check.
+    pub buckets: usize,
+}
+
+impl Default for CollectOptions {
+    fn default() -> Self {
+        CollectOptions {
+            lookback: Duration::from_secs(3600),
+            max_catchup: Duration::from_secs(24 * 3600),
+            statement_timeout: Duration::from_secs(120),
+            target_statement_bytes: 8 << 20,
+            id_page_rows: 5000,
+            fetch_ids: 200,
+            buckets: 60,
+        }
+    }
+}
+
+/// Executions read from one table, ready for mapping and delivery.
+#[derive(Debug)]
+pub struct Chunk {
+    pub table: String,
+    pub executions: Vec<Execution>,
+    /// Rows that cannot be keyed (no id or no time): quarantined by the delivery stage.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// What reading one table cost and found.
+#[derive(Debug, Default, Clone)]
+pub struct TableStats {
+    pub statements: u64,
+    /// Rows returned by all statements (counts, ids and payloads).
+    pub rows_returned: u64,
+    /// Approximate bytes of cell data returned.
+    pub bytes_returned: u64,
+    /// Executions handed to delivery.
+    pub executions: u64,
+    /// Rows seen again that were already delivered.
+    pub duplicates_skipped: u64,
+    /// Late rows found behind the cursor.
+    pub late_found: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    #[error(transparent)]
+    Databricks(#[from] DatabricksError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The delivery stage stopped (shutdown or a failed sink): stop reading.
+    #[error("delivery stopped")]
+    Closed,
+}
+
+/// The SQL vocabulary of one inference-table schema.
+struct Dialect {
+    time_col: &'static str,
+    date_col: &'static str,
+    time_type: &'static str,
+    columns: &'static str,
+    format: TableFormat,
+}
+
+const AI_GATEWAY: Dialect = Dialect {
+    time_col: "request_time",
+    date_col: "request_date",
+    time_type: "TIMESTAMP",
+    columns: "databricks_request_id, client_request_id, request_time, status_code, execution_duration_ms, \
+              request, response, logging_error_codes, served_entity_id, requester",
+    format: TableFormat::AiGateway,
+};
+
+const LEGACY: Dialect = Dialect {
+    time_col: "timestamp_ms",
+    date_col: "`date`",
+    time_type: "BIGINT",
+    columns: "databricks_request_id, client_request_id, timestamp_ms, status_code, execution_time_ms, \
+              request, response, request_metadata",
+    format: TableFormat::Legacy,
+};
+
+impl Dialect {
+    fn for_kind(kind: TableKind) -> &'static Dialect {
+        match kind {
+            TableKind::LegacyPayload => &LEGACY,
+            _ => &AI_GATEWAY,
+        }
+    }
+
+    /// A time as a parameter value of this schema.
+    fn time_value(&self, us: i64) -> String {
+        match self.format {
+            TableFormat::Legacy => us.div_euclid(1000).to_string(),
+            TableFormat::AiGateway => format_timestamp(us),
+        }
+    }
+
+    fn time_param(&self, name: &str, us: i64) -> Param {
+        Param::new(name, self.time_value(us), self.time_type)
+    }
+
+    /// The time of a result cell, in µs.
+    fn parse_time(&self, raw: &str) -> Option<i64> {
+        match self.format {
+            TableFormat::Legacy => raw.trim().parse::<i64>().ok()?.checked_mul(1000),
+            TableFormat::AiGateway => parse_timestamp(raw),
+        }
+    }
+}
+
+/// `2026-11-29T08:33:00.123456Z`.
+pub fn format_timestamp(us: i64) -> String {
+    match Utc.timestamp_micros(us).single() {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+        None => "1970-01-01T00:00:00.000000Z".to_string(),
+    }
+}
+
+/// Parses the timestamp forms a warehouse returns (ISO 8601 with `T` or a space, with or without
+/// zone, any fraction) into µs since the epoch, UTC.
+pub fn parse_timestamp(raw: &str) -> Option<i64> {
+    let s = raw.trim();
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.timestamp_micros());
+    }
+    let s2 = s.trim_end_matches('Z').replace(' ', "T");
+    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(&s2, fmt) {
+            return Some(t.and_utc().timestamp_micros());
+        }
+    }
+    None
+}
+
+fn date_of(us: i64) -> String {
+    Utc.timestamp_micros(us)
+        .single()
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| "1970-01-01".into())
+}
+
+/// A table's full name as a quoted three-part identifier.
+pub fn quote_table(full_name: &str) -> String {
+    full_name
+        .split('.')
+        .map(|p| format!("`{}`", p.replace('`', "``")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn cell<'r>(row: &'r Row, idx: Option<usize>) -> Option<&'r str> {
+    idx.and_then(|i| row.get(i)).and_then(|c| c.0.as_deref())
+}
+
+fn cell_owned(row: &mut Row, idx: Option<usize>) -> Option<String> {
+    idx.and_then(|i| row.get_mut(i)).and_then(|c| c.0.take())
+}
+
+/// Reads one table, sending chunks of new executions to `out`.
+pub struct TableReader<'a> {
+    pub client: &'a DatabricksClient,
+    pub state: &'a StateStore,
+    pub warehouse_id: &'a str,
+    pub table: &'a InferenceTable,
+    pub opts: &'a CollectOptions,
+    pub now_us: i64,
+}
+
+impl TableReader<'_> {
+    fn dialect(&self) -> &'static Dialect {
+        Dialect::for_kind(self.table.kind)
+    }
+
+    fn statement(&self, sql: String, parameters: Vec<Param>) -> Statement {
+        Statement {
+            warehouse_id: self.warehouse_id.to_string(),
+            statement: sql,
+            parameters,
+            table: self.table.full_name.clone(),
+            timeout: self.opts.statement_timeout,
+        }
+    }
+
+    async fn run(&self, st: Statement, stats: &mut TableStats) -> Result<Rows, DatabricksError> {
+        stats.statements += 1;
+        self.client.execute(&st).await
+    }
+
+    /// Reads everything new and sends it. Returns what it did.
+    pub async fn collect(&self, out: &mpsc::Sender<Chunk>) -> Result<TableStats, CollectError> {
+        let mut stats = TableStats::default();
+        let lookback = self.opts.lookback.as_micros() as i64;
+        let catchup_floor = self.now_us - self.opts.max_catchup.as_micros() as i64;
+        let cursor = self.state.cursor(&self.table.full_name)?;
+
+        // 2. late rows behind the cursor (before the head, so the two regions never overlap).
+        if let Some(c) = &cursor {
+            let from = (c.time_us.min(self.now_us) - lookback).max(catchup_floor);
+            if from <= c.time_us {
+                self.collect_late(from, c, out, &mut stats).await?;
+            }
+        }
+
+        // 1. head: everything after the cursor.
+        let (after_us, after_id) = match &cursor {
+            Some(c) if c.time_us >= catchup_floor => (c.time_us, c.id.clone()),
+            Some(c) => {
+                tracing::warn!(
+                    "WARN {}: the last delivered row is from {}, older than MAX_CATCHUP_HOURS={}: rows before {} are skipped",
+                    self.table.full_name,
+                    format_timestamp(c.time_us),
+                    self.opts.max_catchup.as_secs() / 3600,
+                    format_timestamp(catchup_floor)
+                );
+                (catchup_floor, String::new())
+            }
+            None => (self.now_us - lookback, String::new()),
+        };
+        self.collect_head(after_us, after_id, out, &mut stats).await?;
+        Ok(stats)
+    }
+
+    async fn collect_head(
+        &self,
+        mut after_us: i64,
+        mut after_id: String,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        let d = self.dialect();
+        let from_date = date_of(after_us);
+        let mut limit: usize = 500;
+        loop {
+            let sql = format!(
+                "SELECT {cols} FROM {t} WHERE {date} >= :from_date AND ({tc} > :after_time OR ({tc} = :after_time AND databricks_request_id > :after_id)) \
+                 ORDER BY {tc}, databricks_request_id LIMIT {limit}",
+                cols = d.columns,
+                t = quote_table(&self.table.full_name),
+                date = d.date_col,
+                tc = d.time_col,
+            );
+            let params = vec![
+                Param::new("from_date", from_date.clone(), "DATE"),
+                d.time_param("after_time", after_us),
+                Param::new("after_id", after_id.clone(), "STRING"),
+            ];
+            let rows = self.run(self.statement(sql, params), stats).await?;
+            let (n, bytes, last) = self.emit_rows(rows, None, out, stats).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            if let Some((t, id)) = last {
+                after_us = t;
+                after_id = id;
+            }
+            if n < limit {
+                return Ok(());
+            }
+            // Size the next page so a statement returns about target bytes.
+            let per_row = (bytes / n).max(1);
+            limit = (self.opts.target_statement_bytes / per_row).clamp(10, 20_000);
+        }
+    }
+
+    /// Streams a payload result into chunks. `wanted`: only these ids (None = all not yet
+    /// delivered). Returns (rows, bytes, last key).
+    async fn emit_rows(
+        &self,
+        mut rows: Rows,
+        wanted: Option<&HashSet<String>>,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(usize, usize, Option<(i64, String)>), CollectError> {
+        let d = self.dialect();
+        let legacy = d.format == TableFormat::Legacy;
+        let col = |n: &str| rows.column(n);
+        let i_id = col("databricks_request_id");
+        let i_client = col("client_request_id");
+        let i_time = col(if legacy { "timestamp_ms" } else { "request_time" });
+        let i_status = col("status_code");
+        let i_dur = col(if legacy { "execution_time_ms" } else { "execution_duration_ms" });
+        let i_req = col("request");
+        let i_resp = col("response");
+        let i_codes = col("logging_error_codes");
+        let i_entity = col("served_entity_id");
+        let i_requester = col("requester");
+        let i_meta = col("request_metadata");
+        let mut n = 0usize;
+        let mut bytes = 0usize;
+        let mut last = None;
+        while let Some(chunk) = rows.next_chunk().await? {
+            n += chunk.len();
+            stats.rows_returned += chunk.len() as u64;
+            let keys: Vec<&str> = chunk.iter().filter_map(|r| cell(r, i_id)).collect();
+            let delivered = self
+                .state
+                .delivered_among(&self.table.full_name, keys.iter().copied())?;
+            let mut execs = Vec::with_capacity(chunk.len());
+            let mut unreadable = Vec::new();
+            for mut row in chunk {
+                bytes += row.iter().map(|c| c.0.as_ref().map_or(4, |s| s.len())).sum::<usize>();
+                let id = cell_owned(&mut row, i_id);
+                let time = cell(&row, i_time).and_then(|t| d.parse_time(t));
+                let (Some(id), Some(time_us)) = (id.clone(), time) else {
+                    unreadable.push((
+                        format!(
+                            "row without a usable databricks_request_id or {}: {:?}",
+                            d.time_col,
+                            id
+                        ),
+                        serde_json::to_string(&row.iter().map(|c| c.0.clone()).collect::<Vec<_>>())
+                            .unwrap_or_default(),
+                    ));
+                    continue;
+                };
+                last = Some((time_us, id.clone()));
+                if delivered.contains(&id) || wanted.is_some_and(|w| !w.contains(&id)) {
+                    stats.duplicates_skipped += 1;
+                    continue;
+                }
+                let request_time = Utc
+                    .timestamp_micros(time_us)
+                    .single()
+                    .unwrap_or_else(Utc::now);
+                let codes = cell(&row, i_codes)
+                    .map(|s| serde_json::from_str::<Vec<String>>(s).unwrap_or_else(|_| vec![s.to_string()]))
+                    .unwrap_or_default();
+                let metadata = cell(&row, i_meta).and_then(|s| serde_json::from_str(s).ok());
+                execs.push(Execution {
+                    table: self.table.full_name.clone(),
+                    format: d.format,
+                    request_id: id,
+                    client_request_id: cell_owned(&mut row, i_client),
+                    request_time,
+                    status_code: cell(&row, i_status).and_then(|s| s.trim().parse().ok()),
+                    duration_ms: cell(&row, i_dur).and_then(|s| s.trim().parse().ok()),
+                    request: cell_owned(&mut row, i_req),
+                    response: cell_owned(&mut row, i_resp),
+                    logging_error_codes: codes,
+                    served_entity_id: cell_owned(&mut row, i_entity),
+                    requester: cell_owned(&mut row, i_requester),
+                    request_metadata: metadata,
+                });
+            }
+            stats.bytes_returned += bytes as u64;
+            stats.executions += execs.len() as u64;
+            if !execs.is_empty() || !unreadable.is_empty() {
+                out.send(Chunk {
+                    table: self.table.full_name.clone(),
+                    executions: execs,
+                    unreadable,
+                })
+                .await
+                .map_err(|_| CollectError::Closed)?;
+            }
+        }
+        Ok((n, bytes, last))
+    }
+
+    /// Finds rows at or before the cursor that are not delivered yet, and emits them.
+    async fn collect_late(
+        &self,
+        from_us: i64,
+        cursor: &Cursor,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        // Ranges are [lo, hi) in time, the last one closed at the cursor's (time, id).
+        let end = cursor.time_us + 1;
+        let n = self.opts.buckets.max(1) as i64;
+        let width = ((end - from_us) / n).max(1_000_000);
+        let mut bounds: Vec<i64> = (0..)
+            .map(|i| from_us + i * width)
+            .take_while(|b| *b < end)
+            .collect();
+        bounds.push(end);
+        let mut ranges: Vec<(i64, i64)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
+        // Refine: up to three rounds of counting; split big mismatched ranges into 12.
+        let mut to_scan: Vec<(i64, i64)> = Vec::new();
+        let mut to_fetch_all: Vec<(i64, i64)> = Vec::new();
+        for round in 0..3 {
+            if ranges.is_empty() {
+                break;
+            }
+            let counts = self.count_ranges(&ranges, cursor, stats).await?;
+            let mut next = Vec::new();
+            for (r, have) in ranges.iter().zip(counts) {
+                let done = self.delivered_in(r.0, r.1, cursor)?;
+                if have <= done {
+                    continue;
+                }
+                if done == 0 {
+                    to_fetch_all.push(*r);
+                } else if round == 2 || have <= 64 || r.1 - r.0 < 12_000 {
+                    to_scan.push(*r);
+                } else {
+                    let step = ((r.1 - r.0) / 12).max(1000);
+                    let mut lo = r.0;
+                    while lo < r.1 {
+                        let hi = (lo + step).min(r.1);
+                        next.push((lo, hi));
+                        lo = hi;
+                    }
+                }
+            }
+            ranges = next;
+        }
+        // Ranges with nothing delivered: fetch their payloads directly.
+        for r in to_fetch_all {
+            let missing = self.scan_ids(&[r], cursor, stats, true).await?;
+            stats.late_found += missing.len() as u64;
+            self.fetch_ids(missing, out, stats).await?;
+        }
+        if !to_scan.is_empty() {
+            let missing = self.scan_ids(&to_scan, cursor, stats, false).await?;
+            stats.late_found += missing.len() as u64;
+            self.fetch_ids(missing, out, stats).await?;
+        }
+        Ok(())
+    }
+
+    /// Delivered rows in [lo, hi), capped at the cursor.
+    fn delivered_in(&self, lo: i64, hi: i64, cursor: &Cursor) -> Result<u64, StateError> {
+        let t = &self.table.full_name;
+        if hi > cursor.time_us {
+            // The last range: up to and including the cursor's own row.
+            let below = self.state.count_by_range(t, &[lo, cursor.time_us])?[0];
+            let at = self
+                .state
+                .ids_in_range(t, cursor.time_us, cursor.time_us + 1)?
+                .into_iter()
+                .filter(|id| id.as_str() <= cursor.id.as_str())
+                .count() as u64;
+            Ok(below + at)
+        } else {
+            Ok(self.state.count_by_range(t, &[lo, hi])?[0])
+        }
+    }
+
+    /// SQL for "time in [lo, hi)", closing the range at the cursor when it reaches it.
+    fn range_sql(&self, i: usize, r: (i64, i64), cursor: &Cursor, params: &mut Vec<Param>) -> String {
+        let d = self.dialect();
+        params.push(d.time_param(&format!("lo{i}"), r.0));
+        if r.1 > cursor.time_us {
+            params.push(d.time_param(&format!("hi{i}"), cursor.time_us));
+            params.push(Param::new(format!("hid{i}"), cursor.id.clone(), "STRING"));
+            format!(
+                "({tc} >= :lo{i} AND ({tc} < :hi{i} OR ({tc} = :hi{i} AND databricks_request_id <= :hid{i})))",
+                tc = d.time_col
+            )
+        } else {
+            params.push(d.time_param(&format!("hi{i}"), r.1));
+            format!("({tc} >= :lo{i} AND {tc} < :hi{i})", tc = d.time_col)
+        }
+    }
+
+    async fn count_ranges(
+        &self,
+        ranges: &[(i64, i64)],
+        cursor: &Cursor,
+        stats: &mut TableStats,
+    ) -> Result<Vec<u64>, CollectError> {
+        let d = self.dialect();
+        let mut params = vec![Param::new("from_date", date_of(ranges[0].0), "DATE")];
+        let mut sums = Vec::new();
+        let mut any = Vec::new();
+        for (i, r) in ranges.iter().enumerate() {
+            let cond = self.range_sql(i, *r, cursor, &mut params);
+            sums.push(format!("SUM(CASE WHEN {cond} THEN 1 ELSE 0 END) AS c{i}"));
+            any.push(cond);
+        }
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {} >= :from_date AND ({})",
+            sums.join(", "),
+            quote_table(&self.table.full_name),
+            d.date_col,
+            any.join(" OR ")
+        );
+        let rows = self
+            .run(self.statement(sql, params), stats)
+            .await?
+            .collect_all()
+            .await?;
+        stats.rows_returned += rows.len() as u64;
+        let first = rows.into_iter().next().unwrap_or_default();
+        Ok((0..ranges.len())
+            .map(|i| {
+                first
+                    .get(i)
+                    .and_then(|c| c.0.as_deref())
+                    .and_then(|s| s.trim().parse::<f64>().ok())
+                    .map(|f| f as u64)
+                    .unwrap_or(0)
+            })
+            .collect())
+    }
+
+    /// Ids in the ranges that are not delivered yet, in keyset order.
+    async fn scan_ids(
+        &self,
+        ranges: &[(i64, i64)],
+        cursor: &Cursor,
+        stats: &mut TableStats,
+        all_missing: bool,
+    ) -> Result<Vec<String>, CollectError> {
+        let d = self.dialect();
+        let mut missing = Vec::new();
+        let mut after: Option<(i64, String)> = None;
+        loop {
+            let mut params = vec![Param::new("from_date", date_of(ranges[0].0), "DATE")];
+            let conds: Vec<String> = ranges
+                .iter()
+                .enumerate()
+                .map(|(i, r)| self.range_sql(i, *r, cursor, &mut params))
+                .collect();
+            let keyset = match &after {
+                Some((t, id)) => {
+                    params.push(d.time_param("after_time", *t));
+                    params.push(Param::new("after_id", id.clone(), "STRING"));
+                    format!(
+                        " AND ({tc} > :after_time OR ({tc} = :after_time AND databricks_request_id > :after_id))",
+                        tc = d.time_col
+                    )
+                }
+                None => String::new(),
+            };
+            let sql = format!(
+                "SELECT databricks_request_id, {tc} FROM {t} WHERE {date} >= :from_date AND ({conds}){keyset} \
+                 ORDER BY {tc}, databricks_request_id LIMIT {lim}",
+                tc = d.time_col,
+                t = quote_table(&self.table.full_name),
+                date = d.date_col,
+                conds = conds.join(" OR "),
+                lim = self.opts.id_page_rows
+            );
+            let rows = self
+                .run(self.statement(sql, params), stats)
+                .await?
+                .collect_all()
+                .await?;
+            let n = rows.len();
+            stats.rows_returned += n as u64;
+            let keyed: Vec<(String, i64)> = rows
+                .iter()
+                .filter_map(|r| Some((cell(r, Some(0))?.to_string(), d.parse_time(cell(r, Some(1))?)?)))
+                .collect();
+            stats.bytes_returned += keyed.iter().map(|(id, _)| id.len() as u64 + 27).sum::<u64>();
+            let delivered = if all_missing {
+                HashSet::new()
+            } else {
+                self.state
+                    .delivered_among(&self.table.full_name, keyed.iter().map(|(id, _)| id.as_str()))?
+            };
+            for (id, _) in &keyed {
+                if delivered.contains(id) {
+                    stats.duplicates_skipped += 1;
+                } else {
+                    missing.push(id.clone());
+                }
+            }
+            if n < self.opts.id_page_rows {
+                return Ok(missing);
+            }
+            after = keyed.last().map(|(id, t)| (*t, id.clone()));
+            if after.is_none() {
+                return Ok(missing);
+            }
+        }
+    }
+
+    /// Fetches full rows by id and emits them.
+    async fn fetch_ids(
+        &self,
+        ids: Vec<String>,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        let d = self.dialect();
+        // The oldest possible date for pruning: the lookback (or catch-up) floor.
+        let floor = self.now_us - self.opts.max_catchup.as_micros() as i64;
+        for group in ids.chunks(self.opts.fetch_ids.max(1)) {
+            let wanted: HashSet<String> = group.iter().cloned().collect();
+            let mut params = vec![Param::new("from_date", date_of(floor), "DATE")];
+            let markers: Vec<String> = group
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    params.push(Param::new(format!("id{i}"), id.clone(), "STRING"));
+                    format!(":id{i}")
+                })
+                .collect();
+            let sql = format!(
+                "SELECT {cols} FROM {t} WHERE {date} >= :from_date AND databricks_request_id IN ({ids}) \
+                 ORDER BY {tc}, databricks_request_id",
+                cols = d.columns,
+                t = quote_table(&self.table.full_name),
+                date = d.date_col,
+                ids = markers.join(", "),
+                tc = d.time_col
+            );
+            let rows = self.run(self.statement(sql, params), stats).await?;
+            self.emit_rows(rows, Some(&wanted), out, stats).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_in_microseconds() {
+        let us = 1_764_405_180_123_456;
+        let s = format_timestamp(us);
+        assert_eq!(s, "2025-11-29T08:33:00.123456Z");
+        assert_eq!(parse_timestamp(&s), Some(us));
+        assert_eq!(parse_timestamp("2025-11-29 08:33:00.123456"), Some(us));
+        assert_eq!(parse_timestamp("2025-11-29T08:33:00.123456+00:00"), Some(us));
+        assert_eq!(parse_timestamp("2025-11-29T08:33:00Z"), Some(us - 123_456));
+        assert_eq!(parse_timestamp("yesterday"), None);
+    }
+
+    #[test]
+    fn table_names_are_quoted_part_by_part() {
+        assert_eq!(quote_table("workspace.default.a_payload"), "`workspace`.`default`.`a_payload`");
+        assert_eq!(quote_table("c.s.we`ird"), "`c`.`s`.`we``ird`");
+    }
+
+    #[test]
+    fn legacy_times_are_milliseconds() {
+        assert_eq!(LEGACY.time_value(1_500_999), "1500");
+        assert_eq!(LEGACY.parse_time("1500"), Some(1_500_000));
+        assert_eq!(AI_GATEWAY.time_value(0), "1970-01-01T00:00:00.000000Z");
+    }
+}

@@ -1,0 +1,221 @@
+//! Credentials for the workspace: OAuth M2M for a service principal, or a personal access token.
+//!
+//! The OAuth token is cached and refreshed early (stale at `min(TTL/2, 20 min)` before expiry,
+//! as the official SDKs do). One refresh at a time: concurrent requests wait on the same lock and
+//! share the new token. A 401 from an API call invalidates the cached token so the next request
+//! re-authenticates once.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::error::{ConnectKind, DatabricksError};
+use super::http::classify_transport_error;
+
+/// How the connector proves who it is.
+pub enum Credentials {
+    /// A service principal's OAuth client id and secret (machine-to-machine).
+    OAuth {
+        client_id: String,
+        client_secret: SecretString,
+    },
+    /// A personal access token.
+    Pat(SecretString),
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::OAuth { client_id, .. } => f
+                .debug_struct("OAuth")
+                .field("client_id", client_id)
+                .field("client_secret", &"[redacted]")
+                .finish(),
+            Credentials::Pat(_) => f.write_str("Pat([redacted])"),
+        }
+    }
+}
+
+impl Credentials {
+    /// The principal named in GRANT statements: the client id, or a placeholder for a PAT.
+    pub fn principal(&self) -> String {
+        match self {
+            Credentials::OAuth { client_id, .. } => client_id.clone(),
+            Credentials::Pat(_) => "<the token's user or service principal>".to_string(),
+        }
+    }
+}
+
+struct Cached {
+    token: SecretString,
+    stale_at: Instant,
+}
+
+/// Hands out bearer tokens, fetching and caching them as needed.
+pub struct TokenSource {
+    credentials: Credentials,
+    token_url: String,
+    cached: Mutex<Option<Cached>>,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct TokenError {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    error_description: String,
+}
+
+impl TokenSource {
+    pub fn new(credentials: Credentials, host: &url::Url) -> Self {
+        let base = host.as_str().trim_end_matches('/');
+        TokenSource {
+            credentials,
+            token_url: format!("{base}/oidc/v1/token"),
+            cached: Mutex::new(None),
+        }
+    }
+
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    /// A valid bearer token, fetching a new one when the cached one is stale.
+    pub async fn token(&self, http: &reqwest::Client) -> Result<SecretString, DatabricksError> {
+        let (client_id, client_secret) = match &self.credentials {
+            Credentials::Pat(token) => return Ok(token.clone()),
+            Credentials::OAuth {
+                client_id,
+                client_secret,
+            } => (client_id, client_secret),
+        };
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = cached.as_ref() {
+            if Instant::now() < c.stale_at {
+                return Ok(c.token.clone());
+            }
+        }
+        let fresh = self.fetch(http, client_id, client_secret).await?;
+        let token = fresh.token.clone();
+        *cached = Some(fresh);
+        Ok(token)
+    }
+
+    /// Forget the cached token (after a 401), unless another request already replaced it.
+    pub async fn invalidate(&self, used: &SecretString) {
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = cached.as_ref() {
+            if c.token.expose_secret() == used.expose_secret() {
+                *cached = None;
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        http: &reqwest::Client,
+        client_id: &str,
+        client_secret: &SecretString,
+    ) -> Result<Cached, DatabricksError> {
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("{client_id}:{}", client_secret.expose_secret()));
+        let started = Instant::now();
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let sent = http
+                .post(&self.token_url)
+                .header("authorization", format!("Basic {basic}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("grant_type=client_credentials&scope=all-apis")
+                .send()
+                .await;
+            let resp = match sent {
+                Ok(r) => r,
+                Err(e) => {
+                    let (kind, detail) = classify_transport_error(&e);
+                    if attempt < 4 && kind != ConnectKind::Dns && kind != ConnectKind::Tls {
+                        tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
+                        continue;
+                    }
+                    return Err(DatabricksError::Connect {
+                        host: self.host_label(),
+                        kind,
+                        detail,
+                    });
+                }
+            };
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            if status.is_success() {
+                let parsed: TokenResponse =
+                    serde_json::from_str(&body).map_err(|e| DatabricksError::Decode {
+                        route: "/oidc/v1/token".into(),
+                        detail: format!("token response is not the documented JSON: {e}"),
+                    })?;
+                let ttl = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
+                let early = (ttl / 2).min(Duration::from_secs(20 * 60));
+                return Ok(Cached {
+                    token: SecretString::from(parsed.access_token),
+                    stale_at: started + ttl.saturating_sub(early),
+                });
+            }
+            let retriable = status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::SERVICE_UNAVAILABLE;
+            if retriable && attempt < 5 && started.elapsed() < Duration::from_secs(60) {
+                tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
+                continue;
+            }
+            let err: TokenError = serde_json::from_str(&body).unwrap_or_default();
+            let detail = match status.as_u16() {
+                400 | 401 | 403 => format!(
+                    "the token endpoint {} answered HTTP {} {}{}",
+                    self.token_url,
+                    status.as_u16(),
+                    if err.error.is_empty() { "error" } else { &err.error },
+                    if err.error_description.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", err.error_description)
+                    }
+                ),
+                404 => {
+                    return Err(DatabricksError::Connect {
+                        host: self.host_label(),
+                        kind: ConnectKind::Other,
+                        detail: format!(
+                            "{} answered 404: this does not look like a Databricks workspace",
+                            self.token_url
+                        ),
+                    })
+                }
+                code => {
+                    return Err(DatabricksError::Api {
+                        route: "/oidc/v1/token".into(),
+                        status: code,
+                        error_code: err.error,
+                        message: err.error_description,
+                    })
+                }
+            };
+            return Err(DatabricksError::Auth {
+                detail: format!("invalid client credentials for client id {client_id}: {detail}"),
+            });
+        }
+    }
+
+    fn host_label(&self) -> String {
+        self.token_url.trim_end_matches("/oidc/v1/token").to_string()
+    }
+}

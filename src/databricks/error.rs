@@ -1,0 +1,150 @@
+//! The one error type of the Databricks boundary.
+//!
+//! Every failure talking to the workspace ends up here, classified two ways: whether a later
+//! attempt may succeed (`is_retriable`), and which of the seed documentation's troubleshooting
+//! cases it is, with the fix spelled out in the message. No variant ever carries a secret: the
+//! HTTP layer builds them from status codes and response bodies only.
+
+use std::fmt;
+
+/// Why a connection to the workspace could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectKind {
+    /// The host name does not resolve.
+    Dns,
+    /// The TCP connection was refused or reset.
+    Refused,
+    /// TLS failed (certificate not trusted, wrong name, handshake).
+    Tls,
+    /// No answer in time.
+    Timeout,
+    /// Anything else on the way (proxy, broken body).
+    Other,
+}
+
+impl fmt::Display for ConnectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectKind::Dns => "DNS lookup failed",
+            ConnectKind::Refused => "connection refused or reset",
+            ConnectKind::Tls => "TLS handshake failed",
+            ConnectKind::Timeout => "timed out",
+            ConnectKind::Other => "network error",
+        })
+    }
+}
+
+/// An error from the Databricks REST API or the way to it.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabricksError {
+    /// Troubleshooting case 1.
+    #[error(
+        "Failed to connect to Databricks workspace {host} ({kind}): {detail}. Fix: check that \
+         DATABRICKS_HOST is your workspace URL (https://<workspace>.cloud.databricks.com), that its \
+         name resolves (DNS), that a firewall or proxy lets this machine reach it on port 443 \
+         (HTTPS_PROXY/NO_PROXY are honoured), and that its TLS certificate is trusted"
+    )]
+    Connect {
+        host: String,
+        kind: ConnectKind,
+        detail: String,
+    },
+    /// Troubleshooting case 2.
+    #[error(
+        "Authentication failed: {detail}. Fix: check DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET \
+         (or DATABRICKS_TOKEN): the service principal must exist and be enabled in this workspace, \
+         and its OAuth secret must not be expired (secrets should be rotated every 90 days)"
+    )]
+    Auth { detail: String },
+    /// Troubleshooting case 3.
+    #[error("Access denied to {object}: {detail}. Fix: {fix}")]
+    PermissionDenied {
+        object: String,
+        detail: String,
+        fix: String,
+    },
+    /// The catalog, schema, table or endpoint does not exist.
+    #[error("Not found: {object} ({error_code}: {message}). Fix: {fix}")]
+    NotFound {
+        object: String,
+        error_code: String,
+        message: String,
+        fix: String,
+    },
+    /// Rate limited or unavailable, still so when the retry budget ran out.
+    #[error("Databricks kept answering {status} {error_code} for {route} after {attempts} attempts over {elapsed_s}s: {message}")]
+    Exhausted {
+        route: String,
+        status: u16,
+        error_code: String,
+        message: String,
+        attempts: u32,
+        elapsed_s: u64,
+    },
+    /// Any other API error.
+    #[error("Databricks API error on {route}: HTTP {status} {error_code}: {message}")]
+    Api {
+        route: String,
+        status: u16,
+        error_code: String,
+        message: String,
+    },
+    /// The workspace answered something this connector cannot read.
+    #[error("Unexpected response from Databricks on {route}: {detail}")]
+    Decode { route: String, detail: String },
+    /// A SQL statement ended FAILED or CANCELED, or timed out.
+    #[error("SQL statement on {table} {state}: {error_code}: {message}")]
+    Statement {
+        table: String,
+        state: String,
+        error_code: String,
+        message: String,
+        retriable: bool,
+    },
+    /// No SQL warehouse can run the statements.
+    #[error("No usable SQL warehouse: {0}")]
+    NoWarehouse(String),
+}
+
+impl DatabricksError {
+    /// Whether the same request may succeed later (next attempt or next cycle).
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            DatabricksError::Connect { .. } | DatabricksError::Exhausted { .. } => true,
+            DatabricksError::Api { status, .. } => *status >= 500 || *status == 429,
+            DatabricksError::Statement { retriable, .. } => *retriable,
+            DatabricksError::Decode { .. } => false,
+            DatabricksError::Auth { .. }
+            | DatabricksError::PermissionDenied { .. }
+            | DatabricksError::NotFound { .. }
+            | DatabricksError::NoWarehouse(_) => false,
+        }
+    }
+
+    /// A short stable name for metrics and the cycle summary.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DatabricksError::Connect { .. } => "connect",
+            DatabricksError::Auth { .. } => "auth",
+            DatabricksError::PermissionDenied { .. } => "permission_denied",
+            DatabricksError::NotFound { .. } => "not_found",
+            DatabricksError::Exhausted { .. } => "exhausted",
+            DatabricksError::Api { .. } => "api",
+            DatabricksError::Decode { .. } => "decode",
+            DatabricksError::Statement { .. } => "statement",
+            DatabricksError::NoWarehouse(_) => "no_warehouse",
+        }
+    }
+}
+
+/// The `SHOW GRANTS` / `GRANT` statements that give `principal` what the connector needs.
+pub fn grants_fix(catalog: &str, schema: &str, principal: &str) -> String {
+    format!(
+        "the service principal needs USE CATALOG, USE SCHEMA and SELECT. Check with \
+         `SHOW GRANTS `{principal}` ON SCHEMA {catalog}.{schema};` and grant with \
+         `GRANT USE CATALOG ON CATALOG {catalog} TO `{principal}`; \
+         GRANT USE SCHEMA ON SCHEMA {catalog}.{schema} TO `{principal}`; \
+         GRANT SELECT ON SCHEMA {catalog}.{schema} TO `{principal}`;` \
+         (Unity Catalog must be enabled for the workspace)"
+    )
+}

@@ -1,0 +1,302 @@
+//! The HTTP layer: authenticated JSON requests with the official SDKs' retry rules.
+//!
+//! Retried: 429, 503, bodies whose `error_code` is `RESOURCE_EXHAUSTED`, `REQUEST_LIMIT_EXCEEDED`
+//! or `TEMPORARILY_UNAVAILABLE`, and connection errors (refused, reset, timeout). `Retry-After`
+//! is honoured; otherwise capped exponential backoff with full jitter; all within a bounded total
+//! time. Other errors are returned at once. A 401 makes the token source forget its token and the
+//! request is re-sent once with a fresh one.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng as _;
+use reqwest::{Method, StatusCode};
+use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::auth::TokenSource;
+use super::error::{ConnectKind, DatabricksError};
+
+/// How hard to retry.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Give up retrying after this long in total.
+    pub max_elapsed: Duration,
+    /// First backoff.
+    pub base_delay: Duration,
+    /// Largest single backoff (and largest honoured Retry-After).
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_elapsed: Duration::from_secs(300),
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(ra) = retry_after {
+            return ra.min(self.max_delay);
+        }
+        let exp = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)))
+            .min(self.max_delay);
+        // Full jitter, but never less than a tenth of the step, so retries do not hammer.
+        let ms = exp.as_millis().max(1) as u64;
+        Duration::from_millis(rand::rng().random_range(ms / 10..=ms))
+    }
+}
+
+/// Requests made, by route and HTTP status ("error" for transport failures). Read by metrics.
+#[derive(Default)]
+pub struct ApiStats {
+    counts: Mutex<BTreeMap<(String, String), u64>>,
+    retries: std::sync::atomic::AtomicU64,
+}
+
+impl ApiStats {
+    fn record(&self, route: &str, status: &str) {
+        if let Ok(mut m) = self.counts.lock() {
+            *m.entry((route.to_string(), status.to_string())).or_default() += 1;
+        }
+    }
+    /// A copy of the counters: ((route, status), count).
+    pub fn snapshot(&self) -> Vec<((String, String), u64)> {
+        self.counts
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default()
+    }
+    /// Total requests made.
+    pub fn total(&self) -> u64 {
+        self.snapshot().iter().map(|(_, n)| n).sum()
+    }
+    /// Retries performed.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The documented error body (`error_code` + `message`; older APIs use `error`).
+#[derive(Deserialize, Default)]
+pub(crate) struct ApiErrorBody {
+    #[serde(default)]
+    pub error_code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub error: Option<serde_json::Value>,
+}
+
+impl ApiErrorBody {
+    pub(crate) fn parse(body: &str) -> (String, String) {
+        let parsed: ApiErrorBody = serde_json::from_str(body).unwrap_or_default();
+        let code = parsed
+            .error_code
+            .or_else(|| match &parsed.error {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let mut message = parsed.message.unwrap_or_default();
+        if message.is_empty() {
+            message = body.chars().take(300).collect();
+        }
+        (code, message)
+    }
+}
+
+/// Sorts a transport error into one of the "cannot connect" kinds, with a readable detail.
+pub(crate) fn classify_transport_error(e: &reqwest::Error) -> (ConnectKind, String) {
+    let mut chain = e.to_string();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = src {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        src = s.source();
+    }
+    let lower = chain.to_lowercase();
+    let kind = if e.is_timeout() {
+        ConnectKind::Timeout
+    } else if lower.contains("dns") || lower.contains("failed to lookup address") {
+        ConnectKind::Dns
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        ConnectKind::Tls
+    } else if lower.contains("refused") || lower.contains("reset") || e.is_connect() {
+        ConnectKind::Refused
+    } else {
+        ConnectKind::Other
+    };
+    (kind, chain)
+}
+
+fn is_retriable_code(code: &str) -> bool {
+    matches!(
+        code,
+        "RESOURCE_EXHAUSTED" | "REQUEST_LIMIT_EXCEEDED" | "TEMPORARILY_UNAVAILABLE"
+    )
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The authenticated HTTP client every Databricks API module uses.
+pub struct ApiClient {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) tokens: TokenSource,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) stats: Arc<ApiStats>,
+}
+
+impl ApiClient {
+    /// `route` is a low-cardinality label such as `GET /api/2.1/unity-catalog/tables`.
+    pub(crate) async fn request<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        route: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<T, DatabricksError> {
+        let text = self.request_text(method, route, path, query, body).await?;
+        serde_json::from_str(&text).map_err(|e| DatabricksError::Decode {
+            route: route.to_string(),
+            detail: format!("response is not the documented JSON: {e}"),
+        })
+    }
+
+    pub(crate) async fn request_text(
+        &self,
+        method: Method,
+        route: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<String, DatabricksError> {
+        let url = format!("{}{}", self.base, path);
+        let started = Instant::now();
+        let mut attempt: u32 = 0;
+        let mut reauthenticated = false;
+        loop {
+            attempt += 1;
+            let token = self.tokens.token(&self.http).await?;
+            let mut req = self
+                .http
+                .request(method.clone(), &url)
+                .bearer_auth(token.expose_secret());
+            if !query.is_empty() {
+                req = req.query(query);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            let (status, text, headers) = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let headers = resp.headers().clone();
+                    match resp.text().await {
+                        Ok(t) => (status, t, headers),
+                        Err(e) => {
+                            self.stats.record(route, "error");
+                            if let Some(d) = self.retry_delay(started, attempt, None) {
+                                tracing::debug!(route, attempt, "reading the response failed, retrying: {e}");
+                                tokio::time::sleep(d).await;
+                                continue;
+                            }
+                            let (kind, detail) = classify_transport_error(&e);
+                            return Err(DatabricksError::Connect { host: self.base.clone(), kind, detail });
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.stats.record(route, "error");
+                    let (kind, detail) = classify_transport_error(&e);
+                    let transient = !matches!(kind, ConnectKind::Dns | ConnectKind::Tls);
+                    if transient {
+                        if let Some(d) = self.retry_delay(started, attempt, None) {
+                            tracing::debug!(route, attempt, "{kind}, retrying in {d:?}");
+                            tokio::time::sleep(d).await;
+                            continue;
+                        }
+                    }
+                    return Err(DatabricksError::Connect { host: self.base.clone(), kind, detail });
+                }
+            };
+            self.stats.record(route, status.as_str());
+            if status.is_success() {
+                return Ok(text);
+            }
+            let (code, message) = ApiErrorBody::parse(&text);
+            if status == StatusCode::UNAUTHORIZED && !reauthenticated {
+                // The token may have expired or been revoked mid-run: get a new one, once.
+                reauthenticated = true;
+                self.tokens.invalidate(&token).await;
+                tracing::info!(route, "Databricks answered 401; re-authenticating once");
+                continue;
+            }
+            let retriable = status == StatusCode::TOO_MANY_REQUESTS
+                || status == StatusCode::SERVICE_UNAVAILABLE
+                || is_retriable_code(&code);
+            if retriable {
+                if let Some(d) = self.retry_delay(started, attempt, retry_after(&headers)) {
+                    tracing::debug!(route, attempt, status = status.as_u16(), "retrying in {d:?}");
+                    tokio::time::sleep(d).await;
+                    continue;
+                }
+                return Err(DatabricksError::Exhausted {
+                    route: route.to_string(),
+                    status: status.as_u16(),
+                    error_code: code,
+                    message,
+                    attempts: attempt,
+                    elapsed_s: started.elapsed().as_secs(),
+                });
+            }
+            return Err(match status.as_u16() {
+                401 => DatabricksError::Auth {
+                    detail: format!("{route} answered 401 {code}: {message}"),
+                },
+                403 => DatabricksError::PermissionDenied {
+                    object: route.to_string(),
+                    detail: format!("{code}: {message}"),
+                    fix: "grant the service principal access to this API".into(),
+                },
+                404 => DatabricksError::NotFound {
+                    object: route.to_string(),
+                    error_code: code,
+                    message,
+                    fix: "check the configured names".into(),
+                },
+                s => DatabricksError::Api {
+                    route: route.to_string(),
+                    status: s,
+                    error_code: code,
+                    message,
+                },
+            });
+        }
+    }
+
+    /// The delay before the next attempt, or None when the retry budget is spent.
+    fn retry_delay(&self, started: Instant, attempt: u32, after: Option<Duration>) -> Option<Duration> {
+        let d = self.retry.backoff(attempt, after);
+        if started.elapsed() + d > self.retry.max_elapsed {
+            return None;
+        }
+        self.stats
+            .retries
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(d)
+    }
+}

@@ -1,0 +1,269 @@
+//! Unity Catalog: tables, registered models and their versions, functions (agent tools).
+
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+
+use super::{grants_fix, DatabricksClient, DatabricksError};
+
+/// A column of a table.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ColumnInfo {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub type_name: Option<String>,
+    #[serde(default)]
+    pub type_text: Option<String>,
+    #[serde(default)]
+    pub position: Option<i64>,
+    #[serde(default)]
+    pub nullable: Option<bool>,
+}
+
+/// `TableInfo`, the fields the connector reads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TableInfo {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub full_name: Option<String>,
+    #[serde(default)]
+    pub catalog_name: Option<String>,
+    #[serde(default)]
+    pub schema_name: Option<String>,
+    #[serde(default)]
+    pub table_type: Option<String>,
+    #[serde(default)]
+    pub data_source_format: Option<String>,
+    #[serde(default)]
+    pub columns: Vec<ColumnInfo>,
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct TablesPage {
+    #[serde(default)]
+    tables: Vec<TableInfo>,
+    #[serde(default)]
+    next_page_token: Option<String>,
+}
+
+/// A UC registered model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RegisteredModel {
+    #[serde(default)]
+    pub full_name: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<i64>,
+    #[serde(default)]
+    pub aliases: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct ModelsPage {
+    #[serde(default)]
+    registered_models: Vec<RegisteredModel>,
+    #[serde(default)]
+    next_page_token: Option<String>,
+}
+
+/// A version of a UC model.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ModelVersion {
+    #[serde(default, deserialize_with = "string_or_number")]
+    pub version: String,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub run_id: Option<String>,
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct VersionsPage {
+    #[serde(default)]
+    model_versions: Vec<ModelVersion>,
+    #[serde(default)]
+    next_page_token: Option<String>,
+}
+
+/// A UC function (agents call these as tools).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FunctionInfo {
+    #[serde(default)]
+    pub full_name: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub data_type: Option<String>,
+    #[serde(default)]
+    pub routine_body: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct FunctionsPage {
+    #[serde(default)]
+    functions: Vec<FunctionInfo>,
+    #[serde(default)]
+    next_page_token: Option<String>,
+}
+
+fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(match v {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    })
+}
+
+/// Upper bound on pages, so a server that always returns a token cannot loop us forever.
+const MAX_PAGES: usize = 10_000;
+
+/// One page of a UC listing: its items and the token of the next page.
+trait Page: serde::de::DeserializeOwned {
+    type Item;
+    fn into_parts(self) -> (Vec<Self::Item>, Option<String>);
+}
+
+macro_rules! page {
+    ($page:ty, $field:ident, $item:ty) => {
+        impl Page for $page {
+            type Item = $item;
+            fn into_parts(self) -> (Vec<$item>, Option<String>) {
+                (self.$field, self.next_page_token)
+            }
+        }
+    };
+}
+page!(TablesPage, tables, TableInfo);
+page!(ModelsPage, registered_models, RegisteredModel);
+page!(VersionsPage, model_versions, ModelVersion);
+page!(FunctionsPage, functions, FunctionInfo);
+
+impl DatabricksClient {
+    /// Follows every page of a listing. A page may be empty yet carry a token: stop only when
+    /// the token is absent.
+    async fn list_all<P: Page>(
+        &self,
+        route: &str,
+        path: &str,
+        query: Vec<(&str, String)>,
+    ) -> Result<Vec<P::Item>, DatabricksError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut q = query.clone();
+            q.push(("max_results", "100".to_string()));
+            if let Some(t) = &token {
+                q.push(("page_token", t.clone()));
+            }
+            let page: P = self.api.request(Method::GET, route, path, &q, None).await?;
+            let (items, next) = page.into_parts();
+            out.extend(items);
+            match next.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
+            }
+        }
+        Err(DatabricksError::Decode {
+            route: route.to_string(),
+            detail: format!("more than {MAX_PAGES} pages: the listing never ends"),
+        })
+    }
+
+    fn schema_query(catalog: &str, schema: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("catalog_name", catalog.to_string()),
+            ("schema_name", schema.to_string()),
+        ]
+    }
+
+    /// Adds catalog/schema context (and the GRANT fix) to a permission or not-found error.
+    pub(crate) fn in_schema(&self, e: DatabricksError, catalog: &str, schema: &str) -> DatabricksError {
+        match e {
+            DatabricksError::PermissionDenied { detail, .. } => DatabricksError::PermissionDenied {
+                object: format!("catalog/schema {catalog}.{schema}"),
+                detail,
+                fix: grants_fix(catalog, schema, &self.principal()),
+            },
+            DatabricksError::NotFound {
+                error_code,
+                message,
+                ..
+            } => {
+                let fix = if error_code == "CATALOG_DOES_NOT_EXIST" {
+                    format!("catalog '{catalog}' does not exist: set DATABRICKS_CATALOG to an existing catalog (SHOW CATALOGS;)")
+                } else if error_code == "SCHEMA_DOES_NOT_EXIST" {
+                    format!("schema '{schema}' does not exist in catalog '{catalog}': set DATABRICKS_SCHEMA (SHOW SCHEMAS IN {catalog};)")
+                } else {
+                    format!("check DATABRICKS_CATALOG ({catalog}) and DATABRICKS_SCHEMA ({schema})")
+                };
+                DatabricksError::NotFound {
+                    object: format!("{catalog}.{schema}"),
+                    error_code,
+                    message,
+                    fix,
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Every table of `catalog.schema`.
+    pub async fn list_tables(&self, catalog: &str, schema: &str) -> Result<Vec<TableInfo>, DatabricksError> {
+        self.list_all::<TablesPage>(
+            "GET /api/2.1/unity-catalog/tables",
+            "/api/2.1/unity-catalog/tables",
+            Self::schema_query(catalog, schema),
+        )
+        .await
+        .map_err(|e| self.in_schema(e, catalog, schema))
+    }
+
+    /// Registered models of `catalog.schema`.
+    pub async fn list_models(&self, catalog: &str, schema: &str) -> Result<Vec<RegisteredModel>, DatabricksError> {
+        self.list_all::<ModelsPage>(
+            "GET /api/2.1/unity-catalog/models",
+            "/api/2.1/unity-catalog/models",
+            Self::schema_query(catalog, schema),
+        )
+        .await
+        .map_err(|e| self.in_schema(e, catalog, schema))
+    }
+
+    /// Versions of one registered model.
+    pub async fn list_model_versions(&self, full_name: &str) -> Result<Vec<ModelVersion>, DatabricksError> {
+        self.list_all::<VersionsPage>(
+            "GET /api/2.1/unity-catalog/models/{name}/versions",
+            &format!("/api/2.1/unity-catalog/models/{full_name}/versions"),
+            Vec::new(),
+        )
+        .await
+    }
+
+    /// UC functions of `catalog.schema` (agent tools).
+    pub async fn list_functions(&self, catalog: &str, schema: &str) -> Result<Vec<FunctionInfo>, DatabricksError> {
+        self.list_all::<FunctionsPage>(
+            "GET /api/2.1/unity-catalog/functions",
+            "/api/2.1/unity-catalog/functions",
+            Self::schema_query(catalog, schema),
+        )
+        .await
+        .map_err(|e| self.in_schema(e, catalog, schema))
+    }
+}

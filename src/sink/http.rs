@@ -1,0 +1,566 @@
+//! The HTTP sink: Akto's Data Ingestion Service (`POST {url}/api/ingestData`).
+//!
+//! It exists to turn "a batch of encoded records" into exactly-acknowledged deliveries against
+//! a service that answers per batch: 200 means every record was taken; 408/429/5xx and
+//! connection failures are retried with capped, jittered backoff (honouring `Retry-After`);
+//! other 4xx answers mean some record is poison, found by bisecting the batch so only the bad
+//! record(s) are rejected; 401/403 mean the JWT is wrong, which no retry fixes.
+//!
+//! Architecture Invariant: the body is built by concatenating the pre-encoded records (no
+//! re-parse), and the `authorization` header is marked sensitive and never logged.
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::time::Instant;
+use url::Url;
+
+use super::{
+    plan_by_len, BatchOutcome, OutRecord, RetryPolicy, SinkError, BODY_PREFIX, BODY_SUFFIX,
+    BODY_WRAPPER_BYTES, MAX_BODY_BYTES,
+};
+
+/// How many characters of a server's error body are kept in reasons and messages.
+const SNIPPET_CHARS: usize = 300;
+
+/// Settings of the [`HttpSink`].
+#[derive(Debug, Clone)]
+pub struct HttpSinkConfig {
+    /// `DATA_INGESTION_SERVICE_URL`: the service's base URL (a trailing slash is fine).
+    pub url: Url,
+    /// `AKTO_JWT_TOKEN`, sent raw as `authorization` when set.
+    pub jwt: Option<SecretString>,
+    /// Whole-request timeout (connect timeout is the smaller of this and 10 s).
+    pub timeout: Duration,
+    /// Retry budget of one `deliver` call.
+    pub retry: RetryPolicy,
+}
+
+/// Delivers batches to Akto's Data Ingestion Service.
+pub struct HttpSink {
+    client: reqwest::Client,
+    ingest_url: Url,
+    health_url: Url,
+    /// `ingest_url` without user info or query, for messages.
+    shown_url: String,
+    auth: Option<HeaderValue>,
+    retry: RetryPolicy,
+}
+
+impl fmt::Debug for HttpSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSink")
+            .field("url", &self.shown_url)
+            .field("jwt", &self.auth.as_ref().map(|_| "[REDACTED]"))
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+/// What one HTTP exchange said about a batch.
+enum Reply {
+    Accepted,
+    /// Permanently refused (4xx): the reason, for bisection and quarantine.
+    Refused(String),
+    /// Worth retrying: what happened, and the server's Retry-After if any.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl HttpSink {
+    /// Validates the configuration and builds the HTTP client (rustls, no redirects).
+    pub fn new(config: HttpSinkConfig) -> Result<HttpSink, SinkError> {
+        let url = config.url;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(SinkError::Config {
+                field: "DATA_INGESTION_SERVICE_URL",
+                message: format!(
+                    "must be an http:// or https:// URL with a host, got {}",
+                    shown(&url)
+                ),
+            });
+        }
+        let ingest_url = with_path(&url, "api/ingestData");
+        let health_url = with_path(&url, "healthCheck");
+        let auth = match config.jwt {
+            None => None,
+            Some(secret) => {
+                let raw = secret.expose_secret().trim();
+                if raw.is_empty() {
+                    None
+                } else {
+                    let mut value = HeaderValue::from_str(raw).map_err(|_| SinkError::Config {
+                        field: "AKTO_JWT_TOKEN",
+                        message: "contains characters not allowed in an HTTP header \
+                                  (e.g. a line break inside the token); set it to the raw JWT"
+                            .into(),
+                    })?;
+                    value.set_sensitive(true);
+                    Some(value)
+                }
+            }
+        };
+        let timeout = if config.timeout.is_zero() {
+            Duration::from_secs(30)
+        } else {
+            config.timeout
+        };
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("databricks-shield/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| SinkError::Config {
+                field: "DATA_INGESTION_SERVICE_URL",
+                message: format!("could not build the HTTP client: {}", error_chain(&e)),
+            })?;
+        let mut retry = config.retry;
+        retry.max_attempts = retry.max_attempts.max(1);
+        Ok(HttpSink {
+            client,
+            shown_url: shown(&ingest_url),
+            ingest_url,
+            health_url,
+            auth,
+            retry,
+        })
+    }
+
+    /// E.g. `Akto ingestion at https://host/api/ingestData` (no credentials).
+    pub fn describe(&self) -> String {
+        format!("Akto ingestion at {}", self.shown_url)
+    }
+
+    /// `GET {url}/healthCheck` once: 200 is healthy.
+    pub async fn healthcheck(&self) -> Result<(), SinkError> {
+        let mut req = self.client.get(self.health_url.clone());
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        let shown_health = shown(&self.health_url);
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| SinkError::retriable(unreachable_message(&shown_health, &e)))?;
+        let status = resp.status();
+        if status == StatusCode::OK {
+            return Ok(());
+        }
+        let body = snippet(&resp.text().await.unwrap_or_default());
+        if let Some(err) = self.config_error(status, &body, &shown_health) {
+            return Err(err);
+        }
+        Err(SinkError::retriable(format!(
+            "No data appearing: the Akto ingestion service health check at {shown_health} \
+             answered HTTP {status} ({body}); check DATA_INGESTION_SERVICE_URL and the \
+             service's own logs"
+        )))
+    }
+
+    /// Delivers `batch` (see [`super::AnySink::deliver`] for the contract).
+    ///
+    /// Records that alone exceed Akto's 10 MiB body limit are rejected without sending; the
+    /// rest go out in as few requests as the body limit allows, bisected on 4xx answers.
+    pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
+        let deadline = Instant::now() + self.retry.max_elapsed;
+        let mut out = BatchOutcome::default();
+        let mut sendable = Vec::with_capacity(batch.len());
+        for (i, r) in batch.iter().enumerate() {
+            let alone = BODY_WRAPPER_BYTES.saturating_add(r.json.len());
+            if alone > MAX_BODY_BYTES {
+                out.rejected.push((
+                    i,
+                    format!(
+                        "record is {} bytes; a request holding only it would be {alone} bytes, \
+                         over Akto's {MAX_BODY_BYTES}-byte body limit",
+                        r.json.len()
+                    ),
+                ));
+            } else {
+                sendable.push(i);
+            }
+        }
+        // Pending groups of indices, last to send on top.
+        let plan = plan_by_len(
+            sendable.iter().map(|&i| batch[i].json.len()),
+            usize::MAX,
+            MAX_BODY_BYTES,
+        );
+        let mut stack: Vec<Vec<usize>> = plan
+            .into_iter()
+            .rev()
+            .map(|r| sendable[r].to_vec())
+            .collect();
+        while let Some(group) = stack.pop() {
+            match self.send_with_retry(batch, &group, deadline).await {
+                Ok(None) => out.delivered.extend_from_slice(&group),
+                Ok(Some(reason)) => {
+                    if let [only] = group.as_slice() {
+                        out.rejected.push((*only, reason));
+                    } else {
+                        let (left, right) = group.split_at(group.len() / 2);
+                        stack.push(right.to_vec());
+                        stack.push(left.to_vec());
+                    }
+                }
+                Err(e) => return Err(e.with_progress(out.delivered, out.rejected)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends one group until accepted (`Ok(None)`), refused (`Ok(Some(reason))`) or the retry
+    /// budget runs out (`Err`).
+    async fn send_with_retry(
+        &self,
+        batch: &[OutRecord],
+        group: &[usize],
+        deadline: Instant,
+    ) -> Result<Option<String>, SinkError> {
+        let body = build_body(batch, group);
+        let mut attempt = 1u32;
+        loop {
+            match self.send_once(body.clone()).await? {
+                Reply::Accepted => return Ok(None),
+                Reply::Refused(reason) => return Ok(Some(reason)),
+                Reply::Transient {
+                    reason,
+                    retry_after,
+                } => {
+                    let give_up = |why: &str| {
+                        SinkError::retriable(format!(
+                            "No data appearing: delivery to the Akto ingestion service at {} \
+                             failed ({reason}); {why}. Check DATA_INGESTION_SERVICE_URL and that \
+                             the service is up and reachable; the records stay pending and are \
+                             retried next cycle",
+                            self.shown_url
+                        ))
+                    };
+                    if attempt >= self.retry.max_attempts {
+                        return Err(give_up(&format!("gave up after {attempt} attempts")));
+                    }
+                    let delay = self.retry.delay(attempt, retry_after);
+                    if Instant::now() + delay > deadline {
+                        return Err(give_up(&format!(
+                            "gave up after {attempt} attempts: the retry time budget of {:?} \
+                             is spent",
+                            self.retry.max_elapsed
+                        )));
+                    }
+                    tracing::warn!(
+                        sink = "http",
+                        attempt,
+                        delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        records = group.len(),
+                        "WARN delivery to Akto ingestion failed ({reason}); retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn send_once(&self, body: Vec<u8>) -> Result<Reply, SinkError> {
+        let mut req = self
+            .client
+            .post(self.ingest_url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(auth) = &self.auth {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => {
+                return Ok(Reply::Transient {
+                    reason: error_chain(&e),
+                    retry_after: None,
+                })
+            }
+        };
+        let status = resp.status();
+        if status == StatusCode::OK {
+            return Ok(Reply::Accepted);
+        }
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = match resp.text().await {
+            Ok(text) => snippet(&text),
+            Err(e) => format!("body unreadable: {}", error_chain(&e)),
+        };
+        if let Some(err) = self.config_error(status, &body, &self.shown_url) {
+            return Err(err);
+        }
+        if status == StatusCode::REQUEST_TIMEOUT
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status.is_server_error()
+        {
+            return Ok(Reply::Transient {
+                reason: format!("HTTP {status}: {body}"),
+                retry_after,
+            });
+        }
+        if status.is_client_error() {
+            return Ok(Reply::Refused(format!(
+                "the Akto ingestion service refused the record with HTTP {status}: {body}"
+            )));
+        }
+        Err(SinkError::Protocol {
+            message: format!(
+                "the Akto ingestion service at {} answered HTTP {status} ({body}); only 200 \
+                 means delivered. Check that DATA_INGESTION_SERVICE_URL points at the Data \
+                 Ingestion Service itself (not a proxy or login page)",
+                self.shown_url
+            ),
+            delivered_before_failure: Vec::new(),
+        })
+    }
+
+    /// Answers that no retry and no bisection can fix: bad token, wrong URL, redirects.
+    fn config_error(&self, status: StatusCode, body: &str, shown_url: &str) -> Option<SinkError> {
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            let message = if self.auth.is_some() {
+                format!(
+                    "the ingestion service rejected AKTO_JWT_TOKEN ({}): {body}; set \
+                     AKTO_JWT_TOKEN to a valid token for the Akto account (the raw JWT, no \
+                     `Bearer ` prefix)",
+                    status.as_u16()
+                )
+            } else {
+                format!(
+                    "the ingestion service requires AKTO_JWT_TOKEN ({}) but none is set: {body}; \
+                     set AKTO_JWT_TOKEN to a valid token for the Akto account",
+                    status.as_u16()
+                )
+            };
+            return Some(SinkError::Auth {
+                message,
+                delivered_before_failure: Vec::new(),
+            });
+        }
+        if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
+            return Some(SinkError::Protocol {
+                message: format!(
+                    "No data appearing: {shown_url} answered HTTP {status}; check \
+                     DATA_INGESTION_SERVICE_URL (the base URL of Akto's Data Ingestion Service, \
+                     without /api/ingestData)"
+                ),
+                delivered_before_failure: Vec::new(),
+            });
+        }
+        if status.is_redirection() {
+            return Some(SinkError::Protocol {
+                message: format!(
+                    "{shown_url} answered with a redirect (HTTP {status}); set \
+                     DATA_INGESTION_SERVICE_URL to the final URL of the Data Ingestion Service"
+                ),
+                delivered_before_failure: Vec::new(),
+            });
+        }
+        None
+    }
+}
+
+/// `{"batchData":[r1,r2,...]}` from the pre-encoded records, no re-parse.
+fn build_body(batch: &[OutRecord], group: &[usize]) -> Vec<u8> {
+    let len = BODY_WRAPPER_BYTES
+        + group.iter().map(|&i| batch[i].json.len()).sum::<usize>()
+        + group.len().saturating_sub(1);
+    let mut body = Vec::with_capacity(len);
+    body.extend_from_slice(BODY_PREFIX.as_bytes());
+    for (n, &i) in group.iter().enumerate() {
+        if n > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(batch[i].json.as_bytes());
+    }
+    body.extend_from_slice(BODY_SUFFIX.as_bytes());
+    body
+}
+
+/// `base` with `tail` appended to its path (one slash between), no query or fragment.
+fn with_path(base: &Url, tail: &str) -> Url {
+    let mut url = base.clone();
+    let path = format!("{}/{tail}", base.path().trim_end_matches('/'));
+    url.set_path(&path);
+    url.set_query(None);
+    url.set_fragment(None);
+    url
+}
+
+/// The URL as shown in messages: no user info, no query, no fragment.
+fn shown(url: &Url) -> String {
+    let mut url = url.clone();
+    // These fail only for URLs that cannot have credentials; ignoring is correct then.
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.set_fragment(None);
+    url.to_string()
+}
+
+fn unreachable_message(shown_url: &str, e: &reqwest::Error) -> String {
+    format!(
+        "No data appearing: could not reach the Akto ingestion service at {shown_url} ({}); \
+         check DATA_INGESTION_SERVICE_URL and that the service is up and reachable from this host",
+        error_chain(e)
+    )
+}
+
+/// The error and its sources, without the request URL (which could carry credentials).
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut parts = Vec::new();
+    if e.is_timeout() {
+        parts.push("timed out".to_string());
+    }
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    let first = if e.is_connect() {
+        "connection failed"
+    } else if e.is_request() {
+        "request failed"
+    } else if e.is_body() || e.is_decode() {
+        "response body failed"
+    } else {
+        "HTTP error"
+    };
+    parts.insert(0, first.to_string());
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
+/// At most [`SNIPPET_CHARS`] characters of a server body, on one line.
+fn snippet(body: &str) -> String {
+    let one_line: String = body
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(SNIPPET_CHARS)
+        .collect();
+    let trimmed = one_line.trim();
+    if trimmed.is_empty() {
+        "empty body".to_string()
+    } else if body.chars().count() > SNIPPET_CHARS {
+        format!("{trimmed}...")
+    } else {
+        trimmed.to_string()
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let delta = when.signed_duration_since(chrono::Utc::now());
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_handle_trailing_slash_and_prefix() {
+        let u = Url::parse("https://akto.example:8443/").unwrap();
+        assert_eq!(
+            with_path(&u, "api/ingestData").as_str(),
+            "https://akto.example:8443/api/ingestData"
+        );
+        let u = Url::parse("http://h/base/?x=1").unwrap();
+        assert_eq!(
+            with_path(&u, "api/ingestData").as_str(),
+            "http://h/base/api/ingestData"
+        );
+        let u = Url::parse("http://h/base").unwrap();
+        assert_eq!(
+            with_path(&u, "healthCheck").as_str(),
+            "http://h/base/healthCheck"
+        );
+    }
+
+    #[test]
+    fn shown_url_hides_credentials() {
+        let u = Url::parse("https://user:pw@h/x?token=abc").unwrap();
+        let s = shown(&u);
+        assert!(
+            !s.contains("pw") && !s.contains("user") && !s.contains("abc"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn body_is_concatenation() {
+        let batch = vec![
+            OutRecord {
+                key: "a".into(),
+                json: r#"{"a":"1"}"#.into(),
+            },
+            OutRecord {
+                key: "b".into(),
+                json: r#"{"b":"2"}"#.into(),
+            },
+        ];
+        let body = build_body(&batch, &[0, 1]);
+        assert_eq!(body, br#"{"batchData":[{"a":"1"},{"b":"2"}]}"#.to_vec());
+        assert_eq!(body.len(), super::super::body_len(&batch));
+        assert_eq!(
+            build_body(&batch, &[1]),
+            br#"{"batchData":[{"b":"2"}]}"#.to_vec()
+        );
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        assert_eq!(parse_retry_after(" 7 "), Some(Duration::from_secs(7)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn snippet_is_bounded_single_line() {
+        let s = snippet(&format!("a\nb{}", "x".repeat(1000)));
+        assert!(!s.contains('\n'));
+        assert!(s.chars().count() <= SNIPPET_CHARS + 3);
+        assert_eq!(snippet("  "), "empty body");
+    }
+
+    #[test]
+    fn config_rejects_bad_url_and_token_without_leaking() {
+        let cfg = |url: &str, jwt: Option<&str>| HttpSinkConfig {
+            url: Url::parse(url).unwrap(),
+            jwt: jwt.map(|j| SecretString::from(j.to_string())),
+            timeout: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
+        };
+        let e = HttpSink::new(cfg("ftp://h/", None)).unwrap_err();
+        assert!(e.to_string().contains("DATA_INGESTION_SERVICE_URL"), "{e}");
+        let e = HttpSink::new(cfg("http://h/", Some("sec\nret"))).unwrap_err();
+        assert!(e.to_string().contains("AKTO_JWT_TOKEN"), "{e}");
+        assert!(!e.to_string().contains("sec"), "{e}");
+        let s = HttpSink::new(cfg("http://u:pw@h/", Some("supersecret"))).unwrap();
+        let dbg = format!("{s:?} {}", s.describe());
+        assert!(!dbg.contains("supersecret") && !dbg.contains("pw"), "{dbg}");
+        assert_eq!(s.describe(), "Akto ingestion at http://h/api/ingestData");
+    }
+}

@@ -1,0 +1,508 @@
+//! Delivery sinks: where finished Akto traffic records go.
+//!
+//! This module exists so the rest of the connector never cares *how* records reach Akto. The
+//! traffic module hands over pre-encoded records ([`OutRecord`]); a sink reports, per record,
+//! whether it was delivered or permanently rejected ([`BatchOutcome`]), or fails with a
+//! [`SinkError`] that says what was delivered before the failure. The state module checkpoints
+//! only what a sink reported as delivered (acknowledge, then checkpoint).
+//!
+//! Sinks:
+//! - [`HttpSink`]: Akto's Data Ingestion Service (`POST {url}/api/ingestData`).
+//! - [`FileSink`]: JSON lines to a file or stdout, for dry runs and inspection.
+//!
+//! Architecture Invariant: sinks never re-parse or modify a record; what the traffic module
+//! encoded is exactly what is sent. Secrets (the JWT) never appear in logs, errors or Debug.
+
+use std::ops::Range;
+use std::time::Duration;
+
+mod file;
+mod http;
+
+pub use file::FileSink;
+pub use http::{HttpSink, HttpSinkConfig};
+
+/// Akto's Data Ingestion Service refuses request bodies larger than this (10 MiB).
+pub const MAX_BODY_BYTES: usize = 10_485_760;
+/// Akto's own connectors send batches of 50 records.
+pub const MAX_RECORDS_PER_BATCH: usize = 50;
+/// `{"batchData":[` + `]}`: the bytes the HTTP body adds around the records.
+pub const BODY_WRAPPER_BYTES: usize = BODY_PREFIX.len() + BODY_SUFFIX.len();
+
+pub(crate) const BODY_PREFIX: &str = "{\"batchData\":[";
+pub(crate) const BODY_SUFFIX: &str = "]}";
+
+/// One Akto traffic record, already serialized once by the traffic module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutRecord {
+    /// The agent's synthetic host; used as the Kafka message key.
+    pub key: String,
+    /// One flat Akto record as compact JSON (a single line).
+    pub json: String,
+}
+
+/// What happened to each record of a batch handed to [`AnySink::deliver`].
+///
+/// Indices refer to positions in the slice passed to `deliver`. On `Ok`, every index appears
+/// exactly once, either in `delivered` or in `rejected`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Records the sink acknowledged; safe to checkpoint.
+    pub delivered: Vec<usize>,
+    /// Records the sink refused permanently, with the sink's reason; the caller quarantines them.
+    pub rejected: Vec<(usize, String)>,
+}
+
+impl BatchOutcome {
+    /// Indices of delivered and rejected records, sorted (handy for checks).
+    pub fn all_indices(&self) -> Vec<usize> {
+        let mut all: Vec<usize> = self
+            .delivered
+            .iter()
+            .copied()
+            .chain(self.rejected.iter().map(|(i, _)| *i))
+            .collect();
+        all.sort_unstable();
+        all
+    }
+}
+
+/// Why a delivery (or a sink's construction or healthcheck) failed.
+///
+/// Messages name the setting to fix. They never contain a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// A transient failure (connection refused/reset, timeout, HTTP 408/429/5xx, broker down)
+    /// that persisted through the retry budget. Retrying later (next cycle) may succeed.
+    #[error("{message}")]
+    Retriable {
+        /// What failed and what to check.
+        message: String,
+        /// Records of this call that *were* acknowledged before the failure (e.g. a bisection
+        /// half that succeeded). Only these may be checkpointed.
+        delivered_before_failure: Vec<usize>,
+        /// Records of this call that were permanently rejected before the failure.
+        rejected_before_failure: Vec<(usize, String)>,
+    },
+    /// The sink refused our credentials (HTTP 401/403): a configuration error, not retriable.
+    #[error("{message}")]
+    Auth {
+        /// Says which setting (e.g. `AKTO_JWT_TOKEN`) to fix.
+        message: String,
+        /// Records acknowledged before the failure (normally none).
+        delivered_before_failure: Vec<usize>,
+    },
+    /// The sink's configuration is unusable (bad URL, bad header value, ...). Not retriable.
+    #[error("invalid sink configuration: {field}: {message}")]
+    Config {
+        /// The setting at fault, e.g. `DATA_INGESTION_SERVICE_URL`.
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The sink answered in a way the contract does not allow (e.g. a redirect). Not retriable.
+    #[error("{message}")]
+    Protocol {
+        /// What happened and what to check.
+        message: String,
+        /// Records acknowledged before the failure.
+        delivered_before_failure: Vec<usize>,
+    },
+    /// Writing the output file failed. Not retriable within the cycle; nothing of the failed
+    /// write is reported delivered.
+    #[error("could not write records to {target}: {source}; check that --output points to a writable file with free space")]
+    Io {
+        /// The file (or `stdout`).
+        target: String,
+        /// The underlying I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SinkError {
+    /// True when the same delivery may succeed later (the caller keeps state and retries next
+    /// cycle); false for configuration problems an operator must fix.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, SinkError::Retriable { .. })
+    }
+
+    /// Records of the failed call that were acknowledged anyway and may be checkpointed.
+    pub fn delivered_before_failure(&self) -> &[usize] {
+        match self {
+            SinkError::Retriable {
+                delivered_before_failure,
+                ..
+            }
+            | SinkError::Auth {
+                delivered_before_failure,
+                ..
+            }
+            | SinkError::Protocol {
+                delivered_before_failure,
+                ..
+            } => delivered_before_failure,
+            SinkError::Config { .. } | SinkError::Io { .. } => &[],
+        }
+    }
+
+    /// Records of the failed call that were permanently rejected before the failure.
+    pub fn rejected_before_failure(&self) -> &[(usize, String)] {
+        match self {
+            SinkError::Retriable {
+                rejected_before_failure,
+                ..
+            } => rejected_before_failure,
+            _ => &[],
+        }
+    }
+
+    /// Attaches what was acknowledged/rejected before this error happened.
+    pub(crate) fn with_progress(
+        self,
+        delivered: Vec<usize>,
+        rejected: Vec<(usize, String)>,
+    ) -> SinkError {
+        match self {
+            SinkError::Retriable { message, .. } => SinkError::Retriable {
+                message,
+                delivered_before_failure: delivered,
+                rejected_before_failure: rejected,
+            },
+            SinkError::Auth { message, .. } => SinkError::Auth {
+                message,
+                delivered_before_failure: delivered,
+            },
+            SinkError::Protocol { message, .. } => SinkError::Protocol {
+                message,
+                delivered_before_failure: delivered,
+            },
+            other => other,
+        }
+    }
+
+    pub(crate) fn retriable(message: impl Into<String>) -> SinkError {
+        SinkError::Retriable {
+            message: message.into(),
+            delivered_before_failure: Vec::new(),
+            rejected_before_failure: Vec::new(),
+        }
+    }
+}
+
+/// How hard a sink retries transient failures inside one `deliver` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per request, including the first (at least 1).
+    pub max_attempts: u32,
+    /// Total time budget of one `deliver` call for retries; no new wait starts past it.
+    pub max_elapsed: Duration,
+    /// Delay before the first retry; doubles on each further retry.
+    pub base_delay: Duration,
+    /// Cap on one computed delay (a server's Retry-After may ask for longer, within budget).
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            max_elapsed: Duration::from_secs(60),
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The jittered delay before retry number `retry` (1 = first retry): uniformly random in
+    /// `[d/2, d]` where `d = min(max_delay, base_delay * 2^(retry-1))`, and never less than
+    /// the server's `retry_after` when one was given.
+    pub fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        let exp = retry.saturating_sub(1).min(31);
+        let d = self
+            .base_delay
+            .saturating_mul(1u32 << exp)
+            .min(self.max_delay);
+        let half = d / 2;
+        let jitter_nanos = u64::try_from((d - half).as_nanos()).unwrap_or(u64::MAX);
+        let jitter = if jitter_nanos == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_nanos(rand::random_range(0..=jitter_nanos))
+        };
+        let computed = half + jitter;
+        match retry_after {
+            Some(ra) if ra > computed => ra,
+            _ => computed,
+        }
+    }
+}
+
+/// Size in bytes of the HTTP body `{"batchData":[r1,r2,...]}` for these records.
+pub fn body_len(records: &[OutRecord]) -> usize {
+    BODY_WRAPPER_BYTES
+        + records.iter().map(|r| r.json.len()).sum::<usize>()
+        + records.len().saturating_sub(1)
+}
+
+/// Splits `records` into consecutive batches of at most `max_records` records whose HTTP body
+/// (wrapper and commas included) is at most `max_body_bytes`.
+///
+/// A record that alone exceeds `max_body_bytes` gets a range of its own; `deliver` then rejects
+/// it without sending. Ranges cover every index exactly once, in order. `max_records == 0` is
+/// treated as 1.
+pub fn plan_batches(
+    records: &[OutRecord],
+    max_records: usize,
+    max_body_bytes: usize,
+) -> Vec<Range<usize>> {
+    plan_by_len(
+        records.iter().map(|r| r.json.len()),
+        max_records,
+        max_body_bytes,
+    )
+}
+
+/// [`plan_batches`] over record lengths; ranges index the iterator's positions.
+pub(crate) fn plan_by_len(
+    lens: impl Iterator<Item = usize>,
+    max_records: usize,
+    max_body_bytes: usize,
+) -> Vec<Range<usize>> {
+    let max_records = max_records.max(1);
+    let mut out = Vec::new();
+    let mut start = 0usize;
+    let mut size = BODY_WRAPPER_BYTES;
+    let mut total = 0usize;
+    for (i, len) in lens.enumerate() {
+        total = i + 1;
+        let n = i - start;
+        let added = len.saturating_add(usize::from(n > 0));
+        if n > 0 && (n >= max_records || size.saturating_add(added) > max_body_bytes) {
+            out.push(start..i);
+            start = i;
+            size = BODY_WRAPPER_BYTES.saturating_add(len);
+        } else {
+            size = size.saturating_add(added);
+        }
+        if size > max_body_bytes {
+            // Oversized alone: its own range, and the next batch starts fresh.
+            out.push(start..i + 1);
+            start = i + 1;
+            size = BODY_WRAPPER_BYTES;
+        }
+    }
+    if start < total {
+        out.push(start..total);
+    }
+    out
+}
+
+/// The configured sink, dispatched by enum (no trait objects, no async-trait).
+#[derive(Debug)]
+pub enum AnySink {
+    /// Akto's Data Ingestion Service.
+    Http(HttpSink),
+    /// JSON lines to a file or stdout.
+    File(FileSink),
+}
+
+impl AnySink {
+    /// Short name for logs and config: `http`, `file`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AnySink::Http(_) => "http",
+            AnySink::File(_) => "file",
+        }
+    }
+
+    /// Human description of the destination, without secrets.
+    pub fn describe(&self) -> String {
+        match self {
+            AnySink::Http(s) => s.describe(),
+            AnySink::File(s) => s.describe(),
+        }
+    }
+
+    /// A cheap check run once at start so a wrong destination fails before data moves.
+    pub async fn healthcheck(&self) -> Result<(), SinkError> {
+        match self {
+            AnySink::Http(s) => s.healthcheck().await,
+            AnySink::File(s) => s.healthcheck().await,
+        }
+    }
+
+    /// Delivers one batch; see [`BatchOutcome`] and [`SinkError`] for what may be checkpointed.
+    pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
+        match self {
+            AnySink::Http(s) => s.deliver(batch).await,
+            AnySink::File(s) => s.deliver(batch).await,
+        }
+    }
+
+    /// Makes everything delivered so far durable at the destination.
+    pub async fn flush(&self) -> Result<(), SinkError> {
+        match self {
+            AnySink::Http(_) => Ok(()),
+            AnySink::File(s) => s.flush().await,
+        }
+    }
+
+    /// Flushes and releases resources; the sink should not be used afterwards.
+    pub async fn close(&self) -> Result<(), SinkError> {
+        match self {
+            AnySink::Http(_) => Ok(()),
+            AnySink::File(s) => s.flush().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(len: usize) -> OutRecord {
+        // A JSON string literal of exactly `len` bytes (len >= 2).
+        OutRecord {
+            key: "h".into(),
+            json: format!("\"{}\"", "x".repeat(len.saturating_sub(2))),
+        }
+    }
+
+    fn check_plan(records: &[OutRecord], max_records: usize, max_body: usize) {
+        let plan = plan_batches(records, max_records, max_body);
+        let mut next = 0;
+        for r in &plan {
+            assert_eq!(r.start, next, "ranges must be contiguous: {plan:?}");
+            assert!(r.end > r.start, "no empty ranges: {plan:?}");
+            next = r.end;
+            let batch = &records[r.clone()];
+            assert!(batch.len() <= max_records.max(1));
+            if batch.len() > 1 {
+                assert!(body_len(batch) <= max_body, "{plan:?}");
+            }
+        }
+        assert_eq!(next, records.len());
+        // Greedy: a batch could not have taken the next record.
+        for w in plan.windows(2) {
+            let with_next = &records[w[0].start..w[1].start + 1];
+            let single_oversized = body_len(&records[w[0].clone()]) > max_body
+                || body_len(&records[w[1].start..w[1].start + 1]) > max_body;
+            assert!(
+                single_oversized
+                    || with_next.len() > max_records.max(1)
+                    || body_len(with_next) > max_body,
+                "not greedy at {w:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn body_len_counts_wrapper_and_commas() {
+        assert_eq!(body_len(&[]), 16);
+        let rs = vec![rec(10), rec(20), rec(30)];
+        let body = format!(
+            "{BODY_PREFIX}{}{BODY_SUFFIX}",
+            rs.iter()
+                .map(|r| r.json.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert_eq!(body_len(&rs), body.len());
+    }
+
+    #[test]
+    fn plan_splits_by_count() {
+        let rs: Vec<_> = (0..120).map(|_| rec(10)).collect();
+        let plan = plan_batches(&rs, 50, MAX_BODY_BYTES);
+        assert_eq!(plan, vec![0..50, 50..100, 100..120]);
+        check_plan(&rs, 50, MAX_BODY_BYTES);
+    }
+
+    #[test]
+    fn plan_splits_by_bytes_exactly_at_limit() {
+        // Two records of 42 bytes: 16 + 42 + 1 + 42 = 101.
+        let rs = vec![rec(42), rec(42), rec(42)];
+        assert_eq!(plan_batches(&rs, 50, 101), vec![0..2, 2..3]);
+        assert_eq!(plan_batches(&rs, 50, 100), vec![0..1, 1..2, 2..3]);
+        // Three fit in 16 + 3*42 + 2 = 144.
+        assert_eq!(plan_batches(&rs, 50, 144), vec![0..3]);
+    }
+
+    #[test]
+    fn plan_isolates_oversized_record() {
+        let rs = vec![rec(10), rec(10), rec(500), rec(10)];
+        let plan = plan_batches(&rs, 50, 100);
+        assert_eq!(plan, vec![0..2, 2..3, 3..4]);
+        check_plan(&rs, 50, 100);
+        // First record oversized.
+        let rs = vec![rec(500), rec(10)];
+        assert_eq!(plan_batches(&rs, 50, 100), vec![0..1, 1..2]);
+        // Exactly at the limit alone is fine: 16 + 84 = 100.
+        let rs = vec![rec(84)];
+        assert_eq!(plan_batches(&rs, 50, 100), vec![0..1]);
+        assert!(body_len(&rs) <= 100);
+    }
+
+    #[test]
+    fn plan_empty_and_zero_count() {
+        assert!(plan_batches(&[], 50, 100).is_empty());
+        let rs = vec![rec(5), rec(5)];
+        assert_eq!(plan_batches(&rs, 0, 1000), vec![0..1, 1..2]);
+    }
+
+    #[test]
+    fn plan_property_random_sizes() {
+        // Deterministic pseudo-random sizes; exercises many shapes.
+        let mut seed: u64 = 0x9e3779b97f4a7c15;
+        for _ in 0..300 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let n = (seed % 40) as usize;
+            let max_records = 1 + (seed >> 8) as usize % 7;
+            let max_body = 20 + (seed >> 16) as usize % 200;
+            let rs: Vec<_> = (0..n)
+                .map(|i| rec(2 + ((seed >> (i % 50)) as usize % 120)))
+                .collect();
+            check_plan(&rs, max_records, max_body);
+        }
+    }
+
+    #[test]
+    fn retry_delay_is_capped_jittered_and_honours_retry_after() {
+        let p = RetryPolicy {
+            max_attempts: 5,
+            max_elapsed: Duration::from_secs(60),
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_millis(1000),
+        };
+        for _ in 0..50 {
+            let d1 = p.delay(1, None);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
+            let d3 = p.delay(3, None);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
+            let d20 = p.delay(20, None);
+            assert!(d20 >= Duration::from_millis(500) && d20 <= Duration::from_millis(1000));
+            assert_eq!(
+                p.delay(1, Some(Duration::from_secs(5))),
+                Duration::from_secs(5)
+            );
+        }
+        assert!(p.delay(u32::MAX, None) <= Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn error_progress_and_retriability() {
+        let e = SinkError::retriable("x").with_progress(vec![1, 2], vec![(3, "bad".into())]);
+        assert!(e.is_retriable());
+        assert_eq!(e.delivered_before_failure(), &[1, 2]);
+        assert_eq!(e.rejected_before_failure().len(), 1);
+        let a = SinkError::Auth {
+            message: "m".into(),
+            delivered_before_failure: vec![],
+        };
+        assert!(!a.is_retriable());
+    }
+}

@@ -1,0 +1,463 @@
+//! State: what was delivered, per inference table, kept crash-safe in a redb file under STATE_DIR.
+//!
+//! For each table the store keeps the request ids delivered inside the lookback window (looked up
+//! to skip rows already sent, and counted per time range to find late arrivals without re-reading
+//! the window), and a cursor: the newest `(request_time, request_id)` delivered, from which a
+//! connector that was down longer than the lookback catches up.
+//!
+//! Architecture Invariant: state changes only after a sink confirmed delivery of the batch that
+//! contains the ids (acknowledge, then checkpoint). Before a batch is sent an in-flight marker is
+//! written; a marker found at start means one batch may be sent again (reported as a WARN).
+//! Every commit of delivered ids is durable (fsync) when `commit_delivered` returns.
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+
+/// (table, request id) -> request time in microseconds since the epoch.
+const DELIVERED: TableDefinition<(&str, &str), i64> = TableDefinition::new("delivered_v1");
+/// (table, request time µs, request id) -> (): the same ids ordered by time.
+const BY_TIME: TableDefinition<(&str, i64, &str), ()> = TableDefinition::new("delivered_by_time_v1");
+/// table -> cursor, JSON `{"time_us":..,"id":".."}`.
+const CURSORS: TableDefinition<&str, &str> = TableDefinition::new("cursors_v1");
+/// "inflight" -> number of records in the batch being sent; "format" -> version.
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+const FORMAT_VERSION: &str = "1";
+const FILE_NAME: &str = "databricks-shield.redb";
+
+/// An error of the state store. None is retriable within a run: state problems need an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "another databricks-shield is already running with STATE_DIR={0}: two instances must not \
+         share one state directory (stop the other one, or give each instance its own STATE_DIR)"
+    )]
+    Locked(PathBuf),
+    #[error(
+        "the state file {path} is damaged or unreadable ({detail}). Nothing was sent. To start over, \
+         run once with --reset-state: the damaged file is moved aside and the connector re-sends what \
+         it finds in the last LOOKBACK_MINUTES (Akto may receive records it already has)"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("cannot use STATE_DIR {path}: {detail}. Fix: make it a writable directory for this user, or set STATE_DIR")]
+    Dir { path: PathBuf, detail: String },
+    #[error("state store error in {path}: {detail}")]
+    Io { path: PathBuf, detail: String },
+}
+
+/// The newest delivered row of a table.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Cursor {
+    pub time_us: i64,
+    pub id: String,
+}
+
+/// One delivered row.
+#[derive(Debug, Clone)]
+pub struct DeliveredRow<'a> {
+    pub table: &'a str,
+    pub id: &'a str,
+    pub time_us: i64,
+}
+
+/// The crash-safe store.
+pub struct StateStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore").field("path", &self.path).finish()
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), StateError> {
+    let err = |e: std::io::Error| StateError::Dir {
+        path: dir.to_path_buf(),
+        detail: e.to_string(),
+    };
+    fs::create_dir_all(dir).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Creates (or opens) a file with mode 0600.
+pub fn create_private_file(path: &Path, append: bool) -> std::io::Result<fs::File> {
+    let mut opts = OpenOptions::new();
+    opts.create(true).read(true);
+    if append {
+        opts.append(true);
+    } else {
+        opts.write(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(path)
+}
+
+impl StateStore {
+    /// Opens the store in `dir` (created 0700, file 0600). With `reset`, a damaged or old file is
+    /// moved aside first (`*.damaged-<unix time>`), never deleted.
+    pub fn open(dir: &Path, reset: bool) -> Result<StateStore, StateError> {
+        prepare_dir(dir)?;
+        let path = dir.join(FILE_NAME);
+        if reset && path.exists() {
+            let aside = dir.join(format!(
+                "{FILE_NAME}.reset-{}",
+                chrono::Utc::now().timestamp()
+            ));
+            fs::rename(&path, &aside).map_err(|e| StateError::Io {
+                path: path.clone(),
+                detail: format!("cannot move the old state aside: {e}"),
+            })?;
+            tracing::warn!(
+                "WARN --reset-state: moved {} to {}; records of the last LOOKBACK_MINUTES will be sent again",
+                path.display(),
+                aside.display()
+            );
+        }
+        create_private_file(&path, false).map_err(|e| StateError::Dir {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StateError::Locked(dir.to_path_buf()))
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                if detail.to_lowercase().contains("lock") {
+                    return Err(StateError::Locked(dir.to_path_buf()));
+                }
+                return Err(StateError::Corrupt { path, detail });
+            }
+        };
+        let store = StateStore { db, path };
+        store.init()?;
+        Ok(store)
+    }
+
+    fn io<E: std::fmt::Display>(&self, e: E) -> StateError {
+        StateError::Io {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    fn init(&self) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            let existing = meta
+                .get("format")
+                .map_err(|e| self.io(e))?
+                .map(|v| v.value().to_string());
+            match existing.as_deref() {
+                None => {
+                    meta.insert("format", FORMAT_VERSION).map_err(|e| self.io(e))?;
+                }
+                Some(FORMAT_VERSION) => {}
+                Some(other) => {
+                    return Err(StateError::Corrupt {
+                        path: self.path.clone(),
+                        detail: format!(
+                            "state format version {other}, this build reads version {FORMAT_VERSION}"
+                        ),
+                    })
+                }
+            }
+            txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
+            txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+            txn.open_table(CURSORS).map_err(|e| self.io(e))?;
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records of a batch whose delivery was not confirmed before the last stop, if any. Cleared
+    /// by the next commit.
+    pub fn unconfirmed_batch(&self) -> Result<Option<u64>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.io(e))?;
+        Ok(meta
+            .get("inflight")
+            .map_err(|e| self.io(e))?
+            .and_then(|v| v.value().parse().ok()))
+    }
+
+    /// Notes that a batch of `records` is about to be sent (not fsynced on its own: it becomes
+    /// durable with the next commit or is lost with a crash, which only costs the WARN line).
+    pub fn mark_in_flight(&self, records: usize) -> Result<(), StateError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::None).map_err(|e| self.io(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            meta.insert("inflight", records.to_string().as_str())
+                .map_err(|e| self.io(e))?;
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// Clears a stale in-flight marker (after reporting it).
+    pub fn clear_in_flight(&self) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            meta.remove("inflight").map_err(|e| self.io(e))?;
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// The cursor of a table.
+    pub fn cursor(&self, table: &str) -> Result<Option<Cursor>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = txn.open_table(CURSORS).map_err(|e| self.io(e))?;
+        let raw = t.get(table).map_err(|e| self.io(e))?;
+        match raw {
+            None => Ok(None),
+            Some(v) => serde_json::from_str(v.value()).map(Some).map_err(|e| StateError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("cursor of {table}: {e}"),
+            }),
+        }
+    }
+
+    /// Which of `ids` of `table` were delivered already.
+    pub fn delivered_among<'a>(
+        &self,
+        table: &str,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Result<std::collections::HashSet<String>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
+        let mut out = std::collections::HashSet::new();
+        for id in ids {
+            if t.get((table, id)).map_err(|e| self.io(e))?.is_some() {
+                out.insert(id.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many delivered rows of `table` have a time in each `[bounds[i], bounds[i+1])`.
+    pub fn count_by_range(&self, table: &str, bounds: &[i64]) -> Result<Vec<u64>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+        let mut out = Vec::with_capacity(bounds.len().saturating_sub(1));
+        for w in bounds.windows(2) {
+            let range = t
+                .range((table, w[0], "")..(table, w[1], ""))
+                .map_err(|e| self.io(e))?;
+            out.push(range.count() as u64);
+        }
+        Ok(out)
+    }
+
+    /// Delivered ids of `table` with a time in `[from_us, to_us)`.
+    pub fn ids_in_range(&self, table: &str, from_us: i64, to_us: i64) -> Result<Vec<String>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+        let mut out = Vec::new();
+        for item in t
+            .range((table, from_us, "")..(table, to_us, ""))
+            .map_err(|e| self.io(e))?
+        {
+            let (k, _) = item.map_err(|e| self.io(e))?;
+            out.push(k.value().2.to_string());
+        }
+        Ok(out)
+    }
+
+    /// Records delivered rows, advances each table's cursor (never backwards) and clears the
+    /// in-flight marker, in one durable transaction.
+    pub fn commit_delivered(&self, rows: &[DeliveredRow<'_>]) -> Result<(), StateError> {
+        let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| self.io(e))?;
+        {
+            let mut delivered = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
+            let mut by_time = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+            let mut cursors = txn.open_table(CURSORS).map_err(|e| self.io(e))?;
+            let mut newest: std::collections::BTreeMap<&str, Cursor> = Default::default();
+            for r in rows {
+                delivered.insert((r.table, r.id), r.time_us).map_err(|e| self.io(e))?;
+                by_time.insert((r.table, r.time_us, r.id), ()).map_err(|e| self.io(e))?;
+                let c = Cursor {
+                    time_us: r.time_us,
+                    id: r.id.to_string(),
+                };
+                let slot = newest.entry(r.table).or_insert_with(|| c.clone());
+                if (c.time_us, &c.id) > (slot.time_us, &slot.id) {
+                    *slot = c;
+                }
+            }
+            for (table, c) in newest {
+                let old: Option<Cursor> = cursors
+                    .get(table)
+                    .map_err(|e| self.io(e))?
+                    .and_then(|v| serde_json::from_str(v.value()).ok());
+                if old.is_none_or(|o| (c.time_us, &c.id) > (o.time_us, &o.id)) {
+                    let json = serde_json::to_string(&c).map_err(|e| self.io(e))?;
+                    cursors.insert(table, json.as_str()).map_err(|e| self.io(e))?;
+                }
+            }
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            meta.remove("inflight").map_err(|e| self.io(e))?;
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// Forgets delivered ids older than `before_us` (they can no longer be re-read). Cursors stay.
+    pub fn prune(&self, before_us: i64) -> Result<u64, StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        let mut removed = 0u64;
+        {
+            let mut delivered = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
+            let mut by_time = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+            let cursors = txn.open_table(CURSORS).map_err(|e| self.io(e))?;
+            let tables: Vec<String> = cursors
+                .iter()
+                .map_err(|e| self.io(e))?
+                .filter_map(|r| r.ok().map(|(k, _)| k.value().to_string()))
+                .collect();
+            for table in &tables {
+                let old: Vec<(i64, String)> = by_time
+                    .range((table.as_str(), i64::MIN, "")..(table.as_str(), before_us, ""))
+                    .map_err(|e| self.io(e))?
+                    .filter_map(|r| r.ok().map(|(k, _)| (k.value().1, k.value().2.to_string())))
+                    .collect();
+                for (t, id) in old {
+                    by_time.remove((table.as_str(), t, id.as_str())).map_err(|e| self.io(e))?;
+                    delivered.remove((table.as_str(), id.as_str())).map_err(|e| self.io(e))?;
+                    removed += 1;
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.io(e))?;
+        Ok(removed)
+    }
+
+    /// Number of delivered ids kept for `table`.
+    pub fn delivered_count(&self, table: &str) -> Result<u64, StateError> {
+        Ok(self.count_by_range(table, &[i64::MIN, i64::MAX])?[0])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows<'a>(table: &'a str, items: &'a [(&'a str, i64)]) -> Vec<DeliveredRow<'a>> {
+        items
+            .iter()
+            .map(|(id, t)| DeliveredRow { table, id, time_us: *t })
+            .collect()
+    }
+
+    #[test]
+    fn commit_then_reopen_keeps_ids_cursor_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            s.mark_in_flight(3).unwrap();
+            s.commit_delivered(&rows("c.s.t", &[("b", 20), ("a", 10), ("c", 20)])).unwrap();
+            assert_eq!(s.unconfirmed_batch().unwrap(), None);
+        }
+        let s = StateStore::open(dir.path(), false).unwrap();
+        assert_eq!(s.cursor("c.s.t").unwrap(), Some(Cursor { time_us: 20, id: "c".into() }));
+        let got = s.delivered_among("c.s.t", ["a", "x", "c"]).unwrap();
+        assert!(got.contains("a") && got.contains("c") && !got.contains("x"));
+        assert_eq!(s.count_by_range("c.s.t", &[0, 15, 21, 30]).unwrap(), vec![1, 2, 0]);
+        assert_eq!(s.ids_in_range("c.s.t", 15, 21).unwrap(), vec!["b", "c"]);
+        assert_eq!(s.cursor("other").unwrap(), None);
+    }
+
+    #[test]
+    fn cursor_never_moves_backwards_and_prune_forgets_old_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path(), false).unwrap();
+        s.commit_delivered(&rows("t", &[("z", 50)])).unwrap();
+        s.commit_delivered(&rows("t", &[("a", 5)])).unwrap();
+        assert_eq!(s.cursor("t").unwrap().unwrap().time_us, 50);
+        assert_eq!(s.prune(10).unwrap(), 1);
+        assert!(s.delivered_among("t", ["a"]).unwrap().is_empty());
+        assert_eq!(s.delivered_count("t").unwrap(), 1);
+        assert_eq!(s.cursor("t").unwrap().unwrap().id, "z");
+    }
+
+    #[test]
+    fn in_flight_marker_survives_reopen_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            s.commit_delivered(&rows("t", &[("a", 1)])).unwrap();
+            s.mark_in_flight(7).unwrap();
+            // A durable commit of something else makes the marker durable too.
+            s.clear_in_flight().unwrap();
+            s.mark_in_flight(7).unwrap();
+            s.commit_delivered(&[]).unwrap();
+            s.mark_in_flight(9).unwrap();
+            let mut txn = s.db.begin_write().unwrap();
+            txn.set_durability(Durability::Immediate).unwrap();
+            txn.commit().unwrap();
+        }
+        let s = StateStore::open(dir.path(), false).unwrap();
+        assert_eq!(s.unconfirmed_batch().unwrap(), Some(9));
+    }
+
+    #[test]
+    fn second_open_is_refused_with_a_clear_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = StateStore::open(dir.path(), false).unwrap();
+        let err = StateStore::open(dir.path(), false).unwrap_err();
+        assert!(matches!(err, StateError::Locked(_)), "{err}");
+        assert!(err.to_string().contains("already running"));
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_and_reset_moves_it_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            s.commit_delivered(&rows("t", &[("a", 1)])).unwrap();
+        }
+        let file = dir.path().join(FILE_NAME);
+        let len = fs::metadata(&file).unwrap().len();
+        fs::write(&file, vec![0x5a; len as usize]).unwrap();
+        let err = StateStore::open(dir.path(), false).unwrap_err();
+        assert!(err.to_string().contains("--reset-state"), "{err}");
+        let s = StateStore::open(dir.path(), true).unwrap();
+        assert_eq!(s.cursor("t").unwrap(), None);
+        let moved = fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".reset-"))
+            .count();
+        assert_eq!(moved, 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sd = dir.path().join("state");
+        let s = StateStore::open(&sd, false).unwrap();
+        assert_eq!(fs::metadata(&sd).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(s.path()).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,292 @@
+//! Turning one execution into Akto records: the execution itself, then one record per tool call.
+//!
+//! Choices made here (the contract leaves them open):
+//! - `statusCode`: the row's `status_code` when it is 100..=999. When it is missing or out of
+//!   range, `200` if a response (or a logging error code explaining its absence) exists, else
+//!   `500`; the response header `x-databricks-status-code` then says `missing` or the raw value.
+//! - A NULL payload is `""`, or, when `logging_error_codes` is non-empty (Databricks did not log
+//!   it), a JSON note `{"databricks_shield_note":"payload not logged by Databricks",
+//!   "logging_error_codes":[...]}`; the codes are also in the response header
+//!   `x-databricks-logging-error-codes` (comma separated).
+//! - `content-type` is `application/json` when the payload starts like JSON (or is NULL), else
+//!   `text/plain`: non-JSON payloads are still sent, verbatim, as text.
+//! - `time` is clamped to 1..=i32::MAX epoch seconds (Akto parses it as a positive 32-bit int).
+//! - Legacy `request_metadata` entries become request headers `x-databricks-metadata-<key>`.
+//! - Header and tag values are cut at 4096 bytes with the truncation marker; payloads at
+//!   `max_string_bytes`. Every cut is counted in [`Mapped::truncated_payloads`].
+
+use super::execution::{AgentContext, Execution};
+use super::host::tool_path;
+use super::record::{fit, reason_phrase, AktoRecord, JsonObject, MAX_STRING_BYTES};
+use super::tools::{output_says_error, scan};
+
+/// Options of [`map_execution`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapOptions {
+    /// Emit one extra record per tool call found in the payloads (default true).
+    pub tool_calls: bool,
+    /// Longest payload string; longer ones are cut with a visible marker (default 5,242,880).
+    pub max_string_bytes: usize,
+}
+
+impl Default for MapOptions {
+    fn default() -> Self {
+        MapOptions {
+            tool_calls: true,
+            max_string_bytes: MAX_STRING_BYTES,
+        }
+    }
+}
+
+/// The records of one execution.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Mapped {
+    /// The execution record first, then one record per tool call.
+    pub records: Vec<AktoRecord>,
+    /// How many strings were cut to fit the limits.
+    pub truncated_payloads: u32,
+    /// How many tool-call records were emitted.
+    pub tool_calls: u32,
+}
+
+const JSON: &str = "application/json";
+const TEXT: &str = "text/plain";
+
+fn content_type(payload: Option<&str>) -> &'static str {
+    match payload {
+        None => JSON,
+        Some(p) => {
+            let t = p.trim_start();
+            if t.starts_with('{') || t.starts_with('[') {
+                JSON
+            } else {
+                TEXT
+            }
+        }
+    }
+}
+
+fn not_logged_note(codes: &[String]) -> String {
+    serde_json::json!({
+        "databricks_shield_note": "payload not logged by Databricks",
+        "logging_error_codes": codes,
+    })
+    .to_string()
+}
+
+fn header_key_slug(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for c in key.chars() {
+        let c = c.to_ascii_lowercase();
+        let m = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if m == '-' && (out.is_empty() || out.ends_with('-')) {
+            continue;
+        }
+        out.push(m);
+    }
+    let out = out.trim_end_matches('-');
+    let out = if out.is_empty() { "unnamed" } else { out };
+    out.chars().take(64).collect()
+}
+
+/// `(statusCode, status, note for x-databricks-status-code)`.
+fn status_of(exec: &Execution) -> (i64, Option<String>) {
+    match exec.status_code {
+        Some(c) if (100..=999).contains(&c) => (c, None),
+        other => {
+            let default = if exec.response.is_some() || !exec.logging_error_codes.is_empty() {
+                200
+            } else {
+                500
+            };
+            let note = match other {
+                Some(c) => c.to_string(),
+                None => "missing".to_string(),
+            };
+            (default, Some(note))
+        }
+    }
+}
+
+/// Common fields of every record of an execution.
+struct Base<'a> {
+    ctx: &'a AgentContext<'a>,
+    time: String,
+    tag_agent: String,
+}
+
+impl Base<'_> {
+    fn record(
+        &self,
+        path: String,
+        request_headers: String,
+        response_headers: String,
+        request_payload: String,
+        response_payload: String,
+        code: i64,
+        tag: String,
+    ) -> AktoRecord {
+        AktoRecord {
+            path,
+            method: "POST".to_string(),
+            request_headers,
+            response_headers,
+            request_payload,
+            response_payload,
+            ip: "10.0.0.1".to_string(),
+            dest_ip: String::new(),
+            time: self.time.clone(),
+            status_code: code.to_string(),
+            status: reason_phrase(code).to_string(),
+            http_type: "HTTP/1.1".to_string(),
+            akto_account_id: self.ctx.account_id.to_string(),
+            akto_vxlan_id: "0".to_string(),
+            is_pending: "false".to_string(),
+            source: "MIRRORING".to_string(),
+            tag,
+        }
+    }
+}
+
+/// Map one execution to its Akto records (pure: no I/O, never panics).
+pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) -> Mapped {
+    let mut truncated = 0u32;
+    let max = opts.max_string_bytes;
+    let time = exec
+        .request_time
+        .timestamp()
+        .clamp(1, i64::from(i32::MAX))
+        .to_string();
+
+    let mut tag = JsonObject::default();
+    tag.set("gen-ai", "Gen AI", &mut truncated)
+        .set("ai-agent", ctx.agent, &mut truncated);
+    let base = Base {
+        ctx,
+        time,
+        tag_agent: ctx.agent.to_string(),
+    };
+
+    let scan = if opts.tool_calls {
+        scan(exec.request.as_deref(), exec.response.as_deref())
+    } else {
+        Default::default()
+    };
+
+    // Request headers.
+    let mut req_h = JsonObject::default();
+    let req_ct = if scan.request_parsed == Some(false) {
+        TEXT
+    } else {
+        content_type(exec.request.as_deref())
+    };
+    req_h
+        .set("host", ctx.host, &mut truncated)
+        .set("content-type", req_ct, &mut truncated)
+        .set("x-databricks-request-id", &exec.request_id, &mut truncated)
+        .set("x-databricks-table", &exec.table, &mut truncated);
+    if let Some(v) = &exec.client_request_id {
+        req_h.set("x-client-request-id", v, &mut truncated);
+    }
+    if let Some(v) = &exec.served_entity_id {
+        req_h.set("x-databricks-served-entity-id", v, &mut truncated);
+    }
+    if let Some(v) = &exec.requester {
+        req_h.set("x-databricks-requester", v, &mut truncated);
+    }
+    if let Some(meta) = &exec.request_metadata {
+        for (k, v) in meta {
+            let key = format!("x-databricks-metadata-{}", header_key_slug(k));
+            req_h.set(&key, v, &mut truncated);
+        }
+    }
+
+    // Response headers.
+    let (code, status_note) = status_of(exec);
+    let mut resp_h = JsonObject::default();
+    let resp_ct = if scan.response_parsed == Some(false) {
+        TEXT
+    } else {
+        content_type(exec.response.as_deref())
+    };
+    resp_h.set("content-type", resp_ct, &mut truncated);
+    if let Some(d) = exec.duration_ms {
+        resp_h.set("x-databricks-execution-duration-ms", &d.to_string(), &mut truncated);
+    }
+    if !exec.logging_error_codes.is_empty() {
+        resp_h.set(
+            "x-databricks-logging-error-codes",
+            &exec.logging_error_codes.join(","),
+            &mut truncated,
+        );
+    }
+    if let Some(note) = &status_note {
+        resp_h.set("x-databricks-status-code", note, &mut truncated);
+    }
+
+    let payload = |p: &Option<String>, truncated: &mut u32| match p {
+        Some(p) => fit(p, max, truncated),
+        None if exec.logging_error_codes.is_empty() => String::new(),
+        None => fit(&not_logged_note(&exec.logging_error_codes), max, truncated),
+    };
+    let request_payload = payload(&exec.request, &mut truncated);
+    let response_payload = payload(&exec.response, &mut truncated);
+
+    let mut records = Vec::with_capacity(1 + scan.calls.len());
+    records.push(base.record(
+        fit(ctx.path, MAX_STRING_BYTES, &mut truncated),
+        req_h.encode(),
+        resp_h.encode(),
+        request_payload,
+        response_payload,
+        code,
+        tag.encode(),
+    ));
+
+    let mut tool_calls = 0u32;
+    for (idx, call) in scan.calls.iter().enumerate() {
+        let call_id = match &call.id {
+            Some(id) => id.clone(),
+            None => format!("{}#{}", exec.request_id, idx),
+        };
+        let mut h = JsonObject::default();
+        h.set("host", ctx.host, &mut truncated)
+            .set("content-type", content_type(Some(&call.arguments)), &mut truncated)
+            .set("x-databricks-request-id", &exec.request_id, &mut truncated)
+            .set("x-tool-call-id", &call_id, &mut truncated)
+            .set("x-databricks-table", &exec.table, &mut truncated);
+        let mut rh = JsonObject::default();
+        rh.set("content-type", content_type(call.output.as_deref()), &mut truncated);
+        if call.output.is_none() {
+            rh.set("x-tool-output", "missing", &mut truncated);
+        }
+        let code = match &call.output {
+            Some(o) if output_says_error(o) => 500,
+            _ => 200,
+        };
+        let mut t = JsonObject::default();
+        t.set("gen-ai", "Gen AI", &mut truncated)
+            .set("ai-agent", &base.tag_agent, &mut truncated)
+            .set("tool", &call.name, &mut truncated);
+        records.push(base.record(
+            tool_path(&call.name),
+            h.encode(),
+            rh.encode(),
+            fit(&call.arguments, max, &mut truncated),
+            call.output.as_deref().map_or_else(String::new, |o| fit(o, max, &mut truncated)),
+            code,
+            t.encode(),
+        ));
+        tool_calls += 1;
+    }
+
+    Mapped {
+        records,
+        truncated_payloads: truncated,
+        tool_calls,
+    }
+}

@@ -1,0 +1,640 @@
+//! Data-driven tests of the traffic mapping: each test reads as input and expected output.
+
+use std::collections::BTreeMap;
+
+use chrono::{TimeZone, Utc};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+use super::*;
+
+const HOST: &str = "bot.ai-agent.ws.cloud.databricks.com";
+
+fn ctx() -> AgentContext<'static> {
+    AgentContext {
+        agent: "bot",
+        host: HOST,
+        path: "/serving-endpoints/bot/invocations",
+        account_id: "1000000",
+    }
+}
+
+fn exec(request: Option<&str>, response: Option<&str>) -> Execution {
+    Execution {
+        table: "main.default.bot_payload".into(),
+        format: TableFormat::AiGateway,
+        request_id: "req-1".into(),
+        client_request_id: None,
+        request_time: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+        status_code: Some(200),
+        duration_ms: Some(42),
+        request: request.map(str::to_string),
+        response: response.map(str::to_string),
+        logging_error_codes: vec![],
+        served_entity_id: None,
+        requester: None,
+        request_metadata: None,
+    }
+}
+
+/// A record as a JSON value with headers and tag decoded, for readable expectations.
+fn readable(r: &AktoRecord) -> Value {
+    let mut v: Value = serde_json::from_str(&encode(r)).unwrap();
+    for k in ["requestHeaders", "responseHeaders", "tag"] {
+        let s = v[k].as_str().unwrap().to_string();
+        v[k] = serde_json::from_str(&s).unwrap();
+    }
+    v
+}
+
+/// Fields every record of `ctx()` shares; `over` replaces or adds fields.
+fn rec(over: Value) -> Value {
+    let mut base = json!({
+        "method": "POST", "ip": "10.0.0.1", "destIp": "", "time": "1700000000",
+        "statusCode": "200", "status": "OK", "type": "HTTP/1.1", "akto_account_id": "1000000",
+        "akto_vxlan_id": "0", "is_pending": "false", "source": "MIRRORING",
+    });
+    for (k, v) in over.as_object().unwrap() {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// Map with default options; every record must validate; compare the whole list.
+fn check(e: &Execution, expected: Value) -> Mapped {
+    let m = map_execution(&ctx(), e, &MapOptions::default());
+    for r in &m.records {
+        validate(r).unwrap_or_else(|v| panic!("{v}: {r:?}"));
+    }
+    let got: Vec<Value> = m.records.iter().map(readable).collect();
+    assert_eq!(Value::Array(got), expected);
+    m
+}
+
+fn main_headers(ct: &str) -> Value {
+    json!({"host": HOST, "content-type": ct, "x-databricks-request-id": "req-1",
+           "x-databricks-table": "main.default.bot_payload"})
+}
+
+fn tool(name: &str, id: &str, args: &str, out: &str, code: &str, status: &str) -> Value {
+    let mut resp_h = json!({"content-type": "application/json"});
+    if out.is_empty() {
+        resp_h["x-tool-output"] = json!("missing");
+    } else if !out.trim_start().starts_with(['{', '[']) {
+        resp_h["content-type"] = json!("text/plain");
+    }
+    rec(json!({
+        "path": format!("/tools/{name}"),
+        "requestHeaders": {"host": HOST, "content-type": "application/json",
+            "x-databricks-request-id": "req-1", "x-tool-call-id": id,
+            "x-databricks-table": "main.default.bot_payload"},
+        "responseHeaders": resp_h,
+        "requestPayload": args, "responsePayload": out,
+        "statusCode": code, "status": status,
+        "tag": {"gen-ai": "Gen AI", "ai-agent": "bot", "tool": name},
+    }))
+}
+
+#[test]
+fn plain_chat_execution() {
+    let req = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    let resp = r#"{"choices":[{"message":{"role":"assistant","content":"hello"}}]}"#;
+    let mut e = exec(Some(req), Some(resp));
+    e.client_request_id = Some("client-7".into());
+    e.served_entity_id = Some("se-1".into());
+    e.requester = Some("a@b.com".into());
+    let mut h = main_headers("application/json");
+    h["x-client-request-id"] = json!("client-7");
+    h["x-databricks-served-entity-id"] = json!("se-1");
+    h["x-databricks-requester"] = json!("a@b.com");
+    let m = check(
+        &e,
+        json!([rec(json!({
+            "path": "/serving-endpoints/bot/invocations",
+            "requestHeaders": h,
+            "responseHeaders": {"content-type": "application/json",
+                                "x-databricks-execution-duration-ms": "42"},
+            "requestPayload": req, "responsePayload": resp,
+            "tag": {"gen-ai": "Gen AI", "ai-agent": "bot"},
+        }))]),
+    );
+    assert_eq!((m.tool_calls, m.truncated_payloads), (0, 0));
+}
+
+#[test]
+fn chat_completions_tool_calls_with_outputs_from_next_turn_history() {
+    // The assistant asks for two tools; the request already carries an older tool result,
+    // which must not produce a record of its own.
+    let req = r#"{"messages":[{"role":"user","content":"weather?"},
+        {"role":"assistant","tool_calls":[{"id":"old","type":"function","function":{"name":"old_tool","arguments":"{}"}}]},
+        {"role":"tool","tool_call_id":"old","content":"old result"}]}"#;
+    let resp = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[
+        {"id":"c1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}},
+        {"id":"c2","type":"function","function":{"name":"main.tools.lookup","arguments":"{\"q\":1}"}}]},
+        "finish_reason":"tool_calls"}]}"#;
+    let e = exec(Some(req), Some(resp));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    assert_eq!(
+        Value::Array(got),
+        json!([
+            tool("get_weather", "c1", r#"{"city":"Paris"}"#, "", "200", "OK"),
+            tool("main.tools.lookup", "c2", r#"{"q":1}"#, "", "200", "OK"),
+        ])
+    );
+    assert_eq!(m.tool_calls, 2);
+}
+
+#[test]
+fn chat_agent_tool_calls_matched_by_tool_call_id() {
+    let resp = r#"{"messages":[
+        {"role":"assistant","content":"","id":"m1","tool_calls":[
+            {"id":"t1","type":"function","function":{"name":"search","arguments":"{\"q\":\"x\"}"}},
+            {"id":"t2","type":"function","function":{"name":"python_exec","arguments":"{\"code\":\"1/0\"}"}}]},
+        {"role":"tool","name":"search","tool_call_id":"t1","content":"{\"hits\":3}"},
+        {"role":"tool","name":"python_exec","tool_call_id":"t2","content":"Error: ZeroDivisionError"},
+        {"role":"assistant","content":"done","id":"m2"}]}"#;
+    let e = exec(Some(r#"{"messages":[{"role":"user","content":"go"}]}"#), Some(resp));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    assert_eq!(
+        Value::Array(got),
+        json!([
+            tool("search", "t1", r#"{"q":"x"}"#, r#"{"hits":3}"#, "200", "OK"),
+            tool("python_exec", "t2", r#"{"code":"1/0"}"#, "Error: ZeroDivisionError", "500",
+                 "Internal Server Error"),
+        ])
+    );
+}
+
+#[test]
+fn responses_agent_function_calls_matched_by_call_id_in_response_and_request() {
+    let req = r#"{"input":[{"role":"user","content":"hi"},
+        {"type":"function_call_output","call_id":"fc2","output":"{\"error\":\"timeout\"}"}]}"#;
+    let resp = r#"{"object":"response","output":[
+        {"type":"message","role":"assistant","content":[{"type":"output_text","text":"ok"}]},
+        {"type":"function_call","id":"item1","call_id":"fc1","name":"get_time","arguments":"{}"},
+        {"type":"function_call_output","call_id":"fc1","output":"12:00"},
+        {"type":"function_call","call_id":"fc2","name":"slow tool/v2","arguments":"{\"a\":[1,2]}"},
+        {"type":"function_call","call_id":"fc1","name":"get_time","arguments":"{}"}],
+        "usage":{"input_tokens":1,"output_tokens":2,"total_tokens":3}}"#;
+    let e = exec(Some(req), Some(resp));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    assert_eq!(
+        Value::Array(got),
+        json!([
+            tool("get_time", "fc1", "{}", "12:00", "200", "OK"),
+            tool("slow%20tool%2Fv2", "fc2", r#"{"a":[1,2]}"#, r#"{"error":"timeout"}"#, "500",
+                 "Internal Server Error"),
+        ])
+        .as_array()
+        .map(|a| {
+            let mut a = a.clone();
+            a[1]["tag"]["tool"] = json!("slow tool/v2");
+            Value::Array(a)
+        })
+        .unwrap()
+    );
+    assert_eq!(m.tool_calls, 2, "fc1 seen twice is sent once");
+}
+
+#[test]
+fn tool_calls_without_ids_and_odd_shapes() {
+    // Arguments as an object, missing ids and names, wrong types: nothing fails.
+    let resp = r#"{"choices":[{"message":{"tool_calls":[
+        {"function":{"name":"f","arguments":{"x":1}}},
+        {"function":{"arguments":"{}"}},
+        "not an object", 7, null, {}, {"function":{}}]}}, "junk"], "messages": "not a list", "output": {"x":1}}"#;
+    let e = exec(None, Some(resp));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    assert_eq!(
+        Value::Array(got),
+        json!([
+            tool("f", "req-1#0", r#"{"x":1}"#, "", "200", "OK"),
+            tool("unknown", "req-1#1", "{}", "", "200", "OK"),
+        ])
+    );
+}
+
+#[test]
+fn tool_calls_can_be_turned_off() {
+    let resp = r#"{"output":[{"type":"function_call","call_id":"a","name":"t","arguments":"{}"}]}"#;
+    let e = exec(None, Some(resp));
+    let opts = MapOptions {
+        tool_calls: false,
+        ..MapOptions::default()
+    };
+    let m = map_execution(&ctx(), &e, &opts);
+    assert_eq!((m.records.len(), m.tool_calls), (1, 0));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    assert_eq!((m.records.len(), m.tool_calls), (2, 1));
+}
+
+#[test]
+fn legacy_table_with_request_metadata() {
+    let mut e = exec(Some(r#"{"inputs":[1]}"#), Some(r#"{"predictions":[2]}"#));
+    e.format = TableFormat::Legacy;
+    e.status_code = Some(404);
+    let mut md = BTreeMap::new();
+    md.insert("endpoint_name".to_string(), "bot".to_string());
+    md.insert("Model Version".to_string(), "3".to_string());
+    e.request_metadata = Some(md);
+    let mut h = main_headers("application/json");
+    h["x-databricks-metadata-endpoint-name"] = json!("bot");
+    h["x-databricks-metadata-model-version"] = json!("3");
+    check(
+        &e,
+        json!([rec(json!({
+            "path": "/serving-endpoints/bot/invocations",
+            "requestHeaders": h,
+            "responseHeaders": {"content-type": "application/json",
+                                "x-databricks-execution-duration-ms": "42"},
+            "requestPayload": r#"{"inputs":[1]}"#, "responsePayload": r#"{"predictions":[2]}"#,
+            "statusCode": "404", "status": "Not Found",
+            "tag": {"gen-ai": "Gen AI", "ai-agent": "bot"},
+        }))]),
+    );
+}
+
+#[test]
+fn null_payloads_with_logging_error_codes_are_sent_with_the_reason() {
+    let mut e = exec(None, None);
+    e.logging_error_codes = vec![
+        "MAX_REQUEST_SIZE_EXCEEDED".into(),
+        "MAX_RESPONSE_SIZE_EXCEEDED".into(),
+    ];
+    e.duration_ms = None;
+    let note = r#"{"databricks_shield_note":"payload not logged by Databricks","logging_error_codes":["MAX_REQUEST_SIZE_EXCEEDED","MAX_RESPONSE_SIZE_EXCEEDED"]}"#;
+    check(
+        &e,
+        json!([rec(json!({
+            "path": "/serving-endpoints/bot/invocations",
+            "requestHeaders": main_headers("application/json"),
+            "responseHeaders": {"content-type": "application/json",
+                "x-databricks-logging-error-codes": "MAX_REQUEST_SIZE_EXCEEDED,MAX_RESPONSE_SIZE_EXCEEDED"},
+            "requestPayload": note, "responsePayload": note,
+            "tag": {"gen-ai": "Gen AI", "ai-agent": "bot"},
+        }))]),
+    );
+}
+
+#[test]
+fn missing_status_code_defaults_are_documented() {
+    // (status_code, response, expected statusCode, expected x-databricks-status-code)
+    let cases: [(Option<i64>, Option<&str>, &str, Option<&str>); 5] = [
+        (None, Some("{}"), "200", Some("missing")),
+        (None, None, "500", Some("missing")),
+        (Some(0), Some("{}"), "200", Some("0")),
+        (Some(-5), None, "500", Some("-5")),
+        (Some(503), None, "503", None),
+    ];
+    for (code, resp, want, note) in cases {
+        let mut e = exec(Some("{}"), resp);
+        e.status_code = code;
+        let m = map_execution(&ctx(), &e, &MapOptions::default());
+        let r = readable(&m.records[0]);
+        assert_eq!(r["statusCode"], json!(want), "{code:?}");
+        assert_eq!(
+            r["responseHeaders"]["x-databricks-status-code"].as_str(),
+            note,
+            "{code:?}"
+        );
+        validate(&m.records[0]).unwrap();
+    }
+}
+
+#[test]
+fn non_json_payloads_are_sent_verbatim_as_text() {
+    let e = exec(Some("plain text prompt"), Some("{not json"));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    let r = readable(&m.records[0]);
+    assert_eq!(r["requestPayload"], json!("plain text prompt"));
+    assert_eq!(r["responsePayload"], json!("{not json"));
+    assert_eq!(r["requestHeaders"]["content-type"], json!("text/plain"));
+    assert_eq!(r["responseHeaders"]["content-type"], json!("text/plain"));
+    validate(&m.records[0]).unwrap();
+}
+
+#[test]
+fn time_is_epoch_seconds_clamped_to_a_positive_i32() {
+    for (secs, want) in [
+        (1_700_000_000i64, "1700000000"),
+        (0, "1"),
+        (-100, "1"),
+        (3_000_000_000, "2147483647"),
+    ] {
+        let mut e = exec(None, None);
+        e.request_time = Utc.timestamp_opt(secs, 999_000_000).unwrap();
+        let m = map_execution(&ctx(), &e, &MapOptions::default());
+        assert_eq!(m.records[0].time, want);
+    }
+}
+
+#[test]
+fn oversized_payloads_are_cut_at_a_char_boundary_with_a_marker() {
+    let big = "é".repeat(400); // 800 bytes
+    let resp = format!(
+        r#"{{"output":[{{"type":"function_call","call_id":"a","name":"t","arguments":"{big}"}}]}}"#
+    );
+    let e = exec(Some(&big), Some(&resp));
+    let opts = MapOptions {
+        tool_calls: true,
+        max_string_bytes: 301,
+    };
+    let m = map_execution(&ctx(), &e, &opts);
+    assert_eq!(m.truncated_payloads, 3);
+    let marker = "...[truncated by databricks-shield: original 800 bytes]";
+    let r = &m.records[0].request_payload;
+    assert!(r.len() <= 301 && r.ends_with(marker), "{r}");
+    assert!(r.strip_suffix(marker).unwrap().chars().all(|c| c == 'é'));
+    assert!(m.records[0].response_payload.len() <= 301);
+    assert!(m.records[1].request_payload.ends_with(marker));
+    // A limit smaller than the marker keeps just the cut prefix.
+    let tiny = MapOptions {
+        tool_calls: false,
+        max_string_bytes: 5,
+    };
+    let m = map_execution(&ctx(), &exec(Some(&big), None), &tiny);
+    assert_eq!(m.records[0].request_payload, "éé");
+    // Exactly at the limit is not cut.
+    let m = map_execution(&ctx(), &exec(Some(&big), None), &MapOptions { tool_calls: false, max_string_bytes: 800 });
+    assert_eq!((m.truncated_payloads, m.records[0].request_payload.len()), (0, 800));
+}
+
+#[test]
+fn host_scheme() {
+    let check_host = |agent: &str, ws: &str, want: &str| {
+        assert_eq!(agent_host(agent, ws), want, "{agent:?} {ws:?}");
+    };
+    check_host(
+        "Support_Bot",
+        "https://Adb-123.4.azuredatabricks.net:443/",
+        "support-bot.ai-agent.adb-123.4.azuredatabricks.net",
+    );
+    check_host("my.agent", "127.0.0.1:8080", "my-agent.ai-agent.127.0.0.1");
+    check_host(
+        "agents_main-default-bot",
+        "dbc-1.cloud.databricks.com",
+        "agents-main-default-bot.ai-agent.dbc-1.cloud.databricks.com",
+    );
+    check_host(
+        "--a__b--",
+        "http://user:pw@Host_Name.com/path?x=1",
+        "a-b.ai-agent.host-name.com",
+    );
+    check_host("x", "[::1]:8080", "x.ai-agent.1");
+    check_host("x", "..a..b..", "x.ai-agent.a.b");
+    check_host("x", "", "x.ai-agent.unknown-workspace");
+    let h = agent_host("エージェント", "ws");
+    assert!(h.starts_with("agent-") && h.ends_with(".ai-agent.ws"), "{h}");
+    assert_ne!(h, agent_host("別", "ws"));
+    let long_a = agent_host(&"a".repeat(100), "ws");
+    let long_b = agent_host(&format!("{}b", "a".repeat(99)), "ws");
+    assert!(long_a.split('.').all(|l| l.len() <= 63), "{long_a}");
+    assert_ne!(long_a, long_b);
+    assert_eq!(long_a, agent_host(&"a".repeat(100), "ws"));
+    let long_ws = agent_host("bot", &format!("{}.databricks.com", "x.".repeat(200)));
+    assert!(long_ws.len() <= 253 && long_ws.ends_with(".databricks.com"), "{long_ws}");
+    assert!(long_ws.starts_with("bot.ai-agent.ws-"), "{long_ws}");
+}
+
+#[test]
+fn invocation_paths() {
+    let t = "main.default.bot_payload";
+    for (endpoint, want) in [
+        (Some("bot"), "/serving-endpoints/bot/invocations"),
+        (Some("agents_main-default-m"), "/serving-endpoints/agents_main-default-m/invocations"),
+        (Some("a b/c"), "/serving-endpoints/a%20b%2Fc/invocations"),
+        (Some(".."), "/serving-endpoints/%2E%2E/invocations"),
+        (Some(""), "/tables/main.default.bot_payload/invocations"),
+        (None, "/tables/main.default.bot_payload/invocations"),
+    ] {
+        assert_eq!(invocation_path(endpoint, t), want, "{endpoint:?}");
+    }
+    assert_eq!(invocation_path(None, ""), "/tables/unknown/invocations");
+}
+
+#[test]
+fn tool_output_error_heuristic() {
+    use super::tools::output_says_error;
+    for (out, want) in [
+        ("Error: boom", true),
+        ("  exception raised", true),
+        ("Traceback (most recent call last):\n  File", true),
+        (r#"{"error":"x"}"#, true),
+        (r#"{"error":{"code":1}}"#, true),
+        (r#"{"isError":true,"content":[]}"#, true),
+        (r#"{"status":"FAILED"}"#, true),
+        (r#"{"error":null,"result":1}"#, false),
+        (r#"{"error":false}"#, false),
+        (r#"{"status":"ok"}"#, false),
+        ("the error rate is 2%", false),
+        ("{broken", false),
+        ("", false),
+    ] {
+        assert_eq!(output_says_error(out), want, "{out:?}");
+    }
+}
+
+fn good() -> AktoRecord {
+    map_execution(&ctx(), &exec(Some("{}"), Some("{}")), &MapOptions::default())
+        .records
+        .remove(0)
+}
+
+#[test]
+fn validate_names_the_field_akto_would_reject() {
+    type Edit = fn(&mut AktoRecord);
+    let cases: [(Edit, &str); 17] = [
+        (|r| r.time = "1700000000000".into(), "time"),
+        (|r| r.time = "0".into(), "time"),
+        (|r| r.time = "-5".into(), "time"),
+        (|r| r.time = "12a".into(), "time"),
+        (|r| r.status_code = "OK".into(), "statusCode"),
+        (|r| r.source = "DATABRICKS".into(), "source"),
+        (|r| r.request_headers = "[]".into(), "requestHeaders"),
+        (|r| r.request_headers = "{".into(), "requestHeaders"),
+        (|r| r.request_headers = r#"{"Host":"a"}"#.into(), "requestHeaders"),
+        (|r| r.request_headers = r#"{"content-type":"x"}"#.into(), "requestHeaders"),
+        (|r| r.request_headers = r#"{"host":"A_B"}"#.into(), "requestHeaders"),
+        (|r| r.request_headers = r#"{"host":"a","x":1}"#.into(), "requestHeaders"),
+        (|r| r.response_headers = "null".into(), "responseHeaders"),
+        (|r| r.tag = "gen-ai".into(), "tag"),
+        (|r| r.response_payload = "x".repeat(MAX_STRING_BYTES + 1), "responsePayload"),
+        (|r| r.akto_account_id = "acct".into(), "akto_account_id"),
+        (|r| r.path = "no-slash".into(), "path"),
+    ];
+    assert_eq!(validate(&good()), Ok(()));
+    for (edit, field) in cases {
+        let mut r = good();
+        edit(&mut r);
+        let err = validate(&r).expect_err(field);
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.to_string().contains(field));
+    }
+}
+
+#[test]
+fn encode_gives_exactly_akto_field_names() {
+    let v: Value = serde_json::from_str(&encode(&good())).unwrap();
+    let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "akto_account_id", "akto_vxlan_id", "destIp", "ip", "is_pending", "method", "path",
+            "requestHeaders", "requestPayload", "responseHeaders", "responsePayload", "source",
+            "status", "statusCode", "tag", "time", "type"
+        ]
+    );
+    assert!(v.as_object().unwrap().values().all(Value::is_string));
+    let back: AktoRecord = serde_json::from_value(v).unwrap();
+    assert_eq!(back, good());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Properties.
+
+/// Arbitrary JSON biased towards the keys the tool-call scanner reads.
+fn arb_json() -> impl Strategy<Value = Value> {
+    let key = prop_oneof![
+        Just("choices".to_string()),
+        Just("message".to_string()),
+        Just("messages".to_string()),
+        Just("tool_calls".to_string()),
+        Just("function".to_string()),
+        Just("name".to_string()),
+        Just("arguments".to_string()),
+        Just("id".to_string()),
+        Just("call_id".to_string()),
+        Just("tool_call_id".to_string()),
+        Just("role".to_string()),
+        Just("type".to_string()),
+        Just("output".to_string()),
+        Just("input".to_string()),
+        Just("content".to_string()),
+        "[a-zA-Z_ ]{0,6}",
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        prop_oneof![
+            Just("tool".to_string()),
+            Just("function_call".to_string()),
+            Just("function_call_output".to_string()),
+            Just("c1".to_string()),
+            Just("Error: x".to_string()),
+            any::<String>(),
+        ]
+        .prop_map(Value::String),
+    ];
+    leaf.prop_recursive(6, 64, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::vec((key.clone(), inner), 0..6)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+fn arb_payload() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        Just(None),
+        arb_json().prop_map(|v| Some(v.to_string())),
+        any::<String>().prop_map(Some),
+        // Truncated JSON.
+        arb_json().prop_map(|v| {
+            let s = v.to_string();
+            let mut cut = s.len() / 2;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            Some(s[..cut].to_string())
+        }),
+    ]
+}
+
+prop_compose! {
+    fn arb_exec()(
+        req in arb_payload(),
+        resp in arb_payload(),
+        request_id in any::<String>(),
+        client in proptest::option::of(any::<String>()),
+        secs in any::<i64>().prop_map(|s| s % 10_000_000_000),
+        status in proptest::option::of(any::<i64>()),
+        dur in proptest::option::of(any::<i64>()),
+        codes in prop::collection::vec(any::<String>(), 0..3),
+        requester in proptest::option::of(any::<String>()),
+        meta in proptest::option::of(prop::collection::btree_map(any::<String>(), any::<String>(), 0..3)),
+        table in any::<String>(),
+    ) -> Execution {
+        Execution {
+            table,
+            format: if meta.is_some() { TableFormat::Legacy } else { TableFormat::AiGateway },
+            request_id,
+            client_request_id: client,
+            request_time: Utc.timestamp_opt(secs, 0).single().unwrap_or_default(),
+            status_code: status,
+            duration_ms: dur,
+            request: req,
+            response: resp,
+            logging_error_codes: codes,
+            served_entity_id: None,
+            requester,
+            request_metadata: meta,
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn mapping_never_panics_and_every_record_validates(
+        e in arb_exec(),
+        agent in any::<String>(),
+        ws in any::<String>(),
+        endpoint in proptest::option::of(any::<String>()),
+        max in prop_oneof![Just(MAX_STRING_BYTES), 0usize..200],
+        tools in any::<bool>(),
+    ) {
+        let host = agent_host(&agent, &ws);
+        let path = invocation_path(endpoint.as_deref(), &e.table);
+        let c = AgentContext { agent: &agent, host: &host, path: &path, account_id: "1000000" };
+        let m = map_execution(&c, &e, &MapOptions { tool_calls: tools, max_string_bytes: max });
+        prop_assert!(!m.records.is_empty());
+        prop_assert_eq!(m.records.len(), 1 + m.tool_calls as usize);
+        for r in &m.records {
+            prop_assert!(validate(r).is_ok(), "{:?}: {:?}", validate(r), r);
+            prop_assert!(r.request_payload.len() <= max);
+            prop_assert!(r.response_payload.len() <= max);
+            let v: Value = serde_json::from_str(&encode(r)).unwrap();
+            prop_assert!(v.is_object());
+        }
+    }
+
+    #[test]
+    fn host_is_always_a_valid_stable_name(agent in any::<String>(), ws in any::<String>()) {
+        let h = agent_host(&agent, &ws);
+        prop_assert_eq!(&h, &agent_host(&agent, &ws));
+        prop_assert!(h.len() <= 253, "{}", h);
+        prop_assert!(h.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'));
+        for label in h.split('.') {
+            prop_assert!(!label.is_empty() && label.len() <= 63, "{}", h);
+            prop_assert!(!label.starts_with('-') && !label.ends_with('-'), "{}", h);
+        }
+        prop_assert!(h.contains(".ai-agent."));
+    }
+
+    #[test]
+    fn paths_are_url_safe(endpoint in proptest::option::of(any::<String>()), table in any::<String>()) {
+        let p = invocation_path(endpoint.as_deref(), &table);
+        prop_assert!(p.starts_with('/') && p.ends_with("/invocations"));
+        prop_assert_eq!(p.matches('/').count(), 3);
+        prop_assert!(p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%/".contains(&b)));
+    }
+}

@@ -1,0 +1,550 @@
+//! Tool calls found inside an execution's payloads, so each one can become its own Akto record.
+//!
+//! The payloads are parsed once, leniently and shallowly: a small set of known keys is read
+//! (`choices`, `messages`, `output`, `input`, and inside items `role`, `type`, `tool_calls`,
+//! `function`, `name`, `arguments`, `call_id`, `tool_call_id`, `content`, `output`), every
+//! other value is skipped without being built, and a value of an unexpected type is ignored
+//! instead of failing the whole parse.
+//!
+//! Formats understood (see `shared/reference/databricks-api.md`):
+//! - chat completions: response `choices[].message.tool_calls[]`;
+//! - ChatAgent: response `messages[].tool_calls[]` with `messages[]` of `role: tool` holding the
+//!   results by `tool_call_id`;
+//! - ResponsesAgent: response `output[]` items `function_call` (`call_id`, `name`, `arguments`)
+//!   and `function_call_output` (`call_id`, `output`).
+//!
+//! Calls come from the response (what this execution did). Their outputs are looked up by call
+//! id in the response first and then in the request's history (`messages[]` of `role: tool`,
+//! `input[]` items `function_call_output`); the request is parsed only when an output is missing.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+
+/// One tool call of an execution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ToolCall {
+    /// The call id (`id`, `call_id`); `None` when the payload had none.
+    pub id: Option<String>,
+    /// Tool (function) name; `unknown` when missing.
+    pub name: String,
+    /// Arguments as sent (usually a JSON string).
+    pub arguments: String,
+    /// The matched output, if found.
+    pub output: Option<String>,
+}
+
+/// Result of scanning the payloads.
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    pub calls: Vec<ToolCall>,
+    /// `Some(false)` when the response looked like JSON but did not parse.
+    pub response_parsed: Option<bool>,
+    /// `Some(false)` when the request was parsed (to find outputs) and did not parse.
+    pub request_parsed: Option<bool>,
+}
+
+/// Does `s` start like a JSON object?
+fn looks_like_object(s: &str) -> bool {
+    s.trim_start().starts_with('{')
+}
+
+/// Find the tool calls of an execution. Never fails: unparsable payloads yield no calls.
+pub(crate) fn scan(request: Option<&str>, response: Option<&str>) -> Scan {
+    let mut out = Scan::default();
+    let Some(resp) = response.filter(|r| looks_like_object(r)) else {
+        return out;
+    };
+    let doc: Doc = match serde_json::from_str(resp) {
+        Ok(d) => d,
+        Err(_) => {
+            out.response_parsed = Some(false);
+            return out;
+        }
+    };
+    out.response_parsed = Some(true);
+
+    let mut calls: Vec<ToolCall> = Vec::new();
+    let mut outputs: HashMap<String, String> = HashMap::new();
+    collect(doc, &mut calls, &mut outputs);
+    if calls.is_empty() {
+        return out;
+    }
+
+    // Deduplicate by id, first occurrence wins.
+    let mut seen: HashSet<String> = HashSet::new();
+    calls.retain(|c| match &c.id {
+        Some(id) => seen.insert(id.clone()),
+        None => true,
+    });
+
+    let missing = calls
+        .iter()
+        .any(|c| c.id.as_ref().is_some_and(|id| !outputs.contains_key(id)));
+    if missing {
+        if let Some(req) = request.filter(|r| looks_like_object(r)) {
+            match serde_json::from_str::<Doc>(req) {
+                Ok(doc) => {
+                    out.request_parsed = Some(true);
+                    // Calls in the request history are not this execution's; only outputs are used.
+                    let mut ignored = Vec::new();
+                    let mut req_outputs = HashMap::new();
+                    collect(doc, &mut ignored, &mut req_outputs);
+                    for (k, v) in req_outputs {
+                        outputs.entry(k).or_insert(v);
+                    }
+                }
+                Err(_) => out.request_parsed = Some(false),
+            }
+        }
+    }
+    for c in &mut calls {
+        if let Some(id) = &c.id {
+            c.output = outputs.remove(id);
+        }
+    }
+    out.calls = calls;
+    out
+}
+
+fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, String>) {
+    for choice in doc.choices.0 {
+        if let Some(msg) = choice.message {
+            item(*msg, calls, outputs);
+        }
+    }
+    for it in doc.messages.0.into_iter().chain(doc.output.0).chain(doc.input.0) {
+        item(it, calls, outputs);
+    }
+}
+
+/// Read one message / output item.
+fn item(it: Item, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, String>) {
+    let Item {
+        role,
+        kind,
+        name,
+        id,
+        call_id,
+        tool_call_id,
+        arguments,
+        output,
+        content,
+        tool_calls,
+        ..
+    } = it;
+    for tc in tool_calls.0 {
+        let Item {
+            id,
+            name,
+            arguments,
+            function,
+            call_id,
+            ..
+        } = tc;
+        let (fname, fargs) = match function {
+            Some(f) => (f.name.0, f.arguments.0),
+            None => (None, None),
+        };
+        push_call(calls, id.0.or(call_id.0), fname.or(name.0), fargs.or(arguments.0));
+    }
+    match kind.0.as_deref() {
+        Some("function_call") => push_call(calls, call_id.0.or(id.0), name.0, arguments.0),
+        Some("function_call_output") => {
+            if let (Some(cid), Some(o)) = (call_id.0, output.0) {
+                outputs.entry(cid).or_insert(o);
+            }
+        }
+        _ => {
+            if role.0.as_deref() == Some("tool") {
+                if let (Some(cid), Some(c)) = (tool_call_id.0, content.0) {
+                    outputs.entry(cid).or_insert(c);
+                }
+            }
+        }
+    }
+}
+
+/// Record a call unless it carries nothing at all (not an object, or an empty one). A missing
+/// or blank name becomes `unknown`.
+fn push_call(
+    calls: &mut Vec<ToolCall>,
+    id: Option<String>,
+    name: Option<String>,
+    arguments: Option<String>,
+) {
+    if id.is_none() && name.is_none() && arguments.is_none() {
+        return;
+    }
+    let name = name
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "unknown".to_string());
+    calls.push(ToolCall {
+        id,
+        name,
+        arguments: arguments.unwrap_or_default(),
+        output: None,
+    });
+}
+
+/// Does a tool's output report an error? Heuristic: text starting with `error`/`exception`, a
+/// Python traceback, or a JSON object with a non-null `error`, `is_error`/`isError: true`, or
+/// `status` of `error`/`failed`/`failure`.
+pub(crate) fn output_says_error(output: &str) -> bool {
+    let t = output.trim_start();
+    let head: String = t.chars().take(16).collect::<String>().to_ascii_lowercase();
+    if head.starts_with("error") || head.starts_with("exception") {
+        return true;
+    }
+    if t.starts_with('{') {
+        if let Ok(o) = serde_json::from_str::<ErrorProbe>(t) {
+            return o.error || o.status_error;
+        }
+    }
+    t.contains("Traceback (most recent call last)")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lenient shallow parsing.
+
+/// A scalar or JSON value kept as text: strings verbatim, other values re-serialized, null absent.
+#[derive(Debug, Default)]
+struct Text(Option<String>);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Text(match Value::deserialize(d)? {
+            Value::Null => None,
+            Value::String(s) => Some(s),
+            other => Some(other.to_string()),
+        }))
+    }
+}
+
+/// A short string field (`role`, `type`): strings kept, anything else skipped.
+#[derive(Debug, Default)]
+struct Word(Option<String>);
+
+impl<'de> Deserialize<'de> for Word {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Word;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Word, E> {
+                Ok(Word(Some(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Word, E> {
+                Ok(Word(Some(v)))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Word, E> {
+                Ok(Word(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Word, E> {
+                Ok(Word(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Word, E> {
+                Ok(Word(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Word, E> {
+                Ok(Word(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Word, E> {
+                Ok(Word(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Word, E> {
+                Ok(Word(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Word, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Word(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Word, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Word(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A list of items; any non-array value is skipped and yields an empty list.
+#[derive(Debug, Default)]
+struct Items(Vec<Item>);
+
+impl<'de> Deserialize<'de> for Items {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Items;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Items, E> {
+                Ok(Items::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Items, E> {
+                Ok(Items::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Items, E> {
+                Ok(Items::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Items, E> {
+                Ok(Items::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Items, E> {
+                Ok(Items::default())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Items, E> {
+                Ok(Items::default())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Items, E> {
+                Ok(Items::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
+                let mut v = Vec::new();
+                while let Some(it) = seq.next_element::<Item>()? {
+                    v.push(it);
+                }
+                Ok(Items(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Items, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Items::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The keys read at the top level of a payload.
+#[derive(Debug, Default)]
+struct Doc {
+    choices: Items,
+    messages: Items,
+    output: Items,
+    input: Items,
+}
+
+/// The keys read inside a message, choice, output item or tool call.
+#[derive(Debug, Default)]
+struct Item {
+    role: Word,
+    kind: Word,
+    name: Text,
+    id: Text,
+    call_id: Text,
+    tool_call_id: Text,
+    arguments: Text,
+    output: Text,
+    content: Text,
+    function: Option<Box<Item>>,
+    message: Option<Box<Item>>,
+    tool_calls: Items,
+}
+
+/// Known keys; everything else is `Other` and skipped.
+enum Key {
+    Choices,
+    Messages,
+    Output,
+    Input,
+    Role,
+    Type,
+    Name,
+    Id,
+    CallId,
+    ToolCallId,
+    Arguments,
+    Content,
+    Function,
+    Message,
+    ToolCalls,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(match v {
+                    "choices" => Key::Choices,
+                    "messages" => Key::Messages,
+                    "output" => Key::Output,
+                    "input" => Key::Input,
+                    "role" => Key::Role,
+                    "type" => Key::Type,
+                    "name" => Key::Name,
+                    "id" => Key::Id,
+                    "call_id" => Key::CallId,
+                    "tool_call_id" => Key::ToolCallId,
+                    "arguments" => Key::Arguments,
+                    "content" => Key::Content,
+                    "function" => Key::Function,
+                    "message" => Key::Message,
+                    "tool_calls" => Key::ToolCalls,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Doc {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Doc;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc, A::Error> {
+                let mut doc = Doc::default();
+                while let Some(k) = map.next_key::<Key>()? {
+                    match k {
+                        Key::Choices => doc.choices = map.next_value()?,
+                        Key::Messages => doc.messages = map.next_value()?,
+                        Key::Output => doc.output = map.next_value()?,
+                        Key::Input => doc.input = map.next_value()?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(doc)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Lazily skipped content: the (possibly large) `content` of a message is only kept when the
+/// message may be a tool result (its `role` is `tool` or not yet known).
+impl<'de> Deserialize<'de> for Item {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Item;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Item, E> {
+                Ok(Item::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Item, E> {
+                Ok(Item::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Item, E> {
+                Ok(Item::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Item, E> {
+                Ok(Item::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Item, E> {
+                Ok(Item::default())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Item, E> {
+                Ok(Item::default())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Item, E> {
+                Ok(Item::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Item::default())
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Item, A::Error> {
+                let mut it = Item::default();
+                while let Some(k) = map.next_key::<Key>()? {
+                    match k {
+                        Key::Role => it.role = map.next_value()?,
+                        Key::Type => it.kind = map.next_value()?,
+                        Key::Name => it.name = map.next_value()?,
+                        Key::Id => it.id = map.next_value()?,
+                        Key::CallId => it.call_id = map.next_value()?,
+                        Key::ToolCallId => it.tool_call_id = map.next_value()?,
+                        Key::Arguments => it.arguments = map.next_value()?,
+                        Key::Output => it.output = map.next_value()?,
+                        Key::Content => {
+                            let maybe_tool =
+                                it.role.0.as_deref().is_none_or(|r| r == "tool");
+                            if maybe_tool {
+                                it.content = map.next_value()?;
+                            } else {
+                                map.next_value::<IgnoredAny>()?;
+                            }
+                        }
+                        Key::Function => it.function = Some(Box::new(map.next_value()?)),
+                        Key::Message => it.message = Some(Box::new(map.next_value()?)),
+                        Key::ToolCalls => it.tool_calls = map.next_value()?,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(it)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Top-level keys of a tool output that signal an error.
+#[derive(Debug, Default)]
+struct ErrorProbe {
+    error: bool,
+    status_error: bool,
+}
+
+impl<'de> Deserialize<'de> for ErrorProbe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ErrorProbe;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ErrorProbe, A::Error> {
+                let mut p = ErrorProbe::default();
+                while let Some(k) = map.next_key::<String>()? {
+                    match k.as_str() {
+                        "error" | "errors" => {
+                            let v: Value = map.next_value()?;
+                            p.error |= !matches!(v, Value::Null | Value::Bool(false))
+                                && v != Value::String(String::new())
+                                && v != Value::Array(Vec::new());
+                        }
+                        "is_error" | "isError" => {
+                            p.error |= map.next_value::<Value>()? == Value::Bool(true);
+                        }
+                        "status" => {
+                            let v: Word = map.next_value()?;
+                            p.status_error |= v.0.is_some_and(|s| {
+                                matches!(
+                                    s.to_ascii_lowercase().as_str(),
+                                    "error" | "failed" | "failure"
+                                )
+                            });
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(p)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}

@@ -1,0 +1,191 @@
+//! A local check of everything Akto would reject or silently drop, so a bad record is caught
+//! (and quarantined by the caller) before it leaves the process instead of vanishing in Akto.
+
+use serde_json::Value;
+
+use super::record::{AktoRecord, MAX_STRING_BYTES};
+
+/// The `source` values Akto's runtime accepts; anything else is dropped silently.
+pub const ALLOWED_SOURCES: [&str; 10] = [
+    "HAR", "PCAP", "MIRRORING", "SDK", "OTHER", "POSTMAN", "OPEN_API", "BURP", "IMPERVA", "WIZ",
+];
+
+/// A record field Akto would reject or drop, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Akto record field `{field}` is invalid: {reason}")]
+pub struct ContractViolation {
+    /// The Akto field name (e.g. `time`, `requestHeaders`).
+    pub field: &'static str,
+    /// What is wrong and what Akto expects instead.
+    pub reason: String,
+}
+
+fn violation(field: &'static str, reason: impl Into<String>) -> ContractViolation {
+    ContractViolation {
+        field,
+        reason: reason.into(),
+    }
+}
+
+fn all_fields(r: &AktoRecord) -> [(&'static str, &str); 17] {
+    [
+        ("path", &r.path),
+        ("method", &r.method),
+        ("requestHeaders", &r.request_headers),
+        ("responseHeaders", &r.response_headers),
+        ("requestPayload", &r.request_payload),
+        ("responsePayload", &r.response_payload),
+        ("ip", &r.ip),
+        ("destIp", &r.dest_ip),
+        ("time", &r.time),
+        ("statusCode", &r.status_code),
+        ("status", &r.status),
+        ("type", &r.http_type),
+        ("akto_account_id", &r.akto_account_id),
+        ("akto_vxlan_id", &r.akto_vxlan_id),
+        ("is_pending", &r.is_pending),
+        ("source", &r.source),
+        ("tag", &r.tag),
+    ]
+}
+
+/// Parse a strictly decimal (digits only) 32-bit integer.
+fn parse_i32_digits(s: &str) -> Option<i32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse::<i32>().ok()
+}
+
+/// Parse `s` as a JSON object whose values are all strings (headers, tag).
+fn string_object(
+    field: &'static str,
+    s: &str,
+) -> Result<serde_json::Map<String, Value>, ContractViolation> {
+    let v: Value = serde_json::from_str(s).map_err(|e| {
+        violation(
+            field,
+            format!("must be a JSON object encoded as a string, but does not parse: {e}"),
+        )
+    })?;
+    let Value::Object(map) = v else {
+        return Err(violation(
+            field,
+            "must be a JSON object encoded as a string, but is another JSON value",
+        ));
+    };
+    if let Some((k, _)) = map.iter().find(|(_, v)| !v.is_string()) {
+        return Err(violation(
+            field,
+            format!("value of key {k:?} must be a string"),
+        ));
+    }
+    Ok(map)
+}
+
+fn headers(field: &'static str, s: &str) -> Result<serde_json::Map<String, Value>, ContractViolation> {
+    let map = string_object(field, s)?;
+    if let Some(k) = map.keys().find(|k| k.bytes().any(|b| b.is_ascii_uppercase())) {
+        return Err(violation(
+            field,
+            format!("header key {k:?} must be lowercase (Akto matches header names in lowercase)"),
+        ));
+    }
+    if let Some(k) = map.keys().find(|k| k.is_empty()) {
+        return Err(violation(field, format!("header key {k:?} must not be empty")));
+    }
+    Ok(map)
+}
+
+/// Check a record against Akto's ingestion contract.
+pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
+    for (field, value) in all_fields(record) {
+        if value.len() > MAX_STRING_BYTES {
+            return Err(violation(
+                field,
+                format!(
+                    "is {} bytes, over Akto's limit of {MAX_STRING_BYTES} bytes per string; truncate it",
+                    value.len()
+                ),
+            ));
+        }
+    }
+    match parse_i32_digits(&record.time) {
+        Some(t) if t > 0 => {}
+        _ => {
+            return Err(violation(
+                "time",
+                format!(
+                    "{:?} must be epoch SECONDS as a positive 32-bit decimal integer",
+                    short(&record.time)
+                ),
+            ))
+        }
+    }
+    if parse_i32_digits(&record.status_code).is_none() {
+        return Err(violation(
+            "statusCode",
+            format!("{:?} must be a numeric string such as \"200\"", short(&record.status_code)),
+        ));
+    }
+    if !ALLOWED_SOURCES.contains(&record.source.as_str()) {
+        return Err(violation(
+            "source",
+            format!(
+                "{:?} is not one of {}; Akto drops such records (use MIRRORING)",
+                short(&record.source),
+                ALLOWED_SOURCES.join(", ")
+            ),
+        ));
+    }
+    if parse_i32_digits(&record.akto_account_id).is_none() {
+        return Err(violation(
+            "akto_account_id",
+            format!("{:?} must be a numeric string such as \"1000000\"", short(&record.akto_account_id)),
+        ));
+    }
+    if parse_i32_digits(&record.akto_vxlan_id).is_none() {
+        return Err(violation("akto_vxlan_id", "must be a numeric string such as \"0\""));
+    }
+    if record.is_pending != "true" && record.is_pending != "false" {
+        return Err(violation("is_pending", "must be \"true\" or \"false\""));
+    }
+    if record.method.is_empty() || !record.method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(violation("method", "must be an uppercase HTTP method such as \"POST\""));
+    }
+    if !record.path.starts_with('/') {
+        return Err(violation("path", "must start with '/'"));
+    }
+    let req = headers("requestHeaders", &record.request_headers)?;
+    match req.get("host").and_then(Value::as_str) {
+        None => {
+            return Err(violation(
+                "requestHeaders",
+                "has no \"host\" header; Akto groups MIRRORING traffic into collections by host",
+            ))
+        }
+        Some(h)
+            if h.is_empty()
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-') =>
+        {
+            return Err(violation(
+                "requestHeaders",
+                format!("host {:?} must be non-empty and use only [a-z0-9.-]", short(h)),
+            ))
+        }
+        Some(_) => {}
+    }
+    headers("responseHeaders", &record.response_headers)?;
+    string_object("tag", &record.tag)?;
+    Ok(())
+}
+
+/// At most 64 characters of a value, for error messages.
+fn short(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

@@ -1,0 +1,493 @@
+//! The HTTP sink against real loopback servers: a scriptable axum server for failure modes
+//! (retries, bisection, auth, timeouts, size limits).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use databricks_shield::sink::{
+    plan_batches, AnySink, HttpSink, HttpSinkConfig, OutRecord, RetryPolicy, SinkError,
+    MAX_BODY_BYTES, MAX_RECORDS_PER_BATCH,
+};
+use secrecy::SecretString;
+use url::Url;
+
+/// One scripted answer of the test server.
+#[derive(Clone)]
+struct Answer {
+    status: u16,
+    retry_after: Option<&'static str>,
+    delay: Duration,
+}
+
+impl Answer {
+    fn status(status: u16) -> Answer {
+        Answer {
+            status,
+            retry_after: None,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Raw bodies of every POST received, in order.
+    bodies: Vec<String>,
+    /// `authorization` header of every POST (None when absent).
+    auths: Vec<Option<String>>,
+    content_types: Vec<Option<String>>,
+    /// Bodies answered with 200.
+    accepted: Vec<String>,
+    /// Answers to use first, in order.
+    script: VecDeque<Answer>,
+    /// Once the script is empty: a body containing this is answered 422.
+    poison: Option<String>,
+    /// Once the script is empty and after this many 200s, answer this status forever.
+    fail_after_accepted: Option<(usize, u16)>,
+    health_status: u16,
+}
+
+#[derive(Clone)]
+struct Server {
+    inner: Arc<Mutex<Inner>>,
+    addr: SocketAddr,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let inner = Arc::new(Mutex::new(Inner {
+            health_status: 200,
+            ..Inner::default()
+        }));
+        let app = Router::new()
+            .route("/prefix/api/ingestData", post(ingest))
+            .route("/prefix/healthCheck", get(health))
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES + 1024))
+            .with_state(Arc::clone(&inner));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Server { inner, addr }
+    }
+
+    fn url(&self) -> Url {
+        Url::parse(&format!("http://{}/prefix/", self.addr)).unwrap()
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        f(&mut self.inner.lock().unwrap())
+    }
+}
+
+async fn ingest(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    let answer = {
+        let mut g = inner.lock().unwrap();
+        g.bodies.push(text.clone());
+        g.auths.push(
+            headers
+                .get("authorization")
+                .map(|v| v.to_str().unwrap_or("<non-ascii>").to_string()),
+        );
+        g.content_types.push(
+            headers
+                .get("content-type")
+                .map(|v| v.to_str().unwrap_or("").to_string()),
+        );
+        if let Some(a) = g.script.pop_front() {
+            a
+        } else if g.poison.as_deref().is_some_and(|p| text.contains(p)) {
+            Answer::status(422)
+        } else if let Some((n, status)) = g
+            .fail_after_accepted
+            .filter(|(n, _)| g.accepted.len() >= *n)
+        {
+            let _ = n;
+            Answer::status(status)
+        } else {
+            Answer::status(200)
+        }
+    };
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    if answer.status == 200 {
+        inner.lock().unwrap().accepted.push(text);
+    }
+    let status = StatusCode::from_u16(answer.status).unwrap();
+    let mut resp = (status, format!("{{\"status\":{}}}", answer.status)).into_response();
+    if let Some(ra) = answer.retry_after {
+        resp.headers_mut()
+            .insert("retry-after", ra.parse().unwrap());
+    }
+    if answer.status == 302 {
+        resp.headers_mut()
+            .insert("location", "/elsewhere".parse().unwrap());
+    }
+    resp
+}
+
+async fn health(State(inner): State<Arc<Mutex<Inner>>>) -> StatusCode {
+    StatusCode::from_u16(inner.lock().unwrap().health_status).unwrap()
+}
+
+fn fast_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts,
+        max_elapsed: Duration::from_secs(20),
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(5),
+    }
+}
+
+fn sink(url: Url, jwt: Option<&str>, retry: RetryPolicy) -> HttpSink {
+    HttpSink::new(HttpSinkConfig {
+        url,
+        jwt: jwt.map(|j| SecretString::from(j.to_string())),
+        timeout: Duration::from_secs(10),
+        retry,
+    })
+    .unwrap()
+}
+
+fn record(i: usize) -> OutRecord {
+    OutRecord {
+        key: format!("agent-{}.ws.example", i % 3),
+        json: format!(r#"{{"path":"/p/{i}","method":"POST","requestPayload":"{{\"n\":{i}}}"}}"#),
+    }
+}
+
+/// The records of one accepted body, as raw JSON texts in order.
+fn records_of(body: &str) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_str(body).expect("body is JSON");
+    v["batchData"]
+        .as_array()
+        .expect("batchData array")
+        .iter()
+        .map(|r| r.to_string())
+        .collect()
+}
+
+fn canonical(json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(json)
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn delivers_exact_body_with_raw_jwt() {
+    let server = Server::start().await;
+    let s = sink(server.url(), Some("eyJ.token.sig"), fast_retry(3));
+    let batch: Vec<_> = (0..5).map(record).collect();
+    let out = s.deliver(&batch).await.unwrap();
+    assert_eq!(out.delivered, vec![0, 1, 2, 3, 4]);
+    assert!(out.rejected.is_empty());
+    server.with(|g| {
+        assert_eq!(g.bodies.len(), 1);
+        let expected = format!(
+            "{{\"batchData\":[{}]}}",
+            batch
+                .iter()
+                .map(|r| r.json.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert_eq!(g.bodies[0], expected, "body is the exact concatenation");
+        assert_eq!(g.auths[0].as_deref(), Some("eyJ.token.sig"));
+        assert_eq!(g.content_types[0].as_deref(), Some("application/json"));
+    });
+    let any = AnySink::Http(s);
+    assert_eq!(any.name(), "http");
+    assert_eq!(
+        any.describe(),
+        format!(
+            "Akto ingestion at http://{}/prefix/api/ingestData",
+            server.addr
+        )
+    );
+    any.healthcheck().await.unwrap();
+    any.flush().await.unwrap();
+    any.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn no_authorization_header_without_jwt_and_empty_batch_sends_nothing() {
+    let server = Server::start().await;
+    let s = sink(server.url(), None, fast_retry(3));
+    let out = s.deliver(&[]).await.unwrap();
+    assert!(out.delivered.is_empty() && out.rejected.is_empty());
+    assert_eq!(server.with(|g| g.bodies.len()), 0);
+    s.deliver(&[record(1)]).await.unwrap();
+    server.with(|g| assert_eq!(g.auths, vec![None]));
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_then_delivered() {
+    let server = Server::start().await;
+    server.with(|g| {
+        g.script.extend([
+            Answer::status(503),
+            Answer {
+                retry_after: Some("0"),
+                ..Answer::status(429)
+            },
+            Answer::status(408),
+            Answer::status(500),
+        ])
+    });
+    let s = sink(server.url(), None, fast_retry(5));
+    let batch: Vec<_> = (0..3).map(record).collect();
+    let out = s.deliver(&batch).await.unwrap();
+    assert_eq!(out.delivered, vec![0, 1, 2]);
+    server.with(|g| {
+        assert_eq!(g.bodies.len(), 5);
+        assert!(
+            g.bodies.iter().all(|b| b == &g.bodies[0]),
+            "same body each try"
+        );
+        assert_eq!(g.accepted.len(), 1);
+    });
+}
+
+#[tokio::test]
+async fn persistent_5xx_gives_up_retriable_after_max_attempts() {
+    let server = Server::start().await;
+    server.with(|g| g.script.extend((0..10).map(|_| Answer::status(502))));
+    let s = sink(server.url(), None, fast_retry(3));
+    let err = s.deliver(&[record(0), record(1)]).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert!(err.delivered_before_failure().is_empty());
+    let msg = err.to_string();
+    assert!(msg.contains("DATA_INGESTION_SERVICE_URL"), "{msg}");
+    assert!(msg.contains(&server.addr.to_string()), "{msg}");
+    assert!(msg.contains("502"), "{msg}");
+    assert_eq!(server.with(|g| g.bodies.len()), 3);
+}
+
+#[tokio::test]
+async fn retry_after_beyond_the_time_budget_stops_early() {
+    let server = Server::start().await;
+    server.with(|g| {
+        g.script.push_back(Answer {
+            retry_after: Some("3600"),
+            ..Answer::status(503)
+        })
+    });
+    let retry = RetryPolicy {
+        max_elapsed: Duration::from_secs(5),
+        ..fast_retry(5)
+    };
+    let s = sink(server.url(), None, retry);
+    let err = s.deliver(&[record(0)]).await.unwrap_err();
+    assert!(err.is_retriable());
+    assert!(err.to_string().contains("budget"), "{err}");
+    assert_eq!(server.with(|g| g.bodies.len()), 1);
+}
+
+#[tokio::test]
+async fn unreachable_service_is_retriable_and_names_the_url() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let url = Url::parse(&format!("http://{addr}/")).unwrap();
+    let s = sink(url, Some("secret-token-value"), fast_retry(2));
+    let err = s.deliver(&[record(0)]).await.unwrap_err();
+    assert!(err.is_retriable());
+    let msg = err.to_string();
+    assert!(msg.contains("No data appearing"), "{msg}");
+    assert!(msg.contains(&addr.to_string()), "{msg}");
+    assert!(msg.contains("DATA_INGESTION_SERVICE_URL"), "{msg}");
+    assert!(!msg.contains("secret-token-value"));
+    let err = s.healthcheck().await.unwrap_err();
+    assert!(err.is_retriable());
+    assert!(err.to_string().contains(&addr.to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn timeout_is_retriable() {
+    let server = Server::start().await;
+    server.with(|g| {
+        g.script.extend((0..2).map(|_| Answer {
+            delay: Duration::from_millis(1500),
+            ..Answer::status(200)
+        }))
+    });
+    let s = HttpSink::new(HttpSinkConfig {
+        url: server.url(),
+        jwt: None,
+        timeout: Duration::from_millis(200),
+        retry: fast_retry(2),
+    })
+    .unwrap();
+    let err = s.deliver(&[record(0)]).await.unwrap_err();
+    assert!(err.is_retriable());
+    assert!(err.to_string().contains("timed out"), "{err}");
+}
+
+#[tokio::test]
+async fn poison_records_are_isolated_by_bisection() {
+    let server = Server::start().await;
+    let mut batch: Vec<_> = (0..11).map(record).collect();
+    for i in [2, 7] {
+        batch[i].json = format!(r#"{{"path":"/p/{i}","poison":"POISON"}}"#);
+    }
+    server.with(|g| g.poison = Some("POISON".into()));
+    let s = sink(server.url(), None, fast_retry(3));
+    let out = s.deliver(&batch).await.unwrap();
+    let rejected: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
+    assert_eq!(rejected, vec![2, 7]);
+    assert!(out.rejected[0].1.contains("422"), "{:?}", out.rejected);
+    let mut delivered = out.delivered.clone();
+    delivered.sort_unstable();
+    assert_eq!(delivered, vec![0, 1, 3, 4, 5, 6, 8, 9, 10]);
+    // Every good record reached the server exactly once among accepted bodies.
+    let accepted: Vec<String> =
+        server.with(|g| g.accepted.iter().flat_map(|b| records_of(b)).collect());
+    let mut got: Vec<String> = accepted.clone();
+    got.sort();
+    let mut want: Vec<String> = delivered
+        .iter()
+        .map(|&i| canonical(&batch[i].json))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn failure_during_bisection_reports_what_was_delivered() {
+    let server = Server::start().await;
+    let mut batch: Vec<_> = (0..4).map(record).collect();
+    batch[3].json = r#"{"poison":"POISON"}"#.into();
+    server.with(|g| {
+        g.poison = Some("POISON".into());
+        // After the first accepted half, the service goes down.
+        g.fail_after_accepted = Some((1, 503));
+    });
+    let s = sink(server.url(), None, fast_retry(2));
+    let err = s.deliver(&batch).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert_eq!(err.delivered_before_failure(), &[0, 1]);
+    let accepted: Vec<String> =
+        server.with(|g| g.accepted.iter().flat_map(|b| records_of(b)).collect());
+    assert_eq!(
+        accepted,
+        vec![canonical(&batch[0].json), canonical(&batch[1].json)]
+    );
+}
+
+#[tokio::test]
+async fn bad_token_is_a_permanent_config_error() {
+    let server = Server::start().await;
+    server.with(|g| g.script.push_back(Answer::status(401)));
+    let s = sink(server.url(), Some("wrong-jwt-value"), fast_retry(5));
+    let err = s.deliver(&[record(0), record(1)]).await.unwrap_err();
+    assert!(!err.is_retriable());
+    assert!(matches!(err, SinkError::Auth { .. }));
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("the ingestion service rejected AKTO_JWT_TOKEN (401)"),
+        "{msg}"
+    );
+    assert!(!msg.contains("wrong-jwt-value"), "{msg}");
+    assert!(!format!("{err:?}").contains("wrong-jwt-value"));
+    assert_eq!(server.with(|g| g.bodies.len()), 1, "no retry, no bisection");
+
+    server.with(|g| g.script.push_back(Answer::status(403)));
+    let s = sink(server.url(), None, fast_retry(5));
+    let err = s.deliver(&[record(0)]).await.unwrap_err();
+    assert!(!err.is_retriable());
+    assert!(err.to_string().contains("AKTO_JWT_TOKEN (403)"), "{err}");
+}
+
+#[tokio::test]
+async fn wrong_path_and_redirects_do_not_quarantine_records() {
+    let server = Server::start().await;
+    // No route at this base URL: 404, which must not be mistaken for poison records.
+    let url = Url::parse(&format!("http://{}/wrong", server.addr)).unwrap();
+    let s = sink(url, None, fast_retry(3));
+    let err = s.deliver(&[record(0), record(1)]).await.unwrap_err();
+    assert!(!err.is_retriable());
+    assert!(
+        err.to_string().contains("DATA_INGESTION_SERVICE_URL"),
+        "{err}"
+    );
+    let err = s.healthcheck().await.unwrap_err();
+    assert!(err.to_string().contains("404"), "{err}");
+
+    server.with(|g| g.script.push_back(Answer::status(302)));
+    let s = sink(server.url(), None, fast_retry(3));
+    let err = s.deliver(&[record(0)]).await.unwrap_err();
+    assert!(!err.is_retriable());
+    assert!(err.to_string().contains("redirect"), "{err}");
+}
+
+#[tokio::test]
+async fn unhealthy_service_fails_healthcheck() {
+    let server = Server::start().await;
+    server.with(|g| g.health_status = 503);
+    let s = sink(server.url(), None, fast_retry(1));
+    let err = s.healthcheck().await.unwrap_err();
+    assert!(err.is_retriable());
+    assert!(err.to_string().contains("503"), "{err}");
+}
+
+#[tokio::test]
+async fn oversized_record_is_rejected_without_sending_and_bodies_stay_under_limit() {
+    let server = Server::start().await;
+    let big = |i: usize, bytes: usize| OutRecord {
+        key: "k".into(),
+        json: format!(r#"{{"i":{i},"pad":"{}"}}"#, "x".repeat(bytes)),
+    };
+    let batch = vec![
+        big(0, 4 * 1024 * 1024),
+        big(1, MAX_BODY_BYTES), // alone over the limit
+        big(2, 4 * 1024 * 1024),
+        big(3, 4 * 1024 * 1024),
+        big(4, 4 * 1024 * 1024),
+        record(5),
+    ];
+    let plan = plan_batches(&batch, MAX_RECORDS_PER_BATCH, MAX_BODY_BYTES);
+    assert_eq!(plan, vec![0..1, 1..2, 2..4, 4..6]);
+    let s = sink(server.url(), None, fast_retry(2));
+    // Deliver the whole slice at once: the sink still keeps every body under the limit.
+    let out = s.deliver(&batch).await.unwrap();
+    assert_eq!(out.rejected.len(), 1);
+    assert_eq!(out.rejected[0].0, 1);
+    assert!(
+        out.rejected[0].1.contains("10485760"),
+        "{:?}",
+        out.rejected[0].1
+    );
+    let mut delivered = out.delivered.clone();
+    delivered.sort_unstable();
+    assert_eq!(delivered, vec![0, 2, 3, 4, 5]);
+    server.with(|g| {
+        assert!(g.bodies.iter().all(|b| b.len() <= MAX_BODY_BYTES));
+        assert_eq!(
+            g.bodies.len(),
+            2,
+            "over-limit slice split into several requests"
+        );
+        assert!(!g.bodies.iter().any(|b| b.contains("\"i\":1,")));
+    });
+    // The planned single-record range of the oversized record is rejected without a request.
+    let before = server.with(|g| g.bodies.len());
+    let out = s.deliver(&batch[1..2]).await.unwrap();
+    assert_eq!(out.rejected.len(), 1);
+    assert!(out.delivered.is_empty());
+    assert_eq!(server.with(|g| g.bodies.len()), before);
+}
