@@ -802,6 +802,81 @@ mod tests {
         assert!(cli.print_config);
     }
 
+    /// Every environment variable the connector reads.
+    pub(crate) const ALL_VARIABLES: [&str; 31] = [
+        "DATABRICKS_HOST",
+        "DATABRICKS_CLIENT_ID",
+        "DATABRICKS_CLIENT_SECRET",
+        "DATABRICKS_CLIENT_SECRET_FILE",
+        "DATABRICKS_TOKEN",
+        "DATABRICKS_TOKEN_FILE",
+        "DATABRICKS_CONFIG_FILE",
+        "DATABRICKS_CONFIG_PROFILE",
+        "DATABRICKS_CATALOG",
+        "DATABRICKS_SCHEMA",
+        "DATABRICKS_PREFIX",
+        "DATABRICKS_WAREHOUSE_ID",
+        "AKTO_SINK",
+        "DATA_INGESTION_SERVICE_URL",
+        "AKTO_JWT_TOKEN",
+        "AKTO_JWT_TOKEN_FILE",
+        "KAFKA_BROKER_HOST",
+        "AKTO_KAFKA_TOPIC_NAME",
+        "KAFKA_SECURITY_PROTOCOL",
+        "KAFKA_SASL_MECHANISM",
+        "KAFKA_SASL_USERNAME",
+        "KAFKA_SASL_PASSWORD",
+        "KAFKA_CA_FILE",
+        "OUTPUT_PATH",
+        "AKTO_ACCOUNT_ID",
+        "RECURRING_INTERVAL_SECONDS",
+        "LOOKBACK_MINUTES",
+        "MAX_CATCHUP_HOURS",
+        "STATE_DIR",
+        "LOG_FORMAT",
+        "METRICS_ADDR",
+    ];
+
+    #[test]
+    fn help_lists_every_variable_and_default() {
+        let help = Cli::command().render_long_help().to_string();
+        if std::env::var_os("SHOW_HELP").is_some() {
+            println!("{help}");
+        }
+        for name in ALL_VARIABLES.iter().chain(
+            [
+                "TABLE_CONCURRENCY",
+                "STATEMENT_TIMEOUT_SECONDS",
+                "BATCH_SIZE",
+            ]
+            .iter(),
+        ) {
+            assert!(
+                help.contains(&format!("[env: {name}")),
+                "{name} missing from --help"
+            );
+        }
+        for default in [
+            "[default: workspace]",
+            "[default: default]",
+            "[default: 300]",
+            "[default: 60]",
+            "[default: 24]",
+            "[default: ./state]",
+            "[default: text]",
+            "[default: 127.0.0.1:9464]",
+            "[default: 1000000]",
+            "[default: akto.api.logs]",
+            "[default: 4]",
+            "[default: 120]",
+            "[default: 50]",
+        ] {
+            assert!(help.contains(default), "{default} missing from --help");
+        }
+        assert!(help.contains("databricks-shield check") && help.contains("README"));
+        assert!(help.contains("--print-config") && help.contains("-once"));
+    }
+
     #[test]
     fn command_definition_is_consistent() {
         Cli::command().debug_assert();
@@ -922,6 +997,31 @@ mod tests {
         // A variable set in the process environment is never replaced by the file's value.
         assert_ne!(cli.databricks.schema.as_deref(), Some("file_schema"));
         assert_eq!(cli.databricks.warehouse_id, None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn env_file_parser_never_panics(text in "\\PC*(\n\\PC*){0,5}") {
+            let (entries, errors) = parse_env_file(&text);
+            proptest::prop_assert!(entries.len() + errors.len() <= text.lines().count());
+        }
+
+        #[test]
+        fn env_file_values_round_trip(
+            key in "[A-Za-z_][A-Za-z0-9_]{0,20}",
+            value in "[^\\s\"'#][^\n\r#]{0,30}[^\\s#]",
+            raw in "[^\n\r]{0,40}",
+        ) {
+            // Unquoted: the value as written, then a comment.
+            let (entries, errors) = parse_env_file(&format!("{key}={value} # note\n"));
+            proptest::prop_assert!(errors.is_empty());
+            proptest::prop_assert_eq!(entries, vec![(key.clone(), value.clone())]);
+            // Double-quoted with escapes: any one-line text survives.
+            let escaped = raw.replace('\\', "\\\\").replace('"', "\\\"");
+            let (entries, errors) = parse_env_file(&format!("export {key}=\"{escaped}\"\n"));
+            proptest::prop_assert!(errors.is_empty());
+            proptest::prop_assert_eq!(entries, vec![(key, raw)]);
+        }
     }
 
     #[test]

@@ -238,7 +238,10 @@ impl TableReader<'_> {
 
         // 2. late rows behind the cursor (before the head, so the two regions never overlap).
         if let Some(c) = &cursor {
-            let from = (c.time_us.min(self.now_us) - lookback).max(catchup_floor);
+            // Rows land up to about LOOKBACK late: anything at or before the cursor that was not
+            // there at the last complete read has a time after (that read - lookback).
+            let last_read = self.state.read_mark(&self.table.full_name)?.unwrap_or(c.time_us);
+            let from = (last_read.min(self.now_us) - lookback).max(catchup_floor);
             if from <= c.time_us {
                 self.collect_late(from, c, out, &mut stats).await?;
             }

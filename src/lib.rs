@@ -4,11 +4,14 @@
 //! `config` -> `databricks` -> `discovery` -> `collect` -> `traffic` -> `sink`, with `state`
 //! acknowledged only after delivery and `run` on top.
 
+pub mod app;
 pub mod cli;
 pub mod collect;
 pub mod config;
+pub mod demo;
 pub mod databricks;
 pub mod discovery;
 pub mod sink;
+pub mod run;
 pub mod state;
 pub mod traffic;

@@ -1,1 +1,143 @@
-fn main() {}
+//! The `databricks-shield` binary: parses the command line, then runs the chosen command.
+//! Exit codes: 0 success, 1 a cycle or check failed, 2 bad configuration.
+
+use std::process::ExitCode;
+
+use databricks_shield::cli::{self, Command};
+use databricks_shield::config::{Config, LogFormat, Needs};
+use databricks_shield::run::Shutdown;
+use databricks_shield::{app, discovery};
+
+fn main() -> ExitCode {
+    let cli = match cli::parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ERROR cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async_main(cli))
+}
+
+fn load(cli: &cli::Cli, needs: Needs) -> Result<Config, ExitCode> {
+    Config::from_cli(cli, needs).map_err(|e| {
+        eprintln!("ERROR {e}");
+        ExitCode::from(2)
+    })
+}
+
+async fn async_main(cli: cli::Cli) -> ExitCode {
+    let command = cli.command.clone().unwrap_or(Command::Run);
+    if let Command::Demo { output } = &command {
+        app::init_logging(LogFormat::Text);
+        return match databricks_shield::demo::run(output).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("ERROR demo failed: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let needs = match command {
+        Command::Discover { .. } => Needs::Databricks,
+        _ => Needs::DatabricksAndSink,
+    };
+    let config = match load(&cli, needs) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if cli.print_config {
+        println!("{}", config.summary());
+        return ExitCode::SUCCESS;
+    }
+    app::init_logging(config.log_format);
+    match command {
+        Command::Discover { json } => discover(&config, json).await,
+        Command::Check { .. } | Command::Run | Command::Demo { .. } => run(config).await,
+    }
+}
+
+async fn discover(config: &Config, json: bool) -> ExitCode {
+    let result = async {
+        let client = app::client(config)?;
+        client.authenticate().await?;
+        discovery::discover(&client, &config.catalog, &config.schema, &config.prefix).await
+    }
+    .await;
+    match result {
+        Ok(inv) => {
+            if json {
+                match serde_json::to_string_pretty(&inv) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("ERROR {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            } else {
+                print!("{}", discovery::render_table(&inv));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("ERROR {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    tracing::info!(
+        "Starting databricks-shield {} ({}): {}",
+        env!("CARGO_PKG_VERSION"),
+        if config.once { "one cycle" } else { "service" },
+        config.summary()
+    );
+    let connector = match app::connector(&config).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("ERROR {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (trigger, shutdown) = Shutdown::new();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("Shutdown requested: finishing the current batch");
+        trigger.trigger();
+    });
+    let ok = app::run_loop(connector, config.interval, config.once, shutdown).await;
+    tracing::info!("databricks-shield stopped");
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -23,6 +23,8 @@ const BY_TIME: TableDefinition<(&str, i64, &str), ()> = TableDefinition::new("de
 const CURSORS: TableDefinition<&str, &str> = TableDefinition::new("cursors_v1");
 /// "inflight" -> number of records in the batch being sent; "format" -> version.
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// table -> start time (µs) of the last cycle that read the table completely and delivered it.
+const READ_MARKS: TableDefinition<&str, i64> = TableDefinition::new("read_marks_v1");
 
 const FORMAT_VERSION: &str = "1";
 const FILE_NAME: &str = "databricks-shield.redb";
@@ -180,6 +182,7 @@ impl StateStore {
             txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
             txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
             txn.open_table(CURSORS).map_err(|e| self.io(e))?;
+            txn.open_table(READ_MARKS).map_err(|e| self.io(e))?;
         }
         txn.commit().map_err(|e| self.io(e))
     }
@@ -322,30 +325,40 @@ impl StateStore {
         txn.commit().map_err(|e| self.io(e))
     }
 
-    /// Forgets delivered ids older than `before_us` (they can no longer be re-read). Cursors stay.
-    pub fn prune(&self, before_us: i64) -> Result<u64, StateError> {
+    /// When `table` was last read completely (start of that cycle, µs).
+    pub fn read_mark(&self, table: &str) -> Result<Option<i64>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = txn.open_table(READ_MARKS).map_err(|e| self.io(e))?;
+        Ok(t.get(table).map_err(|e| self.io(e))?.map(|v| v.value()))
+    }
+
+    /// Records that `table` was read completely and delivered by the cycle that started at `at_us`.
+    pub fn set_read_mark(&self, table: &str, at_us: i64) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut t = txn.open_table(READ_MARKS).map_err(|e| self.io(e))?;
+            t.insert(table, at_us).map_err(|e| self.io(e))?;
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// Forgets delivered ids of `table` older than `before_us` (no later read can reach them).
+    /// The cursor stays.
+    pub fn prune(&self, table: &str, before_us: i64) -> Result<u64, StateError> {
         let txn = self.db.begin_write().map_err(|e| self.io(e))?;
         let mut removed = 0u64;
         {
             let mut delivered = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
             let mut by_time = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
-            let cursors = txn.open_table(CURSORS).map_err(|e| self.io(e))?;
-            let tables: Vec<String> = cursors
-                .iter()
+            let old: Vec<(i64, String)> = by_time
+                .range((table, i64::MIN, "")..(table, before_us, ""))
                 .map_err(|e| self.io(e))?
-                .filter_map(|r| r.ok().map(|(k, _)| k.value().to_string()))
+                .filter_map(|r| r.ok().map(|(k, _)| (k.value().1, k.value().2.to_string())))
                 .collect();
-            for table in &tables {
-                let old: Vec<(i64, String)> = by_time
-                    .range((table.as_str(), i64::MIN, "")..(table.as_str(), before_us, ""))
-                    .map_err(|e| self.io(e))?
-                    .filter_map(|r| r.ok().map(|(k, _)| (k.value().1, k.value().2.to_string())))
-                    .collect();
-                for (t, id) in old {
-                    by_time.remove((table.as_str(), t, id.as_str())).map_err(|e| self.io(e))?;
-                    delivered.remove((table.as_str(), id.as_str())).map_err(|e| self.io(e))?;
-                    removed += 1;
-                }
+            for (t, id) in old {
+                by_time.remove((table, t, id.as_str())).map_err(|e| self.io(e))?;
+                delivered.remove((table, id.as_str())).map_err(|e| self.io(e))?;
+                removed += 1;
             }
         }
         txn.commit().map_err(|e| self.io(e))?;
@@ -394,7 +407,10 @@ mod tests {
         s.commit_delivered(&rows("t", &[("z", 50)])).unwrap();
         s.commit_delivered(&rows("t", &[("a", 5)])).unwrap();
         assert_eq!(s.cursor("t").unwrap().unwrap().time_us, 50);
-        assert_eq!(s.prune(10).unwrap(), 1);
+        assert_eq!(s.prune("t", 10).unwrap(), 1);
+        assert_eq!(s.read_mark("t").unwrap(), None);
+        s.set_read_mark("t", 99).unwrap();
+        assert_eq!(s.read_mark("t").unwrap(), Some(99));
         assert!(s.delivered_among("t", ["a"]).unwrap().is_empty());
         assert_eq!(s.delivered_count("t").unwrap(), 1);
         assert_eq!(s.cursor("t").unwrap().unwrap().id, "z");

@@ -9,6 +9,7 @@
 //! Sinks:
 //! - [`HttpSink`]: Akto's Data Ingestion Service (`POST {url}/api/ingestData`).
 //! - [`FileSink`]: JSON lines to a file or stdout, for dry runs and inspection.
+//! - [`KafkaSink`]: Akto's `akto.api.logs` topic, with an idempotent producer.
 //!
 //! Architecture Invariant: sinks never re-parse or modify a record; what the traffic module
 //! encoded is exactly what is sent. Secrets (the JWT) never appear in logs, errors or Debug.
@@ -18,9 +19,11 @@ use std::time::Duration;
 
 mod file;
 mod http;
+mod kafka;
 
 pub use file::FileSink;
 pub use http::{HttpSink, HttpSinkConfig};
+pub use kafka::{KafkaSink, KafkaSinkConfig, KAFKA_MESSAGE_MAX_BYTES, KAFKA_QUEUE_MAX_KBYTES};
 
 /// Akto's Data Ingestion Service refuses request bodies larger than this (10 MiB).
 pub const MAX_BODY_BYTES: usize = 10_485_760;
@@ -300,20 +303,26 @@ pub(crate) fn plan_by_len(
 }
 
 /// The configured sink, dispatched by enum (no trait objects, no async-trait).
+// One sink lives per process, so variant size does not matter; keeping the variants unboxed
+// keeps the `AnySink::Http(HttpSink)` shape the rest of the connector matches on.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum AnySink {
     /// Akto's Data Ingestion Service.
     Http(HttpSink),
     /// JSON lines to a file or stdout.
     File(FileSink),
+    /// Akto's Kafka topic.
+    Kafka(KafkaSink),
 }
 
 impl AnySink {
-    /// Short name for logs and config: `http`, `file`.
+    /// Short name for logs and config: `http`, `file`, `kafka`.
     pub fn name(&self) -> &'static str {
         match self {
             AnySink::Http(_) => "http",
             AnySink::File(_) => "file",
+            AnySink::Kafka(_) => "kafka",
         }
     }
 
@@ -322,6 +331,7 @@ impl AnySink {
         match self {
             AnySink::Http(s) => s.describe(),
             AnySink::File(s) => s.describe(),
+            AnySink::Kafka(s) => s.describe(),
         }
     }
 
@@ -330,6 +340,7 @@ impl AnySink {
         match self {
             AnySink::Http(s) => s.healthcheck().await,
             AnySink::File(s) => s.healthcheck().await,
+            AnySink::Kafka(s) => s.healthcheck().await,
         }
     }
 
@@ -338,6 +349,7 @@ impl AnySink {
         match self {
             AnySink::Http(s) => s.deliver(batch).await,
             AnySink::File(s) => s.deliver(batch).await,
+            AnySink::Kafka(s) => s.deliver(batch).await,
         }
     }
 
@@ -346,6 +358,7 @@ impl AnySink {
         match self {
             AnySink::Http(_) => Ok(()),
             AnySink::File(s) => s.flush().await,
+            AnySink::Kafka(s) => s.flush().await,
         }
     }
 
@@ -354,6 +367,7 @@ impl AnySink {
         match self {
             AnySink::Http(_) => Ok(()),
             AnySink::File(s) => s.flush().await,
+            AnySink::Kafka(s) => s.flush().await,
         }
     }
 }

@@ -123,10 +123,8 @@ impl Base<'_> {
     fn record(
         &self,
         path: String,
-        request_headers: String,
-        response_headers: String,
-        request_payload: String,
-        response_payload: String,
+        (request_headers, response_headers): (String, String),
+        (request_payload, response_payload): (String, String),
         code: i64,
         tag: String,
     ) -> AktoRecord {
@@ -215,7 +213,11 @@ pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) ->
     };
     resp_h.set("content-type", resp_ct, &mut truncated);
     if let Some(d) = exec.duration_ms {
-        resp_h.set("x-databricks-execution-duration-ms", &d.to_string(), &mut truncated);
+        resp_h.set(
+            "x-databricks-execution-duration-ms",
+            &d.to_string(),
+            &mut truncated,
+        );
     }
     if !exec.logging_error_codes.is_empty() {
         resp_h.set(
@@ -239,10 +241,8 @@ pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) ->
     let mut records = Vec::with_capacity(1 + scan.calls.len());
     records.push(base.record(
         fit(ctx.path, MAX_STRING_BYTES, &mut truncated),
-        req_h.encode(),
-        resp_h.encode(),
-        request_payload,
-        response_payload,
+        (req_h.encode(), resp_h.encode()),
+        (request_payload, response_payload),
         code,
         tag.encode(),
     ));
@@ -255,12 +255,20 @@ pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) ->
         };
         let mut h = JsonObject::default();
         h.set("host", ctx.host, &mut truncated)
-            .set("content-type", content_type(Some(&call.arguments)), &mut truncated)
+            .set(
+                "content-type",
+                content_type(Some(&call.arguments)),
+                &mut truncated,
+            )
             .set("x-databricks-request-id", &exec.request_id, &mut truncated)
             .set("x-tool-call-id", &call_id, &mut truncated)
             .set("x-databricks-table", &exec.table, &mut truncated);
         let mut rh = JsonObject::default();
-        rh.set("content-type", content_type(call.output.as_deref()), &mut truncated);
+        rh.set(
+            "content-type",
+            content_type(call.output.as_deref()),
+            &mut truncated,
+        );
         if call.output.is_none() {
             rh.set("x-tool-output", "missing", &mut truncated);
         }
@@ -272,15 +280,20 @@ pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) ->
         t.set("gen-ai", "Gen AI", &mut truncated)
             .set("ai-agent", &base.tag_agent, &mut truncated)
             .set("tool", &call.name, &mut truncated);
-        records.push(base.record(
-            tool_path(&call.name),
-            h.encode(),
-            rh.encode(),
-            fit(&call.arguments, max, &mut truncated),
-            call.output.as_deref().map_or_else(String::new, |o| fit(o, max, &mut truncated)),
-            code,
-            t.encode(),
-        ));
+        records.push(
+            base.record(
+                tool_path(&call.name),
+                (h.encode(), rh.encode()),
+                (
+                    fit(&call.arguments, max, &mut truncated),
+                    call.output
+                        .as_deref()
+                        .map_or_else(String::new, |o| fit(o, max, &mut truncated)),
+                ),
+                code,
+                t.encode(),
+            ),
+        );
         tool_calls += 1;
     }
 

@@ -154,15 +154,24 @@ fn chat_agent_tool_calls_matched_by_tool_call_id() {
         {"role":"tool","name":"search","tool_call_id":"t1","content":"{\"hits\":3}"},
         {"role":"tool","name":"python_exec","tool_call_id":"t2","content":"Error: ZeroDivisionError"},
         {"role":"assistant","content":"done","id":"m2"}]}"#;
-    let e = exec(Some(r#"{"messages":[{"role":"user","content":"go"}]}"#), Some(resp));
+    let e = exec(
+        Some(r#"{"messages":[{"role":"user","content":"go"}]}"#),
+        Some(resp),
+    );
     let m = map_execution(&ctx(), &e, &MapOptions::default());
     let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
     assert_eq!(
         Value::Array(got),
         json!([
             tool("search", "t1", r#"{"q":"x"}"#, r#"{"hits":3}"#, "200", "OK"),
-            tool("python_exec", "t2", r#"{"code":"1/0"}"#, "Error: ZeroDivisionError", "500",
-                 "Internal Server Error"),
+            tool(
+                "python_exec",
+                "t2",
+                r#"{"code":"1/0"}"#,
+                "Error: ZeroDivisionError",
+                "500",
+                "Internal Server Error"
+            ),
         ])
     );
 }
@@ -185,8 +194,14 @@ fn responses_agent_function_calls_matched_by_call_id_in_response_and_request() {
         Value::Array(got),
         json!([
             tool("get_time", "fc1", "{}", "12:00", "200", "OK"),
-            tool("slow%20tool%2Fv2", "fc2", r#"{"a":[1,2]}"#, r#"{"error":"timeout"}"#, "500",
-                 "Internal Server Error"),
+            tool(
+                "slow%20tool%2Fv2",
+                "fc2",
+                r#"{"a":[1,2]}"#,
+                r#"{"error":"timeout"}"#,
+                "500",
+                "Internal Server Error"
+            ),
         ])
         .as_array()
         .map(|a| {
@@ -283,7 +298,13 @@ fn null_payloads_with_logging_error_codes_are_sent_with_the_reason() {
 #[test]
 fn missing_status_code_defaults_are_documented() {
     // (status_code, response, expected statusCode, expected x-databricks-status-code)
-    let cases: [(Option<i64>, Option<&str>, &str, Option<&str>); 5] = [
+    type Case = (
+        Option<i64>,
+        Option<&'static str>,
+        &'static str,
+        Option<&'static str>,
+    );
+    let cases: [Case; 5] = [
         (None, Some("{}"), "200", Some("missing")),
         (None, None, "500", Some("missing")),
         (Some(0), Some("{}"), "200", Some("0")),
@@ -359,8 +380,18 @@ fn oversized_payloads_are_cut_at_a_char_boundary_with_a_marker() {
     let m = map_execution(&ctx(), &exec(Some(&big), None), &tiny);
     assert_eq!(m.records[0].request_payload, "éé");
     // Exactly at the limit is not cut.
-    let m = map_execution(&ctx(), &exec(Some(&big), None), &MapOptions { tool_calls: false, max_string_bytes: 800 });
-    assert_eq!((m.truncated_payloads, m.records[0].request_payload.len()), (0, 800));
+    let m = map_execution(
+        &ctx(),
+        &exec(Some(&big), None),
+        &MapOptions {
+            tool_calls: false,
+            max_string_bytes: 800,
+        },
+    );
+    assert_eq!(
+        (m.truncated_payloads, m.records[0].request_payload.len()),
+        (0, 800)
+    );
 }
 
 #[test]
@@ -388,7 +419,10 @@ fn host_scheme() {
     check_host("x", "..a..b..", "x.ai-agent.a.b");
     check_host("x", "", "x.ai-agent.unknown-workspace");
     let h = agent_host("エージェント", "ws");
-    assert!(h.starts_with("agent-") && h.ends_with(".ai-agent.ws"), "{h}");
+    assert!(
+        h.starts_with("agent-") && h.ends_with(".ai-agent.ws"),
+        "{h}"
+    );
     assert_ne!(h, agent_host("別", "ws"));
     let long_a = agent_host(&"a".repeat(100), "ws");
     let long_b = agent_host(&format!("{}b", "a".repeat(99)), "ws");
@@ -396,7 +430,10 @@ fn host_scheme() {
     assert_ne!(long_a, long_b);
     assert_eq!(long_a, agent_host(&"a".repeat(100), "ws"));
     let long_ws = agent_host("bot", &format!("{}.databricks.com", "x.".repeat(200)));
-    assert!(long_ws.len() <= 253 && long_ws.ends_with(".databricks.com"), "{long_ws}");
+    assert!(
+        long_ws.len() <= 253 && long_ws.ends_with(".databricks.com"),
+        "{long_ws}"
+    );
     assert!(long_ws.starts_with("bot.ai-agent.ws-"), "{long_ws}");
 }
 
@@ -405,7 +442,10 @@ fn invocation_paths() {
     let t = "main.default.bot_payload";
     for (endpoint, want) in [
         (Some("bot"), "/serving-endpoints/bot/invocations"),
-        (Some("agents_main-default-m"), "/serving-endpoints/agents_main-default-m/invocations"),
+        (
+            Some("agents_main-default-m"),
+            "/serving-endpoints/agents_main-default-m/invocations",
+        ),
         (Some("a b/c"), "/serving-endpoints/a%20b%2Fc/invocations"),
         (Some(".."), "/serving-endpoints/%2E%2E/invocations"),
         (Some(""), "/tables/main.default.bot_payload/invocations"),
@@ -439,9 +479,13 @@ fn tool_output_error_heuristic() {
 }
 
 fn good() -> AktoRecord {
-    map_execution(&ctx(), &exec(Some("{}"), Some("{}")), &MapOptions::default())
-        .records
-        .remove(0)
+    map_execution(
+        &ctx(),
+        &exec(Some("{}"), Some("{}")),
+        &MapOptions::default(),
+    )
+    .records
+    .remove(0)
 }
 
 #[test]
@@ -456,13 +500,28 @@ fn validate_names_the_field_akto_would_reject() {
         (|r| r.source = "DATABRICKS".into(), "source"),
         (|r| r.request_headers = "[]".into(), "requestHeaders"),
         (|r| r.request_headers = "{".into(), "requestHeaders"),
-        (|r| r.request_headers = r#"{"Host":"a"}"#.into(), "requestHeaders"),
-        (|r| r.request_headers = r#"{"content-type":"x"}"#.into(), "requestHeaders"),
-        (|r| r.request_headers = r#"{"host":"A_B"}"#.into(), "requestHeaders"),
-        (|r| r.request_headers = r#"{"host":"a","x":1}"#.into(), "requestHeaders"),
+        (
+            |r| r.request_headers = r#"{"Host":"a"}"#.into(),
+            "requestHeaders",
+        ),
+        (
+            |r| r.request_headers = r#"{"content-type":"x"}"#.into(),
+            "requestHeaders",
+        ),
+        (
+            |r| r.request_headers = r#"{"host":"A_B"}"#.into(),
+            "requestHeaders",
+        ),
+        (
+            |r| r.request_headers = r#"{"host":"a","x":1}"#.into(),
+            "requestHeaders",
+        ),
         (|r| r.response_headers = "null".into(), "responseHeaders"),
         (|r| r.tag = "gen-ai".into(), "tag"),
-        (|r| r.response_payload = "x".repeat(MAX_STRING_BYTES + 1), "responsePayload"),
+        (
+            |r| r.response_payload = "x".repeat(MAX_STRING_BYTES + 1),
+            "responsePayload",
+        ),
         (|r| r.akto_account_id = "acct".into(), "akto_account_id"),
         (|r| r.path = "no-slash".into(), "path"),
     ];
@@ -484,9 +543,23 @@ fn encode_gives_exactly_akto_field_names() {
     assert_eq!(
         keys,
         [
-            "akto_account_id", "akto_vxlan_id", "destIp", "ip", "is_pending", "method", "path",
-            "requestHeaders", "requestPayload", "responseHeaders", "responsePayload", "source",
-            "status", "statusCode", "tag", "time", "type"
+            "akto_account_id",
+            "akto_vxlan_id",
+            "destIp",
+            "ip",
+            "is_pending",
+            "method",
+            "path",
+            "requestHeaders",
+            "requestPayload",
+            "responseHeaders",
+            "responsePayload",
+            "source",
+            "status",
+            "statusCode",
+            "tag",
+            "time",
+            "type"
         ]
     );
     assert!(v.as_object().unwrap().values().all(Value::is_string));
@@ -610,6 +683,9 @@ proptest! {
         prop_assert_eq!(m.records.len(), 1 + m.tool_calls as usize);
         for r in &m.records {
             prop_assert!(validate(r).is_ok(), "{:?}: {:?}", validate(r), r);
+            // The independent stand-in must agree.
+            let v: Value = serde_json::from_str(&encode(r)).unwrap();
+            prop_assert!(akto_standin::check_record(&v).is_ok(), "{:?}", akto_standin::check_record(&v));
             prop_assert!(r.request_payload.len() <= max);
             prop_assert!(r.response_payload.len() <= max);
             let v: Value = serde_json::from_str(&encode(r)).unwrap();
@@ -636,5 +712,124 @@ proptest! {
         prop_assert!(p.starts_with('/') && p.ends_with("/invocations"));
         prop_assert_eq!(p.matches('/').count(), 3);
         prop_assert!(p.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~%/".contains(&b)));
+    }
+}
+
+#[test]
+fn hostile_payloads_do_not_panic() {
+    let deep_array = "[".repeat(100_000);
+    let deep_resp = format!(
+        r#"{{"choices":[{{"message":{}"#,
+        "{\"message\":".repeat(50_000)
+    );
+    let deep_ok = format!(
+        r#"{{"output":[{{"type":"function_call","call_id":"a","name":"t","arguments":{}1{}}}]}}"#,
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let cases = [
+        (Some(deep_array.as_str()), Some(deep_array.as_str())),
+        (Some(deep_resp.as_str()), Some(deep_resp.as_str())),
+        (None, Some(deep_ok.as_str())),
+        (Some("\u{0}\u{1f}\"\\"), Some("{\"choices\":\"\u{0}\"}")),
+        (Some(""), Some("")),
+        (Some("   "), Some("null")),
+    ];
+    for (req, resp) in cases {
+        let m = map_execution(&ctx(), &exec(req, resp), &MapOptions::default());
+        for r in &m.records {
+            validate(r).unwrap();
+        }
+    }
+    // Nesting under serde_json's limit still finds the call.
+    let m = map_execution(&ctx(), &exec(None, Some(&deep_ok)), &MapOptions::default());
+    assert_eq!(m.tool_calls, 1);
+    assert_eq!(
+        m.records[1].request_payload,
+        format!("{}1{}", "[".repeat(100), "]".repeat(100))
+    );
+}
+
+/// Which payload format a generated response uses.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    Completions,
+    ChatAgent,
+    Responses,
+}
+
+/// Build a response with the given calls `(id, name, args, output)`; ids may repeat.
+fn build_response(format: Format, calls: &[(String, String, String, Option<String>)]) -> String {
+    match format {
+        Format::Completions => {
+            let tcs: Vec<Value> = calls
+                .iter()
+                .map(|(id, n, a, _)| json!({"id": id, "type": "function", "function": {"name": n, "arguments": a}}))
+                .collect();
+            json!({"choices": [{"message": {"role": "assistant", "tool_calls": tcs}}]}).to_string()
+        }
+        Format::ChatAgent => {
+            let mut msgs = vec![];
+            for (id, n, a, o) in calls {
+                msgs.push(
+                    json!({"role": "assistant", "content": "thinking", "tool_calls": [
+                    {"id": id, "type": "function", "function": {"name": n, "arguments": a}}]}),
+                );
+                if let Some(o) = o {
+                    msgs.push(json!({"role": "tool", "name": n, "tool_call_id": id, "content": o}));
+                }
+            }
+            json!({"messages": msgs}).to_string()
+        }
+        Format::Responses => {
+            let mut out = vec![
+                json!({"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "x"}]}),
+            ];
+            for (id, n, a, o) in calls {
+                out.push(
+                    json!({"type": "function_call", "call_id": id, "name": n, "arguments": a}),
+                );
+                if let Some(o) = o {
+                    out.push(json!({"type": "function_call_output", "call_id": id, "output": o}));
+                }
+            }
+            json!({"object": "response", "output": out}).to_string()
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn every_distinct_tool_call_becomes_exactly_one_record(
+        format in prop_oneof![Just(Format::Completions), Just(Format::ChatAgent), Just(Format::Responses)],
+        calls in prop::collection::vec(
+            ("c[0-5]", "[a-z_.]{1,8}", any::<String>(), proptest::option::of("[a-z ]{0,10}")),
+            0..8,
+        ),
+    ) {
+        let response = build_response(format, &calls);
+        let m = map_execution(&ctx(), &exec(Some("{}"), Some(&response)), &MapOptions::default());
+        let mut first: Vec<&(String, String, String, Option<String>)> = vec![];
+        for c in &calls {
+            if !first.iter().any(|f| f.0 == c.0) {
+                first.push(c);
+            }
+        }
+        prop_assert_eq!(m.tool_calls as usize, first.len());
+        for (rec, (id, name, args, _)) in m.records.iter().skip(1).zip(first) {
+            let r = readable(rec);
+            prop_assert_eq!(&r["requestHeaders"]["x-tool-call-id"], &json!(id));
+            prop_assert_eq!(&r["tag"]["tool"], &json!(name));
+            prop_assert_eq!(&r["path"], &json!(format!("/tools/{name}")));
+            prop_assert_eq!(&r["requestPayload"], &json!(args));
+            // The output of the first call with this id that has one (completions carry none).
+            let want = match format {
+                Format::Completions => String::new(),
+                _ => calls.iter().filter(|c| &c.0 == id).find_map(|c| c.3.clone()).unwrap_or_default(),
+            };
+            prop_assert_eq!(&r["responsePayload"], &json!(want));
+        }
     }
 }

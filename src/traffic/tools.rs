@@ -115,7 +115,13 @@ fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, St
             item(*msg, calls, outputs);
         }
     }
-    for it in doc.messages.0.into_iter().chain(doc.output.0).chain(doc.input.0) {
+    for it in doc
+        .messages
+        .0
+        .into_iter()
+        .chain(doc.output.0)
+        .chain(doc.input.0)
+    {
         item(it, calls, outputs);
     }
 }
@@ -148,7 +154,12 @@ fn item(it: Item, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, Strin
             Some(f) => (f.name.0, f.arguments.0),
             None => (None, None),
         };
-        push_call(calls, id.0.or(call_id.0), fname.or(name.0), fargs.or(arguments.0));
+        push_call(
+            calls,
+            id.0.or(call_id.0),
+            fname.or(name.0),
+            fargs.or(arguments.0),
+        );
     }
     match kind.0.as_deref() {
         Some("function_call") => push_call(calls, call_id.0.or(id.0), name.0, arguments.0),
@@ -477,8 +488,7 @@ impl<'de> Deserialize<'de> for Item {
                         Key::Arguments => it.arguments = map.next_value()?,
                         Key::Output => it.output = map.next_value()?,
                         Key::Content => {
-                            let maybe_tool =
-                                it.role.0.as_deref().is_none_or(|r| r == "tool");
+                            let maybe_tool = it.role.0.as_deref().is_none_or(|r| r == "tool");
                             if maybe_tool {
                                 it.content = map.next_value()?;
                             } else {

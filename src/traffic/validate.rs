@@ -7,7 +7,16 @@ use super::record::{AktoRecord, MAX_STRING_BYTES};
 
 /// The `source` values Akto's runtime accepts; anything else is dropped silently.
 pub const ALLOWED_SOURCES: [&str; 10] = [
-    "HAR", "PCAP", "MIRRORING", "SDK", "OTHER", "POSTMAN", "OPEN_API", "BURP", "IMPERVA", "WIZ",
+    "HAR",
+    "PCAP",
+    "MIRRORING",
+    "SDK",
+    "OTHER",
+    "POSTMAN",
+    "OPEN_API",
+    "BURP",
+    "IMPERVA",
+    "WIZ",
 ];
 
 /// A record field Akto would reject or drop, and why.
@@ -83,16 +92,25 @@ fn string_object(
     Ok(map)
 }
 
-fn headers(field: &'static str, s: &str) -> Result<serde_json::Map<String, Value>, ContractViolation> {
+fn headers(
+    field: &'static str,
+    s: &str,
+) -> Result<serde_json::Map<String, Value>, ContractViolation> {
     let map = string_object(field, s)?;
-    if let Some(k) = map.keys().find(|k| k.bytes().any(|b| b.is_ascii_uppercase())) {
+    if let Some(k) = map
+        .keys()
+        .find(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
+    {
         return Err(violation(
             field,
             format!("header key {k:?} must be lowercase (Akto matches header names in lowercase)"),
         ));
     }
     if let Some(k) = map.keys().find(|k| k.is_empty()) {
-        return Err(violation(field, format!("header key {k:?} must not be empty")));
+        return Err(violation(
+            field,
+            format!("header key {k:?} must not be empty"),
+        ));
     }
     Ok(map)
 }
@@ -125,7 +143,10 @@ pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
     if parse_i32_digits(&record.status_code).is_none() {
         return Err(violation(
             "statusCode",
-            format!("{:?} must be a numeric string such as \"200\"", short(&record.status_code)),
+            format!(
+                "{:?} must be a numeric string such as \"200\"",
+                short(&record.status_code)
+            ),
         ));
     }
     if !ALLOWED_SOURCES.contains(&record.source.as_str()) {
@@ -141,17 +162,26 @@ pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
     if parse_i32_digits(&record.akto_account_id).is_none() {
         return Err(violation(
             "akto_account_id",
-            format!("{:?} must be a numeric string such as \"1000000\"", short(&record.akto_account_id)),
+            format!(
+                "{:?} must be a numeric string such as \"1000000\"",
+                short(&record.akto_account_id)
+            ),
         ));
     }
     if parse_i32_digits(&record.akto_vxlan_id).is_none() {
-        return Err(violation("akto_vxlan_id", "must be a numeric string such as \"0\""));
+        return Err(violation(
+            "akto_vxlan_id",
+            "must be a numeric string such as \"0\"",
+        ));
     }
     if record.is_pending != "true" && record.is_pending != "false" {
         return Err(violation("is_pending", "must be \"true\" or \"false\""));
     }
     if record.method.is_empty() || !record.method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(violation("method", "must be an uppercase HTTP method such as \"POST\""));
+        return Err(violation(
+            "method",
+            "must be an uppercase HTTP method such as \"POST\"",
+        ));
     }
     if !record.path.starts_with('/') {
         return Err(violation("path", "must start with '/'"));
@@ -166,13 +196,16 @@ pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
         }
         Some(h)
             if h.is_empty()
-                || !h
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-') =>
+                || !h.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-'
+                }) =>
         {
             return Err(violation(
                 "requestHeaders",
-                format!("host {:?} must be non-empty and use only [a-z0-9.-]", short(h)),
+                format!(
+                    "host {:?} must be non-empty and use only [a-z0-9.-]",
+                    short(h)
+                ),
             ))
         }
         Some(_) => {}

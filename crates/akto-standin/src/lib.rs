@@ -41,7 +41,16 @@ pub const MAX_BODY_BYTES: usize = 10_485_760;
 pub const MAX_STRING_BYTES: usize = 5_242_880;
 /// Accepted `source` values.
 pub const ALLOWED_SOURCES: [&str; 10] = [
-    "HAR", "PCAP", "MIRRORING", "SDK", "OTHER", "POSTMAN", "OPEN_API", "BURP", "IMPERVA", "WIZ",
+    "HAR",
+    "PCAP",
+    "MIRRORING",
+    "SDK",
+    "OTHER",
+    "POSTMAN",
+    "OPEN_API",
+    "BURP",
+    "IMPERVA",
+    "WIZ",
 ];
 /// Fields every record must carry, as strings.
 pub const REQUIRED_FIELDS: [&str; 17] = [
@@ -262,8 +271,10 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
             tracing::warn!("WARN batch rejected: 401 authorization missing or wrong");
             return answer(
                 StatusCode::UNAUTHORIZED,
-                vec!["authorization: missing or invalid token (send the raw JWT, no Bearer prefix)"
-                    .to_string()],
+                vec![
+                    "authorization: missing or invalid token (send the raw JWT, no Bearer prefix)"
+                        .to_string(),
+                ],
             );
         }
     }
@@ -365,10 +376,12 @@ pub fn check_batch(body: &[u8]) -> Result<Vec<Value>, Vec<String>> {
             body.len()
         )]);
     }
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| vec![format!("body: not valid JSON: {e}")])?;
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| vec![format!("body: not valid JSON: {e}")])?;
     let Value::Object(mut top) = v else {
-        return Err(vec!["body: must be a JSON object {\"batchData\":[...]}".to_string()]);
+        return Err(vec![
+            "body: must be a JSON object {\"batchData\":[...]}".to_string()
+        ]);
     };
     let Some(Value::Array(batch)) = top.remove("batchData") else {
         return Err(vec!["batchData: missing or not an array".to_string()]);
@@ -409,7 +422,9 @@ fn object_string(
     headers: bool,
 ) -> Result<serde_json::Map<String, Value>, String> {
     let Ok(Value::Object(map)) = serde_json::from_str::<Value>(s) else {
-        return Err(format!("{field}: must be a JSON object encoded as a string"));
+        return Err(format!(
+            "{field}: must be a JSON object encoded as a string"
+        ));
     };
     for (k, v) in &map {
         if !v.is_string() {
@@ -433,6 +448,12 @@ pub fn check_record(rec: &Value) -> Result<(), String> {
         }
     }
     for (k, v) in map {
+        if k == "publishToGuardrails" {
+            if !v.is_boolean() {
+                return Err(format!("{k}: must be a boolean"));
+            }
+            continue;
+        }
         match v {
             Value::String(s) if s.len() > MAX_STRING_BYTES => {
                 return Err(format!(
@@ -441,7 +462,6 @@ pub fn check_record(rec: &Value) -> Result<(), String> {
                 ))
             }
             Value::String(_) => {}
-            Value::Bool(_) if k == "publishToGuardrails" => {}
             _ => return Err(format!("{k}: must be a string")),
         }
     }
@@ -454,7 +474,7 @@ pub fn check_record(rec: &Value) -> Result<(), String> {
             ALLOWED_SOURCES.join(",")
         ));
     }
-    if !digits_i32(s("time")).is_some_and(|t| t > 0) {
+    if digits_i32(s("time")).is_none_or(|t| t <= 0) {
         return Err(format!(
             "time: {:?} is not a positive 32-bit integer of epoch seconds",
             cut(s("time"))

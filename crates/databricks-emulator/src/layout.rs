@@ -303,7 +303,7 @@ impl Layout {
         let mut out_agents = Vec::new();
         let mut endpoints = Vec::new();
         let mut experiments = Vec::new();
-        let mut created = |rng: &mut Rng| now_ms - 86_400_000 * (1 + rng.below(90) as i64);
+        let created = |rng: &mut Rng| now_ms - 86_400_000 * (1 + rng.below(90) as i64);
         for i in 0..agents {
             let name = agent_name(i);
             let kind = match i % 4 {
@@ -405,7 +405,7 @@ impl Layout {
             creation_timestamp: created(&mut rng),
             config_version: 1,
         });
-        let mut distractor = |name: String, kind: TableKind, columns: &'static [Column], rng: &mut Rng| TableDef {
+        let distractor = |name: String, kind: TableKind, columns: &'static [Column], rng: &mut Rng| TableDef {
             name,
             kind,
             agent: None,

@@ -33,6 +33,20 @@ pub(crate) fn fmt_date(us: i64) -> String {
     }
 }
 
+/// Spark's rendering of a DOUBLE (`1.0`, `0.25`, `1.0E-7`).
+pub(crate) fn format_double(f: f64) -> String {
+    if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e15 {
+        format!("{f:.1}")
+    } else if f.is_nan() {
+        "NaN".to_string()
+    } else if f.is_infinite() {
+        if f > 0.0 { "Infinity".to_string() } else { "-Infinity".to_string() }
+    } else {
+        let s = format!("{f:?}");
+        s.replace('e', "E")
+    }
+}
+
 pub(crate) fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
@@ -159,6 +173,52 @@ fn register_functions(conn: &Connection, layout: &Arc<Layout>, payload_bytes: us
             })
         })?;
     }
+    conn.create_scalar_function("emu_cast", 2, det, |ctx| {
+        use rusqlite::types::Value as V;
+        let v: V = ctx.get(0)?;
+        let ty = arg_text(ctx, 1).unwrap_or_default();
+        let text = |v: &V| match v {
+            V::Text(s) => Some(s.clone()),
+            V::Integer(i) => Some(i.to_string()),
+            V::Real(f) => Some(format_double(*f)),
+            _ => None,
+        };
+        if matches!(v, V::Null) {
+            return Ok(V::Null);
+        }
+        Ok(match ty.as_str() {
+            "STRING" | "VARCHAR" | "CHAR" => text(&v).map(V::Text).unwrap_or(V::Null),
+            "INT" | "INTEGER" | "BIGINT" | "LONG" | "SMALLINT" | "TINYINT" => match &v {
+                V::Integer(i) => V::Integer(*i),
+                V::Real(f) => V::Integer(f.trunc() as i64),
+                V::Text(s) => s.trim().parse::<i64>().map(V::Integer).unwrap_or(V::Null),
+                _ => V::Null,
+            },
+            "DOUBLE" | "FLOAT" | "REAL" | "DECIMAL" => match &v {
+                V::Integer(i) => V::Real(*i as f64),
+                V::Real(f) => V::Real(*f),
+                V::Text(s) => s.trim().parse::<f64>().map(V::Real).unwrap_or(V::Null),
+                _ => V::Null,
+            },
+            "BOOLEAN" => match &v {
+                V::Integer(i) => V::Integer((*i != 0) as i64),
+                V::Text(s) if s.eq_ignore_ascii_case("true") => V::Integer(1),
+                V::Text(s) if s.eq_ignore_ascii_case("false") => V::Integer(0),
+                _ => V::Null,
+            },
+            "DATE" => text(&v).and_then(|s| parse_date(&s)).map(V::Text).unwrap_or(V::Null),
+            "TIMESTAMP" | "TIMESTAMP_NTZ" | "TIMESTAMP_LTZ" => match &v {
+                V::Text(s) => parse_ts(s).map(|us| V::Text(fmt_ts(us))).unwrap_or(V::Null),
+                V::Integer(secs) => V::Text(fmt_ts(secs.saturating_mul(1_000_000))),
+                _ => V::Null,
+            },
+            other => {
+                return Err(rusqlite::Error::UserFunctionError(
+                    format!("[UNSUPPORTED_DATATYPE] CAST to {other} is not supported by the emulator").into(),
+                ))
+            }
+        })
+    })?;
     conn.create_scalar_function("size", 1, det, |ctx| {
         Ok(match arg_text(ctx, 0) {
             Some(s) => match serde_json::from_str::<serde_json::Value>(&s) {

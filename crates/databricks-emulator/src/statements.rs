@@ -1,0 +1,410 @@
+//! SQL statement execution and lifecycle: binding named parameters, running translated SQL on
+//! a read-only SQLite connection (on a blocking thread), rendering every value as Databricks
+//! does (JSON strings, NULL as null), chunking, and the PENDING/RUNNING/SUCCEEDED/FAILED/CANCELED
+//! state machine the Statement Execution API exposes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::Connection;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::layout::SparkType;
+use crate::sql::{SqlError, Translated};
+use crate::store::{format_double, fmt_ts, parse_date, parse_ts};
+
+/// The Databricks inline result limit.
+pub(crate) const INLINE_LIMIT_BYTES: usize = 25 * 1024 * 1024;
+/// Statements whose results are kept; older ones are forgotten (404).
+const KEEP_STATEMENTS: usize = 512;
+/// Result bytes kept across statements before the oldest results are dropped.
+const KEEP_RESULT_BYTES: usize = 512 * 1024 * 1024;
+
+/// One `parameters[]` entry of a statement request.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct ParamIn {
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default, rename = "type")]
+    pub ty: Option<String>,
+}
+
+/// A finished result set.
+#[derive(Debug)]
+pub(crate) struct ResultSet {
+    pub columns: Vec<(String, SparkType)>,
+    pub rows: Vec<Vec<Option<String>>>,
+    pub truncated: bool,
+    pub bytes: usize,
+}
+
+/// Why a run did not produce a result.
+#[derive(Debug)]
+pub(crate) enum RunError {
+    Sql(SqlError),
+    Canceled,
+}
+
+impl From<SqlError> for RunError {
+    fn from(e: SqlError) -> Self {
+        RunError::Sql(e)
+    }
+}
+
+/// Convert a typed parameter to the stored canonical representation.
+pub(crate) fn bind_value(p: &ParamIn) -> Result<SqlValue, SqlError> {
+    let ty = p.ty.as_deref().unwrap_or("STRING").trim().to_ascii_uppercase();
+    let Some(v) = &p.value else { return Ok(SqlValue::Null) };
+    let bad = |what: &str| {
+        SqlError::bad(
+            "INVALID_PARAMETER_VALUE",
+            format!("Parameter `{}` of type {ty} has an invalid value '{v}': expected {what}", p.name),
+        )
+    };
+    let base = ty.split('(').next().unwrap_or("").trim();
+    Ok(match base {
+        "STRING" | "VARCHAR" | "CHAR" => SqlValue::Text(v.clone()),
+        "INT" | "INTEGER" | "BIGINT" | "LONG" | "SMALLINT" | "TINYINT" | "SHORT" | "BYTE" => {
+            SqlValue::Integer(v.trim().parse().map_err(|_| bad("an integer"))?)
+        }
+        "DOUBLE" | "FLOAT" | "DECIMAL" => SqlValue::Real(v.trim().parse().map_err(|_| bad("a number"))?),
+        "BOOLEAN" => match v.trim().to_ascii_lowercase().as_str() {
+            "true" => SqlValue::Integer(1),
+            "false" => SqlValue::Integer(0),
+            _ => return Err(bad("true or false")),
+        },
+        "TIMESTAMP" | "TIMESTAMP_NTZ" | "TIMESTAMP_LTZ" => {
+            SqlValue::Text(fmt_ts(parse_ts(v).ok_or_else(|| bad("an ISO-8601 timestamp like 2026-11-29T08:33:00Z"))?))
+        }
+        "DATE" => SqlValue::Text(parse_date(v).ok_or_else(|| bad("a date like 2026-11-29"))?),
+        _ => {
+            return Err(SqlError::bad(
+                "INVALID_PARAMETER_VALUE",
+                format!(
+                    "Parameter `{}` has unsupported type {ty}; use STRING, TIMESTAMP, DATE, INT, BIGINT, DOUBLE or BOOLEAN",
+                    p.name
+                ),
+            ))
+        }
+    })
+}
+
+fn map_sqlite_error(e: &rusqlite::Error, suggest: &[String]) -> SqlError {
+    let msg = match e {
+        rusqlite::Error::SqliteFailure(_, Some(m)) => m.clone(),
+        other => other.to_string(),
+    };
+    if let Some(col) = msg.strip_prefix("no such column: ") {
+        return SqlError::bad(
+            "UNRESOLVED_COLUMN.WITH_SUGGESTION",
+            format!(
+                "A column, variable, or function parameter with name `{col}` cannot be resolved. Did you mean one of the following? [{}]",
+                suggest.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
+    if let Some(f) = msg.strip_prefix("no such function: ") {
+        return SqlError::bad("UNRESOLVED_ROUTINE", format!("Cannot resolve routine `{f}` on search path [`system`.`builtin`, `system`.`session`]."));
+    }
+    if let Some(t) = msg.strip_prefix("no such table: ") {
+        return SqlError::bad("TABLE_OR_VIEW_NOT_FOUND", format!("The table or view `{t}` cannot be found."));
+    }
+    if msg.starts_with("ambiguous column name") {
+        return SqlError::bad("AMBIGUOUS_REFERENCE", msg);
+    }
+    if msg.starts_with("wrong number of arguments") {
+        return SqlError::bad("WRONG_NUM_ARGS", msg);
+    }
+    if msg.contains("interrupted") {
+        return SqlError::bad("OPERATION_CANCELED", "The statement was canceled");
+    }
+    if msg.starts_with('[') {
+        return SqlError { code: "BAD_REQUEST", message: msg };
+    }
+    SqlError::bad("PARSE_SYNTAX_ERROR", format!("Syntax error: {msg}"))
+}
+
+fn render(v: ValueRef<'_>, ty: SparkType) -> Option<String> {
+    match v {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(match ty {
+            SparkType::Boolean => (i != 0).to_string(),
+            SparkType::Double => format_double(i as f64),
+            _ => i.to_string(),
+        }),
+        ValueRef::Real(f) => Some(format_double(f)),
+        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => {
+            use base64::Engine;
+            Some(base64::engine::general_purpose::STANDARD.encode(b))
+        }
+    }
+}
+
+/// Execute a translated statement. `known` maps a column name to its Spark type when SQLite
+/// cannot tell (expressions in views); `suggest` feeds UNRESOLVED_COLUMN messages.
+pub(crate) fn run(
+    conn: &Connection,
+    tr: &Translated,
+    params: &[ParamIn],
+    row_limit: Option<usize>,
+    byte_limit: Option<usize>,
+    cancel: &AtomicBool,
+    known: &dyn Fn(&str) -> Option<SparkType>,
+    suggest: &[String],
+) -> Result<ResultSet, RunError> {
+    let mut stmt = conn.prepare(&tr.sql).map_err(|e| map_sqlite_error(&e, suggest))?;
+    for m in &tr.markers {
+        let Some(p) = params.iter().find(|p| &p.name == m) else {
+            return Err(SqlError::bad(
+                "UNBOUND_SQL_PARAMETER",
+                format!("Found the unbound parameter: {m}. Please, fix `args` and provide a mapping of the parameter to a SQL literal."),
+            )
+            .into());
+        };
+        let v = bind_value(p)?;
+        if let Ok(Some(idx)) = stmt.parameter_index(&format!(":{m}")) {
+            stmt.raw_bind_parameter(idx, v).map_err(|e| map_sqlite_error(&e, suggest))?;
+        }
+    }
+    let cols: Vec<(String, Option<SparkType>)> = stmt
+        .columns()
+        .iter()
+        .map(|c| {
+            let name = c.name().to_string();
+            let ty = c.decl_type().and_then(SparkType::from_sqlite_decl).or_else(|| known(&name));
+            (name, ty)
+        })
+        .collect();
+    let n = cols.len();
+    let mut rows_out: Vec<Vec<ValueRefOwned>> = Vec::new();
+    let mut bytes = 0usize;
+    let mut truncated = false;
+    let mut rows = stmt.raw_query();
+    loop {
+        if rows_out.len() % 256 == 0 && cancel.load(Ordering::Relaxed) {
+            return Err(RunError::Canceled);
+        }
+        let r = match rows.next() {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(RunError::Canceled);
+                }
+                return Err(map_sqlite_error(&e, suggest).into());
+            }
+        };
+        if row_limit.is_some_and(|l| rows_out.len() >= l) {
+            truncated = true;
+            break;
+        }
+        let mut row = Vec::with_capacity(n);
+        let mut row_bytes = 2;
+        for i in 0..n {
+            let v = r.get_ref(i).map_err(|e| map_sqlite_error(&e, suggest))?;
+            let owned = ValueRefOwned::from(v);
+            row_bytes += owned.len() + 3;
+            row.push(owned);
+        }
+        if byte_limit.is_some_and(|l| bytes + row_bytes > l) {
+            truncated = true;
+            break;
+        }
+        bytes += row_bytes;
+        if bytes > INLINE_LIMIT_BYTES {
+            return Err(SqlError::bad(
+                "INLINE_RESULT_TOO_LARGE",
+                "The result exceeds the 25 MiB limit of the INLINE disposition; page the query (LIMIT / keyset) or use a smaller byte_limit",
+            )
+            .into());
+        }
+        rows_out.push(row);
+    }
+    // Types: declared, known by name, else inferred from the first non-null value.
+    let columns: Vec<(String, SparkType)> = cols
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, ty))| {
+            let ty = ty.unwrap_or_else(|| {
+                rows_out
+                    .iter()
+                    .find_map(|r| match &r[i] {
+                        ValueRefOwned::Int(_) => Some(SparkType::Bigint),
+                        ValueRefOwned::Real(_) => Some(SparkType::Double),
+                        ValueRefOwned::Text(_) | ValueRefOwned::Blob(_) => Some(SparkType::String),
+                        ValueRefOwned::Null => None,
+                    })
+                    .unwrap_or(SparkType::String)
+            });
+            (name, ty)
+        })
+        .collect();
+    let rows = rows_out
+        .into_iter()
+        .map(|r| r.into_iter().zip(columns.iter()).map(|(v, (_, ty))| render(v.as_ref(), *ty)).collect())
+        .collect();
+    Ok(ResultSet { columns, rows, truncated, bytes })
+}
+
+/// An owned SQLite value (kept until the column types are known).
+#[derive(Debug)]
+enum ValueRefOwned {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+impl ValueRefOwned {
+    fn len(&self) -> usize {
+        match self {
+            ValueRefOwned::Null => 4,
+            ValueRefOwned::Int(_) | ValueRefOwned::Real(_) => 12,
+            ValueRefOwned::Text(s) => s.len(),
+            ValueRefOwned::Blob(b) => b.len() * 4 / 3,
+        }
+    }
+    fn as_ref(&self) -> ValueRef<'_> {
+        match self {
+            ValueRefOwned::Null => ValueRef::Null,
+            ValueRefOwned::Int(i) => ValueRef::Integer(*i),
+            ValueRefOwned::Real(f) => ValueRef::Real(*f),
+            ValueRefOwned::Text(s) => ValueRef::Text(s.as_bytes()),
+            ValueRefOwned::Blob(b) => ValueRef::Blob(b),
+        }
+    }
+}
+
+impl From<ValueRef<'_>> for ValueRefOwned {
+    fn from(v: ValueRef<'_>) -> Self {
+        match v {
+            ValueRef::Null => ValueRefOwned::Null,
+            ValueRef::Integer(i) => ValueRefOwned::Int(i),
+            ValueRef::Real(f) => ValueRefOwned::Real(f),
+            ValueRef::Text(t) => ValueRefOwned::Text(String::from_utf8_lossy(t).into_owned()),
+            ValueRef::Blob(b) => ValueRefOwned::Blob(b.to_vec()),
+        }
+    }
+}
+
+/// Where a statement is in its life.
+#[derive(Debug)]
+pub(crate) enum Phase {
+    Running,
+    Succeeded(Arc<ResultSet>),
+    Failed(SqlError),
+    Canceled,
+}
+
+/// A statement known to the warehouse.
+pub(crate) struct Entry {
+    pub phase: Phase,
+    /// Polls that still answer PENDING (fault injection).
+    pub pending_polls: u32,
+    pub cancel: Arc<AtomicBool>,
+    pub interrupt: Option<rusqlite::InterruptHandle>,
+    pub done: tokio::sync::watch::Receiver<bool>,
+}
+
+/// All statements, oldest first, bounded in count and result bytes.
+#[derive(Default)]
+pub(crate) struct StatementTable {
+    pub map: HashMap<String, Entry>,
+    order: VecDeque<String>,
+}
+
+impl StatementTable {
+    pub(crate) fn insert(&mut self, id: String, e: Entry) {
+        self.order.push_back(id.clone());
+        self.map.insert(id, e);
+        self.evict();
+    }
+
+    pub(crate) fn evict(&mut self) {
+        let total = |m: &HashMap<String, Entry>| -> usize {
+            m.values().map(|e| if let Phase::Succeeded(r) = &e.phase { r.bytes } else { 0 }).sum()
+        };
+        while self.order.len() > KEEP_STATEMENTS || (self.order.len() > 1 && total(&self.map) > KEEP_RESULT_BYTES) {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// The `result` object for chunk `idx` of a result set.
+pub(crate) fn chunk_json(id: &str, rs: &ResultSet, idx: usize, chunk_rows: usize) -> Value {
+    let cr = chunk_rows.max(1);
+    let total = rs.rows.len();
+    let start = (idx * cr).min(total);
+    let end = ((idx + 1) * cr).min(total);
+    let mut v = json!({"chunk_index": idx, "row_offset": start, "row_count": end - start});
+    if end > start {
+        v["data_array"] = json!(rs.rows[start..end]);
+    }
+    if end < total {
+        v["next_chunk_index"] = json!(idx + 1);
+        v["next_chunk_internal_link"] = json!(format!("/api/2.0/sql/statements/{id}/result/chunks/{}", idx + 1));
+    }
+    v
+}
+
+pub(crate) fn chunk_count(rs: &ResultSet, chunk_rows: usize) -> usize {
+    rs.rows.len().div_ceil(chunk_rows.max(1))
+}
+
+/// The manifest of a result set.
+pub(crate) fn manifest_json(rs: &ResultSet, chunk_rows: usize) -> Value {
+    let cr = chunk_rows.max(1);
+    let cols: Vec<Value> = rs
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ty))| {
+            json!({"name": name, "type_name": ty.type_name(), "type_text": ty.type_text().to_ascii_uppercase(), "position": i})
+        })
+        .collect();
+    let n = chunk_count(rs, chunk_rows);
+    let chunks: Vec<Value> = (0..n)
+        .map(|k| {
+            let start = k * cr;
+            json!({"chunk_index": k, "row_offset": start, "row_count": (rs.rows.len() - start).min(cr)})
+        })
+        .collect();
+    json!({
+        "format": "JSON_ARRAY",
+        "schema": {"column_count": rs.columns.len(), "columns": cols},
+        "total_chunk_count": n,
+        "chunks": chunks,
+        "total_row_count": rs.rows.len(),
+        "truncated": rs.truncated,
+    })
+}
+
+/// The full statement response for a given reported state.
+pub(crate) fn statement_json(id: &str, phase: &Phase, report_pending: bool, not_done_state: &str, chunk_rows: usize) -> Value {
+    if report_pending {
+        return json!({"statement_id": id, "status": {"state": "PENDING"}});
+    }
+    match phase {
+        Phase::Running => json!({"statement_id": id, "status": {"state": not_done_state}}),
+        Phase::Canceled => json!({"statement_id": id, "status": {"state": "CANCELED"}}),
+        Phase::Failed(e) => json!({"statement_id": id, "status": {"state": "FAILED",
+            "error": {"error_code": e.code, "message": e.message}}}),
+        Phase::Succeeded(rs) => json!({
+            "statement_id": id,
+            "status": {"state": "SUCCEEDED"},
+            "manifest": manifest_json(rs, chunk_rows),
+            "result": chunk_json(id, rs, 0, chunk_rows),
+        }),
+    }
+}

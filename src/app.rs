@@ -1,0 +1,165 @@
+//! Assembly: turns a validated [`Config`] into a running [`Connector`], and drives it once or on a
+//! schedule. Also the logging setup, shared by every command.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::collect::CollectOptions;
+use crate::config::{Config, DatabricksAuth, LogFormat, SinkConfig};
+use crate::databricks::{ClientOptions, Credentials, DatabricksClient};
+use crate::run::{Connector, CycleReport, Settings, Shutdown};
+use crate::sink::{HttpSink, HttpSinkConfig};
+use crate::sink::FileSink;
+use crate::sink::{AnySink, SinkError};
+use crate::state::StateStore;
+use crate::traffic::MapOptions;
+
+/// Sets up `tracing`: text or one JSON object per line, on stderr. `RUST_LOG` narrows or widens.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder.with_ansi(false).try_init(),
+    };
+}
+
+/// The Databricks client for a configuration.
+pub fn client(config: &Config) -> Result<DatabricksClient, crate::databricks::DatabricksError> {
+    let credentials = match &config.auth {
+        DatabricksAuth::OAuth {
+            client_id,
+            client_secret,
+        } => Credentials::OAuth {
+            client_id: client_id.clone(),
+            client_secret: client_secret.clone(),
+        },
+        DatabricksAuth::Pat { token } => Credentials::Pat(token.clone()),
+    };
+    DatabricksClient::new(&config.host, credentials, ClientOptions::default())
+}
+
+/// The sink a configuration asks for.
+pub fn sink(config: &SinkConfig) -> Result<AnySink, SinkError> {
+    Ok(match config {
+        SinkConfig::Http { url, jwt } => AnySink::Http(HttpSink::new(HttpSinkConfig {
+            url: url.clone(),
+            jwt: jwt.clone(),
+            timeout: Duration::from_secs(30),
+            retry: Default::default(),
+        })?),
+        SinkConfig::File { path } => AnySink::File(FileSink::new(path.clone())?),
+        SinkConfig::Kafka { .. } => {
+            return Err(SinkError::Config {
+                field: "KAFKA_BROKER_HOST",
+                message: "this build has no Kafka sink yet: set DATA_INGESTION_SERVICE_URL (AKTO_SINK=http) instead".into(),
+            })
+        }
+    })
+}
+
+/// Cycle settings derived from a configuration.
+pub fn settings(config: &Config) -> Settings {
+    Settings {
+        catalog: config.catalog.clone(),
+        schema: config.schema.clone(),
+        prefix: config.prefix.clone(),
+        warehouse_id: config.warehouse_id.clone(),
+        account_id: config.akto_account_id.clone(),
+        workspace_host: config.host.host_str().unwrap_or("databricks").to_string(),
+        batch_size: config.batch_size,
+        table_concurrency: config.table_concurrency,
+        collect: CollectOptions {
+            lookback: config.lookback,
+            max_catchup: config.max_catchup,
+            statement_timeout: config.statement_timeout,
+            ..Default::default()
+        },
+        map: MapOptions::default(),
+        state_dir: config.state_dir.clone(),
+    }
+}
+
+/// Cycle settings for the demo: defaults, state in `state_dir`.
+pub fn settings_for_demo(catalog: &str, schema: &str, state_dir: &std::path::Path) -> Settings {
+    Settings {
+        catalog: catalog.to_string(),
+        schema: schema.to_string(),
+        prefix: String::new(),
+        warehouse_id: None,
+        account_id: "1000000".into(),
+        workspace_host: "localhost".into(),
+        batch_size: 50,
+        table_concurrency: 4,
+        collect: CollectOptions::default(),
+        map: MapOptions::default(),
+        state_dir: state_dir.to_path_buf(),
+    }
+}
+
+/// Why the connector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Databricks(#[from] crate::databricks::DatabricksError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("no sink configured: set DATA_INGESTION_SERVICE_URL or KAFKA_BROKER_HOST (or --output PATH)")]
+    NoSink,
+}
+
+/// Builds the connector: client, sink (health-checked), state (locked).
+pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
+    let client = client(config)?;
+    let sink_config = config.sink.as_ref().ok_or(StartError::NoSink)?;
+    let sink = sink(sink_config)?;
+    tracing::info!("Sending records to {} (sink {})", sink.describe(), sink.name());
+    sink.healthcheck().await?;
+    let state = StateStore::open(&config.state_dir, config.reset_state)?;
+    let connector = Arc::new(Connector::new(client, sink, state, settings(config)));
+    connector.report_unconfirmed()?;
+    Ok(connector)
+}
+
+/// Logs a cycle's outcome the way Akto's job runner forwards it.
+pub fn log_report(report: &CycleReport) {
+    if report.ok() {
+        tracing::info!("{}", report.summary_line());
+    } else {
+        for e in &report.errors {
+            tracing::error!("ERROR {e}");
+        }
+        tracing::warn!("WARN {}", report.summary_line());
+    }
+}
+
+/// Runs cycles every `interval` until shutdown; cycles never overlap. With `once`, one cycle.
+/// Returns whether the last cycle succeeded.
+pub async fn run_loop(
+    connector: Arc<Connector>,
+    interval: Duration,
+    once: bool,
+    mut shutdown: Shutdown,
+) -> bool {
+    loop {
+        let report = connector.run_cycle(&shutdown).await;
+        log_report(&report);
+        if let Err(e) = connector.sink.flush().await {
+            tracing::error!("ERROR flushing {}: {e}", connector.sink.name());
+        }
+        if once || shutdown.is_triggered() {
+            return report.ok();
+        }
+        let next = interval.saturating_sub(report.duration);
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = shutdown.wait() => return report.ok(),
+        }
+    }
+}

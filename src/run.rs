@@ -1,0 +1,539 @@
+//! Run: one cycle end to end, the recurring service loop, and clean shutdown.
+//!
+//! A cycle: authenticate -> discover -> choose a warehouse -> read every inference table
+//! (concurrently, bounded) -> map each execution to Akto records -> deliver in batches ->
+//! checkpoint what the sink confirmed. Collectors feed one delivery task through a bounded
+//! channel, so memory stays flat whatever the table sizes (back-pressure, not buffering).
+//!
+//! Architecture Invariant: the state store is written only here, and only with ids whose records
+//! the sink confirmed (or that were quarantined). A failed batch stops the cycle; the next cycle
+//! re-reads from the last confirmed position. Cycles never overlap.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::collect::{Chunk, CollectError, CollectOptions, TableReader, TableStats};
+use crate::databricks::{DatabricksClient, DatabricksError};
+use crate::discovery::{self, Inventory};
+use crate::sink::{AnySink, OutRecord, SinkError, BODY_WRAPPER_BYTES, MAX_BODY_BYTES};
+use crate::state::{create_private_file, DeliveredRow, StateError, StateStore};
+use crate::traffic::{self, AgentContext, MapOptions};
+
+
+/// Stopping, as an explicit value handed to every long-running part (after mini-redis).
+#[derive(Clone)]
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+}
+
+/// The sending half: `trigger()` asks everything to stop between batches.
+pub struct ShutdownTrigger {
+    tx: watch::Sender<bool>,
+}
+
+impl Shutdown {
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (tx, rx) = watch::channel(false);
+        (ShutdownTrigger { tx }, Shutdown { rx })
+    }
+    pub fn is_triggered(&self) -> bool {
+        *self.rx.borrow()
+    }
+    /// Resolves when shutdown is triggered.
+    pub async fn wait(&mut self) {
+        while !*self.rx.borrow() {
+            if self.rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl ShutdownTrigger {
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
+    }
+}
+
+/// Everything a cycle needs that is not per-cycle.
+pub struct Settings {
+    pub catalog: String,
+    pub schema: String,
+    pub prefix: String,
+    pub warehouse_id: Option<String>,
+    pub account_id: String,
+    /// The workspace host name, part of every agent's Akto host.
+    pub workspace_host: String,
+    pub batch_size: usize,
+    pub table_concurrency: usize,
+    pub collect: CollectOptions,
+    pub map: MapOptions,
+    pub state_dir: PathBuf,
+}
+
+/// The connector, assembled.
+pub struct Connector {
+    pub client: DatabricksClient,
+    pub sink: AnySink,
+    pub state: Arc<StateStore>,
+    pub settings: Settings,
+    warehouse: tokio::sync::Mutex<Option<String>>,
+    quarantine: Quarantine,
+}
+
+/// The outcome of a cycle.
+#[derive(Debug, Default, Clone)]
+pub struct CycleReport {
+    pub agents: usize,
+    pub tables: usize,
+    pub rows_read: u64,
+    pub bytes_read: u64,
+    pub statements: u64,
+    pub executions: u64,
+    pub records_sent: u64,
+    pub duplicates_skipped: u64,
+    pub late_found: u64,
+    pub quarantined: u64,
+    pub truncated: u64,
+    pub tool_calls: u64,
+    pub errors: Vec<String>,
+    pub duration: Duration,
+    pub stopped: bool,
+    pub per_agent: BTreeMap<String, u64>,
+    pub inventory: Option<Inventory>,
+}
+
+impl CycleReport {
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// The line Akto's job runner forwards to its operators.
+    pub fn summary_line(&self) -> String {
+        format!(
+            "Cycle completed in {:.1}s. Results: agents={} tables={} rows_read={} records_sent={} \
+             duplicates_skipped={} quarantined={} errors={}",
+            self.duration.as_secs_f64(),
+            self.agents,
+            self.tables,
+            self.rows_read,
+            self.records_sent,
+            self.duplicates_skipped,
+            self.quarantined,
+            self.errors.len()
+        )
+    }
+
+    fn add_table(&mut self, s: &TableStats) {
+        self.rows_read += s.rows_returned;
+        self.bytes_read += s.bytes_returned;
+        self.statements += s.statements;
+        self.executions += s.executions;
+        self.duplicates_skipped += s.duplicates_skipped;
+        self.late_found += s.late_found;
+    }
+}
+
+/// Appends records that Akto would reject to `STATE_DIR/quarantine.jsonl` (mode 0600).
+struct Quarantine {
+    path: PathBuf,
+    lock: Mutex<()>,
+    count: AtomicU64,
+}
+
+impl Quarantine {
+    fn put(&self, table: &str, request_id: &str, reason: &str, record: &str) -> Result<(), StateError> {
+        use std::io::Write as _;
+        let line = serde_json::json!({
+            "quarantined_at": chrono::Utc::now().to_rfc3339(),
+            "table": table,
+            "databricks_request_id": request_id,
+            "reason": reason,
+            "record": record,
+        });
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = create_private_file(&self.path, true).map_err(|e| StateError::Io {
+            path: self.path.clone(),
+            detail: e.to_string(),
+        })?;
+        writeln!(f, "{line}")
+            .and_then(|_| f.sync_data())
+            .map_err(|e| StateError::Io {
+                path: self.path.clone(),
+                detail: e.to_string(),
+            })?;
+        self.count.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            "WARN quarantined a record of {table} (request {request_id}): {reason}; kept in {}",
+            self.path.display()
+        );
+        Ok(())
+    }
+}
+
+/// The agent a table belongs to, as records need it.
+struct AgentInfo {
+    name: String,
+    host: String,
+    path: String,
+}
+
+/// Why a cycle's delivery stopped early.
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl Connector {
+    pub fn new(client: DatabricksClient, sink: AnySink, state: StateStore, settings: Settings) -> Self {
+        let quarantine = Quarantine {
+            path: settings.state_dir.join("quarantine.jsonl"),
+            lock: Mutex::new(()),
+            count: AtomicU64::new(0),
+        };
+        Connector {
+            client,
+            sink,
+            state: Arc::new(state),
+            settings,
+            warehouse: tokio::sync::Mutex::new(None),
+            quarantine,
+        }
+    }
+
+    /// Reports a batch left unconfirmed by the previous run (it will be sent again).
+    pub fn report_unconfirmed(&self) -> Result<(), StateError> {
+        if let Some(n) = self.state.unconfirmed_batch()? {
+            tracing::warn!(
+                "WARN re-sending {n} records of an unconfirmed batch: the previous run stopped between \
+                 sending it and recording the sink's confirmation"
+            );
+            self.state.clear_in_flight()?;
+        }
+        Ok(())
+    }
+
+    async fn warehouse_id(&self) -> Result<String, DatabricksError> {
+        let mut w = self.warehouse.lock().await;
+        if let Some(id) = w.as_ref() {
+            return Ok(id.clone());
+        }
+        let (wh, why) = self
+            .client
+            .choose_warehouse(self.settings.warehouse_id.as_deref())
+            .await?;
+        tracing::info!(
+            "Using SQL warehouse {} ({}) [{}]",
+            wh.id,
+            wh.name.as_deref().unwrap_or("unnamed"),
+            why
+        );
+        *w = Some(wh.id.clone());
+        Ok(wh.id)
+    }
+
+    /// Runs one cycle. Never panics on bad data; every problem ends up in `errors`.
+    pub async fn run_cycle(self: &Arc<Self>, shutdown: &Shutdown) -> CycleReport {
+        let started = Instant::now();
+        let cycle_start_us = chrono::Utc::now().timestamp_micros();
+        let mut report = CycleReport::default();
+        let q_before = self.quarantine.count.load(Ordering::Relaxed);
+        if let Err(e) = self.cycle_inner(shutdown, cycle_start_us, &mut report).await {
+            tracing::error!("ERROR {e}");
+            report.errors.push(e.to_string());
+        }
+        report.quarantined = self.quarantine.count.load(Ordering::Relaxed) - q_before;
+        report.duration = started.elapsed();
+        report.stopped = shutdown.is_triggered();
+        report
+    }
+
+    async fn cycle_inner(
+        self: &Arc<Self>,
+        shutdown: &Shutdown,
+        cycle_start_us: i64,
+        report: &mut CycleReport,
+    ) -> Result<(), DatabricksError> {
+        self.client.authenticate().await?;
+        let s = &self.settings;
+        let inv = discovery::discover(&self.client, &s.catalog, &s.schema, &s.prefix).await?;
+        report.agents = inv.agents.len();
+        report.tables = inv.readable().count();
+        if report.tables == 0 {
+            tracing::warn!(
+                "WARN no inference tables to read in {}.{} (prefix '{}'): {} tables found, {} match the prefix. \
+                 Run `databricks-shield discover` to see what was found",
+                s.catalog,
+                s.schema,
+                s.prefix,
+                inv.tables_total,
+                inv.tables_matching_prefix
+            );
+            report.inventory = Some(inv);
+            return Ok(());
+        }
+        let warehouse = self.warehouse_id().await?;
+
+        let agents: BTreeMap<String, Arc<AgentInfo>> = inv
+            .readable()
+            .map(|(a, t)| {
+                (
+                    t.full_name.clone(),
+                    Arc::new(AgentInfo {
+                        name: a.name.clone(),
+                        host: traffic::agent_host(&a.name, &s.workspace_host),
+                        path: traffic::invocation_path(a.endpoint.as_deref(), &t.full_name),
+                    }),
+                )
+            })
+            .collect();
+
+        let (tx, rx) = mpsc::channel::<Chunk>(4);
+        let delivery = {
+            let this = self.clone();
+            let agents = agents.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { this.deliver(rx, agents, shutdown).await })
+        };
+
+        let sem = Arc::new(Semaphore::new(s.table_concurrency.max(1)));
+        let mut readers = tokio::task::JoinSet::new();
+        for (_, table) in inv.readable() {
+            let this = self.clone();
+            let tx = tx.clone();
+            let table = table.clone();
+            let warehouse = warehouse.clone();
+            let sem = sem.clone();
+            let shutdown = shutdown.clone();
+            readers.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                if shutdown.is_triggered() {
+                    return (table.full_name.clone(), Err(CollectError::Closed));
+                }
+                let reader = TableReader {
+                    client: &this.client,
+                    state: &this.state,
+                    warehouse_id: &warehouse,
+                    table: &table,
+                    opts: &this.settings.collect,
+                    now_us: cycle_start_us,
+                };
+                (table.full_name.clone(), reader.collect(&tx).await)
+            });
+        }
+        drop(tx);
+
+        let mut completed: Vec<String> = Vec::new();
+        while let Some(joined) = readers.join_next().await {
+            match joined {
+                Ok((table, Ok(stats))) => {
+                    report.add_table(&stats);
+                    completed.push(table);
+                }
+                Ok((_, Err(CollectError::Closed))) => {}
+                Ok((table, Err(e))) => {
+                    let msg = format!("{table}: {e}");
+                    tracing::error!("ERROR reading {msg}");
+                    report.errors.push(msg);
+                }
+                Err(e) => report.errors.push(format!("a table reader failed: {e}")),
+            }
+        }
+        let delivered = match delivery.await {
+            Ok(r) => r,
+            Err(e) => Err(DeliveryError::State(StateError::Io {
+                path: self.state.path().to_path_buf(),
+                detail: format!("delivery task failed: {e}"),
+            })),
+        };
+        match delivered {
+            Ok(d) => {
+                report.records_sent += d.records_sent;
+                report.truncated += d.truncated;
+                report.tool_calls += d.tool_calls;
+                report.per_agent = d.per_agent;
+                // Tables read completely and delivered: remember when, and forget old ids.
+                if !shutdown.is_triggered() {
+                    let keep = (s.collect.lookback + Duration::from_secs(600)).as_micros() as i64;
+                    for table in &completed {
+                        if let Err(e) = self
+                            .state
+                            .set_read_mark(table, cycle_start_us)
+                            .and_then(|_| self.state.prune(table, cycle_start_us - keep))
+                        {
+                            report.errors.push(format!("{table}: {e}"));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let msg = match &e {
+                    DeliveryError::Sink(se) => format!(
+                        "delivery to {} failed: {se}. Nothing unconfirmed was checkpointed; the next cycle retries",
+                        self.sink.describe()
+                    ),
+                    DeliveryError::State(se) => se.to_string(),
+                };
+                tracing::error!("ERROR {msg}");
+                report.errors.push(msg);
+            }
+        }
+        report.inventory = Some(inv);
+        Ok(())
+    }
+
+    /// The delivery stage: map, batch, send, checkpoint.
+    async fn deliver(
+        &self,
+        mut rx: mpsc::Receiver<Chunk>,
+        agents: BTreeMap<String, Arc<AgentInfo>>,
+        shutdown: Shutdown,
+    ) -> Result<DeliveryTotals, DeliveryError> {
+        let mut totals = DeliveryTotals::default();
+        let max_records = self.settings.batch_size.max(1);
+        let max_bytes = MAX_BODY_BYTES - BODY_WRAPPER_BYTES - 1024;
+        while let Some(chunk) = rx.recv().await {
+            if shutdown.is_triggered() {
+                return Ok(totals);
+            }
+            for (reason, raw) in &chunk.unreadable {
+                self.quarantine.put(&chunk.table, "", reason, raw)?;
+            }
+            let Some(agent) = agents.get(&chunk.table) else { continue };
+            let ctx = AgentContext {
+                agent: &agent.name,
+                host: &agent.host,
+                path: &agent.path,
+                account_id: &self.settings.account_id,
+            };
+            let mut batch = Batch::default();
+            for exec in &chunk.executions {
+                let mapped = traffic::map_execution(&ctx, exec, &self.settings.map);
+                totals.truncated += u64::from(mapped.truncated_payloads);
+                totals.tool_calls += u64::from(mapped.tool_calls);
+                let mut records = Vec::with_capacity(mapped.records.len());
+                for rec in &mapped.records {
+                    match traffic::validate(rec) {
+                        Ok(()) => records.push(OutRecord {
+                            key: agent.host.clone(),
+                            json: traffic::encode(rec),
+                        }),
+                        Err(v) => self.quarantine.put(
+                            &chunk.table,
+                            &exec.request_id,
+                            &v.to_string(),
+                            &traffic::encode(rec),
+                        )?,
+                    }
+                }
+                let bytes: usize = records.iter().map(|r| r.json.len() + 1).sum();
+                if !batch.is_empty()
+                    && (batch.records.len() + records.len() > max_records || batch.bytes + bytes > max_bytes)
+                {
+                    self.flush(&mut batch, &chunk.table, &agent.name, &mut totals).await?;
+                    if shutdown.is_triggered() {
+                        return Ok(totals);
+                    }
+                }
+                batch.push(&exec.request_id, exec.request_time.timestamp_micros(), records, bytes);
+            }
+            if !batch.is_empty() {
+                self.flush(&mut batch, &chunk.table, &agent.name, &mut totals).await?;
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Sends one batch and checkpoints the executions whose records were all confirmed.
+    async fn flush(
+        &self,
+        batch: &mut Batch,
+        table: &str,
+        agent: &str,
+        totals: &mut DeliveryTotals,
+    ) -> Result<(), DeliveryError> {
+        let b = std::mem::take(batch);
+        if !b.records.is_empty() {
+            self.state.mark_in_flight(b.records.len())?;
+        }
+        let result = if b.records.is_empty() {
+            Ok(Default::default())
+        } else {
+            self.sink.deliver(&b.records).await
+        };
+        let (done, rejected, failure): (Vec<usize>, Vec<(usize, String)>, Option<SinkError>) = match result {
+            Ok(outcome) => (outcome.delivered, outcome.rejected, None),
+            Err(e) => (
+                e.delivered_before_failure().to_vec(),
+                e.rejected_before_failure().to_vec(),
+                Some(e),
+            ),
+        };
+        let mut settled = vec![false; b.records.len()];
+        for i in &done {
+            if let Some(s) = settled.get_mut(*i) {
+                *s = true;
+            }
+        }
+        for (i, reason) in &rejected {
+            if let (Some(s), Some(rec)) = (settled.get_mut(*i), b.records.get(*i)) {
+                *s = true;
+                let owner = b.owner_of(*i).map(|e| e.0.as_str()).unwrap_or("");
+                self.quarantine.put(table, owner, &format!("the sink refused it: {reason}"), &rec.json)?;
+            }
+        }
+        let rows: Vec<DeliveredRow<'_>> = b
+            .execs
+            .iter()
+            .filter(|(_, _, range)| range.clone().all(|i| settled[i]))
+            .map(|(id, t, _)| DeliveredRow { table, id, time_us: *t })
+            .collect();
+        self.state.commit_delivered(&rows)?;
+        totals.records_sent += done.len() as u64;
+        *totals.per_agent.entry(agent.to_string()).or_default() += done.len() as u64;
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct DeliveryTotals {
+    records_sent: u64,
+    truncated: u64,
+    tool_calls: u64,
+    per_agent: BTreeMap<String, u64>,
+}
+
+/// Records of whole executions, sent together so an execution is checkpointed as a unit.
+#[derive(Default)]
+struct Batch {
+    records: Vec<OutRecord>,
+    /// (request id, time µs, its records' indices)
+    execs: Vec<(String, i64, std::ops::Range<usize>)>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.execs.is_empty()
+    }
+    fn push(&mut self, id: &str, time_us: i64, records: Vec<OutRecord>, bytes: usize) {
+        let start = self.records.len();
+        self.records.extend(records);
+        self.execs.push((id.to_string(), time_us, start..self.records.len()));
+        self.bytes += bytes;
+    }
+    fn owner_of(&self, i: usize) -> Option<&(String, i64, std::ops::Range<usize>)> {
+        self.execs.iter().find(|(_, _, r)| r.contains(&i))
+    }
+}

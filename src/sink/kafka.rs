@@ -1,0 +1,421 @@
+//! The Kafka sink: records straight to Akto's `akto.api.logs` topic.
+//!
+//! It exists for deployments where Akto's traffic processor reads Kafka directly
+//! (`KAFKA_BROKER_HOST`). It keeps the HTTP sink's guarantee: a record is reported delivered only
+//! after its delivery report came back successful from an idempotent producer with `acks=all`,
+//! and `deliver` awaits every report before returning, so no record of a call is left in flight
+//! with an unknown fate.
+//!
+//! Architecture Invariant: the SASL password is only ever handed to librdkafka; it never appears
+//! in Debug output, logs or errors (rdkafka's own `ClientConfig` Debug would print it, so this
+//! module never keeps or formats one).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use secrecy::{ExposeSecret, SecretString};
+
+use super::{BatchOutcome, OutRecord, SinkError, MAX_BODY_BYTES};
+
+/// Bound on the producer's in-memory queue (`queue.buffering.max.kbytes`): 64 MiB.
+pub const KAFKA_QUEUE_MAX_KBYTES: usize = 64 * 1024;
+/// Largest message the producer will send (`message.max.bytes`); a record over it is rejected.
+/// The broker's own `message.max.bytes` may be smaller; then the broker refuses it instead.
+pub const KAFKA_MESSAGE_MAX_BYTES: usize = MAX_BODY_BYTES;
+
+/// Settings of the [`KafkaSink`]. Debug output redacts the password.
+#[derive(Debug, Clone)]
+pub struct KafkaSinkConfig {
+    /// `KAFKA_BROKER_HOST`: one or more `host:port`, comma-separated.
+    pub brokers: String,
+    /// `AKTO_KAFKA_TOPIC_NAME`, default `akto.api.logs`.
+    pub topic: String,
+    /// `KAFKA_SECURITY_PROTOCOL` (`plaintext`, `sasl_plaintext`, ...); librdkafka's default when None.
+    pub security_protocol: Option<String>,
+    /// `KAFKA_SASL_MECHANISM` (`PLAIN`, `SCRAM-SHA-256`, ...).
+    pub sasl_mechanism: Option<String>,
+    /// `KAFKA_SASL_USERNAME`.
+    pub sasl_username: Option<String>,
+    /// `KAFKA_SASL_PASSWORD` (secret).
+    pub sasl_password: Option<SecretString>,
+    /// CA certificate file for TLS (`ssl.ca.location`).
+    pub ca_file: Option<PathBuf>,
+    /// How long librdkafka keeps trying one record (`message.timeout.ms`) before its delivery
+    /// report says it failed; bounds one `deliver` call.
+    pub message_timeout: Duration,
+}
+
+/// Delivers records to a Kafka topic with an idempotent, lz4-compressing producer.
+pub struct KafkaSink {
+    config: KafkaSinkConfig,
+    /// Replaced by a fresh producer when librdkafka reports a fatal error.
+    producer: Mutex<FutureProducer>,
+}
+
+impl fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSink")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fate of one record.
+enum Fate {
+    Delivered,
+    TooLarge(String),
+    Failed(KafkaError),
+}
+
+impl KafkaSink {
+    /// Validates the settings and creates the producer (no connection is made yet).
+    pub fn new(config: KafkaSinkConfig) -> Result<KafkaSink, SinkError> {
+        if config.brokers.split(',').all(|b| b.trim().is_empty()) {
+            return Err(SinkError::Config {
+                field: "KAFKA_BROKER_HOST",
+                message: "is empty; set it to the broker list, e.g. kafka:9092 or a:9092,b:9092"
+                    .into(),
+            });
+        }
+        if let Some(bad) = config
+            .brokers
+            .split(',')
+            .map(str::trim)
+            .find(|b| !b.is_empty() && !b.contains(':'))
+        {
+            return Err(SinkError::Config {
+                field: "KAFKA_BROKER_HOST",
+                message: format!("entry `{bad}` has no port; use host:port, e.g. {bad}:9092"),
+            });
+        }
+        if config.topic.trim().is_empty() {
+            return Err(SinkError::Config {
+                field: "AKTO_KAFKA_TOPIC_NAME",
+                message: "is empty; leave it unset for akto.api.logs".into(),
+            });
+        }
+        let producer = create_producer(&config)?;
+        Ok(KafkaSink {
+            config,
+            producer: Mutex::new(producer),
+        })
+    }
+
+    /// E.g. `Kafka topic akto.api.logs at kafka:9092`.
+    pub fn describe(&self) -> String {
+        format!(
+            "Kafka topic {} at {}",
+            self.config.topic, self.config.brokers
+        )
+    }
+
+    /// Fetches the topic's metadata: the brokers answer and the topic exists.
+    pub async fn healthcheck(&self) -> Result<(), SinkError> {
+        let producer = self.producer()?;
+        let topic = self.config.topic.clone();
+        let timeout = self
+            .config
+            .message_timeout
+            .clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let res = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), timeout)
+                .map(|md| {
+                    md.topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .and_then(|t| t.error())
+                        .map(RDKafkaErrorCode::from)
+                })
+        })
+        .await
+        .map_err(|e| SinkError::retriable(format!("Kafka health check task failed: {e}")))?;
+        match res {
+            Ok(None) => Ok(()),
+            Ok(Some(RDKafkaErrorCode::UnknownTopicOrPartition)) => Err(SinkError::Config {
+                field: "AKTO_KAFKA_TOPIC_NAME",
+                message: format!(
+                    "topic {} does not exist at {} and the broker did not create it; create \
+                     it or set AKTO_KAFKA_TOPIC_NAME to the topic Akto's traffic processor reads",
+                    self.config.topic, self.config.brokers
+                ),
+            }),
+            Ok(Some(code)) if is_auth(code) => {
+                Err(self.auth_error(&KafkaError::MetadataFetch(code)))
+            }
+            // Leader elections and similar settle by themselves; delivery will wait for them.
+            Ok(Some(_)) => Ok(()),
+            Err(e) => Err(self.failure(&e, "fetching metadata")),
+        }
+    }
+
+    /// Sends every record (key = host, value = the JSON) and awaits every delivery report.
+    ///
+    /// Records the producer or broker refuse as too large are retried alone once (a batch of
+    /// small records can exceed a broker limit together) and then reported rejected.
+    pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
+        let producer = self.producer()?;
+        let mut fates = self
+            .send_all(&producer, batch, (0..batch.len()).collect())
+            .await;
+        // Too-large records: retry each alone, unless something else already failed.
+        if !fates.iter().any(|f| matches!(f, Some(Fate::Failed(_)))) {
+            let too_large: Vec<usize> = fates
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| matches!(f, Some(Fate::TooLarge(_))))
+                .map(|(i, _)| i)
+                .collect();
+            for i in too_large {
+                let alone = self.send_all(&producer, batch, vec![i]).await;
+                if let Some(fate @ (Some(Fate::Delivered) | Some(Fate::Failed(_)))) =
+                    alone.into_iter().nth(i)
+                {
+                    fates[i] = fate;
+                }
+            }
+        }
+        self.reset_if_fatal(&producer);
+
+        let mut out = BatchOutcome::default();
+        let mut first_failure: Option<KafkaError> = None;
+        for (i, fate) in fates.into_iter().enumerate() {
+            match fate {
+                Some(Fate::Delivered) => out.delivered.push(i),
+                Some(Fate::TooLarge(reason)) => out.rejected.push((i, reason)),
+                Some(Fate::Failed(e)) => {
+                    first_failure.get_or_insert(e);
+                }
+                None => {
+                    first_failure.get_or_insert(KafkaError::Canceled);
+                }
+            }
+        }
+        match first_failure {
+            None => Ok(out),
+            Some(e) => {
+                let err = if kafka_code(&e).is_some_and(is_auth) {
+                    self.auth_error(&e)
+                } else {
+                    self.failure(&e, "delivering records")
+                };
+                Err(err.with_progress(out.delivered, out.rejected))
+            }
+        }
+    }
+
+    /// Waits (bounded by the message timeout) until everything queued was delivered or failed.
+    pub async fn flush(&self) -> Result<(), SinkError> {
+        let producer = self.producer()?;
+        let timeout = self.config.message_timeout + Duration::from_secs(1);
+        let res = tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| SinkError::retriable(format!("Kafka flush task failed: {e}")))?;
+        res.map_err(|e| self.failure(&e, "flushing the producer"))
+    }
+
+    /// Enqueues `indices` of `batch` and awaits their delivery reports; `None` = unknown.
+    async fn send_all(
+        &self,
+        producer: &FutureProducer,
+        batch: &[OutRecord],
+        indices: Vec<usize>,
+    ) -> Vec<Option<Fate>> {
+        let mut fates: Vec<Option<Fate>> = (0..batch.len()).map(|_| None).collect();
+        let mut pending: VecDeque<(usize, DeliveryFuture)> = VecDeque::new();
+        for i in indices {
+            let r = &batch[i];
+            let mut record = FutureRecord::to(&self.config.topic)
+                .key(r.key.as_bytes())
+                .payload(r.json.as_bytes());
+            loop {
+                match producer.send_result(record) {
+                    Ok(fut) => {
+                        pending.push_back((i, fut));
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // Bounded queue full: wait for our oldest report, then try again.
+                        record = back;
+                        match pending.pop_front() {
+                            Some((j, fut)) => fates[j] = Some(resolve(fut.await, r.json.len())),
+                            None => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    }
+                    Err((e, _)) => {
+                        fates[i] = Some(classify(e, r.json.len()));
+                        break;
+                    }
+                }
+            }
+        }
+        while let Some((j, fut)) = pending.pop_front() {
+            fates[j] = Some(resolve(fut.await, batch[j].json.len()));
+        }
+        fates
+    }
+
+    fn producer(&self) -> Result<FutureProducer, SinkError> {
+        let guard = self
+            .producer
+            .lock()
+            .map_err(|_| SinkError::retriable("the Kafka producer lock was poisoned"))?;
+        Ok(guard.clone())
+    }
+
+    /// After a fatal librdkafka error the producer is unusable: replace it for the next call.
+    fn reset_if_fatal(&self, producer: &FutureProducer) {
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            tracing::warn!(
+                sink = "kafka",
+                %code,
+                "WARN the Kafka producer hit a fatal error ({reason}); creating a new producer"
+            );
+            if let (Ok(fresh), Ok(mut guard)) =
+                (create_producer(&self.config), self.producer.lock())
+            {
+                *guard = fresh;
+            }
+        }
+    }
+
+    fn failure(&self, e: &KafkaError, what: &str) -> SinkError {
+        SinkError::retriable(format!(
+            "No data appearing: Kafka failed while {what} to topic {} at broker(s) {} ({}); \
+             check KAFKA_BROKER_HOST and that the broker is up and reachable from this host; \
+             the records stay pending and are retried next cycle",
+            self.config.topic,
+            self.config.brokers,
+            describe_kafka_error(e)
+        ))
+    }
+
+    fn auth_error(&self, e: &KafkaError) -> SinkError {
+        SinkError::Auth {
+            message: format!(
+                "the Kafka broker(s) {} refused this client ({}); check KAFKA_SASL_USERNAME, \
+                 KAFKA_SASL_PASSWORD, KAFKA_SASL_MECHANISM, KAFKA_SECURITY_PROTOCOL and the \
+                 topic's ACLs for {}",
+                self.config.brokers,
+                describe_kafka_error(e),
+                self.config.topic
+            ),
+            delivered_before_failure: Vec::new(),
+        }
+    }
+}
+
+fn create_producer(config: &KafkaSinkConfig) -> Result<FutureProducer, SinkError> {
+    let timeout_ms = config
+        .message_timeout
+        .as_millis()
+        .clamp(1, i32::MAX as u128);
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", config.brokers.trim())
+        .set(
+            "client.id",
+            concat!("databricks-shield/", env!("CARGO_PKG_VERSION")),
+        )
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set(
+            "queue.buffering.max.kbytes",
+            KAFKA_QUEUE_MAX_KBYTES.to_string(),
+        )
+        .set("message.max.bytes", KAFKA_MESSAGE_MAX_BYTES.to_string())
+        .set("message.timeout.ms", timeout_ms.to_string());
+    let mut fields: Vec<(&'static str, &'static str)> = Vec::new();
+    if let Some(p) = non_empty(&config.security_protocol) {
+        cc.set("security.protocol", p);
+        fields.push(("security.protocol", "KAFKA_SECURITY_PROTOCOL"));
+    }
+    if let Some(m) = non_empty(&config.sasl_mechanism) {
+        cc.set("sasl.mechanism", m);
+        fields.push(("sasl.mechanism", "KAFKA_SASL_MECHANISM"));
+    }
+    if let Some(u) = non_empty(&config.sasl_username) {
+        cc.set("sasl.username", u);
+    }
+    if let Some(p) = &config.sasl_password {
+        cc.set("sasl.password", p.expose_secret());
+    }
+    if let Some(ca) = &config.ca_file {
+        cc.set("ssl.ca.location", ca.display().to_string());
+        fields.push(("ssl.ca.location", "the Kafka CA file"));
+    }
+    cc.create().map_err(|e| match e {
+        // Never echo the value: it could be the password.
+        KafkaError::ClientConfig(_, desc, key, _) => SinkError::Config {
+            field: fields
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, f)| *f)
+                .unwrap_or("KAFKA_*"),
+            message: format!(
+                "librdkafka refused `{key}`: {desc} (this build has no TLS/SCRAM support when \
+                 librdkafka says OpenSSL is not available)"
+            ),
+        },
+        other => SinkError::Config {
+            field: "KAFKA_BROKER_HOST",
+            message: format!("could not create the Kafka producer: {other}"),
+        },
+    })
+}
+
+fn non_empty(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// What awaiting a [`DeliveryFuture`] yields.
+type DeliveryOutput = <DeliveryFuture as std::future::Future>::Output;
+
+fn resolve(res: DeliveryOutput, len: usize) -> Fate {
+    match res {
+        Ok(Ok(_delivery)) => Fate::Delivered,
+        Ok(Err((e, _msg))) => classify(e, len),
+        Err(_) => Fate::Failed(KafkaError::Canceled),
+    }
+}
+
+fn classify(e: KafkaError, len: usize) -> Fate {
+    if kafka_code(&e) == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
+        Fate::TooLarge(format!(
+            "record is {len} bytes; Kafka refused it as too large (MessageSizeTooLarge: over the \
+             producer's {KAFKA_MESSAGE_MAX_BYTES}-byte message.max.bytes or the broker's/topic's \
+             max.message.bytes)"
+        ))
+    } else {
+        Fate::Failed(e)
+    }
+}
+
+fn kafka_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    e.rdkafka_error_code()
+}
+
+fn is_auth(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+    )
+}
+
+fn describe_kafka_error(e: &KafkaError) -> String {
+    match e {
+        KafkaError::ClientConfig(_, desc, key, _) => format!("config `{key}`: {desc}"),
+        KafkaError::Canceled => "the delivery report was lost (producer shut down)".into(),
+        other => other.to_string(),
+    }
+}

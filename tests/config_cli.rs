@@ -1,0 +1,304 @@
+//! Process-level tests of configuration and the command line: they run the real binary with a
+//! cleared environment (as Akto's job runner does: no HOME, only the connector's variables) and
+//! check what an operator sees. `--print-config` validates the configuration and prints
+//! `Config::summary()` without any network call; a bad configuration exits with code 2.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_databricks-shield");
+
+/// Secret values used below; none may ever be printed.
+const CLIENT_SECRET: &str = "dose-client-secret-7f3a9c";
+const TOKEN: &str = "dapi-token-value-51bd0e";
+const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.jwt-secret-payload.sig";
+const KAFKA_PASSWORD: &str = "kafka-password-9d8e7f";
+
+/// Runs the binary in `dir` with exactly `env` as its environment. A run that does not end
+/// within 60 s is killed and fails the test (a guard against hangs, not a speed check).
+fn shield(args: &[&str], env: &[(&str, &str)], dir: &Path) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start databricks-shield");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(output) => output.expect("wait for databricks-shield"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("databricks-shield {args:?} did not exit within 60 s");
+        }
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A complete, valid configuration. The host is a closed loopback port, so even an unexpected
+/// network call fails fast instead of reaching anything real.
+fn valid_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("DATABRICKS_HOST", "http://127.0.0.1:9"),
+        ("DATABRICKS_CLIENT_ID", "sp-application-id"),
+        ("DATABRICKS_CLIENT_SECRET", CLIENT_SECRET),
+        ("DATA_INGESTION_SERVICE_URL", "http://127.0.0.1:9"),
+        ("AKTO_JWT_TOKEN", JWT),
+    ]
+}
+
+fn assert_no_secret(output: &Output) {
+    let all = text(output);
+    for secret in [CLIENT_SECRET, TOKEN, JWT, KAFKA_PASSWORD] {
+        assert!(!all.contains(secret), "secret printed:\n{all}");
+    }
+}
+
+#[test]
+fn print_config_accepts_single_dash_once_as_akto_runs_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = shield(&["-once", "--print-config"], &valid_env(), dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("once=true"), "{all}");
+    assert!(
+        all.contains("host=http://127.0.0.1:9/") && all.contains("auth=oauth"),
+        "{all}"
+    );
+    assert!(all.contains("catalog=workspace schema=default"), "{all}");
+    assert!(all.contains("jwt=set"), "{all}");
+    assert_no_secret(&out);
+
+    let out = shield(&["--print-config"], &valid_env(), dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("once=false"), "{}", text(&out));
+
+    let out = shield(&["--print-config", "--once"], &valid_env(), dir.path());
+    assert!(text(&out).contains("once=true"), "{}", text(&out));
+}
+
+#[test]
+fn help_mentions_every_variable_and_never_a_secret_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = valid_env();
+    env.push(("DATABRICKS_TOKEN", TOKEN));
+    env.push(("KAFKA_SASL_PASSWORD", KAFKA_PASSWORD));
+    let out = shield(&["--help"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    for name in [
+        "DATABRICKS_HOST",
+        "DATABRICKS_CLIENT_ID",
+        "DATABRICKS_CLIENT_SECRET",
+        "DATABRICKS_CLIENT_SECRET_FILE",
+        "DATABRICKS_TOKEN",
+        "DATABRICKS_TOKEN_FILE",
+        "DATABRICKS_CONFIG_FILE",
+        "DATABRICKS_CONFIG_PROFILE",
+        "DATABRICKS_CATALOG",
+        "DATABRICKS_SCHEMA",
+        "DATABRICKS_PREFIX",
+        "DATABRICKS_WAREHOUSE_ID",
+        "AKTO_SINK",
+        "DATA_INGESTION_SERVICE_URL",
+        "AKTO_JWT_TOKEN",
+        "AKTO_JWT_TOKEN_FILE",
+        "KAFKA_BROKER_HOST",
+        "AKTO_KAFKA_TOPIC_NAME",
+        "KAFKA_SECURITY_PROTOCOL",
+        "KAFKA_SASL_MECHANISM",
+        "KAFKA_SASL_USERNAME",
+        "KAFKA_SASL_PASSWORD",
+        "KAFKA_CA_FILE",
+        "OUTPUT_PATH",
+        "AKTO_ACCOUNT_ID",
+        "RECURRING_INTERVAL_SECONDS",
+        "LOOKBACK_MINUTES",
+        "MAX_CATCHUP_HOURS",
+        "STATE_DIR",
+        "LOG_FORMAT",
+        "METRICS_ADDR",
+        "TABLE_CONCURRENCY",
+        "STATEMENT_TIMEOUT_SECONDS",
+        "BATCH_SIZE",
+    ] {
+        assert!(all.contains(name), "{name} missing from --help:\n{all}");
+    }
+    assert!(all.contains("[default: workspace]") && all.contains("[default: 300]"));
+    assert!(all.contains("databricks-shield check"), "{all}");
+    assert!(all.contains("--print-config"), "{all}");
+    assert_no_secret(&out);
+}
+
+#[test]
+fn missing_configuration_exits_2_naming_every_missing_variable_in_one_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = shield(&["-once", "--print-config"], &[], dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    let error_lines: Vec<&str> = all.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(
+        error_lines.len(),
+        1,
+        "expected ONE error line (Akto forwards only lines with ERROR):\n{all}"
+    );
+    let line = error_lines[0];
+    for name in [
+        "DATABRICKS_HOST",
+        "DATABRICKS_CLIENT_ID",
+        "DATABRICKS_CLIENT_SECRET",
+        "DATABRICKS_TOKEN",
+        "DATA_INGESTION_SERVICE_URL",
+        "KAFKA_BROKER_HOST",
+    ] {
+        assert!(line.contains(name), "{name} missing from: {line}");
+    }
+    assert!(
+        line.contains("https://your-workspace.cloud.databricks.com"),
+        "{line}"
+    );
+}
+
+#[test]
+fn invalid_values_are_all_reported_and_secrets_stay_hidden() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = valid_env();
+    env[0] = ("DATABRICKS_HOST", "http://workspace.example.com");
+    env.push(("RECURRING_INTERVAL_SECONDS", "5"));
+    env.push(("DATABRICKS_CATALOG", "bad.catalog"));
+    env.push(("KAFKA_SASL_PASSWORD", KAFKA_PASSWORD));
+    env.push(("DATABRICKS_TOKEN", TOKEN));
+    let out = shield(&["-once", "--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    for name in [
+        "DATABRICKS_HOST",
+        "RECURRING_INTERVAL_SECONDS",
+        "DATABRICKS_CATALOG",
+    ] {
+        assert!(all.contains(name), "{name} missing:\n{all}");
+    }
+    assert!(all.contains("https://"), "{all}");
+    assert_no_secret(&out);
+}
+
+#[test]
+fn env_file_has_the_lowest_precedence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("databricks-cron.env"),
+        "# seed format\n\
+         DATABRICKS_HOST=http://127.0.0.1:9\n\
+         DATABRICKS_CLIENT_ID=file-client-id\n\
+         DATABRICKS_CLIENT_SECRET=\"dose-client-secret-7f3a9c\" # quoted\n\
+         DATABRICKS_CATALOG=file_catalog\n\
+         DATABRICKS_SCHEMA=file_schema\n\
+         DATABRICKS_PREFIX=file_\n\
+         DATABRICKS_WAREHOUSE_ID=\n\
+         DATA_INGESTION_SERVICE_URL=http://127.0.0.1:9\n\
+         RECURRING_INTERVAL_SECONDS=900 # low frequency\n\
+         export LOOKBACK_MINUTES=30\n",
+    )
+    .expect("write env file");
+    let env = [
+        ("DATABRICKS_SCHEMA", "env_schema"),
+        ("DATABRICKS_PREFIX", "env_"),
+    ];
+    let out = shield(
+        &[
+            "--env-file",
+            "databricks-cron.env",
+            "--prefix",
+            "flag_",
+            "--print-config",
+            "-once",
+        ],
+        &env,
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("catalog=file_catalog"), "file value: {all}");
+    assert!(all.contains("schema=env_schema"), "env beats file: {all}");
+    assert!(all.contains("prefix=\"flag_\""), "flag beats env: {all}");
+    assert!(all.contains("client_id=file-client-id"), "{all}");
+    assert!(
+        all.contains("interval=900s") && all.contains("lookback=30m"),
+        "{all}"
+    );
+    assert!(all.contains("warehouse=auto"), "empty value = unset: {all}");
+    assert_no_secret(&out);
+}
+
+#[test]
+fn unreadable_env_file_is_a_configuration_error_naming_the_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = shield(
+        &[
+            "--env-file",
+            "no-such-databricks-cron.env",
+            "--print-config",
+        ],
+        &valid_env(),
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(all.contains("no-such-databricks-cron.env"), "{all}");
+}
+
+#[test]
+fn secret_files_and_pat_work_without_home() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).expect("write token");
+    std::fs::write(dir.path().join("jwt"), JWT).expect("write jwt");
+    let env = [
+        ("DATABRICKS_HOST", "http://localhost:9"),
+        ("DATABRICKS_TOKEN_FILE", "token"),
+        ("AKTO_JWT_TOKEN_FILE", "jwt"),
+        ("DATA_INGESTION_SERVICE_URL", "http://127.0.0.1:9"),
+    ];
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("auth=pat") && all.contains("jwt=set"), "{all}");
+    assert_no_secret(&out);
+}
+
+#[test]
+fn kafka_sink_is_chosen_from_the_broker_and_its_password_stays_hidden() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [
+        ("DATABRICKS_HOST", "http://127.0.0.1:9"),
+        ("DATABRICKS_TOKEN", TOKEN),
+        ("KAFKA_BROKER_HOST", "127.0.0.1:9,127.0.0.2:9"),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+        ("KAFKA_SASL_MECHANISM", "PLAIN"),
+        ("KAFKA_SASL_USERNAME", "akto"),
+        ("KAFKA_SASL_PASSWORD", KAFKA_PASSWORD),
+    ];
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("sink=kafka(brokers=127.0.0.1:9,127.0.0.2:9 topic=akto.api.logs"),
+        "{all}"
+    );
+    assert_no_secret(&out);
+}

@@ -1,0 +1,139 @@
+//! The Databricks side over real sockets: auth, retries, pagination, discovery, and the
+//! troubleshooting messages each failure must produce.
+
+mod common;
+
+use common::*;
+use databricks_emulator::Privilege;
+use databricks_shield::databricks::DatabricksError;
+use databricks_shield::discovery::{self, TableKind};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_finds_every_agent_kind_and_maps_endpoints_to_tables() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discovery::discover(&c, "workspace", "default", "").await.unwrap();
+    // Every inference table of the ground truth is read by exactly one agent.
+    let truth_tables: std::collections::BTreeSet<String> =
+        emu.ground_truth().into_iter().map(|r| r.table).collect();
+    let read: std::collections::BTreeSet<String> =
+        inv.readable().map(|(_, t)| t.full_name.clone()).collect();
+    assert_eq!(read, truth_tables);
+    let kinds: std::collections::BTreeSet<_> = inv.readable().map(|(_, t)| t.kind).collect();
+    assert!(kinds.contains(&TableKind::AiGatewayPayload) && kinds.contains(&TableKind::LegacyPayload));
+    // Agent endpoints carry their task and models; a table-only agent exists too.
+    assert!(inv.agents.iter().any(|a| a.task.as_deref() == Some("agent/v1/responses") && a.table.is_some()));
+    assert!(inv.agents.iter().any(|a| a.task.as_deref() == Some("agent/v2/chat")));
+    assert!(inv.agents.iter().any(|a| a.endpoint.is_none() && a.table.is_some()));
+    assert!(inv.agents.iter().filter(|a| a.endpoint.is_some()).all(|a| !a.models.is_empty()));
+    assert!(!inv.tools.is_empty() && !inv.models.is_empty());
+    assert!(!inv.otel_span_tables.is_empty());
+    // The plain LLM endpoints are listed, not read.
+    assert!(inv.llm_endpoints.iter().any(|a| a.models.iter().any(|m| m.kind == "foundation_model")));
+    let table = discovery::render_table(&inv);
+    assert!(table.contains("AGENT") && table.contains("agent/v1/responses"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_filters_tables_and_distractors_are_ignored() {
+    let mut cfg = emulator_config();
+    cfg.table_prefix = "prod_".into();
+    let emu = emulator(cfg).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discovery::discover(&c, "workspace", "default", "prod_").await.unwrap();
+    assert!(inv.readable().all(|(_, t)| t.full_name.starts_with("workspace.default.prod_")));
+    assert!(inv.tables_matching_prefix < inv.tables_total);
+    assert!(!inv.filtered_out_examples.is_empty());
+    let none = discovery::discover(&c, "workspace", "default", "nothing_matches_").await.unwrap();
+    assert_eq!(none.readable().count(), 0);
+    assert_eq!(none.tables_matching_prefix, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_credentials_say_authentication_failed_and_never_echo_the_secret() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", "wrong-secret-value-123");
+    let err = c.authenticate().await.unwrap_err();
+    assert!(matches!(err, DatabricksError::Auth { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("Authentication failed") && msg.contains("DATABRICKS_CLIENT_SECRET"), "{msg}");
+    assert!(!msg.contains("wrong-secret-value-123") && !format!("{err:?}").contains("wrong-secret-value-123"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_host_says_failed_to_connect() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let c = client(&format!("http://127.0.0.1:{port}"), "id", "secret");
+    let err = c.authenticate().await.unwrap_err();
+    assert!(err.to_string().starts_with("Failed to connect to Databricks workspace"), "{err}");
+    assert!(err.is_retriable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_grants_print_the_grant_statements() {
+    let emu = emulator(emulator_config()).await;
+    emu.revoke("emulator-client", Privilege::UseSchema);
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let err = discovery::discover(&c, "workspace", "default", "").await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("Access denied"), "{msg}");
+    assert!(msg.contains("GRANT USE SCHEMA ON SCHEMA workspace.default TO `emulator-client`"), "{msg}");
+    assert!(msg.contains("SHOW GRANTS"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_catalog_is_not_found_with_the_fix() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let err = discovery::discover(&c, "no_such_catalog", "default", "").await.unwrap_err();
+    assert!(matches!(err, DatabricksError::NotFound { .. } | DatabricksError::PermissionDenied { .. }), "{err:?}");
+    assert!(err.to_string().contains("no_such_catalog"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_and_unavailability_are_retried_with_retry_after() {
+    let emu = emulator(emulator_config()).await;
+    emu.set_faults(
+        "route=/api/2.1/unity-catalog/tables,kind=429,count=2,retry_after=1;\
+         route=/api/2.0/serving-endpoints,kind=503,count=2",
+    )
+    .unwrap();
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discovery::discover(&c, "workspace", "default", "").await.unwrap();
+    assert!(inv.readable().count() > 0);
+    assert!(c.stats().retries() >= 4, "retries: {}", c.stats().retries());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_replaced_once_without_failing() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    c.authenticate().await.unwrap();
+    emu.set_faults("route=/api/2.1/unity-catalog/tables,kind=expire_tokens,count=1").unwrap();
+    let inv = discovery::discover(&c, "workspace", "default", "").await.unwrap();
+    assert!(inv.readable().count() > 0);
+    let oidc: u64 = c
+        .stats()
+        .snapshot()
+        .iter()
+        .filter(|((route, status), _)| route.contains("tables") && status == "401")
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(oidc, 1, "one 401, then a fresh token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_personal_access_token_works_too() {
+    let mut cfg = emulator_config();
+    cfg.pat = Some("dapi-test-token-0123".into());
+    let emu = emulator(cfg).await;
+    let c = databricks_shield::databricks::DatabricksClient::new(
+        &url::Url::parse(&emu.base_url()).unwrap(),
+        databricks_shield::databricks::Credentials::Pat("dapi-test-token-0123".to_string().into()),
+        fast_retry(),
+    )
+    .unwrap();
+    let inv = discovery::discover(&c, "workspace", "default", "").await.unwrap();
+    assert!(inv.readable().count() > 0);
+}
