@@ -295,12 +295,21 @@ impl TableReader<'_> {
             if n == 0 {
                 return Ok(());
             }
-            if let Some((t, id)) = last {
-                after_us = t;
-                after_id = id;
-            }
             if n < limit {
                 return Ok(());
+            }
+            match last {
+                // A full page must move the keyset forward, or the next page would repeat it.
+                Some((t, id)) if (t, id.as_str()) > (after_us, after_id.as_str()) => {
+                    after_us = t;
+                    after_id = id;
+                }
+                _ => {
+                    return Err(CollectError::Databricks(DatabricksError::Decode {
+                        route: self.table.full_name.clone(),
+                        detail: "a full page of rows without a readable request_time or id: cannot page further".into(),
+                    }))
+                }
             }
             // Size the next page so a statement returns about target bytes.
             let per_row = (bytes / n).max(1);

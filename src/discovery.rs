@@ -18,7 +18,7 @@ use crate::databricks::unity_catalog::{FunctionInfo, TableInfo};
 use crate::databricks::{DatabricksClient, DatabricksError};
 
 /// What a table is, judged by its columns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TableKind {
     /// AI Gateway inference table (`request_time`, `request`, `response`, ...).

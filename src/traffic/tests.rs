@@ -822,7 +822,7 @@ proptest! {
             let r = readable(rec);
             prop_assert_eq!(&r["requestHeaders"]["x-tool-call-id"], &json!(id));
             prop_assert_eq!(&r["tag"]["tool"], &json!(name));
-            prop_assert_eq!(&r["path"], &json!(format!("/tools/{name}")));
+            prop_assert_eq!(&r["path"], &json!(format!("/tools/{}", super::host::encode_segment(name))));
             prop_assert_eq!(&r["requestPayload"], &json!(args));
             // The output of the first call with this id that has one (completions carry none).
             let want = match format {

@@ -49,21 +49,6 @@ impl SparkType {
             SparkType::MapStringString => "map<string,string>",
         }
     }
-    /// The SQLite declared type: carries the Spark type and yields the right affinity
-    /// (names containing TEXT get TEXT affinity, INT gets INTEGER, DOUB gets REAL).
-    pub(crate) fn sqlite_decl(self) -> &'static str {
-        match self {
-            SparkType::String => "TEXT",
-            SparkType::Timestamp => "TIMESTAMP_TEXT",
-            SparkType::Date => "DATE_TEXT",
-            SparkType::Int => "INT",
-            SparkType::Bigint => "BIGINT",
-            SparkType::Double => "DOUBLE",
-            SparkType::Boolean => "BOOLEAN_INT",
-            SparkType::ArrayString => "ARRAY_TEXT",
-            SparkType::MapStringString => "MAP_TEXT",
-        }
-    }
     pub(crate) fn from_sqlite_decl(decl: &str) -> Option<SparkType> {
         Some(match decl.to_ascii_uppercase().as_str() {
             "TEXT" => SparkType::String,

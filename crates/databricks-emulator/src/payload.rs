@@ -69,23 +69,6 @@ pub(crate) enum Format {
     Responses,
 }
 
-impl Format {
-    pub(crate) fn code(self) -> i64 {
-        match self {
-            Format::ChatCompletions => 0,
-            Format::ChatAgent => 1,
-            Format::Responses => 2,
-        }
-    }
-    pub(crate) fn from_code(c: i64) -> Format {
-        match c {
-            0 => Format::ChatCompletions,
-            1 => Format::ChatAgent,
-            _ => Format::Responses,
-        }
-    }
-}
-
 /// Row flag: the request was too large to log (request is NULL).
 pub(crate) const FLAG_REQUEST_TOO_LARGE: i64 = 1;
 /// Row flag: the response was too large to log (response is NULL).

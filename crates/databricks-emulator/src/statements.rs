@@ -309,7 +309,6 @@ pub(crate) struct Entry {
     pub pending_polls: u32,
     pub cancel: Arc<AtomicBool>,
     pub interrupt: Option<rusqlite::InterruptHandle>,
-    pub done: tokio::sync::watch::Receiver<bool>,
 }
 
 /// All statements, oldest first, bounded in count and result bytes.

@@ -1,0 +1,483 @@
+//! The Kafka sink against a real Kafka-protocol broker (`tansu`, in memory, on loopback).
+//!
+//! The broker binary is `~/.cargo/bin/tansu` (or `$TANSU_BIN`). When it is missing the tests
+//! fail if `CI` is set and otherwise skip with a loud message.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use databricks_shield::sink::{
+    AnySink, KafkaSink, KafkaSinkConfig, OutRecord, KAFKA_MESSAGE_MAX_BYTES,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+/// Kills and reaps the broker when the test ends, however it ends.
+struct Broker {
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl Broker {
+    fn brokers(&self) -> String {
+        self.addr.to_string()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(child.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{sig} failed");
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A stopped process must be continued to die cleanly on some systems.
+            self.signal("CONT");
+        }
+        self.kill();
+    }
+}
+
+fn tansu_bin() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("TANSU_BIN").map(PathBuf::from),
+        std::env::var_os("CARGO_HOME").map(|h| PathBuf::from(h).join("bin/tansu")),
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu")),
+    ];
+    candidates.into_iter().flatten().find(|p| p.is_file())
+}
+
+/// Starts a broker on a free loopback port, or returns None (skip) when tansu is missing
+/// outside CI.
+fn start_broker() -> Option<Broker> {
+    let Some(bin) = tansu_bin() else {
+        if std::env::var_os("CI").is_some() {
+            panic!("the Kafka broker binary `tansu` is missing and CI is set: install it with `cargo install tansu --locked --no-default-features --features dynostore`");
+        }
+        eprintln!("\n!!!!!!!! SKIPPING Kafka sink test: `tansu` not found (~/.cargo/bin/tansu or $TANSU_BIN); install it with `cargo install tansu --locked --no-default-features --features dynostore` !!!!!!!!\n");
+        return None;
+    };
+    for _ in 0..5 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu");
+        let mut broker = Broker {
+            child: Some(child),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&broker.addr, Duration::from_millis(200)).is_ok() {
+                return Some(broker);
+            }
+            if let Some(child) = broker.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // exited (port taken?): try another port
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        broker.kill();
+    }
+    panic!("tansu did not start accepting connections on loopback");
+}
+
+async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create_topics");
+    for r in res {
+        r.expect("topic created");
+    }
+}
+
+fn sink_config(brokers: &str, topic: &str, message_timeout: Duration) -> KafkaSinkConfig {
+    KafkaSinkConfig {
+        brokers: brokers.to_string(),
+        topic: topic.to_string(),
+        security_protocol: None,
+        sasl_mechanism: None,
+        sasl_username: None,
+        sasl_password: None,
+        ca_file: None,
+        message_timeout,
+    }
+}
+
+fn record(i: usize, pad: usize) -> OutRecord {
+    // Pseudo-random padding so lz4 cannot shrink big batches to nothing.
+    let mut x = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut padding = String::with_capacity(pad);
+    while padding.len() < pad {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        padding.push_str(&format!("{x:016x}"));
+    }
+    padding.truncate(pad);
+    OutRecord {
+        key: format!("agent-{}.ws-1.databricks", i % 3),
+        json: format!(
+            r#"{{"path":"/serving-endpoints/e/invocations","i":"{i}","pad":"{padding}"}}"#
+        ),
+    }
+}
+
+const SENTINEL: &str = "__end_of_test_data__";
+
+/// Everything stored in `topic`, read back from the beginning: a sentinel is appended to every
+/// partition first and each partition is read up to its sentinel (bounded in time). Returns
+/// (partition, key, value) in consumption order, sentinels excluded.
+async fn consume_all(brokers: &str, topic: &str, partitions: i32) -> Vec<(i32, String, String)> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.timeout.ms", "20000")
+        .create()
+        .expect("producer");
+    for p in 0..partitions {
+        producer
+            .send(
+                FutureRecord::<str, str>::to(topic)
+                    .partition(p)
+                    .payload(SENTINEL),
+                Duration::from_secs(20),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("sentinel delivered");
+    }
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("sink-test-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut done: HashSet<i32> = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while done.len() < usize::try_from(partitions).unwrap() {
+        let msg = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("end of topic not reached in time ({} read)", out.len()))
+            .expect("consume");
+        let value =
+            String::from_utf8(msg.payload().unwrap_or_default().to_vec()).expect("utf-8 value");
+        if value == SENTINEL {
+            done.insert(msg.partition());
+            continue;
+        }
+        assert!(!done.contains(&msg.partition()), "data after the sentinel");
+        let key = String::from_utf8(msg.key().unwrap_or_default().to_vec()).expect("utf-8 key");
+        out.push((msg.partition(), key, value));
+    }
+    out
+}
+
+/// The partitions' high watermarks summed: only a progress signal (tansu 0.6 reports the last
+/// batch's base offset + 1, not the message count).
+fn progress(brokers: &str, topic: &str, partitions: i32) -> i64 {
+    tokio::task::block_in_place(|| {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .create()
+            .expect("consumer");
+        (0..partitions)
+            .map(|p| {
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .map(|(_, hi)| hi)
+                    .unwrap_or(0)
+            })
+            .sum()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_every_record_once_with_keys_and_order() {
+    let Some(broker) = start_broker() else { return };
+    let brokers = broker.brokers();
+    let topic = "akto.api.logs";
+    create_topic(&brokers, topic, 2).await;
+    let sink = AnySink::Kafka(
+        KafkaSink::new(sink_config(&brokers, topic, Duration::from_secs(20))).unwrap(),
+    );
+    assert_eq!(sink.name(), "kafka");
+    assert_eq!(sink.describe(), format!("Kafka topic {topic} at {brokers}"));
+    sink.healthcheck().await.expect("healthcheck");
+
+    let records: Vec<OutRecord> = (0..300).map(|i| record(i, 200)).collect();
+    for chunk in records.chunks(50) {
+        let out = sink.deliver(chunk).await.expect("deliver");
+        assert_eq!(out.delivered, (0..chunk.len()).collect::<Vec<_>>());
+        assert!(out.rejected.is_empty());
+    }
+    sink.flush().await.unwrap();
+
+    let got = consume_all(&brokers, topic, 2).await;
+    // Every record exactly once, with its key.
+    let mut want: Vec<(String, String)> = records
+        .iter()
+        .map(|r| (r.key.clone(), r.json.clone()))
+        .collect();
+    let mut have: Vec<(String, String)> =
+        got.iter().map(|(_, k, v)| (k.clone(), v.clone())).collect();
+    want.sort();
+    have.sort();
+    assert_eq!(have, want, "every record exactly once");
+    // One key stays in one partition, in send order.
+    let mut per_key: BTreeMap<String, (HashSet<i32>, Vec<String>)> = BTreeMap::new();
+    for (p, k, v) in &got {
+        let e = per_key.entry(k.clone()).or_default();
+        e.0.insert(*p);
+        e.1.push(v.clone());
+    }
+    for (k, (parts, values)) in per_key {
+        assert_eq!(parts.len(), 1, "key {k} spread over partitions {parts:?}");
+        let sent: Vec<String> = records
+            .iter()
+            .filter(|r| r.key == k)
+            .map(|r| r.json.clone())
+            .collect();
+        assert_eq!(values, sent, "order of key {k}");
+    }
+    sink.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_record_is_rejected_and_the_rest_delivered() {
+    let Some(broker) = start_broker() else { return };
+    let brokers = broker.brokers();
+    let topic = "big.records";
+    create_topic(&brokers, topic, 1).await;
+    let sink = KafkaSink::new(sink_config(&brokers, topic, Duration::from_secs(20))).unwrap();
+    let mut batch: Vec<OutRecord> = (0..5).map(|i| record(i, 100)).collect();
+    batch[2] = record(2, KAFKA_MESSAGE_MAX_BYTES + 1);
+    let out = sink.deliver(&batch).await.expect("deliver");
+    assert_eq!(out.delivered, vec![0, 1, 3, 4]);
+    assert_eq!(out.rejected.len(), 1);
+    assert_eq!(out.rejected[0].0, 2);
+    assert!(
+        out.rejected[0].1.contains("too large"),
+        "{}",
+        out.rejected[0].1
+    );
+    let got = consume_all(&brokers, topic, 1).await;
+    let values: Vec<&str> = got.iter().map(|(_, _, v)| v.as_str()).collect();
+    let want: Vec<&str> = [0, 1, 3, 4]
+        .iter()
+        .map(|&i| batch[i].json.as_str())
+        .collect();
+    assert_eq!(values, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_broker_is_retriable_and_names_the_broker() {
+    let Some(mut broker) = start_broker() else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let topic = "akto.api.logs";
+    create_topic(&brokers, topic, 1).await;
+    let sink = KafkaSink::new(sink_config(&brokers, topic, Duration::from_secs(3))).unwrap();
+    broker.kill();
+
+    let err = sink
+        .deliver(&[record(0, 10), record(1, 10)])
+        .await
+        .unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert!(err.delivered_before_failure().is_empty());
+    let msg = err.to_string();
+    assert!(msg.contains("No data appearing"), "{msg}");
+    assert!(msg.contains(&brokers), "{msg}");
+    assert!(msg.contains("KAFKA_BROKER_HOST"), "{msg}");
+
+    let err = sink.healthcheck().await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert!(err.to_string().contains(&brokers), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_mid_delivery_reports_only_acknowledged_records() {
+    let Some(mut broker) = start_broker() else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let topic = "akto.api.logs";
+    create_topic(&brokers, topic, 1).await;
+    let sink = KafkaSink::new(sink_config(&brokers, topic, Duration::from_secs(3))).unwrap();
+    let records: Vec<OutRecord> = (0..20_000).map(|i| record(i, 1000)).collect();
+    let n = records.len();
+
+    let task = tokio::spawn(async move {
+        let res = sink.deliver(&records).await;
+        (sink, res)
+    });
+    // Kill the broker once it has stored something of this batch.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress(&brokers, topic, 1) == 0 {
+        assert!(Instant::now() < deadline, "nothing reached the broker");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker.kill();
+    let (_sink, res) = task.await.unwrap();
+    match res {
+        Err(err) => {
+            assert!(err.is_retriable(), "{err}");
+            assert!(err.to_string().contains(&brokers), "{err}");
+            let delivered = err.delivered_before_failure();
+            eprintln!(
+                "broker killed after {} of {n} records were acknowledged",
+                delivered.len()
+            );
+            assert!(
+                delivered.len() < n,
+                "everything reported delivered after a kill"
+            );
+            // One partition, idempotent producer: acknowledgements form a prefix, no repeats.
+            assert_eq!(
+                delivered,
+                (0..delivered.len()).collect::<Vec<_>>().as_slice()
+            );
+            assert!(err.rejected_before_failure().is_empty());
+        }
+        Ok(out) => {
+            // The whole batch was acknowledged before the kill took effect: then it is complete.
+            assert_eq!(out.delivered, (0..n).collect::<Vec<_>>());
+            eprintln!("note: the batch completed before the broker was killed");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_broker_reports_as_delivered_only_what_the_broker_holds() {
+    let Some(mut broker) = start_broker() else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let topic = "akto.api.logs";
+    create_topic(&brokers, topic, 1).await;
+    let sink = KafkaSink::new(sink_config(&brokers, topic, Duration::from_secs(3))).unwrap();
+    // A first batch goes through.
+    let first: Vec<OutRecord> = (0..10).map(|i| record(i, 50)).collect();
+    assert_eq!(sink.deliver(&first).await.unwrap().delivered.len(), 10);
+    let before = progress(&brokers, topic, 1);
+
+    let records: Vec<OutRecord> = (10..10_010).map(|i| record(i, 1000)).collect();
+    let n = records.len();
+    let sent = records.clone();
+    let task = tokio::spawn(async move {
+        let res = sink.deliver(&records).await;
+        (sink, res)
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress(&brokers, topic, 1) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "nothing of the second batch reached the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    broker.signal("STOP");
+    let (_sink, res) = task.await.unwrap();
+    broker.signal("CONT");
+    let delivered: Vec<usize> = match &res {
+        Err(err) => {
+            assert!(err.is_retriable(), "{err}");
+            eprintln!(
+                "broker frozen after {} of {n} records were acknowledged",
+                err.delivered_before_failure().len()
+            );
+            err.delivered_before_failure().to_vec()
+        }
+        Ok(out) => out.delivered.clone(),
+    };
+    // Whatever the sink reported delivered is really in the broker.
+    let got = consume_all(&brokers, topic, 1).await;
+    let held: HashSet<&str> = got.iter().map(|(_, _, v)| v.as_str()).collect();
+    for i in &delivered {
+        assert!(
+            held.contains(sent[*i].json.as_str()),
+            "record {i} reported delivered but not stored"
+        );
+    }
+    if res.is_ok() {
+        assert_eq!(delivered.len(), n);
+    }
+    broker.kill();
+}
+
+#[test]
+fn config_errors_name_the_setting_and_hide_the_password() {
+    let mut cfg = sink_config("", "akto.api.logs", Duration::from_secs(5));
+    let e = KafkaSink::new(cfg.clone()).unwrap_err();
+    assert!(e.to_string().contains("KAFKA_BROKER_HOST"), "{e}");
+    cfg.brokers = "kafka".into();
+    let e = KafkaSink::new(cfg.clone()).unwrap_err();
+    assert!(e.to_string().contains("kafka:9092"), "{e}");
+    cfg.brokers = "127.0.0.1:9".into();
+    cfg.security_protocol = Some("sasl_plaintext".into());
+    cfg.sasl_mechanism = Some("PLAIN".into());
+    cfg.sasl_username = Some("user".into());
+    cfg.sasl_password = Some("hunter2-secret".to_string().into());
+    let sink = KafkaSink::new(cfg.clone()).unwrap();
+    assert!(!format!("{sink:?}").contains("hunter2-secret"));
+    assert!(!sink.describe().contains("hunter2-secret"));
+    cfg.security_protocol = Some("carrier-pigeon".into());
+    let e = KafkaSink::new(cfg).unwrap_err();
+    assert!(e.to_string().contains("KAFKA_SECURITY_PROTOCOL"), "{e}");
+    assert!(!e.to_string().contains("hunter2-secret"));
+}
