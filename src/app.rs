@@ -8,9 +8,9 @@ use crate::collect::CollectOptions;
 use crate::config::{Config, DatabricksAuth, LogFormat, SinkConfig};
 use crate::databricks::{ClientOptions, Credentials, DatabricksClient};
 use crate::run::{Connector, CycleReport, Settings, Shutdown};
-use crate::sink::{HttpSink, HttpSinkConfig};
 use crate::sink::FileSink;
 use crate::sink::{AnySink, SinkError};
+use crate::sink::{HttpSink, HttpSinkConfig};
 use crate::state::StateStore;
 use crate::traffic::MapOptions;
 
@@ -119,7 +119,11 @@ pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
     let client = client(config)?;
     let sink_config = config.sink.as_ref().ok_or(StartError::NoSink)?;
     let sink = sink(sink_config)?;
-    tracing::info!("Sending records to {} (sink {})", sink.describe(), sink.name());
+    tracing::info!(
+        "Sending records to {} (sink {})",
+        sink.describe(),
+        sink.name()
+    );
     sink.healthcheck().await?;
     let state = StateStore::open(&config.state_dir, config.reset_state)?;
     let connector = Arc::new(Connector::new(client, sink, state, settings(config)));

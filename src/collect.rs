@@ -117,7 +117,8 @@ const LEGACY: Dialect = Dialect {
     time_col: "timestamp_ms",
     date_col: "`date`",
     time_type: "BIGINT",
-    columns: "databricks_request_id, client_request_id, timestamp_ms, status_code, execution_time_ms, \
+    columns:
+        "databricks_request_id, client_request_id, timestamp_ms, status_code, execution_time_ms, \
               request, response, request_metadata",
     format: TableFormat::Legacy,
 };
@@ -240,7 +241,10 @@ impl TableReader<'_> {
         if let Some(c) = &cursor {
             // Rows land up to about LOOKBACK late: anything at or before the cursor that was not
             // there at the last complete read has a time after (that read - lookback).
-            let last_read = self.state.read_mark(&self.table.full_name)?.unwrap_or(c.time_us);
+            let last_read = self
+                .state
+                .read_mark(&self.table.full_name)?
+                .unwrap_or(c.time_us);
             let from = (last_read.min(self.now_us) - lookback).max(catchup_floor);
             if from <= c.time_us {
                 self.collect_late(from, c, out, &mut stats).await?;
@@ -262,7 +266,8 @@ impl TableReader<'_> {
             }
             None => (self.now_us - lookback, String::new()),
         };
-        self.collect_head(after_us, after_id, out, &mut stats).await?;
+        self.collect_head(after_us, after_id, out, &mut stats)
+            .await?;
         Ok(stats)
     }
 
@@ -331,9 +336,17 @@ impl TableReader<'_> {
         let col = |n: &str| rows.column(n);
         let i_id = col("databricks_request_id");
         let i_client = col("client_request_id");
-        let i_time = col(if legacy { "timestamp_ms" } else { "request_time" });
+        let i_time = col(if legacy {
+            "timestamp_ms"
+        } else {
+            "request_time"
+        });
         let i_status = col("status_code");
-        let i_dur = col(if legacy { "execution_time_ms" } else { "execution_duration_ms" });
+        let i_dur = col(if legacy {
+            "execution_time_ms"
+        } else {
+            "execution_duration_ms"
+        });
         let i_req = col("request");
         let i_resp = col("response");
         let i_codes = col("logging_error_codes");
@@ -353,15 +366,17 @@ impl TableReader<'_> {
             let mut execs = Vec::with_capacity(chunk.len());
             let mut unreadable = Vec::new();
             for mut row in chunk {
-                bytes += row.iter().map(|c| c.0.as_ref().map_or(4, |s| s.len())).sum::<usize>();
+                bytes += row
+                    .iter()
+                    .map(|c| c.0.as_ref().map_or(4, |s| s.len()))
+                    .sum::<usize>();
                 let id = cell_owned(&mut row, i_id);
                 let time = cell(&row, i_time).and_then(|t| d.parse_time(t));
                 let (Some(id), Some(time_us)) = (id.clone(), time) else {
                     unreadable.push((
                         format!(
                             "row without a usable databricks_request_id or {}: {:?}",
-                            d.time_col,
-                            id
+                            d.time_col, id
                         ),
                         serde_json::to_string(&row.iter().map(|c| c.0.clone()).collect::<Vec<_>>())
                             .unwrap_or_default(),
@@ -378,7 +393,10 @@ impl TableReader<'_> {
                     .single()
                     .unwrap_or_else(Utc::now);
                 let codes = cell(&row, i_codes)
-                    .map(|s| serde_json::from_str::<Vec<String>>(s).unwrap_or_else(|_| vec![s.to_string()]))
+                    .map(|s| {
+                        serde_json::from_str::<Vec<String>>(s)
+                            .unwrap_or_else(|_| vec![s.to_string()])
+                    })
                     .unwrap_or_default();
                 let metadata = cell(&row, i_meta).and_then(|s| serde_json::from_str(s).ok());
                 execs.push(Execution {
@@ -493,7 +511,13 @@ impl TableReader<'_> {
     }
 
     /// SQL for "time in [lo, hi)", closing the range at the cursor when it reaches it.
-    fn range_sql(&self, i: usize, r: (i64, i64), cursor: &Cursor, params: &mut Vec<Param>) -> String {
+    fn range_sql(
+        &self,
+        i: usize,
+        r: (i64, i64),
+        cursor: &Cursor,
+        params: &mut Vec<Param>,
+    ) -> String {
         let d = self.dialect();
         params.push(d.time_param(&format!("lo{i}"), r.0));
         if r.1 > cursor.time_us {
@@ -597,14 +621,24 @@ impl TableReader<'_> {
             stats.rows_returned += n as u64;
             let keyed: Vec<(String, i64)> = rows
                 .iter()
-                .filter_map(|r| Some((cell(r, Some(0))?.to_string(), d.parse_time(cell(r, Some(1))?)?)))
+                .filter_map(|r| {
+                    Some((
+                        cell(r, Some(0))?.to_string(),
+                        d.parse_time(cell(r, Some(1))?)?,
+                    ))
+                })
                 .collect();
-            stats.bytes_returned += keyed.iter().map(|(id, _)| id.len() as u64 + 27).sum::<u64>();
+            stats.bytes_returned += keyed
+                .iter()
+                .map(|(id, _)| id.len() as u64 + 27)
+                .sum::<u64>();
             let delivered = if all_missing {
                 HashSet::new()
             } else {
-                self.state
-                    .delivered_among(&self.table.full_name, keyed.iter().map(|(id, _)| id.as_str()))?
+                self.state.delivered_among(
+                    &self.table.full_name,
+                    keyed.iter().map(|(id, _)| id.as_str()),
+                )?
             };
             for (id, _) in &keyed {
                 if delivered.contains(id) {
@@ -671,14 +705,20 @@ mod tests {
         assert_eq!(s, "2025-11-29T08:33:00.123456Z");
         assert_eq!(parse_timestamp(&s), Some(us));
         assert_eq!(parse_timestamp("2025-11-29 08:33:00.123456"), Some(us));
-        assert_eq!(parse_timestamp("2025-11-29T08:33:00.123456+00:00"), Some(us));
+        assert_eq!(
+            parse_timestamp("2025-11-29T08:33:00.123456+00:00"),
+            Some(us)
+        );
         assert_eq!(parse_timestamp("2025-11-29T08:33:00Z"), Some(us - 123_456));
         assert_eq!(parse_timestamp("yesterday"), None);
     }
 
     #[test]
     fn table_names_are_quoted_part_by_part() {
-        assert_eq!(quote_table("workspace.default.a_payload"), "`workspace`.`default`.`a_payload`");
+        assert_eq!(
+            quote_table("workspace.default.a_payload"),
+            "`workspace`.`default`.`a_payload`"
+        );
         assert_eq!(quote_table("c.s.we`ird"), "`c`.`s`.`we``ird`");
     }
 

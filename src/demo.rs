@@ -9,15 +9,18 @@ use databricks_emulator::{Emulator, EmulatorConfig};
 use crate::databricks::{ClientOptions, Credentials, DatabricksClient};
 use crate::discovery;
 use crate::run::{Connector, Shutdown};
-use crate::sink::FileSink;
 use crate::sink::AnySink;
+use crate::sink::FileSink;
 use crate::state::StateStore;
 
 /// Runs the demo; returns whether the cycle delivered everything.
 pub async fn run(output: &Path) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
     let emulator = Emulator::start(EmulatorConfig::default()).await?;
     let cfg = EmulatorConfig::default();
-    println!("Started a Databricks workspace emulator at {} (sample agents and executions)", emulator.base_url());
+    println!(
+        "Started a Databricks workspace emulator at {} (sample agents and executions)",
+        emulator.base_url()
+    );
     let host = url::Url::parse(&emulator.base_url())?;
     let client = DatabricksClient::new(
         &host,

@@ -5,13 +5,14 @@
 //! acknowledged only after delivery and `run` on top.
 
 pub mod app;
+pub mod check;
 pub mod cli;
 pub mod collect;
 pub mod config;
-pub mod demo;
 pub mod databricks;
+pub mod demo;
 pub mod discovery;
-pub mod sink;
 pub mod run;
+pub mod sink;
 pub mod state;
 pub mod traffic;

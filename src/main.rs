@@ -13,10 +13,17 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ERROR cannot start the async runtime: {e}");
@@ -61,7 +68,8 @@ async fn async_main(cli: cli::Cli) -> ExitCode {
     app::init_logging(config.log_format);
     match command {
         Command::Discover { json } => discover(&config, json).await,
-        Command::Check { .. } | Command::Run | Command::Demo { .. } => run(config).await,
+        Command::Check { json } => check(&config, json).await,
+        Command::Run | Command::Demo { .. } => run(config).await,
     }
 }
 
@@ -91,6 +99,23 @@ async fn discover(config: &Config, json: bool) -> ExitCode {
             tracing::error!("ERROR {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+async fn check(config: &Config, json: bool) -> ExitCode {
+    let steps = databricks_shield::check::run(config).await;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&steps).unwrap_or_default()
+        );
+    } else {
+        print!("{}", databricks_shield::check::render(&steps));
+    }
+    if steps.iter().all(|s| s.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

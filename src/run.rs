@@ -24,7 +24,6 @@ use crate::sink::{AnySink, OutRecord, SinkError, BODY_WRAPPER_BYTES, MAX_BODY_BY
 use crate::state::{create_private_file, DeliveredRow, StateError, StateStore};
 use crate::traffic::{self, AgentContext, MapOptions};
 
-
 /// Stopping, as an explicit value handed to every long-running part (after mini-redis).
 #[derive(Clone)]
 pub struct Shutdown {
@@ -147,7 +146,13 @@ struct Quarantine {
 }
 
 impl Quarantine {
-    fn put(&self, table: &str, request_id: &str, reason: &str, record: &str) -> Result<(), StateError> {
+    fn put(
+        &self,
+        table: &str,
+        request_id: &str,
+        reason: &str,
+        record: &str,
+    ) -> Result<(), StateError> {
         use std::io::Write as _;
         let line = serde_json::json!({
             "quarantined_at": chrono::Utc::now().to_rfc3339(),
@@ -193,7 +198,12 @@ enum DeliveryError {
 }
 
 impl Connector {
-    pub fn new(client: DatabricksClient, sink: AnySink, state: StateStore, settings: Settings) -> Self {
+    pub fn new(
+        client: DatabricksClient,
+        sink: AnySink,
+        state: StateStore,
+        settings: Settings,
+    ) -> Self {
         let quarantine = Quarantine {
             path: settings.state_dir.join("quarantine.jsonl"),
             lock: Mutex::new(()),
@@ -246,7 +256,10 @@ impl Connector {
         let cycle_start_us = chrono::Utc::now().timestamp_micros();
         let mut report = CycleReport::default();
         let q_before = self.quarantine.count.load(Ordering::Relaxed);
-        if let Err(e) = self.cycle_inner(shutdown, cycle_start_us, &mut report).await {
+        if let Err(e) = self
+            .cycle_inner(shutdown, cycle_start_us, &mut report)
+            .await
+        {
             tracing::error!("ERROR {e}");
             report.errors.push(e.to_string());
         }
@@ -407,7 +420,9 @@ impl Connector {
             for (reason, raw) in &chunk.unreadable {
                 self.quarantine.put(&chunk.table, "", reason, raw)?;
             }
-            let Some(agent) = agents.get(&chunk.table) else { continue };
+            let Some(agent) = agents.get(&chunk.table) else {
+                continue;
+            };
             let ctx = AgentContext {
                 agent: &agent.name,
                 host: &agent.host,
@@ -436,17 +451,25 @@ impl Connector {
                 }
                 let bytes: usize = records.iter().map(|r| r.json.len() + 1).sum();
                 if !batch.is_empty()
-                    && (batch.records.len() + records.len() > max_records || batch.bytes + bytes > max_bytes)
+                    && (batch.records.len() + records.len() > max_records
+                        || batch.bytes + bytes > max_bytes)
                 {
-                    self.flush(&mut batch, &chunk.table, &agent.name, &mut totals).await?;
+                    self.flush(&mut batch, &chunk.table, &agent.name, &mut totals)
+                        .await?;
                     if shutdown.is_triggered() {
                         return Ok(totals);
                     }
                 }
-                batch.push(&exec.request_id, exec.request_time.timestamp_micros(), records, bytes);
+                batch.push(
+                    &exec.request_id,
+                    exec.request_time.timestamp_micros(),
+                    records,
+                    bytes,
+                );
             }
             if !batch.is_empty() {
-                self.flush(&mut batch, &chunk.table, &agent.name, &mut totals).await?;
+                self.flush(&mut batch, &chunk.table, &agent.name, &mut totals)
+                    .await?;
             }
         }
         Ok(totals)
@@ -469,14 +492,15 @@ impl Connector {
         } else {
             self.sink.deliver(&b.records).await
         };
-        let (done, rejected, failure): (Vec<usize>, Vec<(usize, String)>, Option<SinkError>) = match result {
-            Ok(outcome) => (outcome.delivered, outcome.rejected, None),
-            Err(e) => (
-                e.delivered_before_failure().to_vec(),
-                e.rejected_before_failure().to_vec(),
-                Some(e),
-            ),
-        };
+        let (done, rejected, failure): (Vec<usize>, Vec<(usize, String)>, Option<SinkError>) =
+            match result {
+                Ok(outcome) => (outcome.delivered, outcome.rejected, None),
+                Err(e) => (
+                    e.delivered_before_failure().to_vec(),
+                    e.rejected_before_failure().to_vec(),
+                    Some(e),
+                ),
+            };
         let mut settled = vec![false; b.records.len()];
         for i in &done {
             if let Some(s) = settled.get_mut(*i) {
@@ -487,14 +511,23 @@ impl Connector {
             if let (Some(s), Some(rec)) = (settled.get_mut(*i), b.records.get(*i)) {
                 *s = true;
                 let owner = b.owner_of(*i).map(|e| e.0.as_str()).unwrap_or("");
-                self.quarantine.put(table, owner, &format!("the sink refused it: {reason}"), &rec.json)?;
+                self.quarantine.put(
+                    table,
+                    owner,
+                    &format!("the sink refused it: {reason}"),
+                    &rec.json,
+                )?;
             }
         }
         let rows: Vec<DeliveredRow<'_>> = b
             .execs
             .iter()
             .filter(|(_, _, range)| range.clone().all(|i| settled[i]))
-            .map(|(id, t, _)| DeliveredRow { table, id, time_us: *t })
+            .map(|(id, t, _)| DeliveredRow {
+                table,
+                id,
+                time_us: *t,
+            })
             .collect();
         self.state.commit_delivered(&rows)?;
         totals.records_sent += done.len() as u64;
@@ -530,7 +563,8 @@ impl Batch {
     fn push(&mut self, id: &str, time_us: i64, records: Vec<OutRecord>, bytes: usize) {
         let start = self.records.len();
         self.records.extend(records);
-        self.execs.push((id.to_string(), time_us, start..self.records.len()));
+        self.execs
+            .push((id.to_string(), time_us, start..self.records.len()));
         self.bytes += bytes;
     }
     fn owner_of(&self, i: usize) -> Option<&(String, i64, std::ops::Range<usize>)> {

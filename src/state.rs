@@ -18,7 +18,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 /// (table, request id) -> request time in microseconds since the epoch.
 const DELIVERED: TableDefinition<(&str, &str), i64> = TableDefinition::new("delivered_v1");
 /// (table, request time µs, request id) -> (): the same ids ordered by time.
-const BY_TIME: TableDefinition<(&str, i64, &str), ()> = TableDefinition::new("delivered_by_time_v1");
+const BY_TIME: TableDefinition<(&str, i64, &str), ()> =
+    TableDefinition::new("delivered_by_time_v1");
 /// table -> cursor, JSON `{"time_us":..,"id":".."}`.
 const CURSORS: TableDefinition<&str, &str> = TableDefinition::new("cursors_v1");
 /// "inflight" -> number of records in the batch being sent; "format" -> version.
@@ -72,7 +73,9 @@ pub struct StateStore {
 
 impl std::fmt::Debug for StateStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StateStore").field("path", &self.path).finish()
+        f.debug_struct("StateStore")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -167,17 +170,16 @@ impl StateStore {
                 .map(|v| v.value().to_string());
             match existing.as_deref() {
                 None => {
-                    meta.insert("format", FORMAT_VERSION).map_err(|e| self.io(e))?;
+                    meta.insert("format", FORMAT_VERSION)
+                        .map_err(|e| self.io(e))?;
                 }
                 Some(FORMAT_VERSION) => {}
-                Some(other) => {
-                    return Err(StateError::Corrupt {
-                        path: self.path.clone(),
-                        detail: format!(
-                            "state format version {other}, this build reads version {FORMAT_VERSION}"
-                        ),
-                    })
-                }
+                Some(other) => return Err(StateError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!(
+                        "state format version {other}, this build reads version {FORMAT_VERSION}"
+                    ),
+                }),
             }
             txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
             txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
@@ -207,7 +209,8 @@ impl StateStore {
     /// durable with the next commit or is lost with a crash, which only costs the WARN line).
     pub fn mark_in_flight(&self, records: usize) -> Result<(), StateError> {
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        txn.set_durability(Durability::None).map_err(|e| self.io(e))?;
+        txn.set_durability(Durability::None)
+            .map_err(|e| self.io(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
             meta.insert("inflight", records.to_string().as_str())
@@ -233,10 +236,12 @@ impl StateStore {
         let raw = t.get(table).map_err(|e| self.io(e))?;
         match raw {
             None => Ok(None),
-            Some(v) => serde_json::from_str(v.value()).map(Some).map_err(|e| StateError::Corrupt {
-                path: self.path.clone(),
-                detail: format!("cursor of {table}: {e}"),
-            }),
+            Some(v) => serde_json::from_str(v.value())
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("cursor of {table}: {e}"),
+                }),
         }
     }
 
@@ -272,7 +277,12 @@ impl StateStore {
     }
 
     /// Delivered ids of `table` with a time in `[from_us, to_us)`.
-    pub fn ids_in_range(&self, table: &str, from_us: i64, to_us: i64) -> Result<Vec<String>, StateError> {
+    pub fn ids_in_range(
+        &self,
+        table: &str,
+        from_us: i64,
+        to_us: i64,
+    ) -> Result<Vec<String>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
         let mut out = Vec::new();
@@ -298,8 +308,12 @@ impl StateStore {
             let mut cursors = txn.open_table(CURSORS).map_err(|e| self.io(e))?;
             let mut newest: std::collections::BTreeMap<&str, Cursor> = Default::default();
             for r in rows {
-                delivered.insert((r.table, r.id), r.time_us).map_err(|e| self.io(e))?;
-                by_time.insert((r.table, r.time_us, r.id), ()).map_err(|e| self.io(e))?;
+                delivered
+                    .insert((r.table, r.id), r.time_us)
+                    .map_err(|e| self.io(e))?;
+                by_time
+                    .insert((r.table, r.time_us, r.id), ())
+                    .map_err(|e| self.io(e))?;
                 let c = Cursor {
                     time_us: r.time_us,
                     id: r.id.to_string(),
@@ -316,7 +330,9 @@ impl StateStore {
                     .and_then(|v| serde_json::from_str(v.value()).ok());
                 if old.is_none_or(|o| (c.time_us, &c.id) > (o.time_us, &o.id)) {
                     let json = serde_json::to_string(&c).map_err(|e| self.io(e))?;
-                    cursors.insert(table, json.as_str()).map_err(|e| self.io(e))?;
+                    cursors
+                        .insert(table, json.as_str())
+                        .map_err(|e| self.io(e))?;
                 }
             }
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
@@ -356,8 +372,12 @@ impl StateStore {
                 .filter_map(|r| r.ok().map(|(k, _)| (k.value().1, k.value().2.to_string())))
                 .collect();
             for (t, id) in old {
-                by_time.remove((table, t, id.as_str())).map_err(|e| self.io(e))?;
-                delivered.remove((table, id.as_str())).map_err(|e| self.io(e))?;
+                by_time
+                    .remove((table, t, id.as_str()))
+                    .map_err(|e| self.io(e))?;
+                delivered
+                    .remove((table, id.as_str()))
+                    .map_err(|e| self.io(e))?;
                 removed += 1;
             }
         }
@@ -378,7 +398,11 @@ mod tests {
     fn rows<'a>(table: &'a str, items: &'a [(&'a str, i64)]) -> Vec<DeliveredRow<'a>> {
         items
             .iter()
-            .map(|(id, t)| DeliveredRow { table, id, time_us: *t })
+            .map(|(id, t)| DeliveredRow {
+                table,
+                id,
+                time_us: *t,
+            })
             .collect()
     }
 
@@ -388,14 +412,24 @@ mod tests {
         {
             let s = StateStore::open(dir.path(), false).unwrap();
             s.mark_in_flight(3).unwrap();
-            s.commit_delivered(&rows("c.s.t", &[("b", 20), ("a", 10), ("c", 20)])).unwrap();
+            s.commit_delivered(&rows("c.s.t", &[("b", 20), ("a", 10), ("c", 20)]))
+                .unwrap();
             assert_eq!(s.unconfirmed_batch().unwrap(), None);
         }
         let s = StateStore::open(dir.path(), false).unwrap();
-        assert_eq!(s.cursor("c.s.t").unwrap(), Some(Cursor { time_us: 20, id: "c".into() }));
+        assert_eq!(
+            s.cursor("c.s.t").unwrap(),
+            Some(Cursor {
+                time_us: 20,
+                id: "c".into()
+            })
+        );
         let got = s.delivered_among("c.s.t", ["a", "x", "c"]).unwrap();
         assert!(got.contains("a") && got.contains("c") && !got.contains("x"));
-        assert_eq!(s.count_by_range("c.s.t", &[0, 15, 21, 30]).unwrap(), vec![1, 2, 0]);
+        assert_eq!(
+            s.count_by_range("c.s.t", &[0, 15, 21, 30]).unwrap(),
+            vec![1, 2, 0]
+        );
         assert_eq!(s.ids_in_range("c.s.t", 15, 21).unwrap(), vec!["b", "c"]);
         assert_eq!(s.cursor("other").unwrap(), None);
     }
@@ -461,7 +495,13 @@ mod tests {
         assert_eq!(s.cursor("t").unwrap(), None);
         let moved = fs::read_dir(dir.path())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".reset-"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".reset-")
+            })
             .count();
         assert_eq!(moved, 1);
     }
@@ -473,7 +513,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sd = dir.path().join("state");
         let s = StateStore::open(&sd, false).unwrap();
-        assert_eq!(fs::metadata(&sd).unwrap().permissions().mode() & 0o777, 0o700);
-        assert_eq!(fs::metadata(s.path()).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&sd).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(
+            fs::metadata(s.path()).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 }

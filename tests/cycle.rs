@@ -11,9 +11,21 @@ fn assert_exactly_once(rig: &Rig) {
     let missing: Vec<_> = truth.keys().filter(|id| !got.contains_key(*id)).collect();
     let dupes: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
     let extra: Vec<_> = got.keys().filter(|id| !truth.contains_key(*id)).collect();
-    assert!(missing.is_empty(), "{} executions never arrived, e.g. {:?}", missing.len(), &missing[..missing.len().min(3)]);
-    assert!(dupes.is_empty(), "duplicates: {:?}", &dupes[..dupes.len().min(3)]);
-    assert!(extra.is_empty(), "records for rows that do not exist: {extra:?}");
+    assert!(
+        missing.is_empty(),
+        "{} executions never arrived, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(3)]
+    );
+    assert!(
+        dupes.is_empty(),
+        "duplicates: {:?}",
+        &dupes[..dupes.len().min(3)]
+    );
+    assert!(
+        extra.is_empty(),
+        "records for rows that do not exist: {extra:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,22 +58,39 @@ async fn every_execution_once_then_nothing_then_only_new_and_late_rows() {
     rig.emulator.generate(0, 12);
     let fourth = rig.cycle().await;
     assert!(fourth.ok(), "{:?}", fourth.errors);
-    assert_eq!(executions_in(&rig.standin.records()[before_late..]).len(), 12);
+    assert_eq!(
+        executions_in(&rig.standin.records()[before_late..]).len(),
+        12
+    );
     assert_exactly_once(&rig);
 
     // And the steady state reads little: a cycle with nothing new returns few rows.
     let quiet = rig.cycle().await;
     assert_eq!(quiet.records_sent, 0);
-    assert!(quiet.rows_read < 20, "a quiet cycle re-read {} rows", quiet.rows_read);
+    assert!(
+        quiet.rows_read < 20,
+        "a quiet cycle re-read {} rows",
+        quiet.rows_read
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_down_holds_the_checkpoint_and_the_next_cycle_delivers_once() {
     let rig = Rig::new(emulator_config()).await;
-    rig.standin.set_behavior(akto_standin::Behavior::FailNext { count: 1000, status: 503 });
+    rig.standin.set_behavior(akto_standin::Behavior::FailNext {
+        count: 1000,
+        status: 503,
+    });
     let failed = rig.cycle().await;
-    assert!(!failed.ok(), "a cycle whose sink is down must report failure");
-    assert!(failed.errors.iter().any(|e| e.contains("delivery")), "{:?}", failed.errors);
+    assert!(
+        !failed.ok(),
+        "a cycle whose sink is down must report failure"
+    );
+    assert!(
+        failed.errors.iter().any(|e| e.contains("delivery")),
+        "{:?}",
+        failed.errors
+    );
     assert_eq!(rig.standin.records().len(), 0);
     rig.standin.set_behavior(akto_standin::Behavior::Normal);
     let ok = rig.cycle().await;
@@ -86,6 +115,10 @@ async fn every_record_satisfies_the_contract() {
         assert_eq!(r["source"], "MIRRORING");
         hosts.insert(host);
     }
-    assert_eq!(hosts.len(), report.tables, "one Akto collection per agent table");
+    assert_eq!(
+        hosts.len(),
+        report.tables,
+        "one Akto collection per agent table"
+    );
     assert_eq!(rig.standin.rejected_batches(), 0);
 }

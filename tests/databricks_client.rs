@@ -12,7 +12,9 @@ use databricks_shield::discovery::{self, TableKind};
 async fn discovery_finds_every_agent_kind_and_maps_endpoints_to_tables() {
     let emu = emulator(emulator_config()).await;
     let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discovery::discover(&c, "workspace", "default", "").await.unwrap();
+    let inv = discovery::discover(&c, "workspace", "default", "")
+        .await
+        .unwrap();
     // Every inference table of the ground truth is read by exactly one agent.
     let truth_tables: std::collections::BTreeSet<String> =
         emu.ground_truth().into_iter().map(|r| r.table).collect();
@@ -20,16 +22,34 @@ async fn discovery_finds_every_agent_kind_and_maps_endpoints_to_tables() {
         inv.readable().map(|(_, t)| t.full_name.clone()).collect();
     assert_eq!(read, truth_tables);
     let kinds: std::collections::BTreeSet<_> = inv.readable().map(|(_, t)| t.kind).collect();
-    assert!(kinds.contains(&TableKind::AiGatewayPayload) && kinds.contains(&TableKind::LegacyPayload));
+    assert!(
+        kinds.contains(&TableKind::AiGatewayPayload) && kinds.contains(&TableKind::LegacyPayload)
+    );
     // Agent endpoints carry their task and models; a table-only agent exists too.
-    assert!(inv.agents.iter().any(|a| a.task.as_deref() == Some("agent/v1/responses") && a.table.is_some()));
-    assert!(inv.agents.iter().any(|a| a.task.as_deref() == Some("agent/v2/chat")));
-    assert!(inv.agents.iter().any(|a| a.endpoint.is_none() && a.table.is_some()));
-    assert!(inv.agents.iter().filter(|a| a.endpoint.is_some()).all(|a| !a.models.is_empty()));
+    assert!(inv
+        .agents
+        .iter()
+        .any(|a| a.task.as_deref() == Some("agent/v1/responses") && a.table.is_some()));
+    assert!(inv
+        .agents
+        .iter()
+        .any(|a| a.task.as_deref() == Some("agent/v2/chat")));
+    assert!(inv
+        .agents
+        .iter()
+        .any(|a| a.endpoint.is_none() && a.table.is_some()));
+    assert!(inv
+        .agents
+        .iter()
+        .filter(|a| a.endpoint.is_some())
+        .all(|a| !a.models.is_empty()));
     assert!(!inv.tools.is_empty() && !inv.models.is_empty());
     assert!(!inv.otel_span_tables.is_empty());
     // The plain LLM endpoints are listed, not read.
-    assert!(inv.llm_endpoints.iter().any(|a| a.models.iter().any(|m| m.kind == "foundation_model")));
+    assert!(inv
+        .llm_endpoints
+        .iter()
+        .any(|a| a.models.iter().any(|m| m.kind == "foundation_model")));
     let table = discovery::render_table(&inv);
     assert!(table.contains("AGENT") && table.contains("agent/v1/responses"));
 }
@@ -40,11 +60,17 @@ async fn prefix_filters_tables_and_distractors_are_ignored() {
     cfg.table_prefix = "prod_".into();
     let emu = emulator(cfg).await;
     let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discovery::discover(&c, "workspace", "default", "prod_").await.unwrap();
-    assert!(inv.readable().all(|(_, t)| t.full_name.starts_with("workspace.default.prod_")));
+    let inv = discovery::discover(&c, "workspace", "default", "prod_")
+        .await
+        .unwrap();
+    assert!(inv
+        .readable()
+        .all(|(_, t)| t.full_name.starts_with("workspace.default.prod_")));
     assert!(inv.tables_matching_prefix < inv.tables_total);
     assert!(!inv.filtered_out_examples.is_empty());
-    let none = discovery::discover(&c, "workspace", "default", "nothing_matches_").await.unwrap();
+    let none = discovery::discover(&c, "workspace", "default", "nothing_matches_")
+        .await
+        .unwrap();
     assert_eq!(none.readable().count(), 0);
     assert_eq!(none.tables_matching_prefix, 0);
 }
@@ -56,17 +82,31 @@ async fn bad_credentials_say_authentication_failed_and_never_echo_the_secret() {
     let err = c.authenticate().await.unwrap_err();
     assert!(matches!(err, DatabricksError::Auth { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("Authentication failed") && msg.contains("DATABRICKS_CLIENT_SECRET"), "{msg}");
-    assert!(!msg.contains("wrong-secret-value-123") && !format!("{err:?}").contains("wrong-secret-value-123"));
+    assert!(
+        msg.contains("Authentication failed") && msg.contains("DATABRICKS_CLIENT_SECRET"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("wrong-secret-value-123")
+            && !format!("{err:?}").contains("wrong-secret-value-123")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_host_says_failed_to_connect() {
     // A port nothing listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let c = client(&format!("http://127.0.0.1:{port}"), "id", "secret");
     let err = c.authenticate().await.unwrap_err();
-    assert!(err.to_string().starts_with("Failed to connect to Databricks workspace"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("Failed to connect to Databricks workspace"),
+        "{err}"
+    );
     assert!(err.is_retriable());
 }
 
@@ -75,10 +115,15 @@ async fn missing_grants_print_the_grant_statements() {
     let emu = emulator(emulator_config()).await;
     emu.revoke("emulator-client", Privilege::UseSchema);
     let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let err = discovery::discover(&c, "workspace", "default", "").await.unwrap_err();
+    let err = discovery::discover(&c, "workspace", "default", "")
+        .await
+        .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("Access denied"), "{msg}");
-    assert!(msg.contains("GRANT USE SCHEMA ON SCHEMA workspace.default TO `emulator-client`"), "{msg}");
+    assert!(
+        msg.contains("GRANT USE SCHEMA ON SCHEMA workspace.default TO `emulator-client`"),
+        "{msg}"
+    );
     assert!(msg.contains("SHOW GRANTS"), "{msg}");
 }
 
@@ -86,8 +131,16 @@ async fn missing_grants_print_the_grant_statements() {
 async fn missing_catalog_is_not_found_with_the_fix() {
     let emu = emulator(emulator_config()).await;
     let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let err = discovery::discover(&c, "no_such_catalog", "default", "").await.unwrap_err();
-    assert!(matches!(err, DatabricksError::NotFound { .. } | DatabricksError::PermissionDenied { .. }), "{err:?}");
+    let err = discovery::discover(&c, "no_such_catalog", "default", "")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            DatabricksError::NotFound { .. } | DatabricksError::PermissionDenied { .. }
+        ),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("no_such_catalog"), "{err}");
 }
 
@@ -100,7 +153,9 @@ async fn rate_limits_and_unavailability_are_retried_with_retry_after() {
     )
     .unwrap();
     let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discovery::discover(&c, "workspace", "default", "").await.unwrap();
+    let inv = discovery::discover(&c, "workspace", "default", "")
+        .await
+        .unwrap();
     assert!(inv.readable().count() > 0);
     assert!(c.stats().retries() >= 4, "retries: {}", c.stats().retries());
 }
@@ -110,8 +165,11 @@ async fn an_expired_token_is_replaced_once_without_failing() {
     let emu = emulator(emulator_config()).await;
     let c = client(&emu.base_url(), "emulator-client", SECRET);
     c.authenticate().await.unwrap();
-    emu.set_faults("route=/api/2.1/unity-catalog/tables,kind=expire_tokens,count=1").unwrap();
-    let inv = discovery::discover(&c, "workspace", "default", "").await.unwrap();
+    emu.set_faults("route=/api/2.1/unity-catalog/tables,kind=expire_tokens,count=1")
+        .unwrap();
+    let inv = discovery::discover(&c, "workspace", "default", "")
+        .await
+        .unwrap();
     assert!(inv.readable().count() > 0);
     let oidc: u64 = c
         .stats()
@@ -134,6 +192,8 @@ async fn a_personal_access_token_works_too() {
         fast_retry(),
     )
     .unwrap();
-    let inv = discovery::discover(&c, "workspace", "default", "").await.unwrap();
+    let inv = discovery::discover(&c, "workspace", "default", "")
+        .await
+        .unwrap();
     assert!(inv.readable().count() > 0);
 }

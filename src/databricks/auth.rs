@@ -183,7 +183,11 @@ impl TokenSource {
                     "the token endpoint {} answered HTTP {} {}{}",
                     self.token_url,
                     status.as_u16(),
-                    if err.error.is_empty() { "error" } else { &err.error },
+                    if err.error.is_empty() {
+                        "error"
+                    } else {
+                        &err.error
+                    },
                     if err.error_description.is_empty() {
                         String::new()
                     } else {
@@ -216,6 +220,8 @@ impl TokenSource {
     }
 
     fn host_label(&self) -> String {
-        self.token_url.trim_end_matches("/oidc/v1/token").to_string()
+        self.token_url
+            .trim_end_matches("/oidc/v1/token")
+            .to_string()
     }
 }

@@ -65,7 +65,8 @@ pub struct ApiStats {
 impl ApiStats {
     fn record(&self, route: &str, status: &str) {
         if let Ok(mut m) = self.counts.lock() {
-            *m.entry((route.to_string(), status.to_string())).or_default() += 1;
+            *m.entry((route.to_string(), status.to_string()))
+                .or_default() += 1;
         }
     }
     /// A copy of the counters: ((route, status), count).
@@ -128,7 +129,8 @@ pub(crate) fn classify_transport_error(e: &reqwest::Error) -> (ConnectKind, Stri
         ConnectKind::Timeout
     } else if lower.contains("dns") || lower.contains("failed to lookup address") {
         ConnectKind::Dns
-    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
+    {
         ConnectKind::Tls
     } else if lower.contains("refused") || lower.contains("reset") || e.is_connect() {
         ConnectKind::Refused
@@ -210,12 +212,20 @@ impl ApiClient {
                         Err(e) => {
                             self.stats.record(route, "error");
                             if let Some(d) = self.retry_delay(started, attempt, None) {
-                                tracing::debug!(route, attempt, "reading the response failed, retrying: {e}");
+                                tracing::debug!(
+                                    route,
+                                    attempt,
+                                    "reading the response failed, retrying: {e}"
+                                );
                                 tokio::time::sleep(d).await;
                                 continue;
                             }
                             let (kind, detail) = classify_transport_error(&e);
-                            return Err(DatabricksError::Connect { host: self.base.clone(), kind, detail });
+                            return Err(DatabricksError::Connect {
+                                host: self.base.clone(),
+                                kind,
+                                detail,
+                            });
                         }
                     }
                 }
@@ -230,7 +240,11 @@ impl ApiClient {
                             continue;
                         }
                     }
-                    return Err(DatabricksError::Connect { host: self.base.clone(), kind, detail });
+                    return Err(DatabricksError::Connect {
+                        host: self.base.clone(),
+                        kind,
+                        detail,
+                    });
                 }
             };
             self.stats.record(route, status.as_str());
@@ -250,7 +264,12 @@ impl ApiClient {
                 || is_retriable_code(&code);
             if retriable {
                 if let Some(d) = self.retry_delay(started, attempt, retry_after(&headers)) {
-                    tracing::debug!(route, attempt, status = status.as_u16(), "retrying in {d:?}");
+                    tracing::debug!(
+                        route,
+                        attempt,
+                        status = status.as_u16(),
+                        "retrying in {d:?}"
+                    );
                     tokio::time::sleep(d).await;
                     continue;
                 }
@@ -289,7 +308,12 @@ impl ApiClient {
     }
 
     /// The delay before the next attempt, or None when the retry budget is spent.
-    fn retry_delay(&self, started: Instant, attempt: u32, after: Option<Duration>) -> Option<Duration> {
+    fn retry_delay(
+        &self,
+        started: Instant,
+        attempt: u32,
+        after: Option<Duration>,
+    ) -> Option<Duration> {
         let d = self.retry.backoff(attempt, after);
         if started.elapsed() + d > self.retry.max_elapsed {
             return None;

@@ -153,7 +153,9 @@ struct EndpointList {
     endpoints: Vec<ServingEndpoint>,
 }
 
-fn opt_string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+fn opt_string_or_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
     let v = serde_json::Value::deserialize(d)?;
     Ok(match v {
         serde_json::Value::String(s) => Some(s),
@@ -187,7 +189,10 @@ impl DatabricksClient {
     }
 
     /// One endpoint with its full config (including legacy `auto_capture_config`).
-    pub async fn get_serving_endpoint(&self, name: &str) -> Result<ServingEndpoint, DatabricksError> {
+    pub async fn get_serving_endpoint(
+        &self,
+        name: &str,
+    ) -> Result<ServingEndpoint, DatabricksError> {
         self.api
             .request(
                 Method::GET,

@@ -279,7 +279,10 @@ impl DatabricksClient {
                     .find(|w| serverless(w))
                     .map(|w| (w, "serverless, will start on first query"))
             })
-            .or_else(|| all.first().map(|w| (w, "the only kind available, will start on first query")));
+            .or_else(|| {
+                all.first()
+                    .map(|w| (w, "the only kind available, will start on first query"))
+            });
         match pick {
             Some((w, why)) => Ok((w.clone(), why.to_string())),
             None => Err(DatabricksError::NoWarehouse(
@@ -361,7 +364,12 @@ impl DatabricksClient {
         })
     }
 
-    fn statement_error(&self, st: &Statement, state: &str, error: Option<StatusError>) -> DatabricksError {
+    fn statement_error(
+        &self,
+        st: &Statement,
+        state: &str,
+        error: Option<StatusError>,
+    ) -> DatabricksError {
         let error = error.unwrap_or_default();
         let code = error.error_code.unwrap_or_default();
         let message = error.message.unwrap_or_default();

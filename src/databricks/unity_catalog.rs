@@ -194,7 +194,12 @@ impl DatabricksClient {
     }
 
     /// Adds catalog/schema context (and the GRANT fix) to a permission or not-found error.
-    pub(crate) fn in_schema(&self, e: DatabricksError, catalog: &str, schema: &str) -> DatabricksError {
+    pub(crate) fn in_schema(
+        &self,
+        e: DatabricksError,
+        catalog: &str,
+        schema: &str,
+    ) -> DatabricksError {
         match e {
             DatabricksError::PermissionDenied { detail, .. } => DatabricksError::PermissionDenied {
                 object: format!("catalog/schema {catalog}.{schema}"),
@@ -225,7 +230,11 @@ impl DatabricksClient {
     }
 
     /// Every table of `catalog.schema`.
-    pub async fn list_tables(&self, catalog: &str, schema: &str) -> Result<Vec<TableInfo>, DatabricksError> {
+    pub async fn list_tables(
+        &self,
+        catalog: &str,
+        schema: &str,
+    ) -> Result<Vec<TableInfo>, DatabricksError> {
         self.list_all::<TablesPage>(
             "GET /api/2.1/unity-catalog/tables",
             "/api/2.1/unity-catalog/tables",
@@ -236,7 +245,11 @@ impl DatabricksClient {
     }
 
     /// Registered models of `catalog.schema`.
-    pub async fn list_models(&self, catalog: &str, schema: &str) -> Result<Vec<RegisteredModel>, DatabricksError> {
+    pub async fn list_models(
+        &self,
+        catalog: &str,
+        schema: &str,
+    ) -> Result<Vec<RegisteredModel>, DatabricksError> {
         self.list_all::<ModelsPage>(
             "GET /api/2.1/unity-catalog/models",
             "/api/2.1/unity-catalog/models",
@@ -247,7 +260,10 @@ impl DatabricksClient {
     }
 
     /// Versions of one registered model.
-    pub async fn list_model_versions(&self, full_name: &str) -> Result<Vec<ModelVersion>, DatabricksError> {
+    pub async fn list_model_versions(
+        &self,
+        full_name: &str,
+    ) -> Result<Vec<ModelVersion>, DatabricksError> {
         self.list_all::<VersionsPage>(
             "GET /api/2.1/unity-catalog/models/{name}/versions",
             &format!("/api/2.1/unity-catalog/models/{full_name}/versions"),
@@ -257,7 +273,11 @@ impl DatabricksClient {
     }
 
     /// UC functions of `catalog.schema` (agent tools).
-    pub async fn list_functions(&self, catalog: &str, schema: &str) -> Result<Vec<FunctionInfo>, DatabricksError> {
+    pub async fn list_functions(
+        &self,
+        catalog: &str,
+        schema: &str,
+    ) -> Result<Vec<FunctionInfo>, DatabricksError> {
         self.list_all::<FunctionsPage>(
             "GET /api/2.1/unity-catalog/functions",
             "/api/2.1/unity-catalog/functions",

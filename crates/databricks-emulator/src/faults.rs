@@ -54,7 +54,9 @@ pub(crate) struct Faults {
 
 fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, EmulatorError> {
     v.parse::<T>().map_err(|_| {
-        EmulatorError::FaultSpec(format!("`{key}={v}` is not a non-negative integer; write e.g. {key}=3"))
+        EmulatorError::FaultSpec(format!(
+            "`{key}={v}` is not a non-negative integer; write e.g. {key}=3"
+        ))
     })
 }
 
@@ -72,7 +74,10 @@ pub(crate) fn parse(spec: &str) -> Result<Vec<FaultRule>, EmulatorError> {
         let mut table = None;
         for kv in rule.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let Some((k, v)) = kv.split_once('=') else {
-                return Err(EmulatorError::FaultSpec(format!("rule {}: `{kv}` is not key=value", n + 1)));
+                return Err(EmulatorError::FaultSpec(format!(
+                    "rule {}: `{kv}` is not key=value",
+                    n + 1
+                )));
             };
             let (k, v) = (k.trim(), v.trim());
             match k {
@@ -117,8 +122,17 @@ pub(crate) fn parse(spec: &str) -> Result<Vec<FaultRule>, EmulatorError> {
             }
             None => return Err(EmulatorError::FaultSpec(format!("rule {}: missing kind=...", n + 1))),
         };
-        let default_count = if matches!(kind, FaultKind::Latency { .. }) { None } else { Some(1) };
-        rules.push(FaultRule { route, kind, remaining: count.unwrap_or(default_count), skip: after });
+        let default_count = if matches!(kind, FaultKind::Latency { .. }) {
+            None
+        } else {
+            Some(1)
+        };
+        rules.push(FaultRule {
+            route,
+            kind,
+            remaining: count.unwrap_or(default_count),
+            skip: after,
+        });
     }
     Ok(rules)
 }
@@ -153,9 +167,16 @@ impl Faults {
             }
             let http = matches!(
                 r.kind,
-                FaultKind::TooMany { .. } | FaultKind::Unavailable | FaultKind::Latency { .. } | FaultKind::Drop | FaultKind::ExpireTokens
+                FaultKind::TooMany { .. }
+                    | FaultKind::Unavailable
+                    | FaultKind::Latency { .. }
+                    | FaultKind::Drop
+                    | FaultKind::ExpireTokens
             );
-            if !http || (out.respond.is_some() || out.drop) && !matches!(r.kind, FaultKind::Latency { .. }) {
+            if !http
+                || (out.respond.is_some() || out.drop)
+                    && !matches!(r.kind, FaultKind::Latency { .. })
+            {
                 continue;
             }
             if !Self::take(r) {
@@ -184,7 +205,9 @@ impl Faults {
             }
             let applies = match &r.kind {
                 FaultKind::Pending { .. } => polls == 0,
-                FaultKind::Fail { table } => !fail && table.as_ref().is_none_or(|t| tables.iter().any(|x| x == t)),
+                FaultKind::Fail { table } => {
+                    !fail && table.as_ref().is_none_or(|t| tables.iter().any(|x| x == t))
+                }
                 _ => false,
             };
             if !applies || !Self::take(r) {
@@ -207,12 +230,20 @@ mod tests {
 
     #[test]
     fn parses_and_counts() {
-        let rules = parse("route=/api/2.0/sql,kind=429,count=2,retry_after=3; route=/oidc,kind=503").unwrap_or_default();
+        let rules =
+            parse("route=/api/2.0/sql,kind=429,count=2,retry_after=3; route=/oidc,kind=503")
+                .unwrap_or_default();
         assert_eq!(rules.len(), 2);
         let mut f = Faults::default();
         f.replace(rules);
-        assert_eq!(f.on_request("/api/2.0/sql/statements").respond, Some((429, Some(3))));
-        assert_eq!(f.on_request("/api/2.0/sql/statements").respond, Some((429, Some(3))));
+        assert_eq!(
+            f.on_request("/api/2.0/sql/statements").respond,
+            Some((429, Some(3)))
+        );
+        assert_eq!(
+            f.on_request("/api/2.0/sql/statements").respond,
+            Some((429, Some(3)))
+        );
         assert_eq!(f.on_request("/api/2.0/sql/statements").respond, None);
         assert_eq!(f.on_request("/oidc/v1/token").respond, Some((503, None)));
         assert_eq!(f.on_request("/oidc/v1/token").respond, None);
@@ -222,10 +253,22 @@ mod tests {
     #[test]
     fn after_skips_and_table_filter() {
         let mut f = Faults::default();
-        f.replace(parse("kind=fail,table=w.d.a_payload,count=unlimited;kind=pending,polls=2,after=1").unwrap_or_default());
-        assert_eq!(f.on_statement("/api/2.0/sql/statements", &["w.d.b".into()]), (0, false));
-        assert_eq!(f.on_statement("/api/2.0/sql/statements", &["w.d.a_payload".into()]), (2, true));
-        assert_eq!(f.on_statement("/api/2.0/sql/statements", &["w.d.a_payload".into()]), (0, true));
+        f.replace(
+            parse("kind=fail,table=w.d.a_payload,count=unlimited;kind=pending,polls=2,after=1")
+                .unwrap_or_default(),
+        );
+        assert_eq!(
+            f.on_statement("/api/2.0/sql/statements", &["w.d.b".into()]),
+            (0, false)
+        );
+        assert_eq!(
+            f.on_statement("/api/2.0/sql/statements", &["w.d.a_payload".into()]),
+            (2, true)
+        );
+        assert_eq!(
+            f.on_statement("/api/2.0/sql/statements", &["w.d.a_payload".into()]),
+            (0, true)
+        );
     }
 
     #[test]

@@ -199,8 +199,13 @@ pub(crate) struct FunctionDef {
 #[derive(Debug, Clone)]
 pub(crate) enum Served {
     Agent(usize),
-    Foundation { model: &'static str },
-    External { provider: &'static str, model: &'static str },
+    Foundation {
+        model: &'static str,
+    },
+    External {
+        provider: &'static str,
+        model: &'static str,
+    },
 }
 
 /// A serving endpoint; tags may change at run time.
@@ -254,14 +259,46 @@ pub(crate) const AGENT_NAMES: &[&str] = &[
 ];
 
 pub(crate) const FUNCTIONS: &[FunctionDef] = &[
-    FunctionDef { name: "lookup_order", comment: "Look up an order by id", param: "order_id" },
-    FunctionDef { name: "search_docs", comment: "Search the knowledge base", param: "query" },
-    FunctionDef { name: "get_weather", comment: "Weather forecast for a city", param: "city" },
-    FunctionDef { name: "create_ticket", comment: "Open a support ticket", param: "summary" },
-    FunctionDef { name: "get_customer_profile", comment: "Fetch a customer profile", param: "email" },
-    FunctionDef { name: "book_flight", comment: "Book a flight", param: "route" },
-    FunctionDef { name: "check_policy_status", comment: "Insurance policy status", param: "policy_id" },
-    FunctionDef { name: "get_pto_balance", comment: "Remaining vacation days", param: "employee_id" },
+    FunctionDef {
+        name: "lookup_order",
+        comment: "Look up an order by id",
+        param: "order_id",
+    },
+    FunctionDef {
+        name: "search_docs",
+        comment: "Search the knowledge base",
+        param: "query",
+    },
+    FunctionDef {
+        name: "get_weather",
+        comment: "Weather forecast for a city",
+        param: "city",
+    },
+    FunctionDef {
+        name: "create_ticket",
+        comment: "Open a support ticket",
+        param: "summary",
+    },
+    FunctionDef {
+        name: "get_customer_profile",
+        comment: "Fetch a customer profile",
+        param: "email",
+    },
+    FunctionDef {
+        name: "book_flight",
+        comment: "Book a flight",
+        param: "route",
+    },
+    FunctionDef {
+        name: "check_policy_status",
+        comment: "Insurance policy status",
+        param: "policy_id",
+    },
+    FunctionDef {
+        name: "get_pto_balance",
+        comment: "Remaining vacation days",
+        param: "employee_id",
+    },
 ];
 
 fn agent_name(i: usize) -> String {
@@ -343,7 +380,10 @@ impl Layout {
                     },
                     served: Served::Agent(i),
                     tags: vec![
-                        ("team".into(), rng.pick(&["support", "sales", "platform", "hr"]).into()),
+                        (
+                            "team".into(),
+                            rng.pick(&["support", "sales", "platform", "hr"]).into(),
+                        ),
                         ("env".into(), "prod".into()),
                     ],
                     creator: format!("{}@example.com", rng.pick(&["alice", "bob", "carol"])),
@@ -374,7 +414,9 @@ impl Layout {
             name: "databricks-meta-llama-3-3-70b-instruct".into(),
             id: rng.hex(32),
             task: "llm/v1/chat",
-            served: Served::Foundation { model: "databricks-meta-llama-3-3-70b-instruct" },
+            served: Served::Foundation {
+                model: "databricks-meta-llama-3-3-70b-instruct",
+            },
             tags: vec![],
             creator: "system".into(),
             creation_timestamp: created(&mut rng),
@@ -384,23 +426,37 @@ impl Layout {
             name: "openai-gpt-4o".into(),
             id: rng.hex(32),
             task: "llm/v1/chat",
-            served: Served::External { provider: "openai", model: "gpt-4o" },
+            served: Served::External {
+                provider: "openai",
+                model: "gpt-4o",
+            },
             tags: vec![("owner".into(), "platform".into())],
             creator: "carol@example.com".into(),
             creation_timestamp: created(&mut rng),
             config_version: 1,
         });
-        let distractor = |name: String, kind: TableKind, columns: &'static [Column], rng: &mut Rng| TableDef {
-            name,
-            kind,
-            agent: None,
-            ground_truth: false,
-            columns,
-            phys: String::new(),
-            created_at: now_ms - 86_400_000 * (1 + rng.below(90) as i64),
-        };
-        tables.push(distractor(format!("{prefix}customers"), TableKind::Customers, CUSTOMER_COLUMNS, &mut rng));
-        tables.push(distractor(format!("{prefix}customer_emails_v"), TableKind::View, VIEW_COLUMNS, &mut rng));
+        let distractor =
+            |name: String, kind: TableKind, columns: &'static [Column], rng: &mut Rng| TableDef {
+                name,
+                kind,
+                agent: None,
+                ground_truth: false,
+                columns,
+                phys: String::new(),
+                created_at: now_ms - 86_400_000 * (1 + rng.below(90) as i64),
+            };
+        tables.push(distractor(
+            format!("{prefix}customers"),
+            TableKind::Customers,
+            CUSTOMER_COLUMNS,
+            &mut rng,
+        ));
+        tables.push(distractor(
+            format!("{prefix}customer_emails_v"),
+            TableKind::View,
+            VIEW_COLUMNS,
+            &mut rng,
+        ));
         tables.push(distractor(
             format!("{prefix}agent_traces_otel_spans"),
             TableKind::OtelSpans,
@@ -458,7 +514,15 @@ mod tests {
         assert!(l.tables.iter().any(|t| t.name == "legacy_bot_payload"));
         assert_eq!(l.endpoints.len(), 150 + 2);
         for a in &l.agents {
-            assert_eq!(l.tables[a.table].agent, Some(l.agents.iter().position(|x| x.name == a.name).unwrap_or(usize::MAX)));
+            assert_eq!(
+                l.tables[a.table].agent,
+                Some(
+                    l.agents
+                        .iter()
+                        .position(|x| x.name == a.name)
+                        .unwrap_or(usize::MAX)
+                )
+            );
         }
     }
 }

@@ -129,7 +129,9 @@ pub enum Privilege {
 impl Privilege {
     fn normalized(self) -> Privilege {
         match self {
-            Privilege::Select { table } => Privilege::Select { table: table.to_lowercase() },
+            Privilege::Select { table } => Privilege::Select {
+                table: table.to_lowercase(),
+            },
             p => p,
         }
     }
@@ -145,7 +147,9 @@ pub struct Emulator {
 
 fn validate(cfg: &EmulatorConfig) -> Result<(), EmulatorError> {
     let ident = |field: &'static str, v: &str, allow_empty: bool| {
-        if (v.is_empty() && !allow_empty) || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        if (v.is_empty() && !allow_empty)
+            || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
             Err(EmulatorError::Config {
                 field,
                 reason: format!("`{v}` must be non-empty letters, digits or underscores"),
@@ -158,7 +162,10 @@ fn validate(cfg: &EmulatorConfig) -> Result<(), EmulatorError> {
     ident("schema", &cfg.schema, false)?;
     ident("table_prefix", &cfg.table_prefix, true)?;
     if cfg.chunk_rows == 0 {
-        return Err(EmulatorError::Config { field: "chunk_rows", reason: "must be at least 1".into() });
+        return Err(EmulatorError::Config {
+            field: "chunk_rows",
+            reason: "must be at least 1".into(),
+        });
     }
     if cfg.client_id.is_empty() || cfg.client_secret.is_empty() {
         return Err(EmulatorError::Config {
@@ -176,10 +183,16 @@ impl Emulator {
         let rules = faults::parse(&cfg.faults)?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|source| EmulatorError::Bind { addr: cfg.listen, source })?;
+            .map_err(|source| EmulatorError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
         let addr = listener
             .local_addr()
-            .map_err(|source| EmulatorError::Bind { addr: cfg.listen, source })?;
+            .map_err(|source| EmulatorError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
         let base_url = format!("http://{addr}");
         let now_ms = chrono::Utc::now().timestamp_millis();
         let layout = Arc::new(Layout::build(
@@ -193,7 +206,9 @@ impl Emulator {
         let (l2, pb, seed, rows) = (layout.clone(), cfg.payload_bytes, cfg.seed, cfg.rows);
         let store = tokio::task::spawn_blocking(move || Store::open(l2, pb, seed, rows))
             .await
-            .map_err(|e| EmulatorError::Storage(format!("store initialisation task failed: {e}")))??;
+            .map_err(|e| {
+                EmulatorError::Storage(format!("store initialisation task failed: {e}"))
+            })??;
         let mut f = faults::Faults::default();
         f.replace(rules);
         let shared = Arc::new(Shared {
@@ -212,7 +227,12 @@ impl Emulator {
         });
         let (tx, rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(http::serve(listener, shared.clone(), rx));
-        Ok(Emulator { shared, base_url, shutdown: tx, task })
+        Ok(Emulator {
+            shared,
+            base_url,
+            shutdown: tx,
+            task,
+        })
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -253,13 +273,21 @@ impl Emulator {
 
     /// Revoke a privilege from `principal` (`*` = everyone).
     pub fn revoke(&self, principal: &str, privilege: Privilege) {
-        let mut r = self.shared.revoked.write().unwrap_or_else(|e| e.into_inner());
+        let mut r = self
+            .shared
+            .revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         r.insert((principal.to_string(), privilege.normalized()));
     }
 
     /// Undo a [`Emulator::revoke`].
     pub fn grant(&self, principal: &str, privilege: Privilege) {
-        let mut r = self.shared.revoked.write().unwrap_or_else(|e| e.into_inner());
+        let mut r = self
+            .shared
+            .revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         r.remove(&(principal.to_string(), privilege.normalized()));
     }
 
@@ -278,6 +306,8 @@ impl Emulator {
 pub(crate) fn generate(shared: &Shared, rows: usize, late: usize) -> Result<(), EmulatorError> {
     let now = store::now_us();
     shared.store.insert_rows(rows, now - 3_000_000, now)?;
-    shared.store.insert_rows(late, now - 55 * 60_000_000, now - 5 * 60_000_000)?;
+    shared
+        .store
+        .insert_rows(late, now - 55 * 60_000_000, now - 5 * 60_000_000)?;
     Ok(())
 }

@@ -46,7 +46,12 @@ struct Cli {
     #[arg(long, default_value = "emulator-client", env = "EMULATOR_CLIENT_ID")]
     client_id: String,
     /// OAuth client secret accepted by /oidc/v1/token.
-    #[arg(long, default_value = "emulator-secret", env = "EMULATOR_CLIENT_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        default_value = "emulator-secret",
+        env = "EMULATOR_CLIENT_SECRET",
+        hide_env_values = true
+    )]
     client_secret: String,
     /// A personal access token also accepted as Bearer (principal "pat-user").
     #[arg(long, env = "EMULATOR_PAT", hide_env_values = true)]
@@ -77,7 +82,9 @@ struct Cli {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let c = Cli::parse();

@@ -39,9 +39,7 @@ impl Rng {
     }
     pub(crate) fn hex(&mut self, n: usize) -> String {
         const H: &[u8] = b"0123456789abcdef";
-        (0..n)
-            .map(|_| H[self.below(16) as usize] as char)
-            .collect()
+        (0..n).map(|_| H[self.below(16) as usize] as char).collect()
     }
     /// A uuid-like identifier (8-4-4-4-12 lowercase hex, version nibble 4).
     pub(crate) fn uuid(&mut self) -> String {
@@ -89,17 +87,53 @@ pub(crate) struct PayloadSpec<'a> {
 const FIRST: &[&str] = &[
     "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
 ];
-const LAST: &[&str] = &["smith", "jones", "garcia", "miller", "davis", "lopez", "wilson"];
+const LAST: &[&str] = &[
+    "smith", "jones", "garcia", "miller", "davis", "lopez", "wilson",
+];
 const DOMAINS: &[&str] = &["example.com", "acme.io", "contoso.org", "globex.net"];
 const CITIES: &[&str] = &[
     "Paris", "Berlin", "Tokyo", "Austin", "Lisbon", "Toronto", "Nairobi", "Sydney",
 ];
 const FILLER: &[&str] = &[
-    "the", "policy", "document", "states", "that", "customers", "may", "request", "a",
-    "refund", "within", "thirty", "days", "of", "delivery", "provided", "item", "is",
-    "unused", "and", "in", "original", "packaging", "shipping", "costs", "are", "not",
-    "covered", "unless", "product", "arrived", "damaged", "or", "defective", "according",
-    "to", "section", "four", "handbook",
+    "the",
+    "policy",
+    "document",
+    "states",
+    "that",
+    "customers",
+    "may",
+    "request",
+    "a",
+    "refund",
+    "within",
+    "thirty",
+    "days",
+    "of",
+    "delivery",
+    "provided",
+    "item",
+    "is",
+    "unused",
+    "and",
+    "in",
+    "original",
+    "packaging",
+    "shipping",
+    "costs",
+    "are",
+    "not",
+    "covered",
+    "unless",
+    "product",
+    "arrived",
+    "damaged",
+    "or",
+    "defective",
+    "according",
+    "to",
+    "section",
+    "four",
+    "handbook",
 ];
 
 fn email(rng: &mut Rng) -> String {
@@ -285,8 +319,14 @@ pub(crate) fn response_json(spec: &PayloadSpec<'_>) -> Option<String> {
     let c = convo(spec, &mut rng);
     if spec.status >= 400 {
         let (code, msg) = match spec.status {
-            400 => ("BAD_REQUEST", "Invalid request: 'messages' must not be empty"),
-            429 => ("REQUEST_LIMIT_EXCEEDED", "Rate limit exceeded for this endpoint"),
+            400 => (
+                "BAD_REQUEST",
+                "Invalid request: 'messages' must not be empty",
+            ),
+            429 => (
+                "REQUEST_LIMIT_EXCEEDED",
+                "Rate limit exceeded for this endpoint",
+            ),
             503 => ("TEMPORARILY_UNAVAILABLE", "The model server is scaling up"),
             _ => ("INTERNAL_ERROR", "The model server raised an exception"),
         };
@@ -310,7 +350,11 @@ pub(crate) fn response_json(spec: &PayloadSpec<'_>) -> Option<String> {
                         "function": {"name": name, "arguments": args}}]}),
                 None => json!({"role": "assistant", "content": answer}),
             };
-            let finish = if c.tool.is_some() { "tool_calls" } else { "stop" };
+            let finish = if c.tool.is_some() {
+                "tool_calls"
+            } else {
+                "stop"
+            };
             json!({"id": format!("chatcmpl-{}", c.msg_id), "object": "chat.completion",
                 "model": spec.agent,
                 "choices": [{"index": 0, "message": message, "finish_reason": finish}],
@@ -319,11 +363,15 @@ pub(crate) fn response_json(spec: &PayloadSpec<'_>) -> Option<String> {
         Format::ChatAgent => {
             let mut msgs = Vec::new();
             if let Some((name, args, out)) = &c.tool {
-                msgs.push(json!({"role": "assistant", "content": "", "id": format!("{}a", c.msg_id),
+                msgs.push(
+                    json!({"role": "assistant", "content": "", "id": format!("{}a", c.msg_id),
                     "tool_calls": [{"id": c.call_id, "type": "function",
-                        "function": {"name": name, "arguments": args}}]}));
-                msgs.push(json!({"role": "tool", "name": name, "tool_call_id": c.call_id,
-                    "content": out, "id": format!("{}t", c.msg_id)}));
+                        "function": {"name": name, "arguments": args}}]}),
+                );
+                msgs.push(
+                    json!({"role": "tool", "name": name, "tool_call_id": c.call_id,
+                    "content": out, "id": format!("{}t", c.msg_id)}),
+                );
             }
             msgs.push(json!({"role": "assistant", "content": answer, "id": c.msg_id}));
             json!({"messages": msgs, "usage": usage_chat})
@@ -331,13 +379,17 @@ pub(crate) fn response_json(spec: &PayloadSpec<'_>) -> Option<String> {
         Format::Responses => {
             let mut out = Vec::new();
             if let Some((name, args, output)) = &c.tool {
-                out.push(json!({"type": "function_call", "id": format!("fc_{}", c.msg_id),
-                    "call_id": c.call_id, "name": name, "arguments": args}));
+                out.push(
+                    json!({"type": "function_call", "id": format!("fc_{}", c.msg_id),
+                    "call_id": c.call_id, "name": name, "arguments": args}),
+                );
                 out.push(json!({"type": "function_call_output", "call_id": c.call_id,
                     "output": output}));
             }
-            out.push(json!({"type": "message", "id": c.msg_id, "role": "assistant",
-                "content": [{"type": "output_text", "text": answer}]}));
+            out.push(
+                json!({"type": "message", "id": c.msg_id, "role": "assistant",
+                "content": [{"type": "output_text", "text": answer}]}),
+            );
             json!({"object": "response", "id": format!("resp_{}", c.msg_id), "output": out,
                 "usage": {"input_tokens": c.in_tokens, "output_tokens": c.out_tokens,
                     "total_tokens": c.in_tokens + c.out_tokens}})
@@ -379,7 +431,11 @@ mod tests {
     #[test]
     fn payloads_are_deterministic_and_sized() {
         let tools = vec!["workspace__default__lookup_order".to_string()];
-        for format in [Format::ChatCompletions, Format::ChatAgent, Format::Responses] {
+        for format in [
+            Format::ChatCompletions,
+            Format::ChatAgent,
+            Format::Responses,
+        ] {
             let spec = PayloadSpec {
                 format,
                 agent: "support_bot",

@@ -21,7 +21,10 @@ pub(crate) struct SqlError {
 
 impl SqlError {
     pub(crate) fn bad(condition: &str, msg: impl AsRef<str>) -> SqlError {
-        SqlError { code: "BAD_REQUEST", message: format!("[{condition}] {}", msg.as_ref()) }
+        SqlError {
+            code: "BAD_REQUEST",
+            message: format!("[{condition}] {}", msg.as_ref()),
+        }
     }
     fn syntax(msg: impl AsRef<str>) -> SqlError {
         SqlError::bad("PARSE_SYNTAX_ERROR", msg)
@@ -30,27 +33,101 @@ impl SqlError {
 
 /// Functions SQLite has but Spark/Databricks SQL does not: refused with UNRESOLVED_ROUTINE.
 pub(crate) const SQLITE_ONLY_FUNCTIONS: &[&str] = &[
-    "strftime", "julianday", "datetime", "time", "unixepoch", "printf", "format", "glob",
-    "likelihood", "likely", "unlikely", "randomblob", "zeroblob", "total_changes", "changes",
-    "last_insert_rowid", "sqlite_version", "sqlite_source_id", "sqlite_compileoption_used",
-    "sqlite_compileoption_get", "sqlite_offset", "quote", "json_extract", "json_each", "json_tree",
-    "json_type", "json_valid", "json_array_length", "json_group_array", "json_group_object",
-    "json_insert", "json_replace", "json_set", "json_remove", "json_patch", "json_quote", "json",
-    "jsonb", "group_concat", "total", "iif", "load_extension", "soundex", "unicode",
+    "strftime",
+    "julianday",
+    "datetime",
+    "time",
+    "unixepoch",
+    "printf",
+    "format",
+    "glob",
+    "likelihood",
+    "likely",
+    "unlikely",
+    "randomblob",
+    "zeroblob",
+    "total_changes",
+    "changes",
+    "last_insert_rowid",
+    "sqlite_version",
+    "sqlite_source_id",
+    "sqlite_compileoption_used",
+    "sqlite_compileoption_get",
+    "sqlite_offset",
+    "quote",
+    "json_extract",
+    "json_each",
+    "json_tree",
+    "json_type",
+    "json_valid",
+    "json_array_length",
+    "json_group_array",
+    "json_group_object",
+    "json_insert",
+    "json_replace",
+    "json_set",
+    "json_remove",
+    "json_patch",
+    "json_quote",
+    "json",
+    "jsonb",
+    "group_concat",
+    "total",
+    "iif",
+    "load_extension",
+    "soundex",
+    "unicode",
 ];
 
 /// Keywords/operators SQLite accepts and Spark does not.
-const SQLITE_ONLY_KEYWORDS: &[&str] = &["GLOB", "NOTNULL", "INDEXED", "PRAGMA", "ATTACH", "DETACH", "VACUUM", "REINDEX"];
+const SQLITE_ONLY_KEYWORDS: &[&str] = &[
+    "GLOB", "NOTNULL", "INDEXED", "PRAGMA", "ATTACH", "DETACH", "VACUUM", "REINDEX",
+];
 
 const AFTER_TABLE_KEYWORDS: &[&str] = &[
-    "WHERE", "GROUP", "ORDER", "LIMIT", "JOIN", "INNER", "LEFT", "RIGHT", "FULL", "CROSS", "NATURAL",
-    "ON", "USING", "UNION", "EXCEPT", "INTERSECT", "HAVING", "WINDOW", "OFFSET", "TABLESAMPLE",
-    "LATERAL", "QUALIFY", "MINUS", "SORT", "CLUSTER", "DISTRIBUTE",
+    "WHERE",
+    "GROUP",
+    "ORDER",
+    "LIMIT",
+    "JOIN",
+    "INNER",
+    "LEFT",
+    "RIGHT",
+    "FULL",
+    "CROSS",
+    "NATURAL",
+    "ON",
+    "USING",
+    "UNION",
+    "EXCEPT",
+    "INTERSECT",
+    "HAVING",
+    "WINDOW",
+    "OFFSET",
+    "TABLESAMPLE",
+    "LATERAL",
+    "QUALIFY",
+    "MINUS",
+    "SORT",
+    "CLUSTER",
+    "DISTRIBUTE",
 ];
 
 const END_FROM_KEYWORDS: &[&str] = &[
-    "WHERE", "GROUP", "ORDER", "LIMIT", "HAVING", "UNION", "EXCEPT", "INTERSECT", "WINDOW", "ON",
-    "USING", "QUALIFY", "OFFSET", "SELECT",
+    "WHERE",
+    "GROUP",
+    "ORDER",
+    "LIMIT",
+    "HAVING",
+    "UNION",
+    "EXCEPT",
+    "INTERSECT",
+    "WINDOW",
+    "ON",
+    "USING",
+    "QUALIFY",
+    "OFFSET",
+    "SELECT",
 ];
 
 #[derive(Debug, Clone, PartialEq)]
@@ -84,7 +161,9 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, SqlError> {
                 j += 1;
             }
             if j + 1 >= c.len() {
-                return Err(SqlError::syntax("Unclosed bracketed comment: add the closing */"));
+                return Err(SqlError::syntax(
+                    "Unclosed bracketed comment: add the closing */",
+                ));
             }
             i = j + 2;
             out.push(Tok::Ws);
@@ -93,7 +172,11 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, SqlError> {
             let mut v = String::new();
             loop {
                 match c.get(j) {
-                    None => return Err(SqlError::syntax(format!("Unclosed string literal starting at position {i}"))),
+                    None => {
+                        return Err(SqlError::syntax(format!(
+                            "Unclosed string literal starting at position {i}"
+                        )))
+                    }
                     Some('\\') => {
                         let e = c.get(j + 1).copied().unwrap_or('\\');
                         match e {
@@ -172,7 +255,9 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, SqlError> {
                 j += 1;
             }
             if j == i + 1 || c[i + 1].is_ascii_digit() {
-                return Err(SqlError::syntax("Expected a parameter name after `:` (named markers look like :since)"));
+                return Err(SqlError::syntax(
+                    "Expected a parameter name after `:` (named markers look like :since)",
+                ));
             }
             out.push(Tok::Param(c[i + 1..j].iter().collect()));
             i = j;
@@ -273,7 +358,8 @@ pub(crate) fn translate(
             _ => None,
         }
     };
-    let is_punct = |k: usize, p: &str| matches!(sig.get(k).map(|&i| &toks[i]), Some(Tok::Punct(x)) if *x == p);
+    let is_punct =
+        |k: usize, p: &str| matches!(sig.get(k).map(|&i| &toks[i]), Some(Tok::Punct(x)) if *x == p);
     match upper(0).as_deref() {
         Some("SELECT") | Some("WITH") => {}
         Some(kw @ ("INSERT" | "UPDATE" | "DELETE" | "MERGE" | "CREATE" | "DROP" | "ALTER" | "TRUNCATE" | "REPLACE")) => {
@@ -350,13 +436,20 @@ pub(crate) fn translate(
                     }
                     ";" => {
                         if k + 1 < sig.len() && !(k + 1..sig.len()).all(|x| is_punct(x, ";")) {
-                            return Err(SqlError::syntax("Only one statement per request is allowed"));
+                            return Err(SqlError::syntax(
+                                "Only one statement per request is allowed",
+                            ));
                         }
                         break;
                     }
                     "," => {
-                        if k >= 2 && matches!(toks[sig[k - 1]], Tok::Num(_)) && upper(k - 2).as_deref() == Some("LIMIT") {
-                            return Err(SqlError::syntax("`LIMIT offset, count` is SQLite syntax; use LIMIT n OFFSET m"));
+                        if k >= 2
+                            && matches!(toks[sig[k - 1]], Tok::Num(_))
+                            && upper(k - 2).as_deref() == Some("LIMIT")
+                        {
+                            return Err(SqlError::syntax(
+                                "`LIMIT offset, count` is SQLite syntax; use LIMIT n OFFSET m",
+                            ));
                         }
                         if in_from.last() == Some(&true) {
                             expect_table = true;
@@ -381,7 +474,11 @@ pub(crate) fn translate(
                                 parts.push((p.clone(), *q));
                                 kk += 2;
                             }
-                            _ => return Err(SqlError::syntax("Expected an identifier after `.` in a table name")),
+                            _ => {
+                                return Err(SqlError::syntax(
+                                    "Expected an identifier after `.` in a table name",
+                                ))
+                            }
                         }
                     }
                     if parts.len() > 3 {
@@ -399,11 +496,20 @@ pub(crate) fn translate(
                     }
                     let (cat, sch, tbl) = match lower.len() {
                         3 => (lower[0].clone(), lower[1].clone(), lower[2].clone()),
-                        2 => (default_catalog.to_lowercase(), lower[0].clone(), lower[1].clone()),
-                        _ => (default_catalog.to_lowercase(), default_schema.to_lowercase(), lower[0].clone()),
+                        2 => (
+                            default_catalog.to_lowercase(),
+                            lower[0].clone(),
+                            lower[1].clone(),
+                        ),
+                        _ => (
+                            default_catalog.to_lowercase(),
+                            default_schema.to_lowercase(),
+                            lower[0].clone(),
+                        ),
                     };
                     let Some(rel) = resolve(&cat, &sch, &tbl) else {
-                        let shown: Vec<String> = parts.iter().map(|(p, _)| format!("`{p}`")).collect();
+                        let shown: Vec<String> =
+                            parts.iter().map(|(p, _)| format!("`{p}`")).collect();
                         return Err(SqlError::bad(
                             "TABLE_OR_VIEW_NOT_FOUND",
                             format!(
@@ -414,7 +520,9 @@ pub(crate) fn translate(
                     };
                     out.push_str(&qident(&rel));
                     let alias_follows = match sig.get(kk + 1).map(|&i| &toks[i]) {
-                        Some(Tok::Ident(s, false)) => !AFTER_TABLE_KEYWORDS.contains(&s.to_ascii_uppercase().as_str()),
+                        Some(Tok::Ident(s, false)) => {
+                            !AFTER_TABLE_KEYWORDS.contains(&s.to_ascii_uppercase().as_str())
+                        }
                         Some(Tok::Ident(_, true)) => true,
                         _ => false,
                     };
@@ -429,8 +537,12 @@ pub(crate) fn translate(
                 }
                 if *quoted {
                     out.push_str(&qident(name));
-                } else if SQLITE_ONLY_KEYWORDS.contains(&up.as_str()) || (up == "ISNULL" && !next_is_paren) {
-                    return Err(SqlError::syntax(format!("`{name}` is SQLite syntax, not Spark SQL")));
+                } else if SQLITE_ONLY_KEYWORDS.contains(&up.as_str())
+                    || (up == "ISNULL" && !next_is_paren)
+                {
+                    return Err(SqlError::syntax(format!(
+                        "`{name}` is SQLite syntax, not Spark SQL"
+                    )));
                 } else if matches!(up.as_str(), "FROM" | "JOIN") {
                     if up == "FROM" {
                         if let Some(f) = in_from.last_mut() {
@@ -445,7 +557,10 @@ pub(crate) fn translate(
                     }
                     out.push_str(name);
                 } else if let (true, Some(Tok::Str(v))) = (
-                    matches!(up.as_str(), "DATE" | "TIMESTAMP" | "TIMESTAMP_NTZ" | "TIMESTAMP_LTZ"),
+                    matches!(
+                        up.as_str(),
+                        "DATE" | "TIMESTAMP" | "TIMESTAMP_NTZ" | "TIMESTAMP_LTZ"
+                    ),
                     sig.get(k + 1).map(|&i| &toks[i]),
                 ) {
                     let lit = if up == "DATE" {
@@ -468,10 +583,17 @@ pub(crate) fn translate(
                 } else if matches!(up.as_str(), "CURRENT_TIMESTAMP" | "CURRENT_DATE" | "NOW")
                     && (next_is_paren || up != "NOW")
                 {
-                    out.push_str(if up == "CURRENT_DATE" { "emu_current_date()" } else { "emu_current_timestamp()" });
+                    out.push_str(if up == "CURRENT_DATE" {
+                        "emu_current_date()"
+                    } else {
+                        "emu_current_timestamp()"
+                    });
                     if next_is_paren {
                         if !is_punct(k + 2, ")") {
-                            return Err(SqlError::bad("WRONG_NUM_ARGS", format!("{name}() takes no arguments")));
+                            return Err(SqlError::bad(
+                                "WRONG_NUM_ARGS",
+                                format!("{name}() takes no arguments"),
+                            ));
                         }
                         k += 3;
                         ti = sig[k - 1] + 1;
@@ -479,7 +601,10 @@ pub(crate) fn translate(
                     }
                 } else if next_is_paren {
                     let lower = name.to_ascii_lowercase();
-                    if SQLITE_ONLY_FUNCTIONS.contains(&lower.as_str()) || lower.starts_with("emu_") || lower.starts_with("sqlite_") {
+                    if SQLITE_ONLY_FUNCTIONS.contains(&lower.as_str())
+                        || lower.starts_with("emu_")
+                        || lower.starts_with("sqlite_")
+                    {
                         return Err(SqlError::bad(
                             "UNRESOLVED_ROUTINE",
                             format!("Cannot resolve routine `{name}` on search path [`system`.`builtin`, `system`.`session`]. It is a SQLite function, not Spark SQL."),
@@ -488,7 +613,10 @@ pub(crate) fn translate(
                     if lower == "date" {
                         if let Some(Tok::Str(v)) = sig.get(k + 2).map(|&i| &toks[i]) {
                             if v.eq_ignore_ascii_case("now") {
-                                return Err(SqlError::bad("UNRESOLVED_ROUTINE", "date('now') is SQLite syntax; use current_date()"));
+                                return Err(SqlError::bad(
+                                    "UNRESOLVED_ROUTINE",
+                                    "date('now') is SQLite syntax; use current_date()",
+                                ));
                             }
                         }
                     }
@@ -531,9 +659,15 @@ pub(crate) fn translate(
         return Err(SqlError::syntax("Unbalanced `(`: add the missing `)`"));
     }
     if expect_table {
-        return Err(SqlError::syntax("Expected a table name at the end of the statement"));
+        return Err(SqlError::syntax(
+            "Expected a table name at the end of the statement",
+        ));
     }
-    Ok(Translated { sql: out, tables, markers })
+    Ok(Translated {
+        sql: out,
+        tables,
+        markers,
+    })
 }
 
 #[cfg(test)]
@@ -542,25 +676,42 @@ mod tests {
 
     fn tr(s: &str) -> Result<Translated, SqlError> {
         translate(s, "workspace", "default", &|c, s, t| {
-            (c == "workspace" && s == "default" && t.ends_with("_payload")).then(|| format!("{c}.{s}.{t}"))
+            (c == "workspace" && s == "default" && t.ends_with("_payload"))
+                .then(|| format!("{c}.{s}.{t}"))
         })
     }
 
     #[test]
     fn three_part_backtick_names_resolve() {
         let t = tr("SELECT `request_time` FROM `workspace`.`default`.`a_payload` WHERE x = \"str\" AND y = :p").unwrap_or_else(|e| panic!("{e:?}"));
-        assert!(t.sql.contains("\"workspace.default.a_payload\" AS \"a_payload\""), "{}", t.sql);
+        assert!(
+            t.sql
+                .contains("\"workspace.default.a_payload\" AS \"a_payload\""),
+            "{}",
+            t.sql
+        );
         assert!(t.sql.contains("x = 'str'"), "{}", t.sql);
         assert_eq!(t.markers, vec!["p".to_string()]);
-        assert_eq!(t.tables, vec![("workspace".into(), "default".into(), "a_payload".into())]);
+        assert_eq!(
+            t.tables,
+            vec![("workspace".into(), "default".into(), "a_payload".into())]
+        );
     }
 
     #[test]
     fn short_names_use_defaults_and_aliases_are_kept() {
         let t = tr("select p.x from a_payload p").unwrap_or_else(|e| panic!("{e:?}"));
-        assert!(t.sql.contains("\"workspace.default.a_payload\" p"), "{}", t.sql);
+        assert!(
+            t.sql.contains("\"workspace.default.a_payload\" p"),
+            "{}",
+            t.sql
+        );
         let t = tr("select x from default.a_payload").unwrap_or_else(|e| panic!("{e:?}"));
-        assert!(t.sql.contains("\"workspace.default.a_payload\" AS"), "{}", t.sql);
+        assert!(
+            t.sql.contains("\"workspace.default.a_payload\" AS"),
+            "{}",
+            t.sql
+        );
     }
 
     #[test]
@@ -588,14 +739,19 @@ mod tests {
     fn typed_literals_and_casts() {
         let t = tr("SELECT CAST(x AS STRING) FROM a_payload WHERE t >= TIMESTAMP '2026-11-29 08:00:00' AND d = DATE '2026-11-29'")
             .unwrap_or_else(|e| panic!("{e:?}"));
-        assert!(t.sql.contains("emu_cast(x") && t.sql.contains(", 'STRING')"), "{}", t.sql);
+        assert!(
+            t.sql.contains("emu_cast(x") && t.sql.contains(", 'STRING')"),
+            "{}",
+            t.sql
+        );
         assert!(t.sql.contains("'2026-11-29T08:00:00.000000Z'"), "{}", t.sql);
         assert!(t.sql.contains("d = '2026-11-29'"), "{}", t.sql);
     }
 
     #[test]
     fn ctes_and_subqueries() {
-        let t = tr("WITH x AS (SELECT * FROM a_payload) SELECT * FROM x, (SELECT 1) y").unwrap_or_else(|e| panic!("{e:?}"));
+        let t = tr("WITH x AS (SELECT * FROM a_payload) SELECT * FROM x, (SELECT 1) y")
+            .unwrap_or_else(|e| panic!("{e:?}"));
         assert!(t.sql.contains("FROM \"x\""), "{}", t.sql);
     }
 }

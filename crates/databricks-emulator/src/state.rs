@@ -79,11 +79,15 @@ impl Shared {
 
     pub(crate) fn allowed(&self, principal: &str, p: &Privilege) -> bool {
         let r = self.revoked.read().unwrap_or_else(|e| e.into_inner());
-        !r.contains(&(principal.to_string(), p.clone())) && !r.contains(&("*".to_string(), p.clone()))
+        !r.contains(&(principal.to_string(), p.clone()))
+            && !r.contains(&("*".to_string(), p.clone()))
     }
 
     pub(crate) fn count_request(&self, route: &str) {
-        *lock(&self.stats).requests.entry(route.to_string()).or_insert(0) += 1;
+        *lock(&self.stats)
+            .requests
+            .entry(route.to_string())
+            .or_insert(0) += 1;
     }
 
     pub(crate) fn stats_json(&self) -> Value {

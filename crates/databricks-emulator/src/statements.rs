@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::layout::SparkType;
 use crate::sql::{SqlError, Translated};
-use crate::store::{format_double, fmt_ts, parse_date, parse_ts};
+use crate::store::{fmt_ts, format_double, parse_date, parse_ts};
 
 /// The Databricks inline result limit.
 pub(crate) const INLINE_LIMIT_BYTES: usize = 25 * 1024 * 1024;
@@ -57,12 +57,21 @@ impl From<SqlError> for RunError {
 
 /// Convert a typed parameter to the stored canonical representation.
 pub(crate) fn bind_value(p: &ParamIn) -> Result<SqlValue, SqlError> {
-    let ty = p.ty.as_deref().unwrap_or("STRING").trim().to_ascii_uppercase();
-    let Some(v) = &p.value else { return Ok(SqlValue::Null) };
+    let ty =
+        p.ty.as_deref()
+            .unwrap_or("STRING")
+            .trim()
+            .to_ascii_uppercase();
+    let Some(v) = &p.value else {
+        return Ok(SqlValue::Null);
+    };
     let bad = |what: &str| {
         SqlError::bad(
             "INVALID_PARAMETER_VALUE",
-            format!("Parameter `{}` of type {ty} has an invalid value '{v}': expected {what}", p.name),
+            format!(
+                "Parameter `{}` of type {ty} has an invalid value '{v}': expected {what}",
+                p.name
+            ),
         )
     };
     let base = ty.split('(').next().unwrap_or("").trim();
@@ -111,7 +120,10 @@ fn map_sqlite_error(e: &rusqlite::Error, suggest: &[String]) -> SqlError {
         return SqlError::bad("UNRESOLVED_ROUTINE", format!("Cannot resolve routine `{f}` on search path [`system`.`builtin`, `system`.`session`]."));
     }
     if let Some(t) = msg.strip_prefix("no such table: ") {
-        return SqlError::bad("TABLE_OR_VIEW_NOT_FOUND", format!("The table or view `{t}` cannot be found."));
+        return SqlError::bad(
+            "TABLE_OR_VIEW_NOT_FOUND",
+            format!("The table or view `{t}` cannot be found."),
+        );
     }
     if msg.starts_with("ambiguous column name") {
         return SqlError::bad("AMBIGUOUS_REFERENCE", msg);
@@ -123,7 +135,10 @@ fn map_sqlite_error(e: &rusqlite::Error, suggest: &[String]) -> SqlError {
         return SqlError::bad("OPERATION_CANCELED", "The statement was canceled");
     }
     if msg.starts_with('[') {
-        return SqlError { code: "BAD_REQUEST", message: msg };
+        return SqlError {
+            code: "BAD_REQUEST",
+            message: msg,
+        };
     }
     SqlError::bad("PARSE_SYNTAX_ERROR", format!("Syntax error: {msg}"))
 }
@@ -157,7 +172,9 @@ pub(crate) fn run(
     known: &dyn Fn(&str) -> Option<SparkType>,
     suggest: &[String],
 ) -> Result<ResultSet, RunError> {
-    let mut stmt = conn.prepare(&tr.sql).map_err(|e| map_sqlite_error(&e, suggest))?;
+    let mut stmt = conn
+        .prepare(&tr.sql)
+        .map_err(|e| map_sqlite_error(&e, suggest))?;
     for m in &tr.markers {
         let Some(p) = params.iter().find(|p| &p.name == m) else {
             return Err(SqlError::bad(
@@ -168,7 +185,8 @@ pub(crate) fn run(
         };
         let v = bind_value(p)?;
         if let Ok(Some(idx)) = stmt.parameter_index(&format!(":{m}")) {
-            stmt.raw_bind_parameter(idx, v).map_err(|e| map_sqlite_error(&e, suggest))?;
+            stmt.raw_bind_parameter(idx, v)
+                .map_err(|e| map_sqlite_error(&e, suggest))?;
         }
     }
     let cols: Vec<(String, Option<SparkType>)> = stmt
@@ -176,7 +194,10 @@ pub(crate) fn run(
         .iter()
         .map(|c| {
             let name = c.name().to_string();
-            let ty = c.decl_type().and_then(SparkType::from_sqlite_decl).or_else(|| known(&name));
+            let ty = c
+                .decl_type()
+                .and_then(SparkType::from_sqlite_decl)
+                .or_else(|| known(&name));
             (name, ty)
         })
         .collect();
@@ -246,9 +267,19 @@ pub(crate) fn run(
         .collect();
     let rows = rows_out
         .into_iter()
-        .map(|r| r.into_iter().zip(columns.iter()).map(|(v, (_, ty))| render(v.as_ref(), *ty)).collect())
+        .map(|r| {
+            r.into_iter()
+                .zip(columns.iter())
+                .map(|(v, (_, ty))| render(v.as_ref(), *ty))
+                .collect()
+        })
         .collect();
-    Ok(ResultSet { columns, rows, truncated, bytes })
+    Ok(ResultSet {
+        columns,
+        rows,
+        truncated,
+        bytes,
+    })
 }
 
 /// An owned SQLite value (kept until the column types are known).
@@ -327,9 +358,19 @@ impl StatementTable {
 
     pub(crate) fn evict(&mut self) {
         let total = |m: &HashMap<String, Entry>| -> usize {
-            m.values().map(|e| if let Phase::Succeeded(r) = &e.phase { r.bytes } else { 0 }).sum()
+            m.values()
+                .map(|e| {
+                    if let Phase::Succeeded(r) = &e.phase {
+                        r.bytes
+                    } else {
+                        0
+                    }
+                })
+                .sum()
         };
-        while self.order.len() > KEEP_STATEMENTS || (self.order.len() > 1 && total(&self.map) > KEEP_RESULT_BYTES) {
+        while self.order.len() > KEEP_STATEMENTS
+            || (self.order.len() > 1 && total(&self.map) > KEEP_RESULT_BYTES)
+        {
             match self.order.pop_front() {
                 Some(old) => {
                     self.map.remove(&old);
@@ -352,7 +393,10 @@ pub(crate) fn chunk_json(id: &str, rs: &ResultSet, idx: usize, chunk_rows: usize
     }
     if end < total {
         v["next_chunk_index"] = json!(idx + 1);
-        v["next_chunk_internal_link"] = json!(format!("/api/2.0/sql/statements/{id}/result/chunks/{}", idx + 1));
+        v["next_chunk_internal_link"] = json!(format!(
+            "/api/2.0/sql/statements/{id}/result/chunks/{}",
+            idx + 1
+        ));
     }
     v
 }
@@ -390,7 +434,13 @@ pub(crate) fn manifest_json(rs: &ResultSet, chunk_rows: usize) -> Value {
 }
 
 /// The full statement response for a given reported state.
-pub(crate) fn statement_json(id: &str, phase: &Phase, report_pending: bool, not_done_state: &str, chunk_rows: usize) -> Value {
+pub(crate) fn statement_json(
+    id: &str,
+    phase: &Phase,
+    report_pending: bool,
+    not_done_state: &str,
+    chunk_rows: usize,
+) -> Value {
     if report_pending {
         return json!({"statement_id": id, "status": {"state": "PENDING"}});
     }

@@ -40,7 +40,11 @@ pub(crate) fn format_double(f: f64) -> String {
     } else if f.is_nan() {
         "NaN".to_string()
     } else if f.is_infinite() {
-        if f > 0.0 { "Infinity".to_string() } else { "-Infinity".to_string() }
+        if f > 0.0 {
+            "Infinity".to_string()
+        } else {
+            "-Infinity".to_string()
+        }
     } else {
         let s = format!("{f:?}");
         s.replace('e', "E")
@@ -63,7 +67,11 @@ pub(crate) fn parse_ts(s: &str) -> Option<i64> {
         return Some(t.timestamp_micros());
     }
     let bare = norm.trim_end_matches('Z');
-    for f in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M"] {
+    for f in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%dT%H:%M",
+    ] {
         if let Ok(t) = chrono::NaiveDateTime::parse_from_str(bare, f) {
             return Some(t.and_utc().timestamp_micros());
         }
@@ -115,8 +123,14 @@ fn arg_text(ctx: &Context<'_>, i: usize) -> Option<String> {
 }
 
 /// Register the emulator's functions (payload synthesis and the Spark built-ins SQLite lacks).
-fn register_functions(conn: &Connection, layout: &Arc<Layout>, payload_bytes: usize) -> rusqlite::Result<()> {
-    let det = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC | FunctionFlags::SQLITE_INNOCUOUS;
+fn register_functions(
+    conn: &Connection,
+    layout: &Arc<Layout>,
+    payload_bytes: usize,
+) -> rusqlite::Result<()> {
+    let det = FunctionFlags::SQLITE_UTF8
+        | FunctionFlags::SQLITE_DETERMINISTIC
+        | FunctionFlags::SQLITE_INNOCUOUS;
     let nondet = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_INNOCUOUS;
     let l = layout.clone();
     conn.create_scalar_function("emu_payload", 5, det, move |ctx| {
@@ -130,29 +144,48 @@ fn register_functions(conn: &Connection, layout: &Arc<Layout>, payload_bytes: us
                 Some(a) => (a.name.as_str(), a.tools.as_slice(), a.format),
                 None => ("legacy_bot", &[], Format::ChatCompletions),
             };
-        let spec = PayloadSpec { format, agent: name, tools, seed, status, flags, payload_bytes };
-        Ok(if which == 0 { payload::request_json(&spec) } else { payload::response_json(&spec) })
+        let spec = PayloadSpec {
+            format,
+            agent: name,
+            tools,
+            seed,
+            status,
+            flags,
+            payload_bytes,
+        };
+        Ok(if which == 0 {
+            payload::request_json(&spec)
+        } else {
+            payload::response_json(&spec)
+        })
     })?;
     let l = layout.clone();
     conn.create_scalar_function("emu_meta", 1, det, move |ctx| {
         let agent = arg_i64(ctx, 0).unwrap_or(-1);
-        Ok(usize::try_from(agent).ok().and_then(|a| l.agents.get(a)).map(|a| {
-            serde_json::json!({
-                "endpoint_name": a.endpoint.clone().unwrap_or_default(),
-                "model_name": a.model_full_name.clone().unwrap_or_default(),
-                "model_version": a.model_versions.to_string(),
-            })
-            .to_string()
-        }))
+        Ok(usize::try_from(agent)
+            .ok()
+            .and_then(|a| l.agents.get(a))
+            .map(|a| {
+                serde_json::json!({
+                    "endpoint_name": a.endpoint.clone().unwrap_or_default(),
+                    "model_name": a.model_full_name.clone().unwrap_or_default(),
+                    "model_version": a.model_versions.to_string(),
+                })
+                .to_string()
+            }))
     })?;
     conn.create_scalar_function("emu_current_timestamp", 0, nondet, |_| Ok(fmt_ts(now_us())))?;
     conn.create_scalar_function("emu_current_date", 0, nondet, |_| Ok(fmt_date(now_us())))?;
     conn.create_scalar_function("timestamp_millis", 1, det, |ctx| {
         Ok(arg_i64(ctx, 0).map(|ms| fmt_ts(ms.saturating_mul(1000))))
     })?;
-    conn.create_scalar_function("timestamp_micros", 1, det, |ctx| Ok(arg_i64(ctx, 0).map(fmt_ts)))?;
+    conn.create_scalar_function("timestamp_micros", 1, det, |ctx| {
+        Ok(arg_i64(ctx, 0).map(fmt_ts))
+    })?;
     conn.create_scalar_function("unix_millis", 1, det, |ctx| {
-        Ok(arg_text(ctx, 0).and_then(|s| parse_ts(&s)).map(|us| us.div_euclid(1000)))
+        Ok(arg_text(ctx, 0)
+            .and_then(|s| parse_ts(&s))
+            .map(|us| us.div_euclid(1000)))
     })?;
     conn.create_scalar_function("unix_micros", 1, det, |ctx| {
         Ok(arg_text(ctx, 0).and_then(|s| parse_ts(&s)))
@@ -206,7 +239,10 @@ fn register_functions(conn: &Connection, layout: &Arc<Layout>, payload_bytes: us
                 V::Text(s) if s.eq_ignore_ascii_case("false") => V::Integer(0),
                 _ => V::Null,
             },
-            "DATE" => text(&v).and_then(|s| parse_date(&s)).map(V::Text).unwrap_or(V::Null),
+            "DATE" => text(&v)
+                .and_then(|s| parse_date(&s))
+                .map(V::Text)
+                .unwrap_or(V::Null),
             "TIMESTAMP" | "TIMESTAMP_NTZ" | "TIMESTAMP_LTZ" => match &v {
                 V::Text(s) => parse_ts(s).map(|us| V::Text(fmt_ts(us))).unwrap_or(V::Null),
                 V::Integer(secs) => V::Text(fmt_ts(secs.saturating_mul(1_000_000))),
@@ -214,7 +250,10 @@ fn register_functions(conn: &Connection, layout: &Arc<Layout>, payload_bytes: us
             },
             other => {
                 return Err(rusqlite::Error::UserFunctionError(
-                    format!("[UNSUPPORTED_DATATYPE] CAST to {other} is not supported by the emulator").into(),
+                    format!(
+                        "[UNSUPPORTED_DATATYPE] CAST to {other} is not supported by the emulator"
+                    )
+                    .into(),
                 ))
             }
         })
@@ -234,7 +273,10 @@ fn register_functions(conn: &Connection, layout: &Arc<Layout>, payload_bytes: us
         let needle = arg_text(ctx, 1);
         Ok(match (arr, needle) {
             (Some(a), Some(n)) => match serde_json::from_str::<Vec<serde_json::Value>>(&a) {
-                Ok(v) => Some(v.iter().any(|x| x.as_str() == Some(n.as_str()) || x.to_string() == n)),
+                Ok(v) => Some(
+                    v.iter()
+                        .any(|x| x.as_str() == Some(n.as_str()) || x.to_string() == n),
+                ),
                 Err(_) => None,
             },
             _ => None,
@@ -260,12 +302,23 @@ fn register_functions(conn: &Connection, layout: &Arc<Layout>, payload_bytes: us
                     None => v,
                     Some(b) => {
                         let better = match (&v, &b) {
-                            (rusqlite::types::Value::Integer(x), rusqlite::types::Value::Integer(y)) => (x > y) == greatest,
-                            (rusqlite::types::Value::Real(x), rusqlite::types::Value::Real(y)) => (x > y) == greatest,
-                            (rusqlite::types::Value::Text(x), rusqlite::types::Value::Text(y)) => (x > y) == greatest,
+                            (
+                                rusqlite::types::Value::Integer(x),
+                                rusqlite::types::Value::Integer(y),
+                            ) => (x > y) == greatest,
+                            (rusqlite::types::Value::Real(x), rusqlite::types::Value::Real(y)) => {
+                                (x > y) == greatest
+                            }
+                            (rusqlite::types::Value::Text(x), rusqlite::types::Value::Text(y)) => {
+                                (x > y) == greatest
+                            }
                             _ => false,
                         };
-                        if better { v } else { b }
+                        if better {
+                            v
+                        } else {
+                            b
+                        }
                     }
                 });
             }
@@ -290,8 +343,15 @@ fn q(ident: &str) -> String {
 
 impl Store {
     /// Create the database, the schema and the initial rows.
-    pub(crate) fn open(layout: Arc<Layout>, payload_bytes: usize, seed: u64, initial_rows: usize) -> Result<Store, EmulatorError> {
-        let dir = tempfile::tempdir().map_err(|e| EmulatorError::Storage(format!("cannot create a temporary directory: {e}")))?;
+    pub(crate) fn open(
+        layout: Arc<Layout>,
+        payload_bytes: usize,
+        seed: u64,
+        initial_rows: usize,
+    ) -> Result<Store, EmulatorError> {
+        let dir = tempfile::tempdir().map_err(|e| {
+            EmulatorError::Storage(format!("cannot create a temporary directory: {e}"))
+        })?;
         let path = dir.path().join("workspace.sqlite");
         let writer = Connection::open(&path)?;
         writer.pragma_update(None, "journal_mode", "WAL")?;
@@ -318,7 +378,8 @@ impl Store {
         for _ in 0..READERS {
             let c = Connection::open_with_flags(
                 &store.path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             configure(&c)?;
             c.pragma_update(None, "cache_size", -32768i64)?;
@@ -396,28 +457,56 @@ impl Store {
         for t in &l.tables {
             match t.kind {
                 TableKind::Customers => {
-                    let mut st = tx.prepare(&format!("INSERT INTO {} VALUES (?1, ?2, ?3, ?4)", t.phys))?;
+                    let mut st =
+                        tx.prepare(&format!("INSERT INTO {} VALUES (?1, ?2, ?3, ?4)", t.phys))?;
                     for i in 0..25i64 {
                         let first = rng.pick(&["Ana", "Ben", "Chen", "Dara", "Eli", "Fay"]);
-                        let email = (i % 5 != 0).then(|| format!("{}{}@example.com", first.to_lowercase(), i));
-                        st.execute(params![1000 + i, first, email, fmt_ts(now - (i + 1) * 86_400_000_000)])?;
+                        let email = (i % 5 != 0)
+                            .then(|| format!("{}{}@example.com", first.to_lowercase(), i));
+                        st.execute(params![
+                            1000 + i,
+                            first,
+                            email,
+                            fmt_ts(now - (i + 1) * 86_400_000_000)
+                        ])?;
                     }
                 }
                 TableKind::OtelSpans => {
-                    let mut st = tx.prepare(&format!("INSERT INTO {} VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)", t.phys))?;
+                    let mut st = tx.prepare(&format!(
+                        "INSERT INTO {} VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                        t.phys
+                    ))?;
                     for (k, agent) in l.agents.iter().enumerate().take(8) {
                         let trace = format!("tr-{}", rng.hex(32));
                         let root = rng.hex(16);
                         let start = (now - (k as i64 + 1) * 60_000_000) * 1000;
-                        st.execute(params![trace, root, Option::<String>::None, agent.name, "SPAN_KIND_SERVER", start, start + 900_000_000,
-                            serde_json::json!({"mlflow.spanType": "AGENT"}).to_string(), "STATUS_CODE_OK"])?;
+                        st.execute(params![
+                            trace,
+                            root,
+                            Option::<String>::None,
+                            agent.name,
+                            "SPAN_KIND_SERVER",
+                            start,
+                            start + 900_000_000,
+                            serde_json::json!({"mlflow.spanType": "AGENT"}).to_string(),
+                            "STATUS_CODE_OK"
+                        ])?;
                         let tool = agent.tools.first().cloned().unwrap_or_default();
                         st.execute(params![trace, rng.hex(16), root, tool, "SPAN_KIND_INTERNAL", start + 100_000_000, start + 300_000_000,
                             serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"query\":\"status\"}"}).to_string(), "STATUS_CODE_OK"])?;
                     }
                 }
                 TableKind::AiGateway if t.agent.is_none() => {
-                    insert_ai_rows(&tx, &t.phys, None, 20, now - 3_600_000_000, now, &mut rng, l)?;
+                    insert_ai_rows(
+                        &tx,
+                        &t.phys,
+                        None,
+                        20,
+                        now - 3_600_000_000,
+                        now,
+                        &mut rng,
+                        l,
+                    )?;
                 }
                 _ => {}
             }
@@ -449,7 +538,12 @@ impl Store {
     }
 
     /// Append `rows` executions with request times uniform in `[from_us, to_us)`.
-    pub(crate) fn insert_rows(&self, rows: usize, from_us: i64, to_us: i64) -> Result<(), EmulatorError> {
+    pub(crate) fn insert_rows(
+        &self,
+        rows: usize,
+        from_us: i64,
+        to_us: i64,
+    ) -> Result<(), EmulatorError> {
         let l = &self.layout;
         if rows == 0 || l.agents.is_empty() {
             return Ok(());
@@ -503,7 +597,10 @@ impl Store {
             for t in l.tables.iter().filter(|t| t.ground_truth) {
                 let table = l.full_name(&t.name);
                 let sql = if t.kind == TableKind::Legacy {
-                    format!("SELECT databricks_request_id, timestamp_ms * 1000 FROM {}", t.phys)
+                    format!(
+                        "SELECT databricks_request_id, timestamp_ms * 1000 FROM {}",
+                        t.phys
+                    )
                 } else {
                     format!("SELECT databricks_request_id, request_time FROM {}", t.phys)
                 };
@@ -513,10 +610,16 @@ impl Store {
                     let id: String = r.get(0)?;
                     let time = match r.get_ref(1)? {
                         rusqlite::types::ValueRef::Integer(us) => fmt_ts(us),
-                        rusqlite::types::ValueRef::Text(s) => String::from_utf8_lossy(s).into_owned(),
+                        rusqlite::types::ValueRef::Text(s) => {
+                            String::from_utf8_lossy(s).into_owned()
+                        }
                         _ => String::new(),
                     };
-                    out.push(GroundTruthRow { table: table.clone(), databricks_request_id: id, request_time: time });
+                    out.push(GroundTruthRow {
+                        table: table.clone(),
+                        databricks_request_id: id,
+                        request_time: time,
+                    });
                 }
             }
             Ok(out)
@@ -537,9 +640,17 @@ struct RowBase {
 fn row_base(rng: &mut Rng, from_us: i64, to_us: i64) -> RowBase {
     let span = (to_us - from_us).max(1) as u64;
     let t_us = from_us + rng.below(span) as i64;
-    let status = if rng.chance(950) { 200 } else { [400, 429, 500, 503][rng.below(4) as usize] };
+    let status = if rng.chance(950) {
+        200
+    } else {
+        [400, 429, 500, 503][rng.below(4) as usize]
+    };
     let flags = if rng.chance(10) {
-        if rng.chance(500) { payload::FLAG_REQUEST_TOO_LARGE } else { payload::FLAG_RESPONSE_TOO_LARGE }
+        if rng.chance(500) {
+            payload::FLAG_REQUEST_TOO_LARGE
+        } else {
+            payload::FLAG_RESPONSE_TOO_LARGE
+        }
     } else {
         0
     };
@@ -568,7 +679,9 @@ fn insert_ai_rows(
     let mut st = tx.prepare_cached(&format!(
         "INSERT INTO {phys} VALUES (?1, ?2, ?3, ?4, ?5, 1.0, ?6, ?7, ?8, ?9, ?10, ?11)"
     ))?;
-    let served = agent.and_then(|a| l.agents.get(a)).map(|a| a.served_entity_id.clone());
+    let served = agent
+        .and_then(|a| l.agents.get(a))
+        .map(|a| a.served_entity_id.clone());
     for _ in 0..n {
         let b = row_base(rng, from_us, to_us);
         let codes = if b.flags & payload::FLAG_REQUEST_TOO_LARGE != 0 {
@@ -581,7 +694,10 @@ fn insert_ai_rows(
         let requester = if rng.chance(100) {
             None
         } else {
-            Some(format!("{}@example.com", rng.pick(&["alice", "bob", "carol", "dave", "svc-agent"])))
+            Some(format!(
+                "{}@example.com",
+                rng.pick(&["alice", "bob", "carol", "dave", "svc-agent"])
+            ))
         };
         st.execute(params![
             b.id,
@@ -609,12 +725,23 @@ fn insert_legacy_rows(
     to_us: i64,
     rng: &mut Rng,
 ) -> Result<(), EmulatorError> {
-    let mut st = tx.prepare_cached(&format!("INSERT INTO {phys} VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1.0, ?7, ?8)"))?;
+    let mut st = tx.prepare_cached(&format!(
+        "INSERT INTO {phys} VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1.0, ?7, ?8)"
+    ))?;
     for _ in 0..n {
         let b = row_base(rng, from_us, to_us);
         // Millisecond precision in legacy tables.
         let ms = b.t_us.div_euclid(1000);
-        st.execute(params![b.id, b.client_request_id, fmt_date(b.t_us), ms, b.status, b.duration, b.seed, b.flags])?;
+        st.execute(params![
+            b.id,
+            b.client_request_id,
+            fmt_date(b.t_us),
+            ms,
+            b.status,
+            b.duration,
+            b.seed,
+            b.flags
+        ])?;
     }
     Ok(())
 }
@@ -629,7 +756,10 @@ mod tests {
         assert_eq!(fmt_ts(a), "2026-11-29T08:33:00.000000Z");
         assert_eq!(parse_ts("2026-11-29 08:33:00.5"), Some(a + 500_000));
         assert_eq!(parse_ts("2026-11-29T10:33:00+02:00"), Some(a));
-        assert_eq!(parse_date("2026-11-29T23:59:59Z").as_deref(), Some("2026-11-29"));
+        assert_eq!(
+            parse_date("2026-11-29T23:59:59Z").as_deref(),
+            Some("2026-11-29")
+        );
         assert!(parse_ts("yesterday").is_none());
         assert!(fmt_ts(a) < fmt_ts(a + 1));
     }

@@ -13,16 +13,35 @@ use crate::payload::Rng;
 use crate::state::Shared;
 
 pub(crate) async fn experiments_search(State(_shared): State<Arc<Shared>>) -> Response {
-    err(StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "MLflow experiments search is not implemented yet")
+    err(
+        StatusCode::NOT_IMPLEMENTED,
+        "NOT_IMPLEMENTED",
+        "MLflow experiments search is not implemented yet",
+    )
 }
 pub(crate) async fn experiments_search_get(State(_shared): State<Arc<Shared>>) -> Response {
-    err(StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "MLflow experiments search is not implemented yet")
+    err(
+        StatusCode::NOT_IMPLEMENTED,
+        "NOT_IMPLEMENTED",
+        "MLflow experiments search is not implemented yet",
+    )
 }
 pub(crate) async fn traces_search(State(_shared): State<Arc<Shared>>) -> Response {
-    err(StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "MLflow traces search is not implemented yet")
+    err(
+        StatusCode::NOT_IMPLEMENTED,
+        "NOT_IMPLEMENTED",
+        "MLflow traces search is not implemented yet",
+    )
 }
-pub(crate) async fn credentials(State(_shared): State<Arc<Shared>>, Path(_id): Path<String>) -> Response {
-    err(StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "not implemented yet")
+pub(crate) async fn credentials(
+    State(_shared): State<Arc<Shared>>,
+    Path(_id): Path<String>,
+) -> Response {
+    err(
+        StatusCode::NOT_IMPLEMENTED,
+        "NOT_IMPLEMENTED",
+        "not implemented yet",
+    )
 }
 pub(crate) async fn signed_download(
     State(_shared): State<Arc<Shared>>,
@@ -30,6 +49,17 @@ pub(crate) async fn signed_download(
     Query(_q): Query<std::collections::HashMap<String, String>>,
     _h: HeaderMap,
 ) -> Response {
-    let _ = (bad_param("x"), ok(json!({})), header::AUTHORIZATION, Rng::new(0), Value::Null);
-    err(StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "not implemented yet").into_response()
+    let _ = (
+        bad_param("x"),
+        ok(json!({})),
+        header::AUTHORIZATION,
+        Rng::new(0),
+        Value::Null,
+    );
+    err(
+        StatusCode::NOT_IMPLEMENTED,
+        "NOT_IMPLEMENTED",
+        "not implemented yet",
+    )
+    .into_response()
 }

@@ -51,7 +51,11 @@ impl std::error::Error for DroppedByFault {}
 
 /// A Databricks-shaped error response.
 pub(crate) fn err(status: StatusCode, code: &str, msg: impl Into<String>) -> Response {
-    (status, Json(json!({"error_code": code, "message": msg.into()}))).into_response()
+    (
+        status,
+        Json(json!({"error_code": code, "message": msg.into()})),
+    )
+        .into_response()
 }
 
 pub(crate) fn bad_param(msg: impl Into<String>) -> Response {
@@ -73,7 +77,11 @@ pub(crate) fn page(
         Some(s) => match s.parse::<i64>() {
             Ok(0) => server_max,
             Ok(n) if n > 0 => (n as usize).min(server_max),
-            _ => return Err(bad_param(format!("max_results must be a non-negative integer, got '{s}'"))),
+            _ => {
+                return Err(bad_param(format!(
+                    "max_results must be a non-negative integer, got '{s}'"
+                )))
+            }
         },
     };
     let (offset, empty) = match q.get("page_token").filter(|t| !t.is_empty()) {
@@ -90,11 +98,16 @@ pub(crate) fn page(
                     _ => None,
                 }
             });
-            parsed.ok_or_else(|| bad_param(format!("page_token '{t}' is not valid; pass next_page_token unchanged")))?
+            parsed.ok_or_else(|| {
+                bad_param(format!(
+                    "page_token '{t}' is not valid; pass next_page_token unchanged"
+                ))
+            })?
         }
     };
     let token = |o: usize, e: bool| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("p:{o}:{}", if e { 1 } else { 0 }))
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("p:{o}:{}", if e { 1 } else { 0 }))
     };
     if empty {
         return Ok((offset.min(len), offset.min(len), Some(token(offset, false))));
@@ -111,10 +124,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/2.1/unity-catalog/schemas", get(uc::schemas))
         .route("/api/2.1/unity-catalog/tables", get(uc::tables))
         .route("/api/2.1/unity-catalog/tables/{full_name}", get(uc::table))
-        .route("/api/2.1/unity-catalog/table-summaries", get(uc::table_summaries))
+        .route(
+            "/api/2.1/unity-catalog/table-summaries",
+            get(uc::table_summaries),
+        )
         .route("/api/2.1/unity-catalog/models", get(uc::models))
         .route("/api/2.1/unity-catalog/models/{full_name}", get(uc::model))
-        .route("/api/2.1/unity-catalog/models/{full_name}/versions", get(uc::model_versions))
+        .route(
+            "/api/2.1/unity-catalog/models/{full_name}/versions",
+            get(uc::model_versions),
+        )
         .route("/api/2.1/unity-catalog/functions", get(uc::functions))
         .route("/api/2.0/serving-endpoints", get(serving::list))
         .route("/api/2.0/serving-endpoints/{name}", get(serving::get_one))
@@ -124,14 +143,26 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/2.0/sql/statements/", post(sqlapi::create))
         .route("/api/2.0/sql/statements/{id}", get(sqlapi::poll))
         .route("/api/2.0/sql/statements/{id}/cancel", post(sqlapi::cancel))
-        .route("/api/2.0/sql/statements/{id}/result/chunks/{n}", get(sqlapi::chunk))
-        .route("/api/2.0/mlflow/experiments/search", post(mlflow::experiments_search).get(mlflow::experiments_search_get))
+        .route(
+            "/api/2.0/sql/statements/{id}/result/chunks/{n}",
+            get(sqlapi::chunk),
+        )
+        .route(
+            "/api/2.0/mlflow/experiments/search",
+            post(mlflow::experiments_search).get(mlflow::experiments_search_get),
+        )
         .route("/api/3.0/mlflow/traces/search", post(mlflow::traces_search))
-        .route("/api/2.0/mlflow/traces/{id}/credentials-for-data-download", get(mlflow::credentials))
+        .route(
+            "/api/2.0/mlflow/traces/{id}/credentials-for-data-download",
+            get(mlflow::credentials),
+        )
         .layer(from_fn_with_state(shared.clone(), auth_mw));
     let public = Router::new()
         .route("/.well-known/databricks-config", get(databricks_config))
-        .route("/oidc/.well-known/oauth-authorization-server", get(oidc_discovery))
+        .route(
+            "/oidc/.well-known/oauth-authorization-server",
+            get(oidc_discovery),
+        )
         .route("/oidc/v1/token", post(token))
         .route("/_signed/traces/{id}", get(mlflow::signed_download))
         .route("/_emulator/generate", post(admin_generate))
@@ -168,10 +199,15 @@ async fn auth_mw(State(shared): State<Arc<Shared>>, mut req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
         .map(|t| t.trim().to_string());
     let result = match bearer {
-        None => Err("Missing or malformed Authorization header: send `Authorization: Bearer <token>`"),
+        None => {
+            Err("Missing or malformed Authorization header: send `Authorization: Bearer <token>`")
+        }
         Some(t) => shared.authenticate(&t),
     };
     match result {
@@ -303,7 +339,11 @@ async fn oidc_discovery(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 fn token_error(status: StatusCode, error: &str, desc: &str) -> Response {
-    (status, Json(json!({"error": error, "error_description": desc}))).into_response()
+    (
+        status,
+        Json(json!({"error": error, "error_description": desc})),
+    )
+        .into_response()
 }
 
 async fn token(
@@ -322,24 +362,57 @@ async fn token(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|h| h.strip_prefix("Basic "))
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.trim()).ok())
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
         .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| s.split_once(':').map(|(a, b)| (a.to_string(), b.to_string())));
-    let creds = basic.or_else(|| Some((form.get("client_id")?.clone(), form.get("client_secret")?.clone())));
+        .and_then(|s| {
+            s.split_once(':')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        });
+    let creds = basic.or_else(|| {
+        Some((
+            form.get("client_id")?.clone(),
+            form.get("client_secret")?.clone(),
+        ))
+    });
     let Some((id, secret)) = creds else {
-        return token_error(StatusCode::UNAUTHORIZED, "invalid_client", "Client authentication failed: no client credentials were sent");
+        return token_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Client authentication failed: no client credentials were sent",
+        );
     };
     if id != shared.cfg.client_id || secret != shared.cfg.client_secret {
-        return token_error(StatusCode::UNAUTHORIZED, "invalid_client", "Client authentication failed");
+        return token_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "Client authentication failed",
+        );
     }
     match form.get("grant_type").map(String::as_str) {
         Some("client_credentials") => {}
         Some(_) => {
-            return token_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "Only grant_type=client_credentials is supported")
+            return token_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                "Only grant_type=client_credentials is supported",
+            )
         }
-        None => return token_error(StatusCode::BAD_REQUEST, "invalid_request", "Missing grant_type"),
+        None => {
+            return token_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "Missing grant_type",
+            )
+        }
     }
-    let scope = form.get("scope").cloned().unwrap_or_else(|| "all-apis".to_string());
+    let scope = form
+        .get("scope")
+        .cloned()
+        .unwrap_or_else(|| "all-apis".to_string());
     let access = shared.issue_token(&id);
     Json(json!({
         "access_token": access,
@@ -362,8 +435,18 @@ fn loopback_only(req_peer: Option<&Peer>) -> Result<(), Response> {
 }
 
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    let body = if body.iter().all(|b| b.is_ascii_whitespace()) { b"{}".as_slice() } else { body };
-    serde_json::from_slice(body).map_err(|e| err(StatusCode::BAD_REQUEST, "MALFORMED_REQUEST", format!("Invalid JSON body: {e}")))
+    let body = if body.iter().all(|b| b.is_ascii_whitespace()) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body).map_err(|e| {
+        err(
+            StatusCode::BAD_REQUEST,
+            "MALFORMED_REQUEST",
+            format!("Invalid JSON body: {e}"),
+        )
+    })
 }
 
 #[derive(serde::Deserialize)]
@@ -374,7 +457,11 @@ struct GenerateBody {
     late: usize,
 }
 
-async fn admin_generate(State(shared): State<Arc<Shared>>, peer: Option<Extension<Peer>>, body: axum::body::Bytes) -> Response {
+async fn admin_generate(
+    State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<Peer>>,
+    body: axum::body::Bytes,
+) -> Response {
     if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
         return r;
     }
@@ -385,21 +472,43 @@ async fn admin_generate(State(shared): State<Arc<Shared>>, peer: Option<Extensio
     let s = shared.clone();
     let res = tokio::task::spawn_blocking(move || crate::generate(&s, b.rows, b.late)).await;
     match res {
-        Ok(Ok(())) => Json(json!({"rows": b.rows, "late": b.late, "rows_total": shared.store.rows_total()})).into_response(),
-        Ok(Err(e)) => err(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", e.to_string()),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", format!("generate task failed: {e}")),
+        Ok(Ok(())) => {
+            Json(json!({"rows": b.rows, "late": b.late, "rows_total": shared.store.rows_total()}))
+                .into_response()
+        }
+        Ok(Err(e)) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            e.to_string(),
+        ),
+        Err(e) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            format!("generate task failed: {e}"),
+        ),
     }
 }
 
-async fn admin_requests(State(shared): State<Arc<Shared>>, peer: Option<Extension<Peer>>) -> Response {
+async fn admin_requests(
+    State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<Peer>>,
+) -> Response {
     if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
         return r;
     }
     let s = shared.clone();
     match tokio::task::spawn_blocking(move || s.store.ground_truth()).await {
         Ok(Ok(rows)) => Json(json!({"count": rows.len(), "requests": rows})).into_response(),
-        Ok(Err(e)) => err(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", e.to_string()),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", format!("ground truth task failed: {e}")),
+        Ok(Err(e)) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            e.to_string(),
+        ),
+        Err(e) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            format!("ground truth task failed: {e}"),
+        ),
     }
 }
 
@@ -416,7 +525,11 @@ struct FaultsBody {
     spec: String,
 }
 
-async fn admin_faults(State(shared): State<Arc<Shared>>, peer: Option<Extension<Peer>>, body: axum::body::Bytes) -> Response {
+async fn admin_faults(
+    State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<Peer>>,
+    body: axum::body::Bytes,
+) -> Response {
     if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
         return r;
     }
@@ -445,7 +558,11 @@ struct PermBody {
     table: Option<String>,
 }
 
-async fn admin_permissions(State(shared): State<Arc<Shared>>, peer: Option<Extension<Peer>>, body: axum::body::Bytes) -> Response {
+async fn admin_permissions(
+    State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<Peer>>,
+    body: axum::body::Bytes,
+) -> Response {
     if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
         return r;
     }
@@ -453,19 +570,28 @@ async fn admin_permissions(State(shared): State<Arc<Shared>>, peer: Option<Exten
         Ok(b) => b,
         Err(r) => return r,
     };
-    let (revoke, name) = match (&b.revoke, &b.grant) {
-        (Some(r), None) => (true, r.clone()),
-        (None, Some(g)) => (false, g.clone()),
-        _ => return bad_param("Send exactly one of \"revoke\" or \"grant\" (USE_CATALOG, USE_SCHEMA or SELECT)"),
-    };
+    let (revoke, name) =
+        match (&b.revoke, &b.grant) {
+            (Some(r), None) => (true, r.clone()),
+            (None, Some(g)) => (false, g.clone()),
+            _ => return bad_param(
+                "Send exactly one of \"revoke\" or \"grant\" (USE_CATALOG, USE_SCHEMA or SELECT)",
+            ),
+        };
     let privilege = match name.to_ascii_uppercase().replace(' ', "_").as_str() {
         "USE_CATALOG" => Privilege::UseCatalog,
         "USE_SCHEMA" => Privilege::UseSchema,
         "SELECT" => match &b.table {
-            Some(t) => Privilege::Select { table: t.to_lowercase() },
+            Some(t) => Privilege::Select {
+                table: t.to_lowercase(),
+            },
             None => return bad_param("SELECT needs \"table\": \"catalog.schema.table\""),
         },
-        other => return bad_param(format!("Unknown privilege '{other}': use USE_CATALOG, USE_SCHEMA or SELECT")),
+        other => {
+            return bad_param(format!(
+                "Unknown privilege '{other}': use USE_CATALOG, USE_SCHEMA or SELECT"
+            ))
+        }
     };
     let mut r = shared.revoked.write().unwrap_or_else(|e| e.into_inner());
     if revoke {
@@ -483,7 +609,11 @@ struct TagBody {
     value: String,
 }
 
-async fn admin_endpoint_tags(State(shared): State<Arc<Shared>>, peer: Option<Extension<Peer>>, body: axum::body::Bytes) -> Response {
+async fn admin_endpoint_tags(
+    State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<Peer>>,
+    body: axum::body::Bytes,
+) -> Response {
     if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
         return r;
     }
@@ -494,14 +624,20 @@ async fn admin_endpoint_tags(State(shared): State<Arc<Shared>>, peer: Option<Ext
     if set_endpoint_tag(&shared, &b.endpoint, &b.key, &b.value) {
         Json(json!({})).into_response()
     } else {
-        err(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", format!("Endpoint '{}' does not exist", b.endpoint))
+        err(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_DOES_NOT_EXIST",
+            format!("Endpoint '{}' does not exist", b.endpoint),
+        )
     }
 }
 
 /// Set a tag on an endpoint and bump its config version; false when the endpoint is unknown.
 pub(crate) fn set_endpoint_tag(shared: &Shared, endpoint: &str, key: &str, value: &str) -> bool {
     let mut eps = shared.endpoints.write().unwrap_or_else(|e| e.into_inner());
-    let Some(ep) = eps.iter_mut().find(|e| e.name == endpoint) else { return false };
+    let Some(ep) = eps.iter_mut().find(|e| e.name == endpoint) else {
+        return false;
+    };
     match ep.tags.iter_mut().find(|(k, _)| k == key) {
         Some(t) => t.1 = value.to_string(),
         None => ep.tags.push((key.to_string(), value.to_string())),

@@ -84,11 +84,17 @@ fn endpoint_json(shared: &Shared, ep: &EndpointDef, detail: bool) -> Value {
 
 pub(crate) async fn list(State(shared): State<Arc<Shared>>) -> Response {
     let eps = shared.endpoints.read().unwrap_or_else(|e| e.into_inner());
-    let items: Vec<Value> = eps.iter().map(|e| endpoint_json(&shared, e, false)).collect();
+    let items: Vec<Value> = eps
+        .iter()
+        .map(|e| endpoint_json(&shared, e, false))
+        .collect();
     ok(json!({"endpoints": items}))
 }
 
-pub(crate) async fn get_one(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Response {
+pub(crate) async fn get_one(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Response {
     let eps = shared.endpoints.read().unwrap_or_else(|e| e.into_inner());
     match eps.iter().find(|e| e.name == name) {
         Some(e) => ok(endpoint_json(&shared, e, true)),

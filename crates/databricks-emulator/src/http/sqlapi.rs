@@ -21,8 +21,20 @@ use crate::Privilege;
 
 /// (id, name, state, type, serverless)
 const WAREHOUSES: &[(&str, &str, &str, &str, bool)] = &[
-    ("4b9f1c2d3e5a6001", "Serverless Starter Warehouse", "RUNNING", "PRO", true),
-    ("4b9f1c2d3e5a6002", "Classic BI Warehouse", "STOPPED", "CLASSIC", false),
+    (
+        "4b9f1c2d3e5a6001",
+        "Serverless Starter Warehouse",
+        "RUNNING",
+        "PRO",
+        true,
+    ),
+    (
+        "4b9f1c2d3e5a6002",
+        "Classic BI Warehouse",
+        "STOPPED",
+        "CLASSIC",
+        false,
+    ),
 ];
 
 fn warehouse_json(shared: &Shared, w: &(&str, &str, &str, &str, bool)) -> Value {
@@ -35,13 +47,22 @@ fn warehouse_json(shared: &Shared, w: &(&str, &str, &str, &str, bool)) -> Value 
 }
 
 pub(crate) async fn warehouses(State(shared): State<Arc<Shared>>) -> Response {
-    ok(json!({"warehouses": WAREHOUSES.iter().map(|w| warehouse_json(&shared, w)).collect::<Vec<_>>()}))
+    ok(
+        json!({"warehouses": WAREHOUSES.iter().map(|w| warehouse_json(&shared, w)).collect::<Vec<_>>()}),
+    )
 }
 
-pub(crate) async fn warehouse(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+pub(crate) async fn warehouse(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Response {
     match WAREHOUSES.iter().find(|w| w.0 == id) {
         Some(w) => ok(warehouse_json(&shared, w)),
-        None => err(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", format!("Warehouse {id} does not exist.")),
+        None => err(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_DOES_NOT_EXIST",
+            format!("Warehouse {id} does not exist."),
+        ),
     }
 }
 
@@ -78,14 +99,23 @@ fn parse_wait(s: Option<&str>) -> Result<Duration, Response> {
         .and_then(|n| n.parse::<u64>().ok())
         .filter(|n| *n == 0 || (5..=50).contains(n));
     secs.map(Duration::from_secs).ok_or_else(|| {
-        bad_param(format!("wait_timeout '{s}' is invalid: use \"0s\" or a value between \"5s\" and \"50s\""))
+        bad_param(format!(
+            "wait_timeout '{s}' is invalid: use \"0s\" or a value between \"5s\" and \"50s\""
+        ))
     })
 }
 
 fn new_statement_id() -> String {
     let a = rand::random::<u128>();
     let h = format!("{a:032x}");
-    format!("01f0{}-{}-{}-{}-{}", &h[0..4], &h[4..8], &h[8..12], &h[12..16], &h[16..28])
+    format!(
+        "01f0{}-{}-{}-{}-{}",
+        &h[0..4],
+        &h[4..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..28]
+    )
 }
 
 fn known_type(shared: &Shared) -> impl Fn(&str) -> Option<SparkType> + '_ {
@@ -101,7 +131,13 @@ fn known_type(shared: &Shared) -> impl Fn(&str) -> Option<SparkType> + '_ {
 }
 
 /// Translate, check permissions and faults. Returns the translation or a FAILED error.
-fn prepare(shared: &Shared, who: &str, statement: &str, catalog: &str, schema: &str) -> Result<(crate::sql::Translated, u32, Vec<String>), SqlError> {
+fn prepare(
+    shared: &Shared,
+    who: &str,
+    statement: &str,
+    catalog: &str,
+    schema: &str,
+) -> Result<(crate::sql::Translated, u32, Vec<String>), SqlError> {
     let l = &shared.layout;
     let resolve = |c: &str, s: &str, t: &str| -> Option<String> {
         (c == l.catalog && s == l.schema && l.table_by_name(t).is_some()).then(|| l.full_name(t))
@@ -110,9 +146,11 @@ fn prepare(shared: &Shared, who: &str, statement: &str, catalog: &str, schema: &
     let mut full = Vec::new();
     let mut suggest = Vec::new();
     for (c, s, t) in &tr.tables {
-        let denied = |what: &str, on: String| SqlError {
+        let denied = |what: &str, on: String| {
+            SqlError {
             code: "PERMISSION_DENIED",
             message: format!("[INSUFFICIENT_PERMISSIONS] Insufficient privileges: User does not have {what} on {on}."),
+        }
         };
         if !shared.allowed(who, &Privilege::UseCatalog) {
             return Err(denied("USE CATALOG", format!("Catalog '{c}'")));
@@ -121,7 +159,12 @@ fn prepare(shared: &Shared, who: &str, statement: &str, catalog: &str, schema: &
             return Err(denied("USE SCHEMA", format!("Schema '{c}.{s}'")));
         }
         let name = format!("{c}.{s}.{t}");
-        if !shared.allowed(who, &Privilege::Select { table: name.clone() }) {
+        if !shared.allowed(
+            who,
+            &Privilege::Select {
+                table: name.clone(),
+            },
+        ) {
             return Err(denied("SELECT", format!("Table '{name}'")));
         }
         if let Some(td) = l.table_by_name(t) {
@@ -133,22 +176,39 @@ fn prepare(shared: &Shared, who: &str, statement: &str, catalog: &str, schema: &
     if fail {
         return Err(SqlError {
             code: "INTERNAL_ERROR",
-            message: format!("[EMULATOR_INJECTED_FAULT] Statement failed by an injected fault (tables: {})", full.join(", ")),
+            message: format!(
+                "[EMULATOR_INJECTED_FAULT] Statement failed by an injected fault (tables: {})",
+                full.join(", ")
+            ),
         });
     }
     Ok((tr, polls, suggest))
 }
 
-pub(crate) async fn create(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, body: axum::body::Bytes) -> Response {
+pub(crate) async fn create(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    body: axum::body::Bytes,
+) -> Response {
     let req: CreateReq = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return err(StatusCode::BAD_REQUEST, "MALFORMED_REQUEST", format!("Invalid JSON body: {e}")),
+        Err(e) => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "MALFORMED_REQUEST",
+                format!("Invalid JSON body: {e}"),
+            )
+        }
     };
     let Some(wh) = req.warehouse_id.as_deref().filter(|w| !w.is_empty()) else {
         return bad_param("warehouse_id is required");
     };
     if !WAREHOUSES.iter().any(|w| w.0 == wh) {
-        return err(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", format!("Warehouse {wh} does not exist; list them with GET /api/2.0/sql/warehouses"));
+        return err(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_DOES_NOT_EXIST",
+            format!("Warehouse {wh} does not exist; list them with GET /api/2.0/sql/warehouses"),
+        );
     }
     let Some(statement) = req.statement.clone().filter(|s| !s.trim().is_empty()) else {
         return bad_param("statement is required");
@@ -160,7 +220,11 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, Extension(p): Exte
     let cancel_on_timeout = match req.on_wait_timeout.as_deref().unwrap_or("CONTINUE") {
         "CONTINUE" => false,
         "CANCEL" => true,
-        other => return bad_param(format!("on_wait_timeout '{other}' is invalid: use CONTINUE or CANCEL")),
+        other => {
+            return bad_param(format!(
+                "on_wait_timeout '{other}' is invalid: use CONTINUE or CANCEL"
+            ))
+        }
     };
     match req.disposition.as_deref().unwrap_or("INLINE") {
         "INLINE" => {}
@@ -169,7 +233,11 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, Extension(p): Exte
     }
     match req.format.as_deref().unwrap_or("JSON_ARRAY") {
         "JSON_ARRAY" => {}
-        other => return bad_param(format!("format '{other}' is not supported with INLINE by the emulator: use JSON_ARRAY")),
+        other => {
+            return bad_param(format!(
+                "format '{other}' is not supported with INLINE by the emulator: use JSON_ARRAY"
+            ))
+        }
     }
     let limit = |v: Option<i64>, name: &str| -> Result<Option<usize>, Response> {
         match v {
@@ -178,12 +246,21 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, Extension(p): Exte
             Some(n) => Err(bad_param(format!("{name} must be non-negative, got {n}"))),
         }
     };
-    let (row_limit, byte_limit) = match (limit(req.row_limit, "row_limit"), limit(req.byte_limit, "byte_limit")) {
+    let (row_limit, byte_limit) = match (
+        limit(req.row_limit, "row_limit"),
+        limit(req.byte_limit, "byte_limit"),
+    ) {
         (Ok(a), Ok(b)) => (a, b),
         (Err(r), _) | (_, Err(r)) => return r,
     };
-    let catalog = req.catalog.clone().unwrap_or_else(|| shared.layout.catalog.clone());
-    let schema = req.schema.clone().unwrap_or_else(|| shared.layout.schema.clone());
+    let catalog = req
+        .catalog
+        .clone()
+        .unwrap_or_else(|| shared.layout.catalog.clone());
+    let schema = req
+        .schema
+        .clone()
+        .unwrap_or_else(|| shared.layout.schema.clone());
     let id = new_statement_id();
     let chunk_rows = shared.cfg.chunk_rows;
     lock(&shared.stats).statements_executed += 1;
@@ -194,13 +271,26 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, Extension(p): Exte
             lock(&shared.stats).statements_failed += 1;
             let phase = Phase::Failed(e);
             let v = statements::statement_json(&id, &phase, false, "RUNNING", chunk_rows);
-            lock(&shared.statements).insert(id, Entry { phase, pending_polls: 0, cancel, interrupt: None });
+            lock(&shared.statements).insert(
+                id,
+                Entry {
+                    phase,
+                    pending_polls: 0,
+                    cancel,
+                    interrupt: None,
+                },
+            );
             return ok(v);
         }
         Ok((tr, polls, suggest)) => {
             lock(&shared.statements).insert(
                 id.clone(),
-                Entry { phase: Phase::Running, pending_polls: polls, cancel: cancel.clone(), interrupt: None },
+                Entry {
+                    phase: Phase::Running,
+                    pending_polls: polls,
+                    cancel: cancel.clone(),
+                    interrupt: None,
+                },
             );
             let (s2, id2, params) = (shared.clone(), id.clone(), req.parameters);
             tokio::task::spawn_blocking(move || {
@@ -209,7 +299,9 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, Extension(p): Exte
                         e.interrupt = Some(conn.get_interrupt_handle());
                     }
                     let known = known_type(&s2);
-                    statements::run(conn, &tr, &params, row_limit, byte_limit, &cancel, &known, &suggest)
+                    statements::run(
+                        conn, &tr, &params, row_limit, byte_limit, &cancel, &known, &suggest,
+                    )
                 });
                 let mut table = lock(&s2.statements);
                 if let Some(e) = table.map.get_mut(&id2) {
@@ -237,10 +329,16 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, Extension(p): Exte
     if wait.is_zero() {
         return ok(json!({"statement_id": id, "status": {"state": "PENDING"}}));
     }
-    let finished = tokio::time::timeout(wait, done_rx.wait_for(|d| *d)).await.is_ok();
+    let finished = tokio::time::timeout(wait, done_rx.wait_for(|d| *d))
+        .await
+        .is_ok();
     let mut table = lock(&shared.statements);
     let Some(e) = table.map.get_mut(&id) else {
-        return err(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", format!("Statement {id} was evicted"));
+        return err(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_DOES_NOT_EXIST",
+            format!("Statement {id} was evicted"),
+        );
     };
     if !finished && cancel_on_timeout {
         e.cancel.store(true, Ordering::Relaxed);
@@ -250,49 +348,88 @@ pub(crate) async fn create(State(shared): State<Arc<Shared>>, Extension(p): Exte
         e.phase = Phase::Canceled;
         e.pending_polls = 0;
     }
-    ok(statements::statement_json(&id, &e.phase, e.pending_polls > 0, "RUNNING", chunk_rows))
+    ok(statements::statement_json(
+        &id,
+        &e.phase,
+        e.pending_polls > 0,
+        "RUNNING",
+        chunk_rows,
+    ))
 }
 
 fn unknown(id: &str) -> Response {
-    err(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", format!("Statement {id} does not exist (or its results expired)"))
+    err(
+        StatusCode::NOT_FOUND,
+        "RESOURCE_DOES_NOT_EXIST",
+        format!("Statement {id} does not exist (or its results expired)"),
+    )
 }
 
 pub(crate) async fn poll(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let mut table = lock(&shared.statements);
-    let Some(e) = table.map.get_mut(&id) else { return unknown(&id) };
+    let Some(e) = table.map.get_mut(&id) else {
+        return unknown(&id);
+    };
     let pending = e.pending_polls > 0;
     if pending {
         e.pending_polls -= 1;
     }
-    ok(statements::statement_json(&id, &e.phase, pending, "RUNNING", shared.cfg.chunk_rows))
+    ok(statements::statement_json(
+        &id,
+        &e.phase,
+        pending,
+        "RUNNING",
+        shared.cfg.chunk_rows,
+    ))
 }
 
-pub(crate) async fn chunk(State(shared): State<Arc<Shared>>, Path((id, n)): Path<(String, String)>) -> Response {
+pub(crate) async fn chunk(
+    State(shared): State<Arc<Shared>>,
+    Path((id, n)): Path<(String, String)>,
+) -> Response {
     let rs = {
         let table = lock(&shared.statements);
-        let Some(e) = table.map.get(&id) else { return unknown(&id) };
+        let Some(e) = table.map.get(&id) else {
+            return unknown(&id);
+        };
         match &e.phase {
             Phase::Succeeded(rs) if e.pending_polls == 0 => rs.clone(),
-            _ => return err(StatusCode::BAD_REQUEST, "BAD_REQUEST", format!("Statement {id} has no result: it is not SUCCEEDED")),
+            _ => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    "BAD_REQUEST",
+                    format!("Statement {id} has no result: it is not SUCCEEDED"),
+                )
+            }
         }
     };
     let count = statements::chunk_count(&rs, shared.cfg.chunk_rows);
     let idx = match n.parse::<usize>() {
         Ok(i) if i < count.max(1) => i,
-        _ => return bad_param(format!("chunk index '{n}' is out of range: the result has {count} chunk(s)")),
+        _ => {
+            return bad_param(format!(
+                "chunk index '{n}' is out of range: the result has {count} chunk(s)"
+            ))
+        }
     };
     lock(&shared.stats).chunks_served += 1;
     let cr = shared.cfg.chunk_rows;
     // Serialising a large chunk is CPU work: keep it off the async workers.
     match tokio::task::spawn_blocking(move || statements::chunk_json(&id, &rs, idx, cr)).await {
         Ok(v) => ok(v),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", format!("chunk task failed: {e}")),
+        Err(e) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            format!("chunk task failed: {e}"),
+        ),
     }
 }
 
 pub(crate) async fn cancel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     let mut table = lock(&shared.statements);
-    let Some(e) = table.map.get_mut(&id) else { return unknown(&id) };
+    let Some(e) = table.map.get_mut(&id) else {
+        return unknown(&id);
+    };
     if matches!(e.phase, Phase::Running) {
         e.cancel.store(true, Ordering::Relaxed);
         if let Some(h) = &e.interrupt {

@@ -19,13 +19,22 @@ use crate::Privilege;
 const INFO_SCHEMA: &str = "information_schema";
 
 /// Check the namespace and the principal's USE privileges.
-fn check_ns(shared: &Shared, who: &str, catalog: Option<&str>, schema: Option<&str>) -> Result<(), Response> {
+fn check_ns(
+    shared: &Shared,
+    who: &str,
+    catalog: Option<&str>,
+    schema: Option<&str>,
+) -> Result<(), Response> {
     let Some(cat) = catalog.filter(|c| !c.is_empty()) else {
         return Err(bad_param("catalog_name is required"));
     };
     let l = &shared.layout;
     if !cat.eq_ignore_ascii_case(&l.catalog) {
-        return Err(err(StatusCode::NOT_FOUND, "CATALOG_DOES_NOT_EXIST", format!("Catalog '{cat}' does not exist.")));
+        return Err(err(
+            StatusCode::NOT_FOUND,
+            "CATALOG_DOES_NOT_EXIST",
+            format!("Catalog '{cat}' does not exist."),
+        ));
     }
     if !shared.allowed(who, &Privilege::UseCatalog) {
         return Err(err(
@@ -50,7 +59,10 @@ fn check_ns(shared: &Shared, who: &str, catalog: Option<&str>, schema: Option<&s
             return Err(err(
                 StatusCode::FORBIDDEN,
                 "PERMISSION_DENIED",
-                format!("User does not have USE SCHEMA on Schema '{}.{s}'.", l.catalog),
+                format!(
+                    "User does not have USE SCHEMA on Schema '{}.{s}'.",
+                    l.catalog
+                ),
             ));
         }
     }
@@ -70,8 +82,17 @@ pub(crate) async fn catalogs(State(shared): State<Arc<Shared>>) -> Response {
     }]}))
 }
 
-pub(crate) async fn schemas(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, q: Q) -> Response {
-    if let Err(r) = check_ns(&shared, &p.0, q.get("catalog_name").map(String::as_str), None) {
+pub(crate) async fn schemas(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    q: Q,
+) -> Response {
+    if let Err(r) = check_ns(
+        &shared,
+        &p.0,
+        q.get("catalog_name").map(String::as_str),
+        None,
+    ) {
         return r;
     }
     let l = &shared.layout;
@@ -83,8 +104,10 @@ pub(crate) async fn schemas(State(shared): State<Arc<Shared>>, Extension(p): Ext
     };
     let items: Vec<Value> = names[s..e]
         .iter()
-        .map(|n| json!({"name": n, "catalog_name": l.catalog, "full_name": format!("{}.{n}", l.catalog),
-            "owner": owner(), "created_at": shared.started_ms - 86_400_000 * 100}))
+        .map(|n| {
+            json!({"name": n, "catalog_name": l.catalog, "full_name": format!("{}.{n}", l.catalog),
+            "owner": owner(), "created_at": shared.started_ms - 86_400_000 * 100})
+        })
         .collect();
     let mut v = json!({});
     if !items.is_empty() {
@@ -124,14 +147,24 @@ fn table_info(shared: &Shared, t: &TableDef) -> Value {
         "properties": {},
     });
     if t.kind == TableKind::View {
-        v["view_definition"] = json!(format!("SELECT customer_id, email FROM {}.{}.customers WHERE email IS NOT NULL", l.catalog, l.schema));
+        v["view_definition"] = json!(format!(
+            "SELECT customer_id, email FROM {}.{}.customers WHERE email IS NOT NULL",
+            l.catalog, l.schema
+        ));
     } else {
         v["data_source_format"] = json!("DELTA");
-        v["storage_location"] = json!(format!("s3://emulated-bucket/{}/{}/{}", l.catalog, l.schema, t.name));
+        v["storage_location"] = json!(format!(
+            "s3://emulated-bucket/{}/{}/{}",
+            l.catalog, l.schema, t.name
+        ));
     }
     if matches!(t.kind, TableKind::AiGateway | TableKind::Legacy) {
         v["properties"] = json!({"delta.enableChangeDataFeed": "true"});
-        if let Some(ep) = t.agent.and_then(|a| l.agents.get(a)).and_then(|a| a.endpoint.clone()) {
+        if let Some(ep) = t
+            .agent
+            .and_then(|a| l.agents.get(a))
+            .and_then(|a| a.endpoint.clone())
+        {
             v["comment"] = json!(format!("Inference table for serving endpoint {ep}"));
         }
     }
@@ -141,13 +174,26 @@ fn table_info(shared: &Shared, t: &TableDef) -> Value {
     v
 }
 
-pub(crate) async fn tables(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, q: Q) -> Response {
+pub(crate) async fn tables(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    q: Q,
+) -> Response {
     let schema = q.get("schema_name").map(String::as_str).unwrap_or("");
-    if let Err(r) = check_ns(&shared, &p.0, q.get("catalog_name").map(String::as_str), Some(schema)) {
+    if let Err(r) = check_ns(
+        &shared,
+        &p.0,
+        q.get("catalog_name").map(String::as_str),
+        Some(schema),
+    ) {
         return r;
     }
     let l = &shared.layout;
-    let list: &[TableDef] = if schema.eq_ignore_ascii_case(&l.schema) { &l.tables } else { &[] };
+    let list: &[TableDef] = if schema.eq_ignore_ascii_case(&l.schema) {
+        &l.tables
+    } else {
+        &[]
+    };
     let (s, e, next) = match page(list.len(), &q, 50, true) {
         Ok(v) => v,
         Err(r) => return r,
@@ -163,7 +209,11 @@ pub(crate) async fn tables(State(shared): State<Arc<Shared>>, Extension(p): Exte
     ok(v)
 }
 
-pub(crate) async fn table(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, Path(full): Path<String>) -> Response {
+pub(crate) async fn table(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    Path(full): Path<String>,
+) -> Response {
     let parts: Vec<String> = full.split('.').map(|s| s.to_lowercase()).collect();
     if parts.len() != 3 {
         return bad_param(format!("full_name '{full}' must be catalog.schema.table"));
@@ -174,7 +224,11 @@ pub(crate) async fn table(State(shared): State<Arc<Shared>>, Extension(p): Exten
     let l = &shared.layout;
     match l.table_by_name(&parts[2]).filter(|_| parts[1] == l.schema) {
         Some(t) => ok(table_info(&shared, t)),
-        None => err(StatusCode::NOT_FOUND, "TABLE_DOES_NOT_EXIST", format!("Table '{full}' does not exist.")),
+        None => err(
+            StatusCode::NOT_FOUND,
+            "TABLE_DOES_NOT_EXIST",
+            format!("Table '{full}' does not exist."),
+        ),
     }
 }
 
@@ -193,18 +247,44 @@ fn like(pattern: &str, s: &str) -> bool {
     go(&p, &s)
 }
 
-pub(crate) async fn table_summaries(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, q: Q) -> Response {
-    if let Err(r) = check_ns(&shared, &p.0, q.get("catalog_name").map(String::as_str), None) {
+pub(crate) async fn table_summaries(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    q: Q,
+) -> Response {
+    if let Err(r) = check_ns(
+        &shared,
+        &p.0,
+        q.get("catalog_name").map(String::as_str),
+        None,
+    ) {
         return r;
     }
     let l = &shared.layout;
-    let sp = q.get("schema_name_pattern").cloned().unwrap_or_else(|| "%".into());
-    let tp = q.get("table_name_pattern").cloned().unwrap_or_else(|| "%".into());
+    let sp = q
+        .get("schema_name_pattern")
+        .cloned()
+        .unwrap_or_else(|| "%".into());
+    let tp = q
+        .get("table_name_pattern")
+        .cloned()
+        .unwrap_or_else(|| "%".into());
     let schema_ok = like(&sp, &l.schema);
     if schema_ok && !shared.allowed(&p.0, &Privilege::UseSchema) {
-        return err(StatusCode::FORBIDDEN, "PERMISSION_DENIED", format!("User does not have USE SCHEMA on Schema '{}.{}'.", l.catalog, l.schema));
+        return err(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            format!(
+                "User does not have USE SCHEMA on Schema '{}.{}'.",
+                l.catalog, l.schema
+            ),
+        );
     }
-    let matching: Vec<&TableDef> = if schema_ok { l.tables.iter().filter(|t| like(&tp, &t.name)).collect() } else { vec![] };
+    let matching: Vec<&TableDef> = if schema_ok {
+        l.tables.iter().filter(|t| like(&tp, &t.name)).collect()
+    } else {
+        vec![]
+    };
     let (s, e, next) = match page(matching.len(), &q, 1000, false) {
         Ok(v) => v,
         Err(r) => return r,
@@ -244,7 +324,11 @@ fn model_json(shared: &Shared, a: &crate::layout::Agent) -> Option<Value> {
     }))
 }
 
-pub(crate) async fn models(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, q: Q) -> Response {
+pub(crate) async fn models(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    q: Q,
+) -> Response {
     let schema = q.get("schema_name").cloned();
     let catalog = q.get("catalog_name").cloned();
     if catalog.is_some() || schema.is_some() {
@@ -253,8 +337,17 @@ pub(crate) async fn models(State(shared): State<Arc<Shared>>, Extension(p): Exte
         }
     }
     let l = &shared.layout;
-    let include = schema.as_deref().is_none_or(|s| s.eq_ignore_ascii_case(&l.schema));
-    let all: Vec<Value> = if include { l.agents.iter().filter_map(|a| model_json(&shared, a)).collect() } else { vec![] };
+    let include = schema
+        .as_deref()
+        .is_none_or(|s| s.eq_ignore_ascii_case(&l.schema));
+    let all: Vec<Value> = if include {
+        l.agents
+            .iter()
+            .filter_map(|a| model_json(&shared, a))
+            .collect()
+    } else {
+        vec![]
+    };
     let (s, e, next) = match page(all.len(), &q, 100, false) {
         Ok(v) => v,
         Err(r) => return r,
@@ -270,37 +363,56 @@ pub(crate) async fn models(State(shared): State<Arc<Shared>>, Extension(p): Exte
 }
 
 fn find_model<'a>(shared: &'a Shared, full: &str) -> Option<&'a crate::layout::Agent> {
-    shared
-        .layout
-        .agents
-        .iter()
-        .find(|a| a.model_full_name.as_deref().is_some_and(|m| m.eq_ignore_ascii_case(full)))
+    shared.layout.agents.iter().find(|a| {
+        a.model_full_name
+            .as_deref()
+            .is_some_and(|m| m.eq_ignore_ascii_case(full))
+    })
 }
 
 fn model_ns(shared: &Shared, who: &str, full: &str) -> Result<(), Response> {
     let parts: Vec<&str> = full.split('.').collect();
     if parts.len() != 3 {
-        return Err(bad_param(format!("full_name '{full}' must be catalog.schema.model")));
+        return Err(bad_param(format!(
+            "full_name '{full}' must be catalog.schema.model"
+        )));
     }
     check_ns(shared, who, Some(parts[0]), Some(parts[1]))
 }
 
-pub(crate) async fn model(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, Path(full): Path<String>) -> Response {
+pub(crate) async fn model(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    Path(full): Path<String>,
+) -> Response {
     if let Err(r) = model_ns(&shared, &p.0, &full) {
         return r;
     }
     match find_model(&shared, &full).and_then(|a| model_json(&shared, a)) {
         Some(v) => ok(v),
-        None => err(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", format!("Registered model '{full}' does not exist.")),
+        None => err(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_DOES_NOT_EXIST",
+            format!("Registered model '{full}' does not exist."),
+        ),
     }
 }
 
-pub(crate) async fn model_versions(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, Path(full): Path<String>, q: Q) -> Response {
+pub(crate) async fn model_versions(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    Path(full): Path<String>,
+    q: Q,
+) -> Response {
     if let Err(r) = model_ns(&shared, &p.0, &full) {
         return r;
     }
     let Some(a) = find_model(&shared, &full) else {
-        return err(StatusCode::NOT_FOUND, "RESOURCE_DOES_NOT_EXIST", format!("Registered model '{full}' does not exist."));
+        return err(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_DOES_NOT_EXIST",
+            format!("Registered model '{full}' does not exist."),
+        );
     };
     let l = &shared.layout;
     let full = a.model_full_name.clone().unwrap_or_default();
@@ -330,13 +442,26 @@ pub(crate) async fn model_versions(State(shared): State<Arc<Shared>>, Extension(
     ok(v)
 }
 
-pub(crate) async fn functions(State(shared): State<Arc<Shared>>, Extension(p): Extension<Principal>, q: Q) -> Response {
+pub(crate) async fn functions(
+    State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
+    q: Q,
+) -> Response {
     let schema = q.get("schema_name").map(String::as_str).unwrap_or("");
-    if let Err(r) = check_ns(&shared, &p.0, q.get("catalog_name").map(String::as_str), Some(schema)) {
+    if let Err(r) = check_ns(
+        &shared,
+        &p.0,
+        q.get("catalog_name").map(String::as_str),
+        Some(schema),
+    ) {
         return r;
     }
     let l = &shared.layout;
-    let list = if schema.eq_ignore_ascii_case(&l.schema) { l.functions.as_slice() } else { &[] };
+    let list = if schema.eq_ignore_ascii_case(&l.schema) {
+        l.functions.as_slice()
+    } else {
+        &[]
+    };
     let (s, e, next) = match page(list.len(), &q, 1000, false) {
         Ok(v) => v,
         Err(r) => return r,

@@ -6,10 +6,29 @@ use crate::{default_env, get_token, start};
 #[tokio::test]
 async fn discovery_documents() {
     let env = default_env().await;
-    let v: Value = env.http.get(format!("{}/.well-known/databricks-config", env.base)).send().await.unwrap().json().await.unwrap();
+    let v: Value = env
+        .http
+        .get(format!("{}/.well-known/databricks-config", env.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["oidc_endpoint"], format!("{}/oidc", env.base));
     assert!(v["workspace_id"].as_str().is_some_and(|s| !s.is_empty()));
-    let v: Value = env.http.get(format!("{}/oidc/.well-known/oauth-authorization-server", env.base)).send().await.unwrap().json().await.unwrap();
+    let v: Value = env
+        .http
+        .get(format!(
+            "{}/oidc/.well-known/oauth-authorization-server",
+            env.base
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["token_endpoint"], format!("{}/oidc/v1/token", env.base));
     assert!(v["authorization_endpoint"].is_string());
     env.emu.shutdown().await;
@@ -55,13 +74,30 @@ async fn token_good_bad_and_api_requires_it() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unsupported_grant_type");
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"],
+        "unsupported_grant_type"
+    );
 
     // No token / bad token -> 401 UNAUTHENTICATED.
-    let r = env.http.get(format!("{}/api/2.0/serving-endpoints", env.base)).send().await.unwrap();
+    let r = env
+        .http
+        .get(format!("{}/api/2.0/serving-endpoints", env.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    assert_eq!(r.json::<Value>().await.unwrap()["error_code"], "UNAUTHENTICATED");
-    let r = env.http.get(format!("{}/api/2.0/serving-endpoints", env.base)).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error_code"],
+        "UNAUTHENTICATED"
+    );
+    let r = env
+        .http
+        .get(format!("{}/api/2.0/serving-endpoints", env.base))
+        .bearer_auth("nope")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let (s, _) = env.get("/api/2.0/serving-endpoints").await;
     assert_eq!(s, 200);
@@ -70,7 +106,11 @@ async fn token_good_bad_and_api_requires_it() {
 
 #[tokio::test]
 async fn tokens_expire_and_pat_works() {
-    let cfg = EmulatorConfig { token_ttl_secs: 1, pat: Some("dapi-test-pat".into()), ..Default::default() };
+    let cfg = EmulatorConfig {
+        token_ttl_secs: 1,
+        pat: Some("dapi-test-pat".into()),
+        ..Default::default()
+    };
     let env = start(cfg).await;
     let (s, _) = env.get("/api/2.0/sql/warehouses").await;
     assert_eq!(s, 200);
@@ -87,18 +127,36 @@ async fn tokens_expire_and_pat_works() {
     let (_, v) = env.get("/api/2.0/sql/warehouses").await;
     assert_eq!(v["error_code"], "UNAUTHENTICATED");
     assert!(v["message"].as_str().unwrap_or("").contains("expired"));
-    let r = env.http.get(format!("{}/api/2.0/sql/warehouses", env.base)).bearer_auth("dapi-test-pat").send().await.unwrap();
+    let r = env
+        .http
+        .get(format!("{}/api/2.0/sql/warehouses", env.base))
+        .bearer_auth("dapi-test-pat")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     // A fresh token works again.
     let t = get_token(&env.http, &env.base, "emulator-client", "emulator-secret").await;
-    let r = env.http.get(format!("{}/api/2.0/sql/warehouses", env.base)).bearer_auth(t).send().await.unwrap();
+    let r = env
+        .http
+        .get(format!("{}/api/2.0/sql/warehouses", env.base))
+        .bearer_auth(t)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     env.emu.shutdown().await;
 }
 
 #[test]
 fn config_debug_redacts_secrets() {
-    let cfg = EmulatorConfig { pat: Some("dapi-secret-pat".into()), ..Default::default() };
+    let cfg = EmulatorConfig {
+        pat: Some("dapi-secret-pat".into()),
+        ..Default::default()
+    };
     let d = format!("{cfg:?}");
-    assert!(!d.contains("emulator-secret") && !d.contains("dapi-secret-pat"), "{d}");
+    assert!(
+        !d.contains("emulator-secret") && !d.contains("dapi-secret-pat"),
+        "{d}"
+    );
 }

@@ -22,9 +22,17 @@ pub struct Env {
 pub async fn start(cfg: EmulatorConfig) -> Env {
     let emu = Emulator::start(cfg.clone()).await.expect("emulator starts");
     let base = emu.base_url();
-    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
     let token = get_token(&http, &base, &cfg.client_id, &cfg.client_secret).await;
-    Env { emu, base, http, token }
+    Env {
+        emu,
+        base,
+        http,
+        token,
+    }
 }
 
 pub async fn default_env() -> Env {
@@ -41,18 +49,34 @@ pub async fn get_token(http: &reqwest::Client, base: &str, id: &str, secret: &st
         .expect("token request");
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.expect("token json");
-    v["access_token"].as_str().expect("access_token").to_string()
+    v["access_token"]
+        .as_str()
+        .expect("access_token")
+        .to_string()
 }
 
 impl Env {
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(&self.token).send().await.expect("GET");
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("GET");
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.base)).bearer_auth(&self.token).json(&body).send().await.expect("POST");
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
     }

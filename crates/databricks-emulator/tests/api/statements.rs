@@ -19,9 +19,15 @@ async fn warehouses_list() {
     let (s, v) = env.get("/api/2.0/sql/warehouses").await;
     assert_eq!(s, 200);
     let w = v["warehouses"].as_array().unwrap();
-    assert!(w.iter().any(|x| x["state"] == "RUNNING" && x["enable_serverless_compute"] == true));
-    assert!(w.iter().any(|x| x["state"] == "STOPPED" && x["warehouse_type"] == "CLASSIC"));
-    assert!(w.iter().all(|x| x["id"].is_string() && x["name"].is_string()));
+    assert!(w
+        .iter()
+        .any(|x| x["state"] == "RUNNING" && x["enable_serverless_compute"] == true));
+    assert!(w
+        .iter()
+        .any(|x| x["state"] == "STOPPED" && x["warehouse_type"] == "CLASSIC"));
+    assert!(w
+        .iter()
+        .all(|x| x["id"].is_string() && x["name"].is_string()));
     env.emu.shutdown().await;
 }
 
@@ -58,8 +64,15 @@ async fn keyset_query_matches_ground_truth_in_order() {
     assert_eq!(m["schema"]["columns"][1]["position"], 1);
     assert_eq!(m["truncated"], false);
     let rows = env.all_rows(&v).await;
-    let got: Vec<(String, String)> =
-        rows.iter().map(|r| (r[1].as_str().unwrap().to_string(), r[0].as_str().unwrap().to_string())).collect();
+    let got: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r[1].as_str().unwrap().to_string(),
+                r[0].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
     let expected: Vec<(String, String)> = truth.iter().filter(|x| *x > cut).cloned().collect();
     assert_eq!(got, expected);
     assert_eq!(m["total_row_count"], expected.len());
@@ -79,9 +92,18 @@ async fn keyset_query_matches_ground_truth_in_order() {
 
 #[tokio::test]
 async fn full_rows_by_id_nulls_and_strings() {
-    let env = start(EmulatorConfig { rows: 2000, agents: 1, ..Default::default() }).await;
+    let env = start(EmulatorConfig {
+        rows: 2000,
+        agents: 1,
+        ..Default::default()
+    })
+    .await;
     let truth = env.emu.ground_truth();
-    let ids: Vec<&str> = truth.iter().take(3).map(|r| r.databricks_request_id.as_str()).collect();
+    let ids: Vec<&str> = truth
+        .iter()
+        .take(3)
+        .map(|r| r.databricks_request_id.as_str())
+        .collect();
     let v = env
         .sql(
             "SELECT databricks_request_id, client_request_id, request_time, status_code, execution_duration_ms, request, response,
@@ -95,8 +117,27 @@ async fn full_rows_by_id_nulls_and_strings() {
         .await;
     let rows = env.all_rows(&v).await;
     assert_eq!(rows.len(), 3);
-    let types: Vec<&str> = v["manifest"]["schema"]["columns"].as_array().unwrap().iter().map(|c| c["type_name"].as_str().unwrap()).collect();
-    assert_eq!(types, ["STRING", "STRING", "TIMESTAMP", "INT", "LONG", "STRING", "STRING", "ARRAY", "STRING", "STRING"]);
+    let types: Vec<&str> = v["manifest"]["schema"]["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["type_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "STRING",
+            "STRING",
+            "TIMESTAMP",
+            "INT",
+            "LONG",
+            "STRING",
+            "STRING",
+            "ARRAY",
+            "STRING",
+            "STRING"
+        ]
+    );
     for r in &rows {
         assert!(r.iter().all(|x| x.is_string() || x.is_null()), "{r:?}");
         assert!(r[3].as_str().unwrap().parse::<i64>().is_ok());
@@ -134,13 +175,26 @@ async fn legacy_table_and_limit_zero() {
         )
         .await;
     let rows = env.all_rows(&v).await;
-    let truth = env.emu.ground_truth().into_iter().filter(|r| r.table.ends_with("hr_helper_payload")).count();
+    let truth = env
+        .emu
+        .ground_truth()
+        .into_iter()
+        .filter(|r| r.table.ends_with("hr_helper_payload"))
+        .count();
     assert_eq!(rows.len(), truth);
     assert_eq!(v["manifest"]["schema"]["columns"][1]["type_name"], "LONG");
-    let ms: Vec<i64> = rows.iter().map(|r| r[1].as_str().unwrap().parse().unwrap()).collect();
+    let ms: Vec<i64> = rows
+        .iter()
+        .map(|r| r[1].as_str().unwrap().parse().unwrap())
+        .collect();
     assert!(ms.windows(2).all(|w| w[0] <= w[1]));
 
-    let v = env.sql("SELECT * FROM `workspace`.`default`.`support_bot_payload` LIMIT 0", json!([])).await;
+    let v = env
+        .sql(
+            "SELECT * FROM `workspace`.`default`.`support_bot_payload` LIMIT 0",
+            json!([]),
+        )
+        .await;
     assert_eq!(v["status"]["state"], "SUCCEEDED");
     assert_eq!(v["manifest"]["schema"]["column_count"], 12);
     assert_eq!(v["manifest"]["total_row_count"], 0);
@@ -151,7 +205,13 @@ async fn legacy_table_and_limit_zero() {
 
 #[tokio::test]
 async fn chunks_follow_links() {
-    let env = start(EmulatorConfig { chunk_rows: 7, rows: 300, agents: 1, ..Default::default() }).await;
+    let env = start(EmulatorConfig {
+        chunk_rows: 7,
+        rows: 300,
+        agents: 1,
+        ..Default::default()
+    })
+    .await;
     let v = env.sql("SELECT databricks_request_id FROM support_bot_payload ORDER BY databricks_request_id LIMIT 30", json!([])).await;
     assert_eq!(v["manifest"]["total_chunk_count"], 5);
     assert_eq!(v["manifest"]["chunks"][4]["row_offset"], 28);
@@ -160,7 +220,9 @@ async fn chunks_follow_links() {
     assert_eq!(v["result"]["row_count"], 7);
     assert_eq!(v["result"]["next_chunk_index"], 1);
     let id = v["statement_id"].as_str().unwrap();
-    let (s, c) = env.get(&format!("/api/2.0/sql/statements/{id}/result/chunks/4")).await;
+    let (s, c) = env
+        .get(&format!("/api/2.0/sql/statements/{id}/result/chunks/4"))
+        .await;
     assert_eq!(s, 200);
     assert_eq!(c["row_offset"], 28);
     assert!(c.get("next_chunk_internal_link").is_none());
@@ -168,7 +230,9 @@ async fn chunks_follow_links() {
     assert_eq!(rows.len(), 30);
     let ids: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
-    let (s, _) = env.get(&format!("/api/2.0/sql/statements/{id}/result/chunks/9")).await;
+    let (s, _) = env
+        .get(&format!("/api/2.0/sql/statements/{id}/result/chunks/9"))
+        .await;
     assert_eq!(s, 400);
     env.emu.shutdown().await;
 }
@@ -194,14 +258,27 @@ async fn wait_timeout_zero_then_poll() {
     assert_eq!(last["status"]["state"], "SUCCEEDED");
     assert_eq!(last["result"]["data_array"], json!([["1"]]));
     assert_eq!(last["manifest"]["schema"]["columns"][0]["name"], "one");
-    for bad in [json!({"warehouse_id": WAREHOUSE, "statement": "SELECT 1", "wait_timeout": "3s"}),
-                json!({"warehouse_id": WAREHOUSE, "statement": "SELECT 1", "disposition": "EXTERNAL_LINKS"}),
-                json!({"warehouse_id": WAREHOUSE})] {
+    for bad in [
+        json!({"warehouse_id": WAREHOUSE, "statement": "SELECT 1", "wait_timeout": "3s"}),
+        json!({"warehouse_id": WAREHOUSE, "statement": "SELECT 1", "disposition": "EXTERNAL_LINKS"}),
+        json!({"warehouse_id": WAREHOUSE}),
+    ] {
         let (s, v) = env.post("/api/2.0/sql/statements", bad).await;
-        assert_eq!((s, v["error_code"].as_str()), (400, Some("INVALID_PARAMETER_VALUE")));
+        assert_eq!(
+            (s, v["error_code"].as_str()),
+            (400, Some("INVALID_PARAMETER_VALUE"))
+        );
     }
-    let (s, v) = env.post("/api/2.0/sql/statements", json!({"warehouse_id": "nope", "statement": "SELECT 1"})).await;
-    assert_eq!((s, v["error_code"].as_str()), (404, Some("RESOURCE_DOES_NOT_EXIST")));
+    let (s, v) = env
+        .post(
+            "/api/2.0/sql/statements",
+            json!({"warehouse_id": "nope", "statement": "SELECT 1"}),
+        )
+        .await;
+    assert_eq!(
+        (s, v["error_code"].as_str()),
+        (404, Some("RESOURCE_DOES_NOT_EXIST"))
+    );
     let (s, _) = env.get("/api/2.0/sql/statements/does-not-exist").await;
     assert_eq!(s, 404);
     env.emu.shutdown().await;
@@ -211,8 +288,14 @@ async fn failed(env: &crate::Env, sql: &str, params: Value) -> (String, String) 
     let v = env.sql(sql, params).await;
     assert_eq!(v["status"]["state"], "FAILED", "{sql}: {v}");
     (
-        v["status"]["error"]["error_code"].as_str().unwrap().to_string(),
-        v["status"]["error"]["message"].as_str().unwrap().to_string(),
+        v["status"]["error"]["error_code"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        v["status"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .to_string(),
     )
 }
 
@@ -223,24 +306,67 @@ async fn bad_sql_fails_like_spark() {
     assert!(m.contains("PARSE_SYNTAX_ERROR"), "{m}");
     let (_, m) = failed(&env, "SELECT nope FROM support_bot_payload", json!([])).await;
     assert!(m.contains("UNRESOLVED_COLUMN") && m.contains("nope"), "{m}");
-    let (_, m) = failed(&env, "SELECT request_time FROM support_bot_payload ORDER BY nope", json!([])).await;
+    let (_, m) = failed(
+        &env,
+        "SELECT request_time FROM support_bot_payload ORDER BY nope",
+        json!([]),
+    )
+    .await;
     assert!(m.contains("UNRESOLVED_COLUMN"), "{m}");
     let (_, m) = failed(&env, "SELECT `nope` FROM support_bot_payload", json!([])).await;
-    assert!(m.contains("UNRESOLVED_COLUMN"), "backtick unknown column must not become a string: {m}");
-    let (_, m) = failed(&env, "SELECT 1 FROM workspace.default.missing_payload", json!([])).await;
+    assert!(
+        m.contains("UNRESOLVED_COLUMN"),
+        "backtick unknown column must not become a string: {m}"
+    );
+    let (_, m) = failed(
+        &env,
+        "SELECT 1 FROM workspace.default.missing_payload",
+        json!([]),
+    )
+    .await;
     assert!(m.contains("TABLE_OR_VIEW_NOT_FOUND"), "{m}");
-    let (_, m) = failed(&env, "SELECT strftime('%s', request_time) FROM support_bot_payload", json!([])).await;
+    let (_, m) = failed(
+        &env,
+        "SELECT strftime('%s', request_time) FROM support_bot_payload",
+        json!([]),
+    )
+    .await;
     assert!(m.contains("UNRESOLVED_ROUTINE"), "{m}");
-    let (_, m) = failed(&env, "SELECT 1 FROM support_bot_payload WHERE request_time > datetime('now')", json!([])).await;
+    let (_, m) = failed(
+        &env,
+        "SELECT 1 FROM support_bot_payload WHERE request_time > datetime('now')",
+        json!([]),
+    )
+    .await;
     assert!(m.contains("UNRESOLVED_ROUTINE"), "{m}");
-    let (_, m) = failed(&env, "SELECT 1 FROM support_bot_payload WHERE databricks_request_id = :id", json!([])).await;
+    let (_, m) = failed(
+        &env,
+        "SELECT 1 FROM support_bot_payload WHERE databricks_request_id = :id",
+        json!([]),
+    )
+    .await;
     assert!(m.contains("UNBOUND_SQL_PARAMETER"), "{m}");
-    let (_, m) = failed(&env, "SELECT 1 FROM support_bot_payload WHERE databricks_request_id = ?", json!([])).await;
+    let (_, m) = failed(
+        &env,
+        "SELECT 1 FROM support_bot_payload WHERE databricks_request_id = ?",
+        json!([]),
+    )
+    .await;
     assert!(m.contains("POSITIONAL"), "{m}");
-    let (_, m) = failed(&env, "SELECT 1 FROM support_bot_payload WHERE request_time >= :t", json!([{"name": "t", "value": "soon", "type": "TIMESTAMP"}])).await;
+    let (_, m) = failed(
+        &env,
+        "SELECT 1 FROM support_bot_payload WHERE request_time >= :t",
+        json!([{"name": "t", "value": "soon", "type": "TIMESTAMP"}]),
+    )
+    .await;
     assert!(m.contains("INVALID_PARAMETER_VALUE"), "{m}");
     // Spark string literal in double quotes compares as a string.
-    let v = env.sql("SELECT count(*) FROM support_bot_payload WHERE status_code = 200 AND \"a\" = 'a'", json!([])).await;
+    let v = env
+        .sql(
+            "SELECT count(*) FROM support_bot_payload WHERE status_code = 200 AND \"a\" = 'a'",
+            json!([]),
+        )
+        .await;
     assert_eq!(v["status"]["state"], "SUCCEEDED", "{v}");
     env.emu.shutdown().await;
 }
@@ -248,11 +374,29 @@ async fn bad_sql_fails_like_spark() {
 #[tokio::test]
 async fn missing_select_fails_with_permission_denied() {
     let env = default_env().await;
-    env.emu.revoke("emulator-client", Privilege::Select { table: "workspace.default.support_bot_payload".into() });
-    let (code, m) = failed(&env, "SELECT * FROM `workspace`.`default`.`support_bot_payload`", json!([])).await;
+    env.emu.revoke(
+        "emulator-client",
+        Privilege::Select {
+            table: "workspace.default.support_bot_payload".into(),
+        },
+    );
+    let (code, m) = failed(
+        &env,
+        "SELECT * FROM `workspace`.`default`.`support_bot_payload`",
+        json!([]),
+    )
+    .await;
     assert_eq!(code, "PERMISSION_DENIED");
-    assert!(m.contains("workspace.default.support_bot_payload") && m.contains("SELECT"), "{m}");
-    let v = env.sql("SELECT * FROM `workspace`.`default`.`sales_assistant_payload` LIMIT 1", json!([])).await;
+    assert!(
+        m.contains("workspace.default.support_bot_payload") && m.contains("SELECT"),
+        "{m}"
+    );
+    let v = env
+        .sql(
+            "SELECT * FROM `workspace`.`default`.`sales_assistant_payload` LIMIT 1",
+            json!([]),
+        )
+        .await;
     assert_eq!(v["status"]["state"], "SUCCEEDED");
     env.emu.shutdown().await;
 }
@@ -261,9 +405,16 @@ async fn missing_select_fails_with_permission_denied() {
 async fn cancel_a_running_statement() {
     let env = default_env().await;
     let heavy = "SELECT count(*) FROM customers a, customers b, customers c, customers d, customers e, customers f, customers g";
-    let (_, v) = env.post("/api/2.0/sql/statements", json!({"warehouse_id": WAREHOUSE, "statement": heavy, "wait_timeout": "0s"})).await;
+    let (_, v) = env
+        .post(
+            "/api/2.0/sql/statements",
+            json!({"warehouse_id": WAREHOUSE, "statement": heavy, "wait_timeout": "0s"}),
+        )
+        .await;
     let id = v["statement_id"].as_str().unwrap().to_string();
-    let (s, _) = env.post(&format!("/api/2.0/sql/statements/{id}/cancel"), json!({})).await;
+    let (s, _) = env
+        .post(&format!("/api/2.0/sql/statements/{id}/cancel"), json!({}))
+        .await;
     assert_eq!(s, 200);
     let (_, v) = env.get(&format!("/api/2.0/sql/statements/{id}")).await;
     assert_eq!(v["status"]["state"], "CANCELED");
@@ -275,11 +426,27 @@ async fn cancel_a_running_statement() {
 
 #[tokio::test]
 async fn inline_limit_25_mib() {
-    let env = start(EmulatorConfig { agents: 1, rows: 60, payload_bytes: 400_000, ..Default::default() }).await;
-    let (code, m) = failed(&env, "SELECT a.request FROM support_bot_payload a, customers b", json!([])).await;
+    let env = start(EmulatorConfig {
+        agents: 1,
+        rows: 60,
+        payload_bytes: 400_000,
+        ..Default::default()
+    })
+    .await;
+    let (code, m) = failed(
+        &env,
+        "SELECT a.request FROM support_bot_payload a, customers b",
+        json!([]),
+    )
+    .await;
     assert_eq!(code, "BAD_REQUEST");
     assert!(m.contains("25 MiB"), "{m}");
-    let v = env.sql("SELECT a.request FROM support_bot_payload a LIMIT 3", json!([])).await;
+    let v = env
+        .sql(
+            "SELECT a.request FROM support_bot_payload a LIMIT 3",
+            json!([]),
+        )
+        .await;
     assert_eq!(v["status"]["state"], "SUCCEEDED");
     env.emu.shutdown().await;
 }

@@ -1,0 +1,162 @@
+//! `databricks-shield check`: every prerequisite in order, one line each with the evidence, and
+//! the fix for a failure. It reads and sends nothing but probes (a `LIMIT 0` query per table, the
+//! sink's health check).
+
+use serde::Serialize;
+
+use crate::collect::quote_table;
+use crate::config::Config;
+use crate::databricks::sql::Statement;
+use crate::discovery;
+
+/// One line of the checklist.
+#[derive(Debug, Serialize)]
+pub struct Step {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Runs the checks; stops at the first failure that makes later ones meaningless.
+pub async fn run(config: &Config) -> Vec<Step> {
+    let mut steps = vec![Step {
+        name: "configuration".into(),
+        ok: true,
+        detail: config.summary(),
+    }];
+    let mut push = |name: &str, r: Result<String, String>| {
+        let ok = r.is_ok();
+        steps.push(Step {
+            name: name.into(),
+            ok,
+            detail: r.unwrap_or_else(|e| e),
+        });
+        ok
+    };
+    let client = match crate::app::client(config) {
+        Ok(c) => c,
+        Err(e) => {
+            push("databricks client", Err(e.to_string()));
+            return steps;
+        }
+    };
+    if !push(
+        "authentication",
+        client
+            .authenticate()
+            .await
+            .map(|_| format!("{} accepted the credentials", config.host))
+            .map_err(|e| e.to_string()),
+    ) {
+        return steps;
+    }
+    let inv =
+        match discovery::discover(&client, &config.catalog, &config.schema, &config.prefix).await {
+            Ok(inv) => inv,
+            Err(e) => {
+                push("catalog and schema access", Err(e.to_string()));
+                return steps;
+            }
+        };
+    push(
+        "catalog and schema access",
+        Ok(format!(
+            "{}.{}: {} tables visible",
+            config.catalog, config.schema, inv.tables_total
+        )),
+    );
+    let tables: Vec<_> = inv.readable().map(|(_, t)| t.clone()).collect();
+    push(
+        "inference tables",
+        if tables.is_empty() {
+            Err(format!(
+                "no inference table matches prefix '{}' ({} of {} tables match; outside it: {}). Fix: check \
+                 DATABRICKS_PREFIX / DATABRICKS_SCHEMA, or enable inference tables on the agents' endpoints",
+                config.prefix,
+                inv.tables_matching_prefix,
+                inv.tables_total,
+                inv.filtered_out_examples.join(", ")
+            ))
+        } else {
+            Ok(format!(
+                "{} agents, {} inference tables",
+                inv.agents.len(),
+                tables.len()
+            ))
+        },
+    );
+    push(
+        "serving endpoints",
+        Ok(format!(
+            "{} agent endpoints, {} LLM endpoints readable",
+            inv.agents.iter().filter(|a| a.endpoint.is_some()).count(),
+            inv.llm_endpoints.len()
+        )),
+    );
+    let warehouse = match client
+        .choose_warehouse(config.warehouse_id.as_deref())
+        .await
+    {
+        Ok((w, why)) => {
+            push("SQL warehouse", Ok(format!("{} ({why})", w.id)));
+            Some(w.id)
+        }
+        Err(e) => {
+            push("SQL warehouse", Err(e.to_string()));
+            None
+        }
+    };
+    if let Some(wh) = warehouse {
+        for t in &tables {
+            let st = Statement {
+                warehouse_id: wh.clone(),
+                statement: format!("SELECT * FROM {} LIMIT 0", quote_table(&t.full_name)),
+                parameters: Vec::new(),
+                table: t.full_name.clone(),
+                timeout: config.statement_timeout,
+            };
+            push(
+                &format!("SELECT on {}", t.full_name),
+                client
+                    .execute(&st)
+                    .await
+                    .map(|_| "readable".to_string())
+                    .map_err(|e| e.to_string()),
+            );
+        }
+    }
+    match config.sink.as_ref().map(crate::app::sink) {
+        Some(Ok(sink)) => {
+            let what = sink.describe();
+            push(
+                "sink reachable",
+                sink.healthcheck()
+                    .await
+                    .map(|_| what)
+                    .map_err(|e| e.to_string()),
+            );
+        }
+        Some(Err(e)) => {
+            push("sink reachable", Err(e.to_string()));
+        }
+        None => {
+            push("sink reachable", Err("no sink configured".into()));
+        }
+    }
+    steps
+}
+
+/// The checklist as text.
+pub fn render(steps: &[Step]) -> String {
+    steps
+        .iter()
+        .map(|s| {
+            format!(
+                "[{}] {}: {}\n",
+                if s.ok { "PASS" } else { "FAIL" },
+                s.name,
+                s.detail
+            )
+        })
+        .collect()
+}
