@@ -192,7 +192,7 @@ pub fn quote_table(full_name: &str) -> String {
         .join(".")
 }
 
-fn cell<'r>(row: &'r Row, idx: Option<usize>) -> Option<&'r str> {
+fn cell(row: &Row, idx: Option<usize>) -> Option<&str> {
     idx.and_then(|i| row.get(i)).and_then(|c| c.0.as_deref())
 }
 

@@ -491,3 +491,208 @@ async fn oversized_record_is_rejected_without_sending_and_bodies_stay_under_limi
     assert!(out.delivered.is_empty());
     assert_eq!(server.with(|g| g.bodies.len()), before);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Against the strict Akto stand-in: it validates every record as Akto does.
+
+use akto_standin::{Behavior, StandIn, StandInConfig};
+
+async fn standin(jwt: Option<&str>) -> StandIn {
+    StandIn::start(StandInConfig {
+        require_jwt: jwt.map(str::to_string),
+        ..StandInConfig::default()
+    })
+    .await
+    .expect("stand-in starts")
+}
+
+fn standin_url(s: &StandIn) -> Url {
+    Url::parse(&s.url()).expect("stand-in url")
+}
+
+/// A record that satisfies Akto's contract.
+fn akto_record(i: usize) -> OutRecord {
+    let host = format!("agent-{}.ws-1.databricks", i % 3);
+    let v = serde_json::json!({
+        "path": format!("/serving-endpoints/agent-{}/invocations", i % 3),
+        "method": "POST",
+        "requestHeaders": serde_json::json!({"host": host, "content-type": "application/json"}).to_string(),
+        "responseHeaders": serde_json::json!({"content-type": "application/json"}).to_string(),
+        "requestPayload": format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}}]}}"),
+        "responsePayload": "{\"choices\":[]}",
+        "ip": "10.0.0.1",
+        "destIp": "",
+        "time": (1_700_000_000 + i).to_string(),
+        "statusCode": "200",
+        "status": "OK",
+        "type": "HTTP/1.1",
+        "akto_account_id": "1000000",
+        "akto_vxlan_id": "0",
+        "is_pending": "false",
+        "source": "MIRRORING",
+        "tag": serde_json::json!({"gen-ai": "Gen AI", "ai-agent": format!("agent-{}", i % 3)}).to_string(),
+    });
+    OutRecord {
+        key: host,
+        json: v.to_string(),
+    }
+}
+
+fn values(records: &[OutRecord], indices: &[usize]) -> Vec<serde_json::Value> {
+    indices
+        .iter()
+        .map(|&i| serde_json::from_str(&records[i].json).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn standin_accepts_planned_batches_with_jwt() {
+    let st = standin(Some("eyJhbGciOi.jwt.sig")).await;
+    let s = sink(standin_url(&st), Some("eyJhbGciOi.jwt.sig"), fast_retry(3));
+    s.healthcheck().await.unwrap();
+    let records: Vec<_> = (0..120).map(akto_record).collect();
+    let plan = plan_batches(&records, MAX_RECORDS_PER_BATCH, MAX_BODY_BYTES);
+    assert_eq!(plan, vec![0..50, 50..100, 100..120]);
+    for range in plan {
+        let out = s.deliver(&records[range.clone()]).await.unwrap();
+        assert_eq!(out.delivered, (0..range.len()).collect::<Vec<_>>());
+        assert!(out.rejected.is_empty());
+    }
+    assert_eq!(st.accepted_batches(), 3);
+    assert_eq!(st.rejected_batches(), 0);
+    let all: Vec<usize> = (0..120).collect();
+    assert_eq!(st.records(), values(&records, &all));
+    st.shutdown().await;
+}
+
+#[tokio::test]
+async fn standin_wrong_jwt_is_a_config_error() {
+    let st = standin(Some("the-right-token")).await;
+    let s = sink(standin_url(&st), Some("a-wrong-token"), fast_retry(3));
+    let err = s.deliver(&[akto_record(0)]).await.unwrap_err();
+    assert!(!err.is_retriable());
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("the ingestion service rejected AKTO_JWT_TOKEN (401)"),
+        "{msg}"
+    );
+    assert!(!msg.contains("a-wrong-token") && !msg.contains("the-right-token"));
+    assert!(st.records().is_empty());
+    assert_eq!(st.rejected_batches(), 1, "no retries, no bisection on 401");
+    // Without a token at all, the message says it is missing.
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let err = s.deliver(&[akto_record(0)]).await.unwrap_err();
+    assert!(err.to_string().contains("none is set"), "{err}");
+}
+
+#[tokio::test]
+async fn standin_contract_violations_are_isolated_and_the_rest_delivered() {
+    let st = standin(None).await;
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let mut records: Vec<_> = (0..20).map(akto_record).collect();
+    // What Akto would drop: an unknown source, and time in milliseconds (overflows 32 bits).
+    records[4].json = records[4].json.replace("\"MIRRORING\"", "\"DATABRICKS\"");
+    records[13].json = records[13].json.replace(
+        &format!("\"time\":\"{}\"", 1_700_000_013),
+        "\"time\":\"1700000013000\"",
+    );
+    let out = s.deliver(&records).await.unwrap();
+    let rejected: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
+    assert_eq!(rejected, vec![4, 13]);
+    assert!(
+        out.rejected[0].1.contains("source"),
+        "{:?}",
+        out.rejected[0]
+    );
+    assert!(out.rejected[1].1.contains("time"), "{:?}", out.rejected[1]);
+    let mut delivered = out.delivered.clone();
+    delivered.sort_unstable();
+    let want: Vec<usize> = (0..20).filter(|i| *i != 4 && *i != 13).collect();
+    assert_eq!(delivered, want);
+    // The stand-in holds each good record exactly once.
+    let mut got: Vec<String> = st.records().iter().map(|v| v.to_string()).collect();
+    got.sort();
+    let mut exp: Vec<String> = values(&records, &want)
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    exp.sort();
+    assert_eq!(got, exp);
+}
+
+#[tokio::test]
+async fn standin_injected_poison_is_bisected() {
+    let st = standin(None).await;
+    st.set_behavior(Behavior::Reject422Matching {
+        needle: "\"1700000007\"".into(),
+    });
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let records: Vec<_> = (0..16).map(akto_record).collect();
+    let out = s.deliver(&records).await.unwrap();
+    assert_eq!(
+        out.rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![7]
+    );
+    assert_eq!(out.delivered.len(), 15);
+    assert_eq!(st.records().len(), 15);
+}
+
+#[tokio::test]
+async fn standin_transient_failures_are_retried() {
+    let st = standin(None).await;
+    st.set_behavior(Behavior::FailNext {
+        count: 2,
+        status: 503,
+    });
+    let s = sink(standin_url(&st), None, fast_retry(4));
+    let records: Vec<_> = (0..10).map(akto_record).collect();
+    let out = s.deliver(&records).await.unwrap();
+    assert_eq!(out.delivered.len(), 10);
+    assert_eq!(st.injected_failures(), 2);
+    assert_eq!(st.records().len(), 10);
+
+    st.set_behavior(Behavior::FailEvery {
+        every: 2,
+        status: 429,
+    });
+    for chunk in records.chunks(3) {
+        assert_eq!(s.deliver(chunk).await.unwrap().delivered.len(), chunk.len());
+    }
+    assert_eq!(st.records().len(), 20);
+}
+
+#[tokio::test]
+async fn standin_outage_then_recovery_sends_each_record_once() {
+    let st = standin(None).await;
+    st.set_behavior(Behavior::FailNext {
+        count: 100,
+        status: 500,
+    });
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let records: Vec<_> = (0..5).map(akto_record).collect();
+    let err = s.deliver(&records).await.unwrap_err();
+    assert!(err.is_retriable());
+    assert!(err.delivered_before_failure().is_empty());
+    assert_eq!(st.injected_failures(), 3);
+    // Next cycle, the service is back: the same records go out once.
+    st.set_behavior(Behavior::Normal);
+    let out = s.deliver(&records).await.unwrap();
+    assert_eq!(out.delivered, vec![0, 1, 2, 3, 4]);
+    assert_eq!(st.records(), values(&records, &[0, 1, 2, 3, 4]));
+}
+
+#[tokio::test]
+async fn standin_slow_answers_time_out_as_retriable() {
+    let st = standin(None).await;
+    st.set_behavior(Behavior::Slow { delay_ms: 1500 });
+    let s = HttpSink::new(HttpSinkConfig {
+        url: standin_url(&st),
+        jwt: None,
+        timeout: Duration::from_millis(200),
+        retry: fast_retry(2),
+    })
+    .unwrap();
+    let err = s.deliver(&[akto_record(0)]).await.unwrap_err();
+    assert!(err.is_retriable());
+    assert!(err.to_string().contains("timed out"), "{err}");
+}

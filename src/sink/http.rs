@@ -39,6 +39,18 @@ pub struct HttpSinkConfig {
     pub retry: RetryPolicy,
 }
 
+impl HttpSinkConfig {
+    /// Settings for `url` with a 30 s request timeout and the default [`RetryPolicy`].
+    pub fn new(url: Url, jwt: Option<SecretString>) -> HttpSinkConfig {
+        HttpSinkConfig {
+            url,
+            jwt,
+            timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
 /// Delivers batches to Akto's Data Ingestion Service.
 pub struct HttpSink {
     client: reqwest::Client,

@@ -29,6 +29,11 @@ pub const KAFKA_QUEUE_MAX_KBYTES: usize = 64 * 1024;
 /// The broker's own `message.max.bytes` may be smaller; then the broker refuses it instead.
 pub const KAFKA_MESSAGE_MAX_BYTES: usize = MAX_BODY_BYTES;
 
+/// The topic Akto's traffic processor reads unless `AKTO_KAFKA_TOPIC_NAME` says otherwise.
+pub const DEFAULT_KAFKA_TOPIC: &str = "akto.api.logs";
+/// Default bound on how long one record may stay undelivered (`message.timeout.ms`).
+pub const DEFAULT_KAFKA_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Settings of the [`KafkaSink`]. Debug output redacts the password.
 #[derive(Debug, Clone)]
 pub struct KafkaSinkConfig {
@@ -49,6 +54,22 @@ pub struct KafkaSinkConfig {
     /// How long librdkafka keeps trying one record (`message.timeout.ms`) before its delivery
     /// report says it failed; bounds one `deliver` call.
     pub message_timeout: Duration,
+}
+
+impl KafkaSinkConfig {
+    /// Plaintext settings for `brokers` and `topic`, with [`DEFAULT_KAFKA_MESSAGE_TIMEOUT`].
+    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> KafkaSinkConfig {
+        KafkaSinkConfig {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ca_file: None,
+            message_timeout: DEFAULT_KAFKA_MESSAGE_TIMEOUT,
+        }
+    }
 }
 
 /// Delivers records to a Kafka topic with an idempotent, lz4-compressing producer.
@@ -349,25 +370,34 @@ fn create_producer(config: &KafkaSinkConfig) -> Result<FutureProducer, SinkError
     }
     if let Some(ca) = &config.ca_file {
         cc.set("ssl.ca.location", ca.display().to_string());
-        fields.push(("ssl.ca.location", "the Kafka CA file"));
+        fields.push(("ssl.ca.location", "the Kafka CA file (ssl.ca.location)"));
     }
     cc.create().map_err(|e| match e {
-        // Never echo the value: it could be the password.
+        // Never echo the value of a setting: it could be the password.
         KafkaError::ClientConfig(_, desc, key, _) => SinkError::Config {
             field: fields
                 .iter()
                 .find(|(k, _)| *k == key)
                 .map(|(_, f)| *f)
-                .unwrap_or("KAFKA_*"),
-            message: format!(
-                "librdkafka refused `{key}`: {desc} (this build has no TLS/SCRAM support when \
-                 librdkafka says OpenSSL is not available)"
-            ),
+                .unwrap_or("KAFKA_BROKER_HOST"),
+            message: format!("librdkafka refused `{key}`: {desc}"),
         },
-        other => SinkError::Config {
-            field: "KAFKA_BROKER_HOST",
-            message: format!("could not create the Kafka producer: {other}"),
-        },
+        other => {
+            let text = other.to_string();
+            let field = if text.contains("ca.location") || text.contains("CA cert") {
+                "the Kafka CA file (ssl.ca.location)"
+            } else if text.contains("SASL") || text.contains("sasl") {
+                "KAFKA_SASL_MECHANISM"
+            } else if text.contains("SSL") || text.contains("ssl") {
+                "KAFKA_SECURITY_PROTOCOL"
+            } else {
+                "KAFKA_BROKER_HOST"
+            };
+            SinkError::Config {
+                field,
+                message: format!("could not create the Kafka producer: {text}"),
+            }
+        }
     })
 }
 
@@ -417,5 +447,72 @@ fn describe_kafka_error(e: &KafkaError) -> String {
         KafkaError::ClientConfig(_, desc, key, _) => format!("config `{key}`: {desc}"),
         KafkaError::Canceled => "the delivery report was lost (producer shut down)".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_large_is_a_rejection_other_errors_are_failures() {
+        let big = classify(
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            42,
+        );
+        assert!(matches!(big, Fate::TooLarge(ref r) if r.contains("42 bytes")));
+        let down = classify(
+            KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+            42,
+        );
+        assert!(matches!(down, Fate::Failed(_)));
+        assert!(is_auth(RDKafkaErrorCode::SaslAuthenticationFailed));
+        assert!(is_auth(RDKafkaErrorCode::TopicAuthorizationFailed));
+        assert!(!is_auth(RDKafkaErrorCode::MessageTimedOut));
+    }
+
+    #[test]
+    fn errors_name_broker_and_settings_without_secrets() {
+        let mut cfg = KafkaSinkConfig::new("b1:9092,b2:9092", DEFAULT_KAFKA_TOPIC);
+        cfg.sasl_password = Some(SecretString::from("pa55-secret".to_string()));
+        assert!(!format!("{cfg:?}").contains("pa55-secret"));
+        let sink = KafkaSink::new(cfg).unwrap();
+        assert!(!format!("{sink:?}").contains("pa55-secret"));
+        let e = sink.failure(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+            "delivering records",
+        );
+        let msg = e.to_string();
+        assert!(e.is_retriable());
+        assert!(
+            msg.contains("b1:9092,b2:9092") && msg.contains("KAFKA_BROKER_HOST"),
+            "{msg}"
+        );
+        let e = sink.auth_error(&KafkaError::MessageProduction(
+            RDKafkaErrorCode::SaslAuthenticationFailed,
+        ));
+        assert!(!e.is_retriable());
+        assert!(e.to_string().contains("KAFKA_SASL_PASSWORD"), "{e}");
+        assert!(!e.to_string().contains("pa55-secret"));
+        assert_eq!(
+            sink.describe(),
+            "Kafka topic akto.api.logs at b1:9092,b2:9092"
+        );
+    }
+
+    #[test]
+    fn tls_and_scram_are_available_and_a_bad_ca_file_is_named() {
+        let mut cfg = KafkaSinkConfig::new("b1:9093", DEFAULT_KAFKA_TOPIC);
+        cfg.security_protocol = Some("sasl_ssl".into());
+        cfg.sasl_mechanism = Some("SCRAM-SHA-512".into());
+        cfg.sasl_username = Some("user".into());
+        cfg.sasl_password = Some(SecretString::from("pa55-secret".to_string()));
+        KafkaSink::new(cfg.clone()).expect("TLS + SCRAM supported by this build");
+        cfg.ca_file = Some(PathBuf::from("/nonexistent/kafka-ca.pem"));
+        let e = KafkaSink::new(cfg).unwrap_err();
+        let msg = e.to_string();
+        assert!(!e.is_retriable());
+        assert!(msg.contains("CA file"), "{msg}");
+        assert!(!msg.contains("pa55-secret"), "{msg}");
     }
 }

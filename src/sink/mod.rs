@@ -23,7 +23,10 @@ mod kafka;
 
 pub use file::FileSink;
 pub use http::{HttpSink, HttpSinkConfig};
-pub use kafka::{KafkaSink, KafkaSinkConfig, KAFKA_MESSAGE_MAX_BYTES, KAFKA_QUEUE_MAX_KBYTES};
+pub use kafka::{
+    KafkaSink, KafkaSinkConfig, DEFAULT_KAFKA_MESSAGE_TIMEOUT, DEFAULT_KAFKA_TOPIC,
+    KAFKA_MESSAGE_MAX_BYTES, KAFKA_QUEUE_MAX_KBYTES,
+};
 
 /// Akto's Data Ingestion Service refuses request bodies larger than this (10 MiB).
 pub const MAX_BODY_BYTES: usize = 10_485_760;

@@ -9,11 +9,13 @@
 //! - [`map_execution`]: one execution -> its record plus one record per tool call (choices in
 //!   [`map`]).
 //! - [`validate`]: the local copy of Akto's acceptance rules; [`encode`]: the wire form.
+//! - [`Redactor`]: opt-in masking of sensitive values before egress (see [`redact`]).
 
 pub mod execution;
 pub mod host;
 pub mod map;
 pub mod record;
+pub mod redact;
 mod tools;
 pub mod validate;
 
@@ -24,4 +26,5 @@ pub use execution::{AgentContext, Execution, TableFormat};
 pub use host::{agent_host, invocation_path};
 pub use map::{map_execution, MapOptions, Mapped};
 pub use record::{encode, AktoRecord, MAX_STRING_BYTES};
+pub use redact::{parse_kinds, RedactKind, RedactionCounts, Redactor, UnknownRedactKind};
 pub use validate::{validate, ContractViolation, ALLOWED_SOURCES};

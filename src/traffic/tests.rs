@@ -833,3 +833,306 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redaction.
+
+/// Redact with all kinds; `None` in `want` means unchanged.
+fn check_redact(input: &str, want: &str) {
+    let mut counts = RedactionCounts::default();
+    let got = Redactor::default().redact_text(input, &mut counts);
+    assert_eq!(got.as_deref().unwrap_or(input), want, "input {input:?}");
+    assert_eq!(got.is_some(), counts.total() > 0);
+    if input.trim_start().starts_with(['{', '[']) && serde_json::from_str::<Value>(input).is_ok() {
+        let out = got.as_deref().unwrap_or(input);
+        assert!(
+            serde_json::from_str::<Value>(out).is_ok(),
+            "JSON broken: {out}"
+        );
+    }
+}
+
+#[test]
+fn redaction_of_each_kind_in_text() {
+    for (input, want) in [
+        (
+            "mail john.doe+x@example.co.uk now",
+            "mail [REDACTED:email] now",
+        ),
+        (
+            "not an email: a@b, @x.com, x@y.c",
+            "not an email: a@b, @x.com, x@y.c",
+        ),
+        (
+            "call (555) 123-4567 or 555.123.4567",
+            "call [REDACTED:phone] or [REDACTED:phone]",
+        ),
+        (
+            "intl +44 20 7946 0958 and +15551234567",
+            "intl [REDACTED:phone] and [REDACTED:phone]",
+        ),
+        (
+            "not phones: 1700000000, 3.141592653589793, 2024-01-15, 10.0.0.1",
+            "not phones: 1700000000, 3.141592653589793, 2024-01-15, 10.0.0.1",
+        ),
+        (
+            "uuid 123e4567-e89b-12d3-a456-426614174000",
+            "uuid 123e4567-e89b-12d3-a456-426614174000",
+        ),
+        (
+            "card 4111 1111 1111 1111 / 4111-1111-1111-1111 / 4111111111111111",
+            "card [REDACTED:card] / [REDACTED:card] / [REDACTED:card]",
+        ),
+        ("not a card 4111111111111112", "not a card 4111111111111112"),
+        ("ssn 123-45-6789", "ssn [REDACTED:ssn]"),
+        (
+            "not ssn 000-12-3456 666-12-3456",
+            "not ssn 000-12-3456 666-12-3456",
+        ),
+        (
+            "iban DE89 3704 0044 0532 0130 00 and GB82WEST12345698765432",
+            "iban [REDACTED:iban] and [REDACTED:iban]",
+        ),
+        (
+            "not iban DE00370400440532013000",
+            "not iban DE00370400440532013000",
+        ),
+        ("key AKIAIOSFODNN7EXAMPLE!", "key [REDACTED:aws_key]!"),
+        (
+            "pat dapi0123456789abcdef0123456789abcdef-2 x",
+            "pat [REDACTED:databricks_token] x",
+        ),
+        (
+            "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NSJ9.abc_-123 end",
+            "jwt [REDACTED:jwt] end",
+        ),
+        (
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----\nafter",
+            "[REDACTED:private_key]\nafter",
+        ),
+        (
+            "-----BEGIN PRIVATE KEY-----\nMIIBcut",
+            "[REDACTED:private_key]",
+        ),
+        (
+            "password=hunter2&user=bob",
+            "password=[REDACTED:password]&user=bob",
+        ),
+        (
+            "db_password: s3cr3t next",
+            "db_password: [REDACTED:password] next",
+        ),
+        ("API_KEY = 'abc def'", "API_KEY = '[REDACTED:password]'"),
+        (
+            "passwordless: true, password_hint=x",
+            "passwordless: true, password_hint=x",
+        ),
+        ("plain words only", "plain words only"),
+        ("", ""),
+    ] {
+        check_redact(input, want);
+    }
+}
+
+#[test]
+fn redaction_keeps_json_valid() {
+    for (input, want) in [
+        (
+            r#"{"email":"a.b@corp.com","n":1}"#,
+            r#"{"email":"[REDACTED:email]","n":1}"#,
+        ),
+        (
+            r#"{"t":"line\na.b@corp.com\u0041"}"#,
+            r#"{"t":"line\n[REDACTED:email]\u0041"}"#,
+        ),
+        (r#"{"t":"x\\a@b.io"}"#, r#"{"t":"x\\[REDACTED:email]"}"#),
+        (
+            r#"{"card":4111111111111111,"neg":-4111111111111111,"f":4111111111111111.5}"#,
+            r#"{"card":"[REDACTED:card]","neg":"[REDACTED:card]","f":4111111111111111.5}"#,
+        ),
+        (
+            r#"{"password": "p\"w\\d", "client_secret":"abc","max_tokens":100}"#,
+            r#"{"password": "[REDACTED:password]", "client_secret":"[REDACTED:password]","max_tokens":100}"#,
+        ),
+        (
+            r#"{"arguments":"{\"api_key\":\"sk-123\",\"q\":1}"}"#,
+            r#"{"arguments":"{\"api_key\":\"[REDACTED:password]\",\"q\":1}"}"#,
+        ),
+        (
+            r#"{"k":"-----BEGIN EC PRIVATE KEY-----\nAAA\n-----END EC PRIVATE KEY-----"}"#,
+            r#"{"k":"[REDACTED:private_key]"}"#,
+        ),
+        (
+            r#"{"k":"-----BEGIN PRIVATE KEY-----\nAAA","z":"ok"}"#,
+            r#"{"k":"[REDACTED:private_key]","z":"ok"}"#,
+        ),
+        (
+            r#"["token: eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.", "+1 555 123 4567"]"#,
+            r#"["token: [REDACTED:jwt]", "[REDACTED:phone]"]"#,
+        ),
+        (
+            r#"{"u":"https://x.com/a?password=abc\u0026b=1"}"#,
+            r#"{"u":"https://x.com/a?password=[REDACTED:password]\u0026b=1"}"#,
+        ),
+    ] {
+        check_redact(input, want);
+    }
+}
+
+#[test]
+fn redact_kinds_narrow_and_parse() {
+    assert_eq!(parse_kinds("").unwrap(), RedactKind::ALL.to_vec());
+    assert_eq!(
+        parse_kinds(" email , secret ").unwrap(),
+        vec![
+            RedactKind::Email,
+            RedactKind::AwsKey,
+            RedactKind::DatabricksToken,
+            RedactKind::Jwt,
+            RedactKind::PrivateKey,
+            RedactKind::Password
+        ]
+    );
+    let err = parse_kinds("email,creditcard").unwrap_err();
+    assert!(err.to_string().contains("creditcard") && err.to_string().contains("REDACT_KINDS"));
+    let only_email = Redactor::new(&parse_kinds("email").unwrap());
+    let mut c = RedactionCounts::default();
+    let out = only_email
+        .redact_text("a@b.io 4111111111111111 password=x", &mut c)
+        .unwrap();
+    assert_eq!(out, "[REDACTED:email] 4111111111111111 password=x");
+    assert_eq!((c.get(RedactKind::Email), c.total()), (1, 1));
+    assert_eq!(Redactor::new(&[]).redact_text("a@b.io", &mut c), None);
+}
+
+#[test]
+fn redact_mapped_records_keeps_structure() {
+    let req = r#"{"messages":[{"role":"user","content":"I am jane@corp.com, card 4111 1111 1111 1111"}]}"#;
+    let resp = r#"{"output":[{"type":"function_call","call_id":"c1","name":"pay","arguments":"{\"iban\":\"GB82WEST12345698765432\"}"},
+        {"type":"function_call_output","call_id":"c1","output":"ok, ssn 123-45-6789"}]}"#;
+    let mut e = exec(Some(req), Some(resp));
+    e.requester = Some("jane@corp.com".into());
+    e.request_id = "4111111111111111".into(); // structural headers are never touched
+    let mut m = map_execution(&ctx(), &e, &MapOptions::default());
+    let counts = Redactor::default().redact_mapped(&mut m, MAX_STRING_BYTES);
+    assert_eq!(counts.get(RedactKind::Email), 2);
+    assert_eq!(counts.get(RedactKind::Card), 1);
+    assert_eq!(counts.get(RedactKind::Iban), 2);
+    assert_eq!(counts.get(RedactKind::Ssn), 2);
+    for r in &m.records {
+        validate(r).unwrap();
+        let all = encode(r);
+        for planted in ["jane@corp.com", "4111 1111", "GB82WEST", "123-45-6789"] {
+            assert!(!all.contains(planted), "{planted} in {all}");
+        }
+        serde_json::from_str::<Value>(&r.request_payload).unwrap();
+    }
+    let main = readable(&m.records[0]);
+    assert_eq!(
+        main["requestHeaders"]["x-databricks-requester"],
+        json!("[REDACTED:email]")
+    );
+    assert_eq!(
+        main["requestHeaders"]["x-databricks-request-id"],
+        json!("4111111111111111")
+    );
+    assert_eq!(main["requestHeaders"]["host"], json!(HOST));
+    // Growth past the limit is cut again.
+    let mut m = map_execution(
+        &ctx(),
+        &exec(Some("a@b.io ".repeat(20).as_str()), None),
+        &MapOptions::default(),
+    );
+    Redactor::default().redact_mapped(&mut m, 100);
+    assert!(m.records[0].request_payload.len() <= 100);
+    assert_eq!(m.truncated_payloads, 1);
+}
+
+/// Strings mixing planted values with JSON-hostile characters.
+fn arb_text() -> impl Strategy<Value = String> {
+    let frag = prop_oneof![
+        Just("jane.doe@example.com".to_string()),
+        Just("4111 1111 1111 1111".to_string()),
+        Just("555-123-4567".to_string()),
+        Just("123-45-6789".to_string()),
+        Just("GB82WEST12345698765432".to_string()),
+        Just("AKIAIOSFODNN7EXAMPLE".to_string()),
+        Just("dapi0123456789abcdef0123456789abcdef".to_string()),
+        Just("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig".to_string()),
+        Just("-----BEGIN PRIVATE KEY-----\nMII\n-----END PRIVATE KEY-----".to_string()),
+        Just("password=hunter2".to_string()),
+        Just("{\"api_key\":\"zzz\"}".to_string()),
+        Just("\"".to_string()),
+        Just("\\".to_string()),
+        Just("\n".to_string()),
+        Just("\u{1}".to_string()),
+        Just(":".to_string()),
+        Just("=".to_string()),
+        Just(" ".to_string()),
+        Just("-".to_string()),
+        "[a-zA-Z0-9@.+()_-]{0,8}",
+        any::<char>().prop_map(String::from),
+    ];
+    let sep = prop_oneof![
+        Just(" "),
+        Just("\n"),
+        Just("\""),
+        Just("\\"),
+        Just(","),
+        Just(":"),
+        Just("="),
+        Just("\t"),
+        Just("("),
+        Just("/"),
+    ];
+    prop::collection::vec((frag, sep), 0..12)
+        .prop_map(|v| v.into_iter().map(|(f, s)| f + s).collect())
+}
+
+fn arb_text_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        arb_text().prop_map(Value::String),
+        any::<i64>().prop_map(Value::from),
+        Just(Value::from(4_111_111_111_111_111i64)),
+        Just(Value::from(-4_111_111_111_111_111i64)),
+        any::<bool>().prop_map(Value::Bool),
+        Just(Value::Null),
+    ];
+    leaf.prop_recursive(4, 32, 5, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::vec(
+                (prop_oneof![arb_text(), Just("password".to_string())], inner),
+                0..5
+            )
+            .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn redaction_never_breaks_json_and_removes_planted_values(v in arb_text_json(), pretty in any::<bool>()) {
+        let text = if pretty { serde_json::to_string_pretty(&v).unwrap() } else { v.to_string() };
+        let mut c = RedactionCounts::default();
+        let out = Redactor::default().redact_text(&text, &mut c).unwrap_or_else(|| text.clone());
+        let back: Result<Value, _> = serde_json::from_str(&out);
+        prop_assert!(back.is_ok(), "broken JSON {} from {}", out, text);
+        for planted in ["jane.doe@example.com", "4111 1111 1111 1111", "123-45-6789",
+                        "GB82WEST12345698765432", "AKIAIOSFODNN7EXAMPLE", "dapi0123456789abcdef",
+                        "eyJhbGciOiJIUzI1NiJ9", "MII", "hunter2", "4111111111111111"] {
+            prop_assert!(!out.contains(planted), "{} left in {}", planted, out);
+        }
+    }
+
+    #[test]
+    fn redaction_of_any_text_never_panics(s in any::<String>(), t in arb_text()) {
+        let mut c = RedactionCounts::default();
+        let r = Redactor::default();
+        let _ = r.redact_text(&s, &mut c);
+        let out = r.redact_text(&t, &mut c).unwrap_or(t.clone());
+        prop_assert!(!out.contains("jane.doe@example.com"));
+    }
+}

@@ -21,7 +21,7 @@ pub(crate) const INLINE_LIMIT_BYTES: usize = 25 * 1024 * 1024;
 /// Statements whose results are kept; older ones are forgotten (404).
 const KEEP_STATEMENTS: usize = 512;
 /// Result bytes kept across statements before the oldest results are dropped.
-const KEEP_RESULT_BYTES: usize = 512 * 1024 * 1024;
+const KEEP_RESULT_BYTES: usize = 256 * 1024 * 1024;
 
 /// One `parameters[]` entry of a statement request.
 #[derive(Debug, Clone, Deserialize)]
@@ -160,14 +160,20 @@ fn render(v: ValueRef<'_>, ty: SparkType) -> Option<String> {
     }
 }
 
+/// `row_limit` / `byte_limit` of a statement request.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Limits {
+    pub rows: Option<usize>,
+    pub bytes: Option<usize>,
+}
+
 /// Execute a translated statement. `known` maps a column name to its Spark type when SQLite
 /// cannot tell (expressions in views); `suggest` feeds UNRESOLVED_COLUMN messages.
 pub(crate) fn run(
     conn: &Connection,
     tr: &Translated,
     params: &[ParamIn],
-    row_limit: Option<usize>,
-    byte_limit: Option<usize>,
+    limits: Limits,
     cancel: &AtomicBool,
     known: &dyn Fn(&str) -> Option<SparkType>,
     suggest: &[String],
@@ -220,7 +226,7 @@ pub(crate) fn run(
                 return Err(map_sqlite_error(&e, suggest).into());
             }
         };
-        if row_limit.is_some_and(|l| rows_out.len() >= l) {
+        if limits.rows.is_some_and(|l| rows_out.len() >= l) {
             truncated = true;
             break;
         }
@@ -232,7 +238,7 @@ pub(crate) fn run(
             row_bytes += owned.len() + 3;
             row.push(owned);
         }
-        if byte_limit.is_some_and(|l| bytes + row_bytes > l) {
+        if limits.bytes.is_some_and(|l| bytes + row_bytes > l) {
             truncated = true;
             break;
         }

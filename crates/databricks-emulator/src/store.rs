@@ -273,10 +273,7 @@ fn register_functions(
         let needle = arg_text(ctx, 1);
         Ok(match (arr, needle) {
             (Some(a), Some(n)) => match serde_json::from_str::<Vec<serde_json::Value>>(&a) {
-                Ok(v) => Some(
-                    v.iter()
-                        .any(|x| x.as_str() == Some(n.as_str()) || x.to_string() == n),
-                ),
+                Ok(v) => Some(v.iter().any(|x| x.as_str() == Some(n.as_str()) || *x == n)),
                 Err(_) => None,
             },
             _ => None,

@@ -1,65 +1,417 @@
-//! MLflow routes (experiments search, traces search, span download via a signed URI the
-//! emulator serves itself and which, like cloud storage, rejects the Databricks auth header).
+//! MLflow routes: experiments search, traces search (filter on `trace.timestamp_ms`, order,
+//! pagination), and span download through `credentials-for-data-download`, whose signed URI is
+//! served by the emulator itself and, like cloud storage, rejects the Databricks auth header.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{bad_param, err, ok};
-use crate::payload::Rng;
+use super::{bad_param, err, ok, page};
+use crate::layout::Experiment;
+use crate::payload::{self, PayloadSpec, Rng};
 use crate::state::Shared;
 
-pub(crate) async fn experiments_search(State(_shared): State<Arc<Shared>>) -> Response {
-    err(
-        StatusCode::NOT_IMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        "MLflow experiments search is not implemented yet",
-    )
+const TRACES_PER_EXPERIMENT: usize = 12;
+
+/// One synthetic trace.
+struct Trace {
+    id: String,
+    experiment: String,
+    agent: usize,
+    ts_ms: i64,
+    duration_ms: i64,
+    ok: bool,
+    seed: u64,
+    client_request_id: String,
 }
-pub(crate) async fn experiments_search_get(State(_shared): State<Arc<Shared>>) -> Response {
-    err(
-        StatusCode::NOT_IMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        "MLflow experiments search is not implemented yet",
-    )
+
+fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
+    let mut rng = Rng::new(shared.cfg.seed ^ (exp.agent as u64).wrapping_mul(0x7F4A_7C15) ^ 0x7ACE);
+    (0..TRACES_PER_EXPERIMENT)
+        .map(|k| Trace {
+            id: format!("tr-{}", rng.hex(32)),
+            experiment: exp.id.clone(),
+            agent: exp.agent,
+            ts_ms: shared.started_ms - 3_600_000 + (k as i64) * 290_000 + rng.below(60_000) as i64,
+            duration_ms: 200 + rng.below(5000) as i64,
+            ok: rng.chance(900),
+            seed: rng.next_u64(),
+            client_request_id: format!("cr-{}", rng.hex(12)),
+        })
+        .collect()
 }
-pub(crate) async fn traces_search(State(_shared): State<Arc<Shared>>) -> Response {
-    err(
-        StatusCode::NOT_IMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        "MLflow traces search is not implemented yet",
-    )
+
+fn all_traces(shared: &Shared) -> Vec<Trace> {
+    shared
+        .layout
+        .experiments
+        .iter()
+        .flat_map(|e| traces_of(shared, e))
+        .collect()
 }
+
+fn spec<'a>(shared: &'a Shared, t: &Trace) -> PayloadSpec<'a> {
+    let a = &shared.layout.agents[t.agent];
+    PayloadSpec {
+        format: a.format,
+        agent: &a.name,
+        tools: &a.tools,
+        seed: t.seed,
+        status: if t.ok { 200 } else { 500 },
+        flags: 0,
+        payload_bytes: 0,
+    }
+}
+
+fn preview(s: Option<String>) -> String {
+    s.unwrap_or_default().chars().take(1000).collect()
+}
+
+fn trace_info(shared: &Shared, t: &Trace) -> Value {
+    let sp = spec(shared, t);
+    let time = chrono::DateTime::from_timestamp_millis(t.ts_ms)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default();
+    json!({
+        "trace_id": t.id,
+        "client_request_id": t.client_request_id,
+        "trace_location": {"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": t.experiment}},
+        "request_preview": preview(payload::request_json(&sp)),
+        "response_preview": preview(payload::response_json(&sp)),
+        "request_time": time,
+        "execution_duration": format!("{}.{:03}s", t.duration_ms / 1000, t.duration_ms % 1000),
+        "state": if t.ok { "OK" } else { "ERROR" },
+        "trace_metadata": {"mlflow.trace_schema.version": "3", "mlflow.sourceRun": "", "mlflow.modelId": shared.layout.agents[t.agent].model_full_name.clone().unwrap_or_default()},
+        "tags": {"mlflow.traceName": shared.layout.agents[t.agent].name, "mlflow.artifactLocation": format!("dbfs:/databricks/mlflow-tracking/{}/traces/{}/artifacts", t.experiment, t.id)},
+    })
+}
+
+fn experiment_json(shared: &Shared, e: &Experiment) -> Value {
+    json!({
+        "experiment_id": e.id,
+        "name": e.name,
+        "artifact_location": format!("dbfs:/databricks/mlflow-tracking/{}", e.id),
+        "lifecycle_stage": "active",
+        "creation_time": shared.started_ms - 86_400_000 * 10,
+        "last_update_time": shared.started_ms,
+        "tags": [
+            {"key": "mlflow.experimentType", "value": "MLFLOW_EXPERIMENT"},
+            {"key": "mlflow.ownerEmail", "value": "owner@example.com"},
+        ],
+        "trace_location": {"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": e.id}},
+    })
+}
+
+fn experiments_page(shared: &Shared, q: &HashMap<String, String>) -> Response {
+    let exps = &shared.layout.experiments;
+    let (s, e, next) = match page(exps.len(), q, 1000, false) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let mut v = json!({"experiments": exps[s..e].iter().map(|x| experiment_json(shared, x)).collect::<Vec<_>>()});
+    if let Some(t) = next {
+        v["next_page_token"] = json!(t);
+    }
+    ok(v)
+}
+
+fn str_map(v: &Value) -> HashMap<String, String> {
+    let mut q = HashMap::new();
+    for k in ["max_results", "page_token"] {
+        match &v[k] {
+            Value::String(s) => {
+                q.insert(k.to_string(), s.clone());
+            }
+            Value::Number(n) => {
+                q.insert(k.to_string(), n.to_string());
+            }
+            _ => {}
+        }
+    }
+    q
+}
+
+pub(crate) async fn experiments_search(
+    State(shared): State<Arc<Shared>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let v: Value = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    "MALFORMED_REQUEST",
+                    format!("Invalid JSON body: {e}"),
+                )
+            }
+        }
+    };
+    experiments_page(&shared, &str_map(&v))
+}
+
+pub(crate) async fn experiments_search_get(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    experiments_page(&shared, &q)
+}
+
+#[derive(Debug, Deserialize, Default)]
+pub(crate) struct TraceSearch {
+    #[serde(default)]
+    locations: Vec<Value>,
+    #[serde(default)]
+    experiment_ids: Vec<String>,
+    #[serde(default)]
+    filter: Option<String>,
+    #[serde(default)]
+    max_results: Option<i64>,
+    #[serde(default)]
+    order_by: Vec<String>,
+    #[serde(default)]
+    page_token: Option<String>,
+}
+
+/// A parsed `trace.timestamp_ms OP N` / `trace.status = 'OK'` clause.
+enum Clause {
+    Ts(String, i64),
+    State(bool, String),
+}
+
+fn parse_filter(f: &str) -> Result<Vec<Clause>, String> {
+    let mut out = Vec::new();
+    let upper = f.to_ascii_uppercase();
+    let mut parts = Vec::new();
+    let mut rest = 0;
+    while let Some(i) = upper[rest..].find(" AND ") {
+        parts.push(&f[rest..rest + i]);
+        rest += i + 5;
+    }
+    parts.push(&f[rest..]);
+    for part in parts {
+        let p = part.trim();
+        if p.is_empty() {
+            continue;
+        }
+        let ops = [">=", "<=", "!=", ">", "<", "="];
+        let Some((op, idx)) = ops.iter().find_map(|op| p.find(op).map(|i| (*op, i))) else {
+            return Err(format!("cannot parse filter clause '{p}': expected e.g. trace.timestamp_ms > 1711089570679"));
+        };
+        let key = p[..idx].trim().to_ascii_lowercase();
+        let val = p[idx + op.len()..].trim();
+        match key.as_str() {
+            "trace.timestamp_ms" | "timestamp_ms" | "trace.timestamp" | "timestamp" => {
+                let n = val
+                    .parse::<i64>()
+                    .map_err(|_| format!("'{val}' is not an integer timestamp in ms"))?;
+                out.push(Clause::Ts(op.to_string(), n));
+            }
+            "trace.status" | "status" | "trace.state" | "state" => {
+                let v = val.trim_matches(|c| c == '\'' || c == '"').to_string();
+                match op {
+                    "=" => out.push(Clause::State(true, v)),
+                    "!=" => out.push(Clause::State(false, v)),
+                    _ => return Err(format!("operator {op} is not supported on {key}")),
+                }
+            }
+            other => return Err(format!(
+                "unsupported filter key '{other}' (supported: trace.timestamp_ms, trace.status)"
+            )),
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) async fn traces_search(
+    State(shared): State<Arc<Shared>>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: TraceSearch = if body.is_empty() {
+        TraceSearch::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    "MALFORMED_REQUEST",
+                    format!("Invalid JSON body: {e}"),
+                )
+            }
+        }
+    };
+    let mut exp_ids: Vec<String> = req.experiment_ids.clone();
+    for l in &req.locations {
+        if let Some(id) = l["mlflow_experiment"]["experiment_id"].as_str() {
+            exp_ids.push(id.to_string());
+        }
+    }
+    if exp_ids.is_empty() {
+        return bad_param("locations must name at least one MLFLOW_EXPERIMENT experiment_id");
+    }
+    let clauses = match req.filter.as_deref().map(parse_filter).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => return bad_param(e),
+    };
+    let mut traces: Vec<Trace> = all_traces(&shared)
+        .into_iter()
+        .filter(|t| exp_ids.contains(&t.experiment))
+        .filter(|t| {
+            clauses.iter().all(|c| match c {
+                Clause::Ts(op, n) => match op.as_str() {
+                    ">" => t.ts_ms > *n,
+                    ">=" => t.ts_ms >= *n,
+                    "<" => t.ts_ms < *n,
+                    "<=" => t.ts_ms <= *n,
+                    "=" => t.ts_ms == *n,
+                    _ => t.ts_ms != *n,
+                },
+                Clause::State(eq, v) => (if t.ok { "OK" } else { "ERROR" } == v) == *eq,
+            })
+        })
+        .collect();
+    let asc = req
+        .order_by
+        .first()
+        .map(|o| o.to_ascii_uppercase())
+        .is_some_and(|o| o.contains("TIMESTAMP") && o.ends_with("ASC"));
+    traces.sort_by(|a, b| a.ts_ms.cmp(&b.ts_ms).then(a.id.cmp(&b.id)));
+    if !asc {
+        traces.reverse();
+    }
+    let mut q = HashMap::new();
+    if let Some(m) = req.max_results {
+        q.insert("max_results".to_string(), m.to_string());
+    }
+    if let Some(t) = req.page_token {
+        q.insert("page_token".to_string(), t);
+    }
+    let (s, e, next) = match page(traces.len(), &q, 100, false) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let mut v =
+        json!({"traces": traces[s..e].iter().map(|t| trace_info(&shared, t)).collect::<Vec<_>>()});
+    if let Some(t) = next {
+        v["next_page_token"] = json!(t);
+    }
+    ok(v)
+}
+
+fn signature(shared: &Shared, id: &str, expires: i64) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ shared.sign_key;
+    for b in id.bytes().chain(expires.to_string().into_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    Rng::new(h ^ shared.sign_key).hex(40)
+}
+
 pub(crate) async fn credentials(
-    State(_shared): State<Arc<Shared>>,
-    Path(_id): Path<String>,
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
 ) -> Response {
-    err(
-        StatusCode::NOT_IMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        "not implemented yet",
-    )
+    if !all_traces(&shared).iter().any(|t| t.id == id) {
+        return err(
+            StatusCode::NOT_FOUND,
+            "RESOURCE_DOES_NOT_EXIST",
+            format!("Trace with id '{id}' does not exist."),
+        );
+    }
+    let expires = chrono::Utc::now().timestamp() + 900;
+    let sig = signature(&shared, &id, expires);
+    ok(json!({"credential_info": {
+        "request_id": id,
+        "signed_uri": format!("{}/_signed/traces/{id}?X-Amz-Expires={expires}&X-Amz-Signature={sig}", shared.base_url),
+        "type": "AWS_PRESIGNED_URL",
+        "headers": [],
+    }}))
 }
-pub(crate) async fn signed_download(
-    State(_shared): State<Arc<Shared>>,
-    Path(_id): Path<String>,
-    Query(_q): Query<std::collections::HashMap<String, String>>,
-    _h: HeaderMap,
-) -> Response {
-    let _ = (
-        bad_param("x"),
-        ok(json!({})),
-        header::AUTHORIZATION,
-        Rng::new(0),
-        Value::Null,
-    );
-    err(
-        StatusCode::NOT_IMPLEMENTED,
-        "NOT_IMPLEMENTED",
-        "not implemented yet",
+
+fn xml_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/xml")],
+        format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"),
     )
-    .into_response()
+        .into_response()
+}
+
+fn spans_of(shared: &Shared, t: &Trace) -> Value {
+    let sp = spec(shared, t);
+    let mut rng = Rng::new(t.seed ^ 0x5BA5);
+    let start = t.ts_ms * 1_000_000;
+    let end = start + t.duration_ms * 1_000_000;
+    let root = rng.hex(16);
+    let req = payload::request_json(&sp).unwrap_or_default();
+    let resp = payload::response_json(&sp).unwrap_or_default();
+    let a = &shared.layout.agents[t.agent];
+    let status =
+        json!({"code": if t.ok { "STATUS_CODE_OK" } else { "STATUS_CODE_ERROR" }, "message": ""});
+    let attr = |kind: &str, inputs: &str, outputs: &str| {
+        json!({
+            "mlflow.traceRequestId": json!(t.id).to_string(),
+            "mlflow.spanType": json!(kind).to_string(),
+            "mlflow.spanInputs": json!(inputs).to_string(),
+            "mlflow.spanOutputs": json!(outputs).to_string(),
+        })
+    };
+    let mut spans = vec![
+        json!({"trace_id": t.id, "span_id": root, "parent_span_id": null, "name": a.name,
+            "start_time_unix_nano": start, "end_time_unix_nano": end, "status": status, "attributes": attr("AGENT", &req, &resp), "events": []}),
+        json!({"trace_id": t.id, "span_id": rng.hex(16), "parent_span_id": root, "name": "databricks-meta-llama-3-3-70b-instruct",
+            "start_time_unix_nano": start + 1_000_000, "end_time_unix_nano": end - 1_000_000, "status": status,
+            "attributes": attr("CHAT_MODEL", &req, &resp), "events": []}),
+    ];
+    if let Some(tool) = a.tools.first() {
+        spans.push(json!({"trace_id": t.id, "span_id": rng.hex(16), "parent_span_id": root, "name": tool,
+            "start_time_unix_nano": start + 2_000_000, "end_time_unix_nano": start + 3_000_000, "status": status,
+            "attributes": attr("TOOL", "{\"query\":\"status\"}", "{\"result\":\"ok\"}"), "events": []}));
+    }
+    json!({"spans": spans})
+}
+
+pub(crate) async fn signed_download(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return xml_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidArgument",
+            "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, Signature query string parameter or the Authorization header should be specified",
+        );
+    }
+    let expires = q
+        .get("X-Amz-Expires")
+        .and_then(|e| e.parse::<i64>().ok())
+        .unwrap_or(0);
+    let sig = q.get("X-Amz-Signature").cloned().unwrap_or_default();
+    if sig != signature(&shared, &id, expires) {
+        return xml_error(
+            StatusCode::FORBIDDEN,
+            "SignatureDoesNotMatch",
+            "The request signature we calculated does not match the signature you provided.",
+        );
+    }
+    if expires < chrono::Utc::now().timestamp() {
+        return xml_error(StatusCode::FORBIDDEN, "AccessDenied", "Request has expired");
+    }
+    match all_traces(&shared).iter().find(|t| t.id == id) {
+        Some(t) => ok(spans_of(&shared, t)),
+        None => xml_error(
+            StatusCode::NOT_FOUND,
+            "NoSuchKey",
+            "The specified key does not exist.",
+        ),
+    }
 }

@@ -300,7 +300,16 @@ pub(crate) async fn create(
                     }
                     let known = known_type(&s2);
                     statements::run(
-                        conn, &tr, &params, row_limit, byte_limit, &cancel, &known, &suggest,
+                        conn,
+                        &tr,
+                        &params,
+                        statements::Limits {
+                            rows: row_limit,
+                            bytes: byte_limit,
+                        },
+                        &cancel,
+                        &known,
+                        &suggest,
                     )
                 });
                 let mut table = lock(&s2.statements);

@@ -96,7 +96,7 @@ pub(crate) async fn schemas(
         return r;
     }
     let l = &shared.layout;
-    let mut names = vec![l.schema.clone(), INFO_SCHEMA.to_string()];
+    let mut names = [l.schema.clone(), INFO_SCHEMA.to_string()];
     names.sort();
     let (s, e, next) = match page(names.len(), &q, 1000, false) {
         Ok(v) => v,

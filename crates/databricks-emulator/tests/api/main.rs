@@ -4,6 +4,7 @@
 mod auth;
 mod catalog;
 mod faults_admin;
+mod mlflow;
 mod serving;
 mod statements;
 
