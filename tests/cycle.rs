@@ -122,3 +122,43 @@ async fn every_record_satisfies_the_contract() {
     );
     assert_eq!(rig.standin.rejected_batches(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_that_fails_some_batches_loses_nothing_across_restarts() {
+    let rig = Rig::new(emulator_config()).await;
+    // Every third batch fails: retried inside the sink or, when retries run out, the cycle stops
+    // at the failed batch with only confirmed batches checkpointed; each cycle is a fresh
+    // connector, as after a restart.
+    rig.standin.set_behavior(akto_standin::Behavior::FailEvery { every: 3, status: 503 });
+    let mut cycles = 0;
+    loop {
+        cycles += 1;
+        assert!(cycles <= 40, "did not converge");
+        if rig.cycle().await.ok() {
+            break;
+        }
+    }
+    assert!(rig.standin.rejected_batches() > 0, "the sink should have failed some batches");
+    rig.standin.set_behavior(akto_standin::Behavior::Normal);
+    assert!(rig.cycle().await.ok());
+    assert_exactly_once(&rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_sink_refuses_is_quarantined_and_the_rest_delivered() {
+    let rig = Rig::new(emulator_config()).await;
+    let truth = rig.truth();
+    let poison = truth.keys().next().unwrap().clone();
+    rig.standin.set_behavior(akto_standin::Behavior::Reject422Matching { needle: poison.clone() });
+    let report = rig.cycle().await;
+    assert!(report.ok(), "{:?}", report.errors);
+    assert!(report.quarantined >= 1, "{report:?}");
+    let got = rig.received_executions();
+    assert!(!got.contains_key(&poison));
+    assert_eq!(got.len(), truth.len() - 1);
+    let q = std::fs::read_to_string(rig.state_path().join("quarantine.jsonl")).unwrap();
+    assert!(q.contains(&poison));
+    // Quarantined counts as handled: the next cycle neither re-sends nor re-quarantines it.
+    let again = rig.cycle().await;
+    assert_eq!((again.records_sent, again.quarantined), (0, 0));
+}

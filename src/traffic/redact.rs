@@ -10,7 +10,8 @@
 //! `"client_secret": "..."` style assignments, also inside JSON-encoded strings). In
 //! `REDACT_KINDS`, `secret`/`secrets` selects all five secret kinds.
 //!
-//! JSON stays valid: a payload that starts with `{` or `[` is scanned as JSON. Inside strings a
+//! JSON stays valid: a payload that starts with `{`, `[` or `"` (or is a short JSON scalar) is
+//! scanned as JSON. Inside strings a
 //! match never starts or ends inside an escape sequence and the replacement has no character
 //! that needs escaping; outside strings (a card number written as a JSON number) the replacement
 //! is quoted. Redaction is a single pass over the bytes that only looks closer at token starts
@@ -248,6 +249,42 @@ struct Hit {
     enter_string: bool,
 }
 
+/// Byte classes of the scanner: 0 = never starts anything (skipped fast), [`TOKEN_START`] =
+/// only interesting at the start of a token, [`ANCHOR`] = always looked at.
+const TOKEN_START: u8 = 1;
+const ANCHOR: u8 = 2;
+static CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = if b.is_ascii_digit()
+            || b.is_ascii_uppercase()
+            || matches!(b, b'+' | b'(' | b'd' | b'e')
+        {
+            TOKEN_START
+        } else if matches!(b, b'"' | b'\\' | b'@' | b'-' | b':' | b'=') {
+            ANCHOR
+        } else {
+            0
+        };
+        c += 1;
+    }
+    t
+};
+
+/// `[A-Za-z0-9_]`.
+static WORD: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'_';
+        c += 1;
+    }
+    t
+};
+
 fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
@@ -308,6 +345,9 @@ impl Redactor {
 
     /// Redact the values of a header object string, except structural headers.
     fn redact_headers(&self, headers: &str, counts: &mut RedactionCounts) -> Option<String> {
+        // Fast path: nothing in the whole object matches, so no value can.
+        let mut probe = RedactionCounts::default();
+        self.redact_text(headers, &mut probe)?;
         let mut map: std::collections::BTreeMap<String, String> =
             serde_json::from_str(headers).ok()?;
         let mut changed = false;
@@ -333,10 +373,13 @@ impl Redactor {
             return None;
         }
         let bytes = s.as_bytes();
-        let json = matches!(
-            bytes.iter().find(|b| !b.is_ascii_whitespace()),
-            Some(b'{') | Some(b'[')
-        );
+        // JSON documents are objects, arrays or strings here; a short payload may also be a
+        // bare JSON scalar (a card number as the whole body must stay a JSON value).
+        let json = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') | Some(b'[') | Some(b'"') => true,
+            Some(_) if s.len() <= 64 => serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok(),
+            _ => false,
+        };
         let mut out: Option<String> = None;
         let mut copied = 0usize; // bytes of `s` already handled in `out`
         let mut in_string = false;
@@ -346,6 +389,11 @@ impl Redactor {
         let n = bytes.len();
         while i < n {
             let b = bytes[i];
+            let word = WORD[usize::from(b)];
+            if CLASS[usize::from(b)] == 0 && !word {
+                i += 1;
+                continue;
+            }
             if json && b == b'"' {
                 in_string = !in_string;
                 i += 1;
@@ -371,8 +419,12 @@ impl Redactor {
                 continue;
             }
             let lo = seg.max(copied);
-            let prev_word = i > lo && is_word(bytes[i - 1]);
-            let hit = self.detect(s, i, lo, prev_word, json, in_string);
+            let prev_word = i > lo && WORD[usize::from(bytes[i - 1])];
+            let hit = if word && (prev_word || CLASS[usize::from(b)] == 0) {
+                None
+            } else {
+                self.detect(s, i, lo, prev_word, json, in_string)
+            };
             match hit {
                 Some(h)
                     if h.start >= copied && h.end > h.start && s.get(h.start..h.end).is_some() =>
@@ -393,6 +445,13 @@ impl Redactor {
                         in_string = true;
                     }
                 }
+                _ if word => {
+                    // Nothing starts inside a word: skip the rest of it at once.
+                    i += 1;
+                    while i < n && WORD[usize::from(bytes[i])] {
+                        i += 1;
+                    }
+                }
                 _ => i += 1,
             }
         }
@@ -402,6 +461,7 @@ impl Redactor {
     }
 
     /// Try every detector that can start (or is anchored) at byte `i`.
+    #[inline]
     fn detect(
         &self,
         s: &str,
@@ -592,60 +652,61 @@ fn luhn(digits: &[u8]) -> bool {
 
 /// 13-19 digits, Luhn-valid; when `separators`, optionally grouped by one kind of single
 /// separator (space or dash) with a first group of 4 and later groups of 3-6 digits
-/// (`4-4-4-4`, `4-6-5`, ...).
+/// (`4-4-4-4`, `4-6-5`, ...). The longest valid prefix of a run of groups wins, so two card
+/// numbers separated by a space are two matches.
 fn card(bytes: &[u8], i: usize, separators: bool) -> Option<usize> {
-    let mut buf = [0u8; 20];
+    let mut buf = [0u8; 19];
     let mut n = 0usize;
     let mut j = i;
-    let mut end = i;
     let mut sep: Option<u8> = None;
-    let mut group = 0usize;
-    let mut groups_ok = true;
-    let mut first_group = true;
-    while j < bytes.len() && n < buf.len() {
-        let c = bytes[j];
-        if c.is_ascii_digit() {
-            buf[n] = c;
+    let mut best: Option<usize> = None;
+    let mut groups = 0usize;
+    loop {
+        let g0 = j;
+        while j < bytes.len() && bytes[j].is_ascii_digit() {
+            if n == buf.len() {
+                // Past 19 digits: keep the longest card found so far, if any.
+                return best;
+            }
+            buf[n] = bytes[j];
             n += 1;
-            group += 1;
             j += 1;
-            end = j;
-        } else if separators
-            && (c == b' ' || c == b'-')
-            && sep.is_none_or(|s| s == c)
-            && bytes.get(j + 1).is_some_and(u8::is_ascii_digit)
-        {
-            groups_ok &= if first_group {
-                group == 4
-            } else {
-                (3..=6).contains(&group)
-            };
-            first_group = false;
-            group = 0;
-            sep = Some(c);
-            j += 1;
-        } else {
-            break;
+        }
+        let g = j - g0;
+        let grouped = separators
+            && g == 4
+            && (continues(bytes, j, Some(b' ')) || continues(bytes, j, Some(b'-')));
+        if groups == 0 && !grouped {
+            // Compact digits: exactly one token (a JSON number must not continue as a float).
+            let ok = (13..=19).contains(&n)
+                && luhn(&buf[..n])
+                && !(!separators && matches!(bytes.get(j), Some(b'.') | Some(b'e') | Some(b'E')))
+                && ends_token(bytes, j);
+            return ok.then_some(j);
+        }
+        if groups > 0 && !(3..=6).contains(&g) {
+            return best;
+        }
+        groups += 1;
+        if groups >= 2 && (13..=19).contains(&n) && luhn(&buf[..n]) && ends_token(bytes, j) {
+            best = Some(j);
+        }
+        match bytes.get(j) {
+            Some(&c) if sep.is_none_or(|s| s == c) && continues(bytes, j, Some(c)) => {
+                sep = Some(c);
+                j += 1;
+            }
+            _ => return best,
         }
     }
-    if sep.is_some() && !(groups_ok && (1..=6).contains(&group)) {
-        return None;
+}
+
+/// Is `bytes[j]` the separator `sep` followed by a digit (another group follows)?
+fn continues(bytes: &[u8], j: usize, sep: Option<u8>) -> bool {
+    match sep {
+        Some(s) => bytes.get(j) == Some(&s) && bytes.get(j + 1).is_some_and(u8::is_ascii_digit),
+        None => false,
     }
-    if bytes.get(end).is_some_and(u8::is_ascii_digit) {
-        return None; // more than 20 digits
-    }
-    let digits = &buf[..n];
-    if !(13..=19).contains(&n) || !luhn(digits) {
-        return None;
-    }
-    // A bare JSON number must not continue as a float.
-    if !separators && matches!(bytes.get(end), Some(b'.') | Some(b'e') | Some(b'E')) {
-        return None;
-    }
-    if !ends_token(bytes, end) {
-        return None;
-    }
-    Some(end)
 }
 
 /// `+` and 8-15 digits, or at least three groups (first optionally in parentheses) of digits
@@ -878,6 +939,27 @@ fn find(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
         .map(|p| p + from)
 }
 
+/// Bytes that end an unquoted assignment value.
+fn ends_value(c: u8) -> bool {
+    matches!(
+        c,
+        b' ' | b'\t'
+            | b'\r'
+            | b'\n'
+            | b'&'
+            | b';'
+            | b','
+            | b'"'
+            | b'\''
+            | b'\\'
+            | b')'
+            | b'}'
+            | b']'
+            | b'<'
+            | b'>'
+    )
+}
+
 fn is_secret_key(key: &[u8]) -> bool {
     if key.len() > 64 {
         return false;
@@ -968,25 +1050,7 @@ fn assignment(
     } else {
         let start = v;
         let mut j = v;
-        while j < bytes.len()
-            && !matches!(
-                bytes[j],
-                b' ' | b'\t'
-                    | b'\r'
-                    | b'\n'
-                    | b'&'
-                    | b';'
-                    | b','
-                    | b'"'
-                    | b'\''
-                    | b'\\'
-                    | b')'
-                    | b'}'
-                    | b']'
-                    | b'<'
-                    | b'>'
-            )
-        {
+        while j < bytes.len() && !ends_value(bytes[j]) && !bytes[j..].starts_with(b"-----BEGIN ") {
             j += 1;
         }
         (start, j)

@@ -21,7 +21,9 @@ pub(crate) const INLINE_LIMIT_BYTES: usize = 25 * 1024 * 1024;
 /// Statements whose results are kept; older ones are forgotten (404).
 const KEEP_STATEMENTS: usize = 512;
 /// Result bytes kept across statements before the oldest results are dropped.
-const KEEP_RESULT_BYTES: usize = 256 * 1024 * 1024;
+const KEEP_RESULT_BYTES: usize = 512 * 1024 * 1024;
+/// Fully served results are dropped once results exceed this many bytes.
+const KEEP_SERVED_BYTES: usize = 32 * 1024 * 1024;
 
 /// One `parameters[]` entry of a statement request.
 #[derive(Debug, Clone, Deserialize)]
@@ -331,7 +333,7 @@ impl From<ValueRef<'_>> for ValueRefOwned {
 }
 
 /// Where a statement is in its life.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) enum Phase {
     Running,
     Succeeded(Arc<ResultSet>),
@@ -346,6 +348,8 @@ pub(crate) struct Entry {
     pub pending_polls: u32,
     pub cancel: Arc<AtomicBool>,
     pub interrupt: Option<rusqlite::InterruptHandle>,
+    /// Every chunk has been sent at least once: the result may be dropped first.
+    pub served_all: bool,
 }
 
 /// All statements, oldest first, bounded in count and result bytes.
@@ -363,23 +367,39 @@ impl StatementTable {
     }
 
     pub(crate) fn evict(&mut self) {
-        let total = |m: &HashMap<String, Entry>| -> usize {
-            m.values()
-                .map(|e| {
-                    if let Phase::Succeeded(r) = &e.phase {
-                        r.bytes
-                    } else {
-                        0
-                    }
-                })
-                .sum()
+        let bytes = |e: &Entry| match &e.phase {
+            Phase::Succeeded(r) => r.bytes,
+            _ => 0,
         };
+        let mut total: usize = self.map.values().map(bytes).sum();
+        // First forget fully served results, oldest first, while over the soft budget.
+        if total > KEEP_SERVED_BYTES {
+            let mut keep = VecDeque::with_capacity(self.order.len());
+            while let Some(id) = self.order.pop_front() {
+                let drop_it = total > KEEP_SERVED_BYTES
+                    && self
+                        .map
+                        .get(&id)
+                        .is_some_and(|e| e.served_all && bytes(e) > 0);
+                if drop_it {
+                    if let Some(e) = self.map.remove(&id) {
+                        total -= bytes(&e);
+                    }
+                } else {
+                    keep.push_back(id);
+                }
+            }
+            self.order = keep;
+        }
+        // Then the hard limits, oldest first whatever their state.
         while self.order.len() > KEEP_STATEMENTS
-            || (self.order.len() > 1 && total(&self.map) > KEEP_RESULT_BYTES)
+            || (self.order.len() > 1 && total > KEEP_RESULT_BYTES)
         {
             match self.order.pop_front() {
                 Some(old) => {
-                    self.map.remove(&old);
+                    if let Some(e) = self.map.remove(&old) {
+                        total -= bytes(&e);
+                    }
                 }
                 None => break,
             }
@@ -387,24 +407,41 @@ impl StatementTable {
     }
 }
 
+/// One result chunk, serialized straight from the stored rows (no copy into a JSON tree).
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct Chunk<'a> {
+    chunk_index: usize,
+    row_offset: usize,
+    row_count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_array: Option<&'a [Vec<Option<String>>]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_chunk_index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_chunk_internal_link: Option<String>,
+}
+
 /// The `result` object for chunk `idx` of a result set.
-pub(crate) fn chunk_json(id: &str, rs: &ResultSet, idx: usize, chunk_rows: usize) -> Value {
+pub(crate) fn chunk_json<'a>(
+    id: &str,
+    rs: &'a ResultSet,
+    idx: usize,
+    chunk_rows: usize,
+) -> Chunk<'a> {
     let cr = chunk_rows.max(1);
     let total = rs.rows.len();
-    let start = (idx * cr).min(total);
-    let end = ((idx + 1) * cr).min(total);
-    let mut v = json!({"chunk_index": idx, "row_offset": start, "row_count": end - start});
-    if end > start {
-        v["data_array"] = json!(rs.rows[start..end]);
+    let start = idx.saturating_mul(cr).min(total);
+    let end = idx.saturating_add(1).saturating_mul(cr).min(total);
+    let more = end < total;
+    Chunk {
+        chunk_index: idx,
+        row_offset: start,
+        row_count: end - start,
+        data_array: (end > start).then(|| &rs.rows[start..end]),
+        next_chunk_index: more.then_some(idx + 1),
+        next_chunk_internal_link: more
+            .then(|| format!("/api/2.0/sql/statements/{id}/result/chunks/{}", idx + 1)),
     }
-    if end < total {
-        v["next_chunk_index"] = json!(idx + 1);
-        v["next_chunk_internal_link"] = json!(format!(
-            "/api/2.0/sql/statements/{id}/result/chunks/{}",
-            idx + 1
-        ));
-    }
-    v
 }
 
 pub(crate) fn chunk_count(rs: &ResultSet, chunk_rows: usize) -> usize {
@@ -439,27 +476,45 @@ pub(crate) fn manifest_json(rs: &ResultSet, chunk_rows: usize) -> Value {
     })
 }
 
+/// A statement response, serialized without copying result rows.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct StatementOut<'a> {
+    statement_id: &'a str,
+    status: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    manifest: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    result: Option<Chunk<'a>>,
+}
+
 /// The full statement response for a given reported state.
-pub(crate) fn statement_json(
-    id: &str,
-    phase: &Phase,
+pub(crate) fn statement_json<'a>(
+    id: &'a str,
+    phase: &'a Phase,
     report_pending: bool,
     not_done_state: &str,
     chunk_rows: usize,
-) -> Value {
+) -> StatementOut<'a> {
+    let out = |status: Value| StatementOut {
+        statement_id: id,
+        status,
+        manifest: None,
+        result: None,
+    };
     if report_pending {
-        return json!({"statement_id": id, "status": {"state": "PENDING"}});
+        return out(json!({"state": "PENDING"}));
     }
     match phase {
-        Phase::Running => json!({"statement_id": id, "status": {"state": not_done_state}}),
-        Phase::Canceled => json!({"statement_id": id, "status": {"state": "CANCELED"}}),
-        Phase::Failed(e) => json!({"statement_id": id, "status": {"state": "FAILED",
-            "error": {"error_code": e.code, "message": e.message}}}),
-        Phase::Succeeded(rs) => json!({
-            "statement_id": id,
-            "status": {"state": "SUCCEEDED"},
-            "manifest": manifest_json(rs, chunk_rows),
-            "result": chunk_json(id, rs, 0, chunk_rows),
-        }),
+        Phase::Running => out(json!({"state": not_done_state})),
+        Phase::Canceled => out(json!({"state": "CANCELED"})),
+        Phase::Failed(e) => {
+            out(json!({"state": "FAILED", "error": {"error_code": e.code, "message": e.message}}))
+        }
+        Phase::Succeeded(rs) => StatementOut {
+            statement_id: id,
+            status: json!({"state": "SUCCEEDED"}),
+            manifest: Some(manifest_json(rs, chunk_rows)),
+            result: Some(chunk_json(id, rs, 0, chunk_rows)),
+        },
     }
 }

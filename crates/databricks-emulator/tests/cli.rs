@@ -6,11 +6,31 @@ use std::process::{Command, Stdio};
 
 #[test]
 fn help_documents_options_and_faults() {
-    let out = Command::new(env!("CARGO_BIN_EXE_databricks-emulator")).arg("--help").output().expect("run --help");
+    let out = Command::new(env!("CARGO_BIN_EXE_databricks-emulator"))
+        .arg("--help")
+        .output()
+        .expect("run --help");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for opt in ["--listen", "--agents", "--rows", "--seed", "--client-id", "--client-secret", "--pat", "--catalog", "--schema",
-        "--table-prefix", "--faults", "--token-ttl-secs", "--chunk-rows", "--payload-bytes", "kind=429", "retry_after", "/_emulator/generate"] {
+    for opt in [
+        "--listen",
+        "--agents",
+        "--rows",
+        "--seed",
+        "--client-id",
+        "--client-secret",
+        "--pat",
+        "--catalog",
+        "--schema",
+        "--table-prefix",
+        "--faults",
+        "--token-ttl-secs",
+        "--chunk-rows",
+        "--payload-bytes",
+        "kind=429",
+        "retry_after",
+        "/_emulator/generate",
+    ] {
         assert!(text.contains(opt), "--help lacks {opt}");
     }
 }
@@ -18,7 +38,18 @@ fn help_documents_options_and_faults() {
 #[test]
 fn prints_listening_line_and_serves() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_databricks-emulator"))
-        .args(["--listen", "127.0.0.1:0", "--agents", "2", "--rows", "10", "--client-id", "cid", "--client-secret", "csecret"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--agents",
+            "2",
+            "--rows",
+            "10",
+            "--client-id",
+            "cid",
+            "--client-secret",
+            "csecret",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -28,11 +59,18 @@ fn prints_listening_line_and_serves() {
     let read = BufReader::new(stdout).read_line(&mut line);
     let result = (|| {
         read.map_err(|e| e.to_string())?;
-        let url = line.trim().strip_prefix("listening on ").ok_or(format!("bad first line {line:?}"))?.to_string();
+        let url = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or(format!("bad first line {line:?}"))?
+            .to_string();
         if !url.starts_with("http://127.0.0.1:") {
             return Err(format!("bad url {url}"));
         }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
         rt.block_on(async {
             let r = reqwest::Client::new()
                 .post(format!("{url}/oidc/v1/token"))

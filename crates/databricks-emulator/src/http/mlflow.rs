@@ -222,9 +222,11 @@ fn parse_filter(f: &str) -> Result<Vec<Clause>, String> {
                     _ => return Err(format!("operator {op} is not supported on {key}")),
                 }
             }
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unsupported filter key '{other}' (supported: trace.timestamp_ms, trace.status)"
-            )),
+            ))
+            }
         }
     }
     Ok(out)

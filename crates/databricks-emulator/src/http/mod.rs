@@ -648,6 +648,25 @@ pub(crate) fn set_endpoint_tag(shared: &Shared, endpoint: &str, key: &str, value
     true
 }
 
+/// Serialize any value as a JSON response (used for large results: no intermediate tree).
+pub(crate) fn json_bytes<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_vec(v) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => err(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            format!("cannot serialize the response: {e}"),
+        ),
+    }
+}
+
 /// Helper for JSON values built by route modules.
 pub(crate) fn ok(v: Value) -> Response {
     Json(v).into_response()

@@ -12,7 +12,7 @@ use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{bad_param, err, ok, Principal};
+use super::{bad_param, err, json_bytes, ok, Principal};
 use crate::layout::SparkType;
 use crate::sql::{translate, SqlError};
 use crate::state::{lock, Shared};
@@ -270,7 +270,9 @@ pub(crate) async fn create(
         Err(e) => {
             lock(&shared.stats).statements_failed += 1;
             let phase = Phase::Failed(e);
-            let v = statements::statement_json(&id, &phase, false, "RUNNING", chunk_rows);
+            let v = json_bytes(&statements::statement_json(
+                &id, &phase, false, "RUNNING", chunk_rows,
+            ));
             lock(&shared.statements).insert(
                 id,
                 Entry {
@@ -278,9 +280,10 @@ pub(crate) async fn create(
                     pending_polls: 0,
                     cancel,
                     interrupt: None,
+                    served_all: true,
                 },
             );
-            return ok(v);
+            return v;
         }
         Ok((tr, polls, suggest)) => {
             lock(&shared.statements).insert(
@@ -290,6 +293,7 @@ pub(crate) async fn create(
                     pending_polls: polls,
                     cancel: cancel.clone(),
                     interrupt: None,
+                    served_all: false,
                 },
             );
             let (s2, id2, params) = (shared.clone(), id.clone(), req.parameters);
@@ -357,13 +361,21 @@ pub(crate) async fn create(
         e.phase = Phase::Canceled;
         e.pending_polls = 0;
     }
-    ok(statements::statement_json(
-        &id,
-        &e.phase,
-        e.pending_polls > 0,
-        "RUNNING",
-        chunk_rows,
+    let (phase, pending) = (e.phase.clone(), e.pending_polls > 0);
+    mark_served(e, pending, chunk_rows);
+    drop(table);
+    json_bytes(&statements::statement_json(
+        &id, &phase, pending, "RUNNING", chunk_rows,
     ))
+}
+
+/// A result whose only chunk went out may be dropped first when memory is tight.
+fn mark_served(e: &mut Entry, pending: bool, chunk_rows: usize) {
+    if let (false, Phase::Succeeded(rs)) = (pending, &e.phase) {
+        if statements::chunk_count(rs, chunk_rows) <= 1 {
+            e.served_all = true;
+        }
+    }
 }
 
 fn unknown(id: &str) -> Response {
@@ -383,9 +395,12 @@ pub(crate) async fn poll(State(shared): State<Arc<Shared>>, Path(id): Path<Strin
     if pending {
         e.pending_polls -= 1;
     }
-    ok(statements::statement_json(
+    let phase = e.phase.clone();
+    mark_served(e, pending, shared.cfg.chunk_rows);
+    drop(table);
+    json_bytes(&statements::statement_json(
         &id,
-        &e.phase,
+        &phase,
         pending,
         "RUNNING",
         shared.cfg.chunk_rows,
@@ -422,10 +437,19 @@ pub(crate) async fn chunk(
         }
     };
     lock(&shared.stats).chunks_served += 1;
+    if idx + 1 >= count {
+        if let Some(e) = lock(&shared.statements).map.get_mut(&id) {
+            e.served_all = true;
+        }
+    }
     let cr = shared.cfg.chunk_rows;
     // Serialising a large chunk is CPU work: keep it off the async workers.
-    match tokio::task::spawn_blocking(move || statements::chunk_json(&id, &rs, idx, cr)).await {
-        Ok(v) => ok(v),
+    match tokio::task::spawn_blocking(move || {
+        json_bytes(&statements::chunk_json(&id, &rs, idx, cr))
+    })
+    .await
+    {
+        Ok(v) => v,
         Err(e) => err(
             StatusCode::INTERNAL_SERVER_ERROR,
             "INTERNAL_ERROR",

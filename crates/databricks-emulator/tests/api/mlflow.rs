@@ -5,7 +5,12 @@ use crate::default_env;
 #[tokio::test]
 async fn experiments_traces_and_signed_spans() {
     let env = default_env().await;
-    let (s, v) = env.post("/api/2.0/mlflow/experiments/search", json!({"max_results": 100})).await;
+    let (s, v) = env
+        .post(
+            "/api/2.0/mlflow/experiments/search",
+            json!({"max_results": 100}),
+        )
+        .await;
     assert_eq!(s, 200);
     let exps = v["experiments"].as_array().unwrap();
     // ResponsesAgent and ChatAgent agents (0, 1, 4 of 5) have experiments.
@@ -25,7 +30,12 @@ async fn experiments_traces_and_signed_spans() {
     let mut all: Vec<Value> = Vec::new();
     let mut token = None;
     for _ in 0..20 {
-        let (s, v) = env.post("/api/3.0/mlflow/traces/search", search("trace.timestamp_ms > 0".into(), token.clone())).await;
+        let (s, v) = env
+            .post(
+                "/api/3.0/mlflow/traces/search",
+                search("trace.timestamp_ms > 0".into(), token.clone()),
+            )
+            .await;
         assert_eq!(s, 200, "{v}");
         all.extend(v["traces"].as_array().unwrap().iter().cloned());
         match v["next_page_token"].as_str() {
@@ -34,29 +44,69 @@ async fn experiments_traces_and_signed_spans() {
         }
     }
     assert_eq!(all.len(), 12);
-    let times: Vec<String> = all.iter().map(|t| t["request_time"].as_str().unwrap().to_string()).collect();
+    let times: Vec<String> = all
+        .iter()
+        .map(|t| t["request_time"].as_str().unwrap().to_string())
+        .collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]));
     let t0 = &all[0];
-    for k in ["trace_id", "client_request_id", "request_preview", "response_preview", "execution_duration", "state", "trace_metadata", "tags"] {
+    for k in [
+        "trace_id",
+        "client_request_id",
+        "request_preview",
+        "response_preview",
+        "execution_duration",
+        "state",
+        "trace_metadata",
+        "tags",
+    ] {
         assert!(!t0[k].is_null(), "{k}");
     }
-    assert_eq!(t0["trace_location"]["mlflow_experiment"]["experiment_id"], exp_id.as_str());
+    assert_eq!(
+        t0["trace_location"]["mlflow_experiment"]["experiment_id"],
+        exp_id.as_str()
+    );
     assert!(t0["execution_duration"].as_str().unwrap().ends_with('s'));
     // The filter really filters.
-    let mid = chrono::DateTime::parse_from_rfc3339(&times[6]).unwrap().timestamp_millis();
-    let (_, v) = env.post("/api/3.0/mlflow/traces/search", search(format!("trace.timestamp_ms > {mid}"), None)).await;
+    let mid = chrono::DateTime::parse_from_rfc3339(&times[8])
+        .unwrap()
+        .timestamp_millis();
+    let (_, v) = env
+        .post(
+            "/api/3.0/mlflow/traces/search",
+            search(format!("trace.timestamp_ms > {mid}"), None),
+        )
+        .await;
     let n = v["traces"].as_array().unwrap().len();
-    assert!(n <= 5 && n >= 1);
-    let (s, _) = env.post("/api/3.0/mlflow/traces/search", search("trace.colour = 'red'".into(), None)).await;
+    assert_eq!(n, 3);
+    let (s, _) = env
+        .post(
+            "/api/3.0/mlflow/traces/search",
+            search("trace.colour = 'red'".into(), None),
+        )
+        .await;
     assert_eq!(s, 400);
 
     // Spans through the signed URI.
     let id = t0["trace_id"].as_str().unwrap();
-    let (s, v) = env.get(&format!("/api/2.0/mlflow/traces/{id}/credentials-for-data-download")).await;
+    let (s, v) = env
+        .get(&format!(
+            "/api/2.0/mlflow/traces/{id}/credentials-for-data-download"
+        ))
+        .await;
     assert_eq!(s, 200);
-    let uri = v["credential_info"]["signed_uri"].as_str().unwrap().to_string();
+    let uri = v["credential_info"]["signed_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(v["credential_info"]["headers"].is_array());
-    let r = env.http.get(&uri).bearer_auth(&env.token).send().await.unwrap();
+    let r = env
+        .http
+        .get(&uri)
+        .bearer_auth(&env.token)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400, "must reject the Databricks auth header");
     let r = env.http.get(&uri).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -65,9 +115,16 @@ async fn experiments_traces_and_signed_spans() {
     assert!(spans.len() >= 2);
     assert_eq!(spans[0]["attributes"]["mlflow.spanType"], "\"AGENT\"");
     assert!(spans[0]["attributes"]["mlflow.spanInputs"].is_string());
-    let r = env.http.get(uri.replace("X-Amz-Signature=", "X-Amz-Signature=0")).send().await.unwrap();
+    let r = env
+        .http
+        .get(uri.replace("X-Amz-Signature=", "X-Amz-Signature=0"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
-    let (s, _) = env.get("/api/2.0/mlflow/traces/tr-nope/credentials-for-data-download").await;
+    let (s, _) = env
+        .get("/api/2.0/mlflow/traces/tr-nope/credentials-for-data-download")
+        .await;
     assert_eq!(s, 404);
     env.emu.shutdown().await;
 }
