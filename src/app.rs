@@ -10,7 +10,7 @@ use crate::databricks::{ClientOptions, Credentials, DatabricksClient};
 use crate::run::{Connector, CycleReport, Settings, Shutdown};
 use crate::sink::FileSink;
 use crate::sink::{AnySink, SinkError};
-use crate::sink::{HttpSink, HttpSinkConfig};
+use crate::sink::{HttpSink, HttpSinkConfig, KafkaSink, KafkaSinkConfig};
 use crate::state::StateStore;
 use crate::traffic::MapOptions;
 
@@ -53,11 +53,22 @@ pub fn sink(config: &SinkConfig) -> Result<AnySink, SinkError> {
             retry: Default::default(),
         })?),
         SinkConfig::File { path } => AnySink::File(FileSink::new(path.clone())?),
-        SinkConfig::Kafka { .. } => {
-            return Err(SinkError::Config {
-                field: "KAFKA_BROKER_HOST",
-                message: "this build has no Kafka sink yet: set DATA_INGESTION_SERVICE_URL (AKTO_SINK=http) instead".into(),
-            })
+        SinkConfig::Kafka {
+            brokers,
+            topic,
+            security_protocol,
+            sasl_mechanism,
+            sasl_username,
+            sasl_password,
+            ca_file,
+        } => {
+            let mut k = KafkaSinkConfig::new(brokers.clone(), topic.clone());
+            k.security_protocol = security_protocol.clone();
+            k.sasl_mechanism = sasl_mechanism.clone();
+            k.sasl_username = sasl_username.clone();
+            k.sasl_password = sasl_password.clone();
+            k.ca_file = ca_file.clone();
+            AnySink::Kafka(KafkaSink::new(k)?)
         }
     })
 }

@@ -174,12 +174,14 @@ impl StateStore {
                         .map_err(|e| self.io(e))?;
                 }
                 Some(FORMAT_VERSION) => {}
-                Some(other) => return Err(StateError::Corrupt {
-                    path: self.path.clone(),
-                    detail: format!(
+                Some(other) => {
+                    return Err(StateError::Corrupt {
+                        path: self.path.clone(),
+                        detail: format!(
                         "state format version {other}, this build reads version {FORMAT_VERSION}"
                     ),
-                }),
+                    })
+                }
             }
             txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
             txn.open_table(BY_TIME).map_err(|e| self.io(e))?;

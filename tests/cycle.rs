@@ -129,7 +129,10 @@ async fn a_sink_that_fails_some_batches_loses_nothing_across_restarts() {
     // Every third batch fails: retried inside the sink or, when retries run out, the cycle stops
     // at the failed batch with only confirmed batches checkpointed; each cycle is a fresh
     // connector, as after a restart.
-    rig.standin.set_behavior(akto_standin::Behavior::FailEvery { every: 3, status: 503 });
+    rig.standin.set_behavior(akto_standin::Behavior::FailEvery {
+        every: 3,
+        status: 503,
+    });
     let mut cycles = 0;
     loop {
         cycles += 1;
@@ -138,7 +141,10 @@ async fn a_sink_that_fails_some_batches_loses_nothing_across_restarts() {
             break;
         }
     }
-    assert!(rig.standin.rejected_batches() > 0, "the sink should have failed some batches");
+    assert!(
+        rig.standin.rejected_batches() > 0,
+        "the sink should have failed some batches"
+    );
     rig.standin.set_behavior(akto_standin::Behavior::Normal);
     assert!(rig.cycle().await.ok());
     assert_exactly_once(&rig);
@@ -149,7 +155,10 @@ async fn a_record_the_sink_refuses_is_quarantined_and_the_rest_delivered() {
     let rig = Rig::new(emulator_config()).await;
     let truth = rig.truth();
     let poison = truth.keys().next().unwrap().clone();
-    rig.standin.set_behavior(akto_standin::Behavior::Reject422Matching { needle: poison.clone() });
+    rig.standin
+        .set_behavior(akto_standin::Behavior::Reject422Matching {
+            needle: poison.clone(),
+        });
     let report = rig.cycle().await;
     assert!(report.ok(), "{:?}", report.errors);
     assert!(report.quarantined >= 1, "{report:?}");

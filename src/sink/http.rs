@@ -26,8 +26,8 @@ use super::{
 /// How many characters of a server's error body are kept in reasons and messages.
 const SNIPPET_CHARS: usize = 300;
 
-/// Settings of the [`HttpSink`].
-#[derive(Debug, Clone)]
+/// Settings of the [`HttpSink`]. Debug output hides the JWT and any credentials in the URL.
+#[derive(Clone)]
 pub struct HttpSinkConfig {
     /// `DATA_INGESTION_SERVICE_URL`: the service's base URL (a trailing slash is fine).
     pub url: Url,
@@ -37,6 +37,17 @@ pub struct HttpSinkConfig {
     pub timeout: Duration,
     /// Retry budget of one `deliver` call.
     pub retry: RetryPolicy,
+}
+
+impl fmt::Debug for HttpSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpSinkConfig")
+            .field("url", &shown(&self.url))
+            .field("jwt", &self.jwt.as_ref().map(|_| "[REDACTED]"))
+            .field("timeout", &self.timeout)
+            .field("retry", &self.retry)
+            .finish()
+    }
 }
 
 impl HttpSinkConfig {
@@ -570,7 +581,13 @@ mod tests {
         let e = HttpSink::new(cfg("http://h/", Some("sec\nret"))).unwrap_err();
         assert!(e.to_string().contains("AKTO_JWT_TOKEN"), "{e}");
         assert!(!e.to_string().contains("sec"), "{e}");
-        let s = HttpSink::new(cfg("http://u:pw@h/", Some("supersecret"))).unwrap();
+        let c = cfg("http://u:pw@h/", Some("supersecret"));
+        let c_dbg = format!("{c:?}");
+        assert!(
+            !c_dbg.contains("supersecret") && !c_dbg.contains("pw"),
+            "{c_dbg}"
+        );
+        let s = HttpSink::new(c).unwrap();
         let dbg = format!("{s:?} {}", s.describe());
         assert!(!dbg.contains("supersecret") && !dbg.contains("pw"), "{dbg}");
         assert_eq!(s.describe(), "Akto ingestion at http://h/api/ingestData");

@@ -13,10 +13,11 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use secrecy::{ExposeSecret, SecretString};
@@ -72,11 +73,44 @@ impl KafkaSinkConfig {
     }
 }
 
+/// The last client-level error librdkafka reported (e.g. connection refused, SASL failure):
+/// delivery reports only say "timed out", this says why.
+type LastError = Arc<Mutex<Option<(Option<RDKafkaErrorCode>, String)>>>;
+
+/// Captures librdkafka's client errors and routes its log lines to `tracing`.
+struct SinkContext {
+    last_error: LastError,
+}
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // librdkafka repeats connection errors while a broker is down; the sink's own error
+        // carries the last one, so these stay at debug level.
+        tracing::debug!(sink = "kafka", ?level, fac, "librdkafka: {log_message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(sink = "kafka", "librdkafka error: {error}: {reason}");
+        if let Ok(mut last) = self.last_error.lock() {
+            let code = error.rdkafka_error_code();
+            // "n/m brokers are down" follows the specific cause (refused, DNS, TLS, SASL):
+            // keep the cause.
+            if !(code == Some(RDKafkaErrorCode::AllBrokersDown) && last.is_some()) {
+                *last = Some((code, reason.to_string()));
+            }
+        }
+    }
+}
+
+/// The producer type this sink uses.
+type SinkProducer = FutureProducer<SinkContext>;
+
 /// Delivers records to a Kafka topic with an idempotent, lz4-compressing producer.
 pub struct KafkaSink {
     config: KafkaSinkConfig,
     /// Replaced by a fresh producer when librdkafka reports a fatal error.
-    producer: Mutex<FutureProducer>,
+    producer: Mutex<SinkProducer>,
+    last_error: LastError,
 }
 
 impl fmt::Debug for KafkaSink {
@@ -121,10 +155,12 @@ impl KafkaSink {
                 message: "is empty; leave it unset for akto.api.logs".into(),
             });
         }
-        let producer = create_producer(&config)?;
+        let last_error: LastError = Arc::default();
+        let producer = create_producer(&config, &last_error)?;
         Ok(KafkaSink {
             config,
             producer: Mutex::new(producer),
+            last_error,
         })
     }
 
@@ -139,6 +175,7 @@ impl KafkaSink {
     /// Fetches the topic's metadata: the brokers answer and the topic exists.
     pub async fn healthcheck(&self) -> Result<(), SinkError> {
         let producer = self.producer()?;
+        self.clear_last_error();
         let topic = self.config.topic.clone();
         let timeout = self
             .config
@@ -173,7 +210,7 @@ impl KafkaSink {
             }
             // Leader elections and similar settle by themselves; delivery will wait for them.
             Ok(Some(_)) => Ok(()),
-            Err(e) => Err(self.failure(&e, "fetching metadata")),
+            Err(e) => Err(self.failure(&e, "metadata fetch")),
         }
     }
 
@@ -183,11 +220,16 @@ impl KafkaSink {
     /// small records can exceed a broker limit together) and then reported rejected.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
         let producer = self.producer()?;
+        self.clear_last_error();
         let mut fates = self
             .send_all(&producer, batch, (0..batch.len()).collect())
             .await;
-        // Too-large records: retry each alone, unless something else already failed.
-        if !fates.iter().any(|f| matches!(f, Some(Fate::Failed(_)))) {
+        // Too-large records: retry each alone (a batch of small records can exceed a broker
+        // limit together), unless something else already failed.
+        let failed = fates
+            .iter()
+            .any(|f| matches!(f, None | Some(Fate::Failed(_))));
+        if !failed {
             let too_large: Vec<usize> = fates
                 .iter()
                 .enumerate()
@@ -210,7 +252,14 @@ impl KafkaSink {
         for (i, fate) in fates.into_iter().enumerate() {
             match fate {
                 Some(Fate::Delivered) => out.delivered.push(i),
-                Some(Fate::TooLarge(reason)) => out.rejected.push((i, reason)),
+                // Unverified alone (the call failed): certain only when over our own limit;
+                // otherwise leave it pending for the next attempt.
+                Some(Fate::TooLarge(reason))
+                    if !failed || batch[i].json.len() > KAFKA_MESSAGE_MAX_BYTES =>
+                {
+                    out.rejected.push((i, reason))
+                }
+                Some(Fate::TooLarge(_)) => {}
                 Some(Fate::Failed(e)) => {
                     first_failure.get_or_insert(e);
                 }
@@ -222,10 +271,13 @@ impl KafkaSink {
         match first_failure {
             None => Ok(out),
             Some(e) => {
-                let err = if kafka_code(&e).is_some_and(is_auth) {
+                let last_auth = self
+                    .last_error()
+                    .is_some_and(|(code, _)| code.is_some_and(is_auth));
+                let err = if last_auth || kafka_code(&e).is_some_and(is_auth) {
                     self.auth_error(&e)
                 } else {
-                    self.failure(&e, "delivering records")
+                    self.failure(&e, "delivery")
                 };
                 Err(err.with_progress(out.delivered, out.rejected))
             }
@@ -239,13 +291,13 @@ impl KafkaSink {
         let res = tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
             .map_err(|e| SinkError::retriable(format!("Kafka flush task failed: {e}")))?;
-        res.map_err(|e| self.failure(&e, "flushing the producer"))
+        res.map_err(|e| self.failure(&e, "flush"))
     }
 
     /// Enqueues `indices` of `batch` and awaits their delivery reports; `None` = unknown.
     async fn send_all(
         &self,
-        producer: &FutureProducer,
+        producer: &SinkProducer,
         batch: &[OutRecord],
         indices: Vec<usize>,
     ) -> Vec<Option<Fate>> {
@@ -283,7 +335,7 @@ impl KafkaSink {
         fates
     }
 
-    fn producer(&self) -> Result<FutureProducer, SinkError> {
+    fn producer(&self) -> Result<SinkProducer, SinkError> {
         let guard = self
             .producer
             .lock()
@@ -292,16 +344,35 @@ impl KafkaSink {
     }
 
     /// After a fatal librdkafka error the producer is unusable: replace it for the next call.
-    fn reset_if_fatal(&self, producer: &FutureProducer) {
+    fn clear_last_error(&self) {
+        if let Ok(mut last) = self.last_error.lock() {
+            *last = None;
+        }
+    }
+
+    fn last_error(&self) -> Option<(Option<RDKafkaErrorCode>, String)> {
+        self.last_error.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// `; last client error: ...` when librdkafka reported one during this call.
+    fn last_error_note(&self) -> String {
+        match self.last_error() {
+            Some((_, reason)) => format!("; last client error: {reason}"),
+            None => String::new(),
+        }
+    }
+
+    fn reset_if_fatal(&self, producer: &SinkProducer) {
         if let Some((code, reason)) = producer.client().fatal_error() {
             tracing::warn!(
                 sink = "kafka",
                 %code,
                 "WARN the Kafka producer hit a fatal error ({reason}); creating a new producer"
             );
-            if let (Ok(fresh), Ok(mut guard)) =
-                (create_producer(&self.config), self.producer.lock())
-            {
+            if let (Ok(fresh), Ok(mut guard)) = (
+                create_producer(&self.config, &self.last_error),
+                self.producer.lock(),
+            ) {
                 *guard = fresh;
             }
         }
@@ -309,23 +380,25 @@ impl KafkaSink {
 
     fn failure(&self, e: &KafkaError, what: &str) -> SinkError {
         SinkError::retriable(format!(
-            "No data appearing: Kafka failed while {what} to topic {} at broker(s) {} ({}); \
-             check KAFKA_BROKER_HOST and that the broker is up and reachable from this host; \
+            "No data appearing: Kafka {what} failed for topic {} at broker(s) {} ({}{}); check \
+             KAFKA_BROKER_HOST and that the broker is up and reachable from this host; \
              the records stay pending and are retried next cycle",
             self.config.topic,
             self.config.brokers,
-            describe_kafka_error(e)
+            describe_kafka_error(e),
+            self.last_error_note()
         ))
     }
 
     fn auth_error(&self, e: &KafkaError) -> SinkError {
         SinkError::Auth {
             message: format!(
-                "the Kafka broker(s) {} refused this client ({}); check KAFKA_SASL_USERNAME, \
+                "the Kafka broker(s) {} refused this client ({}{}); check KAFKA_SASL_USERNAME, \
                  KAFKA_SASL_PASSWORD, KAFKA_SASL_MECHANISM, KAFKA_SECURITY_PROTOCOL and the \
                  topic's ACLs for {}",
                 self.config.brokers,
                 describe_kafka_error(e),
+                self.last_error_note(),
                 self.config.topic
             ),
             delivered_before_failure: Vec::new(),
@@ -333,7 +406,10 @@ impl KafkaSink {
     }
 }
 
-fn create_producer(config: &KafkaSinkConfig) -> Result<FutureProducer, SinkError> {
+fn create_producer(
+    config: &KafkaSinkConfig,
+    last_error: &LastError,
+) -> Result<SinkProducer, SinkError> {
     let timeout_ms = config
         .message_timeout
         .as_millis()
@@ -372,7 +448,10 @@ fn create_producer(config: &KafkaSinkConfig) -> Result<FutureProducer, SinkError
         cc.set("ssl.ca.location", ca.display().to_string());
         fields.push(("ssl.ca.location", "the Kafka CA file (ssl.ca.location)"));
     }
-    cc.create().map_err(|e| match e {
+    let context = SinkContext {
+        last_error: Arc::clone(last_error),
+    };
+    cc.create_with_context(context).map_err(|e| match e {
         // Never echo the value of a setting: it could be the password.
         KafkaError::ClientConfig(_, desc, key, _) => SinkError::Config {
             field: fields
@@ -480,7 +559,7 @@ mod tests {
         assert!(!format!("{sink:?}").contains("pa55-secret"));
         let e = sink.failure(
             &KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
-            "delivering records",
+            "delivery",
         );
         let msg = e.to_string();
         assert!(e.is_retriable());

@@ -249,37 +249,28 @@ struct Hit {
     enter_string: bool,
 }
 
-/// Byte classes of the scanner: 0 = never starts anything (skipped fast), [`TOKEN_START`] =
-/// only interesting at the start of a token, [`ANCHOR`] = always looked at.
-const TOKEN_START: u8 = 1;
-const ANCHOR: u8 = 2;
-static CLASS: [u8; 256] = {
+/// Byte flags of the scanner (0 = starts nothing and is skipped at once): a word byte
+/// `[A-Za-z0-9_]`, a byte a detector may start with at the start of a token, or an anchor
+/// that is always looked at.
+const F_WORD: u8 = 1;
+const F_TOKEN_START: u8 = 2;
+const F_ANCHOR: u8 = 4;
+static FLAGS: [u8; 256] = {
     let mut t = [0u8; 256];
     let mut c = 0;
     while c < 256 {
         let b = c as u8;
-        t[c] = if b.is_ascii_digit()
-            || b.is_ascii_uppercase()
-            || matches!(b, b'+' | b'(' | b'd' | b'e')
-        {
-            TOKEN_START
-        } else if matches!(b, b'"' | b'\\' | b'@' | b'-' | b':' | b'=') {
-            ANCHOR
-        } else {
-            0
-        };
-        c += 1;
-    }
-    t
-};
-
-/// `[A-Za-z0-9_]`.
-static WORD: [bool; 256] = {
-    let mut t = [false; 256];
-    let mut c = 0;
-    while c < 256 {
-        let b = c as u8;
-        t[c] = b.is_ascii_alphanumeric() || b == b'_';
+        let mut f = 0;
+        if b.is_ascii_alphanumeric() || b == b'_' {
+            f |= F_WORD;
+        }
+        if b.is_ascii_digit() || b.is_ascii_uppercase() || matches!(b, b'+' | b'(' | b'd' | b'e') {
+            f |= F_TOKEN_START;
+        }
+        if matches!(b, b'"' | b'\\' | b'@' | b'-' | b':' | b'=') {
+            f |= F_ANCHOR;
+        }
+        t[c] = f;
         c += 1;
     }
     t
@@ -389,11 +380,12 @@ impl Redactor {
         let n = bytes.len();
         while i < n {
             let b = bytes[i];
-            let word = WORD[usize::from(b)];
-            if CLASS[usize::from(b)] == 0 && !word {
+            let flags = FLAGS[usize::from(b)];
+            if flags == 0 {
                 i += 1;
                 continue;
             }
+            let word = flags & F_WORD != 0;
             if json && b == b'"' {
                 in_string = !in_string;
                 i += 1;
@@ -419,8 +411,8 @@ impl Redactor {
                 continue;
             }
             let lo = seg.max(copied);
-            let prev_word = i > lo && WORD[usize::from(bytes[i - 1])];
-            let hit = if word && (prev_word || CLASS[usize::from(b)] == 0) {
+            let prev_word = i > lo && is_word(bytes[i - 1]);
+            let hit = if word && (prev_word || flags & F_TOKEN_START == 0) {
                 None
             } else {
                 self.detect(s, i, lo, prev_word, json, in_string)
@@ -448,7 +440,7 @@ impl Redactor {
                 _ if word => {
                     // Nothing starts inside a word: skip the rest of it at once.
                     i += 1;
-                    while i < n && WORD[usize::from(bytes[i])] {
+                    while i < n && FLAGS[usize::from(bytes[i])] & F_WORD != 0 {
                         i += 1;
                     }
                 }
@@ -680,7 +672,7 @@ fn card(bytes: &[u8], i: usize, separators: bool) -> Option<usize> {
             // Compact digits: exactly one token (a JSON number must not continue as a float).
             let ok = (13..=19).contains(&n)
                 && luhn(&buf[..n])
-                && !(!separators && matches!(bytes.get(j), Some(b'.') | Some(b'e') | Some(b'E')))
+                && (separators || !matches!(bytes.get(j), Some(b'.') | Some(b'e') | Some(b'E')))
                 && ends_token(bytes, j);
             return ok.then_some(j);
         }

@@ -471,6 +471,9 @@ fn tool_output_error_heuristic() {
         (r#"{"error":false}"#, false),
         (r#"{"status":"ok"}"#, false),
         ("the error rate is 2%", false),
+        ("Errors: none", false),
+        ("FAILED: permission denied", true),
+        ("error", true),
         ("{broken", false),
         ("", false),
     ] {

@@ -201,13 +201,17 @@ fn push_call(
     });
 }
 
-/// Does a tool's output report an error? Heuristic: text starting with `error`/`exception`, a
-/// Python traceback, or a JSON object with a non-null `error`, `is_error`/`isError: true`, or
-/// `status` of `error`/`failed`/`failure`.
+/// Does a tool's output report an error? Heuristic: text starting with the word `error`,
+/// `exception` or `failed`, a Python traceback, or a JSON object with a non-null `error`,
+/// `is_error`/`isError: true`, or `status` of `error`/`failed`/`failure`.
 pub(crate) fn output_says_error(output: &str) -> bool {
     let t = output.trim_start();
     let head: String = t.chars().take(16).collect::<String>().to_ascii_lowercase();
-    if head.starts_with("error") || head.starts_with("exception") {
+    let word_prefix = |w: &str| {
+        head.strip_prefix(w)
+            .is_some_and(|rest| !rest.starts_with(|c: char| c.is_ascii_alphabetic()))
+    };
+    if word_prefix("error") || word_prefix("exception") || word_prefix("failed") {
         return true;
     }
     if t.starts_with('{') {

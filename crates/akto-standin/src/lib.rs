@@ -37,6 +37,8 @@ use tokio::task::JoinHandle;
 
 /// Akto's limit on a whole request body.
 pub const MAX_BODY_BYTES: usize = 10_485_760;
+/// How much of a request body is read before the connection is given up on.
+const READ_LIMIT_BYTES: usize = 4 * MAX_BODY_BYTES;
 /// Akto's limit on any one string of a record.
 pub const MAX_STRING_BYTES: usize = 5_242_880;
 /// Accepted `source` values.
@@ -179,7 +181,7 @@ impl StandIn {
                 let _ = stopped.await;
             });
             if let Err(e) = serve.await {
-                tracing::error!("ERROR akto-standin server stopped: {e}");
+                tracing::error!("akto-standin server stopped: {e}");
             }
         });
         Ok(StandIn {
@@ -268,7 +270,7 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
             .is_some_and(|v| v.as_bytes() == jwt.as_bytes());
         if !ok {
             shared.lock().rejected += 1;
-            tracing::warn!("WARN batch rejected: 401 authorization missing or wrong");
+            tracing::warn!("batch rejected: 401 authorization missing or wrong");
             return answer(
                 StatusCode::UNAUTHORIZED,
                 vec![
@@ -278,11 +280,13 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
             );
         }
     }
-    let bytes = match axum::body::to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(b) => b,
-        Err(_) => {
+    // Read somewhat past the limit so an oversized batch gets a clean 413 (answering before
+    // the client finished sending could surface as a broken pipe instead).
+    let bytes = match axum::body::to_bytes(body, READ_LIMIT_BYTES).await {
+        Ok(b) if b.len() <= MAX_BODY_BYTES => b,
+        _ => {
             shared.lock().rejected += 1;
-            tracing::warn!("WARN batch rejected: 413 body over {MAX_BODY_BYTES} bytes");
+            tracing::warn!("batch rejected: 413 body over {MAX_BODY_BYTES} bytes");
             return answer(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 vec![format!(
@@ -318,7 +322,7 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
             let mut g = shared.lock();
             g.rejected += 1;
             g.injected += 1;
-            tracing::warn!("WARN batch failed on purpose with {code}");
+            tracing::warn!("batch failed on purpose with {code}");
             return answer(status_from(code), vec![format!("injected failure {code}")]);
         }
         Injected::Needle(needle) => {
@@ -326,7 +330,7 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
                 let mut g = shared.lock();
                 g.rejected += 1;
                 g.injected += 1;
-                tracing::warn!("WARN batch rejected on purpose: contains the poison marker");
+                tracing::warn!("batch rejected on purpose: contains the poison marker");
                 return answer(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     vec!["batchData: contains a record rejected on purpose".to_string()],
@@ -351,7 +355,7 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
         Err(errors) => {
             shared.lock().rejected += 1;
             tracing::warn!(
-                "WARN batch rejected: 422 {} problem(s), first: {}",
+                "batch rejected: 422 {} problem(s), first: {}",
                 errors.len(),
                 errors.first().map(String::as_str).unwrap_or("")
             );

@@ -22,6 +22,7 @@ struct Args {
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let args = Args::parse();
@@ -37,9 +38,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     println!("listening on {}", standin.url());
-    if let Err(e) = tokio::signal::ctrl_c().await {
-        eprintln!("ERROR waiting for Ctrl-C: {e}");
-    }
+    wait_for_stop().await;
     let (ok, bad, n) = (
         standin.accepted_batches(),
         standin.rejected_batches(),
@@ -48,4 +47,28 @@ async fn main() -> std::process::ExitCode {
     standin.shutdown().await;
     println!("stopped: accepted_batches={ok} rejected_batches={bad} records={n}");
     std::process::ExitCode::SUCCESS
+}
+
+/// Wait for Ctrl-C (SIGINT) or, on Unix, SIGTERM.
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                eprintln!("WARN cannot listen for SIGTERM ({e}); stop with Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

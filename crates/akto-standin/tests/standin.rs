@@ -165,8 +165,12 @@ async fn rejects_malformed_bodies() {
     rec["requestPayload"] = json!("y".repeat(5_000_000));
     let mut body = json!({"batchData": [rec.clone(), rec.clone(), rec]}).to_string();
     assert!(body.len() > 10_485_760);
-    let (code, _) = post_raw(&s, std::mem::take(&mut body).into_bytes(), None).await;
-    assert!(code == 413 || code == 422, "{code}");
+    let (code, v) = post_raw(&s, std::mem::take(&mut body).into_bytes(), None).await;
+    assert_eq!(code, 413);
+    assert!(
+        v["actionErrors"][0].as_str().unwrap().contains("10485760"),
+        "{v}"
+    );
     // Two such records (10,000,xxx bytes) are fine.
     let mut rec = good();
     rec["requestPayload"] = json!("y".repeat(5_000_000));

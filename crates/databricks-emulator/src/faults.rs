@@ -285,4 +285,11 @@ mod tests {
             assert!(e.contains(needle), "{spec}: {e}");
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,120}") {
+            let _ = parse(&s);
+        }
+    }
 }

@@ -299,6 +299,13 @@ impl Emulator {
     /// Stop accepting, close connections gracefully and free the port.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
+        // Stop statements still running on blocking threads.
+        for e in lock(&self.shared.statements).map.values() {
+            e.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(h) = &e.interrupt {
+                h.interrupt();
+            }
+        }
         let _ = self.task.await;
     }
 }

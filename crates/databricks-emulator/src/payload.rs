@@ -221,13 +221,30 @@ fn user_prompt(rng: &mut Rng) -> String {
     }
 }
 
-fn filler(rng: &mut Rng, bytes: usize) -> String {
-    let mut s = String::with_capacity(bytes + 16);
-    while s.len() < bytes {
-        if !s.is_empty() {
+/// 64 KiB of deterministic filler words, built once; payload padding is a slice of it, so
+/// synthesizing a 5 KB payload costs a copy, not hundreds of random draws.
+fn filler_text() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let mut rng = Rng::new(0xF111E5);
+        let mut s = String::with_capacity(65_600);
+        while s.len() < 65_536 {
+            s.push_str(rng.pick(FILLER));
             s.push(' ');
         }
-        s.push_str(rng.pick(FILLER));
+        s
+    })
+}
+
+fn filler(rng: &mut Rng, bytes: usize) -> String {
+    let text = filler_text();
+    let mut s = String::with_capacity(bytes);
+    while s.len() < bytes {
+        let want = bytes - s.len();
+        let start = rng.below((text.len() / 2) as u64) as usize;
+        let end = (start + want).min(text.len());
+        // The filler is ASCII, so every index is a char boundary.
+        s.push_str(text.get(start..end).unwrap_or(""));
     }
     s
 }

@@ -754,4 +754,19 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e:?}"));
         assert!(t.sql.contains("FROM \"x\""), "{}", t.sql);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn translate_never_panics(s in "\\PC{0,200}") {
+            let _ = tr(&s);
+        }
+
+        #[test]
+        fn translate_never_panics_on_sqlish(parts in proptest::collection::vec(proptest::sample::select(vec![
+            "SELECT", "FROM", "a_payload", "`workspace`", ".", ",", "(", ")", "'x'", "\"y\"", ":p", "CAST", "AS",
+            "STRING", "DATE", "TIMESTAMP", "WHERE", "=", "<=>", "LIMIT", "1", "current_timestamp", "WITH", "JOIN", ";",
+        ]), 0..30)) {
+            let _ = tr(&parts.join(" "));
+        }
+    }
 }

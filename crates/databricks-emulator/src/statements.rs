@@ -145,17 +145,17 @@ fn map_sqlite_error(e: &rusqlite::Error, suggest: &[String]) -> SqlError {
     SqlError::bad("PARSE_SYNTAX_ERROR", format!("Syntax error: {msg}"))
 }
 
-fn render(v: ValueRef<'_>, ty: SparkType) -> Option<String> {
+fn render(v: ValueRefOwned, ty: SparkType) -> Option<String> {
     match v {
-        ValueRef::Null => None,
-        ValueRef::Integer(i) => Some(match ty {
+        ValueRefOwned::Null => None,
+        ValueRefOwned::Int(i) => Some(match ty {
             SparkType::Boolean => (i != 0).to_string(),
             SparkType::Double => format_double(i as f64),
             _ => i.to_string(),
         }),
-        ValueRef::Real(f) => Some(format_double(f)),
-        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
-        ValueRef::Blob(b) => {
+        ValueRefOwned::Real(f) => Some(format_double(f)),
+        ValueRefOwned::Text(t) => Some(t),
+        ValueRefOwned::Blob(b) => {
             use base64::Engine;
             Some(base64::engine::general_purpose::STANDARD.encode(b))
         }
@@ -278,7 +278,7 @@ pub(crate) fn run(
         .map(|r| {
             r.into_iter()
                 .zip(columns.iter())
-                .map(|(v, (_, ty))| render(v.as_ref(), *ty))
+                .map(|(v, (_, ty))| render(v, *ty))
                 .collect()
         })
         .collect();
@@ -307,15 +307,6 @@ impl ValueRefOwned {
             ValueRefOwned::Int(_) | ValueRefOwned::Real(_) => 12,
             ValueRefOwned::Text(s) => s.len(),
             ValueRefOwned::Blob(b) => b.len() * 4 / 3,
-        }
-    }
-    fn as_ref(&self) -> ValueRef<'_> {
-        match self {
-            ValueRefOwned::Null => ValueRef::Null,
-            ValueRefOwned::Int(i) => ValueRef::Integer(*i),
-            ValueRefOwned::Real(f) => ValueRef::Real(*f),
-            ValueRefOwned::Text(s) => ValueRef::Text(s.as_bytes()),
-            ValueRefOwned::Blob(b) => ValueRef::Blob(b),
         }
     }
 }
@@ -516,5 +507,89 @@ pub(crate) fn statement_json<'a>(
             manifest: Some(manifest_json(rs, chunk_rows)),
             result: Some(chunk_json(id, rs, 0, chunk_rows)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(bytes: usize, served_all: bool) -> Entry {
+        let rs = ResultSet {
+            columns: vec![],
+            rows: vec![],
+            truncated: false,
+            bytes,
+        };
+        Entry {
+            phase: Phase::Succeeded(Arc::new(rs)),
+            pending_polls: 0,
+            cancel: Arc::new(AtomicBool::new(false)),
+            interrupt: None,
+            served_all,
+        }
+    }
+
+    #[test]
+    fn served_results_are_dropped_first() {
+        let mut t = StatementTable::default();
+        let mb = 1024 * 1024;
+        t.insert("a".into(), entry(20 * mb, true));
+        t.insert("b".into(), entry(20 * mb, false));
+        t.insert("c".into(), entry(20 * mb, true));
+        // 60 MiB > 32 MiB soft budget: served "a" goes, then total 40 MiB: served "c" goes.
+        assert!(!t.map.contains_key("a"));
+        assert!(t.map.contains_key("b"));
+        assert!(!t.map.contains_key("c"));
+    }
+
+    #[test]
+    fn parameters_are_normalized_and_checked() {
+        let p = |v: &str, ty: &str| ParamIn {
+            name: "x".into(),
+            value: Some(v.into()),
+            ty: Some(ty.into()),
+        };
+        assert_eq!(
+            bind_value(&p("2026-11-29T08:33:00Z", "TIMESTAMP")).ok(),
+            Some(SqlValue::Text("2026-11-29T08:33:00.000000Z".into()))
+        );
+        assert_eq!(
+            bind_value(&p("2026-11-29", "DATE")).ok(),
+            Some(SqlValue::Text("2026-11-29".into()))
+        );
+        assert_eq!(
+            bind_value(&p("42", "BIGINT")).ok(),
+            Some(SqlValue::Integer(42))
+        );
+        assert_eq!(
+            bind_value(&p("true", "BOOLEAN")).ok(),
+            Some(SqlValue::Integer(1))
+        );
+        assert!(bind_value(&p("4x2", "INT")).is_err());
+        assert!(bind_value(&p("a", "GEOGRAPHY")).is_err());
+        let none = ParamIn {
+            name: "n".into(),
+            value: None,
+            ty: Some("STRING".into()),
+        };
+        assert_eq!(bind_value(&none).ok(), Some(SqlValue::Null));
+    }
+
+    #[test]
+    fn values_render_as_databricks_strings() {
+        assert_eq!(
+            render(ValueRefOwned::Int(1), SparkType::Boolean).as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            render(ValueRefOwned::Real(1.0), SparkType::Double).as_deref(),
+            Some("1.0")
+        );
+        assert_eq!(
+            render(ValueRefOwned::Int(7), SparkType::Bigint).as_deref(),
+            Some("7")
+        );
+        assert_eq!(render(ValueRefOwned::Null, SparkType::String), None);
     }
 }

@@ -279,6 +279,12 @@ fn register_functions(
             _ => None,
         })
     })?;
+    for (name, want_null) in [("isnull", true), ("isnotnull", false)] {
+        conn.create_scalar_function(name, 1, det, move |ctx| {
+            let is_null = matches!(ctx.get_raw(0), rusqlite::types::ValueRef::Null);
+            Ok(is_null == want_null)
+        })?;
+    }
     conn.create_scalar_function("nvl", 2, det, |ctx| {
         let a: rusqlite::types::Value = ctx.get(0)?;
         if matches!(a, rusqlite::types::Value::Null) {
@@ -371,6 +377,8 @@ impl Store {
         let now = now_us();
         store.insert_rows(initial_rows, now - 3_600_000_000, now)?;
         store.create_indexes()?;
+        // The bulk load is done: a small writer cache is enough from now on.
+        lock(&store.writer).pragma_update(None, "cache_size", -16384i64)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             let c = Connection::open_with_flags(
@@ -379,7 +387,7 @@ impl Store {
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             configure(&c)?;
-            c.pragma_update(None, "cache_size", -32768i64)?;
+            c.pragma_update(None, "cache_size", -16384i64)?;
             register_functions(&c, &store.layout, store.payload_bytes)?;
             readers.push(Mutex::new(c));
         }

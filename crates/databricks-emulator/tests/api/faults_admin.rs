@@ -293,3 +293,51 @@ async fn shutdown_frees_the_port() {
     let l = tokio::net::TcpListener::bind(addr).await;
     assert!(l.is_ok(), "port still bound");
 }
+
+#[tokio::test]
+async fn latency_fault_delays_but_answers() {
+    let env = default_env().await;
+    env.emu
+        .set_faults("route=/api/2.0/serving-endpoints,kind=latency,ms=30,count=2")
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(env.get("/api/2.0/serving-endpoints").await.0, 200);
+    }
+    assert_eq!(env.emu.stats()["faults_fired"], 2);
+    env.emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn wait_timeout_with_cancel_on_timeout() {
+    let env = default_env().await;
+    let heavy = "SELECT count(*) FROM customers a, customers b, customers c, customers d, customers e, customers f, customers g";
+    let (s, v) = env
+        .post(
+            "/api/2.0/sql/statements",
+            json!({"warehouse_id": WAREHOUSE, "statement": heavy, "wait_timeout": "5s", "on_wait_timeout": "CANCEL"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(v["status"]["state"], "CANCELED", "{v}");
+    let id = v["statement_id"].as_str().unwrap();
+    assert_eq!(
+        env.get(&format!("/api/2.0/sql/statements/{id}")).await.1["status"]["state"],
+        "CANCELED"
+    );
+    env.emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_interrupts_running_statements() {
+    let env = default_env().await;
+    let heavy = "SELECT count(*) FROM customers a, customers b, customers c, customers d, customers e, customers f, customers g";
+    let (_, v) = env
+        .post(
+            "/api/2.0/sql/statements",
+            json!({"warehouse_id": WAREHOUSE, "statement": heavy, "wait_timeout": "0s"}),
+        )
+        .await;
+    assert_eq!(v["status"]["state"], "PENDING");
+    // Returning at all (the runtime waits for blocking threads) proves the query was stopped.
+    env.emu.shutdown().await;
+}
