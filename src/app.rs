@@ -12,7 +12,7 @@ use crate::sink::FileSink;
 use crate::sink::{AnySink, SinkError};
 use crate::sink::{HttpSink, HttpSinkConfig, KafkaSink, KafkaSinkConfig};
 use crate::state::StateStore;
-use crate::traffic::MapOptions;
+use crate::traffic::{MapOptions, Redactor};
 
 /// Sets up `tracing`: text or one JSON object per line, on stderr. `RUST_LOG` narrows or widens.
 pub fn init_logging(format: LogFormat) {
@@ -91,6 +91,7 @@ pub fn settings(config: &Config) -> Settings {
             ..Default::default()
         },
         map: MapOptions::default(),
+        redactor: config.redact.as_deref().map(Redactor::new),
         state_dir: config.state_dir.clone(),
     }
 }
@@ -108,6 +109,7 @@ pub fn settings_for_demo(catalog: &str, schema: &str, state_dir: &std::path::Pat
         table_concurrency: 4,
         collect: CollectOptions::default(),
         map: MapOptions::default(),
+        redactor: None,
         state_dir: state_dir.to_path_buf(),
     }
 }

@@ -434,6 +434,22 @@ pub struct RuntimeArgs {
         global = true
     )]
     pub batch_size: Option<String>,
+
+    /// Mask sensitive data (emails, phones, cards, SSNs, IBANs, keys, tokens, passwords) in every
+    /// payload and header before it leaves the process. Off: Akto's own detection needs raw data
+    #[arg(
+        long,
+        env = "REDACT_SENSITIVE_DATA",
+        value_name = "true|false",
+        default_value = "false",
+        global = true
+    )]
+    pub redact_sensitive_data: Option<String>,
+
+    /// With redaction on, only these kinds (comma separated: email, phone, card, ssn, iban,
+    /// aws_key, databricks_token, jwt, private_key, password; "secrets" = the secret kinds)
+    #[arg(long, env = "REDACT_KINDS", value_name = "KINDS", global = true)]
+    pub redact_kinds: Option<String>,
 }
 
 /// The subcommands.

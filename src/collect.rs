@@ -59,13 +59,30 @@ impl Default for CollectOptions {
     }
 }
 
-/// Executions read from one table, ready for mapping and delivery.
-#[derive(Debug)]
+/// Work for the delivery stage: executions read from one source (mapped there), or units whose
+/// records a source built itself (trace spans, inventory records).
+#[derive(Debug, Default)]
 pub struct Chunk {
+    /// The state namespace: a table's full name, or e.g. `mlflow:<experiment id>`.
     pub table: String,
     pub executions: Vec<Execution>,
+    /// Units with ready records, checkpointed by (table, id, time) like executions.
+    pub prepared: Vec<Prepared>,
     /// Rows that cannot be keyed (no id or no time): quarantined by the delivery stage.
     pub unreadable: Vec<(String, String)>,
+}
+
+/// One exactly-once unit whose Akto records are already built.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Its id in the state namespace (e.g. a trace id).
+    pub id: String,
+    pub time_us: i64,
+    /// The agent, for per-agent counts.
+    pub agent: String,
+    /// The Akto host of the records (the Kafka key).
+    pub host: String,
+    pub records: Vec<crate::traffic::AktoRecord>,
 }
 
 /// What reading one table cost and found.
@@ -422,6 +439,7 @@ impl TableReader<'_> {
                     table: self.table.full_name.clone(),
                     executions: execs,
                     unreadable,
+                    ..Default::default()
                 })
                 .await
                 .map_err(|_| CollectError::Closed)?;

@@ -86,6 +86,8 @@ pub struct Config {
     pub batch_size: usize,
     /// `--reset-state`.
     pub reset_state: bool,
+    /// `REDACT_SENSITIVE_DATA` with `REDACT_KINDS`: the kinds to mask; `None` = off.
+    pub redact: Option<Vec<crate::traffic::RedactKind>>,
 }
 
 /// How the connector authenticates to Databricks. `Debug` redacts the secrets.
@@ -466,6 +468,39 @@ impl Config {
             },
         );
 
+        let redact = match given(&r.redact_sensitive_data)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("false") | Some("0") | Some("no") | Some("off") => None,
+            Some("true") | Some("1") | Some("yes") | Some("on") => {
+                match crate::traffic::parse_kinds(given(&r.redact_kinds).unwrap_or("")) {
+                    Ok(kinds) => Some(kinds),
+                    Err(e) => {
+                        p.push(
+                            "REDACT_KINDS",
+                            format!(
+                                "REDACT_KINDS (--redact-kinds): {e}; use a comma-separated list of email, \
+                                 phone, card, ssn, iban, aws_key, databricks_token, jwt, private_key, \
+                                 password (or secrets, or all)"
+                            ),
+                        );
+                        None
+                    }
+                }
+            }
+            Some(other) => {
+                p.push(
+                    "REDACT_SENSITIVE_DATA",
+                    format!(
+                        "REDACT_SENSITIVE_DATA (--redact-sensitive-data) {} is not true or false",
+                        shown(other)
+                    ),
+                );
+                None
+            }
+        };
+
         let state_dir = given_path(&r.state_dir)
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
@@ -536,6 +571,7 @@ impl Config {
             statement_timeout: Duration::from_secs(statement_timeout),
             batch_size: batch_size as usize,
             reset_state: cli.reset_state,
+            redact,
         })
     }
 

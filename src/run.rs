@@ -22,7 +22,7 @@ use crate::databricks::{DatabricksClient, DatabricksError};
 use crate::discovery::{self, Inventory};
 use crate::sink::{AnySink, OutRecord, SinkError, BODY_WRAPPER_BYTES, MAX_BODY_BYTES};
 use crate::state::{create_private_file, DeliveredRow, StateError, StateStore};
-use crate::traffic::{self, AgentContext, MapOptions};
+use crate::traffic::{self, AgentContext, MapOptions, RedactionCounts, Redactor};
 
 /// Stopping, as an explicit value handed to every long-running part (after mini-redis).
 #[derive(Clone)]
@@ -72,6 +72,8 @@ pub struct Settings {
     pub table_concurrency: usize,
     pub collect: CollectOptions,
     pub map: MapOptions,
+    /// Masks sensitive values before records leave the process (`REDACT_SENSITIVE_DATA`).
+    pub redactor: Option<Redactor>,
     pub state_dir: PathBuf,
 }
 
@@ -104,6 +106,8 @@ pub struct CycleReport {
     pub duration: Duration,
     pub stopped: bool,
     pub per_agent: BTreeMap<String, u64>,
+    /// Values masked, by kind (redaction on).
+    pub redacted: RedactionCounts,
     pub inventory: Option<Inventory>,
 }
 
@@ -116,7 +120,7 @@ impl CycleReport {
     pub fn summary_line(&self) -> String {
         format!(
             "Cycle completed in {:.1}s. Results: agents={} tables={} rows_read={} records_sent={} \
-             duplicates_skipped={} quarantined={} errors={}",
+             duplicates_skipped={} quarantined={} errors={}{}",
             self.duration.as_secs_f64(),
             self.agents,
             self.tables,
@@ -124,7 +128,18 @@ impl CycleReport {
             self.records_sent,
             self.duplicates_skipped,
             self.quarantined,
-            self.errors.len()
+            self.errors.len(),
+            if self.redacted.total() > 0 {
+                let kinds: Vec<String> = self
+                    .redacted
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| format!("{}:{n}", k.as_str()))
+                    .collect();
+                format!(" redacted={}", kinds.join(","))
+            } else {
+                String::new()
+            }
         )
     }
 
@@ -373,6 +388,7 @@ impl Connector {
                 report.truncated += d.truncated;
                 report.tool_calls += d.tool_calls;
                 report.per_agent = d.per_agent;
+                report.redacted = d.redacted;
                 // Tables read completely and delivered: remember when, and forget old ids.
                 if !shutdown.is_triggered() {
                     let keep = (s.collect.lookback + Duration::from_secs(600)).as_micros() as i64;
@@ -411,14 +427,45 @@ impl Connector {
         shutdown: Shutdown,
     ) -> Result<DeliveryTotals, DeliveryError> {
         let mut totals = DeliveryTotals::default();
-        let max_records = self.settings.batch_size.max(1);
-        let max_bytes = MAX_BODY_BYTES - BODY_WRAPPER_BYTES - 1024;
         while let Some(chunk) = rx.recv().await {
             if shutdown.is_triggered() {
                 return Ok(totals);
             }
             for (reason, raw) in &chunk.unreadable {
                 self.quarantine.put(&chunk.table, "", reason, raw)?;
+            }
+            let mut batch = Batch::default();
+            // Units with ready records (traces, inventory): validated, batched, checkpointed alike.
+            for unit in &chunk.prepared {
+                let records =
+                    self.accept(&chunk.table, &unit.id, &unit.host, unit.records.iter())?;
+                let key = (unit.id.as_str(), unit.time_us);
+                if self
+                    .add_unit(
+                        &mut batch,
+                        &chunk.table,
+                        &unit.agent,
+                        key,
+                        records,
+                        &mut totals,
+                    )
+                    .await?
+                    && shutdown.is_triggered()
+                {
+                    return Ok(totals);
+                }
+            }
+            if !batch.is_empty() {
+                let agent = chunk
+                    .prepared
+                    .first()
+                    .map(|u| u.agent.clone())
+                    .unwrap_or_default();
+                self.flush(&mut batch, &chunk.table, &agent, &mut totals)
+                    .await?;
+            }
+            if chunk.executions.is_empty() {
+                continue;
             }
             let Some(agent) = agents.get(&chunk.table) else {
                 continue;
@@ -429,43 +476,38 @@ impl Connector {
                 path: &agent.path,
                 account_id: &self.settings.account_id,
             };
-            let mut batch = Batch::default();
             for exec in &chunk.executions {
-                let mapped = traffic::map_execution(&ctx, exec, &self.settings.map);
+                let mut mapped = traffic::map_execution(&ctx, exec, &self.settings.map);
+                if let Some(r) = &self.settings.redactor {
+                    let counts = r.redact_mapped(&mut mapped, self.settings.map.max_string_bytes);
+                    totals.redacted.add(&counts);
+                }
                 totals.truncated += u64::from(mapped.truncated_payloads);
                 totals.tool_calls += u64::from(mapped.tool_calls);
-                let mut records = Vec::with_capacity(mapped.records.len());
-                for rec in &mapped.records {
-                    match traffic::validate(rec) {
-                        Ok(()) => records.push(OutRecord {
-                            key: agent.host.clone(),
-                            json: traffic::encode(rec),
-                        }),
-                        Err(v) => self.quarantine.put(
-                            &chunk.table,
-                            &exec.request_id,
-                            &v.to_string(),
-                            &traffic::encode(rec),
-                        )?,
-                    }
-                }
-                let bytes: usize = records.iter().map(|r| r.json.len() + 1).sum();
-                if !batch.is_empty()
-                    && (batch.records.len() + records.len() > max_records
-                        || batch.bytes + bytes > max_bytes)
-                {
-                    self.flush(&mut batch, &chunk.table, &agent.name, &mut totals)
-                        .await?;
-                    if shutdown.is_triggered() {
-                        return Ok(totals);
-                    }
-                }
-                batch.push(
+                let records = self.accept(
+                    &chunk.table,
                     &exec.request_id,
+                    &agent.host,
+                    mapped.records.iter(),
+                )?;
+                let key = (
+                    exec.request_id.as_str(),
                     exec.request_time.timestamp_micros(),
-                    records,
-                    bytes,
                 );
+                if self
+                    .add_unit(
+                        &mut batch,
+                        &chunk.table,
+                        &agent.name,
+                        key,
+                        records,
+                        &mut totals,
+                    )
+                    .await?
+                    && shutdown.is_triggered()
+                {
+                    return Ok(totals);
+                }
             }
             if !batch.is_empty() {
                 self.flush(&mut batch, &chunk.table, &agent.name, &mut totals)
@@ -473,6 +515,55 @@ impl Connector {
             }
         }
         Ok(totals)
+    }
+
+    /// Validates and encodes records; what Akto would reject goes to quarantine.
+    fn accept<'r>(
+        &self,
+        table: &str,
+        id: &str,
+        host: &str,
+        records: impl Iterator<Item = &'r traffic::AktoRecord>,
+    ) -> Result<Vec<OutRecord>, StateError> {
+        let mut out = Vec::new();
+        for rec in records {
+            match traffic::validate(rec) {
+                Ok(()) => out.push(OutRecord {
+                    key: host.to_string(),
+                    json: traffic::encode(rec),
+                }),
+                Err(v) => self
+                    .quarantine
+                    .put(table, id, &v.to_string(), &traffic::encode(rec))?,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds one unit's records to the batch, sending the batch first when the unit would not
+    /// fit. Returns whether a batch was sent.
+    async fn add_unit(
+        &self,
+        batch: &mut Batch,
+        table: &str,
+        agent: &str,
+        (id, time_us): (&str, i64),
+        records: Vec<OutRecord>,
+        totals: &mut DeliveryTotals,
+    ) -> Result<bool, DeliveryError> {
+        let max_records = self.settings.batch_size.max(1);
+        let max_bytes = MAX_BODY_BYTES - BODY_WRAPPER_BYTES - 1024;
+        let bytes: usize = records.iter().map(|r| r.json.len() + 1).sum();
+        let mut sent = false;
+        if !batch.is_empty()
+            && (batch.records.len() + records.len() > max_records
+                || batch.bytes + bytes > max_bytes)
+        {
+            self.flush(batch, table, agent, totals).await?;
+            sent = true;
+        }
+        batch.push(id, time_us, records, bytes);
+        Ok(sent)
     }
 
     /// Sends one batch and checkpoints the executions whose records were all confirmed.
@@ -541,6 +632,7 @@ impl Connector {
 
 #[derive(Default)]
 struct DeliveryTotals {
+    redacted: RedactionCounts,
     records_sent: u64,
     truncated: u64,
     tool_calls: u64,
