@@ -1,0 +1,2 @@
+//! Benchmark harness (being written): see BENCHMARKS.md.
+fn main() {}
