@@ -137,7 +137,15 @@ pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
         sink.describe(),
         sink.name()
     );
-    sink.healthcheck().await?;
+    match sink.healthcheck().await {
+        Ok(()) => {}
+        // In service mode an unreachable sink is retried every cycle (state is untouched until
+        // it accepts data); a one-shot run and configuration errors fail now.
+        Err(e) if e.is_retriable() && !config.once => {
+            tracing::error!("ERROR {e} (retrying every cycle)")
+        }
+        Err(e) => return Err(e.into()),
+    }
     let state = StateStore::open(&config.state_dir, config.reset_state)?;
     let connector = Arc::new(Connector::new(client, sink, state, settings(config)));
     connector.report_unconfirmed()?;

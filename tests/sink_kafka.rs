@@ -3,139 +3,15 @@
 //! The broker binary is `~/.cargo/bin/tansu` (or `$TANSU_BIN`). When it is missing the tests
 //! fail if `CI` is set and otherwise skip with a loud message.
 
+mod common;
+
+use common::kafka::*;
 use std::collections::{BTreeMap, HashSet};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use databricks_shield::sink::{
     AnySink, KafkaSink, KafkaSinkConfig, OutRecord, KAFKA_MESSAGE_MAX_BYTES,
 };
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{Message, Offset, TopicPartitionList};
-
-/// Kills and reaps the broker when the test ends, however it ends.
-struct Broker {
-    child: Option<Child>,
-    addr: SocketAddr,
-}
-
-impl Broker {
-    fn brokers(&self) -> String {
-        self.addr.to_string()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        if let Some(child) = &self.child {
-            let status = Command::new("kill")
-                .arg(format!("-{sig}"))
-                .arg(child.id().to_string())
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill -{sig} failed");
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            // A stopped process must be continued to die cleanly on some systems.
-            self.signal("CONT");
-        }
-        self.kill();
-    }
-}
-
-fn tansu_bin() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("TANSU_BIN").map(PathBuf::from),
-        std::env::var_os("CARGO_HOME").map(|h| PathBuf::from(h).join("bin/tansu")),
-        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu")),
-    ];
-    candidates.into_iter().flatten().find(|p| p.is_file())
-}
-
-/// Starts a broker on a free loopback port, or returns None (skip) when tansu is missing
-/// outside CI.
-fn start_broker() -> Option<Broker> {
-    let Some(bin) = tansu_bin() else {
-        if std::env::var_os("CI").is_some() {
-            panic!("the Kafka broker binary `tansu` is missing and CI is set: install it with `cargo install tansu --locked --no-default-features --features dynostore`");
-        }
-        eprintln!("\n!!!!!!!! SKIPPING Kafka sink test: `tansu` not found (~/.cargo/bin/tansu or $TANSU_BIN); install it with `cargo install tansu --locked --no-default-features --features dynostore` !!!!!!!!\n");
-        return None;
-    };
-    for _ in 0..5 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tansu");
-        let mut broker = Broker {
-            child: Some(child),
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&broker.addr, Duration::from_millis(200)).is_ok() {
-                return Some(broker);
-            }
-            if let Some(child) = broker.child.as_mut() {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // exited (port taken?): try another port
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        broker.kill();
-    }
-    panic!("tansu did not start accepting connections on loopback");
-}
-
-async fn create_topic(brokers: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("admin client");
-    let res = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create_topics");
-    for r in res {
-        r.expect("topic created");
-    }
-}
 
 fn sink_config(brokers: &str, topic: &str, message_timeout: Duration) -> KafkaSinkConfig {
     KafkaSinkConfig {
@@ -167,82 +43,6 @@ fn record(i: usize, pad: usize) -> OutRecord {
             r#"{{"path":"/serving-endpoints/e/invocations","i":"{i}","pad":"{padding}"}}"#
         ),
     }
-}
-
-const SENTINEL: &str = "__end_of_test_data__";
-
-/// Everything stored in `topic`, read back from the beginning: a sentinel is appended to every
-/// partition first and each partition is read up to its sentinel (bounded in time). Returns
-/// (partition, key, value) in consumption order, sentinels excluded.
-async fn consume_all(brokers: &str, topic: &str, partitions: i32) -> Vec<(i32, String, String)> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("message.timeout.ms", "20000")
-        .create()
-        .expect("producer");
-    for p in 0..partitions {
-        producer
-            .send(
-                FutureRecord::<str, str>::to(topic)
-                    .partition(p)
-                    .payload(SENTINEL),
-                Duration::from_secs(20),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .expect("sentinel delivered");
-    }
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("sink-test-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut out = Vec::new();
-    let mut done: HashSet<i32> = HashSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while done.len() < usize::try_from(partitions).unwrap() {
-        let msg = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .unwrap_or_else(|_| panic!("end of topic not reached in time ({} read)", out.len()))
-            .expect("consume");
-        let value =
-            String::from_utf8(msg.payload().unwrap_or_default().to_vec()).expect("utf-8 value");
-        if value == SENTINEL {
-            done.insert(msg.partition());
-            continue;
-        }
-        assert!(!done.contains(&msg.partition()), "data after the sentinel");
-        let key = String::from_utf8(msg.key().unwrap_or_default().to_vec()).expect("utf-8 key");
-        out.push((msg.partition(), key, value));
-    }
-    out
-}
-
-/// The partitions' high watermarks summed: only a progress signal (tansu 0.6 reports the last
-/// batch's base offset + 1, not the message count).
-fn progress(brokers: &str, topic: &str, partitions: i32) -> i64 {
-    tokio::task::block_in_place(|| {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .create()
-            .expect("consumer");
-        (0..partitions)
-            .map(|p| {
-                consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(10))
-                    .map(|(_, hi)| hi)
-                    .unwrap_or(0)
-            })
-            .sum()
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

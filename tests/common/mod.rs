@@ -2,6 +2,8 @@
 //! both over real loopback sockets.
 #![allow(dead_code)]
 
+pub mod kafka;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
