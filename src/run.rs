@@ -340,7 +340,7 @@ impl Connector {
             let table = table.clone();
             let warehouse = warehouse.clone();
             let sem = sem.clone();
-            let shutdown = shutdown.clone();
+            let mut shutdown = shutdown.clone();
             readers.spawn(async move {
                 let _permit = sem.acquire_owned().await;
                 if shutdown.is_triggered() {
@@ -354,7 +354,13 @@ impl Connector {
                     opts: &this.settings.collect,
                     now_us: cycle_start_us,
                 };
-                (table.full_name.clone(), reader.collect(&tx).await)
+                // Stop reading at once on shutdown (a statement may poll for minutes); what was
+                // already handed to delivery is delivered or left unconfirmed, never lost.
+                let result = tokio::select! {
+                    r = reader.collect(&tx) => r,
+                    _ = shutdown.wait() => Err(CollectError::Closed),
+                };
+                (table.full_name.clone(), result)
             });
         }
         drop(tx);
