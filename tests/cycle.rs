@@ -171,3 +171,127 @@ async fn a_record_the_sink_refuses_is_quarantined_and_the_rest_delivered() {
     let again = rig.cycle().await;
     assert_eq!((again.records_sent, again.quarantined), (0, 0));
 }
+
+/// Planted sensitive values found in a text: `dapi` tokens, AWS key ids, Luhn-valid 16-digit
+/// cards, e-mail addresses.
+fn planted(text: &str) -> Vec<String> {
+    let b = text.as_bytes();
+    let mut found = Vec::new();
+    for i in 0..b.len() {
+        let rest = &text[i..];
+        if rest.starts_with("dapi")
+            && rest.len() >= 36
+            && rest[4..36].bytes().all(|c| c.is_ascii_hexdigit())
+        {
+            found.push(rest[..36].to_string());
+        }
+        if rest.starts_with("AKIA")
+            && rest.len() >= 20
+            && rest[4..20]
+                .bytes()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        {
+            found.push(rest[..20].to_string());
+        }
+        let starts_run = i == 0 || !b[i - 1].is_ascii_digit();
+        if starts_run
+            && rest.len() >= 16
+            && rest[..16].bytes().all(|c| c.is_ascii_digit())
+            && rest.as_bytes().get(16).is_none_or(|c| !c.is_ascii_digit())
+        {
+            let digits: Vec<u32> = rest[..16].bytes().map(|c| u32::from(c - b'0')).collect();
+            let sum: u32 = digits
+                .iter()
+                .rev()
+                .enumerate()
+                .map(|(k, d)| {
+                    if k % 2 == 1 {
+                        let v = d * 2;
+                        if v > 9 {
+                            v - 9
+                        } else {
+                            v
+                        }
+                    } else {
+                        *d
+                    }
+                })
+                .sum();
+            if sum % 10 == 0 {
+                found.push(rest[..16].to_string());
+            }
+        }
+        if b[i] == b'@'
+            && i > 0
+            && b[i - 1].is_ascii_alphanumeric()
+            && b.get(i + 1).is_some_and(|c| c.is_ascii_alphabetic())
+        {
+            found.push(format!("email at {i}"));
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redaction_masks_every_planted_value_and_keeps_json_valid() {
+    // Without redaction the planted values reach Akto (so this test can fail)...
+    let raw = Rig::new(emulator_config()).await;
+    assert!(raw.cycle().await.ok());
+    let leaked: usize = raw
+        .standin
+        .records()
+        .iter()
+        .map(|r| planted(&r.to_string()).len())
+        .sum();
+    assert!(
+        leaked > 5,
+        "the emulator should plant sensitive values ({leaked} found)"
+    );
+
+    // ...with redaction none does, and every JSON payload is still JSON.
+    let rig = Rig::new(emulator_config()).await;
+    let state = databricks_shield::state::StateStore::open(&rig.state_path(), false).unwrap();
+    let mut s = settings(&rig.state_path());
+    s.redactor = Some(databricks_shield::traffic::Redactor::new(
+        &databricks_shield::traffic::RedactKind::ALL,
+    ));
+    let c = std::sync::Arc::new(databricks_shield::run::Connector::new(
+        client(&rig.emulator.base_url(), "emulator-client", SECRET),
+        http_sink(&rig.standin.url()),
+        state,
+        s,
+    ));
+    let (_t, shutdown) = databricks_shield::run::Shutdown::new();
+    let report = c.run_cycle(&shutdown).await;
+    assert!(report.ok(), "{:?}", report.errors);
+    assert!(report.redacted.total() > 0);
+    assert!(report.summary_line().contains("redacted="));
+    let records = rig.standin.records();
+    assert_eq!(records.len(), raw.standin.records().len());
+    let key = |r: &serde_json::Value| {
+        (
+            r["path"].as_str().unwrap_or("").to_string(),
+            header(r, "requestHeaders", "x-databricks-request-id"),
+            header(r, "requestHeaders", "x-tool-call-id"),
+        )
+    };
+    let originals: std::collections::HashMap<_, _> = raw
+        .standin
+        .records()
+        .into_iter()
+        .map(|r| (key(&r), r))
+        .collect();
+    for r in &records {
+        let original = &originals[&key(r)];
+        let hits = planted(&r.to_string());
+        assert!(hits.is_empty(), "planted values left: {hits:?}");
+        for field in ["requestPayload", "responsePayload"] {
+            let was_json =
+                serde_json::from_str::<serde_json::Value>(original[field].as_str().unwrap())
+                    .is_ok();
+            let is_json =
+                serde_json::from_str::<serde_json::Value>(r[field].as_str().unwrap()).is_ok();
+            assert!(!was_json || is_json, "{field} stopped being JSON");
+        }
+    }
+}
