@@ -33,6 +33,70 @@ pub async fn run(config: &Config) -> Vec<Step> {
         });
         ok
     };
+    // Reachability, each layer named: DNS, then TCP, then TLS (https hosts).
+    let host = config.host.host_str().unwrap_or_default().to_string();
+    let port = config.host.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host.as_str(), port))
+        .await
+    {
+        Ok(a) => a.collect(),
+        Err(e) => {
+            push(
+                "DNS",
+                Err(format!(
+                    "Failed to connect to Databricks workspace: {host} does not resolve ({e}). Fix: check \
+                     DATABRICKS_HOST (https://<workspace>.cloud.databricks.com) and this machine's DNS"
+                )),
+            );
+            return steps;
+        }
+    };
+    let Some(first) = addrs.first().copied() else {
+        push("DNS", Err(format!("{host} resolves to no address")));
+        return steps;
+    };
+    push("DNS", Ok(format!("{host} resolves to {}", first.ip())));
+    let tcp = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::net::TcpStream::connect(first),
+    )
+    .await;
+    let tcp_ok = match tcp {
+        Ok(Ok(_)) => Ok(format!("TCP connection to {first} accepted")),
+        Ok(Err(e)) => Err(format!(
+            "Failed to connect to Databricks workspace: TCP connection to {} failed ({e}). Fix: check \
+             firewalls, proxies and that DATABRICKS_HOST is right",
+            first
+        )),
+        Err(_) => Err(format!(
+            "Failed to connect to Databricks workspace: TCP connection to {} timed out after 10s. Fix: \
+             check firewalls and network routes (private link, VPN)",
+            first
+        )),
+    };
+    if !push("TCP", tcp_ok) {
+        return steps;
+    }
+    if config.host.scheme() == "https" {
+        let tls = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(15))
+            .build()
+            .map_err(|e| e.to_string());
+        let result = match tls {
+            Ok(c) => match c.get(config.host.as_str()).send().await {
+                Ok(r) => Ok(format!("TLS handshake with {host} verified (HTTP {})", r.status().as_u16())),
+                Err(e) => Err(format!(
+                    "Failed to connect to Databricks workspace: TLS with {host} failed ({}). Fix: the \
+                     certificate must be trusted; behind a TLS-inspecting proxy set DATABRICKS_CA_BUNDLE",
+                    error_chain(&e)
+                )),
+            },
+            Err(e) => Err(e),
+        };
+        if !push("TLS", result) {
+            return steps;
+        }
+    }
     let client = match crate::app::client(config) {
         Ok(c) => c,
         Err(e) => {
@@ -144,6 +208,17 @@ pub async fn run(config: &Config) -> Vec<Step> {
         }
     }
     steps
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }
 
 /// The checklist as text.

@@ -1,0 +1,189 @@
+//! `databricks-shield check`: each of the seed's five troubleshooting cases ends in a failing
+//! line that names the fix; a healthy setup passes every line.
+
+mod common;
+
+use std::process::Command;
+
+use databricks_emulator::Privilege;
+
+const BIN: &str = env!("CARGO_BIN_EXE_databricks-shield");
+
+struct Setup {
+    host: String,
+    secret: String,
+    sink: String,
+    prefix: String,
+    extra: Vec<(&'static str, String)>,
+}
+
+fn check(s: &Setup) -> (bool, Vec<serde_json::Value>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "--json"])
+        .env_clear()
+        .env("DATABRICKS_HOST", &s.host)
+        .env("DATABRICKS_CLIENT_ID", "emulator-client")
+        .env("DATABRICKS_CLIENT_SECRET", &s.secret)
+        .env("DATABRICKS_PREFIX", &s.prefix)
+        .env("DATA_INGESTION_SERVICE_URL", &s.sink)
+        .env("STATE_DIR", dir.path());
+    for (k, v) in &s.extra {
+        cmd.env(k, v);
+    }
+    let o = tokio::task::block_in_place(|| cmd.output().unwrap());
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    let steps: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "check --json printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o.status.success(), steps, stdout)
+}
+
+fn failed<'a>(steps: &'a [serde_json::Value]) -> Vec<(&'a str, &'a str)> {
+    steps
+        .iter()
+        .filter(|s| s["ok"] == false)
+        .map(|s| (s["name"].as_str().unwrap(), s["detail"].as_str().unwrap()))
+        .collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_setup_passes_every_line_and_each_case_fails_its_own() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let good = || Setup {
+        host: emu.base_url(),
+        secret: common::SECRET.into(),
+        sink: standin.url(),
+        prefix: String::new(),
+        extra: Vec::new(),
+    };
+    let (ok, steps, out) = check(&good());
+    assert!(ok, "{out}");
+    let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    for expected in [
+        "configuration",
+        "DNS",
+        "TCP",
+        "authentication",
+        "catalog and schema access",
+        "inference tables",
+        "SQL warehouse",
+        "sink reachable",
+    ] {
+        assert!(names.contains(&expected), "no {expected} line in {names:?}");
+    }
+    assert!(names.iter().filter(|n| n.starts_with("SELECT on ")).count() >= 4);
+
+    // 1. cannot connect
+    let (ok, steps, _) = check(&Setup {
+        host: format!("http://127.0.0.1:{}", free_port()),
+        ..good()
+    });
+    assert!(!ok);
+    let f = failed(&steps);
+    assert_eq!(f[0].0, "TCP", "{f:?}");
+    assert!(f[0].1.contains("Failed to connect to Databricks workspace"));
+
+    // 2. authentication
+    let (ok, steps, out) = check(&Setup {
+        secret: "not-the-secret-4711".into(),
+        ..good()
+    });
+    assert!(!ok && !out.contains("not-the-secret-4711"));
+    let f = failed(&steps);
+    assert_eq!(f[0].0, "authentication");
+    assert!(f[0].1.contains("Authentication failed"));
+
+    // 3. access denied, with the GRANT statements
+    emu.revoke("emulator-client", Privilege::UseCatalog);
+    let (ok, steps, _) = check(&good());
+    emu.grant("emulator-client", Privilege::UseCatalog);
+    assert!(!ok);
+    let f = failed(&steps);
+    assert_eq!(f[0].0, "catalog and schema access");
+    assert!(
+        f[0].1
+            .contains("GRANT USE CATALOG ON CATALOG workspace TO `emulator-client`"),
+        "{}",
+        f[0].1
+    );
+
+    // ... and a table without SELECT
+    let table = emu.ground_truth()[0].table.clone();
+    emu.revoke(
+        "emulator-client",
+        Privilege::Select {
+            table: table.clone(),
+        },
+    );
+    let (ok, steps, _) = check(&good());
+    emu.grant(
+        "emulator-client",
+        Privilege::Select {
+            table: table.clone(),
+        },
+    );
+    assert!(!ok);
+    let f = failed(&steps);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].0, format!("SELECT on {table}"));
+    assert!(f[0].1.contains("GRANT SELECT ON TABLE"), "{}", f[0].1);
+
+    // 4. no data: a prefix that matches nothing, and an unreachable ingestion service
+    let (ok, steps, _) = check(&Setup {
+        prefix: "nothing_matches_".into(),
+        ..good()
+    });
+    assert!(!ok);
+    let f = failed(&steps);
+    assert_eq!(f[0].0, "inference tables");
+    assert!(f[0].1.contains("DATABRICKS_PREFIX"));
+    let dead_sink = format!("http://127.0.0.1:{}", free_port());
+    let (ok, steps, _) = check(&Setup {
+        sink: dead_sink.clone(),
+        ..good()
+    });
+    assert!(!ok);
+    let f = failed(&steps);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].0, "sink reachable");
+    assert!(
+        f[0].1.contains("No data appearing") && f[0].1.contains(&dead_sink[7..]),
+        "{}",
+        f[0].1
+    );
+
+    // 5. slow: statements outlast STATEMENT_TIMEOUT_SECONDS
+    emu.set_faults(&format!(
+        "route=/api/2.0/sql/statements,kind=pending,polls=100000,count=unlimited,table={table}"
+    ))
+    .unwrap_or_else(|_| {
+        emu.set_faults("route=/api/2.0/sql/statements,kind=pending,polls=100000,count=unlimited")
+            .unwrap()
+    });
+    let (ok, steps, _) = check(&Setup {
+        extra: vec![("STATEMENT_TIMEOUT_SECONDS", "5".into())],
+        ..good()
+    });
+    emu.set_faults("").unwrap();
+    assert!(!ok);
+    let f = failed(&steps);
+    assert!(f[0].0.starts_with("SELECT on "), "{f:?}");
+    assert!(
+        f[0].1.contains("STATEMENT_TIMEOUT") && f[0].1.contains("warehouse"),
+        "{}",
+        f[0].1
+    );
+}
