@@ -186,11 +186,20 @@ impl DatabricksClient {
         })
     }
 
-    fn schema_query(catalog: &str, schema: &str) -> Vec<(&'static str, String)> {
-        vec![
+    /// A listing of one schema, with catalog/schema context on its errors.
+    async fn list_in_schema<P: Page>(
+        &self,
+        path: &str,
+        catalog: &str,
+        schema: &str,
+    ) -> Result<Vec<P::Item>, DatabricksError> {
+        let query = vec![
             ("catalog_name", catalog.to_string()),
             ("schema_name", schema.to_string()),
-        ]
+        ];
+        self.list_all::<P>(&format!("GET {path}"), path, query)
+            .await
+            .map_err(|e| self.in_schema(e, catalog, schema))
     }
 
     /// Adds catalog/schema context (and the GRANT fix) to a permission or not-found error.
@@ -235,13 +244,8 @@ impl DatabricksClient {
         catalog: &str,
         schema: &str,
     ) -> Result<Vec<TableInfo>, DatabricksError> {
-        self.list_all::<TablesPage>(
-            "GET /api/2.1/unity-catalog/tables",
-            "/api/2.1/unity-catalog/tables",
-            Self::schema_query(catalog, schema),
-        )
-        .await
-        .map_err(|e| self.in_schema(e, catalog, schema))
+        self.list_in_schema::<TablesPage>("/api/2.1/unity-catalog/tables", catalog, schema)
+            .await
     }
 
     /// Registered models of `catalog.schema`.
@@ -250,13 +254,8 @@ impl DatabricksClient {
         catalog: &str,
         schema: &str,
     ) -> Result<Vec<RegisteredModel>, DatabricksError> {
-        self.list_all::<ModelsPage>(
-            "GET /api/2.1/unity-catalog/models",
-            "/api/2.1/unity-catalog/models",
-            Self::schema_query(catalog, schema),
-        )
-        .await
-        .map_err(|e| self.in_schema(e, catalog, schema))
+        self.list_in_schema::<ModelsPage>("/api/2.1/unity-catalog/models", catalog, schema)
+            .await
     }
 
     /// Versions of one registered model.
@@ -278,12 +277,7 @@ impl DatabricksClient {
         catalog: &str,
         schema: &str,
     ) -> Result<Vec<FunctionInfo>, DatabricksError> {
-        self.list_all::<FunctionsPage>(
-            "GET /api/2.1/unity-catalog/functions",
-            "/api/2.1/unity-catalog/functions",
-            Self::schema_query(catalog, schema),
-        )
-        .await
-        .map_err(|e| self.in_schema(e, catalog, schema))
+        self.list_in_schema::<FunctionsPage>("/api/2.1/unity-catalog/functions", catalog, schema)
+            .await
     }
 }
