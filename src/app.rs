@@ -40,7 +40,12 @@ pub fn client(config: &Config) -> Result<DatabricksClient, crate::databricks::Da
         },
         DatabricksAuth::Pat { token } => Credentials::Pat(token.clone()),
     };
-    DatabricksClient::new(&config.host, credentials, ClientOptions::default())
+    DatabricksClient::with_ca_bundle(
+        &config.host,
+        credentials,
+        ClientOptions::default(),
+        config.ca_bundle.as_deref(),
+    )
 }
 
 /// The sink a configuration asks for.
@@ -170,13 +175,28 @@ pub async fn run_loop(
     connector: Arc<Connector>,
     interval: Duration,
     once: bool,
+    shutdown: Shutdown,
+) -> bool {
+    run_loop_observed(connector, interval, once, shutdown, None).await
+}
+
+/// [`run_loop`] that also feeds `metrics` (the `/metrics` registry and status page) after every
+/// cycle, from the cycle's report and the Databricks client's request counters.
+pub async fn run_loop_observed(
+    connector: Arc<Connector>,
+    interval: Duration,
+    once: bool,
     mut shutdown: Shutdown,
+    metrics: Option<Arc<crate::ops::Metrics>>,
 ) -> bool {
     loop {
         let report = connector.run_cycle(&shutdown).await;
         log_report(&report);
         if let Err(e) = connector.sink.flush().await {
             tracing::error!("ERROR flushing {}: {e}", connector.sink.name());
+        }
+        if let Some(m) = &metrics {
+            m.observe(&report, &connector.client.stats());
         }
         if once || shutdown.is_triggered() {
             return report.ok();

@@ -141,6 +141,11 @@ pub struct DatabricksArgs {
     #[arg(long, env = "DATABRICKS_HOST", value_name = "URL", global = true)]
     pub host: Option<String>,
 
+    /// Extra CA certificates (PEM bundle) trusted for the workspace, e.g. a corporate TLS proxy's;
+    /// falls back to SSL_CERT_FILE. TLS is always verified
+    #[arg(long, env = "DATABRICKS_CA_BUNDLE", value_name = "PATH", global = true)]
+    pub ca_bundle: Option<PathBuf>,
+
     /// Service principal application (client) id, for OAuth machine-to-machine
     #[arg(long, env = "DATABRICKS_CLIENT_ID", value_name = "ID", global = true)]
     pub client_id: Option<String>,

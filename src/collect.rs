@@ -217,6 +217,115 @@ fn cell_owned(row: &mut Row, idx: Option<usize>) -> Option<String> {
     idx.and_then(|i| row.get_mut(i)).and_then(|c| c.0.take())
 }
 
+/// Where each column of an inference-table result is (None when the result lacks it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowColumns {
+    pub id: Option<usize>,
+    pub client: Option<usize>,
+    pub time: Option<usize>,
+    pub status: Option<usize>,
+    pub duration: Option<usize>,
+    pub request: Option<usize>,
+    pub response: Option<usize>,
+    pub codes: Option<usize>,
+    pub entity: Option<usize>,
+    pub requester: Option<usize>,
+    pub metadata: Option<usize>,
+}
+
+impl RowColumns {
+    /// Finds the columns of `format`'s schema with `column` (name -> index).
+    pub fn locate(format: TableFormat, column: impl Fn(&str) -> Option<usize>) -> RowColumns {
+        let legacy = format == TableFormat::Legacy;
+        RowColumns {
+            id: column("databricks_request_id"),
+            client: column("client_request_id"),
+            time: column(if legacy {
+                "timestamp_ms"
+            } else {
+                "request_time"
+            }),
+            status: column("status_code"),
+            duration: column(if legacy {
+                "execution_time_ms"
+            } else {
+                "execution_duration_ms"
+            }),
+            request: column("request"),
+            response: column("response"),
+            codes: column("logging_error_codes"),
+            entity: column("served_entity_id"),
+            requester: column("requester"),
+            metadata: column("request_metadata"),
+        }
+    }
+}
+
+/// Turns one result row of `table` into its key time (µs) and execution. A row without a usable
+/// id or time cannot be delivered exactly once: it comes back as (reason, the row as JSON), for
+/// quarantine. Any other cell may be NULL, malformed or huge; it never panics.
+pub fn execution_from_row(
+    table: &str,
+    format: TableFormat,
+    cols: &RowColumns,
+    mut row: Row,
+) -> Result<(i64, Execution), (String, String)> {
+    let d = match format {
+        TableFormat::Legacy => &LEGACY,
+        TableFormat::AiGateway => &AI_GATEWAY,
+    };
+    let id = cell_owned(&mut row, cols.id);
+    let time = cell(&row, cols.time).and_then(|t| d.parse_time(t));
+    let (Some(id), Some(time_us)) = (id.clone(), time) else {
+        return Err((
+            format!(
+                "row without a usable databricks_request_id or {}: {:?}",
+                d.time_col, id
+            ),
+            serde_json::to_string(&row.iter().map(|c| c.0.clone()).collect::<Vec<_>>())
+                .unwrap_or_default(),
+        ));
+    };
+    let request_time = Utc
+        .timestamp_micros(time_us)
+        .single()
+        .unwrap_or_else(Utc::now);
+    let codes = cell(&row, cols.codes)
+        .map(|s| serde_json::from_str::<Vec<String>>(s).unwrap_or_else(|_| vec![s.to_string()]))
+        .unwrap_or_default();
+    let metadata = cell(&row, cols.metadata).and_then(|s| serde_json::from_str(s).ok());
+    let exec = Execution {
+        table: table.to_string(),
+        format: d.format,
+        request_id: id,
+        client_request_id: cell_owned(&mut row, cols.client),
+        request_time,
+        status_code: cell(&row, cols.status).and_then(|s| s.trim().parse().ok()),
+        duration_ms: cell(&row, cols.duration).and_then(|s| s.trim().parse().ok()),
+        request: cell_owned(&mut row, cols.request),
+        response: cell_owned(&mut row, cols.response),
+        logging_error_codes: codes,
+        served_entity_id: cell_owned(&mut row, cols.entity),
+        requester: cell_owned(&mut row, cols.requester),
+        request_metadata: metadata,
+    };
+    Ok((time_us, exec))
+}
+
+/// A single row larger than a statement's byte limit: it cannot be read inline.
+fn too_large(table: &str) -> CollectError {
+    CollectError::Databricks(DatabricksError::Statement {
+        table: table.to_string(),
+        state: "TRUNCATED".into(),
+        error_code: "ROW_TOO_LARGE".into(),
+        message: format!(
+            "a single row is larger than the {} MiB read limit per statement; it cannot be read",
+            crate::databricks::sql::INLINE_BYTE_LIMIT >> 20
+        ),
+        retriable: false,
+    })
+}
+
 /// Reads one table, sending chunks of new executions to `out`.
 pub struct TableReader<'a> {
     pub client: &'a DatabricksClient,
@@ -313,11 +422,13 @@ impl TableReader<'_> {
                 Param::new("after_id", after_id.clone(), "STRING"),
             ];
             let rows = self.run(self.statement(sql, params), stats).await?;
-            let (n, bytes, last) = self.emit_rows(rows, None, out, stats).await?;
-            if n == 0 {
-                return Ok(());
+            // Cut by the byte limit: more rows follow even though the page is not full.
+            let truncated = rows.truncated;
+            let (n, bytes, last, _) = self.emit_rows(rows, None, out, stats).await?;
+            if n == 0 && truncated {
+                return Err(too_large(&self.table.full_name));
             }
-            if n < limit {
+            if n == 0 || (n < limit && !truncated) {
                 return Ok(());
             }
             match last {
@@ -347,90 +458,46 @@ impl TableReader<'_> {
         wanted: Option<&HashSet<String>>,
         out: &mpsc::Sender<Chunk>,
         stats: &mut TableStats,
-    ) -> Result<(usize, usize, Option<(i64, String)>), CollectError> {
+    ) -> Result<(usize, usize, Option<(i64, String)>, HashSet<String>), CollectError> {
         let d = self.dialect();
-        let legacy = d.format == TableFormat::Legacy;
-        let col = |n: &str| rows.column(n);
-        let i_id = col("databricks_request_id");
-        let i_client = col("client_request_id");
-        let i_time = col(if legacy {
-            "timestamp_ms"
-        } else {
-            "request_time"
-        });
-        let i_status = col("status_code");
-        let i_dur = col(if legacy {
-            "execution_time_ms"
-        } else {
-            "execution_duration_ms"
-        });
-        let i_req = col("request");
-        let i_resp = col("response");
-        let i_codes = col("logging_error_codes");
-        let i_entity = col("served_entity_id");
-        let i_requester = col("requester");
-        let i_meta = col("request_metadata");
+        let mut seen = HashSet::new();
+        let cols = RowColumns::locate(d.format, |n| rows.column(n));
         let mut n = 0usize;
         let mut bytes = 0usize;
         let mut last = None;
         while let Some(chunk) = rows.next_chunk().await? {
             n += chunk.len();
             stats.rows_returned += chunk.len() as u64;
-            let keys: Vec<&str> = chunk.iter().filter_map(|r| cell(r, i_id)).collect();
+            let keys: Vec<&str> = chunk.iter().filter_map(|r| cell(r, cols.id)).collect();
             let delivered = self
                 .state
                 .delivered_among(&self.table.full_name, keys.iter().copied())?;
             let mut execs = Vec::with_capacity(chunk.len());
             let mut unreadable = Vec::new();
-            for mut row in chunk {
+            for row in chunk {
                 bytes += row
                     .iter()
                     .map(|c| c.0.as_ref().map_or(4, |s| s.len()))
                     .sum::<usize>();
-                let id = cell_owned(&mut row, i_id);
-                let time = cell(&row, i_time).and_then(|t| d.parse_time(t));
-                let (Some(id), Some(time_us)) = (id.clone(), time) else {
-                    unreadable.push((
-                        format!(
-                            "row without a usable databricks_request_id or {}: {:?}",
-                            d.time_col, id
-                        ),
-                        serde_json::to_string(&row.iter().map(|c| c.0.clone()).collect::<Vec<_>>())
-                            .unwrap_or_default(),
-                    ));
-                    continue;
-                };
-                last = Some((time_us, id.clone()));
-                if delivered.contains(&id) || wanted.is_some_and(|w| !w.contains(&id)) {
+                let (time_us, exec) =
+                    match execution_from_row(&self.table.full_name, d.format, &cols, row) {
+                        Ok(x) => x,
+                        Err(bad) => {
+                            unreadable.push(bad);
+                            continue;
+                        }
+                    };
+                last = Some((time_us, exec.request_id.clone()));
+                if wanted.is_some() {
+                    seen.insert(exec.request_id.clone());
+                }
+                if delivered.contains(&exec.request_id)
+                    || wanted.is_some_and(|w| !w.contains(&exec.request_id))
+                {
                     stats.duplicates_skipped += 1;
                     continue;
                 }
-                let request_time = Utc
-                    .timestamp_micros(time_us)
-                    .single()
-                    .unwrap_or_else(Utc::now);
-                let codes = cell(&row, i_codes)
-                    .map(|s| {
-                        serde_json::from_str::<Vec<String>>(s)
-                            .unwrap_or_else(|_| vec![s.to_string()])
-                    })
-                    .unwrap_or_default();
-                let metadata = cell(&row, i_meta).and_then(|s| serde_json::from_str(s).ok());
-                execs.push(Execution {
-                    table: self.table.full_name.clone(),
-                    format: d.format,
-                    request_id: id,
-                    client_request_id: cell_owned(&mut row, i_client),
-                    request_time,
-                    status_code: cell(&row, i_status).and_then(|s| s.trim().parse().ok()),
-                    duration_ms: cell(&row, i_dur).and_then(|s| s.trim().parse().ok()),
-                    request: cell_owned(&mut row, i_req),
-                    response: cell_owned(&mut row, i_resp),
-                    logging_error_codes: codes,
-                    served_entity_id: cell_owned(&mut row, i_entity),
-                    requester: cell_owned(&mut row, i_requester),
-                    request_metadata: metadata,
-                });
+                execs.push(exec);
             }
             stats.bytes_returned += bytes as u64;
             stats.executions += execs.len() as u64;
@@ -445,7 +512,7 @@ impl TableReader<'_> {
                 .map_err(|_| CollectError::Closed)?;
             }
         }
-        Ok((n, bytes, last))
+        Ok((n, bytes, last, seen))
     }
 
     /// Finds rows at or before the cursor that are not delivered yet, and emits them.
@@ -706,7 +773,20 @@ impl TableReader<'_> {
                 tc = d.time_col
             );
             let rows = self.run(self.statement(sql, params), stats).await?;
-            self.emit_rows(rows, Some(&wanted), out, stats).await?;
+            let truncated = rows.truncated;
+            let (n, _, _, seen) = self.emit_rows(rows, Some(&wanted), out, stats).await?;
+            if truncated {
+                // Cut by the byte limit: fetch the rest of this group again, in smaller groups.
+                if n == 0 {
+                    return Err(too_large(&self.table.full_name));
+                }
+                let rest: Vec<String> = group
+                    .iter()
+                    .filter(|id| !seen.contains(*id))
+                    .cloned()
+                    .collect();
+                Box::pin(self.fetch_ids(rest, out, stats)).await?;
+            }
         }
         Ok(())
     }

@@ -60,6 +60,8 @@ pub struct Config {
     pub prefix: String,
     /// `DATABRICKS_WAREHOUSE_ID`; `None` = pick one.
     pub warehouse_id: Option<String>,
+    /// `DATABRICKS_CA_BUNDLE` (else `SSL_CERT_FILE`): extra trusted CA certificates, PEM.
+    pub ca_bundle: Option<PathBuf>,
     /// `None` only for commands that send nothing ([`Needs::Databricks`]).
     pub sink: Option<SinkConfig>,
     /// `AKTO_ACCOUNT_ID`, digits, default `1000000`.
@@ -348,6 +350,27 @@ impl Config {
                 );
             }
         }
+        let ca_bundle = given_path(&d.ca_bundle)
+            .map(|p| ("DATABRICKS_CA_BUNDLE", p.to_path_buf()))
+            .or_else(|| {
+                std::env::var_os("SSL_CERT_FILE")
+                    .filter(|v| !v.is_empty())
+                    .map(|v| ("SSL_CERT_FILE", PathBuf::from(v)))
+            });
+        if let Some((variable, path)) = &ca_bundle {
+            let pem = std::fs::read(path).unwrap_or_default();
+            if crate::databricks::parse_ca_bundle(&pem).is_err() {
+                p.push(
+                    variable,
+                    format!(
+                        "{variable} {} is not a readable PEM file with at least one CA \
+                         certificate: give the path of the CA bundle (-----BEGIN CERTIFICATE-----)",
+                        path.display()
+                    ),
+                );
+            }
+        }
+        let ca_bundle = ca_bundle.map(|(_, path)| path);
         let warehouse_id = given(&d.warehouse_id).map(str::to_owned);
         if let Some(id) = &warehouse_id {
             if id.len() > 128 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
@@ -558,6 +581,7 @@ impl Config {
             schema,
             prefix,
             warehouse_id,
+            ca_bundle,
             sink,
             akto_account_id,
             interval: Duration::from_secs(interval),

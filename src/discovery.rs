@@ -107,6 +107,29 @@ pub struct Agent {
     /// Why there is no table to read, when there is none.
     pub table_note: Option<String>,
     pub tags: BTreeMap<String, String>,
+    /// The MLflow experiment holding the agent's traces (from its UC model version's run, its
+    /// app's experiment resource, or an experiment named after it).
+    #[serde(default)]
+    pub experiment_id: Option<String>,
+    /// The Databricks App the agent is deployed as, when it is one.
+    #[serde(default)]
+    pub app: Option<AppEntry>,
+}
+
+/// An agent deployed as a Databricks App.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AppEntry {
+    pub name: String,
+    pub url: Option<String>,
+    pub description: Option<String>,
+    /// `app_status.state`, e.g. `RUNNING`.
+    pub state: Option<String>,
+    /// `compute_status.state`, e.g. `ACTIVE`.
+    pub compute_state: Option<String>,
+    /// Serving endpoints the app may query (its LLMs or other agents).
+    pub serving_endpoints: Vec<String>,
+    /// SQL warehouses the app may use.
+    pub sql_warehouses: Vec<String>,
 }
 
 /// A registered model with its versions.
@@ -282,6 +305,8 @@ pub async fn discover(
                 .iter()
                 .map(|t| (t.key.clone(), t.value.clone().unwrap_or_default()))
                 .collect(),
+            experiment_id: None,
+            app: None,
         };
         if agent.is_agent || agent.table.is_some() {
             inv.agents.push(agent);
@@ -305,6 +330,8 @@ pub async fn discover(
             table: Some(t.clone()),
             table_note: None,
             tags: BTreeMap::new(),
+            experiment_id: None,
+            app: None,
         });
     }
     inv.agents.sort_by(|a, b| a.name.cmp(&b.name));
@@ -314,9 +341,21 @@ pub async fn discover(
     inv.tools = functions.into_iter().map(|f| f.full_name).collect();
     inv.tools.sort();
 
+    let mut run_ids: BTreeMap<(String, String), String> = BTreeMap::new();
     for m in client.list_models(catalog, schema).await? {
         let versions = match client.list_model_versions(&m.full_name).await {
-            Ok(v) => v.into_iter().map(|v| v.version).collect(),
+            Ok(v) => v
+                .into_iter()
+                .map(|v| {
+                    if let Some(r) = v.run_id.as_ref().filter(|r| !r.is_empty()) {
+                        run_ids.insert(
+                            (m.full_name.to_ascii_lowercase(), v.version.clone()),
+                            r.clone(),
+                        );
+                    }
+                    v.version
+                })
+                .collect(),
             Err(e) if !e.is_retriable() => {
                 tracing::debug!("versions of {} not readable: {e}", m.full_name);
                 Vec::new()
@@ -329,7 +368,224 @@ pub async fn discover(
         });
     }
     inv.models.sort_by(|a, b| a.full_name.cmp(&b.full_name));
+
+    add_apps(client, &mut inv).await?;
+    find_experiments(client, &mut inv, &run_ids).await?;
     Ok(inv)
+}
+
+/// Lowercase, every run of characters outside `[a-z0-9]` as one `_`, trimmed: `Code-Reviewer`
+/// and `code_reviewer` compare equal.
+pub fn normalize_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        let c = c.to_ascii_lowercase();
+        if c.is_ascii_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out.trim_matches('_').to_string()
+}
+
+/// The names an agent may be known by elsewhere (app, experiment): its own name, that name
+/// without the table prefix, its app's name, and its UC model's short name.
+fn agent_aliases(a: &Agent, prefix: &str) -> Vec<String> {
+    let mut names = vec![normalize_name(&a.name)];
+    if !prefix.is_empty() {
+        if let Some(short) = a.name.strip_prefix(prefix) {
+            names.push(normalize_name(short));
+        }
+    }
+    if let Some(app) = &a.app {
+        names.push(normalize_name(&app.name));
+    }
+    for m in a.models.iter().filter(|m| m.kind == "uc_model") {
+        names.push(normalize_name(m.name.rsplit('.').next().unwrap_or(&m.name)));
+    }
+    names.retain(|n| !n.is_empty());
+    names.dedup();
+    names
+}
+
+/// Lists Databricks Apps: an app whose name matches a table-only agent is that agent; an app
+/// with a serving-endpoint or experiment resource is an agent of its own (its executions come
+/// from its MLflow traces); other apps (dashboards, ...) are not agents. An apps API that is
+/// not available (disabled, no permission) only costs a WARN.
+async fn add_apps(client: &DatabricksClient, inv: &mut Inventory) -> Result<(), DatabricksError> {
+    let apps = match client.list_apps().await {
+        Ok(a) => a,
+        Err(e) if !e.is_retriable() => {
+            tracing::warn!("WARN cannot list Databricks Apps (agents deployed as apps are found from their tables only): {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    for app in apps {
+        let entry = AppEntry {
+            name: app.name.clone(),
+            url: app.url.clone(),
+            description: app.description.clone(),
+            state: app.app_status.as_ref().and_then(|s| s.state.clone()),
+            compute_state: app.compute_status.as_ref().and_then(|s| s.state.clone()),
+            serving_endpoints: app
+                .resources
+                .iter()
+                .filter_map(|r| r.serving_endpoint.as_ref().map(|e| e.name.clone()))
+                .collect(),
+            sql_warehouses: app
+                .resources
+                .iter()
+                .filter_map(|r| r.sql_warehouse.as_ref().map(|w| w.id.clone()))
+                .collect(),
+        };
+        let experiment = app
+            .resources
+            .iter()
+            .find_map(|r| r.experiment.as_ref())
+            .map(|e| e.experiment_id.clone())
+            .filter(|e| !e.is_empty());
+        let key = normalize_name(&app.name);
+        let prefix = inv.prefix.clone();
+        let matched = inv.agents.iter_mut().find(|a| {
+            a.endpoint.is_none() && a.app.is_none() && agent_aliases(a, &prefix).contains(&key)
+        });
+        match matched {
+            Some(a) => {
+                a.app = Some(entry);
+                if a.experiment_id.is_none() {
+                    a.experiment_id = experiment;
+                }
+            }
+            None if !entry.serving_endpoints.is_empty() || experiment.is_some() => {
+                inv.agents.push(Agent {
+                    name: app.name.clone(),
+                    endpoint: None,
+                    task: None,
+                    is_agent: true,
+                    models: Vec::new(),
+                    table: None,
+                    table_note: Some(
+                        "deployed as a Databricks App: executions come from its MLflow traces"
+                            .into(),
+                    ),
+                    tags: BTreeMap::new(),
+                    experiment_id: experiment,
+                    app: Some(entry),
+                });
+            }
+            None => tracing::debug!(app = %app.name, "app without agent resources; not an agent"),
+        }
+    }
+    inv.agents.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(())
+}
+
+/// Finds each agent's MLflow experiment: the run that logged its served UC model version
+/// (`runs/get` -> `experiment_id`), else an experiment whose name (last path segment) or
+/// `agent`/`agent_name` tag names the agent. An experiment belongs to one agent only (the first
+/// in inventory order; a second claimant gets a WARN), so no trace is sent twice.
+async fn find_experiments(
+    client: &DatabricksClient,
+    inv: &mut Inventory,
+    run_ids: &BTreeMap<(String, String), String>,
+) -> Result<(), DatabricksError> {
+    let mut by_run: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for a in inv.agents.iter_mut().filter(|a| a.experiment_id.is_none()) {
+        for m in a.models.iter().filter(|m| m.kind == "uc_model") {
+            let Some(v) = &m.version else { continue };
+            let Some(run) = run_ids.get(&(m.name.to_ascii_lowercase(), v.clone())) else {
+                continue;
+            };
+            let exp = match by_run.get(run) {
+                Some(e) => e.clone(),
+                None => {
+                    let e = match client.run_experiment(run).await {
+                        Ok(e) => Some(e),
+                        Err(e) if !e.is_retriable() => {
+                            tracing::debug!("run {run} of {} v{v} not readable: {e}", m.name);
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    by_run.insert(run.clone(), e.clone());
+                    e
+                }
+            };
+            if exp.is_some() {
+                a.experiment_id = exp;
+                break;
+            }
+        }
+    }
+    if inv
+        .agents
+        .iter()
+        .any(|a| a.experiment_id.is_none() && a.is_agent)
+    {
+        match client.search_experiments().await {
+            Ok(exps) => {
+                let prefix = inv.prefix.clone();
+                for a in inv
+                    .agents
+                    .iter_mut()
+                    .filter(|a| a.experiment_id.is_none() && a.is_agent)
+                {
+                    a.experiment_id = match_experiment(&agent_aliases(a, &prefix), &exps);
+                }
+            }
+            Err(e) if !e.is_retriable() => {
+                tracing::warn!("WARN cannot search MLflow experiments (traces of agents without a logged model are not read): {e}");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for a in inv.agents.iter_mut() {
+        let Some(e) = a.experiment_id.clone() else {
+            continue;
+        };
+        if let Some(first) = owner.get(&e) {
+            tracing::warn!(
+                "WARN MLflow experiment {e} belongs to agent {first}; agent {} shares it and its traces are attributed to {first}",
+                a.name
+            );
+            a.experiment_id = None;
+        } else {
+            owner.insert(e, a.name.clone());
+        }
+    }
+    Ok(())
+}
+
+/// The experiment named after (or tagged with) one of `aliases`, if exactly one matches.
+pub fn match_experiment(
+    aliases: &[String],
+    exps: &[crate::databricks::mlflow::Experiment],
+) -> Option<String> {
+    let hits: Vec<&str> = exps
+        .iter()
+        .filter(|e| {
+            let by_name = e
+                .name
+                .as_deref()
+                .map(|n| normalize_name(n.rsplit('/').next().unwrap_or(n)))
+                .is_some_and(|n| aliases.contains(&n));
+            let by_tag = e.tags.iter().any(|t| {
+                matches!(t.key.as_str(), "agent" | "agent_name")
+                    && t.value
+                        .as_deref()
+                        .is_some_and(|v| aliases.contains(&normalize_name(v)))
+            });
+            by_name || by_tag
+        })
+        .map(|e| e.experiment_id.as_str())
+        .collect();
+    match hits.as_slice() {
+        [one] => Some(one.to_string()),
+        _ => None,
+    }
 }
 
 /// The inventory as a readable table for `databricks-shield discover`.
@@ -363,7 +619,10 @@ pub fn render_table(inv: &Inventory) -> String {
         };
         rows.push([
             a.name.clone(),
-            a.endpoint.clone().unwrap_or_else(|| "-".into()),
+            a.endpoint
+                .clone()
+                .or_else(|| a.app.as_ref().map(|p| format!("app:{}", p.name)))
+                .unwrap_or_else(|| "-".into()),
             a.task.clone().unwrap_or_else(|| "-".into()),
             models,
             a.table
@@ -389,7 +648,8 @@ pub fn render_table(inv: &Inventory) -> String {
     let _ = writeln!(
         out,
         "\n{} agents ({} with an inference table), {} LLM endpoints without a table in scope; \
-         tables: {} in {}.{}, {} matching prefix '{}'; {} UC functions (tools), {} UC models, {} OTel span tables",
+         tables: {} in {}.{}, {} matching prefix '{}'; {} UC functions (tools), {} UC models, {} OTel span tables; \
+         {} apps, {} MLflow experiments",
         inv.agents.len(),
         inv.readable().count(),
         inv.llm_endpoints.len(),
@@ -400,7 +660,9 @@ pub fn render_table(inv: &Inventory) -> String {
         inv.prefix,
         inv.tools.len(),
         inv.models.len(),
-        inv.otel_span_tables.len()
+        inv.otel_span_tables.len(),
+        inv.agents.iter().filter(|a| a.app.is_some()).count(),
+        inv.agents.iter().filter(|a| a.experiment_id.is_some()).count()
     );
     if !inv.tools.is_empty() {
         let _ = writeln!(out, "tools: {}", inv.tools.join(", "));

@@ -2,10 +2,12 @@
 //! Exit codes: 0 success, 1 a cycle or check failed, 2 bad configuration.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use databricks_shield::cli::{self, Command};
 use databricks_shield::config::{Config, LogFormat, Needs};
-use databricks_shield::run::Shutdown;
+use databricks_shield::ops::{self, Metrics, OpsServer, ServiceInfo};
+use databricks_shield::run::{Connector, Shutdown};
 use databricks_shield::{app, discovery};
 
 fn main() -> ExitCode {
@@ -139,13 +141,52 @@ async fn run(config: Config) -> ExitCode {
         tracing::info!("Shutdown requested: finishing the current batch");
         trigger.trigger();
     });
-    let ok = app::run_loop(connector, config.interval, config.once, shutdown).await;
+    let (ops, metrics) = match start_ops(&config, &connector, &shutdown).await {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!("ERROR {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let ok =
+        app::run_loop_observed(connector, config.interval, config.once, shutdown, metrics).await;
+    if let Some(server) = ops {
+        server.stop().await;
+    }
     tracing::info!("databricks-shield stopped");
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
+}
+
+/// In service mode with `METRICS_ADDR` set: the metrics registry and its HTTP listener.
+async fn start_ops(
+    config: &Config,
+    connector: &Arc<Connector>,
+    shutdown: &Shutdown,
+) -> Result<(Option<OpsServer>, Option<Arc<Metrics>>), ops::OpsError> {
+    let addr = match config.metrics_addr {
+        Some(addr) if !config.once => addr,
+        _ => return Ok((None, None)),
+    };
+    let metrics = Arc::new(Metrics::new(ServiceInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        workspace: config.host.host_str().unwrap_or("databricks").to_string(),
+        catalog: config.catalog.clone(),
+        schema: config.schema.clone(),
+        prefix: config.prefix.clone(),
+        sink: connector.sink.name(),
+        sink_target: connector.sink.describe(),
+        interval: config.interval,
+    }));
+    let server = OpsServer::start(addr, metrics.clone(), shutdown.clone()).await?;
+    tracing::info!(
+        "Serving the status page, /healthz, /readyz and /metrics on http://{}",
+        server.local_addr()
+    );
+    Ok((Some(server), Some(metrics)))
 }
 
 async fn wait_for_signal() {

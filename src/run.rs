@@ -196,6 +196,33 @@ impl Quarantine {
     }
 }
 
+type Readers = tokio::task::JoinSet<(String, Result<TableStats, CollectError>)>;
+
+/// Runs one source's reader under the concurrency bound; shutdown stops it at once (a statement
+/// may poll for minutes): what it already handed to delivery is delivered or left unconfirmed,
+/// never lost.
+fn spawn_reader(
+    readers: &mut Readers,
+    sem: &Arc<Semaphore>,
+    shutdown: &Shutdown,
+    name: String,
+    work: impl std::future::Future<Output = Result<TableStats, CollectError>> + Send + 'static,
+) {
+    let sem = sem.clone();
+    let mut shutdown = shutdown.clone();
+    readers.spawn(async move {
+        let _permit = sem.acquire_owned().await;
+        if shutdown.is_triggered() {
+            return (name, Err(CollectError::Closed));
+        }
+        let result = tokio::select! {
+            r = work => r,
+            _ = shutdown.wait() => Err(CollectError::Closed),
+        };
+        (name, result)
+    });
+}
+
 /// The agent a table belongs to, as records need it.
 struct AgentInfo {
     name: String,
@@ -295,20 +322,24 @@ impl Connector {
         let inv = discovery::discover(&self.client, &s.catalog, &s.schema, &s.prefix).await?;
         report.agents = inv.agents.len();
         report.tables = inv.readable().count();
-        if report.tables == 0 {
+        let trace_sources = crate::traces::trace_sources(&inv, &s.workspace_host);
+        if report.tables == 0 && trace_sources.is_empty() {
             tracing::warn!(
-                "WARN no inference tables to read in {}.{} (prefix '{}'): {} tables found, {} match the prefix. \
-                 Run `databricks-shield discover` to see what was found",
+                "WARN no inference tables or MLflow traces to read in {}.{} (prefix '{}'): {} tables found, \
+                 {} match the prefix. Run `databricks-shield discover` to see what was found",
                 s.catalog,
                 s.schema,
                 s.prefix,
                 inv.tables_total,
                 inv.tables_matching_prefix
             );
-            report.inventory = Some(inv);
-            return Ok(());
         }
-        let warehouse = self.warehouse_id().await?;
+        // A warehouse only when there are tables to read with SQL.
+        let warehouse = if report.tables > 0 || !inv.otel_span_tables.is_empty() {
+            Some(self.warehouse_id().await?)
+        } else {
+            None
+        };
 
         let agents: BTreeMap<String, Arc<AgentInfo>> = inv
             .readable()
@@ -332,20 +363,33 @@ impl Connector {
             tokio::spawn(async move { this.deliver(rx, agents, shutdown).await })
         };
 
+        // Agent inventory records first: once per agent and configuration.
+        let units = crate::inventory::inventory_units(
+            &inv,
+            &s.workspace_host,
+            &s.account_id,
+            &self.state,
+            cycle_start_us,
+        );
+        if !units.is_empty() {
+            let chunk = Chunk {
+                table: crate::inventory::NAMESPACE.into(),
+                prepared: units,
+                ..Default::default()
+            };
+            if tx.send(chunk).await.is_err() {
+                tracing::debug!("delivery stopped before the inventory records");
+            }
+        }
+
         let sem = Arc::new(Semaphore::new(s.table_concurrency.max(1)));
-        let mut readers = tokio::task::JoinSet::new();
+        let mut readers = Readers::new();
+        let inv_arc = Arc::new(inv.clone());
         for (_, table) in inv.readable() {
-            let this = self.clone();
-            let tx = tx.clone();
-            let table = table.clone();
-            let warehouse = warehouse.clone();
-            let sem = sem.clone();
-            let mut shutdown = shutdown.clone();
-            readers.spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                if shutdown.is_triggered() {
-                    return (table.full_name.clone(), Err(CollectError::Closed));
-                }
+            let (this, tx, table) = (self.clone(), tx.clone(), table.clone());
+            let warehouse = warehouse.clone().unwrap_or_default();
+            let name = table.full_name.clone();
+            spawn_reader(&mut readers, &sem, shutdown, name, async move {
                 let reader = TableReader {
                     client: &this.client,
                     state: &this.state,
@@ -354,13 +398,45 @@ impl Connector {
                     opts: &this.settings.collect,
                     now_us: cycle_start_us,
                 };
-                // Stop reading at once on shutdown (a statement may poll for minutes); what was
-                // already handed to delivery is delivered or left unconfirmed, never lost.
-                let result = tokio::select! {
-                    r = reader.collect(&tx) => r,
-                    _ = shutdown.wait() => Err(CollectError::Closed),
-                };
-                (table.full_name.clone(), result)
+                reader.collect(&tx).await
+            });
+        }
+        for src in trace_sources {
+            let (this, tx) = (self.clone(), tx.clone());
+            let name = crate::traces::experiment_namespace(&src.experiment_id);
+            spawn_reader(&mut readers, &sem, shutdown, name, async move {
+                let st = &this.settings;
+                crate::traces::collect_experiment(
+                    &this.client,
+                    &this.state,
+                    &src,
+                    &st.collect,
+                    &st.account_id,
+                    cycle_start_us,
+                    &tx,
+                )
+                .await
+            });
+        }
+        for table in inv.otel_span_tables.clone() {
+            let (this, tx, inv) = (self.clone(), tx.clone(), inv_arc.clone());
+            let warehouse = warehouse.clone().unwrap_or_default();
+            let name = table.clone();
+            spawn_reader(&mut readers, &sem, shutdown, name, async move {
+                let st = &this.settings;
+                crate::traces::collect_otel_table(
+                    &this.client,
+                    &this.state,
+                    &warehouse,
+                    &table,
+                    &inv,
+                    &st.workspace_host,
+                    &st.account_id,
+                    &st.collect,
+                    cycle_start_us,
+                    &tx,
+                )
+                .await
             });
         }
         drop(tx);
@@ -443,8 +519,17 @@ impl Connector {
             let mut batch = Batch::default();
             // Units with ready records (traces, inventory): validated, batched, checkpointed alike.
             for unit in &chunk.prepared {
+                let mut mapped = traffic::Mapped {
+                    records: unit.records.clone(),
+                    truncated_payloads: 0,
+                    tool_calls: 0,
+                };
+                if let Some(r) = &self.settings.redactor {
+                    let counts = r.redact_mapped(&mut mapped, self.settings.map.max_string_bytes);
+                    totals.redacted.add(&counts);
+                }
                 let records =
-                    self.accept(&chunk.table, &unit.id, &unit.host, unit.records.iter())?;
+                    self.accept(&chunk.table, &unit.id, &unit.host, mapped.records.iter())?;
                 let key = (unit.id.as_str(), unit.time_us);
                 if self
                     .add_unit(

@@ -207,11 +207,12 @@ impl StateStore {
             .and_then(|v| v.value().parse().ok()))
     }
 
-    /// Notes that a batch of `records` is about to be sent (not fsynced on its own: it becomes
-    /// durable with the next commit or is lost with a crash, which only costs the WARN line).
+    /// Notes that a batch of `records` is about to be sent, durably (fsync) before it is sent:
+    /// a process killed between sending and recording the confirmation must find the marker at
+    /// its next start, or the batch it sends again would go unannounced.
     pub fn mark_in_flight(&self, records: usize) -> Result<(), StateError> {
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        txn.set_durability(Durability::None)
+        txn.set_durability(Durability::Immediate)
             .map_err(|e| self.io(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;

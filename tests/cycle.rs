@@ -295,3 +295,58 @@ async fn redaction_masks_every_planted_value_and_keeps_json_valid() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_and_inventory_records_arrive_once_and_again_after_a_config_change() {
+    let rig = Rig::new(emulator_config()).await;
+    let first = rig.cycle().await;
+    assert!(first.ok(), "{:?}", first.errors);
+    let records = rig.standin.records();
+    let inventory: Vec<_> = records.iter().filter(|r| r["method"] == "GET").collect();
+    assert_eq!(
+        inventory.len(),
+        first.agents,
+        "one inventory record per agent"
+    );
+    let inventory: Vec<_> = inventory
+        .into_iter()
+        .filter(|r| {
+            r["path"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("/serving-endpoints/")
+        })
+        .collect();
+    let spans = records
+        .iter()
+        .filter(|r| header(r, "requestHeaders", "x-mlflow-trace-id").is_some())
+        .count();
+    assert!(spans > 0, "MLflow trace spans are sent");
+
+    let second = rig.cycle().await;
+    assert!(second.ok(), "{:?}", second.errors);
+    assert_eq!(second.records_sent, 0, "nothing is sent twice");
+
+    let endpoint = inventory[0]["path"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("/serving-endpoints/")
+        .to_string();
+    rig.emulator
+        .set_endpoint_tag(&endpoint, "owner", "someone-else");
+    let third = rig.cycle().await;
+    assert!(third.ok(), "{:?}", third.errors);
+    assert_eq!(
+        third.records_sent, 1,
+        "only the changed agent's inventory record"
+    );
+    let last = rig.standin.records().pop().unwrap();
+    assert_eq!(
+        last["path"].as_str().unwrap(),
+        format!("/serving-endpoints/{endpoint}")
+    );
+    assert!(last["responsePayload"]
+        .as_str()
+        .unwrap()
+        .contains("someone-else"));
+}

@@ -5,9 +5,11 @@
 //! documented shapes (tolerating missing optional fields) and one error type,
 //! [`DatabricksError`], that says whether a retry can help and how an operator fixes it.
 
+pub mod apps;
 pub mod auth;
 pub mod error;
 pub mod http;
+pub mod mlflow;
 pub mod serving;
 pub mod sql;
 pub mod unity_catalog;
@@ -40,6 +42,17 @@ impl Default for ClientOptions {
     }
 }
 
+/// The certificates of a PEM bundle; an error (naming the fix) when it holds none.
+pub fn parse_ca_bundle(pem: &[u8]) -> Result<Vec<reqwest::Certificate>, String> {
+    match reqwest::Certificate::from_pem_bundle(pem) {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        Ok(_) => Err(
+            "no PEM certificate in the file: give a CA bundle (-----BEGIN CERTIFICATE-----)".into(),
+        ),
+        Err(e) => Err(format!("not a PEM certificate bundle ({e})")),
+    }
+}
+
 /// A cheap-to-clone handle on one workspace.
 #[derive(Clone)]
 pub struct DatabricksClient {
@@ -53,7 +66,32 @@ impl DatabricksClient {
         credentials: Credentials,
         options: ClientOptions,
     ) -> Result<Self, DatabricksError> {
-        let http = reqwest::Client::builder()
+        Self::with_ca_bundle(host, credentials, options, None)
+    }
+
+    /// Builds the client, also trusting the CA certificates of a PEM bundle (`DATABRICKS_CA_BUNDLE`,
+    /// e.g. a corporate TLS-inspecting proxy's). Certificates are always verified; proxies come
+    /// from `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` (reqwest's system proxy). Makes no request.
+    pub fn with_ca_bundle(
+        host: &url::Url,
+        credentials: Credentials,
+        options: ClientOptions,
+        ca_bundle: Option<&std::path::Path>,
+    ) -> Result<Self, DatabricksError> {
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_bundle {
+            let pem = std::fs::read(path).unwrap_or_default();
+            let certs = parse_ca_bundle(&pem).map_err(|detail| DatabricksError::Connect {
+                host: host.to_string(),
+                kind: ConnectKind::Tls,
+                detail: format!("DATABRICKS_CA_BUNDLE {}: {detail}", path.display()),
+            })?;
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let http = builder
+            .https_only(host.scheme() == "https")
             .connect_timeout(options.connect_timeout)
             .timeout(options.request_timeout)
             .user_agent(concat!("databricks-shield/", env!("CARGO_PKG_VERSION")))

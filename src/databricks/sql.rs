@@ -166,9 +166,14 @@ struct StatementResponse {
     result: Option<ChunkData>,
 }
 
+/// `byte_limit` of every statement: below the 25 MiB cap of INLINE results.
+pub const INLINE_BYTE_LIMIT: usize = 20 << 20;
+
 /// The rows of a finished statement, read chunk by chunk.
 pub struct Rows {
     client: DatabricksClient,
+    /// The table the statement reads, for errors.
+    table: String,
     pub statement_id: String,
     pub columns: Vec<ResultColumn>,
     pub truncated: bool,
@@ -202,7 +207,8 @@ impl Rows {
                 &[],
                 None,
             )
-            .await?;
+            .await
+            .map_err(|e| vanished(e, &self.table, &self.statement_id))?;
         self.next_link = next_link(&self.statement_id, &chunk);
         Ok(Some(chunk.data_array))
     }
@@ -214,6 +220,28 @@ impl Rows {
             out.append(&mut chunk);
         }
         Ok(out)
+    }
+}
+
+/// A statement the warehouse no longer knows (results expired, warehouse or workspace restarted
+/// while it ran) is not a configuration problem: the table is read again next cycle.
+fn vanished(e: DatabricksError, table: &str, statement_id: &str) -> DatabricksError {
+    match e {
+        DatabricksError::NotFound {
+            error_code,
+            message,
+            ..
+        } => DatabricksError::Statement {
+            table: table.to_string(),
+            state: "GONE".into(),
+            error_code,
+            message: format!(
+                "statement {statement_id} disappeared while its results were read ({message}); \
+                 the table is read again next cycle"
+            ),
+            retriable: true,
+        },
+        other => other,
     }
 }
 
@@ -304,6 +332,9 @@ impl DatabricksClient {
             "on_wait_timeout": "CONTINUE",
             "disposition": "INLINE",
             "format": "JSON_ARRAY",
+            // Under the 25 MiB INLINE cap: a page of large rows comes back `truncated` (and is
+            // continued from its last row) instead of failing the statement.
+            "byte_limit": INLINE_BYTE_LIMIT,
         });
         let mut resp: StatementResponse = self
             .api
@@ -346,7 +377,8 @@ impl DatabricksClient {
                             &[],
                             None,
                         )
-                        .await?;
+                        .await
+                        .map_err(|e| vanished(e, &st.table, &resp.statement_id))?;
                 }
                 state => return Err(self.statement_error(st, state, resp.status.error)),
             }
@@ -356,6 +388,7 @@ impl DatabricksClient {
         let next_link = next_link(&resp.statement_id, &first);
         Ok(Rows {
             client: self.clone(),
+            table: st.table.clone(),
             statement_id: resp.statement_id,
             columns: manifest.schema.columns,
             truncated: manifest.truncated.unwrap_or(false),

@@ -391,7 +391,10 @@ impl Layout {
                     config_version: 1,
                 });
             }
-            if matches!(kind, AgentKind::Responses | AgentKind::ChatAgent) {
+            if matches!(
+                kind,
+                AgentKind::Responses | AgentKind::ChatAgent | AgentKind::App
+            ) {
                 experiments.push(Experiment {
                     id: format!("{}", 1_000_000 + i * 7 + 3),
                     name: format!("/Users/owner@example.com/{name}"),

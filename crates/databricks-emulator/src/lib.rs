@@ -222,6 +222,7 @@ impl Emulator {
             statements: Mutex::new(Default::default()),
             sign_key: rand::random::<u64>(),
             started_ms: now_ms,
+            extra_traces: Mutex::new(Vec::new()),
             base_url: base_url.clone(),
             cfg,
         });
@@ -294,6 +295,12 @@ impl Emulator {
     /// Set (or add) a tag on a serving endpoint; bumps its config version.
     pub fn set_endpoint_tag(&self, endpoint: &str, key: &str, value: &str) {
         http::set_endpoint_tag(&self.shared, endpoint, key, value);
+    }
+
+    /// Add `count` new MLflow traces, timestamped now, to every experiment (same as
+    /// `POST /_emulator/traces`).
+    pub fn add_traces(&self, count: usize) {
+        http::add_traces(&self.shared, count);
     }
 
     /// Stop accepting, close connections gracefully and free the port.

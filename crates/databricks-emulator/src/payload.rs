@@ -288,6 +288,14 @@ fn convo(spec: &PayloadSpec<'_>, rng: &mut Rng) -> Convo {
     }
 }
 
+/// The tool call a payload carries, if any: `(call_id, tool name, arguments, output)`. MLflow
+/// traces of the same execution mirror it in their TOOL span.
+pub(crate) fn tool_call(spec: &PayloadSpec<'_>) -> Option<(String, String, String, String)> {
+    let mut rng = Rng::new(spec.seed);
+    let c = convo(spec, &mut rng);
+    c.tool.map(|(name, args, out)| (c.call_id, name, args, out))
+}
+
 /// Re-create the request JSON text of a row, or `None` when it was not logged.
 pub(crate) fn request_json(spec: &PayloadSpec<'_>) -> Option<String> {
     if spec.flags & FLAG_REQUEST_TOO_LARGE != 0 {

@@ -46,6 +46,9 @@ pub(crate) struct Shared {
     pub statements: Mutex<StatementTable>,
     pub sign_key: u64,
     pub started_ms: i64,
+    /// Traces added at run time (`/_emulator/traces`): `(timestamp ms, seed)`, each one trace in
+    /// every experiment.
+    pub extra_traces: Mutex<Vec<(i64, u64)>>,
 }
 
 impl Shared {

@@ -32,7 +32,8 @@ struct Trace {
 
 fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
     let mut rng = Rng::new(shared.cfg.seed ^ (exp.agent as u64).wrapping_mul(0x7F4A_7C15) ^ 0x7ACE);
-    (0..TRACES_PER_EXPERIMENT)
+    let extra: Vec<(i64, u64)> = crate::state::lock(&shared.extra_traces).clone();
+    let mut out: Vec<Trace> = (0..TRACES_PER_EXPERIMENT)
         .map(|k| Trace {
             id: format!("tr-{}", rng.hex(32)),
             experiment: exp.id.clone(),
@@ -43,7 +44,72 @@ fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
             seed: rng.next_u64(),
             client_request_id: format!("cr-{}", rng.hex(12)),
         })
-        .collect()
+        .collect();
+    for (ts_ms, seed) in extra {
+        let mut r = Rng::new(seed ^ (exp.agent as u64).wrapping_mul(0x9E37_79B9));
+        out.push(Trace {
+            id: format!("tr-{}", r.hex(32)),
+            experiment: exp.id.clone(),
+            agent: exp.agent,
+            ts_ms,
+            duration_ms: 200 + r.below(5000) as i64,
+            ok: r.chance(900),
+            seed: r.next_u64(),
+            client_request_id: format!("cr-{}", r.hex(12)),
+        });
+    }
+    out
+}
+
+/// Adds `count` traces timestamped now to every experiment.
+pub(crate) fn add_traces(shared: &Shared, count: usize) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut extra = crate::state::lock(&shared.extra_traces);
+    for k in 0..count {
+        let seed = shared.cfg.seed ^ ((extra.len() as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+        extra.push((now - (count - k) as i64, seed));
+    }
+}
+
+/// `GET /api/2.0/mlflow/runs/get?run_id=`: the runs that logged the agents' UC model versions.
+/// Runs of agents with an experiment live there; other runs answer 404 (deleted).
+pub(crate) async fn runs_get(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(run_id) = q.get("run_id").filter(|r| !r.is_empty()) else {
+        return bad_param("run_id is required");
+    };
+    let l = &shared.layout;
+    for (i, a) in l.agents.iter().enumerate() {
+        let Some(full) = &a.model_full_name else {
+            continue;
+        };
+        for v in 1..=a.model_versions {
+            if &super::uc::run_id(full, v) != run_id {
+                continue;
+            }
+            let Some(exp) = l.experiments.iter().find(|e| e.agent == i) else {
+                break;
+            };
+            let start = shared.started_ms - 86_400_000 * 5 + v as i64 * 3_600_000;
+            return ok(json!({"run": {
+                "info": {"run_id": run_id, "run_uuid": run_id, "experiment_id": exp.id,
+                    "run_name": format!("{}-v{v}", a.name), "user_id": "owner@example.com",
+                    "status": "FINISHED", "start_time": start, "end_time": start + 120_000,
+                    "artifact_uri": format!("dbfs:/databricks/mlflow-tracking/{}/{run_id}/artifacts", exp.id),
+                    "lifecycle_stage": "active"},
+                "data": {"params": [{"key": "agent", "value": a.name}],
+                    "tags": [{"key": "mlflow.runName", "value": format!("{}-v{v}", a.name)}]},
+                "inputs": {},
+            }}));
+        }
+    }
+    err(
+        StatusCode::NOT_FOUND,
+        "RESOURCE_DOES_NOT_EXIST",
+        format!("Run '{run_id}' not found."),
+    )
 }
 
 fn all_traces(shared: &Shared) -> Vec<Trace> {
@@ -346,6 +412,17 @@ fn xml_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
+/// A span attribute value as MLflow stores it: the JSON of the value (a JSON text is stored as
+/// its parsed value, other text as a JSON string, nothing as `null`).
+fn as_attr(v: &str) -> String {
+    if v.is_empty() {
+        return "null".to_string();
+    }
+    serde_json::from_str::<Value>(v)
+        .unwrap_or_else(|_| json!(v))
+        .to_string()
+}
+
 fn spans_of(shared: &Shared, t: &Trace) -> Value {
     let sp = spec(shared, t);
     let mut rng = Rng::new(t.seed ^ 0x5BA5);
@@ -361,8 +438,8 @@ fn spans_of(shared: &Shared, t: &Trace) -> Value {
         json!({
             "mlflow.traceRequestId": json!(t.id).to_string(),
             "mlflow.spanType": json!(kind).to_string(),
-            "mlflow.spanInputs": json!(inputs).to_string(),
-            "mlflow.spanOutputs": json!(outputs).to_string(),
+            "mlflow.spanInputs": as_attr(inputs),
+            "mlflow.spanOutputs": as_attr(outputs),
         })
     };
     let mut spans = vec![
@@ -372,10 +449,28 @@ fn spans_of(shared: &Shared, t: &Trace) -> Value {
             "start_time_unix_nano": start + 1_000_000, "end_time_unix_nano": end - 1_000_000, "status": status,
             "attributes": attr("CHAT_MODEL", &req, &resp), "events": []}),
     ];
-    if let Some(tool) = a.tools.first() {
+    // The TOOL span mirrors the execution's tool call (call id in `gen_ai.tool.call.id`); a
+    // failed trace fails in its tool, with an exception event as MLflow records it.
+    if let Some((call_id, tool, args, out)) = payload::tool_call(&sp) {
+        let mut attributes = attr("TOOL", &args, if t.ok { &out } else { "" });
+        attributes["gen_ai.tool.call.id"] = json!(json!(call_id).to_string());
+        let events = if t.ok {
+            json!([])
+        } else {
+            json!([{"name": "exception", "time_unix_nano": start + 3_000_000, "attributes": {
+                "exception.type": "TimeoutError", "exception.message": format!("{tool} timed out after 30s")}}])
+        };
         spans.push(json!({"trace_id": t.id, "span_id": rng.hex(16), "parent_span_id": root, "name": tool,
             "start_time_unix_nano": start + 2_000_000, "end_time_unix_nano": start + 3_000_000, "status": status,
-            "attributes": attr("TOOL", "{\"query\":\"status\"}", "{\"result\":\"ok\"}"), "events": []}));
+            "attributes": attributes, "events": events}));
+    }
+    if t.agent % 2 == 0 {
+        spans.push(json!({"trace_id": t.id, "span_id": rng.hex(16), "parent_span_id": root, "name": "vector_search",
+            "start_time_unix_nano": start + 1_500_000, "end_time_unix_nano": start + 1_900_000,
+            "status": {"code": "STATUS_CODE_OK", "message": ""},
+            "attributes": attr("RETRIEVER", "{\"query\":\"refund policy\"}",
+                "[{\"page_content\":\"Refunds within 30 days\",\"metadata\":{\"doc_uri\":\"kb/refunds.md\"}}]"),
+            "events": []}));
     }
     json!({"spans": spans})
 }

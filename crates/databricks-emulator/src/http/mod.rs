@@ -7,6 +7,7 @@
 
 #![allow(clippy::result_large_err)] // axum handlers return `Response` as their error value.
 
+mod apps;
 mod mlflow;
 mod serving;
 mod sqlapi;
@@ -154,6 +155,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             post(mlflow::experiments_search).get(mlflow::experiments_search_get),
         )
         .route("/api/3.0/mlflow/traces/search", post(mlflow::traces_search))
+        .route("/api/2.0/mlflow/runs/get", get(mlflow::runs_get))
+        .route("/api/2.0/apps", get(apps::list))
+        .route("/api/2.0/apps/{name}", get(apps::get_one))
         .route(
             "/api/2.0/mlflow/traces/{id}/credentials-for-data-download",
             get(mlflow::credentials),
@@ -172,7 +176,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/_emulator/stats", get(admin_stats))
         .route("/_emulator/faults", post(admin_faults))
         .route("/_emulator/permissions", post(admin_permissions))
-        .route("/_emulator/endpoint-tags", post(admin_endpoint_tags));
+        .route("/_emulator/endpoint-tags", post(admin_endpoint_tags))
+        .route("/_emulator/traces", post(admin_traces));
     Router::new()
         .merge(api)
         .merge(public)
@@ -635,6 +640,32 @@ async fn admin_endpoint_tags(
 }
 
 /// Set a tag on an endpoint and bump its config version; false when the endpoint is unknown.
+#[derive(serde::Deserialize)]
+struct TracesBody {
+    #[serde(default)]
+    count: usize,
+}
+
+async fn admin_traces(
+    State(shared): State<Arc<Shared>>,
+    peer: Option<Extension<Peer>>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
+        return r;
+    }
+    let b: TracesBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    add_traces(&shared, b.count.min(10_000));
+    Json(json!({"added_per_experiment": b.count.min(10_000)})).into_response()
+}
+
+pub(crate) fn add_traces(shared: &Shared, count: usize) {
+    mlflow::add_traces(shared, count);
+}
+
 pub(crate) fn set_endpoint_tag(shared: &Shared, endpoint: &str, key: &str, value: &str) -> bool {
     let mut eps = shared.endpoints.write().unwrap_or_else(|e| e.into_inner());
     let Some(ep) = eps.iter_mut().find(|e| e.name == endpoint) else {

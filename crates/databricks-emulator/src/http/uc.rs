@@ -303,7 +303,7 @@ pub(crate) async fn table_summaries(
     ok(v)
 }
 
-fn run_id(full: &str, version: u32) -> String {
+pub(crate) fn run_id(full: &str, version: u32) -> String {
     let mut h: u64 = 1469598103934665603;
     for b in full.bytes() {
         h = (h ^ b as u64).wrapping_mul(1099511628211);

@@ -13,8 +13,8 @@ async fn experiments_traces_and_signed_spans() {
         .await;
     assert_eq!(s, 200);
     let exps = v["experiments"].as_array().unwrap();
-    // ResponsesAgent and ChatAgent agents (0, 1, 4 of 5) have experiments.
-    assert_eq!(exps.len(), 3);
+    // ResponsesAgent, ChatAgent and app agents (0, 1, 3, 4 of 5) have experiments.
+    assert_eq!(exps.len(), 4);
     let exp_id = exps[0]["experiment_id"].as_str().unwrap().to_string();
     assert!(exps[0]["name"].is_string() && exps[0]["tags"].is_array());
 

@@ -1,0 +1,461 @@
+//! MLflow: experiments, runs and traces — where agents record what they did, span by span.
+//!
+//! Traces are searched with `POST /api/3.0/mlflow/traces/search` (filter on
+//! `trace.timestamp_ms`, ascending order, paged). Their spans are not in the REST answer: they
+//! are downloaded from cloud storage through the signed URI that
+//! `credentials-for-data-download` returns. That URI is a credential of its own and the storage
+//! refuses a second auth mechanism, so it is fetched with a plain HTTP client, WITHOUT the
+//! Databricks `Authorization` header, and it never appears in logs, errors or `Debug` output.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::http::classify_transport_error;
+use super::{DatabricksClient, DatabricksError};
+
+/// A key/value tag of an experiment or run.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct KeyValue {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// An MLflow experiment.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Experiment {
+    pub experiment_id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub lifecycle_stage: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<KeyValue>,
+}
+
+/// `TraceInfoV3` as the search returns it (optional fields tolerated).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TraceInfo {
+    pub trace_id: String,
+    #[serde(default)]
+    pub client_request_id: Option<String>,
+    /// RFC 3339.
+    #[serde(default)]
+    pub request_time: Option<String>,
+    /// e.g. `"1.250s"`.
+    #[serde(default)]
+    pub execution_duration: Option<String>,
+    /// `OK`, `ERROR` or `IN_PROGRESS`.
+    #[serde(default)]
+    pub state: Option<String>,
+    #[serde(default)]
+    pub request_preview: Option<String>,
+    #[serde(default)]
+    pub response_preview: Option<String>,
+    #[serde(default)]
+    pub trace_metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+impl TraceInfo {
+    /// The trace's start, µs since the epoch.
+    pub fn time_us(&self) -> Option<i64> {
+        let t = self.request_time.as_deref()?;
+        chrono::DateTime::parse_from_rfc3339(t.trim())
+            .ok()
+            .map(|d| d.timestamp_micros())
+    }
+
+    /// `execution_duration` in ms (`"1.2s"`, `"1200ms"`).
+    pub fn duration_ms(&self) -> Option<i64> {
+        let d = self.execution_duration.as_deref()?.trim();
+        if let Some(ms) = d.strip_suffix("ms") {
+            return ms.trim().parse::<f64>().ok().map(|v| v.round() as i64);
+        }
+        d.strip_suffix('s')?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .map(|v| (v * 1000.0).round() as i64)
+    }
+}
+
+/// One page of a trace search.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TracePage {
+    #[serde(default)]
+    pub traces: Vec<TraceInfo>,
+    #[serde(default)]
+    pub next_page_token: Option<String>,
+}
+
+/// Where a trace's data can be downloaded. The URI is a bearer credential: never shown.
+pub struct TraceDownload {
+    signed_uri: SecretString,
+    headers: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for TraceDownload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TraceDownload")
+            .field("signed_uri", &"[hidden]")
+            .field("headers", &self.headers.len())
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct ExperimentsPage {
+    #[serde(default)]
+    experiments: Vec<Experiment>,
+    #[serde(default)]
+    next_page_token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RunEnvelope {
+    run: RunBody,
+}
+#[derive(Deserialize)]
+struct RunBody {
+    info: RunInfo,
+}
+#[derive(Deserialize)]
+struct RunInfo {
+    experiment_id: String,
+}
+
+#[derive(Deserialize)]
+struct CredentialEnvelope {
+    credential_info: CredentialInfo,
+}
+#[derive(Deserialize)]
+struct CredentialInfo {
+    signed_uri: String,
+    #[serde(default)]
+    headers: Vec<HttpHeader>,
+}
+#[derive(Deserialize)]
+struct HttpHeader {
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    value: String,
+}
+
+#[derive(Deserialize)]
+struct SpansDoc {
+    #[serde(default)]
+    spans: Vec<Value>,
+}
+
+const MAX_PAGES: usize = 10_000;
+const DOWNLOAD_ROUTE: &str = "GET <signed trace data URI>";
+
+/// The storage client: no Databricks credentials, no default headers.
+fn storage_http() -> Result<&'static reqwest::Client, DatabricksError> {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c);
+    }
+    let c = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(120))
+        .user_agent(concat!("databricks-shield/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| DatabricksError::Decode {
+            route: DOWNLOAD_ROUTE.into(),
+            detail: format!("cannot build the storage HTTP client: {e}"),
+        })?;
+    Ok(CLIENT.get_or_init(|| c))
+}
+
+fn mlflow_denied(e: DatabricksError, what: &str) -> DatabricksError {
+    match e {
+        DatabricksError::PermissionDenied { detail, .. } => DatabricksError::PermissionDenied {
+            object: what.to_string(),
+            detail,
+            fix: "give the service principal CAN READ on the agents' MLflow experiments".into(),
+        },
+        other => other,
+    }
+}
+
+impl DatabricksClient {
+    /// Every active experiment (all pages).
+    pub async fn search_experiments(&self) -> Result<Vec<Experiment>, DatabricksError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        for _ in 0..MAX_PAGES {
+            let mut body = json!({"max_results": 1000});
+            if let Some(t) = &token {
+                body["page_token"] = json!(t);
+            }
+            let page: ExperimentsPage = self
+                .api
+                .request(
+                    Method::POST,
+                    "POST /api/2.0/mlflow/experiments/search",
+                    "/api/2.0/mlflow/experiments/search",
+                    &[],
+                    Some(&body),
+                )
+                .await
+                .map_err(|e| mlflow_denied(e, "MLflow experiments"))?;
+            out.extend(
+                page.experiments
+                    .into_iter()
+                    .filter(|e| e.lifecycle_stage.as_deref() != Some("deleted")),
+            );
+            match page.next_page_token.filter(|t| !t.is_empty()) {
+                Some(t) => token = Some(t),
+                None => return Ok(out),
+            }
+        }
+        Err(DatabricksError::Decode {
+            route: "POST /api/2.0/mlflow/experiments/search".into(),
+            detail: format!("more than {MAX_PAGES} pages: the listing never ends"),
+        })
+    }
+
+    /// The experiment of a run (`GET /api/2.0/mlflow/runs/get`).
+    pub async fn run_experiment(&self, run_id: &str) -> Result<String, DatabricksError> {
+        let r: RunEnvelope = self
+            .api
+            .request(
+                Method::GET,
+                "GET /api/2.0/mlflow/runs/get",
+                "/api/2.0/mlflow/runs/get",
+                &[("run_id", run_id.to_string())],
+                None,
+            )
+            .await
+            .map_err(|e| mlflow_denied(e, &format!("MLflow run {run_id}")))?;
+        Ok(r.run.info.experiment_id)
+    }
+
+    /// One page of the traces of `experiment_id` matching `filter`, oldest first.
+    pub async fn search_traces(
+        &self,
+        experiment_id: &str,
+        filter: &str,
+        max_results: usize,
+        page_token: Option<&str>,
+    ) -> Result<TracePage, DatabricksError> {
+        let mut body = json!({
+            "locations": [{"type": "MLFLOW_EXPERIMENT", "mlflow_experiment": {"experiment_id": experiment_id}}],
+            "filter": filter,
+            "max_results": max_results,
+            "order_by": ["timestamp_ms ASC"],
+        });
+        if let Some(t) = page_token {
+            body["page_token"] = json!(t);
+        }
+        self.api
+            .request(
+                Method::POST,
+                "POST /api/3.0/mlflow/traces/search",
+                "/api/3.0/mlflow/traces/search",
+                &[],
+                Some(&body),
+            )
+            .await
+            .map_err(|e| mlflow_denied(e, &format!("traces of MLflow experiment {experiment_id}")))
+    }
+
+    /// Where the spans of a trace can be downloaded.
+    pub async fn trace_download(&self, trace_id: &str) -> Result<TraceDownload, DatabricksError> {
+        let c: CredentialEnvelope = self
+            .api
+            .request(
+                Method::GET,
+                "GET /api/2.0/mlflow/traces/{id}/credentials-for-data-download",
+                &format!(
+                    "/api/2.0/mlflow/traces/{}/credentials-for-data-download",
+                    path_segment(trace_id)
+                ),
+                &[],
+                None,
+            )
+            .await
+            .map_err(|e| mlflow_denied(e, &format!("data of trace {trace_id}")))?;
+        Ok(TraceDownload {
+            signed_uri: SecretString::from(c.credential_info.signed_uri),
+            headers: c
+                .credential_info
+                .headers
+                .into_iter()
+                .filter(|h| !h.name.is_empty() && !h.name.eq_ignore_ascii_case("authorization"))
+                .map(|h| (h.name, h.value))
+                .collect(),
+        })
+    }
+
+    /// Downloads the spans of a trace from its signed URI (no Databricks auth header), with the
+    /// same retry rules as the API (transient failures, 429, 5xx) within a bounded time.
+    pub async fn download_spans(
+        &self,
+        trace_id: &str,
+        dl: &TraceDownload,
+    ) -> Result<Vec<Value>, DatabricksError> {
+        let http = storage_http()?;
+        let started = Instant::now();
+        let budget = self.api.retry.max_elapsed.min(Duration::from_secs(120));
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let mut req = http.get(dl.signed_uri.expose_secret());
+            for (k, v) in &dl.headers {
+                req = req.header(k.as_str(), v.as_str());
+            }
+            let transient = match req.send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    match resp.bytes().await {
+                        Ok(body) if status.is_success() => {
+                            let doc: SpansDoc = serde_json::from_slice(&body).map_err(|e| {
+                                DatabricksError::Decode {
+                                    route: DOWNLOAD_ROUTE.into(),
+                                    detail: format!(
+                                        "the data of trace {trace_id} is not a span document: {e}"
+                                    ),
+                                }
+                            })?;
+                            return Ok(doc.spans);
+                        }
+                        Ok(body) => {
+                            let code = status.as_u16();
+                            if !(code == 429 || code >= 500) {
+                                let text: String =
+                                    String::from_utf8_lossy(&body).chars().take(300).collect();
+                                return Err(DatabricksError::Api {
+                                    route: DOWNLOAD_ROUTE.into(),
+                                    status: code,
+                                    error_code: storage_code(&text),
+                                    message: format!(
+                                        "cloud storage refused the data of trace {trace_id} (signed URL expired or storage firewall?)"
+                                    ),
+                                });
+                            }
+                            format!("HTTP {code}")
+                        }
+                        Err(e) => classify_transport_error(&e).1,
+                    }
+                }
+                Err(e) => {
+                    let (kind, detail) = classify_transport_error(&e);
+                    if matches!(kind, super::ConnectKind::Dns | super::ConnectKind::Tls) {
+                        return Err(DatabricksError::Connect {
+                            host: "trace storage".into(),
+                            kind,
+                            detail: strip_query(&detail),
+                        });
+                    }
+                    strip_query(&detail)
+                }
+            };
+            let delay = Duration::from_millis(
+                (self.api.retry.base_delay.as_millis() as u64)
+                    .saturating_mul(1 << attempt.min(6))
+                    .min(self.api.retry.max_delay.as_millis() as u64)
+                    .max(1),
+            );
+            if started.elapsed() + delay > budget {
+                return Err(DatabricksError::Exhausted {
+                    route: DOWNLOAD_ROUTE.into(),
+                    status: 0,
+                    error_code: String::new(),
+                    message: format!("downloading trace {trace_id}: {transient}"),
+                    attempts: attempt,
+                    elapsed_s: started.elapsed().as_secs(),
+                });
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+/// Percent-encodes one URL path segment (RFC 3986 unreserved characters kept).
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The S3/Azure/GCS error code of an XML error body (`<Code>...</Code>`), if any.
+fn storage_code(body: &str) -> String {
+    body.split_once("<Code>")
+        .and_then(|(_, r)| r.split_once("</Code>"))
+        .map(|(c, _)| c.chars().take(64).collect())
+        .unwrap_or_default()
+}
+
+/// Transport errors may quote the URL: keep everything before any `?` query (the signature).
+fn strip_query(detail: &str) -> String {
+    let mut out = String::with_capacity(detail.len());
+    let mut skipping = false;
+    for c in detail.chars() {
+        if c == '?' {
+            skipping = true;
+            out.push_str("?[signature hidden]");
+            continue;
+        }
+        if skipping && (c.is_whitespace() || c == ')' || c == '"') {
+            skipping = false;
+        }
+        if !skipping {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_times_parse() {
+        let t = TraceInfo {
+            request_time: Some("2026-11-29T08:00:00.250Z".into()),
+            execution_duration: Some("1.250s".into()),
+            ..Default::default()
+        };
+        assert_eq!(t.duration_ms(), Some(1250));
+        assert_eq!(t.time_us(), Some(1_795_939_200_250_000));
+        let t = TraceInfo {
+            execution_duration: Some("15ms".into()),
+            ..Default::default()
+        };
+        assert_eq!(t.duration_ms(), Some(15));
+    }
+
+    #[test]
+    fn signed_uris_never_show() {
+        let d = TraceDownload {
+            signed_uri: SecretString::from("https://s3/x?X-Amz-Signature=abc".to_string()),
+            headers: vec![],
+        };
+        assert!(!format!("{d:?}").contains("abc"));
+        let s = strip_query("error sending request for url (https://s3/x?X-Amz-Signature=abc)");
+        assert!(!s.contains("abc") && s.contains("https://s3/x"), "{s}");
+        assert_eq!(
+            storage_code("<Error><Code>AccessDenied</Code></Error>"),
+            "AccessDenied"
+        );
+    }
+}

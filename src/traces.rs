@@ -1,0 +1,965 @@
+//! Traces: what agents did inside one execution (LLM calls, tool calls, retrievals), read from
+//! MLflow experiments and UC OTel span tables and turned into Akto records.
+//!
+//! Why a module of its own: inference tables show one request and one response per execution;
+//! MLflow traces show each step with its own inputs, outputs, timing and errors. Each LLM
+//! (`LLM`, `CHAT_MODEL`), `TOOL` and `RETRIEVER` span becomes one record on the agent's host, so
+//! it lands in the agent's Akto collection, linked to its trace by `x-mlflow-trace-id`. For an
+//! agent with no inference table (an app known only from its traces) the root span is its
+//! execution record too.
+//!
+//! Exactly once, like table rows: one unit per trace (id = trace id, time = trace start) in the
+//! state namespace `mlflow:<experiment id>` (OTel tables: the table's full name). The cursor is the
+//! newest delivered `(time, trace id)`; traces appear late (they are exported when they end), so
+//! each read also looks `lookback` behind the last complete read and skips ids already delivered.
+//!
+//! Architecture Invariant: like `collect`, this module never writes state and never sends; it
+//! emits [`Chunk`]s of [`Prepared`] units, oldest first, to the delivery stage.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::collect::{
+    format_timestamp, quote_table, Chunk, CollectError, CollectOptions, Prepared, TableStats,
+};
+use crate::databricks::mlflow::TraceInfo;
+use crate::databricks::sql::{Param, Statement};
+use crate::databricks::{DatabricksClient, DatabricksError};
+use crate::discovery::{normalize_name, Inventory};
+use crate::state::StateStore;
+use crate::traffic::host::{encode_segment, tool_path};
+use crate::traffic::record::{fit, reason_phrase, JsonObject, MAX_STRING_BYTES};
+use crate::traffic::{agent_host, AktoRecord};
+
+/// Traces searched per page (and units per chunk).
+const PAGE: usize = 100;
+/// Concurrent span downloads per experiment.
+const DOWNLOADS: usize = 8;
+
+/// The state namespace of an experiment's traces.
+pub fn experiment_namespace(experiment_id: &str) -> String {
+    format!("mlflow:{experiment_id}")
+}
+
+/// One agent's experiment, as the collector needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceSource {
+    pub experiment_id: String,
+    /// The inventory agent name (tag `ai-agent`, per-agent counts).
+    pub agent: String,
+    /// The agent's Akto host ([`agent_host`]).
+    pub host: String,
+    /// For agents without an inference table: the path of the execution record built from the
+    /// root span. `None` when the table already provides execution records.
+    pub execution_path: Option<String>,
+}
+
+/// The experiments to read: one per agent that has one, in inventory order.
+pub fn trace_sources(inv: &Inventory, workspace_host: &str) -> Vec<TraceSource> {
+    inv.agents
+        .iter()
+        .filter_map(|a| {
+            let exp = a.experiment_id.clone()?;
+            let execution_path = a.table.is_none().then(|| match (&a.endpoint, &a.app) {
+                (Some(e), _) => format!("/serving-endpoints/{}/invocations", encode_segment(e)),
+                (None, Some(app)) => format!("/apps/{}/invocations", encode_segment(&app.name)),
+                (None, None) => format!("/agents/{}/invocations", encode_segment(&a.name)),
+            });
+            Some(TraceSource {
+                experiment_id: exp,
+                agent: a.name.clone(),
+                host: agent_host(&a.name, workspace_host),
+                execution_path,
+            })
+        })
+        .collect()
+}
+
+/// One span, from the MLflow span document or an OTel span table row.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Span {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: Option<String>,
+    pub name: String,
+    pub start_ns: Option<i64>,
+    pub end_ns: Option<i64>,
+    /// `STATUS_CODE_OK`, `STATUS_CODE_ERROR`, `OK`, `ERROR`, ...
+    pub status: Option<String>,
+    pub status_message: Option<String>,
+    /// Attribute values as stored (MLflow: JSON-encoded strings).
+    pub attributes: BTreeMap<String, String>,
+    /// `(event name, attributes)`.
+    pub events: Vec<(String, BTreeMap<String, String>)>,
+}
+
+fn text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+fn int_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn string_map(v: &Value) -> BTreeMap<String, String> {
+    let v = match v {
+        // OTel tables keep MAP<STRING,STRING> as JSON text.
+        Value::String(s) => serde_json::from_str(s).unwrap_or(Value::Null),
+        other => other.clone(),
+    };
+    match v {
+        Value::Object(m) => m
+            .into_iter()
+            .filter_map(|(k, v)| text_of(&v).map(|t| (k, t)))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+impl Span {
+    /// Reads a span object of the MLflow span document (tolerant of missing fields).
+    pub fn from_json(v: &Value) -> Span {
+        let status = &v["status"];
+        let (code, message) = match status {
+            Value::Object(_) => (text_of(&status["code"]), text_of(&status["message"])),
+            other => (text_of(other), None),
+        };
+        Span {
+            trace_id: text_of(&v["trace_id"]).unwrap_or_default(),
+            span_id: text_of(&v["span_id"]).unwrap_or_default(),
+            parent_span_id: text_of(&v["parent_span_id"]).filter(|p| !p.is_empty()),
+            name: text_of(&v["name"]).unwrap_or_default(),
+            start_ns: int_of(&v["start_time_unix_nano"]),
+            end_ns: int_of(&v["end_time_unix_nano"]),
+            status: code,
+            status_message: message.filter(|m| !m.is_empty()),
+            attributes: string_map(&v["attributes"]),
+            events: v["events"]
+                .as_array()
+                .map(|evs| {
+                    evs.iter()
+                        .map(|e| {
+                            (
+                                text_of(&e["name"]).unwrap_or_default(),
+                                string_map(&e["attributes"]),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// An attribute as plain text: MLflow stores values JSON-encoded, so a JSON string is
+    /// unwrapped, any other JSON value is kept as its JSON text, and non-JSON text is kept as is.
+    pub fn attr(&self, key: &str) -> Option<String> {
+        let raw = self.attributes.get(key)?;
+        match serde_json::from_str::<Value>(raw) {
+            Ok(Value::String(s)) => Some(s),
+            Ok(Value::Null) => None,
+            Ok(_) | Err(_) => Some(raw.clone()),
+        }
+    }
+
+    /// `mlflow.spanType` upper-cased.
+    pub fn span_type(&self) -> String {
+        self.attr("mlflow.spanType")
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_uppercase()
+    }
+
+    fn is_error(&self) -> bool {
+        self.status
+            .as_deref()
+            .is_some_and(|s| s.to_ascii_uppercase().ends_with("ERROR"))
+    }
+
+    /// The exception MLflow recorded, `(type, message)`, or the status message.
+    fn error(&self) -> Option<(String, String)> {
+        for (name, a) in &self.events {
+            if name == "exception" {
+                return Some((
+                    a.get("exception.type").cloned().unwrap_or_default(),
+                    a.get("exception.message").cloned().unwrap_or_default(),
+                ));
+            }
+        }
+        if self.is_error() {
+            return Some((
+                String::new(),
+                self.status_message.clone().unwrap_or_default(),
+            ));
+        }
+        None
+    }
+
+    /// The tool call id of a TOOL span, when the framework recorded one.
+    pub fn tool_call_id(&self) -> Option<String> {
+        ["gen_ai.tool.call.id", "mlflow.toolCallId", "tool_call_id"]
+            .iter()
+            .find_map(|k| self.attr(k))
+            .filter(|s| !s.is_empty())
+    }
+}
+
+/// What a span is, for records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Llm,
+    Tool,
+    Retriever,
+    Execution,
+}
+
+/// The trace a span belongs to, as its records need it.
+#[derive(Debug, Clone, Default)]
+pub struct TraceMeta {
+    pub trace_id: String,
+    pub client_request_id: Option<String>,
+    pub time_us: i64,
+    /// The namespace (`mlflow:<id>` or the OTel table) for `x-mlflow-location`.
+    pub location: String,
+}
+
+fn content_type(p: &str) -> &'static str {
+    let t = p.trim_start();
+    if t.is_empty() || t.starts_with('{') || t.starts_with('[') {
+        "application/json"
+    } else {
+        "text/plain"
+    }
+}
+
+/// The Akto records of one trace's spans: one per LLM, TOOL and RETRIEVER span (and the root span
+/// as the execution when `source.execution_path` is set). Pure; never panics.
+pub fn span_records(
+    source: &TraceSource,
+    account_id: &str,
+    meta: &TraceMeta,
+    spans: &[Span],
+) -> Vec<AktoRecord> {
+    let mut out = Vec::new();
+    for span in spans {
+        let ty = span.span_type();
+        let kind = match ty.as_str() {
+            "LLM" | "CHAT_MODEL" => Kind::Llm,
+            "TOOL" => Kind::Tool,
+            "RETRIEVER" => Kind::Retriever,
+            _ if span.parent_span_id.is_none() && source.execution_path.is_some() => {
+                Kind::Execution
+            }
+            _ => continue,
+        };
+        out.push(span_record(source, account_id, meta, span, kind, &ty));
+    }
+    out
+}
+
+fn span_record(
+    source: &TraceSource,
+    account_id: &str,
+    meta: &TraceMeta,
+    span: &Span,
+    kind: Kind,
+    ty: &str,
+) -> AktoRecord {
+    let mut cut = 0u32;
+    let name = if span.name.trim().is_empty() {
+        "unknown"
+    } else {
+        span.name.trim()
+    };
+    let path = match kind {
+        Kind::Tool => tool_path(name),
+        Kind::Llm => format!("/llm/{}", encode_segment(name)),
+        Kind::Retriever => format!("/retrievers/{}", encode_segment(name)),
+        Kind::Execution => source.execution_path.clone().unwrap_or_default(),
+    };
+    let inputs = span.attr("mlflow.spanInputs").unwrap_or_default();
+    let error = span.error();
+    let mut outputs = span.attr("mlflow.spanOutputs").unwrap_or_default();
+    if outputs.is_empty() {
+        if let Some((t, m)) = &error {
+            outputs = serde_json::json!({"error": {"type": t, "message": m}}).to_string();
+        }
+    }
+    let code: i64 = if span.is_error()
+        || (error.is_some()
+            && !span
+                .status
+                .as_deref()
+                .is_some_and(|s| s.to_ascii_uppercase().ends_with("OK")))
+    {
+        500
+    } else {
+        200
+    };
+
+    let mut h = JsonObject::default();
+    h.set("host", &source.host, &mut cut)
+        .set("content-type", content_type(&inputs), &mut cut)
+        .set("x-mlflow-trace-id", &meta.trace_id, &mut cut)
+        .set("x-mlflow-span-id", &span.span_id, &mut cut)
+        .set("x-mlflow-span-type", ty, &mut cut)
+        .set("x-mlflow-location", &meta.location, &mut cut);
+    if let Some(p) = &span.parent_span_id {
+        h.set("x-mlflow-parent-span-id", p, &mut cut);
+    }
+    if let Some(c) = &meta.client_request_id {
+        h.set("x-client-request-id", c, &mut cut);
+    }
+    if kind == Kind::Tool {
+        if let Some(id) = span.tool_call_id() {
+            h.set("x-tool-call-id", &id, &mut cut);
+        }
+    }
+    let mut rh = JsonObject::default();
+    rh.set("content-type", content_type(&outputs), &mut cut);
+    if let (Some(s), Some(e)) = (span.start_ns, span.end_ns) {
+        if e >= s {
+            rh.set(
+                "x-span-duration-ms",
+                &((e - s) / 1_000_000).to_string(),
+                &mut cut,
+            );
+        }
+    }
+    if let Some(s) = span.start_ns {
+        rh.set(
+            "x-span-start",
+            &format_timestamp(s.div_euclid(1000)),
+            &mut cut,
+        );
+    }
+    if let Some(s) = &span.status {
+        rh.set("x-span-status", s, &mut cut);
+    }
+    if let Some((t, m)) = &error {
+        let e = if t.is_empty() {
+            m.clone()
+        } else {
+            format!("{t}: {m}")
+        };
+        rh.set("x-span-error", &e, &mut cut);
+    }
+    let mut tag = JsonObject::default();
+    tag.set("gen-ai", "Gen AI", &mut cut)
+        .set("ai-agent", &source.agent, &mut cut)
+        .set("mlflow-span-type", ty, &mut cut);
+    if kind == Kind::Tool {
+        tag.set("tool", name, &mut cut);
+    }
+    let secs = span
+        .start_ns
+        .map(|n| n.div_euclid(1_000_000_000))
+        .unwrap_or(meta.time_us.div_euclid(1_000_000))
+        .clamp(1, i64::from(i32::MAX));
+    AktoRecord {
+        path: fit(&path, MAX_STRING_BYTES, &mut cut),
+        method: "POST".into(),
+        request_headers: h.encode(),
+        response_headers: rh.encode(),
+        request_payload: fit(&inputs, MAX_STRING_BYTES, &mut cut),
+        response_payload: fit(&outputs, MAX_STRING_BYTES, &mut cut),
+        ip: "10.0.0.1".into(),
+        dest_ip: String::new(),
+        time: secs.to_string(),
+        status_code: code.to_string(),
+        status: reason_phrase(code).into(),
+        http_type: "HTTP/1.1".into(),
+        akto_account_id: account_id.to_string(),
+        akto_vxlan_id: "0".into(),
+        is_pending: "false".into(),
+        source: "MIRRORING".into(),
+        tag: tag.encode(),
+    }
+}
+
+/// Tool call ids whose records a unit carries (`x-tool-call-id` of its TOOL span records): the
+/// delivery stage can drop the inference row's record of the same call (the trace is preferred:
+/// it has timing and errors).
+pub fn tool_call_ids(unit: &Prepared) -> Vec<String> {
+    unit.records
+        .iter()
+        .filter(|r| r.path.starts_with("/tools/"))
+        .filter_map(|r| {
+            let h: BTreeMap<String, String> = serde_json::from_str(&r.request_headers).ok()?;
+            h.get("x-tool-call-id").cloned()
+        })
+        .collect()
+}
+
+/// Where a read starts and which older keys are still checked against the delivered ids.
+struct Window {
+    /// Read items with time >= from_us.
+    from_us: i64,
+    /// `(cursor, late_from)`: items at or before the cursor are read only when newer than
+    /// `late_from` (older ones were delivered, or arrived too late to be told apart).
+    cursor: Option<(i64, String, i64)>,
+}
+
+fn window(
+    state: &StateStore,
+    ns: &str,
+    opts: &CollectOptions,
+    now_us: i64,
+) -> Result<Window, CollectError> {
+    let lookback = opts.lookback.as_micros() as i64;
+    let floor = now_us - opts.max_catchup.as_micros() as i64;
+    let Some(c) = state.cursor(ns)? else {
+        return Ok(Window {
+            from_us: now_us - lookback,
+            cursor: None,
+        });
+    };
+    let mark = state.read_mark(ns)?.unwrap_or(c.time_us);
+    let late_from = (mark.min(now_us) - lookback).max(floor);
+    if c.time_us < floor {
+        tracing::warn!(
+            "WARN {ns}: the last delivered trace is from {}, older than MAX_CATCHUP_HOURS: traces before {} are skipped",
+            format_timestamp(c.time_us),
+            format_timestamp(floor)
+        );
+    }
+    Ok(Window {
+        from_us: c.time_us.min(late_from).max(floor),
+        cursor: Some((c.time_us, c.id, late_from)),
+    })
+}
+
+impl Window {
+    /// Whether an item keyed `(t, id)` must be looked at; the bool says it is behind the cursor.
+    fn wants(&self, t: i64, id: &str) -> Option<bool> {
+        if t < self.from_us {
+            return None;
+        }
+        match &self.cursor {
+            Some((ct, cid, late_from)) if (t, id) <= (*ct, cid.as_str()) => {
+                (t >= *late_from).then_some(true)
+            }
+            _ => Some(false),
+        }
+    }
+}
+
+/// Reads one experiment's new traces and sends them as units to `out`.
+#[allow(clippy::too_many_arguments)]
+pub async fn collect_experiment(
+    client: &DatabricksClient,
+    state: &StateStore,
+    source: &TraceSource,
+    opts: &CollectOptions,
+    account_id: &str,
+    now_us: i64,
+    out: &mpsc::Sender<Chunk>,
+) -> Result<TableStats, CollectError> {
+    let ns = experiment_namespace(&source.experiment_id);
+    let mut stats = TableStats::default();
+    let w = window(state, &ns, opts, now_us)?;
+    let filter = format!("trace.timestamp_ms > {}", w.from_us.div_euclid(1000) - 1);
+    let mut token: Option<String> = None;
+    for _ in 0..100_000 {
+        // Trace searches are REST calls (counted by the client's ApiStats), not warehouse work:
+        // they do not add to statements or rows_returned.
+        let page = client
+            .search_traces(&source.experiment_id, &filter, PAGE, token.as_deref())
+            .await?;
+        let mut todo: Vec<(TraceInfo, i64)> = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut behind = 0u64;
+        let delivered =
+            state.delivered_among(&ns, page.traces.iter().map(|t| t.trace_id.as_str()))?;
+        for t in page.traces {
+            if t.state.as_deref() == Some("IN_PROGRESS") {
+                continue; // read when it has ended (late-trace window)
+            }
+            let Some(time_us) = t.time_us().filter(|_| !t.trace_id.is_empty()) else {
+                unreadable.push((
+                    "trace without a trace_id or a readable request_time".to_string(),
+                    format!(
+                        "{{\"trace_id\":{:?},\"request_time\":{:?}}}",
+                        t.trace_id, t.request_time
+                    ),
+                ));
+                continue;
+            };
+            let Some(is_behind) = w.wants(time_us, &t.trace_id) else {
+                continue;
+            };
+            if delivered.contains(&t.trace_id) {
+                stats.duplicates_skipped += 1;
+                continue;
+            }
+            behind += u64::from(is_behind);
+            todo.push((t, time_us));
+        }
+        todo.sort_by(|a, b| (a.1, &a.0.trace_id).cmp(&(b.1, &b.0.trace_id)));
+        let units = download_all(client, source, account_id, &ns, todo, &mut stats).await?;
+        stats.late_found += behind;
+        stats.executions += units.len() as u64;
+        if !units.is_empty() || !unreadable.is_empty() {
+            out.send(Chunk {
+                table: ns.clone(),
+                prepared: units,
+                unreadable,
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| CollectError::Closed)?;
+        }
+        match page.next_page_token.filter(|t| !t.is_empty()) {
+            Some(t) => token = Some(t),
+            None => return Ok(stats),
+        }
+    }
+    Err(CollectError::Databricks(DatabricksError::Decode {
+        route: "POST /api/3.0/mlflow/traces/search".into(),
+        detail: "more than 100000 pages: the search never ends".into(),
+    }))
+}
+
+/// Downloads the spans of `todo` (a few at a time) and builds one unit per trace, in order.
+async fn download_all(
+    client: &DatabricksClient,
+    source: &TraceSource,
+    account_id: &str,
+    ns: &str,
+    todo: Vec<(TraceInfo, i64)>,
+    stats: &mut TableStats,
+) -> Result<Vec<Prepared>, CollectError> {
+    let mut units = Vec::with_capacity(todo.len());
+    for group in todo.chunks(DOWNLOADS) {
+        let mut set = tokio::task::JoinSet::new();
+        for (k, (t, _)) in group.iter().enumerate() {
+            let (client, id) = (client.clone(), t.trace_id.clone());
+            set.spawn(async move {
+                let r = match client.trace_download(&id).await {
+                    Ok(dl) => client.download_spans(&id, &dl).await,
+                    Err(e) => Err(e),
+                };
+                (k, r)
+            });
+        }
+        let mut got: Vec<Option<Result<Vec<Value>, DatabricksError>>> =
+            (0..group.len()).map(|_| None).collect();
+        while let Some(j) = set.join_next().await {
+            match j {
+                Ok((k, r)) => {
+                    if let Some(slot) = got.get_mut(k) {
+                        *slot = Some(r);
+                    }
+                }
+                Err(e) => {
+                    return Err(CollectError::Databricks(DatabricksError::Decode {
+                        route: "GET <signed trace data URI>".into(),
+                        detail: format!("a span download task failed: {e}"),
+                    }))
+                }
+            }
+        }
+        for ((t, time_us), r) in group.iter().zip(got) {
+            let meta = TraceMeta {
+                trace_id: t.trace_id.clone(),
+                client_request_id: t.client_request_id.clone(),
+                time_us: *time_us,
+                location: ns.to_string(),
+            };
+            let spans: Vec<Span> = match r {
+                Some(Ok(raw)) => {
+                    stats.bytes_returned +=
+                        raw.iter().map(|v| v.to_string().len() as u64).sum::<u64>();
+                    raw.iter().map(Span::from_json).collect()
+                }
+                Some(Err(e)) if e.is_retriable() => return Err(e.into()),
+                Some(Err(e)) => {
+                    // Data gone or unreadable for good: keep what the search said, once.
+                    tracing::warn!(
+                        "WARN spans of trace {} ({ns}) not readable, sending its summary only: {e}",
+                        t.trace_id
+                    );
+                    vec![summary_span(t, *time_us)]
+                }
+                None => return Err(CollectError::Closed),
+            };
+            units.push(Prepared {
+                id: t.trace_id.clone(),
+                time_us: *time_us,
+                agent: source.agent.clone(),
+                host: source.host.clone(),
+                records: span_records(source, account_id, &meta, &spans),
+            });
+        }
+    }
+    Ok(units)
+}
+
+/// A stand-in root span built from the search result (previews), when the span data is gone.
+fn summary_span(t: &TraceInfo, time_us: i64) -> Span {
+    let start = time_us.saturating_mul(1000);
+    let mut attributes = BTreeMap::new();
+    attributes.insert("mlflow.spanType".into(), "\"AGENT\"".into());
+    if let Some(p) = &t.request_preview {
+        attributes.insert(
+            "mlflow.spanInputs".into(),
+            Value::String(p.clone()).to_string(),
+        );
+    }
+    if let Some(p) = &t.response_preview {
+        attributes.insert(
+            "mlflow.spanOutputs".into(),
+            Value::String(p.clone()).to_string(),
+        );
+    }
+    Span {
+        trace_id: t.trace_id.clone(),
+        span_id: String::new(),
+        parent_span_id: None,
+        name: t.tags.get("mlflow.traceName").cloned().unwrap_or_default(),
+        start_ns: Some(start),
+        end_ns: t.duration_ms().map(|d| start + d * 1_000_000),
+        status: t.state.clone(),
+        status_message: None,
+        attributes,
+        events: Vec::new(),
+    }
+}
+
+/// Reads the new traces of a UC OTel span table (`*_otel_spans`) through SQL: a trace is read
+/// once its root span (no parent) is there, with all its spans; agents are told apart by the
+/// root span's name (an inventory agent's name, endpoint, app or model), else the table itself
+/// is the agent. State namespace: the table's full name.
+#[allow(clippy::too_many_arguments)]
+pub async fn collect_otel_table(
+    client: &DatabricksClient,
+    state: &StateStore,
+    warehouse_id: &str,
+    table: &str,
+    inv: &Inventory,
+    workspace_host: &str,
+    account_id: &str,
+    opts: &CollectOptions,
+    now_us: i64,
+    out: &mpsc::Sender<Chunk>,
+) -> Result<TableStats, CollectError> {
+    let mut stats = TableStats::default();
+    let w = window(state, table, opts, now_us)?;
+    let statement = |sql: String, params: Vec<Param>| Statement {
+        warehouse_id: warehouse_id.to_string(),
+        statement: sql,
+        parameters: params,
+        table: table.to_string(),
+        timeout: opts.statement_timeout,
+    };
+    // Agents by every name their root spans may carry.
+    let mut names: BTreeMap<String, String> = BTreeMap::new();
+    for a in &inv.agents {
+        let mut keys = vec![a.name.clone()];
+        keys.extend(a.endpoint.clone());
+        keys.extend(a.app.as_ref().map(|p| p.name.clone()));
+        keys.extend(
+            a.models
+                .iter()
+                .map(|m| m.name.rsplit('.').next().unwrap_or(&m.name).to_string()),
+        );
+        if let Some(s) = a.name.strip_prefix(&inv.prefix) {
+            keys.push(s.to_string());
+        }
+        for k in keys {
+            names
+                .entry(normalize_name(&k))
+                .or_insert_with(|| a.name.clone());
+        }
+    }
+    let short = table.rsplit('.').next().unwrap_or(table);
+    let fallback_agent = short
+        .strip_suffix("_otel_spans")
+        .unwrap_or(short)
+        .to_string();
+
+    let mut after: (i64, String) = (w.from_us.saturating_mul(1000) - 1, String::new());
+    for _ in 0..100_000 {
+        let sql = format!(
+            "SELECT trace_id, start_time_unix_nano FROM {t} WHERE parent_span_id IS NULL AND \
+             (start_time_unix_nano > :after_ns OR (start_time_unix_nano = :after_ns AND trace_id > :after_id)) \
+             ORDER BY start_time_unix_nano, trace_id LIMIT {PAGE}",
+            t = quote_table(table)
+        );
+        stats.statements += 1;
+        let roots = client
+            .execute(&statement(
+                sql,
+                vec![
+                    Param::new("after_ns", after.0.to_string(), "BIGINT"),
+                    Param::new("after_id", after.1.clone(), "STRING"),
+                ],
+            ))
+            .await?
+            .collect_all()
+            .await?;
+        stats.rows_returned += roots.len() as u64;
+        let n = roots.len();
+        let keyed: Vec<(String, i64)> = roots
+            .iter()
+            .filter_map(|r| {
+                let id = r.first()?.0.clone()?;
+                let ns: i64 = r.get(1)?.0.as_deref()?.trim().parse().ok()?;
+                Some((id, ns))
+            })
+            .collect();
+        if let Some((id, ns)) = keyed.last() {
+            after = (*ns, id.clone());
+        }
+        let delivered = state.delivered_among(table, keyed.iter().map(|(id, _)| id.as_str()))?;
+        let mut wanted: Vec<(String, i64, bool)> = Vec::new();
+        for (id, ns) in keyed {
+            let t = ns.div_euclid(1000);
+            let Some(behind) = w.wants(t, &id) else {
+                continue;
+            };
+            if delivered.contains(&id) {
+                stats.duplicates_skipped += 1;
+            } else {
+                wanted.push((id, t, behind));
+            }
+        }
+        if !wanted.is_empty() {
+            let mut params = Vec::new();
+            let marks: Vec<String> = wanted
+                .iter()
+                .enumerate()
+                .map(|(i, (id, _, _))| {
+                    params.push(Param::new(format!("t{i}"), id.clone(), "STRING"));
+                    format!(":t{i}")
+                })
+                .collect();
+            let sql = format!(
+                "SELECT trace_id, span_id, parent_span_id, name, start_time_unix_nano, end_time_unix_nano, attributes, status \
+                 FROM {t} WHERE trace_id IN ({m}) ORDER BY trace_id, start_time_unix_nano, span_id",
+                t = quote_table(table),
+                m = marks.join(", ")
+            );
+            stats.statements += 1;
+            let rows = client
+                .execute(&statement(sql, params))
+                .await?
+                .collect_all()
+                .await?;
+            stats.rows_returned += rows.len() as u64;
+            let mut by_trace: BTreeMap<String, Vec<Span>> = BTreeMap::new();
+            for r in rows {
+                let cell = |i: usize| r.get(i).and_then(|c| c.0.clone());
+                stats.bytes_returned += r
+                    .iter()
+                    .map(|c| c.0.as_ref().map_or(4, |s| s.len()) as u64)
+                    .sum::<u64>();
+                let Some(tid) = cell(0) else { continue };
+                let span = Span {
+                    trace_id: tid.clone(),
+                    span_id: cell(1).unwrap_or_default(),
+                    parent_span_id: cell(2).filter(|p| !p.is_empty()),
+                    name: cell(3).unwrap_or_default(),
+                    start_ns: cell(4).and_then(|s| s.trim().parse().ok()),
+                    end_ns: cell(5).and_then(|s| s.trim().parse().ok()),
+                    status: cell(7),
+                    status_message: None,
+                    attributes: cell(6)
+                        .map(|a| string_map(&Value::String(a)))
+                        .unwrap_or_default(),
+                    events: Vec::new(),
+                };
+                by_trace.entry(tid).or_default().push(span);
+            }
+            let mut units = Vec::new();
+            let mut behind_n = 0u64;
+            for (id, t, behind) in wanted {
+                let spans = by_trace.remove(&id).unwrap_or_default();
+                let root_name = spans
+                    .iter()
+                    .find(|s| s.parent_span_id.is_none())
+                    .map(|s| s.name.clone())
+                    .unwrap_or_default();
+                let agent = names
+                    .get(&normalize_name(&root_name))
+                    .cloned()
+                    .unwrap_or_else(|| fallback_agent.clone());
+                let has_table = inv
+                    .agents
+                    .iter()
+                    .any(|a| a.name == agent && a.table.is_some());
+                let source = TraceSource {
+                    experiment_id: String::new(),
+                    host: agent_host(&agent, workspace_host),
+                    execution_path: (!has_table)
+                        .then(|| format!("/agents/{}/invocations", encode_segment(&agent))),
+                    agent: agent.clone(),
+                };
+                let meta = TraceMeta {
+                    trace_id: id.clone(),
+                    client_request_id: None,
+                    time_us: t,
+                    location: table.to_string(),
+                };
+                behind_n += u64::from(behind);
+                units.push(Prepared {
+                    id,
+                    time_us: t,
+                    agent,
+                    host: source.host.clone(),
+                    records: span_records(&source, account_id, &meta, &spans),
+                });
+            }
+            stats.late_found += behind_n;
+            stats.executions += units.len() as u64;
+            out.send(Chunk {
+                table: table.to_string(),
+                prepared: units,
+                ..Default::default()
+            })
+            .await
+            .map_err(|_| CollectError::Closed)?;
+        }
+        if n < PAGE {
+            return Ok(stats);
+        }
+    }
+    Err(CollectError::Databricks(DatabricksError::Decode {
+        route: table.to_string(),
+        detail: "more than 100000 pages of root spans".into(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn source(exec: bool) -> TraceSource {
+        TraceSource {
+            experiment_id: "7".into(),
+            agent: "support_bot".into(),
+            host: "support-bot.ai-agent.ws".into(),
+            execution_path: exec.then(|| "/apps/support-bot/invocations".into()),
+        }
+    }
+
+    fn spans() -> Vec<Span> {
+        let doc = json!([
+            {"trace_id": "tr-1", "span_id": "a", "parent_span_id": null, "name": "support_bot",
+             "start_time_unix_nano": 1_000_000_000_000_000_000i64, "end_time_unix_nano": 1_000_000_002_000_000_000i64,
+             "status": {"code": "STATUS_CODE_OK"}, "attributes": {"mlflow.spanType": "\"AGENT\"",
+             "mlflow.spanInputs": "{\"input\":[]}", "mlflow.spanOutputs": "{\"output\":[]}"}},
+            {"trace_id": "tr-1", "span_id": "b", "parent_span_id": "a", "name": "llama",
+             "start_time_unix_nano": "1000000000100000000", "end_time_unix_nano": "1000000000600000000",
+             "status": {"code": "STATUS_CODE_OK"}, "attributes": {"mlflow.spanType": "\"CHAT_MODEL\"",
+             "mlflow.spanInputs": "\"plain prompt\"", "mlflow.spanOutputs": "{\"choices\":[]}"}},
+            {"trace_id": "tr-1", "span_id": "c", "parent_span_id": "a", "name": "cat__sch__lookup_order",
+             "start_time_unix_nano": 1_000_000_001_000_000_000i64, "end_time_unix_nano": 1_000_000_001_500_000_000i64,
+             "status": {"code": "STATUS_CODE_ERROR", "message": "boom"},
+             "attributes": {"mlflow.spanType": "\"TOOL\"", "mlflow.spanInputs": "{\"order_id\":\"1\"}",
+                 "mlflow.spanOutputs": "null", "gen_ai.tool.call.id": "\"call_1\""},
+             "events": [{"name": "exception", "attributes": {"exception.type": "TimeoutError", "exception.message": "slow"}}]},
+            {"trace_id": "tr-1", "span_id": "d", "parent_span_id": "a", "name": "vs",
+             "status": "OK", "attributes": {"mlflow.spanType": "RETRIEVER", "mlflow.spanInputs": "{\"query\":\"q\"}"}},
+            {"trace_id": "tr-1", "span_id": "e", "parent_span_id": "a", "name": "parse", "attributes": {"mlflow.spanType": "\"PARSER\""}}
+        ]);
+        doc.as_array()
+            .unwrap()
+            .iter()
+            .map(Span::from_json)
+            .collect()
+    }
+
+    fn header(r: &AktoRecord, k: &str) -> Option<String> {
+        let h: BTreeMap<String, String> = serde_json::from_str(&r.request_headers).unwrap();
+        h.get(k).cloned()
+    }
+
+    #[test]
+    fn llm_tool_and_retriever_spans_become_records() {
+        let meta = TraceMeta {
+            trace_id: "tr-1".into(),
+            time_us: 1_000_000_000_000_000,
+            location: "mlflow:7".into(),
+            ..Default::default()
+        };
+        let recs = span_records(&source(false), "1000000", &meta, &spans());
+        let paths: Vec<&str> = recs.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/llm/llama",
+                "/tools/cat__sch__lookup_order",
+                "/retrievers/vs"
+            ]
+        );
+        for r in &recs {
+            crate::traffic::validate(r).unwrap();
+            assert_eq!(header(r, "x-mlflow-trace-id").as_deref(), Some("tr-1"));
+            assert_eq!(
+                header(r, "host").as_deref(),
+                Some("support-bot.ai-agent.ws")
+            );
+            let tag: Value = serde_json::from_str(&r.tag).unwrap();
+            assert_eq!(tag["gen-ai"], "Gen AI");
+            assert_eq!(tag["ai-agent"], "support_bot");
+        }
+        assert_eq!(recs[0].request_payload, "plain prompt");
+        assert_eq!(recs[0].status_code, "200");
+        let tool = &recs[1];
+        assert_eq!(tool.status_code, "500");
+        assert_eq!(tool.request_payload, "{\"order_id\":\"1\"}");
+        assert!(tool.response_payload.contains("TimeoutError"));
+        assert!(tool
+            .response_headers
+            .contains("\"x-span-duration-ms\":\"500\""));
+        assert_eq!(header(tool, "x-tool-call-id").as_deref(), Some("call_1"));
+        assert_eq!(recs[2].request_payload, "{\"query\":\"q\"}");
+        let unit = Prepared {
+            id: "tr-1".into(),
+            time_us: 0,
+            agent: "a".into(),
+            host: "h".into(),
+            records: recs,
+        };
+        assert_eq!(tool_call_ids(&unit), ["call_1"]);
+    }
+
+    #[test]
+    fn root_span_is_the_execution_only_without_a_table() {
+        let meta = TraceMeta::default();
+        let recs = span_records(&source(true), "1", &meta, &spans());
+        assert_eq!(recs.len(), 4);
+        assert_eq!(recs[0].path, "/apps/support-bot/invocations");
+        assert_eq!(recs[0].request_payload, "{\"input\":[]}");
+        // Garbage never panics.
+        let odd = Span::from_json(&json!({"attributes": "not a map", "events": 3, "status": 7}));
+        let recs = span_records(&source(true), "1", &meta, &[odd]);
+        assert_eq!(recs.len(), 1);
+        crate::traffic::validate(&recs[0]).unwrap();
+    }
+
+    #[test]
+    fn window_reads_new_and_recent_late_items_only() {
+        let w = Window {
+            from_us: 100,
+            cursor: Some((500, "m".into(), 300)),
+        };
+        assert_eq!(w.wants(50, "x"), None);
+        assert_eq!(w.wants(200, "x"), None);
+        assert_eq!(w.wants(400, "x"), Some(true));
+        assert_eq!(w.wants(500, "a"), Some(true));
+        assert_eq!(w.wants(500, "z"), Some(false));
+        assert_eq!(w.wants(900, "a"), Some(false));
+    }
+}
