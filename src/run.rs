@@ -653,7 +653,7 @@ impl Connector {
             self.flush(batch, table, agent, totals).await?;
             sent = true;
         }
-        batch.push(id, time_us, records, bytes);
+        batch.push(agent, id, time_us, records, bytes);
         Ok(sent)
     }
 
@@ -713,7 +713,14 @@ impl Connector {
             .collect();
         self.state.commit_delivered(&rows)?;
         totals.records_sent += done.len() as u64;
-        *totals.per_agent.entry(agent.to_string()).or_default() += done.len() as u64;
+        for i in &done {
+            let owner = b.execs.iter().position(|(_, _, r)| r.contains(i));
+            let who = owner
+                .and_then(|k| b.agents.get(k))
+                .map(String::as_str)
+                .unwrap_or(agent);
+            *totals.per_agent.entry(who.to_string()).or_default() += 1;
+        }
         match failure {
             Some(e) => Err(e.into()),
             None => Ok(()),
@@ -736,6 +743,8 @@ struct Batch {
     records: Vec<OutRecord>,
     /// (request id, time µs, its records' indices)
     execs: Vec<(String, i64, std::ops::Range<usize>)>,
+    /// The agent of each entry of `execs` (a prepared-units batch mixes agents).
+    agents: Vec<String>,
     bytes: usize,
 }
 
@@ -743,7 +752,8 @@ impl Batch {
     fn is_empty(&self) -> bool {
         self.execs.is_empty()
     }
-    fn push(&mut self, id: &str, time_us: i64, records: Vec<OutRecord>, bytes: usize) {
+    fn push(&mut self, agent: &str, id: &str, time_us: i64, records: Vec<OutRecord>, bytes: usize) {
+        self.agents.push(agent.to_string());
         let start = self.records.len();
         self.records.extend(records);
         self.execs
