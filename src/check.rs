@@ -114,21 +114,40 @@ pub async fn run(config: &Config) -> Vec<Step> {
     ) {
         return steps;
     }
+    // Each API on its own line, so a missing grant names the right one.
+    let listed = client.list_tables(&config.catalog, &config.schema).await;
+    if !push(
+        "catalog and schema access",
+        listed
+            .map(|t| {
+                format!(
+                    "{}.{}: {} tables visible",
+                    config.catalog,
+                    config.schema,
+                    t.len()
+                )
+            })
+            .map_err(|e| e.to_string()),
+    ) {
+        return steps;
+    }
+    let endpoints = client.list_serving_endpoints().await;
+    if !push(
+        "serving endpoints",
+        endpoints
+            .map(|e| format!("{} serving endpoints readable", e.len()))
+            .map_err(|e| e.to_string()),
+    ) {
+        return steps;
+    }
     let inv =
         match discovery::discover(&client, &config.catalog, &config.schema, &config.prefix).await {
             Ok(inv) => inv,
             Err(e) => {
-                push("catalog and schema access", Err(e.to_string()));
+                push("agent discovery", Err(e.to_string()));
                 return steps;
             }
         };
-    push(
-        "catalog and schema access",
-        Ok(format!(
-            "{}.{}: {} tables visible",
-            config.catalog, config.schema, inv.tables_total
-        )),
-    );
     let tables: Vec<_> = inv.readable().map(|(_, t)| t.clone()).collect();
     push(
         "inference tables",
@@ -149,20 +168,21 @@ pub async fn run(config: &Config) -> Vec<Step> {
             ))
         },
     );
-    push(
-        "serving endpoints",
-        Ok(format!(
-            "{} agent endpoints, {} LLM endpoints readable",
-            inv.agents.iter().filter(|a| a.endpoint.is_some()).count(),
-            inv.llm_endpoints.len()
-        )),
-    );
     let warehouse = match client
         .choose_warehouse(config.warehouse_id.as_deref())
         .await
     {
         Ok((w, why)) => {
-            push("SQL warehouse", Ok(format!("{} ({why})", w.id)));
+            let state = w.state.clone().unwrap_or_else(|| "UNKNOWN".into());
+            let note = if state == "RUNNING" {
+                String::new()
+            } else {
+                format!(
+                    "; it is {state}: the first query starts it (a cold start can take minutes; \
+                     keep STATEMENT_TIMEOUT_SECONDS above it, or use a serverless warehouse)"
+                )
+            };
+            push("SQL warehouse", Ok(format!("{} ({why}){note}", w.id)));
             Some(w.id)
         }
         Err(e) => {
@@ -179,16 +199,37 @@ pub async fn run(config: &Config) -> Vec<Step> {
                 table: t.full_name.clone(),
                 timeout: config.statement_timeout,
             };
+            let started = std::time::Instant::now();
+            let result = client.execute(&st).await.map(|_| {
+                let took = started.elapsed();
+                if took * 2 > config.statement_timeout {
+                    format!(
+                        "readable, but an empty query took {:.1}s of the {}s STATEMENT_TIMEOUT_SECONDS: \
+                         use a larger or running warehouse, a longer interval, or a narrower prefix",
+                        took.as_secs_f64(),
+                        config.statement_timeout.as_secs()
+                    )
+                } else {
+                    format!("readable ({} ms)", took.as_millis())
+                }
+            });
             push(
                 &format!("SELECT on {}", t.full_name),
-                client
-                    .execute(&st)
-                    .await
-                    .map(|_| "readable".to_string())
-                    .map_err(|e| e.to_string()),
+                result.map_err(|e| e.to_string()),
             );
         }
     }
+    // The state directory: writable, and not held by another instance.
+    let state = match crate::state::StateStore::open(&config.state_dir, false) {
+        Ok(_) => Ok(format!("{} is usable", config.state_dir.display())),
+        Err(crate::state::StateError::Locked(dir)) => Ok(format!(
+            "{} is in use by a running instance (fine when that is this connector's service; \
+             a second instance needs its own STATE_DIR)",
+            dir.display()
+        )),
+        Err(e) => Err(e.to_string()),
+    };
+    push("state directory", state);
     match config.sink.as_ref().map(crate::app::sink) {
         Some(Ok(sink)) => {
             let what = sink.describe();

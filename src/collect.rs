@@ -474,11 +474,14 @@ impl TableReader<'_> {
                 .delivered_among(&self.table.full_name, keys.iter().copied())?;
             let mut execs = Vec::with_capacity(chunk.len());
             let mut unreadable = Vec::new();
+            let chunk_bytes: usize = chunk
+                .iter()
+                .flat_map(|row| row.iter())
+                .map(|c| c.0.as_ref().map_or(4, |s| s.len()))
+                .sum();
+            bytes += chunk_bytes;
+            stats.bytes_returned += chunk_bytes as u64;
             for row in chunk {
-                bytes += row
-                    .iter()
-                    .map(|c| c.0.as_ref().map_or(4, |s| s.len()))
-                    .sum::<usize>();
                 let (time_us, exec) =
                     match execution_from_row(&self.table.full_name, d.format, &cols, row) {
                         Ok(x) => x,
@@ -499,7 +502,6 @@ impl TableReader<'_> {
                 }
                 execs.push(exec);
             }
-            stats.bytes_returned += bytes as u64;
             stats.executions += execs.len() as u64;
             if !execs.is_empty() || !unreadable.is_empty() {
                 out.send(Chunk {

@@ -42,7 +42,7 @@ fn check(s: &Setup) -> (bool, Vec<serde_json::Value>, String) {
     (o.status.success(), steps, stdout)
 }
 
-fn failed<'a>(steps: &'a [serde_json::Value]) -> Vec<(&'a str, &'a str)> {
+fn failed(steps: &[serde_json::Value]) -> Vec<(&str, &str)> {
     steps
         .iter()
         .filter(|s| s["ok"] == false)
@@ -78,8 +78,10 @@ async fn a_healthy_setup_passes_every_line_and_each_case_fails_its_own() {
         "TCP",
         "authentication",
         "catalog and schema access",
+        "serving endpoints",
         "inference tables",
         "SQL warehouse",
+        "state directory",
         "sink reachable",
     ] {
         assert!(names.contains(&expected), "no {expected} line in {names:?}");

@@ -302,17 +302,6 @@ async fn status_page_of_real_cycles_in_a_headless_browser() {
         m("databricks_shield_databricks_requests_total{method=\"POST\",route=\"/api/2.0/sql/statements\",status=\"200\"}")
             >= 2.0
     );
-    let mut per_agent: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &records {
-        *per_agent
-            .entry(agent_of(r).expect("every record names its agent"))
-            .or_default() += 1;
-    }
-    for (agent, n) in &per_agent {
-        let key = format!("databricks_shield_agent_records_sent_total{{agent=\"{agent}\"}}");
-        assert_eq!(m(&key) as usize, *n, "{agent}");
-    }
-
     // The page itself, as served.
     let (status, html, headers) = get(&format!("{base}/")).await;
     assert_eq!(status, 200);
@@ -417,6 +406,23 @@ async fn status_page_of_real_cycles_in_a_headless_browser() {
         "bar charts painted"
     );
     eprintln!("status page screenshot: {}", shot.display());
+    // Per agent, /metrics agrees with the records the sink received with that agent's tag
+    // (execution, tool-call, trace and inventory records alike). Checked last so that the
+    // screenshot exists whatever this says.
+    let mut per_agent: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &records {
+        *per_agent
+            .entry(agent_of(r).expect("every record names its agent"))
+            .or_default() += 1;
+    }
+    for (agent, n) in &per_agent {
+        let key = format!("databricks_shield_agent_records_sent_total{{agent=\"{agent}\"}}");
+        assert_eq!(
+            m(&key) as usize,
+            *n,
+            "records of {agent}: /metrics (CycleReport.per_agent) vs the sink's ai-agent tags"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -565,4 +571,35 @@ async fn service_binary_serves_metrics_and_stops_on_sigterm() {
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(log.contains("databricks-shield stopped"), "{log}");
     assert!(!log.contains(common::SECRET));
+}
+
+/// A taken METRICS_ADDR stops the service at start with the setting and the fix named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_port_stops_the_service_with_the_fix() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = tokio::task::block_in_place(|| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_databricks-shield"))
+            .env_clear()
+            .env("DATABRICKS_HOST", emu.base_url())
+            .env("DATABRICKS_CLIENT_ID", "emulator-client")
+            .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
+            .env("DATA_INGESTION_SERVICE_URL", standin.url())
+            .env("STATE_DIR", dir.path().join("state"))
+            .env("METRICS_ADDR", addr.to_string())
+            .output()
+            .unwrap()
+    });
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("METRICS_ADDR {addr}: cannot listen"))
+            && err.contains("METRICS_ADDR=off"),
+        "{err}"
+    );
+    assert!(standin.records().is_empty(), "no cycle ran");
+    drop(taken);
 }

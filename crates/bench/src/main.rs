@@ -14,6 +14,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Benchmarks of databricks-shield against the Databricks emulator (see BENCHMARKS.md).
 #[derive(Parser)]
 #[command(name = "shield-bench", version, about)]
@@ -179,7 +183,9 @@ fn main() -> std::process::ExitCode {
             sinks,
             redact,
             batch_size,
-        } => measure::throughput(&rt, &mut out, rows, reps, agents, &sinks, redact, batch_size),
+        } => measure::throughput(
+            &rt, &mut out, rows, reps, agents, &sinks, redact, batch_size,
+        ),
         Cmd::Cost {
             cycles,
             rows,
