@@ -8,8 +8,26 @@
 //! Architecture Invariant: the state store is written only here, and only with ids whose records
 //! the sink confirmed (or that were quarantined). A failed batch stops the cycle; the next cycle
 //! re-reads from the last confirmed position. Cycles never overlap.
+//!
+//! Tool calls are sent once per agent, whichever source describes them. An MLflow trace's TOOL
+//! span and an inference row's tool call record can describe the same call (same
+//! `x-tool-call-id`); the delivery stage identifies a tool-call record by (agent host, call id)
+//! and drops it when that call was already sent: by an earlier cycle (the registry, state
+//! namespace `toolcall:<agent host>`, id = call id, time = the unit's time) or earlier in this
+//! chunk (an in-memory set). A call enters the registry in the same `commit_delivered`
+//! transaction as the unit that carried it, and only when its record was delivered; the registry
+//! is pruned with the same horizon as delivered ids (lookback + 10 minutes).
+//!
+//! The trace is preferred (it has timing and errors): the trace sources (MLflow experiments, OTel
+//! span tables) and the inference tables are read concurrently, but through two channels, and
+//! delivery takes every chunk of the trace sources before any chunk of the tables (table readers
+//! wait with their first pages meanwhile). Within a cycle the trace's record therefore always
+//! wins, and across cycles it normally wins too, since inference rows land later than traces. The remaining case: a row delivered in an earlier
+//! cycle than its trace (a trace still in progress or exported late, or a trace source that
+//! failed that cycle). Then the trace's TOOL record is the one dropped, so its timing and error
+//! reach Akto in no record; the call is still sent once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -102,6 +120,9 @@ pub struct CycleReport {
     pub quarantined: u64,
     pub truncated: u64,
     pub tool_calls: u64,
+    /// Tool-call records not sent because the same call was already sent (by a trace or an
+    /// inference row, this cycle or an earlier one).
+    pub tool_calls_deduplicated: u64,
     pub errors: Vec<String>,
     pub duration: Duration,
     pub stopped: bool,
@@ -355,12 +376,17 @@ impl Connector {
             })
             .collect();
 
+        // Two channels: delivery drains the trace sources' (and the inventory's) before it takes
+        // anything from the tables, so a trace's TOOL record reaches it before an inference row's
+        // record of the same call and is the one sent (module doc). Table readers still start at
+        // once: they read their first pages and wait on their channel meanwhile.
         let (tx, rx) = mpsc::channel::<Chunk>(4);
+        let (table_tx, table_rx) = mpsc::channel::<Chunk>(4);
         let delivery = {
             let this = self.clone();
             let agents = agents.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { this.deliver(rx, agents, shutdown).await })
+            tokio::spawn(async move { this.deliver(rx, table_rx, agents, shutdown).await })
         };
 
         // Agent inventory records first: once per agent and configuration.
@@ -382,29 +408,16 @@ impl Connector {
             }
         }
 
+        // Trace sources have their own bound: table readers waiting on their channel must not
+        // hold the permits the trace readers need to finish.
         let sem = Arc::new(Semaphore::new(s.table_concurrency.max(1)));
+        let trace_sem = Arc::new(Semaphore::new(s.table_concurrency.max(1)));
         let mut readers = Readers::new();
         let inv_arc = Arc::new(inv.clone());
-        for (_, table) in inv.readable() {
-            let (this, tx, table) = (self.clone(), tx.clone(), table.clone());
-            let warehouse = warehouse.clone().unwrap_or_default();
-            let name = table.full_name.clone();
-            spawn_reader(&mut readers, &sem, shutdown, name, async move {
-                let reader = TableReader {
-                    client: &this.client,
-                    state: &this.state,
-                    warehouse_id: &warehouse,
-                    table: &table,
-                    opts: &this.settings.collect,
-                    now_us: cycle_start_us,
-                };
-                reader.collect(&tx).await
-            });
-        }
         for src in trace_sources {
             let (this, tx) = (self.clone(), tx.clone());
             let name = crate::traces::experiment_namespace(&src.experiment_id);
-            spawn_reader(&mut readers, &sem, shutdown, name, async move {
+            spawn_reader(&mut readers, &trace_sem, shutdown, name, async move {
                 let st = &this.settings;
                 crate::traces::collect_experiment(
                     &this.client,
@@ -422,7 +435,7 @@ impl Connector {
             let (this, tx, inv) = (self.clone(), tx.clone(), inv_arc.clone());
             let warehouse = warehouse.clone().unwrap_or_default();
             let name = table.clone();
-            spawn_reader(&mut readers, &sem, shutdown, name, async move {
+            spawn_reader(&mut readers, &trace_sem, shutdown, name, async move {
                 let st = &this.settings;
                 crate::traces::collect_otel_table(
                     &this.client,
@@ -440,23 +453,25 @@ impl Connector {
             });
         }
         drop(tx);
-
-        let mut completed: Vec<String> = Vec::new();
-        while let Some(joined) = readers.join_next().await {
-            match joined {
-                Ok((table, Ok(stats))) => {
-                    report.add_table(&stats);
-                    completed.push(table);
-                }
-                Ok((_, Err(CollectError::Closed))) => {}
-                Ok((table, Err(e))) => {
-                    let msg = format!("{table}: {e}");
-                    tracing::error!("ERROR reading {msg}");
-                    report.errors.push(msg);
-                }
-                Err(e) => report.errors.push(format!("a table reader failed: {e}")),
-            }
+        for (_, table) in inv.readable() {
+            let (this, tx, table) = (self.clone(), table_tx.clone(), table.clone());
+            let warehouse = warehouse.clone().unwrap_or_default();
+            let name = table.full_name.clone();
+            spawn_reader(&mut readers, &sem, shutdown, name, async move {
+                let reader = TableReader {
+                    client: &this.client,
+                    state: &this.state,
+                    warehouse_id: &warehouse,
+                    table: &table,
+                    opts: &this.settings.collect,
+                    now_us: cycle_start_us,
+                };
+                reader.collect(&tx).await
+            });
         }
+        drop(table_tx);
+        let mut completed: Vec<String> = Vec::new();
+        join_readers(&mut readers, report, &mut completed).await;
         let delivered = match delivery.await {
             Ok(r) => r,
             Err(e) => Err(DeliveryError::State(StateError::Io {
@@ -469,6 +484,7 @@ impl Connector {
                 report.records_sent += d.records_sent;
                 report.truncated += d.truncated;
                 report.tool_calls += d.tool_calls;
+                report.tool_calls_deduplicated += d.tool_calls_deduplicated;
                 report.per_agent = d.per_agent;
                 report.redacted = d.redacted;
                 // Tables read completely and delivered: remember when, and forget old ids.
@@ -482,6 +498,9 @@ impl Connector {
                         {
                             report.errors.push(format!("{table}: {e}"));
                         }
+                    }
+                    if let Err(e) = self.prune_tool_calls(cycle_start_us - keep) {
+                        report.errors.push(format!("tool call registry: {e}"));
                     }
                 }
             }
@@ -501,43 +520,74 @@ impl Connector {
         Ok(())
     }
 
-    /// The delivery stage: map, batch, send, checkpoint.
+    /// Forgets registered tool calls older than `before_us` in every agent's registry (also
+    /// of agents no longer discovered), so the registry never grows without bound.
+    fn prune_tool_calls(&self, before_us: i64) -> Result<u64, StateError> {
+        let mut removed = 0;
+        for ns in self.state.namespaces_with_prefix(TOOL_CALL_PREFIX)? {
+            removed += self.state.prune(&ns, before_us)?;
+        }
+        Ok(removed)
+    }
+
+    /// The delivery stage: map, batch, send, checkpoint. Takes every chunk of `first`
+    /// (inventory, trace sources) before any of `tables`.
     async fn deliver(
         &self,
-        mut rx: mpsc::Receiver<Chunk>,
+        mut first: mpsc::Receiver<Chunk>,
+        mut tables: mpsc::Receiver<Chunk>,
         agents: BTreeMap<String, Arc<AgentInfo>>,
         shutdown: Shutdown,
     ) -> Result<DeliveryTotals, DeliveryError> {
         let mut totals = DeliveryTotals::default();
-        while let Some(chunk) = rx.recv().await {
+        let mut ledger = ToolCallLedger::default();
+        let mut first_open = true;
+        loop {
+            let next = if first_open {
+                match first.recv().await {
+                    Some(c) => Some(c),
+                    None => {
+                        first_open = false;
+                        continue;
+                    }
+                }
+            } else {
+                tables.recv().await
+            };
+            let Some(chunk) = next else {
+                break;
+            };
             if shutdown.is_triggered() {
                 return Ok(totals);
             }
+            // Every earlier chunk was flushed: its calls are in the registry or were not sent.
+            ledger.start_chunk();
             for (reason, raw) in &chunk.unreadable {
                 self.quarantine.put(&chunk.table, "", reason, raw)?;
             }
             let mut batch = Batch::default();
             // Units with ready records (traces, inventory): validated, batched, checkpointed alike.
+            ledger.prefetch(
+                &self.state,
+                chunk
+                    .prepared
+                    .iter()
+                    .map(|u| (u.host.as_str(), u.records.as_slice())),
+            )?;
             for unit in &chunk.prepared {
-                let mut mapped = traffic::Mapped {
-                    records: unit.records.clone(),
-                    truncated_payloads: 0,
-                    tool_calls: 0,
+                let unit_ref = UnitRef {
+                    table: &chunk.table,
+                    agent: &unit.agent,
+                    host: &unit.host,
+                    id: &unit.id,
+                    time_us: unit.time_us,
                 };
-                if let Some(r) = &self.settings.redactor {
-                    let counts = r.redact_mapped(&mut mapped, self.settings.map.max_string_bytes);
-                    totals.redacted.add(&counts);
-                }
-                let records =
-                    self.accept(&chunk.table, &unit.id, &unit.host, mapped.records.iter())?;
-                let key = (unit.id.as_str(), unit.time_us);
                 if self
-                    .add_unit(
+                    .stage(
                         &mut batch,
-                        &chunk.table,
-                        &unit.agent,
-                        key,
-                        records,
+                        &mut ledger,
+                        unit_ref,
+                        unit.records.clone(),
                         &mut totals,
                     )
                     .await?
@@ -567,37 +617,35 @@ impl Connector {
                 path: &agent.path,
                 account_id: &self.settings.account_id,
             };
-            for exec in &chunk.executions {
-                let mut mapped = traffic::map_execution(&ctx, exec, &self.settings.map);
-                if let Some(r) = &self.settings.redactor {
-                    let counts = r.redact_mapped(&mut mapped, self.settings.map.max_string_bytes);
-                    totals.redacted.add(&counts);
-                }
-                totals.truncated += u64::from(mapped.truncated_payloads);
-                totals.tool_calls += u64::from(mapped.tool_calls);
-                let records = self.accept(
-                    &chunk.table,
-                    &exec.request_id,
-                    &agent.host,
-                    mapped.records.iter(),
+            // Mapped a group at a time: one registry lookup per group, memory stays bounded.
+            for group in chunk.executions.chunks(LOOKUP_GROUP) {
+                let mapped: Vec<traffic::Mapped> = group
+                    .iter()
+                    .map(|exec| traffic::map_execution(&ctx, exec, &self.settings.map))
+                    .collect();
+                ledger.prefetch(
+                    &self.state,
+                    mapped
+                        .iter()
+                        .map(|m| (agent.host.as_str(), m.records.as_slice())),
                 )?;
-                let key = (
-                    exec.request_id.as_str(),
-                    exec.request_time.timestamp_micros(),
-                );
-                if self
-                    .add_unit(
-                        &mut batch,
-                        &chunk.table,
-                        &agent.name,
-                        key,
-                        records,
-                        &mut totals,
-                    )
-                    .await?
-                    && shutdown.is_triggered()
-                {
-                    return Ok(totals);
+                for (exec, m) in group.iter().zip(mapped) {
+                    totals.truncated += u64::from(m.truncated_payloads);
+                    totals.tool_calls += u64::from(m.tool_calls);
+                    let unit_ref = UnitRef {
+                        table: &chunk.table,
+                        agent: &agent.name,
+                        host: &agent.host,
+                        id: &exec.request_id,
+                        time_us: exec.request_time.timestamp_micros(),
+                    };
+                    if self
+                        .stage(&mut batch, &mut ledger, unit_ref, m.records, &mut totals)
+                        .await?
+                        && shutdown.is_triggered()
+                    {
+                        return Ok(totals);
+                    }
                 }
             }
             if !batch.is_empty() {
@@ -608,27 +656,73 @@ impl Connector {
         Ok(totals)
     }
 
-    /// Validates and encodes records; what Akto would reject goes to quarantine.
+    /// One unit's records into the batch: tool calls already sent dropped, redacted, validated
+    /// and encoded. Returns whether a batch was sent to make room.
+    async fn stage(
+        &self,
+        batch: &mut Batch,
+        ledger: &mut ToolCallLedger,
+        unit: UnitRef<'_>,
+        records: Vec<traffic::AktoRecord>,
+        totals: &mut DeliveryTotals,
+    ) -> Result<bool, DeliveryError> {
+        let mut mapped = traffic::Mapped {
+            records,
+            truncated_payloads: 0,
+            tool_calls: 0,
+        };
+        let before = ledger.dropped;
+        let calls = ledger.filter(unit.host, &mut mapped.records);
+        totals.tool_calls_deduplicated += ledger.dropped - before;
+        if ledger.dropped > before {
+            tracing::debug!(
+                "{}: {} tool call record(s) of {} not sent: the same call was already sent",
+                unit.table,
+                ledger.dropped - before,
+                unit.id
+            );
+        }
+        if let Some(r) = &self.settings.redactor {
+            let counts = r.redact_mapped(&mut mapped, self.settings.map.max_string_bytes);
+            totals.redacted.add(&counts);
+        }
+        let (records, calls) = self.accept(
+            unit.table,
+            unit.id,
+            unit.host,
+            mapped.records.iter().zip(calls),
+        )?;
+        self.add_unit(batch, unit, records, calls, totals).await
+    }
+
+    /// Validates and encodes records; what Akto would reject goes to quarantine. Returns the
+    /// records and, by their index, the tool call ids they carry.
     fn accept<'r>(
         &self,
         table: &str,
         id: &str,
         host: &str,
-        records: impl Iterator<Item = &'r traffic::AktoRecord>,
-    ) -> Result<Vec<OutRecord>, StateError> {
+        records: impl Iterator<Item = (&'r traffic::AktoRecord, Option<String>)>,
+    ) -> Result<(Vec<OutRecord>, Vec<RecordCall>), StateError> {
         let mut out = Vec::new();
-        for rec in records {
+        let mut calls = Vec::new();
+        for (rec, call) in records {
             match traffic::validate(rec) {
-                Ok(()) => out.push(OutRecord {
-                    key: host.to_string(),
-                    json: traffic::encode(rec),
-                }),
+                Ok(()) => {
+                    if let Some(c) = call {
+                        calls.push((out.len(), c));
+                    }
+                    out.push(OutRecord {
+                        key: host.to_string(),
+                        json: traffic::encode(rec),
+                    })
+                }
                 Err(v) => self
                     .quarantine
                     .put(table, id, &v.to_string(), &traffic::encode(rec))?,
             }
         }
-        Ok(out)
+        Ok((out, calls))
     }
 
     /// Adds one unit's records to the batch, sending the batch first when the unit would not
@@ -636,10 +730,9 @@ impl Connector {
     async fn add_unit(
         &self,
         batch: &mut Batch,
-        table: &str,
-        agent: &str,
-        (id, time_us): (&str, i64),
+        unit: UnitRef<'_>,
         records: Vec<OutRecord>,
+        calls: Vec<RecordCall>,
         totals: &mut DeliveryTotals,
     ) -> Result<bool, DeliveryError> {
         let max_records = self.settings.batch_size.max(1);
@@ -650,14 +743,15 @@ impl Connector {
             && (batch.records.len() + records.len() > max_records
                 || batch.bytes + bytes > max_bytes)
         {
-            self.flush(batch, table, agent, totals).await?;
+            self.flush(batch, unit.table, unit.agent, totals).await?;
             sent = true;
         }
-        batch.push(agent, id, time_us, records, bytes);
+        batch.push(unit, records, calls, bytes);
         Ok(sent)
     }
 
-    /// Sends one batch and checkpoints the executions whose records were all confirmed.
+    /// Sends one batch and checkpoints the executions whose records were all confirmed, with
+    /// the tool calls of their delivered records (registry), in one transaction.
     async fn flush(
         &self,
         batch: &mut Batch,
@@ -684,9 +778,13 @@ impl Connector {
                 ),
             };
         let mut settled = vec![false; b.records.len()];
+        let mut delivered = vec![false; b.records.len()];
         for i in &done {
             if let Some(s) = settled.get_mut(*i) {
                 *s = true;
+            }
+            if let Some(d) = delivered.get_mut(*i) {
+                *d = true;
             }
         }
         for (i, reason) in &rejected {
@@ -701,16 +799,35 @@ impl Connector {
                 )?;
             }
         }
-        let rows: Vec<DeliveredRow<'_>> = b
+        let committed: Vec<bool> = b
             .execs
             .iter()
-            .filter(|(_, _, range)| range.clone().all(|i| settled[i]))
-            .map(|(id, t, _)| DeliveredRow {
+            .map(|(_, _, range)| range.clone().all(|i| settled[i]))
+            .collect();
+        let mut rows: Vec<DeliveredRow<'_>> = b
+            .execs
+            .iter()
+            .zip(&committed)
+            .filter(|(_, c)| **c)
+            .map(|((id, t, _), _)| DeliveredRow {
                 table,
                 id,
                 time_us: *t,
             })
             .collect();
+        rows.extend(
+            b.calls
+                .iter()
+                .filter(|c| {
+                    committed.get(c.exec).copied().unwrap_or(false)
+                        && delivered.get(c.record).copied().unwrap_or(false)
+                })
+                .map(|c| DeliveredRow {
+                    table: &c.namespace,
+                    id: &c.call_id,
+                    time_us: c.time_us,
+                }),
+        );
         self.state.commit_delivered(&rows)?;
         totals.records_sent += done.len() as u64;
         for i in &done {
@@ -728,13 +845,145 @@ impl Connector {
     }
 }
 
+/// Waits for every reader of `readers`, adding their statistics and errors to the report and
+/// the sources read completely to `completed`.
+async fn join_readers(
+    readers: &mut Readers,
+    report: &mut CycleReport,
+    completed: &mut Vec<String>,
+) {
+    while let Some(joined) = readers.join_next().await {
+        match joined {
+            Ok((table, Ok(stats))) => {
+                report.add_table(&stats);
+                completed.push(table);
+            }
+            Ok((_, Err(CollectError::Closed))) => {}
+            Ok((table, Err(e))) => {
+                let msg = format!("{table}: {e}");
+                tracing::error!("ERROR reading {msg}");
+                report.errors.push(msg);
+            }
+            Err(e) => report.errors.push(format!("a table reader failed: {e}")),
+        }
+    }
+}
+
+/// Inference-row executions mapped and looked up in the tool call registry at a time.
+const LOOKUP_GROUP: usize = 64;
+
+/// The prefix of the tool call registry's state namespaces.
+pub const TOOL_CALL_PREFIX: &str = "toolcall:";
+
+/// The state namespace of the tool calls sent on one agent host.
+pub fn tool_call_namespace(host: &str) -> String {
+    format!("{TOOL_CALL_PREFIX}{host}")
+}
+
+/// Which tool calls were sent already (see the module doc): the registry's answer for the units
+/// being staged, and the calls staged in the current chunk.
+#[derive(Default)]
+struct ToolCallLedger {
+    /// `(host, call id)` staged in this chunk (pending in the batch or sent by a flush).
+    seen: HashSet<(String, String)>,
+    /// `(host, call id)` found in the registry by the last [`ToolCallLedger::prefetch`].
+    registered: HashSet<(String, String)>,
+    /// Records dropped so far.
+    dropped: u64,
+}
+
+impl ToolCallLedger {
+    /// A new chunk: the previous one was flushed, so its calls are in the registry (delivered)
+    /// or were not sent (refused by the sink) and may be sent by the other source.
+    fn start_chunk(&mut self) {
+        self.seen.clear();
+        self.registered.clear();
+    }
+
+    /// Looks up, once per host, which tool calls of these records the registry holds.
+    fn prefetch<'a>(
+        &mut self,
+        state: &StateStore,
+        units: impl Iterator<Item = (&'a str, &'a [traffic::AktoRecord])>,
+    ) -> Result<(), StateError> {
+        self.registered.clear();
+        let mut by_host: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (host, records) in units {
+            for id in records.iter().filter_map(crate::traces::tool_call_id) {
+                by_host.entry(host).or_default().push(id);
+            }
+        }
+        for (host, ids) in by_host {
+            let ns = tool_call_namespace(host);
+            for id in state.delivered_among(&ns, ids.iter().map(String::as_str))? {
+                self.registered.insert((host.to_string(), id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the records of tool calls already sent or staged; returns, for each record kept,
+    /// the call id it carries (registered once the record is delivered).
+    fn filter(
+        &mut self,
+        host: &str,
+        records: &mut Vec<traffic::AktoRecord>,
+    ) -> Vec<Option<String>> {
+        let mut calls = Vec::with_capacity(records.len());
+        records.retain(|r| {
+            let Some(id) = crate::traces::tool_call_id(r) else {
+                calls.push(None);
+                return true;
+            };
+            let key = (host.to_string(), id);
+            if self.registered.contains(&key) || self.seen.contains(&key) {
+                self.dropped += 1;
+                return false;
+            }
+            calls.push(Some(key.1.clone()));
+            self.seen.insert(key);
+            true
+        });
+        calls
+    }
+}
+
+/// The unit being staged.
+#[derive(Clone, Copy)]
+struct UnitRef<'a> {
+    /// Its state namespace.
+    table: &'a str,
+    agent: &'a str,
+    host: &'a str,
+    id: &'a str,
+    time_us: i64,
+}
+
 #[derive(Default)]
 struct DeliveryTotals {
     redacted: RedactionCounts,
     records_sent: u64,
     truncated: u64,
     tool_calls: u64,
+    tool_calls_deduplicated: u64,
     per_agent: BTreeMap<String, u64>,
+}
+
+/// `(index of a unit's record, the tool call id it carries)`.
+type RecordCall = (usize, String);
+
+/// A tool call a batched record carries, registered when the record is delivered and its unit
+/// checkpointed.
+struct BatchedCall {
+    /// Index into `Batch::execs`.
+    exec: usize,
+    /// Index into `Batch::records`.
+    record: usize,
+    /// `toolcall:<host>`.
+    namespace: String,
+    call_id: String,
+    /// The unit's time.
+    time_us: i64,
 }
 
 /// Records of whole executions, sent together so an execution is checkpointed as a unit.
@@ -745,6 +994,8 @@ struct Batch {
     execs: Vec<(String, i64, std::ops::Range<usize>)>,
     /// The agent of each entry of `execs` (a prepared-units batch mixes agents).
     agents: Vec<String>,
+    /// Tool calls of the records, for the registry.
+    calls: Vec<BatchedCall>,
     bytes: usize,
 }
 
@@ -752,15 +1003,301 @@ impl Batch {
     fn is_empty(&self) -> bool {
         self.execs.is_empty()
     }
-    fn push(&mut self, agent: &str, id: &str, time_us: i64, records: Vec<OutRecord>, bytes: usize) {
-        self.agents.push(agent.to_string());
+    fn push(
+        &mut self,
+        unit: UnitRef<'_>,
+        records: Vec<OutRecord>,
+        calls: Vec<RecordCall>,
+        bytes: usize,
+    ) {
+        self.agents.push(unit.agent.to_string());
         let start = self.records.len();
+        let exec = self.execs.len();
+        let namespace = tool_call_namespace(unit.host);
+        self.calls
+            .extend(calls.into_iter().map(|(i, call_id)| BatchedCall {
+                exec,
+                record: start + i,
+                namespace: namespace.clone(),
+                call_id,
+                time_us: unit.time_us,
+            }));
         self.records.extend(records);
         self.execs
-            .push((id.to_string(), time_us, start..self.records.len()));
+            .push((unit.id.to_string(), unit.time_us, start..self.records.len()));
         self.bytes += bytes;
     }
     fn owner_of(&self, i: usize) -> Option<&(String, i64, std::ops::Range<usize>)> {
         self.execs.iter().find(|(_, _, r)| r.contains(&i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collect::Prepared;
+    use crate::traces::{span_records, tool_call_id, Span, TraceMeta, TraceSource};
+    use crate::traffic::{Execution, TableFormat};
+    use serde_json::{json, Value};
+
+    const HOST: &str = "bot.ai-agent.ws";
+    const TABLE: &str = "c.s.bot_payload";
+
+    /// A trace unit with an LLM span and one TOOL span per call id.
+    fn trace_unit(trace: &str, time_us: i64, calls: &[&str]) -> Prepared {
+        let mut spans = vec![Span::from_json(&json!({"trace_id": trace, "span_id": "l",
+            "parent_span_id": "r", "name": "llm", "attributes": {"mlflow.spanType": "\"LLM\""}}))];
+        for (k, c) in calls.iter().enumerate() {
+            spans.push(Span::from_json(
+                &json!({"trace_id": trace, "span_id": format!("t{k}"),
+                "parent_span_id": "r", "name": "lookup", "start_time_unix_nano": 1_000_000_000i64,
+                "end_time_unix_nano": 1_250_000_000i64, "status": {"code": "STATUS_CODE_OK"},
+                "attributes": {"mlflow.spanType": "\"TOOL\"", "mlflow.spanInputs": "{\"q\":1}",
+                    "gen_ai.tool.call.id": json!(c).to_string()}}),
+            ));
+        }
+        let source = TraceSource {
+            experiment_id: "1".into(),
+            agent: "bot".into(),
+            host: HOST.into(),
+            execution_path: None,
+        };
+        let meta = TraceMeta {
+            trace_id: trace.into(),
+            time_us,
+            location: "mlflow:1".into(),
+            ..Default::default()
+        };
+        Prepared {
+            id: trace.into(),
+            time_us,
+            agent: "bot".into(),
+            host: HOST.into(),
+            records: span_records(&source, "1000000", &meta, &spans),
+        }
+    }
+
+    /// An inference row (ResponsesAgent) that made these tool calls.
+    fn execution(id: &str, time_us: i64, calls: &[&str]) -> Execution {
+        let mut output: Vec<Value> = Vec::new();
+        for c in calls {
+            output.push(json!({"type": "function_call", "call_id": c, "name": "lookup", "arguments": "{\"q\":1}"}));
+            output.push(
+                json!({"type": "function_call_output", "call_id": c, "output": "{\"ok\":true}"}),
+            );
+        }
+        Execution {
+            table: TABLE.into(),
+            format: TableFormat::AiGateway,
+            request_id: id.into(),
+            client_request_id: None,
+            request_time: chrono::DateTime::from_timestamp_micros(time_us).unwrap_or_default(),
+            status_code: Some(200),
+            duration_ms: Some(5),
+            request: Some(json!({"input": [{"role": "user", "content": "hi"}]}).to_string()),
+            response: Some(json!({"output": output}).to_string()),
+            logging_error_codes: Vec::new(),
+            served_entity_id: None,
+            requester: None,
+            request_metadata: None,
+        }
+    }
+
+    fn connector(dir: &std::path::Path) -> Connector {
+        let client = DatabricksClient::new(
+            &url::Url::parse("http://127.0.0.1:9").unwrap(),
+            crate::databricks::Credentials::Pat("unused".to_string().into()),
+            Default::default(),
+        )
+        .unwrap();
+        let sink = AnySink::File(crate::sink::FileSink::new(Some(dir.join("out.jsonl"))).unwrap());
+        let state = StateStore::open(&dir.join("state"), false).unwrap();
+        let settings = crate::app::settings_for_demo("c", "s", &dir.join("state"));
+        Connector::new(client, sink, state, settings)
+    }
+
+    /// Delivers `tables` and `first` (the trace sources' channel), the tables' chunks queued
+    /// first: delivery must still take the traces' first.
+    async fn deliver(c: &Connector, first: Vec<Chunk>, tables: Vec<Chunk>) -> DeliveryTotals {
+        let agents: BTreeMap<String, Arc<AgentInfo>> = [(
+            TABLE.to_string(),
+            Arc::new(AgentInfo {
+                name: "bot".into(),
+                host: HOST.into(),
+                path: "/serving-endpoints/bot/invocations".into(),
+            }),
+        )]
+        .into_iter()
+        .collect();
+        let (table_tx, table_rx) = mpsc::channel(16);
+        for chunk in tables {
+            table_tx.send(chunk).await.unwrap();
+        }
+        drop(table_tx);
+        let (tx, rx) = mpsc::channel(16);
+        for chunk in first {
+            tx.send(chunk).await.unwrap();
+        }
+        drop(tx);
+        let (_t, shutdown) = Shutdown::new();
+        match c.deliver(rx, table_rx, agents, shutdown).await {
+            Ok(t) => t,
+            Err(e) => panic!("delivery failed: {e}"),
+        }
+    }
+
+    /// `(call id, from a trace?)` of every tool-call record written, in order.
+    fn sent_calls(dir: &std::path::Path) -> Vec<(String, bool)> {
+        let text = std::fs::read_to_string(dir.join("out.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let v: Value = serde_json::from_str(l).ok()?;
+                let h: Value = serde_json::from_str(v["requestHeaders"].as_str()?).ok()?;
+                Some((
+                    h["x-tool-call-id"].as_str()?.to_string(),
+                    h.get("x-mlflow-trace-id").is_some(),
+                ))
+            })
+            .collect()
+    }
+
+    fn trace_chunk(units: Vec<Prepared>) -> Chunk {
+        Chunk {
+            table: "mlflow:1".into(),
+            prepared: units,
+            ..Default::default()
+        }
+    }
+
+    fn table_chunk(execs: Vec<Execution>) -> Chunk {
+        Chunk {
+            table: TABLE.into(),
+            executions: execs,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn each_tool_call_is_sent_once_and_registered_with_its_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = connector(dir.path());
+        let ns = tool_call_namespace(HOST);
+
+        // One cycle: the trace describes call_1; the row describes call_1 and call_2.
+        let t = deliver(
+            &c,
+            vec![trace_chunk(vec![trace_unit("tr-1", 1_000, &["call_1"])])],
+            vec![table_chunk(vec![execution(
+                "req-1",
+                2_000,
+                &["call_1", "call_2"],
+            )])],
+        )
+        .await;
+        assert_eq!(
+            sent_calls(dir.path()),
+            [("call_1".into(), true), ("call_2".into(), false)]
+        );
+        assert_eq!(t.tool_calls_deduplicated, 1);
+        assert_eq!(t.tool_calls, 2, "found in the row, whether sent or not");
+        // Registered with the unit that carried each call, at the unit's time.
+        let reg = c
+            .state
+            .delivered_among(&ns, ["call_1", "call_2", "call_3"])
+            .unwrap();
+        assert_eq!(reg.len(), 2, "{reg:?}");
+        assert_eq!(c.state.ids_in_range(&ns, 1_000, 1_001).unwrap(), ["call_1"]);
+        assert_eq!(c.state.ids_in_range(&ns, 2_000, 2_001).unwrap(), ["call_2"]);
+        assert_eq!(c.state.delivered_count("mlflow:1").unwrap(), 1);
+        assert_eq!(c.state.delivered_count(TABLE).unwrap(), 1);
+
+        // A later cycle: a new row repeats call_1 (dropped); a late trace describes call_2, whose
+        // row was sent before (its TOOL record is the one dropped) and a new call_3.
+        let t = deliver(
+            &c,
+            vec![trace_chunk(vec![trace_unit(
+                "tr-2",
+                3_000,
+                &["call_2", "call_3"],
+            )])],
+            vec![table_chunk(vec![execution("req-2", 4_000, &["call_1"])])],
+        )
+        .await;
+        assert_eq!(t.tool_calls_deduplicated, 2);
+        let sent = sent_calls(dir.path());
+        assert_eq!(&sent[2..], [("call_3".to_string(), true)]);
+        // The units themselves are still delivered (execution and LLM records).
+        assert_eq!(c.state.delivered_count("mlflow:1").unwrap(), 2);
+        assert_eq!(c.state.delivered_count(TABLE).unwrap(), 2);
+        let text = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+        assert_eq!(text.matches("/invocations").count(), 2);
+
+        // Pruned like other namespaces: nothing older than the horizon stays.
+        assert_eq!(c.prune_tool_calls(2_500).unwrap(), 2);
+        assert_eq!(c.state.delivered_count(&ns).unwrap(), 1);
+        assert_eq!(c.prune_tool_calls(i64::MAX).unwrap(), 1);
+        assert!(c
+            .state
+            .namespaces_with_prefix(TOOL_CALL_PREFIX)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_same_call_twice_in_one_chunk_or_unit_is_sent_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = connector(dir.path());
+        let t = deliver(
+            &c,
+            vec![trace_chunk(vec![
+                trace_unit("tr-1", 1_000, &["call_1", "call_1"]),
+                trace_unit("tr-2", 1_500, &["call_1", "call_2"]),
+            ])],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(t.tool_calls_deduplicated, 2);
+        assert_eq!(
+            sent_calls(dir.path()),
+            [("call_1".into(), true), ("call_2".into(), true)]
+        );
+    }
+
+    #[test]
+    fn ledger_filters_by_host_registry_and_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::open(dir.path(), false).unwrap();
+        let ns = tool_call_namespace(HOST);
+        state
+            .commit_delivered(&[DeliveredRow {
+                table: &ns,
+                id: "old",
+                time_us: 1,
+            }])
+            .unwrap();
+        let unit = trace_unit("tr", 5, &["old", "new"]);
+        let mut ledger = ToolCallLedger::default();
+        ledger.start_chunk();
+        ledger
+            .prefetch(&state, [(HOST, unit.records.as_slice())].into_iter())
+            .unwrap();
+        let mut records = unit.records.clone();
+        let calls = ledger.filter(HOST, &mut records);
+        assert_eq!(calls, [None, Some("new".to_string())]);
+        assert_eq!(records.len(), 2);
+        assert_eq!(tool_call_id(&records[1]).as_deref(), Some("new"));
+        // Staged in this chunk: dropped again; on another host the same id is another call.
+        let mut again = unit.records.clone();
+        assert_eq!(ledger.filter(HOST, &mut again), [None]);
+        let mut other = unit.records.clone();
+        assert_eq!(
+            ledger.filter("other.host", &mut other),
+            [None, Some("old".to_string()), Some("new".to_string())]
+        );
+        assert_eq!(ledger.dropped, 3);
+        // A new chunk forgets what this chunk staged (it is in the registry once delivered).
+        ledger.start_chunk();
+        let mut next = unit.records.clone();
+        assert_eq!(ledger.filter(HOST, &mut next).len(), 3);
     }
 }

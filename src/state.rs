@@ -388,6 +388,33 @@ impl StateStore {
         Ok(removed)
     }
 
+    /// The namespaces (tables) starting with `prefix` that hold delivered ids, in order. Cost:
+    /// one lookup per namespace, not per id (it jumps from one namespace to the next).
+    pub fn namespaces_with_prefix(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+        let mut out: Vec<String> = Vec::new();
+        let mut from = prefix.to_string();
+        for _ in 0..1_000_000 {
+            let next = t
+                .range((from.as_str(), i64::MIN, "")..)
+                .map_err(|e| self.io(e))?
+                .next()
+                .transpose()
+                .map_err(|e| self.io(e))?
+                .map(|(k, _)| k.value().0.to_string());
+            match next {
+                Some(ns) if ns.starts_with(prefix) => {
+                    // The smallest name after `ns` is `ns` followed by NUL.
+                    from = format!("{ns}\0");
+                    out.push(ns);
+                }
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     /// Number of delivered ids kept for `table`.
     pub fn delivered_count(&self, table: &str) -> Result<u64, StateError> {
         Ok(self.count_by_range(table, &[i64::MIN, i64::MAX])?[0])
@@ -507,6 +534,31 @@ mod tests {
             })
             .count();
         assert_eq!(moved, 1);
+    }
+
+    #[test]
+    fn namespaces_with_a_prefix_are_listed_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path(), false).unwrap();
+        s.commit_delivered(&rows("toolcall:b", &[("x", 1), ("y", 2)]))
+            .unwrap();
+        s.commit_delivered(&rows("toolcall:a", &[("z", 9)]))
+            .unwrap();
+        s.commit_delivered(&rows("toolcall", &[("z", 9)])).unwrap();
+        s.commit_delivered(&rows("toolcall;", &[("z", 9)])).unwrap();
+        s.commit_delivered(&rows("c.s.t", &[("z", 9)])).unwrap();
+        s.commit_delivered(&rows("toolcall:a\0x", &[("w", 3)]))
+            .unwrap();
+        assert_eq!(
+            s.namespaces_with_prefix("toolcall:").unwrap(),
+            ["toolcall:a", "toolcall:a\0x", "toolcall:b"]
+        );
+        assert!(s.namespaces_with_prefix("nope").unwrap().is_empty());
+        s.prune("toolcall:b", 10).unwrap();
+        assert_eq!(
+            s.namespaces_with_prefix("toolcall:").unwrap(),
+            ["toolcall:a", "toolcall:a\0x"]
+        );
     }
 
     #[cfg(unix)]

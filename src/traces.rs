@@ -13,6 +13,11 @@
 //! newest delivered `(time, trace id)`; traces appear late (they are exported when they end), so
 //! each read also looks `lookback` behind the last complete read and skips ids already delivered.
 //!
+//! A TOOL span and an inference row can describe the same tool call (same `x-tool-call-id` on
+//! the same agent host): the delivery stage sends it once, and reads these sources before the
+//! inference tables so that the trace's record, which has timing and errors, is the one sent
+//! (see `run`'s module doc, including the one case where the row's record wins).
+//!
 //! Architecture Invariant: like `collect`, this module never writes state and never sends; it
 //! emits [`Chunk`]s of [`Prepared`] units, oldest first, to the delivery stage.
 
@@ -386,18 +391,29 @@ fn span_record(
     }
 }
 
+/// The call id of a tool-call record (`/tools/<name>` with an `x-tool-call-id` request header),
+/// whichever source built it (a trace's TOOL span or an inference row's tool call). The delivery
+/// stage sends each `(host, call id)` once (see `run`).
+pub fn tool_call_id(record: &AktoRecord) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Headers {
+        #[serde(rename = "x-tool-call-id")]
+        id: Option<String>,
+    }
+    if !record.path.starts_with("/tools/") {
+        return None;
+    }
+    serde_json::from_str::<Headers>(&record.request_headers)
+        .ok()?
+        .id
+        .filter(|id| !id.is_empty())
+}
+
 /// Tool call ids whose records a unit carries (`x-tool-call-id` of its TOOL span records): the
-/// delivery stage can drop the inference row's record of the same call (the trace is preferred:
+/// delivery stage drops the inference row's record of the same call (the trace is preferred:
 /// it has timing and errors).
 pub fn tool_call_ids(unit: &Prepared) -> Vec<String> {
-    unit.records
-        .iter()
-        .filter(|r| r.path.starts_with("/tools/"))
-        .filter_map(|r| {
-            let h: BTreeMap<String, String> = serde_json::from_str(&r.request_headers).ok()?;
-            h.get("x-tool-call-id").cloned()
-        })
-        .collect()
+    unit.records.iter().filter_map(tool_call_id).collect()
 }
 
 /// Where a read starts and which older keys are still checked against the delivered ids.

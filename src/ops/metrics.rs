@@ -120,6 +120,7 @@ pub struct Snapshot {
     pub quarantined: u64,
     pub truncated: u64,
     pub tool_calls: u64,
+    pub tool_calls_deduplicated: u64,
     pub cycle_errors: u64,
     /// Cumulative counts of the histogram's buckets (same order as [`DURATION_BUCKETS`]).
     pub duration_buckets: Vec<u64>,
@@ -215,6 +216,7 @@ impl Metrics {
         s.quarantined += report.quarantined;
         s.truncated += report.truncated;
         s.tool_calls += report.tool_calls;
+        s.tool_calls_deduplicated += report.tool_calls_deduplicated;
         s.cycle_errors += report.errors.len() as u64;
         let secs = report.duration.as_secs_f64();
         if s.duration_buckets.len() != DURATION_BUCKETS.len() {
@@ -430,6 +432,12 @@ impl Metrics {
             "counter",
             "Tool-call records sent (one per tool call inside an execution).",
             &plain(s.tool_calls),
+        );
+        fam(
+            "databricks_shield_tool_calls_deduplicated_total",
+            "counter",
+            "Tool-call records of inference rows left out because a trace (or an earlier record) already sent the same call.",
+            &plain(s.tool_calls_deduplicated),
         );
         fam(
             "databricks_shield_databricks_retries_total",

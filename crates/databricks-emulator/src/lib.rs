@@ -112,6 +112,24 @@ pub struct GroundTruthRow {
     pub request_time: String,
 }
 
+/// A tool call that both an inference row and an MLflow trace of the same agent describe: the
+/// row's response carries it and the trace's TOOL span has the same `gen_ai.tool.call.id`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MirroredToolCall {
+    /// The agent's name.
+    pub agent: String,
+    /// The MLflow experiment holding the trace.
+    pub experiment_id: String,
+    /// The trace describing the execution.
+    pub trace_id: String,
+    /// The inference row describing the same execution.
+    pub databricks_request_id: String,
+    /// The shared tool call id.
+    pub tool_call_id: String,
+    /// The tool's name.
+    pub tool: String,
+}
+
 /// A privilege the emulator checks per principal (everything is granted until revoked).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Privilege {
@@ -301,6 +319,12 @@ impl Emulator {
     /// `POST /_emulator/traces`).
     pub fn add_traces(&self, count: usize) {
         http::add_traces(&self.shared, count);
+    }
+
+    /// Tool calls described by both an inference row and an MLflow trace (the first successful
+    /// tool-calling rows of each agent with an experiment), deterministic for a seed.
+    pub fn mirrored_tool_calls(&self) -> Vec<MirroredToolCall> {
+        http::mirrored_tool_calls(&self.shared)
     }
 
     /// Stop accepting, close connections gracefully and free the port.

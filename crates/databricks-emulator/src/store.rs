@@ -103,6 +103,23 @@ pub(crate) struct Store {
     payload_bytes: usize,
     rng: Mutex<Rng>,
     rows_total: AtomicU64,
+    /// Per agent: the first initial rows whose execution MLflow traces mirror (see [`MirroredRow`]).
+    mirrored: Vec<Vec<MirroredRow>>,
+}
+
+/// How many executions of each agent also have an MLflow trace describing them.
+pub(crate) const MIRRORED_PER_AGENT: usize = 4;
+
+/// An inference row whose execution an MLflow trace also describes: same payload seed (so the
+/// same tool call id), same time and client request id. Only successful rows with a tool call
+/// and logged payloads are chosen, so the row's record and the trace's TOOL span describe the
+/// same tool call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MirroredRow {
+    pub request_id: String,
+    pub client_request_id: Option<String>,
+    pub t_us: i64,
+    pub seed: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -372,11 +389,13 @@ impl Store {
             payload_bytes,
             rng: Mutex::new(Rng::new(seed ^ 0xD47A)),
             rows_total: AtomicU64::new(0),
+            mirrored: Vec::new(),
         };
         store.create_schema()?;
         let now = now_us();
         store.insert_rows(initial_rows, now - 3_600_000_000, now)?;
         store.create_indexes()?;
+        let mirrored = store.find_mirrored()?;
         // The bulk load is done: a small writer cache is enough from now on.
         lock(&store.writer).pragma_update(None, "cache_size", -16384i64)?;
         let mut readers = Vec::with_capacity(READERS);
@@ -391,7 +410,76 @@ impl Store {
             register_functions(&c, &store.layout, store.payload_bytes)?;
             readers.push(Mutex::new(c));
         }
-        Ok(Store { readers, ..store })
+        Ok(Store {
+            readers,
+            mirrored,
+            ..store
+        })
+    }
+
+    /// The rows of `agent` that MLflow traces mirror (empty for an unknown agent).
+    pub(crate) fn mirrored(&self, agent: usize) -> &[MirroredRow] {
+        self.mirrored.get(agent).map_or(&[], Vec::as_slice)
+    }
+
+    /// Chooses, per agent, the first initial rows (insertion order) that succeeded, logged both
+    /// payloads and made a tool call: deterministic for a seed.
+    fn find_mirrored(&self) -> Result<Vec<Vec<MirroredRow>>, EmulatorError> {
+        let l = &self.layout;
+        let w = lock(&self.writer);
+        let mut out = Vec::with_capacity(l.agents.len());
+        for a in &l.agents {
+            let Some(t) = l.tables.get(a.table) else {
+                out.push(Vec::new());
+                continue;
+            };
+            let time = if t.kind == TableKind::Legacy {
+                "timestamp_ms"
+            } else {
+                "request_time"
+            };
+            let mut st = w.prepare(&format!(
+                "SELECT databricks_request_id, client_request_id, {time}, status_code, g, f \
+                 FROM {} ORDER BY rowid LIMIT 200",
+                t.phys
+            ))?;
+            let mut rows = st.query([])?;
+            let mut found = Vec::new();
+            while let Some(r) = rows.next()? {
+                let (status, seed, flags): (i64, i64, i64) = (r.get(3)?, r.get(4)?, r.get(5)?);
+                let t_us = match r.get_ref(2)? {
+                    rusqlite::types::ValueRef::Integer(ms) => Some(ms.saturating_mul(1000)),
+                    rusqlite::types::ValueRef::Text(s) => parse_ts(&String::from_utf8_lossy(s)),
+                    _ => None,
+                };
+                let spec = PayloadSpec {
+                    format: a.format,
+                    agent: &a.name,
+                    tools: &a.tools,
+                    seed: seed as u64,
+                    status,
+                    flags,
+                    payload_bytes: self.payload_bytes,
+                };
+                let (Some(t_us), true) = (t_us, status == 200 && flags == 0) else {
+                    continue;
+                };
+                if payload::tool_call(&spec).is_none() {
+                    continue;
+                }
+                found.push(MirroredRow {
+                    request_id: r.get(0)?,
+                    client_request_id: r.get(1)?,
+                    t_us,
+                    seed: seed as u64,
+                });
+                if found.len() == MIRRORED_PER_AGENT {
+                    break;
+                }
+            }
+            out.push(found);
+        }
+        Ok(out)
     }
 
     /// The SQLite name (a view) of a UC table.

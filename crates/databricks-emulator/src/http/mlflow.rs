@@ -28,6 +28,9 @@ struct Trace {
     ok: bool,
     seed: u64,
     client_request_id: String,
+    /// The inference row whose execution this trace describes (same payload seed, time and
+    /// client request id), if any.
+    mirrors: Option<String>,
 }
 
 fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
@@ -43,8 +46,22 @@ fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
             ok: rng.chance(900),
             seed: rng.next_u64(),
             client_request_id: format!("cr-{}", rng.hex(12)),
+            mirrors: None,
         })
         .collect();
+    // Some successful traces describe executions that the agent's inference table also holds:
+    // the same tool call then appears in the row's response and in the trace's TOOL span
+    // (`gen_ai.tool.call.id`), as when an agent logs both. Failed traces are left alone.
+    let mut slots = out.iter_mut().filter(|t| t.ok);
+    for row in shared.store.mirrored(exp.agent) {
+        let Some(t) = slots.next() else { break };
+        t.seed = row.seed;
+        t.ts_ms = row.t_us.div_euclid(1000);
+        if let Some(c) = &row.client_request_id {
+            t.client_request_id = c.clone();
+        }
+        t.mirrors = Some(row.request_id.clone());
+    }
     for (ts_ms, seed) in extra {
         let mut r = Rng::new(seed ^ (exp.agent as u64).wrapping_mul(0x9E37_79B9));
         out.push(Trace {
@@ -56,7 +73,32 @@ fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
             ok: r.chance(900),
             seed: r.next_u64(),
             client_request_id: format!("cr-{}", r.hex(12)),
+            mirrors: None,
         });
+    }
+    out
+}
+
+/// Tool calls described both by an inference row and by an MLflow trace (ground truth for
+/// deduplication tests).
+pub(crate) fn mirrored_tool_calls(shared: &Shared) -> Vec<crate::MirroredToolCall> {
+    let mut out = Vec::new();
+    for exp in &shared.layout.experiments {
+        for t in traces_of(shared, exp) {
+            let Some(request_id) = &t.mirrors else {
+                continue;
+            };
+            if let Some((call_id, tool, _, _)) = payload::tool_call(&spec(shared, &t)) {
+                out.push(crate::MirroredToolCall {
+                    agent: shared.layout.agents[t.agent].name.clone(),
+                    experiment_id: t.experiment.clone(),
+                    trace_id: t.id.clone(),
+                    databricks_request_id: request_id.clone(),
+                    tool_call_id: call_id,
+                    tool,
+                });
+            }
+        }
     }
     out
 }

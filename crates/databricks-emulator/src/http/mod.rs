@@ -666,6 +666,10 @@ pub(crate) fn add_traces(shared: &Shared, count: usize) {
     mlflow::add_traces(shared, count);
 }
 
+pub(crate) fn mirrored_tool_calls(shared: &Shared) -> Vec<crate::MirroredToolCall> {
+    mlflow::mirrored_tool_calls(shared)
+}
+
 pub(crate) fn set_endpoint_tag(shared: &Shared, endpoint: &str, key: &str, value: &str) -> bool {
     let mut eps = shared.endpoints.write().unwrap_or_else(|e| e.into_inner());
     let Some(ep) = eps.iter_mut().find(|e| e.name == endpoint) else {

@@ -128,3 +128,85 @@ async fn experiments_traces_and_signed_spans() {
     assert_eq!(s, 404);
     env.emu.shutdown().await;
 }
+
+/// Some traces describe executions of the agent's inference table: the row's response and the
+/// trace's TOOL span carry the same tool call id (and the trace the row's client request id).
+#[tokio::test]
+async fn some_traces_mirror_inference_rows_tool_calls() {
+    let env = default_env().await;
+    let mirrored = env.emu.mirrored_tool_calls();
+    assert!(
+        mirrored.len() >= 4,
+        "several mirrored tool calls: {mirrored:?}"
+    );
+    assert_eq!(mirrored, env.emu.mirrored_tool_calls(), "deterministic");
+    let agents: std::collections::BTreeSet<&str> =
+        mirrored.iter().map(|m| m.agent.as_str()).collect();
+    assert!(agents.len() >= 2, "{agents:?}");
+    for m in &mirrored {
+        // The inference row holds the call in its response.
+        let v = env
+            .sql(
+                &format!(
+                    "SELECT response, client_request_id FROM `workspace`.`default`.`{}_payload` \
+                     WHERE request_date >= :d AND databricks_request_id = :id",
+                    m.agent
+                ),
+                json!([{"name": "d", "value": "2000-01-01", "type": "DATE"},
+                       {"name": "id", "value": m.databricks_request_id}]),
+            )
+            .await;
+        let rows = env.all_rows(&v).await;
+        assert_eq!(rows.len(), 1, "{m:?}");
+        let response = rows[0][0].as_str().unwrap_or("");
+        assert!(response.contains(&m.tool_call_id), "{m:?}: {response}");
+
+        // The trace is found by search and its TOOL span has the same call id.
+        let (s, v) = env
+            .post(
+                "/api/3.0/mlflow/traces/search",
+                json!({"experiment_ids": [m.experiment_id], "filter": "trace.timestamp_ms > 0", "max_results": 100}),
+            )
+            .await;
+        assert_eq!(s, 200);
+        let info = v["traces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["trace_id"] == m.trace_id.as_str())
+            .cloned()
+            .expect("the mirroring trace is searchable");
+        assert_eq!(info["state"], "OK");
+        if let Some(c) = rows[0][1].as_str() {
+            assert_eq!(info["client_request_id"], c);
+        }
+        let (_, v) = env
+            .get(&format!(
+                "/api/2.0/mlflow/traces/{}/credentials-for-data-download",
+                m.trace_id
+            ))
+            .await;
+        let uri = v["credential_info"]["signed_uri"].as_str().unwrap();
+        let spans: Value = env
+            .http
+            .get(uri)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let tool = spans["spans"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["attributes"]["mlflow.spanType"] == "\"TOOL\"")
+            .expect("a TOOL span");
+        assert_eq!(
+            tool["attributes"]["gen_ai.tool.call.id"],
+            json!(m.tool_call_id).to_string()
+        );
+        assert_eq!(tool["name"], m.tool.as_str());
+    }
+    env.emu.shutdown().await;
+}
