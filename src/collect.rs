@@ -29,6 +29,10 @@ use crate::discovery::{InferenceTable, TableKind};
 use crate::state::{Cursor, StateError, StateStore};
 use crate::traffic::{Execution, TableFormat};
 
+/// Up to this many delivered ids in a late range are excluded in the query itself (`NOT IN`);
+/// more are found by an id scan.
+const EXCLUDE_IDS_MAX: usize = 200;
+
 /// Tuning of the reads.
 #[derive(Debug, Clone)]
 pub struct CollectOptions {
@@ -51,7 +55,7 @@ impl Default for CollectOptions {
             lookback: Duration::from_secs(3600),
             max_catchup: Duration::from_secs(24 * 3600),
             statement_timeout: Duration::from_secs(120),
-            target_statement_bytes: 8 << 20,
+            target_statement_bytes: 2 << 20,
             id_page_rows: 5000,
             fetch_ids: 200,
             buckets: 60,
@@ -399,28 +403,54 @@ impl TableReader<'_> {
 
     async fn collect_head(
         &self,
-        mut after_us: i64,
-        mut after_id: String,
+        after_us: i64,
+        after_id: String,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        let from_date = date_of(after_us);
+        self.read_pages(&from_date, None, Some((after_us, after_id)), out, stats)
+            .await
+    }
+
+    /// Reads full rows in keyset order `(time, id)`, after `after` when given, restricted by
+    /// `filter` (an SQL condition and its parameters) when given, in pages sized to about
+    /// `target_statement_bytes`, and emits the ones not delivered yet.
+    async fn read_pages(
+        &self,
+        from_date: &str,
+        filter: Option<(&str, &[Param])>,
+        mut after: Option<(i64, String)>,
         out: &mpsc::Sender<Chunk>,
         stats: &mut TableStats,
     ) -> Result<(), CollectError> {
         let d = self.dialect();
-        let from_date = date_of(after_us);
         let mut limit: usize = 500;
         loop {
+            let mut params = vec![Param::new("from_date", from_date.to_string(), "DATE")];
+            let mut conds = Vec::new();
+            if let Some((cond, p)) = filter {
+                conds.push(format!("({cond})"));
+                params.extend_from_slice(p);
+            }
+            if let Some((t, id)) = &after {
+                conds.push(format!(
+                    "({tc} > :after_time OR ({tc} = :after_time AND databricks_request_id > :after_id))",
+                    tc = d.time_col
+                ));
+                params.push(d.time_param("after_time", *t));
+                params.push(Param::new("after_id", id.clone(), "STRING"));
+            }
             let sql = format!(
-                "SELECT {cols} FROM {t} WHERE {date} >= :from_date AND ({tc} > :after_time OR ({tc} = :after_time AND databricks_request_id > :after_id)) \
+                "SELECT {cols} FROM {t} WHERE {date} >= :from_date{and}{conds} \
                  ORDER BY {tc}, databricks_request_id LIMIT {limit}",
                 cols = d.columns,
                 t = quote_table(&self.table.full_name),
                 date = d.date_col,
+                and = if conds.is_empty() { "" } else { " AND " },
+                conds = conds.join(" AND "),
                 tc = d.time_col,
             );
-            let params = vec![
-                Param::new("from_date", from_date.clone(), "DATE"),
-                d.time_param("after_time", after_us),
-                Param::new("after_id", after_id.clone(), "STRING"),
-            ];
             let rows = self.run(self.statement(sql, params), stats).await?;
             // Cut by the byte limit: more rows follow even though the page is not full.
             let truncated = rows.truncated;
@@ -431,13 +461,16 @@ impl TableReader<'_> {
             if n == 0 || (n < limit && !truncated) {
                 return Ok(());
             }
-            match last {
+            match (last, &after) {
                 // A full page must move the keyset forward, or the next page would repeat it.
-                Some((t, id)) if (t, id.as_str()) > (after_us, after_id.as_str()) => {
-                    after_us = t;
-                    after_id = id;
+                (Some((t, id)), Some((at, aid))) if (t, id.as_str()) <= (*at, aid.as_str()) => {
+                    return Err(CollectError::Databricks(DatabricksError::Decode {
+                        route: self.table.full_name.clone(),
+                        detail: "a full page of rows without a readable request_time or id: cannot page further".into(),
+                    }))
                 }
-                _ => {
+                (Some(key), _) => after = Some(key),
+                (None, _) => {
                     return Err(CollectError::Databricks(DatabricksError::Decode {
                         route: self.table.full_name.clone(),
                         detail: "a full page of rows without a readable request_time or id: cannot page further".into(),
@@ -565,18 +598,72 @@ impl TableReader<'_> {
             }
             ranges = next;
         }
-        // Ranges with nothing delivered: fetch their payloads directly.
-        for r in to_fetch_all {
-            let missing = self.scan_ids(&[r], cursor, stats, true).await?;
-            stats.late_found += missing.len() as u64;
-            self.fetch_ids(missing, out, stats).await?;
+        // Ranges with nothing delivered: read their rows directly.
+        if !to_fetch_all.is_empty() {
+            let before = stats.executions;
+            self.read_ranges(&to_fetch_all, cursor, &[], out, stats)
+                .await?;
+            stats.late_found += stats.executions - before;
         }
-        if !to_scan.is_empty() {
-            let missing = self.scan_ids(&to_scan, cursor, stats, false).await?;
+        // Ranges with few delivered ids: read the rows that are not among them, directly.
+        // Ranges with many: scan their ids, then fetch the missing ones.
+        let mut scan = Vec::new();
+        for r in to_scan {
+            let hi = if r.1 > cursor.time_us {
+                cursor.time_us + 1
+            } else {
+                r.1
+            };
+            let known = self.state.ids_in_range(&self.table.full_name, r.0, hi)?;
+            if known.len() <= EXCLUDE_IDS_MAX {
+                let before = stats.executions;
+                self.read_ranges(&[r], cursor, &known, out, stats).await?;
+                stats.late_found += stats.executions - before;
+            } else {
+                scan.push(r);
+            }
+        }
+        if !scan.is_empty() {
+            let missing = self.scan_ids(&scan, cursor, stats, false).await?;
             stats.late_found += missing.len() as u64;
             self.fetch_ids(missing, out, stats).await?;
         }
         Ok(())
+    }
+
+    /// Reads the full rows of the ranges, except the `exclude`d ids, and emits them.
+    async fn read_ranges(
+        &self,
+        ranges: &[(i64, i64)],
+        cursor: &Cursor,
+        exclude: &[String],
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        let mut params = Vec::new();
+        let conds: Vec<String> = ranges
+            .iter()
+            .enumerate()
+            .map(|(i, r)| self.range_sql(i, *r, cursor, &mut params))
+            .collect();
+        let mut cond = format!("({})", conds.join(" OR "));
+        if !exclude.is_empty() {
+            let markers: Vec<String> = exclude
+                .iter()
+                .enumerate()
+                .map(|(i, id)| {
+                    params.push(Param::new(format!("x{i}"), id.clone(), "STRING"));
+                    format!(":x{i}")
+                })
+                .collect();
+            cond.push_str(&format!(
+                " AND databricks_request_id NOT IN ({})",
+                markers.join(", ")
+            ));
+        }
+        let from_date = date_of(ranges.iter().map(|r| r.0).min().unwrap_or(cursor.time_us));
+        self.read_pages(&from_date, Some((&cond, &params)), None, out, stats)
+            .await
     }
 
     /// Delivered rows in [lo, hi), capped at the cursor.
@@ -627,7 +714,11 @@ impl TableReader<'_> {
         stats: &mut TableStats,
     ) -> Result<Vec<u64>, CollectError> {
         let d = self.dialect();
-        let mut params = vec![Param::new("from_date", date_of(ranges[0].0), "DATE")];
+        let mut params = vec![Param::new(
+            "from_date",
+            date_of(ranges.iter().map(|r| r.0).min().unwrap_or(cursor.time_us)),
+            "DATE",
+        )];
         let mut sums = Vec::new();
         let mut any = Vec::new();
         for (i, r) in ranges.iter().enumerate() {
@@ -673,7 +764,11 @@ impl TableReader<'_> {
         let mut missing = Vec::new();
         let mut after: Option<(i64, String)> = None;
         loop {
-            let mut params = vec![Param::new("from_date", date_of(ranges[0].0), "DATE")];
+            let mut params = vec![Param::new(
+                "from_date",
+                date_of(ranges.iter().map(|r| r.0).min().unwrap_or(cursor.time_us)),
+                "DATE",
+            )];
             let conds: Vec<String> = ranges
                 .iter()
                 .enumerate()

@@ -380,8 +380,8 @@ impl Connector {
         // anything from the tables, so a trace's TOOL record reaches it before an inference row's
         // record of the same call and is the one sent (module doc). Table readers still start at
         // once: they read their first pages and wait on their channel meanwhile.
-        let (tx, rx) = mpsc::channel::<Chunk>(4);
-        let (table_tx, table_rx) = mpsc::channel::<Chunk>(4);
+        let (tx, rx) = mpsc::channel::<Chunk>(1);
+        let (table_tx, table_rx) = mpsc::channel::<Chunk>(1);
         let delivery = {
             let this = self.clone();
             let agents = agents.clone();
@@ -761,7 +761,8 @@ impl Connector {
     ) -> Result<(), DeliveryError> {
         let b = std::mem::take(batch);
         if !b.records.is_empty() {
-            self.state.mark_in_flight(b.records.len())?;
+            let probe = b.execs.first().map(|(id, _, _)| (table, id.as_str()));
+            self.state.mark_in_flight(b.records.len(), probe)?;
         }
         let result = if b.records.is_empty() {
             Ok(Default::default())

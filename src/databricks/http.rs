@@ -171,8 +171,9 @@ impl ApiClient {
         query: &[(&str, String)],
         body: Option<&serde_json::Value>,
     ) -> Result<T, DatabricksError> {
-        let text = self.request_text(method, route, path, query, body).await?;
-        serde_json::from_str(&text).map_err(|e| DatabricksError::Decode {
+        // Parsed from the body bytes: a large statement page is not copied into a String first.
+        let raw = self.request_raw(method, route, path, query, body).await?;
+        serde_json::from_slice(&raw).map_err(|e| DatabricksError::Decode {
             route: route.to_string(),
             detail: format!("response is not the documented JSON: {e}"),
         })
@@ -186,6 +187,18 @@ impl ApiClient {
         query: &[(&str, String)],
         body: Option<&serde_json::Value>,
     ) -> Result<String, DatabricksError> {
+        let raw = self.request_raw(method, route, path, query, body).await?;
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    }
+
+    async fn request_raw(
+        &self,
+        method: Method,
+        route: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&serde_json::Value>,
+    ) -> Result<bytes::Bytes, DatabricksError> {
         let url = format!("{}{}", self.base, path);
         let started = Instant::now();
         let mut attempt: u32 = 0;
@@ -207,7 +220,7 @@ impl ApiClient {
                 Ok(resp) => {
                     let status = resp.status();
                     let headers = resp.headers().clone();
-                    match resp.text().await {
+                    match resp.bytes().await {
                         Ok(t) => (status, t, headers),
                         Err(e) => {
                             self.stats.record(route, "error");
@@ -251,7 +264,7 @@ impl ApiClient {
             if status.is_success() {
                 return Ok(text);
             }
-            let (code, message) = ApiErrorBody::parse(&text);
+            let (code, message) = ApiErrorBody::parse(&String::from_utf8_lossy(&text));
             if status == StatusCode::UNAUTHORIZED && !reauthenticated {
                 // The token may have expired or been revoked mid-run: get a new one, once.
                 reauthenticated = true;

@@ -14,10 +14,6 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-#[cfg(feature = "mimalloc")]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Benchmarks of databricks-shield against the Databricks emulator (see BENCHMARKS.md).
 #[derive(Parser)]
 #[command(name = "shield-bench", version, about)]
@@ -41,8 +37,9 @@ pub enum SinkKind {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Everything, in order: floor, throughput + redaction (in-process), warehouse cost,
-    /// 1M-row process runs (peak RSS, file sink) and the 200-agent scale cycle (HTTP sink).
+    /// Everything, in order: floor, throughput + redaction (in-process), the batch-500 run,
+    /// warehouse cost, 1M-row process runs (peak RSS, file sink; the 200-agent scale cycle, HTTP
+    /// sink), the state store alone, and peak RSS vs statement page size.
     All {
         /// Rows of the in-process throughput runs.
         #[arg(long, default_value_t = 100_000)]
@@ -108,6 +105,21 @@ enum Cmd {
         sink: SinkKind,
         #[arg(long)]
         redact: bool,
+    },
+    /// Memory experiment: one in-process cycle (HTTP sink) with a given statement page size and
+    /// table concurrency; reports this process's peak RSS.
+    RssCycle {
+        #[arg(long, default_value_t = 200_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 8)]
+        statement_mib: usize,
+        #[arg(long, default_value_t = 4)]
+        table_concurrency: usize,
+    },
+    /// Memory experiment: the state store alone, `rows` delivered rows committed in batches of 50.
+    RssState {
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
     },
     /// (internal) The counting strict Akto stand-in, as a process.
     Standin {
@@ -199,6 +211,12 @@ fn main() -> std::process::ExitCode {
             sink,
             redact,
         } => measure::process(&rt, &mut out, rows, agents, sink, redact).map(|_| ()),
+        Cmd::RssCycle {
+            rows,
+            statement_mib,
+            table_concurrency,
+        } => measure::rss_cycle(&rt, &mut out, rows, statement_mib, table_concurrency),
+        Cmd::RssState { rows } => measure::rss_state(&mut out, rows),
         Cmd::Standin { .. } => Ok(()),
     };
     match result {

@@ -304,6 +304,7 @@ struct RunNumbers {
 }
 
 /// One fresh-state cycle over every row of the emulator.
+#[allow(clippy::too_many_arguments)]
 fn throughput_run(
     rt: &Runtime,
     work: &Work,
@@ -745,6 +746,109 @@ pub fn process(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Memory experiments (in-process, one fresh process per configuration)
+
+/// `VmHWM` (peak resident set) of this process in KiB.
+fn self_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One in-process cycle (HTTP sink) with a given statement page size and table concurrency;
+/// reports this process's peak RSS, to separate read buffers from state growth.
+pub fn rss_cycle(
+    rt: &Runtime,
+    out: &mut Out,
+    rows: usize,
+    statement_mib: usize,
+    concurrency: usize,
+) -> Result<(), BenchError> {
+    let work = Work::new()?;
+    let emu = work.emulator(rows, 5)?;
+    let standin = work.standin()?;
+    let state_dir = work.path("state-rss");
+    let mut s = settings(&state_dir, false, Duration::from_secs(7200), DEFAULT_BATCH);
+    s.collect.target_statement_bytes = statement_mib << 20;
+    s.table_concurrency = concurrency;
+    let c = connector(
+        &emu,
+        sink(SinkKind::Http, Some(&standin), &work.path("unused"))?,
+        &state_dir,
+        s,
+    )?;
+    let before = self_hwm_kib();
+    let r = rt.block_on(cycle(&c));
+    if !r.ok() {
+        return Err(step_err("cycle", r.errors.join("; ")));
+    }
+    let v = json!({
+        "kind": "rss_cycle",
+        "rows": rows,
+        "statement_mib": statement_mib,
+        "table_concurrency": concurrency,
+        "statements": r.statements,
+        "hwm_before_kib": before,
+        "peak_rss_mib": self_hwm_kib() as f64 / 1024.0,
+    });
+    eprintln!("  => {v}");
+    out.emit(&v);
+    Ok(())
+}
+
+/// The state store alone: commits `rows` delivered rows (batches of 50, as the connector does)
+/// and reports this process's peak RSS against the state file's size.
+pub fn rss_state(out: &mut Out, total: usize) -> Result<(), BenchError> {
+    let work = Work::new()?;
+    let dir = work.path("state-only");
+    let state = StateStore::open(&dir, false).map_err(|e| step_err("state store", e))?;
+    let before = self_hwm_kib();
+    let ids: Vec<String> = (0..total)
+        .map(|i| format!("{i:08x}-0000-4000-8000-{i:012x}"))
+        .collect();
+    let t0 = 1_700_000_000_000_000i64;
+    let started = Instant::now();
+    let quarter = (total / 4).max(1);
+    let mut report_at = quarter;
+    for (b, chunk) in ids.chunks(DEFAULT_BATCH).enumerate() {
+        let rows: Vec<databricks_shield::state::DeliveredRow<'_>> = chunk
+            .iter()
+            .enumerate()
+            .map(|(k, id)| databricks_shield::state::DeliveredRow {
+                table: "workspace.default.support_bot_payload",
+                id,
+                time_us: t0 + ((b * DEFAULT_BATCH + k) as i64) * 1000,
+            })
+            .collect();
+        state
+            .commit_delivered(&rows)
+            .map_err(|e| step_err("commit_delivered", e))?;
+        if (b + 1) * DEFAULT_BATCH >= report_at {
+            let size = std::fs::metadata(state.path())
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let v = json!({
+                "kind": "rss_state",
+                "rows_committed": (b + 1) * DEFAULT_BATCH,
+                "state_file_mib": size as f64 / 1048576.0,
+                "hwm_before_mib": before as f64 / 1024.0,
+                "peak_rss_mib": self_hwm_kib() as f64 / 1024.0,
+                "elapsed_s": started.elapsed().as_secs_f64(),
+            });
+            eprintln!("  {v}");
+            out.emit(&v);
+            report_at += quarter;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Everything
 
 pub fn all(
@@ -765,10 +869,17 @@ pub fn all(
         true,
         DEFAULT_BATCH,
     )?;
+    // The per-batch cost, isolated: same rows, HTTP sink, 10x larger batches.
+    throughput(rt, out, rows, reps, 5, &[SinkKind::Http], false, 500)?;
     cost(rt, out, 12, 5000, 250, 20_000, 5)?;
     if !skip_large {
         process(rt, out, large_rows, 5, SinkKind::File, false)?;
         process(rt, out, large_rows, 200, SinkKind::Http, false)?;
+        rss_state(out, large_rows)?;
+    }
+    // Read buffers vs statement page size and table concurrency (BENCHMARKS.md, peak RSS).
+    for (mib, conc) in [(8, 4), (2, 4), (8, 1), (2, 1)] {
+        rss_cycle(rt, out, 50_000, mib, conc)?;
     }
     Ok(())
 }
