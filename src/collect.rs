@@ -568,10 +568,11 @@ impl TableReader<'_> {
             .collect();
         bounds.push(end);
         let mut ranges: Vec<(i64, i64)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
-        // Refine: up to three rounds of counting; split big mismatched ranges into 12.
+        // Refine: up to four rounds of counting; split mismatched ranges with many delivered ids
+        // into 12, so that the ids to exclude stay few.
         let mut to_scan: Vec<(i64, i64)> = Vec::new();
         let mut to_fetch_all: Vec<(i64, i64)> = Vec::new();
-        for round in 0..3 {
+        for round in 0..4 {
             if ranges.is_empty() {
                 break;
             }
@@ -584,7 +585,7 @@ impl TableReader<'_> {
                 }
                 if done == 0 {
                     to_fetch_all.push(*r);
-                } else if round == 2 || have <= 64 || r.1 - r.0 < 12_000 {
+                } else if round == 3 || done <= EXCLUDE_IDS_MAX as u64 || r.1 - r.0 < 12_000 {
                     to_scan.push(*r);
                 } else {
                     let step = ((r.1 - r.0) / 12).max(1000);
@@ -599,15 +600,15 @@ impl TableReader<'_> {
             ranges = next;
         }
         // Ranges with nothing delivered: read their rows directly.
-        if !to_fetch_all.is_empty() {
-            let before = stats.executions;
-            self.read_ranges(&to_fetch_all, cursor, &[], out, stats)
-                .await?;
-            stats.late_found += stats.executions - before;
+        for group in to_fetch_all.chunks(64) {
+            self.read_late_group(group, cursor, &[], out, stats).await?;
         }
         // Ranges with few delivered ids: read the rows that are not among them, directly.
         // Ranges with many: scan their ids, then fetch the missing ones.
+        // Ranges are grouped so one statement covers many (at most EXCLUDE_IDS_MAX ids excluded).
         let mut scan = Vec::new();
+        let mut group: Vec<(i64, i64)> = Vec::new();
+        let mut group_known: Vec<String> = Vec::new();
         for r in to_scan {
             let hi = if r.1 > cursor.time_us {
                 cursor.time_us + 1
@@ -615,19 +616,44 @@ impl TableReader<'_> {
                 r.1
             };
             let known = self.state.ids_in_range(&self.table.full_name, r.0, hi)?;
-            if known.len() <= EXCLUDE_IDS_MAX {
-                let before = stats.executions;
-                self.read_ranges(&[r], cursor, &known, out, stats).await?;
-                stats.late_found += stats.executions - before;
-            } else {
+            if known.len() > EXCLUDE_IDS_MAX {
                 scan.push(r);
+                continue;
             }
+            if group_known.len() + known.len() > EXCLUDE_IDS_MAX || group.len() >= 64 {
+                self.read_late_group(&group, cursor, &group_known, out, stats)
+                    .await?;
+                group.clear();
+                group_known.clear();
+            }
+            group.push(r);
+            group_known.extend(known);
+        }
+        if !group.is_empty() {
+            self.read_late_group(&group, cursor, &group_known, out, stats)
+                .await?;
         }
         if !scan.is_empty() {
             let missing = self.scan_ids(&scan, cursor, stats, false).await?;
             stats.late_found += missing.len() as u64;
             self.fetch_ids(missing, out, stats).await?;
         }
+        Ok(())
+    }
+
+    /// Reads late rows of the ranges (not the `exclude`d ids) and counts them as late.
+    async fn read_late_group(
+        &self,
+        ranges: &[(i64, i64)],
+        cursor: &Cursor,
+        exclude: &[String],
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        let before = stats.executions;
+        self.read_ranges(ranges, cursor, exclude, out, stats)
+            .await?;
+        stats.late_found += stats.executions - before;
         Ok(())
     }
 
