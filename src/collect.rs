@@ -55,7 +55,7 @@ impl Default for CollectOptions {
             lookback: Duration::from_secs(3600),
             max_catchup: Duration::from_secs(24 * 3600),
             statement_timeout: Duration::from_secs(120),
-            target_statement_bytes: 2 << 20,
+            target_statement_bytes: 3 << 19,
             id_page_rows: 5000,
             fetch_ids: 200,
             buckets: 60,

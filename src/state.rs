@@ -33,7 +33,7 @@ const FILE_NAME: &str = "databricks-shield.redb";
 const IN_FLIGHT_FILE: &str = "in-flight.json";
 /// redb's page cache. Its default (1 GiB) grows the process with the number of delivered ids;
 /// the cache only speeds up reads, commits stay durable.
-const CACHE_BYTES: usize = 16 << 20;
+const CACHE_BYTES: usize = 4 << 20;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct InFlight {
