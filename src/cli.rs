@@ -869,6 +869,9 @@ mod tests {
                 "TABLE_CONCURRENCY",
                 "STATEMENT_TIMEOUT_SECONDS",
                 "BATCH_SIZE",
+                "REDACT_SENSITIVE_DATA",
+                "REDACT_KINDS",
+                "DATABRICKS_CA_BUNDLE",
             ]
             .iter(),
         ) {

@@ -137,6 +137,9 @@ fn help_mentions_every_variable_and_never_a_secret_value() {
         "TABLE_CONCURRENCY",
         "STATEMENT_TIMEOUT_SECONDS",
         "BATCH_SIZE",
+        "REDACT_SENSITIVE_DATA",
+        "REDACT_KINDS",
+        "DATABRICKS_CA_BUNDLE",
     ] {
         assert!(all.contains(name), "{name} missing from --help:\n{all}");
     }
