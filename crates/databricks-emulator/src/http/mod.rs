@@ -441,6 +441,15 @@ fn loopback_only(req_peer: Option<&Peer>) -> Result<(), Response> {
     }
 }
 
+/// An admin request's JSON body, from a loopback peer only.
+fn admin_body<T: serde::de::DeserializeOwned>(
+    peer: Option<&Extension<Peer>>,
+    body: &[u8],
+) -> Result<T, Response> {
+    loopback_only(peer.map(|p| &p.0))?;
+    json_body(body)
+}
+
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
     let body = if body.iter().all(|b| b.is_ascii_whitespace()) {
         b"{}".as_slice()
@@ -469,10 +478,7 @@ async fn admin_generate(
     peer: Option<Extension<Peer>>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
-        return r;
-    }
-    let b: GenerateBody = match json_body(&body) {
+    let b: GenerateBody = match admin_body(peer.as_ref(), &body) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -537,10 +543,7 @@ async fn admin_faults(
     peer: Option<Extension<Peer>>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
-        return r;
-    }
-    let b: FaultsBody = match json_body(&body) {
+    let b: FaultsBody = match admin_body(peer.as_ref(), &body) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -570,10 +573,7 @@ async fn admin_permissions(
     peer: Option<Extension<Peer>>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
-        return r;
-    }
-    let b: PermBody = match json_body(&body) {
+    let b: PermBody = match admin_body(peer.as_ref(), &body) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -621,10 +621,7 @@ async fn admin_endpoint_tags(
     peer: Option<Extension<Peer>>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
-        return r;
-    }
-    let b: TagBody = match json_body(&body) {
+    let b: TagBody = match admin_body(peer.as_ref(), &body) {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -639,7 +636,6 @@ async fn admin_endpoint_tags(
     }
 }
 
-/// Set a tag on an endpoint and bump its config version; false when the endpoint is unknown.
 #[derive(serde::Deserialize)]
 struct TracesBody {
     #[serde(default)]
@@ -651,10 +647,7 @@ async fn admin_traces(
     peer: Option<Extension<Peer>>,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
-        return r;
-    }
-    let b: TracesBody = match json_body(&body) {
+    let b: TracesBody = match admin_body(peer.as_ref(), &body) {
         Ok(b) => b,
         Err(r) => return r,
     };
