@@ -88,6 +88,7 @@ pub fn settings(config: &Config) -> Settings {
         account_id: config.akto_account_id.clone(),
         workspace_host: config.host.host_str().unwrap_or("databricks").to_string(),
         batch_size: config.batch_size,
+        checkpoint_batches: config.checkpoint_batches,
         table_concurrency: config.table_concurrency,
         collect: CollectOptions {
             lookback: config.lookback,
@@ -111,6 +112,7 @@ pub fn settings_for_demo(catalog: &str, schema: &str, state_dir: &std::path::Pat
         account_id: "1000000".into(),
         workspace_host: "localhost".into(),
         batch_size: 50,
+        checkpoint_batches: crate::config::DEFAULT_CHECKPOINT_BATCHES,
         table_concurrency: 4,
         collect: CollectOptions::default(),
         map: MapOptions::default(),

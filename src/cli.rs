@@ -440,6 +440,17 @@ pub struct RuntimeArgs {
     )]
     pub batch_size: Option<String>,
 
+    /// Batches the sink confirms per state commit (1-100). Higher: less CPU and disk per record;
+    /// a crash or SIGKILL may re-send up to this many batches (announced at the next start)
+    #[arg(
+        long,
+        env = "CHECKPOINT_BATCHES",
+        value_name = "N",
+        default_value = "10",
+        global = true
+    )]
+    pub checkpoint_batches: Option<String>,
+
     /// Mask sensitive data (emails, phones, cards, SSNs, IBANs, keys, tokens, passwords) in every
     /// payload and header before it leaves the process. Off: Akto's own detection needs raw data
     #[arg(
@@ -869,6 +880,7 @@ mod tests {
                 "TABLE_CONCURRENCY",
                 "STATEMENT_TIMEOUT_SECONDS",
                 "BATCH_SIZE",
+                "CHECKPOINT_BATCHES",
                 "REDACT_SENSITIVE_DATA",
                 "REDACT_KINDS",
                 "DATABRICKS_CA_BUNDLE",

@@ -44,6 +44,9 @@ pub const DEFAULT_KAFKA_TOPIC: &str = "akto.api.logs";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 /// Default state folder, relative to the working directory (Akto runs the binary in its folder).
 pub const DEFAULT_STATE_DIR: &str = "./state";
+/// Default of `CHECKPOINT_BATCHES`: one state commit per 10 confirmed batches (500 records at the
+/// default batch size). Measured in BENCHMARKS.md: a commit per batch cost ~40 % of the CPU.
+pub const DEFAULT_CHECKPOINT_BATCHES: usize = 10;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -86,6 +89,9 @@ pub struct Config {
     pub statement_timeout: Duration,
     /// `BATCH_SIZE`, default 50 (1..=1000).
     pub batch_size: usize,
+    /// `CHECKPOINT_BATCHES`, default [`DEFAULT_CHECKPOINT_BATCHES`] (1..=100): batches the sink
+    /// confirms per state commit.
+    pub checkpoint_batches: usize,
     /// `--reset-state`.
     pub reset_state: bool,
     /// `REDACT_SENSITIVE_DATA` with `REDACT_KINDS`: the kinds to mask; `None` = off.
@@ -490,6 +496,19 @@ impl Config {
                 hint: "50 (what Akto's own connectors send)",
             },
         );
+        let checkpoint_batches = number(
+            &mut p,
+            &r.checkpoint_batches,
+            NumberSetting {
+                variable: "CHECKPOINT_BATCHES",
+                flag: "--checkpoint-batches",
+                default: DEFAULT_CHECKPOINT_BATCHES as u64,
+                min: 1,
+                max: 100,
+                unit: "batches",
+                hint: "10 (1 commits after every batch: the smallest re-send after a crash, the most CPU)",
+            },
+        );
 
         let redact = match given(&r.redact_sensitive_data)
             .map(str::to_ascii_lowercase)
@@ -594,6 +613,7 @@ impl Config {
             table_concurrency: table_concurrency as usize,
             statement_timeout: Duration::from_secs(statement_timeout),
             batch_size: batch_size as usize,
+            checkpoint_batches: checkpoint_batches as usize,
             reset_state: cli.reset_state,
             redact,
         })
@@ -650,7 +670,7 @@ impl Config {
             "host={} auth={auth} catalog={} schema={} prefix={:?} warehouse={} sink={sink} \
              akto_account_id={} interval={}s lookback={}m max_catchup={}h state_dir={} \
              log_format={} metrics={} table_concurrency={} statement_timeout={}s batch_size={} \
-             once={} reset_state={}",
+             checkpoint_batches={} once={} reset_state={}",
             self.host,
             self.catalog,
             self.schema,
@@ -668,6 +688,7 @@ impl Config {
             self.table_concurrency,
             self.statement_timeout.as_secs(),
             self.batch_size,
+            self.checkpoint_batches,
             self.once,
             self.reset_state,
         )
@@ -1518,6 +1539,7 @@ mod tests {
         assert_eq!(config.table_concurrency, 4);
         assert_eq!(config.statement_timeout, Duration::from_secs(120));
         assert_eq!(config.batch_size, 50);
+        assert_eq!(config.checkpoint_batches, DEFAULT_CHECKPOINT_BATCHES);
         assert!(!config.once && !config.reset_state);
         assert_eq!(config.auth.kind(), "oauth");
         assert_eq!(config.auth.client_id(), Some("sp-client-id"));
@@ -1549,6 +1571,7 @@ mod tests {
         cli.runtime.table_concurrency = s("32");
         cli.runtime.statement_timeout_seconds = s("30");
         cli.runtime.batch_size = s("1000");
+        cli.runtime.checkpoint_batches = s("1");
         let c = build(&cli).expect("valid");
         assert!(c.once && c.reset_state);
         assert_eq!(
@@ -1566,6 +1589,7 @@ mod tests {
         assert_eq!(c.table_concurrency, 32);
         assert_eq!(c.statement_timeout, Duration::from_secs(30));
         assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.checkpoint_batches, 1);
     }
 
     #[test]
@@ -1959,6 +1983,7 @@ mod tests {
         cli.runtime.table_concurrency = s("0");
         cli.runtime.statement_timeout_seconds = s("1");
         cli.runtime.batch_size = s("5000");
+        cli.runtime.checkpoint_batches = s("0");
         cli.runtime.log_format = s("xml");
         cli.runtime.metrics_addr = s("localhost:9464");
         cli.databricks.warehouse_id = s("../etc");
@@ -1980,6 +2005,7 @@ mod tests {
                 "TABLE_CONCURRENCY",
                 "STATEMENT_TIMEOUT_SECONDS",
                 "BATCH_SIZE",
+                "CHECKPOINT_BATCHES",
                 "LOG_FORMAT",
                 "METRICS_ADDR",
             ]
@@ -1987,7 +2013,7 @@ mod tests {
         let text = err.to_string();
         assert!(!text.contains('\n'));
         assert!(
-            text.starts_with("invalid configuration, 15 problems: (1) "),
+            text.starts_with("invalid configuration, 16 problems: (1) "),
             "{text}"
         );
         for name in &names {

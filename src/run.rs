@@ -87,6 +87,8 @@ pub struct Settings {
     /// The workspace host name, part of every agent's Akto host.
     pub workspace_host: String,
     pub batch_size: usize,
+    /// Batches confirmed by the sink per state commit (`CHECKPOINT_BATCHES`).
+    pub checkpoint_batches: usize,
     pub table_concurrency: usize,
     pub collect: CollectOptions,
     pub map: MapOptions,
@@ -532,14 +534,35 @@ impl Connector {
 
     /// The delivery stage: map, batch, send, checkpoint. Takes every chunk of `first`
     /// (inventory, trace sources) before any of `tables`.
+    /// Delivers every chunk of both channels, in order; what the sink confirmed is checkpointed
+    /// whatever ends delivery (the end, a failure, shutdown).
     async fn deliver(
+        &self,
+        first: mpsc::Receiver<Chunk>,
+        tables: mpsc::Receiver<Chunk>,
+        agents: BTreeMap<String, Arc<AgentInfo>>,
+        shutdown: Shutdown,
+    ) -> Result<DeliveryTotals, DeliveryError> {
+        let mut totals = DeliveryTotals::default();
+        let mut pending = Pending::default();
+        let result = self
+            .deliver_chunks(first, tables, agents, shutdown, &mut totals, &mut pending)
+            .await;
+        let committed = self.commit_pending(&mut pending);
+        result?;
+        committed?;
+        Ok(totals)
+    }
+
+    async fn deliver_chunks(
         &self,
         mut first: mpsc::Receiver<Chunk>,
         mut tables: mpsc::Receiver<Chunk>,
         agents: BTreeMap<String, Arc<AgentInfo>>,
         shutdown: Shutdown,
-    ) -> Result<DeliveryTotals, DeliveryError> {
-        let mut totals = DeliveryTotals::default();
+        totals: &mut DeliveryTotals,
+        pending: &mut Pending,
+    ) -> Result<(), DeliveryError> {
         let mut ledger = ToolCallLedger::default();
         let mut first_open = true;
         loop {
@@ -558,9 +581,11 @@ impl Connector {
                 break;
             };
             if shutdown.is_triggered() {
-                return Ok(totals);
+                return Ok(());
             }
-            // Every earlier chunk was flushed: its calls are in the registry or were not sent.
+            // Every earlier chunk was flushed and checkpointed: its calls are in the registry or
+            // were not sent.
+            self.commit_pending(pending)?;
             ledger.start_chunk();
             for (reason, raw) in &chunk.unreadable {
                 self.quarantine.put(&chunk.table, "", reason, raw)?;
@@ -588,12 +613,13 @@ impl Connector {
                         &mut ledger,
                         unit_ref,
                         unit.records.clone(),
-                        &mut totals,
+                        totals,
+                        pending,
                     )
                     .await?
                     && shutdown.is_triggered()
                 {
-                    return Ok(totals);
+                    return Ok(());
                 }
             }
             if !batch.is_empty() {
@@ -602,7 +628,7 @@ impl Connector {
                     .first()
                     .map(|u| u.agent.clone())
                     .unwrap_or_default();
-                self.flush(&mut batch, &chunk.table, &agent, &mut totals)
+                self.flush(&mut batch, &chunk.table, &agent, totals, pending)
                     .await?;
             }
             if chunk.executions.is_empty() {
@@ -640,20 +666,27 @@ impl Connector {
                         time_us: exec.request_time.timestamp_micros(),
                     };
                     if self
-                        .stage(&mut batch, &mut ledger, unit_ref, m.records, &mut totals)
+                        .stage(
+                            &mut batch,
+                            &mut ledger,
+                            unit_ref,
+                            m.records,
+                            totals,
+                            pending,
+                        )
                         .await?
                         && shutdown.is_triggered()
                     {
-                        return Ok(totals);
+                        return Ok(());
                     }
                 }
             }
             if !batch.is_empty() {
-                self.flush(&mut batch, &chunk.table, &agent.name, &mut totals)
+                self.flush(&mut batch, &chunk.table, &agent.name, totals, pending)
                     .await?;
             }
         }
-        Ok(totals)
+        Ok(())
     }
 
     /// One unit's records into the batch: tool calls already sent dropped, redacted, validated
@@ -665,6 +698,7 @@ impl Connector {
         unit: UnitRef<'_>,
         records: Vec<traffic::AktoRecord>,
         totals: &mut DeliveryTotals,
+        pending: &mut Pending,
     ) -> Result<bool, DeliveryError> {
         let mut mapped = traffic::Mapped {
             records,
@@ -692,7 +726,8 @@ impl Connector {
             unit.host,
             mapped.records.iter().zip(calls),
         )?;
-        self.add_unit(batch, unit, records, calls, totals).await
+        self.add_unit(batch, unit, records, calls, totals, pending)
+            .await
     }
 
     /// Validates and encodes records; what Akto would reject goes to quarantine. Returns the
@@ -734,6 +769,7 @@ impl Connector {
         records: Vec<OutRecord>,
         calls: Vec<RecordCall>,
         totals: &mut DeliveryTotals,
+        pending: &mut Pending,
     ) -> Result<bool, DeliveryError> {
         let max_records = self.settings.batch_size.max(1);
         let max_bytes = MAX_BODY_BYTES - BODY_WRAPPER_BYTES - 1024;
@@ -743,26 +779,39 @@ impl Connector {
             && (batch.records.len() + records.len() > max_records
                 || batch.bytes + bytes > max_bytes)
         {
-            self.flush(batch, unit.table, unit.agent, totals).await?;
+            self.flush(batch, unit.table, unit.agent, totals, pending)
+                .await?;
             sent = true;
         }
         batch.push(unit, records, calls, bytes);
         Ok(sent)
     }
 
-    /// Sends one batch and checkpoints the executions whose records were all confirmed, with
-    /// the tool calls of their delivered records (registry), in one transaction.
+    /// Sends one batch and adds the executions whose records were all confirmed, with the tool
+    /// calls of their delivered records (registry), to the pending checkpoint; commits it when
+    /// it holds `checkpoint_batches` batches or the sink failed.
     async fn flush(
         &self,
         batch: &mut Batch,
         table: &str,
         agent: &str,
         totals: &mut DeliveryTotals,
+        pending: &mut Pending,
     ) -> Result<(), DeliveryError> {
         let b = std::mem::take(batch);
         if !b.records.is_empty() {
-            let probe = b.execs.first().map(|(id, _, _)| (table, id.as_str()));
-            self.state.mark_in_flight(b.records.len(), probe)?;
+            if pending.probe.is_none() {
+                pending.probe = b
+                    .execs
+                    .first()
+                    .map(|(id, _, _)| (table.to_string(), id.clone()));
+            }
+            pending.records += b.records.len();
+            let probe = pending
+                .probe
+                .as_ref()
+                .map(|(t, id)| (t.as_str(), id.as_str()));
+            self.state.mark_in_flight(pending.records, probe)?;
         }
         let result = if b.records.is_empty() {
             Ok(Default::default())
@@ -805,31 +854,21 @@ impl Connector {
             .iter()
             .map(|(_, _, range)| range.clone().all(|i| settled[i]))
             .collect();
-        let mut rows: Vec<DeliveredRow<'_>> = b
-            .execs
-            .iter()
-            .zip(&committed)
-            .filter(|(_, c)| **c)
-            .map(|((id, t, _), _)| DeliveredRow {
-                table,
-                id,
-                time_us: *t,
-            })
-            .collect();
-        rows.extend(
-            b.calls
-                .iter()
-                .filter(|c| {
-                    committed.get(c.exec).copied().unwrap_or(false)
-                        && delivered.get(c.record).copied().unwrap_or(false)
-                })
-                .map(|c| DeliveredRow {
-                    table: &c.namespace,
-                    id: &c.call_id,
-                    time_us: c.time_us,
-                }),
-        );
-        self.state.commit_delivered(&rows)?;
+        pending.batches += 1;
+        for ((id, t, _), _) in b.execs.iter().zip(&committed).filter(|(_, c)| **c) {
+            pending.rows.push((table.to_string(), id.clone(), *t));
+        }
+        for c in b.calls.iter().filter(|c| {
+            committed.get(c.exec).copied().unwrap_or(false)
+                && delivered.get(c.record).copied().unwrap_or(false)
+        }) {
+            pending
+                .rows
+                .push((c.namespace.clone(), c.call_id.clone(), c.time_us));
+        }
+        if failure.is_some() || pending.batches >= self.settings.checkpoint_batches.max(1) {
+            self.commit_pending(pending)?;
+        }
         totals.records_sent += done.len() as u64;
         for i in &done {
             let owner = b.execs.iter().position(|(_, _, r)| r.contains(i));
@@ -844,6 +883,40 @@ impl Connector {
             None => Ok(()),
         }
     }
+
+    /// Commits the pending checkpoint in one durable transaction (and removes the in-flight
+    /// marker). Nothing to do when no batch was sent since the last commit.
+    fn commit_pending(&self, pending: &mut Pending) -> Result<(), StateError> {
+        if pending.batches == 0 && pending.records == 0 {
+            return Ok(());
+        }
+        let p = std::mem::take(pending);
+        let rows: Vec<DeliveredRow<'_>> = p
+            .rows
+            .iter()
+            .map(|(table, id, time_us)| DeliveredRow {
+                table,
+                id,
+                time_us: *time_us,
+            })
+            .collect();
+        self.state.commit_delivered(&rows)
+    }
+}
+
+/// What the sink confirmed since the last state commit: up to `checkpoint_batches` batches are
+/// confirmed before one commit records them all (acknowledge, then checkpoint). A process
+/// killed in between re-sends at most these batches, announced by the in-flight marker.
+#[derive(Default)]
+struct Pending {
+    /// (state namespace, id, time µs) of settled executions and delivered tool calls.
+    rows: Vec<(String, String, i64)>,
+    /// Batches sent since the last commit.
+    batches: usize,
+    /// Records sent since the last commit (the marker's count).
+    records: usize,
+    /// The first execution of the group: committed means the whole group was.
+    probe: Option<(String, String)>,
 }
 
 /// Waits for every reader of `readers`, adding their statistics and errors to the report and

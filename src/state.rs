@@ -7,7 +7,8 @@
 //!
 //! Architecture Invariant: state changes only after a sink confirmed delivery of the batch that
 //! contains the ids (acknowledge, then checkpoint). Before a batch is sent an in-flight marker is
-//! written; a marker found at start means one batch may be sent again (reported as a WARN).
+//! written; a marker found at start means the batches sent since the last commit (at most
+//! `CHECKPOINT_BATCHES`) may be sent again (reported as a WARN).
 //! Every commit of delivered ids is durable (fsync) when `commit_delivered` returns.
 
 use std::fs::{self, OpenOptions};
@@ -83,6 +84,9 @@ pub struct DeliveredRow<'a> {
 pub struct StateStore {
     db: Database,
     path: PathBuf,
+    /// The open in-flight marker and the length written so far: rewritten in place (never
+    /// truncated, which would make ext4 flush it on close) until the commit removes it.
+    marker: std::sync::Mutex<Option<(fs::File, usize)>>,
 }
 
 impl std::fmt::Debug for StateStore {
@@ -165,7 +169,11 @@ impl StateStore {
                 return Err(StateError::Corrupt { path, detail });
             }
         };
-        let store = StateStore { db, path };
+        let store = StateStore {
+            db,
+            path,
+            marker: std::sync::Mutex::new(None),
+        };
         store.init()?;
         Ok(store)
     }
@@ -240,39 +248,58 @@ impl StateStore {
         Ok(Some(marker.records))
     }
 
-    /// Notes that a batch of `records` is about to be sent; `probe` is one of its rows
-    /// (table, id), to tell at the next start whether its confirmation was committed.
+    /// Notes that `records` are about to be sent without a committed confirmation (the batches
+    /// sent since the last commit, this one included); `probe` is one of their rows (table, id),
+    /// to tell at the next start whether their confirmation was committed.
     ///
     /// The marker is a small file written without fsync: a process killed between sending and
     /// recording the confirmation finds it at its next start (it is in the kernel's page cache),
-    /// and it costs no second fsync per batch. A power loss can lose it; then only the WARN line
-    /// about the re-sent batch is missing, the re-send itself is still bounded to this batch.
+    /// and it costs no fsync per batch. It is created once per checkpoint and then rewritten in
+    /// place, padded with spaces (JSON allows them). A power loss can lose it; then only the WARN
+    /// line about the re-sent records is missing, the re-send itself is still bounded.
     pub fn mark_in_flight(
         &self,
         records: usize,
         probe: Option<(&str, &str)>,
     ) -> Result<(), StateError> {
-        use std::io::Write as _;
+        use std::io::{Seek as _, Write as _};
         let (table, id) = probe.unwrap_or(("", ""));
         let marker = InFlight {
             records: records as u64,
             table: table.to_string(),
             id: id.to_string(),
         };
-        let json = serde_json::to_string(&marker).map_err(|e| self.io(e))?;
-        let mut opts = OpenOptions::new();
-        opts.create(true).write(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
+        let mut json = serde_json::to_string(&marker).map_err(|e| self.io(e))?;
+        let mut open = self.marker.lock().unwrap_or_else(|p| p.into_inner());
+        if open.is_none() {
+            let mut opts = OpenOptions::new();
+            opts.create(true).write(true).truncate(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                opts.mode(0o600);
+            }
+            let f = opts.open(self.in_flight_path()).map_err(|e| self.io(e))?;
+            *open = Some((f, 0));
         }
-        let mut f = opts.open(self.in_flight_path()).map_err(|e| self.io(e))?;
-        f.write_all(json.as_bytes()).map_err(|e| self.io(e))
+        let Some((f, written)) = open.as_mut() else {
+            return Ok(());
+        };
+        if json.len() < *written {
+            json.extend(std::iter::repeat_n(' ', *written - json.len()));
+        }
+        f.seek(std::io::SeekFrom::Start(0))
+            .and_then(|_| f.write_all(json.as_bytes()))
+            .map_err(|e| self.io(e))?;
+        *written = json.len();
+        Ok(())
     }
 
-    /// Removes the in-flight marker (after its batch was committed, or a stale one was reported).
+    /// Removes the in-flight marker (after its batches were committed, or a stale one was
+    /// reported).
     pub fn clear_in_flight(&self) -> Result<(), StateError> {
+        let mut open = self.marker.lock().unwrap_or_else(|p| p.into_inner());
+        *open = None;
         match fs::remove_file(self.in_flight_path()) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -549,6 +576,28 @@ mod tests {
         assert_eq!(s.unconfirmed_batch().unwrap(), None);
         s.clear_in_flight().unwrap();
         assert_eq!(s.unconfirmed_batch().unwrap(), None);
+    }
+
+    #[test]
+    fn marker_rewritten_in_place_reports_the_latest_count() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            // One checkpoint of several batches: the count grows, the probe stays.
+            s.mark_in_flight(50, Some(("catalog.schema.a_long_table_name", "id-1")))
+                .unwrap();
+            s.mark_in_flight(100, Some(("catalog.schema.a_long_table_name", "id-1")))
+                .unwrap();
+            // Shorter content than before (a later checkpoint): padded, still one valid marker.
+            s.commit_delivered(&rows("t", &[("x", 1)])).unwrap();
+            s.mark_in_flight(1000, Some(("catalog.schema.a_long_table_name", "id-2")))
+                .unwrap();
+            s.mark_in_flight(3, Some(("t", "y"))).unwrap();
+        }
+        let raw = fs::read_to_string(dir.path().join(IN_FLIGHT_FILE)).unwrap();
+        assert!(raw.ends_with(' '), "padded, not truncated: {raw:?}");
+        let s = StateStore::open(dir.path(), false).unwrap();
+        assert_eq!(s.unconfirmed_batch().unwrap(), Some(3));
     }
 
     #[test]

@@ -137,6 +137,7 @@ fn help_mentions_every_variable_and_never_a_secret_value() {
         "TABLE_CONCURRENCY",
         "STATEMENT_TIMEOUT_SECONDS",
         "BATCH_SIZE",
+        "CHECKPOINT_BATCHES",
         "REDACT_SENSITIVE_DATA",
         "REDACT_KINDS",
         "DATABRICKS_CA_BUNDLE",

@@ -1,7 +1,9 @@
 //! A local check of everything Akto would reject or silently drop, so a bad record is caught
 //! (and quarantined by the caller) before it leaves the process instead of vanishing in Akto.
 
-use serde_json::Value;
+use std::borrow::Cow;
+
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::record::{AktoRecord, MAX_STRING_BYTES};
 
@@ -66,47 +68,140 @@ fn parse_i32_digits(s: &str) -> Option<i32> {
     s.parse::<i32>().ok()
 }
 
+/// The entries of a JSON object; a value is `None` when it is not a string. Keys and values
+/// borrow from the input unless they contain escapes: validating a record allocates nothing.
+type Entries<'a> = Vec<(Cow<'a, str>, Option<Cow<'a, str>>)>;
+
+/// A JSON string (borrowed when it has no escapes), or `None` for any other JSON value.
+struct MaybeStr<'a>(Option<Cow<'a, str>>);
+
+impl<'de> Deserialize<'de> for MaybeStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaybeStr<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Borrowed(v))))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MaybeStr(Some(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(MaybeStr(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MaybeStr(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(MaybeStr(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The top-level value: `Some(entries)` for an object, `None` for any other JSON value.
+struct MaybeObject<'a>(Option<Entries<'a>>);
+
+impl<'de> Deserialize<'de> for MaybeObject<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MaybeObject<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(a.size_hint().unwrap_or(8));
+                while let Some((MaybeStr(k), MaybeStr(v))) =
+                    a.next_entry::<MaybeStr<'de>, MaybeStr<'de>>()?
+                {
+                    out.push((k.unwrap_or_default(), v));
+                }
+                Ok(MaybeObject(Some(out)))
+            }
+            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
+                Ok(MaybeObject(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(MaybeObject(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybeObject(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybeObject(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybeObject(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybeObject(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(MaybeObject(None))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                while a.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(MaybeObject(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Parse `s` as a JSON object whose values are all strings (headers, tag).
-fn string_object(
-    field: &'static str,
-    s: &str,
-) -> Result<serde_json::Map<String, Value>, ContractViolation> {
-    let v: Value = serde_json::from_str(s).map_err(|e| {
+fn string_object<'a>(field: &'static str, s: &'a str) -> Result<Entries<'a>, ContractViolation> {
+    let parsed: MaybeObject<'a> = serde_json::from_str(s).map_err(|e| {
         violation(
             field,
             format!("must be a JSON object encoded as a string, but does not parse: {e}"),
         )
     })?;
-    let Value::Object(map) = v else {
+    let Some(entries) = parsed.0 else {
         return Err(violation(
             field,
             "must be a JSON object encoded as a string, but is another JSON value",
         ));
     };
-    if let Some((k, _)) = map.iter().find(|(_, v)| !v.is_string()) {
+    if let Some((k, _)) = entries.iter().find(|(_, v)| v.is_none()) {
         return Err(violation(
             field,
             format!("value of key {k:?} must be a string"),
         ));
     }
-    Ok(map)
+    Ok(entries)
 }
 
-fn headers(
-    field: &'static str,
-    s: &str,
-) -> Result<serde_json::Map<String, Value>, ContractViolation> {
+fn headers<'a>(field: &'static str, s: &'a str) -> Result<Entries<'a>, ContractViolation> {
     let map = string_object(field, s)?;
-    if let Some(k) = map
-        .keys()
-        .find(|k| k.bytes().any(|b| b.is_ascii_uppercase()))
+    if let Some((k, _)) = map
+        .iter()
+        .find(|(k, _)| k.bytes().any(|b| b.is_ascii_uppercase()))
     {
         return Err(violation(
             field,
             format!("header key {k:?} must be lowercase (Akto matches header names in lowercase)"),
         ));
     }
-    if let Some(k) = map.keys().find(|k| k.is_empty()) {
+    if let Some((k, _)) = map.iter().find(|(k, _)| k.is_empty()) {
         return Err(violation(
             field,
             format!("header key {k:?} must not be empty"),
@@ -187,7 +282,13 @@ pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
         return Err(violation("path", "must start with '/'"));
     }
     let req = headers("requestHeaders", &record.request_headers)?;
-    match req.get("host").and_then(Value::as_str) {
+    // A repeated key: the last one counts, as in a JSON parser building a map.
+    let host = req
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "host")
+        .and_then(|(_, v)| v.as_deref());
+    match host {
         None => {
             return Err(violation(
                 "requestHeaders",
