@@ -577,7 +577,7 @@ impl Connector {
             } else {
                 tables.recv().await
             };
-            let Some(chunk) = next else {
+            let Some(mut chunk) = next else {
                 break;
             };
             if shutdown.is_triggered() {
@@ -644,10 +644,11 @@ impl Connector {
                 account_id: &self.settings.account_id,
             };
             // Mapped a group at a time: one registry lookup per group, memory stays bounded.
-            for group in chunk.executions.chunks(LOOKUP_GROUP) {
+            // The payloads move from the executions into the records (no copy).
+            for group in chunk.executions.chunks_mut(LOOKUP_GROUP) {
                 let mapped: Vec<traffic::Mapped> = group
-                    .iter()
-                    .map(|exec| traffic::map_execution(&ctx, exec, &self.settings.map))
+                    .iter_mut()
+                    .map(|exec| traffic::map_execution_taking(&ctx, exec, &self.settings.map))
                     .collect();
                 ledger.prefetch(
                     &self.state,

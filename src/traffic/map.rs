@@ -15,6 +15,8 @@
 //! - Header and tag values are cut at 4096 bytes with the truncation marker; payloads at
 //!   `max_string_bytes`. Every cut is counted in [`Mapped::truncated_payloads`].
 
+use std::borrow::Cow;
+
 use super::execution::{AgentContext, Execution};
 use super::host::tool_path;
 use super::record::{fit, reason_phrase, AktoRecord, JsonObject, MAX_STRING_BYTES};
@@ -94,11 +96,11 @@ fn header_key_slug(key: &str) -> String {
 }
 
 /// `(statusCode, status, note for x-databricks-status-code)`.
-fn status_of(exec: &Execution) -> (i64, Option<String>) {
+fn status_of(exec: &Execution, has_response: bool) -> (i64, Option<String>) {
     match exec.status_code {
         Some(c) if (100..=999).contains(&c) => (c, None),
         other => {
-            let default = if exec.response.is_some() || !exec.logging_error_codes.is_empty() {
+            let default = if has_response || !exec.logging_error_codes.is_empty() {
                 200
             } else {
                 500
@@ -152,6 +154,27 @@ impl Base<'_> {
 
 /// Map one execution to its Akto records (pure: no I/O, never panics).
 pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) -> Mapped {
+    let request = exec.request.as_deref().map(Cow::Borrowed);
+    let response = exec.response.as_deref().map(Cow::Borrowed);
+    map_payloads(ctx, exec, request, response, opts)
+}
+
+/// [`map_execution`] that moves the payloads out of `exec` (leaving `None`) into the records
+/// instead of copying them: the same records, one payload copy less per execution.
+pub fn map_execution_taking(ctx: &AgentContext, exec: &mut Execution, opts: &MapOptions) -> Mapped {
+    let request = exec.request.take().map(Cow::Owned);
+    let response = exec.response.take().map(Cow::Owned);
+    map_payloads(ctx, exec, request, response, opts)
+}
+
+/// The mapping, with the payloads given apart from `exec` (whose own are not read).
+fn map_payloads(
+    ctx: &AgentContext,
+    exec: &Execution,
+    request: Option<Cow<'_, str>>,
+    response: Option<Cow<'_, str>>,
+    opts: &MapOptions,
+) -> Mapped {
     let mut truncated = 0u32;
     let max = opts.max_string_bytes;
     let time = exec
@@ -170,7 +193,7 @@ pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) ->
     };
 
     let scan = if opts.tool_calls {
-        scan(exec.request.as_deref(), exec.response.as_deref())
+        scan(request.as_deref(), response.as_deref())
     } else {
         Default::default()
     };
@@ -180,7 +203,7 @@ pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) ->
     let req_ct = if scan.request_parsed == Some(false) {
         TEXT
     } else {
-        content_type(exec.request.as_deref())
+        content_type(request.as_deref())
     };
     req_h
         .set("host", ctx.host, &mut truncated)
@@ -204,12 +227,12 @@ pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) ->
     }
 
     // Response headers.
-    let (code, status_note) = status_of(exec);
+    let (code, status_note) = status_of(exec, response.is_some());
     let mut resp_h = JsonObject::default();
     let resp_ct = if scan.response_parsed == Some(false) {
         TEXT
     } else {
-        content_type(exec.response.as_deref())
+        content_type(response.as_deref())
     };
     resp_h.set("content-type", resp_ct, &mut truncated);
     if let Some(d) = exec.duration_ms {
@@ -230,13 +253,14 @@ pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) ->
         resp_h.set("x-databricks-status-code", note, &mut truncated);
     }
 
-    let payload = |p: &Option<String>, truncated: &mut u32| match p {
-        Some(p) => fit(p, max, truncated),
+    let payload = |p: Option<Cow<'_, str>>, truncated: &mut u32| match p {
+        Some(Cow::Owned(p)) if p.len() <= max => p,
+        Some(p) => fit(&p, max, truncated),
         None if exec.logging_error_codes.is_empty() => String::new(),
         None => fit(&not_logged_note(&exec.logging_error_codes), max, truncated),
     };
-    let request_payload = payload(&exec.request, &mut truncated);
-    let response_payload = payload(&exec.response, &mut truncated);
+    let request_payload = payload(request, &mut truncated);
+    let response_payload = payload(response, &mut truncated);
 
     let mut records = Vec::with_capacity(1 + scan.calls.len());
     records.push(base.record(

@@ -4,8 +4,6 @@
 //! `shared/reference/akto-ingestion.md`); a wrong name or type makes Akto drop the record
 //! silently, so this type is the one place they are spelled.
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
 /// Akto's limit for any one string of a record (and our default truncation limit).
@@ -61,21 +59,105 @@ pub struct AktoRecord {
     pub tag: String,
 }
 
-/// Serialize one record as one JSON object (no trailing newline).
+/// Serialize one record as one JSON object (no trailing newline): the same bytes as
+/// `serde_json::to_string(record)` (field order, escapes), written directly. Payloads are most of
+/// a record and are JSON themselves, so escaping them is the hot loop of the pipeline
+/// (BENCHMARKS.md): [`write_json_str`] skips eight bytes at a time where nothing needs escaping.
 pub fn encode(record: &AktoRecord) -> String {
-    let cap = record.request_payload.len()
-        + record.response_payload.len()
-        + record.request_headers.len()
-        + record.response_headers.len()
-        + record.tag.len()
-        + record.path.len()
-        + 512;
-    let mut buf = Vec::with_capacity(cap + cap / 8);
-    if serde_json::to_writer(&mut buf, record).is_err() {
-        // Unreachable for a struct of strings; never panic regardless.
-        return String::from("{}");
+    let fields: [(&str, &str); 17] = [
+        ("path", &record.path),
+        ("method", &record.method),
+        ("requestHeaders", &record.request_headers),
+        ("responseHeaders", &record.response_headers),
+        ("requestPayload", &record.request_payload),
+        ("responsePayload", &record.response_payload),
+        ("ip", &record.ip),
+        ("destIp", &record.dest_ip),
+        ("time", &record.time),
+        ("statusCode", &record.status_code),
+        ("status", &record.status),
+        ("type", &record.http_type),
+        ("akto_account_id", &record.akto_account_id),
+        ("akto_vxlan_id", &record.akto_vxlan_id),
+        ("is_pending", &record.is_pending),
+        ("source", &record.source),
+        ("tag", &record.tag),
+    ];
+    let len: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
+    let mut out = String::with_capacity(len + len / 4 + 2);
+    out.push('{');
+    for (i, (key, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(key);
+        out.push_str("\":");
+        write_json_str(&mut out, value);
     }
-    String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    out.push('}');
+    out
+}
+
+/// Appends `s` as a JSON string literal, escaped exactly as serde_json does: `\"`, `\\`,
+/// `\b`, `\f`, `\n`, `\r`, `\t`, other control characters as `\u00XX`, everything else
+/// (including non-ASCII) verbatim.
+pub(crate) fn write_json_str(out: &mut String, s: &str) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    /// Whether any byte of `w` is `"`, `\\` or below 0x20 (exact; bytes >= 0x80 never match).
+    fn needs_escape(w: u64) -> bool {
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let backslash = w ^ (ONES * u64::from(b'\\'));
+        let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v;
+        let control = w.wrapping_sub(ONES * 0x20) & !w;
+        (zero_byte(quote) | zero_byte(backslash) | control) & HIGHS != 0
+    }
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push('"');
+    let mut start = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if let Some(chunk) = bytes.get(i..i + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            if !needs_escape(u64::from_le_bytes(word)) {
+                i += 8;
+                continue;
+            }
+        }
+        let b = bytes[i];
+        let escape: Option<&str> = match b {
+            b'"' => Some("\\\""),
+            b'\\' => Some("\\\\"),
+            b'\n' => Some("\\n"),
+            b'\r' => Some("\\r"),
+            b'\t' => Some("\\t"),
+            0x08 => Some("\\b"),
+            0x0c => Some("\\f"),
+            0x00..=0x1f => None,
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        // `start..i` ends before an ASCII byte: a char boundary.
+        out.push_str(&s[start..i]);
+        match escape {
+            Some(e) => out.push_str(e),
+            None => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.push_str("\\u00");
+                out.push(char::from(HEX[usize::from(b >> 4)]));
+                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            }
+        }
+        i += 1;
+        start = i;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
 }
 
 /// The marker appended to a cut string.
@@ -107,25 +189,42 @@ pub(crate) fn fit(s: &str, max: usize, truncated: &mut u32) -> String {
     out
 }
 
-/// Builder for a JSON object of string values (headers, tag) with lowercase keys.
+/// Builder for a JSON object of string values (headers, tag) with lowercase keys, encoded with
+/// its keys in order (a key set twice keeps its last value).
 #[derive(Debug, Default)]
 pub(crate) struct JsonObject {
-    entries: BTreeMap<String, String>,
+    entries: Vec<(String, String)>,
 }
 
 impl JsonObject {
     /// Set `key` (lowercased) to `value` cut to [`MAX_HEADER_VALUE_BYTES`].
     pub(crate) fn set(&mut self, key: &str, value: &str, truncated: &mut u32) -> &mut Self {
-        self.entries.insert(
-            key.to_ascii_lowercase(),
-            fit(value, MAX_HEADER_VALUE_BYTES, truncated),
-        );
+        let key = key.to_ascii_lowercase();
+        let value = fit(value, MAX_HEADER_VALUE_BYTES, truncated);
+        match self.entries.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.entries.push((key, value)),
+        }
         self
     }
 
-    /// Encode as a JSON object string.
+    /// Encode as a JSON object string (the same bytes as serializing a `BTreeMap`).
     pub(crate) fn encode(&self) -> String {
-        serde_json::to_string(&self.entries).unwrap_or_else(|_| String::from("{}"))
+        let mut sorted: Vec<&(String, String)> = self.entries.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let len: usize = sorted.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+        let mut out = String::with_capacity(len + 2);
+        out.push('{');
+        for (i, (k, v)) in sorted.into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write_json_str(&mut out, k);
+            out.push(':');
+            write_json_str(&mut out, v);
+        }
+        out.push('}');
+        out
     }
 }
 

@@ -1151,3 +1151,86 @@ proptest! {
         prop_assert!(!out.contains("jane.doe@example.com"));
     }
 }
+
+/// Strings rich in what JSON escapes: quotes, backslashes, every control character, multi-byte
+/// characters at every offset of an eight-byte word.
+fn arb_escapable() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just("\"".to_string()),
+        Just("\\".to_string()),
+        (0u8..0x20).prop_map(|b| char::from(b).to_string()),
+        Just("\u{7f}".to_string()),
+        Just("é".to_string()),
+        Just("€".to_string()),
+        Just("😀".to_string()),
+        "[a-z{}:,\\[\\] ]{0,12}",
+    ];
+    prop::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    #[test]
+    fn json_strings_are_escaped_exactly_as_serde_json_does(s in prop_oneof![arb_escapable(), any::<String>()]) {
+        let mut out = String::new();
+        super::record::write_json_str(&mut out, &s);
+        prop_assert_eq!(&out, &serde_json::to_string(&s).unwrap());
+        let back: String = serde_json::from_str(&out).unwrap();
+        prop_assert_eq!(back, s);
+    }
+
+    #[test]
+    fn records_encode_to_the_bytes_serde_json_writes(req in arb_escapable(), resp in any::<String>(), tag in arb_escapable()) {
+        let mut r = good();
+        r.request_payload = req;
+        r.response_payload = resp;
+        r.tag = tag;
+        prop_assert_eq!(encode(&r), serde_json::to_string(&r).unwrap());
+    }
+}
+
+proptest! {
+    #[test]
+    fn header_objects_encode_like_a_sorted_map(kv in prop::collection::vec(("[A-Za-z-]{0,6}", arb_escapable()), 0..8)) {
+        let mut o = super::record::JsonObject::default();
+        let mut want: BTreeMap<String, String> = BTreeMap::new();
+        let mut cut = 0;
+        for (k, v) in &kv {
+            o.set(k, v, &mut cut);
+            let mut c2 = 0;
+            want.insert(k.to_ascii_lowercase(), super::record::fit(v, 4096, &mut c2));
+        }
+        prop_assert_eq!(o.encode(), serde_json::to_string(&want).unwrap());
+    }
+}
+
+#[test]
+fn taking_the_payloads_maps_exactly_like_borrowing_them() {
+    let resp = json!({"output": [
+        {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": "{\"q\":1}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "{\"ok\":true}"}
+    ]})
+    .to_string();
+    let big = format!("{{\"input\":\"{}\"}}", "x".repeat(300));
+    for (req, resp, max) in [
+        (
+            Some("{\"input\":[]}"),
+            Some(resp.as_str()),
+            MAX_STRING_BYTES,
+        ),
+        (Some(big.as_str()), Some(resp.as_str()), 100),
+        (None, None, MAX_STRING_BYTES),
+        (Some("not json"), Some("{broken"), MAX_STRING_BYTES),
+    ] {
+        let opts = MapOptions {
+            tool_calls: true,
+            max_string_bytes: max,
+        };
+        let mut e = exec(req, resp);
+        let want = map_execution(&ctx(), &e, &opts);
+        let got = map_execution_taking(&ctx(), &mut e, &opts);
+        assert_eq!(got, want, "{req:?} {resp:?} {max}");
+        assert!(e.request.is_none() && e.response.is_none());
+    }
+}
