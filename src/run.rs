@@ -548,7 +548,7 @@ impl Connector {
         let result = self
             .deliver_chunks(first, tables, agents, shutdown, &mut totals, &mut pending)
             .await;
-        let committed = self.commit_pending(&mut pending);
+        let committed = self.commit_pending(&mut pending).await;
         result?;
         committed?;
         Ok(totals)
@@ -585,7 +585,7 @@ impl Connector {
             }
             // Every earlier chunk was flushed and checkpointed: its calls are in the registry or
             // were not sent.
-            self.commit_pending(pending)?;
+            self.commit_pending(pending).await?;
             ledger.start_chunk();
             for (reason, raw) in &chunk.unreadable {
                 self.quarantine.put(&chunk.table, "", reason, raw)?;
@@ -868,7 +868,7 @@ impl Connector {
                 .push((c.namespace.clone(), c.call_id.clone(), c.time_us));
         }
         if failure.is_some() || pending.batches >= self.settings.checkpoint_batches.max(1) {
-            self.commit_pending(pending)?;
+            self.commit_pending(pending).await?;
         }
         totals.records_sent += done.len() as u64;
         for i in &done {
@@ -886,12 +886,15 @@ impl Connector {
     }
 
     /// Commits the pending checkpoint in one durable transaction (and removes the in-flight
-    /// marker). Nothing to do when no batch was sent since the last commit.
-    fn commit_pending(&self, pending: &mut Pending) -> Result<(), StateError> {
+    /// marker), after the sink made what it accepted durable (a file's fsync). Nothing to do
+    /// when no batch was sent since the last commit.
+    async fn commit_pending(&self, pending: &mut Pending) -> Result<(), DeliveryError> {
         if pending.batches == 0 && pending.records == 0 {
             return Ok(());
         }
         let p = std::mem::take(pending);
+        // Acknowledge, then checkpoint. On failure the marker stays: a restart announces them.
+        self.sink.sync_confirmed().await?;
         let rows: Vec<DeliveredRow<'_>> = p
             .rows
             .iter()
@@ -901,7 +904,8 @@ impl Connector {
                 time_us: *time_us,
             })
             .collect();
-        self.state.commit_delivered(&rows)
+        self.state.commit_delivered(&rows)?;
+        Ok(())
     }
 }
 

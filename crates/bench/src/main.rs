@@ -37,7 +37,8 @@ pub enum SinkKind {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Everything, in order: floor, throughput + redaction (in-process), the batch-500 run,
+    /// Everything, in order: floor, throughput + redaction (in-process), the run with a state
+    /// commit per batch (CHECKPOINT_BATCHES=1),
     /// warehouse cost, 1M-row process runs (peak RSS, file sink; the 200-agent scale cycle, HTTP
     /// sink), the state store alone, and peak RSS vs statement page size.
     All {
@@ -79,6 +80,9 @@ enum Cmd {
         /// Records per sink batch (the connector's BATCH_SIZE; default 50).
         #[arg(long, default_value_t = measure::DEFAULT_BATCH)]
         batch_size: usize,
+        /// Batches per state commit (the connector's CHECKPOINT_BATCHES; default 10).
+        #[arg(long, default_value_t = measure::Batching::DEFAULT.checkpoint_batches)]
+        checkpoint_batches: usize,
     },
     /// Steady-state warehouse cost: `cycles` cycles, each after generating `rows` new and `late`
     /// late rows.
@@ -195,8 +199,19 @@ fn main() -> std::process::ExitCode {
             sinks,
             redact,
             batch_size,
+            checkpoint_batches,
         } => measure::throughput(
-            &rt, &mut out, rows, reps, agents, &sinks, redact, batch_size,
+            &rt,
+            &mut out,
+            rows,
+            reps,
+            agents,
+            &sinks,
+            redact,
+            measure::Batching {
+                batch_size,
+                checkpoint_batches,
+            },
         ),
         Cmd::Cost {
             cycles,

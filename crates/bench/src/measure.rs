@@ -119,11 +119,27 @@ fn sink(kind: SinkKind, standin: Option<&Service>, file: &Path) -> Result<AnySin
     })
 }
 
+/// Records per batch and batches per state commit (`BATCH_SIZE`, `CHECKPOINT_BATCHES`).
+#[derive(Clone, Copy, Debug)]
+pub struct Batching {
+    pub batch_size: usize,
+    pub checkpoint_batches: usize,
+}
+
+impl Batching {
+    /// The connector's defaults.
+    pub const DEFAULT: Batching = Batching {
+        batch_size: DEFAULT_BATCH,
+        checkpoint_batches: databricks_shield::config::DEFAULT_CHECKPOINT_BATCHES,
+    };
+}
+
 /// The production defaults (`app::settings_for_demo`, batch 50, 4 tables at once), with a
 /// 2-hour lookback so the emulator's initial hour of rows is read completely.
-fn settings(state_dir: &Path, redact: bool, lookback: Duration, batch_size: usize) -> Settings {
+fn settings(state_dir: &Path, redact: bool, lookback: Duration, batching: Batching) -> Settings {
     let mut s = databricks_shield::app::settings_for_demo("workspace", "default", state_dir);
-    s.batch_size = batch_size;
+    s.batch_size = batching.batch_size;
+    s.checkpoint_batches = batching.checkpoint_batches;
     s.collect.lookback = lookback;
     s.workspace_host = "127.0.0.1".into();
     s.redactor = redact.then(|| Redactor::new(&RedactKind::ALL));
@@ -313,7 +329,7 @@ fn throughput_run(
     kind: SinkKind,
     redact: bool,
     expect_rows: usize,
-    batch_size: usize,
+    batching: Batching,
     tag: &str,
 ) -> Result<RunNumbers, BenchError> {
     let state_dir = work.path(&format!("state-{tag}"));
@@ -324,7 +340,7 @@ fn throughput_run(
         emu,
         sink,
         &state_dir,
-        settings(&state_dir, redact, Duration::from_secs(7200), batch_size),
+        settings(&state_dir, redact, Duration::from_secs(7200), batching),
     )?;
     let standin_before = match standin {
         Some(s) => rt.block_on(get_json(&format!("{}/_bench/stats", s.url)))?["records"]
@@ -374,7 +390,8 @@ fn throughput_run(
             "kind": "throughput_run",
             "sink": kind,
             "redact": redact,
-            "batch_size": batch_size,
+            "batch_size": batching.batch_size,
+            "checkpoint_batches": batching.checkpoint_batches,
             "rows": rows,
             "executions": report.executions,
             "records": report.records_sent,
@@ -406,7 +423,7 @@ pub fn throughput(
     agents: usize,
     sinks: &[SinkKind],
     redact: bool,
-    batch_size: usize,
+    batching: Batching,
 ) -> Result<(), BenchError> {
     let work = Work::new()?;
     eprintln!("throughput: {rows} rows, {agents} agents, {reps} reps, sinks {sinks:?}, redaction compare {redact}");
@@ -445,7 +462,7 @@ pub fn throughput(
                 *k,
                 *r,
                 rows,
-                batch_size,
+                batching,
                 &tag,
             )?;
             out.emit(&n.v);
@@ -460,7 +477,8 @@ pub fn throughput(
             "kind": "throughput",
             "sink": k,
             "redact": r,
-            "batch_size": batch_size,
+            "batch_size": batching.batch_size,
+            "checkpoint_batches": batching.checkpoint_batches,
             "rows": rows,
             "reps": runs.len(),
             "rows_per_s": median(&rps),
@@ -527,7 +545,12 @@ pub fn cost(
     let standin = work.standin()?;
     let state_dir = work.path("state-cost");
     // Production lookback (60 minutes): late rows land 5-55 minutes back, inside it.
-    let s = settings(&state_dir, false, Duration::from_secs(3600), DEFAULT_BATCH);
+    let s = settings(
+        &state_dir,
+        false,
+        Duration::from_secs(3600),
+        Batching::DEFAULT,
+    );
     let c = connector(
         &emu,
         sink(SinkKind::Http, Some(&standin), &work.path("unused"))?,
@@ -738,6 +761,7 @@ pub fn process(
         "emulator_cpu_s": emu_cpu,
         "standin_cpu_s": standin_cpu,
         "peak_rss_kib": usage.max_rss_kib,
+        "ru_maxrss_kib": usage.ru_maxrss_kib,
         "peak_rss_mib": usage.max_rss_kib as f64 / 1024.0,
     });
     eprintln!("  => {v}");
@@ -773,7 +797,12 @@ pub fn rss_cycle(
     let emu = work.emulator(rows, 5)?;
     let standin = work.standin()?;
     let state_dir = work.path("state-rss");
-    let mut s = settings(&state_dir, false, Duration::from_secs(7200), DEFAULT_BATCH);
+    let mut s = settings(
+        &state_dir,
+        false,
+        Duration::from_secs(7200),
+        Batching::DEFAULT,
+    );
     s.collect.target_statement_bytes = statement_mib << 20;
     s.table_concurrency = concurrency;
     let c = connector(
@@ -867,19 +896,66 @@ pub fn all(
         5,
         &[SinkKind::File, SinkKind::Http],
         true,
-        DEFAULT_BATCH,
+        Batching::DEFAULT,
     )?;
-    // The per-batch cost, isolated: same rows, HTTP sink, 10x larger batches.
-    throughput(rt, out, rows, reps, 5, &[SinkKind::Http], false, 500)?;
+    // The cost of a state commit per batch (CHECKPOINT_BATCHES=1): same rows, HTTP sink.
+    throughput(
+        rt,
+        out,
+        rows,
+        reps,
+        5,
+        &[SinkKind::Http],
+        false,
+        Batching {
+            checkpoint_batches: 1,
+            ..Batching::DEFAULT
+        },
+    )?;
     cost(rt, out, 12, 5000, 250, 20_000, 5)?;
     if !skip_large {
         process(rt, out, large_rows, 5, SinkKind::File, false)?;
         process(rt, out, large_rows, 200, SinkKind::Http, false)?;
-        rss_state(out, large_rows)?;
+        // Measured on this process's own high-water mark: each in a fresh process.
+        fresh(out, &["rss-state", "--rows", &large_rows.to_string()])?;
     }
     // Read buffers vs statement page size and table concurrency (BENCHMARKS.md, peak RSS).
     for (mib, conc) in [(8, 4), (2, 4), (8, 1), (2, 1)] {
-        rss_cycle(rt, out, 50_000, mib, conc)?;
+        fresh(
+            out,
+            &[
+                "rss-cycle",
+                "--rows",
+                "50000",
+                "--statement-mib",
+                &mib.to_string(),
+                "--table-concurrency",
+                &conc.to_string(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `shield-bench <args>` as a fresh process (whose peak RSS is its own) and forwards its
+/// JSON result lines.
+fn fresh(out: &mut Out, args: &[&str]) -> Result<(), BenchError> {
+    let exe = std::env::current_exe().map_err(|e| step_err("shield-bench path", e))?;
+    let output = Command::new(&exe)
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| step_err("shield-bench subprocess", e))?;
+    if !output.status.success() {
+        return Err(step_err(
+            "shield-bench subprocess",
+            format!("{args:?} exited with {}", output.status),
+        ));
+    }
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        if let Ok(v) = serde_json::from_str::<Value>(line) {
+            out.emit(&v);
+        }
     }
     Ok(())
 }

@@ -184,8 +184,22 @@ pub struct ChildUsage {
     pub wall_s: f64,
     pub user_s: f64,
     pub sys_s: f64,
-    /// Peak resident set (`ru_maxrss`, the kernel's VmHWM at exit), KiB.
+    /// Peak resident set of the child's own program, KiB: the largest `VmHWM` of
+    /// `/proc/<pid>/status` read every 10 ms until it exited. (`ru_maxrss` from `wait4` is not
+    /// used for this: Linux carries the parent's resident set at fork into the child's
+    /// `ru_maxrss`, so a large bench process would hide a smaller child.)
     pub max_rss_kib: u64,
+    /// `ru_maxrss` from `wait4`, for reference (at least the parent's RSS at fork).
+    pub ru_maxrss_kib: u64,
+}
+
+/// `VmHWM` of a live process, KiB; `None` once it exited (a zombie has no memory).
+fn vm_hwm_kib(pid: libc::pid_t) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// Runs `cmd` to completion and reaps it with `wait4`, which returns its own rusage.
@@ -197,6 +211,14 @@ pub fn run_measured(mut cmd: Command) -> Result<ChildUsage, BenchError> {
         detail: e.to_string(),
     })?;
     let pid = child.id() as libc::pid_t;
+    // Poll the child's high-water mark until it has exited (it stays a zombie, and its pid
+    // cannot be reused, until the wait4 below reaps it). VmHWM only grows, so the last value
+    // read is the peak up to 10 ms before the end.
+    let mut max_rss_kib = 0;
+    while let Some(kib) = vm_hwm_kib(pid) {
+        max_rss_kib = max_rss_kib.max(kib);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     let mut status: libc::c_int = 0;
     // SAFETY: zeroed rusage is valid; wait4 reaps our own child (std never waits on it: we
     // drop `child` without calling wait, which does not reap).
@@ -226,7 +248,8 @@ pub fn run_measured(mut cmd: Command) -> Result<ChildUsage, BenchError> {
         wall_s,
         user_s: tv(ru.ru_utime),
         sys_s: tv(ru.ru_stime),
-        max_rss_kib: ru.ru_maxrss as u64,
+        max_rss_kib,
+        ru_maxrss_kib: ru.ru_maxrss as u64,
     })
 }
 
