@@ -69,98 +69,64 @@ fn parse_i32_digits(s: &str) -> Option<i32> {
 }
 
 /// The entries of a JSON object; a value is `None` when it is not a string. Keys and values
-/// borrow from the input unless they contain escapes: validating a record allocates nothing.
+/// borrow from the input unless they contain escapes: validating a record allocates little.
 type Entries<'a> = Vec<(Cow<'a, str>, Option<Cow<'a, str>>)>;
 
-/// A JSON string (borrowed when it has no escapes), or `None` for any other JSON value.
-struct MaybeStr<'a>(Option<Cow<'a, str>>);
+/// A JSON value read only as deep as validation needs: strings (borrowed when unescaped),
+/// objects with their entries, anything else skipped.
+enum Shallow<'a> {
+    Str(Cow<'a, str>),
+    Object(Entries<'a>),
+    Other,
+}
 
-impl<'de> Deserialize<'de> for MaybeStr<'de> {
+impl<'de> Deserialize<'de> for Shallow<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = MaybeStr<'de>;
+            type Value = Shallow<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("any JSON value")
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(MaybeStr(Some(Cow::Borrowed(v))))
+                Ok(Shallow::Str(Cow::Borrowed(v)))
             }
             fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(MaybeStr(Some(Cow::Owned(v.to_owned()))))
+                Ok(Shallow::Str(Cow::Owned(v.to_owned())))
             }
             fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
+                Ok(Shallow::Other)
             }
             fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
+                Ok(Shallow::Other)
             }
             fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
+                Ok(Shallow::Other)
             }
             fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
+                Ok(Shallow::Other)
             }
             fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(MaybeStr(None))
+                Ok(Shallow::Other)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
                 while a.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(MaybeStr(None))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                while a.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(MaybeStr(None))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// The top-level value: `Some(entries)` for an object, `None` for any other JSON value.
-struct MaybeObject<'a>(Option<Entries<'a>>);
-
-impl<'de> Deserialize<'de> for MaybeObject<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = MaybeObject<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
+                Ok(Shallow::Other)
             }
             fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::with_capacity(a.size_hint().unwrap_or(8));
-                while let Some((MaybeStr(k), MaybeStr(v))) =
-                    a.next_entry::<MaybeStr<'de>, MaybeStr<'de>>()?
-                {
-                    out.push((k.unwrap_or_default(), v));
+                while let Some(key) = a.next_key::<Shallow<'de>>()? {
+                    let key = match key {
+                        Shallow::Str(k) => k,
+                        _ => Cow::Borrowed(""),
+                    };
+                    let value = match a.next_value::<Shallow<'de>>()? {
+                        Shallow::Str(v) => Some(v),
+                        _ => None,
+                    };
+                    out.push((key, value));
                 }
-                Ok(MaybeObject(Some(out)))
-            }
-            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(MaybeObject(None))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
-                while a.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(MaybeObject(None))
+                Ok(Shallow::Object(out))
             }
         }
         d.deserialize_any(V)
@@ -169,13 +135,13 @@ impl<'de> Deserialize<'de> for MaybeObject<'de> {
 
 /// Parse `s` as a JSON object whose values are all strings (headers, tag).
 fn string_object<'a>(field: &'static str, s: &'a str) -> Result<Entries<'a>, ContractViolation> {
-    let parsed: MaybeObject<'a> = serde_json::from_str(s).map_err(|e| {
+    let parsed: Shallow<'a> = serde_json::from_str(s).map_err(|e| {
         violation(
             field,
             format!("must be a JSON object encoded as a string, but does not parse: {e}"),
         )
     })?;
-    let Some(entries) = parsed.0 else {
+    let Shallow::Object(entries) = parsed else {
         return Err(violation(
             field,
             "must be a JSON object encoded as a string, but is another JSON value",
