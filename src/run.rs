@@ -533,9 +533,8 @@ impl Connector {
     }
 
     /// The delivery stage: map, batch, send, checkpoint. Takes every chunk of `first`
-    /// (inventory, trace sources) before any of `tables`.
-    /// Delivers every chunk of both channels, in order; what the sink confirmed is checkpointed
-    /// whatever ends delivery (the end, a failure, shutdown).
+    /// (inventory, trace sources) before any of `tables`. What the sink confirmed is
+    /// checkpointed whatever ends delivery (the end, a failure, shutdown).
     async fn deliver(
         &self,
         first: mpsc::Receiver<Chunk>,
@@ -554,6 +553,7 @@ impl Connector {
         Ok(totals)
     }
 
+    /// The loop of [`Self::deliver`]; confirmed rows not yet committed stay in `pending`.
     async fn deliver_chunks(
         &self,
         mut first: mpsc::Receiver<Chunk>,
