@@ -7,6 +7,7 @@
 
 #![allow(clippy::result_large_err)] // axum handlers return `Response` as their error value.
 
+mod admin;
 mod apps;
 mod mlflow;
 mod serving;
@@ -24,12 +25,13 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use base64::Engine;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
+use admin::{Admin, AdminOnly};
 use crate::state::{lock, Shared};
 use crate::Privilege;
 
@@ -430,41 +432,6 @@ async fn token(
     .into_response()
 }
 
-fn loopback_only(req_peer: Option<&Peer>) -> Result<(), Response> {
-    match req_peer {
-        Some(Peer(a)) if !a.ip().is_loopback() => Err(err(
-            StatusCode::FORBIDDEN,
-            "PERMISSION_DENIED",
-            "The /_emulator/ admin API only answers loopback clients",
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// An admin request's JSON body, from a loopback peer only.
-fn admin_body<T: serde::de::DeserializeOwned>(
-    peer: Option<&Extension<Peer>>,
-    body: &[u8],
-) -> Result<T, Response> {
-    loopback_only(peer.map(|p| &p.0))?;
-    json_body(body)
-}
-
-fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    let body = if body.iter().all(|b| b.is_ascii_whitespace()) {
-        b"{}".as_slice()
-    } else {
-        body
-    };
-    serde_json::from_slice(body).map_err(|e| {
-        err(
-            StatusCode::BAD_REQUEST,
-            "MALFORMED_REQUEST",
-            format!("Invalid JSON body: {e}"),
-        )
-    })
-}
-
 #[derive(serde::Deserialize)]
 struct GenerateBody {
     #[serde(default)]
@@ -475,13 +442,8 @@ struct GenerateBody {
 
 async fn admin_generate(
     State(shared): State<Arc<Shared>>,
-    peer: Option<Extension<Peer>>,
-    body: axum::body::Bytes,
+    Admin(b): Admin<GenerateBody>,
 ) -> Response {
-    let b: GenerateBody = match admin_body(peer.as_ref(), &body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
     let s = shared.clone();
     let res = tokio::task::spawn_blocking(move || crate::generate(&s, b.rows, b.late)).await;
     match res {
@@ -502,13 +464,7 @@ async fn admin_generate(
     }
 }
 
-async fn admin_requests(
-    State(shared): State<Arc<Shared>>,
-    peer: Option<Extension<Peer>>,
-) -> Response {
-    if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
-        return r;
-    }
+async fn admin_requests(State(shared): State<Arc<Shared>>, _: AdminOnly) -> Response {
     let s = shared.clone();
     match tokio::task::spawn_blocking(move || s.store.ground_truth()).await {
         Ok(Ok(rows)) => Json(json!({"count": rows.len(), "requests": rows})).into_response(),
@@ -525,10 +481,7 @@ async fn admin_requests(
     }
 }
 
-async fn admin_stats(State(shared): State<Arc<Shared>>, peer: Option<Extension<Peer>>) -> Response {
-    if let Err(r) = loopback_only(peer.as_ref().map(|p| &p.0)) {
-        return r;
-    }
+async fn admin_stats(State(shared): State<Arc<Shared>>, _: AdminOnly) -> Response {
     Json(shared.stats_json()).into_response()
 }
 
@@ -540,13 +493,8 @@ struct FaultsBody {
 
 async fn admin_faults(
     State(shared): State<Arc<Shared>>,
-    peer: Option<Extension<Peer>>,
-    body: axum::body::Bytes,
+    Admin(b): Admin<FaultsBody>,
 ) -> Response {
-    let b: FaultsBody = match admin_body(peer.as_ref(), &body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
     match crate::faults::parse(&b.spec) {
         Ok(rules) => {
             let n = rules.len();
@@ -570,13 +518,8 @@ struct PermBody {
 
 async fn admin_permissions(
     State(shared): State<Arc<Shared>>,
-    peer: Option<Extension<Peer>>,
-    body: axum::body::Bytes,
+    Admin(b): Admin<PermBody>,
 ) -> Response {
-    let b: PermBody = match admin_body(peer.as_ref(), &body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
     let (revoke, name) =
         match (&b.revoke, &b.grant) {
             (Some(r), None) => (true, r.clone()),
@@ -618,13 +561,8 @@ struct TagBody {
 
 async fn admin_endpoint_tags(
     State(shared): State<Arc<Shared>>,
-    peer: Option<Extension<Peer>>,
-    body: axum::body::Bytes,
+    Admin(b): Admin<TagBody>,
 ) -> Response {
-    let b: TagBody = match admin_body(peer.as_ref(), &body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
     if set_endpoint_tag(&shared, &b.endpoint, &b.key, &b.value) {
         Json(json!({})).into_response()
     } else {
@@ -644,13 +582,8 @@ struct TracesBody {
 
 async fn admin_traces(
     State(shared): State<Arc<Shared>>,
-    peer: Option<Extension<Peer>>,
-    body: axum::body::Bytes,
+    Admin(b): Admin<TracesBody>,
 ) -> Response {
-    let b: TracesBody = match admin_body(peer.as_ref(), &body) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
     add_traces(&shared, b.count.min(10_000));
     Json(json!({"added_per_experiment": b.count.min(10_000)})).into_response()
 }
