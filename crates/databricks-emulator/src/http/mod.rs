@@ -31,9 +31,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-use admin::{Admin, AdminOnly};
 use crate::state::{lock, Shared};
 use crate::Privilege;
+use admin::{Admin, AdminOnly};
 
 /// The authenticated principal of an `/api/...` request.
 #[derive(Debug, Clone)]
@@ -445,39 +445,45 @@ async fn admin_generate(
     Admin(b): Admin<GenerateBody>,
 ) -> Response {
     let s = shared.clone();
-    let res = tokio::task::spawn_blocking(move || crate::generate(&s, b.rows, b.late)).await;
-    match res {
-        Ok(Ok(())) => {
+    match blocking("generate", move || crate::generate(&s, b.rows, b.late)).await {
+        Ok(()) => {
             Json(json!({"rows": b.rows, "late": b.late, "rows_total": shared.store.rows_total()}))
                 .into_response()
         }
-        Ok(Err(e)) => err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
-            e.to_string(),
-        ),
-        Err(e) => err(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL_ERROR",
-            format!("generate task failed: {e}"),
-        ),
+        Err(r) => r,
     }
 }
 
 async fn admin_requests(State(shared): State<Arc<Shared>>, _: AdminOnly) -> Response {
     let s = shared.clone();
-    match tokio::task::spawn_blocking(move || s.store.ground_truth()).await {
-        Ok(Ok(rows)) => Json(json!({"count": rows.len(), "requests": rows})).into_response(),
-        Ok(Err(e)) => err(
+    match blocking("ground truth", move || s.store.ground_truth()).await {
+        Ok(rows) => Json(json!({"count": rows.len(), "requests": rows})).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// Run `work` on the blocking pool; its error, or the task failing (named by `task`), becomes
+/// a 500 `INTERNAL_ERROR`.
+async fn blocking<T, E>(
+    task: &str,
+    work: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Response>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(err(
             StatusCode::INTERNAL_SERVER_ERROR,
             "INTERNAL_ERROR",
             e.to_string(),
-        ),
-        Err(e) => err(
+        )),
+        Err(e) => Err(err(
             StatusCode::INTERNAL_SERVER_ERROR,
             "INTERNAL_ERROR",
-            format!("ground truth task failed: {e}"),
-        ),
+            format!("{task} task failed: {e}"),
+        )),
     }
 }
 
@@ -491,10 +497,7 @@ struct FaultsBody {
     spec: String,
 }
 
-async fn admin_faults(
-    State(shared): State<Arc<Shared>>,
-    Admin(b): Admin<FaultsBody>,
-) -> Response {
+async fn admin_faults(State(shared): State<Arc<Shared>>, Admin(b): Admin<FaultsBody>) -> Response {
     match crate::faults::parse(&b.spec) {
         Ok(rules) => {
             let n = rules.len();
@@ -580,10 +583,7 @@ struct TracesBody {
     count: usize,
 }
 
-async fn admin_traces(
-    State(shared): State<Arc<Shared>>,
-    Admin(b): Admin<TracesBody>,
-) -> Response {
+async fn admin_traces(State(shared): State<Arc<Shared>>, Admin(b): Admin<TracesBody>) -> Response {
     add_traces(&shared, b.count.min(10_000));
     Json(json!({"added_per_experiment": b.count.min(10_000)})).into_response()
 }

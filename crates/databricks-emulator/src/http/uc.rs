@@ -69,6 +69,30 @@ fn check_ns(
     Ok(())
 }
 
+/// [`check_ns`] for a listing: the catalog from the `catalog_name` query parameter, and
+/// `schema` when given.
+fn check_query_ns(shared: &Shared, who: &str, q: &Q, schema: Option<&str>) -> Result<(), Response> {
+    check_ns(
+        shared,
+        who,
+        q.get("catalog_name").map(String::as_str),
+        schema,
+    )
+}
+
+/// One page of a listing: the items under `key` (left out when the page is empty), then
+/// `next_page_token` when there is a next page.
+fn listing(key: &str, items: Vec<Value>, next: Option<String>) -> Response {
+    let mut v = json!({});
+    if !items.is_empty() {
+        v[key] = json!(items);
+    }
+    if let Some(t) = next {
+        v["next_page_token"] = json!(t);
+    }
+    ok(v)
+}
+
 fn owner() -> &'static str {
     "admins@example.com"
 }
@@ -87,12 +111,7 @@ pub(crate) async fn schemas(
     Extension(p): Extension<Principal>,
     q: Q,
 ) -> Response {
-    if let Err(r) = check_ns(
-        &shared,
-        &p.0,
-        q.get("catalog_name").map(String::as_str),
-        None,
-    ) {
+    if let Err(r) = check_query_ns(&shared, &p.0, &q, None) {
         return r;
     }
     let l = &shared.layout;
@@ -109,14 +128,7 @@ pub(crate) async fn schemas(
             "owner": owner(), "created_at": shared.started_ms - 86_400_000 * 100})
         })
         .collect();
-    let mut v = json!({});
-    if !items.is_empty() {
-        v["schemas"] = json!(items);
-    }
-    if let Some(t) = next {
-        v["next_page_token"] = json!(t);
-    }
-    ok(v)
+    listing("schemas", items, next)
 }
 
 fn table_info(shared: &Shared, t: &TableDef) -> Value {
@@ -180,12 +192,7 @@ pub(crate) async fn tables(
     q: Q,
 ) -> Response {
     let schema = q.get("schema_name").map(String::as_str).unwrap_or("");
-    if let Err(r) = check_ns(
-        &shared,
-        &p.0,
-        q.get("catalog_name").map(String::as_str),
-        Some(schema),
-    ) {
+    if let Err(r) = check_query_ns(&shared, &p.0, &q, Some(schema)) {
         return r;
     }
     let l = &shared.layout;
@@ -199,14 +206,7 @@ pub(crate) async fn tables(
         Err(r) => return r,
     };
     let items: Vec<Value> = list[s..e].iter().map(|t| table_info(&shared, t)).collect();
-    let mut v = json!({});
-    if !items.is_empty() {
-        v["tables"] = json!(items);
-    }
-    if let Some(t) = next {
-        v["next_page_token"] = json!(t);
-    }
-    ok(v)
+    listing("tables", items, next)
 }
 
 pub(crate) async fn table(
@@ -252,12 +252,7 @@ pub(crate) async fn table_summaries(
     Extension(p): Extension<Principal>,
     q: Q,
 ) -> Response {
-    if let Err(r) = check_ns(
-        &shared,
-        &p.0,
-        q.get("catalog_name").map(String::as_str),
-        None,
-    ) {
+    if let Err(r) = check_query_ns(&shared, &p.0, &q, None) {
         return r;
     }
     let l = &shared.layout;
@@ -293,14 +288,7 @@ pub(crate) async fn table_summaries(
         .iter()
         .map(|t| json!({"full_name": l.full_name(&t.name), "table_type": t.table_type()}))
         .collect();
-    let mut v = json!({});
-    if !items.is_empty() {
-        v["tables"] = json!(items);
-    }
-    if let Some(t) = next {
-        v["next_page_token"] = json!(t);
-    }
-    ok(v)
+    listing("tables", items, next)
 }
 
 pub(crate) fn run_id(full: &str, version: u32) -> String {
@@ -352,14 +340,7 @@ pub(crate) async fn models(
         Ok(v) => v,
         Err(r) => return r,
     };
-    let mut v = json!({});
-    if e > s {
-        v["registered_models"] = json!(all[s..e]);
-    }
-    if let Some(t) = next {
-        v["next_page_token"] = json!(t);
-    }
-    ok(v)
+    listing("registered_models", all[s..e].to_vec(), next)
 }
 
 fn find_model<'a>(shared: &'a Shared, full: &str) -> Option<&'a crate::layout::Agent> {
@@ -448,12 +429,7 @@ pub(crate) async fn functions(
     q: Q,
 ) -> Response {
     let schema = q.get("schema_name").map(String::as_str).unwrap_or("");
-    if let Err(r) = check_ns(
-        &shared,
-        &p.0,
-        q.get("catalog_name").map(String::as_str),
-        Some(schema),
-    ) {
+    if let Err(r) = check_query_ns(&shared, &p.0, &q, Some(schema)) {
         return r;
     }
     let l = &shared.layout;
@@ -480,12 +456,5 @@ pub(crate) async fn functions(
             })
         })
         .collect();
-    let mut v = json!({});
-    if !items.is_empty() {
-        v["functions"] = json!(items);
-    }
-    if let Some(t) = next {
-        v["next_page_token"] = json!(t);
-    }
-    ok(v)
+    listing("functions", items, next)
 }
