@@ -149,7 +149,7 @@ pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
         // In service mode an unreachable sink is retried every cycle (state is untouched until
         // it accepts data); a one-shot run and configuration errors fail now.
         Err(e) if e.is_retriable() && !config.once => {
-            tracing::error!("ERROR {e} (retrying every cycle)")
+            tracing::error!("{e} (retrying every cycle)")
         }
         Err(e) => return Err(e.into()),
     }
@@ -165,9 +165,9 @@ pub fn log_report(report: &CycleReport) {
         tracing::info!("{}", report.summary_line());
     } else {
         for e in &report.errors {
-            tracing::error!("ERROR {e}");
+            tracing::error!("{e}");
         }
-        tracing::warn!("WARN {}", report.summary_line());
+        tracing::warn!("{}", report.summary_line());
     }
 }
 
@@ -195,7 +195,7 @@ pub async fn run_loop_observed(
         let report = connector.run_cycle(&shutdown).await;
         log_report(&report);
         if let Err(e) = connector.sink.flush().await {
-            tracing::error!("ERROR flushing {}: {e}", connector.sink.name());
+            tracing::error!("flushing {}: {e}", connector.sink.name());
         }
         if let Some(m) = &metrics {
             m.observe(&report, &connector.client.stats());

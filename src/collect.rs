@@ -386,7 +386,7 @@ impl TableReader<'_> {
             Some(c) if c.time_us >= catchup_floor => (c.time_us, c.id.clone()),
             Some(c) => {
                 tracing::warn!(
-                    "WARN {}: the last delivered row is from {}, older than MAX_CATCHUP_HOURS={}: rows before {} are skipped",
+                    "{}: the last delivered row is from {}, older than MAX_CATCHUP_HOURS={}: rows before {} are skipped",
                     self.table.full_name,
                     format_timestamp(c.time_us),
                     self.opts.max_catchup.as_secs() / 3600,

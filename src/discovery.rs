@@ -269,7 +269,7 @@ pub async fn discover(
             match client.get_serving_endpoint(&listed.name).await {
                 Ok(full) => full,
                 Err(e) if !e.is_retriable() => {
-                    tracing::warn!("WARN cannot read serving endpoint {}: {e}", listed.name);
+                    tracing::warn!("cannot read serving endpoint {}: {e}", listed.name);
                     listed
                 }
                 Err(e) => return Err(e),
@@ -417,7 +417,7 @@ async fn add_apps(client: &DatabricksClient, inv: &mut Inventory) -> Result<(), 
     let apps = match client.list_apps().await {
         Ok(a) => a,
         Err(e) if !e.is_retriable() => {
-            tracing::warn!("WARN cannot list Databricks Apps (agents deployed as apps are found from their tables only): {e}");
+            tracing::warn!("cannot list Databricks Apps (agents deployed as apps are found from their tables only): {e}");
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -536,7 +536,7 @@ async fn find_experiments(
                 }
             }
             Err(e) if !e.is_retriable() => {
-                tracing::warn!("WARN cannot search MLflow experiments (traces of agents without a logged model are not read): {e}");
+                tracing::warn!("cannot search MLflow experiments (traces of agents without a logged model are not read): {e}");
             }
             Err(e) => return Err(e),
         }
@@ -548,7 +548,7 @@ async fn find_experiments(
         };
         if let Some(first) = owner.get(&e) {
             tracing::warn!(
-                "WARN MLflow experiment {e} belongs to agent {first}; agent {} shares it and its traces are attributed to {first}",
+                "MLflow experiment {e} belongs to agent {first}; agent {} shares it and its traces are attributed to {first}",
                 a.name
             );
             a.experiment_id = None;

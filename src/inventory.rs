@@ -134,7 +134,7 @@ pub fn inventory_units(
     let delivered = match state.delivered_among(NAMESPACE, ids.iter().map(String::as_str)) {
         Ok(d) => d,
         Err(e) => {
-            tracing::warn!("WARN inventory records skipped this cycle: {e}");
+            tracing::warn!("inventory records skipped this cycle: {e}");
             return Vec::new();
         }
     };

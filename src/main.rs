@@ -98,7 +98,7 @@ async fn discover(config: &Config, json: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!("ERROR {e}");
+            tracing::error!("{e}");
             ExitCode::from(1)
         }
     }
@@ -131,7 +131,7 @@ async fn run(config: Config) -> ExitCode {
     let connector = match app::connector(&config).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("ERROR {e}");
+            tracing::error!("{e}");
             return ExitCode::from(1);
         }
     };
@@ -144,7 +144,7 @@ async fn run(config: Config) -> ExitCode {
     let (ops, metrics) = match start_ops(&config, &connector, &shutdown).await {
         Ok(x) => x,
         Err(e) => {
-            tracing::error!("ERROR {e}");
+            tracing::error!("{e}");
             return ExitCode::from(1);
         }
     };

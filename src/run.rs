@@ -69,6 +69,15 @@ impl Shutdown {
             }
         }
     }
+
+    /// Resolves once shutdown was requested; never when the trigger is dropped without one.
+    pub async fn requested(&mut self) {
+        while !*self.rx.borrow() {
+            if self.rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 impl ShutdownTrigger {
@@ -212,7 +221,7 @@ impl Quarantine {
             })?;
         self.count.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
-            "WARN quarantined a record of {table} (request {request_id}): {reason}; kept in {}",
+            "quarantined a record of {table} (request {request_id}): {reason}; kept in {}",
             self.path.display()
         );
         Ok(())
@@ -288,7 +297,7 @@ impl Connector {
     pub fn report_unconfirmed(&self) -> Result<(), StateError> {
         if let Some(n) = self.state.unconfirmed_batch()? {
             tracing::warn!(
-                "WARN re-sending {n} records of an unconfirmed batch: the previous run stopped between \
+                "re-sending {n} records of an unconfirmed batch: the previous run stopped between \
                  sending it and recording the sink's confirmation"
             );
             self.state.clear_in_flight()?;
@@ -321,11 +330,11 @@ impl Connector {
         let cycle_start_us = chrono::Utc::now().timestamp_micros();
         let mut report = CycleReport::default();
         let q_before = self.quarantine.count.load(Ordering::Relaxed);
+        // Logged once, with the cycle's other errors, by whoever reports the cycle.
         if let Err(e) = self
             .cycle_inner(shutdown, cycle_start_us, &mut report)
             .await
         {
-            tracing::error!("ERROR {e}");
             report.errors.push(e.to_string());
         }
         report.quarantined = self.quarantine.count.load(Ordering::Relaxed) - q_before;
@@ -340,15 +349,27 @@ impl Connector {
         cycle_start_us: i64,
         report: &mut CycleReport,
     ) -> Result<(), DatabricksError> {
-        self.client.authenticate().await?;
         let s = &self.settings;
-        let inv = discovery::discover(&self.client, &s.catalog, &s.schema, &s.prefix).await?;
+        // Authentication and discovery retry for minutes when the workspace is unreachable;
+        // shutdown ends them at once (nothing was read, so nothing is left undelivered).
+        let setup = async {
+            self.client.authenticate().await?;
+            discovery::discover(&self.client, &s.catalog, &s.schema, &s.prefix).await
+        };
+        let mut stop = shutdown.clone();
+        let inv = tokio::select! {
+            inv = setup => inv?,
+            () = stop.requested() => {
+                tracing::info!("Shutdown requested before anything was read: the cycle ends");
+                return Ok(());
+            }
+        };
         report.agents = inv.agents.len();
         report.tables = inv.readable().count();
         let trace_sources = crate::traces::trace_sources(&inv, &s.workspace_host);
         if report.tables == 0 && trace_sources.is_empty() {
             tracing::warn!(
-                "WARN no inference tables or MLflow traces to read in {}.{} (prefix '{}'): {} tables found, \
+                "no inference tables or MLflow traces to read in {}.{} (prefix '{}'): {} tables found, \
                  {} match the prefix. Run `databricks-shield discover` to see what was found",
                 s.catalog,
                 s.schema,
@@ -359,7 +380,13 @@ impl Connector {
         }
         // A warehouse only when there are tables to read with SQL.
         let warehouse = if report.tables > 0 || !inv.otel_span_tables.is_empty() {
-            Some(self.warehouse_id().await?)
+            tokio::select! {
+                w = self.warehouse_id() => Some(w?),
+                () = stop.requested() => {
+                    tracing::info!("Shutdown requested before anything was read: the cycle ends");
+                    return Ok(());
+                }
+            }
         } else {
             None
         };
@@ -514,7 +541,7 @@ impl Connector {
                     ),
                     DeliveryError::State(se) => se.to_string(),
                 };
-                tracing::error!("ERROR {msg}");
+                tracing::error!("{msg}");
                 report.errors.push(msg);
             }
         }
@@ -940,7 +967,7 @@ async fn join_readers(
             Ok((_, Err(CollectError::Closed))) => {}
             Ok((table, Err(e))) => {
                 let msg = format!("{table}: {e}");
-                tracing::error!("ERROR reading {msg}");
+                tracing::error!("reading {msg}");
                 report.errors.push(msg);
             }
             Err(e) => report.errors.push(format!("a table reader failed: {e}")),

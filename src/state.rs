@@ -144,7 +144,7 @@ impl StateStore {
                 detail: format!("cannot move the old state aside: {e}"),
             })?;
             tracing::warn!(
-                "WARN --reset-state: moved {} to {}; records of the last LOOKBACK_MINUTES will be sent again",
+                "--reset-state: moved {} to {}; records of the last LOOKBACK_MINUTES will be sent again",
                 path.display(),
                 aside.display()
             );

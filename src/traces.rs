@@ -443,7 +443,7 @@ fn window(
     let late_from = (mark.min(now_us) - lookback).max(floor);
     if c.time_us < floor {
         tracing::warn!(
-            "WARN {ns}: the last delivered trace is from {}, older than MAX_CATCHUP_HOURS: traces before {} are skipped",
+            "{ns}: the last delivered trace is from {}, older than MAX_CATCHUP_HOURS: traces before {} are skipped",
             format_timestamp(c.time_us),
             format_timestamp(floor)
         );
@@ -601,7 +601,7 @@ async fn download_all(
                 Some(Err(e)) => {
                     // Data gone or unreadable for good: keep what the search said, once.
                     tracing::warn!(
-                        "WARN spans of trace {} ({ns}) not readable, sending its summary only: {e}",
+                        "spans of trace {} ({ns}) not readable, sending its summary only: {e}",
                         t.trace_id
                     );
                     vec![summary_span(t, *time_us)]

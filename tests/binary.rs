@@ -91,3 +91,60 @@ async fn once_check_and_discover_against_the_emulator_leak_no_secret() {
     let state_bytes = std::fs::read(dir.path().join("state/databricks-shield.redb")).unwrap();
     assert!(!String::from_utf8_lossy(&state_bytes).contains(secret));
 }
+
+/// SIGTERM while the workspace is unreachable (authentication retries for up to five minutes)
+/// ends the run at once: nothing was read, so nothing is left undelivered, and the log says so.
+#[test]
+fn sigterm_while_the_workspace_is_unreachable_stops_the_run() {
+    use std::time::{Duration, Instant};
+    // A port nothing listens on: every connection is refused, and retried.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("-once")
+        .arg("--output")
+        .arg(dir.path().join("out.jsonl"))
+        .env_clear()
+        .env("DATABRICKS_HOST", format!("https://127.0.0.1:{closed}"))
+        .env("DATABRICKS_TOKEN", "dapi-unused-token")
+        .env("STATE_DIR", dir.path().join("state"))
+        .env("METRICS_ADDR", "off")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Started: the sink is set up, the cycle is retrying the workspace.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !read().contains("Sending records to") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // Bounded: well below the five-minute retry budget it would otherwise spend.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = read();
+    assert!(status.is_some(), "still retrying after SIGTERM:\n{text}");
+    assert!(text.contains("Shutdown requested"), "{text}");
+    assert!(text.contains("before anything was read"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}

@@ -2,12 +2,17 @@
 //! custom CA bundle (DATABRICKS_CA_BUNDLE, else SSL_CERT_FILE) is validated and TLS is never
 //! skipped, and distinctive secrets appear nowhere: not in stdout or stderr (even at trace level,
 //! in JSON logs), not in the state directory (state and quarantine files), not in the records.
+//!
+//! TLS end to end: a test-only TLS front (CA and certificate generated at runtime with rcgen,
+//! rustls with ring) terminates HTTPS for `localhost` and relays to the emulator's plain port, so
+//! the real binary is exercised as behind a TLS-inspecting proxy: with the CA bundle, without
+//! it, and through a CONNECT proxy (HTTPS_PROXY).
 
 mod common;
 
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use akto_standin::Behavior;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,13 +29,22 @@ fn text(o: &Output) -> String {
 
 /// A minimal forward proxy: absolute-form HTTP requests and CONNECT tunnels, counted.
 async fn proxy() -> (String, Arc<AtomicUsize>) {
+    let (url, hits, _tunnels) = proxy_with_tunnels().await;
+    (url, hits)
+}
+
+/// [`proxy`], also recording the target (`host:port`) of every CONNECT tunnel it opened.
+async fn proxy_with_tunnels() -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
+    let tunnels = Arc::new(Mutex::new(Vec::new()));
     let h = hits.clone();
+    let t = tunnels.clone();
     tokio::spawn(async move {
         while let Ok((mut client, _)) = l.accept().await {
             let h = h.clone();
+            let t = t.clone();
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut byte = [0u8; 1];
@@ -50,6 +64,7 @@ async fn proxy() -> (String, Arc<AtomicUsize>) {
                     let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
+                    t.lock().unwrap().push(target.to_string());
                     let _ = client
                         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
                         .await;
@@ -76,7 +91,7 @@ async fn proxy() -> (String, Arc<AtomicUsize>) {
             });
         }
     });
-    (format!("http://{addr}"), hits)
+    (format!("http://{addr}"), hits, tunnels)
 }
 
 fn discover(emu_url: &str, env: &[(&str, &str)]) -> Output {
@@ -231,4 +246,265 @@ async fn distinctive_secrets_appear_nowhere() {
         assert!(!files.contains(s), "a secret leaked into STATE_DIR");
         assert!(!records.contains(s), "a secret leaked into a record");
     }
+}
+
+/// A test-only TLS front for the emulator (which serves plain HTTP): a CA generated at runtime, a
+/// server certificate for `localhost` and `127.0.0.1` signed by it, and a rustls acceptor on
+/// 127.0.0.1 relaying the decrypted bytes to the emulator's plain port.
+struct TlsFront {
+    /// `https://localhost:<port>`.
+    url: String,
+    port: u16,
+    /// The CA certificate, PEM: what an operator gives as DATABRICKS_CA_BUNDLE.
+    ca_pem: String,
+    /// TCP connections accepted (handshake done or not).
+    accepted: Arc<AtomicUsize>,
+    /// TLS handshakes that completed.
+    handshakes: Arc<AtomicUsize>,
+}
+
+async fn tls_front(emu_url: &str) -> TlsFront {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(
+        DnType::CommonName,
+        "databricks-shield test inspecting proxy CA",
+    );
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+
+    // `new` turns "127.0.0.1" into an IP address SAN.
+    let mut leaf_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
+
+    // An explicit provider: no process-wide default is needed (and none is installed).
+    let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+
+    let upstream = emu_url
+        .strip_prefix("http://")
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let (a, h) = (accepted.clone(), handshakes.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, upstream, h) = (acceptor.clone(), upstream.clone(), h.clone());
+            tokio::spawn(async move {
+                // A client that does not trust the CA aborts the handshake: nothing to relay.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                h.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    TlsFront {
+        url: format!("https://localhost:{port}"),
+        port,
+        ca_pem: ca_cert.pem(),
+        accepted,
+        handshakes,
+    }
+}
+
+/// Runs `-once` with the file sink (`--output`), bounded: killed after two minutes (it takes
+/// seconds). Returns the output and the records written.
+fn once_to_file(
+    host: &str,
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+) -> (Output, Vec<serde_json::Value>) {
+    let out = dir.join("records.jsonl");
+    let log = dir.join("log.txt");
+    let mut c = Command::new(BIN);
+    c.arg("-once")
+        .arg("--output")
+        .arg(&out)
+        .env_clear()
+        .env("DATABRICKS_HOST", host)
+        .env("DATABRICKS_CLIENT_ID", "emulator-client")
+        .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
+        .env("STATE_DIR", dir.join("state"))
+        .env("LOOKBACK_MINUTES", "120")
+        .env("METRICS_ADDR", "off")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.join("err.txt")).unwrap());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let o = Output {
+        status,
+        stdout: std::fs::read(&log).unwrap_or_default(),
+        stderr: std::fs::read(dir.join("err.txt")).unwrap_or_default(),
+    };
+    let records = std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    (o, records)
+}
+
+/// Every emulated execution in the lookback arrived exactly once, and nothing else.
+fn assert_all_executions(emu: &databricks_emulator::Emulator, records: &[serde_json::Value]) {
+    let truth: std::collections::BTreeSet<String> = emu
+        .ground_truth()
+        .into_iter()
+        .map(|r| r.databricks_request_id)
+        .collect();
+    assert!(!truth.is_empty());
+    let got = common::executions_in(records);
+    assert!(got.values().all(|n| *n == 1), "duplicates: {got:?}");
+    let got: std::collections::BTreeSet<String> = got.into_keys().collect();
+    assert_eq!(got, truth, "the records are not the emulator's executions");
+}
+
+/// Each record's `host` request header is derived from the workspace host (DATABRICKS_HOST).
+fn assert_records_name_the_workspace(records: &[serde_json::Value], workspace_host: &str) {
+    assert!(!records.is_empty());
+    for r in records {
+        let host = common::header(r, "requestHeaders", "host")
+            .unwrap_or_else(|| panic!("no host header: {r}"));
+        assert!(
+            host.ends_with(&format!(".{workspace_host}")),
+            "host {host} is not under {workspace_host}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_custom_ca_bundle_discovers_and_delivers_every_record() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let front = tls_front(&emu.base_url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &front.ca_pem).unwrap();
+    let ca = ca.to_str().unwrap().to_string();
+
+    let d = tokio::task::block_in_place(|| {
+        discover(&front.url, &[("DATABRICKS_CA_BUNDLE", ca.as_str())])
+    });
+    assert!(d.status.success(), "{}", text(&d));
+    let inventory: serde_json::Value = serde_json::from_slice(&d.stdout)
+        .unwrap_or_else(|e| panic!("discover --json printed no JSON ({e}): {}", text(&d)));
+    assert!(!inventory.is_null());
+    let after_discover = front.handshakes.load(Ordering::SeqCst);
+    assert!(
+        after_discover > 0,
+        "discover did not go through the TLS front"
+    );
+
+    let (o, records) = tokio::task::block_in_place(|| {
+        once_to_file(&front.url, dir.path(), &[("DATABRICKS_CA_BUNDLE", &ca)])
+    });
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("errors=0"), "{}", text(&o));
+    assert_all_executions(&emu, &records);
+    assert_records_name_the_workspace(&records, "localhost");
+    assert!(front.handshakes.load(Ordering::SeqCst) > after_discover);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_without_the_ca_bundle_fails_as_an_untrusted_certificate() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let front = tls_front(&emu.base_url()).await;
+    let d = tokio::task::block_in_place(|| discover(&front.url, &[]));
+    let dir = tempfile::tempdir().unwrap();
+    let (o, records) = tokio::task::block_in_place(|| once_to_file(&front.url, dir.path(), &[]));
+    for (what, out) in [("discover", &d), ("-once", &o)] {
+        let t = text(out);
+        assert_eq!(out.status.code(), Some(1), "{what}: {t}");
+        // The kind, rustls' reason, and the fix naming the variable to set.
+        assert!(t.contains("TLS handshake failed"), "{what}: {t}");
+        assert!(t.contains("invalid peer certificate"), "{what}: {t}");
+        assert!(t.contains("TLS certificate is trusted"), "{what}: {t}");
+        assert!(t.contains("set DATABRICKS_CA_BUNDLE"), "{what}: {t}");
+        assert_eq!(
+            t.matches("invalid peer certificate").count(),
+            1,
+            "{what}: the error is logged once: {t}"
+        );
+    }
+    assert!(records.is_empty(), "records written without trusted TLS");
+    // Both runs reached the front, and no handshake ever completed: verification was not skipped.
+    assert!(front.accepted.load(Ordering::SeqCst) >= 2);
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_through_a_connect_proxy_with_the_ca_bundle_delivers_every_record() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let front = tls_front(&emu.base_url()).await;
+    let (proxy_url, _hits, tunnels) = proxy_with_tunnels().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &front.ca_pem).unwrap();
+    let ca = ca.to_str().unwrap().to_string();
+    let env = [
+        ("DATABRICKS_CA_BUNDLE", ca.as_str()),
+        ("HTTPS_PROXY", proxy_url.as_str()),
+    ];
+
+    let d = tokio::task::block_in_place(|| discover(&front.url, &env));
+    assert!(d.status.success(), "{}", text(&d));
+    let (o, records) = tokio::task::block_in_place(|| once_to_file(&front.url, dir.path(), &env));
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("errors=0"), "{}", text(&o));
+    assert_all_executions(&emu, &records);
+    assert_records_name_the_workspace(&records, "localhost");
+
+    let tunnels = tunnels.lock().unwrap().clone();
+    assert!(!tunnels.is_empty(), "no CONNECT tunnel was opened");
+    let target = format!("localhost:{}", front.port);
+    assert!(
+        tunnels.iter().all(|t| *t == target),
+        "CONNECT to {tunnels:?}, expected only {target}"
+    );
+    // Every connection the TLS front accepted came through a tunnel: none bypassed the proxy.
+    assert_eq!(front.accepted.load(Ordering::SeqCst), tunnels.len());
+    assert!(front.handshakes.load(Ordering::SeqCst) > 0);
 }

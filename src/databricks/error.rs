@@ -42,7 +42,8 @@ pub enum DatabricksError {
         "Failed to connect to Databricks workspace {host} ({kind}): {detail}. Fix: check that \
          DATABRICKS_HOST is your workspace URL (https://<workspace>.cloud.databricks.com), that its \
          name resolves (DNS), that a firewall or proxy lets this machine reach it on port 443 \
-         (HTTPS_PROXY/NO_PROXY are honoured), and that its TLS certificate is trusted"
+         (HTTPS_PROXY/NO_PROXY are honoured), and that its TLS certificate is trusted (behind a \
+         TLS-inspecting proxy, set DATABRICKS_CA_BUNDLE to the PEM file of its CA)"
     )]
     Connect {
         host: String,

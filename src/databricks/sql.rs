@@ -444,7 +444,7 @@ impl DatabricksClient {
             )
             .await;
         if let Err(e) = r {
-            tracing::warn!("WARN could not cancel statement {statement_id}: {e}");
+            tracing::warn!("could not cancel statement {statement_id}: {e}");
         }
     }
 }

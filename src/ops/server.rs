@@ -154,7 +154,7 @@ impl OpsServer {
                 })
                 .await;
             if let Err(e) = served {
-                tracing::error!("ERROR the metrics listener on {bound} stopped: {e}");
+                tracing::error!("the metrics listener on {bound} stopped: {e}");
             }
         });
         Ok(OpsServer {

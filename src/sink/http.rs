@@ -282,7 +282,7 @@ impl HttpSink {
                         attempt,
                         delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                         records = group.len(),
-                        "WARN delivery to Akto ingestion failed ({reason}); retrying"
+                        "delivery to Akto ingestion failed ({reason}); retrying"
                     );
                     tokio::time::sleep(delay).await;
                     attempt += 1;

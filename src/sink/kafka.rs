@@ -367,7 +367,7 @@ impl KafkaSink {
             tracing::warn!(
                 sink = "kafka",
                 %code,
-                "WARN the Kafka producer hit a fatal error ({reason}); creating a new producer"
+                "the Kafka producer hit a fatal error ({reason}); creating a new producer"
             );
             if let (Ok(fresh), Ok(mut guard)) = (
                 create_producer(&self.config, &self.last_error),

@@ -187,7 +187,8 @@ pub struct ChildUsage {
     /// Peak resident set of the child's own program, KiB: the largest `VmHWM` of
     /// `/proc/<pid>/status` read every 10 ms until it exited. (`ru_maxrss` from `wait4` is not
     /// used for this: Linux carries the parent's resident set at fork into the child's
-    /// `ru_maxrss`, so a large bench process would hide a smaller child.)
+    /// `ru_maxrss`, so a large bench process would hide a smaller child.) `ru_maxrss` only for a
+    /// child that exited before the first read.
     pub max_rss_kib: u64,
     /// `ru_maxrss` from `wait4`, for reference (at least the parent's RSS at fork).
     pub ru_maxrss_kib: u64,
@@ -248,7 +249,12 @@ pub fn run_measured(mut cmd: Command) -> Result<ChildUsage, BenchError> {
         wall_s,
         user_s: tv(ru.ru_utime),
         sys_s: tv(ru.ru_stime),
-        max_rss_kib,
+        // A child that exited before the first read (milliseconds) has only ru_maxrss.
+        max_rss_kib: if max_rss_kib > 0 {
+            max_rss_kib
+        } else {
+            ru.ru_maxrss as u64
+        },
         ru_maxrss_kib: ru.ru_maxrss as u64,
     })
 }
