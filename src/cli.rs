@@ -440,6 +440,17 @@ pub struct RuntimeArgs {
     )]
     pub batch_size: Option<String>,
 
+    /// With -once: stop cleanly after this many seconds (0: no limit), before Akto's job runner
+    /// kills the binary at 300 s; what was delivered is checkpointed and the next run continues
+    #[arg(
+        long,
+        env = "ONCE_TIME_LIMIT_SECONDS",
+        value_name = "SECONDS",
+        default_value = "270",
+        global = true
+    )]
+    pub once_time_limit_seconds: Option<String>,
+
     /// Batches the sink confirms per state commit (1-100). Higher: less CPU and disk per record;
     /// a crash or SIGKILL may re-send up to this many batches (announced at the next start)
     #[arg(
@@ -881,6 +892,7 @@ mod tests {
                 "STATEMENT_TIMEOUT_SECONDS",
                 "BATCH_SIZE",
                 "CHECKPOINT_BATCHES",
+                "ONCE_TIME_LIMIT_SECONDS",
                 "REDACT_SENSITIVE_DATA",
                 "REDACT_KINDS",
                 "DATABRICKS_CA_BUNDLE",

@@ -81,6 +81,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// `-once` / `--once`: one cycle, then exit.
     pub once: bool,
+    /// `ONCE_TIME_LIMIT_SECONDS`, default 270; `None` = 0 = no limit. Only with `-once`.
+    pub once_time_limit: Option<Duration>,
     /// `METRICS_ADDR`, default `127.0.0.1:9464`; `off` = `None`.
     pub metrics_addr: Option<SocketAddr>,
     /// `TABLE_CONCURRENCY`, default 4 (1..=32).
@@ -496,6 +498,19 @@ impl Config {
                 hint: "50 (what Akto's own connectors send)",
             },
         );
+        let once_time_limit = number(
+            &mut p,
+            &r.once_time_limit_seconds,
+            NumberSetting {
+                variable: "ONCE_TIME_LIMIT_SECONDS",
+                flag: "--once-time-limit-seconds",
+                default: 270,
+                min: 0,
+                max: 86_400,
+                unit: "seconds",
+                hint: "270 (Akto's job runner stops the binary at 300 s); 0 for no limit",
+            },
+        );
         let checkpoint_batches = number(
             &mut p,
             &r.checkpoint_batches,
@@ -609,6 +624,7 @@ impl Config {
             state_dir,
             log_format,
             once: cli.once,
+            once_time_limit: (once_time_limit > 0).then(|| Duration::from_secs(once_time_limit)),
             metrics_addr,
             table_concurrency: table_concurrency as usize,
             statement_timeout: Duration::from_secs(statement_timeout),
@@ -670,7 +686,7 @@ impl Config {
             "host={} auth={auth} catalog={} schema={} prefix={:?} warehouse={} sink={sink} \
              akto_account_id={} interval={}s lookback={}m max_catchup={}h state_dir={} \
              log_format={} metrics={} table_concurrency={} statement_timeout={}s batch_size={} \
-             checkpoint_batches={} once={} reset_state={}",
+             checkpoint_batches={} once={} once_time_limit={} reset_state={}",
             self.host,
             self.catalog,
             self.schema,
@@ -690,6 +706,9 @@ impl Config {
             self.batch_size,
             self.checkpoint_batches,
             self.once,
+            self.once_time_limit
+                .map(|d| format!("{}s", d.as_secs()))
+                .unwrap_or_else(|| "none".to_owned()),
             self.reset_state,
         )
     }
@@ -1540,6 +1559,7 @@ mod tests {
         assert_eq!(config.statement_timeout, Duration::from_secs(120));
         assert_eq!(config.batch_size, 50);
         assert_eq!(config.checkpoint_batches, DEFAULT_CHECKPOINT_BATCHES);
+        assert_eq!(config.once_time_limit, Some(Duration::from_secs(270)));
         assert!(!config.once && !config.reset_state);
         assert_eq!(config.auth.kind(), "oauth");
         assert_eq!(config.auth.client_id(), Some("sp-client-id"));
@@ -1572,6 +1592,7 @@ mod tests {
         cli.runtime.statement_timeout_seconds = s("30");
         cli.runtime.batch_size = s("1000");
         cli.runtime.checkpoint_batches = s("1");
+        cli.runtime.once_time_limit_seconds = s("0");
         let c = build(&cli).expect("valid");
         assert!(c.once && c.reset_state);
         assert_eq!(
@@ -1590,6 +1611,7 @@ mod tests {
         assert_eq!(c.statement_timeout, Duration::from_secs(30));
         assert_eq!(c.batch_size, 1000);
         assert_eq!(c.checkpoint_batches, 1);
+        assert_eq!(c.once_time_limit, None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! Exit codes: 0 success, 1 a cycle or check failed, 2 bad configuration.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use databricks_shield::cli::{self, Command};
@@ -128,6 +129,25 @@ async fn run(config: Config) -> ExitCode {
         if config.once { "one cycle" } else { "service" },
         config.summary()
     );
+    let (trigger, shutdown) = Shutdown::new();
+    let trigger = Arc::new(trigger);
+    // With -once, a clean stop before Akto's job runner kills the binary (its timeout is 300 s):
+    // what was delivered is checkpointed and the log says why the cycle ended.
+    let time_limited = Arc::new(AtomicBool::new(false));
+    let mut limit_timer = None;
+    if let (true, Some(limit)) = (config.once, config.once_time_limit) {
+        let (trigger, flag) = (trigger.clone(), time_limited.clone());
+        limit_timer = Some(tokio::spawn(async move {
+            tokio::time::sleep(limit).await;
+            flag.store(true, Ordering::SeqCst);
+            tracing::warn!(
+                "-once time limit of {}s reached (ONCE_TIME_LIMIT_SECONDS): stopping after the \
+                 current batch",
+                limit.as_secs()
+            );
+            trigger.trigger();
+        }));
+    }
     let connector = match app::connector(&config).await {
         Ok(c) => c,
         Err(e) => {
@@ -135,12 +155,14 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let (trigger, shutdown) = Shutdown::new();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("Shutdown requested: finishing the current batch");
-        trigger.trigger();
-    });
+    {
+        let trigger = trigger.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("Shutdown requested: finishing the current batch");
+            trigger.trigger();
+        });
+    }
     let (ops, metrics) = match start_ops(&config, &connector, &shutdown).await {
         Ok(x) => x,
         Err(e) => {
@@ -153,8 +175,19 @@ async fn run(config: Config) -> ExitCode {
     if let Some(server) = ops {
         server.stop().await;
     }
+    if let Some(timer) = limit_timer {
+        timer.abort();
+    }
+    let limited = time_limited.load(Ordering::SeqCst);
+    if limited {
+        tracing::error!(
+            "-once stopped at its time limit before the cycle finished: what was delivered is \
+             checkpointed and the next run continues from there. A large backlog takes several \
+             runs; if every run stops here without records, run `databricks-shield check`"
+        );
+    }
     tracing::info!("databricks-shield stopped");
-    if ok {
+    if ok && !limited {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

@@ -148,3 +148,74 @@ fn sigterm_while_the_workspace_is_unreachable_stops_the_run() {
     assert!(text.contains("before anything was read"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
 }
+
+/// `-once` under a time limit shorter than its cycle (a slow Akto) stops cleanly: the WARN and
+/// ERROR lines say why, exit 1, what was confirmed is checkpointed; the next run delivers the
+/// rest, and every execution arrives exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_stops_cleanly_at_its_time_limit_and_the_next_run_continues() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    standin.set_behavior(akto_standin::Behavior::Slow { delay_ms: 150 });
+    let dir = tempfile::tempdir().unwrap();
+    let run = |limit: &str| {
+        Command::new(BIN)
+            .arg("-once")
+            .env_clear()
+            .env("DATABRICKS_HOST", emu.base_url())
+            .env("DATABRICKS_CLIENT_ID", "emulator-client")
+            .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
+            .env("DATA_INGESTION_SERVICE_URL", standin.url())
+            .env("STATE_DIR", dir.path().join("state"))
+            .env("LOOKBACK_MINUTES", "120")
+            .env("METRICS_ADDR", "off")
+            .env("BATCH_SIZE", "5")
+            .env("ONCE_TIME_LIMIT_SECONDS", limit)
+            .output()
+            .unwrap()
+    };
+    let first = tokio::task::block_in_place(|| run("3"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&first.stdout),
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert_eq!(first.status.code(), Some(1), "{text}");
+    assert!(text.contains("-once time limit of 3s reached"), "{text}");
+    assert!(text.contains("stopped at its time limit"), "{text}");
+    assert!(text.contains("Cycle completed in"), "{text}");
+    let truth: std::collections::BTreeSet<String> = emu
+        .ground_truth()
+        .into_iter()
+        .map(|r| r.databricks_request_id)
+        .collect();
+    let after_first = common::executions_in(&standin.records());
+    // ~70 batches at 150 ms each do not fit in 3 s (how many did depends on the machine).
+    assert!(
+        after_first.len() < truth.len(),
+        "the limit should stop the cycle part way: {} of {}",
+        after_first.len(),
+        truth.len()
+    );
+
+    standin.set_behavior(akto_standin::Behavior::Normal);
+    let second = tokio::task::block_in_place(|| run("0"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&second.stdout),
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert!(second.status.success(), "{text}");
+    assert!(
+        !text.contains("re-sending"),
+        "a clean stop leaves nothing unconfirmed: {text}"
+    );
+    let all = common::executions_in(&standin.records());
+    let ids: std::collections::BTreeSet<String> = all.keys().cloned().collect();
+    assert_eq!(ids, truth);
+    assert!(
+        all.values().all(|n| *n == 1),
+        "sent twice: {:?}",
+        all.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+}
