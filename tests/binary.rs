@@ -159,16 +159,8 @@ async fn once_stops_cleanly_at_its_time_limit_and_the_next_run_continues() {
     standin.set_behavior(akto_standin::Behavior::Slow { delay_ms: 150 });
     let dir = tempfile::tempdir().unwrap();
     let run = |limit: &str| {
-        Command::new(BIN)
+        common::shield_command(&emu, &standin, &dir.path().join("state"))
             .arg("-once")
-            .env_clear()
-            .env("DATABRICKS_HOST", emu.base_url())
-            .env("DATABRICKS_CLIENT_ID", "emulator-client")
-            .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
-            .env("DATA_INGESTION_SERVICE_URL", standin.url())
-            .env("STATE_DIR", dir.path().join("state"))
-            .env("LOOKBACK_MINUTES", "120")
-            .env("METRICS_ADDR", "off")
             .env("BATCH_SIZE", "5")
             .env("ONCE_TIME_LIMIT_SECONDS", limit)
             .output()

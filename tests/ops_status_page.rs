@@ -498,14 +498,7 @@ async fn service_binary_serves_metrics_and_stops_on_sigterm() {
     let emu = common::emulator(common::emulator_config()).await;
     let standin = common::standin().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_databricks-shield"))
-        .env_clear()
-        .env("DATABRICKS_HOST", emu.base_url())
-        .env("DATABRICKS_CLIENT_ID", "emulator-client")
-        .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
-        .env("DATA_INGESTION_SERVICE_URL", standin.url())
-        .env("STATE_DIR", dir.path().join("state"))
-        .env("LOOKBACK_MINUTES", "120")
+    let mut child = common::shield_command(&emu, &standin, &dir.path().join("state"))
         .env("RECURRING_INTERVAL_SECONDS", "3600")
         .env("METRICS_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())

@@ -14,14 +14,13 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use akto_standin::{Behavior, StandIn};
 use databricks_emulator::Emulator;
 use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_databricks-shield");
 const BATCH_SIZE: u64 = 10;
 /// Batches per state commit: a kill may re-send up to this many batches.
 const CHECKPOINT_BATCHES: u64 = 3;
@@ -29,16 +28,8 @@ const CHECKPOINT_BATCHES: u64 = 3;
 fn spawn(emu: &Emulator, standin: &StandIn, state: &Path, log: &Path) -> Child {
     let log_file = std::fs::File::create(log).expect("log file");
     let log_err = log_file.try_clone().expect("log file");
-    Command::new(BIN)
+    common::shield_command(emu, standin, state)
         .arg("-once")
-        .env_clear()
-        .env("DATABRICKS_HOST", emu.base_url())
-        .env("DATABRICKS_CLIENT_ID", "emulator-client")
-        .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
-        .env("DATA_INGESTION_SERVICE_URL", standin.url())
-        .env("STATE_DIR", state)
-        .env("LOOKBACK_MINUTES", "120")
-        .env("METRICS_ADDR", "off")
         .env("BATCH_SIZE", BATCH_SIZE.to_string())
         .env("CHECKPOINT_BATCHES", CHECKPOINT_BATCHES.to_string())
         .env("TABLE_CONCURRENCY", "2")

@@ -31,6 +31,25 @@ pub async fn emulator(cfg: EmulatorConfig) -> Emulator {
     Emulator::start(cfg).await.expect("emulator starts")
 }
 
+/// The real binary against `emu` (OAuth M2M) and `standin`: a cleared environment, state in
+/// `state`, the emulator's whole hour of rows in the lookback, no listener. Add to taste.
+pub fn shield_command(
+    emu: &Emulator,
+    standin: &StandIn,
+    state: &std::path::Path,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_databricks-shield"));
+    c.env_clear()
+        .env("DATABRICKS_HOST", emu.base_url())
+        .env("DATABRICKS_CLIENT_ID", "emulator-client")
+        .env("DATABRICKS_CLIENT_SECRET", SECRET)
+        .env("DATA_INGESTION_SERVICE_URL", standin.url())
+        .env("STATE_DIR", state)
+        .env("LOOKBACK_MINUTES", "120")
+        .env("METRICS_ADDR", "off");
+    c
+}
+
 pub async fn standin() -> StandIn {
     StandIn::start(StandInConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
