@@ -131,6 +131,14 @@ async fn run(config: Config) -> ExitCode {
     );
     let (trigger, shutdown) = Shutdown::new();
     let trigger = Arc::new(trigger);
+    {
+        let (trigger, stop) = (trigger.clone(), stop_signal());
+        tokio::spawn(async move {
+            stop.await;
+            tracing::info!("Shutdown requested: finishing the current batch");
+            trigger.trigger();
+        });
+    }
     // With -once, a clean stop before Akto's job runner kills the binary (its timeout is 300 s):
     // what was delivered is checkpointed and the log says why the cycle ended.
     let time_limited = Arc::new(AtomicBool::new(false));
@@ -155,14 +163,6 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    {
-        let trigger = trigger.clone();
-        tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("Shutdown requested: finishing the current batch");
-            trigger.trigger();
-        });
-    }
     let (ops, metrics) = match start_ops(&config, &connector, &shutdown).await {
         Ok(x) => x,
         Err(e) => {
@@ -222,21 +222,32 @@ async fn start_ops(
     Ok((Some(server), Some(metrics)))
 }
 
-async fn wait_for_signal() {
+/// Registers the SIGTERM and Ctrl-C handlers now (so a signal that arrives while the connector
+/// starts is not fatal) and returns a future that resolves on either.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
