@@ -35,7 +35,9 @@ use crate::databricks::{DatabricksClient, DatabricksError};
 use crate::discovery::{normalize_name, Inventory};
 use crate::state::StateStore;
 use crate::traffic::host::{encode_segment, tool_path};
-use crate::traffic::record::{fit, reason_phrase, JsonObject, MAX_STRING_BYTES};
+use crate::traffic::record::{
+    fit, fit_pair, reason_phrase, JsonObject, MAX_RECORD_PAYLOAD_BYTES, MAX_STRING_BYTES,
+};
 use crate::traffic::{agent_host, AktoRecord};
 
 /// Traces searched per page (and units per chunk).
@@ -370,13 +372,20 @@ fn span_record(
         .map(|n| n.div_euclid(1_000_000_000))
         .unwrap_or(meta.time_us.div_euclid(1_000_000))
         .clamp(1, i64::from(i32::MAX));
+    // Each string within Akto's limit, and both payloads together within one request body.
+    let (request_payload, response_payload) = fit_pair(
+        (fit(&inputs, MAX_STRING_BYTES, &mut cut), inputs.len()),
+        (fit(&outputs, MAX_STRING_BYTES, &mut cut), outputs.len()),
+        MAX_RECORD_PAYLOAD_BYTES,
+        &mut cut,
+    );
     AktoRecord {
         path: fit(&path, MAX_STRING_BYTES, &mut cut),
         method: "POST".into(),
         request_headers: h.encode(),
         response_headers: rh.encode(),
-        request_payload: fit(&inputs, MAX_STRING_BYTES, &mut cut),
-        response_payload: fit(&outputs, MAX_STRING_BYTES, &mut cut),
+        request_payload,
+        response_payload,
         ip: "10.0.0.1".into(),
         dest_ip: String::new(),
         time: secs.to_string(),

@@ -282,7 +282,7 @@ proptest! {
 #[test]
 fn a_payload_over_akto_limit_is_cut_not_refused() {
     // 6 MiB of text in the request cell: over Akto's 5 MiB string limit. (Both request and
-    // response over 5 MiB would make a record over Akto's 10 MiB body limit: see RELIABILITY.md.)
+    // response that large are cut further to fit one 10 MiB body: `traffic` unit tests.)
     let names: Vec<String> = AI_COLUMNS.iter().map(|s| s.to_string()).collect();
     let cols = RowColumns::locate(TableFormat::AiGateway, |n| {
         names.iter().position(|c| c == n)

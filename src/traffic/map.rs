@@ -19,7 +19,10 @@ use std::borrow::Cow;
 
 use super::execution::{AgentContext, Execution};
 use super::host::tool_path;
-use super::record::{fit, reason_phrase, AktoRecord, JsonObject, MAX_STRING_BYTES};
+use super::record::{
+    fit, fit_pair, reason_phrase, AktoRecord, JsonObject, MAX_RECORD_PAYLOAD_BYTES,
+    MAX_STRING_BYTES,
+};
 use super::tools::{output_says_error, scan};
 
 /// Options of [`map_execution`].
@@ -259,8 +262,18 @@ fn map_payloads(
         None if exec.logging_error_codes.is_empty() => String::new(),
         None => fit(&not_logged_note(&exec.logging_error_codes), max, truncated),
     };
+    let orig_len = |p: &Option<Cow<'_, str>>| p.as_ref().map_or(0, |p| p.len());
+    let (request_len, response_len) = (orig_len(&request), orig_len(&response));
     let request_payload = payload(request, &mut truncated);
     let response_payload = payload(response, &mut truncated);
+    // Each record must fit alone in one Akto request (10 MiB): two payloads near Akto's 5 MiB
+    // string limit would not, so they are cut further rather than refused.
+    let (request_payload, response_payload) = fit_pair(
+        (request_payload, request_len),
+        (response_payload, response_len),
+        MAX_RECORD_PAYLOAD_BYTES,
+        &mut truncated,
+    );
 
     let mut records = Vec::with_capacity(1 + scan.calls.len());
     records.push(base.record(
@@ -308,11 +321,19 @@ fn map_payloads(
             base.record(
                 tool_path(&call.name),
                 (h.encode(), rh.encode()),
-                (
-                    fit(&call.arguments, max, &mut truncated),
-                    call.output
-                        .as_deref()
-                        .map_or_else(String::new, |o| fit(o, max, &mut truncated)),
+                fit_pair(
+                    (
+                        fit(&call.arguments, max, &mut truncated),
+                        call.arguments.len(),
+                    ),
+                    (
+                        call.output
+                            .as_deref()
+                            .map_or_else(String::new, |o| fit(o, max, &mut truncated)),
+                        call.output.as_deref().map_or(0, str::len),
+                    ),
+                    MAX_RECORD_PAYLOAD_BYTES,
+                    &mut truncated,
                 ),
                 code,
                 t.encode(),

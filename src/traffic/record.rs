@@ -173,20 +173,75 @@ pub(crate) fn fit(s: &str, max: usize, truncated: &mut u32) -> String {
         return s.to_string();
     }
     *truncated = truncated.saturating_add(1);
-    let marker = truncation_marker(s.len());
+    cut(s, max, s.len())
+}
+
+/// A prefix of `s` and the marker naming `original_len`, at most `max` bytes.
+fn cut(s: &str, max: usize, original_len: usize) -> String {
+    let marker = truncation_marker(original_len);
     let (keep, marker) = if marker.len() <= max {
         (max - marker.len(), marker.as_str())
     } else {
         (max, "")
     };
-    let mut cut = keep.min(s.len());
-    while cut > 0 && !s.is_char_boundary(cut) {
-        cut -= 1;
+    let mut end = keep.min(s.len());
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
     }
-    let mut out = String::with_capacity(cut + marker.len());
-    out.push_str(&s[..cut]);
+    let mut out = String::with_capacity(end + marker.len());
+    out.push_str(&s[..end]);
     out.push_str(marker);
     out
+}
+
+/// Akto's request body limit (10 MiB, `sink::MAX_BODY_BYTES`) less 64 KiB for a record's other
+/// fields: what the two payloads of one record may take together once JSON-escaped, so that every
+/// record fits alone in one request.
+pub const MAX_RECORD_PAYLOAD_BYTES: usize = 10_485_760 - (64 << 10);
+
+/// Bytes of `s` once escaped as a JSON string (quotes not counted).
+pub(crate) fn escaped_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0x00..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// The two payloads of one record (each already cut to the per-string limit), cut further, each
+/// in proportion to its size, until together they take at most `budget` escaped bytes. The
+/// markers name each payload's original length (`a_orig`, `b_orig`); a payload cut for the first
+/// time here increments `truncated`.
+pub(crate) fn fit_pair(
+    (mut a, a_orig): (String, usize),
+    (mut b, b_orig): (String, usize),
+    budget: usize,
+    truncated: &mut u32,
+) -> (String, String) {
+    // Escaping at most multiplies a length by 6: the common case costs no scan.
+    if (a.len() + b.len()).saturating_mul(6) <= budget {
+        return (a, b);
+    }
+    for _ in 0..4 {
+        let total = escaped_len(&a) + escaped_len(&b);
+        if total <= budget {
+            break;
+        }
+        // 2 % below the proportional share absorbs the markers and uneven escaping.
+        let scale = budget as f64 / total as f64 * 0.98;
+        for (s, orig) in [(&mut a, a_orig), (&mut b, b_orig)] {
+            let max = (s.len() as f64 * scale) as usize;
+            if s.len() > max {
+                if s.len() == orig {
+                    *truncated = truncated.saturating_add(1);
+                }
+                *s = cut(s, max, orig);
+            }
+        }
+    }
+    (a, b)
 }
 
 /// Builder for a JSON object of string values (headers, tag) with lowercase keys, encoded with

@@ -1234,3 +1234,61 @@ fn taking_the_payloads_maps_exactly_like_borrowing_them() {
         assert!(e.request.is_none() && e.response.is_none());
     }
 }
+
+#[test]
+fn the_record_payload_budget_is_akto_body_limit_less_room_for_the_other_fields() {
+    assert_eq!(
+        super::record::MAX_RECORD_PAYLOAD_BYTES,
+        crate::sink::MAX_BODY_BYTES - (64 << 10)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn a_pair_of_payloads_is_cut_to_the_budget_with_markers_naming_the_originals(
+        a in arb_escapable(), b in arb_escapable(), reps_a in 1usize..400, reps_b in 1usize..400,
+        budget in 400usize..20_000,
+    ) {
+        let (a, b) = (a.repeat(reps_a), b.repeat(reps_b));
+        let mut cut = 0;
+        let (x, y) = super::record::fit_pair((a.clone(), a.len()), (b.clone(), b.len()), budget, &mut cut);
+        let total = super::record::escaped_len(&x) + super::record::escaped_len(&y);
+        prop_assert!(total <= budget, "{} > {}", total, budget);
+        for (orig, got) in [(&a, &x), (&b, &y)] {
+            if got == orig {
+                continue;
+            }
+            let marker = super::record::truncation_marker(orig.len());
+            prop_assert!(got.ends_with(&marker) || got.len() < marker.len(), "{}", got);
+            let prefix = got.strip_suffix(&marker).unwrap_or(got);
+            prop_assert!(orig.starts_with(prefix));
+        }
+        prop_assert_eq!(cut as usize, usize::from(x != a) + usize::from(y != b));
+        // Escaped length is what serde_json writes, quotes aside.
+        prop_assert_eq!(super::record::escaped_len(&a) + 2, serde_json::to_string(&a).unwrap().len());
+    }
+}
+
+#[test]
+fn an_execution_with_two_huge_payloads_still_fits_one_akto_request() {
+    // Request and response of 6 MiB each, JSON full of quotes: each is cut to Akto's 5 MiB string
+    // limit, and then both further so the record fits alone in a 10 MiB body.
+    let big = |k: &str| format!("{{\"{k}\":[{}\"end\"]}}", "\"q\",".repeat(3 << 19));
+    let (req, resp) = (big("input"), big("output"));
+    let e = exec(Some(&req), Some(&resp));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    let r = &m.records[0];
+    validate(r).unwrap();
+    let body = format!("{{\"batchData\":[{}]}}", encode(r));
+    assert!(body.len() <= crate::sink::MAX_BODY_BYTES, "{}", body.len());
+    assert!(akto_standin::check_batch(body.as_bytes()).is_ok());
+    assert_eq!(m.truncated_payloads, 2);
+    assert!(r
+        .request_payload
+        .ends_with(&super::record::truncation_marker(req.len())));
+    assert!(r
+        .response_payload
+        .ends_with(&super::record::truncation_marker(resp.len())));
+}
