@@ -6,29 +6,13 @@ use crate::{default_env, get_token, start};
 #[tokio::test]
 async fn discovery_documents() {
     let env = default_env().await;
-    let v: Value = env
-        .http
-        .get(format!("{}/.well-known/databricks-config", env.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = env.get_open("/.well-known/databricks-config").await.1;
     assert_eq!(v["oidc_endpoint"], format!("{}/oidc", env.base));
     assert!(v["workspace_id"].as_str().is_some_and(|s| !s.is_empty()));
     let v: Value = env
-        .http
-        .get(format!(
-            "{}/oidc/.well-known/oauth-authorization-server",
-            env.base
-        ))
-        .send()
+        .get_open("/oidc/.well-known/oauth-authorization-server")
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     assert_eq!(v["token_endpoint"], format!("{}/oidc/v1/token", env.base));
     assert!(v["authorization_endpoint"].is_string());
     env.emu.shutdown().await;

@@ -10,25 +10,11 @@ async fn generate_and_late_rows_appear_in_ground_truth() {
     assert_eq!(before.len(), 200);
     let now = chrono::Utc::now();
     let r: Value = env
-        .http
-        .post(format!("{}/_emulator/generate", env.base))
-        .json(&json!({"rows": 10, "late": 4}))
-        .send()
+        .post_open("/_emulator/generate", json!({"rows": 10, "late": 4}))
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .1;
     assert_eq!(r["rows"], 10);
-    let v: Value = env
-        .http
-        .get(format!("{}/_emulator/requests", env.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = env.get_open("/_emulator/requests").await.1;
     let all = v["requests"].as_array().unwrap();
     assert_eq!(all.len(), 214);
     let old: std::collections::HashSet<&str> = before
@@ -79,15 +65,7 @@ async fn generate_and_late_rows_appear_in_ground_truth() {
             .filter(|r| r.table.ends_with(".support_bot_payload"))
             .count()
     );
-    let stats: Value = env
-        .http
-        .get(format!("{}/_emulator/stats", env.base))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = env.get_open("/_emulator/stats").await.1;
     assert!(stats["statements_executed"].as_u64().unwrap() >= 1);
     assert!(stats["rows_returned"].as_u64().unwrap() >= 1);
     assert!(
@@ -186,27 +164,21 @@ async fn fault_drop_expire_pending_fail() {
     assert_eq!(env.get("/api/2.0/sql/warehouses").await.0, 200);
 
     // Via the admin API: expire every token on the next matching request.
-    let r = env
-        .http
-        .post(format!("{}/_emulator/faults", env.base))
-        .json(&json!({"spec": "route=/api/2.0/sql/warehouses,kind=expire_tokens"}))
-        .send()
+    assert_eq!(
+        env.post_open(
+            "/_emulator/faults",
+            json!({"spec": "route=/api/2.0/sql/warehouses,kind=expire_tokens"})
+        )
         .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+        .0,
+        200
+    );
     assert_eq!(env.get("/api/2.0/sql/warehouses").await.0, 401);
-    let r = env
-        .http
-        .post(format!("{}/_emulator/faults", env.base))
-        .json(&json!({"spec": "kind=explode"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    assert!(r.json::<Value>().await.unwrap()["message"]
-        .as_str()
-        .unwrap()
-        .contains("unknown kind"));
+    let (status, v) = env
+        .post_open("/_emulator/faults", json!({"spec": "kind=explode"}))
+        .await;
+    assert_eq!(status, 400);
+    assert!(v["message"].as_str().unwrap().contains("unknown kind"));
     let env = crate::Env {
         token: crate::get_token(&env.http, &env.base, "emulator-client", "emulator-secret").await,
         ..env

@@ -57,6 +57,31 @@ pub async fn get_token(http: &reqwest::Client, base: &str, id: &str, secret: &st
 }
 
 impl Env {
+    /// GET without a token (discovery documents, the `/_emulator/` admin API).
+    pub async fn get_open(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .expect("GET");
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST a JSON body without a token (the `/_emulator/` admin API).
+    pub async fn post_open(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("POST");
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let r = self
             .http
