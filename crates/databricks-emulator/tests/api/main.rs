@@ -57,54 +57,31 @@ pub async fn get_token(http: &reqwest::Client, base: &str, id: &str, secret: &st
 }
 
 impl Env {
-    /// GET without a token (discovery documents, the `/_emulator/` admin API).
-    pub async fn get_open(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .send()
-            .await
-            .expect("GET");
+    /// Sends `req` and returns the status and the JSON body (`Null` when it is not JSON).
+    async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
+        let r = req.send().await.expect("request");
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GET without a token (discovery documents, the `/_emulator/` admin API).
+    pub async fn get_open(&self, path: &str) -> (u16, Value) {
+        Self::send(self.http.get(format!("{}{path}", self.base))).await
     }
 
     /// POST a JSON body without a token (the `/_emulator/` admin API).
     pub async fn post_open(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
+        Self::send(self.http.post(format!("{}{path}", self.base)).json(&body)).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .expect("GET");
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
+        let req = self.http.get(format!("{}{path}", self.base));
+        Self::send(req.bearer_auth(&self.token)).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .expect("POST");
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
+        let req = self.http.post(format!("{}{path}", self.base)).json(&body);
+        Self::send(req.bearer_auth(&self.token)).await
     }
 
     /// Run a statement to completion (polling), returning the final response.
