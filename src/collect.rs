@@ -17,15 +17,17 @@
 //! Architecture Invariant: collect never writes state and never sends; it emits [`Chunk`]s of
 //! executions, in keyset order per table, to the delivery stage.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use tokio::sync::mpsc;
 
-use crate::databricks::sql::{Param, Row, Rows, Statement};
+use crate::databricks::sql::{Cell, Param, Row, Rows, Statement};
 use crate::databricks::{DatabricksClient, DatabricksError};
 use crate::discovery::{InferenceTable, TableKind};
+use crate::json::JsonString;
 use crate::state::{Cursor, StateError, StateStore};
 use crate::traffic::{Execution, TableFormat};
 
@@ -213,12 +215,18 @@ pub fn quote_table(full_name: &str) -> String {
         .join(".")
 }
 
-fn cell(row: &Row, idx: Option<usize>) -> Option<&str> {
-    idx.and_then(|i| row.get(i)).and_then(|c| c.0.as_deref())
+fn cell(row: &Row, idx: Option<usize>) -> Option<Cow<'_, str>> {
+    idx.and_then(|i| row.get(i)).and_then(Cell::text)
 }
 
 fn cell_owned(row: &mut Row, idx: Option<usize>) -> Option<String> {
-    idx.and_then(|i| row.get_mut(i)).and_then(|c| c.0.take())
+    idx.and_then(|i| row.get_mut(i)).and_then(Cell::take_text)
+}
+
+/// A payload cell, kept as the literal the page held (it goes into the record as is).
+fn cell_literal(row: &mut Row, idx: Option<usize>) -> Option<JsonString> {
+    idx.and_then(|i| row.get_mut(i))
+        .and_then(Cell::take_literal)
 }
 
 /// Where each column of an inference-table result is (None when the result lacks it).
@@ -279,7 +287,7 @@ pub fn execution_from_row(
         TableFormat::AiGateway => &AI_GATEWAY,
     };
     let id = cell_owned(&mut row, cols.id);
-    let time = cell(&row, cols.time).and_then(|t| d.parse_time(t));
+    let time = cell(&row, cols.time).and_then(|t| d.parse_time(&t));
     let (Some(id), Some(time_us)) = (id.clone(), time) else {
         return Err((
             format!(
@@ -295,9 +303,9 @@ pub fn execution_from_row(
         .single()
         .unwrap_or_else(Utc::now);
     let codes = cell(&row, cols.codes)
-        .map(|s| serde_json::from_str::<Vec<String>>(s).unwrap_or_else(|_| vec![s.to_string()]))
+        .map(|s| serde_json::from_str::<Vec<String>>(&s).unwrap_or_else(|_| vec![s.into_owned()]))
         .unwrap_or_default();
-    let metadata = cell(&row, cols.metadata).and_then(|s| serde_json::from_str(s).ok());
+    let metadata = cell(&row, cols.metadata).and_then(|s| serde_json::from_str(&s).ok());
     let exec = Execution {
         table: table.to_string(),
         format: d.format,
@@ -306,8 +314,8 @@ pub fn execution_from_row(
         request_time,
         status_code: cell(&row, cols.status).and_then(|s| s.trim().parse().ok()),
         duration_ms: cell(&row, cols.duration).and_then(|s| s.trim().parse().ok()),
-        request: cell_owned(&mut row, cols.request),
-        response: cell_owned(&mut row, cols.response),
+        request: cell_literal(&mut row, cols.request),
+        response: cell_literal(&mut row, cols.response),
         logging_error_codes: codes,
         served_entity_id: cell_owned(&mut row, cols.entity),
         requester: cell_owned(&mut row, cols.requester),
@@ -501,16 +509,16 @@ impl TableReader<'_> {
         while let Some(chunk) = rows.next_chunk().await? {
             n += chunk.len();
             stats.rows_returned += chunk.len() as u64;
-            let keys: Vec<&str> = chunk.iter().filter_map(|r| cell(r, cols.id)).collect();
+            let keys: Vec<Cow<'_, str>> = chunk.iter().filter_map(|r| cell(r, cols.id)).collect();
             let delivered = self
                 .state
-                .delivered_among(&self.table.full_name, keys.iter().copied())?;
+                .delivered_among(&self.table.full_name, keys.iter().map(|k| &**k))?;
             let mut execs = Vec::with_capacity(chunk.len());
             let mut unreadable = Vec::new();
             let chunk_bytes: usize = chunk
                 .iter()
                 .flat_map(|row| row.iter())
-                .map(|c| c.0.as_ref().map_or(4, |s| s.len()))
+                .map(Cell::wire_len)
                 .sum();
             bytes += chunk_bytes;
             stats.bytes_returned += chunk_bytes as u64;
@@ -770,7 +778,7 @@ impl TableReader<'_> {
             .map(|i| {
                 first
                     .get(i)
-                    .and_then(|c| c.0.as_deref())
+                    .and_then(Cell::text)
                     .and_then(|s| s.trim().parse::<f64>().ok())
                     .map(|f| f as u64)
                     .unwrap_or(0)
@@ -832,7 +840,7 @@ impl TableReader<'_> {
                 .filter_map(|r| {
                     Some((
                         cell(r, Some(0))?.to_string(),
-                        d.parse_time(cell(r, Some(1))?)?,
+                        d.parse_time(&cell(r, Some(1))?)?,
                     ))
                 })
                 .collect();

@@ -15,9 +15,10 @@ use serde_json::{json, Value};
 
 use crate::collect::Prepared;
 use crate::discovery::{Agent, Inventory};
+use crate::json::JsonString;
 use crate::state::StateStore;
 use crate::traffic::host::{encode_segment, fnv1a64};
-use crate::traffic::record::{fit, JsonObject, MAX_STRING_BYTES};
+use crate::traffic::record::{fit_text, JsonObject, MAX_STRING_BYTES};
 use crate::traffic::{agent_host, AktoRecord};
 
 /// The state namespace of inventory records.
@@ -89,8 +90,8 @@ pub fn inventory_record(
         method: "GET".into(),
         request_headers: h.encode(),
         response_headers: rh.encode(),
-        request_payload: String::new(),
-        response_payload: fit(&entry.to_string(), MAX_STRING_BYTES, &mut cut),
+        request_payload: JsonString::empty(),
+        response_payload: fit_text(&entry.to_string(), MAX_STRING_BYTES, &mut cut),
         ip: "10.0.0.1".into(),
         dest_ip: String::new(),
         time: now_us
@@ -206,7 +207,7 @@ mod tests {
         crate::traffic::validate(&r).unwrap();
         assert_eq!(r.method, "GET");
         assert_eq!(r.path, "/tables/c.s.support_bot_payload");
-        let body: Value = serde_json::from_str(&r.response_payload).unwrap();
+        let body: Value = serde_json::from_str(&r.response_payload.text()).unwrap();
         assert_eq!(body["served_models"][0]["version"], "2");
         assert_eq!(body["tools"][0], "c.s.lookup");
         assert!(r.tag.contains("\"gen-ai\"") && r.tag.contains("\"ai-agent\":\"support_bot\""));

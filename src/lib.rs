@@ -13,6 +13,7 @@ pub mod databricks;
 pub mod demo;
 pub mod discovery;
 pub mod inventory;
+pub mod json;
 pub mod ops;
 pub mod run;
 pub mod sink;

@@ -1200,8 +1200,12 @@ mod tests {
             request_time: chrono::DateTime::from_timestamp_micros(time_us).unwrap_or_default(),
             status_code: Some(200),
             duration_ms: Some(5),
-            request: Some(json!({"input": [{"role": "user", "content": "hi"}]}).to_string()),
-            response: Some(json!({"output": output}).to_string()),
+            request: Some(
+                json!({"input": [{"role": "user", "content": "hi"}]})
+                    .to_string()
+                    .into(),
+            ),
+            response: Some(json!({"output": output}).to_string().into()),
             logging_error_codes: Vec::new(),
             served_entity_id: None,
             requester: None,

@@ -21,6 +21,7 @@
 //! Architecture Invariant: like `collect`, this module never writes state and never sends; it
 //! emits [`Chunk`]s of [`Prepared`] units, oldest first, to the delivery stage.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde_json::Value;
@@ -30,13 +31,13 @@ use crate::collect::{
     format_timestamp, quote_table, Chunk, CollectError, CollectOptions, Prepared, TableStats,
 };
 use crate::databricks::mlflow::TraceInfo;
-use crate::databricks::sql::{Param, Statement};
+use crate::databricks::sql::{Cell, Param, Statement};
 use crate::databricks::{DatabricksClient, DatabricksError};
 use crate::discovery::{normalize_name, Inventory};
 use crate::state::StateStore;
 use crate::traffic::host::{encode_segment, tool_path};
 use crate::traffic::record::{
-    fit, fit_pair, reason_phrase, JsonObject, MAX_RECORD_PAYLOAD_BYTES, MAX_STRING_BYTES,
+    fit, fit_pair, fit_text, reason_phrase, JsonObject, MAX_RECORD_PAYLOAD_BYTES, MAX_STRING_BYTES,
 };
 use crate::traffic::{agent_host, AktoRecord};
 
@@ -374,8 +375,11 @@ fn span_record(
         .clamp(1, i64::from(i32::MAX));
     // Each string within Akto's limit, and both payloads together within one request body.
     let (request_payload, response_payload) = fit_pair(
-        (fit(&inputs, MAX_STRING_BYTES, &mut cut), inputs.len()),
-        (fit(&outputs, MAX_STRING_BYTES, &mut cut), outputs.len()),
+        (fit_text(&inputs, MAX_STRING_BYTES, &mut cut), inputs.len()),
+        (
+            fit_text(&outputs, MAX_STRING_BYTES, &mut cut),
+            outputs.len(),
+        ),
         MAX_RECORD_PAYLOAD_BYTES,
         &mut cut,
     );
@@ -737,8 +741,8 @@ pub async fn collect_otel_table(
         let keyed: Vec<(String, i64)> = roots
             .iter()
             .filter_map(|r| {
-                let id = r.first()?.0.clone()?;
-                let ns: i64 = r.get(1)?.0.as_deref()?.trim().parse().ok()?;
+                let id = r.first()?.text()?.into_owned();
+                let ns: i64 = r.get(1)?.text()?.trim().parse().ok()?;
                 Some((id, ns))
             })
             .collect();
@@ -783,11 +787,8 @@ pub async fn collect_otel_table(
             stats.rows_returned += rows.len() as u64;
             let mut by_trace: BTreeMap<String, Vec<Span>> = BTreeMap::new();
             for r in rows {
-                let cell = |i: usize| r.get(i).and_then(|c| c.0.clone());
-                stats.bytes_returned += r
-                    .iter()
-                    .map(|c| c.0.as_ref().map_or(4, |s| s.len()) as u64)
-                    .sum::<u64>();
+                let cell = |i: usize| r.get(i).and_then(Cell::text).map(Cow::into_owned);
+                stats.bytes_returned += r.iter().map(|c| c.wire_len() as u64).sum::<u64>();
                 let Some(tid) = cell(0) else { continue };
                 let span = Span {
                     trace_id: tid.clone(),
@@ -944,7 +945,7 @@ mod tests {
         let tool = &recs[1];
         assert_eq!(tool.status_code, "500");
         assert_eq!(tool.request_payload, "{\"order_id\":\"1\"}");
-        assert!(tool.response_payload.contains("TimeoutError"));
+        assert!(tool.response_payload.text().contains("TimeoutError"));
         assert!(tool
             .response_headers
             .contains("\"x-span-duration-ms\":\"500\""));

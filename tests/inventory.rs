@@ -45,7 +45,7 @@ async fn inventory_records_once_and_again_after_a_config_change() {
             Some(e) => assert_eq!(r.path, format!("/serving-endpoints/{e}")),
             None => assert!(r.path.starts_with("/tables/workspace.default.")),
         }
-        let body: serde_json::Value = serde_json::from_str(&r.response_payload).unwrap();
+        let body: serde_json::Value = serde_json::from_str(&r.response_payload.text()).unwrap();
         assert_eq!(body["name"], a.name.as_str());
         assert_eq!(body["tools"].as_array().unwrap().len(), inv.tools.len());
         assert!(r.tag.contains("\"gen-ai\":\"Gen AI\"") && r.tag.contains("\"ai-agent\""));
@@ -53,9 +53,10 @@ async fn inventory_records_once_and_again_after_a_config_change() {
         assert_eq!(h["host"], u.host.as_str());
     }
     // Served models with versions reach Akto.
-    assert!(first
-        .iter()
-        .any(|u| u.records[0].response_payload.contains("\"uc_model\"")));
+    assert!(first.iter().any(|u| u.records[0]
+        .response_payload
+        .text()
+        .contains("\"uc_model\"")));
 
     // Not delivered yet: offered again. Delivered: never again.
     assert_eq!(
@@ -82,7 +83,10 @@ async fn inventory_records_once_and_again_after_a_config_change() {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].agent, changed.name);
     assert!(!first.iter().any(|u| u.id == again[0].id));
-    assert!(again[0].records[0].response_payload.contains("security"));
+    assert!(again[0].records[0]
+        .response_payload
+        .text()
+        .contains("security"));
     deliver(&state, &again);
     assert!(inventory::inventory_units(&inv3, "127.0.0.1", "1000000", &state, now).is_empty());
     emu.shutdown().await;

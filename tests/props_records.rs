@@ -13,6 +13,7 @@ use databricks_shield::collect::{
     execution_from_row, format_timestamp, parse_timestamp, RowColumns,
 };
 use databricks_shield::databricks::sql::{Cell, Row};
+use databricks_shield::json::JsonString;
 use databricks_shield::traffic::{
     agent_host, encode, invocation_path, map_execution, validate, AgentContext, MapOptions,
     TableFormat,
@@ -233,7 +234,7 @@ proptest! {
         let format = if r.legacy { TableFormat::Legacy } else { TableFormat::AiGateway };
         let names = r.names.clone();
         let cols = RowColumns::locate(format, |n| names.iter().position(|c| c.eq_ignore_ascii_case(n)));
-        let row: Row = r.cells.iter().cloned().map(Cell).collect();
+        let row: Row = r.cells.iter().map(|c| Cell(c.as_deref().map(JsonString::from))).collect();
         let id_cell = cols.id.and_then(|i| r.cells[i].clone());
         let table = "main.default.support_bot_payload";
         match execution_from_row(table, format, &cols, row) {
@@ -294,7 +295,7 @@ fn a_payload_over_akto_limit_is_cut_not_refused() {
     let mut row: Row = vec![Cell(None); AI_COLUMNS.len()];
     row[0] = Cell(Some("id-1".into()));
     row[2] = Cell(Some("2026-01-01T00:00:00.000001Z".into()));
-    row[5] = Cell(Some(huge.clone()));
+    row[5] = Cell(Some(huge.as_str().into()));
     row[6] = Cell(Some("{\"choices\":[]}".into()));
     let (_, exec) = execution_from_row("c.s.t", TableFormat::AiGateway, &cols, row).unwrap();
     let (host, path) = ctx_parts("c.s.t");

@@ -183,7 +183,7 @@ async fn experiment_traces_become_span_records_exactly_once() {
     assert!(got
         .iter()
         .flat_map(|(_, u)| &u.records)
-        .any(|r| r.status_code == "500" && r.response_payload.contains("timed out")));
+        .any(|r| r.status_code == "500" && r.response_payload.text().contains("timed out")));
 
     // Nothing again once delivered.
     deliver(&state, &first);

@@ -5,12 +5,14 @@
 //! caller retries next cycle). Results are INLINE JSON_ARRAY chunks, fetched one at a time so a
 //! large result is never held whole: callers page with their queries and stream chunks.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use super::{DatabricksClient, DatabricksError};
+use crate::json::JsonString;
 
 /// A SQL warehouse.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -63,44 +65,37 @@ pub struct Statement {
     pub timeout: Duration,
 }
 
-/// A result cell: every non-null value is a string; SQL NULL is `None`.
+/// A result cell: every non-null value is a string; SQL NULL is `None`. A string is kept as the
+/// JSON literal the result page held ([`JsonString`]): a payload goes into its Akto record
+/// without being decoded and escaped again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cell(pub Option<String>);
+pub struct Cell(pub Option<JsonString>);
+
+impl Cell {
+    /// The decoded text (borrowed when it has no escapes), `None` for NULL.
+    pub fn text(&self) -> Option<Cow<'_, str>> {
+        self.0.as_ref().map(JsonString::text)
+    }
+
+    /// The decoded text, moved out (the cell is NULL afterwards).
+    pub fn take_text(&mut self) -> Option<String> {
+        self.0.take().map(JsonString::into_text)
+    }
+
+    /// The literal, moved out (the cell is NULL afterwards).
+    pub fn take_literal(&mut self) -> Option<JsonString> {
+        self.0.take()
+    }
+
+    /// Bytes of the value as the page held it (escaped, without quotes); 4 for NULL.
+    pub fn wire_len(&self) -> usize {
+        self.0.as_ref().map_or(4, JsonString::escaped_len)
+    }
+}
 
 impl<'de> Deserialize<'de> for Cell {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = Cell;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string or null")
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Cell, E> {
-                Ok(Cell(Some(v.to_string())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Cell, E> {
-                Ok(Cell(Some(v)))
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Cell, E> {
-                Ok(Cell(Some(v.to_string())))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Cell, E> {
-                Ok(Cell(Some(v.to_string())))
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Cell, E> {
-                Ok(Cell(Some(v.to_string())))
-            }
-            fn visit_bool<E>(self, v: bool) -> Result<Cell, E> {
-                Ok(Cell(Some(v.to_string())))
-            }
-            fn visit_none<E>(self) -> Result<Cell, E> {
-                Ok(Cell(None))
-            }
-            fn visit_unit<E>(self) -> Result<Cell, E> {
-                Ok(Cell(None))
-            }
-        }
-        d.deserialize_any(V)
+        crate::json::deserialize_literal(d).map(Cell)
     }
 }
 

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
+use crate::json::JsonString;
+
 /// Which inference-table schema a row came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableFormat {
@@ -33,10 +35,11 @@ pub struct Execution {
     pub status_code: Option<i64>,
     /// `execution_duration_ms` (AI Gateway) or `execution_time_ms` (legacy).
     pub duration_ms: Option<i64>,
-    /// Raw request text: usually JSON, but may be anything, and may be huge.
-    pub request: Option<String>,
-    /// Raw response text: usually JSON, but may be anything, and may be huge.
-    pub response: Option<String>,
+    /// Raw request text: usually JSON, but may be anything, and may be huge. Kept as the JSON
+    /// literal it was read as: it goes into the record without being decoded.
+    pub request: Option<JsonString>,
+    /// Raw response text, like `request`.
+    pub response: Option<JsonString>,
     /// `logging_error_codes`, e.g. `MAX_REQUEST_SIZE_EXCEEDED`.
     pub logging_error_codes: Vec<String>,
     /// `served_entity_id`.

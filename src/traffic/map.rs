@@ -15,15 +15,14 @@
 //! - Header and tag values are cut at 4096 bytes with the truncation marker; payloads at
 //!   `max_string_bytes`. Every cut is counted in [`Mapped::truncated_payloads`].
 
-use std::borrow::Cow;
-
 use super::execution::{AgentContext, Execution};
 use super::host::tool_path;
 use super::record::{
-    fit, fit_pair, reason_phrase, AktoRecord, JsonObject, MAX_RECORD_PAYLOAD_BYTES,
-    MAX_STRING_BYTES,
+    fit, fit_literal, fit_pair, fit_text, reason_phrase, AktoRecord, JsonObject,
+    MAX_RECORD_PAYLOAD_BYTES, MAX_STRING_BYTES,
 };
 use super::tools::{output_says_error, scan};
+use crate::json::JsonString;
 
 /// Options of [`map_execution`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,16 +57,19 @@ const JSON: &str = "application/json";
 const TEXT: &str = "text/plain";
 
 fn content_type(payload: Option<&str>) -> &'static str {
-    match payload {
-        None => JSON,
-        Some(p) => {
-            let t = p.trim_start();
-            if t.starts_with('{') || t.starts_with('[') {
-                JSON
-            } else {
-                TEXT
-            }
-        }
+    content_type_of(payload.map(|p| p.trim_start().chars().next()))
+}
+
+/// [`content_type`] of a payload held as a literal (not decoded).
+fn literal_content_type(payload: Option<&JsonString>) -> &'static str {
+    content_type_of(payload.map(JsonString::first_non_whitespace))
+}
+
+/// `application/json` for a missing payload or one whose first non-space character opens JSON.
+fn content_type_of(first: Option<Option<char>>) -> &'static str {
+    match first {
+        None | Some(Some('{' | '[')) => JSON,
+        Some(_) => TEXT,
     }
 }
 
@@ -129,7 +131,7 @@ impl Base<'_> {
         &self,
         path: String,
         (request_headers, response_headers): (String, String),
-        (request_payload, response_payload): (String, String),
+        (request_payload, response_payload): (JsonString, JsonString),
         code: i64,
         tag: String,
     ) -> AktoRecord {
@@ -157,16 +159,14 @@ impl Base<'_> {
 
 /// Map one execution to its Akto records (pure: no I/O, never panics).
 pub fn map_execution(ctx: &AgentContext, exec: &Execution, opts: &MapOptions) -> Mapped {
-    let request = exec.request.as_deref().map(Cow::Borrowed);
-    let response = exec.response.as_deref().map(Cow::Borrowed);
-    map_payloads(ctx, exec, request, response, opts)
+    map_payloads(ctx, exec, exec.request.clone(), exec.response.clone(), opts)
 }
 
 /// [`map_execution`] that moves the payloads out of `exec` (leaving `None`) into the records
 /// instead of copying them: the same records, one payload copy less per execution.
 pub fn map_execution_taking(ctx: &AgentContext, exec: &mut Execution, opts: &MapOptions) -> Mapped {
-    let request = exec.request.take().map(Cow::Owned);
-    let response = exec.response.take().map(Cow::Owned);
+    let request = exec.request.take();
+    let response = exec.response.take();
     map_payloads(ctx, exec, request, response, opts)
 }
 
@@ -174,8 +174,8 @@ pub fn map_execution_taking(ctx: &AgentContext, exec: &mut Execution, opts: &Map
 fn map_payloads(
     ctx: &AgentContext,
     exec: &Execution,
-    request: Option<Cow<'_, str>>,
-    response: Option<Cow<'_, str>>,
+    request: Option<JsonString>,
+    response: Option<JsonString>,
     opts: &MapOptions,
 ) -> Mapped {
     let mut truncated = 0u32;
@@ -196,7 +196,13 @@ fn map_payloads(
     };
 
     let scan = if opts.tool_calls {
-        scan(request.as_deref(), response.as_deref())
+        // Only a response that starts like an object is decoded (for its tool calls); the
+        // request only when an output is missing.
+        let response_text = response
+            .as_ref()
+            .filter(|r| r.first_non_whitespace() == Some('{'))
+            .map(JsonString::text);
+        scan(request.as_ref(), response_text.as_deref())
     } else {
         Default::default()
     };
@@ -206,7 +212,7 @@ fn map_payloads(
     let req_ct = if scan.request_parsed == Some(false) {
         TEXT
     } else {
-        content_type(request.as_deref())
+        literal_content_type(request.as_ref())
     };
     req_h
         .set("host", ctx.host, &mut truncated)
@@ -235,7 +241,7 @@ fn map_payloads(
     let resp_ct = if scan.response_parsed == Some(false) {
         TEXT
     } else {
-        content_type(response.as_deref())
+        literal_content_type(response.as_ref())
     };
     resp_h.set("content-type", resp_ct, &mut truncated);
     if let Some(d) = exec.duration_ms {
@@ -256,13 +262,21 @@ fn map_payloads(
         resp_h.set("x-databricks-status-code", note, &mut truncated);
     }
 
-    let payload = |p: Option<Cow<'_, str>>, truncated: &mut u32| match p {
-        Some(Cow::Owned(p)) if p.len() <= max => p,
-        Some(p) => fit(&p, max, truncated),
-        None if exec.logging_error_codes.is_empty() => String::new(),
-        None => fit(&not_logged_note(&exec.logging_error_codes), max, truncated),
+    let payload = |p: Option<JsonString>, truncated: &mut u32| match p {
+        Some(p) => fit_literal(p, max, truncated),
+        None if exec.logging_error_codes.is_empty() => JsonString::empty(),
+        None => fit_text(&not_logged_note(&exec.logging_error_codes), max, truncated),
     };
-    let orig_len = |p: &Option<Cow<'_, str>>| p.as_ref().map_or(0, |p| p.len());
+    // The texts' lengths name the original sizes in cut markers: needed (and decoded) only when
+    // a payload is cut, which the escaped sizes rule out in the common case.
+    let may_cut = |p: &Option<JsonString>| p.as_ref().map_or(0, JsonString::escaped_len);
+    let cut_possible = may_cut(&request).max(may_cut(&response)) > max
+        || may_cut(&request) + may_cut(&response) > MAX_RECORD_PAYLOAD_BYTES;
+    let orig_len = |p: &Option<JsonString>| match p {
+        Some(p) if cut_possible => p.text_len(),
+        Some(p) => p.escaped_len(),
+        None => 0,
+    };
     let (request_len, response_len) = (orig_len(&request), orig_len(&response));
     let request_payload = payload(request, &mut truncated);
     let response_payload = payload(response, &mut truncated);
@@ -323,13 +337,13 @@ fn map_payloads(
                 (h.encode(), rh.encode()),
                 fit_pair(
                     (
-                        fit(&call.arguments, max, &mut truncated),
+                        fit_text(&call.arguments, max, &mut truncated),
                         call.arguments.len(),
                     ),
                     (
                         call.output
                             .as_deref()
-                            .map_or_else(String::new, |o| fit(o, max, &mut truncated)),
+                            .map_or_else(JsonString::empty, |o| fit_text(o, max, &mut truncated)),
                         call.output.as_deref().map_or(0, str::len),
                     ),
                     MAX_RECORD_PAYLOAD_BYTES,

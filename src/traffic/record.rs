@@ -6,6 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use crate::json::write_json_str;
+use crate::json::JsonString;
+
 /// Akto's limit for any one string of a record (and our default truncation limit).
 pub const MAX_STRING_BYTES: usize = 5_242_880;
 
@@ -26,12 +29,12 @@ pub struct AktoRecord {
     /// Response headers: a JSON object as a string.
     #[serde(rename = "responseHeaders")]
     pub response_headers: String,
-    /// Request body.
+    /// Request body, held as the JSON literal it is written as (see [`JsonString`]).
     #[serde(rename = "requestPayload")]
-    pub request_payload: String,
-    /// Response body.
+    pub request_payload: JsonString,
+    /// Response body, like `request_payload`.
     #[serde(rename = "responsePayload")]
-    pub response_payload: String,
+    pub response_payload: JsonString,
     /// Client IP (`10.0.0.1`: unknown).
     pub ip: String,
     /// Destination IP (empty).
@@ -59,105 +62,49 @@ pub struct AktoRecord {
     pub tag: String,
 }
 
-/// Serialize one record as one JSON object (no trailing newline): the same bytes as
-/// `serde_json::to_string(record)` (field order, escapes), written directly. Payloads are most of
-/// a record and are JSON themselves, so escaping them is the hot loop of the pipeline
-/// (BENCHMARKS.md): [`write_json_str`] skips eight bytes at a time where nothing needs escaping.
+/// Serialize one record as one JSON object (no trailing newline): what
+/// `serde_json::to_string(record)` writes (field order, escapes), written directly. The payloads
+/// are most of a record: they are written as the literals they are held as, verbatim (a payload
+/// read from a result page is never decoded and escaped again; one built here was escaped by
+/// serde_json's rules, so the bytes are serde_json's too).
 pub fn encode(record: &AktoRecord) -> String {
-    let fields: [(&str, &str); 17] = [
-        ("path", &record.path),
-        ("method", &record.method),
-        ("requestHeaders", &record.request_headers),
-        ("responseHeaders", &record.response_headers),
-        ("requestPayload", &record.request_payload),
-        ("responsePayload", &record.response_payload),
-        ("ip", &record.ip),
-        ("destIp", &record.dest_ip),
-        ("time", &record.time),
-        ("statusCode", &record.status_code),
-        ("status", &record.status),
-        ("type", &record.http_type),
-        ("akto_account_id", &record.akto_account_id),
-        ("akto_vxlan_id", &record.akto_vxlan_id),
-        ("is_pending", &record.is_pending),
-        ("source", &record.source),
-        ("tag", &record.tag),
+    let fields: [(&str, &str, bool); 17] = [
+        ("path", &record.path, false),
+        ("method", &record.method, false),
+        ("requestHeaders", &record.request_headers, false),
+        ("responseHeaders", &record.response_headers, false),
+        ("requestPayload", record.request_payload.literal(), true),
+        ("responsePayload", record.response_payload.literal(), true),
+        ("ip", &record.ip, false),
+        ("destIp", &record.dest_ip, false),
+        ("time", &record.time, false),
+        ("statusCode", &record.status_code, false),
+        ("status", &record.status, false),
+        ("type", &record.http_type, false),
+        ("akto_account_id", &record.akto_account_id, false),
+        ("akto_vxlan_id", &record.akto_vxlan_id, false),
+        ("is_pending", &record.is_pending, false),
+        ("source", &record.source, false),
+        ("tag", &record.tag, false),
     ];
-    let len: usize = fields.iter().map(|(k, v)| k.len() + v.len() + 4).sum();
-    let mut out = String::with_capacity(len + len / 4 + 2);
+    let len: usize = fields.iter().map(|(k, v, _)| k.len() + v.len() + 4).sum();
+    let mut out = String::with_capacity(len + len / 8 + 2);
     out.push('{');
-    for (i, (key, value)) in fields.iter().enumerate() {
+    for (i, (key, value, literal)) in fields.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
         out.push('"');
         out.push_str(key);
         out.push_str("\":");
-        write_json_str(&mut out, value);
+        if *literal {
+            out.push_str(value);
+        } else {
+            write_json_str(&mut out, value);
+        }
     }
     out.push('}');
     out
-}
-
-/// Appends `s` as a JSON string literal, escaped exactly as serde_json does: `\"`, `\\`,
-/// `\b`, `\f`, `\n`, `\r`, `\t`, other control characters as `\u00XX`, everything else
-/// (including non-ASCII) verbatim.
-pub(crate) fn write_json_str(out: &mut String, s: &str) {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    /// Whether any byte of `w` is `"`, `\\` or below 0x20 (exact; bytes >= 0x80 never match).
-    fn needs_escape(w: u64) -> bool {
-        let quote = w ^ (ONES * u64::from(b'"'));
-        let backslash = w ^ (ONES * u64::from(b'\\'));
-        let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v;
-        let control = w.wrapping_sub(ONES * 0x20) & !w;
-        (zero_byte(quote) | zero_byte(backslash) | control) & HIGHS != 0
-    }
-    let bytes = s.as_bytes();
-    out.reserve(bytes.len() + 2);
-    out.push('"');
-    let mut start = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        if let Some(chunk) = bytes.get(i..i + 8) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            if !needs_escape(u64::from_le_bytes(word)) {
-                i += 8;
-                continue;
-            }
-        }
-        let b = bytes[i];
-        let escape: Option<&str> = match b {
-            b'"' => Some("\\\""),
-            b'\\' => Some("\\\\"),
-            b'\n' => Some("\\n"),
-            b'\r' => Some("\\r"),
-            b'\t' => Some("\\t"),
-            0x08 => Some("\\b"),
-            0x0c => Some("\\f"),
-            0x00..=0x1f => None,
-            _ => {
-                i += 1;
-                continue;
-            }
-        };
-        // `start..i` ends before an ASCII byte: a char boundary.
-        out.push_str(&s[start..i]);
-        match escape {
-            Some(e) => out.push_str(e),
-            None => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.push_str("\\u00");
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 0xf)]));
-            }
-        }
-        i += 1;
-        start = i;
-    }
-    out.push_str(&s[start..]);
-    out.push('"');
 }
 
 /// The marker appended to a cut string.
@@ -174,6 +121,23 @@ pub(crate) fn fit(s: &str, max: usize, truncated: &mut u32) -> String {
     }
     *truncated = truncated.saturating_add(1);
     cut(s, max, s.len())
+}
+
+/// [`fit`] for a payload: the literal of `s`, or of its cut.
+pub(crate) fn fit_text(s: &str, max: usize, truncated: &mut u32) -> JsonString {
+    if s.len() <= max {
+        return JsonString::encode(s);
+    }
+    JsonString::encode(&fit(s, max, truncated))
+}
+
+/// [`fit`] for a payload held as a literal: kept as is when its text fits (decoded only when the
+/// escaped bytes alone exceed `max`).
+pub(crate) fn fit_literal(p: JsonString, max: usize, truncated: &mut u32) -> JsonString {
+    if p.escaped_len() <= max || p.text_len() <= max {
+        return p;
+    }
+    JsonString::encode(&fit(&p.text(), max, truncated))
 }
 
 /// A prefix of `s` and the marker naming `original_len`, at most `max` bytes.
@@ -199,45 +163,33 @@ fn cut(s: &str, max: usize, original_len: usize) -> String {
 /// record fits alone in one request.
 pub const MAX_RECORD_PAYLOAD_BYTES: usize = 10_485_760 - (64 << 10);
 
-/// Bytes of `s` once escaped as a JSON string (quotes not counted).
-pub(crate) fn escaped_len(s: &str) -> usize {
-    s.bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
-            0x00..=0x1f => 6,
-            _ => 1,
-        })
-        .sum()
-}
-
 /// The two payloads of one record (each already cut to the per-string limit), cut further, each
 /// in proportion to its size, until together they take at most `budget` escaped bytes. The
-/// markers name each payload's original length (`a_orig`, `b_orig`); a payload cut for the first
-/// time here increments `truncated`.
+/// markers name each payload's original length (`a_orig`, `b_orig`: bytes of its text); a payload
+/// cut for the first time here increments `truncated`.
 pub(crate) fn fit_pair(
-    (mut a, a_orig): (String, usize),
-    (mut b, b_orig): (String, usize),
+    (mut a, a_orig): (JsonString, usize),
+    (mut b, b_orig): (JsonString, usize),
     budget: usize,
     truncated: &mut u32,
-) -> (String, String) {
-    // Escaping at most multiplies a length by 6: the common case costs no scan.
-    if (a.len() + b.len()).saturating_mul(6) <= budget {
-        return (a, b);
-    }
+) -> (JsonString, JsonString) {
     for _ in 0..4 {
-        let total = escaped_len(&a) + escaped_len(&b);
+        // A literal's escaped size is known without a scan: the common case costs nothing.
+        let total = a.escaped_len() + b.escaped_len();
         if total <= budget {
             break;
         }
         // 2 % below the proportional share absorbs the markers and uneven escaping.
         let scale = budget as f64 / total as f64 * 0.98;
         for (s, orig) in [(&mut a, a_orig), (&mut b, b_orig)] {
-            let max = (s.len() as f64 * scale) as usize;
-            if s.len() > max {
-                if s.len() == orig {
+            let text = s.text();
+            let max = (text.len() as f64 * scale) as usize;
+            if text.len() > max {
+                if text.len() == orig {
                     *truncated = truncated.saturating_add(1);
                 }
-                *s = cut(s, max, orig);
+                let c = cut(&text, max, orig);
+                *s = JsonString::encode(&c);
             }
         }
     }

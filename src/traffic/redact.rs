@@ -24,7 +24,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::map::Mapped;
-use super::record::{fit, AktoRecord};
+use super::record::{fit_text, AktoRecord};
 
 /// A kind of sensitive value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -319,12 +319,9 @@ impl Redactor {
         truncated: &mut u32,
     ) {
         for p in [&mut r.request_payload, &mut r.response_payload] {
-            if let Some(new) = self.redact_text(p, counts) {
-                *p = if new.len() > max_string_bytes {
-                    fit(&new, max_string_bytes, truncated)
-                } else {
-                    new
-                };
+            let redacted = self.redact_text(&p.text(), counts);
+            if let Some(new) = redacted {
+                *p = fit_text(&new, max_string_bytes, truncated);
             }
         }
         for h in [&mut r.request_headers, &mut r.response_headers] {

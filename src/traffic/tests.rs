@@ -7,6 +7,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 
 use super::*;
+use crate::json::JsonString;
 
 const HOST: &str = "bot.ai-agent.ws.cloud.databricks.com";
 
@@ -28,8 +29,8 @@ fn exec(request: Option<&str>, response: Option<&str>) -> Execution {
         request_time: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
         status_code: Some(200),
         duration_ms: Some(42),
-        request: request.map(str::to_string),
-        response: response.map(str::to_string),
+        request: request.map(JsonString::from),
+        response: response.map(JsonString::from),
         logging_error_codes: vec![],
         served_entity_id: None,
         requester: None,
@@ -367,11 +368,11 @@ fn oversized_payloads_are_cut_at_a_char_boundary_with_a_marker() {
     let m = map_execution(&ctx(), &e, &opts);
     assert_eq!(m.truncated_payloads, 3);
     let marker = "...[truncated by databricks-shield: original 800 bytes]";
-    let r = &m.records[0].request_payload;
+    let r = &m.records[0].request_payload.text();
     assert!(r.len() <= 301 && r.ends_with(marker), "{r}");
     assert!(r.strip_suffix(marker).unwrap().chars().all(|c| c == 'é'));
-    assert!(m.records[0].response_payload.len() <= 301);
-    assert!(m.records[1].request_payload.ends_with(marker));
+    assert!(m.records[0].response_payload.text().len() <= 301);
+    assert!(m.records[1].request_payload.text().ends_with(marker));
     // A limit smaller than the marker keeps just the cut prefix.
     let tiny = MapOptions {
         tool_calls: false,
@@ -389,7 +390,10 @@ fn oversized_payloads_are_cut_at_a_char_boundary_with_a_marker() {
         },
     );
     assert_eq!(
-        (m.truncated_payloads, m.records[0].request_payload.len()),
+        (
+            m.truncated_payloads,
+            m.records[0].request_payload.text().len()
+        ),
         (0, 800)
     );
 }
@@ -522,7 +526,7 @@ fn validate_names_the_field_akto_would_reject() {
         (|r| r.response_headers = "null".into(), "responseHeaders"),
         (|r| r.tag = "gen-ai".into(), "tag"),
         (
-            |r| r.response_payload = "x".repeat(MAX_STRING_BYTES + 1),
+            |r| r.response_payload = "x".repeat(MAX_STRING_BYTES + 1).into(),
             "responsePayload",
         ),
         (|r| r.akto_account_id = "acct".into(), "akto_account_id"),
@@ -656,8 +660,8 @@ prop_compose! {
             request_time: Utc.timestamp_opt(secs, 0).single().unwrap_or_default(),
             status_code: status,
             duration_ms: dur,
-            request: req,
-            response: resp,
+            request: req.map(JsonString::from),
+            response: resp.map(JsonString::from),
             logging_error_codes: codes,
             served_entity_id: None,
             requester,
@@ -689,8 +693,8 @@ proptest! {
             // The independent stand-in must agree.
             let v: Value = serde_json::from_str(&encode(r)).unwrap();
             prop_assert!(akto_standin::check_record(&v).is_ok(), "{:?}", akto_standin::check_record(&v));
-            prop_assert!(r.request_payload.len() <= max);
-            prop_assert!(r.response_payload.len() <= max);
+            prop_assert!(r.request_payload.text().len() <= max);
+            prop_assert!(r.response_payload.text().len() <= max);
             let v: Value = serde_json::from_str(&encode(r)).unwrap();
             prop_assert!(v.is_object());
         }
@@ -1040,7 +1044,7 @@ fn redact_mapped_records_keeps_structure() {
         for planted in ["jane@corp.com", "4111 1111", "GB82WEST", "123-45-6789"] {
             assert!(!all.contains(planted), "{planted} in {all}");
         }
-        serde_json::from_str::<Value>(&r.request_payload).unwrap();
+        serde_json::from_str::<Value>(&r.request_payload.text()).unwrap();
     }
     let main = readable(&m.records[0]);
     assert_eq!(
@@ -1059,7 +1063,7 @@ fn redact_mapped_records_keeps_structure() {
         &MapOptions::default(),
     );
     Redactor::default().redact_mapped(&mut m, 100);
-    assert!(m.records[0].request_payload.len() <= 100);
+    assert!(m.records[0].request_payload.text().len() <= 100);
     assert_eq!(m.truncated_payloads, 1);
 }
 
@@ -1174,7 +1178,7 @@ proptest! {
     #[test]
     fn json_strings_are_escaped_exactly_as_serde_json_does(s in prop_oneof![arb_escapable(), any::<String>()]) {
         let mut out = String::new();
-        super::record::write_json_str(&mut out, &s);
+        crate::json::write_json_str(&mut out, &s);
         prop_assert_eq!(&out, &serde_json::to_string(&s).unwrap());
         let back: String = serde_json::from_str(&out).unwrap();
         prop_assert_eq!(back, s);
@@ -1183,8 +1187,8 @@ proptest! {
     #[test]
     fn records_encode_to_the_bytes_serde_json_writes(req in arb_escapable(), resp in any::<String>(), tag in arb_escapable()) {
         let mut r = good();
-        r.request_payload = req;
-        r.response_payload = resp;
+        r.request_payload = req.into();
+        r.response_payload = resp.into();
         r.tag = tag;
         prop_assert_eq!(encode(&r), serde_json::to_string(&r).unwrap());
     }
@@ -1253,9 +1257,12 @@ proptest! {
     ) {
         let (a, b) = (a.repeat(reps_a), b.repeat(reps_b));
         let mut cut = 0;
-        let (x, y) = super::record::fit_pair((a.clone(), a.len()), (b.clone(), b.len()), budget, &mut cut);
-        let total = super::record::escaped_len(&x) + super::record::escaped_len(&y);
+        let (x, y) = super::record::fit_pair((a.as_str().into(), a.len()), (b.as_str().into(), b.len()), budget, &mut cut);
+        // Escaped length is what serde_json writes, quotes aside.
+        prop_assert_eq!(x.literal(), serde_json::to_string(&x.text()).unwrap());
+        let total = x.escaped_len() + y.escaped_len();
         prop_assert!(total <= budget, "{} > {}", total, budget);
+        let (x, y) = (x.text().into_owned(), y.text().into_owned());
         for (orig, got) in [(&a, &x), (&b, &y)] {
             if got == orig {
                 continue;
@@ -1266,8 +1273,6 @@ proptest! {
             prop_assert!(orig.starts_with(prefix));
         }
         prop_assert_eq!(cut as usize, usize::from(x != a) + usize::from(y != b));
-        // Escaped length is what serde_json writes, quotes aside.
-        prop_assert_eq!(super::record::escaped_len(&a) + 2, serde_json::to_string(&a).unwrap().len());
     }
 }
 
@@ -1287,8 +1292,10 @@ fn an_execution_with_two_huge_payloads_still_fits_one_akto_request() {
     assert_eq!(m.truncated_payloads, 2);
     assert!(r
         .request_payload
+        .text()
         .ends_with(&super::record::truncation_marker(req.len())));
     assert!(r
         .response_payload
+        .text()
         .ends_with(&super::record::truncation_marker(resp.len())));
 }

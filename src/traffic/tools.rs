@@ -23,6 +23,8 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
+use crate::json::JsonString;
+
 /// One tool call of an execution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ToolCall {
@@ -52,7 +54,9 @@ fn looks_like_object(s: &str) -> bool {
 }
 
 /// Find the tool calls of an execution. Never fails: unparsable payloads yield no calls.
-pub(crate) fn scan(request: Option<&str>, response: Option<&str>) -> Scan {
+///
+/// The request is given as its literal: it is decoded only when an output is missing.
+pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan {
     let mut out = Scan::default();
     let Some(resp) = response.filter(|r| looks_like_object(r)) else {
         return out;
@@ -84,8 +88,8 @@ pub(crate) fn scan(request: Option<&str>, response: Option<&str>) -> Scan {
         .iter()
         .any(|c| c.id.as_ref().is_some_and(|id| !outputs.contains_key(id)));
     if missing {
-        if let Some(req) = request.filter(|r| looks_like_object(r)) {
-            match serde_json::from_str::<Doc>(req) {
+        if let Some(req) = request.filter(|r| r.first_non_whitespace() == Some('{')) {
+            match serde_json::from_str::<Doc>(&req.text()) {
                 Ok(doc) => {
                     out.request_parsed = Some(true);
                     // Calls in the request history are not this execution's; only outputs are used.

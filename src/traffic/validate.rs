@@ -38,14 +38,13 @@ fn violation(field: &'static str, reason: impl Into<String>) -> ContractViolatio
     }
 }
 
-fn all_fields(r: &AktoRecord) -> [(&'static str, &str); 17] {
+/// Every field but the payloads (held as literals: see [`validate`]).
+fn text_fields(r: &AktoRecord) -> [(&'static str, &str); 15] {
     [
         ("path", &r.path),
         ("method", &r.method),
         ("requestHeaders", &r.request_headers),
         ("responseHeaders", &r.response_headers),
-        ("requestPayload", &r.request_payload),
-        ("responsePayload", &r.response_payload),
         ("ip", &r.ip),
         ("destIp", &r.dest_ip),
         ("time", &r.time),
@@ -178,13 +177,27 @@ fn headers<'a>(field: &'static str, s: &'a str) -> Result<Entries<'a>, ContractV
 
 /// Check a record against Akto's ingestion contract.
 pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
-    for (field, value) in all_fields(record) {
-        if value.len() > MAX_STRING_BYTES {
+    let payloads = [
+        ("requestPayload", &record.request_payload),
+        ("responsePayload", &record.response_payload),
+    ];
+    let lengths = text_fields(record)
+        .into_iter()
+        .map(|(field, value)| (field, value.len()))
+        // A payload's escaped size bounds its text's: it is decoded only when that is too much.
+        .chain(payloads.into_iter().map(|(field, p)| {
+            let len = match p.escaped_len() {
+                n if n <= MAX_STRING_BYTES => n,
+                _ => p.text_len(),
+            };
+            (field, len)
+        }));
+    for (field, len) in lengths {
+        if len > MAX_STRING_BYTES {
             return Err(violation(
                 field,
                 format!(
-                    "is {} bytes, over Akto's limit of {MAX_STRING_BYTES} bytes per string; truncate it",
-                    value.len()
+                    "is {len} bytes, over Akto's limit of {MAX_STRING_BYTES} bytes per string; truncate it",
                 ),
             ));
         }

@@ -231,7 +231,7 @@ async fn sample_payloads(
             .await
             .map_err(|e| step_err("sample query", e))?;
         for r in rows {
-            let cell = |i: usize| r.get(i).and_then(|c| c.0.clone());
+            let cell = |i: usize| r.get(i).and_then(|c| c.text()).map(|t| t.into_owned());
             out.push((cell(0), cell(1)));
         }
     }
