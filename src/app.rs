@@ -66,8 +66,10 @@ pub fn sink(config: &SinkConfig) -> Result<AnySink, SinkError> {
             sasl_username,
             sasl_password,
             ca_file,
+            max_message_bytes,
         } => {
             let mut k = KafkaSinkConfig::new(brokers.clone(), topic.clone());
+            k.max_message_bytes = *max_message_bytes;
             k.security_protocol = security_protocol.clone();
             k.sasl_mechanism = sasl_mechanism.clone();
             k.sasl_username = sasl_username.clone();

@@ -331,6 +331,17 @@ pub struct SinkArgs {
     #[arg(long, env = "KAFKA_CA_FILE", value_name = "PATH", global = true)]
     pub kafka_ca_file: Option<PathBuf>,
 
+    /// The topic's message size limit (its max.message.bytes; 65536-10485760). Larger records
+    /// have their payloads cut to fit, with a marker naming the original size
+    #[arg(
+        long,
+        env = "KAFKA_MAX_MESSAGE_BYTES",
+        value_name = "BYTES",
+        default_value = "1048588",
+        global = true
+    )]
+    pub kafka_max_message_bytes: Option<String>,
+
     /// File for AKTO_SINK=file, as JSON lines [default: stdout]
     #[arg(long, env = "OUTPUT_PATH", value_name = "PATH", global = true)]
     pub output_path: Option<PathBuf>,
@@ -846,7 +857,7 @@ mod tests {
     }
 
     /// Every environment variable the connector reads.
-    pub(crate) const ALL_VARIABLES: [&str; 31] = [
+    pub(crate) const ALL_VARIABLES: [&str; 32] = [
         "DATABRICKS_HOST",
         "DATABRICKS_CLIENT_ID",
         "DATABRICKS_CLIENT_SECRET",
@@ -870,6 +881,7 @@ mod tests {
         "KAFKA_SASL_USERNAME",
         "KAFKA_SASL_PASSWORD",
         "KAFKA_CA_FILE",
+        "KAFKA_MAX_MESSAGE_BYTES",
         "OUTPUT_PATH",
         "AKTO_ACCOUNT_ID",
         "RECURRING_INTERVAL_SECONDS",

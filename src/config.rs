@@ -161,6 +161,8 @@ pub enum SinkConfig {
         sasl_password: Option<SecretString>,
         /// CA certificate file (PEM), an existing file.
         ca_file: Option<PathBuf>,
+        /// `KAFKA_MAX_MESSAGE_BYTES`: the topic's message size limit; records are cut to fit.
+        max_message_bytes: usize,
     },
     /// JSON lines to a file; `None` = stdout.
     File {
@@ -655,9 +657,11 @@ impl Config {
                 sasl_username,
                 sasl_password,
                 ca_file,
+                max_message_bytes,
             }) => {
                 let mut text = format!(
-                    "kafka(brokers={brokers} topic={topic} security_protocol={}",
+                    "kafka(brokers={brokers} topic={topic} max_message_bytes={max_message_bytes} \
+                     security_protocol={}",
                     security_protocol.as_deref().unwrap_or("PLAINTEXT")
                 );
                 if let Some(mechanism) = sasl_mechanism {
@@ -1490,6 +1494,20 @@ fn kafka_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
             );
         }
     }
+    let max_message_bytes = number(
+        p,
+        &s.kafka_max_message_bytes,
+        NumberSetting {
+            variable: "KAFKA_MAX_MESSAGE_BYTES",
+            flag: "--kafka-max-message-bytes",
+            default: crate::sink::DEFAULT_KAFKA_MAX_MESSAGE_BYTES as u64,
+            min: 65_536,
+            max: crate::sink::MAX_BODY_BYTES as u64,
+            unit: "bytes",
+            hint: "the topic's max.message.bytes (kafka-configs --describe --entity-type topics); \
+                   larger records are cut to fit",
+        },
+    );
     if p.0.len() != before {
         return None;
     }
@@ -1501,6 +1519,7 @@ fn kafka_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
         sasl_username,
         sasl_password,
         ca_file,
+        max_message_bytes: max_message_bytes as usize,
     })
 }
 
@@ -1988,6 +2007,24 @@ mod tests {
         assert_eq!(problems_of(&cli), vec!["KAFKA_CA_FILE"]);
         cli.sink.kafka_security_protocol = None;
         assert_eq!(problems_of(&cli), vec!["KAFKA_CA_FILE", "KAFKA_CA_FILE"]);
+
+        // The message size limit: Kafka's default, a number in range, or a clear error.
+        let mut cli = valid_cli();
+        cli.sink.kind = s("kafka");
+        cli.sink.kafka_brokers = s("k:9092");
+        let limit = |cli: &Cli| match build(cli).ok().and_then(|c| c.sink) {
+            Some(SinkConfig::Kafka {
+                max_message_bytes, ..
+            }) => Some(max_message_bytes),
+            _ => None,
+        };
+        assert_eq!(limit(&cli), Some(1_048_588));
+        cli.sink.kafka_max_message_bytes = s("5242880");
+        assert_eq!(limit(&cli), Some(5_242_880));
+        for bad in ["1000", "20000000", "1MB"] {
+            cli.sink.kafka_max_message_bytes = s(bad);
+            assert_eq!(problems_of(&cli), vec!["KAFKA_MAX_MESSAGE_BYTES"], "{bad}");
+        }
     }
 
     #[test]

@@ -753,37 +753,59 @@ impl Connector {
             unit.id,
             unit.host,
             mapped.records.iter().zip(calls),
+            &mut totals.truncated,
         )?;
         self.add_unit(batch, unit, records, calls, totals, pending)
             .await
     }
 
-    /// Validates and encodes records; what Akto would reject goes to quarantine. Returns the
-    /// records and, by their index, the tool call ids they carry.
+    /// Validates and encodes records, cutting the payloads of one longer than the sink takes;
+    /// what Akto would reject goes to quarantine. Returns the records and, by their index, the
+    /// tool call ids they carry.
     fn accept<'r>(
         &self,
         table: &str,
         id: &str,
         host: &str,
         records: impl Iterator<Item = (&'r traffic::AktoRecord, Option<String>)>,
+        truncated: &mut u64,
     ) -> Result<(Vec<OutRecord>, Vec<RecordCall>), StateError> {
+        let max = self.sink.max_record_bytes();
         let mut out = Vec::new();
         let mut calls = Vec::new();
         for (rec, call) in records {
-            match traffic::validate(rec) {
-                Ok(()) => {
-                    if let Some(c) = call {
-                        calls.push((out.len(), c));
-                    }
-                    out.push(OutRecord {
-                        key: host.to_string(),
-                        json: traffic::encode(rec),
-                    })
-                }
-                Err(v) => self
-                    .quarantine
-                    .put(table, id, &v.to_string(), &traffic::encode(rec))?,
+            if let Err(v) = traffic::validate(rec) {
+                self.quarantine
+                    .put(table, id, &v.to_string(), &traffic::encode(rec))?;
+                continue;
             }
+            let mut json = traffic::encode(rec);
+            if json.len() > max {
+                // Rare (a sink limit below the mapping's 10 MiB, e.g. a Kafka topic's): cut.
+                let mut cut = rec.clone();
+                let mut cuts = 0u32;
+                if traffic::fit_record(&mut cut, json.len(), max, &mut cuts) {
+                    json = traffic::encode(&cut);
+                    *truncated += u64::from(cuts);
+                }
+                if json.len() > max {
+                    let reason = format!(
+                        "the record is {} bytes even with its payloads cut, over the {} sink's \
+                         {max}-byte limit per record",
+                        json.len(),
+                        self.sink.name()
+                    );
+                    self.quarantine.put(table, id, &reason, &json)?;
+                    continue;
+                }
+            }
+            if let Some(c) = call {
+                calls.push((out.len(), c));
+            }
+            out.push(OutRecord {
+                key: host.to_string(),
+                json,
+            })
         }
         Ok((out, calls))
     }

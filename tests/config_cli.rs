@@ -126,6 +126,7 @@ fn help_mentions_every_variable_and_never_a_secret_value() {
         "KAFKA_SASL_USERNAME",
         "KAFKA_SASL_PASSWORD",
         "KAFKA_CA_FILE",
+        "KAFKA_MAX_MESSAGE_BYTES",
         "OUTPUT_PATH",
         "AKTO_ACCOUNT_ID",
         "RECURRING_INTERVAL_SECONDS",

@@ -98,3 +98,58 @@ async fn an_unreachable_broker_fails_the_cycle_naming_it_and_keeps_state() {
         "nothing checkpointed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_over_the_topic_message_limit_are_cut_to_fit_not_refused() {
+    let Some(broker) = start_broker() else { return };
+    let topic = "akto.small.messages";
+    create_topic(&broker.brokers(), topic, 1).await;
+    // Rows of about 150 KB against a topic limit of 64 KiB.
+    let emu = emulator(databricks_emulator::EmulatorConfig {
+        rows: 12,
+        payload_bytes: 150_000,
+        ..emulator_config()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut k = KafkaSinkConfig::new(broker.brokers(), topic.to_string());
+    k.message_timeout = Duration::from_secs(5);
+    k.max_message_bytes = 65_536;
+    let sink = KafkaSink::new(k).unwrap();
+    let limit = sink.max_record_bytes();
+    let c = Arc::new(Connector::new(
+        client(&emu.base_url(), "emulator-client", SECRET),
+        AnySink::Kafka(sink),
+        StateStore::open(dir.path(), false).unwrap(),
+        settings(dir.path()),
+    ));
+    let (_t, shutdown) = Shutdown::new();
+    let report = c.run_cycle(&shutdown).await;
+    assert!(report.ok(), "{:?}", report.errors);
+    assert_eq!(report.quarantined, 0, "nothing refused");
+    assert!(report.truncated > 0, "the large payloads were cut");
+
+    let stored = consume_all(&broker.brokers(), topic, 1).await;
+    let values: Vec<serde_json::Value> = stored
+        .iter()
+        .map(|(_, _, v)| serde_json::from_str(v).expect("a flat JSON record"))
+        .collect();
+    assert_eq!(values.len() as u64, report.records_sent);
+    let mut cut = 0;
+    for ((_, _, raw), v) in stored.iter().zip(&values) {
+        assert!(raw.len() <= limit, "{} > {limit}", raw.len());
+        akto_standin::check_record(v).expect("the record satisfies Akto's contract");
+        let payload = v["responsePayload"].as_str().unwrap_or_default();
+        if payload.contains("...[truncated by databricks-shield: original ") {
+            cut += 1;
+        }
+    }
+    assert!(cut > 0, "some records carry the cut marker");
+    let got = executions_in(&values);
+    assert_eq!(
+        got.len(),
+        emu.ground_truth().len(),
+        "every execution arrived"
+    );
+    assert!(got.values().all(|n| *n == 1), "duplicates in the topic");
+}

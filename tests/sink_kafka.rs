@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use databricks_shield::sink::{
-    AnySink, KafkaSink, KafkaSinkConfig, OutRecord, KAFKA_MESSAGE_MAX_BYTES,
+    AnySink, KafkaSink, KafkaSinkConfig, OutRecord, DEFAULT_KAFKA_MAX_MESSAGE_BYTES,
 };
 
 fn sink_config(brokers: &str, topic: &str, message_timeout: Duration) -> KafkaSinkConfig {
@@ -23,6 +23,7 @@ fn sink_config(brokers: &str, topic: &str, message_timeout: Duration) -> KafkaSi
         sasl_password: None,
         ca_file: None,
         message_timeout,
+        max_message_bytes: DEFAULT_KAFKA_MAX_MESSAGE_BYTES,
     }
 }
 
@@ -104,7 +105,7 @@ async fn too_large_record_is_rejected_and_the_rest_delivered() {
     create_topic(&brokers, topic, 1).await;
     let sink = KafkaSink::new(sink_config(&brokers, topic, Duration::from_secs(20))).unwrap();
     let mut batch: Vec<OutRecord> = (0..5).map(|i| record(i, 100)).collect();
-    batch[2] = record(2, KAFKA_MESSAGE_MAX_BYTES + 1);
+    batch[2] = record(2, DEFAULT_KAFKA_MAX_MESSAGE_BYTES + 1);
     let out = sink.deliver(&batch).await.expect("deliver");
     assert_eq!(out.delivered, vec![0, 1, 3, 4]);
     assert_eq!(out.rejected.len(), 1);

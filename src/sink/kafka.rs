@@ -22,13 +22,16 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{BatchOutcome, OutRecord, SinkError, MAX_BODY_BYTES};
+use super::{BatchOutcome, OutRecord, SinkError};
 
 /// Bound on the producer's in-memory queue (`queue.buffering.max.kbytes`): 64 MiB.
 pub const KAFKA_QUEUE_MAX_KBYTES: usize = 64 * 1024;
-/// Largest message the producer will send (`message.max.bytes`); a record over it is rejected.
-/// The broker's own `message.max.bytes` may be smaller; then the broker refuses it instead.
-pub const KAFKA_MESSAGE_MAX_BYTES: usize = MAX_BODY_BYTES;
+/// Default of `KAFKA_MAX_MESSAGE_BYTES`: Kafka's own default `message.max.bytes` (brokers) and
+/// `max.message.bytes` (topics), so records fit a broker nobody configured.
+pub const DEFAULT_KAFKA_MAX_MESSAGE_BYTES: usize = 1_048_588;
+/// Room kept in each message for the key (the agent host) and Kafka's record framing: a record's
+/// JSON may take the configured limit less this.
+pub const KAFKA_MESSAGE_OVERHEAD_BYTES: usize = 1024;
 
 /// The topic Akto's traffic processor reads unless `AKTO_KAFKA_TOPIC_NAME` says otherwise.
 pub const DEFAULT_KAFKA_TOPIC: &str = "akto.api.logs";
@@ -55,6 +58,9 @@ pub struct KafkaSinkConfig {
     /// How long librdkafka keeps trying one record (`message.timeout.ms`) before its delivery
     /// report says it failed; bounds one `deliver` call.
     pub message_timeout: Duration,
+    /// `KAFKA_MAX_MESSAGE_BYTES`: the broker's/topic's message size limit. The producer's
+    /// `message.max.bytes`; records are cut to fit it (see [`KafkaSink::max_record_bytes`]).
+    pub max_message_bytes: usize,
 }
 
 impl KafkaSinkConfig {
@@ -69,6 +75,7 @@ impl KafkaSinkConfig {
             sasl_password: None,
             ca_file: None,
             message_timeout: DEFAULT_KAFKA_MESSAGE_TIMEOUT,
+            max_message_bytes: DEFAULT_KAFKA_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -172,6 +179,14 @@ impl KafkaSink {
         )
     }
 
+    /// The longest record JSON this sink sends: the message size limit less the room for the key
+    /// and Kafka's framing; the connector cuts larger records' payloads to fit.
+    pub fn max_record_bytes(&self) -> usize {
+        self.config
+            .max_message_bytes
+            .saturating_sub(KAFKA_MESSAGE_OVERHEAD_BYTES)
+    }
+
     /// Fetches the topic's metadata: the brokers answer and the topic exists.
     pub async fn healthcheck(&self) -> Result<(), SinkError> {
         let producer = self.producer()?;
@@ -255,7 +270,7 @@ impl KafkaSink {
                 // Unverified alone (the call failed): certain only when over our own limit;
                 // otherwise leave it pending for the next attempt.
                 Some(Fate::TooLarge(reason))
-                    if !failed || batch[i].json.len() > KAFKA_MESSAGE_MAX_BYTES =>
+                    if !failed || batch[i].json.len() > self.config.max_message_bytes =>
                 {
                     out.rejected.push((i, reason))
                 }
@@ -303,6 +318,7 @@ impl KafkaSink {
     ) -> Vec<Option<Fate>> {
         let mut fates: Vec<Option<Fate>> = (0..batch.len()).map(|_| None).collect();
         let mut pending: VecDeque<(usize, DeliveryFuture)> = VecDeque::new();
+        let limit = self.config.max_message_bytes;
         for i in indices {
             let r = &batch[i];
             let mut record = FutureRecord::to(&self.config.topic)
@@ -318,19 +334,21 @@ impl KafkaSink {
                         // Bounded queue full: wait for our oldest report, then try again.
                         record = back;
                         match pending.pop_front() {
-                            Some((j, fut)) => fates[j] = Some(resolve(fut.await, r.json.len())),
+                            Some((j, fut)) => {
+                                fates[j] = Some(resolve(fut.await, batch[j].json.len(), limit))
+                            }
                             None => tokio::time::sleep(Duration::from_millis(20)).await,
                         }
                     }
                     Err((e, _)) => {
-                        fates[i] = Some(classify(e, r.json.len()));
+                        fates[i] = Some(classify(e, r.json.len(), limit));
                         break;
                     }
                 }
             }
         }
         while let Some((j, fut)) = pending.pop_front() {
-            fates[j] = Some(resolve(fut.await, batch[j].json.len()));
+            fates[j] = Some(resolve(fut.await, batch[j].json.len(), limit));
         }
         fates
     }
@@ -427,7 +445,7 @@ fn create_producer(
             "queue.buffering.max.kbytes",
             KAFKA_QUEUE_MAX_KBYTES.to_string(),
         )
-        .set("message.max.bytes", KAFKA_MESSAGE_MAX_BYTES.to_string())
+        .set("message.max.bytes", config.max_message_bytes.to_string())
         .set("message.timeout.ms", timeout_ms.to_string());
     let mut fields: Vec<(&'static str, &'static str)> = Vec::new();
     if let Some(p) = non_empty(&config.security_protocol) {
@@ -487,20 +505,20 @@ fn non_empty(v: &Option<String>) -> Option<&str> {
 /// What awaiting a [`DeliveryFuture`] yields.
 type DeliveryOutput = <DeliveryFuture as std::future::Future>::Output;
 
-fn resolve(res: DeliveryOutput, len: usize) -> Fate {
+fn resolve(res: DeliveryOutput, len: usize, limit: usize) -> Fate {
     match res {
         Ok(Ok(_delivery)) => Fate::Delivered,
-        Ok(Err((e, _msg))) => classify(e, len),
+        Ok(Err((e, _msg))) => classify(e, len, limit),
         Err(_) => Fate::Failed(KafkaError::Canceled),
     }
 }
 
-fn classify(e: KafkaError, len: usize) -> Fate {
+fn classify(e: KafkaError, len: usize, limit: usize) -> Fate {
     if kafka_code(&e) == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
         Fate::TooLarge(format!(
-            "record is {len} bytes; Kafka refused it as too large (MessageSizeTooLarge: over the \
-             producer's {KAFKA_MESSAGE_MAX_BYTES}-byte message.max.bytes or the broker's/topic's \
-             max.message.bytes)"
+            "record is {len} bytes; Kafka refused it as too large (MessageSizeTooLarge: the \
+             broker's or topic's message size limit is below KAFKA_MAX_MESSAGE_BYTES={limit}; set \
+             KAFKA_MAX_MESSAGE_BYTES to the topic's max.message.bytes and records are cut to fit)"
         ))
     } else {
         Fate::Failed(e)
@@ -538,11 +556,14 @@ mod tests {
         let big = classify(
             KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
             42,
+            1000,
         );
-        assert!(matches!(big, Fate::TooLarge(ref r) if r.contains("42 bytes")));
+        assert!(matches!(big, Fate::TooLarge(ref r)
+            if r.contains("42 bytes") && r.contains("KAFKA_MAX_MESSAGE_BYTES=1000")));
         let down = classify(
             KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
             42,
+            1000,
         );
         assert!(matches!(down, Fate::Failed(_)));
         assert!(is_auth(RDKafkaErrorCode::SaslAuthenticationFailed));

@@ -24,8 +24,8 @@ mod kafka;
 pub use file::FileSink;
 pub use http::{HttpSink, HttpSinkConfig};
 pub use kafka::{
-    KafkaSink, KafkaSinkConfig, DEFAULT_KAFKA_MESSAGE_TIMEOUT, DEFAULT_KAFKA_TOPIC,
-    KAFKA_MESSAGE_MAX_BYTES, KAFKA_QUEUE_MAX_KBYTES,
+    KafkaSink, KafkaSinkConfig, DEFAULT_KAFKA_MAX_MESSAGE_BYTES, DEFAULT_KAFKA_MESSAGE_TIMEOUT,
+    DEFAULT_KAFKA_TOPIC, KAFKA_MESSAGE_OVERHEAD_BYTES, KAFKA_QUEUE_MAX_KBYTES,
 };
 
 /// Akto's Data Ingestion Service refuses request bodies larger than this (10 MiB).
@@ -353,6 +353,16 @@ impl AnySink {
             AnySink::Http(s) => s.deliver(batch).await,
             AnySink::File(s) => s.deliver(batch).await,
             AnySink::Kafka(s) => s.deliver(batch).await,
+        }
+    }
+
+    /// The longest record (its JSON) this sink can deliver; the connector cuts the payloads of a
+    /// longer one to fit (HTTP and file: alone in one 10 MiB Akto request; Kafka: the message
+    /// size limit, `KAFKA_MAX_MESSAGE_BYTES`).
+    pub fn max_record_bytes(&self) -> usize {
+        match self {
+            AnySink::Http(_) | AnySink::File(_) => MAX_BODY_BYTES - BODY_WRAPPER_BYTES,
+            AnySink::Kafka(s) => s.max_record_bytes(),
         }
     }
 

@@ -109,8 +109,11 @@ pub fn encode(record: &AktoRecord) -> String {
 
 /// The marker appended to a cut string.
 pub(crate) fn truncation_marker(original_len: usize) -> String {
-    format!("...[truncated by databricks-shield: original {original_len} bytes]")
+    format!("{MARKER_PREFIX}{original_len} bytes]")
 }
+
+/// The start of every cut marker.
+const MARKER_PREFIX: &str = "...[truncated by databricks-shield: original ";
 
 /// `s` itself when it fits in `max` bytes; otherwise a prefix cut at a UTF-8 boundary followed
 /// by the truncation marker, at most `max` bytes in total (when `max` is smaller than the marker,
@@ -194,6 +197,52 @@ pub(crate) fn fit_pair(
         }
     }
     (a, b)
+}
+
+/// The original length a cut marker at the end of `text` names, if it ends with one.
+fn marked_original(text: &str) -> Option<usize> {
+    let rest = text.strip_suffix(" bytes]")?;
+    let at = rest.rfind(MARKER_PREFIX)?;
+    rest[at + MARKER_PREFIX.len()..].parse().ok()
+}
+
+/// Cuts a record's payloads (each in proportion to its size) so that its encoded form, now
+/// `encoded_len` bytes, takes at most `max` bytes: for a sink whose limit is below the 10 MiB the
+/// mapping allows (a Kafka topic's `max.message.bytes`). A payload cut before keeps naming its
+/// first original length. Returns false when the rest of the record alone leaves no room for
+/// the payloads (the record is then left as it was).
+pub fn fit_record(
+    record: &mut AktoRecord,
+    encoded_len: usize,
+    max: usize,
+    truncated: &mut u32,
+) -> bool {
+    if encoded_len <= max {
+        return true;
+    }
+    let payloads = record.request_payload.escaped_len() + record.response_payload.escaped_len();
+    let rest = encoded_len.saturating_sub(payloads);
+    // At least room for two cut markers.
+    let budget = match max.checked_sub(rest) {
+        Some(b) if b >= 2 * truncation_marker(usize::MAX).len() => b,
+        _ => return false,
+    };
+    let original = |p: &JsonString| {
+        let text = p.text();
+        marked_original(&text).unwrap_or(text.len())
+    };
+    let request = std::mem::take(&mut record.request_payload);
+    let response = std::mem::take(&mut record.response_payload);
+    let (request_len, response_len) = (original(&request), original(&response));
+    let (request, response) = fit_pair(
+        (request, request_len),
+        (response, response_len),
+        budget,
+        truncated,
+    );
+    record.request_payload = request;
+    record.response_payload = response;
+    true
 }
 
 /// Builder for a JSON object of string values (headers, tag) with lowercase keys, encoded with

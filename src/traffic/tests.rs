@@ -1299,3 +1299,51 @@ fn an_execution_with_two_huge_payloads_still_fits_one_akto_request() {
         .text()
         .ends_with(&super::record::truncation_marker(resp.len())));
 }
+
+#[test]
+fn a_record_over_a_sink_limit_is_cut_to_fit_and_markers_keep_the_first_original() {
+    // A 900 KB response and 300 KB request, e.g. for a Kafka topic limited to 200 KB.
+    let resp = format!("{{\"output\":\"{}\"}}", "\"x\" ".repeat(300_000 / 4));
+    let req = format!("{{\"input\":\"{}\"}}", "y".repeat(300_000));
+    let m = map_execution(
+        &ctx(),
+        &exec(Some(&req), Some(&resp)),
+        &MapOptions::default(),
+    );
+    let mut r = m.records[0].clone();
+    let len = encode(&r).len();
+    let mut cuts = 0;
+    assert!(fit_record(&mut r, len, len, &mut cuts), "fits already");
+    assert_eq!(
+        (cuts, encode(&r).len()),
+        (0, len),
+        "nothing cut when it fits"
+    );
+
+    assert!(fit_record(&mut r, len, 200_000, &mut cuts));
+    let once = encode(&r);
+    assert!(once.len() <= 200_000, "{}", once.len());
+    assert_eq!(cuts, 2);
+    validate(&r).unwrap();
+    let resp_text = r.response_payload.text().into_owned();
+    assert!(resp_text.ends_with(&super::record::truncation_marker(resp.len())));
+    assert!(resp.starts_with(resp_text.split("...[truncated").next().unwrap()));
+    assert!(r
+        .request_payload
+        .text()
+        .ends_with(&super::record::truncation_marker(req.len())));
+    // Cut again (a smaller limit): the markers still name the first original sizes, and a
+    // payload cut before is not counted again.
+    assert!(fit_record(&mut r, once.len(), 100_000, &mut cuts));
+    assert!(encode(&r).len() <= 100_000);
+    assert_eq!(cuts, 2);
+    assert!(r
+        .response_payload
+        .text()
+        .ends_with(&super::record::truncation_marker(resp.len())));
+    // No room for payloads at all: left as it was, and the caller quarantines it.
+    let before = r.clone();
+    let len = encode(&r).len();
+    assert!(!fit_record(&mut r, len, 300, &mut cuts));
+    assert_eq!(r, before);
+}
