@@ -331,13 +331,13 @@ pub struct SinkArgs {
     #[arg(long, env = "KAFKA_CA_FILE", value_name = "PATH", global = true)]
     pub kafka_ca_file: Option<PathBuf>,
 
-    /// The topic's message size limit (its max.message.bytes; 65536-10485760). Larger records
-    /// have their payloads cut to fit, with a marker naming the original size
+    /// The topic's message size limit (65536-10485760): larger records have their payloads cut
+    /// to fit, with a marker naming the original size [default: the topic's max.message.bytes,
+    /// read at start; 1048588 (Kafka's default) when the broker does not say]
     #[arg(
         long,
         env = "KAFKA_MAX_MESSAGE_BYTES",
         value_name = "BYTES",
-        default_value = "1048588",
         global = true
     )]
     pub kafka_max_message_bytes: Option<String>,

@@ -162,7 +162,8 @@ pub enum SinkConfig {
         /// CA certificate file (PEM), an existing file.
         ca_file: Option<PathBuf>,
         /// `KAFKA_MAX_MESSAGE_BYTES`: the topic's message size limit; records are cut to fit.
-        max_message_bytes: usize,
+        /// `None`: read from the topic at start (else Kafka's default).
+        max_message_bytes: Option<usize>,
     },
     /// JSON lines to a file; `None` = stdout.
     File {
@@ -660,8 +661,9 @@ impl Config {
                 max_message_bytes,
             }) => {
                 let mut text = format!(
-                    "kafka(brokers={brokers} topic={topic} max_message_bytes={max_message_bytes} \
+                    "kafka(brokers={brokers} topic={topic} max_message_bytes={} \
                      security_protocol={}",
+                    max_message_bytes.map_or("topic's".to_owned(), |n| n.to_string()),
                     security_protocol.as_deref().unwrap_or("PLAINTEXT")
                 );
                 if let Some(mechanism) = sasl_mechanism {
@@ -1494,7 +1496,8 @@ fn kafka_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
             );
         }
     }
-    let max_message_bytes = number(
+    let max_message_bytes = given(&s.kafka_max_message_bytes).map(|_| {
+        number(
         p,
         &s.kafka_max_message_bytes,
         NumberSetting {
@@ -1507,7 +1510,8 @@ fn kafka_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
             hint: "the topic's max.message.bytes (kafka-configs --describe --entity-type topics); \
                    larger records are cut to fit",
         },
-    );
+    ) as usize
+    });
     if p.0.len() != before {
         return None;
     }
@@ -1519,7 +1523,7 @@ fn kafka_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
         sasl_username,
         sasl_password,
         ca_file,
-        max_message_bytes: max_message_bytes as usize,
+        max_message_bytes,
     })
 }
 
@@ -2018,9 +2022,9 @@ mod tests {
             }) => Some(max_message_bytes),
             _ => None,
         };
-        assert_eq!(limit(&cli), Some(1_048_588));
+        assert_eq!(limit(&cli), Some(None), "unset: read from the topic");
         cli.sink.kafka_max_message_bytes = s("5242880");
-        assert_eq!(limit(&cli), Some(5_242_880));
+        assert_eq!(limit(&cli), Some(Some(5_242_880)));
         for bad in ["1000", "20000000", "1MB"] {
             cli.sink.kafka_max_message_bytes = s(bad);
             assert_eq!(problems_of(&cli), vec!["KAFKA_MAX_MESSAGE_BYTES"], "{bad}");

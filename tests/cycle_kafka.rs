@@ -103,7 +103,14 @@ async fn an_unreachable_broker_fails_the_cycle_naming_it_and_keeps_state() {
 async fn records_over_the_topic_message_limit_are_cut_to_fit_not_refused() {
     let Some(broker) = start_broker() else { return };
     let topic = "akto.small.messages";
-    create_topic(&broker.brokers(), topic, 1).await;
+    // The topic says its limit; KAFKA_MAX_MESSAGE_BYTES is unset.
+    create_topic_with(
+        &broker.brokers(),
+        topic,
+        1,
+        &[("max.message.bytes", "65536")],
+    )
+    .await;
     // Rows of about 150 KB against a topic limit of 64 KiB.
     let emu = emulator(databricks_emulator::EmulatorConfig {
         rows: 12,
@@ -114,9 +121,17 @@ async fn records_over_the_topic_message_limit_are_cut_to_fit_not_refused() {
     let dir = tempfile::tempdir().unwrap();
     let mut k = KafkaSinkConfig::new(broker.brokers(), topic.to_string());
     k.message_timeout = Duration::from_secs(5);
-    k.max_message_bytes = 65_536;
     let sink = KafkaSink::new(k).unwrap();
+    sink.healthcheck().await.expect("the topic is there");
+    assert_eq!(sink.message_limit(), 65_536, "read from the topic");
     let limit = sink.max_record_bytes();
+    // KAFKA_MAX_MESSAGE_BYTES, when set, is what counts.
+    let mut explicit = KafkaSinkConfig::new(broker.brokers(), topic.to_string());
+    explicit.max_message_bytes = Some(200_000);
+    let explicit = KafkaSink::new(explicit).unwrap();
+    explicit.healthcheck().await.expect("the topic is there");
+    assert_eq!(explicit.message_limit(), 200_000);
+    assert_eq!(explicit.max_record_bytes(), 200_000 - 1024);
     let c = Arc::new(Connector::new(
         client(&emu.base_url(), "emulator-client", SECRET),
         AnySink::Kafka(sink),

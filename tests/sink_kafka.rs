@@ -23,7 +23,7 @@ fn sink_config(brokers: &str, topic: &str, message_timeout: Duration) -> KafkaSi
         sasl_password: None,
         ca_file: None,
         message_timeout,
-        max_message_bytes: DEFAULT_KAFKA_MAX_MESSAGE_BYTES,
+        max_message_bytes: Some(DEFAULT_KAFKA_MAX_MESSAGE_BYTES),
     }
 }
 

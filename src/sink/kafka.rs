@@ -13,21 +13,23 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use secrecy::{ExposeSecret, SecretString};
 
-use super::{BatchOutcome, OutRecord, SinkError};
+use super::{BatchOutcome, OutRecord, SinkError, MAX_BODY_BYTES};
 
 /// Bound on the producer's in-memory queue (`queue.buffering.max.kbytes`): 64 MiB.
 pub const KAFKA_QUEUE_MAX_KBYTES: usize = 64 * 1024;
-/// Default of `KAFKA_MAX_MESSAGE_BYTES`: Kafka's own default `message.max.bytes` (brokers) and
-/// `max.message.bytes` (topics), so records fit a broker nobody configured.
+/// The message size limit assumed when `KAFKA_MAX_MESSAGE_BYTES` is unset and the topic's own
+/// `max.message.bytes` cannot be read: Kafka's default (brokers' `message.max.bytes`).
 pub const DEFAULT_KAFKA_MAX_MESSAGE_BYTES: usize = 1_048_588;
 /// Room kept in each message for the key (the agent host) and Kafka's record framing: a record's
 /// JSON may take the configured limit less this.
@@ -58,9 +60,10 @@ pub struct KafkaSinkConfig {
     /// How long librdkafka keeps trying one record (`message.timeout.ms`) before its delivery
     /// report says it failed; bounds one `deliver` call.
     pub message_timeout: Duration,
-    /// `KAFKA_MAX_MESSAGE_BYTES`: the broker's/topic's message size limit. The producer's
-    /// `message.max.bytes`; records are cut to fit it (see [`KafkaSink::max_record_bytes`]).
-    pub max_message_bytes: usize,
+    /// `KAFKA_MAX_MESSAGE_BYTES`: the topic's message size limit, records are cut to fit it (see
+    /// [`KafkaSink::max_record_bytes`]). `None`: the topic's `max.message.bytes`, read by the
+    /// health check, else [`DEFAULT_KAFKA_MAX_MESSAGE_BYTES`].
+    pub max_message_bytes: Option<usize>,
 }
 
 impl KafkaSinkConfig {
@@ -75,7 +78,7 @@ impl KafkaSinkConfig {
             sasl_password: None,
             ca_file: None,
             message_timeout: DEFAULT_KAFKA_MESSAGE_TIMEOUT,
-            max_message_bytes: DEFAULT_KAFKA_MAX_MESSAGE_BYTES,
+            max_message_bytes: None,
         }
     }
 }
@@ -118,6 +121,8 @@ pub struct KafkaSink {
     /// Replaced by a fresh producer when librdkafka reports a fatal error.
     producer: Mutex<SinkProducer>,
     last_error: LastError,
+    /// The message size limit in force: the configured one, else the topic's once read.
+    message_limit: AtomicUsize,
 }
 
 impl fmt::Debug for KafkaSink {
@@ -164,10 +169,14 @@ impl KafkaSink {
         }
         let last_error: LastError = Arc::default();
         let producer = create_producer(&config, &last_error)?;
+        let limit = config
+            .max_message_bytes
+            .unwrap_or(DEFAULT_KAFKA_MAX_MESSAGE_BYTES);
         Ok(KafkaSink {
             config,
             producer: Mutex::new(producer),
             last_error,
+            message_limit: AtomicUsize::new(limit),
         })
     }
 
@@ -182,9 +191,66 @@ impl KafkaSink {
     /// The longest record JSON this sink sends: the message size limit less the room for the key
     /// and Kafka's framing; the connector cuts larger records' payloads to fit.
     pub fn max_record_bytes(&self) -> usize {
-        self.config
-            .max_message_bytes
+        self.message_limit()
             .saturating_sub(KAFKA_MESSAGE_OVERHEAD_BYTES)
+    }
+
+    /// The message size limit in force (bytes).
+    pub fn message_limit(&self) -> usize {
+        self.message_limit.load(Ordering::Relaxed)
+    }
+
+    /// Without `KAFKA_MAX_MESSAGE_BYTES`: reads the topic's `max.message.bytes` (what a broker
+    /// applies to it, its own override or the broker's default) and cuts records to that. A
+    /// broker that does not say (no DescribeConfigs permission, an old broker) leaves the default.
+    async fn detect_message_limit(&self) {
+        if self.config.max_message_bytes.is_some() {
+            return;
+        }
+        let admin: AdminClient<SinkContext> = match client_config(&self.config)
+            .0
+            .create_with_context(SinkContext {
+                last_error: Arc::clone(&self.last_error),
+            }) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!("Kafka admin client for the topic's message limit: {e}");
+                return;
+            }
+        };
+        let timeout = self
+            .config
+            .message_timeout
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let opts = AdminOptions::new().request_timeout(Some(timeout));
+        let topic = ResourceSpecifier::Topic(&self.config.topic);
+        let found = match admin.describe_configs([&topic], &opts).await {
+            Ok(results) => results
+                .into_iter()
+                .flatten()
+                .find_map(|r| r.get("max.message.bytes")?.value.as_deref()?.parse().ok()),
+            Err(e) => {
+                tracing::debug!("Kafka DescribeConfigs for {}: {e}", self.config.topic);
+                None
+            }
+        };
+        match found {
+            Some(n) => {
+                let n = usize::min(n, MAX_BODY_BYTES);
+                self.message_limit.store(n, Ordering::Relaxed);
+                tracing::info!(
+                    "Kafka topic {} takes messages up to {n} bytes (its max.message.bytes): larger \
+                     records have their payloads cut to fit",
+                    self.config.topic
+                );
+            }
+            None => tracing::info!(
+                "Kafka topic {}: its max.message.bytes could not be read (DescribeConfigs not \
+                 allowed?); assuming Kafka's default {DEFAULT_KAFKA_MAX_MESSAGE_BYTES} bytes. \
+                 Set KAFKA_MAX_MESSAGE_BYTES to the topic's limit if it differs",
+                self.config.topic
+            ),
+        }
     }
 
     /// Fetches the topic's metadata: the brokers answer and the topic exists.
@@ -211,7 +277,10 @@ impl KafkaSink {
         .await
         .map_err(|e| SinkError::retriable(format!("Kafka health check task failed: {e}")))?;
         match res {
-            Ok(None) => Ok(()),
+            Ok(None) => {
+                self.detect_message_limit().await;
+                Ok(())
+            }
             Ok(Some(RDKafkaErrorCode::UnknownTopicOrPartition)) => Err(SinkError::Config {
                 field: "AKTO_KAFKA_TOPIC_NAME",
                 message: format!(
@@ -270,7 +339,7 @@ impl KafkaSink {
                 // Unverified alone (the call failed): certain only when over our own limit;
                 // otherwise leave it pending for the next attempt.
                 Some(Fate::TooLarge(reason))
-                    if !failed || batch[i].json.len() > self.config.max_message_bytes =>
+                    if !failed || batch[i].json.len() > producer_limit(&self.config) =>
                 {
                     out.rejected.push((i, reason))
                 }
@@ -318,7 +387,7 @@ impl KafkaSink {
     ) -> Vec<Option<Fate>> {
         let mut fates: Vec<Option<Fate>> = (0..batch.len()).map(|_| None).collect();
         let mut pending: VecDeque<(usize, DeliveryFuture)> = VecDeque::new();
-        let limit = self.config.max_message_bytes;
+        let limit = self.message_limit();
         for i in indices {
             let r = &batch[i];
             let mut record = FutureRecord::to(&self.config.topic)
@@ -424,29 +493,14 @@ impl KafkaSink {
     }
 }
 
-fn create_producer(
-    config: &KafkaSinkConfig,
-    last_error: &LastError,
-) -> Result<SinkProducer, SinkError> {
-    let timeout_ms = config
-        .message_timeout
-        .as_millis()
-        .clamp(1, i32::MAX as u128);
+/// The connection settings every client of the sink shares (brokers, TLS, SASL), and which
+/// librdkafka key came from which setting (for errors that never echo a value).
+fn client_config(config: &KafkaSinkConfig) -> (ClientConfig, Vec<(&'static str, &'static str)>) {
     let mut cc = ClientConfig::new();
-    cc.set("bootstrap.servers", config.brokers.trim())
-        .set(
-            "client.id",
-            concat!("databricks-shield/", env!("CARGO_PKG_VERSION")),
-        )
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", "lz4")
-        .set(
-            "queue.buffering.max.kbytes",
-            KAFKA_QUEUE_MAX_KBYTES.to_string(),
-        )
-        .set("message.max.bytes", config.max_message_bytes.to_string())
-        .set("message.timeout.ms", timeout_ms.to_string());
+    cc.set("bootstrap.servers", config.brokers.trim()).set(
+        "client.id",
+        concat!("databricks-shield/", env!("CARGO_PKG_VERSION")),
+    );
     let mut fields: Vec<(&'static str, &'static str)> = Vec::new();
     if let Some(p) = non_empty(&config.security_protocol) {
         cc.set("security.protocol", p);
@@ -466,6 +520,33 @@ fn create_producer(
         cc.set("ssl.ca.location", ca.display().to_string());
         fields.push(("ssl.ca.location", "the Kafka CA file (ssl.ca.location)"));
     }
+    (cc, fields)
+}
+
+/// The producer's own message size limit: the configured one, else Akto's 10 MiB (the records
+/// are cut to the topic's limit before they reach it).
+fn producer_limit(config: &KafkaSinkConfig) -> usize {
+    config.max_message_bytes.unwrap_or(MAX_BODY_BYTES)
+}
+
+fn create_producer(
+    config: &KafkaSinkConfig,
+    last_error: &LastError,
+) -> Result<SinkProducer, SinkError> {
+    let timeout_ms = config
+        .message_timeout
+        .as_millis()
+        .clamp(1, i32::MAX as u128);
+    let (mut cc, fields) = client_config(config);
+    cc.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set(
+            "queue.buffering.max.kbytes",
+            KAFKA_QUEUE_MAX_KBYTES.to_string(),
+        )
+        .set("message.max.bytes", producer_limit(config).to_string())
+        .set("message.timeout.ms", timeout_ms.to_string());
     let context = SinkContext {
         last_error: Arc::clone(last_error),
     };
