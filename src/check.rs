@@ -232,14 +232,15 @@ pub async fn run(config: &Config) -> Vec<Step> {
     push("state directory", state);
     match config.sink.as_ref().map(crate::app::sink) {
         Some(Ok(sink)) => {
-            let what = sink.describe();
-            push(
-                "sink reachable",
-                sink.healthcheck()
-                    .await
-                    .map(|_| what)
-                    .map_err(|e| e.to_string()),
-            );
+            let checked = sink.healthcheck().await.map(|_| {
+                // After the health check: a Kafka topic's own message limit is known then.
+                format!(
+                    "{}; records up to {} bytes each (larger ones have their payloads cut)",
+                    sink.describe(),
+                    sink.max_record_bytes()
+                )
+            });
+            push("sink reachable", checked.map_err(|e| e.to_string()));
         }
         Some(Err(e)) => {
             push("sink reachable", Err(e.to_string()));
