@@ -285,3 +285,47 @@ fn config_errors_name_the_setting_and_hide_the_password() {
     assert!(e.to_string().contains("KAFKA_SECURITY_PROTOCOL"), "{e}");
     assert!(!e.to_string().contains("hunter2-secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_sasl_credentials_are_reported_as_such_never_as_a_network_problem() {
+    // tansu with --authentication: clients must authenticate (SASL); no SCRAM user exists.
+    let Some(broker) = start_broker_with(&["--authentication"]) else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let password = "pw-do-not-print-4711";
+    let mut c = sink_config(&brokers, "akto.api.logs", Duration::from_secs(3));
+    c.security_protocol = Some("SASL_PLAINTEXT".into());
+    c.sasl_mechanism = Some("SCRAM-SHA-256".into());
+    c.sasl_username = Some("akto-connector".into());
+    c.sasl_password = Some(password.to_string().into());
+    let sink = KafkaSink::new(c).unwrap();
+
+    let check = |err: &databricks_shield::sink::SinkError| {
+        let msg = err.to_string();
+        assert!(
+            !err.is_retriable(),
+            "credentials do not fix themselves: {msg}"
+        );
+        for fix in [
+            "KAFKA_SASL_USERNAME",
+            "KAFKA_SASL_PASSWORD",
+            "KAFKA_SASL_MECHANISM",
+        ] {
+            assert!(msg.contains(fix), "{fix} missing: {msg}");
+        }
+        assert!(msg.contains("refused the authentication"), "{msg}");
+        assert!(
+            !msg.contains("KAFKA_BROKER_HOST"),
+            "not a network problem: {msg}"
+        );
+        assert!(!msg.contains(password), "the password leaked: {msg}");
+        eprintln!("{msg}");
+    };
+    // At start (the health check) and on a later delivery, after librdkafka stopped repeating
+    // the error: both say what is wrong.
+    check(&sink.healthcheck().await.unwrap_err());
+    let err = sink.deliver(&[record(0, 10)]).await.unwrap_err();
+    assert!(err.delivered_before_failure().is_empty());
+    check(&err);
+}

@@ -87,9 +87,15 @@ impl KafkaSinkConfig {
 /// delivery reports only say "timed out", this says why.
 type LastError = Arc<Mutex<Option<(Option<RDKafkaErrorCode>, String)>>>;
 
+/// The last authentication failure librdkafka reported (wrong SASL credentials or mechanism, an
+/// ACL). Kept until the broker answers again: librdkafka does not repeat an identical error, so
+/// a later call would otherwise only see time-outs and blame the network.
+type AuthFailure = Arc<Mutex<Option<String>>>;
+
 /// Captures librdkafka's client errors and routes its log lines to `tracing`.
 struct SinkContext {
     last_error: LastError,
+    auth_failure: AuthFailure,
 }
 
 impl ClientContext for SinkContext {
@@ -109,6 +115,11 @@ impl ClientContext for SinkContext {
                 *last = Some((code, reason.to_string()));
             }
         }
+        if code_is_auth(&error) || reason.contains("SASL") {
+            if let Ok(mut auth) = self.auth_failure.lock() {
+                *auth = Some(reason.to_string());
+            }
+        }
     }
 }
 
@@ -121,6 +132,7 @@ pub struct KafkaSink {
     /// Replaced by a fresh producer when librdkafka reports a fatal error.
     producer: Mutex<SinkProducer>,
     last_error: LastError,
+    auth_failure: AuthFailure,
     /// The message size limit in force: the configured one, else the topic's once read.
     message_limit: AtomicUsize,
 }
@@ -168,7 +180,8 @@ impl KafkaSink {
             });
         }
         let last_error: LastError = Arc::default();
-        let producer = create_producer(&config, &last_error)?;
+        let auth_failure: AuthFailure = Arc::default();
+        let producer = create_producer(&config, &last_error, &auth_failure)?;
         let limit = config
             .max_message_bytes
             .unwrap_or(DEFAULT_KAFKA_MAX_MESSAGE_BYTES);
@@ -176,6 +189,7 @@ impl KafkaSink {
             config,
             producer: Mutex::new(producer),
             last_error,
+            auth_failure,
             message_limit: AtomicUsize::new(limit),
         })
     }
@@ -211,6 +225,7 @@ impl KafkaSink {
             .0
             .create_with_context(SinkContext {
                 last_error: Arc::clone(&self.last_error),
+                auth_failure: Arc::clone(&self.auth_failure),
             }) {
             Ok(a) => a,
             Err(e) => {
@@ -278,6 +293,7 @@ impl KafkaSink {
         .map_err(|e| SinkError::retriable(format!("Kafka health check task failed: {e}")))?;
         match res {
             Ok(None) => {
+                self.set_auth_failure(None);
                 self.detect_message_limit().await;
                 Ok(())
             }
@@ -294,6 +310,7 @@ impl KafkaSink {
             }
             // Leader elections and similar settle by themselves; delivery will wait for them.
             Ok(Some(_)) => Ok(()),
+            Err(e) if self.auth_failure().is_some() => Err(self.auth_error(&e)),
             Err(e) => Err(self.failure(&e, "metadata fetch")),
         }
     }
@@ -352,13 +369,19 @@ impl KafkaSink {
                 }
             }
         }
+        if !out.delivered.is_empty() {
+            self.set_auth_failure(None);
+        }
         match first_failure {
             None => Ok(out),
             Some(e) => {
                 let last_auth = self
                     .last_error()
                     .is_some_and(|(code, _)| code.is_some_and(is_auth));
-                let err = if last_auth || kafka_code(&e).is_some_and(is_auth) {
+                let err = if last_auth
+                    || kafka_code(&e).is_some_and(is_auth)
+                    || (out.delivered.is_empty() && self.auth_failure().is_some())
+                {
                     self.auth_error(&e)
                 } else {
                     self.failure(&e, "delivery")
@@ -457,7 +480,7 @@ impl KafkaSink {
                 "the Kafka producer hit a fatal error ({reason}); creating a new producer"
             );
             if let (Ok(fresh), Ok(mut guard)) = (
-                create_producer(&self.config, &self.last_error),
+                create_producer(&self.config, &self.last_error, &self.auth_failure),
                 self.producer.lock(),
             ) {
                 *guard = fresh;
@@ -478,17 +501,32 @@ impl KafkaSink {
     }
 
     fn auth_error(&self, e: &KafkaError) -> SinkError {
+        // The authentication failure itself says more than the time-out it caused.
+        let note = match self.auth_failure() {
+            Some(reason) => format!("; the broker refused the authentication: {reason}"),
+            None => self.last_error_note(),
+        };
         SinkError::Auth {
             message: format!(
-                "the Kafka broker(s) {} refused this client ({}{}); check KAFKA_SASL_USERNAME, \
-                 KAFKA_SASL_PASSWORD, KAFKA_SASL_MECHANISM, KAFKA_SECURITY_PROTOCOL and the \
-                 topic's ACLs for {}",
+                "the Kafka broker(s) {} refused this client ({}{note}); check \
+                 KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD, KAFKA_SASL_MECHANISM, \
+                 KAFKA_SECURITY_PROTOCOL and the topic's ACLs for {}",
                 self.config.brokers,
                 describe_kafka_error(e),
-                self.last_error_note(),
                 self.config.topic
             ),
             delivered_before_failure: Vec::new(),
+        }
+    }
+
+    /// The authentication failure librdkafka last reported, until the broker answers again.
+    fn auth_failure(&self) -> Option<String> {
+        self.auth_failure.lock().ok().and_then(|a| a.clone())
+    }
+
+    fn set_auth_failure(&self, value: Option<String>) {
+        if let Ok(mut a) = self.auth_failure.lock() {
+            *a = value;
         }
     }
 }
@@ -532,6 +570,7 @@ fn producer_limit(config: &KafkaSinkConfig) -> usize {
 fn create_producer(
     config: &KafkaSinkConfig,
     last_error: &LastError,
+    auth_failure: &AuthFailure,
 ) -> Result<SinkProducer, SinkError> {
     let timeout_ms = config
         .message_timeout
@@ -549,6 +588,7 @@ fn create_producer(
         .set("message.timeout.ms", timeout_ms.to_string());
     let context = SinkContext {
         last_error: Arc::clone(last_error),
+        auth_failure: Arc::clone(auth_failure),
     };
     cc.create_with_context(context).map_err(|e| match e {
         // Never echo the value of a setting: it could be the password.
@@ -608,6 +648,10 @@ fn classify(e: KafkaError, len: usize, limit: usize) -> Fate {
 
 fn kafka_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
     e.rdkafka_error_code()
+}
+
+fn code_is_auth(e: &KafkaError) -> bool {
+    e.rdkafka_error_code().is_some_and(is_auth)
 }
 
 fn is_auth(code: RDKafkaErrorCode) -> bool {

@@ -70,6 +70,12 @@ pub fn tansu_bin() -> Option<PathBuf> {
 /// Starts a broker on a free loopback port, or returns None (skip) when tansu is missing
 /// outside CI.
 pub fn start_broker() -> Option<Broker> {
+    start_broker_with(&[])
+}
+
+/// [`start_broker`] with extra `tansu broker` arguments (e.g. `--authentication`: clients must
+/// authenticate with SASL).
+pub fn start_broker_with(extra: &[&str]) -> Option<Broker> {
     let Some(bin) = tansu_bin() else {
         if std::env::var_os("CI").is_some() {
             panic!("the Kafka broker binary `tansu` is missing and CI is set: install it with `cargo install tansu --locked --no-default-features --features dynostore`");
@@ -93,6 +99,7 @@ pub fn start_broker() -> Option<Broker> {
                 "--storage-engine",
                 "memory://tansu/",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
