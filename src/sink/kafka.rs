@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -135,6 +135,9 @@ pub struct KafkaSink {
     auth_failure: AuthFailure,
     /// The message size limit in force: the configured one, else the topic's once read.
     message_limit: AtomicUsize,
+    /// Whether the topic was asked for its limit (at the health check, or at the first delivery
+    /// when the broker was down at start).
+    limit_asked: AtomicBool,
 }
 
 impl fmt::Debug for KafkaSink {
@@ -191,6 +194,7 @@ impl KafkaSink {
             last_error,
             auth_failure,
             message_limit: AtomicUsize::new(limit),
+            limit_asked: AtomicBool::new(false),
         })
     }
 
@@ -218,7 +222,8 @@ impl KafkaSink {
     /// applies to it, its own override or the broker's default) and cuts records to that. A
     /// broker that does not say (no DescribeConfigs permission, an old broker) leaves the default.
     async fn detect_message_limit(&self) {
-        if self.config.max_message_bytes.is_some() {
+        if self.config.max_message_bytes.is_some() || self.limit_asked.swap(true, Ordering::Relaxed)
+        {
             return;
         }
         let admin: AdminClient<SinkContext> = match client_config(&self.config)
@@ -320,6 +325,9 @@ impl KafkaSink {
     /// Records the producer or broker refuse as too large are retried alone once (a batch of
     /// small records can exceed a broker limit together) and then reported rejected.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
+        // A broker that was down at start is asked for the topic's limit now (once); this batch
+        // was cut to the default, which only cuts more than needed.
+        self.detect_message_limit().await;
         let producer = self.producer()?;
         self.clear_last_error();
         let mut fates = self
