@@ -115,7 +115,16 @@ impl ClientContext for SinkContext {
                 *last = Some((code, reason.to_string()));
             }
         }
-        if code_is_auth(&error) || reason.contains("SASL") {
+        // librdkafka's words for a refused login or an unsupported mechanism (its error code
+        // is not always an authentication one).
+        let refused = [
+            "SASL authentication",
+            "SASL handshake",
+            "mechanism handshake",
+        ]
+        .iter()
+        .any(|w| reason.contains(w));
+        if code_is_auth(&error) || refused {
             if let Ok(mut auth) = self.auth_failure.lock() {
                 *auth = Some(reason.to_string());
             }
