@@ -333,7 +333,7 @@ pub struct SinkArgs {
 
     /// The topic's message size limit (65536-10485760): larger records have their payloads cut
     /// to fit, with a marker naming the original size [default: the topic's max.message.bytes,
-    /// read at start; 1048588 (Kafka's default) when the broker does not say]
+    /// read from the broker; 1048588 (Kafka's default) when it does not say]
     #[arg(
         long,
         env = "KAFKA_MAX_MESSAGE_BYTES",

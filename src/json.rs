@@ -16,8 +16,9 @@ use serde::de::{self, Deserialize, Deserializer};
 use serde::{Serialize, Serializer};
 use serde_json::value::RawValue;
 
-/// A string held as a JSON string literal, quotes included (see the module doc).
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// A string held as a JSON string literal, quotes included (see the module doc). Two are equal
+/// when their texts are, however each was escaped.
+#[derive(Clone)]
 pub struct JsonString(Box<str>);
 
 impl JsonString {
@@ -68,7 +69,7 @@ impl JsonString {
         Cow::Owned(serde_json::from_str::<String>(&self.0).unwrap_or_default())
     }
 
-    /// The decoded text, owned (no copy of the text when the literal has no escapes).
+    /// The decoded text, owned (without escapes: the literal's own buffer, quotes dropped).
     pub fn into_text(self) -> String {
         if !self.0[1..self.0.len() - 1].contains('\\') {
             let mut s = String::from(self.0);
@@ -77,6 +78,11 @@ impl JsonString {
             return s;
         }
         self.text().into_owned()
+    }
+
+    /// The same text as serde_json escapes it (the literal itself when it already is).
+    pub fn canonical(&self) -> JsonString {
+        JsonString::encode(&self.text())
     }
 
     /// The decoded text's length in bytes (decodes only when the literal has escapes).
@@ -129,6 +135,20 @@ impl From<String> for JsonString {
 impl Default for JsonString {
     fn default() -> JsonString {
         JsonString::empty()
+    }
+}
+
+impl PartialEq for JsonString {
+    fn eq(&self, other: &JsonString) -> bool {
+        self.0 == other.0 || self.text() == other.text()
+    }
+}
+
+impl Eq for JsonString {}
+
+impl std::hash::Hash for JsonString {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text().hash(state);
     }
 }
 
@@ -282,6 +302,10 @@ mod tests {
         assert_eq!(s.literal(), r#""a\/b \u00e9 \"q\"""#);
         assert_eq!(s.text(), "a/b é \"q\"");
         assert_eq!(s, "a/b é \"q\"");
+        // Equal to the same text escaped otherwise; canonical is how serde_json writes it.
+        let plain = JsonString::encode("a/b é \"q\"");
+        assert_eq!(s, plain);
+        assert_eq!(s.canonical().literal(), plain.literal());
         assert_eq!(read("null"), None);
         assert_eq!(read("12").unwrap(), "12");
         assert_eq!(read("true").unwrap(), "true");

@@ -571,6 +571,7 @@ impl Connector {
     ) -> Result<DeliveryTotals, DeliveryError> {
         let mut totals = DeliveryTotals::default();
         let mut pending = Pending::default();
+        self.sink.prepare().await;
         let result = self
             .deliver_chunks(first, tables, agents, shutdown, &mut totals, &mut pending)
             .await;
@@ -747,6 +748,8 @@ impl Connector {
         if let Some(r) = &self.settings.redactor {
             let counts = r.redact_mapped(&mut mapped, self.settings.map.max_string_bytes);
             totals.redacted.add(&counts);
+            // A payload that masking made longer than the limit was cut: count it too.
+            totals.truncated += u64::from(mapped.truncated_payloads);
         }
         let (records, calls) = self.accept(
             unit.table,

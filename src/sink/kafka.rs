@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::ClientContext;
@@ -117,10 +117,12 @@ impl ClientContext for SinkContext {
         }
         // librdkafka's words for a refused login or an unsupported mechanism (its error code
         // is not always an authentication one).
+        // Not "broker might require SASL authentication": librdkafka's guess for any early
+        // disconnect of a plaintext client.
         let refused = [
-            "SASL authentication",
-            "SASL handshake",
-            "mechanism handshake",
+            "SASL authentication error",
+            "SASL authentication failure",
+            "mechanism handshake failed",
         ]
         .iter()
         .any(|w| reason.contains(w));
@@ -144,9 +146,10 @@ pub struct KafkaSink {
     auth_failure: AuthFailure,
     /// The message size limit in force: the configured one, else the topic's once read.
     message_limit: AtomicUsize,
-    /// Whether the topic was asked for its limit (at the health check, or at the first delivery
-    /// when the broker was down at start).
-    limit_asked: AtomicBool,
+    /// Whether the topic answered when asked for its limit (with or without one).
+    limit_known: AtomicBool,
+    /// When the topic was last asked (a broker that does not answer is asked again a minute later).
+    limit_asked_at: Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for KafkaSink {
@@ -193,17 +196,19 @@ impl KafkaSink {
         }
         let last_error: LastError = Arc::default();
         let auth_failure: AuthFailure = Arc::default();
-        let producer = create_producer(&config, &last_error, &auth_failure)?;
         let limit = config
             .max_message_bytes
             .unwrap_or(DEFAULT_KAFKA_MAX_MESSAGE_BYTES);
+        let producer = create_producer(&config, limit, &last_error, &auth_failure)?;
+        let config_sets_limit = config.max_message_bytes.is_some();
         Ok(KafkaSink {
             config,
             producer: Mutex::new(producer),
             last_error,
             auth_failure,
             message_limit: AtomicUsize::new(limit),
-            limit_asked: AtomicBool::new(false),
+            limit_known: AtomicBool::new(config_sets_limit),
+            limit_asked_at: Mutex::new(None),
         })
     }
 
@@ -227,13 +232,28 @@ impl KafkaSink {
         self.message_limit.load(Ordering::Relaxed)
     }
 
+    /// Before a delivery stage maps records: makes sure the limit records are cut to is the
+    /// topic's (see [`Self::detect_message_limit`]).
+    pub async fn prepare(&self) {
+        self.detect_message_limit().await;
+    }
+
     /// Without `KAFKA_MAX_MESSAGE_BYTES`: reads the topic's `max.message.bytes` (what a broker
     /// applies to it, its own override or the broker's default) and cuts records to that. A
-    /// broker that does not say (no DescribeConfigs permission, an old broker) leaves the default.
+    /// broker that does not say (no DescribeConfigs permission, an old broker) leaves the default;
+    /// one that does not answer (down) is asked again, at most once a minute.
     async fn detect_message_limit(&self) {
-        if self.config.max_message_bytes.is_some() || self.limit_asked.swap(true, Ordering::Relaxed)
-        {
+        if self.limit_known.load(Ordering::Relaxed) {
             return;
+        }
+        {
+            let Ok(mut at) = self.limit_asked_at.lock() else {
+                return;
+            };
+            if at.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+                return;
+            }
+            *at = Some(Instant::now());
         }
         let admin: AdminClient<SinkContext> = match client_config(&self.config)
             .0
@@ -243,7 +263,10 @@ impl KafkaSink {
             }) {
             Ok(a) => a,
             Err(e) => {
-                tracing::debug!("Kafka admin client for the topic's message limit: {e}");
+                tracing::debug!(
+                    "Kafka admin client for the topic's message limit: {}",
+                    describe_kafka_error(&e)
+                );
                 return;
             }
         };
@@ -253,20 +276,34 @@ impl KafkaSink {
             .clamp(Duration::from_secs(1), Duration::from_secs(10));
         let opts = AdminOptions::new().request_timeout(Some(timeout));
         let topic = ResourceSpecifier::Topic(&self.config.topic);
-        let found = match admin.describe_configs([&topic], &opts).await {
-            Ok(results) => results
-                .into_iter()
-                .flatten()
-                .find_map(|r| r.get("max.message.bytes")?.value.as_deref()?.parse().ok()),
+        let answer = admin.describe_configs([&topic], &opts).await;
+        // Dropping an admin client joins its thread: not on an async worker.
+        let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
+        let found: Option<usize> = match answer {
+            Ok(results) => {
+                self.limit_known.store(true, Ordering::Relaxed);
+                results
+                    .into_iter()
+                    .flatten()
+                    .find_map(|r| r.get("max.message.bytes")?.value.as_deref()?.parse().ok())
+            }
             Err(e) => {
-                tracing::debug!("Kafka DescribeConfigs for {}: {e}", self.config.topic);
-                None
+                tracing::debug!(
+                    "Kafka DescribeConfigs for {}: {}",
+                    self.config.topic,
+                    describe_kafka_error(&e)
+                );
+                return;
             }
         };
         match found {
             Some(n) => {
                 let n = usize::min(n, MAX_BODY_BYTES);
-                self.message_limit.store(n, Ordering::Relaxed);
+                let before = self.message_limit.swap(n, Ordering::Relaxed);
+                if batch_bytes(n) < batch_bytes(before) {
+                    // The producer batches up to the old limit: a batch could exceed the topic's.
+                    self.replace_producer();
+                }
                 tracing::info!(
                     "Kafka topic {} takes messages up to {n} bytes (its max.message.bytes): larger \
                      records have their payloads cut to fit",
@@ -334,9 +371,6 @@ impl KafkaSink {
     /// Records the producer or broker refuse as too large are retried alone once (a batch of
     /// small records can exceed a broker limit together) and then reported rejected.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
-        // A broker that was down at start is asked for the topic's limit now (once); this batch
-        // was cut to the default, which only cuts more than needed.
-        self.detect_message_limit().await;
         let producer = self.producer()?;
         self.clear_last_error();
         let mut fates = self
@@ -496,12 +530,22 @@ impl KafkaSink {
                 %code,
                 "the Kafka producer hit a fatal error ({reason}); creating a new producer"
             );
-            if let (Ok(fresh), Ok(mut guard)) = (
-                create_producer(&self.config, &self.last_error, &self.auth_failure),
-                self.producer.lock(),
-            ) {
-                *guard = fresh;
-            }
+            self.replace_producer();
+        }
+    }
+
+    /// A fresh producer for the next call (after a fatal error, or a smaller message limit).
+    fn replace_producer(&self) {
+        if let (Ok(fresh), Ok(mut guard)) = (
+            create_producer(
+                &self.config,
+                self.message_limit(),
+                &self.last_error,
+                &self.auth_failure,
+            ),
+            self.producer.lock(),
+        ) {
+            *guard = fresh;
         }
     }
 
@@ -584,8 +628,17 @@ fn producer_limit(config: &KafkaSinkConfig) -> usize {
     config.max_message_bytes.unwrap_or(MAX_BODY_BYTES)
 }
 
+/// librdkafka's `batch.size` for a message size limit: its default (1,000,000) unless the limit is
+/// smaller, so that a batch of small records never exceeds what the topic takes.
+fn batch_bytes(message_limit: usize) -> usize {
+    message_limit
+        .saturating_sub(KAFKA_MESSAGE_OVERHEAD_BYTES)
+        .min(1_000_000)
+}
+
 fn create_producer(
     config: &KafkaSinkConfig,
+    message_limit: usize,
     last_error: &LastError,
     auth_failure: &AuthFailure,
 ) -> Result<SinkProducer, SinkError> {
@@ -602,6 +655,7 @@ fn create_producer(
             KAFKA_QUEUE_MAX_KBYTES.to_string(),
         )
         .set("message.max.bytes", producer_limit(config).to_string())
+        .set("batch.size", batch_bytes(message_limit).to_string())
         .set("message.timeout.ms", timeout_ms.to_string());
     let context = SinkContext {
         last_error: Arc::clone(last_error),
@@ -655,8 +709,9 @@ fn classify(e: KafkaError, len: usize, limit: usize) -> Fate {
     if kafka_code(&e) == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
         Fate::TooLarge(format!(
             "record is {len} bytes; Kafka refused it as too large (MessageSizeTooLarge: the \
-             broker's or topic's message size limit is below KAFKA_MAX_MESSAGE_BYTES={limit}; set \
-             KAFKA_MAX_MESSAGE_BYTES to the topic's max.message.bytes and records are cut to fit)"
+             topic's or broker's message size limit is below the {limit} bytes records were cut \
+             to, from KAFKA_MAX_MESSAGE_BYTES or else the topic's max.message.bytes; set \
+             KAFKA_MAX_MESSAGE_BYTES to the topic's limit)"
         ))
     } else {
         Fate::Failed(e)
@@ -701,7 +756,7 @@ mod tests {
             1000,
         );
         assert!(matches!(big, Fate::TooLarge(ref r)
-            if r.contains("42 bytes") && r.contains("KAFKA_MAX_MESSAGE_BYTES=1000")));
+            if r.contains("42 bytes") && r.contains("1000 bytes") && r.contains("KAFKA_MAX_MESSAGE_BYTES")));
         let down = classify(
             KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
             42,

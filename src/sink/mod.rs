@@ -366,6 +366,14 @@ impl AnySink {
         }
     }
 
+    /// Called before a delivery stage maps records, so that [`Self::max_record_bytes`] is the
+    /// destination's own limit (a Kafka topic's `max.message.bytes`, read once it answers).
+    pub async fn prepare(&self) {
+        if let AnySink::Kafka(s) = self {
+            s.prepare().await
+        }
+    }
+
     /// Makes what `deliver` confirmed durable, before state records it: a file is fsynced (its
     /// `deliver` stops at the kernel, so one fsync covers a whole checkpoint); HTTP (200) and
     /// Kafka (`acks=all`) confirmations are durable already.

@@ -62,11 +62,11 @@ pub struct AktoRecord {
     pub tag: String,
 }
 
-/// Serialize one record as one JSON object (no trailing newline): what
-/// `serde_json::to_string(record)` writes (field order, escapes), written directly. The payloads
+/// Serialize one record as one JSON object (no trailing newline), written directly. The payloads
 /// are most of a record: they are written as the literals they are held as, verbatim (a payload
-/// read from a result page is never decoded and escaped again; one built here was escaped by
-/// serde_json's rules, so the bytes are serde_json's too).
+/// read from a result page is never decoded and escaped again). The result is the document
+/// `serde_json::to_string(record)` writes: the same bytes when every payload was escaped by
+/// serde_json's rules (all built here are), else the same texts escaped otherwise.
 pub fn encode(record: &AktoRecord) -> String {
     let fields: [(&str, &str, bool); 17] = [
         ("path", &record.path, false),
@@ -166,34 +166,52 @@ fn cut(s: &str, max: usize, original_len: usize) -> String {
 /// record fits alone in one request.
 pub const MAX_RECORD_PAYLOAD_BYTES: usize = 10_485_760 - (64 << 10);
 
-/// The two payloads of one record (each already cut to the per-string limit), cut further, each
-/// in proportion to its size, until together they take at most `budget` escaped bytes. The
-/// markers name each payload's original length (`a_orig`, `b_orig`: bytes of its text); a payload
-/// cut for the first time here increments `truncated`.
+/// The two payloads of one record (each already cut to the per-string limit), cut further until
+/// together they take at most `budget` escaped bytes. The budget is shared by water-filling: a
+/// payload within half of it stays whole and the other gets the rest; when both are larger, each
+/// gets half. So a short prompt next to a huge response is never cut. The markers name each
+/// payload's original length (`a_orig`, `b_orig`: bytes of its text); a payload cut for the first
+/// time here increments `truncated`.
 pub(crate) fn fit_pair(
-    (mut a, a_orig): (JsonString, usize),
-    (mut b, b_orig): (JsonString, usize),
+    (a, a_orig): (JsonString, usize),
+    (b, b_orig): (JsonString, usize),
     budget: usize,
     truncated: &mut u32,
 ) -> (JsonString, JsonString) {
+    // A literal's escaped size is known without a scan: the common case costs nothing.
+    if a.escaped_len() + b.escaped_len() <= budget {
+        return (a, b);
+    }
+    // Rare: measured as serde_json writes them (a literal read from a page may use longer
+    // escapes, e.g. `\u00e9`, which would otherwise count against it).
+    let (mut a, mut b) = (a.canonical(), b.canonical());
     for _ in 0..4 {
-        // A literal's escaped size is known without a scan: the common case costs nothing.
-        let total = a.escaped_len() + b.escaped_len();
-        if total <= budget {
+        let (la, lb) = (a.escaped_len(), b.escaped_len());
+        if la + lb <= budget {
             break;
         }
-        // 2 % below the proportional share absorbs the markers and uneven escaping.
-        let scale = budget as f64 / total as f64 * 0.98;
-        for (s, orig) in [(&mut a, a_orig), (&mut b, b_orig)] {
-            let text = s.text();
-            let max = (text.len() as f64 * scale) as usize;
-            if text.len() > max {
-                if text.len() == orig {
-                    *truncated = truncated.saturating_add(1);
-                }
-                let c = cut(&text, max, orig);
-                *s = JsonString::encode(&c);
+        let half = budget / 2;
+        let (max_a, max_b) = if la <= half {
+            (la, budget - la)
+        } else if lb <= half {
+            (budget - lb, lb)
+        } else {
+            (half, budget - half)
+        };
+        for (s, orig, max_escaped) in [(&mut a, a_orig, max_a), (&mut b, b_orig, max_b)] {
+            let escaped = s.escaped_len();
+            if escaped <= max_escaped {
+                continue;
             }
+            let text = s.text();
+            // Escaped bytes to text bytes at this payload's own escape density; 2 % below
+            // absorbs the marker and uneven escaping (another round corrects the rest).
+            let max = (text.len() as f64 * (max_escaped as f64 / escaped as f64) * 0.98) as usize;
+            if text.len() == orig {
+                *truncated = truncated.saturating_add(1);
+            }
+            let c = cut(&text, max, orig);
+            *s = JsonString::encode(&c);
         }
     }
     (a, b)
@@ -206,7 +224,7 @@ fn marked_original(text: &str) -> Option<usize> {
     rest[at + MARKER_PREFIX.len()..].parse().ok()
 }
 
-/// Cuts a record's payloads (each in proportion to its size) so that its encoded form, now
+/// Cuts a record's payloads (sharing the room as [`fit_pair`] does) so that its encoded form, now
 /// `encoded_len` bytes, takes at most `max` bytes: for a sink whose limit is below the 10 MiB the
 /// mapping allows (a Kafka topic's `max.message.bytes`). A payload cut before keeps naming its
 /// first original length. Returns false when the rest of the record alone leaves no room for

@@ -1347,3 +1347,46 @@ fn a_record_over_a_sink_limit_is_cut_to_fit_and_markers_keep_the_first_original(
     assert!(!fit_record(&mut r, len, 300, &mut cuts));
     assert_eq!(r, before);
 }
+
+#[test]
+fn a_short_payload_next_to_a_huge_one_is_never_cut() {
+    // A prompt of a few bytes and a 2 MB response against a 1 MB limit: only the response is cut.
+    let resp = format!("{{\"output\":\"{}\"}}", "z".repeat(2_000_000));
+    let req = "{\"input\":\"hi\"}";
+    let m = map_execution(
+        &ctx(),
+        &exec(Some(req), Some(&resp)),
+        &MapOptions::default(),
+    );
+    let mut r = m.records[0].clone();
+    let len = encode(&r).len();
+    let mut cuts = 0;
+    assert!(fit_record(&mut r, len, 1_000_000, &mut cuts));
+    assert_eq!(r.request_payload, req);
+    assert_eq!(cuts, 1);
+    let out = encode(&r);
+    assert!(
+        out.len() <= 1_000_000 && out.len() > 900_000,
+        "{}",
+        out.len()
+    );
+}
+
+#[test]
+fn a_payload_escaped_longer_than_serde_json_would_is_measured_as_serde_json_writes_it() {
+    // 300k × "é": 600 KB of text, 1.8 MB as `\u00e9` escapes, 600 KB as serde_json writes it.
+    let literal = format!("\"{}\"", "\\u00e9".repeat(300_000));
+    let mut d = serde_json::Deserializer::from_str(&literal);
+    let long = crate::json::deserialize_literal(&mut d).unwrap().unwrap();
+    let mut cuts = 0;
+    let (x, y) = super::record::fit_pair(
+        (long.clone(), long.text_len()),
+        (JsonString::empty(), 0),
+        1_000_000,
+        &mut cuts,
+    );
+    assert_eq!(cuts, 0, "it fits once escaped the usual way");
+    assert_eq!(x, long);
+    assert!(x.escaped_len() <= 1_000_000);
+    assert!(y.text().is_empty());
+}
