@@ -233,7 +233,7 @@ impl KafkaSink {
     }
 
     /// Before a delivery stage maps records: makes sure the limit records are cut to is the
-    /// topic's (see [`Self::detect_message_limit`]).
+    /// topic's (see `detect_message_limit`).
     pub async fn prepare(&self) {
         self.detect_message_limit().await;
     }

@@ -224,7 +224,7 @@ fn marked_original(text: &str) -> Option<usize> {
     rest[at + MARKER_PREFIX.len()..].parse().ok()
 }
 
-/// Cuts a record's payloads (sharing the room as [`fit_pair`] does) so that its encoded form, now
+/// Cuts a record's payloads (sharing the room as `fit_pair` does) so that its encoded form, now
 /// `encoded_len` bytes, takes at most `max` bytes: for a sink whose limit is below the 10 MiB the
 /// mapping allows (a Kafka topic's `max.message.bytes`). A payload cut before keeps naming its
 /// first original length. Returns false when the rest of the record alone leaves no room for
