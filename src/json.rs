@@ -176,12 +176,6 @@ impl fmt::Debug for JsonString {
     }
 }
 
-impl fmt::Display for JsonString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text())
-    }
-}
-
 /// Serialized as its text (serde_json writes the canonical literal).
 impl Serialize for JsonString {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
