@@ -287,8 +287,11 @@ pub fn execution_from_row(
         TableFormat::AiGateway => &AI_GATEWAY,
     };
     let id = cell_owned(&mut row, cols.id);
-    let time = cell(&row, cols.time).and_then(|t| d.parse_time(&t));
-    let (Some(id), Some(time_us)) = (id.clone(), time) else {
+    // A time chrono cannot represent is unreadable: the row is keyed by this exact time.
+    let time = cell(&row, cols.time)
+        .and_then(|t| d.parse_time(&t))
+        .and_then(|us| Some((us, Utc.timestamp_micros(us).single()?)));
+    let (Some(id), Some((time_us, request_time))) = (id.clone(), time) else {
         return Err((
             format!(
                 "row without a usable databricks_request_id or {}: {:?}",
@@ -298,10 +301,6 @@ pub fn execution_from_row(
                 .unwrap_or_default(),
         ));
     };
-    let request_time = Utc
-        .timestamp_micros(time_us)
-        .single()
-        .unwrap_or_else(Utc::now);
     let codes = cell(&row, cols.codes)
         .map(|s| serde_json::from_str::<Vec<String>>(&s).unwrap_or_else(|_| vec![s.into_owned()]))
         .unwrap_or_default();
@@ -509,10 +508,6 @@ impl TableReader<'_> {
         while let Some(chunk) = rows.next_chunk().await? {
             n += chunk.len();
             stats.rows_returned += chunk.len() as u64;
-            let keys: Vec<Cow<'_, str>> = chunk.iter().filter_map(|r| cell(r, cols.id)).collect();
-            let delivered = self
-                .state
-                .delivered_among(&self.table.full_name, keys.iter().map(|k| &**k))?;
             let mut execs = Vec::with_capacity(chunk.len());
             let mut unreadable = Vec::new();
             let chunk_bytes: usize = chunk
@@ -522,15 +517,19 @@ impl TableReader<'_> {
                 .sum();
             bytes += chunk_bytes;
             stats.bytes_returned += chunk_bytes as u64;
+            let mut keyed = Vec::with_capacity(chunk.len());
             for row in chunk {
-                let (time_us, exec) =
-                    match execution_from_row(&self.table.full_name, d.format, &cols, row) {
-                        Ok(x) => x,
-                        Err(bad) => {
-                            unreadable.push(bad);
-                            continue;
-                        }
-                    };
+                match execution_from_row(&self.table.full_name, d.format, &cols, row) {
+                    Ok(x) => keyed.push(x),
+                    Err(bad) => unreadable.push(bad),
+                }
+            }
+            // Looked up by (time, id), the key delivery commits them with.
+            let delivered = self.state.delivered_at(
+                &self.table.full_name,
+                keyed.iter().map(|(t, e)| (*t, e.request_id.as_str())),
+            )?;
+            for (time_us, exec) in keyed {
                 last = Some((time_us, exec.request_id.clone()));
                 if wanted.is_some() {
                     seen.insert(exec.request_id.clone());
@@ -851,9 +850,9 @@ impl TableReader<'_> {
             let delivered = if all_missing {
                 HashSet::new()
             } else {
-                self.state.delivered_among(
+                self.state.delivered_at(
                     &self.table.full_name,
-                    keyed.iter().map(|(id, _)| id.as_str()),
+                    keyed.iter().map(|(id, t)| (*t, id.as_str())),
                 )?
             };
             for (id, _) in &keyed {

@@ -857,13 +857,13 @@ impl Connector {
                 pending.probe = b
                     .execs
                     .first()
-                    .map(|(id, _, _)| (table.to_string(), id.clone()));
+                    .map(|(id, t, _)| (table.to_string(), id.clone(), *t));
             }
             pending.records += b.records.len();
             let probe = pending
                 .probe
                 .as_ref()
-                .map(|(t, id)| (t.as_str(), id.as_str()));
+                .map(|(t, id, time_us)| (t.as_str(), id.as_str(), *time_us));
             self.state.mark_in_flight(pending.records, probe)?;
         }
         let result = if b.records.is_empty() {
@@ -908,8 +908,11 @@ impl Connector {
             .map(|(_, _, range)| range.clone().all(|i| settled[i]))
             .collect();
         pending.batches += 1;
+        let by_id = looked_up_by_id(table);
         for ((id, t, _), _) in b.execs.iter().zip(&committed).filter(|(_, c)| **c) {
-            pending.rows.push((table.to_string(), id.clone(), *t));
+            pending
+                .rows
+                .push((table.to_string(), id.clone(), *t, by_id));
         }
         for c in b.calls.iter().filter(|c| {
             committed.get(c.exec).copied().unwrap_or(false)
@@ -917,7 +920,7 @@ impl Connector {
         }) {
             pending
                 .rows
-                .push((c.namespace.clone(), c.call_id.clone(), c.time_us));
+                .push((c.namespace.clone(), c.call_id.clone(), c.time_us, true));
         }
         if failure.is_some() || pending.batches >= self.settings.checkpoint_batches.max(1) {
             self.commit_pending(pending).await?;
@@ -950,10 +953,11 @@ impl Connector {
         let rows: Vec<DeliveredRow<'_>> = p
             .rows
             .iter()
-            .map(|(table, id, time_us)| DeliveredRow {
+            .map(|(table, id, time_us, by_id)| DeliveredRow {
                 table,
                 id,
                 time_us: *time_us,
+                by_id: *by_id,
             })
             .collect();
         self.state.commit_delivered(&rows)?;
@@ -966,14 +970,16 @@ impl Connector {
 /// killed in between re-sends at most these batches, announced by the in-flight marker.
 #[derive(Default)]
 struct Pending {
-    /// (state namespace, id, time µs) of settled executions and delivered tool calls.
-    rows: Vec<(String, String, i64)>,
+    /// (state namespace, id, time µs, indexed by id) of settled executions and delivered tool
+    /// calls.
+    rows: Vec<(String, String, i64, bool)>,
     /// Batches sent since the last commit.
     batches: usize,
     /// Records sent since the last commit (the marker's count).
     records: usize,
-    /// The first execution of the group: committed means the whole group was.
-    probe: Option<(String, String)>,
+    /// The first execution of the group (namespace, id, time µs): committed means the whole
+    /// group was.
+    probe: Option<(String, String, i64)>,
 }
 
 /// Waits for every reader of `readers`, adding their statistics and errors to the report and
@@ -1002,6 +1008,14 @@ async fn join_readers(
 
 /// Inference-row executions mapped and looked up in the tool call registry at a time.
 const LOOKUP_GROUP: usize = 64;
+
+/// Whether the units of a state namespace are looked up by id alone, so must be indexed by id
+/// (`state::DeliveredRow::by_id`): the inventory's (its unit time is the cycle's) and the tool call
+/// registry's. Every other source looks its units up with the source's own time
+/// (`StateStore::delivered_at`).
+fn looked_up_by_id(namespace: &str) -> bool {
+    namespace == crate::inventory::NAMESPACE || namespace.starts_with(TOOL_CALL_PREFIX)
+}
 
 /// The prefix of the tool call registry's state namespaces.
 pub const TOOL_CALL_PREFIX: &str = "toolcall:";
@@ -1408,6 +1422,7 @@ mod tests {
                 table: &ns,
                 id: "old",
                 time_us: 1,
+                by_id: true,
             }])
             .unwrap();
         let unit = trace_unit("tr", 5, &["old", "new"]);

@@ -5,6 +5,14 @@
 //! the window), and a cursor: the newest `(request_time, request_id)` delivered, from which a
 //! connector that was down longer than the lookback catches up.
 //!
+//! Every delivered id is kept ordered by `(namespace, time, id)`: the sources that know a unit's
+//! time when they look it up (inference rows, traces, span tables) are looked up there
+//! ([`StateStore::delivered_at`]), and their inserts land next to each other, since rows are read
+//! in time order. Only the namespaces looked up by id alone (the tool call registry, the
+//! inventory) are also indexed by id ([`DeliveredRow::by_id`]): inserts of random ids touch a
+//! different B-tree page each, which made the by-id index of every row the costliest part of
+//! delivery (BENCHMARKS.md, fifth pass).
+//!
 //! Architecture Invariant: state changes only after a sink confirmed delivery of the batch that
 //! contains the ids (acknowledge, then checkpoint). Before a batch is sent an in-flight marker is
 //! written; a marker found at start means the batches sent since the last commit (at most
@@ -16,7 +24,8 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-/// (table, request id) -> request time in microseconds since the epoch.
+/// (table, request id) -> request time in microseconds since the epoch; only the rows committed
+/// with [`DeliveredRow::by_id`] (format 2; format 1 held every row here).
 const DELIVERED: TableDefinition<(&str, &str), i64> = TableDefinition::new("delivered_v1");
 /// (table, request time µs, request id) -> (): the same ids ordered by time.
 const BY_TIME: TableDefinition<(&str, i64, &str), ()> =
@@ -28,7 +37,12 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// table -> start time (µs) of the last cycle that read the table completely and delivered it.
 const READ_MARKS: TableDefinition<&str, i64> = TableDefinition::new("read_marks_v1");
 
-const FORMAT_VERSION: &str = "1";
+/// 2: rows of by-time namespaces are no longer in `DELIVERED`. A format 1 file is upgraded in
+/// place (its extra by-id entries are harmless and pruned with the rest); a build that reads only
+/// format 1 refuses a format 2 file rather than miss ids and send rows again.
+const FORMAT_VERSION: &str = "2";
+/// Older formats this build upgrades.
+const UPGRADES_FROM: &[&str] = &["1"];
 const FILE_NAME: &str = "databricks-shield.redb";
 /// Next to it: the in-flight marker of the batch being sent.
 const IN_FLIGHT_FILE: &str = "in-flight.json";
@@ -43,6 +57,9 @@ struct InFlight {
     table: String,
     #[serde(default)]
     id: String,
+    /// The probe's time (absent in a marker written by format 1: then it is looked up by id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    time_us: Option<i64>,
 }
 
 /// An error of the state store. None is retriable within a run: state problems need an operator.
@@ -78,6 +95,9 @@ pub struct DeliveredRow<'a> {
     pub table: &'a str,
     pub id: &'a str,
     pub time_us: i64,
+    /// Also index it by id, for [`StateStore::delivered_among`]: for namespaces whose lookups do
+    /// not know the time. Rows without it are found by [`StateStore::delivered_at`] only.
+    pub by_id: bool,
 }
 
 /// The crash-safe store.
@@ -199,6 +219,14 @@ impl StateStore {
                         .map_err(|e| self.io(e))?;
                 }
                 Some(FORMAT_VERSION) => {}
+                Some(old) if UPGRADES_FROM.contains(&old) => {
+                    tracing::info!(
+                        "state file {}: format {old} upgraded to {FORMAT_VERSION}",
+                        self.path.display()
+                    );
+                    meta.insert("format", FORMAT_VERSION)
+                        .map_err(|e| self.io(e))?;
+                }
                 Some(other) => {
                     return Err(StateError::Corrupt {
                         path: self.path.clone(),
@@ -238,19 +266,21 @@ impl StateStore {
             // Cut short by a crash while it was written: a batch was about to be sent.
             return Ok(Some(0));
         };
-        if !marker.table.is_empty()
-            && !self
-                .delivered_among(&marker.table, [marker.id.as_str()])?
-                .is_empty()
-        {
-            return Ok(None);
+        if !marker.table.is_empty() {
+            let committed = match marker.time_us {
+                Some(t) => self.delivered_at(&marker.table, [(t, marker.id.as_str())])?,
+                None => self.delivered_among(&marker.table, [marker.id.as_str()])?,
+            };
+            if !committed.is_empty() {
+                return Ok(None);
+            }
         }
         Ok(Some(marker.records))
     }
 
     /// Notes that `records` are about to be sent without a committed confirmation (the batches
-    /// sent since the last commit, this one included); `probe` is one of their rows (table, id),
-    /// to tell at the next start whether their confirmation was committed.
+    /// sent since the last commit, this one included); `probe` is one of their rows (table, id,
+    /// time µs), to tell at the next start whether their confirmation was committed.
     ///
     /// The marker is a small file written without fsync: a process killed between sending and
     /// recording the confirmation finds it at its next start (it is in the kernel's page cache),
@@ -260,14 +290,14 @@ impl StateStore {
     pub fn mark_in_flight(
         &self,
         records: usize,
-        probe: Option<(&str, &str)>,
+        probe: Option<(&str, &str, i64)>,
     ) -> Result<(), StateError> {
         use std::io::{Seek as _, Write as _};
-        let (table, id) = probe.unwrap_or(("", ""));
         let marker = InFlight {
             records: records as u64,
-            table: table.to_string(),
-            id: id.to_string(),
+            table: probe.map(|p| p.0).unwrap_or_default().to_string(),
+            id: probe.map(|p| p.1).unwrap_or_default().to_string(),
+            time_us: probe.map(|p| p.2),
         };
         let mut json = serde_json::to_string(&marker).map_err(|e| self.io(e))?;
         let mut open = self.marker.lock().unwrap_or_else(|p| p.into_inner());
@@ -323,7 +353,8 @@ impl StateStore {
         }
     }
 
-    /// Which of `ids` of `table` were delivered already.
+    /// Which of `ids` of `table` were delivered already, for namespaces committed with
+    /// [`DeliveredRow::by_id`] (a row committed without it is not found here).
     pub fn delivered_among<'a>(
         &self,
         table: &str,
@@ -334,6 +365,28 @@ impl StateStore {
         let mut out = std::collections::HashSet::new();
         for id in ids {
             if t.get((table, id)).map_err(|e| self.io(e))?.is_some() {
+                out.insert(id.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Which of the `(time µs, id)` rows of `table` were delivered already: found by time, for
+    /// every namespace. A row is the same row only with the same time: the sources that look up
+    /// this way key their units by an immutable time of the source (a request's or trace's).
+    pub fn delivered_at<'a>(
+        &self,
+        table: &str,
+        rows: impl IntoIterator<Item = (i64, &'a str)>,
+    ) -> Result<std::collections::HashSet<String>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+        let mut out = std::collections::HashSet::new();
+        for (time_us, id) in rows {
+            if t.get((table, time_us, id))
+                .map_err(|e| self.io(e))?
+                .is_some()
+            {
                 out.insert(id.to_string());
             }
         }
@@ -386,9 +439,11 @@ impl StateStore {
             let mut cursors = txn.open_table(CURSORS).map_err(|e| self.io(e))?;
             let mut newest: std::collections::BTreeMap<&str, Cursor> = Default::default();
             for r in rows {
-                delivered
-                    .insert((r.table, r.id), r.time_us)
-                    .map_err(|e| self.io(e))?;
+                if r.by_id {
+                    delivered
+                        .insert((r.table, r.id), r.time_us)
+                        .map_err(|e| self.io(e))?;
+                }
                 by_time
                     .insert((r.table, r.time_us, r.id), ())
                     .map_err(|e| self.io(e))?;
@@ -448,13 +503,24 @@ impl StateStore {
                 .map_err(|e| self.io(e))?
                 .filter_map(|r| r.ok().map(|(k, _)| (k.value().1, k.value().2.to_string())))
                 .collect();
+            // A by-time namespace has no by-id entries (unless written by format 1): no lookup
+            // per pruned id then.
+            let indexed = delivered
+                .range((table, "")..)
+                .map_err(|e| self.io(e))?
+                .next()
+                .transpose()
+                .map_err(|e| self.io(e))?
+                .is_some_and(|(k, _)| k.value().0 == table);
             for (t, id) in old {
                 by_time
                     .remove((table, t, id.as_str()))
                     .map_err(|e| self.io(e))?;
-                delivered
-                    .remove((table, id.as_str()))
-                    .map_err(|e| self.io(e))?;
+                if indexed {
+                    delivered
+                        .remove((table, id.as_str()))
+                        .map_err(|e| self.io(e))?;
+                }
                 removed += 1;
             }
         }
@@ -499,6 +565,7 @@ impl StateStore {
 mod tests {
     use super::*;
 
+    /// Rows of a namespace looked up by id (both indexes).
     fn rows<'a>(table: &'a str, items: &'a [(&'a str, i64)]) -> Vec<DeliveredRow<'a>> {
         items
             .iter()
@@ -506,8 +573,109 @@ mod tests {
                 table,
                 id,
                 time_us: *t,
+                by_id: true,
             })
             .collect()
+    }
+
+    /// Rows of a namespace looked up with their time (the by-time index only).
+    fn timed<'a>(table: &'a str, items: &'a [(&'a str, i64)]) -> Vec<DeliveredRow<'a>> {
+        let mut v = rows(table, items);
+        v.iter_mut().for_each(|r| r.by_id = false);
+        v
+    }
+
+    #[test]
+    fn rows_committed_by_time_are_found_by_time_and_id_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path(), false).unwrap();
+        s.commit_delivered(&timed("c.s.t", &[("a", 10), ("b", 20)]))
+            .unwrap();
+        s.commit_delivered(&rows("toolcall:h", &[("call_1", 10)]))
+            .unwrap();
+        let got = s
+            .delivered_at("c.s.t", [(10, "a"), (20, "b"), (11, "a"), (20, "x")])
+            .unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(got.contains("a") && got.contains("b"));
+        // Not indexed by id: only namespaces committed with `by_id` answer by id.
+        assert!(s.delivered_among("c.s.t", ["a", "b"]).unwrap().is_empty());
+        assert_eq!(
+            s.delivered_among("toolcall:h", ["call_1"]).unwrap().len(),
+            1
+        );
+        assert_eq!(
+            s.delivered_at("toolcall:h", [(10, "call_1")])
+                .unwrap()
+                .len(),
+            1
+        );
+        // Counted, listed and pruned like every namespace.
+        assert_eq!(s.count_by_range("c.s.t", &[0, 15, 30]).unwrap(), vec![1, 1]);
+        assert_eq!(s.prune("c.s.t", 15).unwrap(), 1);
+        assert!(s.delivered_at("c.s.t", [(10, "a")]).unwrap().is_empty());
+        assert_eq!(s.delivered_count("c.s.t").unwrap(), 1);
+        assert_eq!(s.prune("toolcall:h", 15).unwrap(), 1);
+        assert!(s
+            .delivered_among("toolcall:h", ["call_1"])
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn a_format_1_file_is_upgraded_and_keeps_every_delivered_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            // What format 1 wrote: every row in both indexes, and a marker without a time.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                txn.open_table(META).unwrap().insert("format", "1").unwrap();
+                let mut d = txn.open_table(DELIVERED).unwrap();
+                let mut b = txn.open_table(BY_TIME).unwrap();
+                for (id, t) in [("a", 10), ("b", 20)] {
+                    d.insert(("c.s.t", id), t).unwrap();
+                    b.insert(("c.s.t", t, id), ()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+            fs::write(
+                dir.path().join(IN_FLIGHT_FILE),
+                r#"{"records":5,"table":"c.s.t","id":"b"}"#,
+            )
+            .unwrap();
+        }
+        let s = StateStore::open(dir.path(), false).unwrap();
+        assert_eq!(
+            s.delivered_at("c.s.t", [(10, "a"), (20, "b")])
+                .unwrap()
+                .len(),
+            2
+        );
+        // The old marker's probe is found by id: its batch was committed.
+        assert_eq!(s.unconfirmed_batch().unwrap(), None);
+        // Pruning also forgets the old by-id entries.
+        assert_eq!(s.prune("c.s.t", 15).unwrap(), 1);
+        assert_eq!(s.delivered_among("c.s.t", ["a", "b"]).unwrap().len(), 1);
+        drop(s);
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get("format").unwrap().unwrap().value(), FORMAT_VERSION);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("format", "3").unwrap();
+            txn.commit().unwrap();
+        }
+        let err = StateStore::open(dir.path(), false).unwrap_err();
+        assert!(err.to_string().contains("format version 3"), "{err}");
     }
 
     #[test]
@@ -560,19 +728,19 @@ mod tests {
         {
             let s = StateStore::open(dir.path(), false).unwrap();
             s.commit_delivered(&rows("t", &[("a", 1)])).unwrap();
-            s.mark_in_flight(7, Some(("t", "b"))).unwrap();
-            s.commit_delivered(&rows("t", &[("b", 2)])).unwrap();
+            s.mark_in_flight(7, Some(("t", "b", 2))).unwrap();
+            s.commit_delivered(&timed("t", &[("b", 2)])).unwrap();
             assert_eq!(
                 s.unconfirmed_batch().unwrap(),
                 None,
                 "cleared by the commit"
             );
-            s.mark_in_flight(9, Some(("t", "c"))).unwrap();
+            s.mark_in_flight(9, Some(("t", "c", 3))).unwrap();
         }
         let s = StateStore::open(dir.path(), false).unwrap();
         assert_eq!(s.unconfirmed_batch().unwrap(), Some(9));
         // A marker whose batch was committed (killed between commit and removal) does not count.
-        s.mark_in_flight(4, Some(("t", "a"))).unwrap();
+        s.mark_in_flight(4, Some(("t", "a", 1))).unwrap();
         assert_eq!(s.unconfirmed_batch().unwrap(), None);
         s.clear_in_flight().unwrap();
         assert_eq!(s.unconfirmed_batch().unwrap(), None);
@@ -584,15 +752,15 @@ mod tests {
         {
             let s = StateStore::open(dir.path(), false).unwrap();
             // One checkpoint of several batches: the count grows, the probe stays.
-            s.mark_in_flight(50, Some(("catalog.schema.a_long_table_name", "id-1")))
+            s.mark_in_flight(50, Some(("catalog.schema.a_long_table_name", "id-1", 7)))
                 .unwrap();
-            s.mark_in_flight(100, Some(("catalog.schema.a_long_table_name", "id-1")))
+            s.mark_in_flight(100, Some(("catalog.schema.a_long_table_name", "id-1", 7)))
                 .unwrap();
             // Shorter content than before (a later checkpoint): padded, still one valid marker.
             s.commit_delivered(&rows("t", &[("x", 1)])).unwrap();
-            s.mark_in_flight(1000, Some(("catalog.schema.a_long_table_name", "id-2")))
+            s.mark_in_flight(1000, Some(("catalog.schema.a_long_table_name", "id-2", 8)))
                 .unwrap();
-            s.mark_in_flight(3, Some(("t", "y"))).unwrap();
+            s.mark_in_flight(3, Some(("t", "y", 9))).unwrap();
         }
         let raw = fs::read_to_string(dir.path().join(IN_FLIGHT_FILE)).unwrap();
         assert!(raw.ends_with(' '), "padded, not truncated: {raw:?}");

@@ -507,8 +507,12 @@ pub async fn collect_experiment(
         let mut todo: Vec<(TraceInfo, i64)> = Vec::new();
         let mut unreadable = Vec::new();
         let mut behind = 0u64;
-        let delivered =
-            state.delivered_among(&ns, page.traces.iter().map(|t| t.trace_id.as_str()))?;
+        let delivered = state.delivered_at(
+            &ns,
+            page.traces
+                .iter()
+                .filter_map(|t| Some((t.time_us()?, t.trace_id.as_str()))),
+        )?;
         for t in page.traces {
             if t.state.as_deref() == Some("IN_PROGRESS") {
                 continue; // read when it has ended (late-trace window)
@@ -749,7 +753,12 @@ pub async fn collect_otel_table(
         if let Some((id, ns)) = keyed.last() {
             after = (*ns, id.clone());
         }
-        let delivered = state.delivered_among(table, keyed.iter().map(|(id, _)| id.as_str()))?;
+        let delivered = state.delivered_at(
+            table,
+            keyed
+                .iter()
+                .map(|(id, ns)| (ns.div_euclid(1000), id.as_str())),
+        )?;
         let mut wanted: Vec<(String, i64, bool)> = Vec::new();
         for (id, ns) in keyed {
             let t = ns.div_euclid(1000);

@@ -16,6 +16,7 @@ fn deliver(state: &StateStore, units: &[databricks_shield::collect::Prepared]) {
             table: NAMESPACE,
             id: &u.id,
             time_us: u.time_us,
+            by_id: true,
         })
         .collect();
     state.commit_delivered(&rows).unwrap();

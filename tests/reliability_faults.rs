@@ -324,6 +324,9 @@ async fn the_emulator_restarts_mid_cycle() {
     let mut cfg = emulator_config();
     cfg.chunk_rows = 20;
     cfg.faults = "route=/api/2.0/sql/statements,kind=latency,ms=150,count=unlimited".into();
+    // Pinned, so the restarted workspace holds the same rows at the same times (a row's time
+    // never changes: the connector keys rows by (time, id)).
+    cfg.anchor_us = Some(chrono::Utc::now().timestamp_micros());
     let mut rig = Rig::new(cfg.clone()).await;
     let addr: std::net::SocketAddr = rig
         .emulator

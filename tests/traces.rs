@@ -47,6 +47,7 @@ fn deliver(state: &StateStore, chunks: &[Chunk]) {
                 table: &c.table,
                 id: &u.id,
                 time_us: u.time_us,
+                by_id: false,
             })
         })
         .collect();

@@ -852,6 +852,7 @@ pub fn rss_state(out: &mut Out, total: usize) -> Result<(), BenchError> {
                 table: "workspace.default.support_bot_payload",
                 id,
                 time_us: t0 + ((b * DEFAULT_BATCH + k) as i64) * 1000,
+                by_id: false,
             })
             .collect();
         state

@@ -57,6 +57,10 @@ pub struct EmulatorConfig {
     pub chunk_rows: usize,
     /// Approximate size of each request+response payload in bytes.
     pub payload_bytes: usize,
+    /// The end of the generated initial hour, µs since the epoch (None: the moment it starts).
+    /// Two emulators with the same seed and anchor hold the same rows, with the same times: a
+    /// workspace that restarts, not a new one.
+    pub anchor_us: Option<i64>,
 }
 
 impl Default for EmulatorConfig {
@@ -76,6 +80,7 @@ impl Default for EmulatorConfig {
             token_ttl_secs: 3600,
             chunk_rows: 1000,
             payload_bytes: 1500,
+            anchor_us: None,
         }
     }
 }
@@ -212,7 +217,8 @@ impl Emulator {
                 source,
             })?;
         let base_url = format!("http://{addr}");
-        let now_ms = chrono::Utc::now().timestamp_millis();
+        let anchor_us = cfg.anchor_us.unwrap_or_else(store::now_us);
+        let now_ms = anchor_us.div_euclid(1000);
         let layout = Arc::new(Layout::build(
             &cfg.catalog.to_lowercase(),
             &cfg.schema.to_lowercase(),
@@ -222,7 +228,7 @@ impl Emulator {
             now_ms,
         ));
         let (l2, pb, seed, rows) = (layout.clone(), cfg.payload_bytes, cfg.seed, cfg.rows);
-        let store = tokio::task::spawn_blocking(move || Store::open(l2, pb, seed, rows))
+        let store = tokio::task::spawn_blocking(move || Store::open(l2, pb, seed, rows, anchor_us))
             .await
             .map_err(|e| {
                 EmulatorError::Storage(format!("store initialisation task failed: {e}"))

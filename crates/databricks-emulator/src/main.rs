@@ -77,6 +77,10 @@ struct Cli {
     /// Approximate bytes of each request+response payload.
     #[arg(long, default_value_t = 1500)]
     payload_bytes: usize,
+    /// End of the generated initial hour, in ms since the epoch (default: now). A restart with
+    /// the same seed and anchor holds the same rows at the same times.
+    #[arg(long)]
+    anchor_unix_ms: Option<i64>,
 }
 
 #[tokio::main]
@@ -103,6 +107,7 @@ async fn main() -> std::process::ExitCode {
         token_ttl_secs: c.token_ttl_secs,
         chunk_rows: c.chunk_rows,
         payload_bytes: c.payload_bytes,
+        anchor_us: c.anchor_unix_ms.map(|ms| ms.saturating_mul(1000)),
     };
     let emu = match Emulator::start(cfg).await {
         Ok(e) => e,

@@ -105,6 +105,8 @@ pub(crate) struct Store {
     rows_total: AtomicU64,
     /// Per agent: the first initial rows whose execution MLflow traces mirror (see [`MirroredRow`]).
     mirrored: Vec<Vec<MirroredRow>>,
+    /// The end of the initial hour of rows (µs): `EmulatorConfig::anchor_us`.
+    anchor_us: i64,
 }
 
 /// How many executions of each agent also have an MLflow trace describing them.
@@ -368,6 +370,7 @@ impl Store {
         payload_bytes: usize,
         seed: u64,
         initial_rows: usize,
+        anchor_us: i64,
     ) -> Result<Store, EmulatorError> {
         let dir = tempfile::tempdir().map_err(|e| {
             EmulatorError::Storage(format!("cannot create a temporary directory: {e}"))
@@ -390,10 +393,10 @@ impl Store {
             rng: Mutex::new(Rng::new(seed ^ 0xD47A)),
             rows_total: AtomicU64::new(0),
             mirrored: Vec::new(),
+            anchor_us,
         };
         store.create_schema()?;
-        let now = now_us();
-        store.insert_rows(initial_rows, now - 3_600_000_000, now)?;
+        store.insert_rows(initial_rows, anchor_us - 3_600_000_000, anchor_us)?;
         store.create_indexes()?;
         let mirrored = store.find_mirrored()?;
         // The bulk load is done: a small writer cache is enough from now on.
@@ -546,7 +549,7 @@ impl Store {
         // Static distractor contents.
         let mut rng = Rng::new(0xC0FFEE);
         let tx = w.unchecked_transaction()?;
-        let now = now_us();
+        let now = self.anchor_us;
         for t in &l.tables {
             match t.kind {
                 TableKind::Customers => {
