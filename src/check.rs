@@ -219,9 +219,15 @@ pub async fn run(config: &Config) -> Vec<Step> {
             );
         }
     }
-    // The state directory: writable, and not held by another instance.
-    let state = match crate::state::StateStore::open(&config.state_dir, false) {
-        Ok(_) => Ok(format!("{} is usable", config.state_dir.display())),
+    // The state directory: writable, and not held by another instance. An older state format is
+    // reported, not upgraded: `check` changes nothing.
+    let state = match crate::state::StateStore::open_unchanged(&config.state_dir) {
+        Ok((_, None)) => Ok(format!("{} is usable", config.state_dir.display())),
+        Ok((_, Some(old))) => Ok(format!(
+            "{} is usable (state format {old}: the next run upgrades it, after which older \
+             releases refuse it)",
+            config.state_dir.display()
+        )),
         Err(crate::state::StateError::Locked(dir)) => Ok(format!(
             "{} is in use by a running instance (fine when that is this connector's service; \
              a second instance needs its own STATE_DIR)",

@@ -74,6 +74,10 @@ pub struct Chunk {
     pub executions: Vec<Execution>,
     /// Units with ready records, checkpointed by (table, id, time) like executions.
     pub prepared: Vec<Prepared>,
+    /// The source looks its units up by id alone (`StateStore::delivered_among`: the inventory,
+    /// span-table traces), so delivery also indexes them by id (`DeliveredRow::by_id`). Otherwise
+    /// they are looked up with their time (`StateStore::delivered_at`).
+    pub by_id: bool,
     /// Rows that cannot be keyed (no id or no time): quarantined by the delivery stage.
     pub unreadable: Vec<(String, String)>,
 }
@@ -121,6 +125,10 @@ pub enum CollectError {
 /// The SQL vocabulary of one inference-table schema.
 struct Dialect {
     time_col: &'static str,
+    /// How a result carries a row's time: a number (µs or ms since the epoch), computed by the
+    /// warehouse, never a TIMESTAMP printed in the session's time zone (a warehouse whose
+    /// `TIMEZONE` changes would shift every time read as text, and a row is keyed by its time).
+    time_key: &'static str,
     date_col: &'static str,
     time_type: &'static str,
     columns: &'static str,
@@ -129,15 +137,19 @@ struct Dialect {
 
 const AI_GATEWAY: Dialect = Dialect {
     time_col: "request_time",
+    time_key: "unix_micros(request_time) AS request_time_us",
     date_col: "request_date",
     time_type: "TIMESTAMP",
-    columns: "databricks_request_id, client_request_id, request_time, status_code, execution_duration_ms, \
-              request, response, logging_error_codes, served_entity_id, requester",
+    columns:
+        "databricks_request_id, client_request_id, unix_micros(request_time) AS request_time_us, \
+              status_code, execution_duration_ms, request, response, logging_error_codes, \
+              served_entity_id, requester",
     format: TableFormat::AiGateway,
 };
 
 const LEGACY: Dialect = Dialect {
     time_col: "timestamp_ms",
+    time_key: "timestamp_ms",
     date_col: "`date`",
     time_type: "BIGINT",
     columns:
@@ -170,7 +182,11 @@ impl Dialect {
     fn parse_time(&self, raw: &str) -> Option<i64> {
         match self.format {
             TableFormat::Legacy => raw.trim().parse::<i64>().ok()?.checked_mul(1000),
-            TableFormat::AiGateway => parse_timestamp(raw),
+            // `request_time_us`; a TIMESTAMP's text is read too (rows of other queries, tests).
+            TableFormat::AiGateway => match raw.trim().parse::<i64>() {
+                Ok(us) => Some(us),
+                Err(_) => parse_timestamp(raw),
+            },
         }
     }
 }
@@ -252,11 +268,11 @@ impl RowColumns {
         RowColumns {
             id: column("databricks_request_id"),
             client: column("client_request_id"),
-            time: column(if legacy {
-                "timestamp_ms"
+            time: if legacy {
+                column("timestamp_ms")
             } else {
-                "request_time"
-            }),
+                column("request_time_us").or_else(|| column("request_time"))
+            },
             status: column("status_code"),
             duration: column(if legacy {
                 "execution_time_ms"
@@ -529,14 +545,12 @@ impl TableReader<'_> {
                 &self.table.full_name,
                 keyed.iter().map(|(t, e)| (*t, e.request_id.as_str())),
             )?;
-            for (time_us, exec) in keyed {
+            for ((time_us, exec), done) in keyed.into_iter().zip(delivered) {
                 last = Some((time_us, exec.request_id.clone()));
                 if wanted.is_some() {
                     seen.insert(exec.request_id.clone());
                 }
-                if delivered.contains(&exec.request_id)
-                    || wanted.is_some_and(|w| !w.contains(&exec.request_id))
-                {
+                if done || wanted.is_some_and(|w| !w.contains(&exec.request_id)) {
                     stats.duplicates_skipped += 1;
                     continue;
                 }
@@ -819,8 +833,9 @@ impl TableReader<'_> {
                 None => String::new(),
             };
             let sql = format!(
-                "SELECT databricks_request_id, {tc} FROM {t} WHERE {date} >= :from_date AND ({conds}){keyset} \
+                "SELECT databricks_request_id, {key} FROM {t} WHERE {date} >= :from_date AND ({conds}){keyset} \
                  ORDER BY {tc}, databricks_request_id LIMIT {lim}",
+                key = d.time_key,
                 tc = d.time_col,
                 t = quote_table(&self.table.full_name),
                 date = d.date_col,
@@ -848,15 +863,15 @@ impl TableReader<'_> {
                 .map(|(id, _)| id.len() as u64 + 27)
                 .sum::<u64>();
             let delivered = if all_missing {
-                HashSet::new()
+                vec![false; keyed.len()]
             } else {
                 self.state.delivered_at(
                     &self.table.full_name,
                     keyed.iter().map(|(id, t)| (*t, id.as_str())),
                 )?
             };
-            for (id, _) in &keyed {
-                if delivered.contains(id) {
+            for ((id, _), done) in keyed.iter().zip(delivered) {
+                if done {
                     stats.duplicates_skipped += 1;
                 } else {
                     missing.push(id.clone());
@@ -955,5 +970,38 @@ mod tests {
         assert_eq!(LEGACY.time_value(1_500_999), "1500");
         assert_eq!(LEGACY.parse_time("1500"), Some(1_500_000));
         assert_eq!(AI_GATEWAY.time_value(0), "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn gateway_rows_are_keyed_by_the_warehouse_computed_microseconds() {
+        // The statements read `unix_micros(request_time)`: the key cannot depend on the session
+        // time zone the warehouse would print a TIMESTAMP in.
+        assert!(AI_GATEWAY.columns.contains(AI_GATEWAY.time_key));
+        assert!(AI_GATEWAY.time_key.starts_with("unix_micros(request_time)"));
+        assert_eq!(
+            AI_GATEWAY.parse_time(" 1764405180123456 "),
+            Some(1_764_405_180_123_456)
+        );
+        let names = ["databricks_request_id", "request_time", "request_time_us"];
+        let cols = RowColumns::locate(TableFormat::AiGateway, |n| {
+            names.iter().position(|c| *c == n)
+        });
+        assert_eq!(cols.time, Some(2), "the number wins over the text");
+        // A zone-less text (what a non-UTC session could print) is not what keys the row.
+        let row: Row = vec![
+            Cell(Some("id-1".into())),
+            Cell(Some("2025-11-29 09:33:00.123456".into())),
+            Cell(Some("1764405180123456".into())),
+        ];
+        let (t, exec) = execution_from_row("c.s.t", TableFormat::AiGateway, &cols, row).unwrap();
+        assert_eq!(t, 1_764_405_180_123_456);
+        assert_eq!(exec.request_time.timestamp_micros(), t);
+        // A time chrono cannot represent is unreadable (quarantined), never replaced by "now".
+        let row: Row = vec![
+            Cell(Some("id-2".into())),
+            Cell(None),
+            Cell(Some(i64::MAX.to_string().as_str().into())),
+        ];
+        assert!(execution_from_row("c.s.t", TableFormat::AiGateway, &cols, row).is_err());
     }
 }

@@ -430,6 +430,7 @@ impl Connector {
             let chunk = Chunk {
                 table: crate::inventory::NAMESPACE.into(),
                 prepared: units,
+                by_id: true,
                 ..Default::default()
             };
             if tx.send(chunk).await.is_err() {
@@ -630,6 +631,7 @@ impl Connector {
             for unit in &chunk.prepared {
                 let unit_ref = UnitRef {
                     table: &chunk.table,
+                    by_id: chunk.by_id,
                     agent: &unit.agent,
                     host: &unit.host,
                     id: &unit.id,
@@ -656,8 +658,14 @@ impl Connector {
                     .first()
                     .map(|u| u.agent.clone())
                     .unwrap_or_default();
-                self.flush(&mut batch, &chunk.table, &agent, totals, pending)
-                    .await?;
+                self.flush(
+                    &mut batch,
+                    (&chunk.table, chunk.by_id),
+                    &agent,
+                    totals,
+                    pending,
+                )
+                .await?;
             }
             if chunk.executions.is_empty() {
                 continue;
@@ -689,6 +697,7 @@ impl Connector {
                     totals.tool_calls += u64::from(m.tool_calls);
                     let unit_ref = UnitRef {
                         table: &chunk.table,
+                        by_id: chunk.by_id,
                         agent: &agent.name,
                         host: &agent.host,
                         id: &exec.request_id,
@@ -711,8 +720,14 @@ impl Connector {
                 }
             }
             if !batch.is_empty() {
-                self.flush(&mut batch, &chunk.table, &agent.name, totals, pending)
-                    .await?;
+                self.flush(
+                    &mut batch,
+                    (&chunk.table, chunk.by_id),
+                    &agent.name,
+                    totals,
+                    pending,
+                )
+                .await?;
             }
         }
         Ok(())
@@ -832,7 +847,7 @@ impl Connector {
             && (batch.records.len() + records.len() > max_records
                 || batch.bytes + bytes > max_bytes)
         {
-            self.flush(batch, unit.table, unit.agent, totals, pending)
+            self.flush(batch, (unit.table, unit.by_id), unit.agent, totals, pending)
                 .await?;
             sent = true;
         }
@@ -840,13 +855,14 @@ impl Connector {
         Ok(sent)
     }
 
-    /// Sends one batch and adds the executions whose records were all confirmed, with the tool
-    /// calls of their delivered records (registry), to the pending checkpoint; commits it when
+    /// Sends one batch of the namespace `table` (its units indexed by id too when `by_id`) and
+    /// adds the executions whose records were all confirmed, with the tool calls of their
+    /// delivered records (registry), to the pending checkpoint; commits it when
     /// it holds `checkpoint_batches` batches or the sink failed.
     async fn flush(
         &self,
         batch: &mut Batch,
-        table: &str,
+        (table, by_id): (&str, bool),
         agent: &str,
         totals: &mut DeliveryTotals,
         pending: &mut Pending,
@@ -908,7 +924,6 @@ impl Connector {
             .map(|(_, _, range)| range.clone().all(|i| settled[i]))
             .collect();
         pending.batches += 1;
-        let by_id = looked_up_by_id(table);
         for ((id, t, _), _) in b.execs.iter().zip(&committed).filter(|(_, c)| **c) {
             pending
                 .rows
@@ -1009,14 +1024,6 @@ async fn join_readers(
 /// Inference-row executions mapped and looked up in the tool call registry at a time.
 const LOOKUP_GROUP: usize = 64;
 
-/// Whether the units of a state namespace are looked up by id alone, so must be indexed by id
-/// (`state::DeliveredRow::by_id`): the inventory's (its unit time is the cycle's) and the tool call
-/// registry's. Every other source looks its units up with the source's own time
-/// (`StateStore::delivered_at`).
-fn looked_up_by_id(namespace: &str) -> bool {
-    namespace == crate::inventory::NAMESPACE || namespace.starts_with(TOOL_CALL_PREFIX)
-}
-
 /// The prefix of the tool call registry's state namespaces.
 pub const TOOL_CALL_PREFIX: &str = "toolcall:";
 
@@ -1098,6 +1105,8 @@ impl ToolCallLedger {
 struct UnitRef<'a> {
     /// Its state namespace.
     table: &'a str,
+    /// The namespace's units are looked up by id (`Chunk::by_id`).
+    by_id: bool,
     agent: &'a str,
     host: &'a str,
     id: &'a str,

@@ -152,6 +152,21 @@ impl StateStore {
     /// Opens the store in `dir` (created 0700, file 0600). With `reset`, a damaged or old file is
     /// moved aside first (`*.damaged-<unix time>`), never deleted.
     pub fn open(dir: &Path, reset: bool) -> Result<StateStore, StateError> {
+        let store = Self::open_file(dir, reset)?;
+        store.init(true)?;
+        Ok(store)
+    }
+
+    /// Opens the store as [`StateStore::open`] does, for `check`: a file of an older format is
+    /// left as it is (an upgrade is one-way: a diagnostic run must not prevent going back).
+    /// Returns the store and the format version found, when it is an older one.
+    pub fn open_unchanged(dir: &Path) -> Result<(StateStore, Option<String>), StateError> {
+        let store = Self::open_file(dir, false)?;
+        let older = store.init(false)?;
+        Ok((store, older))
+    }
+
+    fn open_file(dir: &Path, reset: bool) -> Result<StateStore, StateError> {
         prepare_dir(dir)?;
         let path = dir.join(FILE_NAME);
         if reset && path.exists() {
@@ -194,7 +209,6 @@ impl StateStore {
             path,
             marker: std::sync::Mutex::new(None),
         };
-        store.init()?;
         Ok(store)
     }
 
@@ -205,8 +219,11 @@ impl StateStore {
         }
     }
 
-    fn init(&self) -> Result<(), StateError> {
+    /// Creates the tables of a new file and checks the format of an existing one, upgrading an
+    /// older format when `upgrade` (else it returns that format's version and changes nothing).
+    fn init(&self, upgrade: bool) -> Result<Option<String>, StateError> {
         let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        let mut older = None;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
             let existing = meta
@@ -219,6 +236,9 @@ impl StateStore {
                         .map_err(|e| self.io(e))?;
                 }
                 Some(FORMAT_VERSION) => {}
+                Some(old) if UPGRADES_FROM.contains(&old) && !upgrade => {
+                    older = Some(old.to_string());
+                }
                 Some(old) if UPGRADES_FROM.contains(&old) => {
                     tracing::info!(
                         "state file {}: format {old} upgraded to {FORMAT_VERSION}",
@@ -241,7 +261,13 @@ impl StateStore {
             txn.open_table(CURSORS).map_err(|e| self.io(e))?;
             txn.open_table(READ_MARKS).map_err(|e| self.io(e))?;
         }
-        txn.commit().map_err(|e| self.io(e))
+        if older.is_some() {
+            // Nothing written: the file stays as it was.
+            txn.abort().map_err(|e| self.io(e))?;
+        } else {
+            txn.commit().map_err(|e| self.io(e))?;
+        }
+        Ok(older)
     }
 
     /// The file's path.
@@ -268,10 +294,14 @@ impl StateStore {
         };
         if !marker.table.is_empty() {
             let committed = match marker.time_us {
-                Some(t) => self.delivered_at(&marker.table, [(t, marker.id.as_str())])?,
-                None => self.delivered_among(&marker.table, [marker.id.as_str()])?,
+                Some(t) => self
+                    .delivered_at(&marker.table, [(t, marker.id.as_str())])?
+                    .contains(&true),
+                None => !self
+                    .delivered_among(&marker.table, [marker.id.as_str()])?
+                    .is_empty(),
             };
-            if !committed.is_empty() {
+            if committed {
                 return Ok(None);
             }
         }
@@ -371,26 +401,24 @@ impl StateStore {
         Ok(out)
     }
 
-    /// Which of the `(time µs, id)` rows of `table` were delivered already: found by time, for
-    /// every namespace. A row is the same row only with the same time: the sources that look up
-    /// this way key their units by an immutable time of the source (a request's or trace's).
+    /// For each `(time µs, id)` row of `table`, in order: was it delivered already? Found by
+    /// time, for every namespace. A row is the same row only with the same time: the sources that
+    /// look up this way key their units by an immutable time of the source (a request's or
+    /// trace's), read as a number, never as text in a session time zone.
     pub fn delivered_at<'a>(
         &self,
         table: &str,
         rows: impl IntoIterator<Item = (i64, &'a str)>,
-    ) -> Result<std::collections::HashSet<String>, StateError> {
+    ) -> Result<Vec<bool>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
-        let mut out = std::collections::HashSet::new();
-        for (time_us, id) in rows {
-            if t.get((table, time_us, id))
-                .map_err(|e| self.io(e))?
-                .is_some()
-            {
-                out.insert(id.to_string());
-            }
-        }
-        Ok(out)
+        rows.into_iter()
+            .map(|(time_us, id)| {
+                t.get((table, time_us, id))
+                    .map(|v| v.is_some())
+                    .map_err(|e| self.io(e))
+            })
+            .collect()
     }
 
     /// How many delivered rows of `table` have a time in each `[bounds[i], bounds[i+1])`.
@@ -596,8 +624,8 @@ mod tests {
         let got = s
             .delivered_at("c.s.t", [(10, "a"), (20, "b"), (11, "a"), (20, "x")])
             .unwrap();
-        assert_eq!(got.len(), 2);
-        assert!(got.contains("a") && got.contains("b"));
+        // Per row, in order; the same id at another time is another row.
+        assert_eq!(got, [true, true, false, false]);
         // Not indexed by id: only namespaces committed with `by_id` answer by id.
         assert!(s.delivered_among("c.s.t", ["a", "b"]).unwrap().is_empty());
         assert_eq!(
@@ -605,15 +633,13 @@ mod tests {
             1
         );
         assert_eq!(
-            s.delivered_at("toolcall:h", [(10, "call_1")])
-                .unwrap()
-                .len(),
-            1
+            s.delivered_at("toolcall:h", [(10, "call_1")]).unwrap(),
+            [true]
         );
         // Counted, listed and pruned like every namespace.
         assert_eq!(s.count_by_range("c.s.t", &[0, 15, 30]).unwrap(), vec![1, 1]);
         assert_eq!(s.prune("c.s.t", 15).unwrap(), 1);
-        assert!(s.delivered_at("c.s.t", [(10, "a")]).unwrap().is_empty());
+        assert_eq!(s.delivered_at("c.s.t", [(10, "a")]).unwrap(), [false]);
         assert_eq!(s.delivered_count("c.s.t").unwrap(), 1);
         assert_eq!(s.prune("toolcall:h", 15).unwrap(), 1);
         assert!(s
@@ -646,12 +672,20 @@ mod tests {
             )
             .unwrap();
         }
+        // A diagnostic open (`check`) sees the old format and leaves it.
+        let (s, older) = StateStore::open_unchanged(dir.path()).unwrap();
+        assert_eq!(older.as_deref(), Some("1"));
+        drop(s);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_read().unwrap();
+            let meta = txn.open_table(META).unwrap();
+            assert_eq!(meta.get("format").unwrap().unwrap().value(), "1");
+        }
         let s = StateStore::open(dir.path(), false).unwrap();
         assert_eq!(
-            s.delivered_at("c.s.t", [(10, "a"), (20, "b")])
-                .unwrap()
-                .len(),
-            2
+            s.delivered_at("c.s.t", [(10, "a"), (20, "b")]).unwrap(),
+            [true, true]
         );
         // The old marker's probe is found by id: its batch was committed.
         assert_eq!(s.unconfirmed_batch().unwrap(), None);

@@ -507,13 +507,14 @@ pub async fn collect_experiment(
         let mut todo: Vec<(TraceInfo, i64)> = Vec::new();
         let mut unreadable = Vec::new();
         let mut behind = 0u64;
+        // A trace without a time is never found (it is quarantined below).
         let delivered = state.delivered_at(
             &ns,
             page.traces
                 .iter()
-                .filter_map(|t| Some((t.time_us()?, t.trace_id.as_str()))),
+                .map(|t| (t.time_us().unwrap_or(i64::MIN), t.trace_id.as_str())),
         )?;
-        for t in page.traces {
+        for (t, done) in page.traces.into_iter().zip(delivered) {
             if t.state.as_deref() == Some("IN_PROGRESS") {
                 continue; // read when it has ended (late-trace window)
             }
@@ -530,7 +531,7 @@ pub async fn collect_experiment(
             let Some(is_behind) = w.wants(time_us, &t.trace_id) else {
                 continue;
             };
-            if delivered.contains(&t.trace_id) {
+            if done {
                 stats.duplicates_skipped += 1;
                 continue;
             }
@@ -753,12 +754,9 @@ pub async fn collect_otel_table(
         if let Some((id, ns)) = keyed.last() {
             after = (*ns, id.clone());
         }
-        let delivered = state.delivered_at(
-            table,
-            keyed
-                .iter()
-                .map(|(id, ns)| (ns.div_euclid(1000), id.as_str())),
-        )?;
+        // By id: a trace is keyed by a root span's time, but a late second root span would give
+        // it another one (the chunk is marked `by_id`).
+        let delivered = state.delivered_among(table, keyed.iter().map(|(id, _)| id.as_str()))?;
         let mut wanted: Vec<(String, i64, bool)> = Vec::new();
         for (id, ns) in keyed {
             let t = ns.div_euclid(1000);
@@ -859,6 +857,7 @@ pub async fn collect_otel_table(
             out.send(Chunk {
                 table: table.to_string(),
                 prepared: units,
+                by_id: true,
                 ..Default::default()
             })
             .await

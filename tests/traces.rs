@@ -47,7 +47,7 @@ fn deliver(state: &StateStore, chunks: &[Chunk]) {
                 table: &c.table,
                 id: &u.id,
                 time_us: u.time_us,
-                by_id: false,
+                by_id: c.by_id,
             })
         })
         .collect();
