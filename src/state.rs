@@ -6,12 +6,12 @@
 //! connector that was down longer than the lookback catches up.
 //!
 //! Every delivered id is kept ordered by `(namespace, time, id)`: the sources that know a unit's
-//! time when they look it up (inference rows, traces, span tables) are looked up there
+//! exact time when they look it up (inference rows, MLflow traces) are looked up there
 //! ([`StateStore::delivered_at`]), and their inserts land next to each other, since rows are read
 //! in time order. Only the namespaces looked up by id alone (the tool call registry, the
-//! inventory) are also indexed by id ([`DeliveredRow::by_id`]): inserts of random ids touch a
-//! different B-tree page each, which made the by-id index of every row the costliest part of
-//! delivery (BENCHMARKS.md, fifth pass).
+//! inventory, span-table traces) are also indexed by id ([`DeliveredRow::by_id`]): inserts of
+//! random ids touch a different B-tree page each, which made the by-id index of every row the
+//! costliest part of delivery (BENCHMARKS.md, fifth pass).
 //!
 //! Architecture Invariant: state changes only after a sink confirmed delivery of the batch that
 //! contains the ids (acknowledge, then checkpoint). Before a batch is sent an in-flight marker is

@@ -8,7 +8,7 @@
 //! - [`agent_host`] / [`invocation_path`]: where a record lands in Akto (scheme in [`host`]).
 //! - [`map_execution`]: one execution -> its record plus one record per tool call (choices in
 //!   [`map`]).
-//! - [`validate`]: the local copy of Akto's acceptance rules; [`encode`]: the wire form.
+//! - [`validate()`]: the local copy of Akto's acceptance rules; [`encode`]: the wire form.
 //! - [`Redactor`]: opt-in masking of sensitive values before egress (see [`redact`]).
 
 pub mod execution;
