@@ -189,3 +189,46 @@ async fn a_healthy_setup_passes_every_line_and_each_case_fails_its_own() {
         f[0].1
     );
 }
+
+/// `check` changes nothing: a state file of an older format is reported, not upgraded (an
+/// upgrade is one-way, and a diagnostic run must not prevent going back to the older release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_state_format_is_reported_and_left_as_it_is() {
+    const META: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("databricks-shield.redb");
+    let format_of = |file: &std::path::Path| {
+        use redb::ReadableDatabase as _;
+        let db = redb::Database::create(file).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        let v = meta.get("format").unwrap().unwrap().value().to_string();
+        v
+    };
+    {
+        let db = redb::Database::create(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("format", "1").unwrap();
+        txn.commit().unwrap();
+    }
+    let (ok, steps, out) = check(&Setup {
+        host: emu.base_url(),
+        secret: common::SECRET.into(),
+        sink: standin.url(),
+        prefix: String::new(),
+        extra: vec![("STATE_DIR", state.path().display().to_string())],
+    });
+    assert!(ok, "{out}");
+    let line = steps
+        .iter()
+        .find(|s| s["name"] == "state directory")
+        .expect("a state directory line");
+    let detail = line["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("state format 1") && detail.contains("next run upgrades it"),
+        "{detail}"
+    );
+    assert_eq!(format_of(&file), "1", "check upgraded the state file");
+}
