@@ -131,6 +131,7 @@ struct Dialect {
     time_key: &'static str,
     date_col: &'static str,
     time_type: &'static str,
+    /// The other columns of a payload read (results are located by column name).
     columns: &'static str,
     format: TableFormat,
 }
@@ -140,10 +141,8 @@ const AI_GATEWAY: Dialect = Dialect {
     time_key: "unix_micros(request_time) AS request_time_us",
     date_col: "request_date",
     time_type: "TIMESTAMP",
-    columns:
-        "databricks_request_id, client_request_id, unix_micros(request_time) AS request_time_us, \
-              status_code, execution_duration_ms, request, response, logging_error_codes, \
-              served_entity_id, requester",
+    columns: "databricks_request_id, client_request_id, status_code, execution_duration_ms, \
+              request, response, logging_error_codes, served_entity_id, requester",
     format: TableFormat::AiGateway,
 };
 
@@ -152,13 +151,17 @@ const LEGACY: Dialect = Dialect {
     time_key: "timestamp_ms",
     date_col: "`date`",
     time_type: "BIGINT",
-    columns:
-        "databricks_request_id, client_request_id, timestamp_ms, status_code, execution_time_ms, \
+    columns: "databricks_request_id, client_request_id, status_code, execution_time_ms, \
               request, response, request_metadata",
     format: TableFormat::Legacy,
 };
 
 impl Dialect {
+    /// What a payload read selects: the time key, then the other columns.
+    fn select_list(&self) -> String {
+        format!("{}, {}", self.time_key, self.columns)
+    }
+
     fn for_kind(kind: TableKind) -> &'static Dialect {
         match kind {
             TableKind::LegacyPayload => &LEGACY,
@@ -467,7 +470,7 @@ impl TableReader<'_> {
             let sql = format!(
                 "SELECT {cols} FROM {t} WHERE {date} >= :from_date{and}{conds} \
                  ORDER BY {tc}, databricks_request_id LIMIT {limit}",
-                cols = d.columns,
+                cols = d.select_list(),
                 t = quote_table(&self.table.full_name),
                 date = d.date_col,
                 and = if conds.is_empty() { "" } else { " AND " },
@@ -911,7 +914,7 @@ impl TableReader<'_> {
             let sql = format!(
                 "SELECT {cols} FROM {t} WHERE {date} >= :from_date AND databricks_request_id IN ({ids}) \
                  ORDER BY {tc}, databricks_request_id",
-                cols = d.columns,
+                cols = d.select_list(),
                 t = quote_table(&self.table.full_name),
                 date = d.date_col,
                 ids = markers.join(", "),
@@ -976,7 +979,7 @@ mod tests {
     fn gateway_rows_are_keyed_by_the_warehouse_computed_microseconds() {
         // The statements read `unix_micros(request_time)`: the key cannot depend on the session
         // time zone the warehouse would print a TIMESTAMP in.
-        assert!(AI_GATEWAY.columns.contains(AI_GATEWAY.time_key));
+        assert!(AI_GATEWAY.select_list().contains(AI_GATEWAY.time_key));
         assert!(AI_GATEWAY.time_key.starts_with("unix_micros(request_time)"));
         assert_eq!(
             AI_GATEWAY.parse_time(" 1764405180123456 "),
