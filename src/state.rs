@@ -412,11 +412,23 @@ impl StateStore {
     ) -> Result<Vec<bool>, StateError> {
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+        // The namespace's latest time: a row after it cannot be there, no lookup needed (most
+        // rows of a cycle are new ones). One descent of the tree for the whole call.
+        let next_ns = format!("{table}\0");
+        let latest = t
+            .range((table, i64::MIN, "")..(next_ns.as_str(), i64::MIN, ""))
+            .map_err(|e| self.io(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.io(e))?
+            .map(|(k, _)| k.value().1);
         rows.into_iter()
-            .map(|(time_us, id)| {
-                t.get((table, time_us, id))
+            .map(|(time_us, id)| match latest {
+                Some(l) if time_us <= l => t
+                    .get((table, time_us, id))
                     .map(|v| v.is_some())
-                    .map_err(|e| self.io(e))
+                    .map_err(|e| self.io(e)),
+                _ => Ok(false),
             })
             .collect()
     }
@@ -646,6 +658,28 @@ mod tests {
             .delivered_among("toolcall:h", ["call_1"])
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn the_latest_time_shortcut_sees_only_its_own_namespace() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path(), false).unwrap();
+        // Neighbours on both sides in key order, with times before and after.
+        s.commit_delivered(&timed("c.s.s", &[("z", 1_000)]))
+            .unwrap();
+        s.commit_delivered(&timed("c.s.t", &[("a", 10), ("b", 20)]))
+            .unwrap();
+        s.commit_delivered(&timed("c.s.t\u{1}", &[("y", 5)]))
+            .unwrap();
+        s.commit_delivered(&timed("c.s.t0", &[("x", 5)])).unwrap();
+        // The latest row itself, a row before it, rows after it, an empty namespace.
+        assert_eq!(
+            s.delivered_at("c.s.t", [(20, "b"), (10, "a"), (21, "b"), (1_000, "z")])
+                .unwrap(),
+            [true, true, false, false]
+        );
+        assert_eq!(s.delivered_at("c.s.r", [(1_000, "z")]).unwrap(), [false]);
+        assert_eq!(s.delivered_at("c.s.t0", [(5, "x")]).unwrap(), [true]);
     }
 
     #[test]
