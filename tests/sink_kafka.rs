@@ -329,3 +329,75 @@ async fn refused_sasl_credentials_are_reported_as_such_never_as_a_network_proble
     assert!(err.delivered_before_failure().is_empty());
     check(&err);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sasl_plain_login_delivers_and_a_wrong_password_is_refused() {
+    // The broker is reached only through a SASL_PLAINTEXT front (tests/common/sasl.rs): every
+    // connection must log in with PLAIN before the broker answers anything but ApiVersions.
+    let (listener, front_addr) = common::sasl::bind().await;
+    let Some(broker) = start_broker_advertising(&[], Some(front_addr)) else {
+        return;
+    };
+    let password = "pw-sasl-plain-0815";
+    let front = common::sasl::serve(listener, broker.addr, "akto-connector", password);
+    let brokers = front.addr.to_string();
+    let topic = "akto.api.logs";
+    let login = [
+        ("security.protocol", "SASL_PLAINTEXT"),
+        ("sasl.mechanism", "PLAIN"),
+        ("sasl.username", "akto-connector"),
+        ("sasl.password", password),
+    ];
+    create_topic_as(&brokers, topic, 2, &[], &login).await;
+
+    // What the connector sets from KAFKA_SECURITY_PROTOCOL / KAFKA_SASL_*.
+    let sasl = |password: &str, timeout: Duration| {
+        let mut c = sink_config(&brokers, topic, timeout);
+        c.security_protocol = Some("SASL_PLAINTEXT".into());
+        c.sasl_mechanism = Some("PLAIN".into());
+        c.sasl_username = Some("akto-connector".into());
+        c.sasl_password = Some(password.to_string().into());
+        c
+    };
+    let sink = KafkaSink::new(sasl(password, Duration::from_secs(20))).unwrap();
+    sink.healthcheck().await.expect("logged in");
+    let records: Vec<OutRecord> = (0..40).map(|i| record(i, 200)).collect();
+    let outcome = sink.deliver(&records).await.expect("delivered");
+    assert_eq!(outcome.delivered, (0..40).collect::<Vec<_>>());
+    assert!(outcome.rejected.is_empty());
+    let stored = consume_all_as(&brokers, topic, 2, &login).await;
+    let mut got: Vec<&str> = stored.iter().map(|(_, _, v)| v.as_str()).collect();
+    let mut want: Vec<&str> = records.iter().map(|r| r.json.as_str()).collect();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want, "every record stored once");
+    let seen = front.seen();
+    assert!(!seen.logins.is_empty());
+    assert!(
+        seen.logins
+            .iter()
+            .all(|(user, ok)| user == "akto-connector" && *ok),
+        "{seen:?}"
+    );
+    assert!(seen.refused_before_login.is_empty(), "{seen:?}");
+    drop(sink);
+
+    // The wrong password: refused, said so with the settings to fix, never as a network problem.
+    let wrong = "pw-wrong-do-not-print-42";
+    let sink = KafkaSink::new(sasl(wrong, Duration::from_secs(3))).unwrap();
+    let err = sink.healthcheck().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(!err.is_retriable(), "{msg}");
+    assert!(msg.contains("refused the authentication"), "{msg}");
+    assert!(msg.contains("KAFKA_SASL_PASSWORD"), "{msg}");
+    assert!(!msg.contains("KAFKA_BROKER_HOST"), "{msg}");
+    assert!(!msg.contains(wrong) && !msg.contains(password), "{msg}");
+    assert!(
+        front
+            .seen()
+            .logins
+            .iter()
+            .any(|(user, ok)| user == "akto-connector" && !*ok),
+        "the front saw the refused login"
+    );
+}

@@ -76,6 +76,12 @@ pub fn start_broker() -> Option<Broker> {
 /// [`start_broker`] with extra `tansu broker` arguments (e.g. `--authentication`: clients must
 /// authenticate with SASL).
 pub fn start_broker_with(extra: &[&str]) -> Option<Broker> {
+    start_broker_advertising(extra, None)
+}
+
+/// [`start_broker_with`] advertising `advertised` (e.g. a front in between) instead of its own
+/// address: clients bootstrap anywhere, then reach the broker at `advertised`.
+pub fn start_broker_advertising(extra: &[&str], advertised: Option<SocketAddr>) -> Option<Broker> {
     let Some(bin) = tansu_bin() else {
         if std::env::var_os("CI").is_some() {
             panic!("the Kafka broker binary `tansu` is missing and CI is set: install it with `cargo install tansu --locked --no-default-features --features dynostore`");
@@ -89,13 +95,14 @@ pub fn start_broker_with(extra: &[&str]) -> Option<Broker> {
             .expect("free port")
             .port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
         let child = Command::new(&bin)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
                 "--storage-engine",
                 "memory://tansu/",
             ])
@@ -137,8 +144,18 @@ pub async fn create_topic_with(
     partitions: i32,
     configs: &[(&str, &str)],
 ) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    create_topic_as(brokers, topic, partitions, configs, &[]).await
+}
+
+/// [`create_topic_with`] with extra client settings (e.g. SASL credentials).
+pub async fn create_topic_as(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    configs: &[(&str, &str)],
+    client: &[(&str, &str)],
+) {
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers, client)
         .create()
         .expect("admin client");
     let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -167,8 +184,26 @@ pub async fn consume_all(
     topic: &str,
     partitions: i32,
 ) -> Vec<(i32, String, String)> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    consume_all_as(brokers, topic, partitions, &[]).await
+}
+
+fn client_config(brokers: &str, client: &[(&str, &str)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in client {
+        c.set(*k, *v);
+    }
+    c
+}
+
+/// [`consume_all`] with extra client settings (e.g. SASL credentials).
+pub async fn consume_all_as(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    client: &[(&str, &str)],
+) -> Vec<(i32, String, String)> {
+    let producer: FutureProducer = client_config(brokers, client)
         .set("message.timeout.ms", "20000")
         .create()
         .expect("producer");
@@ -184,8 +219,7 @@ pub async fn consume_all(
             .map_err(|(e, _)| e)
             .expect("sentinel delivered");
     }
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: StreamConsumer = client_config(brokers, client)
         .set("group.id", format!("sink-test-{}", std::process::id()))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod sasl;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
