@@ -134,6 +134,8 @@ pub struct Cli {
 }
 
 /// Databricks workspace, credentials and what to read.
+// The example URL is --help text, printed as is: no link markup.
+#[allow(rustdoc::bare_urls)]
 #[derive(Args, Debug, Default, Clone)]
 #[command(next_help_heading = "Databricks")]
 pub struct DatabricksArgs {
