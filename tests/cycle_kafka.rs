@@ -168,3 +168,91 @@ async fn records_over_the_topic_message_limit_are_cut_to_fit_not_refused() {
     );
     assert!(got.values().all(|n| *n == 1), "duplicates in the topic");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_logs_in_with_sasl_from_its_environment_and_delivers_once() {
+    // The broker is reached only through a SASL_PLAINTEXT/PLAIN front (tests/common/sasl.rs).
+    let (listener, front_addr) = common::sasl::bind().await;
+    let Some(broker) = start_broker_advertising(&[], Some(front_addr)) else {
+        return;
+    };
+    let password = "Kafka-Sasl-Secret-5c4b3a";
+    let front = common::sasl::serve(listener, broker.addr, "akto-connector", password);
+    let brokers = front.addr.to_string();
+    let login = [
+        ("security.protocol", "SASL_PLAINTEXT"),
+        ("sasl.mechanism", "PLAIN"),
+        ("sasl.username", "akto-connector"),
+        ("sasl.password", password),
+    ];
+    create_topic_as(&brokers, TOPIC, 2, &[], &login).await;
+    let emu = emulator(emulator_config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Only what an operator sets: the Kafka settings from the environment, no Akto URL.
+    let run = |args: &'static [&'static str], password: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_databricks-shield"));
+        c.args(args)
+            .env_clear()
+            .env("DATABRICKS_HOST", emu.base_url())
+            .env("DATABRICKS_CLIENT_ID", "emulator-client")
+            .env("DATABRICKS_CLIENT_SECRET", SECRET)
+            .env("KAFKA_BROKER_HOST", &brokers)
+            .env("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+            .env("KAFKA_SASL_MECHANISM", "PLAIN")
+            .env("KAFKA_SASL_USERNAME", "akto-connector")
+            .env("KAFKA_SASL_PASSWORD", password)
+            .env("STATE_DIR", dir.path().join("state"))
+            .env("LOOKBACK_MINUTES", "120")
+            .env("METRICS_ADDR", "off");
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+    };
+    let out = run(&["-once"], password).await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains(password), "the password leaked: {text}");
+
+    let stored = consume_all_as(&brokers, TOPIC, 2, &login).await;
+    let values: Vec<serde_json::Value> = stored
+        .iter()
+        .map(|(_, _, v)| serde_json::from_str(v).expect("a flat JSON record"))
+        .collect();
+    let got = executions_in(&values);
+    let truth: std::collections::BTreeSet<String> = emu
+        .ground_truth()
+        .into_iter()
+        .map(|r| r.databricks_request_id)
+        .collect();
+    assert_eq!(
+        got.keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>(),
+        truth
+    );
+    assert!(got.values().all(|n| *n == 1), "duplicates in the topic");
+    let seen = front.seen();
+    assert!(
+        !seen.logins.is_empty()
+            && seen
+                .logins
+                .iter()
+                .all(|(u, ok)| u == "akto-connector" && *ok),
+        "{seen:?}"
+    );
+    assert!(seen.refused_before_login.is_empty(), "{seen:?}");
+
+    // `check` with a wrong password: fails, names the setting to fix, shows no secret.
+    let wrong = "Wrong-Sasl-Secret-1a2b3c";
+    let out = run(&["check"], wrong).await.unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("KAFKA_SASL_PASSWORD"), "{text}");
+    assert!(!text.contains(wrong) && !text.contains(password), "{text}");
+}

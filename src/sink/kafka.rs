@@ -90,7 +90,18 @@ type LastError = Arc<Mutex<Option<(Option<RDKafkaErrorCode>, String)>>>;
 /// The last authentication failure librdkafka reported (wrong SASL credentials or mechanism, an
 /// ACL). Kept until the broker answers again: librdkafka does not repeat an identical error, so
 /// a later call would otherwise only see time-outs and blame the network.
-type AuthFailure = Arc<Mutex<Option<String>>>;
+type AuthFailure = Arc<Mutex<AuthState>>;
+
+#[derive(Default)]
+struct AuthState {
+    /// The broker's words, until it answers again.
+    reason: Option<String>,
+    /// Refusals reported so far: a call sees whether one came while it waited.
+    reports: u64,
+}
+
+/// The health check's metadata request rounds: a refused login is seen after at most one.
+const AUTH_POLL: Duration = Duration::from_millis(250);
 
 /// Captures librdkafka's client errors and routes its log lines to `tracing`.
 struct SinkContext {
@@ -128,7 +139,8 @@ impl ClientContext for SinkContext {
         .any(|w| reason.contains(w));
         if code_is_auth(&error) || refused {
             if let Ok(mut auth) = self.auth_failure.lock() {
-                *auth = Some(reason.to_string());
+                auth.reason = Some(reason.to_string());
+                auth.reports += 1;
             }
         }
     }
@@ -319,26 +331,50 @@ impl KafkaSink {
         }
     }
 
-    /// Fetches the topic's metadata: the brokers answer and the topic exists.
+    /// Fetches the topic's metadata: the brokers answer and the topic exists. A refused login
+    /// is reported as soon as the broker refuses it, not after the time-out.
     pub async fn healthcheck(&self) -> Result<(), SinkError> {
         let producer = self.producer()?;
         self.clear_last_error();
+        let refusals = self.auth_reports();
         let topic = self.config.topic.clone();
         let timeout = self
             .config
             .message_timeout
             .clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let auth = Arc::clone(&self.auth_failure);
+        // Asked in short rounds until `timeout`, so that a refused login ends the wait at once
+        // (a request left waiting would also hold the process at exit, e.g. after `check`).
         let res = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&topic), timeout)
-                .map(|md| {
-                    md.topics()
-                        .iter()
-                        .find(|t| t.name() == topic)
-                        .and_then(|t| t.error())
-                        .map(RDKafkaErrorCode::from)
-                })
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let fetched = producer
+                    .client()
+                    .fetch_metadata(Some(&topic), left.min(AUTH_POLL))
+                    .map(|md| {
+                        md.topics()
+                            .iter()
+                            .find(|t| t.name() == topic)
+                            .and_then(|t| t.error())
+                            .map(RDKafkaErrorCode::from)
+                    });
+                let refused = auth.lock().map(|a| a.reports > refusals).unwrap_or(false);
+                match fetched {
+                    Err(_) if refused => {
+                        break Err(KafkaError::MetadataFetch(
+                            RDKafkaErrorCode::SaslAuthenticationFailed,
+                        ))
+                    }
+                    // Only a round that ran out its time asks again (no busy loop).
+                    Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut))
+                        if left > AUTH_POLL =>
+                    {
+                        continue
+                    }
+                    done => break done,
+                }
+            }
         })
         .await
         .map_err(|e| SinkError::retriable(format!("Kafka health check task failed: {e}")))?;
@@ -582,13 +618,18 @@ impl KafkaSink {
 
     /// The authentication failure librdkafka last reported, until the broker answers again.
     fn auth_failure(&self) -> Option<String> {
-        self.auth_failure.lock().ok().and_then(|a| a.clone())
+        self.auth_failure.lock().ok().and_then(|a| a.reason.clone())
     }
 
     fn set_auth_failure(&self, value: Option<String>) {
         if let Ok(mut a) = self.auth_failure.lock() {
-            *a = value;
+            a.reason = value;
         }
+    }
+
+    /// Refused logins reported so far.
+    fn auth_reports(&self) -> u64 {
+        self.auth_failure.lock().map(|a| a.reports).unwrap_or(0)
     }
 }
 
