@@ -190,6 +190,37 @@ async fn a_healthy_setup_passes_every_line_and_each_case_fails_its_own() {
     );
 }
 
+/// The seed's case 3's other half: Unity Catalog not enabled (no metastore assigned). The check
+/// says so, and what an account admin does about it, instead of blaming the catalog's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unity_catalog_not_enabled_is_named_with_its_fix() {
+    let mut cfg = common::emulator_config();
+    cfg.no_metastore = true;
+    let emu = common::emulator(cfg).await;
+    let standin = common::standin().await;
+    let (ok, steps, out) = check(&Setup {
+        host: emu.base_url(),
+        secret: common::SECRET.into(),
+        sink: standin.url(),
+        prefix: String::new(),
+        extra: Vec::new(),
+    });
+    assert!(!ok, "{out}");
+    let f = failed(&steps);
+    assert_eq!(f[0].0, "catalog and schema access", "{f:?}");
+    assert!(
+        f[0].1.contains("Unity Catalog is not enabled"),
+        "{}",
+        f[0].1
+    );
+    assert!(
+        f[0].1.contains("assign a Unity Catalog metastore"),
+        "{}",
+        f[0].1
+    );
+    assert!(!f[0].1.contains("set DATABRICKS_CATALOG"), "{}", f[0].1);
+}
+
 /// `check` changes nothing: a state file of an older format is reported, not upgraded (an
 /// upgrade is one-way, and a diagnostic run must not prevent going back to the older release).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

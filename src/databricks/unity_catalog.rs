@@ -220,7 +220,13 @@ impl DatabricksClient {
                 message,
                 ..
             } => {
-                let fix = if error_code == "CATALOG_DOES_NOT_EXIST" {
+                let fix = if error_code == "METASTORE_DOES_NOT_EXIST" {
+                    "Unity Catalog is not enabled for this workspace (no metastore is assigned \
+                     to it): an account admin must assign a Unity Catalog metastore to the \
+                     workspace (account console > Catalog > the metastore > Workspaces > \
+                     Assign); inference tables and agents live in Unity Catalog"
+                        .to_string()
+                } else if error_code == "CATALOG_DOES_NOT_EXIST" {
                     format!("catalog '{catalog}' does not exist: set DATABRICKS_CATALOG to an existing catalog (SHOW CATALOGS;)")
                 } else if error_code == "SCHEMA_DOES_NOT_EXIST" {
                     format!("schema '{schema}' does not exist in catalog '{catalog}': set DATABRICKS_SCHEMA (SHOW SCHEMAS IN {catalog};)")

@@ -61,6 +61,9 @@ pub struct EmulatorConfig {
     /// Two emulators with the same seed and anchor hold the same rows, with the same times: a
     /// workspace that restarts, not a new one.
     pub anchor_us: Option<i64>,
+    /// The workspace has no Unity Catalog metastore (Unity Catalog not enabled): every Unity
+    /// Catalog route answers 404 `METASTORE_DOES_NOT_EXIST`, as Databricks does.
+    pub no_metastore: bool,
 }
 
 impl Default for EmulatorConfig {
@@ -81,6 +84,7 @@ impl Default for EmulatorConfig {
             chunk_rows: 1000,
             payload_bytes: 1500,
             anchor_us: None,
+            no_metastore: false,
         }
     }
 }
@@ -102,6 +106,8 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("token_ttl_secs", &self.token_ttl_secs)
             .field("chunk_rows", &self.chunk_rows)
             .field("payload_bytes", &self.payload_bytes)
+            .field("anchor_us", &self.anchor_us)
+            .field("no_metastore", &self.no_metastore)
             .finish()
     }
 }

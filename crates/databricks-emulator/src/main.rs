@@ -81,6 +81,10 @@ struct Cli {
     /// the same seed and anchor holds the same rows at the same times.
     #[arg(long)]
     anchor_unix_ms: Option<i64>,
+    /// No Unity Catalog metastore (Unity Catalog not enabled): Unity Catalog routes answer 404
+    /// METASTORE_DOES_NOT_EXIST.
+    #[arg(long)]
+    no_metastore: bool,
 }
 
 #[tokio::main]
@@ -108,6 +112,7 @@ async fn main() -> std::process::ExitCode {
         chunk_rows: c.chunk_rows,
         payload_bytes: c.payload_bytes,
         anchor_us: c.anchor_unix_ms.map(|ms| ms.saturating_mul(1000)),
+        no_metastore: c.no_metastore,
     };
     let emu = match Emulator::start(cfg).await {
         Ok(e) => e,

@@ -220,6 +220,16 @@ async fn auth_mw(State(shared): State<Arc<Shared>>, mut req: Request, next: Next
         Some(t) => shared.authenticate(&t),
     };
     match result {
+        Ok(_)
+            if shared.cfg.no_metastore
+                && req.uri().path().starts_with("/api/2.1/unity-catalog/") =>
+        {
+            err(
+                StatusCode::NOT_FOUND,
+                "METASTORE_DOES_NOT_EXIST",
+                "No metastore assigned for the current workspace.",
+            )
+        }
         Ok(p) => {
             req.extensions_mut().insert(Principal(p));
             next.run(req).await
