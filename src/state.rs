@@ -170,6 +170,24 @@ impl StateStore {
         prepare_dir(dir)?;
         let path = dir.join(FILE_NAME);
         if reset && path.exists() {
+            // Not under a running instance's feet: its lock on the file (the one redb takes,
+            // flock) is tried first, and held while the file is moved.
+            let held = fs::File::open(&path).map_err(|e| StateError::Io {
+                path: path.clone(),
+                detail: format!("cannot open the old state to move it aside: {e}"),
+            })?;
+            match held.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(StateError::Locked(dir.to_path_buf()))
+                }
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(StateError::Io {
+                        path: path.clone(),
+                        detail: format!("cannot lock the old state to move it aside: {e}"),
+                    })
+                }
+            }
             let aside = dir.join(format!(
                 "{FILE_NAME}.reset-{}",
                 chrono::Utc::now().timestamp()
@@ -658,6 +676,29 @@ mod tests {
             .delivered_among("toolcall:h", ["call_1"])
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn reset_refuses_to_move_the_state_of_a_running_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = StateStore::open(dir.path(), false).unwrap();
+        running
+            .commit_delivered(&timed("c.s.t", &[("a", 10)]))
+            .unwrap();
+        let err = StateStore::open(dir.path(), true).err().expect("refused");
+        assert!(matches!(err, StateError::Locked(_)), "{err}");
+        assert!(err.to_string().contains("already"), "{err}");
+        // Nothing moved: the running instance's file is where it was, and nothing is aside.
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains(".reset-")), "{names:?}");
+        assert_eq!(running.delivered_at("c.s.t", [(10, "a")]).unwrap(), [true]);
+        drop(running);
+        // Once it stopped, the reset goes ahead.
+        let fresh = StateStore::open(dir.path(), true).unwrap();
+        assert_eq!(fresh.delivered_at("c.s.t", [(10, "a")]).unwrap(), [false]);
     }
 
     #[test]
