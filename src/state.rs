@@ -685,7 +685,9 @@ mod tests {
         running
             .commit_delivered(&timed("c.s.t", &[("a", 10)]))
             .unwrap();
-        let err = StateStore::open(dir.path(), true).err().expect("refused");
+        let Err(err) = StateStore::open(dir.path(), true) else {
+            panic!("a reset under a running instance was not refused")
+        };
         assert!(matches!(err, StateError::Locked(_)), "{err}");
         assert!(err.to_string().contains("already"), "{err}");
         // Nothing moved: the running instance's file is where it was, and nothing is aside.

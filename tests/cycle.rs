@@ -217,7 +217,7 @@ fn planted(text: &str) -> Vec<String> {
                     }
                 })
                 .sum();
-            if sum % 10 == 0 {
+            if sum.is_multiple_of(10) {
                 found.push(rest[..16].to_string());
             }
         }

@@ -636,7 +636,7 @@ fn luhn(digits: &[u8]) -> bool {
         }
         sum += v;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// 13-19 digits, Luhn-valid; when `separators`, optionally grouped by one kind of single
@@ -791,7 +791,7 @@ fn iban(bytes: &[u8], i: usize) -> Option<usize> {
             j += 1;
             end = j;
         } else if c == b' '
-            && n % 4 == 0
+            && n.is_multiple_of(4)
             && bytes
                 .get(j + 1)
                 .is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit())

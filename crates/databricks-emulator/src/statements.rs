@@ -215,7 +215,7 @@ pub(crate) fn run(
     let mut truncated = false;
     let mut rows = stmt.raw_query();
     loop {
-        if rows_out.len() % 256 == 0 && cancel.load(Ordering::Relaxed) {
+        if rows_out.len().is_multiple_of(256) && cancel.load(Ordering::Relaxed) {
             return Err(RunError::Canceled);
         }
         let r = match rows.next() {

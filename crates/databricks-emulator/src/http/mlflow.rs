@@ -506,7 +506,7 @@ fn spans_of(shared: &Shared, t: &Trace) -> Value {
             "start_time_unix_nano": start + 2_000_000, "end_time_unix_nano": start + 3_000_000, "status": status,
             "attributes": attributes, "events": events}));
     }
-    if t.agent % 2 == 0 {
+    if t.agent.is_multiple_of(2) {
         spans.push(json!({"trace_id": t.id, "span_id": rng.hex(16), "parent_span_id": root, "name": "vector_search",
             "start_time_unix_nano": start + 1_500_000, "end_time_unix_nano": start + 1_900_000,
             "status": {"code": "STATUS_CODE_OK", "message": ""},
