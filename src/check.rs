@@ -77,26 +77,9 @@ pub async fn run(config: &Config) -> Vec<Step> {
     if !push("TCP", tcp_ok) {
         return steps;
     }
-    if config.host.scheme() == "https" {
-        let tls = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(15))
-            .build()
-            .map_err(|e| e.to_string());
-        let result = match tls {
-            Ok(c) => match c.get(config.host.as_str()).send().await {
-                Ok(r) => Ok(format!("TLS handshake with {host} verified (HTTP {})", r.status().as_u16())),
-                Err(e) => Err(format!(
-                    "Failed to connect to Databricks workspace: TLS with {host} failed ({}). Fix: the \
-                     certificate must be trusted; behind a TLS-inspecting proxy set DATABRICKS_CA_BUNDLE",
-                    error_chain(&e)
-                )),
-            },
-            Err(e) => Err(e),
-        };
-        if !push("TLS", result) {
-            return steps;
-        }
-    }
+    // The real client, built once: the TLS probe goes through it so that it trusts exactly what
+    // every later request trusts (the system roots plus DATABRICKS_CA_BUNDLE, else
+    // SSL_CERT_FILE) and takes the same proxy.
     let client = match crate::app::client(config) {
         Ok(c) => c,
         Err(e) => {
@@ -104,6 +87,32 @@ pub async fn run(config: &Config) -> Vec<Step> {
             return steps;
         }
     };
+    if config.host.scheme() == "https" {
+        let probe = client.api.http.get(config.host.as_str()).send();
+        let result = match tokio::time::timeout(std::time::Duration::from_secs(15), probe).await {
+            Ok(Ok(r)) => Ok(format!(
+                "TLS handshake with {host} verified (HTTP {}{})",
+                r.status().as_u16(),
+                match &config.ca_bundle {
+                    Some(path) => format!("; also trusting the CA bundle {}", path.display()),
+                    None => String::new(),
+                }
+            )),
+            Ok(Err(e)) => Err(format!(
+                "Failed to connect to Databricks workspace: TLS with {host} failed ({}). Fix: {}",
+                error_chain(&e),
+                tls_fix(config.ca_bundle.as_deref())
+            )),
+            Err(_) => Err(format!(
+                "Failed to connect to Databricks workspace: no TLS response from {host} within \
+                 15s. Fix: check that DATABRICKS_HOST is the workspace's HTTPS address and, \
+                 behind a proxy, HTTPS_PROXY / NO_PROXY"
+            )),
+        };
+        if !push("TLS", result) {
+            return steps;
+        }
+    }
     if !push(
         "authentication",
         client
@@ -256,6 +265,22 @@ pub async fn run(config: &Config) -> Vec<Step> {
         }
     }
     steps
+}
+
+/// The fix for a failed TLS step: trust the issuer, or (a bundle being in use already) put the
+/// right CA in it.
+fn tls_fix(ca_bundle: Option<&std::path::Path>) -> String {
+    match ca_bundle {
+        None => "the certificate must be trusted; behind a TLS-inspecting proxy set \
+                 DATABRICKS_CA_BUNDLE to its CA's PEM file"
+            .into(),
+        Some(path) => format!(
+            "the certificate must be trusted; the CA bundle {} (DATABRICKS_CA_BUNDLE, else \
+             SSL_CERT_FILE) must hold the CA that issued it (behind a TLS-inspecting proxy, the \
+             proxy's CA)",
+            path.display()
+        ),
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

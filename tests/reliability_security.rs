@@ -5,8 +5,9 @@
 //!
 //! TLS end to end: a test-only TLS front (CA and certificate generated at runtime with rcgen,
 //! rustls with ring) terminates HTTPS for `localhost` and relays to the emulator's plain port, so
-//! the real binary is exercised as behind a TLS-inspecting proxy: with the CA bundle, without
-//! it, and through a CONNECT proxy (HTTPS_PROXY).
+//! the real binary is exercised as behind a TLS-inspecting proxy: with the CA bundle (given as
+//! DATABRICKS_CA_BUNDLE or SSL_CERT_FILE, for `discover`, `check` and `-once`), without it, with
+//! the bundle of another CA of the same name, and through a CONNECT proxy (HTTPS_PROXY).
 
 mod common;
 
@@ -161,28 +162,6 @@ async fn a_bad_ca_bundle_is_a_configuration_error_naming_the_variable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_is_verified_even_with_a_ca_bundle() {
-    // A TLS client hello to a server that is not the workspace (plain HTTP here) fails: there is
-    // no option to skip verification, and a CA bundle only adds trust anchors.
-    let emu = common::emulator(common::emulator_config()).await;
-    let https = emu
-        .base_url()
-        .replace("http://127.0.0.1", "https://localhost");
-    let system_bundle = "/etc/ssl/certs/ca-certificates.crt";
-    let mut envs: Vec<(&str, &str)> = vec![];
-    if std::path::Path::new(system_bundle).is_file() {
-        envs.push(("DATABRICKS_CA_BUNDLE", system_bundle));
-    }
-    let o = tokio::task::block_in_place(|| discover(&https, &envs));
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("Failed to connect") || text(&o).contains("TLS"),
-        "{}",
-        text(&o)
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distinctive_secrets_appear_nowhere() {
     let secret = "Zq9-client-secret-7f3e1d0c";
     let jwt = "eyJhbGciOiJIUzI1NiJ9.Zq9-jwt-body-55aa.Zq9sig";
@@ -263,14 +242,11 @@ struct TlsFront {
     handshakes: Arc<AtomicUsize>,
 }
 
-async fn tls_front(emu_url: &str) -> TlsFront {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
-
+/// A fresh self-signed CA, always with the same name: two calls give two CAs that differ only in
+/// their key, so a test using one as the bundle for the other's server proves the signature is
+/// checked, not the issuer's name.
+fn test_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(
@@ -280,6 +256,15 @@ async fn tls_front(emu_url: &str) -> TlsFront {
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca_key = KeyPair::generate().unwrap();
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    (ca_cert, ca_key)
+}
+
+async fn tls_front(emu_url: &str) -> TlsFront {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+    use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+
+    let (ca_cert, ca_key) = test_ca();
 
     // `new` turns "127.0.0.1" into an IP address SAN.
     let mut leaf_params =
@@ -470,8 +455,23 @@ async fn tls_without_the_ca_bundle_fails_as_an_untrusted_certificate() {
         );
     }
     assert!(records.is_empty(), "records written without trusted TLS");
-    // Both runs reached the front, and no handshake ever completed: verification was not skipped.
-    assert!(front.accepted.load(Ordering::SeqCst) >= 2);
+    // `check` stops at its TLS step, with the same reason and fix.
+    let (code, steps, out) = check(&front.url, &[]).await;
+    assert_eq!(code, Some(1), "check: {out}");
+    assert_eq!(
+        steps.last().map(|s| &s["name"]),
+        Some(&"TLS".into()),
+        "{out}"
+    );
+    let detail = steps
+        .last()
+        .map(|s| s["detail"].to_string())
+        .unwrap_or_default();
+    assert!(detail.contains("invalid peer certificate"), "check: {out}");
+    assert!(detail.contains("set DATABRICKS_CA_BUNDLE"), "check: {out}");
+    // All three runs reached the front, and no handshake ever completed: verification was not
+    // skipped.
+    assert!(front.accepted.load(Ordering::SeqCst) >= 3);
     assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
 }
 
@@ -507,4 +507,141 @@ async fn tls_through_a_connect_proxy_with_the_ca_bundle_delivers_every_record() 
     // Every connection the TLS front accepted came through a tunnel: none bypassed the proxy.
     assert_eq!(front.accepted.load(Ordering::SeqCst), tunnels.len());
     assert!(front.handshakes.load(Ordering::SeqCst) > 0);
+}
+
+/// `check --json` against `host` with a healthy sink and a fresh state directory: the exit code,
+/// the steps, and everything printed (for failure messages).
+async fn check(host: &str, env: &[(&str, &str)]) -> (Option<i32>, Vec<serde_json::Value>, String) {
+    let standin = common::standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Command::new(BIN);
+    c.args(["check", "--json"])
+        .env_clear()
+        .env("DATABRICKS_HOST", host)
+        .env("DATABRICKS_CLIENT_ID", "emulator-client")
+        .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
+        .env("DATA_INGESTION_SERVICE_URL", standin.url())
+        .env("STATE_DIR", dir.path())
+        .env("METRICS_ADDR", "off");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = tokio::task::block_in_place(|| c.output().unwrap());
+    let steps: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("check --json printed no JSON ({e}): {}", text(&o)));
+    (o.status.code(), steps, text(&o))
+}
+
+/// The step named `name`, if `check` got that far.
+fn step<'a>(steps: &'a [serde_json::Value], name: &str) -> Option<&'a serde_json::Value> {
+    steps.iter().find(|s| s["name"] == name)
+}
+
+/// Writes `pem` as `<name>.pem` in `dir` and returns the path as text.
+fn write_pem(dir: &std::path::Path, name: &str, pem: &str) -> String {
+    let path = dir.join(format!("{name}.pem"));
+    std::fs::write(&path, pem).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_verified_even_with_a_ca_bundle() {
+    // The bundle holds a CA with the very same name as the one that signed the front's
+    // certificate, but another key: a CA bundle only adds trust anchors, it never turns
+    // verification off, so nothing gets past the handshake.
+    let emu = common::emulator(common::emulator_config()).await;
+    let front = tls_front(&emu.base_url()).await;
+    let (other_ca, _) = test_ca();
+    assert_ne!(other_ca.pem(), front.ca_pem);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = write_pem(dir.path(), "other-ca", &other_ca.pem());
+
+    let d = tokio::task::block_in_place(|| {
+        discover(&front.url, &[("DATABRICKS_CA_BUNDLE", wrong.as_str())])
+    });
+    let t = text(&d);
+    assert_eq!(d.status.code(), Some(1), "discover: {t}");
+    assert!(t.contains("TLS handshake failed"), "discover: {t}");
+    assert!(t.contains("invalid peer certificate"), "discover: {t}");
+    assert!(d.stdout.is_empty(), "discover printed an inventory: {t}");
+
+    let (code, steps, out) = check(&front.url, &[("DATABRICKS_CA_BUNDLE", wrong.as_str())]).await;
+    assert_eq!(code, Some(1), "check: {out}");
+    for passed in ["DNS", "TCP"] {
+        assert_eq!(
+            step(&steps, passed).map(|s| &s["ok"]),
+            Some(&true.into()),
+            "{out}"
+        );
+    }
+    let tls = step(&steps, "TLS").unwrap_or_else(|| panic!("no TLS step: {out}"));
+    assert_eq!(tls["ok"], false, "{out}");
+    let detail = tls["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("invalid peer certificate"), "{out}");
+    assert!(
+        detail.contains(&wrong),
+        "the fix names the bundle in use: {out}"
+    );
+    // `check` stops at the TLS step: nothing after it was attempted.
+    assert_eq!(
+        steps.last().map(|s| &s["name"]),
+        Some(&"TLS".into()),
+        "{out}"
+    );
+
+    // Both commands reached the front, no handshake completed, and the workspace behind it never
+    // saw a request: verification happened, and failed.
+    assert!(front.accepted.load(Ordering::SeqCst) >= 2);
+    assert_eq!(front.handshakes.load(Ordering::SeqCst), 0);
+    assert_eq!(emu.stats()["requests_total"], 0, "{}", emu.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_trusts_the_same_ca_bundle_as_the_client() {
+    // Behind a TLS-inspecting proxy whose CA is given as DATABRICKS_CA_BUNDLE (or SSL_CERT_FILE),
+    // `check` passes its TLS step and every later one, exactly where `discover` works.
+    let emu = common::emulator(common::emulator_config()).await;
+    let front = tls_front(&emu.base_url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write_pem(dir.path(), "ca", &front.ca_pem);
+
+    let d = tokio::task::block_in_place(|| {
+        discover(&front.url, &[("DATABRICKS_CA_BUNDLE", ca.as_str())])
+    });
+    assert!(d.status.success(), "discover: {}", text(&d));
+    let after_discover = front.handshakes.load(Ordering::SeqCst);
+    assert!(
+        after_discover > 0,
+        "discover did not go through the TLS front"
+    );
+
+    for var in ["DATABRICKS_CA_BUNDLE", "SSL_CERT_FILE"] {
+        let before = front.handshakes.load(Ordering::SeqCst);
+        let (code, steps, out) = check(&front.url, &[(var, ca.as_str())]).await;
+        let tls = step(&steps, "TLS").unwrap_or_else(|| panic!("{var}: no TLS step: {out}"));
+        assert_eq!(tls["ok"], true, "{var}: {out}");
+        assert!(
+            tls["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("verified"),
+            "{var}: {out}"
+        );
+        assert_eq!(code, Some(0), "{var}: {out}");
+        assert!(steps.iter().all(|s| s["ok"] == true), "{var}: {out}");
+        for later in [
+            "authentication",
+            "catalog and schema access",
+            "SQL warehouse",
+        ] {
+            assert!(
+                step(&steps, later).is_some(),
+                "{var}: no {later} step: {out}"
+            );
+        }
+        assert!(
+            front.handshakes.load(Ordering::SeqCst) > before,
+            "{var}: check did not go through the TLS front"
+        );
+    }
 }
