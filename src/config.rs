@@ -1475,12 +1475,16 @@ fn kafka_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
     }
     let ca_file = given_path(&s.kafka_ca_file).map(Path::to_path_buf);
     if let Some(ca) = &ca_file {
-        if !ca.is_file() {
+        // Read and parsed now, like DATABRICKS_CA_BUNDLE: librdkafka would only refuse it when
+        // the sink is created, as a failure of the run rather than of the configuration.
+        let pem = std::fs::read(ca).unwrap_or_default();
+        if crate::databricks::parse_ca_bundle(&pem).is_err() {
             p.push(
                 "KAFKA_CA_FILE",
                 format!(
-                    "KAFKA_CA_FILE (--kafka-ca-file) {} is not a readable file: give the path of \
-                     the brokers' CA certificate (PEM)",
+                    "KAFKA_CA_FILE (--kafka-ca-file) {} is not a readable PEM file with at least \
+                     one CA certificate: give the path of the brokers' CA certificate \
+                     (-----BEGIN CERTIFICATE-----)",
                     ca.display()
                 ),
             );
@@ -2011,6 +2015,18 @@ mod tests {
         assert_eq!(problems_of(&cli), vec!["KAFKA_CA_FILE"]);
         cli.sink.kafka_security_protocol = None;
         assert_eq!(problems_of(&cli), vec!["KAFKA_CA_FILE", "KAFKA_CA_FILE"]);
+        // A file that is not PEM is refused at configuration; a CA certificate is taken.
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.der");
+        std::fs::write(&not_pem, b"\x30\x82 not a PEM certificate").unwrap();
+        cli.sink.kafka_security_protocol = s("SSL");
+        cli.sink.kafka_ca_file = Some(not_pem);
+        assert_eq!(problems_of(&cli), vec!["KAFKA_CA_FILE"]);
+        let ca = rcgen::generate_simple_self_signed(vec!["kafka.test".into()]).unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, ca.cert.pem()).unwrap();
+        cli.sink.kafka_ca_file = Some(pem);
+        assert!(problems_of(&cli).is_empty(), "{:?}", problems_of(&cli));
 
         // The message size limit: Kafka's default, a number in range, or a clear error.
         let mut cli = valid_cli();
