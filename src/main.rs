@@ -36,13 +36,6 @@ fn main() -> ExitCode {
     runtime.block_on(async_main(cli))
 }
 
-fn load(cli: &cli::Cli, needs: Needs) -> Result<Config, ExitCode> {
-    Config::from_cli(cli, needs).map_err(|e| {
-        eprintln!("ERROR {e}");
-        ExitCode::from(2)
-    })
-}
-
 async fn async_main(cli: cli::Cli) -> ExitCode {
     let command = cli.command.clone().unwrap_or(Command::Run);
     if let Command::Demo { output } = &command {
@@ -60,9 +53,23 @@ async fn async_main(cli: cli::Cli) -> ExitCode {
         Command::Discover { .. } => Needs::Databricks,
         _ => Needs::DatabricksAndSink,
     };
-    let config = match load(&cli, needs) {
+    let config = match Config::from_cli(&cli, needs) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(e) => {
+            if let Command::Check { json } = command {
+                // check's own report still comes out (its first line, configuration, failed),
+                // so that `check --json` always prints JSON.
+                let steps = [databricks_shield::check::Step {
+                    name: "configuration".into(),
+                    ok: false,
+                    detail: e.to_string(),
+                }];
+                print_steps(&steps, json);
+            } else {
+                eprintln!("ERROR {e}");
+            }
+            return ExitCode::from(2);
+        }
     };
     if cli.print_config {
         println!("{}", config.summary());
@@ -107,18 +114,23 @@ async fn discover(config: &Config, json: bool) -> ExitCode {
 
 async fn check(config: &Config, json: bool) -> ExitCode {
     let steps = databricks_shield::check::run(config).await;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&steps).unwrap_or_default()
-        );
-    } else {
-        print!("{}", databricks_shield::check::render(&steps));
-    }
+    print_steps(&steps, json);
     if steps.iter().all(|s| s.ok) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// `check`'s report: one `[PASS]`/`[FAIL]` line per step, or a JSON array with `--json`.
+fn print_steps(steps: &[databricks_shield::check::Step], json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(steps).unwrap_or_default()
+        );
+    } else {
+        print!("{}", databricks_shield::check::render(steps));
     }
 }
 

@@ -263,3 +263,39 @@ async fn an_older_state_format_is_reported_and_left_as_it_is() {
     );
     assert_eq!(format_of(&file), "1", "check upgraded the state file");
 }
+
+/// A configuration that does not parse is still reported as `check`'s first line, failed, and
+/// `--json` still prints JSON (a machine reading it gets the reason); the exit code is 2.
+#[test]
+fn a_bad_configuration_is_the_failed_first_line() {
+    for json in [true, false] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("check")
+            .env_clear()
+            .env("DATABRICKS_HOST", "not a url");
+        if json {
+            cmd.arg("--json");
+        }
+        let o = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+        assert_eq!(o.status.code(), Some(2), "{stdout}");
+        if json {
+            let steps: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+            assert_eq!(steps.len(), 1, "{stdout}");
+            assert_eq!(steps[0]["name"], "configuration");
+            assert_eq!(steps[0]["ok"], false);
+            assert!(
+                steps[0]["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("DATABRICKS_HOST"),
+                "{stdout}"
+            );
+        } else {
+            assert!(
+                stdout.starts_with("[FAIL] configuration: ") && stdout.contains("DATABRICKS_HOST"),
+                "{stdout}"
+            );
+        }
+    }
+}
