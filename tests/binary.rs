@@ -211,3 +211,56 @@ async fn once_stops_cleanly_at_its_time_limit_and_the_next_run_continues() {
         all.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
     );
 }
+
+/// `--reset-state`: the state is moved aside (kept, never deleted) and the last
+/// `LOOKBACK_MINUTES` are sent again, as the README says; without it a rerun sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_state_moves_the_state_aside_and_sends_the_lookback_again() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let once = |extra: &'static [&'static str]| {
+        let mut c = common::shield_command(&emu, &standin, &state);
+        c.arg("-once").args(extra);
+        tokio::task::block_in_place(|| c.output().unwrap())
+    };
+    let truth = emu.ground_truth().len();
+    let first = once(&[]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let sent_first = common::executions_in(&standin.records());
+    assert_eq!(sent_first.len(), truth);
+    let records_first = standin.records().len();
+
+    let rerun = once(&[]);
+    assert!(rerun.status.success());
+    assert_eq!(
+        standin.records().len(),
+        records_first,
+        "a rerun sends nothing"
+    );
+
+    let reset = once(&["--reset-state"]);
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&reset.stdout),
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    assert!(reset.status.success(), "{log}");
+    assert!(log.contains("--reset-state: moved"), "{log}");
+    // Every execution of the lookback once more: each now twice, nothing else.
+    let after = common::executions_in(&standin.records());
+    assert_eq!(after.len(), truth);
+    assert!(after.values().all(|n| *n == 2), "{after:?}");
+    assert_eq!(standin.records().len(), 2 * records_first);
+    let aside: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".reset-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the old state is kept aside: {aside:?}");
+}
