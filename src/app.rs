@@ -40,12 +40,16 @@ pub fn client(config: &Config) -> Result<DatabricksClient, crate::databricks::Da
         },
         DatabricksAuth::Pat { token } => Credentials::Pat(token.clone()),
     };
-    DatabricksClient::with_ca_bundle(
+    let client = DatabricksClient::with_ca_bundle(
         &config.host,
         credentials,
         ClientOptions::default(),
         config.ca_bundle.as_deref(),
-    )
+    )?;
+    Ok(match &config.auth_secret_file {
+        Some((path, variable)) => client.reread_secret_from(path.clone(), variable),
+        None => client,
+    })
 }
 
 /// The sink a configuration asks for.

@@ -55,6 +55,10 @@ pub struct Config {
     pub host: Url,
     /// OAuth M2M or PAT.
     pub auth: DatabricksAuth,
+    /// The file the secret of `auth` was read from, and its setting
+    /// (`DATABRICKS_CLIENT_SECRET_FILE` / `DATABRICKS_TOKEN_FILE`): read again when a secret is
+    /// needed, so that a rotated secret is picked up without a restart.
+    pub auth_secret_file: Option<(PathBuf, &'static str)>,
     /// `DATABRICKS_CATALOG`, default `workspace`.
     pub catalog: String,
     /// `DATABRICKS_SCHEMA`, default `default`.
@@ -611,9 +615,16 @@ impl Config {
                 }],
             });
         };
+        let auth_secret_file = match &auth {
+            DatabricksAuth::OAuth { .. } => given_path(&cli.databricks.client_secret_file)
+                .map(|p| (p.to_path_buf(), "DATABRICKS_CLIENT_SECRET_FILE")),
+            DatabricksAuth::Pat { .. } => given_path(&cli.databricks.token_file)
+                .map(|p| (p.to_path_buf(), "DATABRICKS_TOKEN_FILE")),
+        };
         Ok(Config {
             host,
             auth,
+            auth_secret_file,
             catalog,
             schema,
             prefix,
@@ -1807,6 +1818,12 @@ mod tests {
             }
             other => panic!("expected OAuth, got {other:?}"),
         }
+        // The file is kept, to be read again for a rotated secret; not for a direct value.
+        assert_eq!(
+            c.auth_secret_file,
+            Some((secret_path.clone(), "DATABRICKS_CLIENT_SECRET_FILE"))
+        );
+        assert_eq!(build(&valid_cli()).unwrap().auth_secret_file, None);
         match &c.sink {
             Some(SinkConfig::Http { jwt: Some(jwt), .. }) => {
                 assert_eq!(jwt.expose_secret(), "jwt-from-file")

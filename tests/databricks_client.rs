@@ -197,3 +197,56 @@ async fn a_personal_access_token_works_too() {
         .unwrap();
     assert!(inv.readable().count() > 0);
 }
+
+/// The seed's 90-day rotation, in service mode: a secret read from a file is read again when a
+/// secret is needed, so the rotated OAuth secret (the old one deleted) and the rotated PAT are
+/// picked up without a restart. A client that keeps the secret it started with is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotated_secret_files_are_picked_up_without_a_restart() {
+    use databricks_shield::databricks::{Credentials, DatabricksClient};
+    let mut cfg = emulator_config();
+    cfg.pat = Some("dapi-before-rotation".into());
+    let emu = emulator(cfg).await;
+    let url = url::Url::parse(&emu.base_url()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("client_secret");
+    let pat_file = dir.path().join("token");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    std::fs::write(&pat_file, "dapi-before-rotation\n").unwrap();
+    let oauth = client(&emu.base_url(), "emulator-client", SECRET)
+        .reread_secret_from(secret_file.clone(), "DATABRICKS_CLIENT_SECRET_FILE");
+    let fixed = client(&emu.base_url(), "emulator-client", SECRET);
+    let pat = DatabricksClient::new(
+        &url,
+        Credentials::Pat("dapi-before-rotation".to_string().into()),
+        fast_retry(),
+    )
+    .unwrap()
+    .reread_secret_from(pat_file.clone(), "DATABRICKS_TOKEN_FILE");
+    for c in [&oauth, &fixed, &pat] {
+        discovery::discover(c, "workspace", "default", "")
+            .await
+            .unwrap();
+    }
+
+    // Rotation: new secrets in the files, the old ones no longer accepted; the OAuth access
+    // tokens issued before expire.
+    std::fs::write(&secret_file, "rotated-client-secret-2\n").unwrap();
+    std::fs::write(&pat_file, "dapi-after-rotation\n").unwrap();
+    emu.rotate_secrets(Some("rotated-client-secret-2"), Some("dapi-after-rotation"));
+    emu.set_faults("route=/api/2.1/unity-catalog/tables,kind=expire_tokens,count=1")
+        .unwrap();
+
+    let inv = discovery::discover(&oauth, "workspace", "default", "")
+        .await
+        .expect("the rotated OAuth secret is read from its file");
+    assert!(inv.readable().count() > 0);
+    let inv = discovery::discover(&pat, "workspace", "default", "")
+        .await
+        .expect("the rotated PAT is read from its file after the old one was refused");
+    assert!(inv.readable().count() > 0);
+    let err = discovery::discover(&fixed, "workspace", "default", "")
+        .await
+        .expect_err("a secret kept from the start is refused after the rotation");
+    assert!(matches!(err, DatabricksError::Auth { .. }), "{err:?}");
+}

@@ -4,6 +4,10 @@
 //! as the official SDKs do). One refresh at a time: concurrent requests wait on the same lock and
 //! share the new token. A 401 from an API call invalidates the cached token so the next request
 //! re-authenticates once.
+//!
+//! A secret read from a file (`DATABRICKS_CLIENT_SECRET_FILE`, `DATABRICKS_TOKEN_FILE`) is read
+//! again when it is needed next (an OAuth token fetch; a PAT at most every
+//! [`PAT_RECHECK`], and at once after a 401), so a rotated secret is picked up without a restart.
 
 use std::time::{Duration, Instant};
 
@@ -55,11 +59,86 @@ struct Cached {
     stale_at: Instant,
 }
 
+/// How often a personal access token read from a file is looked at again.
+pub const PAT_RECHECK: Duration = Duration::from_secs(30);
+
+/// The file a secret came from, read again when the secret is needed.
+struct SecretFile {
+    path: std::path::PathBuf,
+    /// Its setting, for messages (`DATABRICKS_CLIENT_SECRET_FILE`, ...).
+    variable: &'static str,
+    /// The secret last read, and when (a PAT is looked at again after [`PAT_RECHECK`]).
+    last: std::sync::Mutex<Option<(SecretString, Instant)>>,
+}
+
+impl SecretFile {
+    /// The file's secret now; the one read before (`fallback` at first) when it cannot be read
+    /// or is empty, with a WARN naming the setting (never the value).
+    fn read(&self, fallback: &SecretString) -> SecretString {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let before = last
+            .as_ref()
+            .map_or_else(|| fallback.clone(), |(s, _)| s.clone());
+        let now = match std::fs::read_to_string(&self.path) {
+            Ok(text) if !text.trim_end_matches(['\n', '\r']).is_empty() => {
+                SecretString::from(text.trim_end_matches(['\n', '\r']).to_owned())
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    "{} {} is empty now: still using the secret read before",
+                    self.variable,
+                    self.path.display()
+                );
+                before.clone()
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{} {}: cannot read it again ({e}): still using the secret read before",
+                    self.variable,
+                    self.path.display()
+                );
+                before.clone()
+            }
+        };
+        if now.expose_secret() != before.expose_secret() {
+            tracing::info!(
+                "{} {} changed (rotated): the new secret is used from now on",
+                self.variable,
+                self.path.display()
+            );
+        }
+        *last = Some((now.clone(), Instant::now()));
+        now
+    }
+
+    /// [`Self::read`], at most every [`PAT_RECHECK`].
+    fn read_now_and_then(&self, fallback: &SecretString) -> SecretString {
+        {
+            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((s, at)) = last.as_ref() {
+                if at.elapsed() < PAT_RECHECK {
+                    return s.clone();
+                }
+            }
+        }
+        self.read(fallback)
+    }
+
+    /// The next [`Self::read_now_and_then`] reads the file.
+    fn recheck(&self) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, at)) = last.as_mut() {
+            *at = Instant::now() - PAT_RECHECK;
+        }
+    }
+}
+
 /// Hands out bearer tokens, fetching and caching them as needed.
 pub struct TokenSource {
     credentials: Credentials,
     token_url: String,
     cached: Mutex<Option<Cached>>,
+    secret_file: Option<SecretFile>,
 }
 
 #[derive(Deserialize)]
@@ -84,7 +163,18 @@ impl TokenSource {
             credentials,
             token_url: format!("{base}/oidc/v1/token"),
             cached: Mutex::new(None),
+            secret_file: None,
         }
+    }
+
+    /// The secret (the OAuth client secret, or the PAT) came from `path`, the file of setting
+    /// `variable`: it is read again when needed, so a rotated secret is picked up.
+    pub fn reread_secret_from(&mut self, path: std::path::PathBuf, variable: &'static str) {
+        self.secret_file = Some(SecretFile {
+            path,
+            variable,
+            last: std::sync::Mutex::new(None),
+        });
     }
 
     pub fn credentials(&self) -> &Credentials {
@@ -94,7 +184,12 @@ impl TokenSource {
     /// A valid bearer token, fetching a new one when the cached one is stale.
     pub async fn token(&self, http: &reqwest::Client) -> Result<SecretString, DatabricksError> {
         let (client_id, client_secret) = match &self.credentials {
-            Credentials::Pat(token) => return Ok(token.clone()),
+            Credentials::Pat(token) => {
+                return Ok(match &self.secret_file {
+                    Some(f) => f.read_now_and_then(token),
+                    None => token.clone(),
+                })
+            }
             Credentials::OAuth {
                 client_id,
                 client_secret,
@@ -106,7 +201,11 @@ impl TokenSource {
                 return Ok(c.token.clone());
             }
         }
-        let fresh = self.fetch(http, client_id, client_secret).await?;
+        let client_secret = match &self.secret_file {
+            Some(f) => f.read(client_secret),
+            None => client_secret.clone(),
+        };
+        let fresh = self.fetch(http, client_id, &client_secret).await?;
         let token = fresh.token.clone();
         *cached = Some(fresh);
         Ok(token)
@@ -114,6 +213,10 @@ impl TokenSource {
 
     /// Forget the cached token (after a 401), unless another request already replaced it.
     pub async fn invalidate(&self, used: &SecretString) {
+        if let (Credentials::Pat(_), Some(f)) = (&self.credentials, &self.secret_file) {
+            // The PAT itself was refused: read its file again before the retry.
+            f.recheck();
+        }
         let mut cached = self.cached.lock().await;
         if let Some(c) = cached.as_ref() {
             if c.token.expose_secret() == used.expose_secret() {

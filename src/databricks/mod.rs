@@ -113,6 +113,19 @@ impl DatabricksClient {
         })
     }
 
+    /// The secret of the credentials (OAuth client secret or PAT) came from `path`, the file of
+    /// setting `variable`: read it again when a secret is needed, so that a rotated secret is
+    /// picked up without a restart. Call before the client is shared.
+    pub fn reread_secret_from(mut self, path: std::path::PathBuf, variable: &'static str) -> Self {
+        match Arc::get_mut(&mut self.api) {
+            Some(api) => api.tokens.reread_secret_from(path, variable),
+            None => tracing::warn!(
+                "{variable}: the client is already shared, the file will not be read again"
+            ),
+        }
+        self
+    }
+
     /// The workspace base URL, without a trailing slash.
     pub fn base_url(&self) -> &str {
         &self.api.base

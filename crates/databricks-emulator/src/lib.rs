@@ -253,6 +253,7 @@ impl Emulator {
             sign_key: rand::random::<u64>(),
             started_ms: now_ms,
             extra_traces: Mutex::new(Vec::new()),
+            rotated: Mutex::new((None, None)),
             base_url: base_url.clone(),
             cfg,
         });
@@ -300,6 +301,19 @@ impl Emulator {
         let rules = faults::parse(spec)?;
         lock(&self.shared.faults).replace(rules);
         Ok(())
+    }
+
+    /// Rotates the service principal's OAuth secret and/or the personal access token: from now
+    /// on only the new ones are accepted (the old secret deleted, as after a rotation); access
+    /// tokens issued before stay valid until they expire.
+    pub fn rotate_secrets(&self, client_secret: Option<&str>, pat: Option<&str>) {
+        let mut r = lock(&self.shared.rotated);
+        if let Some(s) = client_secret {
+            r.0 = Some(s.to_string());
+        }
+        if let Some(p) = pat {
+            r.1 = Some(p.to_string());
+        }
     }
 
     /// Revoke a privilege from `principal` (`*` = everyone).

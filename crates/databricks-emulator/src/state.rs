@@ -49,6 +49,9 @@ pub(crate) struct Shared {
     /// Traces added at run time (`/_emulator/traces`): `(timestamp ms, seed)`, each one trace in
     /// every experiment.
     pub extra_traces: Mutex<Vec<(i64, u64)>>,
+    /// Secrets rotated at run time (`Emulator::rotate_secrets`): (client secret, PAT). A rotated
+    /// secret replaces the configured one; tokens issued before stay valid until they expire.
+    pub rotated: Mutex<(Option<String>, Option<String>)>,
 }
 
 impl Shared {
@@ -63,7 +66,8 @@ impl Shared {
 
     /// The principal behind a bearer token, or why it is refused.
     pub(crate) fn authenticate(&self, bearer: &str) -> Result<String, &'static str> {
-        if let Some(pat) = &self.cfg.pat {
+        let rotated_pat = lock(&self.rotated).1.clone();
+        if let Some(pat) = rotated_pat.as_ref().or(self.cfg.pat.as_ref()) {
             if !pat.is_empty() && pat == bearer {
                 return Ok(PAT_PRINCIPAL.to_string());
             }
@@ -74,6 +78,14 @@ impl Shared {
             Some(_) => Err("The access token has expired; request a new one from /oidc/v1/token"),
             None => Err("Invalid access token"),
         }
+    }
+
+    /// The client secret the token endpoint accepts now.
+    pub(crate) fn client_secret(&self) -> String {
+        lock(&self.rotated)
+            .0
+            .clone()
+            .unwrap_or_else(|| self.cfg.client_secret.clone())
     }
 
     pub(crate) fn expire_all_tokens(&self) {

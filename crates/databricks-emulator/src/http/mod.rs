@@ -404,7 +404,7 @@ async fn token(
             "Client authentication failed: no client credentials were sent",
         );
     };
-    if id != shared.cfg.client_id || secret != shared.cfg.client_secret {
+    if id != shared.cfg.client_id || secret != shared.client_secret() {
         return token_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
