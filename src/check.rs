@@ -33,45 +33,79 @@ pub async fn run(config: &Config) -> Vec<Step> {
         });
         ok
     };
-    // Reachability, each layer named: DNS, then TCP, then TLS (https hosts).
+    // Reachability, each layer named: DNS, then TCP, then TLS (https hosts). Through a proxy
+    // (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, unless NO_PROXY exempts the host), the connection
+    // this host makes is to the proxy, which resolves and reaches the workspace itself: DNS and
+    // TCP test the proxy then, and TLS the whole path.
     let host = config.host.host_str().unwrap_or_default().to_string();
     let port = config.host.port_or_known_default().unwrap_or(443);
-    let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((host.as_str(), port))
-        .await
-    {
-        Ok(a) => a.collect(),
-        Err(e) => {
-            push(
-                "DNS",
-                Err(format!(
-                    "Failed to connect to Databricks workspace: {host} does not resolve ({e}). Fix: check \
-                     DATABRICKS_HOST (https://<workspace>.cloud.databricks.com) and this machine's DNS"
-                )),
-            );
-            return steps;
-        }
+    let proxy = proxy_for(&config.host, |k| std::env::var(k).ok());
+    let (target, target_port, via) = match &proxy {
+        Some((url, variable)) => (
+            url.host_str().unwrap_or_default().to_string(),
+            url.port_or_known_default().unwrap_or(80),
+            format!(" (the proxy of {variable}, which reaches {host})"),
+        ),
+        None => (host.clone(), port, String::new()),
     };
-    let Some(first) = addrs.first().copied() else {
-        push("DNS", Err(format!("{host} resolves to no address")));
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::net::lookup_host((target.as_str(), target_port)).await {
+            Ok(a) => a.collect(),
+            Err(e) => {
+                let fix = match &proxy {
+                    Some((_, variable)) => format!("check {variable} and this machine's DNS"),
+                    None => "check DATABRICKS_HOST (https://<workspace>.cloud.databricks.com) and \
+                             this machine's DNS"
+                        .to_string(),
+                };
+                push(
+                    "DNS",
+                    Err(format!(
+                        "Failed to connect to Databricks workspace: {target}{via} does not \
+                         resolve ({e}). Fix: {fix}"
+                    )),
+                );
+                return steps;
+            }
+        };
+    if addrs.is_empty() {
+        push("DNS", Err(format!("{target}{via} resolves to no address")));
         return steps;
-    };
-    push("DNS", Ok(format!("{host} resolves to {}", first.ip())));
-    let tcp = tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        tokio::net::TcpStream::connect(first),
-    )
-    .await;
-    let tcp_ok = match tcp {
-        Ok(Ok(_)) => Ok(format!("TCP connection to {first} accepted")),
-        Ok(Err(e)) => Err(format!(
-            "Failed to connect to Databricks workspace: TCP connection to {} failed ({e}). Fix: check \
-             firewalls, proxies and that DATABRICKS_HOST is right",
-            first
-        )),
-        Err(_) => Err(format!(
-            "Failed to connect to Databricks workspace: TCP connection to {} timed out after 10s. Fix: \
-             check firewalls and network routes (private link, VPN)",
-            first
+    }
+    let listed: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
+    push(
+        "DNS",
+        Ok(format!("{target}{via} resolves to {}", listed.join(", "))),
+    );
+    // Every address in turn, as the client does, until one accepts.
+    let mut failures = Vec::new();
+    let mut accepted = None;
+    for addr in &addrs {
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {
+                accepted = Some(*addr);
+                break;
+            }
+            Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+            Err(_) => failures.push(format!("{addr}: timed out after 10s")),
+        }
+    }
+    let tcp_ok = match accepted {
+        Some(addr) => Ok(format!("TCP connection to {addr}{via} accepted")),
+        None => Err(format!(
+            "Failed to connect to Databricks workspace: TCP connection to {target}{via} failed \
+             ({}). Fix: check firewalls, network routes (private link, VPN), proxies and that {} \
+             is right",
+            failures.join("; "),
+            match &proxy {
+                Some((_, variable)) => *variable,
+                None => "DATABRICKS_HOST",
+            }
         )),
     };
     if !push("TCP", tcp_ok) {
@@ -267,6 +301,60 @@ pub async fn run(config: &Config) -> Vec<Step> {
     steps
 }
 
+/// The proxy the client's requests to `host` go through, and the variable that set it, as
+/// reqwest's system proxy reads them: `HTTPS_PROXY` (https) or `HTTP_PROXY` (http), either case,
+/// else `ALL_PROXY`; none when `NO_PROXY` lists the host (`*`, the name, a parent domain with or
+/// without a leading dot, or the IP).
+fn proxy_for(
+    host: &url::Url,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<(url::Url, &'static str)> {
+    let name = host
+        .host_str()?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let no_proxy = env("NO_PROXY")
+        .or_else(|| env("no_proxy"))
+        .unwrap_or_default();
+    let exempt = no_proxy.split(',').map(str::trim).any(|e| {
+        let e = e.trim_start_matches('.');
+        e == "*"
+            || (!e.is_empty()
+                && (name.eq_ignore_ascii_case(e)
+                    || name
+                        .to_ascii_lowercase()
+                        .ends_with(&format!(".{}", e.to_ascii_lowercase()))))
+    });
+    if exempt {
+        return None;
+    }
+    let candidates: &[(&str, &'static str)] = if host.scheme() == "https" {
+        &[
+            ("HTTPS_PROXY", "HTTPS_PROXY"),
+            ("https_proxy", "HTTPS_PROXY"),
+            ("ALL_PROXY", "ALL_PROXY"),
+            ("all_proxy", "ALL_PROXY"),
+        ]
+    } else {
+        &[
+            ("HTTP_PROXY", "HTTP_PROXY"),
+            ("http_proxy", "HTTP_PROXY"),
+            ("ALL_PROXY", "ALL_PROXY"),
+            ("all_proxy", "ALL_PROXY"),
+        ]
+    };
+    candidates.iter().find_map(|(key, variable)| {
+        let value = env(key).filter(|v| !v.trim().is_empty())?;
+        let value = value.trim();
+        // A proxy given without a scheme is an http proxy, as reqwest reads it.
+        let url = url::Url::parse(value)
+            .ok()
+            .filter(|u| u.host_str().is_some())
+            .or_else(|| url::Url::parse(&format!("http://{value}")).ok())?;
+        Some((url, *variable))
+    })
+}
+
 /// The fix for a failed TLS step: trust the issuer, or (a bundle being in use already) put the
 /// right CA in it.
 fn tls_fix(ca_bundle: Option<&std::path::Path>) -> String {
@@ -307,4 +395,76 @@ pub fn render(steps: &[Step]) -> String {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proxy_for;
+
+    fn proxy(host: &str, env: &[(&str, &str)]) -> Option<(String, &'static str)> {
+        let url = url::Url::parse(host).unwrap();
+        proxy_for(&url, |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+        .map(|(u, v)| (u.to_string(), v))
+    }
+
+    #[test]
+    fn the_proxy_is_the_one_the_client_takes() {
+        let ws = "https://adb-1.azuredatabricks.net";
+        assert_eq!(proxy(ws, &[]), None);
+        assert_eq!(
+            proxy(ws, &[("HTTPS_PROXY", "http://proxy.corp:3128")]),
+            Some(("http://proxy.corp:3128/".into(), "HTTPS_PROXY"))
+        );
+        assert_eq!(
+            proxy(ws, &[("https_proxy", "proxy.corp:3128")]),
+            Some(("http://proxy.corp:3128/".into(), "HTTPS_PROXY"))
+        );
+        // HTTP_PROXY is for http hosts only; ALL_PROXY for both.
+        assert_eq!(proxy(ws, &[("HTTP_PROXY", "http://p:1")]), None);
+        assert_eq!(
+            proxy(ws, &[("ALL_PROXY", "http://p:1")]),
+            Some(("http://p:1/".into(), "ALL_PROXY"))
+        );
+        assert_eq!(
+            proxy("http://127.0.0.1:8080", &[("HTTP_PROXY", "http://p:1")]),
+            Some(("http://p:1/".into(), "HTTP_PROXY"))
+        );
+        // NO_PROXY: a parent domain (with or without the dot), the name, `*`, the IP.
+        for np in [
+            ".azuredatabricks.net",
+            "azuredatabricks.net",
+            "adb-1.azuredatabricks.net",
+            "*",
+        ] {
+            assert_eq!(
+                proxy(ws, &[("HTTPS_PROXY", "http://p:1"), ("NO_PROXY", np)]),
+                None,
+                "{np}"
+            );
+        }
+        assert!(proxy(
+            ws,
+            &[("HTTPS_PROXY", "http://p:1"), ("no_proxy", "other.net")]
+        )
+        .is_some());
+        assert!(proxy(
+            ws,
+            &[
+                ("HTTPS_PROXY", "http://p:1"),
+                ("NO_PROXY", "databricks.net")
+            ]
+        )
+        .is_some());
+        assert_eq!(
+            proxy(
+                "http://127.0.0.1:8080",
+                &[("HTTP_PROXY", "http://p:1"), ("NO_PROXY", "127.0.0.1")]
+            ),
+            None
+        );
+    }
 }

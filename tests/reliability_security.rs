@@ -28,6 +28,10 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// A workspace name that does not resolve on this machine: only the test proxy knows it (it
+/// dials 127.0.0.1 for it), as a corporate proxy reaches a workspace the host cannot resolve.
+const PROXIED_HOST: &str = "workspace.proxied.invalid";
+
 /// A minimal forward proxy: absolute-form HTTP requests and CONNECT tunnels, counted.
 async fn proxy() -> (String, Arc<AtomicUsize>) {
     let (url, hits, _tunnels) = proxy_with_tunnels().await;
@@ -62,7 +66,9 @@ async fn proxy_with_tunnels() -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String
                 let method = parts.next().unwrap_or("");
                 let target = parts.next().unwrap_or("");
                 if method == "CONNECT" {
-                    let Ok(mut up) = tokio::net::TcpStream::connect(target).await else {
+                    // A name only the proxy can resolve (no DNS entry on this machine).
+                    let dial = target.replace(PROXIED_HOST, "127.0.0.1");
+                    let Ok(mut up) = tokio::net::TcpStream::connect(dial).await else {
                         return;
                     };
                     t.lock().unwrap().push(target.to_string());
@@ -267,8 +273,12 @@ async fn tls_front(emu_url: &str) -> TlsFront {
     let (ca_cert, ca_key) = test_ca();
 
     // `new` turns "127.0.0.1" into an IP address SAN.
-    let mut leaf_params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let mut leaf_params = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        PROXIED_HOST.to_string(),
+    ])
+    .unwrap();
     leaf_params
         .distinguished_name
         .push(DnType::CommonName, "localhost");
@@ -644,4 +654,51 @@ async fn check_trusts_the_same_ca_bundle_as_the_client() {
             "{var}: check did not go through the TLS front"
         );
     }
+}
+
+/// Behind a proxy the workspace may not resolve, nor be reachable, from this machine: `check`
+/// then tests DNS and TCP towards the proxy (the path the client takes) and TLS through it,
+/// instead of failing where the connector works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_tests_the_path_through_the_proxy() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let front = tls_front(&emu.base_url()).await;
+    let (proxy_url, _hits, tunnels) = proxy_with_tunnels().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = write_pem(dir.path(), "ca.pem", &front.ca_pem);
+    let host = format!("https://{PROXIED_HOST}:{}", front.port);
+    let env = [
+        ("DATABRICKS_CA_BUNDLE", ca.as_str()),
+        ("HTTPS_PROXY", proxy_url.as_str()),
+    ];
+    let (code, steps, out) = check(&host, &env).await;
+    assert_eq!(code, Some(0), "{out}");
+    let dns = step(&steps, "DNS").expect("a DNS line");
+    assert!(
+        dns["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the proxy of HTTPS_PROXY"),
+        "{out}"
+    );
+    let tcp = step(&steps, "TCP").expect("a TCP line");
+    assert!(
+        tcp["detail"].as_str().unwrap().contains(&proxy_url[7..]),
+        "{out}"
+    );
+    assert!(tunnels
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|t| *t == format!("{PROXIED_HOST}:{}", front.port)));
+
+    // Without the proxy the name does not resolve here, and check says so at DNS.
+    let (code, steps, out) = check(&host, &[("DATABRICKS_CA_BUNDLE", ca.as_str())]).await;
+    assert_eq!(code, Some(1), "{out}");
+    let dns = step(&steps, "DNS").expect("a DNS line");
+    assert_eq!(dns["ok"], false, "{out}");
+    assert!(
+        dns["detail"].as_str().unwrap().contains("DATABRICKS_HOST"),
+        "{out}"
+    );
 }
