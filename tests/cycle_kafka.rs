@@ -172,19 +172,13 @@ async fn records_over_the_topic_message_limit_are_cut_to_fit_not_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_logs_in_with_sasl_from_its_environment_and_delivers_once() {
     // The broker is reached only through a SASL_PLAINTEXT/PLAIN front (tests/common/sasl.rs).
-    let (listener, front_addr) = common::sasl::bind().await;
-    let Some(broker) = start_broker_advertising(&[], Some(front_addr)) else {
+    let password = "Kafka-Sasl-Secret-5c4b3a";
+    let Some((_broker, front)) = common::sasl::fronted_broker(password).await else {
         return;
     };
-    let password = "Kafka-Sasl-Secret-5c4b3a";
-    let front = common::sasl::serve(listener, broker.addr, "akto-connector", password);
     let brokers = front.addr.to_string();
-    let login = [
-        ("security.protocol", "SASL_PLAINTEXT"),
-        ("sasl.mechanism", "PLAIN"),
-        ("sasl.username", "akto-connector"),
-        ("sasl.password", password),
-    ];
+    let login = common::sasl::login(password);
+    let login: Vec<(&str, &str)> = login.iter().map(|(k, v)| (*k, v.as_str())).collect();
     create_topic_as(&brokers, TOPIC, 2, &[], &login).await;
     let emu = emulator(emulator_config()).await;
     let dir = tempfile::tempdir().unwrap();

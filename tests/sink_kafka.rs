@@ -334,20 +334,14 @@ async fn refused_sasl_credentials_are_reported_as_such_never_as_a_network_proble
 async fn a_sasl_plain_login_delivers_and_a_wrong_password_is_refused() {
     // The broker is reached only through a SASL_PLAINTEXT front (tests/common/sasl.rs): every
     // connection must log in with PLAIN before the broker answers anything but ApiVersions.
-    let (listener, front_addr) = common::sasl::bind().await;
-    let Some(broker) = start_broker_advertising(&[], Some(front_addr)) else {
+    let password = "pw-sasl-plain-0815";
+    let Some((_broker, front)) = common::sasl::fronted_broker(password).await else {
         return;
     };
-    let password = "pw-sasl-plain-0815";
-    let front = common::sasl::serve(listener, broker.addr, "akto-connector", password);
     let brokers = front.addr.to_string();
     let topic = "akto.api.logs";
-    let login = [
-        ("security.protocol", "SASL_PLAINTEXT"),
-        ("sasl.mechanism", "PLAIN"),
-        ("sasl.username", "akto-connector"),
-        ("sasl.password", password),
-    ];
+    let login = common::sasl::login(password);
+    let login: Vec<(&str, &str)> = login.iter().map(|(k, v)| (*k, v.as_str())).collect();
     create_topic_as(&brokers, topic, 2, &[], &login).await;
 
     // What the connector sets from KAFKA_SECURITY_PROTOCOL / KAFKA_SASL_*.

@@ -50,6 +50,28 @@ impl SaslFront {
     }
 }
 
+/// The user the fronted broker accepts.
+pub const USER: &str = "akto-connector";
+
+/// A tansu broker reached only through a front accepting [`USER`] / `password`, or None (skip)
+/// when tansu is missing outside CI. The broker is kept alive by the returned handle.
+pub async fn fronted_broker(password: &str) -> Option<(super::kafka::Broker, SaslFront)> {
+    let (listener, front_addr) = bind().await;
+    let broker = super::kafka::start_broker_advertising(&[], Some(front_addr))?;
+    let front = serve(listener, broker.addr, USER, password);
+    Some((broker, front))
+}
+
+/// librdkafka settings that log in to the front as [`USER`].
+pub fn login(password: &str) -> [(&'static str, String); 4] {
+    [
+        ("security.protocol", "SASL_PLAINTEXT".into()),
+        ("sasl.mechanism", "PLAIN".into()),
+        ("sasl.username", USER.into()),
+        ("sasl.password", password.into()),
+    ]
+}
+
 /// Binds the front on a free loopback port; it relays to `upstream` once `upstream` is set
 /// (the broker starts after it, since it must advertise the front's address).
 pub async fn bind() -> (TcpListener, SocketAddr) {
