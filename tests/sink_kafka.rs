@@ -395,3 +395,28 @@ async fn a_sasl_plain_login_delivers_and_a_wrong_password_is_refused() {
         "the front saw the refused login"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_check_waits_for_a_broker_on_a_slow_link() {
+    // About 300 ms per round trip, as to a remote managed broker: connecting and asking for
+    // metadata takes several round trips, well within the time-out, and must pass.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay = listener.local_addr().unwrap();
+    let Some(broker) = start_broker_advertising(&[], Some(relay)) else {
+        return;
+    };
+    let _link = slow_link(listener, broker.addr, Duration::from_millis(150));
+    let brokers = relay.to_string();
+    create_topic(&brokers, "akto.api.logs", 1).await;
+    let sink = KafkaSink::new(sink_config(
+        &brokers,
+        "akto.api.logs",
+        Duration::from_secs(20),
+    ))
+    .unwrap();
+    sink.healthcheck()
+        .await
+        .expect("a broker on a slow link is reachable");
+    let outcome = sink.deliver(&[record(0, 100)]).await.expect("delivered");
+    assert_eq!(outcome.delivered, vec![0]);
+}

@@ -100,8 +100,8 @@ struct AuthState {
     reports: u64,
 }
 
-/// The health check's metadata request rounds: a refused login is seen after at most one.
-const AUTH_POLL: Duration = Duration::from_millis(250);
+/// How often the health check looks for a refused login while its metadata request waits.
+const AUTH_POLL: Duration = Duration::from_millis(100);
 
 /// Captures librdkafka's client errors and routes its log lines to `tracing`.
 struct SinkContext {
@@ -342,16 +342,17 @@ impl KafkaSink {
             .config
             .message_timeout
             .clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let auth = Arc::clone(&self.auth_failure);
-        // Asked in short rounds until `timeout`, so that a refused login ends the wait at once
-        // (a request left waiting would also hold the process at exit, e.g. after `check`).
-        let res = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now() + timeout;
-            loop {
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // One request with the whole time-out, as librdkafka needs it for a slow or remote
+        // broker (it gives up a round that ends before a connection is ready), on its own thread,
+        // not the blocking pool: a refused login ends the wait at once, and a request still
+        // waiting then does not hold the process at exit (e.g. after `check`).
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("kafka-healthcheck".into())
+            .spawn(move || {
                 let fetched = producer
                     .client()
-                    .fetch_metadata(Some(&topic), left.min(AUTH_POLL))
+                    .fetch_metadata(Some(&topic), timeout)
                     .map(|md| {
                         md.topics()
                             .iter()
@@ -359,25 +360,26 @@ impl KafkaSink {
                             .and_then(|t| t.error())
                             .map(RDKafkaErrorCode::from)
                     });
-                let refused = auth.lock().map(|a| a.reports > refusals).unwrap_or(false);
-                match fetched {
-                    Err(_) if refused => {
-                        break Err(KafkaError::MetadataFetch(
+                let _ = tx.send(fetched);
+            })
+            .map_err(|e| {
+                SinkError::retriable(format!("cannot start the Kafka health check: {e}"))
+            })?;
+        // Bounded: the request ends at `timeout`, and the thread then answers.
+        let res = loop {
+            tokio::select! {
+                answer = &mut rx => break answer.map_err(|_| {
+                    SinkError::retriable("the Kafka health check ended without an answer")
+                })?,
+                _ = tokio::time::sleep(AUTH_POLL) => {
+                    if self.auth_reports() > refusals {
+                        return Err(self.auth_error(&KafkaError::MetadataFetch(
                             RDKafkaErrorCode::SaslAuthenticationFailed,
-                        ))
+                        )));
                     }
-                    // Only a round that ran out its time asks again (no busy loop).
-                    Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut))
-                        if left > AUTH_POLL =>
-                    {
-                        continue
-                    }
-                    done => break done,
                 }
             }
-        })
-        .await
-        .map_err(|e| SinkError::retriable(format!("Kafka health check task failed: {e}")))?;
+        };
         match res {
             Ok(None) => {
                 self.set_auth_failure(None);

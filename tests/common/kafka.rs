@@ -270,3 +270,42 @@ pub fn progress(brokers: &str, topic: &str, partitions: i32) -> i64 {
             .sum()
     })
 }
+
+/// A TCP relay on `listener` to `upstream` that holds every chunk `delay` before passing it on,
+/// both ways: a broker at the other end of a slow link (round trip about twice `delay`). The
+/// broker must advertise the relay's address so that clients stay on it.
+pub fn slow_link(
+    listener: tokio::net::TcpListener,
+    upstream: SocketAddr,
+    delay: Duration,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        delay: Duration,
+    ) {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = from.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            if to.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown().await;
+    }
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(pipe(cr, sw, delay));
+            tokio::spawn(pipe(sr, cw, delay));
+        }
+    })
+}
