@@ -2,6 +2,7 @@
 //! the fix for a failure. It reads and sends nothing but probes (a `LIMIT 0` query per table, the
 //! sink's health check).
 
+use hyper_util::client::proxy::matcher::Matcher;
 use serde::Serialize;
 
 use crate::collect::quote_table;
@@ -37,14 +38,19 @@ pub async fn run(config: &Config) -> Vec<Step> {
     // (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, unless NO_PROXY exempts the host), the connection
     // this host makes is to the proxy, which resolves and reaches the workspace itself: DNS and
     // TCP test the proxy then, and TLS the whole path.
-    let host = config.host.host_str().unwrap_or_default().to_string();
+    let host = lookup_name(&config.host);
     let port = config.host.port_or_known_default().unwrap_or(443);
-    let proxy = proxy_for(&config.host, |k| std::env::var(k).ok());
+    let proxy_variable = if config.host.scheme() == "https" {
+        "HTTPS_PROXY"
+    } else {
+        "HTTP_PROXY"
+    };
+    let proxy = proxy_for(&config.host, &Matcher::from_system());
     let (target, target_port, via) = match &proxy {
-        Some((url, variable)) => (
-            url.host_str().unwrap_or_default().to_string(),
-            url.port_or_known_default().unwrap_or(80),
-            format!(" (the proxy of {variable}, which reaches {host})"),
+        Some((name, proxy_port)) => (
+            name.clone(),
+            *proxy_port,
+            format!(" (the proxy of {proxy_variable} or ALL_PROXY, which reaches {host})"),
         ),
         None => (host.clone(), port, String::new()),
     };
@@ -53,7 +59,9 @@ pub async fn run(config: &Config) -> Vec<Step> {
             Ok(a) => a.collect(),
             Err(e) => {
                 let fix = match &proxy {
-                    Some((_, variable)) => format!("check {variable} and this machine's DNS"),
+                    Some(_) => {
+                        format!("check {proxy_variable} (or ALL_PROXY) and this machine's DNS")
+                    }
                     None => "check DATABRICKS_HOST (https://<workspace>.cloud.databricks.com) and \
                              this machine's DNS"
                         .to_string(),
@@ -103,7 +111,7 @@ pub async fn run(config: &Config) -> Vec<Step> {
              is right",
             failures.join("; "),
             match &proxy {
-                Some((_, variable)) => *variable,
+                Some(_) => proxy_variable,
                 None => "DATABRICKS_HOST",
             }
         )),
@@ -301,58 +309,30 @@ pub async fn run(config: &Config) -> Vec<Step> {
     steps
 }
 
-/// The proxy the client's requests to `host` go through, and the variable that set it, as
-/// reqwest's system proxy reads them: `HTTPS_PROXY` (https) or `HTTP_PROXY` (http), either case,
-/// else `ALL_PROXY`; none when `NO_PROXY` lists the host (`*`, the name, a parent domain with or
-/// without a leading dot, or the IP).
-fn proxy_for(
-    host: &url::Url,
-    env: impl Fn(&str) -> Option<String>,
-) -> Option<(url::Url, &'static str)> {
-    let name = host
-        .host_str()?
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let no_proxy = env("NO_PROXY")
-        .or_else(|| env("no_proxy"))
-        .unwrap_or_default();
-    let exempt = no_proxy.split(',').map(str::trim).any(|e| {
-        let e = e.trim_start_matches('.');
-        e == "*"
-            || (!e.is_empty()
-                && (name.eq_ignore_ascii_case(e)
-                    || name
-                        .to_ascii_lowercase()
-                        .ends_with(&format!(".{}", e.to_ascii_lowercase()))))
-    });
-    if exempt {
-        return None;
-    }
-    let candidates: &[(&str, &'static str)] = if host.scheme() == "https" {
-        &[
-            ("HTTPS_PROXY", "HTTPS_PROXY"),
-            ("https_proxy", "HTTPS_PROXY"),
-            ("ALL_PROXY", "ALL_PROXY"),
-            ("all_proxy", "ALL_PROXY"),
-        ]
-    } else {
-        &[
-            ("HTTP_PROXY", "HTTP_PROXY"),
-            ("http_proxy", "HTTP_PROXY"),
-            ("ALL_PROXY", "ALL_PROXY"),
-            ("all_proxy", "ALL_PROXY"),
-        ]
+/// The proxy the client's requests to `host` go through, decided by the matcher reqwest itself
+/// uses (`HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY`, either case, and `NO_PROXY` with its names,
+/// domains, IPs and ranges), as (host, port) of the proxy. Only http(s) proxies: the client
+/// speaks to nothing else.
+fn proxy_for(host: &url::Url, matcher: &Matcher) -> Option<(String, u16)> {
+    let dst: http::Uri = host.as_str().parse().ok()?;
+    let proxy = matcher.intercept(&dst)?;
+    let uri = proxy.uri();
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => return None,
     };
-    candidates.iter().find_map(|(key, variable)| {
-        let value = env(key).filter(|v| !v.trim().is_empty())?;
-        let value = value.trim();
-        // A proxy given without a scheme is an http proxy, as reqwest reads it.
-        let url = url::Url::parse(value)
-            .ok()
-            .filter(|u| u.host_str().is_some())
-            .or_else(|| url::Url::parse(&format!("http://{value}")).ok())?;
-        Some((url, *variable))
-    })
+    let name = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    Some((name.to_string(), uri.port_u16().unwrap_or(default_port)))
+}
+
+/// A host name or address as `lookup_host` takes it (an IPv6 address without its brackets).
+fn lookup_name(host: &url::Url) -> String {
+    match host.host() {
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        Some(h) => h.to_string(),
+        None => String::new(),
+    }
 }
 
 /// The fix for a failed TLS step: trust the issuer, or (a bundle being in use already) put the
@@ -399,41 +379,48 @@ pub fn render(steps: &[Step]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::proxy_for;
+    use super::{lookup_name, proxy_for, Matcher};
 
-    fn proxy(host: &str, env: &[(&str, &str)]) -> Option<(String, &'static str)> {
-        let url = url::Url::parse(host).unwrap();
-        proxy_for(&url, |k| {
+    fn proxy(host: &str, env: &[(&str, &str)]) -> Option<(String, u16)> {
+        let get = |k: &str| {
             env.iter()
                 .find(|(n, _)| *n == k)
                 .map(|(_, v)| v.to_string())
-        })
-        .map(|(u, v)| (u.to_string(), v))
+                .unwrap_or_default()
+        };
+        let m = Matcher::builder()
+            .http(get("HTTP_PROXY"))
+            .https(get("HTTPS_PROXY"))
+            .all(get("ALL_PROXY"))
+            .no(get("NO_PROXY"))
+            .build();
+        proxy_for(&url::Url::parse(host).unwrap(), &m)
     }
 
     #[test]
     fn the_proxy_is_the_one_the_client_takes() {
         let ws = "https://adb-1.azuredatabricks.net";
+        let p = |h: &str, port| Some((h.to_string(), port));
         assert_eq!(proxy(ws, &[]), None);
         assert_eq!(
             proxy(ws, &[("HTTPS_PROXY", "http://proxy.corp:3128")]),
-            Some(("http://proxy.corp:3128/".into(), "HTTPS_PROXY"))
+            p("proxy.corp", 3128)
+        );
+        // No scheme: an http proxy; credentials are not part of the answer.
+        assert_eq!(
+            proxy(ws, &[("HTTPS_PROXY", "user:pw@proxy.corp:3128")]),
+            p("proxy.corp", 3128)
         );
         assert_eq!(
-            proxy(ws, &[("https_proxy", "proxy.corp:3128")]),
-            Some(("http://proxy.corp:3128/".into(), "HTTPS_PROXY"))
+            proxy(ws, &[("HTTPS_PROXY", "http://[fd00::1]:3128")]),
+            p("fd00::1", 3128)
         );
-        // HTTP_PROXY is for http hosts only; ALL_PROXY for both.
         assert_eq!(proxy(ws, &[("HTTP_PROXY", "http://p:1")]), None);
-        assert_eq!(
-            proxy(ws, &[("ALL_PROXY", "http://p:1")]),
-            Some(("http://p:1/".into(), "ALL_PROXY"))
-        );
+        assert_eq!(proxy(ws, &[("ALL_PROXY", "http://p:1")]), p("p", 1));
         assert_eq!(
             proxy("http://127.0.0.1:8080", &[("HTTP_PROXY", "http://p:1")]),
-            Some(("http://p:1/".into(), "HTTP_PROXY"))
+            p("p", 1)
         );
-        // NO_PROXY: a parent domain (with or without the dot), the name, `*`, the IP.
         for np in [
             ".azuredatabricks.net",
             "azuredatabricks.net",
@@ -448,23 +435,31 @@ mod tests {
         }
         assert!(proxy(
             ws,
-            &[("HTTPS_PROXY", "http://p:1"), ("no_proxy", "other.net")]
-        )
-        .is_some());
-        assert!(proxy(
-            ws,
             &[
                 ("HTTPS_PROXY", "http://p:1"),
                 ("NO_PROXY", "databricks.net")
             ]
         )
         .is_some());
+        // Ranges, as reqwest reads them.
         assert_eq!(
             proxy(
-                "http://127.0.0.1:8080",
-                &[("HTTP_PROXY", "http://p:1"), ("NO_PROXY", "127.0.0.1")]
+                "http://10.1.2.3:8080",
+                &[("HTTP_PROXY", "http://p:1"), ("NO_PROXY", "10.0.0.0/8")]
             ),
             None
+        );
+    }
+
+    #[test]
+    fn an_ipv6_workspace_is_looked_up_without_brackets() {
+        assert_eq!(
+            lookup_name(&url::Url::parse("https://[::1]:8443").unwrap()),
+            "::1"
+        );
+        assert_eq!(
+            lookup_name(&url::Url::parse("https://adb-1.azuredatabricks.net").unwrap()),
+            "adb-1.azuredatabricks.net"
         );
     }
 }

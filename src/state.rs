@@ -172,14 +172,28 @@ impl StateStore {
         if reset && path.exists() {
             // Not under a running instance's feet: its lock on the file (the one redb takes,
             // flock) is tried first, and held while the file is moved.
-            let held = fs::File::open(&path).map_err(|e| StateError::Io {
-                path: path.clone(),
-                detail: format!("cannot open the old state to move it aside: {e}"),
-            })?;
+            // Opened for writing, as redb opens it: an exclusive lock on NFS (flock emulated
+            // with fcntl) needs a file open for writing.
+            let held = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| StateError::Io {
+                    path: path.clone(),
+                    detail: format!("cannot open the old state to move it aside: {e}"),
+                })?;
             match held.try_lock() {
                 Ok(()) => {}
                 Err(fs::TryLockError::WouldBlock) => {
                     return Err(StateError::Locked(dir.to_path_buf()))
+                }
+                // A file system without locks: redb itself runs without one there.
+                Err(fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    tracing::warn!(
+                        "--reset-state: {} cannot be locked on this file system ({e}); make \
+                         sure no other instance uses STATE_DIR",
+                        path.display()
+                    );
                 }
                 Err(fs::TryLockError::Error(e)) => {
                     return Err(StateError::Io {

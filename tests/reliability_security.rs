@@ -686,11 +686,14 @@ async fn check_tests_the_path_through_the_proxy() {
         tcp["detail"].as_str().unwrap().contains(&proxy_url[7..]),
         "{out}"
     );
-    assert!(tunnels
-        .lock()
-        .unwrap()
-        .iter()
-        .all(|t| *t == format!("{PROXIED_HOST}:{}", front.port)));
+    let tunnels = tunnels.lock().unwrap().clone();
+    assert!(!tunnels.is_empty(), "check went through no tunnel");
+    assert!(
+        tunnels
+            .iter()
+            .all(|t| *t == format!("{PROXIED_HOST}:{}", front.port)),
+        "{tunnels:?}"
+    );
 
     // Without the proxy the name does not resolve here, and check says so at DNS.
     let (code, steps, out) = check(&host, &[("DATABRICKS_CA_BUNDLE", ca.as_str())]).await;

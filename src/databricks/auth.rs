@@ -67,8 +67,9 @@ struct SecretFile {
     path: std::path::PathBuf,
     /// Its setting, for messages (`DATABRICKS_CLIENT_SECRET_FILE`, ...).
     variable: &'static str,
-    /// The secret last read, and when (a PAT is looked at again after [`PAT_RECHECK`]).
-    last: std::sync::Mutex<Option<(SecretString, Instant)>>,
+    /// The secret last read, and when; no time: read it again at the next use (a PAT is looked
+    /// at again after [`PAT_RECHECK`], or at once after it was refused).
+    last: std::sync::Mutex<Option<(SecretString, Option<Instant>)>>,
 }
 
 impl SecretFile {
@@ -107,7 +108,7 @@ impl SecretFile {
                 self.path.display()
             );
         }
-        *last = Some((now.clone(), Instant::now()));
+        *last = Some((now.clone(), Some(Instant::now())));
         now
     }
 
@@ -115,7 +116,7 @@ impl SecretFile {
     fn read_now_and_then(&self, fallback: &SecretString) -> SecretString {
         {
             let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((s, at)) = last.as_ref() {
+            if let Some((s, Some(at))) = last.as_ref() {
                 if at.elapsed() < PAT_RECHECK {
                     return s.clone();
                 }
@@ -128,7 +129,7 @@ impl SecretFile {
     fn recheck(&self) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, at)) = last.as_mut() {
-            *at = Instant::now() - PAT_RECHECK;
+            *at = None;
         }
     }
 }
