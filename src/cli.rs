@@ -329,6 +329,15 @@ pub struct SinkArgs {
     )]
     pub kafka_sasl_password: Option<SecretArg>,
 
+    /// File holding the Kafka SASL password (instead of KAFKA_SASL_PASSWORD)
+    #[arg(
+        long,
+        env = "KAFKA_SASL_PASSWORD_FILE",
+        value_name = "PATH",
+        global = true
+    )]
+    pub kafka_sasl_password_file: Option<PathBuf>,
+
     /// CA certificate (PEM) to verify the Kafka brokers (with SSL or SASL_SSL)
     #[arg(long, env = "KAFKA_CA_FILE", value_name = "PATH", global = true)]
     pub kafka_ca_file: Option<PathBuf>,

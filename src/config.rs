@@ -1447,7 +1447,23 @@ fn kafka_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
         }
     }
     let sasl_username = given(&s.kafka_sasl_username).map(str::to_owned);
-    let sasl_password = given_secret(&s.kafka_sasl_password).map(SecretArg::to_secret);
+    let sasl_password = resolve_secret(
+        p,
+        &s.kafka_sasl_password,
+        &s.kafka_sasl_password_file,
+        &SecretNames {
+            variable: "KAFKA_SASL_PASSWORD",
+            flag: "--kafka-sasl-password",
+            file_variable: "KAFKA_SASL_PASSWORD_FILE",
+            file_flag: "--kafka-sasl-password-file",
+        },
+    );
+    // A file that could not be read was reported already: not "missing" again.
+    let password_failed = matches!(sasl_password, SecretFound::Failed);
+    let sasl_password = match sasl_password {
+        SecretFound::Given(secret) => Some(secret),
+        SecretFound::Missing | SecretFound::Failed => None,
+    };
     let protocol_name = security_protocol.as_deref().unwrap_or("PLAINTEXT");
     let uses_sasl = protocol_name.starts_with("SASL_");
     let uses_tls = matches!(protocol_name, "SSL" | "SASL_SSL");
@@ -1462,8 +1478,8 @@ fn kafka_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
         if sasl_username.is_none() {
             missing.push("KAFKA_SASL_USERNAME");
         }
-        if sasl_password.is_none() {
-            missing.push("KAFKA_SASL_PASSWORD");
+        if sasl_password.is_none() && !password_failed {
+            missing.push("KAFKA_SASL_PASSWORD (or KAFKA_SASL_PASSWORD_FILE)");
         }
         if !missing.is_empty() {
             p.push(
@@ -2022,6 +2038,30 @@ mod tests {
         cli.sink.kafka_security_protocol = s("SASL_SSL");
         cli.sink.kafka_sasl_mechanism = s("GSSAPI");
         assert_eq!(problems_of(&cli), vec!["KAFKA_SASL_MECHANISM"]);
+
+        // The password from a file, like the other secrets; both forms set is a problem.
+        let dir = tempfile::tempdir().unwrap();
+        let pw_file = dir.path().join("kafka_password");
+        std::fs::write(&pw_file, "kafka-pw-from-file\n").unwrap();
+        let mut cli = valid_cli();
+        cli.sink.kind = s("kafka");
+        cli.sink.kafka_brokers = s("k:9092");
+        cli.sink.kafka_security_protocol = s("SASL_SSL");
+        cli.sink.kafka_sasl_mechanism = s("SCRAM-SHA-512");
+        cli.sink.kafka_sasl_username = s("akto");
+        cli.sink.kafka_sasl_password_file = Some(pw_file.clone());
+        match build(&cli).expect("valid").sink {
+            Some(SinkConfig::Kafka {
+                sasl_password: Some(pw),
+                ..
+            }) => assert_eq!(pw.expose_secret(), "kafka-pw-from-file"),
+            other => panic!("expected Kafka with a password, got {other:?}"),
+        }
+        cli.sink.kafka_sasl_password = Some(SecretArg::from("direct"));
+        assert_eq!(problems_of(&cli), vec!["KAFKA_SASL_PASSWORD_FILE"]);
+        cli.sink.kafka_sasl_password = None;
+        cli.sink.kafka_sasl_password_file = Some(dir.path().join("missing"));
+        assert_eq!(problems_of(&cli), vec!["KAFKA_SASL_PASSWORD_FILE"]);
 
         // CA file must exist and needs TLS.
         let mut cli = valid_cli();

@@ -194,10 +194,17 @@ async fn the_binary_logs_in_with_sasl_from_its_environment_and_delivers_once() {
             .env("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
             .env("KAFKA_SASL_MECHANISM", "PLAIN")
             .env("KAFKA_SASL_USERNAME", "akto-connector")
-            .env("KAFKA_SASL_PASSWORD", password)
             .env("STATE_DIR", dir.path().join("state"))
             .env("LOOKBACK_MINUTES", "120")
             .env("METRICS_ADDR", "off");
+        // The password as a mounted secret file for the run, as a variable for `check`.
+        if args == ["-once"] {
+            let file = dir.path().join("kafka_sasl_password");
+            std::fs::write(&file, format!("{password}\n")).unwrap();
+            c.env("KAFKA_SASL_PASSWORD_FILE", file);
+        } else {
+            c.env("KAFKA_SASL_PASSWORD", password);
+        }
         tokio::task::spawn_blocking(move || c.output().unwrap())
     };
     let out = run(&["-once"], password).await.unwrap();
