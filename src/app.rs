@@ -55,12 +55,18 @@ pub fn client(config: &Config) -> Result<DatabricksClient, crate::databricks::Da
 /// The sink a configuration asks for.
 pub fn sink(config: &SinkConfig) -> Result<AnySink, SinkError> {
     Ok(match config {
-        SinkConfig::Http { url, jwt } => AnySink::Http(HttpSink::new(HttpSinkConfig {
-            url: url.clone(),
-            jwt: jwt.clone(),
-            timeout: Duration::from_secs(30),
-            retry: Default::default(),
-        })?),
+        SinkConfig::Http { url, jwt, jwt_file } => AnySink::Http({
+            let sink = HttpSink::new(HttpSinkConfig {
+                url: url.clone(),
+                jwt: jwt.clone(),
+                timeout: Duration::from_secs(30),
+                retry: Default::default(),
+            })?;
+            match jwt_file {
+                Some(path) => sink.reread_jwt_from(path.clone()),
+                None => sink,
+            }
+        }),
         SinkConfig::File { path } => AnySink::File(FileSink::new(path.clone())?),
         SinkConfig::Kafka {
             brokers,

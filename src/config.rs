@@ -148,6 +148,8 @@ pub enum SinkConfig {
         url: Url,
         /// Sent as the raw `authorization` header when set.
         jwt: Option<SecretString>,
+        /// `AKTO_JWT_TOKEN_FILE`, when the token came from it: read again for a rotated token.
+        jwt_file: Option<PathBuf>,
     },
     /// Akto's Kafka topic.
     Kafka {
@@ -657,7 +659,7 @@ impl Config {
         };
         let sink = match &self.sink {
             None => "none".to_owned(),
-            Some(SinkConfig::Http { url, jwt }) => format!(
+            Some(SinkConfig::Http { url, jwt, .. }) => format!(
                 "http(url={url} jwt={})",
                 if jwt.is_some() { "set" } else { "unset" }
             ),
@@ -1384,7 +1386,11 @@ fn http_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
         SecretFound::Missing => None,
         SecretFound::Failed => return None,
     };
-    url.map(|url| SinkConfig::Http { url, jwt })
+    let jwt_file = jwt
+        .as_ref()
+        .and_then(|_| given_path(&s.jwt_file))
+        .map(Path::to_path_buf);
+    url.map(|url| SinkConfig::Http { url, jwt, jwt_file })
 }
 
 const KAFKA_PROTOCOLS: [&str; 4] = ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"];
@@ -1618,7 +1624,7 @@ mod tests {
         assert_eq!(config.auth.kind(), "oauth");
         assert_eq!(config.auth.client_id(), Some("sp-client-id"));
         match &config.sink {
-            Some(SinkConfig::Http { url, jwt }) => {
+            Some(SinkConfig::Http { url, jwt, .. }) => {
                 assert_eq!(url.as_str(), "http://akto-ingest:9000/");
                 assert!(jwt.is_none());
             }
@@ -1841,8 +1847,13 @@ mod tests {
         );
         assert_eq!(build(&valid_cli()).unwrap().auth_secret_file, None);
         match &c.sink {
-            Some(SinkConfig::Http { jwt: Some(jwt), .. }) => {
-                assert_eq!(jwt.expose_secret(), "jwt-from-file")
+            Some(SinkConfig::Http {
+                jwt: Some(jwt),
+                jwt_file: Some(file),
+                ..
+            }) => {
+                assert_eq!(jwt.expose_secret(), "jwt-from-file");
+                assert!(file.ends_with("jwt"), "{}", file.display())
             }
             other => panic!("expected http with jwt, got {other:?}"),
         }

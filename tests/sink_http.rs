@@ -696,3 +696,48 @@ async fn standin_slow_answers_time_out_as_retriable() {
     assert!(err.is_retriable());
     assert!(err.to_string().contains("timed out"), "{err}");
 }
+
+/// A rotated JWT in `AKTO_JWT_TOKEN_FILE` needs no restart: after the service stops accepting
+/// the old token, the 401 makes the sink read the file again and send once more. A sink that
+/// kept its first token is refused; a file still holding a refused token names the file.
+#[tokio::test]
+async fn standin_rotated_jwt_file_is_read_again() {
+    let st = standin(Some("jwt-before-rotation")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("akto_jwt_token");
+    std::fs::write(&file, "jwt-before-rotation\n").unwrap();
+    let rotating = sink(standin_url(&st), Some("jwt-before-rotation"), fast_retry(3))
+        .reread_jwt_from(file.clone());
+    let fixed = sink(standin_url(&st), Some("jwt-before-rotation"), fast_retry(3));
+    rotating.deliver(&[akto_record(0)]).await.unwrap();
+    fixed.deliver(&[akto_record(1)]).await.unwrap();
+
+    std::fs::write(&file, "jwt-after-rotation\n").unwrap();
+    st.set_required_jwt(Some("jwt-after-rotation"));
+    let out = rotating
+        .deliver(&[akto_record(2)])
+        .await
+        .expect("the new token is read from the file after the 401");
+    assert_eq!(out.delivered, vec![0]);
+    assert_eq!(st.rejected_batches(), 1, "one 401, then the new token");
+    let err = fixed.deliver(&[akto_record(3)]).await.unwrap_err();
+    assert!(
+        err.to_string().contains("rejected AKTO_JWT_TOKEN (401)"),
+        "{err}"
+    );
+
+    // The service moves on but the file does not: a permanent error naming the file.
+    st.set_required_jwt(Some("jwt-third"));
+    let err = rotating.deliver(&[akto_record(4)]).await.unwrap_err();
+    assert!(!err.is_retriable());
+    let msg = err.to_string();
+    assert!(msg.contains("AKTO_JWT_TOKEN_FILE"), "{msg}");
+    assert!(
+        !msg.contains("jwt-after-rotation") && !msg.contains("jwt-third"),
+        "{msg}"
+    );
+    let all: Vec<usize> = vec![0, 1, 2];
+    let records: Vec<_> = (0..3).map(akto_record).collect();
+    assert_eq!(st.records(), values(&records, &all));
+    st.shutdown().await;
+}

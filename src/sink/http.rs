@@ -69,15 +69,34 @@ pub struct HttpSink {
     health_url: Url,
     /// `ingest_url` without user info or query, for messages.
     shown_url: String,
-    auth: Option<HeaderValue>,
+    /// The `authorization` header sent now.
+    auth: std::sync::Mutex<Option<HeaderValue>>,
+    /// `AKTO_JWT_TOKEN_FILE`, read again at most every [`JWT_RECHECK`] and after a 401/403.
+    jwt_file: Option<JwtFile>,
     retry: RetryPolicy,
+}
+
+/// How often a JWT read from a file is looked at again.
+const JWT_RECHECK: Duration = Duration::from_secs(30);
+
+struct JwtFile {
+    path: std::path::PathBuf,
+    /// When it was last read; None: read it at the next use.
+    read_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for HttpSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpSink")
             .field("url", &self.shown_url)
-            .field("jwt", &self.auth.as_ref().map(|_| "[REDACTED]"))
+            .field(
+                "jwt",
+                &self
+                    .auth
+                    .lock()
+                    .ok()
+                    .and_then(|a| a.as_ref().map(|_| "[REDACTED]")),
+            )
             .field("retry", &self.retry)
             .finish()
     }
@@ -151,9 +170,82 @@ impl HttpSink {
             shown_url: shown(&ingest_url),
             ingest_url,
             health_url,
-            auth,
+            auth: std::sync::Mutex::new(auth),
+            jwt_file: None,
             retry,
         })
+    }
+
+    /// The JWT came from `path` (`AKTO_JWT_TOKEN_FILE`): read it again at most every 30 s and
+    /// at once after a 401/403, so that a rotated token needs no restart.
+    pub fn reread_jwt_from(mut self, path: std::path::PathBuf) -> Self {
+        self.jwt_file = Some(JwtFile {
+            path,
+            read_at: std::sync::Mutex::new(Some(Instant::now())),
+        });
+        self
+    }
+
+    /// The `authorization` header to send (the token file read again when due).
+    fn auth_header(&self) -> Option<HeaderValue> {
+        if let Some(f) = &self.jwt_file {
+            let due = f
+                .read_at
+                .lock()
+                .map(|at| at.is_none_or(|t| t.elapsed() >= JWT_RECHECK))
+                .unwrap_or(true);
+            if due {
+                self.reload_jwt(f);
+            }
+        }
+        self.auth.lock().ok().and_then(|a| a.clone())
+    }
+
+    /// Reads the token file; returns whether the token changed. An unreadable, empty or
+    /// malformed file keeps the token read before (WARN naming the setting, never the value).
+    fn reload_jwt(&self, f: &JwtFile) -> bool {
+        if let Ok(mut at) = f.read_at.lock() {
+            *at = Some(Instant::now());
+        }
+        let fresh = match std::fs::read_to_string(&f.path) {
+            Ok(text) => match HeaderValue::from_str(text.trim()) {
+                Ok(mut v) if !text.trim().is_empty() => {
+                    v.set_sensitive(true);
+                    v
+                }
+                _ => {
+                    tracing::warn!(
+                        "AKTO_JWT_TOKEN_FILE {} is empty or not a token now: still using the \
+                         token read before",
+                        f.path.display()
+                    );
+                    return false;
+                }
+            },
+            Err(e) => {
+                tracing::warn!(
+                    "AKTO_JWT_TOKEN_FILE {}: cannot read it again ({e}): still using the token \
+                     read before",
+                    f.path.display()
+                );
+                return false;
+            }
+        };
+        let Ok(mut auth) = self.auth.lock() else {
+            return false;
+        };
+        if auth
+            .as_ref()
+            .is_some_and(|a| a.as_bytes() == fresh.as_bytes())
+        {
+            return false;
+        }
+        tracing::info!(
+            "AKTO_JWT_TOKEN_FILE {} changed (rotated): the new token is used from now on",
+            f.path.display()
+        );
+        *auth = Some(fresh);
+        true
     }
 
     /// E.g. `Akto ingestion at https://host/api/ingestData` (no credentials).
@@ -164,8 +256,8 @@ impl HttpSink {
     /// `GET {url}/healthCheck` once: 200 is healthy.
     pub async fn healthcheck(&self) -> Result<(), SinkError> {
         let mut req = self.client.get(self.health_url.clone());
-        if let Some(auth) = &self.auth {
-            req = req.header(AUTHORIZATION, auth.clone());
+        if let Some(auth) = self.auth_header() {
+            req = req.header(AUTHORIZATION, auth);
         }
         let shown_health = shown(&self.health_url);
         let resp = req
@@ -297,8 +389,8 @@ impl HttpSink {
             .post(self.ingest_url.clone())
             .header(CONTENT_TYPE, "application/json")
             .body(body);
-        if let Some(auth) = &self.auth {
-            req = req.header(AUTHORIZATION, auth.clone());
+        if let Some(auth) = self.auth_header() {
+            req = req.header(AUTHORIZATION, auth);
         }
         let resp = match req.send().await {
             Ok(resp) => resp,
@@ -322,6 +414,20 @@ impl HttpSink {
             Ok(text) => snippet(&text),
             Err(e) => format!("body unreadable: {}", error_chain(&e)),
         };
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            // A rotated token: the file may hold the new one already; if so, send again.
+            if let Some(f) = &self.jwt_file {
+                if self.reload_jwt(f) {
+                    return Ok(Reply::Transient {
+                        reason: format!(
+                            "HTTP {status} with the previous token; AKTO_JWT_TOKEN_FILE holds a \
+                             new one"
+                        ),
+                        retry_after: Some(Duration::ZERO),
+                    });
+                }
+            }
+        }
         if let Some(err) = self.config_error(status, &body, &self.shown_url) {
             return Err(err);
         }
@@ -353,7 +459,16 @@ impl HttpSink {
     /// Answers that no retry and no bisection can fix: bad token, wrong URL, redirects.
     fn config_error(&self, status: StatusCode, body: &str, shown_url: &str) -> Option<SinkError> {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            let message = if self.auth.is_some() {
+            let has_token = self.auth.lock().map(|a| a.is_some()).unwrap_or(false);
+            let message = if let (true, Some(f)) = (has_token, &self.jwt_file) {
+                format!(
+                    "the ingestion service rejected the token of AKTO_JWT_TOKEN_FILE {} ({}): \
+                     {body}; write a valid token for the Akto account into that file (the raw \
+                     JWT, no `Bearer ` prefix); it is read again within 30 s",
+                    f.path.display(),
+                    status.as_u16()
+                )
+            } else if has_token {
                 format!(
                     "the ingestion service rejected AKTO_JWT_TOKEN ({}): {body}; set \
                      AKTO_JWT_TOKEN to a valid token for the Akto account (the raw JWT, no \

@@ -136,7 +136,8 @@ struct Inner {
 
 #[derive(Debug)]
 struct Shared {
-    jwt: Option<String>,
+    /// The JWT required now (`StandIn::set_required_jwt` rotates it).
+    jwt: Mutex<Option<String>>,
     inner: Mutex<Inner>,
 }
 
@@ -167,7 +168,7 @@ impl StandIn {
         let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            jwt: cfg.require_jwt,
+            jwt: Mutex::new(cfg.require_jwt),
             inner: Mutex::new(Inner::default()),
         });
         let app = Router::new()
@@ -218,6 +219,11 @@ impl StandIn {
     }
 
     /// Change the behavior for the following batches.
+    /// Rotates the required JWT: from now on only `jwt` is accepted (None: no token needed).
+    pub fn set_required_jwt(&self, jwt: Option<&str>) {
+        *self.shared.jwt.lock().unwrap_or_else(|e| e.into_inner()) = jwt.map(str::to_string);
+    }
+
     pub fn set_behavior(&self, b: Behavior) {
         let mut g = self.shared.lock();
         g.fail_left = match &b {
@@ -264,7 +270,8 @@ enum Injected {
 }
 
 async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
-    if let Some(jwt) = &shared.jwt {
+    let required = shared.jwt.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(jwt) = &required {
         let ok = headers
             .get("authorization")
             .is_some_and(|v| v.as_bytes() == jwt.as_bytes());
