@@ -1056,9 +1056,8 @@ fn resolve_secret(
         }
         (Some(secret), None) => SecretFound::Given(secret.to_secret()),
         (None, Some(path)) => match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let value = text.trim_end_matches(['\n', '\r']);
-                if value.is_empty() {
+            Ok(text) => match crate::secret_file::secret_text(&text) {
+                None => {
                     p.push(
                         names.file_variable,
                         format!(
@@ -1069,10 +1068,9 @@ fn resolve_secret(
                         ),
                     );
                     SecretFound::Failed
-                } else {
-                    SecretFound::Given(SecretString::from(value.to_owned()))
                 }
-            }
+                Some(value) => SecretFound::Given(SecretString::from(value.to_owned())),
+            },
             Err(err) => {
                 p.push(
                     names.file_variable,

@@ -16,6 +16,7 @@ pub mod inventory;
 pub mod json;
 pub mod ops;
 pub mod run;
+pub mod secret_file;
 pub mod sink;
 pub mod state;
 pub mod traces;

@@ -19,6 +19,7 @@ use tokio::sync::Mutex;
 
 use super::error::{ConnectKind, DatabricksError};
 use super::http::classify_transport_error;
+use crate::secret_file::SecretFile;
 
 /// How the connector proves who it is.
 pub enum Credentials {
@@ -62,78 +63,6 @@ struct Cached {
 /// How often a personal access token read from a file is looked at again.
 pub const PAT_RECHECK: Duration = Duration::from_secs(30);
 
-/// The file a secret came from, read again when the secret is needed.
-struct SecretFile {
-    path: std::path::PathBuf,
-    /// Its setting, for messages (`DATABRICKS_CLIENT_SECRET_FILE`, ...).
-    variable: &'static str,
-    /// The secret last read, and when; no time: read it again at the next use (a PAT is looked
-    /// at again after [`PAT_RECHECK`], or at once after it was refused).
-    last: std::sync::Mutex<Option<(SecretString, Option<Instant>)>>,
-}
-
-impl SecretFile {
-    /// The file's secret now; the one read before (`fallback` at first) when it cannot be read
-    /// or is empty, with a WARN naming the setting (never the value).
-    fn read(&self, fallback: &SecretString) -> SecretString {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let before = last
-            .as_ref()
-            .map_or_else(|| fallback.clone(), |(s, _)| s.clone());
-        let now = match std::fs::read_to_string(&self.path) {
-            Ok(text) if !text.trim_end_matches(['\n', '\r']).is_empty() => {
-                SecretString::from(text.trim_end_matches(['\n', '\r']).to_owned())
-            }
-            Ok(_) => {
-                tracing::warn!(
-                    "{} {} is empty now: still using the secret read before",
-                    self.variable,
-                    self.path.display()
-                );
-                before.clone()
-            }
-            Err(e) => {
-                tracing::warn!(
-                    "{} {}: cannot read it again ({e}): still using the secret read before",
-                    self.variable,
-                    self.path.display()
-                );
-                before.clone()
-            }
-        };
-        if now.expose_secret() != before.expose_secret() {
-            tracing::info!(
-                "{} {} changed (rotated): the new secret is used from now on",
-                self.variable,
-                self.path.display()
-            );
-        }
-        *last = Some((now.clone(), Some(Instant::now())));
-        now
-    }
-
-    /// [`Self::read`], at most every [`PAT_RECHECK`].
-    fn read_now_and_then(&self, fallback: &SecretString) -> SecretString {
-        {
-            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((s, Some(at))) = last.as_ref() {
-                if at.elapsed() < PAT_RECHECK {
-                    return s.clone();
-                }
-            }
-        }
-        self.read(fallback)
-    }
-
-    /// The next [`Self::read_now_and_then`] reads the file.
-    fn recheck(&self) {
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, at)) = last.as_mut() {
-            *at = None;
-        }
-    }
-}
-
 /// Hands out bearer tokens, fetching and caching them as needed.
 pub struct TokenSource {
     credentials: Credentials,
@@ -171,11 +100,11 @@ impl TokenSource {
     /// The secret (the OAuth client secret, or the PAT) came from `path`, the file of setting
     /// `variable`: it is read again when needed, so a rotated secret is picked up.
     pub fn reread_secret_from(&mut self, path: std::path::PathBuf, variable: &'static str) {
-        self.secret_file = Some(SecretFile {
-            path,
-            variable,
-            last: std::sync::Mutex::new(None),
-        });
+        let initial = match &self.credentials {
+            Credentials::OAuth { client_secret, .. } => client_secret.clone(),
+            Credentials::Pat(token) => token.clone(),
+        };
+        self.secret_file = Some(SecretFile::new(path, variable, initial));
     }
 
     pub fn credentials(&self) -> &Credentials {
@@ -187,7 +116,7 @@ impl TokenSource {
         let (client_id, client_secret) = match &self.credentials {
             Credentials::Pat(token) => {
                 return Ok(match &self.secret_file {
-                    Some(f) => f.read_now_and_then(token),
+                    Some(f) => f.current(PAT_RECHECK),
                     None => token.clone(),
                 })
             }
@@ -203,7 +132,7 @@ impl TokenSource {
             }
         }
         let client_secret = match &self.secret_file {
-            Some(f) => f.read(client_secret),
+            Some(f) => f.read().0,
             None => client_secret.clone(),
         };
         let fresh = self.fetch(http, client_id, &client_secret).await?;

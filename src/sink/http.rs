@@ -22,6 +22,7 @@ use super::{
     plan_by_len, BatchOutcome, OutRecord, RetryPolicy, SinkError, BODY_PREFIX, BODY_SUFFIX,
     BODY_WRAPPER_BYTES, MAX_BODY_BYTES,
 };
+use crate::secret_file::SecretFile;
 
 /// How many characters of a server's error body are kept in reasons and messages.
 const SNIPPET_CHARS: usize = 300;
@@ -72,18 +73,12 @@ pub struct HttpSink {
     /// The `authorization` header sent now.
     auth: std::sync::Mutex<Option<HeaderValue>>,
     /// `AKTO_JWT_TOKEN_FILE`, read again at most every [`JWT_RECHECK`] and after a 401/403.
-    jwt_file: Option<JwtFile>,
+    jwt_file: Option<SecretFile>,
     retry: RetryPolicy,
 }
 
 /// How often a JWT read from a file is looked at again.
 const JWT_RECHECK: Duration = Duration::from_secs(30);
-
-struct JwtFile {
-    path: std::path::PathBuf,
-    /// When it was last read; None: read it at the next use.
-    read_at: std::sync::Mutex<Option<Instant>>,
-}
 
 impl fmt::Debug for HttpSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -179,72 +174,52 @@ impl HttpSink {
     /// The JWT came from `path` (`AKTO_JWT_TOKEN_FILE`): read it again at most every 30 s and
     /// at once after a 401/403, so that a rotated token needs no restart.
     pub fn reread_jwt_from(mut self, path: std::path::PathBuf) -> Self {
-        self.jwt_file = Some(JwtFile {
+        let initial = self
+            .auth
+            .lock()
+            .ok()
+            .and_then(|a| a.as_ref().and_then(|h| h.to_str().ok().map(str::to_owned)))
+            .unwrap_or_default();
+        self.jwt_file = Some(SecretFile::new(
             path,
-            read_at: std::sync::Mutex::new(Some(Instant::now())),
-        });
+            "AKTO_JWT_TOKEN_FILE",
+            SecretString::from(initial),
+        ));
         self
     }
 
     /// The `authorization` header to send (the token file read again when due).
     fn auth_header(&self) -> Option<HeaderValue> {
         if let Some(f) = &self.jwt_file {
-            let due = f
-                .read_at
-                .lock()
-                .map(|at| at.is_none_or(|t| t.elapsed() >= JWT_RECHECK))
-                .unwrap_or(true);
-            if due {
-                self.reload_jwt(f);
-            }
+            let token = f.current(JWT_RECHECK);
+            self.use_token(f, &token);
         }
         self.auth.lock().ok().and_then(|a| a.clone())
     }
 
-    /// Reads the token file; returns whether the token changed. An unreadable, empty or
-    /// malformed file keeps the token read before (WARN naming the setting, never the value).
-    fn reload_jwt(&self, f: &JwtFile) -> bool {
-        if let Ok(mut at) = f.read_at.lock() {
-            *at = Some(Instant::now());
-        }
-        let fresh = match std::fs::read_to_string(&f.path) {
-            Ok(text) => match HeaderValue::from_str(text.trim()) {
-                Ok(mut v) if !text.trim().is_empty() => {
-                    v.set_sensitive(true);
-                    v
-                }
-                _ => {
-                    tracing::warn!(
-                        "AKTO_JWT_TOKEN_FILE {} is empty or not a token now: still using the \
-                         token read before",
-                        f.path.display()
-                    );
-                    return false;
-                }
-            },
-            Err(e) => {
-                tracing::warn!(
-                    "AKTO_JWT_TOKEN_FILE {}: cannot read it again ({e}): still using the token \
-                     read before",
-                    f.path.display()
-                );
-                return false;
-            }
+    /// Makes `token` (read from `f`) the header sent from now on; returns whether it changed.
+    /// A token that cannot be a header keeps the one before (WARN, never the value).
+    fn use_token(&self, f: &SecretFile, token: &SecretString) -> bool {
+        let Ok(mut value) = HeaderValue::from_str(token.expose_secret().trim()) else {
+            tracing::warn!(
+                "{} {} holds characters not allowed in an HTTP header: still using the token \
+                 read before",
+                f.variable(),
+                f.path().display()
+            );
+            return false;
         };
+        value.set_sensitive(true);
         let Ok(mut auth) = self.auth.lock() else {
             return false;
         };
         if auth
             .as_ref()
-            .is_some_and(|a| a.as_bytes() == fresh.as_bytes())
+            .is_some_and(|a| a.as_bytes() == value.as_bytes())
         {
             return false;
         }
-        tracing::info!(
-            "AKTO_JWT_TOKEN_FILE {} changed (rotated): the new token is used from now on",
-            f.path.display()
-        );
-        *auth = Some(fresh);
+        *auth = Some(value);
         true
     }
 
@@ -417,7 +392,8 @@ impl HttpSink {
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             // A rotated token: the file may hold the new one already; if so, send again.
             if let Some(f) = &self.jwt_file {
-                if self.reload_jwt(f) {
+                let (token, _) = f.read();
+                if self.use_token(f, &token) {
                     return Ok(Reply::Transient {
                         reason: format!(
                             "HTTP {status} with the previous token; AKTO_JWT_TOKEN_FILE holds a \
@@ -465,7 +441,7 @@ impl HttpSink {
                     "the ingestion service rejected the token of AKTO_JWT_TOKEN_FILE {} ({}): \
                      {body}; write a valid token for the Akto account into that file (the raw \
                      JWT, no `Bearer ` prefix); it is read again within 30 s",
-                    f.path.display(),
+                    f.path().display(),
                     status.as_u16()
                 )
             } else if has_token {
