@@ -94,18 +94,22 @@ impl SecretFile {
         (last.0.clone(), changed)
     }
 
-    /// The secret, the file read again when `every` has passed since the last read, or after
-    /// [`Self::recheck`].
+    /// Whether `every` has passed since the last read, or [`Self::recheck`] was called.
+    pub fn due(&self, every: Duration) -> bool {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.1.is_none_or(|at| at.elapsed() >= every)
+    }
+
+    /// The secret, the file read again when [`Self::due`].
     pub fn current(&self, every: Duration) -> SecretString {
-        {
-            let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-            if let (s, Some(at)) = &*last {
-                if at.elapsed() < every {
-                    return s.clone();
-                }
-            }
+        if self.due(every) {
+            return self.read().0;
         }
-        self.read().0
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
     }
 
     /// The next [`Self::current`] reads the file (e.g. after the secret was refused).

@@ -190,9 +190,10 @@ impl HttpSink {
 
     /// The `authorization` header to send (the token file read again when due).
     fn auth_header(&self) -> Option<HeaderValue> {
-        if let Some(f) = &self.jwt_file {
-            let token = f.current(JWT_RECHECK);
-            self.use_token(f, &token);
+        if let Some(f) = self.jwt_file.as_ref().filter(|f| f.due(JWT_RECHECK)) {
+            if let (token, true) = f.read() {
+                self.use_token(f, &token);
+            }
         }
         self.auth.lock().ok().and_then(|a| a.clone())
     }
