@@ -420,3 +420,49 @@ async fn the_health_check_waits_for_a_broker_on_a_slow_link() {
     let outcome = sink.deliver(&[record(0, 100)]).await.expect("delivered");
     assert_eq!(outcome.delivered, vec![0]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_logins_deliver_and_a_wrong_scram_password_is_refused() {
+    // SCRAM-SHA-256 and -512 against the front, which checks the client's proof (RFC 5802) and
+    // sends the server signature librdkafka verifies in turn.
+    let password = "pw-scram-4e5f";
+    let Some((_broker, front)) = common::sasl::fronted_broker(password).await else {
+        return;
+    };
+    let brokers = front.addr.to_string();
+    let topic = "akto.api.logs";
+    let login = common::sasl::login(password);
+    let login: Vec<(&str, &str)> = login.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    create_topic_as(&brokers, topic, 1, &[], &login).await;
+    let scram = |mechanism: &str, password: &str, timeout: Duration| {
+        let mut c = sink_config(&brokers, topic, timeout);
+        c.security_protocol = Some("SASL_PLAINTEXT".into());
+        c.sasl_mechanism = Some(mechanism.into());
+        c.sasl_username = Some(common::sasl::USER.into());
+        c.sasl_password = Some(password.to_string().into());
+        KafkaSink::new(c).unwrap()
+    };
+    for (i, mechanism) in ["SCRAM-SHA-256", "SCRAM-SHA-512"].into_iter().enumerate() {
+        let sink = scram(mechanism, password, Duration::from_secs(20));
+        sink.healthcheck()
+            .await
+            .unwrap_or_else(|e| panic!("{mechanism}: {e}"));
+        let out = sink.deliver(&[record(i, 50)]).await.expect("delivered");
+        assert_eq!(out.delivered, vec![0], "{mechanism}");
+    }
+    let before = front.seen().logins.len();
+    assert!(before >= 2 && front.seen().logins.iter().all(|(_, ok)| *ok));
+
+    let wrong = "pw-scram-wrong-77";
+    let err = scram("SCRAM-SHA-256", wrong, Duration::from_secs(3))
+        .healthcheck()
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(!err.is_retriable(), "{msg}");
+    assert!(msg.contains("refused the authentication"), "{msg}");
+    assert!(!msg.contains(wrong) && !msg.contains(password), "{msg}");
+    assert!(front.seen().logins[before..].iter().any(|(_, ok)| !*ok));
+    let stored = consume_all_as(&brokers, topic, 1, &login).await;
+    assert_eq!(stored.len(), 2, "one record per mechanism");
+}

@@ -1,11 +1,12 @@
 //! A SASL front for the test broker: it does, on loopback, what a Kafka broker's
-//! `SASL_PLAINTEXT` listener does with mechanism `PLAIN`, then relays the authenticated
-//! connection to tansu unchanged.
+//! `SASL_PLAINTEXT` listener does, then relays the authenticated connection to tansu unchanged.
 //!
 //! Why: tansu's own SASL does not complete a PLAIN login with librdkafka, and with
 //! `--authentication` even creating a SCRAM user needs a login first. The front speaks the real
-//! Kafka wire protocol (SaslHandshake v0–v1, SaslAuthenticate v0–v2, framed), so the client side,
-//! librdkafka configured by the connector, is exercised exactly as against a real broker:
+//! Kafka wire protocol (SaslHandshake v0–v1, SaslAuthenticate v0–v2, framed) and the mechanisms
+//! `PLAIN`, `SCRAM-SHA-256` and `SCRAM-SHA-512` (RFC 5802: the client's proof checked, the
+//! server's signature sent), so the client side, librdkafka configured by the connector, is
+//! exercised exactly as against a real broker:
 //! - `ApiVersions` is relayed to the broker (clients ask it before authenticating);
 //! - any other request before a successful login closes the connection, as Kafka does;
 //! - a wrong user or password is answered with `SASL_AUTHENTICATION_FAILED` (58) and the
@@ -190,6 +191,133 @@ fn header_is_flexible(api_key: i16, api_version: i16) -> bool {
     }
 }
 
+/// The mechanisms the front offers.
+const MECHANISMS: [&str; 3] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"];
+
+/// Where a login stands.
+enum Login {
+    /// No SaslHandshake yet.
+    NoMechanism,
+    Plain,
+    /// SCRAM, before the client's first message.
+    Scram(Scram),
+    /// SCRAM after the server's first message: (client-first-bare, server-first, nonce).
+    ScramSent(Scram, String, String, String),
+}
+
+#[derive(Clone, Copy)]
+struct Scram {
+    pbkdf2: ring::pbkdf2::Algorithm,
+    hmac: ring::hmac::Algorithm,
+    digest: &'static ring::digest::Algorithm,
+    len: usize,
+}
+
+impl Scram {
+    fn of(mechanism: &[u8]) -> Option<Scram> {
+        match mechanism {
+            b"SCRAM-SHA-256" => Some(Scram {
+                pbkdf2: ring::pbkdf2::PBKDF2_HMAC_SHA256,
+                hmac: ring::hmac::HMAC_SHA256,
+                digest: &ring::digest::SHA256,
+                len: 32,
+            }),
+            b"SCRAM-SHA-512" => Some(Scram {
+                pbkdf2: ring::pbkdf2::PBKDF2_HMAC_SHA512,
+                hmac: ring::hmac::HMAC_SHA512,
+                digest: &ring::digest::SHA512,
+                len: 64,
+            }),
+            _ => None,
+        }
+    }
+
+    fn hmac(&self, key: &[u8], data: &[u8]) -> Vec<u8> {
+        ring::hmac::sign(&ring::hmac::Key::new(self.hmac, key), data)
+            .as_ref()
+            .to_vec()
+    }
+
+    /// The server's check of a client-final message (RFC 5802): Some(server-final) when the
+    /// proof is right for `password`.
+    fn verify(
+        &self,
+        password: &str,
+        (client_first_bare, server_first, nonce): (&str, &str, &str),
+        client_final: &str,
+    ) -> Option<String> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let (without_proof, proof) = client_final.rsplit_once(",p=")?;
+        if !without_proof.split(',').any(|a| a == format!("r={nonce}")) {
+            return None;
+        }
+        let proof = b64.decode(proof).ok()?;
+        let mut salted = vec![0u8; self.len];
+        ring::pbkdf2::derive(
+            self.pbkdf2,
+            std::num::NonZeroU32::new(SCRAM_ITERATIONS)?,
+            SCRAM_SALT,
+            password.as_bytes(),
+            &mut salted,
+        );
+        let client_key = self.hmac(&salted, b"Client Key");
+        let stored_key = ring::digest::digest(self.digest, &client_key);
+        let auth_message = format!("{client_first_bare},{server_first},{without_proof}");
+        let signature = self.hmac(stored_key.as_ref(), auth_message.as_bytes());
+        if proof.len() != signature.len() {
+            return None;
+        }
+        let recovered: Vec<u8> = proof.iter().zip(&signature).map(|(p, s)| p ^ s).collect();
+        if ring::digest::digest(self.digest, &recovered).as_ref() != stored_key.as_ref() {
+            return None;
+        }
+        let server_key = self.hmac(&salted, b"Server Key");
+        let server_signature = self.hmac(&server_key, auth_message.as_bytes());
+        Some(format!("v={}", b64.encode(server_signature)))
+    }
+}
+
+const SCRAM_SALT: &[u8] = b"databricks-shield-test-salt";
+/// Kafka's minimum for SCRAM.
+const SCRAM_ITERATIONS: u32 = 4096;
+
+/// The SaslAuthenticate answer: `code` 0 with `auth_bytes`, or an error and its message.
+fn authenticate_response(req: &Request, code: i16, message: &str, auth_bytes: &[u8]) -> Vec<u8> {
+    let flexible = req.api_version >= 2;
+    let mut out = req.correlation_id.to_be_bytes().to_vec();
+    if flexible {
+        out.push(0); // response header v1: no tagged fields
+    }
+    out.extend_from_slice(&code.to_be_bytes());
+    if flexible {
+        if code == 0 {
+            out.push(0); // null message
+        } else {
+            put_uvarint(&mut out, message.len() as u64 + 1);
+            out.extend_from_slice(message.as_bytes());
+        }
+        put_uvarint(&mut out, auth_bytes.len() as u64 + 1);
+        out.extend_from_slice(auth_bytes);
+    } else {
+        if code == 0 {
+            out.extend_from_slice(&(-1i16).to_be_bytes());
+        } else {
+            out.extend_from_slice(&(message.len() as i16).to_be_bytes());
+            out.extend_from_slice(message.as_bytes());
+        }
+        out.extend_from_slice(&(auth_bytes.len() as i32).to_be_bytes());
+        out.extend_from_slice(auth_bytes);
+    }
+    if req.api_version >= 1 {
+        out.extend_from_slice(&0i64.to_be_bytes()); // session_lifetime_ms
+    }
+    if flexible {
+        out.push(0); // no tagged fields
+    }
+    out
+}
+
 /// One client connection: login, then relay.
 async fn connection(
     mut client: TcpStream,
@@ -198,7 +326,7 @@ async fn connection(
     seen: &Mutex<Seen>,
 ) -> std::io::Result<()> {
     let mut broker = TcpStream::connect(upstream).await?;
-    let mut mechanism_ok = false;
+    let mut login = Login::NoMechanism;
     loop {
         let frame = read_frame(&mut client).await?;
         let Some(req) = parse(frame, header_is_flexible) else {
@@ -214,26 +342,32 @@ async fn connection(
                 let body = &req.frame[req.body..];
                 let len = i16_at(body, 0).unwrap_or(-1).max(0) as usize;
                 let mech = body.get(2..2 + len).unwrap_or_default();
-                mechanism_ok = mech == b"PLAIN";
+                login = match (mech, Scram::of(mech)) {
+                    (b"PLAIN", _) => Login::Plain,
+                    (_, Some(s)) => Login::Scram(s),
+                    _ => Login::NoMechanism,
+                };
+                let supported = !matches!(login, Login::NoMechanism);
                 let mut out = req.correlation_id.to_be_bytes().to_vec();
-                let code = if mechanism_ok {
+                let code = if supported {
                     0
                 } else {
                     UNSUPPORTED_SASL_MECHANISM
                 };
                 out.extend_from_slice(&code.to_be_bytes());
-                out.extend_from_slice(&1i32.to_be_bytes());
-                out.extend_from_slice(&5i16.to_be_bytes());
-                out.extend_from_slice(b"PLAIN");
+                out.extend_from_slice(&(MECHANISMS.len() as i32).to_be_bytes());
+                for m in MECHANISMS {
+                    out.extend_from_slice(&(m.len() as i16).to_be_bytes());
+                    out.extend_from_slice(m.as_bytes());
+                }
                 write_frame(&mut client, &out).await?;
-                if !mechanism_ok {
+                if !supported {
                     return Ok(());
                 }
             }
             API_SASL_AUTHENTICATE if req.api_version <= 2 => {
-                let flexible = req.api_version >= 2;
                 let body = &req.frame[req.body..];
-                let auth: &[u8] = if flexible {
+                let auth: &[u8] = if req.api_version >= 2 {
                     let (n, used) = uvarint_at(body, 0).unwrap_or((0, 0));
                     let n = (n as usize).saturating_sub(1);
                     body.get(used..used + n).unwrap_or_default()
@@ -241,54 +375,79 @@ async fn connection(
                     let n = i32_at(body, 0).unwrap_or(-1).max(0) as usize;
                     body.get(4..4 + n).unwrap_or_default()
                 };
-                // PLAIN: [authzid] NUL authcid NUL passwd.
-                let mut parts = auth.split(|b| *b == 0);
-                let (_authz, authc, pass) = (parts.next(), parts.next(), parts.next());
-                let who = String::from_utf8_lossy(authc.unwrap_or_default()).into_owned();
-                let accepted = mechanism_ok
-                    && authc == Some(user.as_bytes())
-                    && pass == Some(password.as_bytes())
-                    && parts.next().is_none();
-                seen.lock().unwrap().logins.push((who, accepted));
-                let (code, message) = match (mechanism_ok, accepted) {
-                    (false, _) => (
-                        ILLEGAL_SASL_STATE,
-                        "no SaslHandshake before SaslAuthenticate",
-                    ),
-                    (true, false) => (
-                        SASL_AUTHENTICATION_FAILED,
-                        "Authentication failed: Invalid username or password",
-                    ),
-                    (true, true) => (0, ""),
+                let refused = "Authentication failed: Invalid username or password";
+                // (accepted, final auth bytes), or the next SCRAM step.
+                let (who, outcome) = match std::mem::replace(&mut login, Login::NoMechanism) {
+                    Login::NoMechanism => {
+                        let out = authenticate_response(
+                            &req,
+                            ILLEGAL_SASL_STATE,
+                            "no SaslHandshake before SaslAuthenticate",
+                            &[],
+                        );
+                        write_frame(&mut client, &out).await?;
+                        return Ok(());
+                    }
+                    Login::Plain => {
+                        // [authzid] NUL authcid NUL passwd.
+                        let mut parts = auth.split(|b| *b == 0);
+                        let (_authz, authc, pass) = (parts.next(), parts.next(), parts.next());
+                        let who = String::from_utf8_lossy(authc.unwrap_or_default()).into_owned();
+                        let ok = authc == Some(user.as_bytes())
+                            && pass == Some(password.as_bytes())
+                            && parts.next().is_none();
+                        (who, Some((ok, String::new())))
+                    }
+                    Login::Scram(scram) => {
+                        // client-first: gs2 header, then "n=<user>,r=<nonce>".
+                        let text = String::from_utf8_lossy(auth).into_owned();
+                        let bare = text.splitn(3, ',').nth(2).unwrap_or_default().to_string();
+                        let attr = |k: &str| {
+                            bare.split(',')
+                                .find_map(|a| a.strip_prefix(k))
+                                .unwrap_or_default()
+                                .to_string()
+                        };
+                        let nonce = format!("{}{:016x}", attr("r="), rand::random::<u64>());
+                        let server_first = format!("r={nonce},s={},i={SCRAM_ITERATIONS}", {
+                            use base64::Engine as _;
+                            base64::engine::general_purpose::STANDARD.encode(SCRAM_SALT)
+                        });
+                        let out = authenticate_response(&req, 0, "", server_first.as_bytes());
+                        write_frame(&mut client, &out).await?;
+                        login = Login::ScramSent(scram, bare, server_first, nonce);
+                        continue;
+                    }
+                    Login::ScramSent(scram, bare, server_first, nonce) => {
+                        let who = bare
+                            .split(',')
+                            .find_map(|a| a.strip_prefix("n="))
+                            .unwrap_or_default()
+                            .to_string();
+                        let verified = (who == *user)
+                            .then(|| {
+                                scram.verify(
+                                    password,
+                                    (&bare, &server_first, &nonce),
+                                    &String::from_utf8_lossy(auth),
+                                )
+                            })
+                            .flatten();
+                        match verified {
+                            Some(server_final) => (who, Some((true, server_final))),
+                            None => (who, Some((false, String::new()))),
+                        }
+                    }
                 };
-                let mut out = req.correlation_id.to_be_bytes().to_vec();
-                if flexible {
-                    out.push(0); // response header v1: no tagged fields
-                }
-                out.extend_from_slice(&code.to_be_bytes());
-                if flexible {
-                    if code == 0 {
-                        out.push(0); // null message
-                    } else {
-                        put_uvarint(&mut out, message.len() as u64 + 1);
-                        out.extend_from_slice(message.as_bytes());
-                    }
-                    out.push(1); // empty auth bytes
+                let Some((accepted, final_bytes)) = outcome else {
+                    return Ok(());
+                };
+                seen.lock().unwrap().logins.push((who, accepted));
+                let out = if accepted {
+                    authenticate_response(&req, 0, "", final_bytes.as_bytes())
                 } else {
-                    if code == 0 {
-                        out.extend_from_slice(&(-1i16).to_be_bytes());
-                    } else {
-                        out.extend_from_slice(&(message.len() as i16).to_be_bytes());
-                        out.extend_from_slice(message.as_bytes());
-                    }
-                    out.extend_from_slice(&0i32.to_be_bytes());
-                }
-                if req.api_version >= 1 {
-                    out.extend_from_slice(&0i64.to_be_bytes()); // session_lifetime_ms
-                }
-                if flexible {
-                    out.push(0); // no tagged fields
-                }
+                    authenticate_response(&req, SASL_AUTHENTICATION_FAILED, refused, &[])
+                };
                 write_frame(&mut client, &out).await?;
                 if !accepted {
                     return Ok(());
