@@ -376,72 +376,71 @@ async fn connection(
                     body.get(4..4 + n).unwrap_or_default()
                 };
                 let refused = "Authentication failed: Invalid username or password";
-                // (accepted, final auth bytes), or the next SCRAM step.
-                let (who, outcome) = match std::mem::replace(&mut login, Login::NoMechanism) {
-                    Login::NoMechanism => {
-                        let out = authenticate_response(
-                            &req,
-                            ILLEGAL_SASL_STATE,
-                            "no SaslHandshake before SaslAuthenticate",
-                            &[],
-                        );
-                        write_frame(&mut client, &out).await?;
-                        return Ok(());
-                    }
-                    Login::Plain => {
-                        // [authzid] NUL authcid NUL passwd.
-                        let mut parts = auth.split(|b| *b == 0);
-                        let (_authz, authc, pass) = (parts.next(), parts.next(), parts.next());
-                        let who = String::from_utf8_lossy(authc.unwrap_or_default()).into_owned();
-                        let ok = authc == Some(user.as_bytes())
-                            && pass == Some(password.as_bytes())
-                            && parts.next().is_none();
-                        (who, Some((ok, String::new())))
-                    }
-                    Login::Scram(scram) => {
-                        // client-first: gs2 header, then "n=<user>,r=<nonce>".
-                        let text = String::from_utf8_lossy(auth).into_owned();
-                        let bare = text.splitn(3, ',').nth(2).unwrap_or_default().to_string();
-                        let attr = |k: &str| {
-                            bare.split(',')
-                                .find_map(|a| a.strip_prefix(k))
-                                .unwrap_or_default()
-                                .to_string()
-                        };
-                        let nonce = format!("{}{:016x}", attr("r="), rand::random::<u64>());
-                        let server_first = format!("r={nonce},s={},i={SCRAM_ITERATIONS}", {
-                            use base64::Engine as _;
-                            base64::engine::general_purpose::STANDARD.encode(SCRAM_SALT)
-                        });
-                        let out = authenticate_response(&req, 0, "", server_first.as_bytes());
-                        write_frame(&mut client, &out).await?;
-                        login = Login::ScramSent(scram, bare, server_first, nonce);
-                        continue;
-                    }
-                    Login::ScramSent(scram, bare, server_first, nonce) => {
-                        let who = bare
-                            .split(',')
-                            .find_map(|a| a.strip_prefix("n="))
-                            .unwrap_or_default()
-                            .to_string();
-                        let verified = (who == *user)
-                            .then(|| {
-                                scram.verify(
-                                    password,
-                                    (&bare, &server_first, &nonce),
-                                    &String::from_utf8_lossy(auth),
-                                )
-                            })
-                            .flatten();
-                        match verified {
-                            Some(server_final) => (who, Some((true, server_final))),
-                            None => (who, Some((false, String::new()))),
+                // (user, accepted, final auth bytes), or the next SCRAM step.
+                let (who, accepted, final_bytes) =
+                    match std::mem::replace(&mut login, Login::NoMechanism) {
+                        Login::NoMechanism => {
+                            let out = authenticate_response(
+                                &req,
+                                ILLEGAL_SASL_STATE,
+                                "no SaslHandshake before SaslAuthenticate",
+                                &[],
+                            );
+                            write_frame(&mut client, &out).await?;
+                            return Ok(());
                         }
-                    }
-                };
-                let Some((accepted, final_bytes)) = outcome else {
-                    return Ok(());
-                };
+                        Login::Plain => {
+                            // [authzid] NUL authcid NUL passwd.
+                            let mut parts = auth.split(|b| *b == 0);
+                            let (_authz, authc, pass) = (parts.next(), parts.next(), parts.next());
+                            let who =
+                                String::from_utf8_lossy(authc.unwrap_or_default()).into_owned();
+                            let ok = authc == Some(user.as_bytes())
+                                && pass == Some(password.as_bytes())
+                                && parts.next().is_none();
+                            (who, ok, String::new())
+                        }
+                        Login::Scram(scram) => {
+                            // client-first: gs2 header, then "n=<user>,r=<nonce>".
+                            let text = String::from_utf8_lossy(auth).into_owned();
+                            let bare = text.splitn(3, ',').nth(2).unwrap_or_default().to_string();
+                            let attr = |k: &str| {
+                                bare.split(',')
+                                    .find_map(|a| a.strip_prefix(k))
+                                    .unwrap_or_default()
+                                    .to_string()
+                            };
+                            let nonce = format!("{}{:016x}", attr("r="), rand::random::<u64>());
+                            let server_first = format!("r={nonce},s={},i={SCRAM_ITERATIONS}", {
+                                use base64::Engine as _;
+                                base64::engine::general_purpose::STANDARD.encode(SCRAM_SALT)
+                            });
+                            let out = authenticate_response(&req, 0, "", server_first.as_bytes());
+                            write_frame(&mut client, &out).await?;
+                            login = Login::ScramSent(scram, bare, server_first, nonce);
+                            continue;
+                        }
+                        Login::ScramSent(scram, bare, server_first, nonce) => {
+                            let who = bare
+                                .split(',')
+                                .find_map(|a| a.strip_prefix("n="))
+                                .unwrap_or_default()
+                                .to_string();
+                            let verified = (who == *user)
+                                .then(|| {
+                                    scram.verify(
+                                        password,
+                                        (&bare, &server_first, &nonce),
+                                        &String::from_utf8_lossy(auth),
+                                    )
+                                })
+                                .flatten();
+                            match verified {
+                                Some(server_final) => (who, true, server_final),
+                                None => (who, false, String::new()),
+                            }
+                        }
+                    };
                 seen.lock().unwrap().logins.push((who, accepted));
                 let out = if accepted {
                     authenticate_response(&req, 0, "", final_bytes.as_bytes())
