@@ -178,7 +178,6 @@ async fn the_binary_logs_in_with_sasl_from_its_environment_and_delivers_once() {
     };
     let brokers = front.addr.to_string();
     let login = common::sasl::login(password);
-    let login: Vec<(&str, &str)> = login.iter().map(|(k, v)| (*k, v.as_str())).collect();
     create_topic_as(&brokers, TOPIC, 2, &[], &login).await;
     let emu = emulator(emulator_config()).await;
     let dir = tempfile::tempdir().unwrap();

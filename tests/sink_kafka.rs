@@ -341,7 +341,6 @@ async fn a_sasl_plain_login_delivers_and_a_wrong_password_is_refused() {
     let brokers = front.addr.to_string();
     let topic = "akto.api.logs";
     let login = common::sasl::login(password);
-    let login: Vec<(&str, &str)> = login.iter().map(|(k, v)| (*k, v.as_str())).collect();
     create_topic_as(&brokers, topic, 2, &[], &login).await;
 
     // What the connector sets from KAFKA_SECURITY_PROTOCOL / KAFKA_SASL_*.
@@ -432,7 +431,6 @@ async fn scram_logins_deliver_and_a_wrong_scram_password_is_refused() {
     let brokers = front.addr.to_string();
     let topic = "akto.api.logs";
     let login = common::sasl::login(password);
-    let login: Vec<(&str, &str)> = login.iter().map(|(k, v)| (*k, v.as_str())).collect();
     create_topic_as(&brokers, topic, 1, &[], &login).await;
     let scram = |mechanism: &str, password: &str, timeout: Duration| {
         let mut c = sink_config(&brokers, topic, timeout);

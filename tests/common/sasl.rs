@@ -64,12 +64,12 @@ pub async fn fronted_broker(password: &str) -> Option<(super::kafka::Broker, Sas
 }
 
 /// librdkafka settings that log in to the front as [`USER`].
-pub fn login(password: &str) -> [(&'static str, String); 4] {
+pub fn login(password: &str) -> [(&'static str, &str); 4] {
     [
-        ("security.protocol", "SASL_PLAINTEXT".into()),
-        ("sasl.mechanism", "PLAIN".into()),
-        ("sasl.username", USER.into()),
-        ("sasl.password", password.into()),
+        ("security.protocol", "SASL_PLAINTEXT"),
+        ("sasl.mechanism", "PLAIN"),
+        ("sasl.username", USER),
+        ("sasl.password", password),
     ]
 }
 
