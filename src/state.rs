@@ -11,7 +11,12 @@
 //! in time order. Only the namespaces looked up by id alone (the tool call registry, the
 //! inventory, span-table traces) are also indexed by id ([`DeliveredRow::by_id`]): inserts of
 //! random ids touch a different B-tree page each, which made the by-id index of every row the
-//! costliest part of delivery (BENCHMARKS.md, fifth pass).
+//! costliest part of delivery (BENCHMARKS.md, fifth pass). Even for those few namespaces the
+//! by-id index is written in bulk: a commit appends its by-id rows as one entry of a log (the
+//! same transaction as the rest of the commit), and they are moved into the index once
+//! [`MERGE_AT`] of them have gathered, in one transaction, each B-tree page touched once for all
+//! of them instead of once per commit (BENCHMARKS.md, seventh pass). Until then they are answered
+//! from memory (the log, loaded at open).
 //!
 //! Architecture Invariant: state changes only after a sink confirmed delivery of the batch that
 //! contains the ids (acknowledge, then checkpoint). Before a batch is sent an in-flight marker is
@@ -36,13 +41,22 @@ const CURSORS: TableDefinition<&str, &str> = TableDefinition::new("cursors_v1");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// table -> start time (µs) of the last cycle that read the table completely and delivered it.
 const READ_MARKS: TableDefinition<&str, i64> = TableDefinition::new("read_marks_v1");
+/// Commit sequence -> the by-id rows `(table, id, time µs)` of that commit not yet moved into
+/// `DELIVERED` (format 3).
+const BY_ID_LOG: TableDefinition<u64, Vec<(&str, &str, i64)>> =
+    TableDefinition::new("by_id_log_v1");
+/// Logged by-id rows moved into `DELIVERED` at once. Bounds the memory that answers for them
+/// (about 100 bytes each) and the log; larger merges touch fewer pages per row.
+pub const MERGE_AT: usize = 16_384;
 
 /// 2: rows of by-time namespaces are no longer in `DELIVERED`. A format 1 file is upgraded in
-/// place (its extra by-id entries are harmless and pruned with the rest); a build that reads only
-/// format 1 refuses a format 2 file rather than miss ids and send rows again.
-const FORMAT_VERSION: &str = "2";
+/// place (its extra by-id entries are harmless and pruned with the rest).
+/// 3: by-id rows may wait in `BY_ID_LOG` before they are in `DELIVERED`. Upgrading 2 adds the
+/// empty log.
+/// A build refuses a newer format rather than miss ids and send rows again.
+const FORMAT_VERSION: &str = "3";
 /// Older formats this build upgrades.
-const UPGRADES_FROM: &[&str] = &["1"];
+const UPGRADES_FROM: &[&str] = &["1", "2"];
 const FILE_NAME: &str = "databricks-shield.redb";
 /// Next to it: the in-flight marker of the batch being sent.
 const IN_FLIGHT_FILE: &str = "in-flight.json";
@@ -107,6 +121,31 @@ pub struct StateStore {
     /// The open in-flight marker and the length written so far: rewritten in place (never
     /// truncated, which would make ext4 flush it on close) until the commit removes it.
     marker: std::sync::Mutex<Option<(fs::File, usize)>>,
+    /// The by-id rows of `BY_ID_LOG`, held to answer [`StateStore::delivered_among`].
+    logged: std::sync::Mutex<Logged>,
+}
+
+/// The by-id rows committed to the log and not yet merged into `DELIVERED`.
+#[derive(Default)]
+struct Logged {
+    /// table -> id -> time µs.
+    rows: std::collections::HashMap<String, std::collections::HashMap<Box<str>, i64>>,
+    /// How many entries `rows` holds.
+    len: usize,
+    /// The log's last sequence number (the next commit's is one more).
+    last_seq: Option<u64>,
+}
+
+impl Logged {
+    fn add(&mut self, table: &str, id: &str, time_us: i64) {
+        let ids = match self.rows.get_mut(table) {
+            Some(ids) => ids,
+            None => self.rows.entry(table.to_string()).or_default(),
+        };
+        if ids.insert(id.into(), time_us).is_none() {
+            self.len += 1;
+        }
+    }
 }
 
 impl std::fmt::Debug for StateStore {
@@ -240,6 +279,7 @@ impl StateStore {
             db,
             path,
             marker: std::sync::Mutex::new(None),
+            logged: Default::default(),
         };
         Ok(store)
     }
@@ -292,14 +332,68 @@ impl StateStore {
             txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
             txn.open_table(CURSORS).map_err(|e| self.io(e))?;
             txn.open_table(READ_MARKS).map_err(|e| self.io(e))?;
+            if older.is_none() {
+                let log = txn.open_table(BY_ID_LOG).map_err(|e| self.io(e))?;
+                self.load_log(&log)?;
+            }
         }
         if older.is_some() {
-            // Nothing written: the file stays as it was.
+            // Nothing written: the file stays as it was (an older format has no log).
             txn.abort().map_err(|e| self.io(e))?;
         } else {
             txn.commit().map_err(|e| self.io(e))?;
         }
         Ok(older)
+    }
+
+    /// Loads the by-id rows waiting in the log into memory.
+    fn load_log(
+        &self,
+        log: &impl ReadableTable<u64, Vec<(&'static str, &'static str, i64)>>,
+    ) -> Result<(), StateError> {
+        let mut logged = Logged::default();
+        for item in log.iter().map_err(|e| self.io(e))? {
+            let (seq, rows) = item.map_err(|e| self.io(e))?;
+            logged.last_seq = Some(seq.value());
+            for (table, id, time_us) in rows.value() {
+                logged.add(table, id, time_us);
+            }
+        }
+        *self.logged.lock().unwrap_or_else(|p| p.into_inner()) = logged;
+        Ok(())
+    }
+
+    /// Moves every logged by-id row into `DELIVERED` and empties the log, in one transaction.
+    fn merge_log(&self) -> Result<(), StateError> {
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(last_seq) = logged.last_seq.filter(|_| !logged.rows.is_empty()) else {
+            return Ok(());
+        };
+        let mut rows: Vec<(&str, &str, i64)> = logged
+            .rows
+            .iter()
+            .flat_map(|(table, ids)| ids.iter().map(move |(id, t)| (table.as_str(), &**id, *t)))
+            .collect();
+        // In key order: neighbours share their pages.
+        rows.sort_unstable();
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut delivered = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
+            for (table, id, time_us) in &rows {
+                delivered
+                    .insert((*table, *id), *time_us)
+                    .map_err(|e| self.io(e))?;
+            }
+            let mut log = txn.open_table(BY_ID_LOG).map_err(|e| self.io(e))?;
+            log.retain_in(..=last_seq, |_, _| false)
+                .map_err(|e| self.io(e))?;
+        }
+        txn.commit().map_err(|e| self.io(e))?;
+        drop(rows);
+        logged.rows.clear();
+        logged.len = 0;
+        // The sequence goes on from where it was: a number is never reused.
+        Ok(())
     }
 
     /// The file's path.
@@ -422,11 +516,17 @@ impl StateStore {
         table: &str,
         ids: impl IntoIterator<Item = &'a str>,
     ) -> Result<std::collections::HashSet<String>, StateError> {
+        // Held until the snapshot is taken: a merge moving rows from the log into the index
+        // cannot fall between the two looks.
+        let logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
         let t = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
+        let in_log = logged.rows.get(table);
         let mut out = std::collections::HashSet::new();
         for id in ids {
-            if t.get((table, id)).map_err(|e| self.io(e))?.is_some() {
+            if in_log.is_some_and(|ids| ids.contains_key(id))
+                || t.get((table, id)).map_err(|e| self.io(e))?.is_some()
+            {
                 out.insert(id.to_string());
             }
         }
@@ -501,21 +601,29 @@ impl StateStore {
 
     /// Records delivered rows, advances each table's cursor (never backwards) and clears the
     /// in-flight marker, in one durable transaction.
+    ///
+    /// The by-id rows go to the log (one entry for all of them), and from there into the by-id
+    /// index once [`MERGE_AT`] have gathered.
     pub fn commit_delivered(&self, rows: &[DeliveredRow<'_>]) -> Result<(), StateError> {
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = logged.last_seq.map_or(0, |s| s + 1);
+        let by_id: Vec<(&str, &str, i64)> = rows
+            .iter()
+            .filter(|r| r.by_id)
+            .map(|r| (r.table, r.id, r.time_us))
+            .collect();
         let mut txn = self.db.begin_write().map_err(|e| self.io(e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| self.io(e))?;
         {
-            let mut delivered = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
+            if !by_id.is_empty() {
+                let mut log = txn.open_table(BY_ID_LOG).map_err(|e| self.io(e))?;
+                log.insert(seq, &by_id).map_err(|e| self.io(e))?;
+            }
             let mut by_time = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
             let mut cursors = txn.open_table(CURSORS).map_err(|e| self.io(e))?;
             let mut newest: std::collections::BTreeMap<&str, Cursor> = Default::default();
             for r in rows {
-                if r.by_id {
-                    delivered
-                        .insert((r.table, r.id), r.time_us)
-                        .map_err(|e| self.io(e))?;
-                }
                 by_time
                     .insert((r.table, r.time_us, r.id), ())
                     .map_err(|e| self.io(e))?;
@@ -542,7 +650,19 @@ impl StateStore {
             }
         }
         txn.commit().map_err(|e| self.io(e))?;
-        self.clear_in_flight()
+        if !by_id.is_empty() {
+            logged.last_seq = Some(seq);
+            for (table, id, time_us) in by_id {
+                logged.add(table, id, time_us);
+            }
+        }
+        let merge = logged.len >= MERGE_AT;
+        drop(logged);
+        self.clear_in_flight()?;
+        if merge {
+            self.merge_log()?;
+        }
+        Ok(())
     }
 
     /// When `table` was last read completely (start of that cycle, µs).
@@ -565,6 +685,8 @@ impl StateStore {
     /// Forgets delivered ids of `table` older than `before_us` (no later read can reach them).
     /// The cursor stays.
     pub fn prune(&self, table: &str, before_us: i64) -> Result<u64, StateError> {
+        // Logged by-id rows into the index first, where they are pruned with the others.
+        self.merge_log()?;
         let txn = self.db.begin_write().map_err(|e| self.io(e))?;
         let mut removed = 0u64;
         {
@@ -790,17 +912,154 @@ mod tests {
         assert_eq!(meta.get("format").unwrap().unwrap().value(), FORMAT_VERSION);
     }
 
+    /// Entries of the log and of the by-id index, read from the file itself.
+    fn on_disk(path: &Path) -> (usize, u64) {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let log = txn.open_table(BY_ID_LOG).unwrap();
+        let logged = log
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap().1.value().len())
+            .sum();
+        let delivered =
+            redb::ReadableTableMetadata::len(&txn.open_table(DELIVERED).unwrap()).unwrap();
+        (logged, delivered)
+    }
+
+    #[test]
+    fn by_id_rows_wait_in_the_log_and_are_merged_in_bulk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        let ids: Vec<String> = (0..MERGE_AT).map(|i| format!("call_{i:05}")).collect();
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            s.commit_delivered(&rows("toolcall:h", &[("call_a", 7)]))
+                .unwrap();
+            // Found from the log, in memory; an id of another namespace is not.
+            assert_eq!(
+                s.delivered_among("toolcall:h", ["call_a", "call_b"])
+                    .unwrap()
+                    .len(),
+                1
+            );
+            assert!(s
+                .delivered_among("toolcall:g", ["call_a"])
+                .unwrap()
+                .is_empty());
+        }
+        // Still in the log after a restart (loaded at open), not in the index.
+        assert_eq!(on_disk(&path), (1, 0));
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            assert_eq!(
+                s.delivered_among("toolcall:h", ["call_a"]).unwrap().len(),
+                1
+            );
+            // Enough rows for a merge: all of them move to the index in one go.
+            let many: Vec<DeliveredRow> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| DeliveredRow {
+                    table: "toolcall:g",
+                    id,
+                    time_us: i as i64,
+                    by_id: true,
+                })
+                .collect();
+            s.commit_delivered(&many).unwrap();
+            let got = s
+                .delivered_among("toolcall:g", ids.iter().map(String::as_str))
+                .unwrap();
+            assert_eq!(got.len(), MERGE_AT);
+            assert_eq!(
+                s.delivered_among("toolcall:h", ["call_a"]).unwrap().len(),
+                1
+            );
+            // The next commit starts a new log, found like the first one.
+            s.commit_delivered(&rows("toolcall:h", &[("call_z", 9)]))
+                .unwrap();
+            assert_eq!(
+                s.delivered_among("toolcall:h", ["call_z"]).unwrap().len(),
+                1
+            );
+        }
+        assert_eq!(on_disk(&path), (1, MERGE_AT as u64 + 1));
+        let s = StateStore::open(dir.path(), false).unwrap();
+        let got = s
+            .delivered_among("toolcall:h", ["call_a", "call_z", "call_00001"])
+            .unwrap();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(s.delivered_count("toolcall:g").unwrap(), MERGE_AT as u64);
+    }
+
+    #[test]
+    fn pruning_reaches_rows_still_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path(), false).unwrap();
+        s.commit_delivered(&rows("toolcall:h", &[("old", 5), ("new", 50)]))
+            .unwrap();
+        assert_eq!(s.prune("toolcall:h", 10).unwrap(), 1);
+        let got = s.delivered_among("toolcall:h", ["old", "new"]).unwrap();
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), ["new"]);
+        drop(s);
+        // Merged by the prune: the log is empty, the index holds the row kept.
+        assert_eq!(on_disk(&dir.path().join(FILE_NAME)), (0, 1));
+    }
+
+    #[test]
+    fn a_format_2_file_is_upgraded_with_an_empty_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                txn.open_table(META).unwrap().insert("format", "2").unwrap();
+                txn.open_table(DELIVERED)
+                    .unwrap()
+                    .insert(("toolcall:h", "call_1"), 10)
+                    .unwrap();
+                txn.open_table(BY_TIME)
+                    .unwrap()
+                    .insert(("toolcall:h", 10, "call_1"), ())
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let (s, older) = StateStore::open_unchanged(dir.path()).unwrap();
+        assert_eq!(older.as_deref(), Some("2"));
+        assert_eq!(
+            s.delivered_among("toolcall:h", ["call_1"]).unwrap().len(),
+            1
+        );
+        drop(s);
+        let s = StateStore::open(dir.path(), false).unwrap();
+        assert_eq!(
+            s.delivered_among("toolcall:h", ["call_1"]).unwrap().len(),
+            1
+        );
+        s.commit_delivered(&rows("toolcall:h", &[("call_2", 20)]))
+            .unwrap();
+        drop(s);
+        assert_eq!(on_disk(&path), (1, 1));
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get("format").unwrap().unwrap().value(), FORMAT_VERSION);
+    }
+
     #[test]
     fn a_newer_format_is_refused_not_misread() {
         let dir = tempfile::tempdir().unwrap();
         {
             let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert("format", "3").unwrap();
+            txn.open_table(META).unwrap().insert("format", "4").unwrap();
             txn.commit().unwrap();
         }
         let err = StateStore::open(dir.path(), false).unwrap_err();
-        assert!(err.to_string().contains("format version 3"), "{err}");
+        assert!(err.to_string().contains("format version 4"), "{err}");
     }
 
     #[test]
