@@ -181,6 +181,22 @@ impl Dialect {
         Param::new(name, self.time_value(us), self.time_type)
     }
 
+    /// A range bound as a parameter, for `time >= :p` and `time < :p`: in a schema of whole
+    /// milliseconds it is rounded up, so that the rows the warehouse finds in `[lo, hi)` are
+    /// exactly the ones state counts there (a row at `m` ms is kept at `1000 m` µs, and
+    /// `1000 m >= lo` holds exactly when `m >= ceil(lo / 1000)`). Rounded down, a delivered row on
+    /// a bucket's last millisecond was counted by the warehouse in the next bucket and by state
+    /// in this one, and a late row in the same bucket evened the counts out and was never read.
+    fn bound_param(&self, name: &str, us: i64) -> Param {
+        let value = match self.format {
+            TableFormat::Legacy => {
+                (us.div_euclid(1000) + i64::from(us.rem_euclid(1000) != 0)).to_string()
+            }
+            TableFormat::AiGateway => format_timestamp(us),
+        };
+        Param::new(name, value, self.time_type)
+    }
+
     /// The time of a result cell, in µs.
     fn parse_time(&self, raw: &str) -> Option<i64> {
         match self.format {
@@ -190,6 +206,27 @@ impl Dialect {
                 Ok(us) => Some(us),
                 Err(_) => parse_timestamp(raw),
             },
+        }
+    }
+}
+
+/// Where a table's head read starts: after the cursor; at `catchup_floor` for a cursor older than
+/// it; with nothing delivered yet, a lookback before the last complete read (not before now): a
+/// row landing up to a lookback late, after a read that found the table empty, is still read, as
+/// the late pass reads it once there is a cursor.
+fn head_start(
+    cursor: Option<&Cursor>,
+    read_mark: Option<i64>,
+    now_us: i64,
+    lookback: i64,
+    catchup_floor: i64,
+) -> (i64, String) {
+    match cursor {
+        Some(c) if c.time_us >= catchup_floor => (c.time_us, c.id.clone()),
+        Some(_) => (catchup_floor, String::new()),
+        None => {
+            let start = read_mark.map_or(now_us, |r| r.min(now_us)) - lookback;
+            (start.max(catchup_floor), String::new())
         }
     }
 }
@@ -408,20 +445,26 @@ impl TableReader<'_> {
         }
 
         // 1. head: everything after the cursor.
-        let (after_us, after_id) = match &cursor {
-            Some(c) if c.time_us >= catchup_floor => (c.time_us, c.id.clone()),
-            Some(c) => {
-                tracing::warn!(
-                    "{}: the last delivered row is from {}, older than MAX_CATCHUP_HOURS={}: rows before {} are skipped",
-                    self.table.full_name,
-                    format_timestamp(c.time_us),
-                    self.opts.max_catchup.as_secs() / 3600,
-                    format_timestamp(catchup_floor)
-                );
-                (catchup_floor, String::new())
-            }
-            None => (self.now_us - lookback, String::new()),
+        let read_mark = match cursor {
+            Some(_) => None,
+            None => self.state.read_mark(&self.table.full_name)?,
         };
+        let (after_us, after_id) = head_start(
+            cursor.as_ref(),
+            read_mark,
+            self.now_us,
+            lookback,
+            catchup_floor,
+        );
+        if let Some(c) = cursor.as_ref().filter(|c| c.time_us < catchup_floor) {
+            tracing::warn!(
+                "{}: the last delivered row is from {}, older than MAX_CATCHUP_HOURS={}: rows before {} are skipped",
+                self.table.full_name,
+                format_timestamp(c.time_us),
+                self.opts.max_catchup.as_secs() / 3600,
+                format_timestamp(catchup_floor)
+            );
+        }
         self.collect_head(after_us, after_id, out, &mut stats)
             .await?;
         Ok(stats)
@@ -743,8 +786,9 @@ impl TableReader<'_> {
         params: &mut Vec<Param>,
     ) -> String {
         let d = self.dialect();
-        params.push(d.time_param(&format!("lo{i}"), r.0));
+        params.push(d.bound_param(&format!("lo{i}"), r.0));
         if r.1 > cursor.time_us {
+            // A row's own time: exact in either schema (`<` and `=` both read it as it is).
             params.push(d.time_param(&format!("hi{i}"), cursor.time_us));
             params.push(Param::new(format!("hid{i}"), cursor.id.clone(), "STRING"));
             format!(
@@ -752,7 +796,7 @@ impl TableReader<'_> {
                 tc = d.time_col
             )
         } else {
-            params.push(d.time_param(&format!("hi{i}"), r.1));
+            params.push(d.bound_param(&format!("hi{i}"), r.1));
             format!("({tc} >= :lo{i} AND {tc} < :hi{i})", tc = d.time_col)
         }
     }
@@ -966,6 +1010,73 @@ mod tests {
             "`workspace`.`default`.`a_payload`"
         );
         assert_eq!(quote_table("c.s.we`ird"), "`c`.`s`.`we``ird`");
+    }
+
+    #[test]
+    fn the_head_of_a_table_without_a_cursor_starts_a_lookback_before_the_last_read() {
+        let min: i64 = 60_000_000;
+        let (lookback, floor) = (60 * min, -1_000 * min);
+        let now = 100 * min;
+        // Never read: the lookback before now.
+        assert_eq!(
+            head_start(None, None, now, lookback, floor),
+            (40 * min, String::new())
+        );
+        // Read (empty) 5 minutes ago: a row that lands 59 minutes late, stamped 58 minutes
+        // before that read, is still in the window.
+        let (start, _) = head_start(None, Some(95 * min), now, lookback, floor);
+        assert_eq!(start, 35 * min);
+        assert!(start <= 95 * min - 58 * min);
+        // A read mark in the future (clock moved back) does not move the start past now's.
+        assert_eq!(
+            head_start(None, Some(200 * min), now, lookback, floor).0,
+            40 * min
+        );
+        // Never before MAX_CATCHUP_HOURS.
+        assert_eq!(
+            head_start(None, Some(95 * min), now, lookback, 50 * min).0,
+            50 * min
+        );
+        // With a cursor: after it, or from the catch-up floor when it is older.
+        let c = Cursor {
+            time_us: 90 * min,
+            id: "r".into(),
+        };
+        assert_eq!(
+            head_start(Some(&c), Some(95 * min), now, lookback, floor),
+            (90 * min, "r".into())
+        );
+        assert_eq!(
+            head_start(Some(&c), None, now, lookback, 91 * min),
+            (91 * min, String::new())
+        );
+    }
+
+    #[test]
+    fn legacy_range_bounds_select_what_state_counts() {
+        // For every bound and every millisecond row: the warehouse's `m >= :lo AND m < :hi`
+        // holds exactly when state's `lo <= 1000 m < hi` does.
+        let value = |us: i64| -> i64 {
+            LEGACY
+                .bound_param("p", us)
+                .value
+                .and_then(|v| v.parse().ok())
+                .unwrap()
+        };
+        for lo in -3_001..3_001i64 {
+            for m in -4..5i64 {
+                assert_eq!(m >= value(lo), 1000 * m >= lo, "lo {lo} µs, row at {m} ms");
+                assert_eq!(m < value(lo), 1000 * m < lo, "hi {lo} µs, row at {m} ms");
+            }
+        }
+        // A bucket edge inside a millisecond (bounds start from `now`, in µs): the row on that
+        // millisecond belongs to the next bucket for both.
+        let edge = 1_764_405_180_123_456;
+        assert_eq!(value(edge), 1_764_405_180_124);
+        assert_eq!(
+            AI_GATEWAY.bound_param("p", edge).value,
+            Some(format_timestamp(edge))
+        );
     }
 
     #[test]
