@@ -131,8 +131,11 @@ struct Dialect {
     time_key: &'static str,
     date_col: &'static str,
     time_type: &'static str,
-    /// The other columns of a payload read (results are located by column name).
-    columns: &'static str,
+    /// The other columns of a payload read (results are located by column name): the required
+    /// ones (those discovery classifies the table by) first, then the optional ones.
+    columns: &'static [&'static str],
+    /// How many of `columns` are required.
+    required: usize,
     format: TableFormat,
 }
 
@@ -141,8 +144,18 @@ const AI_GATEWAY: Dialect = Dialect {
     time_key: "unix_micros(request_time) AS request_time_us",
     date_col: "request_date",
     time_type: "TIMESTAMP",
-    columns: "databricks_request_id, client_request_id, status_code, execution_duration_ms, \
-              request, response, logging_error_codes, served_entity_id, requester",
+    columns: &[
+        "databricks_request_id",
+        "status_code",
+        "request",
+        "response",
+        "client_request_id",
+        "execution_duration_ms",
+        "logging_error_codes",
+        "served_entity_id",
+        "requester",
+    ],
+    required: 4,
     format: TableFormat::AiGateway,
 };
 
@@ -151,15 +164,34 @@ const LEGACY: Dialect = Dialect {
     time_key: "timestamp_ms",
     date_col: "`date`",
     time_type: "BIGINT",
-    columns: "databricks_request_id, client_request_id, status_code, execution_time_ms, \
-              request, response, request_metadata",
+    columns: &[
+        "databricks_request_id",
+        "status_code",
+        "request",
+        "response",
+        "client_request_id",
+        "execution_time_ms",
+        "request_metadata",
+    ],
+    required: 4,
     format: TableFormat::Legacy,
 };
 
 impl Dialect {
-    /// What a payload read selects: the time key, then the other columns.
-    fn select_list(&self) -> String {
-        format!("{}, {}", self.time_key, self.columns)
+    /// What a payload read of a table with `table_columns` (lowercase; empty: unknown) selects:
+    /// the time key, the required columns, and the optional ones the table has. A table of an
+    /// older schema without, say, `requester` is read without it (its header is then absent),
+    /// instead of failing every cycle.
+    fn select_list(&self, table_columns: &[String]) -> String {
+        let mut out = self.time_key.to_string();
+        for (i, c) in self.columns.iter().enumerate() {
+            if i < self.required || table_columns.is_empty() || table_columns.iter().any(|t| t == c)
+            {
+                out.push_str(", ");
+                out.push_str(c);
+            }
+        }
+        out
     }
 
     fn for_kind(kind: TableKind) -> &'static Dialect {
@@ -513,7 +545,7 @@ impl TableReader<'_> {
             let sql = format!(
                 "SELECT {cols} FROM {t} WHERE {date} >= :from_date{and}{conds} \
                  ORDER BY {tc}, databricks_request_id LIMIT {limit}",
-                cols = d.select_list(),
+                cols = d.select_list(&self.table.columns),
                 t = quote_table(&self.table.full_name),
                 date = d.date_col,
                 and = if conds.is_empty() { "" } else { " AND " },
@@ -958,7 +990,7 @@ impl TableReader<'_> {
             let sql = format!(
                 "SELECT {cols} FROM {t} WHERE {date} >= :from_date AND databricks_request_id IN ({ids}) \
                  ORDER BY {tc}, databricks_request_id",
-                cols = d.select_list(),
+                cols = d.select_list(&self.table.columns),
                 t = quote_table(&self.table.full_name),
                 date = d.date_col,
                 ids = markers.join(", "),
@@ -1010,6 +1042,41 @@ mod tests {
             "`workspace`.`default`.`a_payload`"
         );
         assert_eq!(quote_table("c.s.we`ird"), "`c`.`s`.`we``ird`");
+    }
+
+    #[test]
+    fn only_the_optional_columns_a_table_has_are_selected() {
+        let all = AI_GATEWAY.select_list(&[]);
+        assert!(
+            all.ends_with("logging_error_codes, served_entity_id, requester"),
+            "{all}"
+        );
+        // An older AI Gateway table without `requester` and `served_entity_id`.
+        let cols: Vec<String> = [
+            "request_date",
+            "databricks_request_id",
+            "request_time",
+            "status_code",
+            "request",
+            "response",
+            "client_request_id",
+            "execution_duration_ms",
+            "logging_error_codes",
+        ]
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+        assert_eq!(
+            AI_GATEWAY.select_list(&cols),
+            "unix_micros(request_time) AS request_time_us, databricks_request_id, status_code, \
+             request, response, client_request_id, execution_duration_ms, logging_error_codes"
+        );
+        // The required columns are always read (discovery classified the table by them).
+        let legacy = LEGACY.select_list(&["timestamp_ms".to_string()]);
+        assert_eq!(
+            legacy,
+            "timestamp_ms, databricks_request_id, status_code, request, response"
+        );
     }
 
     #[test]
@@ -1090,7 +1157,7 @@ mod tests {
     fn gateway_rows_are_keyed_by_the_warehouse_computed_microseconds() {
         // The statements read `unix_micros(request_time)`: the key cannot depend on the session
         // time zone the warehouse would print a TIMESTAMP in.
-        assert!(AI_GATEWAY.select_list().contains(AI_GATEWAY.time_key));
+        assert!(AI_GATEWAY.select_list(&[]).contains(AI_GATEWAY.time_key));
         assert!(AI_GATEWAY.time_key.starts_with("unix_micros(request_time)"));
         assert_eq!(
             AI_GATEWAY.parse_time(" 1764405180123456 "),

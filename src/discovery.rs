@@ -90,6 +90,10 @@ pub struct ServedModel {
 pub struct InferenceTable {
     pub full_name: String,
     pub kind: TableKind,
+    /// The table's column names, lowercase (from Unity Catalog): a read selects only the
+    /// optional columns the table has. Empty when unknown (then every column is selected).
+    #[serde(skip)]
+    pub columns: Vec<String>,
 }
 
 /// One agent of the inventory.
@@ -251,6 +255,11 @@ pub async fn discover(
                     InferenceTable {
                         full_name: full,
                         kind: k,
+                        columns: t
+                            .columns
+                            .iter()
+                            .map(|c| c.name.to_ascii_lowercase())
+                            .collect(),
                     },
                 );
             }

@@ -179,6 +179,7 @@ mod tests {
             table: Some(InferenceTable {
                 full_name: "c.s.support_bot_payload".into(),
                 kind: TableKind::AiGatewayPayload,
+                columns: Vec::new(),
             }),
             table_note: None,
             tags: Default::default(),

@@ -410,6 +410,7 @@ mod tests {
             table: Some(InferenceTable {
                 full_name: format!("main.agents.{name}_payload"),
                 kind: TableKind::AiGatewayPayload,
+                columns: Vec::new(),
             }),
             table_note: None,
             tags: Default::default(),
