@@ -55,11 +55,16 @@ pub fn client(config: &Config) -> Result<DatabricksClient, crate::databricks::Da
 /// The sink a configuration asks for.
 pub fn sink(config: &SinkConfig) -> Result<AnySink, SinkError> {
     Ok(match config {
-        SinkConfig::Http { url, jwt, jwt_file } => AnySink::Http({
+        SinkConfig::Http {
+            url,
+            jwt,
+            jwt_file,
+            timeout,
+        } => AnySink::Http({
             let sink = HttpSink::new(HttpSinkConfig {
                 url: url.clone(),
                 jwt: jwt.clone(),
-                timeout: Duration::from_secs(30),
+                timeout: *timeout,
                 retry: Default::default(),
             })?;
             match jwt_file {

@@ -277,6 +277,17 @@ pub struct SinkArgs {
     #[arg(long, env = "AKTO_JWT_TOKEN_FILE", value_name = "PATH", global = true)]
     pub jwt_file: Option<PathBuf>,
 
+    /// Timeout of one request to the ingestion service, in seconds (1-3600); a request gets one
+    /// more second per 256 KiB of body, so a 10 MiB batch has time to upload on a slow link
+    #[arg(
+        long,
+        env = "AKTO_REQUEST_TIMEOUT_SECONDS",
+        value_name = "SECONDS",
+        default_value = "30",
+        global = true
+    )]
+    pub akto_request_timeout_seconds: Option<String>,
+
     /// Kafka brokers, comma-separated host:port, e.g. your-kafka-broker:9092
     #[arg(
         long,

@@ -150,6 +150,9 @@ pub enum SinkConfig {
         jwt: Option<SecretString>,
         /// `AKTO_JWT_TOKEN_FILE`, when the token came from it: read again for a rotated token.
         jwt_file: Option<PathBuf>,
+        /// `AKTO_REQUEST_TIMEOUT_SECONDS`: base timeout of one request (the sink adds time for
+        /// the body's upload).
+        timeout: Duration,
     },
     /// Akto's Kafka topic.
     Kafka {
@@ -659,9 +662,12 @@ impl Config {
         };
         let sink = match &self.sink {
             None => "none".to_owned(),
-            Some(SinkConfig::Http { url, jwt, .. }) => format!(
-                "http(url={url} jwt={})",
-                if jwt.is_some() { "set" } else { "unset" }
+            Some(SinkConfig::Http {
+                url, jwt, timeout, ..
+            }) => format!(
+                "http(url={url} jwt={} request_timeout={}s)",
+                if jwt.is_some() { "set" } else { "unset" },
+                timeout.as_secs()
             ),
             Some(SinkConfig::Kafka {
                 brokers,
@@ -1388,7 +1394,26 @@ fn http_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
         .as_ref()
         .and_then(|_| given_path(&s.jwt_file))
         .map(Path::to_path_buf);
-    url.map(|url| SinkConfig::Http { url, jwt, jwt_file })
+    let timeout = number(
+        p,
+        &s.akto_request_timeout_seconds,
+        NumberSetting {
+            variable: "AKTO_REQUEST_TIMEOUT_SECONDS",
+            flag: "--akto-request-timeout-seconds",
+            default: crate::sink::DEFAULT_REQUEST_TIMEOUT.as_secs(),
+            min: 1,
+            max: 3_600,
+            unit: "seconds",
+            hint: "30, or more on a slow link to Akto (each request also gets 1 s per 256 KiB \
+                   of body)",
+        },
+    );
+    url.map(|url| SinkConfig::Http {
+        url,
+        jwt,
+        jwt_file,
+        timeout: Duration::from_secs(timeout),
+    })
 }
 
 const KAFKA_PROTOCOLS: [&str; 4] = ["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"];
@@ -1627,6 +1652,40 @@ mod tests {
                 assert!(jwt.is_none());
             }
             other => panic!("expected http sink, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn akto_request_timeout_defaults_parses_and_refuses_zero() {
+        let timeout_of = |c: &Config| match &c.sink {
+            Some(SinkConfig::Http { timeout, .. }) => *timeout,
+            other => panic!("expected http sink, got {other:?}"),
+        };
+        assert_eq!(
+            timeout_of(&build(&valid_cli()).expect("valid")),
+            Duration::from_secs(30)
+        );
+        let mut cli = valid_cli();
+        cli.sink.akto_request_timeout_seconds = s(" 300 ");
+        assert_eq!(
+            timeout_of(&build(&cli).expect("valid")),
+            Duration::from_secs(300)
+        );
+        for bad in ["0", "-5", "1.5", "thirty", "3601"] {
+            cli.sink.akto_request_timeout_seconds = s(bad);
+            let err = build(&cli).expect_err(bad);
+            assert_eq!(
+                problems_of(&cli),
+                vec!["AKTO_REQUEST_TIMEOUT_SECONDS"],
+                "{bad}"
+            );
+            let msg = err.to_string();
+            assert!(
+                msg.contains("AKTO_REQUEST_TIMEOUT_SECONDS (--akto-request-timeout-seconds)")
+                    && msg.contains("from 1 to 3600")
+                    && msg.contains("e.g. 30"),
+                "{msg}"
+            );
         }
     }
 

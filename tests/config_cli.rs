@@ -119,6 +119,7 @@ fn help_mentions_every_variable_and_never_a_secret_value() {
         "DATA_INGESTION_SERVICE_URL",
         "AKTO_JWT_TOKEN",
         "AKTO_JWT_TOKEN_FILE",
+        "AKTO_REQUEST_TIMEOUT_SECONDS",
         "KAFKA_BROKER_HOST",
         "AKTO_KAFKA_TOPIC_NAME",
         "KAFKA_SECURITY_PROTOCOL",
@@ -201,6 +202,53 @@ fn invalid_values_are_all_reported_and_secrets_stay_hidden() {
     }
     assert!(all.contains("https://"), "{all}");
     assert_no_secret(&out);
+}
+
+/// `AKTO_REQUEST_TIMEOUT_SECONDS`: 30 s by default, shown by `--print-config`; 0 (or anything
+/// not a whole number of seconds from 1 to 3600) is a configuration error naming the variable,
+/// its flag and the fix, exit 2.
+#[test]
+fn akto_request_timeout_is_configurable_and_validated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = shield(&["--print-config"], &valid_env(), dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("request_timeout=30s"), "{all}");
+
+    let mut env = valid_env();
+    env.push(("AKTO_REQUEST_TIMEOUT_SECONDS", "180"));
+    let out = shield(&["--print-config"], &env, dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("request_timeout=180s"),
+        "{}",
+        text(&out)
+    );
+    let out = shield(
+        &["--print-config", "--akto-request-timeout-seconds", "45"],
+        &env,
+        dir.path(),
+    );
+    assert!(text(&out).contains("request_timeout=45s"), "{}", text(&out));
+
+    for bad in ["0", "-1", "ten"] {
+        let mut env = valid_env();
+        env.push(("AKTO_REQUEST_TIMEOUT_SECONDS", bad));
+        let out = shield(&["-once", "--print-config"], &env, dir.path());
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {all}");
+        let line = all
+            .lines()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or_else(|| panic!("no ERROR line for {bad}:\n{all}"));
+        assert!(
+            line.contains("AKTO_REQUEST_TIMEOUT_SECONDS (--akto-request-timeout-seconds)")
+                && line.contains("from 1 to 3600")
+                && line.contains("default 30"),
+            "{line}"
+        );
+        assert_no_secret(&out);
+    }
 }
 
 #[test]

@@ -741,3 +741,220 @@ async fn standin_rotated_jwt_file_is_read_again() {
     assert_eq!(st.records(), values(&records, &all));
     st.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4xx answers from the path between the connector and Akto (ingress, WAF, proxy): Akto refuses
+// a bad record with 422; anything else that refuses every request must not quarantine records.
+
+/// The records of a failed delivery are all still pending: none delivered, none rejected.
+fn assert_all_pending(err: &SinkError) {
+    assert!(err.delivered_before_failure().is_empty(), "{err}");
+    assert!(err.rejected_before_failure().is_empty(), "{err}");
+}
+
+#[tokio::test]
+async fn standin_400_or_413_to_every_record_is_a_path_error_that_keeps_them_pending() {
+    let st = standin(None).await;
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let records: Vec<_> = (0..6).map(akto_record).collect();
+    for status in [400u16, 413] {
+        st.set_behavior(Behavior::FailAll { status });
+        let err = s.deliver(&records).await.unwrap_err();
+        assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
+        assert!(!err.is_retriable(), "{err}");
+        assert_all_pending(&err);
+        let msg = err.to_string();
+        for part in [
+            &format!("HTTP {status}"),
+            &format!("injected failure {status}"),
+            "to every one of the batch's 6 records",
+            "DATA_INGESTION_SERVICE_URL",
+            "HTTPS_PROXY",
+            "stay pending",
+        ] {
+            assert!(msg.contains(part), "{part:?} missing: {msg}");
+        }
+        // A batch of one record refused alone is the same case.
+        let err = s.deliver(&records[..1]).await.unwrap_err();
+        assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
+        assert_all_pending(&err);
+    }
+    assert!(st.records().is_empty());
+    // Next cycle, the path is fixed: the same records go out, each once.
+    st.set_behavior(Behavior::Normal);
+    let out = s.deliver(&records).await.unwrap();
+    assert_eq!(out.delivered, (0..6).collect::<Vec<_>>());
+    assert_eq!(st.records(), values(&records, &[0, 1, 2, 3, 4, 5]));
+}
+
+#[tokio::test]
+async fn standin_other_4xx_stops_at_once_without_bisecting_or_rejecting() {
+    let st = standin(None).await;
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let records: Vec<_> = (0..8).map(akto_record).collect();
+    for (status, hint) in [
+        (407u16, "HTTPS_PROXY / HTTP_PROXY"),
+        (411, "proxy, WAF or ingress"),
+        (415, "Content-Type: application/json"),
+        (431, "headers"),
+        (409, "proxy, WAF or ingress"),
+    ] {
+        st.set_behavior(Behavior::FailAll { status });
+        let before = st.injected_failures();
+        let err = s.deliver(&records).await.unwrap_err();
+        assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
+        assert_all_pending(&err);
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("HTTP {status}")), "{msg}");
+        assert!(msg.contains(hint), "{hint:?} missing: {msg}");
+        assert!(msg.contains("DATA_INGESTION_SERVICE_URL"), "{msg}");
+        assert_eq!(
+            st.injected_failures(),
+            before + 1,
+            "one request, no bisection"
+        );
+    }
+    assert!(st.records().is_empty());
+}
+
+#[tokio::test]
+async fn standin_400_for_one_record_rejects_only_that_record() {
+    let st = standin(None).await;
+    st.set_behavior(Behavior::RejectMatching {
+        needle: "\"1700000005\"".into(),
+        status: 400,
+    });
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let records: Vec<_> = (0..12).map(akto_record).collect();
+    let out = s.deliver(&records).await.unwrap();
+    assert_eq!(
+        out.rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![5]
+    );
+    assert!(out.rejected[0].1.contains("HTTP 400"), "{:?}", out.rejected);
+    assert_eq!(out.delivered.len(), 11);
+    assert_eq!(st.records().len(), 11);
+}
+
+#[tokio::test]
+async fn standin_422_for_every_record_still_rejects_each() {
+    let st = standin(None).await;
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let records: Vec<_> = (0..4)
+        .map(|i| {
+            let mut r = akto_record(i);
+            r.json = r.json.replace("\"MIRRORING\"", "\"DATABRICKS\"");
+            r
+        })
+        .collect();
+    let out = s.deliver(&records).await.unwrap();
+    assert!(out.delivered.is_empty());
+    let mut rejected: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
+    rejected.sort_unstable();
+    assert_eq!(rejected, vec![0, 1, 2, 3]);
+    assert!(out.rejected.iter().all(|(_, r)| r.contains("422")));
+}
+
+#[tokio::test]
+async fn path_error_during_bisection_keeps_what_akto_refused_and_leaves_the_rest_pending() {
+    let server = Server::start().await;
+    // The batch: 422; its first half (record 0) alone: 422 (a bad record); the second: 407.
+    server.with(|g| {
+        g.script.extend([
+            Answer::status(422),
+            Answer::status(422),
+            Answer::status(407),
+        ])
+    });
+    let s = sink(server.url(), None, fast_retry(3));
+    let err = s.deliver(&[record(0), record(1)]).await.unwrap_err();
+    assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
+    assert!(err.to_string().contains("HTTP 407"), "{err}");
+    assert!(err.delivered_before_failure().is_empty());
+    let rejected = err.rejected_before_failure();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].0, 0);
+    assert!(rejected[0].1.contains("422"), "{rejected:?}");
+}
+
+#[tokio::test]
+async fn doubtful_400s_stay_pending_when_the_batch_fails_before_it_ends() {
+    let server = Server::start().await;
+    // The batch: 400; record 0 alone: 400 (doubtful); record 1 alone: 503 until the budget ends.
+    server.with(|g| {
+        g.script.extend([
+            Answer::status(400),
+            Answer::status(400),
+            Answer::status(503),
+            Answer::status(503),
+        ])
+    });
+    let s = sink(server.url(), None, fast_retry(2));
+    let err = s.deliver(&[record(0), record(1)]).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert_all_pending(&err);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The request timeout grows with the body: a large batch on a slow link is not cut off.
+
+/// A valid record whose request payload is about `pad` bytes.
+fn big_akto_record(i: usize, pad: usize) -> OutRecord {
+    let mut r = akto_record(i);
+    let mut v: serde_json::Value = serde_json::from_str(&r.json).unwrap();
+    v["requestPayload"] = serde_json::Value::String("x".repeat(pad));
+    r.json = v.to_string();
+    r
+}
+
+#[tokio::test]
+async fn standin_reading_slowly_gets_the_body_within_the_size_allowance() {
+    let st = standin(None).await;
+    // About 2 MiB at 1 MiB/s: some 2 s, four times the 500 ms base timeout, while the body
+    // adds 8 s to it (1 s per 256 KiB).
+    st.set_behavior(Behavior::SlowRead {
+        bytes_per_sec: 1024 * 1024,
+    });
+    let s = HttpSink::new(HttpSinkConfig {
+        url: standin_url(&st),
+        jwt: None,
+        timeout: Duration::from_millis(500),
+        retry: fast_retry(1),
+    })
+    .unwrap();
+    let records: Vec<_> = (0..4).map(|i| big_akto_record(i, 512 * 1024)).collect();
+    let body = databricks_shield::sink::body_len(&records);
+    assert!(body > 2 * 1024 * 1024, "{body}");
+    assert!(
+        s.request_timeout(body) >= Duration::from_secs(8),
+        "{:?}",
+        s.request_timeout(body)
+    );
+    let out = s
+        .deliver(&records)
+        .await
+        .expect("the upload gets time by body size");
+    assert_eq!(out.delivered, vec![0, 1, 2, 3]);
+    assert_eq!(st.records().len(), 4);
+    assert_eq!(st.accepted_batches(), 1, "one request, no retry");
+}
+
+/// Akto's endpoint answers 415 to a body that is not declared `application/json`: the stand-in
+/// does the same, and the sink always declares it.
+#[tokio::test]
+async fn standin_refuses_a_body_without_json_content_type_and_the_sink_declares_it() {
+    let st = standin(None).await;
+    let body = format!("{{\"batchData\":[{}]}}", akto_record(0).json);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/ingestData", st.url()))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
+    assert!(st.records().is_empty());
+    let s = sink(standin_url(&st), None, fast_retry(1));
+    let out = s.deliver(&[akto_record(0)]).await.unwrap();
+    assert_eq!(out.delivered, vec![0]);
+    assert_eq!(st.records(), values(&[akto_record(0)], &[0]));
+}

@@ -1,13 +1,26 @@
 //! The HTTP sink: Akto's Data Ingestion Service (`POST {url}/api/ingestData`).
 //!
 //! It exists to turn "a batch of encoded records" into exactly-acknowledged deliveries against
-//! a service that answers per batch: 200 means every record was taken; 408/429/5xx and
-//! connection failures are retried with capped, jittered backoff (honouring `Retry-After`);
-//! other 4xx answers mean some record is poison, found by bisecting the batch so only the bad
-//! record(s) are rejected; 401/403 mean the JWT is wrong, which no retry fixes.
+//! a service that answers per batch:
+//! - 200 means every record was taken;
+//! - 408/429/5xx and connection failures (timeouts included) are retried with capped, jittered
+//!   backoff (honouring `Retry-After`);
+//! - 422 is how Akto refuses a bad record (`actionErrors`): the batch is bisected so only the
+//!   bad record(s) are rejected (and quarantined by the caller);
+//! - 400 and 413 may come from Akto or from something in between (an ingress, a WAF, a proxy
+//!   with a smaller body limit): the batch is bisected too, but when every record of the batch
+//!   ends up refused alone with the same status, the path refuses the requests, not the
+//!   records: a delivery error that keeps them all pending for the next cycle;
+//! - any other 4xx (407, 411, 415, 431, ...) says the same at once; 401/403 mean the JWT is
+//!   wrong and 404/405/3xx a wrong URL. No retry fixes those, and no record is rejected for them.
+//!
+//! A request may take [`HttpSinkConfig::timeout`] (`AKTO_REQUEST_TIMEOUT_SECONDS`) plus one
+//! second per [`UPLOAD_FLOOR_BYTES_PER_SEC`] bytes of its body, so a 10 MiB body has time to
+//! upload over a slow link instead of timing out (and being sent again) on every attempt.
 //!
 //! Architecture Invariant: the body is built by concatenating the pre-encoded records (no
-//! re-parse), and the `authorization` header is marked sensitive and never logged.
+//! re-parse), sent as `Content-Type: application/json`, and the `authorization` header is
+//! marked sensitive and never logged.
 
 use std::fmt;
 use std::time::Duration;
@@ -27,6 +40,13 @@ use crate::secret_file::SecretFile;
 /// How many characters of a server's error body are kept in reasons and messages.
 const SNIPPET_CHARS: usize = 300;
 
+/// The default of [`HttpSinkConfig::timeout`] (`AKTO_REQUEST_TIMEOUT_SECONDS`).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The slowest upload a request is given time for: each request may take its base timeout plus
+/// one second per this many bytes of body (256 KiB/s, about 2 Mbit/s: +40 s for 10 MiB).
+pub const UPLOAD_FLOOR_BYTES_PER_SEC: u64 = 256 * 1024;
+
 /// Settings of the [`HttpSink`]. Debug output hides the JWT and any credentials in the URL.
 #[derive(Clone)]
 pub struct HttpSinkConfig {
@@ -34,7 +54,10 @@ pub struct HttpSinkConfig {
     pub url: Url,
     /// `AKTO_JWT_TOKEN`, sent raw as `authorization` when set.
     pub jwt: Option<SecretString>,
-    /// Whole-request timeout (connect timeout is the smaller of this and 10 s).
+    /// `AKTO_REQUEST_TIMEOUT_SECONDS`: whole-request timeout of a small request; a POST gets
+    /// one more second per [`UPLOAD_FLOOR_BYTES_PER_SEC`] bytes of body (see
+    /// [`HttpSink::request_timeout`]). Connect timeout: the smaller of this and 10 s. Zero means
+    /// the default, 30 s.
     pub timeout: Duration,
     /// Retry budget of one `deliver` call.
     pub retry: RetryPolicy,
@@ -57,7 +80,7 @@ impl HttpSinkConfig {
         HttpSinkConfig {
             url,
             jwt,
-            timeout: Duration::from_secs(30),
+            timeout: DEFAULT_REQUEST_TIMEOUT,
             retry: RetryPolicy::default(),
         }
     }
@@ -74,6 +97,8 @@ pub struct HttpSink {
     auth: std::sync::Mutex<Option<HeaderValue>>,
     /// `AKTO_JWT_TOKEN_FILE`, read again at most every [`JWT_RECHECK`] and after a 401/403.
     jwt_file: Option<SecretFile>,
+    /// Base timeout of one request (see [`HttpSink::request_timeout`]).
+    timeout: Duration,
     retry: RetryPolicy,
 }
 
@@ -92,6 +117,7 @@ impl fmt::Debug for HttpSink {
                     .ok()
                     .and_then(|a| a.as_ref().map(|_| "[REDACTED]")),
             )
+            .field("timeout", &self.timeout)
             .field("retry", &self.retry)
             .finish()
     }
@@ -100,8 +126,12 @@ impl fmt::Debug for HttpSink {
 /// What one HTTP exchange said about a batch.
 enum Reply {
     Accepted,
-    /// Permanently refused (4xx): the reason, for bisection and quarantine.
-    Refused(String),
+    /// Refused with 422 (Akto's answer to a bad record) or 400/413 (Akto's or the path's):
+    /// bisected; see [`HttpSink::deliver`] for when a refusal rejects a record.
+    Refused {
+        status: StatusCode,
+        body: String,
+    },
     /// Worth retrying: what happened, and the server's Retry-After if any.
     Transient {
         reason: String,
@@ -143,7 +173,7 @@ impl HttpSink {
             }
         };
         let timeout = if config.timeout.is_zero() {
-            Duration::from_secs(30)
+            DEFAULT_REQUEST_TIMEOUT
         } else {
             config.timeout
         };
@@ -167,8 +197,18 @@ impl HttpSink {
             health_url,
             auth: std::sync::Mutex::new(auth),
             jwt_file: None,
+            timeout,
             retry,
         })
+    }
+
+    /// How long one POST of `body_len` bytes may take: the base timeout plus one second per
+    /// [`UPLOAD_FLOOR_BYTES_PER_SEC`] bytes, so the upload itself never eats the whole budget.
+    pub fn request_timeout(&self, body_len: usize) -> Duration {
+        let len = u64::try_from(body_len).unwrap_or(u64::MAX);
+        let upload_ms = len.saturating_mul(1000) / UPLOAD_FLOOR_BYTES_PER_SEC;
+        self.timeout
+            .saturating_add(Duration::from_millis(upload_ms))
     }
 
     /// The JWT came from `path` (`AKTO_JWT_TOKEN_FILE`): read it again at most every 30 s and
@@ -258,7 +298,11 @@ impl HttpSink {
     /// Delivers `batch` (see [`super::AnySink::deliver`] for the contract).
     ///
     /// Records that alone exceed Akto's 10 MiB body limit are rejected without sending; the
-    /// rest go out in as few requests as the body limit allows, bisected on 4xx answers.
+    /// rest go out in as few requests as the body limit allows, bisected on 422/400/413
+    /// answers. A record refused alone with 422 is rejected. One refused alone with 400 or 413
+    /// is rejected only when the batch did not end with every sent record refused with that
+    /// same status: then the path between the connector and Akto refuses the requests, and
+    /// the result is a [`SinkError::Protocol`] that keeps them all pending.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
         let deadline = Instant::now() + self.retry.max_elapsed;
         let mut out = BatchOutcome::default();
@@ -289,38 +333,103 @@ impl HttpSink {
             .rev()
             .map(|r| sendable[r].to_vec())
             .collect();
+        // Records refused alone with 400/413: rejected only if not every sent record was.
+        let mut doubtful: Vec<(usize, StatusCode, String)> = Vec::new();
         while let Some(group) = stack.pop() {
             match self.send_with_retry(batch, &group, deadline).await {
                 Ok(None) => out.delivered.extend_from_slice(&group),
-                Ok(Some(reason)) => {
+                Ok(Some((status, body))) => {
                     if let [only] = group.as_slice() {
-                        out.rejected.push((*only, reason));
+                        if status == StatusCode::UNPROCESSABLE_ENTITY {
+                            out.rejected.push((*only, refusal(status, &body)));
+                        } else {
+                            doubtful.push((*only, status, body));
+                        }
                     } else {
                         let (left, right) = group.split_at(group.len() / 2);
                         stack.push(right.to_vec());
                         stack.push(left.to_vec());
                     }
                 }
+                // Doubtful refusals stay pending: the batch did not finish, so whether the
+                // path refused them all cannot be told.
                 Err(e) => return Err(e.with_progress(out.delivered, out.rejected)),
             }
+        }
+        if let Some((_, status, body)) = doubtful.first() {
+            if doubtful.len() == sendable.len() && doubtful.iter().all(|(_, s, _)| s == status) {
+                let what = if doubtful.len() == 1 {
+                    "to the batch's only record".to_string()
+                } else {
+                    format!(
+                        "to every one of the batch's {} records, each sent alone",
+                        doubtful.len()
+                    )
+                };
+                return Err(self
+                    .path_error(*status, body, &what)
+                    .with_progress(Vec::new(), out.rejected));
+            }
+            out.rejected.extend(
+                doubtful
+                    .into_iter()
+                    .map(|(i, status, body)| (i, refusal(status, &body))),
+            );
         }
         Ok(out)
     }
 
-    /// Sends one group until accepted (`Ok(None)`), refused (`Ok(Some(reason))`) or the retry
-    /// budget runs out (`Err`).
+    /// The error for a 4xx that refuses requests rather than records: what answered, and where
+    /// to look (the URL, a proxy, WAF or ingress in between). The records stay pending.
+    fn path_error(&self, status: StatusCode, body: &str, what: &str) -> SinkError {
+        let hint = match status.as_u16() {
+            407 => {
+                "a proxy between the connector and Akto requires authentication: give its \
+                 credentials in HTTPS_PROXY / HTTP_PROXY (http://user:password@proxy:port), or \
+                 list the ingestion host in NO_PROXY"
+            }
+            413 => {
+                "something between the connector and Akto has a body size limit under Akto's \
+                 10 MiB (e.g. an ingress' client_max_body_size or proxy-body-size): raise it to \
+                 at least 10m"
+            }
+            415 => {
+                "something between the connector and Akto does not pass the request's \
+                 `Content-Type: application/json` on"
+            }
+            431 => {
+                "something between the connector and Akto refuses the request headers as too \
+                 large"
+            }
+            _ => {
+                "Akto refuses a bad record with 422, so a proxy, WAF or ingress between the \
+                 connector and Akto (or another service at that URL) refuses the requests"
+            }
+        };
+        SinkError::protocol(format!(
+            "No data appearing: {} answered HTTP {status} ({body}) {what}; {hint}. Check \
+             DATA_INGESTION_SERVICE_URL (Akto's Data Ingestion Service itself, without \
+             /api/ingestData), HTTPS_PROXY / HTTP_PROXY / NO_PROXY and any WAF or ingress rule \
+             in between; the records stay pending (not quarantined) and are sent again next \
+             cycle",
+            self.shown_url
+        ))
+    }
+
+    /// Sends one group until accepted (`Ok(None)`), refused (`Ok(Some((status, body
+    /// excerpt)))`) or the retry budget runs out (`Err`).
     async fn send_with_retry(
         &self,
         batch: &[OutRecord],
         group: &[usize],
         deadline: Instant,
-    ) -> Result<Option<String>, SinkError> {
+    ) -> Result<Option<(StatusCode, String)>, SinkError> {
         let body = build_body(batch, group);
         let mut attempt = 1u32;
         loop {
             match self.send_once(body.clone()).await? {
                 Reply::Accepted => return Ok(None),
-                Reply::Refused(reason) => return Ok(Some(reason)),
+                Reply::Refused { status, body } => return Ok(Some((status, body))),
                 Reply::Transient {
                     reason,
                     retry_after,
@@ -363,6 +472,7 @@ impl HttpSink {
         let mut req = self
             .client
             .post(self.ingest_url.clone())
+            .timeout(self.request_timeout(body.len()))
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         if let Some(auth) = self.auth_header() {
@@ -417,20 +527,21 @@ impl HttpSink {
                 retry_after,
             });
         }
-        if status.is_client_error() {
-            return Ok(Reply::Refused(format!(
-                "the Akto ingestion service refused the record with HTTP {status}: {body}"
-            )));
+        if status == StatusCode::UNPROCESSABLE_ENTITY
+            || status == StatusCode::BAD_REQUEST
+            || status == StatusCode::PAYLOAD_TOO_LARGE
+        {
+            return Ok(Reply::Refused { status, body });
         }
-        Err(SinkError::Protocol {
-            message: format!(
-                "the Akto ingestion service at {} answered HTTP {status} ({body}); only 200 \
-                 means delivered. Check that DATA_INGESTION_SERVICE_URL points at the Data \
-                 Ingestion Service itself (not a proxy or login page)",
-                self.shown_url
-            ),
-            delivered_before_failure: Vec::new(),
-        })
+        if status.is_client_error() {
+            return Err(self.path_error(status, &body, "to a request"));
+        }
+        Err(SinkError::protocol(format!(
+            "the Akto ingestion service at {} answered HTTP {status} ({body}); only 200 means \
+             delivered. Check that DATA_INGESTION_SERVICE_URL points at the Data Ingestion \
+             Service itself (not a proxy or login page)",
+            self.shown_url
+        )))
     }
 
     /// Answers that no retry and no bisection can fix: bad token, wrong URL, redirects.
@@ -465,26 +576,25 @@ impl HttpSink {
             });
         }
         if status == StatusCode::NOT_FOUND || status == StatusCode::METHOD_NOT_ALLOWED {
-            return Some(SinkError::Protocol {
-                message: format!(
-                    "No data appearing: {shown_url} answered HTTP {status}; check \
-                     DATA_INGESTION_SERVICE_URL (the base URL of Akto's Data Ingestion Service, \
-                     without /api/ingestData)"
-                ),
-                delivered_before_failure: Vec::new(),
-            });
+            return Some(SinkError::protocol(format!(
+                "No data appearing: {shown_url} answered HTTP {status}; check \
+                 DATA_INGESTION_SERVICE_URL (the base URL of Akto's Data Ingestion Service, \
+                 without /api/ingestData)"
+            )));
         }
         if status.is_redirection() {
-            return Some(SinkError::Protocol {
-                message: format!(
-                    "{shown_url} answered with a redirect (HTTP {status}); set \
-                     DATA_INGESTION_SERVICE_URL to the final URL of the Data Ingestion Service"
-                ),
-                delivered_before_failure: Vec::new(),
-            });
+            return Some(SinkError::protocol(format!(
+                "{shown_url} answered with a redirect (HTTP {status}); set \
+                 DATA_INGESTION_SERVICE_URL to the final URL of the Data Ingestion Service"
+            )));
         }
         None
     }
+}
+
+/// The reason recorded for a record refused alone.
+fn refusal(status: StatusCode, body: &str) -> String {
+    format!("the Akto ingestion service refused the record with HTTP {status}: {body}")
 }
 
 /// `{"batchData":[r1,r2,...]}` from the pre-encoded records, no re-parse.
@@ -658,6 +768,31 @@ mod tests {
         assert!(!s.contains('\n'));
         assert!(s.chars().count() <= SNIPPET_CHARS + 3);
         assert_eq!(snippet("  "), "empty body");
+    }
+
+    #[test]
+    fn request_timeout_grows_with_the_body() {
+        let sink = |timeout: Duration| {
+            HttpSink::new(HttpSinkConfig {
+                timeout,
+                ..HttpSinkConfig::new(Url::parse("http://h/").unwrap(), None)
+            })
+            .unwrap()
+        };
+        let s = sink(Duration::from_secs(30));
+        assert_eq!(s.request_timeout(0), Duration::from_secs(30));
+        assert_eq!(s.request_timeout(256 * 1024), Duration::from_secs(31));
+        // A full 10 MiB body: 40 s more to upload at the 256 KiB/s floor.
+        assert_eq!(s.request_timeout(MAX_BODY_BYTES), Duration::from_secs(70));
+        assert_eq!(
+            s.request_timeout(usize::MAX),
+            Duration::from_secs(30) + Duration::from_millis(u64::MAX / 262_144)
+        );
+        // Zero means the default.
+        assert_eq!(
+            sink(Duration::ZERO).request_timeout(0),
+            DEFAULT_REQUEST_TIMEOUT
+        );
     }
 
     #[test]

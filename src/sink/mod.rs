@@ -22,7 +22,7 @@ mod http;
 mod kafka;
 
 pub use file::FileSink;
-pub use http::{HttpSink, HttpSinkConfig};
+pub use http::{HttpSink, HttpSinkConfig, DEFAULT_REQUEST_TIMEOUT, UPLOAD_FLOOR_BYTES_PER_SEC};
 pub use kafka::{
     KafkaSink, KafkaSinkConfig, DEFAULT_KAFKA_MAX_MESSAGE_BYTES, DEFAULT_KAFKA_MESSAGE_TIMEOUT,
     DEFAULT_KAFKA_TOPIC, KAFKA_MESSAGE_OVERHEAD_BYTES, KAFKA_QUEUE_MAX_KBYTES,
@@ -106,13 +106,19 @@ pub enum SinkError {
         /// What is wrong and how to fix it.
         message: String,
     },
-    /// The sink answered in a way the contract does not allow (e.g. a redirect). Not retriable.
+    /// The sink, or something on the path to it, answered in a way no retry within the cycle
+    /// and no bisection fixes: a redirect, a wrong URL (404/405), or a 4xx that refuses the
+    /// requests themselves rather than a record (a proxy, WAF or ingress in between). Not
+    /// retriable: the records of the batch stay pending (neither delivered nor quarantined) and
+    /// go out again next cycle, once the operator fixed the path.
     #[error("{message}")]
     Protocol {
         /// What happened and what to check.
         message: String,
         /// Records acknowledged before the failure.
         delivered_before_failure: Vec<usize>,
+        /// Records the service itself refused (Akto's 422) before the failure.
+        rejected_before_failure: Vec<(usize, String)>,
     },
     /// Writing the output file failed. Not retriable within the cycle; nothing of the failed
     /// write is reported delivered.
@@ -158,6 +164,10 @@ impl SinkError {
             SinkError::Retriable {
                 rejected_before_failure,
                 ..
+            }
+            | SinkError::Protocol {
+                rejected_before_failure,
+                ..
             } => rejected_before_failure,
             _ => &[],
         }
@@ -182,8 +192,17 @@ impl SinkError {
             SinkError::Protocol { message, .. } => SinkError::Protocol {
                 message,
                 delivered_before_failure: delivered,
+                rejected_before_failure: rejected,
             },
             other => other,
+        }
+    }
+
+    pub(crate) fn protocol(message: impl Into<String>) -> SinkError {
+        SinkError::Protocol {
+            message: message.into(),
+            delivered_before_failure: Vec::new(),
+            rejected_before_failure: Vec::new(),
         }
     }
 

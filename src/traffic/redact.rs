@@ -17,8 +17,9 @@
 //! is quoted. Redaction is a single pass over the bytes that only looks closer at token starts
 //! and at `@`, `:`, `=` and `-----BEGIN`, so it costs a fraction of a JSON parse.
 //!
-//! Not redacted: the `host` header (it names the Akto collection), ids, table names, content
-//! types, the tag and the path — they are structural, not user data.
+//! Not redacted: the `host` header (it names the Akto collection), ids (request, tool call, and
+//! the `x-mlflow-*` / `x-span-*` headers linking a span record to its trace), table names,
+//! content types, the tag and the path — they are structural, not user data.
 
 use std::fmt;
 use std::str::FromStr;
@@ -191,8 +192,12 @@ impl RedactionCounts {
     }
 }
 
-/// Headers whose values are structural and never redacted.
-const STRUCTURAL_HEADERS: [&str; 10] = [
+/// Headers whose values are structural and never redacted: the collection's host, content
+/// types, ids, and the links of a span record to its trace (`traces` writes the `x-mlflow-*`
+/// and `x-span-*` ones: an experiment id in `x-mlflow-location: mlflow:<id>` may be 16 digits
+/// that pass the Luhn check). `x-span-error` is not among them: it carries the span's error
+/// message, free text that may hold user data.
+const STRUCTURAL_HEADERS: [&str; 19] = [
     "host",
     "content-type",
     "x-databricks-request-id",
@@ -203,6 +208,15 @@ const STRUCTURAL_HEADERS: [&str; 10] = [
     "x-databricks-execution-duration-ms",
     "x-databricks-logging-error-codes",
     "x-databricks-status-code",
+    "x-databricks-shield-inventory-hash",
+    "x-mlflow-trace-id",
+    "x-mlflow-span-id",
+    "x-mlflow-parent-span-id",
+    "x-mlflow-span-type",
+    "x-mlflow-location",
+    "x-span-duration-ms",
+    "x-span-start",
+    "x-span-status",
 ];
 
 /// Assignment keys whose value is a secret (also matched as `<prefix>_<key>`).
@@ -1048,4 +1062,62 @@ fn assignment(
         return None;
     }
     Some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A Luhn-valid 16-digit number (it passes the card check) used as an MLflow experiment id.
+    const EXPERIMENT_ID: &str = "4111111111111111";
+
+    #[test]
+    fn trace_link_headers_are_structural_even_when_an_id_looks_like_a_card() {
+        let r = Redactor::new(&RedactKind::ALL);
+        let mut counts = RedactionCounts::default();
+        // The detector does fire on this id anywhere else...
+        let text = format!("paid with {EXPERIMENT_ID}");
+        assert!(r
+            .redact_text(&text, &mut counts)
+            .is_some_and(|t| t.contains("[REDACTED:card]")));
+        // ...but not in the headers that link a span record to its trace.
+        let location = format!("mlflow:{EXPERIMENT_ID}");
+        let request = serde_json::json!({
+            "host": "agent.ws.databricks",
+            "x-mlflow-location": location,
+            "x-mlflow-trace-id": format!("tr-{EXPERIMENT_ID}"),
+            "x-mlflow-span-id": EXPERIMENT_ID,
+            "x-mlflow-parent-span-id": EXPERIMENT_ID,
+            "x-mlflow-span-type": "TOOL",
+            "x-client-request-id": EXPERIMENT_ID,
+        })
+        .to_string();
+        let response = serde_json::json!({
+            "x-span-duration-ms": EXPERIMENT_ID,
+            "x-span-start": "2024-01-01T00:00:00Z",
+            "x-span-status": "OK",
+        })
+        .to_string();
+        let mut counts = RedactionCounts::default();
+        assert_eq!(r.redact_headers(&request, &mut counts), None, "{request}");
+        assert_eq!(r.redact_headers(&response, &mut counts), None, "{response}");
+        assert_eq!(counts.total(), 0);
+
+        // Other headers, and the span's free-text error, are still redacted.
+        let other = serde_json::json!({
+            "x-mlflow-location": location,
+            "x-span-error": format!("card {EXPERIMENT_ID} declined"),
+            "x-user-note": EXPERIMENT_ID,
+        })
+        .to_string();
+        let out = r
+            .redact_headers(&other, &mut counts)
+            .expect("the other headers are redacted");
+        let v: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&out).expect("still a JSON object of strings");
+        assert_eq!(v["x-mlflow-location"], location);
+        assert!(v["x-user-note"].contains("[REDACTED:card]"), "{out}");
+        assert!(v["x-span-error"].contains("[REDACTED:card]"), "{out}");
+        assert_eq!(counts.get(RedactKind::Card), 2);
+    }
 }

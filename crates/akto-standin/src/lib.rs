@@ -7,6 +7,8 @@
 //! validation cannot hide.
 //!
 //! Rules (a batch is all-or-nothing: nothing is stored when any rule fails):
+//! - `Content-Type: application/json` (parameters such as `; charset=utf-8` allowed), else 415,
+//!   as Akto's JSON endpoint answers;
 //! - body at most 10,485,760 bytes (else 413), JSON, an object with a `batchData` array (else 422);
 //! - every record an object with all 17 fields, each a string (only the optional
 //!   `publishToGuardrails` may be, and must be, a boolean), none longer than 5,242,880 bytes;
@@ -18,7 +20,9 @@
 //!
 //! 422 answers carry `{"actionErrors":["batchData[i].field: what is wrong"]}`. With
 //! `require_jwt`, the `authorization` header must equal the raw JWT (no `Bearer `), else 401.
-//! [`Behavior`] injects failures and delays for retry tests.
+//! [`Behavior`] injects failures, delays and slow uploads for retry tests, and plays what a
+//! proxy, WAF or ingress in front of Akto may answer (a status for every request, or for the
+//! requests holding a given record).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -119,6 +123,14 @@ pub enum Behavior {
     FailEvery { every: usize, status: u16 },
     /// A batch whose body contains `needle` is rejected with 422 (a poison record).
     Reject422Matching { needle: String },
+    /// A batch whose body contains `needle` is answered with `status` (nothing stored): e.g. a
+    /// WAF rule refusing a request that holds one record with 400.
+    RejectMatching { needle: String, status: u16 },
+    /// Every batch is answered with `status` (nothing stored): what a proxy, WAF or ingress in
+    /// front of the service answers to every request (400, 407, 413, 415, 431, ...).
+    FailAll { status: u16 },
+    /// The body is read at no more than `bytes_per_sec` (a slow uplink), then handled as usual.
+    SlowRead { bytes_per_sec: u64 },
 }
 
 #[derive(Debug, Default)]
@@ -266,7 +278,46 @@ enum Injected {
     None,
     Delay(u64),
     Fail(u16),
-    Needle(String),
+    Needle(String, StatusCode),
+}
+
+/// Whether `Content-Type` is `application/json`, with or without parameters.
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Reads the whole body, at most `limit` bytes (`None` past it or on a read error), no faster
+/// than `bytes_per_sec` when given.
+async fn read_body(body: Body, limit: usize, bytes_per_sec: Option<u64>) -> Option<Vec<u8>> {
+    let Some(rate) = bytes_per_sec.filter(|r| *r > 0) else {
+        return axum::body::to_bytes(body, limit)
+            .await
+            .ok()
+            .map(|b| b.to_vec());
+    };
+    use axum::body::HttpBody;
+    let start = tokio::time::Instant::now();
+    let mut body = body;
+    let mut out = Vec::new();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        let frame = frame.ok()?;
+        if let Ok(data) = frame.into_data() {
+            out.extend_from_slice(&data);
+            if out.len() > limit {
+                return None;
+            }
+            // Wait until the bytes read so far are due at the configured rate.
+            let due_ms = (out.len() as u64).saturating_mul(1000) / rate;
+            tokio::time::sleep_until(start + Duration::from_millis(due_ms)).await;
+        }
+    }
+    Some(out)
 }
 
 async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) -> Response {
@@ -287,10 +338,14 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
             );
         }
     }
+    let slow_read = match shared.lock().behavior {
+        Behavior::SlowRead { bytes_per_sec } => Some(bytes_per_sec),
+        _ => None,
+    };
     // Read somewhat past the limit so an oversized batch gets a clean 413 (answering before
     // the client finished sending could surface as a broken pipe instead).
-    let bytes = match axum::body::to_bytes(body, READ_LIMIT_BYTES).await {
-        Ok(b) if b.len() <= MAX_BODY_BYTES => b,
+    let bytes = match read_body(body, READ_LIMIT_BYTES, slow_read).await {
+        Some(b) if b.len() <= MAX_BODY_BYTES => b,
         _ => {
             shared.lock().rejected += 1;
             tracing::warn!("batch rejected: 413 body over {MAX_BODY_BYTES} bytes");
@@ -303,12 +358,21 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
         }
     };
 
+    if !is_json_content_type(&headers) {
+        shared.lock().rejected += 1;
+        tracing::warn!("batch rejected: 415 Content-Type is not application/json");
+        return answer(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            vec!["Content-Type: must be application/json".to_string()],
+        );
+    }
+
     let injected = {
         let mut g = shared.lock();
         g.seen += 1;
         let seen = g.seen;
         match g.behavior.clone() {
-            Behavior::Normal => Injected::None,
+            Behavior::Normal | Behavior::SlowRead { .. } => Injected::None,
             Behavior::Slow { delay_ms } => Injected::Delay(delay_ms),
             Behavior::FailNext { status, .. } if g.fail_left > 0 => {
                 g.fail_left -= 1;
@@ -319,7 +383,13 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
                 Injected::Fail(status)
             }
             Behavior::FailEvery { .. } => Injected::None,
-            Behavior::Reject422Matching { needle } => Injected::Needle(needle),
+            Behavior::Reject422Matching { needle } => {
+                Injected::Needle(needle, StatusCode::UNPROCESSABLE_ENTITY)
+            }
+            Behavior::RejectMatching { needle, status } => {
+                Injected::Needle(needle, status_from(status))
+            }
+            Behavior::FailAll { status } => Injected::Fail(status),
         }
     };
     match injected {
@@ -332,14 +402,14 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
             tracing::warn!("batch failed on purpose with {code}");
             return answer(status_from(code), vec![format!("injected failure {code}")]);
         }
-        Injected::Needle(needle) => {
+        Injected::Needle(needle, status) => {
             if !needle.is_empty() && contains(&bytes, needle.as_bytes()) {
                 let mut g = shared.lock();
                 g.rejected += 1;
                 g.injected += 1;
-                tracing::warn!("batch rejected on purpose: contains the poison marker");
+                tracing::warn!("batch rejected on purpose with {status}: contains the marker");
                 return answer(
-                    StatusCode::UNPROCESSABLE_ENTITY,
+                    status,
                     vec!["batchData: contains a record rejected on purpose".to_string()],
                 );
             }
@@ -513,5 +583,112 @@ pub fn check_record(rec: &Value) -> Result<(), String> {
             ))
         }
         Some(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(time: u32) -> Value {
+        json!({
+            "path": "/serving-endpoints/bot/invocations",
+            "method": "POST",
+            "requestHeaders": "{\"host\":\"bot.ai-agent.ws.example.com\"}",
+            "responseHeaders": "{}",
+            "requestPayload": "{}",
+            "responsePayload": "{}",
+            "ip": "10.0.0.1",
+            "destIp": "",
+            "time": time.to_string(),
+            "statusCode": "200",
+            "status": "OK",
+            "type": "HTTP/1.1",
+            "akto_account_id": "1000000",
+            "akto_vxlan_id": "0",
+            "is_pending": "false",
+            "source": "MIRRORING",
+            "tag": "{}"
+        })
+    }
+
+    fn body(records: &[Value]) -> Vec<u8> {
+        json!({ "batchData": records }).to_string().into_bytes()
+    }
+
+    /// POSTs `body` with this `Content-Type` (none when `None`); the status and the answer.
+    async fn post(s: &StandIn, content_type: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/api/ingestData", s.url()))
+            .body(body);
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.expect("the stand-in answers");
+        let code = resp.status().as_u16();
+        (code, resp.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    #[tokio::test]
+    async fn content_type_must_be_application_json() {
+        let s = StandIn::start(StandInConfig::default()).await.unwrap();
+        for ct in [
+            None,
+            Some("text/plain"),
+            Some("application/x-www-form-urlencoded"),
+        ] {
+            let (code, answer) = post(&s, ct, body(&[record(1_700_000_000)])).await;
+            assert_eq!(code, 415, "{ct:?}");
+            assert!(
+                answer["actionErrors"][0]
+                    .as_str()
+                    .is_some_and(|e| e.contains("application/json")),
+                "{answer}"
+            );
+        }
+        assert!(s.records().is_empty(), "a refused batch stores nothing");
+        assert_eq!(s.rejected_batches(), 3);
+        for ct in ["application/json", "Application/JSON; charset=utf-8"] {
+            let (code, answer) = post(&s, Some(ct), body(&[record(1_700_000_001)])).await;
+            assert_eq!(code, 200, "{ct}: {answer}");
+        }
+        assert_eq!(s.records().len(), 2);
+        s.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn fail_all_and_reject_matching_play_a_proxy_in_front() {
+        let s = StandIn::start(StandInConfig::default()).await.unwrap();
+        s.set_behavior(Behavior::FailAll { status: 407 });
+        for _ in 0..3 {
+            let (code, _) = post(&s, Some("application/json"), body(&[record(1)])).await;
+            assert_eq!(code, 407);
+        }
+        assert_eq!(s.injected_failures(), 3);
+        s.set_behavior(Behavior::RejectMatching {
+            needle: "\"1700000007\"".into(),
+            status: 400,
+        });
+        let bad = body(&[record(1_700_000_006), record(1_700_000_007)]);
+        let (code, _) = post(&s, Some("application/json"), bad).await;
+        assert_eq!(code, 400);
+        let good = body(&[record(1_700_000_006)]);
+        let (code, _) = post(&s, Some("application/json"), good).await;
+        assert_eq!(code, 200);
+        assert_eq!(s.records(), vec![record(1_700_000_006)]);
+        s.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn slow_read_still_accepts_the_whole_body() {
+        let s = StandIn::start(StandInConfig::default()).await.unwrap();
+        s.set_behavior(Behavior::SlowRead {
+            bytes_per_sec: 64 * 1024,
+        });
+        let records: Vec<Value> = (0..50).map(|i| record(1_700_000_000 + i)).collect();
+        let (code, answer) = post(&s, Some("application/json"), body(&records)).await;
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(s.records(), records);
+        s.shutdown().await;
     }
 }

@@ -310,6 +310,7 @@ async fn binary_prints_its_url_and_serves() {
         .to_string();
     let resp = reqwest::Client::new()
         .post(format!("{url}/api/ingestData"))
+        .header("content-type", "application/json")
         .body(json!({ "batchData": [good()] }).to_string())
         .send()
         .await
