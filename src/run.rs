@@ -14,9 +14,15 @@
 //! `x-tool-call-id`); the delivery stage identifies a tool-call record by (agent host, call id)
 //! and drops it when that call was already sent: by an earlier cycle (the registry, state
 //! namespace `toolcall:<agent host>`, id = call id, time = the unit's time) or earlier in this
-//! chunk (an in-memory set). A call enters the registry in the same `commit_delivered`
-//! transaction as the unit that carried it, and only when its record was delivered; the registry
-//! is pruned with the same horizon as delivered ids (lookback + 10 minutes).
+//! chunk (an in-memory set). A call enters the registry in the `commit_delivered` transaction
+//! that follows its record's delivery (also when other records of its unit were not delivered);
+//! the registry is pruned with the same horizon as delivered ids (lookback + 10 minutes).
+//!
+//! A unit is committed when all its records are settled. One whose records were split over
+//! several requests (a unit over 10 MiB) or Kafka messages, and only some of them confirmed
+//! before a failure, is read and sent again by a later cycle: its records confirmed the first
+//! time are kept in state (namespace `partly-sent:<namespace>`, one key per record: its unit id
+//! and the SHA-256 of its JSON) and not sent again.
 //!
 //! The trace is preferred (it has timing and errors): the trace sources (MLflow experiments, OTel
 //! span tables) and the inference tables are read concurrently, but through two channels, and
@@ -554,8 +560,10 @@ impl Connector {
     /// of agents no longer discovered), so the registry never grows without bound.
     fn prune_tool_calls(&self, before_us: i64) -> Result<u64, StateError> {
         let mut removed = 0;
-        for ns in self.state.namespaces_with_prefix(TOOL_CALL_PREFIX)? {
-            removed += self.state.prune(&ns, before_us)?;
+        for prefix in [TOOL_CALL_PREFIX, PARTLY_SENT_PREFIX] {
+            for ns in self.state.namespaces_with_prefix(prefix)? {
+                removed += self.state.prune(&ns, before_us)?;
+            }
         }
         Ok(removed)
     }
@@ -592,7 +600,10 @@ impl Connector {
         totals: &mut DeliveryTotals,
         pending: &mut Pending,
     ) -> Result<(), DeliveryError> {
-        let mut ledger = ToolCallLedger::default();
+        let mut ledger = ToolCallLedger {
+            partly_sent: PartlySent::load(&self.state)?,
+            ..Default::default()
+        };
         let mut first_open = true;
         loop {
             let next = if first_open {
@@ -766,13 +777,26 @@ impl Connector {
             // A payload that masking made longer than the limit was cut: count it too.
             totals.truncated += u64::from(mapped.truncated_payloads);
         }
-        let (records, calls) = self.accept(
+        let (mut records, mut calls) = self.accept(
             unit.table,
             unit.id,
             unit.host,
             mapped.records.iter().zip(calls),
             &mut totals.truncated,
         )?;
+        let before = records.len();
+        ledger
+            .partly_sent
+            .filter(unit.table, unit.id, &mut records, &mut calls);
+        if records.len() < before {
+            tracing::info!(
+                "{}: {} is sent again after a failure that confirmed only part of it; {} of its \
+                 records were confirmed then and are not sent again",
+                unit.table,
+                unit.id,
+                before - records.len()
+            );
+        }
         self.add_unit(batch, unit, records, calls, totals, pending)
             .await
     }
@@ -929,10 +953,26 @@ impl Connector {
                 .rows
                 .push((table.to_string(), id.clone(), *t, by_id));
         }
-        for c in b.calls.iter().filter(|c| {
-            committed.get(c.exec).copied().unwrap_or(false)
-                && delivered.get(c.record).copied().unwrap_or(false)
-        }) {
+        // A unit confirmed in part (its records split over requests or partitions, and a later
+        // one failed) is read and sent again: its records confirmed now are remembered, so
+        // that only the others are sent then.
+        let partial_ns = partly_sent_namespace(table);
+        for ((id, t, range), _) in b.execs.iter().zip(&committed).filter(|(_, c)| !**c) {
+            for i in range.clone().filter(|i| delivered[*i]) {
+                pending.rows.push((
+                    partial_ns.clone(),
+                    partly_sent_key(id, &b.records[i].json),
+                    *t,
+                    true,
+                ));
+            }
+        }
+        // Every delivered tool call enters the registry, also of a unit confirmed in part.
+        for c in b
+            .calls
+            .iter()
+            .filter(|c| delivered.get(c.record).copied().unwrap_or(false))
+        {
             pending
                 .rows
                 .push((c.namespace.clone(), c.call_id.clone(), c.time_us, true));
@@ -1032,10 +1072,95 @@ pub fn tool_call_namespace(host: &str) -> String {
     format!("{TOOL_CALL_PREFIX}{host}")
 }
 
+/// State namespaces `partly-sent:<namespace>`: records confirmed of units whose other records
+/// were not (id `<unit id>#<record key>`, time = the unit's).
+pub const PARTLY_SENT_PREFIX: &str = "partly-sent:";
+
+fn partly_sent_namespace(table: &str) -> String {
+    format!("{PARTLY_SENT_PREFIX}{table}")
+}
+
+/// A record's key within its unit: the first 128 bits of the SHA-256 of its JSON, in hex. The
+/// mapping is deterministic, so the same row gives the same record again (a change of
+/// configuration that changes the record, e.g. redaction, sends it again).
+fn partly_sent_key(unit: &str, json: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
+    let hex: String = d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{unit}#{hex}")
+}
+
+/// Records confirmed of units that were sent only in part (see [`Connector::flush`]): rare, so
+/// all of them are loaded when delivery starts.
+#[derive(Default)]
+struct PartlySent {
+    /// (namespace, unit id) of the units.
+    units: HashSet<(String, String)>,
+    /// (namespace, `<unit id>#<record key>`) of their confirmed records.
+    records: HashSet<(String, String)>,
+}
+
+impl PartlySent {
+    fn load(state: &StateStore) -> Result<PartlySent, StateError> {
+        let mut out = PartlySent::default();
+        for ns in state.namespaces_with_prefix(PARTLY_SENT_PREFIX)? {
+            let table = ns[PARTLY_SENT_PREFIX.len()..].to_string();
+            for key in state.ids_in_range(&ns, i64::MIN, i64::MAX)? {
+                if let Some((unit, _)) = key.rsplit_once('#') {
+                    out.units.insert((table.clone(), unit.to_string()));
+                }
+                out.records.insert((table.clone(), key));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops the records of unit `id` of `table` that were confirmed before (and renumbers the
+    /// tool calls they carry).
+    fn filter(
+        &self,
+        table: &str,
+        id: &str,
+        records: &mut Vec<OutRecord>,
+        calls: &mut Vec<RecordCall>,
+    ) {
+        if self.units.is_empty() || !self.units.contains(&(table.to_string(), id.to_string())) {
+            return;
+        }
+        let keep: Vec<bool> = records
+            .iter()
+            .map(|r| {
+                !self
+                    .records
+                    .contains(&(table.to_string(), partly_sent_key(id, &r.json)))
+            })
+            .collect();
+        let mut new_index = Vec::with_capacity(keep.len());
+        let mut next = 0;
+        for k in &keep {
+            new_index.push(next);
+            next += usize::from(*k);
+        }
+        calls.retain_mut(|(i, _)| {
+            let kept = keep.get(*i).copied().unwrap_or(false);
+            if kept {
+                *i = new_index[*i];
+            }
+            kept
+        });
+        let mut it = keep.iter();
+        records.retain(|_| it.next().copied().unwrap_or(true));
+    }
+}
+
 /// Which tool calls were sent already (see the module doc): the registry's answer for the units
 /// being staged, and the calls staged in the current chunk.
 #[derive(Default)]
 struct ToolCallLedger {
+    /// Records of units that were sent only in part before (loaded when delivery starts).
+    partly_sent: PartlySent,
     /// `(host, call id)` staged in this chunk (pending in the batch or sent by a flush).
     seen: HashSet<(String, String)>,
     /// `(host, call id)` found in the registry by the last [`ToolCallLedger::prefetch`].
@@ -1126,11 +1251,8 @@ struct DeliveryTotals {
 /// `(index of a unit's record, the tool call id it carries)`.
 type RecordCall = (usize, String);
 
-/// A tool call a batched record carries, registered when the record is delivered and its unit
-/// checkpointed.
+/// A tool call a batched record carries, registered when the record is delivered.
 struct BatchedCall {
-    /// Index into `Batch::execs`.
-    exec: usize,
     /// Index into `Batch::records`.
     record: usize,
     /// `toolcall:<host>`.
@@ -1166,11 +1288,9 @@ impl Batch {
     ) {
         self.agents.push(unit.agent.to_string());
         let start = self.records.len();
-        let exec = self.execs.len();
         let namespace = tool_call_namespace(unit.host);
         self.calls
             .extend(calls.into_iter().map(|(i, call_id)| BatchedCall {
-                exec,
                 record: start + i,
                 namespace: namespace.clone(),
                 call_id,
@@ -1262,13 +1382,17 @@ mod tests {
     }
 
     fn connector(dir: &std::path::Path) -> Connector {
+        let sink = AnySink::File(crate::sink::FileSink::new(Some(dir.join("out.jsonl"))).unwrap());
+        connector_with(dir, sink)
+    }
+
+    fn connector_with(dir: &std::path::Path, sink: AnySink) -> Connector {
         let client = DatabricksClient::new(
             &url::Url::parse("http://127.0.0.1:9").unwrap(),
             crate::databricks::Credentials::Pat("unused".to_string().into()),
             Default::default(),
         )
         .unwrap();
-        let sink = AnySink::File(crate::sink::FileSink::new(Some(dir.join("out.jsonl"))).unwrap());
         let state = StateStore::open(&dir.join("state"), false).unwrap();
         let settings = crate::app::settings_for_demo("c", "s", &dir.join("state"));
         Connector::new(client, sink, state, settings)
@@ -1397,6 +1521,118 @@ mod tests {
         assert!(c
             .state
             .namespaces_with_prefix(TOOL_CALL_PREFIX)
+            .unwrap()
+            .is_empty());
+    }
+
+    /// A unit confirmed only in part: its records went in two requests (over 10 MiB together)
+    /// and the second was refused until the retries ran out. The next delivery sends only the
+    /// record not confirmed; the tool call confirmed the first time is registered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_confirmed_in_part_sends_only_the_rest_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let standin = akto_standin::StandIn::start(akto_standin::StandInConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            require_jwt: None,
+        })
+        .await
+        .unwrap();
+        let mut cfg =
+            crate::sink::HttpSinkConfig::new(url::Url::parse(&standin.url()).unwrap(), None);
+        cfg.retry.max_attempts = 2;
+        cfg.retry.max_elapsed = Duration::from_secs(2);
+        cfg.retry.base_delay = Duration::from_millis(10);
+        cfg.retry.max_delay = Duration::from_millis(50);
+        let c = connector_with(
+            dir.path(),
+            AnySink::Http(crate::sink::HttpSink::new(cfg).unwrap()),
+        );
+        // The execution record (its response cut to 5 MiB), then "big" and "poison" with
+        // outputs of 3.5 MB each: [execution, big] fit in one request, "poison" needs another.
+        let big = "b".repeat(3_500_000);
+        let mut exec = execution("req-1", 2_000, &[]);
+        exec.response = Some(
+            json!({"output": [
+                {"type": "function_call", "call_id": "call_big", "name": "big", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_big", "output": big},
+                {"type": "function_call", "call_id": "call_p", "name": "poison", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_p", "output": big},
+            ]})
+            .to_string()
+            .into(),
+        );
+        let agents = || -> BTreeMap<String, Arc<AgentInfo>> {
+            [(
+                TABLE.to_string(),
+                Arc::new(AgentInfo {
+                    name: "bot".into(),
+                    host: HOST.into(),
+                    path: "/serving-endpoints/bot/invocations".into(),
+                }),
+            )]
+            .into_iter()
+            .collect()
+        };
+        let run = |exec: Execution| {
+            let c = &c;
+            async move {
+                let (tx, rx) = mpsc::channel(1);
+                drop(tx);
+                let (table_tx, table_rx) = mpsc::channel(1);
+                table_tx.send(table_chunk(vec![exec])).await.unwrap();
+                drop(table_tx);
+                let (_t, shutdown) = Shutdown::new();
+                c.deliver(rx, table_rx, agents(), shutdown).await
+            }
+        };
+        let paths = || -> Vec<String> {
+            standin
+                .records()
+                .iter()
+                .map(|r| r["path"].as_str().unwrap_or("").to_string())
+                .collect()
+        };
+
+        standin.set_behavior(akto_standin::Behavior::RejectMatching {
+            needle: "/tools/poison".into(),
+            status: 503,
+        });
+        assert!(
+            run(exec.clone()).await.is_err(),
+            "the second request failed"
+        );
+        assert_eq!(
+            paths(),
+            ["/serving-endpoints/bot/invocations", "/tools/big"]
+        );
+        assert_eq!(c.state.delivered_count(TABLE).unwrap(), 0, "not committed");
+        let ns = tool_call_namespace(HOST);
+        assert_eq!(
+            c.state
+                .delivered_among(&ns, ["call_big", "call_p"])
+                .unwrap()
+                .len(),
+            1
+        );
+
+        // The next cycle reads the row again: only "poison" is sent, and the unit committed.
+        standin.set_behavior(akto_standin::Behavior::Normal);
+        let t = run(exec).await.expect("delivered");
+        assert_eq!(t.records_sent, 1);
+        assert_eq!(
+            paths(),
+            [
+                "/serving-endpoints/bot/invocations",
+                "/tools/big",
+                "/tools/poison"
+            ]
+        );
+        assert_eq!(c.state.delivered_count(TABLE).unwrap(), 1);
+        // Pruned with the registry.
+        assert!(c.prune_tool_calls(i64::MAX).unwrap() >= 3);
+        assert!(c
+            .state
+            .namespaces_with_prefix(PARTLY_SENT_PREFIX)
             .unwrap()
             .is_empty());
     }
