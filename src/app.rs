@@ -218,12 +218,32 @@ pub async fn run_loop_observed(
             m.observe(&report, &connector.client.stats());
         }
         if once || shutdown.is_triggered() {
+            settle_cancels(&connector).await;
             return report.ok();
         }
         let next = interval.saturating_sub(report.duration);
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
-            _ = shutdown.wait() => return report.ok(),
+            _ = shutdown.wait() => {
+                settle_cancels(&connector).await;
+                return report.ok();
+            }
         }
+    }
+}
+
+/// Before the process exits: lets the cancels of statements left running (a reader stopped by
+/// shutdown or the once time limit) reach the warehouse, for at most 10 s.
+async fn settle_cancels(connector: &Connector) {
+    let left = connector
+        .client
+        .stats()
+        .settle_background(Duration::from_secs(10))
+        .await;
+    if left > 0 {
+        tracing::warn!(
+            "{left} SQL statement cancel(s) still in flight at exit; the warehouse ends those \
+             statements at their own timeout"
+        );
     }
 }

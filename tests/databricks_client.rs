@@ -3,9 +3,14 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use databricks_emulator::Privilege;
-use databricks_shield::databricks::DatabricksError;
+use databricks_shield::databricks::sql::Statement;
+use databricks_shield::databricks::{
+    ClientOptions, Credentials, DatabricksClient, DatabricksError, RetryPolicy,
+};
 use databricks_shield::discovery::{self, TableKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,4 +254,190 @@ async fn rotated_secret_files_are_picked_up_without_a_restart() {
         .await
         .expect_err("a secret kept from the start is refused after the rotation");
     assert!(matches!(err, DatabricksError::Auth { .. }), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statements are never left running on the warehouse (src/databricks/sql.rs module doc)
+
+/// A statement of the first inference table, with the given timeout.
+fn statement(emu: &databricks_emulator::Emulator, timeout: Duration) -> Statement {
+    let table = emu
+        .ground_truth()
+        .into_iter()
+        .next()
+        .expect("the emulator has rows")
+        .table;
+    Statement {
+        warehouse_id: "4b9f1c2d3e5a6001".into(),
+        statement: format!("SELECT databricks_request_id FROM {table} LIMIT 5"),
+        parameters: vec![],
+        table,
+        timeout,
+    }
+}
+
+fn counter(emu: &databricks_emulator::Emulator, name: &str) -> u64 {
+    emu.stats()[name].as_u64().unwrap_or(u64::MAX)
+}
+
+/// Polls the emulator's counters until `done` holds (bounded: 10 s), then returns them.
+async fn settled(
+    emu: &databricks_emulator::Emulator,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for _ in 0..500 {
+        if done(&emu.stats()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    emu.stats()
+}
+
+fn cancelled_and_none_running(s: &serde_json::Value) -> bool {
+    s["statements_cancelled"].as_u64() == Some(1) && s["statements_running"].as_u64() == Some(0)
+}
+
+/// A client whose retries give up after a second.
+fn impatient_client(emu: &databricks_emulator::Emulator) -> DatabricksClient {
+    DatabricksClient::new(
+        &url::Url::parse(&emu.base_url()).unwrap(),
+        Credentials::OAuth {
+            client_id: "emulator-client".into(),
+            client_secret: SECRET.to_string().into(),
+        },
+        ClientOptions {
+            retry: RetryPolicy {
+                max_elapsed: Duration::from_secs(1),
+                base_delay: Duration::from_millis(20),
+                max_delay: Duration::from_millis(200),
+            },
+            ..fast_retry()
+        },
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_statement_whose_caller_leaves_is_cancelled() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    c.authenticate().await.unwrap();
+    emu.set_faults("route=/api/2.0/sql/statements,kind=pending,polls=100000")
+        .unwrap();
+    // The caller gives up long before its own statement timeout (a reader aborted, shutdown).
+    let st = statement(&emu, Duration::from_secs(600));
+    let left = tokio::time::timeout(Duration::from_millis(800), c.execute(&st)).await;
+    assert!(left.is_err(), "the statement stays PENDING: {left:?}");
+    let stats = settled(&emu, cancelled_and_none_running).await;
+    assert!(
+        cancelled_and_none_running(&stats),
+        "the abandoned statement still runs on the warehouse: {stats}"
+    );
+    assert_eq!(counter(&emu, "statements_executed"), 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_caller_leaves_while_it_starts_is_cancelled() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    c.authenticate().await.unwrap();
+    // The start request waits while the statement runs (wait_timeout): the caller leaves
+    // before its answer, which then says PENDING.
+    emu.set_faults(
+        "route=/api/2.0/sql/statements,kind=slow,ms=1500;\
+         route=/api/2.0/sql/statements,kind=pending,polls=100000",
+    )
+    .unwrap();
+    let st = statement(&emu, Duration::from_secs(600));
+    let left = tokio::time::timeout(Duration::from_millis(300), c.execute(&st)).await;
+    assert!(left.is_err(), "the statement is slow: {left:?}");
+    let stats = settled(&emu, cancelled_and_none_running).await;
+    assert!(
+        cancelled_and_none_running(&stats),
+        "the statement started by the abandoned request still runs: {stats}"
+    );
+    assert_eq!(
+        c.stats().settle_background(Duration::from_secs(10)).await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_polls_keep_failing_is_cancelled() {
+    let emu = emulator(emulator_config()).await;
+    let c = impatient_client(&emu);
+    // Polls (GET) answer 503 until the retries run out; cancels (POST) get through.
+    emu.set_faults(
+        "route=/api/2.0/sql/statements,kind=pending,polls=100000;\
+         route=/api/2.0/sql/statements/,method=GET,kind=503,count=unlimited",
+    )
+    .unwrap();
+    let err = c
+        .execute(&statement(&emu, Duration::from_secs(600)))
+        .await
+        .expect_err("every poll fails");
+    assert!(
+        matches!(err, DatabricksError::Exhausted { status: 503, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_retriable());
+    let stats = settled(&emu, cancelled_and_none_running).await;
+    assert!(
+        cancelled_and_none_running(&stats),
+        "the statement whose polls failed still runs: {stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_start_whose_answer_is_lost_is_not_sent_twice() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    c.authenticate().await.unwrap();
+    // The warehouse creates the statement (which keeps running), then the connection drops
+    // before the answer: the statement's id never reaches the client.
+    emu.set_faults(
+        "route=/api/2.0/sql/statements,method=POST,kind=drop_after,count=1;\
+         route=/api/2.0/sql/statements,kind=pending,polls=100000,count=unlimited",
+    )
+    .unwrap();
+    let err = c
+        .execute(&statement(&emu, Duration::from_secs(2)))
+        .await
+        .expect_err("the answer was lost");
+    let stats = emu.stats();
+    assert_eq!(
+        counter(&emu, "statements_executed"),
+        1,
+        "a second statement was started beside the first: {stats}"
+    );
+    assert!(counter(&emu, "statements_running") <= 1, "{stats}");
+    assert_eq!(counter(&emu, "dropped_connections"), 1, "{stats}");
+    let msg = err.to_string();
+    assert!(err.is_retriable(), "{err:?}");
+    assert!(msg.contains("not sent again"), "{msg}");
+    assert!(!msg.contains(SECRET), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_starts_refused_with_429_or_503_are_still_retried() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    // A refusal (429, 503) means the workspace did not start the statement: sent again.
+    emu.set_faults(
+        "route=/api/2.0/sql/statements,method=POST,kind=429,count=2,retry_after=0;\
+         route=/api/2.0/sql/statements,method=POST,kind=503,count=2",
+    )
+    .unwrap();
+    let rows = c
+        .execute(&statement(&emu, Duration::from_secs(60)))
+        .await
+        .expect("429 and 503 are retried")
+        .collect_all()
+        .await
+        .unwrap();
+    assert!(!rows.is_empty());
+    assert_eq!(counter(&emu, "statements_executed"), 1);
+    assert!(c.stats().retries() >= 4, "retries: {}", c.stats().retries());
+    assert_eq!(counter(&emu, "statements_running"), 0);
 }

@@ -291,6 +291,70 @@ async fn a_statement_stuck_pending_is_cancelled_and_retried_next_cycle() {
     assert_exactly_once(&rig);
 }
 
+/// Statement starts whose answer is lost after the warehouse created the statement: each is
+/// not sent again (it may be running), the cycle fails those tables, a later one reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_starts_whose_answer_is_lost() {
+    survives(
+        "route=/api/2.0/sql/statements,method=POST,kind=drop_after,count=3",
+        3,
+    )
+    .await;
+}
+
+fn stat(rig: &Rig, name: &str) -> u64 {
+    rig.emulator.stats()[name].as_u64().unwrap_or(0)
+}
+
+/// Shutdown stops the readers at once; the statements they were polling must not keep running
+/// (and billing) on the warehouse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_running_at_shutdown_are_cancelled() {
+    let rig = Rig::new(emulator_config()).await;
+    rig.emulator
+        .set_faults("route=/api/2.0/sql/statements,kind=pending,polls=100000,count=unlimited")
+        .unwrap();
+    let c = connector_with(&rig, &rig.standin.url(), |s| {
+        s.collect.statement_timeout = Duration::from_secs(600);
+    });
+    let (trigger, shutdown) = Shutdown::new();
+    let running = tokio::spawn(async move { c.run_cycle(&shutdown).await });
+    // Until statements are being polled (past their start request).
+    let polls = |rig: &Rig| {
+        rig.emulator.stats()["requests"]["/api/2.0/sql/statements/{id}"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    for _ in 0..500 {
+        if stat(&rig, "statements_running") >= 2 && polls(&rig) >= 2 || running.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = stat(&rig, "statements_running");
+    assert!(
+        started >= 1 && polls(&rig) >= 1,
+        "no statement was started and polled: {}",
+        rig.emulator.stats()
+    );
+    trigger.trigger();
+    let report = running.await.expect("the cycle task does not panic");
+    assert!(report.stopped, "{report:?}");
+    for _ in 0..500 {
+        if stat(&rig, "statements_running") == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stats = rig.emulator.stats();
+    assert_eq!(
+        stats["statements_running"].as_u64(),
+        Some(0),
+        "statements abandoned at shutdown still run: {stats}"
+    );
+    assert!(stat(&rig, "statements_cancelled") >= started, "{stats}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_statement_on_one_table_does_not_stop_the_others() {
     let rig = Rig::new(emulator_config()).await;

@@ -5,6 +5,15 @@
 //! is honoured; otherwise capped exponential backoff with full jitter; all within a bounded total
 //! time. Other errors are returned at once. A 401 makes the token source forget its token and the
 //! request is re-sent once with a fresh one.
+//!
+//! A request that is not idempotent ([`Replay::OnlyUnsent`]: `POST /api/2.0/sql/statements`,
+//! which starts a statement each time it arrives) is sent again only when it cannot have reached
+//! the workspace: the connection could not be made (refused, connect timeout), or the workspace
+//! answered 429/503 (or a retriable `error_code`) or 401, i.e. refused it without acting. A
+//! connection that breaks after the request was written (reset, dropped, read timeout, a body
+//! cut short) is returned as an error instead: the warehouse may already be running the
+//! statement, and a second one would run beside it, billed too. Its caller reads the table again
+//! next cycle. Databricks gives a statement no client-chosen id, so this is the only safe choice.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -56,10 +65,36 @@ impl RetryPolicy {
 }
 
 /// Requests made, by route and HTTP status ("error" for transport failures). Read by metrics.
+/// Also counts the client's background work (statement starts in flight, which cancel their
+/// statement when their caller left; cancels of abandoned statements), so that a process can let
+/// it finish before it exits.
 #[derive(Default)]
 pub struct ApiStats {
     counts: Mutex<BTreeMap<(String, String), u64>>,
     retries: std::sync::atomic::AtomicU64,
+    background: std::sync::atomic::AtomicU64,
+    background_idle: tokio::sync::Notify,
+}
+
+/// One piece of background work, counted while it lives (also when its task is dropped).
+pub(crate) struct Background(Arc<ApiStats>);
+
+impl Background {
+    pub(crate) fn start(stats: &Arc<ApiStats>) -> Background {
+        stats
+            .background
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Background(stats.clone())
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0
+            .background
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.background_idle.notify_waiters();
+    }
 }
 
 impl ApiStats {
@@ -84,6 +119,35 @@ impl ApiStats {
     pub fn retries(&self) -> u64 {
         self.retries.load(std::sync::atomic::Ordering::Relaxed)
     }
+    /// Background work in flight: statement starts, cancels of abandoned statements.
+    pub fn background(&self) -> u64 {
+        self.background.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    /// Waits until no background work is in flight, or `limit` passed; returns what is left.
+    pub async fn settle_background(&self, limit: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self.background_idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            let left = self.background();
+            if left == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.background();
+            }
+        }
+    }
+}
+
+/// Whether a failed request may be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Replay {
+    /// Idempotent (reads, cancels): retried on every transient failure.
+    Always,
+    /// Not idempotent (starts something): retried only when it cannot have reached the server.
+    OnlyUnsent,
 }
 
 /// The documented error body (`error_code` + `message`; older APIs use `error`).
@@ -171,8 +235,24 @@ impl ApiClient {
         query: &[(&str, String)],
         body: Option<&serde_json::Value>,
     ) -> Result<T, DatabricksError> {
+        self.request_with(method, route, path, query, body, Replay::Always)
+            .await
+    }
+
+    /// [`ApiClient::request`] with an explicit [`Replay`] rule.
+    pub(crate) async fn request_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        route: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&serde_json::Value>,
+        replay: Replay,
+    ) -> Result<T, DatabricksError> {
         // Parsed from the body bytes: a large statement page is not copied into a String first.
-        let raw = self.request_raw(method, route, path, query, body).await?;
+        let raw = self
+            .request_raw(method, route, path, query, body, replay)
+            .await?;
         serde_json::from_slice(&raw).map_err(|e| DatabricksError::Decode {
             route: route.to_string(),
             detail: format!("response is not the documented JSON: {e}"),
@@ -187,7 +267,9 @@ impl ApiClient {
         query: &[(&str, String)],
         body: Option<&serde_json::Value>,
     ) -> Result<String, DatabricksError> {
-        let raw = self.request_raw(method, route, path, query, body).await?;
+        let raw = self
+            .request_raw(method, route, path, query, body, Replay::Always)
+            .await?;
         Ok(String::from_utf8_lossy(&raw).into_owned())
     }
 
@@ -198,6 +280,7 @@ impl ApiClient {
         path: &str,
         query: &[(&str, String)],
         body: Option<&serde_json::Value>,
+        replay: Replay,
     ) -> Result<bytes::Bytes, DatabricksError> {
         let url = format!("{}{}", self.base, path);
         let started = Instant::now();
@@ -224,6 +307,10 @@ impl ApiClient {
                         Ok(t) => (status, t, headers),
                         Err(e) => {
                             self.stats.record(route, "error");
+                            // The workspace answered: it received the request.
+                            if replay == Replay::OnlyUnsent {
+                                return Err(self.not_replayed(route, &e));
+                            }
                             if let Some(d) = self.retry_delay(started, attempt, None) {
                                 tracing::debug!(
                                     route,
@@ -246,6 +333,10 @@ impl ApiClient {
                     self.stats.record(route, "error");
                     let (kind, detail) = classify_transport_error(&e);
                     let transient = !matches!(kind, ConnectKind::Dns | ConnectKind::Tls);
+                    // Only a connection never made is sure not to have carried the request.
+                    if transient && replay == Replay::OnlyUnsent && !e.is_connect() {
+                        return Err(self.not_replayed(route, &e));
+                    }
                     if transient {
                         if let Some(d) = self.retry_delay(started, attempt, None) {
                             tracing::debug!(route, attempt, "{kind}, retrying in {d:?}");
@@ -317,6 +408,20 @@ impl ApiClient {
                     message,
                 },
             });
+        }
+    }
+
+    /// A non-idempotent request whose connection broke after it was sent: not sent again.
+    fn not_replayed(&self, route: &str, e: &reqwest::Error) -> DatabricksError {
+        let (kind, detail) = classify_transport_error(e);
+        DatabricksError::Connect {
+            host: self.base.clone(),
+            kind,
+            detail: format!(
+                "{detail}; the connection broke after {route} was sent, so it is not sent again \
+                 (the workspace may already be running it, and a second one would run beside \
+                 it): the next cycle tries again"
+            ),
         }
     }
 

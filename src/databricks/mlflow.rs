@@ -4,11 +4,16 @@
 //! `trace.timestamp_ms`, ascending order, paged). Their spans are not in the REST answer: they
 //! are downloaded from cloud storage through the signed URI that
 //! `credentials-for-data-download` returns. That URI is a credential of its own and the storage
-//! refuses a second auth mechanism, so it is fetched with a plain HTTP client, WITHOUT the
-//! Databricks `Authorization` header, and it never appears in logs, errors or `Debug` output.
+//! refuses a second auth mechanism, so it is fetched WITHOUT the Databricks `Authorization`
+//! header, and it never appears in logs, errors or `Debug` output. The request goes through the
+//! workspace client's own HTTP client (which adds the token per API request, never by default),
+//! so storage is reached with the same trusted roots (`DATABRICKS_CA_BUNDLE`) and proxies.
+//!
+//! Errors of a span download say what they mean to the trace reader: `NotFound` (not uploaded
+//! yet: the trace is read again later), `PermissionDenied` (names the grant or network rule to
+//! fix), retriable ones (429, 5xx, transport), anything else.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -160,23 +165,8 @@ struct SpansDoc {
 const MAX_PAGES: usize = 10_000;
 const DOWNLOAD_ROUTE: &str = "GET <signed trace data URI>";
 
-/// The storage client: no Databricks credentials, no default headers.
-fn storage_http() -> Result<&'static reqwest::Client, DatabricksError> {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    if let Some(c) = CLIENT.get() {
-        return Ok(c);
-    }
-    let c = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(120))
-        .user_agent(concat!("databricks-shield/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| DatabricksError::Decode {
-            route: DOWNLOAD_ROUTE.into(),
-            detail: format!("cannot build the storage HTTP client: {e}"),
-        })?;
-    Ok(CLIENT.get_or_init(|| c))
-}
+/// How long one span document download may take (they can be large).
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn mlflow_denied(e: DatabricksError, what: &str) -> DatabricksError {
     match e {
@@ -286,7 +276,23 @@ impl DatabricksClient {
                 None,
             )
             .await
-            .map_err(|e| mlflow_denied(e, &format!("data of trace {trace_id}")))?;
+            .map_err(
+                |e| match mlflow_denied(e, &format!("the span data of trace {trace_id}")) {
+                    DatabricksError::NotFound {
+                        error_code,
+                        message,
+                        ..
+                    } => DatabricksError::NotFound {
+                        object: format!("the span data of trace {trace_id}"),
+                        error_code,
+                        message,
+                        fix: "none needed if the trace just ended: its spans are uploaded when it \
+                          ends and it is read again next cycle"
+                            .into(),
+                    },
+                    other => other,
+                },
+            )?;
         Ok(TraceDownload {
             signed_uri: SecretString::from(c.credential_info.signed_uri),
             headers: c
@@ -301,18 +307,27 @@ impl DatabricksClient {
 
     /// Downloads the spans of a trace from its signed URI (no Databricks auth header), with the
     /// same retry rules as the API (transient failures, 429, 5xx) within a bounded time.
+    ///
+    /// Storage answering 404 is [`DatabricksError::NotFound`] (the spans are not uploaded yet, or
+    /// are gone), 403 is [`DatabricksError::PermissionDenied`] naming what to fix; any other
+    /// refusal is [`DatabricksError::Api`].
     pub async fn download_spans(
         &self,
         trace_id: &str,
         dl: &TraceDownload,
     ) -> Result<Vec<Value>, DatabricksError> {
-        let http = storage_http()?;
+        // The workspace client's own reqwest client, so the same trusted roots
+        // (DATABRICKS_CA_BUNDLE: a TLS-inspecting proxy sees storage too) and proxies. It holds
+        // no credentials: the Databricks token is added per API request, and none is added here.
+        let http = &self.api.http;
         let started = Instant::now();
         let budget = self.api.retry.max_elapsed.min(Duration::from_secs(120));
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let mut req = http.get(dl.signed_uri.expose_secret());
+            let mut req = http
+                .get(dl.signed_uri.expose_secret())
+                .timeout(DOWNLOAD_TIMEOUT);
             for (k, v) in &dl.headers {
                 req = req.header(k.as_str(), v.as_str());
             }
@@ -336,19 +351,25 @@ impl DatabricksClient {
                             if !(code == 429 || code >= 500) {
                                 let text: String =
                                     String::from_utf8_lossy(&body).chars().take(300).collect();
-                                return Err(DatabricksError::Api {
-                                    route: DOWNLOAD_ROUTE.into(),
-                                    status: code,
-                                    error_code: storage_code(&text),
-                                    message: format!(
-                                        "cloud storage refused the data of trace {trace_id} (signed URL expired or storage firewall?)"
-                                    ),
-                                });
+                                return Err(storage_refusal(trace_id, code, storage_code(&text)));
                             }
                             format!("HTTP {code}")
                         }
                         Err(e) => classify_transport_error(&e).1,
                     }
+                }
+                // Not sent at all: a workspace reached over https follows only https signed
+                // URIs (a presigned URL in clear text would show its signature to the network).
+                Err(e) if e.is_builder() => {
+                    return Err(DatabricksError::Connect {
+                        host: "trace storage".into(),
+                        kind: super::ConnectKind::Tls,
+                        detail: format!(
+                            "the signed URI of trace {trace_id} was not requested ({}); a \
+                             workspace reached over https is only followed to https storage",
+                            strip_query(&e.to_string())
+                        ),
+                    });
                 }
                 Err(e) => {
                     let (kind, detail) = classify_transport_error(&e);
@@ -380,6 +401,36 @@ impl DatabricksClient {
             }
             tokio::time::sleep(delay).await;
         }
+    }
+}
+
+/// What cloud storage refusing a trace's span data (HTTP 4xx but 429) means, and its fix.
+fn storage_refusal(trace_id: &str, status: u16, code: String) -> DatabricksError {
+    let object = format!("the span data of trace {trace_id} in cloud storage");
+    match status {
+        404 => DatabricksError::NotFound {
+            object,
+            error_code: code,
+            message: "no such object at the signed URL".into(),
+            fix: "none needed if the trace just ended: its spans are uploaded when it ends and \
+                  it is read again next cycle"
+                .into(),
+        },
+        403 => DatabricksError::PermissionDenied {
+            object,
+            detail: format!("HTTP 403 {code}"),
+            fix: "let this machine reach the workspace's MLflow artifact storage (the bucket or \
+                  storage account firewall, VPC/private endpoint rules must allow it), check its \
+                  clock (an expired signature is also refused with 403), and give the service \
+                  principal CAN READ on the experiment"
+                .into(),
+        },
+        _ => DatabricksError::Api {
+            route: DOWNLOAD_ROUTE.into(),
+            status,
+            error_code: code,
+            message: format!("cloud storage refused the data of trace {trace_id}"),
+        },
     }
 }
 

@@ -2,8 +2,33 @@
 //!
 //! A statement is submitted with a short `wait_timeout`; if it outlasts that, it is polled until it
 //! ends or the connector's own statement timeout passes, in which case it is cancelled (and the
-//! caller retries next cycle). Results are INLINE JSON_ARRAY chunks, fetched one at a time so a
-//! large result is never held whole: callers page with their queries and stream chunks.
+//! caller retries next cycle).
+//!
+//! With `on_wait_timeout: CONTINUE` a statement runs on (and is billed) until it ends, whoever
+//! still waits for it, so every statement this client started and did not see end (`SUCCEEDED`,
+//! `FAILED`, `CANCELED`, `CLOSED`) is cancelled (`POST .../{id}/cancel`, best effort): after our
+//! statement timeout, after a poll failed for good, after an unknown state, and when the future
+//! of [`DatabricksClient::execute`] is dropped (a reader aborted, shutdown, a cycle time limit),
+//! by a drop guard that spawns the cancel on the current tokio runtime. The start request itself
+//! runs in its own task, so a caller that leaves while it is in flight (it waits up to the
+//! `wait_timeout`) still has the statement cancelled once its id arrives. An error path waits for
+//! its cancel at most [`CANCEL_INLINE_WAIT`]; the rest runs in the background, bounded by
+//! [`CANCEL_BUDGET`] ([`ApiStats::settle_background`](super::ApiStats::settle_background) lets a
+//! process finish it before it exits).
+//!
+//! The start request is never re-sent after its connection broke once sent
+//! (`http::Replay::OnlyUnsent`): the warehouse may already be running it, and a second statement
+//! would run beside it. Connect failures, 429 and 503 are retried as for every request. A
+//! statement whose start answer was lost that way cannot be cancelled (its id never arrived): it
+//! runs once, to its end, and the table is read again next cycle.
+//!
+//! Results are INLINE JSON_ARRAY chunks, fetched one at a time so a large result is never held
+//! whole: callers page with their queries and stream chunks.
+//!
+//! Every statement carries a `byte_limit`; a result larger than that comes back `truncated` (its
+//! first rows only). A cut result is never taken for a whole one: [`Rows::collect_all`] refuses
+//! it with an error, and readers that can continue (keyset pages) use [`Rows::collect_prefix`],
+//! which says it was cut.
 
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
@@ -11,8 +36,111 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
+use super::http::{Background, Replay};
 use super::{DatabricksClient, DatabricksError};
 use crate::json::JsonString;
+
+/// The longest an error path waits for the cancel of its statement before leaving it to a
+/// background task.
+pub const CANCEL_INLINE_WAIT: Duration = Duration::from_secs(2);
+/// The longest a cancel may take in all, its retries included.
+pub const CANCEL_BUDGET: Duration = Duration::from_secs(30);
+
+/// A state after which the statement no longer runs.
+fn is_terminal(state: &str) -> bool {
+    matches!(state, "SUCCEEDED" | "FAILED" | "CANCELED" | "CLOSED")
+}
+
+/// Cancels `statement_id` on a background task of the current runtime (if there is one: never
+/// panics, also in `Drop`), bounded by [`CANCEL_BUDGET`].
+fn cancel_in_background(client: DatabricksClient, statement_id: String) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            let counted = Background::start(&client.api.stats);
+            drop(rt.spawn(async move {
+                client.cancel(&statement_id).await;
+                drop(counted);
+            }));
+        }
+        Err(_) => tracing::warn!(
+            "statement {statement_id} was abandoned outside a tokio runtime and could not be \
+             cancelled: it runs on the warehouse until it ends (cancel it in SQL > Query History)"
+        ),
+    }
+}
+
+/// A statement this client started and has not seen end: cancelled when dropped while armed.
+/// Carries only what the cancel needs.
+struct Unfinished {
+    client: Option<DatabricksClient>,
+    statement_id: String,
+}
+
+impl Unfinished {
+    fn new(client: &DatabricksClient, statement_id: &str, state: &str) -> Self {
+        Unfinished {
+            client: (!is_terminal(state)).then(|| client.clone()),
+            statement_id: statement_id.to_string(),
+        }
+    }
+
+    /// It ended (or the warehouse no longer knows it): nothing to cancel.
+    fn ended(&mut self) {
+        self.client = None;
+    }
+
+    /// Cancels it now, waiting at most [`CANCEL_INLINE_WAIT`]; what is left then is finished by
+    /// a background task when this is dropped.
+    async fn cancel_now(&mut self) {
+        let Some(client) = &self.client else { return };
+        let attempt =
+            tokio::time::timeout(CANCEL_INLINE_WAIT, client.try_cancel(&self.statement_id)).await;
+        match attempt {
+            Ok(Ok(())) => self.client = None,
+            Ok(Err(e)) => {
+                self.client = None;
+                tracing::warn!("{}", cancel_failed(&self.statement_id, &e.to_string()));
+            }
+            Err(_) => {} // Still armed: the drop hands it to the background.
+        }
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            cancel_in_background(client, std::mem::take(&mut self.statement_id));
+        }
+    }
+}
+
+/// The start request of a statement, running on its own task. Dropped before its answer was
+/// taken (the caller left), the statement it started is cancelled: by the task when the answer
+/// comes later, by this guard when it is already there.
+struct Starting {
+    client: DatabricksClient,
+    answer: tokio::sync::oneshot::Receiver<Result<StatementResponse, DatabricksError>>,
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        // From here on the task cannot hand the answer over: it cancels itself. An answer sent
+        // before is still here.
+        self.answer.close();
+        if let Ok(Ok(resp)) = self.answer.try_recv() {
+            if !is_terminal(&resp.status.state) {
+                cancel_in_background(self.client.clone(), resp.statement_id);
+            }
+        }
+    }
+}
+
+fn cancel_failed(statement_id: &str, why: &str) -> String {
+    format!(
+        "could not cancel SQL statement {statement_id} ({why}); it runs on the warehouse until it \
+         ends: if it is long, cancel it in the workspace (SQL > Query History)"
+    )
+}
 
 /// A SQL warehouse.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -110,13 +238,13 @@ pub struct ResultColumn {
     pub position: Option<usize>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 struct ResultSchema {
     #[serde(default)]
     columns: Vec<ResultColumn>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 struct Manifest {
     #[serde(default)]
     schema: ResultSchema,
@@ -124,7 +252,7 @@ struct Manifest {
     truncated: Option<bool>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 struct ChunkData {
     #[serde(default)]
     data_array: Vec<Row>,
@@ -134,7 +262,7 @@ struct ChunkData {
     next_chunk_internal_link: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 struct StatusError {
     #[serde(default)]
     error_code: Option<String>,
@@ -142,7 +270,7 @@ struct StatusError {
     message: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Debug, Deserialize, Default)]
 struct StatementStatus {
     #[serde(default)]
     state: String,
@@ -150,7 +278,7 @@ struct StatementStatus {
     error: Option<StatusError>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Deserialize)]
 struct StatementResponse {
     statement_id: String,
     #[serde(default)]
@@ -174,6 +302,18 @@ pub struct Rows {
     pub truncated: bool,
     pending: Option<Vec<Row>>,
     next_link: Option<String>,
+}
+
+impl std::fmt::Debug for Rows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rows")
+            .field("table", &self.table)
+            .field("statement_id", &self.statement_id)
+            .field("columns", &self.columns.len())
+            .field("truncated", &self.truncated)
+            .field("more_chunks", &self.next_link.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Rows {
@@ -208,13 +348,42 @@ impl Rows {
         Ok(Some(chunk.data_array))
     }
 
-    /// Reads every remaining chunk (for small results).
-    pub async fn collect_all(mut self) -> Result<Vec<Row>, DatabricksError> {
+    /// Reads every remaining chunk of a result that must be whole (for small results): a result
+    /// cut at the byte limit (`truncated`) is an error, never a silent prefix. A caller that can
+    /// page on (keyset queries) uses [`Rows::collect_prefix`] instead.
+    pub async fn collect_all(self) -> Result<Vec<Row>, DatabricksError> {
+        if self.truncated {
+            return Err(truncated_error(&self.table, &self.statement_id));
+        }
+        Ok(self.collect_prefix().await?.0)
+    }
+
+    /// Reads every remaining chunk and says whether the result was cut at the byte limit: then
+    /// the rows are only the first ones of the ordered result, and the caller must read the rest
+    /// (page after the last row, or ask for less).
+    pub async fn collect_prefix(mut self) -> Result<(Vec<Row>, bool), DatabricksError> {
+        let truncated = self.truncated;
         let mut out = Vec::new();
         while let Some(mut chunk) = self.next_chunk().await? {
             out.append(&mut chunk);
         }
-        Ok(out)
+        Ok((out, truncated))
+    }
+}
+
+/// A result that was cut at the statement's byte limit where the caller needs all of it.
+fn truncated_error(table: &str, statement_id: &str) -> DatabricksError {
+    DatabricksError::Statement {
+        table: table.to_string(),
+        state: "TRUNCATED".into(),
+        error_code: "RESULT_TRUNCATED".into(),
+        message: format!(
+            "statement {statement_id} returned more than the {} MiB read limit per statement and \
+             its result was cut; nothing of it was used. This is a connector bug (the query must \
+             be paged): please report it",
+            INLINE_BYTE_LIMIT >> 20
+        ),
+        retriable: false,
     }
 }
 
@@ -316,7 +485,8 @@ impl DatabricksClient {
         }
     }
 
-    /// Runs a statement to completion and returns its rows as a chunk stream.
+    /// Runs a statement to completion and returns its rows as a chunk stream. A statement it
+    /// started and did not see end is cancelled, also when this future is dropped (module doc).
     pub async fn execute(&self, st: &Statement) -> Result<Rows, DatabricksError> {
         let started = Instant::now();
         let body = serde_json::json!({
@@ -331,23 +501,103 @@ impl DatabricksClient {
             // continued from its last row) instead of failing the statement.
             "byte_limit": INLINE_BYTE_LIMIT,
         });
-        let mut resp: StatementResponse = self
-            .api
-            .request(
+        let resp = self.start(st, body).await?;
+        let mut open = Unfinished::new(self, &resp.statement_id, &resp.status.state);
+        let resp = match self.wait_until_done(st, started, resp, &mut open).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                open.cancel_now().await;
+                return Err(e);
+            }
+        };
+        let manifest = resp.manifest.unwrap_or_default();
+        let first = resp.result.unwrap_or_default();
+        let next_link = next_link(&resp.statement_id, &first);
+        Ok(Rows {
+            client: self.clone(),
+            table: st.table.clone(),
+            statement_id: resp.statement_id,
+            columns: manifest.schema.columns,
+            truncated: manifest.truncated.unwrap_or(false),
+            pending: Some(first.data_array),
+            next_link,
+        })
+    }
+
+    /// `POST /api/2.0/sql/statements`, never re-sent once it may have arrived, on a task of its
+    /// own so that a caller leaving mid-request still gets the statement cancelled.
+    async fn start(
+        &self,
+        st: &Statement,
+        body: serde_json::Value,
+    ) -> Result<StatementResponse, DatabricksError> {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return self.post_statement(&body).await;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let client = self.clone();
+        let counted = Background::start(&self.api.stats);
+        drop(rt.spawn(async move {
+            let answer = client.post_statement(&body).await;
+            if let Err(Ok(resp)) = tx.send(answer) {
+                // The caller left: nobody will poll this statement.
+                if !is_terminal(&resp.status.state) {
+                    client.cancel(&resp.statement_id).await;
+                }
+            }
+            drop(counted);
+        }));
+        let mut starting = Starting {
+            client: self.clone(),
+            answer: rx,
+        };
+        match (&mut starting.answer).await {
+            Ok(answer) => answer,
+            Err(_) => Err(DatabricksError::Statement {
+                table: st.table.clone(),
+                state: "NOT STARTED".into(),
+                error_code: "CLIENT_SHUTTING_DOWN".into(),
+                message: "the request starting the statement was stopped before it answered \
+                          (the process is shutting down); the table is read again next cycle"
+                    .into(),
+                retriable: true,
+            }),
+        }
+    }
+
+    async fn post_statement(
+        &self,
+        body: &serde_json::Value,
+    ) -> Result<StatementResponse, DatabricksError> {
+        self.api
+            .request_with(
                 Method::POST,
                 "POST /api/2.0/sql/statements",
                 "/api/2.0/sql/statements",
                 &[],
-                Some(&body),
+                Some(body),
+                Replay::OnlyUnsent,
             )
-            .await?;
+            .await
+    }
+
+    /// Polls until the statement succeeds; `open` is disarmed as soon as it is seen to end.
+    async fn wait_until_done(
+        &self,
+        st: &Statement,
+        started: Instant,
+        mut resp: StatementResponse,
+        open: &mut Unfinished,
+    ) -> Result<StatementResponse, DatabricksError> {
         let mut delay = Duration::from_millis(100);
         loop {
+            if is_terminal(&resp.status.state) {
+                open.ended();
+            }
             match resp.status.state.as_str() {
-                "SUCCEEDED" => break,
+                "SUCCEEDED" => return Ok(resp),
                 "PENDING" | "RUNNING" => {
                     if started.elapsed() + delay > st.timeout {
-                        self.cancel(&resp.statement_id).await;
                         return Err(DatabricksError::Statement {
                             table: st.table.clone(),
                             state: "TIMED OUT".into(),
@@ -363,7 +613,7 @@ impl DatabricksClient {
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
-                    resp = self
+                    let polled = self
                         .api
                         .request(
                             Method::GET,
@@ -372,24 +622,22 @@ impl DatabricksClient {
                             &[],
                             None,
                         )
-                        .await
-                        .map_err(|e| vanished(e, &st.table, &resp.statement_id))?;
+                        .await;
+                    resp = match polled {
+                        Ok(r) => r,
+                        Err(e @ DatabricksError::NotFound { .. }) => {
+                            // The warehouse no longer knows it: nothing left to cancel.
+                            open.ended();
+                            return Err(vanished(e, &st.table, &resp.statement_id));
+                        }
+                        Err(e) => return Err(e),
+                    };
                 }
+                // FAILED, CANCELED, CLOSED; or a state this client does not know (still armed:
+                // cancelled, as it may be running).
                 state => return Err(self.statement_error(st, state, resp.status.error)),
             }
         }
-        let manifest = resp.manifest.unwrap_or_default();
-        let first = resp.result.unwrap_or_default();
-        let next_link = next_link(&resp.statement_id, &first);
-        Ok(Rows {
-            client: self.clone(),
-            table: st.table.clone(),
-            statement_id: resp.statement_id,
-            columns: manifest.schema.columns,
-            truncated: manifest.truncated.unwrap_or(false),
-            pending: Some(first.data_array),
-            next_link,
-        })
     }
 
     fn statement_error(
@@ -426,9 +674,24 @@ impl DatabricksClient {
         }
     }
 
-    /// Best-effort cancel of a running statement.
+    /// Best-effort cancel of a statement, bounded by [`CANCEL_BUDGET`]; a failure is logged.
     pub async fn cancel(&self, statement_id: &str) {
-        let r: Result<String, _> = self
+        match tokio::time::timeout(CANCEL_BUDGET, self.try_cancel(statement_id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("{}", cancel_failed(statement_id, &e.to_string())),
+            Err(_) => tracing::warn!(
+                "{}",
+                cancel_failed(
+                    statement_id,
+                    &format!("no answer within {}s", CANCEL_BUDGET.as_secs())
+                )
+            ),
+        }
+    }
+
+    /// `POST .../{id}/cancel`; a statement the warehouse no longer knows counts as cancelled.
+    async fn try_cancel(&self, statement_id: &str) -> Result<(), DatabricksError> {
+        let r = self
             .api
             .request_text(
                 Method::POST,
@@ -438,8 +701,9 @@ impl DatabricksClient {
                 None,
             )
             .await;
-        if let Err(e) = r {
-            tracing::warn!("could not cancel statement {statement_id}: {e}");
+        match r {
+            Ok(_) | Err(DatabricksError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }

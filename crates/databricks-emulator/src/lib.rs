@@ -253,6 +253,8 @@ impl Emulator {
             sign_key: rand::random::<u64>(),
             started_ms: now_ms,
             extra_traces: Mutex::new(Vec::new()),
+            traces_in_progress: Mutex::new(Default::default()),
+            storage_url: Mutex::new(None),
             rotated: Mutex::new((None, None)),
             base_url: base_url.clone(),
             cfg,
@@ -345,6 +347,24 @@ impl Emulator {
     /// `POST /_emulator/traces`).
     pub fn add_traces(&self, count: usize) {
         http::add_traces(&self.shared, count);
+    }
+
+    /// Starts one trace at `ts_ms` in every experiment, `IN_PROGRESS` until
+    /// [`Emulator::finish_trace`] with the returned handle (a long agent run).
+    pub fn start_trace(&self, ts_ms: i64) -> u64 {
+        http::mlflow::start_trace(&self.shared, ts_ms)
+    }
+
+    /// Ends the traces of [`Emulator::start_trace`]: from now on they are `OK` (or `ERROR`).
+    pub fn finish_trace(&self, handle: u64) {
+        lock(&self.shared.traces_in_progress).remove(&handle);
+    }
+
+    /// Make the signed URIs of trace data point at `url` (e.g. `https://localhost:PORT`, a TLS
+    /// front relaying to this emulator, as cloud storage behind a TLS-inspecting proxy) instead
+    /// of the emulator's own address; `None` restores that.
+    pub fn set_storage_url(&self, url: Option<&str>) {
+        *lock(&self.shared.storage_url) = url.map(|u| u.trim_end_matches('/').to_string());
     }
 
     /// Tool calls described by both an inference row and an MLflow trace (the first successful

@@ -9,13 +9,21 @@ use databricks_emulator::{Emulator, EmulatorConfig};
 const AFTER_HELP: &str = "\
 FAULT SPEC (--faults): rules separated by ';', each a comma-separated list of key=value:
   route=PREFIX        path prefix the rule applies to (default '/'); /_emulator/ is never faulted
+  method=GET|POST     only requests of that method (default any)
   kind=429            answer 429 REQUEST_LIMIT_EXCEEDED with Retry-After (retry_after=SECONDS, default 1)
   kind=503            answer 503 TEMPORARILY_UNAVAILABLE
+  kind=403|404        answer 403/404 (storage routes /_signed/... with S3-style XML, others as the API)
+  kind=insert_trace   before answering, log a trace started at at_ms=EPOCH_MS to every experiment
   kind=latency        add ms=MILLISECONDS before answering (count defaults to unlimited)
-  kind=drop           close the connection without any response
+  kind=drop           close the connection without any response (the request is not handled)
+  kind=drop_after     handle the request (e.g. create the statement), then close the connection
+                      without the response
   kind=expire_tokens  expire every issued OAuth token (the triggering request then gets 401)
+  kind=slow           new statements run at least ms=MILLISECONDS (a cancel stops them)
   kind=pending        new statements stay PENDING for polls=K polls (default 3)
   kind=fail           new statements FAIL (optionally only those reading table=catalog.schema.table)
+  kind=byte_limit     new statements get byte_limit at most bytes=N (results past it come back
+                      truncated; optionally only those reading table=catalog.schema.table)
   count=N|unlimited   how many times the rule fires (default 1)
   after=N             let N matching requests pass before the rule starts firing
 Example: --faults 'route=/api/2.0/sql/statements,kind=429,count=3,retry_after=1;route=/oidc,kind=503,count=2'

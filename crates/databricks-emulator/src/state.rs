@@ -26,6 +26,8 @@ pub(crate) struct Stats {
     pub requests: BTreeMap<String, u64>,
     pub statements_executed: u64,
     pub statements_failed: u64,
+    /// Statements moved to CANCELED by `POST .../cancel` (or `on_wait_timeout: CANCEL`).
+    pub statements_cancelled: u64,
     pub rows_returned: u64,
     pub chunks_served: u64,
     pub tokens_issued: u64,
@@ -49,6 +51,11 @@ pub(crate) struct Shared {
     /// Traces added at run time (`/_emulator/traces`): `(timestamp ms, seed)`, each one trace in
     /// every experiment.
     pub extra_traces: Mutex<Vec<(i64, u64)>>,
+    /// Seeds of the `extra_traces` still running (`IN_PROGRESS`, `Emulator::start_trace`).
+    pub traces_in_progress: Mutex<std::collections::HashSet<u64>>,
+    /// Where signed trace-data URIs point (`Emulator::set_storage_url`), e.g. a TLS front;
+    /// `None`: the emulator's own address.
+    pub storage_url: Mutex<Option<String>>,
     /// Secrets rotated at run time (`Emulator::rotate_secrets`): (client secret, PAT). A rotated
     /// secret replaces the configured one; tokens issued before stay valid until they expire.
     pub rotated: Mutex<(Option<String>, Option<String>)>,
@@ -106,6 +113,8 @@ impl Shared {
     }
 
     pub(crate) fn stats_json(&self) -> Value {
+        // Not nested in the stats lock: statement handlers take statements, then stats.
+        let running = lock(&self.statements).running();
         let s = lock(&self.stats);
         let faults = lock(&self.faults).fired;
         json!({
@@ -113,6 +122,8 @@ impl Shared {
             "requests_total": s.requests.values().sum::<u64>(),
             "statements_executed": s.statements_executed,
             "statements_failed": s.statements_failed,
+            "statements_cancelled": s.statements_cancelled,
+            "statements_running": running,
             "rows_returned": s.rows_returned,
             "chunks_served": s.chunks_served,
             "tokens_issued": s.tokens_issued,

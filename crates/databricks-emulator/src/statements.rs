@@ -343,6 +343,14 @@ pub(crate) struct Entry {
     pub served_all: bool,
 }
 
+impl Entry {
+    /// Not in a terminal state as a client sees it: still executing, or still reported
+    /// `PENDING` (fault injection).
+    pub(crate) fn is_running(&self) -> bool {
+        matches!(self.phase, Phase::Running) || self.pending_polls > 0
+    }
+}
+
 /// All statements, oldest first, bounded in count and result bytes.
 #[derive(Default)]
 pub(crate) struct StatementTable {
@@ -351,6 +359,11 @@ pub(crate) struct StatementTable {
 }
 
 impl StatementTable {
+    /// Statements a client would still see `PENDING` or `RUNNING`.
+    pub(crate) fn running(&self) -> usize {
+        self.map.values().filter(|e| e.is_running()).count()
+    }
+
     pub(crate) fn insert(&mut self, id: String, e: Entry) {
         self.order.push_back(id.clone());
         self.map.insert(id, e);

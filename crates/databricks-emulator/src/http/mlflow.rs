@@ -26,6 +26,8 @@ struct Trace {
     ts_ms: i64,
     duration_ms: i64,
     ok: bool,
+    /// Still running: `IN_PROGRESS`.
+    in_progress: bool,
     seed: u64,
     client_request_id: String,
     /// The inference row whose execution this trace describes (same payload seed, time and
@@ -36,6 +38,7 @@ struct Trace {
 fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
     let mut rng = Rng::new(shared.cfg.seed ^ (exp.agent as u64).wrapping_mul(0x7F4A_7C15) ^ 0x7ACE);
     let extra: Vec<(i64, u64)> = crate::state::lock(&shared.extra_traces).clone();
+    let running = crate::state::lock(&shared.traces_in_progress).clone();
     let mut out: Vec<Trace> = (0..TRACES_PER_EXPERIMENT)
         .map(|k| Trace {
             id: format!("tr-{}", rng.hex(32)),
@@ -44,6 +47,7 @@ fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
             ts_ms: shared.started_ms - 3_600_000 + (k as i64) * 290_000 + rng.below(60_000) as i64,
             duration_ms: 200 + rng.below(5000) as i64,
             ok: rng.chance(900),
+            in_progress: false,
             seed: rng.next_u64(),
             client_request_id: format!("cr-{}", rng.hex(12)),
             mirrors: None,
@@ -71,6 +75,7 @@ fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
             ts_ms,
             duration_ms: 200 + r.below(5000) as i64,
             ok: r.chance(900),
+            in_progress: running.contains(&seed),
             seed: r.next_u64(),
             client_request_id: format!("cr-{}", r.hex(12)),
             mirrors: None,
@@ -111,6 +116,23 @@ pub(crate) fn add_traces(shared: &Shared, count: usize) {
         let seed = shared.cfg.seed ^ ((extra.len() as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
         extra.push((now - (count - k) as i64, seed));
     }
+}
+
+/// Starts one trace at `ts_ms` in every experiment, `IN_PROGRESS` until its seed (returned) is
+/// removed from `traces_in_progress`.
+pub(crate) fn start_trace(shared: &Shared, ts_ms: i64) -> u64 {
+    let mut extra = crate::state::lock(&shared.extra_traces);
+    let seed = shared.cfg.seed ^ ((extra.len() as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+    extra.push((ts_ms, seed));
+    crate::state::lock(&shared.traces_in_progress).insert(seed);
+    seed
+}
+
+/// Adds one trace that started at `ts_ms` (e.g. a long run that just ended) to every experiment.
+pub(crate) fn add_trace_at(shared: &Shared, ts_ms: i64) {
+    let mut extra = crate::state::lock(&shared.extra_traces);
+    let seed = shared.cfg.seed ^ ((extra.len() as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+    extra.push((ts_ms, seed));
 }
 
 /// `GET /api/2.0/mlflow/runs/get?run_id=`: the runs that logged the agents' UC model versions.
@@ -176,6 +198,14 @@ fn spec<'a>(shared: &'a Shared, t: &Trace) -> PayloadSpec<'a> {
     }
 }
 
+fn state_of(t: &Trace) -> &'static str {
+    match (t.in_progress, t.ok) {
+        (true, _) => "IN_PROGRESS",
+        (false, true) => "OK",
+        (false, false) => "ERROR",
+    }
+}
+
 fn preview(s: Option<String>) -> String {
     s.unwrap_or_default().chars().take(1000).collect()
 }
@@ -193,7 +223,7 @@ fn trace_info(shared: &Shared, t: &Trace) -> Value {
         "response_preview": preview(payload::response_json(&sp)),
         "request_time": time,
         "execution_duration": format!("{}.{:03}s", t.duration_ms / 1000, t.duration_ms % 1000),
-        "state": if t.ok { "OK" } else { "ERROR" },
+        "state": state_of(t),
         "trace_metadata": {"mlflow.trace_schema.version": "3", "mlflow.sourceRun": "", "mlflow.modelId": shared.layout.agents[t.agent].model_full_name.clone().unwrap_or_default()},
         "tags": {"mlflow.traceName": shared.layout.agents[t.agent].name, "mlflow.artifactLocation": format!("dbfs:/databricks/mlflow-tracking/{}/traces/{}/artifacts", t.experiment, t.id)},
     })
@@ -384,7 +414,7 @@ pub(crate) async fn traces_search(
                     "=" => t.ts_ms == *n,
                     _ => t.ts_ms != *n,
                 },
-                Clause::State(eq, v) => (if t.ok { "OK" } else { "ERROR" } == v) == *eq,
+                Clause::State(eq, v) => (state_of(t) == v) == *eq,
             })
         })
         .collect();
@@ -437,15 +467,18 @@ pub(crate) async fn credentials(
     }
     let expires = chrono::Utc::now().timestamp() + 900;
     let sig = signature(&shared, &id, expires);
+    let storage = crate::state::lock(&shared.storage_url)
+        .clone()
+        .unwrap_or_else(|| shared.base_url.clone());
     ok(json!({"credential_info": {
         "request_id": id,
-        "signed_uri": format!("{}/_signed/traces/{id}?X-Amz-Expires={expires}&X-Amz-Signature={sig}", shared.base_url),
+        "signed_uri": format!("{storage}/_signed/traces/{id}?X-Amz-Expires={expires}&X-Amz-Signature={sig}"),
         "type": "AWS_PRESIGNED_URL",
         "headers": [],
     }}))
 }
 
-fn xml_error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn xml_error(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/xml")],

@@ -9,7 +9,7 @@
 
 mod admin;
 mod apps;
-mod mlflow;
+pub(crate) mod mlflow;
 mod serving;
 mod sqlapi;
 mod uc;
@@ -295,8 +295,10 @@ async fn handle(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<Response, DroppedByFault> {
     let path = req.uri().path().to_string();
+    let mut drop_after = false;
     if !path.starts_with("/_emulator/") {
-        let f = lock(&shared.faults).on_request(&path);
+        let f = lock(&shared.faults).on_request(req.method().as_str(), &path);
+        drop_after = f.drop_after;
         if f.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(f.latency_ms)).await;
         }
@@ -307,19 +309,42 @@ async fn handle(
             lock(&shared.stats).dropped_connections += 1;
             return Err(DroppedByFault);
         }
+        if let Some(at_ms) = f.insert_trace {
+            mlflow::add_trace_at(&shared, at_ms);
+        }
         if let Some((status, retry_after)) = f.respond {
-            let mut resp = if status == 429 {
-                err(
+            let storage = path.starts_with("/_signed/");
+            let mut resp = match status {
+                429 => err(
                     StatusCode::TOO_MANY_REQUESTS,
                     "REQUEST_LIMIT_EXCEEDED",
                     "Too many requests (injected fault); retry after the Retry-After delay",
-                )
-            } else {
-                err(
+                ),
+                403 if storage => mlflow::xml_error(
+                    StatusCode::FORBIDDEN,
+                    "AccessDenied",
+                    "Access Denied (injected fault)",
+                ),
+                403 => err(
+                    StatusCode::FORBIDDEN,
+                    "PERMISSION_DENIED",
+                    "User does not have permission to access this resource (injected fault)",
+                ),
+                404 if storage => mlflow::xml_error(
+                    StatusCode::NOT_FOUND,
+                    "NoSuchKey",
+                    "The specified key does not exist. (injected fault)",
+                ),
+                404 => err(
+                    StatusCode::NOT_FOUND,
+                    "RESOURCE_DOES_NOT_EXIST",
+                    "The resource does not exist (injected fault)",
+                ),
+                _ => err(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "TEMPORARILY_UNAVAILABLE",
                     "The service is temporarily unavailable (injected fault); retry later",
-                )
+                ),
             };
             if let Some(s) = retry_after {
                 if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
@@ -331,6 +356,11 @@ async fn handle(
     }
     let resp: Result<Response, Infallible> = router.oneshot(req).await;
     match resp {
+        Ok(_) if drop_after => {
+            // Handled (a statement created, a cancel applied), but the answer never leaves.
+            lock(&shared.stats).dropped_connections += 1;
+            Err(DroppedByFault)
+        }
         Ok(r) => Ok(r),
         Err(never) => match never {},
     }

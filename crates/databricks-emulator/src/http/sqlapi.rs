@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{bad_param, err, json_bytes, ok, Principal};
+use crate::faults::StatementFaults;
 use crate::layout::SparkType;
 use crate::sql::{translate, SqlError};
 use crate::state::{lock, Shared};
@@ -137,7 +138,7 @@ fn prepare(
     statement: &str,
     catalog: &str,
     schema: &str,
-) -> Result<(crate::sql::Translated, u32, Vec<String>), SqlError> {
+) -> Result<(crate::sql::Translated, StatementFaults, Vec<String>), SqlError> {
     let l = &shared.layout;
     let resolve = |c: &str, s: &str, t: &str| -> Option<String> {
         (c == l.catalog && s == l.schema && l.table_by_name(t).is_some()).then(|| l.full_name(t))
@@ -172,8 +173,8 @@ fn prepare(
         }
         full.push(name);
     }
-    let (polls, fail) = lock(&shared.faults).on_statement("/api/2.0/sql/statements", &full);
-    if fail {
+    let f = lock(&shared.faults).on_statement("/api/2.0/sql/statements", &full);
+    if f.fail {
         return Err(SqlError {
             code: "INTERNAL_ERROR",
             message: format!(
@@ -182,7 +183,7 @@ fn prepare(
             ),
         });
     }
-    Ok((tr, polls, suggest))
+    Ok((tr, f, suggest))
 }
 
 pub(crate) async fn create(
@@ -285,7 +286,13 @@ pub(crate) async fn create(
             );
             return v;
         }
-        Ok((tr, polls, suggest)) => {
+        Ok((tr, faults, suggest)) => {
+            let (polls, slow_ms) = (faults.polls, faults.slow_ms);
+            // An injected smaller byte limit: the result comes back `truncated` past it.
+            let byte_limit = match (byte_limit, faults.byte_limit) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             lock(&shared.statements).insert(
                 id.clone(),
                 Entry {
@@ -298,6 +305,11 @@ pub(crate) async fn create(
             );
             let (s2, id2, params) = (shared.clone(), id.clone(), req.parameters);
             tokio::task::spawn_blocking(move || {
+                // An injected slow statement: it runs this long, unless cancelled.
+                let slow_until = std::time::Instant::now() + Duration::from_millis(slow_ms);
+                while std::time::Instant::now() < slow_until && !cancel.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 let result = s2.store.with_reader(|conn| {
                     if let Some(e) = lock(&s2.statements).map.get_mut(&id2) {
                         e.interrupt = Some(conn.get_interrupt_handle());
@@ -360,6 +372,7 @@ pub(crate) async fn create(
         }
         e.phase = Phase::Canceled;
         e.pending_polls = 0;
+        lock(&shared.stats).statements_cancelled += 1;
     }
     let (phase, pending) = (e.phase.clone(), e.pending_polls > 0);
     mark_served(e, pending, chunk_rows);
@@ -463,13 +476,17 @@ pub(crate) async fn cancel(State(shared): State<Arc<Shared>>, Path(id): Path<Str
     let Some(e) = table.map.get_mut(&id) else {
         return unknown(&id);
     };
-    if matches!(e.phase, Phase::Running) {
+    // Still running, or still reported PENDING (fault): it ends CANCELED. A finished statement
+    // is left as it is, as Databricks does.
+    if e.is_running() {
         e.cancel.store(true, Ordering::Relaxed);
         if let Some(h) = &e.interrupt {
             h.interrupt();
         }
         e.phase = Phase::Canceled;
         e.pending_polls = 0;
+        drop(table);
+        lock(&shared.stats).statements_cancelled += 1;
     }
     ok(json!({}))
 }
