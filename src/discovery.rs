@@ -6,16 +6,24 @@
 //! which UC functions (tools) the schema offers. An inference table with no endpoint still yields
 //! an agent, since agents may run outside Model Serving (e.g. as Databricks Apps).
 //!
+//! Discovery also decides each agent's Akto host: the agent-name slug of
+//! [`crate::traffic::agent_host`], unless another agent of the inventory would get the same one;
+//! then each of them gets a suffix derived from its exact name (scheme in [`crate::traffic::host`]).
+//! Whatever builds a record for an agent must take its host from [`Inventory::agent_host`], never
+//! from [`crate::traffic::agent_host`] of its name alone.
+//!
 //! Architecture Invariant: discovery only reads; it never touches state or sinks, and it returns
 //! the same inventory (same order) for the same workspace.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
 
 use serde::Serialize;
 
 use crate::databricks::serving::ServingEndpoint;
 use crate::databricks::unity_catalog::{FunctionInfo, TableInfo};
 use crate::databricks::{DatabricksClient, DatabricksError};
+use crate::traffic::host::{agent_host, agent_label, host_for_label, unique_agent_labels};
 
 /// What a table is, judged by its columns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -160,6 +168,12 @@ pub struct Inventory {
     pub tables_matching_prefix: usize,
     /// Tables outside the prefix (a few, for "no data" troubleshooting).
     pub filtered_out_examples: Vec<String>,
+    /// Agent name -> its Akto host label, for the agents whose plain label
+    /// ([`crate::traffic::host::agent_label`]) another agent of the inventory also has (or whose
+    /// suffixed label is it); every other agent keeps its plain label. Read it through
+    /// [`Inventory::agent_host`].
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub host_labels: BTreeMap<String, String>,
 }
 
 impl Inventory {
@@ -168,6 +182,99 @@ impl Inventory {
         self.agents
             .iter()
             .filter_map(|a| a.table.as_ref().map(|t| (a, t)))
+    }
+
+    /// The Akto `host` header (= collection) of the agent named `agent`: [`agent_host`], unless
+    /// discovery gave that agent another label because its plain one collides with another
+    /// agent's. A name the inventory does not know gets [`agent_host`].
+    pub fn agent_host(&self, agent: &str, workspace_host: &str) -> String {
+        match self.host_labels.get(agent) {
+            Some(label) => host_for_label(label, workspace_host),
+            None => agent_host(agent, workspace_host),
+        }
+    }
+}
+
+/// Decides the Akto host of every agent of `inv` (fills [`Inventory::host_labels`]) and returns
+/// one warning per collision, naming the agents and their hosts on `workspace_host`.
+pub fn assign_hosts(inv: &mut Inventory, workspace_host: &str) -> Vec<String> {
+    let decided = unique_agent_labels(inv.agents.iter().map(|a| a.name.as_str()));
+    let plain: BTreeMap<&str, String> = decided
+        .keys()
+        .map(|n| (n.as_str(), agent_label(n)))
+        .collect();
+    inv.host_labels = decided
+        .iter()
+        .filter(|(n, l)| plain.get(n.as_str()) != Some(*l))
+        .map(|(n, l)| (n.clone(), l.clone()))
+        .collect();
+    let host = |label: &str| host_for_label(label, workspace_host);
+
+    let mut warnings = Vec::new();
+    // One warning per wanted plain label: every agent that wanted it or holds it now.
+    let wanted: BTreeSet<&str> = inv
+        .host_labels
+        .keys()
+        .filter_map(|n| plain.get(n.as_str()).map(String::as_str))
+        .collect();
+    for label in wanted {
+        let involved: Vec<&str> = decided
+            .iter()
+            .filter(|(n, l)| {
+                plain.get(n.as_str()).map(String::as_str) == Some(label) || l.as_str() == label
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let moved: Vec<String> = involved
+            .iter()
+            .filter_map(|n| {
+                inv.host_labels
+                    .get(*n)
+                    .map(|l| format!("{n} -> {}", host(l)))
+            })
+            .collect();
+        warnings.push(format!(
+            "agents {} would share the Akto host {}: each gets its own host, derived from its exact name ({}); the Akto collection of these agents changes to the new host",
+            involved.join(", "),
+            host(label),
+            moved.join(", ")
+        ));
+    }
+    // Agents with the very same name cannot be told apart by name.
+    let mut seen: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for a in &inv.agents {
+        let what = match (&a.endpoint, &a.app, &a.table) {
+            (Some(e), _, _) => format!("serving endpoint {e}"),
+            (None, Some(app), _) => format!("app {}", app.name),
+            (None, None, Some(t)) => format!("table {}", t.full_name),
+            (None, None, None) => "no endpoint, app or table".to_string(),
+        };
+        seen.entry(a.name.as_str()).or_default().push(what);
+    }
+    for (name, whats) in seen.iter().filter(|(_, w)| w.len() > 1) {
+        warnings.push(format!(
+            "{} agents are named {name} ({}): they share the Akto host {} and the ai-agent tag; rename one of them to tell them apart",
+            whats.len(),
+            whats.join("; "),
+            inv.agent_host(name, workspace_host)
+        ));
+    }
+    warnings
+}
+
+/// Host warnings already logged by this process: a collision is reported once, not every cycle.
+static HOST_WARNINGS_LOGGED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn warn_once(message: String) {
+    let mut logged = HOST_WARNINGS_LOGGED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if logged.len() >= 1024 {
+        // A bound, not a policy: forgetting only means a collision is reported once more.
+        logged.clear();
+    }
+    if logged.insert(message.clone()) {
+        tracing::warn!("{message}");
     }
 }
 
@@ -380,6 +487,9 @@ pub async fn discover(
 
     add_apps(client, &mut inv).await?;
     find_experiments(client, &mut inv, &run_ids).await?;
+    for w in assign_hosts(&mut inv, client.base_url()) {
+        warn_once(w);
+    }
     Ok(inv)
 }
 
@@ -677,4 +787,169 @@ pub fn render_table(inv: &Inventory) -> String {
         let _ = writeln!(out, "tools: {}", inv.tools.join(", "));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(name: &str, endpoint: bool, app: Option<&str>) -> Agent {
+        Agent {
+            name: name.into(),
+            endpoint: endpoint.then(|| name.to_string()),
+            task: None,
+            is_agent: true,
+            models: Vec::new(),
+            table: (!endpoint && app.is_none()).then(|| InferenceTable {
+                full_name: format!("c.s.{name}_payload"),
+                kind: TableKind::AiGatewayPayload,
+                columns: Vec::new(),
+            }),
+            table_note: None,
+            tags: BTreeMap::new(),
+            experiment_id: None,
+            app: app.map(|a| AppEntry {
+                name: a.into(),
+                url: None,
+                description: None,
+                state: None,
+                compute_state: None,
+                serving_endpoints: Vec::new(),
+                sql_warehouses: Vec::new(),
+            }),
+        }
+    }
+
+    fn inventory(agents: Vec<Agent>) -> Inventory {
+        Inventory {
+            agents,
+            ..Default::default()
+        }
+    }
+
+    const WS: &str = "https://adb-1.azuredatabricks.net";
+
+    #[test]
+    fn endpoint_and_app_with_colliding_names_get_their_own_hosts() {
+        let mut inv = inventory(vec![
+            agent("support_bot", true, None),
+            agent("support-bot", false, Some("support-bot")),
+            agent("Support_Bot", false, None),
+            agent("hr_helper", true, None),
+            agent("bot-ü", true, None),
+            agent("bot-ö", false, Some("bot-ö")),
+        ]);
+        let warnings = assign_hosts(&mut inv, WS);
+        let hosts: BTreeMap<&str, String> = inv
+            .agents
+            .iter()
+            .map(|a| (a.name.as_str(), inv.agent_host(&a.name, WS)))
+            .collect();
+        let distinct: BTreeSet<&String> = hosts.values().collect();
+        assert_eq!(distinct.len(), inv.agents.len(), "{hosts:?}");
+        // Not colliding: the host is the one it always was.
+        assert_eq!(hosts["hr_helper"], agent_host("hr_helper", WS));
+        assert!(!inv.host_labels.contains_key("hr_helper"));
+        for n in [
+            "support_bot",
+            "support-bot",
+            "Support_Bot",
+            "bot-ü",
+            "bot-ö",
+        ] {
+            assert_ne!(hosts[n], agent_host(n, WS), "{n}");
+            assert!(hosts[n].ends_with(".ai-agent.adb-1.azuredatabricks.net"));
+        }
+        // One WARN per collision, naming every agent involved and its new host.
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        let support = warnings
+            .iter()
+            .find(|w| w.contains("support-bot.ai-agent."))
+            .unwrap();
+        for n in ["support_bot", "support-bot", "Support_Bot"] {
+            assert!(
+                support.contains(&format!("{n} -> {}", hosts[n])),
+                "{support}"
+            );
+        }
+        assert!(!support.contains("hr_helper"), "{support}");
+    }
+
+    #[test]
+    fn hosts_do_not_depend_on_inventory_order() {
+        let agents = vec![
+            agent("support_bot", true, None),
+            agent("hr_helper", true, None),
+            agent("support-bot", false, Some("support-bot")),
+            agent("SUPPORT_BOT", false, None),
+        ];
+        let mut a = inventory(agents.clone());
+        assign_hosts(&mut a, WS);
+        assert_eq!(a.host_labels.len(), 3, "{:?}", a.host_labels);
+        for k in 1..agents.len() {
+            let mut rotated = agents.clone();
+            rotated.rotate_left(k);
+            let mut b = inventory(rotated);
+            assign_hosts(&mut b, WS);
+            assert_eq!(b.host_labels, a.host_labels, "rotated by {k}");
+        }
+    }
+
+    #[test]
+    fn a_new_app_changes_the_hosts_of_the_colliding_agents_only() {
+        let mut inv = inventory(vec![
+            agent("support_bot", true, None),
+            agent("hr_helper", false, Some("hr-helper")),
+            agent("エージェント", false, None),
+        ]);
+        // Before discovery decided anything: the plain host.
+        assert_eq!(
+            inv.agent_host("support_bot", WS),
+            agent_host("support_bot", WS)
+        );
+        // No collision: every host is the one it always was, the JSON of `discover` too.
+        assert!(assign_hosts(&mut inv, WS).is_empty());
+        assert!(inv.host_labels.is_empty());
+        for a in &inv.agents {
+            assert_eq!(inv.agent_host(&a.name, WS), agent_host(&a.name, WS));
+        }
+        assert_eq!(inv.agent_host("unknown", WS), agent_host("unknown", WS));
+        let json = serde_json::to_value(&inv).unwrap();
+        assert!(json.get("host_labels").is_none(), "{json}");
+        let before: Vec<String> = ["support_bot", "hr_helper"]
+            .iter()
+            .map(|n| inv.agent_host(n, WS))
+            .collect();
+        inv.agents
+            .push(agent("support-bot", false, Some("support-bot")));
+        let warnings = assign_hosts(&mut inv, WS);
+        assert_eq!(inv.agent_host("hr_helper", WS), before[1]);
+        assert_ne!(inv.agent_host("support_bot", WS), before[0]);
+        assert_ne!(
+            inv.agent_host("support-bot", WS),
+            inv.agent_host("support_bot", WS)
+        );
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("support_bot") && warnings[0].contains("support-bot ->"),
+            "{}",
+            warnings[0]
+        );
+    }
+
+    #[test]
+    fn agents_with_the_very_same_name_are_warned_about() {
+        let mut inv = inventory(vec![
+            agent("support-bot", true, None),
+            agent("support-bot", false, Some("support-bot")),
+        ]);
+        let warnings = assign_hosts(&mut inv, WS);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("serving endpoint support-bot")
+                && warnings[0].contains("app support-bot"),
+            "{}",
+            warnings[0]
+        );
+    }
 }

@@ -19,7 +19,7 @@ use crate::json::JsonString;
 use crate::state::StateStore;
 use crate::traffic::host::{encode_segment, fnv1a64};
 use crate::traffic::record::{fit_text, JsonObject, MAX_STRING_BYTES};
-use crate::traffic::{agent_host, AktoRecord};
+use crate::traffic::AktoRecord;
 
 /// The state namespace of inventory records.
 pub const NAMESPACE: &str = "inventory";
@@ -61,19 +61,19 @@ pub fn inventory_path(agent: &Agent) -> String {
     }
 }
 
-/// The inventory record of one agent whose entry hashes to `hash`.
+/// The inventory record of one agent whose entry hashes to `hash`, for its Akto `host`
+/// ([`Inventory::agent_host`]).
 pub fn inventory_record(
     agent: &Agent,
     entry: &Value,
     hash: &str,
-    workspace_host: &str,
+    host: &str,
     account_id: &str,
     now_us: i64,
 ) -> AktoRecord {
     let mut cut = 0u32;
-    let host = agent_host(&agent.name, workspace_host);
     let mut h = JsonObject::default();
-    h.set("host", &host, &mut cut)
+    h.set("host", host, &mut cut)
         .set("accept", "application/json", &mut cut);
     let mut rh = JsonObject::default();
     rh.set("content-type", "application/json", &mut cut).set(
@@ -143,19 +143,16 @@ pub fn inventory_units(
         .into_iter()
         .zip(ids)
         .filter(|(_, id)| !delivered.contains(id))
-        .map(|((a, e, h), id)| Prepared {
-            id,
-            time_us: now_us,
-            agent: a.name.clone(),
-            host: agent_host(&a.name, workspace_host),
-            records: vec![inventory_record(
-                a,
-                &e,
-                &h,
-                workspace_host,
-                account_id,
-                now_us,
-            )],
+        .map(|((a, e, h), id)| {
+            let host = inv.agent_host(&a.name, workspace_host);
+            let records = vec![inventory_record(a, &e, &h, &host, account_id, now_us)];
+            Prepared {
+                id,
+                time_us: now_us,
+                agent: a.name.clone(),
+                host,
+                records,
+            }
         })
         .collect()
 }
@@ -201,7 +198,7 @@ mod tests {
             &inv.agents[0],
             &e,
             &h,
-            "ws.example",
+            "support-bot.ai-agent.ws.example",
             "1000000",
             1_700_000_000_000_000,
         );

@@ -52,6 +52,8 @@ async fn inventory_records_once_and_again_after_a_config_change() {
         assert!(r.tag.contains("\"gen-ai\":\"Gen AI\"") && r.tag.contains("\"ai-agent\""));
         let h: serde_json::Value = serde_json::from_str(&r.request_headers).unwrap();
         assert_eq!(h["host"], u.host.as_str());
+        // The host discovery decided for the agent (one Akto collection per agent).
+        assert_eq!(u.host, inv.agent_host(&u.agent, "127.0.0.1"));
     }
     // Served models with versions reach Akto.
     assert!(first.iter().any(|u| u.records[0]

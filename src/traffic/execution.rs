@@ -55,7 +55,7 @@ pub struct Execution {
 pub struct AgentContext<'a> {
     /// Agent name shown in the tag `ai-agent`.
     pub agent: &'a str,
-    /// The Akto collection: the value of [`super::agent_host`].
+    /// The Akto collection: `crate::discovery::Inventory::agent_host` (unique among the agents).
     pub host: &'a str,
     /// The invocation path: the value of [`super::invocation_path`].
     pub path: &'a str,
