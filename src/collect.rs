@@ -109,6 +109,9 @@ pub struct TableStats {
     pub duplicates_skipped: u64,
     /// Late rows found behind the cursor.
     pub late_found: u64,
+    /// The oldest time the next read must still reach back to: an unfinished MLflow trace's
+    /// start (read when it has ended). `None`: the usual lookback.
+    pub hold_from: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -404,7 +404,7 @@ impl Connector {
                     t.full_name.clone(),
                     Arc::new(AgentInfo {
                         name: a.name.clone(),
-                        host: traffic::agent_host(&a.name, &s.workspace_host),
+                        host: inv.agent_host(&a.name, &s.workspace_host),
                         path: traffic::invocation_path(a.endpoint.as_deref(), &t.full_name),
                     }),
                 )
@@ -506,7 +506,7 @@ impl Connector {
             });
         }
         drop(table_tx);
-        let mut completed: Vec<String> = Vec::new();
+        let mut completed: Vec<(String, Option<i64>)> = Vec::new();
         join_readers(&mut readers, report, &mut completed).await;
         let delivered = match delivery.await {
             Ok(r) => r,
@@ -526,11 +526,16 @@ impl Connector {
                 // Tables read completely and delivered: remember when, and forget old ids.
                 if !shutdown.is_triggered() {
                     let keep = (s.collect.lookback + Duration::from_secs(600)).as_micros() as i64;
-                    for table in &completed {
+                    for (table, hold_from) in &completed {
+                        let mark = read_mark_holding(
+                            cycle_start_us,
+                            *hold_from,
+                            s.collect.lookback.as_micros() as i64,
+                        );
                         if let Err(e) = self
                             .state
-                            .set_read_mark(table, cycle_start_us)
-                            .and_then(|_| self.state.prune(table, cycle_start_us - keep))
+                            .set_read_mark(table, mark)
+                            .and_then(|_| self.state.prune(table, mark - keep))
                         {
                             report.errors.push(format!("{table}: {e}"));
                         }
@@ -1038,17 +1043,18 @@ struct Pending {
 }
 
 /// Waits for every reader of `readers`, adding their statistics and errors to the report and
-/// the sources read completely to `completed`.
+/// the sources read completely to `completed` (with the time their next read must reach back
+/// to, if any: [`TableStats::hold_from`]).
 async fn join_readers(
     readers: &mut Readers,
     report: &mut CycleReport,
-    completed: &mut Vec<String>,
+    completed: &mut Vec<(String, Option<i64>)>,
 ) {
     while let Some(joined) = readers.join_next().await {
         match joined {
             Ok((table, Ok(stats))) => {
                 report.add_table(&stats);
-                completed.push(table);
+                completed.push((table, stats.hold_from));
             }
             Ok((_, Err(CollectError::Closed))) => {}
             Ok((table, Err(e))) => {
@@ -1058,6 +1064,17 @@ async fn join_readers(
             }
             Err(e) => report.errors.push(format!("a table reader failed: {e}")),
         }
+    }
+}
+
+/// The read mark recorded for a source read completely by the cycle that started at
+/// `cycle_start_us`. The next read reaches back to the mark minus `lookback`; a source that saw
+/// an unfinished trace started at `hold_from` gets an earlier mark, so that the trace is still
+/// in the window when it has ended (a minute of margin), and its delivered ids are kept as long.
+fn read_mark_holding(cycle_start_us: i64, hold_from: Option<i64>, lookback_us: i64) -> i64 {
+    match hold_from {
+        Some(h) => cycle_start_us.min(h.saturating_add(lookback_us) - 60_000_000),
+        None => cycle_start_us,
     }
 }
 
@@ -1635,6 +1652,22 @@ mod tests {
             .namespaces_with_prefix(PARTLY_SENT_PREFIX)
             .unwrap()
             .is_empty());
+    }
+
+    #[test]
+    fn an_unfinished_trace_holds_the_read_mark_back() {
+        let (min, lookback) = (60_000_000i64, 3_600_000_000i64);
+        let start = 1_000 * min;
+        assert_eq!(read_mark_holding(start, None, lookback), start);
+        // A trace started 2 hours ago is unfinished: the next window (mark - lookback) starts a
+        // minute before it, and so does what pruning keeps.
+        let mark = read_mark_holding(start, Some(start - 120 * min), lookback);
+        assert_eq!(mark - lookback, start - 121 * min);
+        // One started within the lookback changes nothing.
+        assert_eq!(
+            read_mark_holding(start, Some(start - 10 * min), lookback),
+            start
+        );
     }
 
     #[tokio::test]

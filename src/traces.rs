@@ -13,6 +13,16 @@
 //! newest delivered `(time, trace id)`; traces appear late (they are exported when they end), so
 //! each read also looks `lookback` behind the last complete read and skips ids already delivered.
 //!
+//! A trace is never committed with less than it has. Its spans not found yet (404: not uploaded,
+//! a race with its end) leave it out of the read, for the next cycle's late window; only on its
+//! last read before it leaves the window is it sent as its summary (the search's previews).
+//! Span data refused (403, or authentication) fails the experiment's source with the fix. A
+//! span-table result cut at the statement byte limit is read again in halves, down to one trace
+//! paged by span id. The search pages by offset, so a trace is also sent at most once per read
+//! (a trace logged while paging shifts the pages). An `IN_PROGRESS` trace is read when it has
+//! ended: until then its start holds the experiment's read mark back (`TableStats::hold_from`),
+//! so the late window still reaches it however long it runs, up to `MAX_CATCHUP_HOURS`.
+//!
 //! A TOOL span and an inference row can describe the same tool call (same `x-tool-call-id` on
 //! the same agent host): the delivery stage sends it once, and reads these sources before the
 //! inference tables so that the trace's record, which has timing and errors, is the one sent
@@ -22,7 +32,7 @@
 //! emits [`Chunk`]s of [`Prepared`] units, oldest first, to the delivery stage.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -39,7 +49,7 @@ use crate::traffic::host::{encode_segment, tool_path};
 use crate::traffic::record::{
     fit, fit_pair, fit_text, reason_phrase, JsonObject, MAX_RECORD_PAYLOAD_BYTES, MAX_STRING_BYTES,
 };
-use crate::traffic::{agent_host, AktoRecord};
+use crate::traffic::AktoRecord;
 
 /// Traces searched per page (and units per chunk).
 const PAGE: usize = 100;
@@ -57,7 +67,7 @@ pub struct TraceSource {
     pub experiment_id: String,
     /// The inventory agent name (tag `ai-agent`, per-agent counts).
     pub agent: String,
-    /// The agent's Akto host ([`agent_host`]).
+    /// The agent's Akto host ([`Inventory::agent_host`]: unique among the agents).
     pub host: String,
     /// For agents without an inference table: the path of the execution record built from the
     /// root span. `None` when the table already provides execution records.
@@ -78,7 +88,7 @@ pub fn trace_sources(inv: &Inventory, workspace_host: &str) -> Vec<TraceSource> 
             Some(TraceSource {
                 experiment_id: exp,
                 agent: a.name.clone(),
-                host: agent_host(&a.name, workspace_host),
+                host: inv.agent_host(&a.name, workspace_host),
                 execution_path,
             })
         })
@@ -447,8 +457,11 @@ fn window(
     let lookback = opts.lookback.as_micros() as i64;
     let floor = now_us - opts.max_catchup.as_micros() as i64;
     let Some(c) = state.cursor(ns)? else {
+        // Nothing delivered yet: a lookback before the last complete read (not before now), so
+        // a trace exported up to a lookback late, after a read that found none, is still read.
+        let mark = state.read_mark(ns)?.map_or(now_us, |m| m.min(now_us));
         return Ok(Window {
-            from_us: now_us - lookback,
+            from_us: (mark - lookback).max(floor),
             cursor: None,
         });
     };
@@ -496,7 +509,13 @@ pub async fn collect_experiment(
     let ns = experiment_namespace(&source.experiment_id);
     let mut stats = TableStats::default();
     let w = window(state, &ns, opts, now_us)?;
+    let floor = now_us - opts.max_catchup.as_micros() as i64;
     let filter = format!("trace.timestamp_ms > {}", w.from_us.div_euclid(1000) - 1);
+    let last_read_before = last_read_before(opts, now_us);
+    // Trace ids emitted this cycle: the search pages by offset, so a trace logged while paging
+    // shifts the results and the last trace of one page comes again on the next, before its
+    // unit is committed.
+    let mut emitted: HashSet<String> = HashSet::new();
     let mut token: Option<String> = None;
     for _ in 0..100_000 {
         // Trace searches are REST calls (counted by the client's ApiStats), not warehouse work:
@@ -516,7 +535,14 @@ pub async fn collect_experiment(
         )?;
         for (t, done) in page.traces.into_iter().zip(delivered) {
             if t.state.as_deref() == Some("IN_PROGRESS") {
-                continue; // read when it has ended (late-trace window)
+                // Read when it has ended: until then the window is held open back to its start
+                // (at most MAX_CATCHUP_HOURS), however long it runs.
+                if let Some(start) = t.time_us().filter(|s| *s >= floor) {
+                    if stats.hold_from.is_none_or(|h| start < h) {
+                        stats.hold_from = Some(start);
+                    }
+                }
+                continue;
             }
             let Some(time_us) = t.time_us().filter(|_| !t.trace_id.is_empty()) else {
                 unreadable.push((
@@ -531,7 +557,7 @@ pub async fn collect_experiment(
             let Some(is_behind) = w.wants(time_us, &t.trace_id) else {
                 continue;
             };
-            if done {
+            if done || emitted.contains(&t.trace_id) {
                 stats.duplicates_skipped += 1;
                 continue;
             }
@@ -539,7 +565,19 @@ pub async fn collect_experiment(
             todo.push((t, time_us));
         }
         todo.sort_by(|a, b| (a.1, &a.0.trace_id).cmp(&(b.1, &b.0.trace_id)));
-        let units = download_all(client, source, account_id, &ns, todo, &mut stats).await?;
+        // The same trace twice on one page: once.
+        todo.dedup_by(|a, b| a.0.trace_id == b.0.trace_id);
+        let units = download_all(
+            client,
+            source,
+            account_id,
+            &ns,
+            todo,
+            last_read_before,
+            &mut stats,
+        )
+        .await?;
+        emitted.extend(units.iter().map(|u| u.id.clone()));
         stats.late_found += behind;
         stats.executions += units.len() as u64;
         if !units.is_empty() || !unreadable.is_empty() {
@@ -563,13 +601,48 @@ pub async fn collect_experiment(
     }))
 }
 
+/// Traces older than this (µs) are read for the last time by a read at `now_us`: the next
+/// cycle's late window starts at this read's time minus `lookback` (or later, at the
+/// MAX_CATCHUP floor). A minute of margin keeps the two sides of that edge apart.
+fn last_read_before(opts: &CollectOptions, now_us: i64) -> i64 {
+    let reach = opts.lookback.min(opts.max_catchup).as_micros() as i64;
+    let margin = (reach / 2).min(60_000_000);
+    now_us - reach + margin
+}
+
+/// A span download error as the trace reader reports it: a refusal names the experiment.
+fn span_access_error(e: DatabricksError, source: &TraceSource) -> DatabricksError {
+    match e {
+        DatabricksError::PermissionDenied {
+            object,
+            detail,
+            fix,
+        } => DatabricksError::PermissionDenied {
+            object: format!(
+                "{object} (MLflow experiment {}, agent {})",
+                source.experiment_id, source.agent
+            ),
+            detail,
+            fix,
+        },
+        other => other,
+    }
+}
+
 /// Downloads the spans of `todo` (a few at a time) and builds one unit per trace, in order.
+///
+/// A trace whose spans are not found (404: not uploaded yet, a race with its end) is left out,
+/// so it is not committed and the next cycle's late window reads it again; only when this is
+/// its last read (`time < last_read_before`) is it sent as its summary (the search's previews).
+/// Access refused (403) fails the source with the grant to fix: summaries are not committed
+/// for traces that could be read with the right permission.
 async fn download_all(
     client: &DatabricksClient,
     source: &TraceSource,
     account_id: &str,
     ns: &str,
     todo: Vec<(TraceInfo, i64)>,
+    last_read_before: i64,
     stats: &mut TableStats,
 ) -> Result<Vec<Prepared>, CollectError> {
     let mut units = Vec::with_capacity(todo.len());
@@ -616,6 +689,24 @@ async fn download_all(
                     raw.iter().map(Span::from_json).collect()
                 }
                 Some(Err(e)) if e.is_retriable() => return Err(e.into()),
+                // The connector's access, not the trace's data: fail the source with the fix.
+                Some(Err(
+                    e @ (DatabricksError::PermissionDenied { .. } | DatabricksError::Auth { .. }),
+                )) => return Err(span_access_error(e, source).into()),
+                Some(Err(e @ DatabricksError::NotFound { .. })) if *time_us >= last_read_before => {
+                    tracing::info!(
+                        "spans of trace {} ({ns}) not found yet (uploaded when the trace ends); it is read again next cycle: {e}",
+                        t.trace_id
+                    );
+                    continue;
+                }
+                Some(Err(e @ DatabricksError::NotFound { .. })) => {
+                    tracing::warn!(
+                        "spans of trace {} ({ns}) still not found and the trace leaves the LOOKBACK_MINUTES window: sending its summary only: {e}",
+                        t.trace_id
+                    );
+                    vec![summary_span(t, *time_us)]
+                }
                 Some(Err(e)) => {
                     // Data gone or unreadable for good: keep what the search said, once.
                     tracing::warn!(
@@ -730,7 +821,9 @@ pub async fn collect_otel_table(
             t = quote_table(table)
         );
         stats.statements += 1;
-        let roots = client
+        // A page cut at the byte limit holds fewer than PAGE roots yet more follow: go on after
+        // its last root (keyset), never take it for the end.
+        let (roots, cut) = client
             .execute(&statement(
                 sql,
                 vec![
@@ -739,10 +832,13 @@ pub async fn collect_otel_table(
                 ],
             ))
             .await?
-            .collect_all()
+            .collect_prefix()
             .await?;
         stats.rows_returned += roots.len() as u64;
         let n = roots.len();
+        if n == 0 && cut {
+            return Err(row_too_large(table, "a root span's trace_id"));
+        }
         let keyed: Vec<(String, i64)> = roots
             .iter()
             .filter_map(|r| {
@@ -751,8 +847,18 @@ pub async fn collect_otel_table(
                 Some((id, ns))
             })
             .collect();
-        if let Some((id, ns)) = keyed.last() {
-            after = (*ns, id.clone());
+        match keyed.last() {
+            Some((id, ns)) if (*ns, id.as_str()) > (after.0, after.1.as_str()) => {
+                after = (*ns, id.clone())
+            }
+            // A page that cannot move the keyset forward would be read again and again.
+            _ if n == PAGE || cut => {
+                return Err(CollectError::Databricks(DatabricksError::Decode {
+                    route: table.to_string(),
+                    detail: "a page of root spans without a readable trace_id or start_time_unix_nano: cannot page further".into(),
+                }))
+            }
+            _ => {}
         }
         // By id: a trace is keyed by a root span's time, but a late second root span would give
         // it another one (the chunk is marked `by_id`).
@@ -770,53 +876,20 @@ pub async fn collect_otel_table(
             }
         }
         if !wanted.is_empty() {
-            let mut params = Vec::new();
-            let marks: Vec<String> = wanted
-                .iter()
-                .enumerate()
-                .map(|(i, (id, _, _))| {
-                    params.push(Param::new(format!("t{i}"), id.clone(), "STRING"));
-                    format!(":t{i}")
-                })
-                .collect();
-            let sql = format!(
-                "SELECT trace_id, span_id, parent_span_id, name, start_time_unix_nano, end_time_unix_nano, attributes, status \
-                 FROM {t} WHERE trace_id IN ({m}) ORDER BY trace_id, start_time_unix_nano, span_id",
-                t = quote_table(table),
-                m = marks.join(", ")
-            );
-            stats.statements += 1;
-            let rows = client
-                .execute(&statement(sql, params))
-                .await?
-                .collect_all()
-                .await?;
-            stats.rows_returned += rows.len() as u64;
-            let mut by_trace: BTreeMap<String, Vec<Span>> = BTreeMap::new();
-            for r in rows {
-                let cell = |i: usize| r.get(i).and_then(Cell::text).map(Cow::into_owned);
-                stats.bytes_returned += r.iter().map(|c| c.wire_len() as u64).sum::<u64>();
-                let Some(tid) = cell(0) else { continue };
-                let span = Span {
-                    trace_id: tid.clone(),
-                    span_id: cell(1).unwrap_or_default(),
-                    parent_span_id: cell(2).filter(|p| !p.is_empty()),
-                    name: cell(3).unwrap_or_default(),
-                    start_ns: cell(4).and_then(|s| s.trim().parse().ok()),
-                    end_ns: cell(5).and_then(|s| s.trim().parse().ok()),
-                    status: cell(7),
-                    status_message: None,
-                    attributes: cell(6)
-                        .map(|a| string_map(&Value::String(a)))
-                        .unwrap_or_default(),
-                    events: Vec::new(),
-                };
-                by_trace.entry(tid).or_default().push(span);
-            }
+            let ids: Vec<String> = wanted.iter().map(|(id, _, _)| id.clone()).collect();
+            let mut by_trace = fetch_spans(client, &statement, table, ids, &mut stats).await?;
             let mut units = Vec::new();
             let mut behind_n = 0u64;
             for (id, t, behind) in wanted {
-                let spans = by_trace.remove(&id).unwrap_or_default();
+                // Its root span was just listed, and the span read was complete: a trace without
+                // spans now means the table changed in between. Not a unit (it would be
+                // committed with no record): read again next cycle.
+                let Some(spans) = by_trace.remove(&id).filter(|s| !s.is_empty()) else {
+                    tracing::warn!(
+                        "{table}: trace {id} has a root span but no span was returned for it; it is read again next cycle"
+                    );
+                    continue;
+                };
                 let root_name = spans
                     .iter()
                     .find(|s| s.parent_span_id.is_none())
@@ -832,7 +905,7 @@ pub async fn collect_otel_table(
                     .any(|a| a.name == agent && a.table.is_some());
                 let source = TraceSource {
                     experiment_id: String::new(),
-                    host: agent_host(&agent, workspace_host),
+                    host: inv.agent_host(&agent, workspace_host),
                     execution_path: (!has_table)
                         .then(|| format!("/agents/{}/invocations", encode_segment(&agent))),
                     agent: agent.clone(),
@@ -854,22 +927,205 @@ pub async fn collect_otel_table(
             }
             stats.late_found += behind_n;
             stats.executions += units.len() as u64;
-            out.send(Chunk {
-                table: table.to_string(),
-                prepared: units,
-                by_id: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|_| CollectError::Closed)?;
+            if !units.is_empty() {
+                out.send(Chunk {
+                    table: table.to_string(),
+                    prepared: units,
+                    by_id: true,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|_| CollectError::Closed)?;
+            }
         }
-        if n < PAGE {
+        if n < PAGE && !cut {
             return Ok(stats);
         }
     }
     Err(CollectError::Databricks(DatabricksError::Decode {
         route: table.to_string(),
         detail: "more than 100000 pages of root spans".into(),
+    }))
+}
+
+const SPAN_COLUMNS: &str =
+    "trace_id, span_id, parent_span_id, name, start_time_unix_nano, end_time_unix_nano, attributes, status";
+
+/// A single row (a span, a root) larger than a statement may return: it can never be read.
+fn row_too_large(table: &str, what: &str) -> CollectError {
+    CollectError::Databricks(DatabricksError::Statement {
+        table: table.to_string(),
+        state: "TRUNCATED".into(),
+        error_code: "ROW_TOO_LARGE".into(),
+        message: format!(
+            "a single row ({what}) is larger than the {} MiB read limit per statement; it cannot \
+             be read. Fix: make the span smaller (trim its attributes) or remove it from the table",
+            crate::databricks::sql::INLINE_BYTE_LIMIT >> 20
+        ),
+        retriable: false,
+    })
+}
+
+/// One span of an OTel span table row (`SPAN_COLUMNS`), or None without a trace id.
+fn otel_span(r: &[Cell], stats: &mut TableStats) -> Option<Span> {
+    let cell = |i: usize| r.get(i).and_then(Cell::text).map(Cow::into_owned);
+    stats.bytes_returned += r.iter().map(|c| c.wire_len() as u64).sum::<u64>();
+    Some(Span {
+        trace_id: cell(0)?,
+        span_id: cell(1).unwrap_or_default(),
+        parent_span_id: cell(2).filter(|p| !p.is_empty()),
+        name: cell(3).unwrap_or_default(),
+        start_ns: cell(4).and_then(|s| s.trim().parse().ok()),
+        end_ns: cell(5).and_then(|s| s.trim().parse().ok()),
+        status: cell(7),
+        status_message: None,
+        attributes: cell(6)
+            .map(|a| string_map(&Value::String(a)))
+            .unwrap_or_default(),
+        events: Vec::new(),
+    })
+}
+
+/// Every span of the traces `ids`, by trace, each trace's spans by start time. One
+/// `trace_id IN (...)` statement when the result fits the statement's byte limit; a result cut
+/// at that limit is dropped whole and the ids are asked again in halves, down to one trace, whose
+/// spans are then paged by `span_id` ([`fetch_trace_spans`]). A trace is never returned cut.
+async fn fetch_spans<F>(
+    client: &DatabricksClient,
+    statement: &F,
+    table: &str,
+    ids: Vec<String>,
+    stats: &mut TableStats,
+) -> Result<BTreeMap<String, Vec<Span>>, CollectError>
+where
+    F: Fn(String, Vec<Param>) -> Statement,
+{
+    let mut by_trace: BTreeMap<String, Vec<Span>> = BTreeMap::new();
+    // Groups still to read, the next one last.
+    let mut groups: Vec<Vec<String>> = vec![ids];
+    while let Some(group) = groups.pop() {
+        if group.is_empty() {
+            continue;
+        }
+        if group.len() == 1 {
+            let id = group.into_iter().next().unwrap_or_default();
+            let spans = fetch_trace_spans(client, statement, table, &id, stats).await?;
+            by_trace.insert(id, spans);
+            continue;
+        }
+        let mut params = Vec::new();
+        let marks: Vec<String> = group
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                params.push(Param::new(format!("t{i}"), id.clone(), "STRING"));
+                format!(":t{i}")
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS} FROM {t} WHERE trace_id IN ({m}) ORDER BY trace_id, start_time_unix_nano, span_id",
+            t = quote_table(table),
+            m = marks.join(", ")
+        );
+        stats.statements += 1;
+        let (rows, cut) = client
+            .execute(&statement(sql, params))
+            .await?
+            .collect_prefix()
+            .await?;
+        stats.rows_returned += rows.len() as u64;
+        if cut {
+            // The last trace of the result may be cut short: ask again for fewer traces.
+            tracing::debug!(
+                "{table}: the spans of {} traces exceed one statement's byte limit; reading them in halves",
+                group.len()
+            );
+            let mut first = group;
+            let second = first.split_off(first.len() / 2);
+            groups.push(second);
+            groups.push(first);
+            continue;
+        }
+        for id in &group {
+            by_trace.entry(id.clone()).or_default();
+        }
+        for r in rows {
+            if let Some(span) = otel_span(&r, stats) {
+                by_trace
+                    .entry(span.trace_id.clone())
+                    .or_default()
+                    .push(span);
+            }
+        }
+    }
+    Ok(by_trace)
+}
+
+/// Every span of one trace, paged by `span_id` when they exceed one statement's byte limit.
+async fn fetch_trace_spans<F>(
+    client: &DatabricksClient,
+    statement: &F,
+    table: &str,
+    id: &str,
+    stats: &mut TableStats,
+) -> Result<Vec<Span>, CollectError>
+where
+    F: Fn(String, Vec<Param>) -> Statement,
+{
+    let mut spans = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..100_000 {
+        let mut params = vec![Param::new("t0", id.to_string(), "STRING")];
+        let keyset = match &after {
+            Some(a) => {
+                params.push(Param::new("after_span", a.clone(), "STRING"));
+                " AND span_id > :after_span"
+            }
+            None => "",
+        };
+        let sql = format!(
+            "SELECT {SPAN_COLUMNS} FROM {t} WHERE trace_id = :t0{keyset} ORDER BY span_id",
+            t = quote_table(table),
+        );
+        stats.statements += 1;
+        let (rows, cut) = client
+            .execute(&statement(sql, params))
+            .await?
+            .collect_prefix()
+            .await?;
+        stats.rows_returned += rows.len() as u64;
+        if rows.is_empty() && cut {
+            return Err(row_too_large(table, &format!("a span of trace {id}")));
+        }
+        let last = rows
+            .last()
+            .and_then(|r| r.get(1))
+            .and_then(Cell::text)
+            .map(Cow::into_owned);
+        spans.extend(rows.iter().filter_map(|r| otel_span(r, stats)));
+        if !cut {
+            // The order of the one-statement read: by start time, then span id.
+            spans.sort_by(|a: &Span, b: &Span| {
+                (a.start_ns, &a.span_id).cmp(&(b.start_ns, &b.span_id))
+            });
+            return Ok(spans);
+        }
+        match last {
+            Some(l) if after.as_ref().is_none_or(|a| l > *a) => after = Some(l),
+            _ => {
+                return Err(CollectError::Databricks(DatabricksError::Decode {
+                    route: table.to_string(),
+                    detail: format!(
+                        "the spans of trace {id} exceed one statement's byte limit and a span \
+                         without a span_id stops paging them"
+                    ),
+                }))
+            }
+        }
+    }
+    Err(CollectError::Databricks(DatabricksError::Decode {
+        route: table.to_string(),
+        detail: format!("trace {id}: more than 100000 pages of spans"),
     }))
 }
 
@@ -981,6 +1237,43 @@ mod tests {
         let recs = span_records(&source(true), "1", &meta, &[odd]);
         assert_eq!(recs.len(), 1);
         crate::traffic::validate(&recs[0]).unwrap();
+    }
+
+    #[test]
+    fn the_last_read_of_a_trace_is_the_one_before_it_leaves_the_lookback() {
+        let o = |lookback_s: u64, catchup_s: u64| CollectOptions {
+            lookback: std::time::Duration::from_secs(lookback_s),
+            max_catchup: std::time::Duration::from_secs(catchup_s),
+            ..Default::default()
+        };
+        let now = 10_000_000_000;
+        // The next read's late window starts at now - lookback; a minute of margin.
+        assert_eq!(last_read_before(&o(3600, 86_400), now), now - 3_540_000_000);
+        // A tiny lookback: half of it.
+        assert_eq!(last_read_before(&o(60, 86_400), now), now - 30_000_000);
+        // MAX_CATCHUP below the lookback bounds the window.
+        assert_eq!(last_read_before(&o(7200, 3600), now), now - 3_540_000_000);
+    }
+
+    #[test]
+    fn without_a_cursor_the_window_starts_a_lookback_before_the_last_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::open(dir.path(), false).unwrap();
+        let min = 60_000_000i64;
+        let opts = CollectOptions {
+            lookback: std::time::Duration::from_secs(3600),
+            ..CollectOptions::default()
+        };
+        let now = 1_000 * min;
+        assert_eq!(
+            window(&state, "mlflow:1", &opts, now).unwrap().from_us,
+            now - 60 * min
+        );
+        // Read (and found nothing) 5 minutes ago: the window reaches back from that read.
+        state.set_read_mark("mlflow:1", now - 5 * min).unwrap();
+        let w = window(&state, "mlflow:1", &opts, now).unwrap();
+        assert_eq!(w.from_us, now - 65 * min);
+        assert!(w.cursor.is_none());
     }
 
     #[test]

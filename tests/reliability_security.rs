@@ -415,6 +415,8 @@ fn assert_records_name_the_workspace(records: &[serde_json::Value], workspace_ho
 async fn tls_with_a_custom_ca_bundle_discovers_and_delivers_every_record() {
     let emu = common::emulator(common::emulator_config()).await;
     let front = tls_front(&emu.base_url()).await;
+    // Trace data from storage over https too (presigned URLs are https), through the front.
+    emu.set_storage_url(Some(&front.url));
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, &front.ca_pem).unwrap();
@@ -443,10 +445,48 @@ async fn tls_with_a_custom_ca_bundle_discovers_and_delivers_every_record() {
     assert!(front.handshakes.load(Ordering::SeqCst) > after_discover);
 }
 
+/// A workspace reached over https whose signed trace URIs are plain http: the connector does not
+/// send a presigned URL in clear text. The experiment's source fails naming why (retried next
+/// cycle, no summary committed in place of the spans); the inference tables still deliver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_signed_uri_under_an_https_workspace_is_refused_not_followed() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let front = tls_front(&emu.base_url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &front.ca_pem).unwrap();
+    let ca = ca.to_str().unwrap().to_string();
+    let (o, records) = tokio::task::block_in_place(|| {
+        once_to_file(&front.url, dir.path(), &[("DATABRICKS_CA_BUNDLE", &ca)])
+    });
+    let t = text(&o);
+    assert!(t.contains("is only followed to https storage"), "{t}");
+    assert!(
+        !t.contains("after 8 attempts"),
+        "refused at once, not retried: {t}"
+    );
+    assert_all_executions(&emu, &records);
+    // No record of an MLflow experiment's trace (not even a summary in place of its spans);
+    // span tables are read with SQL and still deliver.
+    let from_experiments = records
+        .iter()
+        .filter(|r| {
+            common::header(r, "requestHeaders", "x-mlflow-location")
+                .is_some_and(|l| l.starts_with("mlflow:"))
+        })
+        .count();
+    assert_eq!(
+        from_experiments, 0,
+        "records of experiment traces were sent"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_without_the_ca_bundle_fails_as_an_untrusted_certificate() {
     let emu = common::emulator(common::emulator_config()).await;
     let front = tls_front(&emu.base_url()).await;
+    // Trace data from storage over https too (presigned URLs are https), through the front.
+    emu.set_storage_url(Some(&front.url));
     let d = tokio::task::block_in_place(|| discover(&front.url, &[]));
     let dir = tempfile::tempdir().unwrap();
     let (o, records) = tokio::task::block_in_place(|| once_to_file(&front.url, dir.path(), &[]));
@@ -489,6 +529,8 @@ async fn tls_without_the_ca_bundle_fails_as_an_untrusted_certificate() {
 async fn tls_through_a_connect_proxy_with_the_ca_bundle_delivers_every_record() {
     let emu = common::emulator(common::emulator_config()).await;
     let front = tls_front(&emu.base_url()).await;
+    // Trace data from storage over https too (presigned URLs are https), through the front.
+    emu.set_storage_url(Some(&front.url));
     let (proxy_url, _hits, tunnels) = proxy_with_tunnels().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
@@ -561,6 +603,8 @@ async fn tls_is_verified_even_with_a_ca_bundle() {
     // verification off, so nothing gets past the handshake.
     let emu = common::emulator(common::emulator_config()).await;
     let front = tls_front(&emu.base_url()).await;
+    // Trace data from storage over https too (presigned URLs are https), through the front.
+    emu.set_storage_url(Some(&front.url));
     let (other_ca, _) = test_ca();
     assert_ne!(other_ca.pem(), front.ca_pem);
     let dir = tempfile::tempdir().unwrap();
@@ -612,6 +656,8 @@ async fn check_trusts_the_same_ca_bundle_as_the_client() {
     // `check` passes its TLS step and every later one, exactly where `discover` works.
     let emu = common::emulator(common::emulator_config()).await;
     let front = tls_front(&emu.base_url()).await;
+    // Trace data from storage over https too (presigned URLs are https), through the front.
+    emu.set_storage_url(Some(&front.url));
     let dir = tempfile::tempdir().unwrap();
     let ca = write_pem(dir.path(), "ca", &front.ca_pem);
 
@@ -663,6 +709,8 @@ async fn check_trusts_the_same_ca_bundle_as_the_client() {
 async fn check_tests_the_path_through_the_proxy() {
     let emu = common::emulator(common::emulator_config()).await;
     let front = tls_front(&emu.base_url()).await;
+    // Trace data from storage over https too (presigned URLs are https), through the front.
+    emu.set_storage_url(Some(&front.url));
     let (proxy_url, _hits, tunnels) = proxy_with_tunnels().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = write_pem(dir.path(), "ca.pem", &front.ca_pem);

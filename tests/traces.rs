@@ -1,6 +1,10 @@
 //! MLflow traces and OTel span tables against the emulator: every LLM, TOOL and RETRIEVER span
 //! once, on its agent's host, linked to its trace; nothing again on a second read once the
 //! units were delivered; new traces are picked up; app agents are discovered with their traces.
+//!
+//! And the faults that must not lose or repeat a trace: span-table results cut at the statement
+//! byte limit, span data not uploaded yet (404) or refused (403), a trace logged while the search
+//! is paged, and trace storage behind a TLS-inspecting proxy (DATABRICKS_CA_BUNDLE).
 
 mod common;
 
@@ -264,4 +268,491 @@ async fn otel_span_tables_are_read_through_sql_exactly_once() {
     r.unwrap();
     assert_eq!(units(&second).len(), 0);
     emu.shutdown().await;
+}
+
+async fn read_one(
+    c: &databricks_shield::databricks::DatabricksClient,
+    state: &StateStore,
+    s: &TraceSource,
+    o: &CollectOptions,
+    now: i64,
+) -> (
+    Result<databricks_shield::collect::TableStats, databricks_shield::collect::CollectError>,
+    Vec<Chunk>,
+) {
+    chunks_of(
+        |tx| async move { traces::collect_experiment(c, state, s, o, "1000000", now, &tx).await },
+    )
+    .await
+}
+
+async fn read_otel(
+    c: &databricks_shield::databricks::DatabricksClient,
+    state: &StateStore,
+    wh: &str,
+    table: &str,
+    inv: &Inventory,
+) -> (
+    databricks_shield::collect::TableStats,
+    Vec<(String, usize, String)>,
+) {
+    let (r, chunks) = chunks_of(|tx| async move {
+        traces::collect_otel_table(
+            c,
+            state,
+            wh,
+            table,
+            inv,
+            "127.0.0.1",
+            "1000000",
+            &opts(),
+            now_us(),
+            &tx,
+        )
+        .await
+    })
+    .await;
+    let stats = r.unwrap_or_else(|e| panic!("the span table is read: {e}"));
+    let mut got: Vec<(String, usize, String)> = units(&chunks)
+        .iter()
+        .map(|(_, u)| {
+            (
+                u.id.clone(),
+                u.records.len(),
+                u.records
+                    .iter()
+                    .map(|r| format!("{} {}", r.path, r.request_payload.text()))
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            )
+        })
+        .collect();
+    got.sort();
+    (stats, got)
+}
+
+/// A span-table read whose results are cut at the statement byte limit (`truncated`) reads the
+/// same traces with the same spans as an uncut one: a cut `IN (...)` result is asked again in
+/// halves, a trace larger than the limit is paged, a page of root spans cut short is continued.
+/// Never a trace with its spans cut off (it would be committed with fewer or no records).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_span_results_cut_at_the_byte_limit_lose_no_span() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let table = inv
+        .otel_span_tables
+        .first()
+        .expect("an OTel span table")
+        .clone();
+    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (plain, want) = read_otel(&c, &state, &wh.id, &table, &inv).await;
+    assert_eq!(want.len(), 5);
+    assert!(want.iter().all(|(_, n, _)| *n == 1), "{want:?}");
+    assert_eq!(plain.statements, 2, "one root page, one span read");
+
+    // 700 bytes: the roots (5 small rows) fit, the spans of 2+ traces do not.
+    // 300 bytes: no trace's 2 spans fit either: each is paged.
+    // 150 bytes for the first statement: the first page of roots is cut after 2 of 5.
+    for spec in [
+        format!("kind=byte_limit,bytes=700,table={table},count=unlimited"),
+        format!("kind=byte_limit,bytes=300,table={table},count=unlimited"),
+        format!(
+            "kind=byte_limit,bytes=150,table={table},count=1;\
+             kind=byte_limit,bytes=300,table={table},count=unlimited"
+        ),
+    ] {
+        emu.set_faults(&spec).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::open(dir.path(), false).unwrap();
+        let (stats, got) = read_otel(&c, &state, &wh.id, &table, &inv).await;
+        assert_eq!(got, want, "{spec}: the same traces and spans");
+        assert!(
+            stats.statements > plain.statements + 2,
+            "{spec}: the cut results were read again ({} statements)",
+            stats.statements
+        );
+    }
+    emu.set_faults("").unwrap();
+    emu.shutdown().await;
+}
+
+/// A result cut at the byte limit is refused by `collect_all` (never taken for the whole).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collect_all_refuses_a_result_cut_at_the_byte_limit() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let table = inv
+        .otel_span_tables
+        .first()
+        .expect("an OTel span table")
+        .clone();
+    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    emu.set_faults(&format!(
+        "kind=byte_limit,bytes=500,table={table},count=unlimited"
+    ))
+    .unwrap();
+    let st = databricks_shield::databricks::sql::Statement {
+        warehouse_id: wh.id.clone(),
+        statement: format!("SELECT trace_id, span_id, attributes FROM {table}"),
+        parameters: vec![],
+        table: table.clone(),
+        timeout: std::time::Duration::from_secs(20),
+    };
+    let rows = c.execute(&st).await.unwrap();
+    assert!(rows.truncated);
+    let e = rows
+        .collect_all()
+        .await
+        .expect_err("a cut result is an error");
+    assert!(e.to_string().contains("RESULT_TRUNCATED"), "{e}");
+    assert!(!e.is_retriable());
+    let (some, cut) = c
+        .execute(&st)
+        .await
+        .unwrap()
+        .collect_prefix()
+        .await
+        .unwrap();
+    assert!(cut && !some.is_empty() && some.len() < 10, "{}", some.len());
+    emu.set_faults("").unwrap();
+    emu.shutdown().await;
+}
+
+/// Spans not uploaded yet (storage answers 404, a race with the trace's end) are not a reason to
+/// commit the trace as a summary: it is left for the next cycle's late window, and read in full
+/// once its spans are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_not_uploaded_yet_leave_the_trace_for_the_next_cycle() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let sources = traces::trace_sources(&inv, "127.0.0.1");
+    let src = &sources[0];
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+
+    for route in ["/_signed/traces/", "/api/2.0/mlflow/traces/"] {
+        emu.set_faults(&format!("route={route},kind=404,count=unlimited"))
+            .unwrap();
+        let (r, chunks) = read_one(&c, &state, src, &opts(), now_us()).await;
+        r.unwrap_or_else(|e| panic!("{route}: a 404 does not fail the source: {e}"));
+        assert_eq!(
+            units(&chunks).len(),
+            0,
+            "{route}: no trace committed while its spans may still come"
+        );
+        deliver(&state, &chunks);
+    }
+
+    emu.set_faults("").unwrap();
+    let (r, chunks) = read_one(&c, &state, src, &opts(), now_us()).await;
+    r.unwrap();
+    let got = units(&chunks);
+    assert_eq!(got.len(), 12, "every trace read once its spans are there");
+    for (_, u) in &got {
+        assert_eq!(
+            u.records
+                .iter()
+                .filter(|r| r.path.starts_with("/llm/"))
+                .count(),
+            1,
+            "{}: its spans, not a summary",
+            u.id
+        );
+    }
+    emu.shutdown().await;
+}
+
+/// A trace whose spans are still missing when it is about to leave the lookback window (this is
+/// its last read) is sent as its summary, once; the others wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_missing_at_the_window_edge_send_the_summary() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let sources = traces::trace_sources(&inv, "127.0.0.1");
+    let mut src = sources[0].clone();
+    src.execution_path = Some("/agents/edge/invocations".into());
+    let now = now_us();
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (r, chunks) = read_one(&c, &state, &src, &opts(), now).await;
+    r.unwrap();
+    let mut times: Vec<(i64, String)> = units(&chunks)
+        .iter()
+        .map(|(_, u)| (u.time_us, u.id.clone()))
+        .collect();
+    times.sort();
+    assert_eq!(times.len(), 12);
+    // The second oldest trace is 1 s inside the window; the next one minutes later.
+    let (edge_t, edge_id) = times[1].clone();
+    let edge = CollectOptions {
+        lookback: std::time::Duration::from_micros((now - edge_t + 1_000_000) as u64),
+        ..Default::default()
+    };
+
+    emu.set_faults("route=/_signed/traces/,kind=404,count=unlimited")
+        .unwrap();
+    let (r, chunks) = read_one(&c, &state, &src, &edge, now).await;
+    r.unwrap();
+    let got = units(&chunks);
+    assert_eq!(got.len(), 1, "only the trace at the window's edge");
+    let u = got[0].1;
+    assert_eq!(u.id, edge_id);
+    assert_eq!(u.records.len(), 1, "its summary");
+    assert_eq!(u.records[0].path, "/agents/edge/invocations");
+    assert!(!u.records[0].request_payload.text().is_empty());
+    emu.set_faults("").unwrap();
+    emu.shutdown().await;
+}
+
+/// Span data refused (403: no CAN READ on the experiment, or storage refusing the signed URL)
+/// fails the experiment's source with the fix; no summary is committed instead of the spans.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_data_refused_fails_the_source_naming_the_fix() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let sources = traces::trace_sources(&inv, "127.0.0.1");
+    let src = &sources[0];
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+
+    for (route, fix) in [
+        ("/api/2.0/mlflow/traces/", "CAN READ"),
+        ("/_signed/traces/", "artifact storage"),
+    ] {
+        emu.set_faults(&format!("route={route},kind=403,count=unlimited"))
+            .unwrap();
+        let (r, chunks) = read_one(&c, &state, src, &opts(), now_us()).await;
+        let e = r
+            .err()
+            .unwrap_or_else(|| panic!("{route}: a 403 fails the source"));
+        let msg = e.to_string();
+        assert!(msg.contains("Access denied"), "{route}: {msg}");
+        assert!(msg.contains(fix), "{route}: {msg}");
+        assert!(msg.contains(&src.experiment_id), "{route}: {msg}");
+        assert!(!msg.contains("X-Amz-Signature"), "{route}: {msg}");
+        assert_eq!(units(&chunks).len(), 0, "{route}: nothing committed");
+    }
+    emu.set_faults("").unwrap();
+    emu.shutdown().await;
+}
+
+/// The trace search pages by offset: a trace logged while it pages (an older start, exported
+/// when it ended) shifts the results, and the last trace of page 1 comes again on page 2. It is
+/// sent once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_logged_while_paging_sends_no_trace_twice() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let sources = traces::trace_sources(&inv, "127.0.0.1");
+    let src = &sources[0];
+    // 112 traces: two pages of the search.
+    emu.add_traces(100);
+    let at_ms = chrono::Utc::now().timestamp_millis() - 90 * 60_000;
+    emu.set_faults(&format!(
+        "route=/api/3.0/mlflow/traces/search,kind=insert_trace,at_ms={at_ms},after=1"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (r, chunks) = read_one(&c, &state, src, &opts(), now_us()).await;
+    let stats = r.unwrap();
+    assert_eq!(
+        emu.stats()["faults_fired"],
+        1,
+        "the trace was logged between the pages"
+    );
+    let got = units(&chunks);
+    let ids: BTreeSet<&str> = got.iter().map(|(_, u)| u.id.as_str()).collect();
+    assert_eq!(ids.len(), got.len(), "no trace twice in one cycle");
+    assert_eq!(got.len(), 112);
+    assert!(stats.duplicates_skipped >= 1);
+    emu.shutdown().await;
+}
+
+/// A test-only TLS front (a CA made at runtime, rustls with ring) relaying to the emulator: cloud
+/// storage as seen through a TLS-inspecting proxy. Returns (`https://localhost:PORT`, CA PEM,
+/// completed handshakes).
+async fn tls_front(
+    emu_url: &str,
+) -> (
+    String,
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(
+        DnType::CommonName,
+        "databricks-shield test storage proxy CA",
+    );
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut leaf_params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
+    let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let upstream = emu_url
+        .strip_prefix("http://")
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let h = handshakes.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let (acceptor, upstream, h) = (acceptor.clone(), upstream.clone(), h.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                h.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    (format!("https://localhost:{port}"), ca.pem(), handshakes)
+}
+
+/// Behind a TLS-inspecting proxy the span downloads from cloud storage trust the same
+/// DATABRICKS_CA_BUNDLE as the API calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_downloads_trust_the_ca_bundle() {
+    use std::sync::atomic::Ordering;
+    let emu = emulator(emulator_config()).await;
+    let inv = discover(&emu).await;
+    let sources = traces::trace_sources(&inv, "127.0.0.1");
+    let (storage, ca_pem, handshakes) = tls_front(&emu.base_url()).await;
+    emu.set_storage_url(Some(&storage));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let c = databricks_shield::databricks::DatabricksClient::with_ca_bundle(
+        &url::Url::parse(&emu.base_url()).unwrap(),
+        databricks_shield::databricks::Credentials::OAuth {
+            client_id: "emulator-client".into(),
+            client_secret: SECRET.to_string().into(),
+        },
+        fast_retry(),
+        Some(&ca),
+    )
+    .unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (r, chunks) = read_one(&c, &state, &sources[0], &opts(), now_us()).await;
+    r.unwrap_or_else(|e| panic!("spans downloaded through the TLS proxy: {e}"));
+    let got = units(&chunks);
+    assert_eq!(got.len(), 12);
+    assert!(got
+        .iter()
+        .all(|(_, u)| u.records.iter().any(|r| r.path.starts_with("/llm/"))));
+    assert!(
+        handshakes.load(Ordering::SeqCst) > 0,
+        "storage was reached through TLS"
+    );
+    emu.shutdown().await;
+}
+
+/// An agent run that outlives the lookback: its trace is `IN_PROGRESS` over several cycles and
+/// ends after its start has left the window a read mark at the last cycle would give. The trace
+/// still holds its experiment's window open, so it is sent when it has ended, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_that_ends_after_the_lookback_is_still_sent_once() {
+    use databricks_shield::run::{Connector, Shutdown};
+    let emu = emulator(emulator_config()).await;
+    let standin = standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let cycle = || {
+        let mut s = settings(&state_dir);
+        s.collect.lookback = std::time::Duration::from_secs(2);
+        let c = std::sync::Arc::new(Connector::new(
+            client(&emu.base_url(), "emulator-client", SECRET),
+            http_sink(&standin.url()),
+            StateStore::open(&state_dir, false).unwrap(),
+            s,
+        ));
+        async move {
+            let (_t, shutdown) = Shutdown::new();
+            let r = c.run_cycle(&shutdown).await;
+            assert!(r.ok(), "{:?}", r.errors);
+        }
+    };
+    // Trace ids of experiment records received from index `from` on.
+    let traces_from = |from: usize| -> BTreeSet<String> {
+        standin.records()[from..]
+            .iter()
+            .filter(|r| {
+                common::header(r, "requestHeaders", "x-mlflow-location")
+                    .is_some_and(|l| l.starts_with("mlflow:"))
+            })
+            .filter_map(|r| common::header(r, "requestHeaders", "x-mlflow-trace-id"))
+            .collect()
+    };
+
+    // One finished trace per experiment (the cursor) and one long run still going.
+    let start_ms = chrono::Utc::now().timestamp_millis() - 500;
+    emu.add_traces(1);
+    let running = emu.start_trace(start_ms);
+    cycle().await;
+    let experiments = traces_from(0).len();
+    assert!(experiments >= 1, "no experiment trace delivered");
+    // Later cycles while it runs: its start falls out of (now - lookback).
+    std::thread::sleep(std::time::Duration::from_millis(2_600));
+    let before = standin.records().len();
+    cycle().await;
+    assert!(
+        traces_from(before).is_empty(),
+        "an unfinished trace was sent"
+    );
+
+    emu.finish_trace(running);
+    let before = standin.records().len();
+    cycle().await;
+    let ended = traces_from(before);
+    assert_eq!(
+        ended.len(),
+        experiments,
+        "the long run's trace, once per experiment"
+    );
+    let before = standin.records().len();
+    cycle().await;
+    assert!(traces_from(before).is_empty(), "sent again");
 }

@@ -357,7 +357,9 @@ impl Redactor {
             if STRUCTURAL_HEADERS.contains(&k.as_str()) {
                 continue;
             }
-            if let Some(new) = self.redact_text(v, counts) {
+            // A header value is text, never a JSON document: a value of digits only is not a
+            // JSON number whose mask would need quotes.
+            if let Some(new) = self.redact_in(v, false, counts) {
                 *v = new;
                 changed = true;
             }
@@ -371,17 +373,26 @@ impl Redactor {
 
     /// Redact one string; `None` when nothing matched (no allocation).
     pub fn redact_text(&self, s: &str, counts: &mut RedactionCounts) -> Option<String> {
+        self.redact_in(s, true, counts)
+    }
+
+    /// [`Redactor::redact_text`]; `maybe_json`: `s` may be a JSON document (a payload), whose
+    /// strings and structure are kept valid, else it is plain text (a header value).
+    fn redact_in(&self, s: &str, maybe_json: bool, counts: &mut RedactionCounts) -> Option<String> {
         if !self.on.iter().any(|b| *b) {
             return None;
         }
         let bytes = s.as_bytes();
         // JSON documents are objects, arrays or strings here; a short payload may also be a
         // bare JSON scalar (a card number as the whole body must stay a JSON value).
-        let json = match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'{') | Some(b'[') | Some(b'"') => true,
-            Some(_) if s.len() <= 64 => serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok(),
-            _ => false,
-        };
+        let json = maybe_json
+            && match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+                Some(b'{') | Some(b'[') | Some(b'"') => true,
+                Some(_) if s.len() <= 64 => {
+                    serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok()
+                }
+                _ => false,
+            };
         let mut out: Option<String> = None;
         let mut copied = 0usize; // bytes of `s` already handled in `out`
         let mut in_string = false;
@@ -1116,7 +1127,8 @@ mod tests {
         let v: std::collections::BTreeMap<String, String> =
             serde_json::from_str(&out).expect("still a JSON object of strings");
         assert_eq!(v["x-mlflow-location"], location);
-        assert!(v["x-user-note"].contains("[REDACTED:card]"), "{out}");
+        // A header value of digits only is text: masked without JSON quotes.
+        assert_eq!(v["x-user-note"], "[REDACTED:card]", "{out}");
         assert!(v["x-span-error"].contains("[REDACTED:card]"), "{out}");
         assert_eq!(counts.get(RedactKind::Card), 2);
     }
