@@ -535,12 +535,26 @@ pub async fn collect_experiment(
         )?;
         for (t, done) in page.traces.into_iter().zip(delivered) {
             if t.state.as_deref() == Some("IN_PROGRESS") {
-                // Read when it has ended: until then the window is held open back to its start
-                // (at most MAX_CATCHUP_HOURS), however long it runs.
-                if let Some(start) = t.time_us().filter(|s| *s >= floor) {
-                    if stats.hold_from.is_none_or(|h| start < h) {
-                        stats.hold_from = Some(start);
+                // Read when it has ended: until then the window is held open back to its start,
+                // for a run of up to MAX_RUN_HOURS (and within MAX_CATCHUP_HOURS). A trace left
+                // IN_PROGRESS for longer (a client that died mid-run) stops holding it.
+                match t.time_us() {
+                    Some(start) if start >= floor.max(now_us - MAX_RUN_US) => {
+                        hold(&mut stats, start)
                     }
+                    Some(start)
+                        if start >= now_us - MAX_RUN_US - opts.lookback.as_micros() as i64 =>
+                    {
+                        tracing::warn!(
+                            "{ns}: trace {} has been IN_PROGRESS since {}, longer than {} hours: \
+                             no longer waited for (if it ends, it is read only while its start is \
+                             within LOOKBACK_MINUTES)",
+                            t.trace_id,
+                            format_timestamp(start),
+                            MAX_RUN_US / 3_600_000_000
+                        );
+                    }
+                    _ => {}
                 }
                 continue;
             }
@@ -599,6 +613,21 @@ pub async fn collect_experiment(
         route: "POST /api/3.0/mlflow/traces/search".into(),
         detail: "more than 100000 pages: the search never ends".into(),
     }))
+}
+
+/// The longest agent run whose trace is waited for while `IN_PROGRESS` (6 hours).
+const MAX_RUN_US: i64 = 6 * 3_600_000_000;
+
+/// The next read of the source must reach back to `time_us` (a trace not read yet).
+fn hold(stats: &mut TableStats, time_us: i64) {
+    if stats.hold_from.is_none_or(|h| time_us < h) {
+        stats.hold_from = Some(time_us);
+    }
+}
+
+/// When a trace ended: its start plus its execution duration (its start when unknown).
+fn trace_end_us(t: &TraceInfo, start_us: i64) -> i64 {
+    start_us.saturating_add(t.duration_ms().unwrap_or(0).max(0).saturating_mul(1000))
 }
 
 /// Traces older than this (µs) are read for the last time by a read at `now_us`: the next
@@ -693,16 +722,22 @@ async fn download_all(
                 Some(Err(
                     e @ (DatabricksError::PermissionDenied { .. } | DatabricksError::Auth { .. }),
                 )) => return Err(span_access_error(e, source).into()),
-                Some(Err(e @ DatabricksError::NotFound { .. })) if *time_us >= last_read_before => {
+                // The upload follows the trace's end: waited for up to a lookback after the end
+                // (not the start: a long run ends long after it started), the window held open
+                // back to its start meanwhile.
+                Some(Err(e @ DatabricksError::NotFound { .. }))
+                    if trace_end_us(t, *time_us) >= last_read_before =>
+                {
                     tracing::info!(
                         "spans of trace {} ({ns}) not found yet (uploaded when the trace ends); it is read again next cycle: {e}",
                         t.trace_id
                     );
+                    hold(stats, *time_us);
                     continue;
                 }
                 Some(Err(e @ DatabricksError::NotFound { .. })) => {
                     tracing::warn!(
-                        "spans of trace {} ({ns}) still not found and the trace leaves the LOOKBACK_MINUTES window: sending its summary only: {e}",
+                        "spans of trace {} ({ns}) still not found a LOOKBACK_MINUTES after the trace ended: sending its summary only: {e}",
                         t.trace_id
                     );
                     vec![summary_span(t, *time_us)]

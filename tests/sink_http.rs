@@ -836,6 +836,28 @@ async fn standin_400_for_one_record_rejects_only_that_record() {
     assert_eq!(st.records().len(), 11);
 }
 
+/// A record refused alone with 413 while the others went through: a proxy's body limit below
+/// Akto's. It is rejected (quarantined by delivery) with a reason naming the limit to raise.
+#[tokio::test]
+async fn standin_413_for_one_record_names_the_body_limit_to_raise() {
+    let st = standin(None).await;
+    st.set_behavior(Behavior::RejectMatching {
+        needle: "\"1700000003\"".into(),
+        status: 413,
+    });
+    let s = sink(standin_url(&st), None, fast_retry(3));
+    let records: Vec<_> = (0..6).map(akto_record).collect();
+    let out = s.deliver(&records).await.unwrap();
+    assert_eq!(out.delivered.len(), 5);
+    assert_eq!(
+        out.rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![3]
+    );
+    let reason = &out.rejected[0].1;
+    assert!(reason.contains("HTTP 413"), "{reason}");
+    assert!(reason.contains("raise that limit to 10m"), "{reason}");
+}
+
 #[tokio::test]
 async fn standin_422_for_every_record_still_rejects_each() {
     let st = standin(None).await;

@@ -690,69 +690,93 @@ async fn span_downloads_trust_the_ca_bundle() {
     emu.shutdown().await;
 }
 
+/// One cycle of a fresh connector on `state_dir` with a lookback of 2 s (what a long agent run
+/// outlives), delivering to `standin`.
+async fn short_lookback_cycle(
+    emu: &databricks_emulator::Emulator,
+    standin: &akto_standin::StandIn,
+    state_dir: &std::path::Path,
+) {
+    use databricks_shield::run::{Connector, Shutdown};
+    let mut s = settings(state_dir);
+    s.collect.lookback = std::time::Duration::from_secs(2);
+    let c = std::sync::Arc::new(Connector::new(
+        client(&emu.base_url(), "emulator-client", SECRET),
+        http_sink(&standin.url()),
+        StateStore::open(state_dir, false).unwrap(),
+        s,
+    ));
+    let (_t, shutdown) = Shutdown::new();
+    let r = c.run_cycle(&shutdown).await;
+    assert!(r.ok(), "{:?}", r.errors);
+}
+
+/// Trace ids of the experiment records `standin` received from index `from` on.
+fn experiment_traces_from(standin: &akto_standin::StandIn, from: usize) -> BTreeSet<String> {
+    standin.records()[from..]
+        .iter()
+        .filter(|r| {
+            common::header(r, "requestHeaders", "x-mlflow-location")
+                .is_some_and(|l| l.starts_with("mlflow:"))
+        })
+        .filter_map(|r| common::header(r, "requestHeaders", "x-mlflow-trace-id"))
+        .collect()
+}
+
 /// An agent run that outlives the lookback: its trace is `IN_PROGRESS` over several cycles and
 /// ends after its start has left the window a read mark at the last cycle would give. The trace
-/// still holds its experiment's window open, so it is sent when it has ended, once.
+/// still holds its experiment's window open, so it is sent when it has ended, once. When its
+/// spans are not uploaded yet at the first read after its end (404), it is waited for (a
+/// lookback after its end, not its start): its spans are sent, not a summary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_that_ends_after_the_lookback_is_still_sent_once() {
-    use databricks_shield::run::{Connector, Shutdown};
-    let emu = emulator(emulator_config()).await;
-    let standin = standin().await;
-    let dir = tempfile::tempdir().unwrap();
-    let state_dir = dir.path().join("state");
-    let cycle = || {
-        let mut s = settings(&state_dir);
-        s.collect.lookback = std::time::Duration::from_secs(2);
-        let c = std::sync::Arc::new(Connector::new(
-            client(&emu.base_url(), "emulator-client", SECRET),
-            http_sink(&standin.url()),
-            StateStore::open(&state_dir, false).unwrap(),
-            s,
-        ));
-        async move {
-            let (_t, shutdown) = Shutdown::new();
-            let r = c.run_cycle(&shutdown).await;
-            assert!(r.ok(), "{:?}", r.errors);
+    for late_upload in [false, true] {
+        let emu = emulator(emulator_config()).await;
+        let standin = standin().await;
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        let cycle = || short_lookback_cycle(&emu, &standin, &state_dir);
+        let traces_from = |from: usize| experiment_traces_from(&standin, from);
+
+        // One finished trace per experiment (the cursor) and one long run still going.
+        let start_ms = chrono::Utc::now().timestamp_millis() - 500;
+        emu.add_traces(1);
+        let running = emu.start_trace(start_ms);
+        cycle().await;
+        let experiments = traces_from(0).len();
+        assert!(experiments >= 1, "no experiment trace delivered");
+        // Later cycles while it runs: its start falls out of (now - lookback).
+        std::thread::sleep(std::time::Duration::from_millis(2_600));
+        let before = standin.records().len();
+        cycle().await;
+        assert!(
+            traces_from(before).is_empty(),
+            "an unfinished trace was sent"
+        );
+
+        emu.finish_trace(running);
+        if late_upload {
+            // Its spans are not in storage yet at the next read.
+            emu.set_faults("route=/_signed/traces/,kind=404,count=unlimited")
+                .unwrap();
+            let before = standin.records().len();
+            cycle().await;
+            assert!(
+                traces_from(before).is_empty(),
+                "late_upload: sent without its spans"
+            );
+            emu.set_faults("").unwrap();
         }
-    };
-    // Trace ids of experiment records received from index `from` on.
-    let traces_from = |from: usize| -> BTreeSet<String> {
-        standin.records()[from..]
-            .iter()
-            .filter(|r| {
-                common::header(r, "requestHeaders", "x-mlflow-location")
-                    .is_some_and(|l| l.starts_with("mlflow:"))
-            })
-            .filter_map(|r| common::header(r, "requestHeaders", "x-mlflow-trace-id"))
-            .collect()
-    };
-
-    // One finished trace per experiment (the cursor) and one long run still going.
-    let start_ms = chrono::Utc::now().timestamp_millis() - 500;
-    emu.add_traces(1);
-    let running = emu.start_trace(start_ms);
-    cycle().await;
-    let experiments = traces_from(0).len();
-    assert!(experiments >= 1, "no experiment trace delivered");
-    // Later cycles while it runs: its start falls out of (now - lookback).
-    std::thread::sleep(std::time::Duration::from_millis(2_600));
-    let before = standin.records().len();
-    cycle().await;
-    assert!(
-        traces_from(before).is_empty(),
-        "an unfinished trace was sent"
-    );
-
-    emu.finish_trace(running);
-    let before = standin.records().len();
-    cycle().await;
-    let ended = traces_from(before);
-    assert_eq!(
-        ended.len(),
-        experiments,
-        "the long run's trace, once per experiment"
-    );
-    let before = standin.records().len();
-    cycle().await;
-    assert!(traces_from(before).is_empty(), "sent again");
+        let before = standin.records().len();
+        cycle().await;
+        let ended = traces_from(before);
+        assert_eq!(
+            ended.len(),
+            experiments,
+            "late_upload={late_upload}: the long run's trace, once per experiment"
+        );
+        let before = standin.records().len();
+        cycle().await;
+        assert!(traces_from(before).is_empty(), "sent again");
+    }
 }

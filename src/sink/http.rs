@@ -370,11 +370,28 @@ impl HttpSink {
                     .path_error(*status, body, &what)
                     .with_progress(Vec::new(), out.rejected));
             }
-            out.rejected.extend(
-                doubtful
-                    .into_iter()
-                    .map(|(i, status, body)| (i, refusal(status, &body))),
-            );
+            // Others went through: this record itself is refused. Kept in quarantine (with the
+            // fix) rather than pending, which would stop all delivery at it every cycle.
+            for (i, status, body) in doubtful {
+                let reason = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    tracing::error!(
+                        "a {}-byte record was refused with HTTP 413 while smaller ones were \
+                         accepted: something between the connector and Akto limits request bodies \
+                         below Akto's 10 MiB (e.g. an ingress' client_max_body_size); raise it to \
+                         10m. The record is kept in STATE_DIR/quarantine.jsonl",
+                        batch[i].json.len()
+                    );
+                    format!(
+                        "{}; smaller records were accepted, so a proxy or ingress between the \
+                         connector and Akto limits request bodies below Akto's 10 MiB: raise that \
+                         limit to 10m",
+                        refusal(status, &body)
+                    )
+                } else {
+                    refusal(status, &body)
+                };
+                out.rejected.push((i, reason));
+            }
         }
         Ok(out)
     }

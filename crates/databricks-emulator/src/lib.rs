@@ -254,6 +254,7 @@ impl Emulator {
             started_ms: now_ms,
             extra_traces: Mutex::new(Vec::new()),
             traces_in_progress: Mutex::new(Default::default()),
+            traces_finished: Mutex::new(Default::default()),
             storage_url: Mutex::new(None),
             rotated: Mutex::new((None, None)),
             base_url: base_url.clone(),
@@ -357,7 +358,10 @@ impl Emulator {
 
     /// Ends the traces of [`Emulator::start_trace`]: from now on they are `OK` (or `ERROR`).
     pub fn finish_trace(&self, handle: u64) {
-        lock(&self.shared.traces_in_progress).remove(&handle);
+        if lock(&self.shared.traces_in_progress).remove(&handle) {
+            lock(&self.shared.traces_finished)
+                .insert(handle, chrono::Utc::now().timestamp_millis());
+        }
     }
 
     /// Make the signed URIs of trace data point at `url` (e.g. `https://localhost:PORT`, a TLS

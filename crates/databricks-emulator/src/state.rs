@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     pub extra_traces: Mutex<Vec<(i64, u64)>>,
     /// Seeds of the `extra_traces` still running (`IN_PROGRESS`, `Emulator::start_trace`).
     pub traces_in_progress: Mutex<std::collections::HashSet<u64>>,
+    /// When `Emulator::finish_trace` ended them (ms): their execution duration runs until then.
+    pub traces_finished: Mutex<std::collections::HashMap<u64, i64>>,
     /// Where signed trace-data URIs point (`Emulator::set_storage_url`), e.g. a TLS front;
     /// `None`: the emulator's own address.
     pub storage_url: Mutex<Option<String>>,

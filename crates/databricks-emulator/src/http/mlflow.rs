@@ -39,6 +39,7 @@ fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
     let mut rng = Rng::new(shared.cfg.seed ^ (exp.agent as u64).wrapping_mul(0x7F4A_7C15) ^ 0x7ACE);
     let extra: Vec<(i64, u64)> = crate::state::lock(&shared.extra_traces).clone();
     let running = crate::state::lock(&shared.traces_in_progress).clone();
+    let finished = crate::state::lock(&shared.traces_finished).clone();
     let mut out: Vec<Trace> = (0..TRACES_PER_EXPERIMENT)
         .map(|k| Trace {
             id: format!("tr-{}", rng.hex(32)),
@@ -73,7 +74,13 @@ fn traces_of(shared: &Shared, exp: &Experiment) -> Vec<Trace> {
             experiment: exp.id.clone(),
             agent: exp.agent,
             ts_ms,
-            duration_ms: 200 + r.below(5000) as i64,
+            // Drawn in any case: the trace's other values stay the same once it has ended.
+            duration_ms: {
+                let drawn = 200 + r.below(5000) as i64;
+                finished
+                    .get(&seed)
+                    .map_or(drawn, |end| (end - ts_ms).max(0))
+            },
             ok: r.chance(900),
             in_progress: running.contains(&seed),
             seed: r.next_u64(),
