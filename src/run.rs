@@ -1415,10 +1415,9 @@ mod tests {
         Connector::new(client, sink, state, settings)
     }
 
-    /// Delivers `tables` and `first` (the trace sources' channel), the tables' chunks queued
-    /// first: delivery must still take the traces' first.
-    async fn deliver(c: &Connector, first: Vec<Chunk>, tables: Vec<Chunk>) -> DeliveryTotals {
-        let agents: BTreeMap<String, Arc<AgentInfo>> = [(
+    /// The agent of `TABLE`.
+    fn bot_agents() -> BTreeMap<String, Arc<AgentInfo>> {
+        [(
             TABLE.to_string(),
             Arc::new(AgentInfo {
                 name: "bot".into(),
@@ -1427,7 +1426,13 @@ mod tests {
             }),
         )]
         .into_iter()
-        .collect();
+        .collect()
+    }
+
+    /// Delivers `tables` and `first` (the trace sources' channel), the tables' chunks queued
+    /// first: delivery must still take the traces' first.
+    async fn deliver(c: &Connector, first: Vec<Chunk>, tables: Vec<Chunk>) -> DeliveryTotals {
+        let agents = bot_agents();
         let (table_tx, table_rx) = mpsc::channel(16);
         for chunk in tables {
             table_tx.send(chunk).await.unwrap();
@@ -1578,18 +1583,6 @@ mod tests {
             .to_string()
             .into(),
         );
-        let agents = || -> BTreeMap<String, Arc<AgentInfo>> {
-            [(
-                TABLE.to_string(),
-                Arc::new(AgentInfo {
-                    name: "bot".into(),
-                    host: HOST.into(),
-                    path: "/serving-endpoints/bot/invocations".into(),
-                }),
-            )]
-            .into_iter()
-            .collect()
-        };
         let run = |exec: Execution| {
             let c = &c;
             async move {
@@ -1599,7 +1592,7 @@ mod tests {
                 table_tx.send(table_chunk(vec![exec])).await.unwrap();
                 drop(table_tx);
                 let (_t, shutdown) = Shutdown::new();
-                c.deliver(rx, table_rx, agents(), shutdown).await
+                c.deliver(rx, table_rx, bot_agents(), shutdown).await
             }
         };
         let paths = || -> Vec<String> {

@@ -579,79 +579,6 @@ async fn a_trace_logged_while_paging_sends_no_trace_twice() {
     emu.shutdown().await;
 }
 
-/// A test-only TLS front (a CA made at runtime, rustls with ring) relaying to the emulator: cloud
-/// storage as seen through a TLS-inspecting proxy. Returns (`https://localhost:PORT`, CA PEM,
-/// completed handshakes).
-async fn tls_front(
-    emu_url: &str,
-) -> (
-    String,
-    String,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use tokio_rustls::rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-    use tokio_rustls::rustls::{crypto::ring, ServerConfig};
-
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(
-        DnType::CommonName,
-        "databricks-shield test storage proxy CA",
-    );
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let mut leaf_params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    leaf_params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
-    let config = ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let upstream = emu_url
-        .strip_prefix("http://")
-        .unwrap()
-        .trim_end_matches('/')
-        .to_string();
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let handshakes = Arc::new(AtomicUsize::new(0));
-    let h = handshakes.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            let (acceptor, upstream, h) = (acceptor.clone(), upstream.clone(), h.clone());
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                h.fetch_add(1, Ordering::SeqCst);
-                let Ok(mut up) = tokio::net::TcpStream::connect(&upstream).await else {
-                    return;
-                };
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
-            });
-        }
-    });
-    (format!("https://localhost:{port}"), ca.pem(), handshakes)
-}
-
 /// Behind a TLS-inspecting proxy the span downloads from cloud storage trust the same
 /// DATABRICKS_CA_BUNDLE as the API calls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -660,11 +587,11 @@ async fn span_downloads_trust_the_ca_bundle() {
     let emu = emulator(emulator_config()).await;
     let inv = discover(&emu).await;
     let sources = traces::trace_sources(&inv, "127.0.0.1");
-    let (storage, ca_pem, handshakes) = tls_front(&emu.base_url()).await;
-    emu.set_storage_url(Some(&storage));
+    let front = common::tls::tls_front(&emu.base_url()).await;
+    emu.set_storage_url(Some(&front.url));
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, ca_pem).unwrap();
+    std::fs::write(&ca, &front.ca_pem).unwrap();
     let c = databricks_shield::databricks::DatabricksClient::with_ca_bundle(
         &url::Url::parse(&emu.base_url()).unwrap(),
         databricks_shield::databricks::Credentials::OAuth {
@@ -684,7 +611,7 @@ async fn span_downloads_trust_the_ca_bundle() {
         .iter()
         .all(|(_, u)| u.records.iter().any(|r| r.path.starts_with("/llm/"))));
     assert!(
-        handshakes.load(Ordering::SeqCst) > 0,
+        front.handshakes.load(Ordering::SeqCst) > 0,
         "storage was reached through TLS"
     );
     emu.shutdown().await;

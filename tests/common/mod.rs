@@ -4,6 +4,7 @@
 
 pub mod kafka;
 pub mod sasl;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
