@@ -540,8 +540,10 @@ impl Connector {
                             report.errors.push(format!("{table}: {e}"));
                         }
                     }
-                    if let Err(e) = self.prune_tool_calls(cycle_start_us - keep) {
-                        report.errors.push(format!("tool call registry: {e}"));
+                    if let Err(e) = self.prune_registries(cycle_start_us - keep) {
+                        report
+                            .errors
+                            .push(format!("pruning the delivery registries: {e}"));
                     }
                 }
             }
@@ -561,11 +563,12 @@ impl Connector {
         Ok(())
     }
 
-    /// Forgets registered tool calls older than `before_us` in every agent's registry (also
-    /// of agents no longer discovered), so the registry never grows without bound.
-    fn prune_tool_calls(&self, before_us: i64) -> Result<u64, StateError> {
+    /// Forgets what the delivery stage's own namespaces hold from before `before_us`: tool calls
+    /// sent (every agent's registry, also of agents no longer discovered), records of units
+    /// confirmed in part, unreadable rows quarantined. None of them grows without bound.
+    fn prune_registries(&self, before_us: i64) -> Result<u64, StateError> {
         let mut removed = 0;
-        for prefix in [TOOL_CALL_PREFIX, PARTLY_SENT_PREFIX] {
+        for prefix in [TOOL_CALL_PREFIX, PARTLY_SENT_PREFIX, QUARANTINED_PREFIX] {
             for ns in self.state.namespaces_with_prefix(prefix)? {
                 removed += self.state.prune(&ns, before_us)?;
             }
@@ -632,9 +635,7 @@ impl Connector {
             // were not sent.
             self.commit_pending(pending).await?;
             ledger.start_chunk();
-            for (reason, raw) in &chunk.unreadable {
-                self.quarantine.put(&chunk.table, "", reason, raw)?;
-            }
+            self.quarantine_unreadable(&chunk, pending)?;
             let mut batch = Batch::default();
             // Units with ready records (traces, inventory): validated, batched, checkpointed alike.
             ledger.prefetch(
@@ -745,6 +746,38 @@ impl Connector {
                 )
                 .await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Quarantines the rows of `chunk` that could not be read (no id or time), each once: a row
+    /// read again by a later cycle (one without an id stays in the window the late pass reads)
+    /// is known by the SHA-256 of its content (state namespace `quarantined:<namespace>`, kept a
+    /// lookback like delivered ids) and not quarantined twice.
+    fn quarantine_unreadable(
+        &self,
+        chunk: &Chunk,
+        pending: &mut Pending,
+    ) -> Result<(), StateError> {
+        if chunk.unreadable.is_empty() {
+            return Ok(());
+        }
+        let ns = format!("{QUARANTINED_PREFIX}{}", chunk.table);
+        let keys: Vec<String> = chunk
+            .unreadable
+            .iter()
+            .map(|(_, raw)| content_key(raw))
+            .collect();
+        let known = self
+            .state
+            .delivered_among(&ns, keys.iter().map(String::as_str))?;
+        let now_us = chrono::Utc::now().timestamp_micros();
+        for ((reason, raw), key) in chunk.unreadable.iter().zip(keys) {
+            if known.contains(&key) {
+                continue;
+            }
+            self.quarantine.put(&chunk.table, "", reason, raw)?;
+            pending.rows.push((ns.clone(), key, now_us, true));
         }
         Ok(())
     }
@@ -1004,7 +1037,7 @@ impl Connector {
     /// marker), after the sink made what it accepted durable (a file's fsync). Nothing to do
     /// when no batch was sent since the last commit.
     async fn commit_pending(&self, pending: &mut Pending) -> Result<(), DeliveryError> {
-        if pending.batches == 0 && pending.records == 0 {
+        if pending.batches == 0 && pending.records == 0 && pending.rows.is_empty() {
             return Ok(());
         }
         let p = std::mem::take(pending);
@@ -1097,16 +1130,24 @@ fn partly_sent_namespace(table: &str) -> String {
     format!("{PARTLY_SENT_PREFIX}{table}")
 }
 
-/// A record's key within its unit: the first 128 bits of the SHA-256 of its JSON, in hex. The
-/// mapping is deterministic, so the same row gives the same record again (a change of
-/// configuration that changes the record, e.g. redaction, sends it again).
-fn partly_sent_key(unit: &str, json: &str) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
-    let hex: String = d.as_ref()[..16]
+/// State namespaces `quarantined:<namespace>`: unreadable rows already quarantined (id: their
+/// [`content_key`]).
+pub const QUARANTINED_PREFIX: &str = "quarantined:";
+
+/// The first 128 bits of the SHA-256 of `text`, in hex.
+fn content_key(text: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    d.as_ref()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{unit}#{hex}")
+        .collect()
+}
+
+/// A record's key within its unit: its [`content_key`]. The mapping is deterministic, so the
+/// same row gives the same record again (a change of configuration that changes the record, e.g.
+/// redaction, sends it again).
+fn partly_sent_key(unit: &str, json: &str) -> String {
+    format!("{unit}#{}", content_key(json))
 }
 
 /// Records confirmed of units that were sent only in part (see [`Connector::flush`]): rare, so
@@ -1537,14 +1578,43 @@ mod tests {
         assert_eq!(text.matches("/invocations").count(), 2);
 
         // Pruned like other namespaces: nothing older than the horizon stays.
-        assert_eq!(c.prune_tool_calls(2_500).unwrap(), 2);
+        assert_eq!(c.prune_registries(2_500).unwrap(), 2);
         assert_eq!(c.state.delivered_count(&ns).unwrap(), 1);
-        assert_eq!(c.prune_tool_calls(i64::MAX).unwrap(), 1);
+        assert_eq!(c.prune_registries(i64::MAX).unwrap(), 1);
         assert!(c
             .state
             .namespaces_with_prefix(TOOL_CALL_PREFIX)
             .unwrap()
             .is_empty());
+    }
+
+    /// A row that cannot be read (no id) and is read again by the next cycles is quarantined once.
+    #[tokio::test]
+    async fn an_unreadable_row_read_again_is_quarantined_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = connector(dir.path());
+        let chunk = || Chunk {
+            table: TABLE.into(),
+            unreadable: vec![
+                (
+                    "row without a usable databricks_request_id".into(),
+                    "[null,\"1\"]".into(),
+                ),
+                (
+                    "row without a usable databricks_request_id".into(),
+                    "[null,\"2\"]".into(),
+                ),
+            ],
+            ..Default::default()
+        };
+        deliver(&c, Vec::new(), vec![chunk()]).await;
+        deliver(&c, Vec::new(), vec![chunk(), chunk()]).await;
+        let text = std::fs::read_to_string(dir.path().join("state").join("quarantine.jsonl"))
+            .unwrap_or_default();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(c.quarantine.count.load(Ordering::Relaxed), 2);
+        // Forgotten with the registry's horizon.
+        assert_eq!(c.prune_registries(i64::MAX).unwrap(), 2);
     }
 
     /// A unit confirmed only in part: its records went in two requests (over 10 MiB together)
@@ -1639,7 +1709,7 @@ mod tests {
         );
         assert_eq!(c.state.delivered_count(TABLE).unwrap(), 1);
         // Pruned with the registry.
-        assert!(c.prune_tool_calls(i64::MAX).unwrap() >= 3);
+        assert!(c.prune_registries(i64::MAX).unwrap() >= 3);
         assert!(c
             .state
             .namespaces_with_prefix(PARTLY_SENT_PREFIX)
