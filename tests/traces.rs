@@ -423,18 +423,30 @@ async fn collect_all_refuses_a_result_cut_at_the_byte_limit() {
     emu.shutdown().await;
 }
 
+/// An emulator, a client, the trace sources (the first is read) and a fresh state.
+async fn first_experiment() -> (
+    databricks_emulator::Emulator,
+    databricks_shield::databricks::DatabricksClient,
+    Vec<TraceSource>,
+    tempfile::TempDir,
+    StateStore,
+) {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let sources = traces::trace_sources(&inv, "127.0.0.1");
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    (emu, c, sources, dir, state)
+}
+
 /// Spans not uploaded yet (storage answers 404, a race with the trace's end) are not a reason to
 /// commit the trace as a summary: it is left for the next cycle's late window, and read in full
 /// once its spans are there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_not_uploaded_yet_leave_the_trace_for_the_next_cycle() {
-    let emu = emulator(emulator_config()).await;
-    let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discover(&emu).await;
-    let sources = traces::trace_sources(&inv, "127.0.0.1");
+    let (emu, c, sources, _dir, state) = first_experiment().await;
     let src = &sources[0];
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateStore::open(dir.path(), false).unwrap();
 
     for route in ["/_signed/traces/", "/api/2.0/mlflow/traces/"] {
         emu.set_faults(&format!("route={route},kind=404,count=unlimited"))
@@ -516,13 +528,8 @@ async fn spans_still_missing_at_the_window_edge_send_the_summary() {
 /// fails the experiment's source with the fix; no summary is committed instead of the spans.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn span_data_refused_fails_the_source_naming_the_fix() {
-    let emu = emulator(emulator_config()).await;
-    let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discover(&emu).await;
-    let sources = traces::trace_sources(&inv, "127.0.0.1");
+    let (emu, c, sources, _dir, state) = first_experiment().await;
     let src = &sources[0];
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateStore::open(dir.path(), false).unwrap();
 
     for (route, fix) in [
         ("/api/2.0/mlflow/traces/", "CAN READ"),
