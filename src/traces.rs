@@ -615,6 +615,19 @@ pub async fn collect_experiment(
     }))
 }
 
+/// Runs a span-table statement and returns its rows up to the byte limit, and whether the
+/// result was cut there; counted in `stats`.
+async fn read_prefix(
+    client: &DatabricksClient,
+    st: Statement,
+    stats: &mut TableStats,
+) -> Result<(Vec<crate::databricks::sql::Row>, bool), DatabricksError> {
+    stats.statements += 1;
+    let (rows, cut) = client.execute(&st).await?.collect_prefix().await?;
+    stats.rows_returned += rows.len() as u64;
+    Ok((rows, cut))
+}
+
 /// The longest agent run whose trace is waited for while `IN_PROGRESS` (6 hours).
 const MAX_RUN_US: i64 = 6 * 3_600_000_000;
 
@@ -855,21 +868,20 @@ pub async fn collect_otel_table(
              ORDER BY start_time_unix_nano, trace_id LIMIT {PAGE}",
             t = quote_table(table)
         );
-        stats.statements += 1;
         // A page cut at the byte limit holds fewer than PAGE roots yet more follow: go on after
         // its last root (keyset), never take it for the end.
-        let (roots, cut) = client
-            .execute(&statement(
+        let (roots, cut) = read_prefix(
+            client,
+            statement(
                 sql,
                 vec![
                     Param::new("after_ns", after.0.to_string(), "BIGINT"),
                     Param::new("after_id", after.1.clone(), "STRING"),
                 ],
-            ))
-            .await?
-            .collect_prefix()
-            .await?;
-        stats.rows_returned += roots.len() as u64;
+            ),
+            &mut stats,
+        )
+        .await?;
         let n = roots.len();
         if n == 0 && cut {
             return Err(row_too_large(table, "a root span's trace_id"));
@@ -1062,13 +1074,7 @@ where
             t = quote_table(table),
             m = marks.join(", ")
         );
-        stats.statements += 1;
-        let (rows, cut) = client
-            .execute(&statement(sql, params))
-            .await?
-            .collect_prefix()
-            .await?;
-        stats.rows_returned += rows.len() as u64;
+        let (rows, cut) = read_prefix(client, statement(sql, params), stats).await?;
         if cut {
             // The last trace of the result may be cut short: ask again for fewer traces.
             tracing::debug!(
@@ -1122,13 +1128,7 @@ where
             "SELECT {SPAN_COLUMNS} FROM {t} WHERE trace_id = :t0{keyset} ORDER BY span_id",
             t = quote_table(table),
         );
-        stats.statements += 1;
-        let (rows, cut) = client
-            .execute(&statement(sql, params))
-            .await?
-            .collect_prefix()
-            .await?;
-        stats.rows_returned += rows.len() as u64;
+        let (rows, cut) = read_prefix(client, statement(sql, params), stats).await?;
         if rows.is_empty() && cut {
             return Err(row_too_large(table, &format!("a span of trace {id}")));
         }

@@ -209,8 +209,14 @@ async fn experiment_traces_become_span_records_exactly_once() {
     emu.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn otel_span_tables_are_read_through_sql_exactly_once() {
+/// An emulator, a client, its inventory, the first OTel span table and the warehouse to read it.
+async fn otel_table() -> (
+    databricks_emulator::Emulator,
+    databricks_shield::databricks::DatabricksClient,
+    Inventory,
+    String,
+    databricks_shield::databricks::sql::Warehouse,
+) {
     let emu = emulator(emulator_config()).await;
     let c = client(&emu.base_url(), "emulator-client", SECRET);
     let inv = discover(&emu).await;
@@ -220,6 +226,12 @@ async fn otel_span_tables_are_read_through_sql_exactly_once() {
         .expect("an OTel span table")
         .clone();
     let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    (emu, c, inv, table, wh)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_span_tables_are_read_through_sql_exactly_once() {
+    let (emu, c, inv, table, wh) = otel_table().await;
     let dir = tempfile::tempdir().unwrap();
     let state = StateStore::open(dir.path(), false).unwrap();
     let read = || {
@@ -337,15 +349,7 @@ async fn read_otel(
 /// Never a trace with its spans cut off (it would be committed with fewer or no records).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otel_span_results_cut_at_the_byte_limit_lose_no_span() {
-    let emu = emulator(emulator_config()).await;
-    let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discover(&emu).await;
-    let table = inv
-        .otel_span_tables
-        .first()
-        .expect("an OTel span table")
-        .clone();
-    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    let (emu, c, inv, table, wh) = otel_table().await;
 
     let dir = tempfile::tempdir().unwrap();
     let state = StateStore::open(dir.path(), false).unwrap();
@@ -383,15 +387,7 @@ async fn otel_span_results_cut_at_the_byte_limit_lose_no_span() {
 /// A result cut at the byte limit is refused by `collect_all` (never taken for the whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collect_all_refuses_a_result_cut_at_the_byte_limit() {
-    let emu = emulator(emulator_config()).await;
-    let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discover(&emu).await;
-    let table = inv
-        .otel_span_tables
-        .first()
-        .expect("an OTel span table")
-        .clone();
-    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    let (emu, c, _inv, table, wh) = otel_table().await;
     emu.set_faults(&format!(
         "kind=byte_limit,bytes=500,table={table},count=unlimited"
     ))
