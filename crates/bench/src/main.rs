@@ -7,6 +7,7 @@
 
 mod measure;
 mod procs;
+mod stages;
 mod standin;
 
 use std::io::Write as _;
@@ -38,7 +39,7 @@ pub enum SinkKind {
 #[derive(Subcommand)]
 enum Cmd {
     /// Everything, in order: floor, throughput + redaction (in-process), the run with a state
-    /// commit per batch (CHECKPOINT_BATCHES=1),
+    /// commit per batch (CHECKPOINT_BATCHES=1), the stages and transport alone,
     /// warehouse cost, 1M-row process runs (peak RSS, file sink; the 200-agent scale cycle, HTTP
     /// sink), the state store alone, and peak RSS vs statement page size.
     All {
@@ -124,6 +125,14 @@ enum Cmd {
     RssState {
         #[arg(long, default_value_t = 1_000_000)]
         rows: usize,
+    },
+    /// The connector's CPU stages alone on one thread (page parse, rows, map, validate, encode),
+    /// each pass adding one, next to the floor: what mapping costs without network and state.
+    Stages {
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
     },
     /// (internal) The counting strict Akto stand-in, as a process.
     Standin {
@@ -232,6 +241,7 @@ fn main() -> std::process::ExitCode {
             table_concurrency,
         } => measure::rss_cycle(&rt, &mut out, rows, statement_mib, table_concurrency),
         Cmd::RssState { rows } => measure::rss_state(&mut out, rows),
+        Cmd::Stages { rows, reps } => stages::stages(&rt, &mut out, rows, reps),
         Cmd::Standin { .. } => Ok(()),
     };
     match result {

@@ -19,8 +19,8 @@ use tokio::runtime::Runtime;
 use crate::procs::{self, median, step_err, BenchError, Service};
 use crate::{Out, SinkKind};
 
-const CLIENT_ID: &str = "emulator-client";
-const CLIENT_SECRET: &str = "emulator-secret";
+pub(crate) const CLIENT_ID: &str = "emulator-client";
+pub(crate) const CLIENT_SECRET: &str = "emulator-secret";
 /// Approximate request+response bytes per row, as the issue asks (~5 KB).
 pub const PAYLOAD_BYTES: usize = 5000;
 const SEED: u64 = 7;
@@ -28,13 +28,13 @@ const SEED: u64 = 7;
 pub const DEFAULT_BATCH: usize = 50;
 
 /// A scratch directory plus the sibling binaries.
-struct Work {
+pub(crate) struct Work {
     dir: tempfile::TempDir,
     bins: PathBuf,
 }
 
 impl Work {
-    fn new() -> Result<Work, BenchError> {
+    pub(crate) fn new() -> Result<Work, BenchError> {
         let dir = tempfile::Builder::new()
             .prefix("shield-bench-")
             .tempdir()
@@ -47,7 +47,7 @@ impl Work {
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
-    fn emulator(&self, rows: usize, agents: usize) -> Result<Service, BenchError> {
+    pub(crate) fn emulator(&self, rows: usize, agents: usize) -> Result<Service, BenchError> {
         let started = Instant::now();
         let args: Vec<String> = [
             "--listen",
@@ -76,7 +76,7 @@ impl Work {
         );
         Ok(s)
     }
-    fn standin(&self) -> Result<Service, BenchError> {
+    pub(crate) fn standin(&self) -> Result<Service, BenchError> {
         Service::spawn(
             &self.bins.join("shield-bench"),
             &["standin".to_string()],
@@ -85,7 +85,7 @@ impl Work {
     }
 }
 
-fn client(base: &str) -> Result<DatabricksClient, BenchError> {
+pub(crate) fn client(base: &str) -> Result<DatabricksClient, BenchError> {
     let url = url::Url::parse(base).map_err(|e| step_err("emulator URL", e))?;
     DatabricksClient::new(
         &url,
@@ -196,7 +196,7 @@ async fn post_json(url: &str, body: &Value) -> Result<(), BenchError> {
 // Floor
 
 /// Request and response payloads as the tables hold them (`None` = SQL NULL).
-async fn sample_payloads(
+pub(crate) async fn sample_payloads(
     emu: &Service,
     per_table: usize,
 ) -> Result<Vec<(Option<String>, Option<String>)>, BenchError> {
@@ -266,7 +266,7 @@ fn floor_once(samples: &[(Option<String>, Option<String>)], rows: usize) -> (f64
 }
 
 /// The floor, `reps` times on one dedicated thread; medians.
-fn floor(
+pub(crate) fn floor(
     samples: Vec<(Option<String>, Option<String>)>,
     rows: usize,
     reps: usize,
@@ -913,6 +913,8 @@ pub fn all(
             ..Batching::DEFAULT
         },
     )?;
+    // The same work split into the mapping stages and the transport, each alone on one thread.
+    crate::stages::stages(rt, out, rows, reps)?;
     cost(rt, out, 12, 5000, 250, 20_000, 5)?;
     if !skip_large {
         process(rt, out, large_rows, 5, SinkKind::File, false)?;
