@@ -441,7 +441,8 @@ impl HttpSink {
         group: &[usize],
         deadline: Instant,
     ) -> Result<Option<(StatusCode, String)>, SinkError> {
-        let body = build_body(batch, group);
+        // Shared, not copied, by each attempt.
+        let body = bytes::Bytes::from(build_body(batch, group));
         let mut attempt = 1u32;
         loop {
             match self.send_once(body.clone()).await? {
@@ -485,7 +486,7 @@ impl HttpSink {
         }
     }
 
-    async fn send_once(&self, body: Vec<u8>) -> Result<Reply, SinkError> {
+    async fn send_once(&self, body: bytes::Bytes) -> Result<Reply, SinkError> {
         let mut req = self
             .client
             .post(self.ingest_url.clone())
