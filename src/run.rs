@@ -968,16 +968,24 @@ impl Connector {
                 *d = true;
             }
         }
+        // A refused record settles its unit only once it is in quarantine. When that write
+        // fails, the rest of the batch is still recorded below (what the sink took must not be
+        // sent again) and the error is returned after that.
+        let mut quarantine_failed = None;
         for (i, reason) in &rejected {
             if let (Some(s), Some(rec)) = (settled.get_mut(*i), b.records.get(*i)) {
-                *s = true;
                 let owner = b.owner_of(*i).map(|e| e.0.as_str()).unwrap_or("");
-                self.quarantine.put(
+                match self.quarantine.put(
                     table,
                     owner,
                     &format!("the sink refused it: {reason}"),
                     &rec.json,
-                )?;
+                ) {
+                    Ok(()) => *s = true,
+                    Err(e) => {
+                        quarantine_failed.get_or_insert(e);
+                    }
+                }
             }
         }
         let committed: Vec<bool> = b
@@ -1015,7 +1023,10 @@ impl Connector {
                 .rows
                 .push((c.namespace.clone(), c.call_id.clone(), c.time_us, true));
         }
-        if failure.is_some() || pending.batches >= self.settings.checkpoint_batches.max(1) {
+        if failure.is_some()
+            || quarantine_failed.is_some()
+            || pending.batches >= self.settings.checkpoint_batches.max(1)
+        {
             self.commit_pending(pending).await?;
         }
         totals.records_sent += done.len() as u64;
@@ -1027,9 +1038,10 @@ impl Connector {
                 .unwrap_or(agent);
             *totals.per_agent.entry(who.to_string()).or_default() += 1;
         }
-        match failure {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
+        match (failure, quarantine_failed) {
+            (Some(e), _) => Err(e.into()),
+            (None, Some(e)) => Err(e.into()),
+            (None, None) => Ok(()),
         }
     }
 
@@ -1715,6 +1727,84 @@ mod tests {
             .namespaces_with_prefix(PARTLY_SENT_PREFIX)
             .unwrap()
             .is_empty());
+    }
+
+    /// A record the sink refused while its quarantine could not be written: what the sink took
+    /// in the same batch is still recorded (not sent again), the refused record's unit stays
+    /// open, and the next cycle quarantines that record without sending anything twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_quarantine_write_still_records_what_the_sink_took() {
+        let dir = tempfile::tempdir().unwrap();
+        let standin = akto_standin::StandIn::start(akto_standin::StandInConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            require_jwt: None,
+        })
+        .await
+        .unwrap();
+        let c = connector_with(
+            dir.path(),
+            AnySink::Http(
+                crate::sink::HttpSink::new(crate::sink::HttpSinkConfig::new(
+                    url::Url::parse(&standin.url()).unwrap(),
+                    None,
+                ))
+                .unwrap(),
+            ),
+        );
+        // Akto refuses req-1's tool call record (422); the quarantine file cannot be opened.
+        standin.set_behavior(akto_standin::Behavior::RejectMatching {
+            needle: "/tools/lookup".into(),
+            status: 422,
+        });
+        let quarantine = dir.path().join("state").join("quarantine.jsonl");
+        std::fs::create_dir(&quarantine).unwrap();
+        let execs = || {
+            vec![
+                execution("req-1", 1_000, &["call_bad"]),
+                execution("req-2", 2_000, &[]),
+            ]
+        };
+        let run = |execs: Vec<Execution>| {
+            let c = &c;
+            async move {
+                let (tx, rx) = mpsc::channel(1);
+                drop(tx);
+                let (table_tx, table_rx) = mpsc::channel(1);
+                table_tx.send(table_chunk(execs)).await.unwrap();
+                drop(table_tx);
+                let (_t, shutdown) = Shutdown::new();
+                c.deliver(rx, table_rx, bot_agents(), shutdown).await
+            }
+        };
+        let Err(err) = run(execs()).await else {
+            panic!("the quarantine write failed, the delivery must say so")
+        };
+        assert!(err.to_string().contains("quarantine"), "{err}");
+        assert_eq!(standin.records().len(), 2, "both execution records taken");
+        let done = |id: &str, t: i64| c.state.delivered_at(TABLE, [(t, id)]).unwrap()[0];
+        assert!(done("req-2", 2_000), "the unit the sink took is recorded");
+        assert!(
+            !done("req-1", 1_000),
+            "the unit with the refused record stays open"
+        );
+
+        // Fixed: the next cycle reads req-1 again (req-2 is delivered, reading skips it), sends
+        // nothing twice and quarantines the refused record.
+        std::fs::remove_dir(&quarantine).unwrap();
+        let t = run(execs().into_iter().take(1).collect())
+            .await
+            .expect("delivered");
+        let paths: Vec<String> = standin
+            .records()
+            .iter()
+            .map(|r| format!("{} {}", r["path"], r["requestHeaders"]))
+            .collect();
+        assert_eq!(standin.records().len(), 2, "nothing sent twice: {paths:#?}");
+        assert_eq!(t.records_sent, 0);
+        assert!(done("req-1", 1_000));
+        let text = std::fs::read_to_string(&quarantine).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(text.contains("call_bad"), "{text}");
     }
 
     #[test]
