@@ -12,6 +12,15 @@
 //! Whatever builds a record for an agent must take its host from [`Inventory::agent_host`], never
 //! from [`crate::traffic::agent_host`] of its name alone.
 //!
+//! Scope: one instance reads what its DATABRICKS_CATALOG.DATABRICKS_SCHEMA and DATABRICKS_PREFIX
+//! (compared case-insensitively, as Unity Catalog names are) hold. Endpoints and apps are listed
+//! from the whole workspace, so an agent whose Unity Catalog anchor lies elsewhere (the inference
+//! table its endpoint names, else its served UC models; or the table an app writes, when that is
+//! in the schema outside the prefix) is listed with a note but gets no MLflow experiment: the
+//! instance of that scope reads its traces. An agent with no anchor at all stays in scope.
+//! Serving endpoints, UC functions or UC models that cannot be listed (refused, not found) cost
+//! a WARN naming the fix, not the discovery: the inference tables alone find the agents.
+//!
 //! Architecture Invariant: discovery only reads; it never touches state or sinks, and it returns
 //! the same inventory (same order) for the same workspace.
 
@@ -325,6 +334,77 @@ fn table_agent_name(table: &str) -> String {
     table.strip_suffix("_payload").unwrap_or(table).to_string()
 }
 
+/// `name` without `prefix`, compared ASCII case-insensitively (Unity Catalog names are
+/// case-insensitive and stored lowercase: `PROD_` is the prefix of `prod_bot_payload`); `None`
+/// when `name` does not start with it.
+pub fn strip_prefix_ci<'a>(name: &'a str, prefix: &str) -> Option<&'a str> {
+    let n = prefix.len();
+    let head = name.as_bytes().get(..n)?;
+    if head.eq_ignore_ascii_case(prefix.as_bytes()) {
+        name.get(n..)
+    } else {
+        None
+    }
+}
+
+/// Whether the Unity Catalog object `full_name` (`catalog.schema.name`) is in this instance's
+/// scope: in `catalog.schema`, its name starting with `prefix` (all ASCII case-insensitive).
+pub fn in_scope(full_name: &str, catalog: &str, schema: &str, prefix: &str) -> bool {
+    let mut parts = full_name.splitn(3, '.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(c), Some(s), Some(n)) => {
+            c.eq_ignore_ascii_case(catalog)
+                && s.eq_ignore_ascii_case(schema)
+                && strip_prefix_ci(n, prefix).is_some()
+        }
+        _ => false,
+    }
+}
+
+/// Why an endpoint's agent is out of this instance's scope, or `None` when it is in scope.
+///
+/// The agent's Unity Catalog anchor decides: the inference table its config names (whether or
+/// not the table is visible), else its served UC models (in scope when any one is). An agent
+/// with no anchor at all (no inference table, only foundation or external models) is in scope:
+/// nothing ties it to another instance, and finding every agent matters more.
+fn endpoint_out_of_scope(
+    target: Option<&str>,
+    models: &[ServedModel],
+    (catalog, schema, prefix): (&str, &str, &str),
+) -> Option<String> {
+    let scope = format!("{catalog}.{schema} with prefix '{prefix}'");
+    if let Some(t) = target {
+        return (!in_scope(t, catalog, schema, prefix))
+            .then(|| format!("inference table {t} is outside {scope}: {OUT_OF_SCOPE}"));
+    }
+    let uc: Vec<&str> = models
+        .iter()
+        .filter(|m| m.kind == "uc_model")
+        .map(|m| m.name.as_str())
+        .collect();
+    if uc.is_empty() || uc.iter().any(|m| in_scope(m, catalog, schema, prefix)) {
+        return None;
+    }
+    Some(format!(
+        "no inference table enabled on this endpoint; its UC models ({}) are outside {scope}: {OUT_OF_SCOPE}",
+        uc.join(", ")
+    ))
+}
+
+/// How the out-of-scope set names an agent: `endpoint:<name>`, else `app:<name>` (the only
+/// agents that can be out of scope; table agents are in scope by construction).
+fn scope_key(a: &Agent) -> Option<String> {
+    match (&a.endpoint, &a.app) {
+        (Some(e), _) => Some(format!("endpoint:{e}")),
+        (None, Some(app)) => Some(format!("app:{}", app.name)),
+        (None, None) => None,
+    }
+}
+
+/// The end of every out-of-scope note.
+const OUT_OF_SCOPE: &str = "out of scope, its MLflow traces are not read by this instance \
+     (the instance for that catalog.schema and prefix reads them)";
+
 /// Builds the inventory of `catalog.schema`, tables filtered by `prefix`.
 pub async fn discover(
     client: &DatabricksClient,
@@ -343,10 +423,23 @@ pub async fn discover(
 
     // Inference tables in scope, by full name (lowercase: UC names are case-insensitive).
     let mut payload_tables: BTreeMap<String, InferenceTable> = BTreeMap::new();
+    // Inference tables of the schema outside the prefix, by the normalized name of their agent:
+    // an app linked to one of them belongs to another instance.
+    let mut out_of_prefix: BTreeMap<String, String> = BTreeMap::new();
     for t in &tables {
-        if !t.name.starts_with(prefix) {
+        if strip_prefix_ci(&t.name, prefix).is_none() {
             if inv.filtered_out_examples.len() < 5 {
                 inv.filtered_out_examples.push(t.name.clone());
+            }
+            if matches!(
+                classify(t),
+                TableKind::AiGatewayPayload | TableKind::LegacyPayload
+            ) {
+                let full = t
+                    .full_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{catalog}.{schema}.{}", t.name));
+                out_of_prefix.insert(normalize_name(&table_agent_name(&t.name)), full);
             }
             continue;
         }
@@ -377,8 +470,21 @@ pub async fn discover(
         }
     }
 
-    let endpoints = client.list_serving_endpoints().await?;
+    let endpoints = match client.list_serving_endpoints().await {
+        Ok(e) => e,
+        Err(e) if !e.is_retriable() && !matches!(e, DatabricksError::Auth { .. }) => {
+            tracing::warn!(
+                "cannot list serving endpoints ({e}); agents are found from inference tables and \
+                 apps only this cycle. Fix: give the service principal CAN_VIEW (or CAN_QUERY) on \
+                 the serving endpoints of its agents, or the workspace access to list them"
+            );
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
     let mut claimed: BTreeSet<String> = BTreeSet::new();
+    // Agents out of scope (by [`scope_key`]): no experiment is looked up for them.
+    let mut out_of_scope: BTreeSet<String> = BTreeSet::new();
     for listed in endpoints {
         // The list omits legacy auto-capture settings: fetch the endpoint when needed.
         let ep = if listed.inference_table().is_none() {
@@ -398,10 +504,18 @@ pub async fn discover(
         let table = target
             .as_ref()
             .and_then(|t| payload_tables.get(&t.to_ascii_lowercase()).cloned());
+        let models = served_models(&ep);
+        let scope_note =
+            endpoint_out_of_scope(target.as_deref(), &models, (catalog, schema, prefix));
         let table_note = match (&target, &table) {
+            _ if scope_note.is_some() => {
+                out_of_scope.insert(format!("endpoint:{}", ep.name));
+                scope_note
+            }
             (None, _) => Some("no inference table enabled on this endpoint".to_string()),
             (Some(t), None) => Some(format!(
-                "inference table {t} is not in {catalog}.{schema} with prefix '{prefix}' (or not visible)"
+                "inference table {t} is not visible in {catalog}.{schema} (not created yet, no \
+                 SELECT on it, or not an inference table)"
             )),
             _ => None,
         };
@@ -413,7 +527,7 @@ pub async fn discover(
             endpoint: Some(ep.name.clone()),
             task: ep.task.clone(),
             is_agent,
-            models: served_models(&ep),
+            models,
             table,
             table_note,
             tags: ep
@@ -453,12 +567,36 @@ pub async fn discover(
     inv.agents.sort_by(|a, b| a.name.cmp(&b.name));
     inv.llm_endpoints.sort_by(|a, b| a.name.cmp(&b.name));
 
-    let functions: Vec<FunctionInfo> = client.list_functions(catalog, schema).await?;
+    let principal = client.principal();
+    let functions: Vec<FunctionInfo> = match client.list_functions(catalog, schema).await {
+        Ok(f) => f,
+        Err(e) if !e.is_retriable() && !matches!(e, DatabricksError::Auth { .. }) => {
+            tracing::warn!(
+                "cannot list the UC functions of {catalog}.{schema} ({e}); agent tools are not \
+                 listed this cycle. Fix: {}",
+                uc_objects_fix(catalog, schema, &principal)
+            );
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
     inv.tools = functions.into_iter().map(|f| f.full_name).collect();
     inv.tools.sort();
 
+    let models = match client.list_models(catalog, schema).await {
+        Ok(m) => m,
+        Err(e) if !e.is_retriable() && !matches!(e, DatabricksError::Auth { .. }) => {
+            tracing::warn!(
+                "cannot list the UC models of {catalog}.{schema} ({e}); model versions are not \
+                 listed and experiments are not found through them this cycle. Fix: {}",
+                uc_objects_fix(catalog, schema, &principal)
+            );
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
     let mut run_ids: BTreeMap<(String, String), String> = BTreeMap::new();
-    for m in client.list_models(catalog, schema).await? {
+    for m in models {
         let versions = match client.list_model_versions(&m.full_name).await {
             Ok(v) => v
                 .into_iter()
@@ -485,12 +623,22 @@ pub async fn discover(
     }
     inv.models.sort_by(|a, b| a.full_name.cmp(&b.full_name));
 
-    add_apps(client, &mut inv).await?;
-    find_experiments(client, &mut inv, &run_ids).await?;
+    add_apps(client, &mut inv, &out_of_prefix, &mut out_of_scope).await?;
+    find_experiments(client, &mut inv, &run_ids, &out_of_scope).await?;
     for w in assign_hosts(&mut inv, client.base_url()) {
         warn_once(w);
     }
     Ok(inv)
+}
+
+/// The grants that let the service principal see a schema's UC functions and models.
+fn uc_objects_fix(catalog: &str, schema: &str, principal: &str) -> String {
+    format!(
+        "the service principal needs USE CATALOG, USE SCHEMA and EXECUTE to see the schema's \
+         functions and models: `GRANT USE CATALOG ON CATALOG {catalog} TO `{principal}`; \
+         GRANT USE SCHEMA ON SCHEMA {catalog}.{schema} TO `{principal}`; \
+         GRANT EXECUTE ON SCHEMA {catalog}.{schema} TO `{principal}`;`"
+    )
 }
 
 /// Lowercase, every run of characters outside `[a-z0-9]` as one `_`, trimmed: `Code-Reviewer`
@@ -513,7 +661,7 @@ pub fn normalize_name(name: &str) -> String {
 fn agent_aliases(a: &Agent, prefix: &str) -> Vec<String> {
     let mut names = vec![normalize_name(&a.name)];
     if !prefix.is_empty() {
-        if let Some(short) = a.name.strip_prefix(prefix) {
+        if let Some(short) = strip_prefix_ci(&a.name, prefix) {
             names.push(normalize_name(short));
         }
     }
@@ -532,7 +680,16 @@ fn agent_aliases(a: &Agent, prefix: &str) -> Vec<String> {
 /// with a serving-endpoint or experiment resource is an agent of its own (its executions come
 /// from its MLflow traces); other apps (dashboards, ...) are not agents. An apps API that is
 /// not available (disabled, no permission) only costs a WARN.
-async fn add_apps(client: &DatabricksClient, inv: &mut Inventory) -> Result<(), DatabricksError> {
+///
+/// An app that matches no agent in scope but an inference table of the schema outside the prefix
+/// (`out_of_prefix`: agent name -> table) belongs to the instance of that prefix: it is listed,
+/// without its experiment, and added to `out_of_scope`.
+async fn add_apps(
+    client: &DatabricksClient,
+    inv: &mut Inventory,
+    out_of_prefix: &BTreeMap<String, String>,
+    out_of_scope: &mut BTreeSet<String>,
+) -> Result<(), DatabricksError> {
     let apps = match client.list_apps().await {
         Ok(a) => a,
         Err(e) if !e.is_retriable() => {
@@ -578,6 +735,20 @@ async fn add_apps(client: &DatabricksClient, inv: &mut Inventory) -> Result<(), 
                 }
             }
             None if !entry.serving_endpoints.is_empty() || experiment.is_some() => {
+                let linked = out_of_prefix.get(&key);
+                let table_note = match linked {
+                    Some(t) => {
+                        out_of_scope.insert(format!("app:{}", app.name));
+                        format!(
+                            "deployed as a Databricks App writing inference table {t}, outside \
+                             {}.{} with prefix '{}': {OUT_OF_SCOPE}",
+                            inv.catalog, inv.schema, inv.prefix
+                        )
+                    }
+                    None => "deployed as a Databricks App: executions come from its MLflow traces"
+                        .to_string(),
+                };
+                let experiment_id = if linked.is_some() { None } else { experiment };
                 inv.agents.push(Agent {
                     name: app.name.clone(),
                     endpoint: None,
@@ -585,12 +756,9 @@ async fn add_apps(client: &DatabricksClient, inv: &mut Inventory) -> Result<(), 
                     is_agent: true,
                     models: Vec::new(),
                     table: None,
-                    table_note: Some(
-                        "deployed as a Databricks App: executions come from its MLflow traces"
-                            .into(),
-                    ),
+                    table_note: Some(table_note),
                     tags: BTreeMap::new(),
-                    experiment_id: experiment,
+                    experiment_id,
                     app: Some(entry),
                 });
             }
@@ -605,13 +773,24 @@ async fn add_apps(client: &DatabricksClient, inv: &mut Inventory) -> Result<(), 
 /// (`runs/get` -> `experiment_id`), else an experiment whose name (last path segment) or
 /// `agent`/`agent_name` tag names the agent. An experiment belongs to one agent only (the first
 /// in inventory order; a second claimant gets a WARN), so no trace is sent twice.
+///
+/// This is where the scope of the traces is decided: the agents in `out_of_scope` (by
+/// [`scope_key`]: their Unity Catalog anchor is outside catalog.schema and prefix) get no
+/// experiment, so [`crate::traces::trace_sources`] never reads their traces; the instance whose
+/// scope they are in does. Two instances split by schema or prefix never read the same traces.
 async fn find_experiments(
     client: &DatabricksClient,
     inv: &mut Inventory,
     run_ids: &BTreeMap<(String, String), String>,
+    out_of_scope: &BTreeSet<String>,
 ) -> Result<(), DatabricksError> {
+    let skipped = |a: &Agent| scope_key(a).is_some_and(|k| out_of_scope.contains(&k));
+    for a in inv.agents.iter_mut().filter(|a| skipped(a)) {
+        a.experiment_id = None;
+    }
+    let wanted = |a: &Agent| a.experiment_id.is_none() && !skipped(a);
     let mut by_run: BTreeMap<String, Option<String>> = BTreeMap::new();
-    for a in inv.agents.iter_mut().filter(|a| a.experiment_id.is_none()) {
+    for a in inv.agents.iter_mut().filter(|a| wanted(a)) {
         for m in a.models.iter().filter(|m| m.kind == "uc_model") {
             let Some(v) = &m.version else { continue };
             let Some(run) = run_ids.get(&(m.name.to_ascii_lowercase(), v.clone())) else {
@@ -638,19 +817,11 @@ async fn find_experiments(
             }
         }
     }
-    if inv
-        .agents
-        .iter()
-        .any(|a| a.experiment_id.is_none() && a.is_agent)
-    {
+    if inv.agents.iter().any(|a| wanted(a) && a.is_agent) {
         match client.search_experiments().await {
             Ok(exps) => {
                 let prefix = inv.prefix.clone();
-                for a in inv
-                    .agents
-                    .iter_mut()
-                    .filter(|a| a.experiment_id.is_none() && a.is_agent)
-                {
+                for a in inv.agents.iter_mut().filter(|a| wanted(a) && a.is_agent) {
                     a.experiment_id = match_experiment(&agent_aliases(a, &prefix), &exps);
                 }
             }
@@ -950,6 +1121,86 @@ mod tests {
                 && warnings[0].contains("app support-bot"),
             "{}",
             warnings[0]
+        );
+    }
+
+    fn model(name: &str, kind: &'static str) -> ServedModel {
+        ServedModel {
+            name: name.into(),
+            version: Some("1".into()),
+            kind,
+        }
+    }
+
+    #[test]
+    fn the_prefix_is_compared_case_insensitively() {
+        assert_eq!(
+            strip_prefix_ci("prod_x_payload", "PROD_"),
+            Some("x_payload")
+        );
+        assert_eq!(strip_prefix_ci("Prod_x", "pROD_"), Some("x"));
+        assert_eq!(strip_prefix_ci("prod_x", ""), Some("prod_x"));
+        assert_eq!(strip_prefix_ci("dev_x", "PROD_"), None);
+        assert_eq!(strip_prefix_ci("pro", "PROD_"), None);
+        // Non-ASCII characters compare exactly; a prefix longer than the name matches nothing.
+        assert_eq!(strip_prefix_ci("é_x", "É"), None);
+        assert_eq!(strip_prefix_ci("é_x", "é"), Some("_x"));
+        assert_eq!(strip_prefix_ci("é", "ée"), None);
+        // Aliases strip it alike: an app or experiment named without the prefix is found.
+        let a = agent("PROD_Support_Bot", false, None);
+        assert!(agent_aliases(&a, "prod_").contains(&"support_bot".to_string()));
+    }
+
+    #[test]
+    fn scope_is_catalog_schema_and_prefix() {
+        let s = ("Main", "Agents", "PROD_");
+        assert!(in_scope("main.agents.prod_bot_payload", s.0, s.1, s.2));
+        assert!(in_scope("MAIN.AGENTS.Prod_Bot_payload", s.0, s.1, s.2));
+        assert!(!in_scope("main.other.prod_bot_payload", s.0, s.1, s.2));
+        assert!(!in_scope("dev.agents.prod_bot_payload", s.0, s.1, s.2));
+        assert!(!in_scope("main.agents.dev_bot_payload", s.0, s.1, s.2));
+        assert!(!in_scope("prod_bot_payload", s.0, s.1, s.2));
+        // No prefix: the whole schema.
+        assert!(in_scope("main.agents.anything", "main", "agents", ""));
+    }
+
+    #[test]
+    fn an_agent_is_out_of_scope_when_its_uc_anchor_is() {
+        let s = ("main", "agents", "prod_");
+        let uc_in = model("main.agents.prod_bot", "uc_model");
+        let uc_other_schema = model("main.other.prod_bot", "uc_model");
+        let foundation = model("databricks-meta-llama-3-3-70b-instruct", "foundation_model");
+        let external = model("openai/gpt-4o", "external_model");
+
+        // The inference table decides when the endpoint names one (visible or not).
+        assert_eq!(
+            endpoint_out_of_scope(Some("main.agents.prod_bot_payload"), &[], s),
+            None
+        );
+        for t in ["main.other.prod_bot_payload", "main.agents.dev_bot_payload"] {
+            let note = endpoint_out_of_scope(Some(t), std::slice::from_ref(&uc_in), s).unwrap();
+            assert!(
+                note.contains(t) && note.contains("main.agents with prefix 'prod_'"),
+                "{note}"
+            );
+            assert!(note.contains("out of scope"), "{note}");
+        }
+        // No table: the served UC models decide, in scope when any one is.
+        assert_eq!(
+            endpoint_out_of_scope(None, &[uc_other_schema.clone(), uc_in.clone()], s),
+            None
+        );
+        let note =
+            endpoint_out_of_scope(None, &[uc_other_schema.clone(), foundation.clone()], s).unwrap();
+        assert!(
+            note.contains("main.other.prod_bot") && note.contains("out of scope"),
+            "{note}"
+        );
+        // No Unity Catalog anchor at all: in scope.
+        assert_eq!(endpoint_out_of_scope(None, &[], s), None);
+        assert_eq!(
+            endpoint_out_of_scope(None, &[foundation, external], s),
+            None
         );
     }
 }

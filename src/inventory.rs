@@ -4,12 +4,18 @@
 //!
 //! The record is `GET /serving-endpoints/<endpoint>` (agents without an endpoint:
 //! `GET /tables/<catalog.schema.table>`, or `GET /apps/<app>` for an app with no table) on the
-//! agent's host; its response payload is the agent's inventory entry as JSON. Exactly once per
-//! configuration: the unit id is `<agent>#<config hash>` in the state namespace `inventory`, where
-//! the hash covers the whole entry (served models and versions, task, tools, tables, tags, app,
-//! experiment), so a changed configuration is a new unit and an unchanged one is never re-sent.
+//! agent's host; its response payload is the agent's inventory entry as JSON. Once per change of
+//! the agent's description: the unit id is `<agent>#<config hash>` in the state namespace
+//! `inventory`, where the hash covers the whole entry (served models and versions, task, tools,
+//! tables, tags, app, experiment) and the agent's Akto host. A record is sent when that hash is
+//! not the one of the agent's LAST delivered record (the newest `<agent>#...` id by delivery
+//! time): an unchanged agent is never re-sent, and an agent that changes back to an earlier
+//! description (A -> B -> A), or moves to another host (a new host collision), is sent again, so
+//! Akto's latest inventory record of an agent is always its current description.
 //!
 //! Pure apart from reading state: no I/O towards Databricks or the sink.
+
+use std::collections::HashMap;
 
 use serde_json::{json, Value};
 
@@ -46,9 +52,25 @@ pub fn entry(agent: &Agent, inv: &Inventory) -> Value {
     })
 }
 
-/// A stable hash of an entry (16 hex digits of FNV-1a 64 over its JSON).
-pub fn config_hash(entry: &Value) -> String {
-    format!("{:016x}", fnv1a64(entry.to_string().as_bytes()))
+/// A stable hash of an entry and the Akto `host` its record goes to (16 hex digits of FNV-1a 64
+/// over the entry's JSON and the host): an agent whose host changes gets a new record on it.
+pub fn config_hash(entry: &Value, host: &str) -> String {
+    let mut bytes = entry.to_string().into_bytes();
+    bytes.push(0);
+    bytes.extend_from_slice(host.as_bytes());
+    format!("{:016x}", fnv1a64(&bytes))
+}
+
+/// The last delivered hash of each agent: for every id `<agent>#<hash>` of [`NAMESPACE`], in
+/// delivery-time order (ties by id), the later one wins.
+fn last_sent(state: &StateStore) -> Result<HashMap<String, String>, crate::state::StateError> {
+    let mut last = HashMap::new();
+    for id in state.ids_in_range(NAMESPACE, i64::MIN, i64::MAX)? {
+        if let Some((agent, hash)) = id.rsplit_once('#') {
+            last.insert(agent.to_string(), hash.to_string());
+        }
+    }
+    Ok(last)
 }
 
 /// The request path of an agent's inventory record.
@@ -109,9 +131,11 @@ pub fn inventory_record(
     }
 }
 
-/// Units for the agents whose current configuration was not delivered yet: one per agent, id
-/// `<agent>#<config hash>`, to be sent in a [`crate::collect::Chunk`] with table [`NAMESPACE`].
-/// A state read failure yields no units (WARN): the next cycle tries again.
+/// Units for the agents whose current description (entry and host) is not the one last
+/// delivered for them: one per such agent, id `<agent>#<config hash>`, to be sent in a
+/// [`crate::collect::Chunk`] with table [`NAMESPACE`]. The units' time is `now_us`, or just after
+/// the newest inventory record delivered when that is later (it orders an agent's records); the
+/// records carry `now_us`. A state read failure yields no units (WARN): the next cycle tries again.
 pub fn inventory_units(
     inv: &Inventory,
     workspace_host: &str,
@@ -119,40 +143,36 @@ pub fn inventory_units(
     state: &StateStore,
     now_us: i64,
 ) -> Vec<Prepared> {
-    let candidates: Vec<(&Agent, Value, String)> = inv
-        .agents
-        .iter()
-        .map(|a| {
-            let e = entry(a, inv);
-            let h = config_hash(&e);
-            (a, e, h)
-        })
-        .collect();
-    let ids: Vec<String> = candidates
-        .iter()
-        .map(|(a, _, h)| format!("{}#{h}", a.name))
-        .collect();
-    let delivered = match state.delivered_among(NAMESPACE, ids.iter().map(String::as_str)) {
-        Ok(d) => d,
+    // The units' time orders each agent's records: after every record delivered so far, even
+    // when two cycles share a clock reading or the clock went back.
+    let read = last_sent(state).and_then(|l| Ok((l, state.cursor(NAMESPACE)?)));
+    let (last, time_us) = match read {
+        Ok((l, cursor)) => (
+            l,
+            cursor.map_or(now_us, |c| now_us.max(c.time_us.saturating_add(1))),
+        ),
         Err(e) => {
             tracing::warn!("inventory records skipped this cycle: {e}");
             return Vec::new();
         }
     };
-    candidates
-        .into_iter()
-        .zip(ids)
-        .filter(|(_, id)| !delivered.contains(id))
-        .map(|((a, e, h), id)| {
+    inv.agents
+        .iter()
+        .filter_map(|a| {
             let host = inv.agent_host(&a.name, workspace_host);
+            let e = entry(a, inv);
+            let h = config_hash(&e, &host);
+            if last.get(&a.name) == Some(&h) {
+                return None;
+            }
             let records = vec![inventory_record(a, &e, &h, &host, account_id, now_us)];
-            Prepared {
-                id,
-                time_us: now_us,
+            Some(Prepared {
+                id: format!("{}#{h}", a.name),
+                time_us,
                 agent: a.name.clone(),
                 host,
                 records,
-            }
+            })
         })
         .collect()
 }
@@ -193,7 +213,7 @@ mod tests {
             ..Default::default()
         };
         let e = entry(&inv.agents[0], &inv);
-        let h = config_hash(&e);
+        let h = config_hash(&e, "support-bot.ai-agent.ws.example");
         let r = inventory_record(
             &inv.agents[0],
             &e,
@@ -211,7 +231,16 @@ mod tests {
         assert!(r.tag.contains("\"gen-ai\"") && r.tag.contains("\"ai-agent\":\"support_bot\""));
         let mut changed = inv.agents[0].clone();
         changed.models[0].version = Some("3".into());
-        assert_ne!(config_hash(&entry(&changed, &inv)), h);
-        assert_eq!(config_hash(&entry(&inv.agents[0], &inv)), h);
+        let host = "support-bot.ai-agent.ws.example";
+        assert_ne!(config_hash(&entry(&changed, &inv), host), h);
+        assert_eq!(config_hash(&entry(&inv.agents[0], &inv), host), h);
+        // The same entry on another host is another record.
+        assert_ne!(
+            config_hash(
+                &entry(&inv.agents[0], &inv),
+                "support-bot-1a2b.ai-agent.ws.example"
+            ),
+            h
+        );
     }
 }

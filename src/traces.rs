@@ -74,7 +74,10 @@ pub struct TraceSource {
     pub execution_path: Option<String>,
 }
 
-/// The experiments to read: one per agent that has one, in inventory order.
+/// The experiments to read: one per agent that has one, in inventory order. An agent out of
+/// this instance's scope (its Unity Catalog anchor is outside catalog.schema and prefix) has
+/// none: discovery decides that (`discovery::find_experiments`), so another instance's traces are
+/// never read here.
 pub fn trace_sources(inv: &Inventory, workspace_host: &str) -> Vec<TraceSource> {
     inv.agents
         .iter()
@@ -845,7 +848,7 @@ pub async fn collect_otel_table(
                 .iter()
                 .map(|m| m.name.rsplit('.').next().unwrap_or(&m.name).to_string()),
         );
-        if let Some(s) = a.name.strip_prefix(&inv.prefix) {
+        if let Some(s) = crate::discovery::strip_prefix_ci(&a.name, &inv.prefix) {
             keys.push(s.to_string());
         }
         for k in keys {

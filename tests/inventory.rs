@@ -94,3 +94,87 @@ async fn inventory_records_once_and_again_after_a_config_change() {
     assert!(inventory::inventory_units(&inv3, "127.0.0.1", "1000000", &state, now).is_empty());
     emu.shutdown().await;
 }
+
+/// What Akto's latest inventory record of an agent says must be its current description: an
+/// agent whose description goes back to an earlier one (A -> B -> A) is sent again, and so is an
+/// agent whose Akto host changes; an unchanged agent is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inventory_record_again_when_the_description_goes_back_or_the_host_changes() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let discover = || discovery::discover(&c, "workspace", "default", "");
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    // One clock reading for every cycle: the order of an agent's records must not depend on it.
+    let now = chrono::Utc::now().timestamp_micros();
+    let units = |inv: &discovery::Inventory| {
+        inventory::inventory_units(inv, "127.0.0.1", "1000000", &state, now)
+    };
+
+    let inv_a = discover().await.unwrap();
+    let first = units(&inv_a);
+    assert_eq!(first.len(), inv_a.agents.len());
+    deliver(&state, &first);
+    assert!(units(&inv_a).is_empty());
+
+    let agent = inv_a
+        .agents
+        .iter()
+        .find(|a| a.endpoint.is_some() && a.is_agent)
+        .unwrap();
+    let endpoint = agent.endpoint.as_deref().unwrap();
+    let team = agent.tags.get("team").cloned().unwrap();
+    let id_a = first
+        .iter()
+        .find(|u| u.agent == agent.name)
+        .unwrap()
+        .id
+        .clone();
+
+    // A -> B: B is sent.
+    emu.set_endpoint_tag(endpoint, "team", "security");
+    let inv_b = discover().await.unwrap();
+    let b = units(&inv_b);
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!(b[0].agent, agent.name);
+    assert_ne!(b[0].id, id_a);
+    deliver(&state, &b);
+    assert!(units(&inv_b).is_empty());
+
+    // B -> A: A was delivered before, yet it is not the last record of the agent: sent again.
+    emu.set_endpoint_tag(endpoint, "team", &team);
+    let inv_a2 = discover().await.unwrap();
+    let a2 = units(&inv_a2);
+    assert_eq!(a2.len(), 1, "{a2:?}");
+    assert_eq!(a2[0].agent, agent.name);
+    assert_eq!(a2[0].id, id_a, "the same description has the same hash");
+    let body = a2[0].records[0].response_payload.text();
+    assert!(body.contains(&format!("\"team\":\"{team}\"")), "{body}");
+    assert!(a2[0].time_us > b[0].time_us, "ordered after B");
+    deliver(&state, &a2);
+    assert!(units(&inv_a2).is_empty());
+
+    // The same description on another host (say, a new agent collides with it): sent again,
+    // with the new host; the other agents are not.
+    let mut moved = inv_a2.clone();
+    moved
+        .host_labels
+        .insert(agent.name.clone(), "renamed-label-1234".into());
+    let m = units(&moved);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0].agent, agent.name);
+    assert_eq!(m[0].host, moved.agent_host(&agent.name, "127.0.0.1"));
+    assert_ne!(m[0].host, inv_a2.agent_host(&agent.name, "127.0.0.1"));
+    let h: serde_json::Value = serde_json::from_str(&m[0].records[0].request_headers).unwrap();
+    assert_eq!(h["host"], m[0].host.as_str());
+    deliver(&state, &m);
+    assert!(units(&moved).is_empty());
+    // And back to the old host: again.
+    assert_eq!(units(&inv_a2).len(), 1);
+
+    // A state store reopened knows the same: nothing new for the current description.
+    drop(state);
+    let state = StateStore::open(dir.path(), false).unwrap();
+    assert!(inventory::inventory_units(&moved, "127.0.0.1", "1000000", &state, now).is_empty());
+    emu.shutdown().await;
+}

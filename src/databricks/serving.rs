@@ -112,6 +112,10 @@ pub struct ServingEndpoint {
     pub state: Option<EndpointState>,
     #[serde(default)]
     pub config: Option<EndpointConfig>,
+    /// The config being deployed. While an endpoint is first created (`NOT_READY`) it has no
+    /// `config` yet: its served entities and legacy auto-capture settings are only here.
+    #[serde(default)]
+    pub pending_config: Option<EndpointConfig>,
     #[serde(default)]
     pub task: Option<String>,
     #[serde(default)]
@@ -125,22 +129,27 @@ pub struct ServingEndpoint {
 }
 
 impl ServingEndpoint {
-    /// Served entities, new-style or legacy.
+    /// The config in effect: `config`, else (an endpoint being created) `pending_config`.
+    pub fn effective_config(&self) -> Option<&EndpointConfig> {
+        self.config.as_ref().or(self.pending_config.as_ref())
+    }
+
+    /// Served entities, new-style or legacy, of [`Self::effective_config`].
     pub fn served(&self) -> impl Iterator<Item = &ServedEntity> {
-        self.config
-            .iter()
+        self.effective_config()
+            .into_iter()
             .flat_map(|c| c.served_entities.iter().chain(c.served_models.iter()))
     }
 
-    /// The inference table this endpoint logs to: AI Gateway first, then legacy auto-capture.
+    /// The inference table this endpoint logs to: AI Gateway first, then legacy auto-capture
+    /// (of [`Self::effective_config`]).
     pub fn inference_table(&self) -> Option<String> {
         self.ai_gateway
             .as_ref()
             .and_then(|g| g.inference_table_config.as_ref())
             .and_then(|c| c.payload_table())
             .or_else(|| {
-                self.config
-                    .as_ref()
+                self.effective_config()
                     .and_then(|c| c.auto_capture_config.as_ref())
                     .and_then(|c| c.payload_table())
             })
@@ -197,10 +206,74 @@ impl DatabricksClient {
             .request(
                 Method::GET,
                 "GET /api/2.0/serving-endpoints/{name}",
-                &format!("/api/2.0/serving-endpoints/{name}"),
+                &format!(
+                    "/api/2.0/serving-endpoints/{}",
+                    crate::traffic::host::encode_segment(name)
+                ),
                 &[],
                 None,
             )
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_being_created_is_read_from_its_pending_config() {
+        let ep: ServingEndpoint = serde_json::from_value(serde_json::json!({
+            "name": "agents_main-prod-bot",
+            "state": {"ready": "NOT_READY", "config_update": "IN_PROGRESS"},
+            "task": "agent/v1/chat",
+            "pending_config": {
+                "served_models": [{"model_name": "main.prod.bot", "model_version": 3}],
+                "auto_capture_config": {"catalog_name": "main", "schema_name": "prod",
+                    "table_name_prefix": "bot", "enabled": true},
+                "config_version": 1
+            }
+        }))
+        .unwrap();
+        let served: Vec<_> = ep.served().collect();
+        assert_eq!(served.len(), 1);
+        assert_eq!(served[0].model_name.as_deref(), Some("main.prod.bot"));
+        assert_eq!(served[0].model_version.as_deref(), Some("3"));
+        assert_eq!(
+            ep.inference_table().as_deref(),
+            Some("main.prod.bot_payload")
+        );
+    }
+
+    #[test]
+    fn the_config_in_effect_wins_over_the_pending_one() {
+        let ep: ServingEndpoint = serde_json::from_value(serde_json::json!({
+            "name": "bot",
+            "config": {
+                "served_entities": [{"entity_name": "main.prod.bot", "entity_version": "2"}],
+                "auto_capture_config": {"catalog_name": "main", "schema_name": "prod",
+                    "table_name_prefix": "bot"}
+            },
+            "pending_config": {
+                "served_entities": [{"entity_name": "main.prod.bot", "entity_version": "3"}],
+                "auto_capture_config": {"catalog_name": "main", "schema_name": "next",
+                    "table_name_prefix": "bot"}
+            }
+        }))
+        .unwrap();
+        let versions: Vec<_> = ep
+            .served()
+            .filter_map(|s| s.entity_version.as_deref())
+            .collect();
+        assert_eq!(versions, ["2"]);
+        assert_eq!(
+            ep.inference_table().as_deref(),
+            Some("main.prod.bot_payload")
+        );
+        // Neither config: nothing served, no table.
+        let bare: ServingEndpoint =
+            serde_json::from_value(serde_json::json!({"name": "x"})).unwrap();
+        assert_eq!(bare.served().count(), 0);
+        assert_eq!(bare.inference_table(), None);
     }
 }

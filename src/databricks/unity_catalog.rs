@@ -4,6 +4,7 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 
 use super::{grants_fix, DatabricksClient, DatabricksError};
+use crate::traffic::host::encode_segment;
 
 /// A column of a table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -129,6 +130,15 @@ fn string_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D:
         serde_json::Value::Null => String::new(),
         other => other.to_string(),
     })
+}
+
+/// The path listing the versions of the model `full_name`: the name is one path segment,
+/// percent-encoded (a `#`, `?`, `%`, `/` or space in a backquoted UC name must not end or split it).
+fn model_versions_path(full_name: &str) -> String {
+    format!(
+        "/api/2.1/unity-catalog/models/{}/versions",
+        encode_segment(full_name)
+    )
 }
 
 /// Upper bound on pages, so a server that always returns a token cannot loop us forever.
@@ -271,7 +281,7 @@ impl DatabricksClient {
     ) -> Result<Vec<ModelVersion>, DatabricksError> {
         self.list_all::<VersionsPage>(
             "GET /api/2.1/unity-catalog/models/{name}/versions",
-            &format!("/api/2.1/unity-catalog/models/{full_name}/versions"),
+            &model_versions_path(full_name),
             Vec::new(),
         )
         .await
@@ -285,5 +295,31 @@ impl DatabricksClient {
     ) -> Result<Vec<FunctionInfo>, DatabricksError> {
         self.list_in_schema::<FunctionsPage>("/api/2.1/unity-catalog/functions", catalog, schema)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_are_one_encoded_path_segment() {
+        assert_eq!(
+            model_versions_path("main.agents.support_bot"),
+            "/api/2.1/unity-catalog/models/main.agents.support_bot/versions"
+        );
+        assert_eq!(
+            model_versions_path("main.agents.bot #1?v=2%/x y"),
+            "/api/2.1/unity-catalog/models/main.agents.bot%20%231%3Fv%3D2%25%2Fx%20y/versions"
+        );
+        // The encoded path is a valid URL whose path keeps the name in one segment.
+        let url = url::Url::parse(&format!(
+            "https://adb-1.azuredatabricks.net{}",
+            model_versions_path("c.s.a#b?c")
+        ))
+        .unwrap();
+        assert_eq!(url.query(), None);
+        assert_eq!(url.fragment(), None);
+        assert_eq!(url.path_segments().unwrap().count(), 6);
     }
 }
