@@ -815,7 +815,7 @@ impl Connector {
             // A payload that masking made longer than the limit was cut: count it too.
             totals.truncated += u64::from(mapped.truncated_payloads);
         }
-        let (mut records, mut calls) = self.accept(
+        let (mut records, mut calls, mut uncut) = self.accept(
             unit.table,
             unit.id,
             unit.host,
@@ -825,7 +825,7 @@ impl Connector {
         let before = records.len();
         ledger
             .partly_sent
-            .filter(unit.table, unit.id, &mut records, &mut calls);
+            .filter(unit.table, unit.id, &mut records, &mut calls, &mut uncut);
         if records.len() < before {
             tracing::info!(
                 "{}: {} is sent again after a failure that confirmed only part of it; {} of its \
@@ -835,13 +835,14 @@ impl Connector {
                 before - records.len()
             );
         }
-        self.add_unit(batch, unit, records, calls, totals, pending)
+        self.add_unit(batch, unit, (records, calls, uncut), totals, pending)
             .await
     }
 
     /// Validates and encodes records, cutting the payloads of one longer than the sink takes;
-    /// what Akto would reject goes to quarantine. Returns the records and, by their index, the
-    /// tool call ids they carry.
+    /// what Akto would reject goes to quarantine. Returns the records, by their index the tool
+    /// call ids they carry, and for each record the content key of its form before a cut (only
+    /// for the records that were cut: see [`record_key`]).
     fn accept<'r>(
         &self,
         table: &str,
@@ -849,10 +850,11 @@ impl Connector {
         host: &str,
         records: impl Iterator<Item = (&'r traffic::AktoRecord, Option<String>)>,
         truncated: &mut u64,
-    ) -> Result<(Vec<OutRecord>, Vec<RecordCall>), StateError> {
+    ) -> Result<Staged, StateError> {
         let max = self.sink.max_record_bytes();
         let mut out = Vec::new();
         let mut calls = Vec::new();
+        let mut uncut_keys = Vec::new();
         for (rec, call) in records {
             if let Err(v) = traffic::validate(rec) {
                 self.quarantine
@@ -860,7 +862,9 @@ impl Connector {
                 continue;
             }
             let mut json = traffic::encode(rec);
+            let mut uncut = None;
             if json.len() > max {
+                uncut = Some(content_key(&json));
                 // Rare (a sink limit below the mapping's 10 MiB, e.g. a Kafka topic's): cut.
                 let mut cut = rec.clone();
                 let mut cuts = 0u32;
@@ -885,9 +889,10 @@ impl Connector {
             out.push(OutRecord {
                 key: host.to_string(),
                 json,
-            })
+            });
+            uncut_keys.push(uncut);
         }
-        Ok((out, calls))
+        Ok((out, calls, uncut_keys))
     }
 
     /// Adds one unit's records to the batch, sending the batch first when the unit would not
@@ -896,8 +901,7 @@ impl Connector {
         &self,
         batch: &mut Batch,
         unit: UnitRef<'_>,
-        records: Vec<OutRecord>,
-        calls: Vec<RecordCall>,
+        (records, calls, uncut): Staged,
         totals: &mut DeliveryTotals,
         pending: &mut Pending,
     ) -> Result<bool, DeliveryError> {
@@ -913,7 +917,7 @@ impl Connector {
                 .await?;
             sent = true;
         }
-        batch.push(unit, records, calls, bytes);
+        batch.push(unit, (records, calls, uncut), bytes);
         Ok(sent)
     }
 
@@ -1007,7 +1011,7 @@ impl Connector {
             for i in range.clone().filter(|i| delivered[*i]) {
                 pending.rows.push((
                     partial_ns.clone(),
-                    partly_sent_key(id, &b.records[i].json),
+                    partly_sent_key(id, &record_key(&b.records[i].json, &b.uncut[i])),
                     *t,
                     true,
                 ));
@@ -1158,9 +1162,23 @@ fn content_key(text: &str) -> String {
 /// A record's key within its unit: its [`content_key`]. The mapping is deterministic, so the
 /// same row gives the same record again (a change of configuration that changes the record, e.g.
 /// redaction, sends it again).
-fn partly_sent_key(unit: &str, json: &str) -> String {
-    format!("{unit}#{}", content_key(json))
+fn partly_sent_key(unit: &str, record_key: &str) -> String {
+    format!("{unit}#{record_key}")
 }
+
+/// A record's key in the `partly-sent` registry: the content key of the record as mapped, before
+/// any cut to a sink's per-record limit (`uncut`, kept for the records that were cut). A limit
+/// that changes between cycles (a Kafka topic's) then does not change the key.
+fn record_key(json: &str, uncut: &Option<String>) -> String {
+    match uncut {
+        Some(key) => key.clone(),
+        None => content_key(json),
+    }
+}
+
+/// A unit's records as staged for a batch: the records, by index the tool call ids they carry,
+/// and per record its content key before a cut ([`record_key`]).
+type Staged = (Vec<OutRecord>, Vec<RecordCall>, Vec<Option<String>>);
 
 /// Records confirmed of units that were sent only in part (see [`Connector::flush`]): rare, so
 /// all of them are loaded when delivery starts.
@@ -1195,16 +1213,19 @@ impl PartlySent {
         id: &str,
         records: &mut Vec<OutRecord>,
         calls: &mut Vec<RecordCall>,
+        uncut: &mut Vec<Option<String>>,
     ) {
         if self.units.is_empty() || !self.units.contains(&(table.to_string(), id.to_string())) {
             return;
         }
         let keep: Vec<bool> = records
             .iter()
-            .map(|r| {
-                !self
-                    .records
-                    .contains(&(table.to_string(), partly_sent_key(id, &r.json)))
+            .zip(uncut.iter())
+            .map(|(r, u)| {
+                !self.records.contains(&(
+                    table.to_string(),
+                    partly_sent_key(id, &record_key(&r.json, u)),
+                ))
             })
             .collect();
         let mut new_index = Vec::with_capacity(keep.len());
@@ -1222,6 +1243,8 @@ impl PartlySent {
         });
         let mut it = keep.iter();
         records.retain(|_| it.next().copied().unwrap_or(true));
+        let mut it = keep.iter();
+        uncut.retain(|_| it.next().copied().unwrap_or(true));
     }
 }
 
@@ -1336,6 +1359,8 @@ struct BatchedCall {
 #[derive(Default)]
 struct Batch {
     records: Vec<OutRecord>,
+    /// Per record: its content key before a cut, when it was cut ([`record_key`]).
+    uncut: Vec<Option<String>>,
     /// (request id, time µs, its records' indices)
     execs: Vec<(String, i64, std::ops::Range<usize>)>,
     /// The agent of each entry of `execs` (a prepared-units batch mixes agents).
@@ -1349,13 +1374,7 @@ impl Batch {
     fn is_empty(&self) -> bool {
         self.execs.is_empty()
     }
-    fn push(
-        &mut self,
-        unit: UnitRef<'_>,
-        records: Vec<OutRecord>,
-        calls: Vec<RecordCall>,
-        bytes: usize,
-    ) {
+    fn push(&mut self, unit: UnitRef<'_>, (records, calls, uncut): Staged, bytes: usize) {
         self.agents.push(unit.agent.to_string());
         let start = self.records.len();
         let namespace = tool_call_namespace(unit.host);
@@ -1367,6 +1386,7 @@ impl Batch {
                 time_us: unit.time_us,
             }));
         self.records.extend(records);
+        self.uncut.extend(uncut);
         self.execs
             .push((unit.id.to_string(), unit.time_us, start..self.records.len()));
         self.bytes += bytes;
@@ -1805,6 +1825,39 @@ mod tests {
         let text = std::fs::read_to_string(&quarantine).unwrap();
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(text.contains("call_bad"), "{text}");
+    }
+
+    /// A record confirmed before is recognised by its form before a cut, however a sink's
+    /// per-record limit cut it then and now.
+    #[test]
+    fn a_record_confirmed_before_is_known_by_its_uncut_form() {
+        let uncut = "{\"responsePayload\":\"long text\"}";
+        let mut partly = PartlySent::default();
+        partly
+            .units
+            .insert((TABLE.to_string(), "req-1".to_string()));
+        // Confirmed when it went out whole (no cut: its key is its own JSON's).
+        partly.records.insert((
+            TABLE.to_string(),
+            partly_sent_key("req-1", &record_key(uncut, &None)),
+        ));
+        let out = |json: &str| OutRecord {
+            key: HOST.to_string(),
+            json: json.to_string(),
+        };
+        // Now cut to a smaller limit; a second record, never confirmed, is kept.
+        let mut records = vec![out("{\"responsePayload\":\"long\"}"), out("{\"other\":1}")];
+        let mut calls: Vec<RecordCall> = vec![(1, "call_1".to_string())];
+        let mut keys = vec![Some(content_key(uncut)), None];
+        partly.filter(TABLE, "req-1", &mut records, &mut calls, &mut keys);
+        assert_eq!(records, vec![out("{\"other\":1}")]);
+        assert_eq!(calls, vec![(0, "call_1".to_string())]);
+        assert_eq!(keys, vec![None]);
+        // Another unit is not touched.
+        let mut records = vec![out(uncut)];
+        let mut keys = vec![None];
+        partly.filter(TABLE, "req-2", &mut records, &mut Vec::new(), &mut keys);
+        assert_eq!(records.len(), 1);
     }
 
     #[test]
