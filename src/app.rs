@@ -205,9 +205,33 @@ pub async fn run_loop_observed(
     connector: Arc<Connector>,
     interval: Duration,
     once: bool,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
     metrics: Option<Arc<crate::ops::Metrics>>,
 ) -> bool {
+    run_loop_outcome(connector, interval, once, shutdown, metrics)
+        .await
+        .ok
+}
+
+/// How [`run_loop_outcome`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopOutcome {
+    /// The last cycle had no error.
+    pub ok: bool,
+    /// The last cycle was stopped (a signal or the `-once` time limit) before it finished:
+    /// what it had not delivered yet is left for the next cycle or run.
+    pub stopped: bool,
+}
+
+/// [`run_loop_observed`], also saying whether the last cycle was cut short by shutdown, so that
+/// a `-once` run stopped by a signal does not pass for a finished one.
+pub async fn run_loop_outcome(
+    connector: Arc<Connector>,
+    interval: Duration,
+    once: bool,
+    mut shutdown: Shutdown,
+    metrics: Option<Arc<crate::ops::Metrics>>,
+) -> LoopOutcome {
     loop {
         let report = connector.run_cycle(&shutdown).await;
         log_report(&report);
@@ -217,16 +241,21 @@ pub async fn run_loop_observed(
         if let Some(m) = &metrics {
             m.observe(&report, &connector.client.stats());
         }
+        let outcome = LoopOutcome {
+            ok: report.ok(),
+            stopped: report.stopped,
+        };
         if once || shutdown.is_triggered() {
             settle_cancels(&connector).await;
-            return report.ok();
+            return outcome;
         }
         let next = interval.saturating_sub(report.duration);
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
             _ = shutdown.wait() => {
                 settle_cancels(&connector).await;
-                return report.ok();
+                // The last cycle had finished: waiting for the next one is no unfinished work.
+                return LoopOutcome { stopped: false, ..outcome };
             }
         }
     }

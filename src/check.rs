@@ -6,7 +6,7 @@ use hyper_util::client::proxy::matcher::Matcher;
 use serde::Serialize;
 
 use crate::collect::quote_table;
-use crate::config::Config;
+use crate::config::{Config, SinkConfig};
 use crate::databricks::sql::Statement;
 use crate::discovery;
 
@@ -140,11 +140,18 @@ pub async fn run(config: &Config) -> Vec<Step> {
                     None => String::new(),
                 }
             )),
-            Ok(Err(e)) => Err(format!(
-                "Failed to connect to Databricks workspace: TLS with {host} failed ({}). Fix: {}",
-                error_chain(&e),
-                tls_fix(config.ca_bundle.as_deref())
-            )),
+            Ok(Err(e)) => {
+                let chain = error_chain(&e);
+                let fix = if chain.to_lowercase().contains("tunnel") {
+                    proxy_tunnel_fix(proxy_variable)
+                } else {
+                    tls_fix(config.ca_bundle.as_deref())
+                };
+                Err(format!(
+                    "Failed to connect to Databricks workspace: TLS with {host} failed \
+                     ({chain}). Fix: {fix}"
+                ))
+            }
             Err(_) => Err(format!(
                 "Failed to connect to Databricks workspace: no TLS response from {host} within \
                  15s. Fix: check that DATABRICKS_HOST is the workspace's HTTPS address and, \
@@ -155,14 +162,7 @@ pub async fn run(config: &Config) -> Vec<Step> {
             return steps;
         }
     }
-    if !push(
-        "authentication",
-        client
-            .authenticate()
-            .await
-            .map(|_| format!("{} accepted the credentials", config.host))
-            .map_err(|e| e.to_string()),
-    ) {
+    if !push("authentication", authentication(&client, config).await) {
         return steps;
     }
     // Each API on its own line, so a missing grant names the right one.
@@ -200,24 +200,11 @@ pub async fn run(config: &Config) -> Vec<Step> {
             }
         };
     let tables: Vec<_> = inv.readable().map(|(_, t)| t.clone()).collect();
+    let workspace_host = config.host.host_str().unwrap_or("databricks");
+    let trace_sources = crate::traces::trace_sources(&inv, workspace_host).len();
     push(
         "inference tables",
-        if tables.is_empty() {
-            Err(format!(
-                "no inference table matches prefix '{}' ({} of {} tables match; outside it: {}). Fix: check \
-                 DATABRICKS_PREFIX / DATABRICKS_SCHEMA, or enable inference tables on the agents' endpoints",
-                config.prefix,
-                inv.tables_matching_prefix,
-                inv.tables_total,
-                inv.filtered_out_examples.join(", ")
-            ))
-        } else {
-            Ok(format!(
-                "{} agents, {} inference tables",
-                inv.agents.len(),
-                tables.len()
-            ))
-        },
+        sources_step(&inv, &config.prefix, tables.len(), trace_sources),
     );
     let warehouse = match client
         .choose_warehouse(config.warehouse_id.as_deref())
@@ -272,19 +259,26 @@ pub async fn run(config: &Config) -> Vec<Step> {
     }
     // The state directory: writable, and not held by another instance. An older state format is
     // reported, not upgraded: `check` changes nothing.
-    let state = match crate::state::StateStore::open_unchanged(&config.state_dir) {
-        Ok((_, None)) => Ok(format!("{} is usable", config.state_dir.display())),
-        Ok((_, Some(old))) => Ok(format!(
-            "{} is usable (state format {old}: the next run upgrades it, after which older \
+    let state_file = config.state_dir.join(STATE_FILE_NAME);
+    let state = if !state_file.exists() {
+        // No state yet: nothing is created (not the folder, not the file), only the place the
+        // first run creates them in is tested.
+        state_dir_writable(&config.state_dir)
+    } else {
+        match crate::state::StateStore::open_unchanged(&config.state_dir) {
+            Ok((_, None)) => Ok(format!("{} is usable", config.state_dir.display())),
+            Ok((_, Some(old))) => Ok(format!(
+                "{} is usable (state format {old}: the next run upgrades it, after which older \
              releases refuse it)",
-            config.state_dir.display()
-        )),
-        Err(crate::state::StateError::Locked(dir)) => Ok(format!(
-            "{} is in use by a running instance (fine when that is this connector's service; \
+                config.state_dir.display()
+            )),
+            Err(crate::state::StateError::Locked(dir)) => Ok(format!(
+                "{} is in use by a running instance (fine when that is this connector's service; \
              a second instance needs its own STATE_DIR)",
-            dir.display()
-        )),
-        Err(e) => Err(e.to_string()),
+                dir.display()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
     };
     push("state directory", state);
     match config.sink.as_ref().map(crate::app::sink) {
@@ -297,7 +291,16 @@ pub async fn run(config: &Config) -> Vec<Step> {
                     sink.max_record_bytes()
                 )
             });
-            push("sink reachable", checked.map_err(|e| e.to_string()));
+            let reachable = push("sink reachable", checked.map_err(|e| e.to_string()));
+            if let (
+                true,
+                Some(SinkConfig::Http {
+                    url, jwt, timeout, ..
+                }),
+            ) = (reachable, config.sink.as_ref())
+            {
+                push("sink token", sink_token(url, jwt.as_ref(), *timeout).await);
+            }
         }
         Some(Err(e)) => {
             push("sink reachable", Err(e.to_string()));
@@ -307,6 +310,195 @@ pub async fn run(config: &Config) -> Vec<Step> {
         }
     }
     steps
+}
+
+/// The `inference tables` step: what a run reads. Inference tables, and also MLflow traces
+/// and OTel span tables: an agent with traces but no inference table is read by `-once` too.
+fn sources_step(
+    inv: &discovery::Inventory,
+    prefix: &str,
+    tables: usize,
+    trace_sources: usize,
+) -> Result<String, String> {
+    let span_tables = inv.otel_span_tables.len();
+    let spans = if span_tables > 0 {
+        format!(", {span_tables} OTel span tables")
+    } else {
+        String::new()
+    };
+    if tables > 0 {
+        Ok(format!(
+            "{} agents, {tables} inference tables, {trace_sources} trace sources{spans}",
+            inv.agents.len()
+        ))
+    } else if trace_sources > 0 || span_tables > 0 {
+        Ok(format!(
+            "{} agents: no inference tables (none matches prefix '{prefix}'), {trace_sources} \
+             trace sources{spans}: their traces are read",
+            inv.agents.len()
+        ))
+    } else {
+        Err(format!(
+            "no inference table matches prefix '{prefix}' ({} of {} tables match; outside it: \
+             {}), and no agent has MLflow traces to read. Fix: check DATABRICKS_PREFIX / \
+             DATABRICKS_SCHEMA, or enable inference tables on the agents' endpoints",
+            inv.tables_matching_prefix,
+            inv.tables_total,
+            inv.filtered_out_examples.join(", ")
+        ))
+    }
+}
+
+/// The state file's name in `STATE_DIR` (as `crate::state` names it).
+const STATE_FILE_NAME: &str = "databricks-shield.redb";
+
+/// The `authentication` step: a token, then one cheap authenticated request, so that a wrong
+/// personal access token (which needs no token exchange) fails here and not in the run.
+async fn authentication(
+    client: &crate::databricks::DatabricksClient,
+    config: &Config,
+) -> Result<String, String> {
+    use crate::databricks::DatabricksError;
+    client.authenticate().await.map_err(|e| e.to_string())?;
+    match client.list_warehouses().await {
+        Ok(_) => Ok(format!(
+            "{} accepted the credentials ({}; an authenticated GET /api/2.0/sql/warehouses \
+             answered)",
+            config.host,
+            config.auth.kind()
+        )),
+        // Refused for lack of a grant: the credentials themselves were accepted.
+        Err(DatabricksError::PermissionDenied { .. }) => Ok(format!(
+            "{} accepted the credentials ({}; listing SQL warehouses is not permitted, see the \
+             SQL warehouse line)",
+            config.host,
+            config.auth.kind()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Whether the first run can create `dir` (or use it, empty): the folder, or its nearest
+/// existing parent, must be a writable folder. Leaves nothing behind (a probe file is created
+/// and removed at once).
+fn state_dir_writable(dir: &std::path::Path) -> Result<String, String> {
+    let mut existing = dir;
+    while !existing.as_os_str().is_empty() && !existing.exists() {
+        existing = existing.parent().unwrap_or(std::path::Path::new(""));
+    }
+    let existing = if existing.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        existing
+    };
+    let fix = "Fix: set STATE_DIR to a folder this user may write, or give it write access";
+    if !existing.is_dir() {
+        return Err(format!(
+            "{} is not a folder, so STATE_DIR {} cannot be created. {fix}",
+            existing.display(),
+            dir.display()
+        ));
+    }
+    let probe = existing.join(format!(".databricks-shield-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => {
+            return Err(format!(
+                "{} is not writable ({e}): the first run cannot create its state there. {fix}",
+                existing.display()
+            ))
+        }
+    }
+    Ok(if existing == dir {
+        format!(
+            "{} is writable; no state yet (the first run starts LOOKBACK_MINUTES back)",
+            dir.display()
+        )
+    } else {
+        format!(
+            "{} does not exist yet; the first run creates it ({} is writable; check created \
+             nothing)",
+            dir.display(),
+            existing.display()
+        )
+    })
+}
+
+/// The `sink token` step: `POST /api/ingestData` with an empty batch and the configured token,
+/// because `GET /healthCheck` answers without looking at it. An empty batch stores nothing.
+async fn sink_token(
+    url: &url::Url,
+    jwt: Option<&secrecy::SecretString>,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    use secrecy::ExposeSecret;
+    let mut ingest = url.clone();
+    let path = format!("{}/api/ingestData", url.path().trim_end_matches('/'));
+    ingest.set_path(&path);
+    let client = reqwest::Client::builder()
+        .use_rustls_tls()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .build()
+        .map_err(|e| format!("could not build the HTTP client: {}", error_chain(&e)))?;
+    let mut req = client
+        .post(ingest.clone())
+        .header("content-type", "application/json")
+        .body(r#"{"batchData":[]}"#);
+    if let Some(jwt) = jwt {
+        req = req.header("authorization", jwt.expose_secret().trim());
+    }
+    // No credentials or query in it: configuration refuses both in DATA_INGESTION_SERVICE_URL.
+    let shown_url = ingest.as_str().to_owned();
+    let resp = req.send().await.map_err(|e| {
+        format!(
+            "POST {shown_url} (an empty batch) failed ({}): the health check passed but \
+             deliveries would not. Fix: check DATA_INGESTION_SERVICE_URL, HTTPS_PROXY / \
+             HTTP_PROXY / NO_PROXY and any WAF or ingress rule in front of the service",
+            error_chain(&e)
+        )
+    })?;
+    let status = resp.status().as_u16();
+    match (status, jwt.is_some()) {
+        (200..=299, true) => Ok(format!(
+            "AKTO_JWT_TOKEN accepted: POST {shown_url} with an empty batch answered HTTP {status}"
+        )),
+        (200..=299, false) => Ok(format!(
+            "no AKTO_JWT_TOKEN set, and the service does not ask for one (an empty batch \
+             answered HTTP {status})"
+        )),
+        (401 | 403, true) => Err(format!(
+            "Akto's ingestion service refused AKTO_JWT_TOKEN: POST {shown_url} answered HTTP \
+             {status}. Fix: set AKTO_JWT_TOKEN (or AKTO_JWT_TOKEN_FILE) to the token from \
+             Akto's dashboard, the raw JWT without a 'Bearer ' prefix, current (not expired)"
+        )),
+        (401 | 403, false) => Err(format!(
+            "Akto's ingestion service requires a token: POST {shown_url} answered HTTP \
+             {status}. Fix: set AKTO_JWT_TOKEN (or AKTO_JWT_TOKEN_FILE) to the token from \
+             Akto's dashboard"
+        )),
+        _ => Ok(format!(
+            "token not verified: POST {shown_url} with an empty batch answered HTTP {status} \
+             (neither accepted nor refused the token)"
+        )),
+    }
+}
+
+/// The fix for a proxy that refused to open a tunnel (`CONNECT`) to the workspace: its
+/// credentials or its allow list, not certificate trust.
+fn proxy_tunnel_fix(proxy_variable: &str) -> String {
+    format!(
+        "the proxy refused to open a tunnel (CONNECT) to the workspace. HTTP 407 means it wants \
+         credentials: put them in {proxy_variable} (http://user:password@proxy:port, the \
+         password URL-encoded); HTTP 403 means it does not allow this host: have it allowed, \
+         or exempt the host with NO_PROXY when it is reachable directly"
+    )
 }
 
 /// The proxy the client's requests to `host` go through, decided by the matcher reqwest itself
@@ -379,7 +571,46 @@ pub fn render(steps: &[Step]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{lookup_name, proxy_for, Matcher};
+    use super::{lookup_name, proxy_for, sources_step, state_dir_writable, Matcher};
+
+    #[test]
+    fn traces_without_inference_tables_pass_the_sources_step() {
+        let mut inv = crate::discovery::Inventory {
+            tables_total: 7,
+            ..Default::default()
+        };
+        let err = sources_step(&inv, "nothing_", 0, 0).unwrap_err();
+        assert!(
+            err.contains("DATABRICKS_PREFIX") && err.contains("0 of 7"),
+            "{err}"
+        );
+        let ok = sources_step(&inv, "nothing_", 0, 3).unwrap();
+        assert!(
+            ok.contains("no inference tables") && ok.contains("3 trace sources"),
+            "{ok}"
+        );
+        inv.tables_matching_prefix = 2;
+        let ok = sources_step(&inv, "", 2, 1).unwrap();
+        assert!(ok.contains("2 inference tables, 1 trace sources"), "{ok}");
+    }
+
+    #[test]
+    fn a_missing_state_dir_is_tested_without_being_created() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/b");
+        let ok = state_dir_writable(&dir).unwrap();
+        assert!(ok.contains("does not exist yet"), "{ok}");
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        // A file where the folder should be: the first run could not create it.
+        std::fs::write(root.path().join("a"), "x").unwrap();
+        let err = state_dir_writable(&dir).unwrap_err();
+        assert!(
+            err.contains("is not a folder") && err.contains("STATE_DIR"),
+            "{err}"
+        );
+        let ok = state_dir_writable(root.path()).unwrap();
+        assert!(ok.contains("no state yet"), "{ok}");
+    }
 
     fn proxy(host: &str, env: &[(&str, &str)]) -> Option<(String, u16)> {
         let get = |k: &str| {

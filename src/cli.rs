@@ -20,6 +20,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 
@@ -75,6 +76,13 @@ impl From<&str> for SecretArg {
     }
 }
 
+/// The value parser of every path setting: like clap's own, but an empty value is accepted
+/// (docker's `env_file` turns `STATE_DIR=` into an empty variable, and the env template says an
+/// empty value means unset); [`crate::config`] then treats the empty path as not set.
+fn path_parser() -> impl TypedValueParser<Value = PathBuf> {
+    clap::builder::OsStringValueParser::new().map(PathBuf::from)
+}
+
 /// The parsed command line (flags and environment; the env file is already folded in).
 ///
 /// Settings are raw, unvalidated strings: `None` or an empty string both mean "not set".
@@ -101,11 +109,11 @@ pub struct Cli {
     pub once: bool,
 
     /// Read settings from this file (KEY=value lines); flags and environment variables win over it
-    #[arg(long, value_name = "PATH", global = true)]
+    #[arg(value_parser = path_parser(), long, value_name = "PATH", global = true)]
     pub env_file: Option<PathBuf>,
 
     /// Write records as JSON lines to PATH ("-" = stdout) instead of sending them to Akto
-    #[arg(long, value_name = "PATH")]
+    #[arg(value_parser = path_parser(), long, value_name = "PATH")]
     pub output: Option<PathBuf>,
 
     /// Forget the saved read positions (STATE_DIR) and start again from LOOKBACK_MINUTES ago
@@ -131,6 +139,60 @@ pub struct Cli {
     /// Problems found while reading `--env-file` (reported by `Config::from_cli` with the rest).
     #[arg(skip)]
     pub env_file_problems: Vec<Problem>,
+
+    /// Warnings about `--env-file` (keys that are no setting), for main to log as WARN.
+    #[arg(skip)]
+    pub env_file_warnings: Vec<String>,
+
+    /// Process variables the `--env-file` sets ([`ENV_FILE_PROCESS_VARIABLES`]: proxies,
+    /// `SSL_CERT_FILE`, `RUST_LOG`) that the process environment does not; main applies them
+    /// with [`Cli::export_env_file_variables`] before any thread starts.
+    #[arg(skip)]
+    pub env_file_exports: EnvExports,
+}
+
+/// Variables an `--env-file` may set that are no setting of the connector but are read from the
+/// process environment by what it uses: the HTTP proxies (reqwest), `SSL_CERT_FILE` (the CA
+/// bundle fallback) and `RUST_LOG` (the log filter). Copied into the process environment.
+pub const ENV_FILE_PROCESS_VARIABLES: [&str; 10] = [
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "SSL_CERT_FILE",
+    "RUST_LOG",
+];
+
+/// Variables Akto's job runner sets besides the connector's settings: known, not used, no WARN.
+const ENV_FILE_IGNORED_VARIABLES: [&str; 3] = ["AKTO_JOB_ID", "AKTO_JOB_TYPE", "AKTO_JOB_SUB_TYPE"];
+
+/// `KEY=value` pairs to put into the process environment. `Debug` shows the keys only (a proxy
+/// URL may hold a password).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EnvExports(pub Vec<(String, String)>);
+
+impl fmt::Debug for EnvExports {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
+}
+
+impl Cli {
+    /// Sets the `--env-file`'s process variables ([`Cli::env_file_exports`]) in the process
+    /// environment. Call it before any thread starts (main does, before the async runtime):
+    /// changing the environment while another thread reads it is undefined behaviour on some
+    /// platforms.
+    pub fn export_env_file_variables(&self) {
+        for (key, value) in &self.env_file_exports.0 {
+            std::env::set_var(key, value);
+        }
+    }
 }
 
 /// Databricks workspace, credentials and what to read.
@@ -145,7 +207,7 @@ pub struct DatabricksArgs {
 
     /// Extra CA certificates (PEM bundle) trusted for the workspace, e.g. a corporate TLS proxy's;
     /// falls back to SSL_CERT_FILE. TLS is always verified
-    #[arg(long, env = "DATABRICKS_CA_BUNDLE", value_name = "PATH", global = true)]
+    #[arg(value_parser = path_parser(), long, env = "DATABRICKS_CA_BUNDLE", value_name = "PATH", global = true)]
     pub ca_bundle: Option<PathBuf>,
 
     /// Service principal application (client) id, for OAuth machine-to-machine
@@ -165,6 +227,7 @@ pub struct DatabricksArgs {
 
     /// File holding the service principal secret (a mounted container secret)
     #[arg(
+        value_parser = path_parser(),
         long,
         env = "DATABRICKS_CLIENT_SECRET_FILE",
         value_name = "PATH",
@@ -185,6 +248,7 @@ pub struct DatabricksArgs {
 
     /// File holding the personal access token
     #[arg(
+        value_parser = path_parser(),
         long,
         env = "DATABRICKS_TOKEN_FILE",
         value_name = "PATH",
@@ -194,6 +258,7 @@ pub struct DatabricksArgs {
 
     /// Databricks config file with profiles (host, client_id, client_secret, token) [default: ~/.databrickscfg when HOME is set]
     #[arg(
+        value_parser = path_parser(),
         long,
         env = "DATABRICKS_CONFIG_FILE",
         value_name = "PATH",
@@ -274,7 +339,7 @@ pub struct SinkArgs {
     pub jwt: Option<SecretArg>,
 
     /// File holding the JWT for the ingestion service
-    #[arg(long, env = "AKTO_JWT_TOKEN_FILE", value_name = "PATH", global = true)]
+    #[arg(value_parser = path_parser(), long, env = "AKTO_JWT_TOKEN_FILE", value_name = "PATH", global = true)]
     pub jwt_file: Option<PathBuf>,
 
     /// Timeout of one request to the ingestion service, in seconds (1-3600); a request gets one
@@ -342,6 +407,7 @@ pub struct SinkArgs {
 
     /// File holding the Kafka SASL password (instead of KAFKA_SASL_PASSWORD)
     #[arg(
+        value_parser = path_parser(),
         long,
         env = "KAFKA_SASL_PASSWORD_FILE",
         value_name = "PATH",
@@ -350,7 +416,7 @@ pub struct SinkArgs {
     pub kafka_sasl_password_file: Option<PathBuf>,
 
     /// CA certificate (PEM) to verify the Kafka brokers (with SSL or SASL_SSL)
-    #[arg(long, env = "KAFKA_CA_FILE", value_name = "PATH", global = true)]
+    #[arg(value_parser = path_parser(), long, env = "KAFKA_CA_FILE", value_name = "PATH", global = true)]
     pub kafka_ca_file: Option<PathBuf>,
 
     /// The topic's message size limit (65536-10485760): larger records have their payloads cut
@@ -365,7 +431,7 @@ pub struct SinkArgs {
     pub kafka_max_message_bytes: Option<String>,
 
     /// File for AKTO_SINK=file, as JSON lines [default: stdout]
-    #[arg(long, env = "OUTPUT_PATH", value_name = "PATH", global = true)]
+    #[arg(value_parser = path_parser(), long, env = "OUTPUT_PATH", value_name = "PATH", global = true)]
     pub output_path: Option<PathBuf>,
 
     /// Akto account id written into every record (digits)
@@ -415,6 +481,7 @@ pub struct RuntimeArgs {
 
     /// Folder for read positions (relative to the working directory)
     #[arg(
+        value_parser = path_parser(),
         long,
         env = "STATE_DIR",
         value_name = "PATH",
@@ -578,10 +645,14 @@ pub fn parse_from(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap:
     let args = normalize_args(args);
     let mut command = Cli::command();
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let mut exports = EnvExports::default();
     if let Some(path) = find_env_file(&args) {
         match read_env_file(&path) {
             Ok((entries, file_problems)) => {
                 problems.extend(file_problems);
+                warnings = unknown_env_file_keys(&command, &entries, &path);
+                exports = env_file_exports(&entries, |key| std::env::var_os(key));
                 command = apply_env_file(command, &entries, |key| std::env::var_os(key));
             }
             Err(problem) => problems.push(problem),
@@ -590,7 +661,94 @@ pub fn parse_from(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap:
     let matches = command.try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     cli.env_file_problems = problems;
+    cli.env_file_warnings = warnings;
+    cli.env_file_exports = exports;
     Ok(cli)
+}
+
+/// The environment variable of every setting.
+fn setting_variables(command: &clap::Command) -> Vec<String> {
+    command
+        .get_arguments()
+        .filter_map(|a| a.get_env().and_then(OsStr::to_str).map(str::to_owned))
+        .collect()
+}
+
+/// A WARN for each key of the env file that is no setting (nor a process variable the connector
+/// uses), naming the closest setting when one is a likely typo. Never the value.
+fn unknown_env_file_keys(
+    command: &clap::Command,
+    entries: &[(String, String)],
+    path: &Path,
+) -> Vec<String> {
+    let known = setting_variables(command);
+    let mut warned: Vec<&str> = Vec::new();
+    let mut out = Vec::new();
+    for (key, _) in entries {
+        if known.iter().any(|k| k == key)
+            || ENV_FILE_PROCESS_VARIABLES.contains(&key.as_str())
+            || ENV_FILE_IGNORED_VARIABLES.contains(&key.as_str())
+            || warned.contains(&key.as_str())
+        {
+            continue;
+        }
+        warned.push(key);
+        let upper = key.to_ascii_uppercase();
+        let closest = known
+            .iter()
+            .map(String::as_str)
+            .chain(ENV_FILE_PROCESS_VARIABLES.iter().copied())
+            .map(|k| (edit_distance(&upper, &k.to_ascii_uppercase()), k))
+            .min_by_key(|(d, _)| *d)
+            .filter(|(d, _)| *d <= 3 || upper.len() > 12 && *d <= 4);
+        out.push(match closest {
+            Some((_, name)) => format!(
+                "--env-file {}: {key} is not a setting and is ignored: did you mean {name}?",
+                path.display()
+            ),
+            None => format!(
+                "--env-file {}: {key} is not a setting and is ignored (every setting: \
+                 `databricks-shield --help`)",
+                path.display()
+            ),
+        });
+    }
+    out
+}
+
+/// The env file's [`ENV_FILE_PROCESS_VARIABLES`] that the process environment does not set
+/// (non-empty): the file is the lowest source, as for the settings. The last occurrence wins.
+fn env_file_exports(
+    entries: &[(String, String)],
+    process_env: impl Fn(&str) -> Option<OsString>,
+) -> EnvExports {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (key, value) in entries {
+        if !ENV_FILE_PROCESS_VARIABLES.contains(&key.as_str()) || value.is_empty() {
+            continue;
+        }
+        if process_env(key).is_some_and(|v| !v.is_empty()) {
+            continue;
+        }
+        out.retain(|(k, _)| k != key);
+        out.push((key.clone(), value.clone()));
+    }
+    EnvExports(out)
+}
+
+/// Levenshtein distance, for "did you mean" (short ASCII names: quadratic is fine).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// The value of the last `--env-file PATH` / `--env-file=PATH` before any `--`.
@@ -1104,6 +1262,95 @@ mod tests {
             proptest::prop_assert!(errors.is_empty());
             proptest::prop_assert_eq!(entries, vec![(key, raw)]);
         }
+    }
+
+    #[test]
+    fn every_path_setting_accepts_an_empty_value() {
+        // As docker's env_file gives `STATE_DIR=`: an empty value, later treated as unset.
+        let cmd = Cli::command();
+        let paths: Vec<String> = cmd
+            .get_arguments()
+            .filter(|a| a.get_value_names() == Some(&["PATH".into()][..]))
+            .map(|a| a.get_id().to_string())
+            .collect();
+        assert!(paths.len() >= 10, "{paths:?}");
+        for id in &paths {
+            let flag = format!("--{}", id.replace('_', "-"));
+            let cli = Cli::try_parse_from(["databricks-shield", flag.as_str(), ""])
+                .unwrap_or_else(|e| panic!("{flag} \"\": {e}"));
+            let value = match id.as_str() {
+                "state_dir" => cli.runtime.state_dir.clone(),
+                "ca_bundle" => cli.databricks.ca_bundle.clone(),
+                "output_path" => cli.sink.output_path.clone(),
+                _ => Some(PathBuf::new()),
+            };
+            assert_eq!(value, Some(PathBuf::new()), "{flag}");
+        }
+    }
+
+    #[test]
+    fn env_file_unknown_keys_are_named_with_the_closest_setting() {
+        let entries: Vec<(String, String)> = [
+            ("DATABRICKS_CATLOG", "main"),
+            ("DATABRICKS_HOST", "https://x"),
+            ("HTTPS_PROXY", "http://user:PROXYPW@127.0.0.1:3128"),
+            ("AKTO_JOB_ID", "1"),
+            ("TOTALLY_UNRELATED_THING", "SECRETVALUE"),
+            ("DATABRICKS_CATLOG", "again"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let warnings =
+            unknown_env_file_keys(&Cli::command(), &entries, Path::new("databricks-cron.env"));
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("DATABRICKS_CATLOG")
+                && warnings[0].contains("did you mean DATABRICKS_CATALOG?"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].contains("TOTALLY_UNRELATED_THING") && !warnings[1].contains("did you"),
+            "{warnings:?}"
+        );
+        for w in &warnings {
+            assert!(!w.contains("SECRETVALUE") && !w.contains("main"), "{w}");
+        }
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+
+    #[test]
+    fn env_file_process_variables_are_exported_below_the_environment() {
+        let entries: Vec<(String, String)> = [
+            ("HTTPS_PROXY", "http://user:PROXYPW@127.0.0.1:3128"),
+            ("NO_PROXY", "127.0.0.1"),
+            ("RUST_LOG", "debug"),
+            ("RUST_LOG", "info"),
+            ("SSL_CERT_FILE", ""),
+            ("DATABRICKS_HOST", "https://x"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        // The process environment sets NO_PROXY already: it wins.
+        let exports = env_file_exports(&entries, |k| {
+            (k == "NO_PROXY").then(|| OsString::from("localhost"))
+        });
+        assert_eq!(
+            exports.0,
+            vec![
+                (
+                    "HTTPS_PROXY".to_owned(),
+                    "http://user:PROXYPW@127.0.0.1:3128".to_owned()
+                ),
+                ("RUST_LOG".to_owned(), "info".to_owned()),
+            ]
+        );
+        let debug = format!("{exports:?}");
+        assert!(
+            !debug.contains("PROXYPW") && debug.contains("HTTPS_PROXY"),
+            "{debug}"
+        );
     }
 
     #[test]

@@ -288,8 +288,12 @@ fn given_path(value: &Option<PathBuf>) -> Option<&Path> {
     value.as_deref().filter(|p| !p.as_os_str().is_empty())
 }
 
-fn given_secret(value: &Option<SecretArg>) -> Option<&SecretArg> {
-    value.as_ref().filter(|s| !s.expose().is_empty())
+/// A secret setting as it is used: surrounding whitespace and line breaks removed (an `echo`
+/// into a variable or a copied value often ends in a newline); `None` when nothing is left.
+fn given_secret(value: &Option<SecretArg>) -> Option<&str> {
+    value
+        .as_ref()
+        .and_then(|s| crate::secret_file::secret_text(s.expose()))
 }
 
 /// A non-secret value for an error message: quoted, escaped, at most 100 characters.
@@ -805,6 +809,16 @@ fn check_uc_name(value: &str) -> Result<(), String> {
     if value.chars().count() > 255 {
         return Err("is longer than 255 characters".to_owned());
     }
+    let quoted = value.len() >= 2
+        && ((value.starts_with('\'') && value.ends_with('\''))
+            || (value.starts_with('"') && value.ends_with('"')));
+    if quoted {
+        return Err(
+            "is wrapped in quotes: remove the quotes (docker's --env-file and \
+                    env_file keep them as part of the value)"
+                .to_owned(),
+        );
+    }
     if let Some(bad) = value
         .chars()
         .find(|c| matches!(c, '.' | ' ' | '/' | '`') || c.is_control())
@@ -949,6 +963,13 @@ fn parse_brokers(raw: &str) -> Result<String, String> {
     let mut out = Vec::new();
     for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
         let example = "e.g. your-kafka-broker:9092";
+        if entry.contains('@') {
+            // Never echoed: it most likely holds a password.
+            return Err(format!(
+                "has an entry with credentials (user:password@): put credentials in \
+                 KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD and give host:port only, {example}"
+            ));
+        }
         if entry.contains("://") {
             return Err(format!(
                 "entry {} has a scheme: give host:port only, {example}; the protocol goes in \
@@ -1049,6 +1070,18 @@ fn resolve_secret(
 ) -> SecretFound {
     let direct = given_secret(direct);
     let file = given_path(file);
+    // A control character inside a secret (a line break in the middle) can never be sent in a
+    // header: refused now, naming the setting and never the value.
+    let control = |p: &mut Problems, variable: &'static str, what: String| {
+        p.push(
+            variable,
+            format!(
+                "{what} contains a control character (e.g. a line break or tab inside the \
+                 value): set it to the secret alone, on one line"
+            ),
+        );
+        SecretFound::Failed
+    };
     match (direct, file) {
         (Some(_), Some(_)) => {
             p.push(
@@ -1060,7 +1093,12 @@ fn resolve_secret(
             );
             SecretFound::Failed
         }
-        (Some(secret), None) => SecretFound::Given(secret.to_secret()),
+        (Some(secret), None) if crate::secret_file::has_control(secret) => control(
+            p,
+            names.variable,
+            format!("{} ({})", names.variable, names.flag),
+        ),
+        (Some(secret), None) => SecretFound::Given(SecretString::from(secret.to_owned())),
         (None, Some(path)) => match std::fs::read_to_string(path) {
             Ok(text) => match crate::secret_file::secret_text(&text) {
                 None => {
@@ -1075,6 +1113,16 @@ fn resolve_secret(
                     );
                     SecretFound::Failed
                 }
+                Some(value) if crate::secret_file::has_control(value) => control(
+                    p,
+                    names.file_variable,
+                    format!(
+                        "{} ({}) {}",
+                        names.file_variable,
+                        names.file_flag,
+                        path.display()
+                    ),
+                ),
                 Some(value) => SecretFound::Given(SecretString::from(value.to_owned())),
             },
             Err(err) => {
@@ -1219,8 +1267,19 @@ fn parse_databricks_cfg(text: &str) -> BTreeMap<String, BTreeMap<String, String>
 }
 
 /// Both id and secret -> OAuth; else a token -> PAT; one of id/secret alone is an error.
+///
+/// Credentials come from one place: when any credential variable (id, secret, token or their
+/// `_FILE` forms) is set, the config profile's credentials are not used at all, so a profile's
+/// secret is never mixed with, or preferred to, what the operator set explicitly.
 fn resolve_auth(cli: &Cli, profile: &ProfileValues, p: &mut Problems) -> Option<DatabricksAuth> {
     let d = &cli.databricks;
+    let explicit = given(&d.client_id).is_some()
+        || given_secret(&d.client_secret).is_some()
+        || given_path(&d.client_secret_file).is_some()
+        || given_secret(&d.token).is_some()
+        || given_path(&d.token_file).is_some();
+    let none = ProfileValues::default();
+    let profile = if explicit { &none } else { profile };
     let client_id = given(&d.client_id)
         .map(str::to_owned)
         .or_else(|| profile.client_id.clone());
@@ -1978,6 +2037,139 @@ mod tests {
         // An explicit file that does not exist is.
         cli.databricks.config_file = Some(dir.path().join("nope.cfg"));
         assert_eq!(problems_of(&cli), vec!["DATABRICKS_CONFIG_FILE"]);
+    }
+
+    #[test]
+    fn quoted_catalog_and_schema_say_remove_the_quotes() {
+        let mut cli = valid_cli();
+        cli.databricks.catalog = s("'workspace'");
+        cli.databricks.schema = s("\"default\"");
+        cli.databricks.prefix = s("'prod_'");
+        let err = build(&cli).unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+        for p in &err.problems {
+            assert!(p.message.contains("remove the quotes"), "{}", p.message);
+        }
+        // A quote inside a name is Unity Catalog's business, not a wrapping mistake.
+        assert!(check_uc_name("o'neil").is_ok());
+    }
+
+    #[test]
+    fn secrets_from_the_environment_are_trimmed_and_control_characters_refused() {
+        let mut cli = valid_cli();
+        cli.databricks.client_secret = Some(SecretArg::from("oauth-secret-value\r\n"));
+        cli.sink.jwt = Some(SecretArg::from("  jwt-value\n"));
+        let c = build(&cli).expect("valid");
+        match &c.auth {
+            DatabricksAuth::OAuth { client_secret, .. } => {
+                assert_eq!(client_secret.expose_secret(), "oauth-secret-value")
+            }
+            other => panic!("expected OAuth, got {other:?}"),
+        }
+        match &c.sink {
+            Some(SinkConfig::Http { jwt: Some(jwt), .. }) => {
+                assert_eq!(jwt.expose_secret(), "jwt-value")
+            }
+            other => panic!("expected http with jwt, got {other:?}"),
+        }
+        // Only whitespace: not set.
+        cli.databricks.client_secret = Some(SecretArg::from(" \n"));
+        assert_eq!(problems_of(&cli), vec!["DATABRICKS_CLIENT_SECRET"]);
+        // A line break or tab inside: refused, naming the variable, never the value.
+        let mut cli = valid_cli();
+        cli.databricks.client_id = None;
+        cli.databricks.client_secret = None;
+        cli.databricks.token = Some(SecretArg::from("dapi-first\nsecond-half-7781"));
+        cli.sink.jwt = Some(SecretArg::from("jwt\tvalue-7782"));
+        cli.sink.kafka_sasl_password = Some(SecretArg::from("irrelevant"));
+        let err = build(&cli).unwrap_err();
+        assert_eq!(
+            err.problems.iter().map(|p| p.variable).collect::<Vec<_>>(),
+            vec!["DATABRICKS_TOKEN", "AKTO_JWT_TOKEN"],
+            "{err}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("control character"), "{text}");
+        assert!(!text.contains("7781") && !text.contains("7782"), "{text}");
+        // The same rule for a secret file.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "dapi-a\nb-7783\n").expect("write");
+        cli.databricks.token = None;
+        cli.databricks.token_file = Some(path);
+        cli.sink.jwt = None;
+        let err = build(&cli).unwrap_err();
+        assert_eq!(
+            err.problems.iter().map(|p| p.variable).collect::<Vec<_>>(),
+            vec!["DATABRICKS_TOKEN_FILE"]
+        );
+        assert!(!err.to_string().contains("7783"));
+    }
+
+    #[test]
+    fn profile_credentials_never_override_explicit_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(".databrickscfg"),
+            "[DEFAULT]\nhost = https://profile.cloud.databricks.com\n\
+             client_id = profile-id\nclient_secret = profile-secret-7790\ntoken = dapi-profile\n",
+        )
+        .expect("write");
+        let home = Some(dir.path());
+        let mut cli = Cli::default();
+        cli.sink.ingestion_url = s("http://akto-ingest:9000");
+        cli.databricks.host = s("https://explicit.cloud.databricks.com");
+        // An explicit token: the profile's OAuth credentials are not used, and not mixed in.
+        cli.databricks.token = Some(SecretArg::from("dapi-explicit"));
+        let c = Config::from_cli_with_home(&cli, Needs::DatabricksAndSink, home).expect("valid");
+        assert_eq!(c.host.as_str(), "https://explicit.cloud.databricks.com/");
+        match &c.auth {
+            DatabricksAuth::Pat { token } => assert_eq!(token.expose_secret(), "dapi-explicit"),
+            other => panic!("expected the explicit PAT, got {other:?}"),
+        }
+        // An explicit client id alone: its secret is missing (not taken from the profile).
+        cli.databricks.token = None;
+        cli.databricks.client_id = s("explicit-id");
+        let err = Config::from_cli_with_home(&cli, Needs::DatabricksAndSink, home).unwrap_err();
+        assert_eq!(
+            err.problems[0].variable, "DATABRICKS_CLIENT_SECRET",
+            "{err}"
+        );
+        // A token file counts as explicit too.
+        let token_path = dir.path().join("token");
+        std::fs::write(&token_path, "dapi-from-file\n").expect("write");
+        cli.databricks.client_id = None;
+        cli.databricks.token_file = Some(token_path);
+        let c = Config::from_cli_with_home(&cli, Needs::DatabricksAndSink, home).expect("valid");
+        assert_eq!(c.auth.kind(), "pat");
+        // No credential variable: the profile's credentials (OAuth first), host as set.
+        cli.databricks.token_file = Some(PathBuf::new());
+        let c = Config::from_cli_with_home(&cli, Needs::DatabricksAndSink, home).expect("valid");
+        assert_eq!(c.auth.client_id(), Some("profile-id"));
+        assert_eq!(c.host.as_str(), "https://explicit.cloud.databricks.com/");
+    }
+
+    #[test]
+    fn kafka_brokers_with_credentials_are_never_echoed() {
+        let mut cli = valid_cli();
+        cli.sink.ingestion_url = None;
+        for raw in [
+            "sasl_ssl://alice:KPASSLEAK@broker:9092",
+            "alice:KPASSLEAK@broker:9092",
+            "ok-broker:9092, bob:KPASSLEAK@other:9093",
+        ] {
+            cli.sink.kafka_brokers = s(raw);
+            let err = build(&cli).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                !text.contains("KPASSLEAK") && !text.contains("alice"),
+                "{text}"
+            );
+            assert!(
+                text.contains("KAFKA_SASL_USERNAME / KAFKA_SASL_PASSWORD"),
+                "{text}"
+            );
+        }
     }
 
     #[test]

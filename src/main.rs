@@ -23,6 +23,8 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Before any thread starts: the --env-file's proxy, SSL_CERT_FILE and RUST_LOG variables.
+    cli.export_env_file_variables();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,6 +58,10 @@ async fn async_main(cli: cli::Cli) -> ExitCode {
     let config = match Config::from_cli(&cli, needs) {
         Ok(c) => c,
         Err(e) => {
+            // A misspelt key in --env-file is often why a setting is missing: say so first.
+            for w in &cli.env_file_warnings {
+                eprintln!("WARN {w}");
+            }
             if let Command::Check { json } = command {
                 // check's own report still comes out (its first line, configuration, failed),
                 // so that `check --json` always prints JSON.
@@ -72,10 +78,16 @@ async fn async_main(cli: cli::Cli) -> ExitCode {
         }
     };
     if cli.print_config {
+        for w in &cli.env_file_warnings {
+            eprintln!("WARN {w}");
+        }
         println!("{}", config.summary());
         return ExitCode::SUCCESS;
     }
     app::init_logging(config.log_format);
+    for w in &cli.env_file_warnings {
+        tracing::warn!("{w}");
+    }
     match command {
         Command::Discover { json } => discover(&config, json).await,
         Command::Check { json } => check(&config, json).await,
@@ -182,8 +194,8 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let ok =
-        app::run_loop_observed(connector, config.interval, config.once, shutdown, metrics).await;
+    let outcome =
+        app::run_loop_outcome(connector, config.interval, config.once, shutdown, metrics).await;
     if let Some(server) = ops {
         server.stop().await;
     }
@@ -191,15 +203,22 @@ async fn run(config: Config) -> ExitCode {
         timer.abort();
     }
     let limited = time_limited.load(Ordering::SeqCst);
+    // A -once cycle cut short by SIGTERM / Ctrl-C is no success, even without an error.
+    let signalled = config.once && outcome.stopped && !limited;
     if limited {
         tracing::error!(
             "-once stopped at its time limit before the cycle finished: what was delivered is \
              checkpointed and the next run continues from there. A large backlog takes several \
              runs; if every run stops here without records, run `databricks-shield check`"
         );
+    } else if signalled {
+        tracing::error!(
+            "-once stopped by a signal before the cycle finished; what was not delivered is \
+             sent by the next run"
+        );
     }
     tracing::info!("databricks-shield stopped");
-    if ok && !limited {
+    if outcome.ok && !limited && !signalled {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

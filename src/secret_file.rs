@@ -12,9 +12,17 @@ use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 
-/// The secret in a file's content: the text without its trailing line break; None when empty.
+/// The secret in a file's (or a variable's) content: the text without surrounding whitespace
+/// and line breaks (`echo` adds one; a secret never starts or ends with a space); None when
+/// nothing is left.
 pub(crate) fn secret_text(content: &str) -> Option<&str> {
-    Some(content.trim_end_matches(['\n', '\r'])).filter(|s| !s.is_empty())
+    Some(content.trim()).filter(|s| !s.is_empty())
+}
+
+/// Whether a secret holds a control character (a line break or tab inside it): it could not be
+/// sent in an HTTP header, and is surely a paste or quoting mistake.
+pub(crate) fn has_control(secret: &str) -> bool {
+    secret.chars().any(char::is_control)
 }
 
 /// A secret file and the secret last read from it.
@@ -59,6 +67,15 @@ impl SecretFile {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = match std::fs::read_to_string(&self.path) {
             Ok(content) => match secret_text(&content) {
+                Some(s) if has_control(s) => {
+                    tracing::warn!(
+                        "{} {} holds a control character (a line break or tab inside the \
+                         secret): still using the secret read before",
+                        self.variable,
+                        self.path.display()
+                    );
+                    None
+                }
                 Some(s) => Some(SecretString::from(s.to_owned())),
                 None => {
                     tracing::warn!(
@@ -149,5 +166,12 @@ mod tests {
         std::fs::write(&path, "third").unwrap();
         assert_eq!(f.current(Duration::ZERO).expose_secret(), "third");
         assert!(!format!("{f:?}").contains("third"));
+        // Surrounding whitespace goes; a line break inside keeps the secret read before.
+        std::fs::write(&path, "  fourth \t\r\n").unwrap();
+        assert_eq!(f.read().0.expose_secret(), "fourth");
+        std::fs::write(&path, "fif\nth\n").unwrap();
+        assert_eq!(f.read().0.expose_secret(), "fourth");
+        assert_eq!(secret_text(" \r\n\t"), None);
+        assert!(has_control("a\u{7f}b") && !has_control("eyJ.a-b_c"));
     }
 }

@@ -94,6 +94,7 @@ async fn once_check_and_discover_against_the_emulator_leak_no_secret() {
 
 /// SIGTERM while the workspace is unreachable (authentication retries for up to five minutes)
 /// ends the run at once: nothing was read, so nothing is left undelivered, and the log says so.
+/// A `-once` cycle stopped by a signal is no success: an ERROR line and exit 1.
 #[test]
 fn sigterm_while_the_workspace_is_unreachable_stops_the_run() {
     use std::time::{Duration, Instant};
@@ -147,6 +148,11 @@ fn sigterm_while_the_workspace_is_unreachable_stops_the_run() {
     assert!(text.contains("Shutdown requested"), "{text}");
     assert!(text.contains("before anything was read"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{text}");
+    assert!(
+        text.contains("ERROR -once stopped by a signal before the cycle finished"),
+        "{text}"
+    );
 }
 
 /// `-once` under a time limit shorter than its cycle (a slow Akto) stops cleanly: the WARN and
@@ -175,6 +181,7 @@ async fn once_stops_cleanly_at_its_time_limit_and_the_next_run_continues() {
     assert_eq!(first.status.code(), Some(1), "{text}");
     assert!(text.contains("-once time limit of 3s reached"), "{text}");
     assert!(text.contains("stopped at its time limit"), "{text}");
+    assert!(!text.contains("stopped by a signal"), "{text}");
     assert!(text.contains("Cycle completed in"), "{text}");
     let truth: std::collections::BTreeSet<String> = emu
         .ground_truth()

@@ -299,3 +299,167 @@ fn a_bad_configuration_is_the_failed_first_line() {
         }
     }
 }
+
+/// Runs `check --json` with exactly `env` (a cleared environment otherwise).
+fn check_env(env: &[(&str, String)]) -> (bool, Vec<serde_json::Value>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["check", "--json"]).env_clear();
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = tokio::task::block_in_place(|| cmd.output().unwrap());
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    let steps: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!(
+            "check --json printed no JSON ({e}): {stdout}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o.status.success(), steps, stdout)
+}
+
+fn step<'a>(steps: &'a [serde_json::Value], name: &str) -> (bool, &'a str) {
+    let s = steps
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} line in {steps:?}"));
+    (s["ok"] == true, s["detail"].as_str().unwrap_or_default())
+}
+
+/// A personal access token is tried with a real request (a PAT needs no token exchange, so
+/// without one a wrong token passed `check` and failed the run); a trailing newline in it, as
+/// `echo` leaves, is trimmed and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_personal_access_token_is_verified_and_trimmed() {
+    let mut cfg = common::emulator_config();
+    cfg.pat = Some("dapi-emulator-pat-4242".into());
+    let emu = common::emulator(cfg).await;
+    let standin = common::standin().await;
+    let state = tempfile::tempdir().unwrap();
+    let env = |token: &str| {
+        vec![
+            ("DATABRICKS_HOST", emu.base_url()),
+            ("DATABRICKS_TOKEN", token.to_string()),
+            ("DATA_INGESTION_SERVICE_URL", standin.url()),
+            ("STATE_DIR", state.path().display().to_string()),
+        ]
+    };
+    let (ok, steps, out) = check_env(&env("dapi-wrong-token-1717"));
+    assert!(!ok, "{out}");
+    assert!(!out.contains("dapi-wrong-token-1717"), "{out}");
+    let f = failed(&steps);
+    assert_eq!(f[0].0, "authentication", "{f:?}");
+    assert!(f[0].1.contains("Authentication failed"), "{}", f[0].1);
+
+    let (ok, steps, out) = check_env(&env("dapi-emulator-pat-4242\n"));
+    assert!(ok, "{out}");
+    let (_, detail) = step(&steps, "authentication");
+    assert!(detail.contains("pat") && detail.contains("GET"), "{detail}");
+}
+
+/// `GET /healthCheck` ignores the token; the `sink token` line posts an empty batch with it, so
+/// a wrong AKTO_JWT_TOKEN fails `check` instead of every delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_akto_token_fails_check() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = akto_standin::StandIn::start(akto_standin::StandInConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        require_jwt: Some("right-jwt-value".into()),
+    })
+    .await
+    .unwrap();
+    let setup = |jwt: &str| Setup {
+        host: emu.base_url(),
+        secret: common::SECRET.into(),
+        sink: standin.url(),
+        prefix: String::new(),
+        extra: vec![("AKTO_JWT_TOKEN", jwt.to_string())],
+    };
+    let (ok, steps, out) = check(&setup("wrong-jwt-value-5150"));
+    assert!(!ok, "{out}");
+    assert!(!out.contains("wrong-jwt-value-5150"), "{out}");
+    let f = failed(&steps);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].0, "sink token");
+    assert!(
+        f[0].1.contains("HTTP 401") && f[0].1.contains("AKTO_JWT_TOKEN"),
+        "{}",
+        f[0].1
+    );
+    assert!(step(&steps, "sink reachable").0);
+
+    let (ok, steps, out) = check(&setup("right-jwt-value"));
+    assert!(ok, "{out}");
+    assert!(step(&steps, "sink token").1.contains("accepted"), "{out}");
+    // The probe stored nothing.
+    assert!(standin.records().is_empty());
+}
+
+/// Without a state file, `check` creates nothing: not STATE_DIR, not the file; it only tests
+/// that the first run could create them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_creates_no_state() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let root = tempfile::tempdir().unwrap();
+    let state = root.path().join("not/yet");
+    let (ok, steps, out) = check(&Setup {
+        host: emu.base_url(),
+        secret: common::SECRET.into(),
+        sink: standin.url(),
+        prefix: String::new(),
+        extra: vec![("STATE_DIR", state.display().to_string())],
+    });
+    assert!(ok, "{out}");
+    let (ok, detail) = step(&steps, "state directory");
+    assert!(ok && detail.contains("does not exist yet"), "{detail}");
+    assert!(!root.path().join("not").exists(), "check created STATE_DIR");
+    assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+}
+
+/// A proxy that refuses to open the tunnel (407) is a proxy-credentials problem, not a
+/// certificate one: the fix points at HTTPS_PROXY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_refusing_connect_points_at_its_credentials() {
+    use std::io::{Read as _, Write as _};
+    let proxy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_port = proxy.local_addr().unwrap().port();
+    // Answers every CONNECT with 407; lives as long as the test process.
+    std::thread::spawn(move || {
+        for conn in proxy.incoming().take(20) {
+            let Ok(mut conn) = conn else { continue };
+            let mut buf = [0u8; 4096];
+            let mut seen = Vec::new();
+            while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = conn.write_all(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\n\
+                  Proxy-Authenticate: Basic realm=\"corp\"\r\ncontent-length: 0\r\n\r\n",
+            );
+        }
+    });
+    let state = tempfile::tempdir().unwrap();
+    let (ok, steps, out) = check_env(&[
+        (
+            "DATABRICKS_HOST",
+            format!("https://127.0.0.1:{}", free_port()),
+        ),
+        ("DATABRICKS_TOKEN", "dapi-unused".into()),
+        ("DATA_INGESTION_SERVICE_URL", "http://127.0.0.1:9".into()),
+        ("STATE_DIR", state.path().display().to_string()),
+        ("HTTPS_PROXY", format!("http://127.0.0.1:{proxy_port}")),
+    ]);
+    assert!(!ok, "{out}");
+    let f = failed(&steps);
+    assert_eq!(f[0].0, "TLS", "{f:?}");
+    assert!(
+        f[0].1.contains("tunnel") && f[0].1.contains("credentials: put them in HTTPS_PROXY"),
+        "{}",
+        f[0].1
+    );
+    assert!(!f[0].1.contains("DATABRICKS_CA_BUNDLE"), "{}", f[0].1);
+}

@@ -355,3 +355,91 @@ fn kafka_sink_is_chosen_from_the_broker_and_its_password_stays_hidden() {
     );
     assert_no_secret(&out);
 }
+
+/// docker's env_file turns `STATE_DIR=` into an empty variable; the env template says empty
+/// means unset. Every path setting accepts it (clap refused it, exit 2, naming no variable).
+#[test]
+fn empty_path_variables_mean_unset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = valid_env();
+    env.extend([
+        ("STATE_DIR", ""),
+        ("DATABRICKS_CA_BUNDLE", ""),
+        ("DATABRICKS_CLIENT_SECRET_FILE", ""),
+        ("DATABRICKS_TOKEN_FILE", ""),
+        ("DATABRICKS_CONFIG_FILE", ""),
+        ("AKTO_JWT_TOKEN_FILE", ""),
+        ("KAFKA_SASL_PASSWORD_FILE", ""),
+        ("KAFKA_CA_FILE", ""),
+        ("OUTPUT_PATH", ""),
+    ]);
+    let out = shield(&["-once", "--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("state_dir=./state"), "{all}");
+    assert!(
+        all.contains("auth=oauth") && all.contains("jwt=set"),
+        "{all}"
+    );
+    assert_no_secret(&out);
+}
+
+/// A key of the env file that is no setting is named in a WARN (with the likely setting), and
+/// the file's process variables (proxies, SSL_CERT_FILE, RUST_LOG) are applied: here
+/// SSL_CERT_FILE, whose missing file configuration then reports.
+#[test]
+fn env_file_names_unknown_keys_and_applies_process_variables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("databricks-cron.env"),
+        "DATABRICKS_CATLOG=main\n\
+         HTTPS_PROXY=http://user:PROXYPW-31@127.0.0.1:9\n\
+         NO_PROXY=127.0.0.1\n",
+    )
+    .expect("write env file");
+    let args = ["--env-file", "databricks-cron.env", "--print-config"];
+    let out = shield(&args, &valid_env(), dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("WARN") && all.contains("DATABRICKS_CATLOG is not a setting"),
+        "{all}"
+    );
+    assert!(all.contains("did you mean DATABRICKS_CATALOG?"), "{all}");
+    assert!(all.contains("catalog=workspace"), "{all}");
+    assert!(!all.contains("PROXYPW-31"), "{all}");
+
+    std::fs::write(
+        dir.path().join("databricks-cron.env"),
+        "SSL_CERT_FILE=/nonexistent/corporate-ca.pem\n",
+    )
+    .expect("write env file");
+    let out = shield(&args, &valid_env(), dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(
+        all.contains("SSL_CERT_FILE /nonexistent/corporate-ca.pem"),
+        "{all}"
+    );
+    assert!(!all.contains("is not a setting"), "{all}");
+}
+
+/// Kafka credentials written into KAFKA_BROKER_HOST are refused without being echoed.
+#[test]
+fn kafka_broker_credentials_are_never_echoed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [
+        ("DATABRICKS_HOST", "http://127.0.0.1:9"),
+        ("DATABRICKS_TOKEN", TOKEN),
+        (
+            "KAFKA_BROKER_HOST",
+            "sasl_ssl://alice:KPASSLEAK@broker:9092",
+        ),
+    ];
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(!all.contains("KPASSLEAK"), "{all}");
+    assert!(all.contains("KAFKA_SASL_PASSWORD"), "{all}");
+    assert_no_secret(&out);
+}

@@ -176,6 +176,9 @@ impl TokenSource {
                 .await;
             let resp = match sent {
                 Ok(r) => r,
+                Err(e) if e.is_builder() => {
+                    return Err(super::http::request_not_built("POST /oidc/v1/token", &e))
+                }
                 Err(e) => {
                     let (kind, detail) = classify_transport_error(&e);
                     if attempt < 4 && kind != ConnectKind::Dns && kind != ConnectKind::Tls {

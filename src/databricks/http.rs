@@ -204,6 +204,29 @@ pub(crate) fn classify_transport_error(e: &reqwest::Error) -> (ConnectKind, Stri
     (kind, chain)
 }
 
+/// A request reqwest could not build (`is_builder()`): permanent. Almost always the credential:
+/// a token holding a character not allowed in an HTTP header (a line break inside it).
+pub(crate) fn request_not_built(route: &str, e: &reqwest::Error) -> DatabricksError {
+    let (_, chain) = classify_transport_error(e);
+    if chain.to_lowercase().contains("header") {
+        DatabricksError::Auth {
+            detail: format!(
+                "the request {route} could not be built ({chain}): the token or secret holds a \
+                 character not allowed in an HTTP header (e.g. a line break inside it), so \
+                 nothing was sent; set DATABRICKS_TOKEN / DATABRICKS_CLIENT_SECRET (or their \
+                 _FILE) to the secret alone, on one line"
+            ),
+        }
+    } else {
+        DatabricksError::Api {
+            route: route.to_string(),
+            status: 0,
+            error_code: "REQUEST_NOT_BUILT".into(),
+            message: format!("the request could not be built, nothing was sent: {chain}"),
+        }
+    }
+}
+
 fn is_retriable_code(code: &str) -> bool {
     matches!(
         code,
@@ -329,6 +352,12 @@ impl ApiClient {
                         }
                     }
                 }
+                Err(e) if e.is_builder() => {
+                    // Never left this process, and the same request cannot be built next time
+                    // either: not a network error, not retried.
+                    self.stats.record(route, "error");
+                    return Err(request_not_built(route, &e));
+                }
                 Err(e) => {
                     self.stats.record(route, "error");
                     let (kind, detail) = classify_transport_error(&e);
@@ -440,5 +469,44 @@ impl ApiClient {
             .retries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::databricks::{ClientOptions, Credentials, DatabricksClient, DatabricksError};
+
+    /// A token that cannot be a header value fails at once as an authentication problem: no
+    /// retry, no "network error" (the host is a closed loopback port: nothing is ever sent).
+    #[tokio::test]
+    async fn a_request_that_cannot_be_built_is_not_retried() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(9);
+        let host = url::Url::parse(&format!("http://127.0.0.1:{closed}")).unwrap();
+        let options = ClientOptions {
+            retry: super::RetryPolicy {
+                max_elapsed: Duration::from_secs(30),
+                base_delay: Duration::from_millis(1),
+                max_delay: Duration::from_millis(5),
+            },
+            ..ClientOptions::default()
+        };
+        let client = DatabricksClient::new(
+            &host,
+            Credentials::Pat("dapi-line\nbreak-secret".to_string().into()),
+            options,
+        )
+        .unwrap();
+        let err = client.list_warehouses().await.unwrap_err();
+        assert!(matches!(err, DatabricksError::Auth { .. }), "{err}");
+        assert!(!err.is_retriable());
+        let text = err.to_string();
+        assert!(text.contains("not allowed in an HTTP header"), "{text}");
+        assert!(!text.contains("break-secret"), "{text}");
+        assert_eq!(client.stats().retries(), 0);
     }
 }
