@@ -6,7 +6,7 @@
 mod common;
 
 use common::kafka::*;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use databricks_shield::sink::{
@@ -206,6 +206,22 @@ async fn broker_killed_mid_delivery_reports_only_acknowledged_records() {
     }
 }
 
+/// How many times each record of `sent` is stored (by its JSON).
+fn copies(got: &[(i32, String, String)]) -> HashMap<&str, usize> {
+    let mut n: HashMap<&str, usize> = HashMap::new();
+    for (_, _, v) in got {
+        *n.entry(v.as_str()).or_default() += 1;
+    }
+    n
+}
+
+/// `N` from the error's "; N of them may already be stored", else 0.
+fn maybe_stored(msg: &str) -> usize {
+    msg.find(" of them may already be stored")
+        .and_then(|end| msg[..end].rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_broker_reports_as_delivered_only_what_the_broker_holds() {
     let Some(mut broker) = start_broker() else {
@@ -214,6 +230,7 @@ async fn frozen_broker_reports_as_delivered_only_what_the_broker_holds() {
     let brokers = broker.brokers();
     let topic = "akto.api.logs";
     create_topic(&brokers, topic, 1).await;
+    // A short delivery time-out: the broker stays frozen past it.
     let sink = KafkaSink::new(sink_config(&brokers, topic, Duration::from_secs(3))).unwrap();
     // A first batch goes through.
     let first: Vec<OutRecord> = (0..10).map(|i| record(i, 50)).collect();
@@ -236,32 +253,134 @@ async fn frozen_broker_reports_as_delivered_only_what_the_broker_holds() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     broker.signal("STOP");
-    let (_sink, res) = task.await.unwrap();
+    let (sink, res) = task.await.unwrap();
     broker.signal("CONT");
-    let delivered: Vec<usize> = match &res {
+    let (delivered, said_maybe_stored): (Vec<usize>, usize) = match &res {
         Err(err) => {
             assert!(err.is_retriable(), "{err}");
             eprintln!(
-                "broker frozen after {} of {n} records were acknowledged",
+                "broker frozen after {} of {n} records were acknowledged: {err}",
                 err.delivered_before_failure().len()
             );
-            err.delivered_before_failure().to_vec()
+            (
+                err.delivered_before_failure().to_vec(),
+                maybe_stored(&err.to_string()),
+            )
         }
-        Ok(out) => out.delivered.clone(),
+        Ok(out) => (out.delivered.clone(), 0),
     };
-    // Whatever the sink reported delivered is really in the broker.
-    let got = consume_all(&brokers, topic, 1).await;
-    let held: HashSet<&str> = got.iter().map(|(_, _, v)| v.as_str()).collect();
-    for i in &delivered {
-        assert!(
-            held.contains(sent[*i].json.as_str()),
-            "record {i} reported delivered but not stored"
-        );
-    }
     if res.is_ok() {
         assert_eq!(delivered.len(), n);
     }
+
+    // The next cycle: the rest goes out again and gets through. Before, the producer stayed
+    // fenced after the time-out and refused every later record until a restart.
+    let reported: HashSet<usize> = delivered.iter().copied().collect();
+    let mut left: Vec<OutRecord> = (0..n)
+        .filter(|i| !reported.contains(i))
+        .map(|i| sent[i].clone())
+        .collect();
+    for attempt in 0..3 {
+        if left.is_empty() {
+            break;
+        }
+        match sink.deliver(&left).await {
+            Ok(out) => {
+                assert_eq!(out.delivered.len(), left.len());
+                left.clear();
+            }
+            Err(err) => {
+                eprintln!("re-send {attempt}: {err}");
+                assert!(err.is_retriable(), "{err}");
+                let done: HashSet<usize> = err.delivered_before_failure().iter().copied().collect();
+                left = left
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, _)| !done.contains(i))
+                    .map(|(_, r)| r)
+                    .collect();
+            }
+        }
+    }
+    assert!(
+        left.is_empty(),
+        "{} records still refused after the broker came back",
+        left.len()
+    );
+
+    // (Read once, at the end: the helper reads up to the first end marker in the topic.)
+    let got = consume_all(&brokers, topic, 1).await;
+    let copies = copies(&got);
+    for (i, r) in sent.iter().enumerate() {
+        let c = copies.get(r.json.as_str()).copied().unwrap_or(0);
+        // What the sink reported delivered is stored, and was not sent again.
+        if reported.contains(&i) {
+            assert_eq!(c, 1, "record {i} reported delivered: stored {c} times");
+        } else {
+            assert!(c >= 1, "record {i} missing after it was sent again");
+        }
+    }
+    // Records stored although not reported delivered were sent again (duplicates): the error
+    // said how many that may be, from librdkafka's message status.
+    let twice = copies.values().filter(|c| **c > 1).count();
+    eprintln!("stored twice: {twice}; the error warned of up to {said_maybe_stored}");
+    assert!(
+        twice <= said_maybe_stored,
+        "{twice} records stored twice, the error warned of {said_maybe_stored}"
+    );
     broker.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stall_shorter_than_the_delivery_timeout_leaves_no_duplicates() {
+    let Some(broker) = start_broker() else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let topic = "akto.api.logs";
+    create_topic(&brokers, topic, 1).await;
+    // Requests time out after a quarter of this (4 s); records only after all of it.
+    let config = sink_config(&brokers, topic, Duration::from_secs(16));
+    let stall = config.request_timeout() + Duration::from_secs(2);
+    let sink = KafkaSink::new(config).unwrap();
+    let first: Vec<OutRecord> = (0..10).map(|i| record(i, 50)).collect();
+    assert_eq!(sink.deliver(&first).await.unwrap().delivered.len(), 10);
+    let before = progress(&brokers, topic, 1);
+
+    let records: Vec<OutRecord> = (10..5_010).map(|i| record(i, 1000)).collect();
+    let sent = records.clone();
+    let task = tokio::spawn(async move { sink.deliver(&records).await });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress(&brokers, topic, 1) <= before {
+        assert!(
+            Instant::now() < deadline,
+            "nothing of the second batch reached the broker"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Frozen longer than a request may take (requests in flight time out and are sent again)
+    // but shorter than a record may take: the producer rides it out.
+    broker.signal("STOP");
+    tokio::time::sleep(stall).await;
+    broker.signal("CONT");
+    let out = task
+        .await
+        .unwrap()
+        .expect("a stall shorter than the delivery time-out is ridden out");
+    assert_eq!(out.delivered, (0..sent.len()).collect::<Vec<_>>());
+
+    let got = consume_all(&brokers, topic, 1).await;
+    let copies = copies(&got);
+    let twice: Vec<usize> = copies.values().copied().filter(|c| *c > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "{} records stored more than once after the stall",
+        twice.len()
+    );
+    for r in first.iter().chain(&sent) {
+        assert_eq!(copies.get(r.json.as_str()), Some(&1), "a record is missing");
+    }
+    assert_eq!(got.len(), first.len() + sent.len());
 }
 
 #[test]

@@ -7,11 +7,13 @@
 //! of one per batch).
 //!
 //! Architecture Invariant: a failed write leaves no partial line behind (the file is cut back
-//! to its previous length), so a retry never produces a torn or duplicated record.
+//! to its previous length), so a retry never produces a torn or duplicated record. A torn last
+//! line left by a crash or power loss mid-write (never reported delivered, so never
+//! checkpointed) is cut off when the file is opened, so the next record never glues onto it.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -26,8 +28,17 @@ enum Target {
     Stdout,
     File {
         path: PathBuf,
-        file: Arc<Mutex<File>>,
+        file: Arc<Mutex<Output>>,
     },
+}
+
+/// The open output file.
+struct Output {
+    file: File,
+    /// Set when a failed write could not be cut back: the length the file had before it. The
+    /// next write first cuts the file back (or to its last complete line) and writes nothing
+    /// until that worked.
+    cut_to: Option<u64>,
 }
 
 impl fmt::Debug for FileSink {
@@ -49,14 +60,14 @@ impl FileSink {
                 })
             }
         };
-        let file = open_append(&path).map_err(|source| SinkError::Io {
+        let file = open_output(&path).map_err(|source| SinkError::Io {
             target: path.display().to_string(),
             source,
         })?;
         Ok(FileSink {
             target: Target::File {
                 path,
-                file: Arc::new(Mutex::new(file)),
+                file: Arc::new(Mutex::new(Output { file, cut_to: None })),
             },
         })
     }
@@ -83,8 +94,8 @@ impl FileSink {
             Target::File { path, file } => {
                 let file = Arc::clone(file);
                 let res = tokio::task::spawn_blocking(move || {
-                    let f = file.lock().map_err(|_| poisoned())?;
-                    let meta = f.metadata()?;
+                    let out = file.lock().map_err(|_| poisoned())?;
+                    let meta = out.file.metadata()?;
                     if meta.permissions().readonly() {
                         return Err(std::io::Error::new(
                             std::io::ErrorKind::PermissionDenied,
@@ -137,8 +148,8 @@ impl FileSink {
             Target::File { file, .. } => {
                 let file = Arc::clone(file);
                 tokio::task::spawn_blocking(move || {
-                    let mut f = file.lock().map_err(|_| poisoned())?;
-                    append(&mut f, &buf)
+                    let mut out = file.lock().map_err(|_| poisoned())?;
+                    append(&mut out, &buf)
                 })
                 .await
             }
@@ -159,9 +170,9 @@ impl FileSink {
             Target::File { file, .. } => {
                 let file = Arc::clone(file);
                 tokio::task::spawn_blocking(move || {
-                    let mut f = file.lock().map_err(|_| poisoned())?;
-                    f.flush()?;
-                    f.sync_all()
+                    let mut out = file.lock().map_err(|_| poisoned())?;
+                    out.file.flush()?;
+                    out.file.sync_all()
                 })
                 .await
             }
@@ -173,24 +184,137 @@ impl FileSink {
     }
 }
 
-fn open_append(path: &Path) -> std::io::Result<File> {
+/// Opens `path` for appending, creating it with mode 0600 (and fsyncing its directory, so the
+/// new file survives a power loss with the records state says it holds), and cuts off a torn
+/// last line.
+fn open_output(path: &Path) -> std::io::Result<File> {
     let mut opts = OpenOptions::new();
-    opts.append(true).create(true);
+    opts.append(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    opts.open(path)
+    // Read too: the last line is checked for a tear.
+    let mut file = match opts.clone().read(true).create_new(true).open(path) {
+        Ok(f) => {
+            sync_parent_dir(path)?;
+            return Ok(f);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => match opts.clone().read(true).open(path) {
+                Ok(f) => f,
+                // Appending allowed, reading not: the tail cannot be checked.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return opts.open(path)
+                }
+                Err(e) => return Err(e),
+            },
+            // A pipe or device (e.g. /dev/stdout): nothing to check or cut.
+            Ok(_) => return opts.open(path),
+            // A dangling symbolic link: its target is created, as before.
+            Err(_) => return opts.create(true).open(path),
+        },
+        Err(e) => return Err(e),
+    };
+    let removed = cut_torn_tail(&mut file)?;
+    if removed > 0 {
+        tracing::warn!(
+            sink = "file",
+            file = %path.display(),
+            bytes = removed,
+            "the output file ended in a torn line (a crash or power loss during a write): \
+             removed its last {removed} bytes; that record was never confirmed, so it is written \
+             again"
+        );
+    }
+    Ok(file)
+}
+
+/// Makes a newly created file's directory entry durable.
+fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Ok(()) => Ok(()),
+        // Some file systems cannot fsync a directory; nothing more can be done there.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ) =>
+        {
+            tracing::debug!(sink = "file", "cannot fsync {}: {e}", dir.display());
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// When the file does not end with a line break, cuts it back to just after its last one (or
+/// to empty) and makes that durable; returns the number of bytes removed.
+fn cut_torn_tail(f: &mut File) -> std::io::Result<u64> {
+    const CHUNK: u64 = 64 * 1024;
+    let meta = f.metadata()?;
+    let len = meta.len();
+    if !meta.is_file() || len == 0 {
+        return Ok(0);
+    }
+    let mut end = len;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(CHUNK);
+        let n = usize::try_from(end - start).unwrap_or(buf.len());
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(&mut buf[..n])?;
+        if end == len && buf[n - 1] == b'\n' {
+            return Ok(0);
+        }
+        if let Some(pos) = buf[..n].iter().rposition(|&b| b == b'\n') {
+            break start + pos as u64 + 1;
+        }
+        end = start;
+    };
+    f.set_len(keep)?;
+    f.sync_all()?;
+    Ok(len - keep)
 }
 
 /// Appends `buf` and flushes it; on failure cuts the file back to where it was.
-fn append(f: &mut File, buf: &[u8]) -> std::io::Result<()> {
+fn append(out: &mut Output, buf: &[u8]) -> std::io::Result<()> {
+    if let Some(cut_to) = out.cut_to {
+        // An earlier failed write was not cut back: do it now, before writing anything.
+        let len = out.file.metadata()?.len();
+        if len > cut_to {
+            out.file.set_len(cut_to)?;
+        }
+        cut_torn_tail(&mut out.file)?;
+        out.cut_to = None;
+    }
+    let f = &mut out.file;
     let before = f.seek(SeekFrom::End(0))?;
     let res = f.write_all(buf).and_then(|()| f.flush());
     if let Err(e) = res {
-        // Best effort: remove the partial tail so a retry does not duplicate or tear lines.
-        let _ = f.set_len(before);
+        // Remove the partial tail so a retry does not duplicate or tear lines. When that fails
+        // too, at least the torn line goes; the next write retries the cut first.
+        if f.set_len(before).is_err() {
+            let torn = cut_torn_tail(f);
+            tracing::warn!(
+                sink = "file",
+                "a failed write could not be cut back to {before} bytes ({}); the next write \
+                 retries that first",
+                match torn {
+                    Ok(n) => format!("removed a torn last line of {n} bytes"),
+                    Err(t) => format!("cutting the torn last line failed too: {t}"),
+                }
+            );
+            out.cut_to = Some(before);
+        }
         return Err(e);
     }
     Ok(())
@@ -293,8 +417,67 @@ mod tests {
         let path = dir.path().join("out.jsonl");
         std::fs::write(&path, "{}\n").unwrap();
         // A read-only handle makes the write fail; the file must be unchanged.
-        let mut f = OpenOptions::new().read(true).open(&path).unwrap();
-        assert!(append(&mut f, b"{\"x\":1}\n").is_err());
+        let file = OpenOptions::new().read(true).open(&path).unwrap();
+        let mut out = Output { file, cut_to: None };
+        assert!(append(&mut out, b"{\"x\":1}\n").is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
+    }
+
+    #[test]
+    fn a_write_after_a_failed_cut_back_cuts_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        // What a failed write left when cutting it back failed too: whole lines of the failed
+        // write (never confirmed) and a torn one.
+        std::fs::write(&path, "{\"a\":1}\n{\"x\":1}\n{\"y\":").unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut out = Output {
+            file,
+            cut_to: Some(8),
+        };
+        append(&mut out, b"{\"b\":2}\n").unwrap();
+        assert!(out.cut_to.is_none());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"a\":1}\n{\"b\":2}\n"
+        );
+        // Shorter than the remembered length (someone truncated it): only the torn line goes.
+        std::fs::write(&path, "{\"a\":1}\n{\"y").unwrap();
+        out.cut_to = Some(1000);
+        append(&mut out, b"{}\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{}\n");
+    }
+
+    #[test]
+    fn torn_tail_is_cut_to_the_last_line_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let cases: Vec<(Vec<u8>, usize)> = vec![
+            (b"".to_vec(), 0),
+            (b"{}\n".to_vec(), 3),
+            (b"{}\n{\"torn".to_vec(), 3),
+            (b"no line break at all".to_vec(), 0),
+            // A torn line longer than one read chunk.
+            ([b"{}\n".to_vec(), vec![b'x'; 200_000]].concat(), 3),
+            (
+                [vec![b'y'; 100_000], b"\n".to_vec(), vec![b'x'; 70_000]].concat(),
+                100_001,
+            ),
+        ];
+        for (content, keep) in cases {
+            std::fs::write(&path, &content).unwrap();
+            let mut f = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            let removed = cut_torn_tail(&mut f).unwrap();
+            assert_eq!(removed as usize, content.len() - keep);
+            assert_eq!(std::fs::read(&path).unwrap(), content[..keep].to_vec());
+        }
     }
 }

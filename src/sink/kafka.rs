@@ -6,6 +6,13 @@
 //! and `deliver` awaits every report before returning, so no record of a call is left in flight
 //! with an unknown fate.
 //!
+//! A broker that stalls is ridden out inside the producer's idempotent session: a request that
+//! gets no answer times out after a quarter of the delivery time-out (at most 30 s) and is sent
+//! again with the same sequence numbers, which the broker de-duplicates; only a stall past the
+//! delivery time-out itself fails records, and those the broker may have stored already are
+//! counted in a warning (they are sent again: possible duplicates). After such a time-out, or an
+//! error that says the broker no longer accepts the producer's session, the producer is replaced.
+//!
 //! Architecture Invariant: the SASL password is only ever handed to librdkafka; it never appears
 //! in Debug output, logs or errors (rdkafka's own `ClientConfig` Debug would print it, so this
 //! module never keeps or formats one).
@@ -18,10 +25,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::bindings::{
+    rd_kafka_message_produce_errstr, rd_kafka_message_status, rd_kafka_msg_status_t,
+};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{BatchOutcome, OutRecord, SinkError, MAX_BODY_BYTES};
@@ -37,8 +48,13 @@ pub const KAFKA_MESSAGE_OVERHEAD_BYTES: usize = 1024;
 
 /// The topic Akto's traffic processor reads unless `AKTO_KAFKA_TOPIC_NAME` says otherwise.
 pub const DEFAULT_KAFKA_TOPIC: &str = "akto.api.logs";
-/// Default bound on how long one record may stay undelivered (`message.timeout.ms`).
-pub const DEFAULT_KAFKA_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default bound on how long one record may stay undelivered (`message.timeout.ms`): four times
+/// the request time-out, so that a broker stalling for up to about 90 s is ridden out (Kafka's
+/// own producer default `delivery.timeout.ms`).
+pub const DEFAULT_KAFKA_MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Upper bound on the time-out of one request to a broker (`request.timeout.ms`,
+/// `socket.timeout.ms`): a quarter of the message time-out, at most this.
+const MAX_KAFKA_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings of the [`KafkaSink`]. Debug output redacts the password.
 #[derive(Debug, Clone)]
@@ -58,7 +74,9 @@ pub struct KafkaSinkConfig {
     /// CA certificate file for TLS (`ssl.ca.location`).
     pub ca_file: Option<PathBuf>,
     /// How long librdkafka keeps trying one record (`message.timeout.ms`) before its delivery
-    /// report says it failed; bounds one `deliver` call.
+    /// report says it failed; bounds one `deliver` call. One request to a broker times out after
+    /// a quarter of it, at most 30 s, and is retried within it (see
+    /// [`KafkaSinkConfig::request_timeout`]).
     pub message_timeout: Duration,
     /// `KAFKA_MAX_MESSAGE_BYTES`: the topic's message size limit, records are cut to fit it (see
     /// [`KafkaSink::max_record_bytes`]). `None`: the topic's `max.message.bytes`, read by the
@@ -80,6 +98,14 @@ impl KafkaSinkConfig {
             message_timeout: DEFAULT_KAFKA_MESSAGE_TIMEOUT,
             max_message_bytes: None,
         }
+    }
+
+    /// The time-out of one request to a broker (`request.timeout.ms` and `socket.timeout.ms`):
+    /// a quarter of [`Self::message_timeout`], at most 30 s, at least 10 ms. Well below the
+    /// message time-out, so that a request lost to a stalled broker is retried (and
+    /// de-duplicated by the broker) before any record's delivery fails.
+    pub fn request_timeout(&self) -> Duration {
+        (self.message_timeout / 4).clamp(Duration::from_millis(10), MAX_KAFKA_REQUEST_TIMEOUT)
     }
 }
 
@@ -146,8 +172,70 @@ impl ClientContext for SinkContext {
     }
 }
 
-/// The producer type this sink uses.
-type SinkProducer = FutureProducer<SinkContext>;
+/// What librdkafka's delivery report said about one record.
+struct Report {
+    /// `None`: the broker acknowledged it.
+    error: Option<KafkaError>,
+    /// librdkafka's message status said the broker may have stored it although the delivery
+    /// failed (it timed out after being sent).
+    possibly_persisted: bool,
+    /// The broker's own words about a refused record, when it gave any.
+    broker_reason: Option<String>,
+}
+
+impl Report {
+    fn of(result: &DeliveryResult<'_>) -> Report {
+        match result {
+            Ok(_) => Report {
+                error: None,
+                possibly_persisted: false,
+                broker_reason: None,
+            },
+            Err((e, msg)) => Report {
+                error: Some(e.clone()),
+                possibly_persisted: possibly_persisted(msg),
+                broker_reason: produce_errstr(msg),
+            },
+        }
+    }
+}
+
+/// `rd_kafka_message_status`: whether a failed record may be stored nevertheless.
+fn possibly_persisted(msg: &BorrowedMessage<'_>) -> bool {
+    // SAFETY: `msg` borrows a message librdkafka keeps alive for the whole delivery callback.
+    let status = unsafe { rd_kafka_message_status(msg.ptr()) };
+    status == rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_POSSIBLY_PERSISTED
+}
+
+/// `rd_kafka_message_produce_errstr`: the broker's error message for a refused record.
+fn produce_errstr(msg: &BorrowedMessage<'_>) -> Option<String> {
+    // SAFETY: as above; the returned string, when not null, lives as long as the message and is
+    // copied before the callback returns.
+    let text = unsafe {
+        let p = rd_kafka_message_produce_errstr(msg.ptr());
+        if p.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+    };
+    let text = text.trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Box<tokio::sync::oneshot::Sender<Report>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tx: Self::DeliveryOpaque) {
+        // The receiver is gone only when its `deliver` call was dropped.
+        let _ = tx.send(Report::of(result));
+    }
+}
+
+/// The producer type this sink uses (clones share one producer and its polling thread).
+type SinkProducer = Arc<ThreadedProducer<SinkContext>>;
+
+/// Awaits one record's delivery report.
+type DeliveryFuture = tokio::sync::oneshot::Receiver<Report>;
 
 /// Delivers records to a Kafka topic with an idempotent, lz4-compressing producer.
 pub struct KafkaSink {
@@ -175,8 +263,15 @@ impl fmt::Debug for KafkaSink {
 /// The fate of one record.
 enum Fate {
     Delivered,
-    TooLarge(String),
-    Failed(KafkaError),
+    /// Refused for what it is (too large, invalid, against a broker policy): retried alone
+    /// once, then rejected with this reason.
+    Refused(String),
+    /// Not delivered (yet): the call fails and the record stays pending.
+    Failed {
+        error: KafkaError,
+        /// The broker may have stored it anyway (it timed out after being sent).
+        possibly_persisted: bool,
+    },
 }
 
 impl KafkaSink {
@@ -406,52 +501,65 @@ impl KafkaSink {
 
     /// Sends every record (key = host, value = the JSON) and awaits every delivery report.
     ///
-    /// Records the producer or broker refuse as too large are retried alone once (a batch of
-    /// small records can exceed a broker limit together) and then reported rejected.
+    /// Records the producer or broker refuse for what they are (too large, an invalid record, a
+    /// broker policy) are retried alone once (a batch of small records can exceed a broker limit
+    /// together) and then reported rejected with the broker's reason.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
         let producer = self.producer()?;
         self.clear_last_error();
         let mut fates = self
             .send_all(&producer, batch, (0..batch.len()).collect())
             .await;
-        // Too-large records: retry each alone (a batch of small records can exceed a broker
+        // Refused records: retry each alone (a batch of small records can exceed a broker
         // limit together), unless something else already failed.
         let failed = fates
             .iter()
-            .any(|f| matches!(f, None | Some(Fate::Failed(_))));
+            .any(|f| matches!(f, None | Some(Fate::Failed { .. })));
         if !failed {
-            let too_large: Vec<usize> = fates
+            let refused: Vec<usize> = fates
                 .iter()
                 .enumerate()
-                .filter(|(_, f)| matches!(f, Some(Fate::TooLarge(_))))
+                .filter(|(_, f)| matches!(f, Some(Fate::Refused(_))))
                 .map(|(i, _)| i)
                 .collect();
-            for i in too_large {
+            for i in refused {
                 let alone = self.send_all(&producer, batch, vec![i]).await;
-                if let Some(fate @ (Some(Fate::Delivered) | Some(Fate::Failed(_)))) =
+                if let Some(fate @ (Some(Fate::Delivered) | Some(Fate::Failed { .. }))) =
                     alone.into_iter().nth(i)
                 {
                     fates[i] = fate;
                 }
             }
         }
-        self.reset_if_fatal(&producer);
+        let replaced = self.reset_if_fatal(&producer);
 
         let mut out = BatchOutcome::default();
         let mut first_failure: Option<KafkaError> = None;
+        let mut state_failure: Option<KafkaError> = None;
+        let mut timed_out = false;
+        let mut maybe_stored = 0usize;
         for (i, fate) in fates.into_iter().enumerate() {
             match fate {
                 Some(Fate::Delivered) => out.delivered.push(i),
                 // Unverified alone (the call failed): certain only when over our own limit;
                 // otherwise leave it pending for the next attempt.
-                Some(Fate::TooLarge(reason))
+                Some(Fate::Refused(reason))
                     if !failed || batch[i].json.len() > producer_limit(&self.config) =>
                 {
                     out.rejected.push((i, reason))
                 }
-                Some(Fate::TooLarge(_)) => {}
-                Some(Fate::Failed(e)) => {
-                    first_failure.get_or_insert(e);
+                Some(Fate::Refused(_)) => {}
+                Some(Fate::Failed {
+                    error,
+                    possibly_persisted,
+                }) => {
+                    maybe_stored += usize::from(possibly_persisted);
+                    let code = kafka_code(&error);
+                    timed_out |= code == Some(RDKafkaErrorCode::MessageTimedOut);
+                    if code.is_some_and(is_producer_state) && state_failure.is_none() {
+                        state_failure = Some(error.clone());
+                    }
+                    first_failure.get_or_insert(error);
                 }
                 None => {
                     first_failure.get_or_insert(KafkaError::Canceled);
@@ -461,19 +569,44 @@ impl KafkaSink {
         if !out.delivered.is_empty() {
             self.set_auth_failure(None);
         }
+        if maybe_stored > 0 {
+            tracing::warn!(
+                sink = "kafka",
+                records = maybe_stored,
+                "{maybe_stored} records may already be stored by the Kafka broker(s) {} although \
+                 their delivery timed out (the broker stopped answering after they were sent): \
+                 they stay pending and are sent again, so the topic may hold them twice",
+                self.config.brokers
+            );
+        }
+        // After a delivery time-out or a refused producer session, librdkafka's producer can
+        // stay unusable (every later record refused): the next call gets a fresh one.
+        let restart = !replaced && (timed_out || state_failure.is_some());
+        if restart {
+            self.replace_producer();
+            retire(producer);
+        }
         match first_failure {
             None => Ok(out),
             Some(e) => {
                 let last_auth = self
                     .last_error()
                     .is_some_and(|(code, _)| code.is_some_and(is_auth));
+                let note = stored_note(maybe_stored);
                 let err = if last_auth
                     || kafka_code(&e).is_some_and(is_auth)
                     || (out.delivered.is_empty() && self.auth_failure().is_some())
                 {
                     self.auth_error(&e)
+                } else if let Some(state) = state_failure {
+                    self.session_error(&state, &note)
                 } else {
-                    self.failure(&e, "delivery")
+                    let restarted = if restart {
+                        "; the connector restarted its Kafka producer"
+                    } else {
+                        ""
+                    };
+                    self.failure_with(&e, "delivery", &format!("{restarted}{note}"))
                 };
                 Err(err.with_progress(out.delivered, out.rejected))
             }
@@ -502,13 +635,14 @@ impl KafkaSink {
         let limit = self.message_limit();
         for i in indices {
             let r = &batch[i];
-            let mut record = FutureRecord::to(&self.config.topic)
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let mut record = BaseRecord::with_opaque_to(&self.config.topic, Box::new(tx))
                 .key(r.key.as_bytes())
                 .payload(r.json.as_bytes());
             loop {
-                match producer.send_result(record) {
-                    Ok(fut) => {
-                        pending.push_back((i, fut));
+                match producer.send(record) {
+                    Ok(()) => {
+                        pending.push_back((i, rx));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -522,7 +656,7 @@ impl KafkaSink {
                         }
                     }
                     Err((e, _)) => {
-                        fates[i] = Some(classify(e, r.json.len(), limit));
+                        fates[i] = Some(classify(e, None, false, r.json.len(), limit));
                         break;
                     }
                 }
@@ -561,41 +695,67 @@ impl KafkaSink {
         }
     }
 
-    fn reset_if_fatal(&self, producer: &SinkProducer) {
-        if let Some((code, reason)) = producer.client().fatal_error() {
-            tracing::warn!(
-                sink = "kafka",
-                %code,
-                "the Kafka producer hit a fatal error ({reason}); creating a new producer"
-            );
-            self.replace_producer();
-        }
+    /// Replaces the producer when librdkafka reported a fatal error; true when it did.
+    fn reset_if_fatal(&self, producer: &SinkProducer) -> bool {
+        let Some((code, reason)) = producer.client().fatal_error() else {
+            return false;
+        };
+        tracing::warn!(
+            sink = "kafka",
+            %code,
+            "the Kafka producer hit a fatal error ({reason}); creating a new producer"
+        );
+        self.replace_producer();
+        true
     }
 
-    /// A fresh producer for the next call (after a fatal error, or a smaller message limit).
+    /// A fresh producer for the next call (after a fatal error, a delivery time-out, a refused
+    /// producer session, or a smaller message limit). The old one is shut down off the async
+    /// workers once its last user lets go of it.
     fn replace_producer(&self) {
-        if let (Ok(fresh), Ok(mut guard)) = (
-            create_producer(
-                &self.config,
-                self.message_limit(),
-                &self.last_error,
-                &self.auth_failure,
-            ),
-            self.producer.lock(),
-        ) {
-            *guard = fresh;
-        }
+        let Ok(fresh) = create_producer(
+            &self.config,
+            self.message_limit(),
+            &self.last_error,
+            &self.auth_failure,
+        ) else {
+            return;
+        };
+        let old = match self.producer.lock() {
+            Ok(mut guard) => std::mem::replace(&mut *guard, fresh),
+            Err(_) => return,
+        };
+        retire(old);
     }
 
     fn failure(&self, e: &KafkaError, what: &str) -> SinkError {
+        self.failure_with(e, what, "")
+    }
+
+    /// [`Self::failure`] with `note` after the cause.
+    fn failure_with(&self, e: &KafkaError, what: &str, note: &str) -> SinkError {
         SinkError::retriable(format!(
-            "No data appearing: Kafka {what} failed for topic {} at broker(s) {} ({}{}); check \
-             KAFKA_BROKER_HOST and that the broker is up and reachable from this host; \
+            "No data appearing: Kafka {what} failed for topic {} at broker(s) {} ({}{}{note}); \
+             check KAFKA_BROKER_HOST and that the broker is up and reachable from this host; \
              the records stay pending and are retried next cycle",
             self.config.topic,
             self.config.brokers,
             describe_kafka_error(e),
             self.last_error_note()
+        ))
+    }
+
+    /// The broker refused the producer's idempotent session (its id, epoch or sequence), which
+    /// no retry of the same producer fixes.
+    fn session_error(&self, e: &KafkaError, note: &str) -> SinkError {
+        SinkError::retriable(format!(
+            "Kafka broker(s) {} no longer accept this producer's session for topic {} ({}{note}): \
+             this follows a delivery that timed out or a broker that lost the producer's state; \
+             the connector restarted its Kafka producer, the records stay pending and are sent \
+             again next cycle",
+            self.config.brokers,
+            self.config.topic,
+            describe_kafka_error(e),
         ))
     }
 
@@ -679,6 +839,31 @@ fn batch_bytes(message_limit: usize) -> usize {
         .min(1_000_000)
 }
 
+/// `; N of them may already be stored ...` when some failed records may be in the topic.
+fn stored_note(maybe_stored: usize) -> String {
+    if maybe_stored == 0 {
+        return String::new();
+    }
+    format!(
+        "; {maybe_stored} of them may already be stored by the broker (their delivery timed out \
+         after they were sent) and are sent again: the topic may hold them twice"
+    )
+}
+
+/// Drops a replaced producer off the async workers: the last handle's drop waits for
+/// librdkafka's threads.
+fn retire(producer: SinkProducer) {
+    if Arc::strong_count(&producer) > 1 {
+        return; // someone still uses it; its last user drops it
+    }
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            rt.spawn_blocking(move || drop(producer));
+        }
+        Err(_) => drop(producer),
+    }
+}
+
 fn create_producer(
     config: &KafkaSinkConfig,
     message_limit: usize,
@@ -689,6 +874,8 @@ fn create_producer(
         .message_timeout
         .as_millis()
         .clamp(1, i32::MAX as u128);
+    // librdkafka takes socket.timeout.ms from 10 ms to 300 s.
+    let request_ms = config.request_timeout().as_millis().clamp(10, 300_000);
     let (mut cc, fields) = client_config(config);
     cc.set("enable.idempotence", "true")
         .set("acks", "all")
@@ -699,66 +886,133 @@ fn create_producer(
         )
         .set("message.max.bytes", producer_limit(config).to_string())
         .set("batch.size", batch_bytes(message_limit).to_string())
-        .set("message.timeout.ms", timeout_ms.to_string());
+        .set("message.timeout.ms", timeout_ms.to_string())
+        // A request a stalled broker never answers is given up long before the record's
+        // delivery is, and sent again within the idempotent session (no duplicate).
+        .set("request.timeout.ms", request_ms.to_string())
+        .set("socket.timeout.ms", request_ms.to_string())
+        // Back on a broker soon after it answers again (librdkafka's default: up to 10 s).
+        .set(
+            "reconnect.backoff.max.ms",
+            request_ms.clamp(100, 10_000).to_string(),
+        );
     let context = SinkContext {
         last_error: Arc::clone(last_error),
         auth_failure: Arc::clone(auth_failure),
     };
-    cc.create_with_context(context).map_err(|e| match e {
-        // Never echo the value of a setting: it could be the password.
-        KafkaError::ClientConfig(_, desc, key, _) => SinkError::Config {
-            field: fields
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, f)| *f)
-                .unwrap_or("KAFKA_BROKER_HOST"),
-            message: format!("librdkafka refused `{key}`: {desc}"),
-        },
-        other => {
-            let text = other.to_string();
-            let field = if text.contains("ca.location") || text.contains("CA cert") {
-                "the Kafka CA file (ssl.ca.location)"
-            } else if text.contains("SASL") || text.contains("sasl") {
-                "KAFKA_SASL_MECHANISM"
-            } else if text.contains("SSL") || text.contains("ssl") {
-                "KAFKA_SECURITY_PROTOCOL"
-            } else {
-                "KAFKA_BROKER_HOST"
-            };
-            SinkError::Config {
-                field,
-                message: format!("could not create the Kafka producer: {text}"),
+    cc.create_with_context::<_, ThreadedProducer<SinkContext>>(context)
+        .map(Arc::new)
+        .map_err(|e| match e {
+            // Never echo the value of a setting: it could be the password.
+            KafkaError::ClientConfig(_, desc, key, _) => SinkError::Config {
+                field: fields
+                    .iter()
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, f)| *f)
+                    .unwrap_or("KAFKA_BROKER_HOST"),
+                message: format!("librdkafka refused `{key}`: {desc}"),
+            },
+            other => {
+                let text = other.to_string();
+                let field = if text.contains("ca.location") || text.contains("CA cert") {
+                    "the Kafka CA file (ssl.ca.location)"
+                } else if text.contains("SASL") || text.contains("sasl") {
+                    "KAFKA_SASL_MECHANISM"
+                } else if text.contains("SSL") || text.contains("ssl") {
+                    "KAFKA_SECURITY_PROTOCOL"
+                } else {
+                    "KAFKA_BROKER_HOST"
+                };
+                SinkError::Config {
+                    field,
+                    message: format!("could not create the Kafka producer: {text}"),
+                }
             }
-        }
-    })
+        })
 }
 
 fn non_empty(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// What awaiting a [`DeliveryFuture`] yields.
-type DeliveryOutput = <DeliveryFuture as std::future::Future>::Output;
-
-fn resolve(res: DeliveryOutput, len: usize, limit: usize) -> Fate {
+fn resolve(
+    res: Result<Report, tokio::sync::oneshot::error::RecvError>,
+    len: usize,
+    limit: usize,
+) -> Fate {
     match res {
-        Ok(Ok(_delivery)) => Fate::Delivered,
-        Ok(Err((e, _msg))) => classify(e, len, limit),
-        Err(_) => Fate::Failed(KafkaError::Canceled),
+        Ok(Report { error: None, .. }) => Fate::Delivered,
+        Ok(Report {
+            error: Some(e),
+            possibly_persisted,
+            broker_reason,
+        }) => classify(e, broker_reason.as_deref(), possibly_persisted, len, limit),
+        // The producer went away without a report: its fate is unknown, it stays pending.
+        Err(_) => Fate::Failed {
+            error: KafkaError::Canceled,
+            possibly_persisted: true,
+        },
     }
 }
 
-fn classify(e: KafkaError, len: usize, limit: usize) -> Fate {
-    if kafka_code(&e) == Some(RDKafkaErrorCode::MessageSizeTooLarge) {
-        Fate::TooLarge(format!(
+/// Sorts a failed record: refused for what it is (rejected after a retry alone) or failed
+/// (pending, sent again next cycle).
+fn classify(
+    e: KafkaError,
+    broker_reason: Option<&str>,
+    possibly_persisted: bool,
+    len: usize,
+    limit: usize,
+) -> Fate {
+    let said = broker_reason
+        .map(|r| format!("; the broker said: {r}"))
+        .unwrap_or_default();
+    match kafka_code(&e) {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Fate::Refused(format!(
             "record is {len} bytes; Kafka refused it as too large (MessageSizeTooLarge: the \
              topic's or broker's message size limit is below the {limit} bytes records were cut \
              to, from KAFKA_MAX_MESSAGE_BYTES or else the topic's max.message.bytes; set \
-             KAFKA_MAX_MESSAGE_BYTES to the topic's limit)"
-        ))
-    } else {
-        Fate::Failed(e)
+             KAFKA_MAX_MESSAGE_BYTES to the topic's limit{said})"
+        )),
+        Some(code) if is_record_refusal(code) => Fate::Refused(format!(
+            "Kafka refused this {len}-byte record, also when sent alone ({code}{said}); the \
+             broker's validation or policy for the topic does not take it"
+        )),
+        _ => Fate::Failed {
+            error: e,
+            possibly_persisted,
+        },
     }
+}
+
+/// Errors a broker gives a record for what it is, not for the state of the broker or the
+/// network: sending it again does not help.
+fn is_record_refusal(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::InvalidMessage // CORRUPT_MESSAGE: its CRC or framing is wrong
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidTimestamp
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::BadMessage
+    )
+}
+
+/// Errors that say the broker no longer accepts the producer's idempotent session: only a new
+/// producer (a new producer id) gets records through again.
+fn is_producer_state(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            | RDKafkaErrorCode::UnknownProducerId
+            | RDKafkaErrorCode::InvalidProducerIdMapping
+            | RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::Fatal
+    )
 }
 
 fn kafka_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
@@ -791,24 +1045,148 @@ fn describe_kafka_error(e: &KafkaError) -> String {
 mod tests {
     use super::*;
 
+    fn produce_error(code: RDKafkaErrorCode) -> KafkaError {
+        KafkaError::MessageProduction(code)
+    }
+
     #[test]
     fn too_large_is_a_rejection_other_errors_are_failures() {
         let big = classify(
-            KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            produce_error(RDKafkaErrorCode::MessageSizeTooLarge),
+            None,
+            false,
             42,
             1000,
         );
-        assert!(matches!(big, Fate::TooLarge(ref r)
+        assert!(matches!(big, Fate::Refused(ref r)
             if r.contains("42 bytes") && r.contains("1000 bytes") && r.contains("KAFKA_MAX_MESSAGE_BYTES")));
         let down = classify(
-            KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+            produce_error(RDKafkaErrorCode::MessageTimedOut),
+            None,
+            true,
             42,
             1000,
         );
-        assert!(matches!(down, Fate::Failed(_)));
+        assert!(matches!(
+            down,
+            Fate::Failed {
+                possibly_persisted: true,
+                ..
+            }
+        ));
         assert!(is_auth(RDKafkaErrorCode::SaslAuthenticationFailed));
         assert!(is_auth(RDKafkaErrorCode::TopicAuthorizationFailed));
         assert!(!is_auth(RDKafkaErrorCode::MessageTimedOut));
+    }
+
+    #[test]
+    fn a_broker_refusing_the_record_itself_is_a_rejection_with_its_reason() {
+        for code in [
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::PolicyViolation,
+            RDKafkaErrorCode::InvalidMessage,
+            RDKafkaErrorCode::InvalidMessageSize,
+            RDKafkaErrorCode::MessageBatchTooLarge,
+            RDKafkaErrorCode::InvalidTimestamp,
+            RDKafkaErrorCode::BadMessage,
+        ] {
+            let fate = classify(
+                produce_error(code),
+                Some("record 0: field `x` is not allowed"),
+                false,
+                42,
+                1000,
+            );
+            match fate {
+                Fate::Refused(reason) => {
+                    assert!(reason.contains(&format!("{code:?}")), "{reason}");
+                    assert!(
+                        reason.contains("the broker said: record 0: field `x` is not allowed"),
+                        "{reason}"
+                    );
+                    assert!(reason.contains("42-byte"), "{reason}");
+                    assert!(!reason.contains("KAFKA_BROKER_HOST"), "{reason}");
+                }
+                _ => panic!("{code:?} must be a per-record rejection"),
+            }
+            assert!(!is_producer_state(code));
+        }
+        // Without the broker's words the code alone explains it.
+        let fate = classify(
+            produce_error(RDKafkaErrorCode::InvalidRecord),
+            None,
+            false,
+            7,
+            1000,
+        );
+        assert!(
+            matches!(fate, Fate::Refused(ref r) if r.contains("InvalidRecord") && !r.contains("broker said"))
+        );
+        // Broker and network trouble stays a failure (pending, sent again next cycle).
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+            RDKafkaErrorCode::RequestTimedOut,
+            RDKafkaErrorCode::NotEnoughReplicas,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            let fate = classify(produce_error(code), None, false, 42, 1000);
+            assert!(
+                matches!(fate, Fate::Failed { .. }),
+                "{code:?} must not reject the record"
+            );
+        }
+    }
+
+    #[test]
+    fn producer_state_errors_are_told_apart_and_worded_as_such() {
+        for code in [
+            RDKafkaErrorCode::ProducerFenced,
+            RDKafkaErrorCode::InvalidProducerEpoch,
+            RDKafkaErrorCode::OutOfOrderSequenceNumber,
+            RDKafkaErrorCode::UnknownProducerId,
+        ] {
+            assert!(is_producer_state(code), "{code:?}");
+        }
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::InvalidRecord,
+            RDKafkaErrorCode::AllBrokersDown,
+        ] {
+            assert!(!is_producer_state(code), "{code:?}");
+        }
+        let sink = KafkaSink::new(KafkaSinkConfig::new("b1:9092", DEFAULT_KAFKA_TOPIC)).unwrap();
+        let e = sink.session_error(
+            &produce_error(RDKafkaErrorCode::ProducerFenced),
+            &stored_note(3),
+        );
+        let msg = e.to_string();
+        assert!(e.is_retriable());
+        assert!(msg.contains("ProducerFenced"), "{msg}");
+        assert!(msg.contains("restarted its Kafka producer"), "{msg}");
+        assert!(msg.contains("3 of them may already be stored"), "{msg}");
+        assert!(!msg.contains("reachable"), "not a network problem: {msg}");
+        assert_eq!(stored_note(0), "");
+    }
+
+    #[test]
+    fn requests_time_out_well_before_records_do() {
+        let mut cfg = KafkaSinkConfig::new("b1:9092", DEFAULT_KAFKA_TOPIC);
+        assert_eq!(cfg.message_timeout, Duration::from_secs(120));
+        assert_eq!(cfg.request_timeout(), Duration::from_secs(30));
+        cfg.message_timeout = Duration::from_secs(20);
+        assert_eq!(cfg.request_timeout(), Duration::from_secs(5));
+        cfg.message_timeout = Duration::from_secs(3600);
+        assert_eq!(cfg.request_timeout(), MAX_KAFKA_REQUEST_TIMEOUT);
+        cfg.message_timeout = Duration::from_millis(1);
+        assert_eq!(cfg.request_timeout(), Duration::from_millis(10));
+        // librdkafka accepts the settings derived from any of these.
+        for t in [1u64, 20, 3_000, 120_000, 3_600_000] {
+            cfg.message_timeout = Duration::from_millis(t);
+            KafkaSink::new(cfg.clone()).unwrap_or_else(|e| panic!("{t} ms: {e}"));
+        }
     }
 
     #[test]
