@@ -259,7 +259,7 @@ pub async fn run(config: &Config) -> Vec<Step> {
     }
     // The state directory: writable, and not held by another instance. An older state format is
     // reported, not upgraded: `check` changes nothing.
-    let state_file = config.state_dir.join(STATE_FILE_NAME);
+    let state_file = config.state_dir.join(crate::state::FILE_NAME);
     let state = if !state_file.exists() {
         // No state yet: nothing is created (not the folder, not the file), only the place the
         // first run creates them in is tested.
@@ -348,9 +348,6 @@ fn sources_step(
         ))
     }
 }
-
-/// The state file's name in `STATE_DIR` (as `crate::state` names it).
-const STATE_FILE_NAME: &str = "databricks-shield.redb";
 
 /// The `authentication` step: a token, then one cheap authenticated request, so that a wrong
 /// personal access token (which needs no token exchange) fails here and not in the run.

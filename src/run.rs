@@ -157,8 +157,13 @@ impl CycleReport {
     /// The line Akto's job runner forwards to its operators.
     pub fn summary_line(&self) -> String {
         format!(
-            "Cycle completed in {:.1}s. Results: agents={} tables={} rows_read={} records_sent={} \
+            "Cycle {} in {:.1}s. Results: agents={} tables={} rows_read={} records_sent={} \
              duplicates_skipped={} quarantined={} errors={}{}",
+            if self.stopped {
+                "stopped before it finished"
+            } else {
+                "completed"
+            },
             self.duration.as_secs_f64(),
             self.agents,
             self.tables,

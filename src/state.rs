@@ -57,7 +57,8 @@ pub const MERGE_AT: usize = 16_384;
 const FORMAT_VERSION: &str = "3";
 /// Older formats this build upgrades.
 const UPGRADES_FROM: &[&str] = &["1", "2"];
-const FILE_NAME: &str = "databricks-shield.redb";
+/// The state file's name inside STATE_DIR.
+pub const FILE_NAME: &str = "databricks-shield.redb";
 /// Next to it: the in-flight marker of the batch being sent.
 const IN_FLIGHT_FILE: &str = "in-flight.json";
 /// redb's page cache. Its default (1 GiB) grows the process with the number of delivered ids;

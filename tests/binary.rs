@@ -182,7 +182,10 @@ async fn once_stops_cleanly_at_its_time_limit_and_the_next_run_continues() {
     assert!(text.contains("-once time limit of 3s reached"), "{text}");
     assert!(text.contains("stopped at its time limit"), "{text}");
     assert!(!text.contains("stopped by a signal"), "{text}");
-    assert!(text.contains("Cycle completed in"), "{text}");
+    assert!(
+        text.contains("Cycle stopped before it finished in"),
+        "{text}"
+    );
     let truth: std::collections::BTreeSet<String> = emu
         .ground_truth()
         .into_iter()

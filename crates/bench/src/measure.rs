@@ -657,7 +657,10 @@ pub fn cost(
 // The connector binary as a process
 
 fn summary_field(log: &str, key: &str) -> Option<u64> {
-    let line = log.lines().rev().find(|l| l.contains("Cycle completed"))?;
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("Cycle ") && l.contains(". Results: "))?;
     let at = line.find(&format!("{key}="))? + key.len() + 1;
     line[at..]
         .chars()
