@@ -48,7 +48,12 @@ while [ "$left" -gt 0 ]; do
     exit 1
   }
   line=$(echo "$out" | grep 'kill test: seed=' | tail -1)
-  get() { echo "$line" | sed -n "s/.* $1=\([0-9]*\).*/\1/p"; }
+  if [ -z "$line" ]; then
+    echo "$out" | tail -40
+    echo "soak: round $round (seed $s) printed no 'kill test:' summary line" >&2
+    exit 1
+  fi
+  get() { local v; v=$(echo "$line" | sed -n "s/.* $1=\([0-9]*\).*/\1/p"); echo "${v:-0}"; }
   kills=$(( kills + $(get kill_points) ))
   execs=$(( execs + $(get executions) ))
   records=$(( records + $(get records) ))

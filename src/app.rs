@@ -233,11 +233,14 @@ pub async fn run_loop_outcome(
     metrics: Option<Arc<crate::ops::Metrics>>,
 ) -> LoopOutcome {
     loop {
-        let report = connector.run_cycle(&shutdown).await;
-        log_report(&report);
+        let mut report = connector.run_cycle(&shutdown).await;
+        // A failed flush (a file's fsync) fails the cycle: what it held is not known durable.
         if let Err(e) = connector.sink.flush().await {
-            tracing::error!("flushing {}: {e}", connector.sink.name());
+            report
+                .errors
+                .push(format!("flushing {}: {e}", connector.sink.name()));
         }
+        log_report(&report);
         if let Some(m) = &metrics {
             m.observe(&report, &connector.client.stats());
         }

@@ -32,6 +32,9 @@ Settings are read from command-line flags first, then environment variables, the
 with --env-file (KEY=value lines, as in databricks-cron.env). Secrets can also come from files
 (DATABRICKS_CLIENT_SECRET_FILE, DATABRICKS_TOKEN_FILE, AKTO_JWT_TOKEN_FILE) or a Databricks
 config profile (DATABRICKS_CONFIG_FILE, DATABRICKS_CONFIG_PROFILE); prefer them to flags.
+Network: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY route the workspace and the HTTP sink
+through a proxy; SSL_CERT_FILE adds trusted CAs; RUST_LOG tunes the log filter. They are read
+from the environment, and from --env-file when the environment does not set them.
 
 First step when something does not work: `databricks-shield check` tests every prerequisite
 (configuration, network, authentication, grants, tables, warehouse, sink) and prints the fix for

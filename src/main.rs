@@ -156,11 +156,22 @@ async fn run(config: Config) -> ExitCode {
     let (trigger, shutdown) = Shutdown::new();
     let trigger = Arc::new(trigger);
     {
-        let (trigger, stop) = (trigger.clone(), stop_signal());
+        let (trigger, mut signals) = (trigger.clone(), stop_signals());
         tokio::spawn(async move {
-            stop.await;
-            tracing::info!("Shutdown requested: finishing the current batch");
+            if signals.recv().await.is_none() {
+                return;
+            }
+            tracing::info!(
+                "Shutdown requested: finishing the current batch (a second signal stops at once)"
+            );
             trigger.trigger();
+            if signals.recv().await.is_some() {
+                tracing::warn!(
+                    "Second stop signal: exiting now. Records sent but not yet checkpointed are \
+                     sent again at the next start, which says how many"
+                );
+                std::process::exit(130);
+            }
         });
     }
     // With -once, a clean stop before Akto's job runner kills the binary (its timeout is 300 s):
@@ -235,16 +246,19 @@ async fn start_ops(
         Some(addr) if !config.once => addr,
         _ => return Ok((None, None)),
     };
-    let metrics = Arc::new(Metrics::new(ServiceInfo {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        workspace: config.host.host_str().unwrap_or("databricks").to_string(),
-        catalog: config.catalog.clone(),
-        schema: config.schema.clone(),
-        prefix: config.prefix.clone(),
-        sink: connector.sink.name(),
-        sink_target: connector.sink.describe(),
-        interval: config.interval,
-    }));
+    let metrics = Arc::new(
+        Metrics::new(ServiceInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            workspace: config.host.host_str().unwrap_or("databricks").to_string(),
+            catalog: config.catalog.clone(),
+            schema: config.schema.clone(),
+            prefix: config.prefix.clone(),
+            sink: connector.sink.name(),
+            sink_target: connector.sink.describe(),
+            interval: config.interval,
+        })
+        .with_progress(connector.progress.clone()),
+    );
     let server = OpsServer::start(addr, metrics.clone(), shutdown.clone()).await?;
     tracing::info!(
         "Serving the status page, /healthz, /readyz and /metrics on http://{}",
@@ -254,31 +268,50 @@ async fn start_ops(
 }
 
 /// Registers the SIGTERM and Ctrl-C handlers now (so a signal that arrives while the connector
-/// starts is not fatal) and returns a future that resolves on either.
-fn stop_signal() -> impl std::future::Future<Output = ()> {
+/// starts is not fatal) and yields one message per signal: the first asks for a clean stop, a
+/// second one (an impatient operator, or an orchestrator's escalation) exits at once.
+fn stop_signals() -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let term = signal(SignalKind::terminate());
-        let int = signal(SignalKind::interrupt());
-        async move {
-            match (term, int) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = term.recv() => {}
+                            _ = int.recv() => {}
+                        }
+                        if tx.send(()).is_err() {
+                            return;
+                        }
                     }
-                }
-                _ => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
+                });
+            }
+            _ => {
+                tokio::spawn(async move {
+                    while tokio::signal::ctrl_c().await.is_ok() {
+                        if tx.send(()).is_err() {
+                            return;
+                        }
+                    }
+                });
             }
         }
     }
     #[cfg(not(unix))]
     {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        tokio::spawn(async move {
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
     }
+    rx
 }

@@ -118,8 +118,32 @@ pub struct Connector {
     pub sink: AnySink,
     pub state: Arc<StateStore>,
     pub settings: Settings,
+    /// When the sink last confirmed records: readiness during a long cycle.
+    pub progress: Arc<Progress>,
     warehouse: tokio::sync::Mutex<Option<String>>,
     quarantine: Quarantine,
+}
+
+/// When the sink last confirmed records of this process. A cycle that catches up after an outage
+/// can run for many intervals; readiness (`/readyz`) looks here to tell it from a stuck one.
+#[derive(Debug, Default)]
+pub struct Progress(std::sync::Mutex<Option<Instant>>);
+
+impl Progress {
+    /// The sink confirmed records now.
+    pub fn note(&self) {
+        self.note_at(Instant::now());
+    }
+
+    /// The sink confirmed records at `at` (tests).
+    pub fn note_at(&self, at: Instant) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// When the sink last confirmed records, if ever.
+    pub fn last(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The outcome of a cycle.
@@ -299,6 +323,7 @@ impl Connector {
             sink,
             state: Arc::new(state),
             settings,
+            progress: Default::default(),
             warehouse: tokio::sync::Mutex::new(None),
             quarantine,
         }
@@ -560,7 +585,7 @@ impl Connector {
                     ),
                     DeliveryError::State(se) => se.to_string(),
                 };
-                tracing::error!("{msg}");
+                // Logged with the cycle's other errors (`app::log_report`).
                 report.errors.push(msg);
             }
         }
@@ -967,6 +992,9 @@ impl Connector {
                     Some(e),
                 ),
             };
+        if !done.is_empty() {
+            self.progress.note();
+        }
         let mut settled = vec![false; b.records.len()];
         let mut delivered = vec![false; b.records.len()];
         for i in &done {

@@ -95,6 +95,15 @@ async fn bad_credentials_say_authentication_failed_and_never_echo_the_secret() {
         !msg.contains("wrong-secret-value-123")
             && !format!("{err:?}").contains("wrong-secret-value-123")
     );
+    // The refused token request is counted like every API call (metrics show the 401s).
+    let refused: u64 = c
+        .stats()
+        .snapshot()
+        .iter()
+        .filter(|((route, status), _)| route == "POST /oidc/v1/token" && status == "401")
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(refused, 1, "{:?}", c.stats().snapshot());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,6 +60,9 @@ struct Cached {
     stale_at: Instant,
 }
 
+/// The token request's route in the API request counters.
+const TOKEN_ROUTE: &str = "POST /oidc/v1/token";
+
 /// How often a personal access token read from a file is looked at again.
 pub const PAT_RECHECK: Duration = Duration::from_secs(30);
 
@@ -112,7 +115,12 @@ impl TokenSource {
     }
 
     /// A valid bearer token, fetching a new one when the cached one is stale.
-    pub async fn token(&self, http: &reqwest::Client) -> Result<SecretString, DatabricksError> {
+    /// Token requests are counted in `stats` (route `POST /oidc/v1/token`) like every API call.
+    pub async fn token(
+        &self,
+        http: &reqwest::Client,
+        stats: &super::http::ApiStats,
+    ) -> Result<SecretString, DatabricksError> {
         let (client_id, client_secret) = match &self.credentials {
             Credentials::Pat(token) => {
                 return Ok(match &self.secret_file {
@@ -135,7 +143,7 @@ impl TokenSource {
             Some(f) => f.read().0,
             None => client_secret.clone(),
         };
-        let fresh = self.fetch(http, client_id, &client_secret).await?;
+        let fresh = self.fetch(http, stats, client_id, &client_secret).await?;
         let token = fresh.token.clone();
         *cached = Some(fresh);
         Ok(token)
@@ -158,6 +166,7 @@ impl TokenSource {
     async fn fetch(
         &self,
         http: &reqwest::Client,
+        stats: &super::http::ApiStats,
         client_id: &str,
         client_secret: &SecretString,
     ) -> Result<Cached, DatabricksError> {
@@ -180,6 +189,7 @@ impl TokenSource {
                     return Err(super::http::request_not_built("POST /oidc/v1/token", &e))
                 }
                 Err(e) => {
+                    stats.record(TOKEN_ROUTE, "error");
                     let (kind, detail) = classify_transport_error(&e);
                     if attempt < 4 && kind != ConnectKind::Dns && kind != ConnectKind::Tls {
                         tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
@@ -193,6 +203,7 @@ impl TokenSource {
                 }
             };
             let status = resp.status();
+            stats.record(TOKEN_ROUTE, status.as_str());
             let body = resp.text().await.unwrap_or_default();
             if status.is_success() {
                 let parsed: TokenResponse =

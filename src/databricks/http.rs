@@ -98,7 +98,7 @@ impl Drop for Background {
 }
 
 impl ApiStats {
-    fn record(&self, route: &str, status: &str) {
+    pub(crate) fn record(&self, route: &str, status: &str) {
         if let Ok(mut m) = self.counts.lock() {
             *m.entry((route.to_string(), status.to_string()))
                 .or_default() += 1;
@@ -311,7 +311,7 @@ impl ApiClient {
         let mut reauthenticated = false;
         loop {
             attempt += 1;
-            let token = self.tokens.token(&self.http).await?;
+            let token = self.tokens.token(&self.http, &self.stats).await?;
             let mut req = self
                 .http
                 .request(method.clone(), &url)

@@ -138,7 +138,11 @@ impl DatabricksClient {
 
     /// Fetches a token now (OAuth) so that bad credentials fail early and clearly.
     pub async fn authenticate(&self) -> Result<(), DatabricksError> {
-        self.api.tokens.token(&self.api.http).await.map(|_| ())
+        self.api
+            .tokens
+            .token(&self.api.http, &self.api.stats)
+            .await
+            .map(|_| ())
     }
 
     /// Request counters by route and status.

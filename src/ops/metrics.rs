@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -160,6 +160,9 @@ pub struct Metrics {
     info: ServiceInfo,
     started: DateTime<Utc>,
     inner: Mutex<Inner>,
+    /// When the sink last confirmed records (the connector's), for readiness while a long
+    /// cycle runs.
+    progress: Option<Arc<crate::run::Progress>>,
 }
 
 impl Metrics {
@@ -168,7 +171,14 @@ impl Metrics {
             info,
             started: Utc::now(),
             inner: Mutex::new(Inner::default()),
+            progress: None,
         }
+    }
+
+    /// Readiness also counts records the sink confirmed during a cycle still running.
+    pub fn with_progress(mut self, progress: Arc<crate::run::Progress>) -> Metrics {
+        self.progress = Some(progress);
+        self
     }
 
     pub fn info(&self) -> &ServiceInfo {
@@ -280,7 +290,9 @@ impl Metrics {
         s
     }
 
-    /// Ready when the last successful cycle ended less than two intervals ago.
+    /// Ready when the last successful cycle ended less than two intervals ago, or, while a cycle
+    /// runs longer than that (catching up after an outage), when the sink confirmed records less
+    /// than two intervals ago.
     pub fn readiness(&self) -> Readiness {
         self.readiness_at(Instant::now())
     }
@@ -289,6 +301,28 @@ impl Metrics {
     pub fn readiness_at(&self, now: Instant) -> Readiness {
         let g = self.lock();
         let allowed = self.info.interval.saturating_mul(2);
+        let confirmed = self
+            .progress
+            .as_ref()
+            .and_then(|p| p.last())
+            .map(|p| now.saturating_duration_since(p))
+            .filter(|age| *age <= allowed);
+        let recent_success = g
+            .last_success_at
+            .is_some_and(|at| now.saturating_duration_since(at) <= allowed);
+        if let (Some(age), false) = (confirmed, recent_success) {
+            return Readiness {
+                ready: true,
+                reason: format!(
+                    "ready: a cycle is running and the sink confirmed records {}s ago",
+                    age.as_secs()
+                ),
+            };
+        }
+        let failed_last = g
+            .history
+            .back()
+            .is_some_and(|c| c.result == CycleResult::Failure);
         match g.last_success_at {
             None => Readiness {
                 ready: false,
@@ -313,9 +347,15 @@ impl Metrics {
                         ready: false,
                         reason: format!(
                             "not ready: last successful cycle {}s ago, more than two intervals \
-                             ({}s); see GET / or the logs for the errors",
+                             ({}s), and no records confirmed since; {}",
                             age.as_secs(),
-                            allowed.as_secs()
+                            allowed.as_secs(),
+                            if failed_last {
+                                "see GET / or the logs for the errors"
+                            } else {
+                                "a cycle is running without delivering anything (see GET / and \
+                                 the logs)"
+                            }
                         ),
                     }
                 }
@@ -614,6 +654,31 @@ mod tests {
         // A later failure does not make it unready by itself; time does.
         m.observe_at(&report(0, &["x"]), &ApiStats::default(), t0, Utc::now());
         assert!(m.readiness_at(t0 + Duration::from_secs(60)).ready);
+    }
+
+    /// A cycle running for many intervals (catching up) stays ready while the sink confirms
+    /// records; one that delivers nothing becomes unready, and the reason does not invent errors.
+    #[test]
+    fn a_long_cycle_that_keeps_delivering_stays_ready() {
+        let progress = Arc::new(crate::run::Progress::default());
+        let m = Metrics::new(info()).with_progress(progress.clone());
+        let t0 = Instant::now();
+        m.observe_at(&report(1, &[]), &ApiStats::default(), t0, Utc::now());
+        let stuck = m.readiness_at(t0 + Duration::from_secs(200));
+        assert!(!stuck.ready, "{stuck:?}");
+        assert!(stuck.reason.contains("without delivering"), "{stuck:?}");
+        assert!(!stuck.reason.contains("errors"), "{stuck:?}");
+        progress.note_at(t0 + Duration::from_secs(150));
+        let running = m.readiness_at(t0 + Duration::from_secs(200));
+        assert!(running.ready, "{running:?}");
+        assert!(running.reason.contains("cycle is running"), "{running:?}");
+        assert!(running.reason.contains("50s ago"), "{running:?}");
+        let late = m.readiness_at(t0 + Duration::from_secs(271));
+        assert!(!late.ready, "{late:?}");
+        // After a failed cycle the reason points to the errors.
+        m.observe_at(&report(0, &["boom"]), &ApiStats::default(), t0, Utc::now());
+        let failed = m.readiness_at(t0 + Duration::from_secs(271));
+        assert!(failed.reason.contains("for the errors"), "{failed:?}");
     }
 
     #[test]
