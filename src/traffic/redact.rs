@@ -7,15 +7,23 @@
 //! Kinds: `email`, `phone`, `card` (13-19 digits, Luhn-checked), `ssn` (US, `ddd-dd-dddd`),
 //! `iban` (mod-97 checked), and the secrets `aws_key` (`AKIA...`), `databricks_token`
 //! (`dapi...`), `jwt`, `private_key` (PEM blocks), `password` (`api_key=`, `password: ...`,
-//! `"client_secret": "..."` style assignments, also inside JSON-encoded strings). In
+//! `"clientSecret": "..."`, `password='...'` style assignments, also inside JSON-encoded strings
+//! at any depth, and the whole value of a header named like a secret). In
 //! `REDACT_KINDS`, `secret`/`secrets` selects all five secret kinds.
 //!
-//! JSON stays valid: a payload that starts with `{`, `[` or `"` (or is a short JSON scalar) is
-//! scanned as JSON. Inside strings a
-//! match never starts or ends inside an escape sequence and the replacement has no character
-//! that needs escaping; outside strings (a card number written as a JSON number) the replacement
-//! is quoted. Redaction is a single pass over the bytes that only looks closer at token starts
-//! and at `@`, `:`, `=` and `-----BEGIN`, so it costs a fraction of a JSON parse.
+//! JSON stays valid: a payload that parses as JSON, or a JSON document cut by the truncation
+//! marker, is scanned as JSON; anything else (a log line starting with `[INFO]`, a Python
+//! `{'k': 'v'}`) is plain text. Inside strings a match never starts or ends inside an escape
+//! sequence and the replacement has no character that needs escaping; outside strings (a card
+//! number written as a JSON number, masked only when its key names a card) the replacement is
+//! quoted. Redaction is a single pass over the bytes that only looks closer at token starts and
+//! at `@`, `\u0040`, `:`, `=` and `-----BEGIN`; a detector that fails does not scan the same
+//! run again, so the cost stays linear (a JSON validity check plus a fraction of a parse).
+//!
+//! Not over-masked: JSON numbers (timestamps, ids) other than under a card key, a whole string
+//! value of a key naming an id or a time (`span_id`, `timestamp_ms`), dates (`2024-01-15
+//! 10:30`) and IPv4 addresses. A secret cut by the truncation marker (`dapi0123...`,
+//! `AKIA...`, a JWT after its header) is masked although shorter than a whole one.
 //!
 //! Not redacted: the `host` header (it names the Akto collection), ids (request, tool call, and
 //! the `x-mlflow-*` / `x-span-*` headers linking a span record to its trace), table names,
@@ -219,25 +227,23 @@ const STRUCTURAL_HEADERS: [&str; 19] = [
     "x-span-status",
 ];
 
-/// Assignment keys whose value is a secret (also matched as `<prefix>_<key>`).
-const SECRET_KEYS: [&str; 17] = [
+/// Names whose value is a secret: a key (or header name) whose lowercase letters and digits
+/// end with one of these (see [`is_secret_key`]).
+const SECRET_KEYS: [&str; 14] = [
     "password",
     "passwd",
     "pwd",
     "secret",
-    "client_secret",
-    "secret_key",
-    "api_key",
+    "secretkey",
     "apikey",
-    "api-key",
-    "access_key",
-    "private_key",
-    "access_token",
-    "refresh_token",
-    "auth_token",
-    "id_token",
-    "api_token",
-    "session_token",
+    "accesskey",
+    "privatekey",
+    "accesstoken",
+    "refreshtoken",
+    "authtoken",
+    "idtoken",
+    "apitoken",
+    "sessiontoken",
 ];
 
 /// Masks sensitive values of the enabled kinds.
@@ -261,6 +267,15 @@ struct Hit {
     quote: bool,
     /// The span is the content of a JSON string whose opening quote the scanner skipped.
     enter_string: bool,
+}
+
+/// Where detectors whose scan runs over many possible starts may be tried again: a failed
+/// candidate moves its detector's position past the run it scanned, so no byte is scanned by
+/// it over and over (the scan stays linear in the input).
+#[derive(Debug, Default)]
+struct Skip {
+    /// First byte at which a JWT may start.
+    jwt: usize,
 }
 
 /// Byte flags of the scanner (0 = starts nothing and is skipped at once): a word byte
@@ -347,7 +362,8 @@ impl Redactor {
 
     /// Redact the values of a header object string, except structural headers.
     fn redact_headers(&self, headers: &str, counts: &mut RedactionCounts) -> Option<String> {
-        // Fast path: nothing in the whole object matches, so no value can.
+        // Fast path: nothing in the whole object matches, so no value can (a header named
+        // like a secret is an `"api-key": "..."` assignment there).
         let mut probe = RedactionCounts::default();
         self.redact_text(headers, &mut probe)?;
         let mut map: std::collections::BTreeMap<String, String> =
@@ -355,6 +371,17 @@ impl Redactor {
         let mut changed = false;
         for (k, v) in map.iter_mut() {
             if STRUCTURAL_HEADERS.contains(&k.as_str()) {
+                continue;
+            }
+            // A header named like a secret (`x-databricks-metadata-api-key`) is masked whole.
+            if self.enabled(RedactKind::Password)
+                && is_secret_key(k.as_bytes())
+                && !v.is_empty()
+                && v != RedactKind::Password.replacement()
+            {
+                *v = RedactKind::Password.replacement().to_string();
+                counts.bump(RedactKind::Password);
+                changed = true;
                 continue;
             }
             // A header value is text, never a JSON document: a value of digits only is not a
@@ -383,16 +410,8 @@ impl Redactor {
             return None;
         }
         let bytes = s.as_bytes();
-        // JSON documents are objects, arrays or strings here; a short payload may also be a
-        // bare JSON scalar (a card number as the whole body must stay a JSON value).
-        let json = maybe_json
-            && match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-                Some(b'{') | Some(b'[') | Some(b'"') => true,
-                Some(_) if s.len() <= 64 => {
-                    serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok()
-                }
-                _ => false,
-            };
+        let json = maybe_json && is_json(s);
+        let mut skip = Skip::default();
         let mut out: Option<String> = None;
         let mut copied = 0usize; // bytes of `s` already handled in `out`
         let mut in_string = false;
@@ -415,6 +434,25 @@ impl Redactor {
                 continue;
             }
             if b == b'\\' {
+                // `\u0040` is an `@` written as an escape inside a JSON string.
+                if json
+                    && in_string
+                    && self.enabled(RedactKind::Email)
+                    && bytes[i..].starts_with(b"\\u0040")
+                {
+                    if let Some((start, end)) = email(bytes, i, 6, seg.max(copied)) {
+                        let h = Hit {
+                            start,
+                            end,
+                            kind: RedactKind::Email,
+                            quote: false,
+                            enter_string: false,
+                        };
+                        emit(&mut out, s, &mut copied, &h, counts);
+                        i = end;
+                        continue;
+                    }
+                }
                 // Inside JSON an escape is skipped whole; in text a backslash is a boundary.
                 let len = if json && in_string {
                     if bytes.get(i + 1) == Some(&b'u') {
@@ -437,23 +475,13 @@ impl Redactor {
             let hit = if word && (prev_word || flags & F_TOKEN_START == 0) {
                 None
             } else {
-                self.detect(s, i, lo, prev_word, json, in_string)
+                self.detect(s, i, lo, prev_word, json, in_string, &mut skip)
             };
             match hit {
                 Some(h)
                     if h.start >= copied && h.end > h.start && s.get(h.start..h.end).is_some() =>
                 {
-                    let o = out.get_or_insert_with(|| String::with_capacity(s.len() + 32));
-                    o.push_str(s.get(copied..h.start).unwrap_or(""));
-                    if h.quote {
-                        o.push('"');
-                        o.push_str(h.kind.replacement());
-                        o.push('"');
-                    } else {
-                        o.push_str(h.kind.replacement());
-                    }
-                    counts.bump(h.kind);
-                    copied = h.end;
+                    emit(&mut out, s, &mut copied, &h, counts);
                     i = h.end;
                     if h.enter_string {
                         in_string = true;
@@ -476,6 +504,7 @@ impl Redactor {
 
     /// Try every detector that can start (or is anchored) at byte `i`.
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     fn detect(
         &self,
         s: &str,
@@ -484,6 +513,7 @@ impl Redactor {
         prev_word: bool,
         json: bool,
         in_string: bool,
+        skip: &mut Skip,
     ) -> Option<Hit> {
         let bytes = s.as_bytes();
         let b = bytes[i];
@@ -499,12 +529,13 @@ impl Redactor {
         };
         match b {
             b'@' if self.enabled(RedactKind::Email) => {
-                let (start, end) = email(bytes, i, lo)?;
+                let (start, end) = email(bytes, i, 1, lo)?;
                 hit(start, end, RedactKind::Email)
             }
             b'0'..=b'9' | b'+' | b'(' if !prev_word && !after_joined_word(bytes, i, lo) => {
                 if quote {
-                    // A bare JSON number: only a card number can be one.
+                    // A bare JSON number is a timestamp, an id or a count, not a card number,
+                    // unless its key names a card (`"card_number": 4111111111111111`).
                     if self.enabled(RedactKind::Card) && b.is_ascii_digit() {
                         let end = card(bytes, i, false)?;
                         // Replace a negative number whole: `-"[REDACTED:card]"` is not JSON.
@@ -513,6 +544,9 @@ impl Redactor {
                         } else {
                             i
                         };
+                        if !member_key(bytes, start).is_some_and(names_card) {
+                            return None;
+                        }
                         return hit(start, end, RedactKind::Card);
                     }
                     return None;
@@ -524,7 +558,15 @@ impl Redactor {
                 }
                 if self.enabled(RedactKind::Card) && b.is_ascii_digit() {
                     if let Some(end) = card(bytes, i, true) {
-                        return hit(i, end, RedactKind::Card);
+                        // A whole string value of an id or a time (`"span_id": "..."`,
+                        // `"timestamp_ms": "..."`) is not a card number.
+                        let id = in_string
+                            && bytes[i - 1] == b'"'
+                            && bytes.get(end) == Some(&b'"')
+                            && member_key(bytes, i - 1).is_some_and(names_id_or_time);
+                        if !id {
+                            return hit(i, end, RedactKind::Card);
+                        }
                     }
                 }
                 if self.enabled(RedactKind::Phone) {
@@ -551,9 +593,14 @@ impl Redactor {
                 let end = databricks_token(bytes, i)?;
                 hit(i, end, RedactKind::DatabricksToken)
             }
-            b'e' if !prev_word && self.enabled(RedactKind::Jwt) => {
-                let end = jwt(bytes, i)?;
-                hit(i, end, RedactKind::Jwt)
+            b'e' if !prev_word && i >= skip.jwt && self.enabled(RedactKind::Jwt) => {
+                match jwt(bytes, i) {
+                    Ok(end) => hit(i, end, RedactKind::Jwt),
+                    Err(resume) => {
+                        skip.jwt = resume;
+                        None
+                    }
+                }
             }
             b'-' if self.enabled(RedactKind::PrivateKey) => {
                 let end = private_key(bytes, i, json)?;
@@ -575,6 +622,66 @@ impl Redactor {
     }
 }
 
+/// Append the text before `h` and `h`'s replacement to `out`; `copied` moves past `h`.
+fn emit(
+    out: &mut Option<String>,
+    s: &str,
+    copied: &mut usize,
+    h: &Hit,
+    counts: &mut RedactionCounts,
+) {
+    let o = out.get_or_insert_with(|| String::with_capacity(s.len() + 32));
+    o.push_str(s.get(*copied..h.start).unwrap_or(""));
+    if h.quote {
+        o.push('"');
+        o.push_str(h.kind.replacement());
+        o.push('"');
+    } else {
+        o.push_str(h.kind.replacement());
+    }
+    counts.bump(h.kind);
+    *copied = h.end;
+}
+
+/// The start of the marker `record::fit` appends to a cut string (equal to
+/// `record::MARKER_PREFIX`, which a test checks).
+const CUT_MARKER: &str = "...[truncated by databricks-shield: original ";
+
+/// Does the truncation marker start at `j`? A token cut by it is masked although it is shorter
+/// than a whole one.
+fn at_marker(bytes: &[u8], j: usize) -> bool {
+    bytes
+        .get(j..)
+        .is_some_and(|t| t.starts_with(CUT_MARKER.as_bytes()))
+}
+
+/// Is `s` scanned as JSON: it parses as JSON, or it is a JSON object, array or string cut by
+/// the truncation marker (the text before the marker is a prefix of a JSON document)? Text that
+/// merely starts like JSON (`[INFO] ...`, a Python `{'k': 'v'}`) is plain text, so its values
+/// outside double quotes are still looked at.
+fn is_json(s: &str) -> bool {
+    use serde::de::IgnoredAny;
+    if serde_json::from_str::<IgnoredAny>(s).is_ok() {
+        return true;
+    }
+    if !matches!(s.trim_start().as_bytes().first(), Some(b'{' | b'[' | b'"')) {
+        return false;
+    }
+    let Some(body) = s
+        .strip_suffix(" bytes]")
+        .and_then(|rest| rest.rfind(CUT_MARKER))
+        .filter(|at| {
+            s[at + CUT_MARKER.len()..s.len() - 7]
+                .bytes()
+                .all(|c| c.is_ascii_digit())
+        })
+        .map(|at| &s[..at])
+    else {
+        return false;
+    };
+    serde_json::from_str::<IgnoredAny>(body).is_err_and(|e| e.is_eof())
+}
+
 /// `true` when `bytes[i]` follows a `-` or `.` that itself follows a word character (e.g. the
 /// tail of `abc-123...`), so it is not the start of a standalone number.
 fn after_joined_word(bytes: &[u8], i: usize, lo: usize) -> bool {
@@ -593,7 +700,8 @@ fn ends_token(bytes: &[u8], end: usize) -> bool {
     }
 }
 
-fn email(bytes: &[u8], at: usize, lo: usize) -> Option<(usize, usize)> {
+/// An address around the `@` at `at` (`at_len` bytes: 1, or 6 for `\u0040` in JSON).
+fn email(bytes: &[u8], at: usize, at_len: usize, lo: usize) -> Option<(usize, usize)> {
     let local = |c: u8| c.is_ascii_alphanumeric() || b"._%+-".contains(&c);
     let mut start = at;
     while start > lo && local(bytes[start - 1]) {
@@ -605,16 +713,17 @@ fn email(bytes: &[u8], at: usize, lo: usize) -> Option<(usize, usize)> {
     if start == at {
         return None;
     }
-    let mut end = at + 1;
+    let d0 = at + at_len;
+    let mut end = d0;
     while end < bytes.len()
         && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'.' || bytes[end] == b'-')
     {
         end += 1;
     }
-    while end > at + 1 && matches!(bytes[end - 1], b'.' | b'-') {
+    while end > d0 && matches!(bytes[end - 1], b'.' | b'-') {
         end -= 1;
     }
-    let domain = &bytes[at + 1..end];
+    let domain = &bytes[d0..end];
     let dot = domain.iter().rposition(|c| *c == b'.')?;
     // The top-level domain is the letters starting the last label (`com` of `com4111`).
     let tld = domain[dot + 1..]
@@ -624,7 +733,60 @@ fn email(bytes: &[u8], at: usize, lo: usize) -> Option<(usize, usize)> {
     if dot == 0 || tld < 2 {
         return None;
     }
-    Some((start, at + 1 + dot + 1 + tld))
+    Some((start, d0 + dot + 1 + tld))
+}
+
+/// The key of the JSON object member whose value starts at `v` (`"key": <value>`), if any
+/// (not a key with escapes, nor one longer than [`MAX_KEY`]).
+fn member_key(bytes: &[u8], v: usize) -> Option<&[u8]> {
+    let mut j = v;
+    while j > 0 && bytes[j - 1].is_ascii_whitespace() {
+        j -= 1;
+    }
+    if j == 0 || bytes[j - 1] != b':' {
+        return None;
+    }
+    j -= 1;
+    while j > 0 && bytes[j - 1].is_ascii_whitespace() {
+        j -= 1;
+    }
+    if j == 0 || bytes[j - 1] != b'"' {
+        return None;
+    }
+    let end = j - 1;
+    let floor = end.saturating_sub(MAX_KEY + 1);
+    let open = bytes[floor..end].iter().rposition(|c| *c == b'"')? + floor;
+    let key = &bytes[open + 1..end];
+    (!key.contains(&b'\\')).then_some(key)
+}
+
+/// A key naming a card number (`card`, `cardNumber`, `credit_card_no`, `pan`).
+fn names_card(key: &[u8]) -> bool {
+    key.eq_ignore_ascii_case(b"pan") || key.windows(4).any(|w| w.eq_ignore_ascii_case(b"card"))
+}
+
+/// A key naming an id or a time: ends with `id`, `_ms`, `_ns`, `_us`, `timestamp`, `time` or
+/// `nano(s)` (any case), or with `Ms`/`Ns`/`Us` after a lowercase letter (`timestampMs`).
+fn names_id_or_time(key: &[u8]) -> bool {
+    let ends = |suffix: &[u8]| {
+        key.len() >= suffix.len() && key[key.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+    };
+    let camel_unit = key.len() >= 3
+        && key[key.len() - 3].is_ascii_lowercase()
+        && matches!(&key[key.len() - 2..], b"Ms" | b"Ns" | b"Us");
+    camel_unit
+        || [
+            &b"id"[..],
+            b"_ms",
+            b"_ns",
+            b"_us",
+            b"timestamp",
+            b"time",
+            b"nano",
+            b"nanos",
+        ]
+        .into_iter()
+        .any(ends)
 }
 
 /// `ddd-dd-dddd`, not `000`/`666`/`9xx` area, not `00` group, not `0000` serial.
@@ -733,6 +895,9 @@ fn phone(bytes: &[u8], i: usize) -> Option<usize> {
         j += 1;
     }
     let mut groups = [0usize; 8];
+    // Start of each group and the separator after it.
+    let mut starts = [0usize; 8];
+    let mut seps = [0u8; 8];
     let mut ng = 0usize;
     let mut digits = 0usize;
     let mut end = j;
@@ -762,23 +927,40 @@ fn phone(bytes: &[u8], i: usize) -> Option<usize> {
             return None;
         }
         groups[ng] = g;
+        starts[ng] = g0;
         ng += 1;
         digits += g;
         end = j;
         match bytes.get(j) {
-            Some(b' ') | Some(b'-') | Some(b'.')
+            Some(&c @ (b' ' | b'-' | b'.'))
                 if bytes
                     .get(j + 1)
                     .is_some_and(|c| c.is_ascii_digit() || *c == b'(') =>
             {
+                seps[ng - 1] = c;
                 j += 1;
             }
-            Some(b'-') if paren && bytes.get(j + 1) == Some(&b' ') => j += 2,
+            Some(b'-') if paren && bytes.get(j + 1) == Some(&b' ') => {
+                seps[ng - 1] = b'-';
+                j += 2;
+            }
             _ => break,
         }
     }
     let groups = &groups[..ng];
     if !ends_token(bytes, end) || digits > 15 {
+        return None;
+    }
+    // A date (`2024-01-15 10:30`, `15.01.2024 10:30`) or an IPv4 address is not a phone.
+    let same_sep =
+        |n: usize, set: &[u8]| (0..n).all(|k| seps[k] == seps[0] && set.contains(&seps[k]));
+    if !plus && ng >= 3 && same_sep(2, b"-.") {
+        let year = |k: usize| matches!(&bytes[starts[k]..starts[k] + 2], b"19" | b"20");
+        if groups[..3] == [4, 2, 2] || (groups[..3] == [2, 2, 4] && year(2)) {
+            return None;
+        }
+    }
+    if !plus && ng >= 4 && same_sep(3, b".") && groups[..4].iter().all(|g| *g <= 3) {
         return None;
     }
     let ok = if plus {
@@ -803,71 +985,80 @@ fn iban(bytes: &[u8], i: usize) -> Option<usize> {
     {
         return None;
     }
-    let mut buf = [0u8; 34];
-    buf[..4].copy_from_slice(head);
+    // Mod-97 of the characters after the first four, kept as they are read; the check moves
+    // the first four to the end (letters as 10..35).
+    let fold = |rem: u32, c: u8| {
+        if c.is_ascii_digit() {
+            (rem * 10 + u32::from(c - b'0')) % 97
+        } else {
+            (rem * 100 + u32::from(c - b'A') + 10) % 97
+        }
+    };
+    let valid = |rem: u32| head.iter().fold(rem, |r, c| fold(r, *c)) == 1;
+    let mut rem = 0u32;
     let mut n = 4usize;
     let mut j = i + 4;
-    let mut end = j;
-    while j < bytes.len() && n < buf.len() {
+    // The longest valid IBAN ending at a group boundary (`IBAN ES91 ... 1332 EUR 500`: the
+    // word after the last group is not part of it).
+    let mut best = None;
+    while j < bytes.len() && n < 34 {
         let c = bytes[j];
         if c.is_ascii_uppercase() || c.is_ascii_digit() {
-            buf[n] = c;
+            rem = fold(rem, c);
             n += 1;
             j += 1;
-            end = j;
         } else if c == b' '
             && n.is_multiple_of(4)
             && bytes
                 .get(j + 1)
                 .is_some_and(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
         {
+            if n >= 15 && valid(rem) {
+                best = Some(j);
+            }
             j += 1;
         } else {
             break;
         }
     }
-    let chars = &buf[..n];
-    if n < 15 || !ends_token(bytes, end) {
-        return None;
+    if n >= 15 && ends_token(bytes, j) && valid(rem) {
+        return Some(j);
     }
-    // Move the first four characters to the end, letters as 10..35, remainder mod 97.
-    let mut rem = 0u32;
-    for c in chars[4..].iter().chain(chars[..4].iter()) {
-        let v = if c.is_ascii_digit() {
-            u32::from(c - b'0')
-        } else {
-            u32::from(c - b'A') + 10
-        };
-        rem = if v >= 10 {
-            (rem * 100 + v) % 97
-        } else {
-            (rem * 10 + v) % 97
-        };
-    }
-    (rem == 1).then_some(end)
+    best
 }
 
+/// `AKIA` (or `ASIA`, `ABIA`, `ACCA`) and 16 uppercase letters or digits; fewer when the
+/// truncation marker cuts it.
 fn aws_key(bytes: &[u8], i: usize) -> Option<usize> {
-    let t = bytes.get(i..i + 20)?;
-    let prefix_ok = [b"AKIA", b"ASIA", b"ABIA", b"ACCA"]
-        .iter()
-        .any(|p| t.starts_with(*p));
-    let body_ok = t[4..]
-        .iter()
-        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit());
-    (prefix_ok && body_ok && ends_token(bytes, i + 20)).then_some(i + 20)
-}
-
-fn databricks_token(bytes: &[u8], i: usize) -> Option<usize> {
-    let t = bytes.get(i..i + 36)?;
-    if !t.starts_with(b"dapi")
-        || !t[4..]
-            .iter()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
-    {
+    let t = bytes.get(i..i + 4)?;
+    if ![b"AKIA", b"ASIA", b"ABIA", b"ACCA"].iter().any(|p| t == *p) {
         return None;
     }
-    let mut end = i + 36;
+    let body = bytes[i + 4..]
+        .iter()
+        .take(16)
+        .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        .count();
+    let end = i + 4 + body;
+    let whole = body == 16 && ends_token(bytes, end);
+    (whole || (body > 0 && at_marker(bytes, end))).then_some(end)
+}
+
+/// `dapi`, 32 lowercase hex digits and an optional `-<digits>` suffix; fewer digits when the
+/// truncation marker cuts it.
+fn databricks_token(bytes: &[u8], i: usize) -> Option<usize> {
+    if !bytes.get(i..)?.starts_with(b"dapi") {
+        return None;
+    }
+    let hex = bytes[i + 4..]
+        .iter()
+        .take(32)
+        .take_while(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(*c))
+        .count();
+    let mut end = i + 4 + hex;
+    if hex < 32 {
+        return (hex > 0 && at_marker(bytes, end)).then_some(end);
+    }
     if bytes.get(end) == Some(&b'-') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit) {
         end += 1;
         while end < bytes.len() && bytes[end].is_ascii_digit() {
@@ -877,29 +1068,44 @@ fn databricks_token(bytes: &[u8], i: usize) -> Option<usize> {
     ends_token(bytes, end).then_some(end)
 }
 
-/// `eyJ<header>.eyJ<payload>.<signature>` in base64url.
-fn jwt(bytes: &[u8], i: usize) -> Option<usize> {
+/// `eyJ<header>.eyJ<payload>.<signature>` in base64url, or a token cut by the truncation
+/// marker after its header. `Err(resume)` when none starts at `i`: no token starts before
+/// `resume` either (every start inside the scanned header run ends at the same failure), so
+/// the caller does not try again inside the run; that keeps the scan linear on input like
+/// `eyJ-eyJ-eyJ-...`.
+fn jwt(bytes: &[u8], i: usize) -> Result<usize, usize> {
     let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
     let mut j = i;
+    // A later start can only succeed at or after the start of the part that failed.
+    let mut resume = i + 1;
     for part in 0..3 {
-        if part < 2 && !bytes.get(j..)?.starts_with(b"eyJ") {
-            return None;
-        }
         let p0 = j;
+        if part < 2 && !bytes[j..].starts_with(b"eyJ") {
+            return if part == 1 && at_marker(bytes, j) {
+                Ok(j)
+            } else {
+                Err(resume.max(j))
+            };
+        }
         while j < bytes.len() && b64(bytes[j]) {
             j += 1;
         }
+        #[cfg(test)]
+        tests::JWT_SCANNED.with(|c| c.set(c.get() + (j - p0)));
         if part < 2 {
+            if part == 1 && at_marker(bytes, j) {
+                return Ok(j);
+            }
             if j - p0 < 8 || bytes.get(j) != Some(&b'.') {
-                return None;
+                return Err(if part == 0 { j } else { p0 });
             }
             j += 1;
+            resume = j;
         }
     }
-    match bytes.get(j) {
-        Some(c) if c.is_ascii_alphanumeric() || *c == b'.' => None,
-        _ => Some(j),
-    }
+    // The signature run ends at a byte that is not base64url: the end of the token, also
+    // when that byte is a `.` ending a sentence or starting the truncation marker.
+    Ok(j)
 }
 
 /// `-----BEGIN ... PRIVATE KEY-----` through the matching END line, or to the end of the
@@ -910,7 +1116,9 @@ fn private_key(bytes: &[u8], i: usize, json: bool) -> Option<usize> {
     if !bytes.get(i..)?.starts_with(BEGIN) {
         return None;
     }
-    let line_end = find(bytes, i + BEGIN.len(), b"-----")? + 5;
+    // The header line is short: look no further than 80 bytes for its end.
+    let header = &bytes[..bytes.len().min(i + 80)];
+    let line_end = find(header, i + BEGIN.len(), b"-----")? + 5;
     if !bytes[..line_end].ends_with(TAIL) || line_end - i > 80 {
         return None;
     }
@@ -974,24 +1182,68 @@ fn ends_value(c: u8) -> bool {
     )
 }
 
+/// Does `key` name a secret? Compared without case and without `_`, `-` and `.`, so
+/// `client_secret`, `clientSecret`, `SecretAccessKey` and `x-databricks-metadata-api-key` all
+/// end with a name of [`SECRET_KEYS`].
 fn is_secret_key(key: &[u8]) -> bool {
-    if key.len() > 64 {
+    if key.len() > MAX_KEY {
         return false;
     }
-    SECRET_KEYS.iter().any(|k| {
-        let k = k.as_bytes();
-        if key.len() < k.len() {
-            return false;
+    let mut buf = [0u8; MAX_KEY];
+    let mut n = 0usize;
+    for &c in key {
+        if !matches!(c, b'_' | b'-' | b'.') {
+            buf[n] = c.to_ascii_lowercase();
+            n += 1;
         }
-        let tail = &key[key.len() - k.len()..];
-        tail.eq_ignore_ascii_case(k)
-            && (key.len() == k.len() || matches!(key[key.len() - k.len() - 1], b'_' | b'-' | b'.'))
-    })
+    }
+    let key = &buf[..n];
+    SECRET_KEYS.iter().any(|k| key.ends_with(k.as_bytes()))
+}
+
+/// Longest key looked at.
+const MAX_KEY: usize = 64;
+
+/// Number of `\` directly before `bytes[end]`, not looking before `floor`.
+fn backslashes_before(bytes: &[u8], end: usize, floor: usize) -> usize {
+    bytes[floor..end]
+        .iter()
+        .rev()
+        .take_while(|c| **c == b'\\')
+        .count()
+}
+
+/// The end of a value quoted by `q` backslashes and a `"` (JSON-encoded JSON, `q` = 1, 3, 7 for
+/// one, two, three levels): the next run of exactly `q` backslashes before a `"`. A longer run
+/// is a quote escaped inside the value; a shorter one (or a bare `"`) ends an enclosing string
+/// first, and then there is no value.
+fn nested_value_end(bytes: &[u8], start: usize, q: usize) -> Option<usize> {
+    let mut j = start;
+    while j < bytes.len() {
+        match bytes[j] {
+            b'"' => return None,
+            b'\\' => {
+                let run = bytes[j..].iter().take_while(|c| **c == b'\\').count();
+                if bytes.get(j + run) == Some(&b'"') {
+                    match run.cmp(&q) {
+                        std::cmp::Ordering::Equal => return Some(j),
+                        std::cmp::Ordering::Less => return None,
+                        std::cmp::Ordering::Greater => j += run + 1,
+                    }
+                } else {
+                    j += run;
+                }
+            }
+            _ => j += 1,
+        }
+    }
+    None
 }
 
 /// An assignment whose key names a secret, anchored at its `:` or `=` at `op`; returns the
-/// span of the value. Forms: `key=value`, `key: value`, `"key": "value"`, and the same with
-/// escaped quotes inside a JSON string (`{\"key\":\"value\"}`).
+/// span of the value. Forms: `key=value`, `key: value`, `"key": "value"`, `'key': 'value'`,
+/// `key='value'` (also inside a JSON string), and the same with escaped quotes inside JSON
+/// strings, at any depth (`{\"key\":\"value\"}`, `{\\\"key\\\":\\\"value\\\"}`).
 fn assignment(
     bytes: &[u8],
     op: usize,
@@ -1005,20 +1257,22 @@ fn assignment(
     while k_end > 0 && bytes[k_end - 1] == b' ' {
         k_end -= 1;
     }
-    // Quote style around the key: 0 none, 1 `"`, 2 `\"`.
-    let mut style = 0;
-    if k_end > 0 && bytes[k_end - 1] == b'"' {
-        if k_end > 1 && bytes[k_end - 2] == b'\\' {
-            style = 2;
-            k_end -= 2;
+    // Quote around the key: None for a bare key, else the number of backslashes before its
+    // closing `"` (0 in JSON, 1 in JSON inside a JSON string, ...), or 0 for a `'`.
+    let mut key_quote: Option<usize> = None;
+    if k_end > 0 && matches!(bytes[k_end - 1], b'"' | b'\'') {
+        let r = if bytes[k_end - 1] == b'"' {
+            backslashes_before(bytes, k_end - 1, 0)
         } else {
-            style = 1;
-            k_end -= 1;
-        }
+            0
+        };
+        key_quote = Some(r);
+        k_end -= 1 + r;
     }
     // The key of a quoted style ends at its opening quote; a bare key must not reach back
     // into an escape sequence (`\\npassword`).
-    let floor = if style == 0 { lo } else { 0 };
+    let floor = if key_quote.is_none() { lo } else { 0 };
+    let floor = floor.max(k_end.saturating_sub(MAX_KEY + 1));
     let mut k_start = k_end;
     while k_start > floor && key_char(bytes[k_start - 1]) {
         k_start -= 1;
@@ -1031,35 +1285,41 @@ fn assignment(
     while v < bytes.len() && bytes[v] == b' ' {
         v += 1;
     }
+    let escaped_quote = bytes[v.min(bytes.len())..]
+        .iter()
+        .take_while(|c| **c == b'\\')
+        .count();
     let (start, end) = if json && !in_string {
         // `"key": "value"` in JSON: the value is a whole string.
-        if style != 1 || bytes.get(v) != Some(&b'"') {
+        if key_quote != Some(0) || bytes.get(v) != Some(&b'"') {
             return None;
         }
         let start = v + 1;
         (start, string_end(bytes, start))
-    } else if bytes.get(v) == Some(&b'\\') && bytes.get(v + 1) == Some(&b'"') {
-        // `\"key\":\"value\"` inside a JSON string.
-        let start = v + 2;
-        let mut j = start;
-        loop {
-            match bytes.get(j) {
-                None => return None,
-                Some(b'"') => return None, // the outer string ended first
-                Some(b'\\') if bytes.get(j + 1) == Some(&b'"') => break,
-                Some(b'\\') => j += 2,
-                Some(_) => j += 1,
-            }
-        }
-        (start, j.min(bytes.len()))
-    } else if !in_string && (bytes.get(v) == Some(&b'\'') || bytes.get(v) == Some(&b'"')) {
-        // Quoted value in plain text.
+    } else if escaped_quote > 0 && bytes.get(v + escaped_quote) == Some(&b'"') {
+        // `\"key\":\"value\"` inside a JSON string (or deeper).
+        let start = v + escaped_quote + 1;
+        (start, nested_value_end(bytes, start, escaped_quote)?)
+    } else if bytes.get(v) == Some(&b'\'') || (!in_string && bytes.get(v) == Some(&b'"')) {
+        // Quoted value in plain text, or `'value'` inside a JSON string (up to the end of the
+        // string when the closing `'` is missing).
         let q = bytes[v];
         let start = v + 1;
-        let end = bytes[start..]
-            .iter()
-            .position(|c| *c == q)
-            .map(|p| p + start)?;
+        let end = if json {
+            // Stop at the first `'` or at the end of the string, whichever comes first (not
+            // looking for the end first: that would rescan the rest of a long string from
+            // every `password='` in it).
+            let mut j = start;
+            while j < bytes.len() && bytes[j] != q && bytes[j] != b'"' {
+                j += if bytes[j] == b'\\' { 2 } else { 1 };
+            }
+            j.min(bytes.len())
+        } else {
+            bytes[start..]
+                .iter()
+                .position(|c| *c == q)
+                .map(|p| p + start)?
+        };
         (start, end)
     } else {
         let start = v;
@@ -1078,6 +1338,292 @@ fn assignment(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Bytes the JWT detector scanned on this thread.
+        pub(super) static JWT_SCANNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Redact with all kinds; the output (the input when nothing matched).
+    fn red(input: &str) -> String {
+        let mut counts = RedactionCounts::default();
+        let out = Redactor::default().redact_text(input, &mut counts);
+        assert_eq!(out.is_some(), counts.total() > 0);
+        out.unwrap_or_else(|| input.to_string())
+    }
+
+    /// Redact a header object with all kinds; the header values after.
+    fn red_headers(headers: &str) -> std::collections::BTreeMap<String, String> {
+        let mut counts = RedactionCounts::default();
+        let out = Redactor::default()
+            .redact_headers(headers, &mut counts)
+            .unwrap_or_else(|| headers.to_string());
+        serde_json::from_str(&out).expect("headers stay a JSON object of strings")
+    }
+
+    fn marker(n: usize) -> String {
+        super::super::record::truncation_marker(n)
+    }
+
+    #[test]
+    fn the_cut_marker_is_the_one_record_appends() {
+        assert_eq!(marker(99), format!("{CUT_MARKER}99 bytes]"));
+        // A JSON document cut by the marker is still JSON text up to the marker...
+        assert!(is_json(&format!(r#"{{"t":"Bearer abc{}"#, marker(9999))));
+        assert!(is_json(&format!(r#"[1, 2{}"#, marker(50))));
+        // ...text that starts like JSON is not, cut or not.
+        assert!(!is_json(&format!("[INFO] start{}", marker(50))));
+        assert!(!is_json("{'a': 1}"));
+        assert!(!is_json(r#"{"a":"b"} trailing"#));
+        assert!(is_json(" 4111111111111111 ") && is_json(r#""x""#));
+    }
+
+    #[test]
+    fn text_that_starts_like_json_but_is_not_is_scanned_as_text() {
+        assert_eq!(
+            red(
+                "{'ssn': '123-45-6789', 'phone': '555-123-4567', 'password': 'hunter2', \
+                 'card': '4111 1111 1111 1111', 'iban': 'DE89 3704 0044 0532 0130 00'}"
+            ),
+            "{'ssn': '[REDACTED:ssn]', 'phone': '[REDACTED:phone]', \
+             'password': '[REDACTED:password]', 'card': '[REDACTED:card]', \
+             'iban': '[REDACTED:iban]'}"
+        );
+        assert_eq!(
+            red("[INFO] login password: hunter2 ssn 123-45-6789 call 555-123-4567"),
+            "[INFO] login password: [REDACTED:password] ssn [REDACTED:ssn] call [REDACTED:phone]"
+        );
+        // Valid JSON is still scanned as JSON: the masks stay inside the strings.
+        assert_eq!(
+            red(r#"{"ssn": "123-45-6789", "phone": "555-123-4567", "password": "hunter2"}"#),
+            r#"{"ssn": "[REDACTED:ssn]", "phone": "[REDACTED:phone]", "password": "[REDACTED:password]"}"#
+        );
+        // A cut JSON document keeps the JSON-aware scan: a card number under a card key
+        // outside strings is quoted, the JSON part before the marker stays JSON text.
+        let cut = format!(
+            r#"{{"card_number": 4111111111111111, "t": "password=hunter2 and more{}"#,
+            marker(9999)
+        );
+        assert_eq!(
+            red(&cut),
+            format!(
+                r#"{{"card_number": "[REDACTED:card]", "t": "password=[REDACTED:password] and more{}"#,
+                marker(9999)
+            )
+        );
+    }
+
+    const JWT: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJib2JAZXhhbXBsZS5jb20ifQ.\
+                       dBjftJeZ4CVPmB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+
+    #[test]
+    fn a_jwt_followed_by_a_dot_or_the_cut_marker_is_masked() {
+        assert_eq!(
+            red(&format!(r#"{{"t":"Your token is {JWT}."}}"#)),
+            r#"{"t":"Your token is [REDACTED:jwt]."}"#
+        );
+        assert_eq!(
+            red(&format!("token {JWT}... next")),
+            "token [REDACTED:jwt]... next"
+        );
+        let cut = format!(r#"{{"t":"Bearer {}{}"#, &JWT[..70], marker(9999));
+        assert_eq!(
+            red(&cut),
+            format!(r#"{{"t":"Bearer [REDACTED:jwt]{}"#, marker(9999))
+        );
+        // Cut inside the payload part: still masked; cut inside the header: not a JWT yet.
+        let cut = format!("Bearer {}{}", &JWT[..30], marker(99));
+        assert_eq!(red(&cut), format!("Bearer [REDACTED:jwt]{}", marker(99)));
+        let cut = format!("Bearer {}{}", &JWT[..15], marker(99));
+        assert_eq!(red(&cut), cut);
+        // Still one token: more base64url after the signature belongs to it.
+        assert_eq!(red(&format!("{JWT}_-x ok")), "[REDACTED:jwt] ok");
+    }
+
+    #[test]
+    fn a_failed_jwt_candidate_is_not_tried_again_inside_its_run() {
+        // The scan position moves past the run the failed candidate scanned...
+        let run = "eyJ-".repeat(1000);
+        assert_eq!(jwt(run.as_bytes(), 0), Err(run.len()));
+        // ...or to the start of the part that failed, where a token may still start.
+        let t = format!("eyJaaaaaaaa.eyJbb.{JWT}");
+        assert_eq!(jwt(t.as_bytes(), 0), Err(12));
+        assert_eq!(jwt(t.as_bytes(), 12), Err(17));
+        assert_eq!(jwt(t.as_bytes(), 18), Ok(t.len()));
+        // End to end, the detector scans each byte of `eyJ-eyJ-...` a bounded number of times
+        // (it scanned the rest of the run from every `eyJ`: n²/8 bytes, 2 million here).
+        for text in [
+            run.clone(),
+            format!(r#"{{"a":"{run}"}}"#),
+            "eyJaaaaaaaa-".repeat(300),
+        ] {
+            JWT_SCANNED.with(|c| c.set(0));
+            assert_eq!(red(&text), text);
+            let scanned = JWT_SCANNED.with(|c| c.get());
+            assert!(
+                scanned <= 2 * text.len(),
+                "{scanned} bytes for {}",
+                text.len()
+            );
+        }
+    }
+
+    #[test]
+    fn single_quoted_values_inside_json_strings_and_headers_are_masked() {
+        assert_eq!(
+            red(
+                r#"{"code":"conn = psycopg2.connect(host='db', password='s3cr3tP@ss', user='x')"}"#
+            ),
+            r#"{"code":"conn = psycopg2.connect(host='db', password='[REDACTED:password]', user='x')"}"#
+        );
+        // Without the closing quote the value runs to the end of the string.
+        assert_eq!(
+            red(r#"{"a":"password='s3cr","b":1}"#),
+            r#"{"a":"password='[REDACTED:password]","b":1}"#
+        );
+        let h = red_headers(r#"{"host":"h","x-note":"password='hunter2'"}"#);
+        assert_eq!(h["x-note"], "password='[REDACTED:password]'");
+        assert_eq!(h["host"], "h");
+    }
+
+    #[test]
+    fn secret_key_spellings_header_names_and_nested_json_are_masked() {
+        assert_eq!(
+            red(
+                r#"{"clientSecret":"cs-abc123","accessToken":"at-xyz","SecretAccessKey":"wJalrXUtnFEMI/K7MDENG","privateKey":"pk","max_tokens":"100"}"#
+            ),
+            r#"{"clientSecret":"[REDACTED:password]","accessToken":"[REDACTED:password]","SecretAccessKey":"[REDACTED:password]","privateKey":"[REDACTED:password]","max_tokens":"100"}"#
+        );
+        for key in [
+            "client_secret",
+            "CLIENT-SECRET",
+            "db.password",
+            "idToken",
+            "x-api-key",
+        ] {
+            assert!(is_secret_key(key.as_bytes()), "{key}");
+        }
+        for key in [
+            "passwordless",
+            "password_hint",
+            "token",
+            "max_tokens",
+            "keyboard",
+        ] {
+            assert!(!is_secret_key(key.as_bytes()), "{key}");
+        }
+        let h = red_headers(
+            r#"{"host":"h","x-databricks-metadata-api-key":"sk-live-abc123","x-databricks-metadata-password":"hunter2","x-databricks-metadata-endpoint-name":"e1"}"#,
+        );
+        assert_eq!(h["x-databricks-metadata-api-key"], "[REDACTED:password]");
+        assert_eq!(h["x-databricks-metadata-password"], "[REDACTED:password]");
+        assert_eq!(h["x-databricks-metadata-endpoint-name"], "e1");
+        assert_eq!(h["host"], "h");
+        // Two and three levels of JSON inside JSON strings.
+        assert_eq!(
+            red(r#"{"out":"{\"content\":\"{\\\"password\\\":\\\"hunter2\\\"}\"}"}"#),
+            r#"{"out":"{\"content\":\"{\\\"password\\\":\\\"[REDACTED:password]\\\"}\"}"}"#
+        );
+        assert_eq!(
+            red(r#"{"out":"{\"code\":\"connect(password=\\\"hunter2\\\")\"}"}"#),
+            r#"{"out":"{\"code\":\"connect(password=\\\"[REDACTED:password]\\\")\"}"}"#
+        );
+        let three = serde_json::json!({ "a": serde_json::json!({ "b": serde_json::json!({
+            "c": serde_json::json!({ "api_key": "sk-deep", "q": "a\"b" }).to_string()
+        }).to_string() }).to_string() })
+        .to_string();
+        let out = red(&three);
+        let mut v: serde_json::Value = serde_json::from_str(&out).expect("still JSON");
+        for key in ["a", "b", "c"] {
+            let inner = v[key].as_str().expect("a JSON-encoded string").to_string();
+            v = serde_json::from_str(&inner).expect("the nested JSON stays JSON");
+        }
+        assert_eq!(
+            v,
+            serde_json::json!({ "api_key": "[REDACTED:password]", "q": "a\"b" })
+        );
+        // An escaped quote inside a nested value is part of it.
+        assert_eq!(
+            red(r#"{"a":"{\"password\":\"x\\\"y\"}"}"#),
+            r#"{"a":"{\"password\":\"[REDACTED:password]\"}"}"#
+        );
+    }
+
+    #[test]
+    fn timestamps_and_ids_are_not_cards() {
+        // Both pass the Luhn check.
+        let (ms, ns) = ("1705312200002", "1705312200123456008");
+        assert!(luhn(ms.as_bytes()) && luhn(ns.as_bytes()));
+        let text = format!(
+            r#"{{"timestamp_ms": {ms}, "start_time_unix_nano": {ns}, "experiment_id": "{ns}", "startTimeMs": "{ms}", "n": [{ns}]}}"#
+        );
+        assert_eq!(red(&text), text);
+        // A string that is not a whole id or time value, or under another key, still is one.
+        assert_eq!(
+            red(&format!(r#"{{"s": "{ns}", "span_id": "paid {ms}"}}"#)),
+            r#"{"s": "[REDACTED:card]", "span_id": "paid [REDACTED:card]"}"#
+        );
+        assert!(names_id_or_time(b"trace_id") && names_id_or_time(b"created_ms"));
+        assert!(!names_id_or_time(b"card_number") && !names_id_or_time(b"items"));
+    }
+
+    #[test]
+    fn dates_and_ipv4_addresses_are_not_phones() {
+        assert_eq!(
+            red(r#"{"rows":[["2024-01-15 10:30:00", 42]], "t":"at 2024-01-15 10:30"}"#),
+            r#"{"rows":[["2024-01-15 10:30:00", 42]], "t":"at 2024-01-15 10:30"}"#
+        );
+        assert_eq!(red("on 15.01.2024 10:30"), "on 15.01.2024 10:30");
+        assert_eq!(
+            red(r#"{"client":"192.168.100.200"}"#),
+            r#"{"client":"192.168.100.200"}"#
+        );
+        assert_eq!(
+            red("call 555.123.4567 or 555-123-4567"),
+            "call [REDACTED:phone] or [REDACTED:phone]"
+        );
+    }
+
+    #[test]
+    fn an_iban_followed_by_an_uppercase_word_is_masked() {
+        assert_eq!(
+            red("IBAN ES91 2100 0418 4502 0005 1332 EUR 500"),
+            "IBAN [REDACTED:iban] EUR 500"
+        );
+        assert_eq!(red("BE68 5390 0754 7034 REF 12"), "[REDACTED:iban] REF 12");
+        assert_eq!(
+            red("IBAN ES91 2100 0418 4502 0005 1332"),
+            "IBAN [REDACTED:iban]"
+        );
+        // A failed checksum is no IBAN.
+        assert!(!red("BE68 5390 0754 7035 REF 12").contains("iban"));
+    }
+
+    #[test]
+    fn secrets_cut_by_the_marker_are_masked() {
+        let m = marker(99);
+        assert_eq!(
+            red(&format!("Bearer dapi0123456789abcdef01234567{m}")),
+            format!("Bearer [REDACTED:databricks_token]{m}")
+        );
+        assert_eq!(
+            red(&format!("key AKIAIOSFOD{m}")),
+            format!("key [REDACTED:aws_key]{m}")
+        );
+        // Not cut: a short one is not a token.
+        assert_eq!(
+            red("dapi0123456789abcdef01234567 AKIAIOSFOD."),
+            "dapi0123456789abcdef01234567 AKIAIOSFOD."
+        );
+    }
+
+    #[test]
+    fn an_at_sign_written_as_an_escape_is_an_email() {
+        assert_eq!(
+            red(r#"{"e":"bob\u0040example.com","f":"x\u0040y"}"#),
+            r#"{"e":"[REDACTED:email]","f":"x\u0040y"}"#
+        );
+    }
 
     /// A Luhn-valid 16-digit number (it passes the card check) used as an MLflow experiment id.
     const EXPERIMENT_ID: &str = "4111111111111111";
