@@ -529,17 +529,20 @@ async fn service_binary_serves_metrics_and_stops_on_sigterm() {
     let base = format!("http://{}", addr.unwrap());
     let (status, _, _) = get(&format!("{base}/healthz")).await;
     assert_eq!(status, 200);
-    // Ready once the first cycle succeeded (bounded wait: the cycle reads 200 rows).
+    // Ready once the first cycle succeeded (or, before, once the sink confirmed records of it);
+    // bounded wait: the cycle reads 200 rows.
     let mut ready = false;
     for _ in 0..600 {
         let (status, _, _) = get(&format!("{base}/readyz")).await;
-        if status == 200 {
+        let (_, text, _) = get(&format!("{base}/metrics")).await;
+        let done = sample(&text, "databricks_shield_cycles_total{result=\"success\"}");
+        if status == 200 && done == Some(1.0) {
             ready = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(ready, "never ready; log:\n{log}");
+    assert!(ready, "never ready after a successful cycle; log:\n{log}");
     let (_, text, _) = get(&format!("{base}/metrics")).await;
     assert_eq!(
         sample(&text, "databricks_shield_cycles_total{result=\"success\"}"),
