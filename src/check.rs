@@ -6,7 +6,7 @@ use hyper_util::client::proxy::matcher::Matcher;
 use serde::Serialize;
 
 use crate::collect::quote_table;
-use crate::config::{Config, SinkConfig};
+use crate::config::Config;
 use crate::databricks::sql::Statement;
 use crate::discovery;
 
@@ -292,14 +292,8 @@ pub async fn run(config: &Config) -> Vec<Step> {
                 )
             });
             let reachable = push("sink reachable", checked.map_err(|e| e.to_string()));
-            if let (
-                true,
-                Some(SinkConfig::Http {
-                    url, jwt, timeout, ..
-                }),
-            ) = (reachable, config.sink.as_ref())
-            {
-                push("sink token", sink_token(url, jwt.as_ref(), *timeout).await);
+            if let (true, crate::sink::AnySink::Http(http)) = (reachable, &sink) {
+                push("sink token", sink_token(http).await);
             }
         }
         Some(Err(e)) => {
@@ -427,42 +421,20 @@ fn state_dir_writable(dir: &std::path::Path) -> Result<String, String> {
     })
 }
 
-/// The `sink token` step: `POST /api/ingestData` with an empty batch and the configured token,
-/// because `GET /healthCheck` answers without looking at it. An empty batch stores nothing.
-async fn sink_token(
-    url: &url::Url,
-    jwt: Option<&secrecy::SecretString>,
-    timeout: std::time::Duration,
-) -> Result<String, String> {
-    use secrecy::ExposeSecret;
-    let mut ingest = url.clone();
-    let path = format!("{}/api/ingestData", url.path().trim_end_matches('/'));
-    ingest.set_path(&path);
-    let client = reqwest::Client::builder()
-        .use_rustls_tls()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(timeout)
-        .build()
-        .map_err(|e| format!("could not build the HTTP client: {}", error_chain(&e)))?;
-    let mut req = client
-        .post(ingest.clone())
-        .header("content-type", "application/json")
-        .body(r#"{"batchData":[]}"#);
-    if let Some(jwt) = jwt {
-        req = req.header("authorization", jwt.expose_secret().trim());
-    }
-    // No credentials or query in it: configuration refuses both in DATA_INGESTION_SERVICE_URL.
-    let shown_url = ingest.as_str().to_owned();
-    let resp = req.send().await.map_err(|e| {
+/// Whether Akto's ingestion service takes the token deliveries will send: an empty batch
+/// (`{"batchData":[]}`, which stores nothing) posted by the sink itself, since its health check
+/// does not look at the token.
+async fn sink_token(sink: &crate::sink::HttpSink) -> Result<String, String> {
+    let shown_url = sink.shown_url();
+    let (status, with_token) = sink.post_empty_batch().await.map_err(|e| {
         format!(
-            "POST {shown_url} (an empty batch) failed ({}): the health check passed but \
-             deliveries would not. Fix: check DATA_INGESTION_SERVICE_URL, HTTPS_PROXY / \
-             HTTP_PROXY / NO_PROXY and any WAF or ingress rule in front of the service",
-            error_chain(&e)
+            "{e} with an empty batch: the health check passed but deliveries would not. Fix: \
+             check DATA_INGESTION_SERVICE_URL, HTTPS_PROXY / HTTP_PROXY / NO_PROXY and any WAF \
+             or ingress rule in front of the service"
         )
     })?;
-    let status = resp.status().as_u16();
-    match (status, jwt.is_some()) {
+    let status = status.as_u16();
+    match (status, with_token) {
         (200..=299, true) => Ok(format!(
             "AKTO_JWT_TOKEN accepted: POST {shown_url} with an empty batch answered HTTP {status}"
         )),

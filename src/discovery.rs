@@ -364,7 +364,9 @@ pub fn in_scope(full_name: &str, catalog: &str, schema: &str, prefix: &str) -> b
 /// Why an endpoint's agent is out of this instance's scope, or `None` when it is in scope.
 ///
 /// The agent's Unity Catalog anchor decides: the inference table its config names (whether or
-/// not the table is visible), else its served UC models (in scope when any one is). An agent
+/// not the table is visible; `DATABRICKS_PREFIX` applies, it filters tables), else its served UC
+/// models (in scope when any one is in `catalog.schema`; the table prefix does not apply to
+/// model names, so a prefix set for tables never drops a table-less agent's traces). An agent
 /// with no anchor at all (no inference table, only foundation or external models) is in scope:
 /// nothing ties it to another instance, and finding every agent matters more.
 fn endpoint_out_of_scope(
@@ -382,11 +384,12 @@ fn endpoint_out_of_scope(
         .filter(|m| m.kind == "uc_model")
         .map(|m| m.name.as_str())
         .collect();
-    if uc.is_empty() || uc.iter().any(|m| in_scope(m, catalog, schema, prefix)) {
+    if uc.is_empty() || uc.iter().any(|m| in_scope(m, catalog, schema, "")) {
         return None;
     }
     Some(format!(
-        "no inference table enabled on this endpoint; its UC models ({}) are outside {scope}: {OUT_OF_SCOPE}",
+        "no inference table enabled on this endpoint; its UC models ({}) are outside \
+         {catalog}.{schema}: {OUT_OF_SCOPE}",
         uc.join(", ")
     ))
 }
@@ -1196,6 +1199,9 @@ mod tests {
             note.contains("main.other.prod_bot") && note.contains("out of scope"),
             "{note}"
         );
+        // The table prefix does not apply to model names.
+        let uc_unprefixed = model("main.agents.support_bot", "uc_model");
+        assert_eq!(endpoint_out_of_scope(None, &[uc_unprefixed], s), None);
         // No Unity Catalog anchor at all: in scope.
         assert_eq!(endpoint_out_of_scope(None, &[], s), None);
         assert_eq!(

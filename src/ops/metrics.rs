@@ -153,6 +153,9 @@ struct Inner {
     history: VecDeque<CycleSummary>,
     cycles_seen: u64,
     last_success_at: Option<Instant>,
+    /// When the last observed cycle ended: records confirmed after it belong to a cycle that is
+    /// still running.
+    last_cycle_end: Option<Instant>,
 }
 
 /// The registry. Cheap to read; `observe` is called by the service loop after every cycle.
@@ -254,6 +257,7 @@ impl Metrics {
             s.last_success = Some(wall);
             g.last_success_at = Some(now);
         }
+        g.last_cycle_end = Some(now);
         let summary = CycleSummary {
             number,
             finished: wall,
@@ -301,10 +305,13 @@ impl Metrics {
     pub fn readiness_at(&self, now: Instant) -> Readiness {
         let g = self.lock();
         let allowed = self.info.interval.saturating_mul(2);
+        // Only records confirmed by a cycle still running: those of a cycle that ended (and
+        // failed) say nothing about the one after it.
         let confirmed = self
             .progress
             .as_ref()
             .and_then(|p| p.last())
+            .filter(|p| g.last_cycle_end.is_none_or(|end| *p > end))
             .map(|p| now.saturating_duration_since(p))
             .filter(|age| *age <= allowed);
         let recent_success = g
@@ -675,10 +682,20 @@ mod tests {
         assert!(running.reason.contains("50s ago"), "{running:?}");
         let late = m.readiness_at(t0 + Duration::from_secs(271));
         assert!(!late.ready, "{late:?}");
-        // After a failed cycle the reason points to the errors.
-        m.observe_at(&report(0, &["boom"]), &ApiStats::default(), t0, Utc::now());
-        let failed = m.readiness_at(t0 + Duration::from_secs(271));
+        // That cycle ends failed (one table fails, others delivered): its deliveries no longer
+        // count, and the reason points to the errors.
+        m.observe_at(
+            &report(5, &["boom"]),
+            &ApiStats::default(),
+            t0 + Duration::from_secs(180),
+            Utc::now(),
+        );
+        let failed = m.readiness_at(t0 + Duration::from_secs(200));
+        assert!(!failed.ready, "{failed:?}");
         assert!(failed.reason.contains("for the errors"), "{failed:?}");
+        // The next cycle delivers: ready again while it runs.
+        progress.note_at(t0 + Duration::from_secs(190));
+        assert!(m.readiness_at(t0 + Duration::from_secs(200)).ready);
     }
 
     #[test]

@@ -295,6 +295,35 @@ impl HttpSink {
         )))
     }
 
+    /// Posts an empty batch (`{"batchData":[]}`, which stores nothing) with the sink's own
+    /// client, URL and token, for `check`: whether the service takes the token the deliveries
+    /// will send. Returns the HTTP status and whether a token was sent; `Err` names the URL and
+    /// why no answer came.
+    pub async fn post_empty_batch(&self) -> Result<(StatusCode, bool), String> {
+        let auth = self.auth_header();
+        let with_token = auth.is_some();
+        let body = format!("{BODY_PREFIX}{BODY_SUFFIX}");
+        let mut req = self
+            .client
+            .post(self.ingest_url.clone())
+            .timeout(self.request_timeout(body.len()))
+            .header(CONTENT_TYPE, "application/json")
+            .body(body);
+        if let Some(auth) = auth {
+            req = req.header(AUTHORIZATION, auth);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("POST {} failed ({})", self.shown_url, error_chain(&e)))?;
+        Ok((resp.status(), with_token))
+    }
+
+    /// The ingestion URL as shown in messages (no credentials, no query).
+    pub fn shown_url(&self) -> &str {
+        &self.shown_url
+    }
+
     /// Delivers `batch` (see [`super::AnySink::deliver`] for the contract).
     ///
     /// Records that alone exceed Akto's 10 MiB body limit are rejected without sending; the
