@@ -91,12 +91,49 @@ async fn a_file_of_whole_lines_is_kept_as_it_is() {
         "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n"
     );
 
-    // A torn first line (nothing whole before it) leaves an empty file.
-    std::fs::write(&path, "{\"torn").unwrap();
+    // A torn line after the first one is cut back to the last complete line.
+    std::fs::write(&path, "{\"a\":1}\n{\"torn").unwrap();
     let (sink, log) = open_logged(&path);
     assert!(log.contains("6 bytes"), "{log}");
     sink.deliver(&[rec("{}")]).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n{}\n");
+}
+
+#[tokio::test]
+async fn an_existing_file_without_any_line_break_is_refused_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    // OUTPUT_PATH pointed at a file that is not this connector's: no line break at all.
+    let path = dir.path().join("report.txt");
+    let content = "quarterly figures, no trailing newline";
+    std::fs::write(&path, content).unwrap();
+    let e = FileSink::new(Some(path.clone())).unwrap_err();
+    assert!(!e.is_retriable());
+    let msg = e.to_string();
+    assert!(
+        msg.contains("OUTPUT_PATH") && msg.contains(&path.display().to_string()),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("holds no complete line") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
+
+    // The same for a torn first record (a crash during the very first write): nothing is
+    // guessed away; moved aside, the sink starts a new file.
+    std::fs::write(&path, "{\"torn").unwrap();
+    assert!(FileSink::new(Some(path.clone())).is_err());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"torn");
+    std::fs::rename(&path, dir.path().join("report.txt.aside")).unwrap();
+    let sink = FileSink::new(Some(path.clone())).unwrap();
+    sink.deliver(&[rec("{}")]).await.unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
+
+    // An empty file is fine: nothing to cut.
+    std::fs::write(&path, "").unwrap();
+    let sink = FileSink::new(Some(path.clone())).unwrap();
+    sink.deliver(&[rec("{\"a\":1}")]).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
 }
 
 #[tokio::test]

@@ -10,6 +10,8 @@
 //! to its previous length), so a retry never produces a torn or duplicated record. A torn last
 //! line left by a crash or power loss mid-write (never reported delivered, so never
 //! checkpointed) is cut off when the file is opened, so the next record never glues onto it.
+//! A file that holds no line break at all is never cut (it may be any file `OUTPUT_PATH` was
+//! pointed at by mistake): the sink refuses to open it and leaves it unchanged.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -60,10 +62,7 @@ impl FileSink {
                 })
             }
         };
-        let file = open_output(&path).map_err(|source| SinkError::Io {
-            target: path.display().to_string(),
-            source,
-        })?;
+        let file = open_output(&path)?;
         Ok(FileSink {
             target: Target::File {
                 path,
@@ -186,39 +185,31 @@ impl FileSink {
 
 /// Opens `path` for appending, creating it with mode 0600 (and fsyncing its directory, so the
 /// new file survives a power loss with the records state says it holds), and cuts off a torn
-/// last line.
-fn open_output(path: &Path) -> std::io::Result<File> {
-    let mut opts = OpenOptions::new();
-    opts.append(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    // Read too: the last line is checked for a tear.
-    let mut file = match opts.clone().read(true).create_new(true).open(path) {
-        Ok(f) => {
-            sync_parent_dir(path)?;
-            return Ok(f);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match std::fs::metadata(path) {
-            Ok(meta) if meta.is_file() => match opts.clone().read(true).open(path) {
-                Ok(f) => f,
-                // Appending allowed, reading not: the tail cannot be checked.
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                    return opts.open(path)
-                }
-                Err(e) => return Err(e),
-            },
-            // A pipe or device (e.g. /dev/stdout): nothing to check or cut.
-            Ok(_) => return opts.open(path),
-            // A dangling symbolic link: its target is created, as before.
-            Err(_) => return opts.create(true).open(path),
-        },
-        Err(e) => return Err(e),
+/// last line. A non-empty regular file without any line break is refused and left unchanged.
+fn open_output(path: &Path) -> Result<File, SinkError> {
+    let io_error = |source| SinkError::Io {
+        target: path.display().to_string(),
+        source,
     };
-    let removed = cut_torn_tail(&mut file)?;
-    if removed > 0 {
+    let (mut file, check) = open_file(path).map_err(io_error)?;
+    if !check {
+        return Ok(file);
+    }
+    let len = file.metadata().map_err(io_error)?.len();
+    let Some(keep) = last_line_end(&mut file).map_err(io_error)? else {
+        return Err(SinkError::Config {
+            field: "OUTPUT_PATH (--output)",
+            message: format!(
+                "{} holds no complete line: not a JSON-lines file this connector wrote, or its \
+                 first record was cut by a crash; move it aside or choose another OUTPUT_PATH; \
+                 nothing was changed",
+                path.display()
+            ),
+        });
+    };
+    if keep < len {
+        cut_back(&mut file, keep).map_err(io_error)?;
+        let removed = len - keep;
         tracing::warn!(
             sink = "file",
             file = %path.display(),
@@ -229,6 +220,40 @@ fn open_output(path: &Path) -> std::io::Result<File> {
         );
     }
     Ok(file)
+}
+
+/// Opens (or creates) `path` for appending; true when it is an existing regular file, opened
+/// for reading too, whose last line is to be checked.
+fn open_file(path: &Path) -> std::io::Result<(File, bool)> {
+    let mut opts = OpenOptions::new();
+    opts.append(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    // Read too: the last line is checked for a tear.
+    match opts.clone().read(true).create_new(true).open(path) {
+        Ok(f) => {
+            sync_parent_dir(path)?;
+            Ok((f, false))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => match opts.clone().read(true).open(path) {
+                Ok(f) => Ok((f, true)),
+                // Appending allowed, reading not: the tail cannot be checked.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    Ok((opts.open(path)?, false))
+                }
+                Err(e) => Err(e),
+            },
+            // A pipe or device (e.g. /dev/stdout): nothing to check or cut.
+            Ok(_) => Ok((opts.open(path)?, false)),
+            // A dangling symbolic link: its target is created, as before.
+            Err(_) => Ok((opts.create(true).open(path)?, false)),
+        },
+        Err(e) => Err(e),
+    }
 }
 
 /// Makes a newly created file's directory entry durable.
@@ -253,35 +278,47 @@ fn sync_parent_dir(path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// When the file does not end with a line break, cuts it back to just after its last one (or
-/// to empty) and makes that durable; returns the number of bytes removed.
-fn cut_torn_tail(f: &mut File) -> std::io::Result<u64> {
+/// Where the file's last complete line ends: its length when it ends with a line break (or is
+/// empty, or not a regular file), else just after its last line break; `None` when a non-empty
+/// regular file holds no line break at all.
+fn last_line_end(f: &mut File) -> std::io::Result<Option<u64>> {
     const CHUNK: u64 = 64 * 1024;
     let meta = f.metadata()?;
     let len = meta.len();
     if !meta.is_file() || len == 0 {
-        return Ok(0);
+        return Ok(Some(len));
     }
     let mut end = len;
     let mut buf = vec![0u8; CHUNK as usize];
-    let keep = loop {
-        if end == 0 {
-            break 0;
-        }
+    while end > 0 {
         let start = end.saturating_sub(CHUNK);
         let n = usize::try_from(end - start).unwrap_or(buf.len());
         f.seek(SeekFrom::Start(start))?;
         f.read_exact(&mut buf[..n])?;
-        if end == len && buf[n - 1] == b'\n' {
-            return Ok(0);
-        }
         if let Some(pos) = buf[..n].iter().rposition(|&b| b == b'\n') {
-            break start + pos as u64 + 1;
+            return Ok(Some(start + pos as u64 + 1));
         }
         end = start;
-    };
+    }
+    Ok(None)
+}
+
+/// Cuts the file back to `keep` bytes and makes that durable.
+fn cut_back(f: &mut File, keep: u64) -> std::io::Result<()> {
     f.set_len(keep)?;
-    f.sync_all()?;
+    f.sync_all()
+}
+
+/// After a failed write of this sink: when the file does not end with a line break, cuts it
+/// back to just after its last one, or to empty when it holds none (then all of it is the torn
+/// first line this sink wrote); returns the number of bytes removed.
+fn cut_torn_tail(f: &mut File) -> std::io::Result<u64> {
+    let len = f.metadata()?.len();
+    let keep = last_line_end(f)?.unwrap_or(0);
+    if keep >= len {
+        return Ok(0);
+    }
+    cut_back(f, keep)?;
     Ok(len - keep)
 }
 
@@ -460,6 +497,7 @@ mod tests {
             (b"".to_vec(), 0),
             (b"{}\n".to_vec(), 3),
             (b"{}\n{\"torn".to_vec(), 3),
+            // After this sink's own failed first write: all of it is the torn line.
             (b"no line break at all".to_vec(), 0),
             // A torn line longer than one read chunk.
             ([b"{}\n".to_vec(), vec![b'x'; 200_000]].concat(), 3),
@@ -475,9 +513,34 @@ mod tests {
                 .append(true)
                 .open(&path)
                 .unwrap();
+            let end = last_line_end(&mut f).unwrap();
+            let has_break = content.is_empty() || content.contains(&b'\n');
+            assert_eq!(end, has_break.then_some(keep as u64));
             let removed = cut_torn_tail(&mut f).unwrap();
             assert_eq!(removed as usize, content.len() - keep);
             assert_eq!(std::fs::read(&path).unwrap(), content[..keep].to_vec());
         }
+    }
+
+    #[test]
+    fn opening_a_file_without_any_line_break_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.txt");
+        // Longer than one read chunk, so every chunk is searched.
+        let content = [b"an unrelated file ".to_vec(), vec![b'z'; 150_000]].concat();
+        std::fs::write(&path, &content).unwrap();
+        let e = FileSink::new(Some(path.clone())).unwrap_err();
+        assert!(!e.is_retriable());
+        let msg = e.to_string();
+        assert!(msg.contains("OUTPUT_PATH"), "{msg}");
+        assert!(msg.contains("notes.txt"), "{msg}");
+        assert!(msg.contains("holds no complete line"), "{msg}");
+        assert!(msg.contains("nothing was changed"), "{msg}");
+        assert_eq!(std::fs::read(&path).unwrap(), content);
+        // One line break anywhere: a JSON-lines file with a torn tail, cut back to it.
+        let content = [b"{}\n".to_vec(), vec![b'z'; 150_000]].concat();
+        std::fs::write(&path, &content).unwrap();
+        FileSink::new(Some(path.clone())).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
     }
 }

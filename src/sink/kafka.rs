@@ -25,9 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::bindings::{
-    rd_kafka_message_produce_errstr, rd_kafka_message_status, rd_kafka_msg_status_t,
-};
+use rdkafka::bindings::{rd_kafka_message_status, rd_kafka_msg_status_t};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -173,14 +171,18 @@ impl ClientContext for SinkContext {
 }
 
 /// What librdkafka's delivery report said about one record.
+///
+/// Not the broker's own words about a refused record (`rd_kafka_message_produce_errstr`): in
+/// librdkafka 2.12 that string points into the produce response, which the broker thread frees
+/// right after it queues the delivery report (`rd_kafka_handle_Produce` destroys the result
+/// after `rd_kafka_dr_msgq0`, whose copy the message does not point to), so reading it in the
+/// callback would read freed memory. A refusal is worded from its error code alone.
 struct Report {
     /// `None`: the broker acknowledged it.
     error: Option<KafkaError>,
     /// librdkafka's message status said the broker may have stored it although the delivery
     /// failed (it timed out after being sent).
     possibly_persisted: bool,
-    /// The broker's own words about a refused record, when it gave any.
-    broker_reason: Option<String>,
 }
 
 impl Report {
@@ -189,12 +191,10 @@ impl Report {
             Ok(_) => Report {
                 error: None,
                 possibly_persisted: false,
-                broker_reason: None,
             },
             Err((e, msg)) => Report {
                 error: Some(e.clone()),
                 possibly_persisted: possibly_persisted(msg),
-                broker_reason: produce_errstr(msg),
             },
         }
     }
@@ -202,24 +202,11 @@ impl Report {
 
 /// `rd_kafka_message_status`: whether a failed record may be stored nevertheless.
 fn possibly_persisted(msg: &BorrowedMessage<'_>) -> bool {
-    // SAFETY: `msg` borrows a message librdkafka keeps alive for the whole delivery callback.
+    // SAFETY: `rd_kafka_message_status` only reads `rkm_status`, a field of the message struct
+    // itself. `msg` holds the delivery-report event that owns the message, so the message stays
+    // allocated for as long as `msg` is borrowed (the whole delivery callback).
     let status = unsafe { rd_kafka_message_status(msg.ptr()) };
     status == rd_kafka_msg_status_t::RD_KAFKA_MSG_STATUS_POSSIBLY_PERSISTED
-}
-
-/// `rd_kafka_message_produce_errstr`: the broker's error message for a refused record.
-fn produce_errstr(msg: &BorrowedMessage<'_>) -> Option<String> {
-    // SAFETY: as above; the returned string, when not null, lives as long as the message and is
-    // copied before the callback returns.
-    let text = unsafe {
-        let p = rd_kafka_message_produce_errstr(msg.ptr());
-        if p.is_null() {
-            return None;
-        }
-        std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-    };
-    let text = text.trim().to_string();
-    (!text.is_empty()).then_some(text)
 }
 
 impl ProducerContext for SinkContext {
@@ -261,11 +248,19 @@ impl fmt::Debug for KafkaSink {
 }
 
 /// The fate of one record.
+#[derive(Debug)]
 enum Fate {
     Delivered,
     /// Refused for what it is (too large, invalid, against a broker policy): retried alone
-    /// once, then rejected with this reason.
-    Refused(String),
+    /// once, then rejected with `reason`. Left pending when it could not be retried alone.
+    Refused {
+        error: KafkaError,
+        reason: String,
+    },
+    /// Refused only because another record of the same produce request was invalid
+    /// (librdkafka's `InvalidDifferentRecord`): says nothing about this record, which is sent
+    /// again without the invalid one; never rejected for it.
+    Bystander,
     /// Not delivered (yet): the call fails and the record stays pending.
     Failed {
         error: KafkaError,
@@ -409,7 +404,14 @@ impl KafkaSink {
                 let before = self.message_limit.swap(n, Ordering::Relaxed);
                 if batch_bytes(n) < batch_bytes(before) {
                     // The producer batches up to the old limit: a batch could exceed the topic's.
-                    self.replace_producer();
+                    if let Err(reason) = self.replace_producer() {
+                        tracing::warn!(
+                            sink = "kafka",
+                            "could not restart the Kafka producer for the topic's smaller \
+                             message limit ({reason}); a batch of small records may be refused \
+                             as too large and is then sent record by record"
+                        );
+                    }
                 }
                 tracing::info!(
                     "Kafka topic {} takes messages up to {n} bytes (its max.message.bytes): larger \
@@ -503,69 +505,24 @@ impl KafkaSink {
     ///
     /// Records the producer or broker refuse for what they are (too large, an invalid record, a
     /// broker policy) are retried alone once (a batch of small records can exceed a broker limit
-    /// together) and then reported rejected with the broker's reason.
+    /// together) and then reported rejected, with the error code as the reason. Records the
+    /// broker refused only because another record of their request was invalid are sent again
+    /// without it (see [`settle`]).
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
         let producer = self.producer()?;
         self.clear_last_error();
-        let mut fates = self
+        let first = self
             .send_all(&producer, batch, (0..batch.len()).collect())
             .await;
-        // Refused records: retry each alone (a batch of small records can exceed a broker
-        // limit together), unless something else already failed.
-        let failed = fates
-            .iter()
-            .any(|f| matches!(f, None | Some(Fate::Failed { .. })));
-        if !failed {
-            let refused: Vec<usize> = fates
-                .iter()
-                .enumerate()
-                .filter(|(_, f)| matches!(f, Some(Fate::Refused(_))))
-                .map(|(i, _)| i)
-                .collect();
-            for i in refused {
-                let alone = self.send_all(&producer, batch, vec![i]).await;
-                if let Some(fate @ (Some(Fate::Delivered) | Some(Fate::Failed { .. }))) =
-                    alone.into_iter().nth(i)
-                {
-                    fates[i] = fate;
-                }
-            }
-        }
-        let replaced = self.reset_if_fatal(&producer);
-
-        let mut out = BatchOutcome::default();
-        let mut first_failure: Option<KafkaError> = None;
-        let mut state_failure: Option<KafkaError> = None;
-        let mut timed_out = false;
-        let mut maybe_stored = 0usize;
-        for (i, fate) in fates.into_iter().enumerate() {
-            match fate {
-                Some(Fate::Delivered) => out.delivered.push(i),
-                // Unverified alone (the call failed): certain only when over our own limit;
-                // otherwise leave it pending for the next attempt.
-                Some(Fate::Refused(reason))
-                    if !failed || batch[i].json.len() > producer_limit(&self.config) =>
-                {
-                    out.rejected.push((i, reason))
-                }
-                Some(Fate::Refused(_)) => {}
-                Some(Fate::Failed {
-                    error,
-                    possibly_persisted,
-                }) => {
-                    maybe_stored += usize::from(possibly_persisted);
-                    let code = kafka_code(&error);
-                    timed_out |= code == Some(RDKafkaErrorCode::MessageTimedOut);
-                    if code.is_some_and(is_producer_state) && state_failure.is_none() {
-                        state_failure = Some(error.clone());
-                    }
-                    first_failure.get_or_insert(error);
-                }
-                None => {
-                    first_failure.get_or_insert(KafkaError::Canceled);
-                }
-            }
-        }
+        let settled = settle(first, |indices| self.send_all(&producer, batch, indices)).await;
+        let fatal_restart = self.reset_if_fatal(&producer);
+        let Tally {
+            out,
+            first_failure,
+            state_failure,
+            timed_out,
+            maybe_stored,
+        } = tally(settled, batch, producer_limit(&self.config));
         if !out.delivered.is_empty() {
             self.set_auth_failure(None);
         }
@@ -581,9 +538,14 @@ impl KafkaSink {
         }
         // After a delivery time-out or a refused producer session, librdkafka's producer can
         // stay unusable (every later record refused): the next call gets a fresh one.
-        let restart = !replaced && (timed_out || state_failure.is_some());
-        if restart {
-            self.replace_producer();
+        let restart = match fatal_restart {
+            Some(done) => Some(done),
+            None if timed_out || state_failure.is_some() => Some(self.replace_producer()),
+            None => None,
+        };
+        if restart.is_some() {
+            // `producer` may now hold the old producer's last handle, whose drop joins
+            // librdkafka's threads (purge, flush): not on an async worker.
             retire(producer);
         }
         match first_failure {
@@ -592,7 +554,11 @@ impl KafkaSink {
                 let last_auth = self
                     .last_error()
                     .is_some_and(|(code, _)| code.is_some_and(is_auth));
-                let note = stored_note(maybe_stored);
+                let note = format!(
+                    "{}{}",
+                    restart_note(restart.as_ref()),
+                    stored_note(maybe_stored)
+                );
                 let err = if last_auth
                     || kafka_code(&e).is_some_and(is_auth)
                     || (out.delivered.is_empty() && self.auth_failure().is_some())
@@ -601,12 +567,7 @@ impl KafkaSink {
                 } else if let Some(state) = state_failure {
                     self.session_error(&state, &note)
                 } else {
-                    let restarted = if restart {
-                        "; the connector restarted its Kafka producer"
-                    } else {
-                        ""
-                    };
-                    self.failure_with(&e, "delivery", &format!("{restarted}{note}"))
+                    self.failure_with(&e, "delivery", &note)
                 };
                 Err(err.with_progress(out.delivered, out.rejected))
             }
@@ -656,7 +617,7 @@ impl KafkaSink {
                         }
                     }
                     Err((e, _)) => {
-                        fates[i] = Some(classify(e, None, false, r.json.len(), limit));
+                        fates[i] = Some(classify(e, false, r.json.len(), limit));
                         break;
                     }
                 }
@@ -695,37 +656,36 @@ impl KafkaSink {
         }
     }
 
-    /// Replaces the producer when librdkafka reported a fatal error; true when it did.
-    fn reset_if_fatal(&self, producer: &SinkProducer) -> bool {
-        let Some((code, reason)) = producer.client().fatal_error() else {
-            return false;
-        };
+    /// Replaces the producer when librdkafka reported a fatal error: `None` when there was
+    /// none, else whether the replacement worked (see [`Self::replace_producer`]).
+    fn reset_if_fatal(&self, producer: &SinkProducer) -> Option<Result<(), String>> {
+        let (code, reason) = producer.client().fatal_error()?;
         tracing::warn!(
             sink = "kafka",
             %code,
             "the Kafka producer hit a fatal error ({reason}); creating a new producer"
         );
-        self.replace_producer();
-        true
+        Some(self.replace_producer())
     }
 
     /// A fresh producer for the next call (after a fatal error, a delivery time-out, a refused
     /// producer session, or a smaller message limit). The old one is shut down off the async
-    /// workers once its last user lets go of it.
-    fn replace_producer(&self) {
-        let Ok(fresh) = create_producer(
+    /// workers once its last user lets go of it (a caller holding a handle retires it too).
+    /// `Err` says why no new producer could be created; the old one then stays in use.
+    fn replace_producer(&self) -> Result<(), String> {
+        let fresh = create_producer(
             &self.config,
             self.message_limit(),
             &self.last_error,
             &self.auth_failure,
-        ) else {
-            return;
-        };
+        )
+        .map_err(|e| e.to_string())?;
         let old = match self.producer.lock() {
             Ok(mut guard) => std::mem::replace(&mut *guard, fresh),
-            Err(_) => return,
+            Err(_) => return Err("the Kafka producer lock was poisoned".into()),
         };
         retire(old);
+        Ok(())
     }
 
     fn failure(&self, e: &KafkaError, what: &str) -> SinkError {
@@ -746,13 +706,13 @@ impl KafkaSink {
     }
 
     /// The broker refused the producer's idempotent session (its id, epoch or sequence), which
-    /// no retry of the same producer fixes.
+    /// no retry of the same producer fixes; `note` says whether the producer was restarted.
     fn session_error(&self, e: &KafkaError, note: &str) -> SinkError {
         SinkError::retriable(format!(
             "Kafka broker(s) {} no longer accept this producer's session for topic {} ({}{note}): \
-             this follows a delivery that timed out or a broker that lost the producer's state; \
-             the connector restarted its Kafka producer, the records stay pending and are sent \
-             again next cycle",
+             this follows a delivery that timed out or a broker that lost the producer's state, \
+             which only a new producer fixes; the records stay pending and are sent again next \
+             cycle",
             self.config.brokers,
             self.config.topic,
             describe_kafka_error(e),
@@ -837,6 +797,17 @@ fn batch_bytes(message_limit: usize) -> usize {
     message_limit
         .saturating_sub(KAFKA_MESSAGE_OVERHEAD_BYTES)
         .min(1_000_000)
+}
+
+/// `; the connector restarted its Kafka producer` after a restart, or why it could not.
+fn restart_note(restart: Option<&Result<(), String>>) -> String {
+    match restart {
+        None => String::new(),
+        Some(Ok(())) => "; the connector restarted its Kafka producer".into(),
+        Some(Err(reason)) => {
+            format!("; the connector could not restart its Kafka producer: {reason}")
+        }
+    }
 }
 
 /// `; N of them may already be stored ...` when some failed records may be in the topic.
@@ -945,8 +916,7 @@ fn resolve(
         Ok(Report {
             error: Some(e),
             possibly_persisted,
-            broker_reason,
-        }) => classify(e, broker_reason.as_deref(), possibly_persisted, len, limit),
+        }) => classify(e, possibly_persisted, len, limit),
         // The producer went away without a report: its fate is unknown, it stays pending.
         Err(_) => Fate::Failed {
             error: KafkaError::Canceled,
@@ -955,34 +925,162 @@ fn resolve(
     }
 }
 
-/// Sorts a failed record: refused for what it is (rejected after a retry alone) or failed
-/// (pending, sent again next cycle).
-fn classify(
-    e: KafkaError,
-    broker_reason: Option<&str>,
-    possibly_persisted: bool,
-    len: usize,
-    limit: usize,
-) -> Fate {
-    let said = broker_reason
-        .map(|r| format!("; the broker said: {r}"))
-        .unwrap_or_default();
+/// Sorts a failed record: refused for what it is (rejected after a retry alone), a bystander
+/// of another record's refusal (sent again without it) or failed (pending, sent again next
+/// cycle).
+fn classify(e: KafkaError, possibly_persisted: bool, len: usize, limit: usize) -> Fate {
     match kafka_code(&e) {
-        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Fate::Refused(format!(
-            "record is {len} bytes; Kafka refused it as too large (MessageSizeTooLarge: the \
-             topic's or broker's message size limit is below the {limit} bytes records were cut \
-             to, from KAFKA_MAX_MESSAGE_BYTES or else the topic's max.message.bytes; set \
-             KAFKA_MAX_MESSAGE_BYTES to the topic's limit{said})"
-        )),
-        Some(code) if is_record_refusal(code) => Fate::Refused(format!(
-            "Kafka refused this {len}-byte record, also when sent alone ({code}{said}); the \
-             broker's validation or policy for the topic does not take it"
-        )),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => Fate::Refused {
+            reason: format!(
+                "record is {len} bytes; Kafka refused it as too large (MessageSizeTooLarge: the \
+                 topic's or broker's message size limit is below the {limit} bytes records were \
+                 cut to, from KAFKA_MAX_MESSAGE_BYTES or else the topic's max.message.bytes; set \
+                 KAFKA_MAX_MESSAGE_BYTES to the topic's limit)"
+            ),
+            error: e,
+        },
+        Some(RDKafkaErrorCode::InvalidDifferentRecord) => Fate::Bystander,
+        Some(code) if is_record_refusal(code) => Fate::Refused {
+            reason: format!(
+                "the broker refused this {len}-byte record, also when sent alone: {code:?} \
+                 ({code}; broker-side validation, e.g. a topic policy, does not take it)"
+            ),
+            error: e,
+        },
         _ => Fate::Failed {
             error: e,
             possibly_persisted,
         },
     }
+}
+
+/// Whether a record's fate leaves the call failed (unknown or not delivered).
+fn is_failed(fate: &Option<Fate>) -> bool {
+    matches!(fate, None | Some(Fate::Failed { .. }))
+}
+
+/// The indices whose fate matches `which`.
+fn indices_where(fates: &[Option<Fate>], which: impl Fn(&Fate) -> bool) -> Vec<usize> {
+    fates
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.as_ref().is_some_and(&which))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Takes the fates a later round learnt (`None` there: not sent in that round).
+fn take_known(fates: &mut [Option<Fate>], again: Vec<Option<Fate>>) {
+    for (slot, fate) in fates.iter_mut().zip(again) {
+        if fate.is_some() {
+            *slot = fate;
+        }
+    }
+}
+
+/// A batch's fates after the retries of [`settle`].
+struct Settled {
+    fates: Vec<Option<Fate>>,
+    /// Per record: whether it was sent alone (a refusal then concerns the record itself).
+    alone: Vec<bool>,
+}
+
+/// After the first round (`fates`): sends again, through `send` (indices of the batch to send
+/// together; their fates), what was refused, unless something failed otherwise (the call fails
+/// then, and those records stay pending).
+///
+/// When a broker refuses some records of a produce request, librdkafka fails the others with
+/// `InvalidDifferentRecord`: those bystanders are sent again together (none of them was refused
+/// itself), then every refused record (and any bystander left) is sent alone once, so that one
+/// invalid record never holds the others back and is itself rejected once the broker refused it
+/// alone. The alone round stops at the first failure.
+async fn settle<F, Fut>(mut fates: Vec<Option<Fate>>, mut send: F) -> Settled
+where
+    F: FnMut(Vec<usize>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Option<Fate>>>,
+{
+    let mut alone = vec![false; fates.len()];
+    if fates.iter().any(is_failed) {
+        return Settled { fates, alone };
+    }
+    let bystanders = indices_where(&fates, |f| matches!(f, Fate::Bystander));
+    if !bystanders.is_empty() {
+        let again = send(bystanders).await;
+        take_known(&mut fates, again);
+    }
+    let refused = indices_where(&fates, |f| {
+        matches!(f, Fate::Refused { .. } | Fate::Bystander)
+    });
+    for i in refused {
+        if fates.iter().any(is_failed) {
+            break;
+        }
+        let again = send(vec![i]).await;
+        take_known(&mut fates, again);
+        alone[i] = true;
+    }
+    Settled { fates, alone }
+}
+
+/// What a call reports after [`settle`].
+struct Tally {
+    out: BatchOutcome,
+    /// The first reason a record stays pending; `None`: every record delivered or rejected.
+    first_failure: Option<KafkaError>,
+    /// The first error that says the broker no longer accepts the producer's session.
+    state_failure: Option<KafkaError>,
+    /// A record's delivery timed out.
+    timed_out: bool,
+    /// Failed records the broker may have stored nevertheless.
+    maybe_stored: usize,
+}
+
+/// Sorts the settled fates into delivered, rejected (refused alone, or larger than the
+/// producer's own limit `own_limit`, which no broker takes) and pending records.
+fn tally(settled: Settled, batch: &[OutRecord], own_limit: usize) -> Tally {
+    let mut t = Tally {
+        out: BatchOutcome::default(),
+        first_failure: None,
+        state_failure: None,
+        timed_out: false,
+        maybe_stored: 0,
+    };
+    for (i, fate) in settled.fates.into_iter().enumerate() {
+        match fate {
+            Some(Fate::Delivered) => t.out.delivered.push(i),
+            Some(Fate::Refused { reason, .. })
+                if settled.alone.get(i).copied().unwrap_or(false)
+                    || batch.get(i).is_some_and(|r| r.json.len() > own_limit) =>
+            {
+                t.out.rejected.push((i, reason))
+            }
+            // Not verified alone (something else failed first): pending.
+            Some(Fate::Refused { error, .. }) => {
+                t.first_failure.get_or_insert(error);
+            }
+            Some(Fate::Bystander) => {
+                t.first_failure.get_or_insert(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::InvalidDifferentRecord,
+                ));
+            }
+            Some(Fate::Failed {
+                error,
+                possibly_persisted,
+            }) => {
+                t.maybe_stored += usize::from(possibly_persisted);
+                let code = kafka_code(&error);
+                t.timed_out |= code == Some(RDKafkaErrorCode::MessageTimedOut);
+                if code.is_some_and(is_producer_state) && t.state_failure.is_none() {
+                    t.state_failure = Some(error.clone());
+                }
+                t.first_failure.get_or_insert(error);
+            }
+            None => {
+                t.first_failure.get_or_insert(KafkaError::Canceled);
+            }
+        }
+    }
+    t
 }
 
 /// Errors a broker gives a record for what it is, not for the state of the broker or the
@@ -1053,16 +1151,15 @@ mod tests {
     fn too_large_is_a_rejection_other_errors_are_failures() {
         let big = classify(
             produce_error(RDKafkaErrorCode::MessageSizeTooLarge),
-            None,
             false,
             42,
             1000,
         );
-        assert!(matches!(big, Fate::Refused(ref r)
-            if r.contains("42 bytes") && r.contains("1000 bytes") && r.contains("KAFKA_MAX_MESSAGE_BYTES")));
+        assert!(matches!(big, Fate::Refused { ref reason, .. }
+            if reason.contains("42 bytes") && reason.contains("1000 bytes")
+                && reason.contains("KAFKA_MAX_MESSAGE_BYTES")));
         let down = classify(
             produce_error(RDKafkaErrorCode::MessageTimedOut),
-            None,
             true,
             42,
             1000,
@@ -1080,7 +1177,7 @@ mod tests {
     }
 
     #[test]
-    fn a_broker_refusing_the_record_itself_is_a_rejection_with_its_reason() {
+    fn a_broker_refusing_the_record_itself_is_a_rejection_worded_from_its_code() {
         for code in [
             RDKafkaErrorCode::InvalidRecord,
             RDKafkaErrorCode::PolicyViolation,
@@ -1090,38 +1187,22 @@ mod tests {
             RDKafkaErrorCode::InvalidTimestamp,
             RDKafkaErrorCode::BadMessage,
         ] {
-            let fate = classify(
-                produce_error(code),
-                Some("record 0: field `x` is not allowed"),
-                false,
-                42,
-                1000,
-            );
-            match fate {
-                Fate::Refused(reason) => {
-                    assert!(reason.contains(&format!("{code:?}")), "{reason}");
+            match classify(produce_error(code), false, 42, 1000) {
+                Fate::Refused { reason, error } => {
+                    assert_eq!(kafka_code(&error), Some(code));
                     assert!(
-                        reason.contains("the broker said: record 0: field `x` is not allowed"),
+                        reason.starts_with("the broker refused this 42-byte record"),
                         "{reason}"
                     );
-                    assert!(reason.contains("42-byte"), "{reason}");
+                    assert!(reason.contains(&format!("{code:?}")), "{reason}");
+                    assert!(reason.contains(&code.to_string()), "{reason}");
+                    assert!(reason.contains("broker-side validation"), "{reason}");
                     assert!(!reason.contains("KAFKA_BROKER_HOST"), "{reason}");
                 }
-                _ => panic!("{code:?} must be a per-record rejection"),
+                other => panic!("{code:?} must be a per-record rejection, got {other:?}"),
             }
             assert!(!is_producer_state(code));
         }
-        // Without the broker's words the code alone explains it.
-        let fate = classify(
-            produce_error(RDKafkaErrorCode::InvalidRecord),
-            None,
-            false,
-            7,
-            1000,
-        );
-        assert!(
-            matches!(fate, Fate::Refused(ref r) if r.contains("InvalidRecord") && !r.contains("broker said"))
-        );
         // Broker and network trouble stays a failure (pending, sent again next cycle).
         for code in [
             RDKafkaErrorCode::MessageTimedOut,
@@ -1132,12 +1213,258 @@ mod tests {
             RDKafkaErrorCode::ProducerFenced,
             RDKafkaErrorCode::UnknownTopicOrPartition,
         ] {
-            let fate = classify(produce_error(code), None, false, 42, 1000);
+            let fate = classify(produce_error(code), false, 42, 1000);
             assert!(
                 matches!(fate, Fate::Failed { .. }),
                 "{code:?} must not reject the record"
             );
         }
+    }
+
+    #[test]
+    fn a_record_failed_for_another_records_refusal_is_a_bystander() {
+        // librdkafka's -138, "INVALID_DIFFERENT_RECORD": the others of a request with a refused
+        // record. Neither rejected nor a failure of the call.
+        assert_eq!(RDKafkaErrorCode::InvalidDifferentRecord as i32, -138);
+        let fate = classify(
+            produce_error(RDKafkaErrorCode::InvalidDifferentRecord),
+            false,
+            42,
+            1000,
+        );
+        assert!(matches!(fate, Fate::Bystander), "{fate:?}");
+        assert!(!is_record_refusal(RDKafkaErrorCode::InvalidDifferentRecord));
+        assert!(!is_producer_state(RDKafkaErrorCode::InvalidDifferentRecord));
+    }
+
+    /// A broker stand-in for [`settle`]: refuses the records in `invalid` (with `InvalidRecord`)
+    /// and fails every other record of a request holding one (`InvalidDifferentRecord`), as
+    /// librdkafka reports per-record errors; `down` fails everything sent (a time-out). Keeps
+    /// each request's indices.
+    struct FakeBroker {
+        invalid: Vec<usize>,
+        down: bool,
+        requests: Vec<Vec<usize>>,
+    }
+
+    impl FakeBroker {
+        fn new(invalid: &[usize]) -> FakeBroker {
+            FakeBroker {
+                invalid: invalid.to_vec(),
+                down: false,
+                requests: Vec::new(),
+            }
+        }
+
+        fn send(&mut self, len: usize, indices: Vec<usize>) -> Vec<Option<Fate>> {
+            let mut fates: Vec<Option<Fate>> = (0..len).map(|_| None).collect();
+            let poisoned = indices.iter().any(|i| self.invalid.contains(i));
+            for &i in &indices {
+                let code = if self.down {
+                    Some(RDKafkaErrorCode::MessageTimedOut)
+                } else if self.invalid.contains(&i) {
+                    Some(RDKafkaErrorCode::InvalidRecord)
+                } else if poisoned {
+                    Some(RDKafkaErrorCode::InvalidDifferentRecord)
+                } else {
+                    None
+                };
+                fates[i] = Some(match code {
+                    None => Fate::Delivered,
+                    Some(c) => classify(produce_error(c), self.down, 10, 1000),
+                });
+            }
+            self.requests.push(indices);
+            fates
+        }
+    }
+
+    fn records(n: usize) -> Vec<OutRecord> {
+        (0..n)
+            .map(|i| OutRecord {
+                key: "h".into(),
+                json: format!("{{\"i\":{i}}}"),
+            })
+            .collect()
+    }
+
+    /// Runs a batch of `n` through the fake broker as `deliver` does: one request, then
+    /// [`settle`], then [`tally`].
+    async fn run(broker: &mut FakeBroker, n: usize) -> Tally {
+        let first = broker.send(n, (0..n).collect());
+        let broker = std::cell::RefCell::new(broker);
+        let settled = settle(first, |indices| {
+            let fates = broker.borrow_mut().send(n, indices);
+            async move { fates }
+        })
+        .await;
+        tally(settled, &records(n), 10_000)
+    }
+
+    #[tokio::test]
+    async fn one_invalid_record_is_rejected_and_the_rest_of_its_request_delivered() {
+        let mut broker = FakeBroker::new(&[2]);
+        let t = run(&mut broker, 5).await;
+        assert_eq!(t.out.delivered, vec![0, 1, 3, 4]);
+        assert_eq!(t.out.rejected.len(), 1);
+        assert_eq!(t.out.rejected[0].0, 2);
+        assert!(t.out.rejected[0].1.contains("InvalidRecord"));
+        assert!(t.first_failure.is_none(), "{:?}", t.first_failure);
+        assert!(!t.timed_out && t.state_failure.is_none());
+        // The whole batch, the bystanders together, then the refused record alone.
+        assert_eq!(
+            broker.requests,
+            vec![vec![0, 1, 2, 3, 4], vec![0, 1, 3, 4], vec![2]]
+        );
+
+        // Several invalid records: each rejected alone, every other one delivered.
+        let mut broker = FakeBroker::new(&[0, 3]);
+        let t = run(&mut broker, 4).await;
+        assert_eq!(t.out.delivered, vec![1, 2]);
+        let rejected: Vec<usize> = t.out.rejected.iter().map(|(i, _)| *i).collect();
+        assert_eq!(rejected, vec![0, 3]);
+        assert!(t.first_failure.is_none());
+
+        // Nothing refused: one request, nothing retried.
+        let mut broker = FakeBroker::new(&[]);
+        let t = run(&mut broker, 3).await;
+        assert_eq!(t.out.delivered, vec![0, 1, 2]);
+        assert_eq!(broker.requests.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn when_the_retry_fails_nothing_is_rejected_unverified() {
+        // The broker goes down after the first request: the bystanders fail (pending, the call
+        // fails) and the refused record is not retried alone, so it is not rejected either.
+        let mut broker = FakeBroker::new(&[1]);
+        let first = broker.send(3, vec![0, 1, 2]);
+        broker.down = true;
+        let broker = std::cell::RefCell::new(&mut broker);
+        let settled = settle(first, |indices| {
+            let fates = broker.borrow_mut().send(3, indices);
+            async move { fates }
+        })
+        .await;
+        let t = tally(settled, &records(3), 10_000);
+        assert!(t.out.delivered.is_empty() && t.out.rejected.is_empty());
+        assert!(t.timed_out);
+        assert_eq!(
+            t.first_failure.as_ref().and_then(kafka_code),
+            Some(RDKafkaErrorCode::MessageTimedOut)
+        );
+        assert_eq!(broker.borrow().requests.len(), 2, "no alone round");
+
+        // A first round that failed otherwise: no retry at all; the refused and bystander
+        // records stay pending, but one over the producer's own limit is rejected (no broker
+        // takes it).
+        let fates = vec![
+            Some(Fate::Failed {
+                error: produce_error(RDKafkaErrorCode::MessageTimedOut),
+                possibly_persisted: true,
+            }),
+            Some(classify(
+                produce_error(RDKafkaErrorCode::InvalidRecord),
+                false,
+                10,
+                1000,
+            )),
+            Some(Fate::Bystander),
+            Some(classify(
+                produce_error(RDKafkaErrorCode::MessageSizeTooLarge),
+                false,
+                10,
+                1000,
+            )),
+        ];
+        let mut sent = 0;
+        let settled = settle(fates, |_| {
+            sent += 1;
+            async { Vec::new() }
+        })
+        .await;
+        assert_eq!(sent, 0);
+        let mut batch = records(4);
+        batch[3].json = "x".repeat(20);
+        let t = tally(settled, &batch, 10);
+        assert!(t.out.delivered.is_empty());
+        let rejected: Vec<usize> = t.out.rejected.iter().map(|(i, _)| *i).collect();
+        assert_eq!(rejected, vec![3]);
+        assert_eq!(t.maybe_stored, 1);
+        assert!(t.first_failure.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_record_refused_alone_after_a_bystander_round_is_rejected_only_alone() {
+        // A bystander that is itself invalid (the broker reported only another record of the
+        // first request): refused in the bystanders' request, whose others are bystanders
+        // again; each is then sent alone: the invalid one rejected, the others delivered.
+        let mut broker = FakeBroker::new(&[1]);
+        let first = vec![
+            Some(Fate::Bystander),
+            Some(Fate::Bystander),
+            Some(Fate::Bystander),
+        ];
+        let b = std::cell::RefCell::new(&mut broker);
+        let settled = settle(first, |indices| {
+            let fates = b.borrow_mut().send(3, indices);
+            async move { fates }
+        })
+        .await;
+        assert_eq!(settled.alone, vec![true, true, true]);
+        let t = tally(settled, &records(3), 10_000);
+        assert_eq!(t.out.delivered, vec![0, 2]);
+        assert_eq!(t.out.rejected.len(), 1);
+        assert_eq!(
+            broker.requests,
+            vec![vec![0, 1, 2], vec![0], vec![1], vec![2]]
+        );
+    }
+
+    #[test]
+    fn a_failed_restart_is_worded_as_such() {
+        assert_eq!(restart_note(None), "");
+        assert_eq!(
+            restart_note(Some(&Ok(()))),
+            "; the connector restarted its Kafka producer"
+        );
+        let note = restart_note(Some(&Err("no CA file".into())));
+        assert_eq!(
+            note,
+            "; the connector could not restart its Kafka producer: no CA file"
+        );
+        assert!(!note.contains("restarted"));
+    }
+
+    #[tokio::test]
+    async fn a_producer_that_cannot_be_recreated_says_so() {
+        // The CA file goes away after the start: a restart cannot create a new producer.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&ca, cert.cert.pem()).unwrap();
+        // A closed loopback port: records time out, which restarts the producer.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut cfg = KafkaSinkConfig::new(format!("127.0.0.1:{port}"), DEFAULT_KAFKA_TOPIC);
+        cfg.security_protocol = Some("ssl".into());
+        cfg.ca_file = Some(ca.clone());
+        cfg.message_timeout = Duration::from_millis(200);
+        let sink = KafkaSink::new(cfg).expect("the CA file is there at the start");
+        std::fs::remove_file(&ca).unwrap();
+        let reason = sink.replace_producer().unwrap_err();
+        assert!(reason.contains("CA file"), "{reason}");
+
+        let e = sink.deliver(&records(2)).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(e.is_retriable(), "{msg}");
+        assert!(
+            msg.contains("the connector could not restart its Kafka producer: ")
+                && msg.contains("CA file"),
+            "{msg}"
+        );
+        assert!(!msg.contains("restarted its Kafka producer"), "{msg}");
     }
 
     #[test]
@@ -1160,7 +1487,7 @@ mod tests {
         let sink = KafkaSink::new(KafkaSinkConfig::new("b1:9092", DEFAULT_KAFKA_TOPIC)).unwrap();
         let e = sink.session_error(
             &produce_error(RDKafkaErrorCode::ProducerFenced),
-            &stored_note(3),
+            &format!("{}{}", restart_note(Some(&Ok(()))), stored_note(3)),
         );
         let msg = e.to_string();
         assert!(e.is_retriable());
