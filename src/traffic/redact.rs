@@ -364,8 +364,11 @@ impl Redactor {
     fn redact_headers(&self, headers: &str, counts: &mut RedactionCounts) -> Option<String> {
         // Fast path: nothing in the whole object matches, so no value can (a header named
         // like a secret is an `"api-key": "..."` assignment there).
+        // The connector builds header objects with serde_json, so they are JSON: no validity
+        // check (a JSON parse) before the scan. An object that is not JSON after all fails the
+        // parse into a map below and is left as it is, as before.
         let mut probe = RedactionCounts::default();
-        self.redact_text(headers, &mut probe)?;
+        self.redact_in(headers, true, &mut probe)?;
         let mut map: std::collections::BTreeMap<String, String> =
             serde_json::from_str(headers).ok()?;
         let mut changed = false;
@@ -400,17 +403,25 @@ impl Redactor {
 
     /// Redact one string; `None` when nothing matched (no allocation).
     pub fn redact_text(&self, s: &str, counts: &mut RedactionCounts) -> Option<String> {
-        self.redact_in(s, true, counts)
+        if !self.any_enabled() {
+            return None;
+        }
+        self.redact_in(s, is_json(s), counts)
     }
 
-    /// [`Redactor::redact_text`]; `maybe_json`: `s` may be a JSON document (a payload), whose
-    /// strings and structure are kept valid, else it is plain text (a header value).
-    fn redact_in(&self, s: &str, maybe_json: bool, counts: &mut RedactionCounts) -> Option<String> {
-        if !self.on.iter().any(|b| *b) {
+    /// Is any kind enabled?
+    fn any_enabled(&self) -> bool {
+        self.on.iter().any(|b| *b)
+    }
+
+    /// [`Redactor::redact_text`]; `json`: `s` is scanned as a JSON document (a payload that
+    /// [`is_json`], a header object), whose strings and structure are kept valid, else as
+    /// plain text (a header value, a log line).
+    fn redact_in(&self, s: &str, json: bool, counts: &mut RedactionCounts) -> Option<String> {
+        if !self.any_enabled() {
             return None;
         }
         let bytes = s.as_bytes();
-        let json = maybe_json && is_json(s);
         let mut skip = Skip::default();
         let mut out: Option<String> = None;
         let mut copied = 0usize; // bytes of `s` already handled in `out`
@@ -659,27 +670,41 @@ fn at_marker(bytes: &[u8], j: usize) -> bool {
 /// the truncation marker (the text before the marker is a prefix of a JSON document)? Text that
 /// merely starts like JSON (`[INFO] ...`, a Python `{'k': 'v'}`) is plain text, so its values
 /// outside double quotes are still looked at.
+///
+/// At most one parse, and a full one only for text starting with `{`, `[` or `"`: a scalar
+/// (`4111111111111111`, `true`) fails or ends within its first token, other text is not JSON
+/// without parsing, and a cut document is parsed only up to the marker (no text ending with
+/// the marker's ` bytes]` is whole JSON).
 fn is_json(s: &str) -> bool {
-    use serde::de::IgnoredAny;
-    if serde_json::from_str::<IgnoredAny>(s).is_ok() {
-        return true;
+    let parses = |t: &str| parse(t).is_ok();
+    // Rust's whitespace includes JSON's (space, tab, CR, LF); with any other one before the
+    // value the parse fails, as it would have anyway.
+    match s.trim_start().as_bytes().first() {
+        Some(b'{' | b'[' | b'"') => {}
+        Some(b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => return parses(s),
+        _ => return false,
     }
-    if !matches!(s.trim_start().as_bytes().first(), Some(b'{' | b'[' | b'"')) {
-        return false;
+    match cut_body(s) {
+        Some(body) => parse(body).is_err_and(|e| e.is_eof()),
+        None => parses(s),
     }
-    let Some(body) = s
-        .strip_suffix(" bytes]")
-        .and_then(|rest| rest.rfind(CUT_MARKER))
-        .filter(|at| {
-            s[at + CUT_MARKER.len()..s.len() - 7]
-                .bytes()
-                .all(|c| c.is_ascii_digit())
-        })
-        .map(|at| &s[..at])
-    else {
-        return false;
-    };
-    serde_json::from_str::<IgnoredAny>(body).is_err_and(|e| e.is_eof())
+}
+
+/// Parse `t` as JSON, keeping nothing.
+fn parse(t: &str) -> serde_json::Result<serde::de::IgnoredAny> {
+    #[cfg(test)]
+    tests::JSON_PARSED.with(|c| c.set(c.get() + t.len()));
+    serde_json::from_str(t)
+}
+
+/// The text before the truncation marker ending `s`, if `s` ends with one.
+fn cut_body(s: &str) -> Option<&str> {
+    let rest = s.strip_suffix(" bytes]")?;
+    let at = rest.rfind(CUT_MARKER)?;
+    rest[at + CUT_MARKER.len()..]
+        .bytes()
+        .all(|c| c.is_ascii_digit())
+        .then(|| &s[..at])
 }
 
 /// `true` when `bytes[i]` follows a `-` or `.` that itself follows a word character (e.g. the
@@ -760,33 +785,83 @@ fn member_key(bytes: &[u8], v: usize) -> Option<&[u8]> {
     (!key.contains(&b'\\')).then_some(key)
 }
 
-/// A key naming a card number (`card`, `cardNumber`, `credit_card_no`, `pan`).
-fn names_card(key: &[u8]) -> bool {
-    key.eq_ignore_ascii_case(b"pan") || key.windows(4).any(|w| w.eq_ignore_ascii_case(b"card"))
+/// The tokens of a key: split at every byte that is not an ASCII letter
+/// or digit (`_`, `-`, `.`, spaces, ...) and at camelCase boundaries (`cardNumber` → `card`,
+/// `Number`; `spanID` → `span`, `ID`; `HTTPServer` → `HTTP`, `Server`); compared without
+/// case.
+fn key_tokens(key: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let sep = |c: u8| !c.is_ascii_alphanumeric();
+    // An uppercase letter after a lowercase letter or a digit, or the last capital of an
+    // acronym followed by a lowercase letter, starts a token.
+    let camel = move |j: usize| {
+        let (p, c) = (key[j - 1], key[j]);
+        c.is_ascii_uppercase()
+            && (p.is_ascii_lowercase()
+                || p.is_ascii_digit()
+                || (p.is_ascii_uppercase() && key.get(j + 1).is_some_and(u8::is_ascii_lowercase)))
+    };
+    let mut pos = 0usize;
+    std::iter::from_fn(move || {
+        while pos < key.len() && sep(key[pos]) {
+            pos += 1;
+        }
+        if pos >= key.len() {
+            return None;
+        }
+        let start = pos;
+        pos += 1;
+        while pos < key.len() && !sep(key[pos]) && !camel(pos) {
+            pos += 1;
+        }
+        Some(&key[start..pos])
+    })
 }
 
-/// A key naming an id or a time: ends with `id`, `_ms`, `_ns`, `_us`, `timestamp`, `time` or
-/// `nano(s)` (any case), or with `Ms`/`Ns`/`Us` after a lowercase letter (`timestampMs`).
+/// Tokens (see [`key_tokens`]) that name a card number.
+const CARD_TOKENS: [&str; 6] = [
+    "card",
+    "cc",
+    "pan",
+    "cardnumber",
+    "creditcard",
+    "creditcardnumber",
+];
+
+/// A key naming a card number: one of its tokens is `card`, `cc`, `pan`, `cardnumber`,
+/// `creditcard` or `creditcardnumber` (`card`, `cardNumber`, `credit_card_no`, `cc-num`), not
+/// a word that merely contains `card` (`discard`, `cardinality`).
+fn names_card(key: &[u8]) -> bool {
+    key_tokens(key).any(|t| {
+        CARD_TOKENS
+            .iter()
+            .any(|c| t.eq_ignore_ascii_case(c.as_bytes()))
+    })
+}
+
+/// Last tokens (see [`key_tokens`]) of a key naming an id or a time.
+const ID_TIME_TOKENS: [&str; 11] = [
+    "id",
+    "ids",
+    "ms",
+    "ns",
+    "us",
+    "ts",
+    "time",
+    "timestamp",
+    "nano",
+    "nanos",
+    "epoch",
+];
+
+/// A key naming an id or a time: its last token is one of [`ID_TIME_TOKENS`] (`span_id`,
+/// `spanId`, `timestamp_ms`, `startTimeUnixNano`, `id`), not a word that merely ends like one
+/// (`paid`, `valid`, `prepaid`).
 fn names_id_or_time(key: &[u8]) -> bool {
-    let ends = |suffix: &[u8]| {
-        key.len() >= suffix.len() && key[key.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
-    };
-    let camel_unit = key.len() >= 3
-        && key[key.len() - 3].is_ascii_lowercase()
-        && matches!(&key[key.len() - 2..], b"Ms" | b"Ns" | b"Us");
-    camel_unit
-        || [
-            &b"id"[..],
-            b"_ms",
-            b"_ns",
-            b"_us",
-            b"timestamp",
-            b"time",
-            b"nano",
-            b"nanos",
-        ]
-        .into_iter()
-        .any(ends)
+    key_tokens(key).last().is_some_and(|t| {
+        ID_TIME_TOKENS
+            .iter()
+            .any(|w| t.eq_ignore_ascii_case(w.as_bytes()))
+    })
 }
 
 /// `ddd-dd-dddd`, not `000`/`666`/`9xx` area, not `00` group, not `0000` serial.
@@ -1189,6 +1264,12 @@ fn is_secret_key(key: &[u8]) -> bool {
     if key.len() > MAX_KEY {
         return false;
     }
+    // Quick reject (this runs at every `:` and `=`): every name of SECRET_KEYS ends with one
+    // of these letters.
+    let last = key.iter().rev().find(|c| !matches!(c, b'_' | b'-' | b'.'));
+    if !last.is_some_and(|c| matches!(c.to_ascii_lowercase(), b'd' | b't' | b'y' | b'n')) {
+        return false;
+    }
     let mut buf = [0u8; MAX_KEY];
     let mut n = 0usize;
     for &c in key {
@@ -1342,6 +1423,8 @@ mod tests {
     thread_local! {
         /// Bytes the JWT detector scanned on this thread.
         pub(super) static JWT_SCANNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        /// Bytes handed to the JSON validity check on this thread.
+        pub(super) static JSON_PARSED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
 
     /// Redact with all kinds; the output (the input when nothing matched).
@@ -1677,5 +1760,160 @@ mod tests {
         assert_eq!(v["x-user-note"], "[REDACTED:card]", "{out}");
         assert!(v["x-span-error"].contains("[REDACTED:card]"), "{out}");
         assert_eq!(counts.get(RedactKind::Card), 2);
+    }
+
+    #[test]
+    fn the_secret_key_quick_reject_keeps_every_name() {
+        for k in SECRET_KEYS {
+            let last = k.as_bytes()[k.len() - 1];
+            assert!(matches!(last, b'd' | b't' | b'y' | b'n'), "{k}");
+            assert!(is_secret_key(k.as_bytes()), "{k}");
+            assert!(is_secret_key(k.to_uppercase().as_bytes()), "{k}");
+            assert!(is_secret_key(format!("x-{k}_").as_bytes()), "{k}");
+        }
+        assert!(!is_secret_key(b"") && !is_secret_key(b"__") && !is_secret_key(b"tokens"));
+    }
+
+    #[test]
+    fn card_keys_are_matched_on_whole_tokens() {
+        for key in [
+            "card",
+            "card_number",
+            "cardNumber",
+            "CardNumber",
+            "credit_card_no",
+            "creditCard",
+            "creditcard",
+            "cardnumber",
+            "cc",
+            "cc-num",
+            "PAN",
+            "billing.card",
+            "payment card",
+        ] {
+            assert!(names_card(key.as_bytes()), "{key}");
+        }
+        for key in [
+            "discard",
+            "cardinality",
+            "scorecard",
+            "span",
+            "panel",
+            "acc",
+            "id",
+        ] {
+            assert!(!names_card(key.as_bytes()), "{key}");
+        }
+        // End to end: a JSON number is masked under a card key only.
+        assert_eq!(
+            red(r#"{"discard": 4111111111111111, "cardinality": 4111111111111111}"#),
+            r#"{"discard": 4111111111111111, "cardinality": 4111111111111111}"#
+        );
+        assert_eq!(
+            red(r#"{"cardNumber": 4111111111111111, "cc": 4111111111111111}"#),
+            r#"{"cardNumber": "[REDACTED:card]", "cc": "[REDACTED:card]"}"#
+        );
+    }
+
+    #[test]
+    fn id_and_time_keys_are_matched_on_their_last_token() {
+        for key in [
+            "id",
+            "ID",
+            "span_id",
+            "spanId",
+            "spanID",
+            "trace-ids",
+            "timestamp_ms",
+            "timestampMs",
+            "startTimeUnixNano",
+            "start_time_unix_nanos",
+            "created.ts",
+            "event time",
+            "epoch",
+            "latency_us",
+        ] {
+            assert!(names_id_or_time(key.as_bytes()), "{key}");
+        }
+        for key in [
+            "paid",
+            "valid",
+            "prepaid",
+            "card_number",
+            "cardNumber",
+            "idea",
+            "id_card",
+            "times",
+            "items",
+            "",
+        ] {
+            assert!(!names_id_or_time(key.as_bytes()), "{key}");
+        }
+        // End to end: a card number as the whole value of `paid` is masked, of `span_id` not.
+        assert_eq!(
+            red(r#"{"paid": "4111111111111111", "valid": "4111111111111111"}"#),
+            r#"{"paid": "[REDACTED:card]", "valid": "[REDACTED:card]"}"#
+        );
+        assert_eq!(
+            red(r#"{"spanId": "4111111111111111", "startTimeUnixNano": "4111111111111111"}"#),
+            r#"{"spanId": "4111111111111111", "startTimeUnixNano": "4111111111111111"}"#
+        );
+    }
+
+    #[test]
+    fn key_tokens_split_at_separators_and_camel_case() {
+        let tokens = |k: &str| -> Vec<String> {
+            key_tokens(k.as_bytes())
+                .map(|t| String::from_utf8_lossy(t).into_owned())
+                .collect()
+        };
+        assert_eq!(
+            tokens("startTimeUnixNano"),
+            ["start", "Time", "Unix", "Nano"]
+        );
+        assert_eq!(
+            tokens("x-span.ID_v2 HTTPServer"),
+            ["x", "span", "ID", "v2", "HTTP", "Server"]
+        );
+        assert_eq!(tokens("sha256Hash"), ["sha256", "Hash"]);
+        assert_eq!(tokens("__"), Vec::<String>::new());
+    }
+
+    /// Bytes the JSON validity check looked at while `f` ran.
+    fn parsed_by(f: impl FnOnce()) -> usize {
+        JSON_PARSED.with(|c| c.set(0));
+        f();
+        JSON_PARSED.with(|c| c.get())
+    }
+
+    #[test]
+    fn each_payload_is_parsed_at_most_once_and_header_objects_never() {
+        let r = Redactor::default();
+        let mut counts = RedactionCounts::default();
+        let doc = r#"{"t":"mail bob@example.com", "n": [1, 2, 3]}"#;
+        let cut = format!(r#"{{"t":"Bearer abc{}"#, marker(9999));
+        for payload in [doc, cut.as_str(), " 4111111111111111 ", r#""x""#] {
+            let n = parsed_by(|| {
+                r.redact_text(payload, &mut counts);
+            });
+            assert!(n > 0 && n <= payload.len(), "{n} bytes for {payload}");
+        }
+        // Text that cannot be JSON is not parsed at all.
+        for text in ["INFO ssn 123-45-6789", "plain words", "", "  ~{\"a\":1}"] {
+            assert_eq!(parsed_by(|| assert!(!is_json(text))), 0, "{text}");
+        }
+        // Header objects are built by the connector as JSON: no validity check.
+        let headers = r#"{"host":"h","x-note":"password='hunter2'","x-user":"bob@example.com"}"#;
+        let mut out = None;
+        assert_eq!(
+            parsed_by(|| out = r.redact_headers(headers, &mut counts)),
+            0
+        );
+        let v: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&out.expect("redacted")).expect("a JSON object of strings");
+        assert_eq!(v["x-note"], "password='[REDACTED:password]'");
+        assert_eq!(v["x-user"], "[REDACTED:email]");
+        // A header string that is not a JSON object is left as it is.
+        assert_eq!(r.redact_headers("bob@example.com", &mut counts), None);
     }
 }

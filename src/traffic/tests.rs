@@ -971,6 +971,11 @@ fn redaction_keeps_json_valid() {
             r#"{"card":"[REDACTED:card]","card_neg":"[REDACTED:card]","f":4111111111111111.5,"id":4111111111111111}"#,
         ),
         (
+            // Keys are matched on whole tokens: `discard` names no card, `paid` no id.
+            r#"{"discard":4111111111111111,"cardNumber":4111111111111111,"paid":"4111111111111111","spanId":"4111111111111111"}"#,
+            r#"{"discard":4111111111111111,"cardNumber":"[REDACTED:card]","paid":"[REDACTED:card]","spanId":"4111111111111111"}"#,
+        ),
+        (
             r#"{"password": "p\"w\\d", "client_secret":"abc","max_tokens":100}"#,
             r#"{"password": "[REDACTED:password]", "client_secret":"[REDACTED:password]","max_tokens":100}"#,
         ),
