@@ -1509,6 +1509,38 @@ mod tests {
         connector_with(dir, sink)
     }
 
+    /// A strict stand-in and a connector sending to it, the HTTP sink configured by `tune`.
+    async fn http_connector(
+        dir: &std::path::Path,
+        tune: impl FnOnce(&mut crate::sink::HttpSinkConfig),
+    ) -> (akto_standin::StandIn, Connector) {
+        let standin = akto_standin::StandIn::start(akto_standin::StandInConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            require_jwt: None,
+        })
+        .await
+        .unwrap();
+        let mut cfg =
+            crate::sink::HttpSinkConfig::new(url::Url::parse(&standin.url()).unwrap(), None);
+        tune(&mut cfg);
+        let sink = AnySink::Http(crate::sink::HttpSink::new(cfg).unwrap());
+        (standin, connector_with(dir, sink))
+    }
+
+    /// One delivery of `execs` of `TABLE` (as one chunk), no trace source.
+    async fn deliver_table(
+        c: &Connector,
+        execs: Vec<Execution>,
+    ) -> Result<DeliveryTotals, DeliveryError> {
+        let (tx, rx) = mpsc::channel(1);
+        drop(tx);
+        let (table_tx, table_rx) = mpsc::channel(1);
+        table_tx.send(table_chunk(execs)).await.unwrap();
+        drop(table_tx);
+        let (_t, shutdown) = Shutdown::new();
+        c.deliver(rx, table_rx, bot_agents(), shutdown).await
+    }
+
     fn connector_with(dir: &std::path::Path, sink: AnySink) -> Connector {
         let client = DatabricksClient::new(
             &url::Url::parse("http://127.0.0.1:9").unwrap(),
@@ -1688,22 +1720,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_unit_confirmed_in_part_sends_only_the_rest_again() {
         let dir = tempfile::tempdir().unwrap();
-        let standin = akto_standin::StandIn::start(akto_standin::StandInConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            require_jwt: None,
+        let (standin, c) = http_connector(dir.path(), |cfg| {
+            cfg.retry.max_attempts = 2;
+            cfg.retry.max_elapsed = Duration::from_secs(2);
+            cfg.retry.base_delay = Duration::from_millis(10);
+            cfg.retry.max_delay = Duration::from_millis(50);
         })
-        .await
-        .unwrap();
-        let mut cfg =
-            crate::sink::HttpSinkConfig::new(url::Url::parse(&standin.url()).unwrap(), None);
-        cfg.retry.max_attempts = 2;
-        cfg.retry.max_elapsed = Duration::from_secs(2);
-        cfg.retry.base_delay = Duration::from_millis(10);
-        cfg.retry.max_delay = Duration::from_millis(50);
-        let c = connector_with(
-            dir.path(),
-            AnySink::Http(crate::sink::HttpSink::new(cfg).unwrap()),
-        );
+        .await;
         // The execution record (its response cut to 5 MiB), then "big" and "poison" with
         // outputs of 3.5 MB each: [execution, big] fit in one request, "poison" needs another.
         let big = "b".repeat(3_500_000);
@@ -1718,18 +1741,7 @@ mod tests {
             .to_string()
             .into(),
         );
-        let run = |exec: Execution| {
-            let c = &c;
-            async move {
-                let (tx, rx) = mpsc::channel(1);
-                drop(tx);
-                let (table_tx, table_rx) = mpsc::channel(1);
-                table_tx.send(table_chunk(vec![exec])).await.unwrap();
-                drop(table_tx);
-                let (_t, shutdown) = Shutdown::new();
-                c.deliver(rx, table_rx, bot_agents(), shutdown).await
-            }
-        };
+        let run = |exec: Execution| deliver_table(&c, vec![exec]);
         let paths = || -> Vec<String> {
             standin
                 .records()
@@ -1788,22 +1800,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_quarantine_write_still_records_what_the_sink_took() {
         let dir = tempfile::tempdir().unwrap();
-        let standin = akto_standin::StandIn::start(akto_standin::StandInConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            require_jwt: None,
-        })
-        .await
-        .unwrap();
-        let c = connector_with(
-            dir.path(),
-            AnySink::Http(
-                crate::sink::HttpSink::new(crate::sink::HttpSinkConfig::new(
-                    url::Url::parse(&standin.url()).unwrap(),
-                    None,
-                ))
-                .unwrap(),
-            ),
-        );
+        let (standin, c) = http_connector(dir.path(), |_| {}).await;
         // Akto refuses req-1's tool call record (422); the quarantine file cannot be opened.
         standin.set_behavior(akto_standin::Behavior::RejectMatching {
             needle: "/tools/lookup".into(),
@@ -1817,18 +1814,7 @@ mod tests {
                 execution("req-2", 2_000, &[]),
             ]
         };
-        let run = |execs: Vec<Execution>| {
-            let c = &c;
-            async move {
-                let (tx, rx) = mpsc::channel(1);
-                drop(tx);
-                let (table_tx, table_rx) = mpsc::channel(1);
-                table_tx.send(table_chunk(execs)).await.unwrap();
-                drop(table_tx);
-                let (_t, shutdown) = Shutdown::new();
-                c.deliver(rx, table_rx, bot_agents(), shutdown).await
-            }
-        };
+        let run = |execs: Vec<Execution>| deliver_table(&c, execs);
         let Err(err) = run(execs()).await else {
             panic!("the quarantine write failed, the delivery must say so")
         };

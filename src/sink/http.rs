@@ -300,18 +300,8 @@ impl HttpSink {
     /// will send. Returns the HTTP status and whether a token was sent; `Err` names the URL and
     /// why no answer came.
     pub async fn post_empty_batch(&self) -> Result<(StatusCode, bool), String> {
-        let auth = self.auth_header();
-        let with_token = auth.is_some();
-        let body = format!("{BODY_PREFIX}{BODY_SUFFIX}");
-        let mut req = self
-            .client
-            .post(self.ingest_url.clone())
-            .timeout(self.request_timeout(body.len()))
-            .header(CONTENT_TYPE, "application/json")
-            .body(body);
-        if let Some(auth) = auth {
-            req = req.header(AUTHORIZATION, auth);
-        }
+        let (req, with_token) =
+            self.ingest_request(bytes::Bytes::from(format!("{BODY_PREFIX}{BODY_SUFFIX}")));
         let resp = req
             .send()
             .await
@@ -515,16 +505,24 @@ impl HttpSink {
         }
     }
 
-    async fn send_once(&self, body: bytes::Bytes) -> Result<Reply, SinkError> {
+    /// `POST /api/ingestData` of `body` with the token, and whether a token went with it.
+    fn ingest_request(&self, body: bytes::Bytes) -> (reqwest::RequestBuilder, bool) {
         let mut req = self
             .client
             .post(self.ingest_url.clone())
             .timeout(self.request_timeout(body.len()))
             .header(CONTENT_TYPE, "application/json")
             .body(body);
-        if let Some(auth) = self.auth_header() {
+        let auth = self.auth_header();
+        let with_token = auth.is_some();
+        if let Some(auth) = auth {
             req = req.header(AUTHORIZATION, auth);
         }
+        (req, with_token)
+    }
+
+    async fn send_once(&self, body: bytes::Bytes) -> Result<Reply, SinkError> {
+        let (req, _) = self.ingest_request(body);
         let resp = match req.send().await {
             Ok(resp) => resp,
             Err(e) => {

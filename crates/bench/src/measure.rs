@@ -195,12 +195,19 @@ async fn post_json(url: &str, body: &Value) -> Result<(), BenchError> {
 // ---------------------------------------------------------------------------------------------
 // Floor
 
-/// Request and response payloads as the tables hold them (`None` = SQL NULL).
-pub(crate) async fn sample_payloads(
-    emu: &Service,
-    per_table: usize,
-) -> Result<Vec<(Option<String>, Option<String>)>, BenchError> {
-    let c = client(&emu.url)?;
+/// The connector's client to the emulator at `url`, authenticated, with the inventory of its
+/// default schema and the warehouse statements run on.
+pub(crate) async fn connect(
+    url: &str,
+) -> Result<
+    (
+        DatabricksClient,
+        databricks_shield::discovery::Inventory,
+        String,
+    ),
+    BenchError,
+> {
+    let c = client(url)?;
     c.authenticate()
         .await
         .map_err(|e| step_err("authenticate", e))?;
@@ -211,10 +218,19 @@ pub(crate) async fn sample_payloads(
         .choose_warehouse(None)
         .await
         .map_err(|e| step_err("warehouse", e))?;
+    Ok((c, inv, wh.id))
+}
+
+/// Request and response payloads as the tables hold them (`None` = SQL NULL).
+pub(crate) async fn sample_payloads(
+    emu: &Service,
+    per_table: usize,
+) -> Result<Vec<(Option<String>, Option<String>)>, BenchError> {
+    let (c, inv, warehouse_id) = connect(&emu.url).await?;
     let mut out = Vec::new();
     for (_, t) in inv.readable() {
         let st = Statement {
-            warehouse_id: wh.id.clone(),
+            warehouse_id: warehouse_id.clone(),
             statement: format!(
                 "SELECT request, response FROM {} LIMIT {per_table}",
                 t.full_name

@@ -14,7 +14,7 @@ use databricks_shield::traffic::{self, AgentContext, MapOptions, TableFormat};
 use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 
-use crate::measure::{client, floor, sample_payloads, Work, DEFAULT_BATCH};
+use crate::measure::{connect, floor, sample_payloads, Work, DEFAULT_BATCH};
 use crate::procs::{self, median, step_err, BenchError};
 use crate::Out;
 
@@ -89,17 +89,7 @@ fn page_text(rows: &[Row]) -> String {
 /// Reads up to `per_table` rows of every inference table through the connector's client.
 /// Also returns the warehouse's id.
 async fn fetch_pages(url: &str, per_table: usize) -> Result<(Vec<TablePages>, String), BenchError> {
-    let c = client(url)?;
-    c.authenticate()
-        .await
-        .map_err(|e| step_err("authenticate", e))?;
-    let inv = databricks_shield::discovery::discover(&c, "workspace", "default", "")
-        .await
-        .map_err(|e| step_err("discover", e))?;
-    let (wh, _) = c
-        .choose_warehouse(None)
-        .await
-        .map_err(|e| step_err("warehouse", e))?;
+    let (c, inv, warehouse_id) = connect(url).await?;
     let mut out = Vec::new();
     for (agent, t) in inv.readable() {
         let format = match t.kind {
@@ -108,7 +98,7 @@ async fn fetch_pages(url: &str, per_table: usize) -> Result<(Vec<TablePages>, St
             _ => continue,
         };
         let st = Statement {
-            warehouse_id: wh.id.clone(),
+            warehouse_id: warehouse_id.clone(),
             statement: format!("SELECT * FROM {} LIMIT {per_table}", t.full_name),
             parameters: vec![],
             table: t.full_name.clone(),
@@ -140,7 +130,7 @@ async fn fetch_pages(url: &str, per_table: usize) -> Result<(Vec<TablePages>, St
     if out.iter().all(|t| t.pages.is_empty()) {
         return Err(step_err("reading tables", "the emulator returned no rows"));
     }
-    Ok((out, wh.id))
+    Ok((out, warehouse_id))
 }
 
 /// One pass over `rows` rows up to `stage`: the thread's CPU seconds. Errors if the stages did
@@ -318,16 +308,8 @@ async fn transport_pass(t: &Transport, rows: usize) -> Result<f64, BenchError> {
                     })?
                     .to_string();
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                page = http
-                    .get(format!("{emu}/api/2.0/sql/statements/{id}"))
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status())
-                    .map_err(|e| step_err("polling a statement", e))?
-                    .bytes()
-                    .await
-                    .map_err(|e| step_err("polling a statement", e))?;
+                let url = format!("{emu}/api/2.0/sql/statements/{id}");
+                page = get_bytes(http, &url, token, "polling a statement").await?;
             }
             if !String::from_utf8_lossy(&page).contains("\"SUCCEEDED\"") {
                 return Err(step_err("a statement", "did not succeed within 30 s"));
@@ -337,16 +319,7 @@ async fn transport_pass(t: &Transport, rows: usize) -> Result<f64, BenchError> {
                 let Some(link) = string_field(text, "next_chunk_internal_link") else {
                     break;
                 };
-                page = http
-                    .get(format!("{emu}{link}"))
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status())
-                    .map_err(|e| step_err("reading a chunk", e))?
-                    .bytes()
-                    .await
-                    .map_err(|e| step_err("reading a chunk", e))?;
+                page = get_bytes(http, &format!("{emu}{link}"), token, "reading a chunk").await?;
                 std::hint::black_box(&page);
             }
             read += n;
@@ -375,6 +348,24 @@ async fn transport_pass(t: &Transport, rows: usize) -> Result<f64, BenchError> {
         }
     }
     Ok((procs::thread_cpu() - t0).max(1e-9))
+}
+
+/// `GET url` with the token: the body as bytes (an error status is an error of `what`).
+async fn get_bytes(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    what: &str,
+) -> Result<bytes::Bytes, BenchError> {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| step_err(what, e))?
+        .bytes()
+        .await
+        .map_err(|e| step_err(what, e))
 }
 
 /// The last string field `key` of a statement answer, found without parsing the page (the
