@@ -822,11 +822,9 @@ fn stored_note(maybe_stored: usize) -> String {
 }
 
 /// Drops a replaced producer off the async workers: the last handle's drop waits for
-/// librdkafka's threads.
+/// librdkafka's threads. Always on a blocking thread, whatever the count: another holder may let
+/// go between a count and the drop.
 fn retire(producer: SinkProducer) {
-    if Arc::strong_count(&producer) > 1 {
-        return; // someone still uses it; its last user drops it
-    }
     match tokio::runtime::Handle::try_current() {
         Ok(rt) => {
             rt.spawn_blocking(move || drop(producer));
@@ -1045,6 +1043,9 @@ fn tally(settled: Settled, batch: &[OutRecord], own_limit: usize) -> Tally {
         timed_out: false,
         maybe_stored: 0,
     };
+    // Why records stay pending when none failed outright (a refusal not verified alone, a
+    // bystander): reported only without a real failure, which names the actual cause.
+    let mut weak_failure = None;
     for (i, fate) in settled.fates.into_iter().enumerate() {
         match fate {
             Some(Fate::Delivered) => t.out.delivered.push(i),
@@ -1056,10 +1057,10 @@ fn tally(settled: Settled, batch: &[OutRecord], own_limit: usize) -> Tally {
             }
             // Not verified alone (something else failed first): pending.
             Some(Fate::Refused { error, .. }) => {
-                t.first_failure.get_or_insert(error);
+                weak_failure.get_or_insert(error);
             }
             Some(Fate::Bystander) => {
-                t.first_failure.get_or_insert(KafkaError::MessageProduction(
+                weak_failure.get_or_insert(KafkaError::MessageProduction(
                     RDKafkaErrorCode::InvalidDifferentRecord,
                 ));
             }
@@ -1076,25 +1077,29 @@ fn tally(settled: Settled, batch: &[OutRecord], own_limit: usize) -> Tally {
                 t.first_failure.get_or_insert(error);
             }
             None => {
-                t.first_failure.get_or_insert(KafkaError::Canceled);
+                weak_failure.get_or_insert(KafkaError::Canceled);
             }
         }
+    }
+    if t.first_failure.is_none() {
+        t.first_failure = weak_failure;
     }
     t
 }
 
 /// Errors a broker gives a record for what it is, not for the state of the broker or the
-/// network: sending it again does not help.
+/// network: sending it again does not help. Not among them: `InvalidTimestamp` (librdkafka
+/// stamps each record with this host's clock, so it says the clock is off, for every record
+/// alike), `BadMessage` (librdkafka could not parse the broker's answer: the records may be
+/// stored) and `InvalidMessage` (a corrupt message, which librdkafka itself retries): those
+/// records stay pending.
 fn is_record_refusal(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
-        RDKafkaErrorCode::InvalidMessage // CORRUPT_MESSAGE: its CRC or framing is wrong
-            | RDKafkaErrorCode::InvalidMessageSize
+        RDKafkaErrorCode::InvalidMessageSize
             | RDKafkaErrorCode::MessageBatchTooLarge
-            | RDKafkaErrorCode::InvalidTimestamp
             | RDKafkaErrorCode::PolicyViolation
             | RDKafkaErrorCode::InvalidRecord
-            | RDKafkaErrorCode::BadMessage
     )
 }
 
@@ -1135,6 +1140,10 @@ fn describe_kafka_error(e: &KafkaError) -> String {
     match e {
         KafkaError::ClientConfig(_, desc, key, _) => format!("config `{key}`: {desc}"),
         KafkaError::Canceled => "the delivery report was lost (producer shut down)".into(),
+        KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTimestamp) => format!(
+            "{e}: the broker refuses the records' timestamps, which come from this host's \
+             clock; check that it is right (NTP)"
+        ),
         other => other.to_string(),
     }
 }
@@ -1181,11 +1190,8 @@ mod tests {
         for code in [
             RDKafkaErrorCode::InvalidRecord,
             RDKafkaErrorCode::PolicyViolation,
-            RDKafkaErrorCode::InvalidMessage,
             RDKafkaErrorCode::InvalidMessageSize,
             RDKafkaErrorCode::MessageBatchTooLarge,
-            RDKafkaErrorCode::InvalidTimestamp,
-            RDKafkaErrorCode::BadMessage,
         ] {
             match classify(produce_error(code), false, 42, 1000) {
                 Fate::Refused { reason, error } => {
@@ -1212,6 +1218,11 @@ mod tests {
             RDKafkaErrorCode::BrokerTransportFailure,
             RDKafkaErrorCode::ProducerFenced,
             RDKafkaErrorCode::UnknownTopicOrPartition,
+            // This host's clock, an unparsable answer (maybe stored), a corrupt message
+            // librdkafka already retried: not the record's own fault.
+            RDKafkaErrorCode::InvalidTimestamp,
+            RDKafkaErrorCode::BadMessage,
+            RDKafkaErrorCode::InvalidMessage,
         ] {
             let fate = classify(produce_error(code), false, 42, 1000);
             assert!(
@@ -1219,6 +1230,8 @@ mod tests {
                 "{code:?} must not reject the record"
             );
         }
+        let clock = describe_kafka_error(&produce_error(RDKafkaErrorCode::InvalidTimestamp));
+        assert!(clock.contains("this host's clock"), "{clock}");
     }
 
     #[test]
@@ -1417,6 +1430,50 @@ mod tests {
         assert_eq!(
             broker.requests,
             vec![vec![0, 1, 2], vec![0], vec![1], vec![2]]
+        );
+    }
+
+    /// A record left pending only because a neighbour's refusal was not verified alone does not
+    /// hide the real failure of another record (here a refused topic authorization).
+    #[test]
+    fn the_failure_reported_is_the_real_one() {
+        let refused = classify(
+            produce_error(RDKafkaErrorCode::InvalidRecord),
+            false,
+            42,
+            1000,
+        );
+        let denied = classify(
+            produce_error(RDKafkaErrorCode::TopicAuthorizationFailed),
+            false,
+            42,
+            1000,
+        );
+        let settled = Settled {
+            fates: vec![Some(refused), Some(Fate::Bystander), Some(denied)],
+            alone: vec![false, false, false],
+        };
+        let t = tally(settled, &records(3), 10_000);
+        assert!(t.out.delivered.is_empty() && t.out.rejected.is_empty());
+        assert_eq!(
+            t.first_failure.as_ref().and_then(kafka_code),
+            Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+        );
+        // Without a real failure, the first pending record's reason is reported.
+        let refused = classify(
+            produce_error(RDKafkaErrorCode::InvalidRecord),
+            false,
+            42,
+            1000,
+        );
+        let settled = Settled {
+            fates: vec![Some(Fate::Bystander), Some(refused)],
+            alone: vec![false, false],
+        };
+        let t = tally(settled, &records(2), 10_000);
+        assert_eq!(
+            t.first_failure.as_ref().and_then(kafka_code),
+            Some(RDKafkaErrorCode::InvalidDifferentRecord)
         );
     }
 
