@@ -19,27 +19,16 @@ struct Setup {
 
 fn check(s: &Setup) -> (bool, Vec<serde_json::Value>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["check", "--json"])
-        .env_clear()
-        .env("DATABRICKS_HOST", &s.host)
-        .env("DATABRICKS_CLIENT_ID", "emulator-client")
-        .env("DATABRICKS_CLIENT_SECRET", &s.secret)
-        .env("DATABRICKS_PREFIX", &s.prefix)
-        .env("DATA_INGESTION_SERVICE_URL", &s.sink)
-        .env("STATE_DIR", dir.path());
-    for (k, v) in &s.extra {
-        cmd.env(k, v);
-    }
-    let o = tokio::task::block_in_place(|| cmd.output().unwrap());
-    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
-    let steps: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-        panic!(
-            "check --json printed no JSON ({e}): {stdout}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        )
-    });
-    (o.status.success(), steps, stdout)
+    let mut env = vec![
+        ("DATABRICKS_HOST", s.host.clone()),
+        ("DATABRICKS_CLIENT_ID", "emulator-client".to_string()),
+        ("DATABRICKS_CLIENT_SECRET", s.secret.clone()),
+        ("DATABRICKS_PREFIX", s.prefix.clone()),
+        ("DATA_INGESTION_SERVICE_URL", s.sink.clone()),
+        ("STATE_DIR", dir.path().display().to_string()),
+    ];
+    env.extend(s.extra.iter().cloned());
+    check_env(&env)
 }
 
 fn failed(steps: &[serde_json::Value]) -> Vec<(&str, &str)> {

@@ -58,6 +58,18 @@ struct TablePages {
     pages: Vec<(String, usize)>,
 }
 
+impl TablePages {
+    /// The mapping context of the table's agent.
+    fn ctx(&self) -> AgentContext<'_> {
+        AgentContext {
+            agent: &self.agent,
+            host: &self.host,
+            path: &self.path,
+            account_id: "1000000",
+        }
+    }
+}
+
 #[derive(serde::Deserialize)]
 struct PageDoc {
     data_array: Vec<Row>,
@@ -143,12 +155,7 @@ fn pass(tables: &[TablePages], stage: Stage, rows: usize) -> Result<f64, BenchEr
     let t0 = procs::thread_cpu();
     'outer: loop {
         for t in tables {
-            let ctx = AgentContext {
-                agent: &t.agent,
-                host: &t.host,
-                path: &t.path,
-                account_id: "1000000",
-            };
+            let ctx = t.ctx();
             for (text, n) in &t.pages {
                 if done >= rows {
                     break 'outer;
@@ -206,12 +213,7 @@ fn bodies(tables: &[TablePages]) -> Result<Vec<(String, usize)>, BenchError> {
     let mut out = Vec::new();
     let (mut body, mut in_body, mut rows) = (String::new(), 0usize, 0usize);
     for t in tables {
-        let ctx = AgentContext {
-            agent: &t.agent,
-            host: &t.host,
-            path: &t.path,
-            account_id: "1000000",
-        };
+        let ctx = t.ctx();
         for (text, _) in &t.pages {
             let page: PageDoc =
                 serde_json::from_str(text).map_err(|e| step_err("parsing a page", e))?;
