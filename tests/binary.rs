@@ -274,3 +274,92 @@ async fn reset_state_moves_the_state_aside_and_sends_the_lookback_again() {
         .collect();
     assert_eq!(aside.len(), 1, "the old state is kept aside: {aside:?}");
 }
+
+/// A second SIGTERM while the first one waits for a batch the sink never answers exits at once
+/// (code 130) instead of waiting out the retry budget; the log says what happens to the records
+/// sent but not checkpointed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_stop_signal_exits_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let emu = common::emulator(common::emulator_config()).await;
+    // A sink that accepts connections and never answers them.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let holder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((conn, _)) = listener.accept() {
+                    held.push(conn);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("DATABRICKS_HOST", emu.base_url())
+        .env("DATABRICKS_CLIENT_ID", "emulator-client")
+        .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
+        .env("DATA_INGESTION_SERVICE_URL", format!("http://{sink_addr}"))
+        .env("AKTO_REQUEST_TIMEOUT_SECONDS", "1")
+        .env("RECURRING_INTERVAL_SECONDS", "3600")
+        .env("LOOKBACK_MINUTES", "120")
+        .env("STATE_DIR", dir.path().join("state"))
+        .env("METRICS_ADDR", "off")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !read().contains(needle) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            read().contains(needle),
+            "never logged {needle:?}:\n{}",
+            read()
+        );
+    };
+    let term = || {
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    tokio::task::block_in_place(|| {
+        // A batch is being retried against the silent sink.
+        wait_for("delivery to Akto ingestion failed");
+        term();
+        wait_for("Shutdown requested");
+        term();
+    });
+    // Bounded: far below the minute of retries the first signal alone would wait for.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.store(true, Ordering::SeqCst);
+    holder.join().unwrap();
+    let text = read();
+    assert_eq!(status.and_then(|s| s.code()), Some(130), "{text}");
+    assert!(text.contains("Second stop signal: exiting now"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
