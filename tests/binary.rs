@@ -97,7 +97,7 @@ async fn once_check_and_discover_against_the_emulator_leak_no_secret() {
 /// A `-once` cycle stopped by a signal is no success: an ERROR line and exit 1.
 #[test]
 fn sigterm_while_the_workspace_is_unreachable_stops_the_run() {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     // A port nothing listens on: every connection is refused, and retried.
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -105,45 +105,23 @@ fn sigterm_while_the_workspace_is_unreachable_stops_the_run() {
     };
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("-once")
+    let mut cmd = Command::new(BIN);
+    cmd.arg("-once")
         .arg("--output")
         .arg(dir.path().join("out.jsonl"))
         .env_clear()
         .env("DATABRICKS_HOST", format!("https://127.0.0.1:{closed}"))
         .env("DATABRICKS_TOKEN", "dapi-unused-token")
         .env("STATE_DIR", dir.path().join("state"))
-        .env("METRICS_ADDR", "off")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        .env("METRICS_ADDR", "off");
+    let mut run = Logged::spawn(cmd, log_path);
     // Started: the sink is set up, the cycle is retrying the workspace.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !read().contains("Sending records to") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    run.wait_for("Sending records to");
     std::thread::sleep(Duration::from_millis(500));
-    let sent = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    run.sigterm();
     // Bounded: well below the five-minute retry budget it would otherwise spend.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let text = read();
+    let status = run.exit_within(60);
+    let text = run.text();
     assert!(status.is_some(), "still retrying after SIGTERM:\n{text}");
     assert!(text.contains("Shutdown requested"), "{text}");
     assert!(text.contains("before anything was read"), "{text}");
@@ -281,7 +259,7 @@ async fn reset_state_moves_the_state_aside_and_sends_the_lookback_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_stop_signal_exits_at_once() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let emu = common::emulator(common::emulator_config()).await;
     // A sink that accepts connections and never answers them.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -301,10 +279,8 @@ async fn a_second_stop_signal_exits_at_once() {
         })
     };
     let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(BIN)
-        .env_clear()
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
         .env("DATABRICKS_HOST", emu.base_url())
         .env("DATABRICKS_CLIENT_ID", "emulator-client")
         .env("DATABRICKS_CLIENT_SECRET", common::SECRET)
@@ -313,53 +289,79 @@ async fn a_second_stop_signal_exits_at_once() {
         .env("RECURRING_INTERVAL_SECONDS", "3600")
         .env("LOOKBACK_MINUTES", "120")
         .env("STATE_DIR", dir.path().join("state"))
-        .env("METRICS_ADDR", "off")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let wait_for = |needle: &str| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !read().contains(needle) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            read().contains(needle),
-            "never logged {needle:?}:\n{}",
-            read()
-        );
-    };
-    let term = || {
-        let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-    };
-    tokio::task::block_in_place(|| {
+        .env("METRICS_ADDR", "off");
+    let mut run = Logged::spawn(cmd, dir.path().join("log"));
+    let status = tokio::task::block_in_place(|| {
         // A batch is being retried against the silent sink.
-        wait_for("delivery to Akto ingestion failed");
-        term();
-        wait_for("Shutdown requested");
-        term();
+        run.wait_for("delivery to Akto ingestion failed");
+        run.sigterm();
+        run.wait_for("Shutdown requested");
+        run.sigterm();
+        // Bounded: far below the minute of retries the first signal alone would wait for.
+        run.exit_within(30)
     });
-    // Bounded: far below the minute of retries the first signal alone would wait for.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     stop.store(true, Ordering::SeqCst);
     holder.join().unwrap();
-    let text = read();
+    let text = run.text();
     assert_eq!(status.and_then(|s| s.code()), Some(130), "{text}");
     assert!(text.contains("Second stop signal: exiting now"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
+}
+
+/// The binary's stdout and stderr, gathered in one file.
+struct Logged {
+    child: std::process::Child,
+    path: std::path::PathBuf,
+}
+
+impl Logged {
+    fn spawn(mut cmd: Command, path: std::path::PathBuf) -> Logged {
+        let log = std::fs::File::create(&path).unwrap();
+        let child = cmd
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Logged { child, path }
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+
+    /// Waits (at most 60 s) until the log holds `needle`.
+    fn wait_for(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !self.text().contains(needle) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(
+            self.text().contains(needle),
+            "never logged {needle:?}:\n{}",
+            self.text()
+        );
+    }
+
+    fn sigterm(&self) {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// The exit status within `secs` seconds, else `None` (the process is killed then).
+    fn exit_within(&mut self, secs: u64) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
