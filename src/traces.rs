@@ -43,7 +43,7 @@ use crate::collect::{
 use crate::databricks::mlflow::TraceInfo;
 use crate::databricks::sql::{Cell, Param, Statement};
 use crate::databricks::{DatabricksClient, DatabricksError};
-use crate::discovery::{normalize_name, Inventory};
+use crate::discovery::{normalize_name, Agent, Inventory};
 use crate::state::StateStore;
 use crate::traffic::host::{encode_segment, tool_path};
 use crate::traffic::record::{
@@ -83,19 +83,25 @@ pub fn trace_sources(inv: &Inventory, workspace_host: &str) -> Vec<TraceSource> 
         .iter()
         .filter_map(|a| {
             let exp = a.experiment_id.clone()?;
-            let execution_path = a.table.is_none().then(|| match (&a.endpoint, &a.app) {
-                (Some(e), _) => format!("/serving-endpoints/{}/invocations", encode_segment(e)),
-                (None, Some(app)) => format!("/apps/{}/invocations", encode_segment(&app.name)),
-                (None, None) => format!("/agents/{}/invocations", encode_segment(&a.name)),
-            });
             Some(TraceSource {
                 experiment_id: exp,
                 agent: a.name.clone(),
                 host: inv.agent_host(&a.name, workspace_host),
-                execution_path,
+                execution_path: execution_path(a),
             })
         })
         .collect()
+}
+
+/// The path of the execution record built from an agent's root span: `None` when its inference
+/// table already provides execution records. The same for MLflow and OTel traces, so one agent's
+/// executions land on one API in Akto, the one its endpoint or app is known by.
+fn execution_path(a: &Agent) -> Option<String> {
+    a.table.is_none().then(|| match (&a.endpoint, &a.app) {
+        (Some(e), _) => format!("/serving-endpoints/{}/invocations", encode_segment(e)),
+        (None, Some(app)) => format!("/apps/{}/invocations", encode_segment(&app.name)),
+        (None, None) => format!("/agents/{}/invocations", encode_segment(&a.name)),
+    })
 }
 
 /// One span, from the MLflow span document or an OTel span table row.
@@ -148,20 +154,33 @@ fn string_map(v: &Value) -> BTreeMap<String, String> {
 }
 
 impl Span {
-    /// Reads a span object of the MLflow span document (tolerant of missing fields).
+    /// Reads a span object of the MLflow span document (tolerant of missing fields). Both forms
+    /// MLflow writes are read: MLflow 3's OTel form (`span_id`, `parent_span_id`,
+    /// `start_time_unix_nano`, `status: {code, message}`) and MLflow 2's `Span.to_dict` form
+    /// (`context: {span_id, trace_id}`, `parent_id`, `start_time` and `end_time` in ns,
+    /// `status_code`, `status_message`).
     pub fn from_json(v: &Value) -> Span {
-        let status = &v["status"];
-        let (code, message) = match status {
-            Value::Object(_) => (text_of(&status["code"]), text_of(&status["message"])),
-            other => (text_of(other), None),
+        fn first<'a>(keys: [&'a Value; 2]) -> Option<&'a Value> {
+            keys.into_iter().find(|x| !x.is_null())
+        }
+        let (code, message) = match first([&v["status"], &v["status_code"]]) {
+            Some(status @ Value::Object(_)) => {
+                (text_of(&status["code"]), text_of(&status["message"]))
+            }
+            Some(other) => (text_of(other), text_of(&v["status_message"])),
+            None => (None, text_of(&v["status_message"])),
         };
+        let field =
+            |otel: &str, v2: &Value| first([&v[otel], v2]).and_then(text_of).unwrap_or_default();
         Span {
-            trace_id: text_of(&v["trace_id"]).unwrap_or_default(),
-            span_id: text_of(&v["span_id"]).unwrap_or_default(),
-            parent_span_id: text_of(&v["parent_span_id"]).filter(|p| !p.is_empty()),
+            trace_id: field("trace_id", &v["context"]["trace_id"]),
+            span_id: field("span_id", &v["context"]["span_id"]),
+            parent_span_id: first([&v["parent_span_id"], &v["parent_id"]])
+                .and_then(text_of)
+                .filter(|p| !p.is_empty()),
             name: text_of(&v["name"]).unwrap_or_default(),
-            start_ns: int_of(&v["start_time_unix_nano"]),
-            end_ns: int_of(&v["end_time_unix_nano"]),
+            start_ns: first([&v["start_time_unix_nano"], &v["start_time"]]).and_then(int_of),
+            end_ns: first([&v["end_time_unix_nano"], &v["end_time"]]).and_then(int_of),
             status: code,
             status_message: message.filter(|m| !m.is_empty()),
             attributes: string_map(&v["attributes"]),
@@ -200,10 +219,12 @@ impl Span {
             .to_ascii_uppercase()
     }
 
+    /// `…ERROR` in any spelling, or OTLP's numeric code 2 (`STATUS_CODE_ERROR`).
     fn is_error(&self) -> bool {
-        self.status
-            .as_deref()
-            .is_some_and(|s| s.to_ascii_uppercase().ends_with("ERROR"))
+        self.status.as_deref().is_some_and(|s| {
+            let s = s.trim();
+            s == "2" || s.to_ascii_uppercase().ends_with("ERROR")
+        })
     }
 
     /// The exception MLflow recorded, `(type, message)`, or the status message.
@@ -348,12 +369,8 @@ fn span_record(
     let mut rh = JsonObject::default();
     rh.set("content-type", content_type(&outputs), &mut cut);
     if let (Some(s), Some(e)) = (span.start_ns, span.end_ns) {
-        if e >= s {
-            rh.set(
-                "x-span-duration-ms",
-                &((e - s) / 1_000_000).to_string(),
-                &mut cut,
-            );
+        if let Some(d) = e.checked_sub(s).filter(|d| *d >= 0) {
+            rh.set("x-span-duration-ms", &(d / 1_000_000).to_string(), &mut cut);
         }
     }
     if let Some(s) = span.start_ns {
@@ -803,7 +820,10 @@ fn summary_span(t: &TraceInfo, time_us: i64) -> Span {
         parent_span_id: None,
         name: t.tags.get("mlflow.traceName").cloned().unwrap_or_default(),
         start_ns: Some(start),
-        end_ns: t.duration_ms().map(|d| start + d * 1_000_000),
+        end_ns: t
+            .duration_ms()
+            .and_then(|d| d.checked_mul(1_000_000))
+            .and_then(|d| start.checked_add(d)),
         status: t.state.clone(),
         status_message: None,
         attributes,
@@ -864,9 +884,10 @@ pub async fn collect_otel_table(
         .to_string();
 
     let mut after: (i64, String) = (w.from_us.saturating_mul(1000) - 1, String::new());
+    let mut emitted: HashSet<String> = HashSet::new();
     for _ in 0..100_000 {
         let sql = format!(
-            "SELECT trace_id, start_time_unix_nano FROM {t} WHERE parent_span_id IS NULL AND \
+            "SELECT trace_id, start_time_unix_nano FROM {t} WHERE (parent_span_id IS NULL OR parent_span_id = '') AND \
              (start_time_unix_nano > :after_ns OR (start_time_unix_nano = :after_ns AND trace_id > :after_id)) \
              ORDER BY start_time_unix_nano, trace_id LIMIT {PAGE}",
             t = quote_table(table)
@@ -919,6 +940,12 @@ pub async fn collect_otel_table(
             let Some(behind) = w.wants(t, &id) else {
                 continue;
             };
+            // A trace with two root spans is listed twice, in one page or two: one unit, from
+            // the first (its spans are all read then). Its delivery is not committed yet when
+            // a later page comes, so the state cannot tell.
+            if !emitted.insert(id.clone()) {
+                continue;
+            }
             if delivered.contains(&id) {
                 stats.duplicates_skipped += 1;
             } else {
@@ -949,15 +976,14 @@ pub async fn collect_otel_table(
                     .get(&normalize_name(&root_name))
                     .cloned()
                     .unwrap_or_else(|| fallback_agent.clone());
-                let has_table = inv
-                    .agents
-                    .iter()
-                    .any(|a| a.name == agent && a.table.is_some());
+                let execution_path = match inv.agents.iter().find(|a| a.name == agent) {
+                    Some(a) => execution_path(a),
+                    None => Some(format!("/agents/{}/invocations", encode_segment(&agent))),
+                };
                 let source = TraceSource {
                     experiment_id: String::new(),
                     host: inv.agent_host(&agent, workspace_host),
-                    execution_path: (!has_table)
-                        .then(|| format!("/agents/{}/invocations", encode_segment(&agent))),
+                    execution_path,
                     agent: agent.clone(),
                 };
                 let meta = TraceMeta {
@@ -1016,10 +1042,27 @@ fn row_too_large(table: &str, what: &str) -> CollectError {
     })
 }
 
+/// The `status` cell of an OTel span table: a plain code (`STATUS_CODE_ERROR`), or the struct
+/// Databricks' OTel tables keep (`STRUCT<code, message>`), which the SQL API returns as JSON
+/// text: `{"code":"STATUS_CODE_ERROR","message":"boom"}`. `(code, message)`.
+fn otel_status(cell: Option<String>) -> (Option<String>, Option<String>) {
+    let Some(text) = cell else {
+        return (None, None);
+    };
+    if text.trim_start().starts_with('{') {
+        if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(&text) {
+            let message = text_of(&v["message"]).filter(|m| !m.is_empty());
+            return (text_of(&v["code"]), message);
+        }
+    }
+    (Some(text), None)
+}
+
 /// One span of an OTel span table row (`SPAN_COLUMNS`), or None without a trace id.
 fn otel_span(r: &[Cell], stats: &mut TableStats) -> Option<Span> {
     let cell = |i: usize| r.get(i).and_then(Cell::text).map(Cow::into_owned);
     stats.bytes_returned += r.iter().map(|c| c.wire_len() as u64).sum::<u64>();
+    let status = otel_status(cell(7));
     Some(Span {
         trace_id: cell(0)?,
         span_id: cell(1).unwrap_or_default(),
@@ -1027,8 +1070,8 @@ fn otel_span(r: &[Cell], stats: &mut TableStats) -> Option<Span> {
         name: cell(3).unwrap_or_default(),
         start_ns: cell(4).and_then(|s| s.trim().parse().ok()),
         end_ns: cell(5).and_then(|s| s.trim().parse().ok()),
-        status: cell(7),
-        status_message: None,
+        status: status.0,
+        status_message: status.1,
         attributes: cell(6)
             .map(|a| string_map(&Value::String(a)))
             .unwrap_or_default(),
@@ -1275,6 +1318,119 @@ mod tests {
         let recs = span_records(&source(true), "1", &meta, &[odd]);
         assert_eq!(recs.len(), 1);
         crate::traffic::validate(&recs[0]).unwrap();
+    }
+
+    #[test]
+    fn mlflow_2_span_dicts_are_read_like_mlflow_3_spans() {
+        // MLflow 2's `Span.to_dict`: context ids, `parent_id`, ns times, `status_code`.
+        let v2 = json!([
+            {"name": "support_bot", "context": {"span_id": "0x1", "trace_id": "0xt"}, "parent_id": null,
+             "start_time": 1_700_000_000_000_000_000i64, "end_time": 1_700_000_002_000_000_000i64,
+             "status_code": "OK", "status_message": "", "attributes": {"mlflow.spanType": "\"AGENT\""}},
+            {"name": "chain", "context": {"span_id": "0x2", "trace_id": "0xt"}, "parent_id": "0x1",
+             "start_time": 1_700_000_000_000_000_000i64, "end_time": 1_700_000_001_000_000_000i64,
+             "status_code": "OK", "attributes": {"mlflow.spanType": "\"CHAIN\""}},
+            {"name": "lookup", "context": {"span_id": "0x3", "trace_id": "0xt"}, "parent_id": "0x2",
+             "start_time": 1_700_000_000_500_000_000i64, "end_time": 1_700_000_000_750_000_000i64,
+             "status_code": "ERROR", "status_message": "tool failed",
+             "attributes": {"mlflow.spanType": "\"TOOL\""}, "events": []}
+        ]);
+        let spans: Vec<Span> = v2.as_array().unwrap().iter().map(Span::from_json).collect();
+        assert_eq!(spans[2].span_id, "0x3");
+        assert_eq!(spans[2].trace_id, "0xt");
+        assert_eq!(spans[2].parent_span_id.as_deref(), Some("0x2"));
+        assert_eq!(spans[1].start_ns, Some(1_700_000_000_000_000_000));
+        let recs = span_records(&source(true), "1", &TraceMeta::default(), &spans);
+        // One execution (the root only, not the CHAIN), one tool.
+        let paths: Vec<&str> = recs.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(paths, ["/apps/support-bot/invocations", "/tools/lookup"]);
+        let tool = &recs[1];
+        assert_eq!(tool.status_code, "500");
+        assert!(tool.response_payload.text().contains("tool failed"));
+        assert!(tool
+            .response_headers
+            .contains("\"x-span-duration-ms\":\"250\""));
+    }
+
+    #[test]
+    fn otel_status_structs_and_numeric_codes_mark_failed_spans() {
+        assert_eq!(
+            otel_status(Some(
+                r#"{"code":"STATUS_CODE_ERROR","message":"boom"}"#.into()
+            )),
+            (Some("STATUS_CODE_ERROR".into()), Some("boom".into()))
+        );
+        assert_eq!(
+            otel_status(Some(r#"{"code":"STATUS_CODE_OK","message":""}"#.into())),
+            (Some("STATUS_CODE_OK".into()), None)
+        );
+        assert_eq!(
+            otel_status(Some("ERROR".into())),
+            (Some("ERROR".into()), None)
+        );
+        assert_eq!(otel_status(None), (None, None));
+        let tool = |status: &str| {
+            let mut s = spans()[2].clone();
+            s.events.clear();
+            (s.status, s.status_message) = otel_status(Some(status.into()));
+            let recs = span_records(&source(false), "1", &TraceMeta::default(), &[s]);
+            (
+                recs[0].status_code.clone(),
+                recs[0].response_payload.text().to_string(),
+            )
+        };
+        let (code, body) = tool(r#"{"code":"STATUS_CODE_ERROR","message":"boom"}"#);
+        assert_eq!(code, "500");
+        assert!(body.contains("boom"), "{body}");
+        assert_eq!(tool(r#"{"code":2}"#).0, "500");
+        assert_eq!(tool(r#"{"code":"STATUS_CODE_OK"}"#).0, "200");
+    }
+
+    #[test]
+    fn an_agents_executions_have_one_path_whichever_trace_store_holds_them() {
+        // Used by both the MLflow sources and the OTel span tables.
+        let agent = |endpoint: Option<&str>, table: bool| Agent {
+            name: "Support Bot".into(),
+            endpoint: endpoint.map(str::to_string),
+            task: None,
+            is_agent: true,
+            models: Vec::new(),
+            table: table.then(|| crate::discovery::InferenceTable {
+                full_name: "c.s.t_payload".into(),
+                kind: crate::discovery::TableKind::AiGatewayPayload,
+                columns: Vec::new(),
+            }),
+            table_note: None,
+            tags: BTreeMap::new(),
+            experiment_id: None,
+            app: None,
+        };
+        assert_eq!(
+            execution_path(&agent(Some("ep"), false)).as_deref(),
+            Some("/serving-endpoints/ep/invocations")
+        );
+        assert_eq!(
+            execution_path(&agent(None, false)).as_deref(),
+            Some("/agents/Support%20Bot/invocations")
+        );
+        assert_eq!(execution_path(&agent(Some("ep"), true)), None);
+    }
+
+    #[test]
+    fn extreme_span_times_never_panic() {
+        let s = Span::from_json(&json!({"trace_id": "t", "span_id": "s", "name": "x",
+            "start_time_unix_nano": "-9223372036854775808", "end_time_unix_nano": "0",
+            "attributes": {"mlflow.spanType": "\"TOOL\""}}));
+        let recs = span_records(&source(false), "1", &TraceMeta::default(), &[s]);
+        assert_eq!(recs.len(), 1);
+        assert!(!recs[0].response_headers.contains("x-span-duration-ms"));
+        let t = TraceInfo {
+            trace_id: "t".into(),
+            execution_duration: Some("10000000000000s".into()),
+            ..Default::default()
+        };
+        let root = summary_span(&t, 1_700_000_000_000_000);
+        assert_eq!(root.end_ns, None);
     }
 
     #[test]

@@ -275,6 +275,17 @@ async fn otel_span_tables_are_read_through_sql_exactly_once() {
         assert_eq!(r.request_payload, "{\"query\":\"status\"}");
         databricks_shield::traffic::validate(r).unwrap();
     }
+    // Roots stored with a '' parent are roots too (the emulator writes every other one so), and
+    // a struct `status` of STATUS_CODE_ERROR fails its span, with the status message as the body.
+    let failed: Vec<_> = got
+        .iter()
+        .filter(|(_, u)| u.records[0].status_code == "500")
+        .collect();
+    assert_eq!(failed.len(), 1, "one tool span failed");
+    assert!(failed[0].1.records[0]
+        .response_payload
+        .text()
+        .contains("upstream timeout"));
     deliver(&state, &first);
     let (r, second) = read().await;
     r.unwrap();
@@ -360,7 +371,8 @@ async fn otel_span_results_cut_at_the_byte_limit_lose_no_span() {
 
     // 700 bytes: the roots (5 small rows) fit, the spans of 2+ traces do not.
     // 300 bytes: no trace's 2 spans fit either: each is paged.
-    // 150 bytes for the first statement: the first page of roots is cut after 2 of 5.
+    // 150 bytes for the first statement: the first page of roots is cut after 2 of 5 (the
+    // oldest trace's second root span, the newest root, is then in another page: still one unit).
     for spec in [
         format!("kind=byte_limit,bytes=700,table={table},count=unlimited"),
         format!("kind=byte_limit,bytes=300,table={table},count=unlimited"),

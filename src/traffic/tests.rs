@@ -235,6 +235,26 @@ fn tool_calls_without_ids_and_odd_shapes() {
 }
 
 #[test]
+fn blank_tool_call_ids_are_no_ids() {
+    // Two calls with `"id": ""` are two calls, not one; the blank key matches no output.
+    let req = r#"{"messages":[{"role":"tool","tool_call_id":"","content":"stale"}]}"#;
+    let resp = r#"{"choices":[{"message":{"tool_calls":[
+        {"id":"","type":"function","function":{"name":"a","arguments":"{}"}},
+        {"id":" ","call_id":"cx","type":"function","function":{"name":"b","arguments":"{}"}}]}}]}"#;
+    let e = exec(Some(req), Some(resp));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    assert_eq!(
+        Value::Array(got),
+        json!([
+            tool("a", "req-1#0", "{}", "", "200", "OK"),
+            tool("b", "cx", "{}", "", "200", "OK"),
+        ])
+    );
+    assert_eq!(m.tool_calls, 2);
+}
+
+#[test]
 fn tool_calls_can_be_turned_off() {
     let resp = r#"{"output":[{"type":"function_call","call_id":"a","name":"t","arguments":"{}"}]}"#;
     let e = exec(None, Some(resp));

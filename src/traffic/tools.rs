@@ -160,26 +160,37 @@ fn item(it: Item, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, Strin
         };
         push_call(
             calls,
-            id.0.or(call_id.0),
+            nonblank(id.0).or(nonblank(call_id.0)),
             fname.or(name.0),
             fargs.or(arguments.0),
         );
     }
     match kind.0.as_deref() {
-        Some("function_call") => push_call(calls, call_id.0.or(id.0), name.0, arguments.0),
+        Some("function_call") => push_call(
+            calls,
+            nonblank(call_id.0).or(nonblank(id.0)),
+            name.0,
+            arguments.0,
+        ),
         Some("function_call_output") => {
-            if let (Some(cid), Some(o)) = (call_id.0, output.0) {
+            if let (Some(cid), Some(o)) = (nonblank(call_id.0), output.0) {
                 outputs.entry(cid).or_insert(o);
             }
         }
         _ => {
             if role.0.as_deref() == Some("tool") {
-                if let (Some(cid), Some(c)) = (tool_call_id.0, content.0) {
+                if let (Some(cid), Some(c)) = (nonblank(tool_call_id.0), content.0) {
                     outputs.entry(cid).or_insert(c);
                 }
             }
         }
     }
+}
+
+/// A call id that says something: a blank one (`"id": ""`) is no id, so such calls are kept
+/// apart by position and never matched to each other's outputs.
+fn nonblank(id: Option<String>) -> Option<String> {
+    id.filter(|i| !i.trim().is_empty())
 }
 
 /// Record a call unless it carries nothing at all (not an object, or an empty one). A missing

@@ -572,6 +572,11 @@ impl Store {
                         "INSERT INTO {} VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                         t.phys
                     ))?;
+                    // As Databricks' OTel tables hold them: `status` is a struct, which the SQL
+                    // API returns as JSON text; writers store a root's parent as NULL or as ''.
+                    let status = |code: &str, message: &str| {
+                        serde_json::json!({"code": code, "message": message}).to_string()
+                    };
                     for (k, agent) in l.agents.iter().enumerate().take(8) {
                         let trace = format!("tr-{}", rng.hex(32));
                         let root = rng.hex(16);
@@ -579,17 +584,38 @@ impl Store {
                         st.execute(params![
                             trace,
                             root,
-                            Option::<String>::None,
+                            (k % 2 == 1).then_some(""),
                             agent.name,
                             "SPAN_KIND_SERVER",
                             start,
                             start + 900_000_000,
                             serde_json::json!({"mlflow.spanType": "AGENT"}).to_string(),
-                            "STATUS_CODE_OK"
+                            status("STATUS_CODE_OK", "")
                         ])?;
                         let tool = agent.tools.first().cloned().unwrap_or_default();
+                        let tool_status = if k == 2 {
+                            status("STATUS_CODE_ERROR", "upstream timeout")
+                        } else {
+                            status("STATUS_CODE_OK", "")
+                        };
                         st.execute(params![trace, rng.hex(16), root, tool, "SPAN_KIND_INTERNAL", start + 100_000_000, start + 300_000_000,
-                            serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"query\":\"status\"}"}).to_string(), "STATUS_CODE_OK"])?;
+                            serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"query\":\"status\"}"}).to_string(), tool_status])?;
+                        // The oldest trace gets a second root span, the newest of all (a
+                        // follow-up run in the same trace): it is still one trace.
+                        if k + 1 == l.agents.len().min(8) {
+                            let again = (now - 30_000_000) * 1000;
+                            st.execute(params![
+                                trace,
+                                rng.hex(16),
+                                Option::<String>::None,
+                                agent.name,
+                                "SPAN_KIND_SERVER",
+                                again,
+                                again + 100_000_000,
+                                serde_json::json!({"mlflow.spanType": "AGENT"}).to_string(),
+                                status("STATUS_CODE_OK", "")
+                            ])?;
+                        }
                     }
                 }
                 TableKind::AiGateway if t.agent.is_none() => {
