@@ -160,7 +160,7 @@ impl Span {
     /// (`context: {span_id, trace_id}`, `parent_id`, `start_time` and `end_time` in ns,
     /// `status_code`, `status_message`).
     pub fn from_json(v: &Value) -> Span {
-        fn first<'a>(keys: [&'a Value; 2]) -> Option<&'a Value> {
+        fn first(keys: [&Value; 2]) -> Option<&Value> {
             keys.into_iter().find(|x| !x.is_null())
         }
         let (code, message) = match first([&v["status"], &v["status_code"]]) {
