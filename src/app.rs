@@ -248,6 +248,14 @@ pub async fn run_loop_outcome(
             ok: report.ok(),
             stopped: report.stopped,
         };
+        if report.fatal {
+            tracing::error!(
+                "Stopping: what was delivered cannot be checkpointed, and every further cycle \
+                 would send it again. Restart once the cause above is fixed"
+            );
+            settle_cancels(&connector).await;
+            return outcome;
+        }
         if once || shutdown.is_triggered() {
             settle_cancels(&connector).await;
             return outcome;

@@ -165,6 +165,10 @@ pub struct CycleReport {
     /// inference row, this cycle or an earlier one).
     pub tool_calls_deduplicated: u64,
     pub errors: Vec<String>,
+    /// Records the sink confirmed could not be checkpointed (or made durable): the service
+    /// stops instead of sending them again every cycle (redb refuses every write after a
+    /// failed one until the process restarts). One of `errors` says why.
+    pub fatal: bool,
     pub duration: Duration,
     pub stopped: bool,
     pub per_agent: BTreeMap<String, u64>,
@@ -304,6 +308,10 @@ enum DeliveryError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// What the sink confirmed could not be made durable (a file sink's fsync) or recorded
+    /// (the state commit): the run must stop, or every later cycle would send it again.
+    #[error("{0}")]
+    Unrecorded(String),
 }
 
 impl Connector {
@@ -584,6 +592,10 @@ impl Connector {
                         self.sink.describe()
                     ),
                     DeliveryError::State(se) => se.to_string(),
+                    DeliveryError::Unrecorded(m) => {
+                        report.fatal = true;
+                        m.clone()
+                    }
                 };
                 // Logged with the cycle's other errors (`app::log_report`).
                 report.errors.push(msg);
@@ -623,8 +635,9 @@ impl Connector {
             .deliver_chunks(first, tables, agents, shutdown, &mut totals, &mut pending)
             .await;
         let committed = self.commit_pending(&mut pending).await;
-        result?;
+        // A commit that failed outranks the sink's error: it stops the run.
         committed?;
+        result?;
         Ok(totals)
     }
 
@@ -1090,8 +1103,17 @@ impl Connector {
             return Ok(());
         }
         let p = std::mem::take(pending);
+        let group = format!(
+            "{} record(s) in {} batch(es) the sink confirmed",
+            p.records, p.batches
+        );
         // Acknowledge, then checkpoint. On failure the marker stays: a restart announces them.
-        self.sink.sync_confirmed().await?;
+        self.sink.sync_confirmed().await.map_err(|e| {
+            DeliveryError::Unrecorded(format!(
+                "{group} could not be made durable: {e}. They are sent again at the next start \
+                 (announced then). Fix: check the disk of the output file, then restart"
+            ))
+        })?;
         let rows: Vec<DeliveredRow<'_>> = p
             .rows
             .iter()
@@ -1102,7 +1124,14 @@ impl Connector {
                 by_id: *by_id,
             })
             .collect();
-        self.state.commit_delivered(&rows)?;
+        self.state.commit_delivered(&rows).map_err(|e| {
+            DeliveryError::Unrecorded(format!(
+                "{group} could not be checkpointed: {e}. They are sent again at the next start \
+                 (announced then). Fix: free space on the disk of STATE_DIR ({}) or fix its \
+                 file system, then restart",
+                self.state.path().display()
+            ))
+        })?;
         Ok(())
     }
 }

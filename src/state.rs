@@ -91,6 +91,12 @@ pub enum StateError {
          it finds in the last LOOKBACK_MINUTES (Akto may receive records it already has)"
     )]
     Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "the state file {path} was written by a newer databricks-shield ({detail}). Nothing was \
+         sent. Fix: run that version or a newer one. Not --reset-state: it would set the state \
+         aside and send the last LOOKBACK_MINUTES again"
+    )]
+    Newer { path: PathBuf, detail: String },
     #[error("cannot use STATE_DIR {path}: {detail}. Fix: make it a writable directory for this user, or set STATE_DIR")]
     Dir { path: PathBuf, detail: String },
     #[error("state store error in {path}: {detail}")]
@@ -273,7 +279,28 @@ impl StateStore {
                 if detail.to_lowercase().contains("lock") {
                     return Err(StateError::Locked(dir.to_path_buf()));
                 }
-                return Err(StateError::Corrupt { path, detail });
+                return Err(match e {
+                    // A disk that is full or failing is not a damaged file: no reset advice.
+                    // (redb reports a file that is not its own as InvalidData: damage.)
+                    redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                        if io.kind() != std::io::ErrorKind::InvalidData =>
+                    {
+                        StateError::Io {
+                            path,
+                            detail: format!(
+                            "cannot open or create it: {io}. Fix: free space on its disk, check \
+                             the disk and the file's permissions, then start again"
+                        ),
+                        }
+                    }
+                    // redb's own header: a file format above the one this build's redb reads.
+                    redb::DatabaseError::Storage(redb::StorageError::Corrupted(m))
+                        if m.starts_with("Expected file format version <=") =>
+                    {
+                        StateError::Newer { path, detail: m }
+                    }
+                    _ => StateError::Corrupt { path, detail },
+                });
             }
         };
         let store = StateStore {
@@ -321,12 +348,19 @@ impl StateStore {
                         .map_err(|e| self.io(e))?;
                 }
                 Some(other) => {
-                    return Err(StateError::Corrupt {
-                        path: self.path.clone(),
-                        detail: format!(
+                    let detail = format!(
                         "state format version {other}, this build reads version {FORMAT_VERSION}"
-                    ),
-                    })
+                    );
+                    let path = self.path.clone();
+                    // A number above ours is a newer build's; anything else is damage.
+                    return Err(
+                        match (other.parse::<u32>(), FORMAT_VERSION.parse::<u32>()) {
+                            (Ok(found), Ok(ours)) if found > ours => {
+                                StateError::Newer { path, detail }
+                            }
+                            _ => StateError::Corrupt { path, detail },
+                        },
+                    );
                 }
             }
             txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
@@ -1061,6 +1095,19 @@ mod tests {
         }
         let err = StateStore::open(dir.path(), false).unwrap_err();
         assert!(err.to_string().contains("format version 4"), "{err}");
+        // A newer build's file: the advice is that build, never a reset that re-sends.
+        assert!(matches!(err, StateError::Newer { .. }), "{err:?}");
+        assert!(err.to_string().contains("Not --reset-state"), "{err}");
+
+        // The same from redb's own header (a newer redb file format, in both commit slots).
+        let path = dir.path().join(FILE_NAME);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[64] = 9;
+        bytes[64 + 128] = 9;
+        fs::write(&path, bytes).unwrap();
+        let err = StateStore::open(dir.path(), false).unwrap_err();
+        assert!(matches!(err, StateError::Newer { .. }), "{err:?}");
+        assert!(err.to_string().contains("found 9"), "{err}");
     }
 
     #[test]

@@ -365,3 +365,102 @@ impl Logged {
         }
     }
 }
+
+/// When what the sink confirmed cannot be checkpointed (here the state file may not grow: a
+/// file size limit, as a full disk would do), the service stops with the cause and the fix
+/// instead of sending the same records again every cycle; the next start announces them and
+/// sends them again, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_cannot_be_written_stops_the_service() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let file = state.join(databricks_shield::state::FILE_NAME);
+    let once = || {
+        let mut c = common::shield_command(&emu, &standin, &state);
+        c.arg("-once");
+        tokio::task::block_in_place(|| c.output().unwrap())
+    };
+    assert!(once().status.success());
+    let first = standin.records().len();
+    // Enough new rows that the state file must grow to checkpoint them.
+    emu.generate(3000, 0);
+
+    // The file may not grow past its present size.
+    let limit_kib = std::fs::metadata(&file).unwrap().len() / 1024;
+    let mut cmd = size_limited(
+        common::shield_command(&emu, &standin, &state),
+        limit_kib,
+        "",
+    );
+    cmd.env("RECURRING_INTERVAL_SECONDS", "10")
+        .env("CHECKPOINT_BATCHES", "1");
+    let mut run = Logged::spawn(cmd, dir.path().join("log"));
+    // Without the stop, the service would go on (a cycle every 10 s), sending the same records.
+    let status = tokio::task::block_in_place(|| run.exit_within(60));
+    let text = run.text();
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{text}");
+    assert!(text.contains("could not be checkpointed"), "{text}");
+    assert!(
+        text.contains("Fix: free space on the disk of STATE_DIR"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Stopping: what was delivered cannot be checkpointed"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("Results:").count(),
+        1,
+        "one cycle, then the stop: {text}"
+    );
+    let sent = standin.records().len();
+    assert!(
+        sent > first,
+        "the failed group was delivered before its checkpoint failed"
+    );
+    let counts = common::executions_in(&standin.records());
+    assert!(counts.values().all(|n| *n == 1), "nothing sent twice yet");
+
+    // The next start, with room again: the group is announced and sent once more, the rest
+    // once; then every execution has arrived.
+    let again = once();
+    let log = String::from_utf8_lossy(&again.stderr).into_owned()
+        + &String::from_utf8_lossy(&again.stdout);
+    assert!(again.status.success(), "{log}");
+    assert!(log.contains("re-sending"), "{log}");
+    let counts = common::executions_in(&standin.records());
+    assert_eq!(counts.len(), emu.ground_truth().len());
+    assert!(counts.values().all(|n| *n <= 2), "{counts:?}");
+
+    // A state file that cannot even be created (the same limit on a new STATE_DIR) is a disk
+    // problem, not a damaged file: no advice to reset.
+    let fresh = dir.path().join("fresh");
+    let mut cmd = size_limited(common::shield_command(&emu, &standin, &fresh), 64, "-once");
+    let out = tokio::task::block_in_place(|| cmd.output().unwrap());
+    let log =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("Fix: free space on its disk"), "{log}");
+    assert!(!log.contains("--reset-state"), "{log}");
+}
+
+/// `inner` (its program and environment) under a file size limit of `kib` KiB, with `args`:
+/// bash sets the limit and ignores SIGXFSZ, so a write past it fails with EFBIG (as on a full
+/// disk) instead of killing the process; `exec` keeps both for the connector.
+fn size_limited(inner: Command, kib: u64, args: &str) -> Command {
+    let mut cmd = Command::new("/bin/bash");
+    cmd.env_clear();
+    for (k, v) in inner.get_envs() {
+        if let Some(v) = v {
+            cmd.env(k, v);
+        }
+    }
+    cmd.arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f {kib} && exec \"$0\" {args}"
+        ))
+        .arg(inner.get_program());
+    cmd
+}
