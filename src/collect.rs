@@ -248,10 +248,12 @@ impl Dialect {
 /// Where a table's head read starts: after the cursor; at `catchup_floor` for a cursor older than
 /// it; with nothing delivered yet, a lookback before the last complete read (not before now): a
 /// row landing up to a lookback late, after a read that found the table empty, is still read, as
-/// the late pass reads it once there is a cursor.
+/// the late pass reads it once there is a cursor. Before any complete read, where reading began
+/// (`window_start`): cycles that fail before the first delivery do not slide the first window.
 fn head_start(
     cursor: Option<&Cursor>,
     read_mark: Option<i64>,
+    window_start: Option<i64>,
     now_us: i64,
     lookback: i64,
     catchup_floor: i64,
@@ -260,10 +262,37 @@ fn head_start(
         Some(c) if c.time_us >= catchup_floor => (c.time_us, c.id.clone()),
         Some(_) => (catchup_floor, String::new()),
         None => {
-            let start = read_mark.map_or(now_us, |r| r.min(now_us)) - lookback;
+            let start = match (read_mark, window_start) {
+                (Some(r), _) => r.min(now_us) - lookback,
+                (None, Some(w)) => w,
+                (None, None) => now_us - lookback,
+            };
             (start.max(catchup_floor), String::new())
         }
     }
+}
+
+/// Where the late pass starts for a namespace with a cursor: a lookback before its last complete
+/// read (rows land up to about a lookback late); before any complete read, where reading began
+/// (else a lookback before the cursor, for a state written before window starts were kept). Never
+/// below the horizon its delivered ids were pruned below (a clock stepped back would re-read
+/// delivered rows there), nor the catch-up floor.
+pub(crate) fn late_start(
+    cursor_us: i64,
+    read_mark: Option<i64>,
+    window_start: Option<i64>,
+    pruned_before: Option<i64>,
+    now_us: i64,
+    lookback: i64,
+    catchup_floor: i64,
+) -> i64 {
+    let from = match (read_mark, window_start) {
+        (Some(r), _) => r.min(now_us) - lookback,
+        (None, Some(w)) => w,
+        (None, None) => cursor_us.min(now_us) - lookback,
+    };
+    from.max(pruned_before.unwrap_or(i64::MIN))
+        .max(catchup_floor)
 }
 
 /// `2026-11-29T08:33:00.123456Z`.
@@ -463,30 +492,41 @@ impl TableReader<'_> {
         let mut stats = TableStats::default();
         let lookback = self.opts.lookback.as_micros() as i64;
         let catchup_floor = self.now_us - self.opts.max_catchup.as_micros() as i64;
-        let cursor = self.state.cursor(&self.table.full_name)?;
+        let ns = self.table.full_name.as_str();
+        let cursor = self.state.cursor(ns)?;
+        let read_mark = self.state.read_mark(ns)?;
+        let window_start = match (&cursor, read_mark) {
+            // The first read of this table: where it begins is kept until a read completes.
+            (None, None) => Some(self.state.begin_window(
+                ns,
+                (self.now_us.saturating_sub(lookback)).max(catchup_floor),
+            )?),
+            _ => self.state.window_start(ns)?,
+        };
 
         // 2. late rows behind the cursor (before the head, so the two regions never overlap).
         if let Some(c) = &cursor {
             // Rows land up to about LOOKBACK late: anything at or before the cursor that was not
             // there at the last complete read has a time after (that read - lookback).
-            let last_read = self
-                .state
-                .read_mark(&self.table.full_name)?
-                .unwrap_or(c.time_us);
-            let from = (last_read.min(self.now_us) - lookback).max(catchup_floor);
+            let from = late_start(
+                c.time_us,
+                read_mark,
+                window_start,
+                self.state.pruned_before(ns)?,
+                self.now_us,
+                lookback,
+                catchup_floor,
+            );
             if from <= c.time_us {
                 self.collect_late(from, c, out, &mut stats).await?;
             }
         }
 
         // 1. head: everything after the cursor.
-        let read_mark = match cursor {
-            Some(_) => None,
-            None => self.state.read_mark(&self.table.full_name)?,
-        };
         let (after_us, after_id) = head_start(
             cursor.as_ref(),
             read_mark,
+            window_start,
             self.now_us,
             lookback,
             catchup_floor,
@@ -1089,22 +1129,22 @@ mod tests {
         let now = 100 * min;
         // Never read: the lookback before now.
         assert_eq!(
-            head_start(None, None, now, lookback, floor),
+            head_start(None, None, None, now, lookback, floor),
             (40 * min, String::new())
         );
         // Read (empty) 5 minutes ago: a row that lands 59 minutes late, stamped 58 minutes
         // before that read, is still in the window.
-        let (start, _) = head_start(None, Some(95 * min), now, lookback, floor);
+        let (start, _) = head_start(None, Some(95 * min), None, now, lookback, floor);
         assert_eq!(start, 35 * min);
         assert!(start <= 95 * min - 58 * min);
         // A read mark in the future (clock moved back) does not move the start past now's.
         assert_eq!(
-            head_start(None, Some(200 * min), now, lookback, floor).0,
+            head_start(None, Some(200 * min), None, now, lookback, floor).0,
             40 * min
         );
         // Never before MAX_CATCHUP_HOURS.
         assert_eq!(
-            head_start(None, Some(95 * min), now, lookback, 50 * min).0,
+            head_start(None, Some(95 * min), None, now, lookback, 50 * min).0,
             50 * min
         );
         // With a cursor: after it, or from the catch-up floor when it is older.
@@ -1113,12 +1153,96 @@ mod tests {
             id: "r".into(),
         };
         assert_eq!(
-            head_start(Some(&c), Some(95 * min), now, lookback, floor),
+            head_start(Some(&c), Some(95 * min), None, now, lookback, floor),
             (90 * min, "r".into())
         );
         assert_eq!(
-            head_start(Some(&c), None, now, lookback, 91 * min),
+            head_start(Some(&c), None, None, now, lookback, 91 * min),
             (91 * min, String::new())
+        );
+        // Before any complete read: where reading began, however many cycles failed since.
+        assert_eq!(
+            head_start(None, None, Some(20 * min), now, lookback, floor).0,
+            20 * min
+        );
+        assert_eq!(
+            head_start(None, None, Some(20 * min), now, lookback, 30 * min).0,
+            30 * min
+        );
+        // Once a read completed, its mark decides (the window start is older).
+        assert_eq!(
+            head_start(None, Some(95 * min), Some(20 * min), now, lookback, floor).0,
+            35 * min
+        );
+    }
+
+    #[test]
+    fn the_late_pass_reaches_back_to_where_reading_began_never_below_the_pruned_horizon() {
+        let min: i64 = 60_000_000;
+        let (lookback, floor) = (60 * min, -1_000 * min);
+        let now = 100 * min;
+        // A cursor at 105, no complete read yet (the first cycle failed after delivering some
+        // rows; this cycle's clock reads 110): the late pass starts where the first window
+        // began (40), not a lookback before the cursor (45).
+        assert_eq!(
+            late_start(
+                105 * min,
+                None,
+                Some(40 * min),
+                None,
+                110 * min,
+                lookback,
+                floor
+            ),
+            40 * min
+        );
+        // A state from before window starts: a lookback before the cursor (or before now).
+        assert_eq!(
+            late_start(90 * min, None, None, None, now, lookback, floor),
+            30 * min
+        );
+        assert_eq!(
+            late_start(105 * min, None, None, None, now, lookback, floor),
+            40 * min
+        );
+        // A complete read: a lookback before it.
+        assert_eq!(
+            late_start(
+                105 * min,
+                Some(95 * min),
+                Some(40 * min),
+                None,
+                now,
+                lookback,
+                floor
+            ),
+            35 * min
+        );
+        // The clock stepped back 30 minutes after a cycle at 130 pruned below 130 - 70 = 60:
+        // the late pass does not reach below 60, where delivered ids are gone.
+        assert_eq!(
+            late_start(
+                128 * min,
+                Some(130 * min),
+                None,
+                Some(60 * min),
+                now,
+                lookback,
+                floor
+            ),
+            60 * min
+        );
+        assert_eq!(
+            late_start(
+                128 * min,
+                Some(130 * min),
+                None,
+                Some(60 * min),
+                now,
+                lookback,
+                70 * min
+            ),
+            70 * min
         );
     }
 

@@ -301,6 +301,19 @@ struct AgentInfo {
     path: String,
 }
 
+/// Below what the delivery registries (tool calls sent, units sent in part, rows quarantined)
+/// are pruned after a cycle that delivered. They answer for units of every source: while one
+/// source failed this cycle (`failed`), it may still catch up on units older than the usual
+/// horizon, whose tool calls must still be found then, so only what the catch-up floor no
+/// longer reaches is pruned.
+fn registry_horizon(cycle_start_us: i64, keep_us: i64, max_catchup: Duration, failed: bool) -> i64 {
+    if failed {
+        cycle_start_us - (max_catchup + Duration::from_secs(600)).as_micros() as i64
+    } else {
+        cycle_start_us - keep_us
+    }
+}
+
 /// Why a cycle's delivery stopped early.
 #[derive(Debug, thiserror::Error)]
 enum DeliveryError {
@@ -578,7 +591,13 @@ impl Connector {
                             report.errors.push(format!("{table}: {e}"));
                         }
                     }
-                    if let Err(e) = self.prune_registries(cycle_start_us - keep) {
+                    let horizon = registry_horizon(
+                        cycle_start_us,
+                        keep,
+                        s.collect.max_catchup,
+                        !report.errors.is_empty(),
+                    );
+                    if let Err(e) = self.prune_registries(horizon) {
                         report
                             .errors
                             .push(format!("pruning the delivery registries: {e}"));
@@ -1539,6 +1558,22 @@ mod tests {
     }
 
     /// A strict stand-in and a connector sending to it, the HTTP sink configured by `tune`.
+    #[test]
+    fn registries_keep_what_a_failed_source_may_still_catch_up_on() {
+        let min = 60_000_000i64;
+        let day = Duration::from_secs(24 * 3600);
+        // Every source read: a lookback and 10 minutes back.
+        assert_eq!(
+            registry_horizon(1000 * min, 70 * min, day, false),
+            930 * min
+        );
+        // One failed: back to the catch-up floor and 10 minutes, where it resumes at worst.
+        assert_eq!(
+            registry_horizon(2000 * min, 70 * min, day, true),
+            2000 * min - 24 * 60 * min - 10 * min
+        );
+    }
+
     async fn http_connector(
         dir: &std::path::Path,
         tune: impl FnOnce(&mut crate::sink::HttpSinkConfig),

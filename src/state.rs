@@ -41,6 +41,14 @@ const CURSORS: TableDefinition<&str, &str> = TableDefinition::new("cursors_v1");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// table -> start time (µs) of the last cycle that read the table completely and delivered it.
 const READ_MARKS: TableDefinition<&str, i64> = TableDefinition::new("read_marks_v1");
+/// (bound, namespace) -> µs: lower bounds of every later read of the namespace, so that no
+/// read reaches below what the state can answer for. [`WINDOW_START`]: where reading began,
+/// written once when the namespace is first read (before anything is delivered: the start of
+/// that first window must not slide with later cycles). [`PRUNED_BEFORE`]: the highest horizon
+/// its delivered ids were pruned below (a clock stepped back must not re-read that range).
+const BOUNDS: TableDefinition<(&str, &str), i64> = TableDefinition::new("bounds_v1");
+const WINDOW_START: &str = "window_start";
+const PRUNED_BEFORE: &str = "pruned_before";
 /// Commit sequence -> the by-id rows `(table, id, time µs)` of that commit not yet moved into
 /// `DELIVERED` (format 3).
 const BY_ID_LOG: TableDefinition<u64, Vec<(&str, &str, i64)>> =
@@ -367,6 +375,7 @@ impl StateStore {
             txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
             txn.open_table(CURSORS).map_err(|e| self.io(e))?;
             txn.open_table(READ_MARKS).map_err(|e| self.io(e))?;
+            txn.open_table(BOUNDS).map_err(|e| self.io(e))?;
             if older.is_none() {
                 let log = txn.open_table(BY_ID_LOG).map_err(|e| self.io(e))?;
                 self.load_log(&log)?;
@@ -717,8 +726,54 @@ impl StateStore {
         txn.commit().map_err(|e| self.io(e))
     }
 
-    /// Forgets delivered ids of `table` older than `before_us` (no later read can reach them).
-    /// The cursor stays.
+    fn bound(&self, bound: &str, ns: &str) -> Result<Option<i64>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = match txn.open_table(BOUNDS) {
+            Ok(t) => t,
+            // A file of an older format opened unchanged (`check`) has no bounds yet.
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.io(e)),
+        };
+        Ok(t.get((bound, ns))
+            .map_err(|e| self.io(e))?
+            .map(|v| v.value()))
+    }
+
+    /// Where reading `ns` began ([`StateStore::begin_window`]), if it did.
+    pub fn window_start(&self, ns: &str) -> Result<Option<i64>, StateError> {
+        self.bound(WINDOW_START, ns)
+    }
+
+    /// Records that reading `ns` begins at `from_us`, unless it began before: returns where it
+    /// began. The first window of a namespace then stays where it was, however many cycles
+    /// fail before its first delivery, and the late pass of the first cycles that have a cursor
+    /// but no complete read yet reaches back to it.
+    pub fn begin_window(&self, ns: &str, from_us: i64) -> Result<i64, StateError> {
+        if let Some(at) = self.window_start(ns)? {
+            return Ok(at);
+        }
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        let at = {
+            let mut t = txn.open_table(BOUNDS).map_err(|e| self.io(e))?;
+            let at = t
+                .get((WINDOW_START, ns))
+                .map_err(|e| self.io(e))?
+                .map_or(from_us, |v| v.value());
+            t.insert((WINDOW_START, ns), at).map_err(|e| self.io(e))?;
+            at
+        };
+        txn.commit().map_err(|e| self.io(e))?;
+        Ok(at)
+    }
+
+    /// The highest horizon `ns`'s delivered ids were pruned below: no read may reach below it
+    /// (it could not tell delivered items from new ones there).
+    pub fn pruned_before(&self, ns: &str) -> Result<Option<i64>, StateError> {
+        self.bound(PRUNED_BEFORE, ns)
+    }
+
+    /// Forgets delivered ids of `table` older than `before_us` (no later read can reach them:
+    /// the horizon is kept, [`StateStore::pruned_before`]). The cursor stays.
     pub fn prune(&self, table: &str, before_us: i64) -> Result<u64, StateError> {
         // Logged by-id rows into the index first, where they are pruned with the others.
         self.merge_log()?;
@@ -752,6 +807,14 @@ impl StateStore {
                 }
                 removed += 1;
             }
+            let mut bounds = txn.open_table(BOUNDS).map_err(|e| self.io(e))?;
+            let horizon = bounds
+                .get((PRUNED_BEFORE, table))
+                .map_err(|e| self.io(e))?
+                .map_or(before_us, |v| v.value().max(before_us));
+            bounds
+                .insert((PRUNED_BEFORE, table), horizon)
+                .map_err(|e| self.io(e))?;
         }
         txn.commit().map_err(|e| self.io(e))?;
         Ok(removed)

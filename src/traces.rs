@@ -476,17 +476,29 @@ fn window(
 ) -> Result<Window, CollectError> {
     let lookback = opts.lookback.as_micros() as i64;
     let floor = now_us - opts.max_catchup.as_micros() as i64;
+    let read_mark = state.read_mark(ns)?;
     let Some(c) = state.cursor(ns)? else {
         // Nothing delivered yet: a lookback before the last complete read (not before now), so
         // a trace exported up to a lookback late, after a read that found none, is still read.
-        let mark = state.read_mark(ns)?.map_or(now_us, |m| m.min(now_us));
+        // Before any complete read, where reading began: failed cycles do not slide it.
+        let from = match read_mark {
+            Some(m) => m.min(now_us) - lookback,
+            None => state.begin_window(ns, now_us.saturating_sub(lookback).max(floor))?,
+        };
         return Ok(Window {
-            from_us: (mark - lookback).max(floor),
+            from_us: from.max(floor),
             cursor: None,
         });
     };
-    let mark = state.read_mark(ns)?.unwrap_or(c.time_us);
-    let late_from = (mark.min(now_us) - lookback).max(floor);
+    let late_from = crate::collect::late_start(
+        c.time_us,
+        read_mark,
+        state.window_start(ns)?,
+        state.pruned_before(ns)?,
+        now_us,
+        lookback,
+        floor,
+    );
     if c.time_us < floor {
         tracing::warn!(
             "{ns}: the last delivered trace is from {}, older than MAX_CATCHUP_HOURS: traces before {} are skipped",

@@ -5,6 +5,10 @@
 //! And the faults that must not lose or repeat a trace: span-table results cut at the statement
 //! byte limit, span data not uploaded yet (404) or refused (403), a trace logged while the search
 //! is paged, and trace storage behind a TLS-inspecting proxy (DATABRICKS_CA_BUNDLE).
+//!
+//! Also the first windows of an inference table's reader (`collect::TableReader`, with the
+//! cycle's clock set by the test): cycles that fail before a complete read neither slide the
+//! first window nor narrow the late pass.
 
 mod common;
 
@@ -500,10 +504,14 @@ async fn spans_still_missing_at_the_window_edge_send_the_summary() {
     src.execution_path = Some("/agents/edge/invocations".into());
     let now = now_us();
 
+    // The traces' times, from a read with its own state (a first read pins where reading
+    // begins; the read under test has its own, shorter lookback).
+    let probe = tempfile::tempdir().unwrap();
+    let probe = StateStore::open(probe.path(), false).unwrap();
+    let (r, chunks) = read_one(&c, &probe, &src, &opts(), now).await;
+    r.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let state = StateStore::open(dir.path(), false).unwrap();
-    let (r, chunks) = read_one(&c, &state, &src, &opts(), now).await;
-    r.unwrap();
     let mut times: Vec<(i64, String)> = units(&chunks)
         .iter()
         .map(|(_, u)| (u.time_us, u.id.clone()))
@@ -721,4 +729,148 @@ async fn a_trace_that_ends_after_the_lookback_is_still_sent_once() {
         cycle().await;
         assert!(traces_from(before).is_empty(), "sent again");
     }
+}
+
+/// A reader of the first inference table, at the cycle time `now`, with a 30-minute lookback
+/// (the emulator's rows span the past hour, so rows lie on both sides of every window start).
+async fn read_table(
+    c: &databricks_shield::databricks::DatabricksClient,
+    state: &StateStore,
+    warehouse: &str,
+    table: &databricks_shield::discovery::InferenceTable,
+    now: i64,
+) -> BTreeMap<String, i64> {
+    let o = CollectOptions {
+        lookback: std::time::Duration::from_secs(1800),
+        ..Default::default()
+    };
+    let (r, chunks) = chunks_of(|tx| async move {
+        databricks_shield::collect::TableReader {
+            client: c,
+            state,
+            warehouse_id: warehouse,
+            table,
+            opts: &o,
+            now_us: now,
+        }
+        .collect(&tx)
+        .await
+    })
+    .await;
+    r.unwrap_or_else(|e| panic!("the table is read: {e}"));
+    chunks
+        .iter()
+        .flat_map(|c| c.executions.iter())
+        .map(|e| (e.request_id.clone(), e.request_time.timestamp_micros()))
+        .collect()
+}
+
+/// Nothing delivered yet (Akto unreachable at the first deploy, say): the next cycle, ten
+/// minutes later, starts where the first one did, not a lookback before its own time, so the
+/// rows of those ten minutes are not skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cycles_that_deliver_nothing_do_not_slide_the_first_window() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let (_, table) = inv.readable().next().expect("an inference table");
+    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let t0 = now_us();
+    let min = 60_000_000;
+    let first = read_table(&c, &state, &wh.id, table, t0).await;
+    assert!(
+        first.values().any(|t| *t < t0 - 20 * min),
+        "rows in the first window's first ten minutes"
+    );
+    // Not delivered. Ten minutes later:
+    let second = read_table(&c, &state, &wh.id, table, t0 + 10 * min).await;
+    assert_eq!(
+        second.keys().collect::<Vec<_>>(),
+        first.keys().collect::<Vec<_>>()
+    );
+    emu.shutdown().await;
+}
+
+/// The first cycle delivered its newest rows (stamped after the cycle started) and failed
+/// before its read completed: the next cycle has a cursor but no complete read. Its late pass
+/// reaches back to where reading began, so the older rows not delivered yet are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_cycle_that_delivered_only_its_newest_rows_loses_none_of_the_others() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let (_, table) = inv.readable().next().expect("an inference table");
+    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let min = 60_000_000;
+    // The cycle started five minutes ago: rows of the last five minutes are after its start.
+    let t0 = now_us() - 5 * min;
+    let first = read_table(&c, &state, &wh.id, table, t0).await;
+    let newest: Vec<(&String, &i64)> = first.iter().filter(|(_, t)| **t > t0).collect();
+    assert!(!newest.is_empty(), "rows stamped after the cycle's start");
+    let rows: Vec<DeliveredRow<'_>> = newest
+        .iter()
+        .map(|(id, t)| DeliveredRow {
+            table: &table.full_name,
+            id,
+            time_us: **t,
+            by_id: false,
+        })
+        .collect();
+    state.commit_delivered(&rows).unwrap();
+    // The next cycle, ten minutes after the first started: everything else of the first
+    // window, the rows in its first five minutes included (a lookback before the cursor would
+    // start after them).
+    let second = read_table(&c, &state, &wh.id, table, t0 + 10 * min).await;
+    let want: Vec<&String> = first
+        .iter()
+        .filter(|(_, t)| **t <= t0)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        first.values().any(|t| *t < t0 - 25 * min),
+        "rows in the first window's first five minutes"
+    );
+    assert_eq!(second.keys().collect::<Vec<_>>(), want);
+    emu.shutdown().await;
+}
+
+/// A clock that ran an hour ahead and was then set right: the cycle on the fast clock pruned the
+/// delivered ids of the whole window, so the late pass of the next cycle must not reach below
+/// that horizon, or it would send every row of the window again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_set_back_does_not_re_read_rows_whose_ids_were_pruned() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let (_, table) = inv.readable().next().expect("an inference table");
+    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let min = 60_000_000;
+    let now = now_us();
+    let first = read_table(&c, &state, &wh.id, table, now).await;
+    assert!(!first.is_empty());
+    let rows: Vec<DeliveredRow<'_>> = first
+        .iter()
+        .map(|(id, t)| DeliveredRow {
+            table: &table.full_name,
+            id,
+            time_us: *t,
+            by_id: false,
+        })
+        .collect();
+    state.commit_delivered(&rows).unwrap();
+    // What a cycle at `now + 60 min` (the fast clock) records: its read, and the ids pruned a
+    // lookback and 10 minutes before it.
+    let fast = now + 60 * min;
+    state.set_read_mark(&table.full_name, fast).unwrap();
+    state.prune(&table.full_name, fast - 40 * min).unwrap();
+    // The clock is right again.
+    let again = read_table(&c, &state, &wh.id, table, now + min).await;
+    assert!(again.is_empty(), "{} rows sent again", again.len());
+    emu.shutdown().await;
 }
