@@ -443,13 +443,14 @@ async fn the_emulator_restarts_mid_cycle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_too_large_for_one_inline_result_are_paged_and_delivered() {
-    // Rows of ~7 MiB: a page of them is over the 25 MiB INLINE cap. Before the fix every
-    // statement of the table FAILED (INLINE_RESULT_TOO_LARGE) on every cycle, so the table was
-    // never delivered; now the statement's byte_limit cuts the page and the read continues.
+    // Rows of ~7 MiB (larger than Databricks logs: payloads over 1 MiB are not): a page of
+    // them is over the 25 MiB INLINE cap. Before the fix every statement of the table FAILED
+    // (INLINE_RESULT_TOO_LARGE) on every cycle, so the table was never delivered; now the
+    // statement's byte_limit cuts the page and the read continues.
     let mut cfg = emulator_config();
     cfg.agents = 1;
-    cfg.rows = 3;
-    cfg.payload_bytes = 12 << 20;
+    cfg.rows = 5;
+    cfg.payload_bytes = 7 << 20;
     let rig = Rig::new(cfg).await;
     let r = rig.cycle().await;
     assert!(r.ok(), "{:?}", r.errors);

@@ -212,6 +212,7 @@ pub(crate) fn run(
     let n = cols.len();
     let mut rows_out: Vec<Vec<ValueRefOwned>> = Vec::new();
     let mut bytes = 0usize;
+    let mut json_bytes = 0usize;
     let mut truncated = false;
     let mut rows = stmt.raw_query();
     loop {
@@ -234,10 +235,12 @@ pub(crate) fn run(
         }
         let mut row = Vec::with_capacity(n);
         let mut row_bytes = 2;
+        let mut row_json = 2;
         for i in 0..n {
             let v = r.get_ref(i).map_err(|e| map_sqlite_error(&e, suggest))?;
             let owned = ValueRefOwned::from(v);
             row_bytes += owned.len() + 3;
+            row_json += owned.json_len() + 1;
             row.push(owned);
         }
         if limits.bytes.is_some_and(|l| bytes + row_bytes > l) {
@@ -245,7 +248,8 @@ pub(crate) fn run(
             break;
         }
         bytes += row_bytes;
-        if bytes > INLINE_LIMIT_BYTES {
+        json_bytes += row_json;
+        if json_bytes > INLINE_LIMIT_BYTES {
             return Err(SqlError::bad(
                 "INLINE_RESULT_TOO_LARGE",
                 "The result exceeds the 25 MiB limit of the INLINE disposition; page the query (LIMIT / keyset) or use a smaller byte_limit",
@@ -301,12 +305,31 @@ enum ValueRefOwned {
 }
 
 impl ValueRefOwned {
+    /// Its size in the warehouse's own representation (what `byte_limit` counts).
     fn len(&self) -> usize {
         match self {
             ValueRefOwned::Null => 4,
             ValueRefOwned::Int(_) | ValueRefOwned::Real(_) => 12,
             ValueRefOwned::Text(s) => s.len(),
             ValueRefOwned::Blob(b) => b.len() * 4 / 3,
+        }
+    }
+
+    /// Its size as a JSON_ARRAY cell, quotes and escapes included (what the 25 MiB INLINE cap
+    /// counts: a quote-heavy payload grows when escaped).
+    fn json_len(&self) -> usize {
+        match self {
+            ValueRefOwned::Text(s) => {
+                2 + s.len()
+                    + s.bytes()
+                        .map(|b| match b {
+                            b'"' | b'\\' | b'\n' | b'\r' | b'\t' => 1,
+                            0..=0x1f => 5,
+                            _ => 0,
+                        })
+                        .sum::<usize>()
+            }
+            other => other.len() + 2,
         }
     }
 }

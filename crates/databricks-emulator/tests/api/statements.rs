@@ -424,6 +424,22 @@ async fn cancel_a_running_statement() {
     env.emu.shutdown().await;
 }
 
+/// The INLINE cap counts the JSON the client receives, escapes included: 14 MiB of quotes are
+/// 28 MiB as JSON_ARRAY cells, over the cap, though under any `byte_limit` of 20 MiB.
+#[tokio::test]
+async fn inline_limit_counts_escaped_json() {
+    let env = default_env().await;
+    let quotes = "\"".repeat(65_536);
+    let q =
+        |rows: usize| format!("SELECT '{quotes}' AS q FROM customers a, customers b LIMIT {rows}");
+    let (code, m) = failed(&env, &q(225), json!([])).await;
+    assert_eq!(code, "BAD_REQUEST");
+    assert!(m.contains("25 MiB"), "{m}");
+    let v = env.sql(&q(100), json!([])).await;
+    assert_eq!(v["status"]["state"], "SUCCEEDED", "12.5 MiB as JSON fits");
+    env.emu.shutdown().await;
+}
+
 #[tokio::test]
 async fn inline_limit_25_mib() {
     let env = start(EmulatorConfig {
