@@ -250,8 +250,8 @@ pub async fn run_loop_outcome(
         };
         if report.fatal {
             tracing::error!(
-                "Stopping: what was delivered cannot be checkpointed, and every further cycle \
-                 would send it again. Restart once the cause above is fixed"
+                "Stopping: the state store failed (the error above says where), and going on \
+                 could send the same records every cycle. Restart once the cause is fixed"
             );
             settle_cancels(&connector).await;
             return outcome;

@@ -165,9 +165,10 @@ pub struct CycleReport {
     /// inference row, this cycle or an earlier one).
     pub tool_calls_deduplicated: u64,
     pub errors: Vec<String>,
-    /// Records the sink confirmed could not be checkpointed (or made durable): the service
-    /// stops instead of sending them again every cycle (redb refuses every write after a
-    /// failed one until the process restarts). One of `errors` says why.
+    /// The state store failed (a read, a write, or the checkpoint of records the sink
+    /// confirmed), or a file sink could not make its lines durable: the service stops instead
+    /// of going on (redb refuses every write after a failed one until the process restarts, so
+    /// every later cycle would send the same records again). One of `errors` says why.
     pub fatal: bool,
     pub duration: Duration,
     pub stopped: bool,
@@ -583,11 +584,8 @@ impl Connector {
                             *hold_from,
                             s.collect.lookback.as_micros() as i64,
                         );
-                        if let Err(e) = self
-                            .state
-                            .set_read_mark(table, mark)
-                            .and_then(|_| self.state.prune(table, mark - keep))
-                        {
+                        if let Err(e) = self.state.record_complete_read(table, mark, keep) {
+                            report.fatal = true;
                             report.errors.push(format!("{table}: {e}"));
                         }
                     }
@@ -598,6 +596,7 @@ impl Connector {
                         !report.errors.is_empty(),
                     );
                     if let Err(e) = self.prune_registries(horizon) {
+                        report.fatal = true;
                         report
                             .errors
                             .push(format!("pruning the delivery registries: {e}"));
@@ -610,7 +609,10 @@ impl Connector {
                         "delivery to {} failed: {se}. Nothing unconfirmed was checkpointed; the next cycle retries",
                         self.sink.describe()
                     ),
-                    DeliveryError::State(se) => se.to_string(),
+                    DeliveryError::State(se) => {
+                        report.fatal = true;
+                        se.to_string()
+                    }
                     DeliveryError::Unrecorded(m) => {
                         report.fatal = true;
                         m.clone()
@@ -1144,12 +1146,19 @@ impl Connector {
             })
             .collect();
         self.state.commit_delivered(&rows).map_err(|e| {
-            DeliveryError::Unrecorded(format!(
-                "{group} could not be checkpointed: {e}. They are sent again at the next start \
-                 (announced then). Fix: free space on the disk of STATE_DIR ({}) or fix its \
-                 file system, then restart",
-                self.state.path().display()
-            ))
+            let dir = self.state.path().display();
+            DeliveryError::Unrecorded(match e {
+                StateError::AfterCommit { .. } => format!(
+                    "{e}. {group} are recorded; the store cannot be trusted for the next ones. \
+                     Fix: free space on the disk of STATE_DIR ({dir}) or fix its file system, \
+                     then restart"
+                ),
+                e => format!(
+                    "{group} could not be checkpointed: {e}. They are sent again at the next \
+                     start (announced then). Fix: free space on the disk of STATE_DIR ({dir}) \
+                     or fix its file system, then restart"
+                ),
+            })
         })?;
         Ok(())
     }
@@ -1188,6 +1197,9 @@ async fn join_readers(
             }
             Ok((_, Err(CollectError::Closed))) => {}
             Ok((table, Err(e))) => {
+                // The state store refused a read or a write: an operator is needed (redb
+                // refuses every write after a failed one until restart).
+                report.fatal |= matches!(e, CollectError::State(_));
                 let msg = format!("{table}: {e}");
                 tracing::error!("reading {msg}");
                 report.errors.push(msg);

@@ -109,6 +109,14 @@ pub enum StateError {
     Dir { path: PathBuf, detail: String },
     #[error("state store error in {path}: {detail}")]
     Io { path: PathBuf, detail: String },
+    /// A commit went through, a step after it did not (removing the in-flight marker, moving
+    /// logged ids into the index): nothing confirmed is lost, but the store needs an operator.
+    #[error("the checkpoint in {path} is written, but {step} failed: {detail}")]
+    AfterCommit {
+        path: PathBuf,
+        step: &'static str,
+        detail: String,
+    },
 }
 
 /// The newest delivered row of a table.
@@ -289,9 +297,13 @@ impl StateStore {
                 }
                 return Err(match e {
                     // A disk that is full or failing is not a damaged file: no reset advice.
-                    // (redb reports a file that is not its own as InvalidData: damage.)
+                    // (redb reports a file that is not its own as InvalidData, and one cut short
+                    // as UnexpectedEof: damage.)
                     redb::DatabaseError::Storage(redb::StorageError::Io(io))
-                        if io.kind() != std::io::ErrorKind::InvalidData =>
+                        if !matches!(
+                            io.kind(),
+                            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                        ) =>
                     {
                         StateError::Io {
                             path,
@@ -301,11 +313,15 @@ impl StateStore {
                         ),
                         }
                     }
-                    // redb's own header: a file format above the one this build's redb reads.
+                    // redb's own header: a file format above the one this build's redb reads
+                    // (or a damaged version byte: the message says both).
                     redb::DatabaseError::Storage(redb::StorageError::Corrupted(m))
                         if m.starts_with("Expected file format version <=") =>
                     {
-                        StateError::Newer { path, detail: m }
+                        StateError::Newer {
+                            path,
+                            detail: format!("{m}; if no newer build ever ran here, the file is damaged: then run once with --reset-state"),
+                        }
                     }
                     _ => StateError::Corrupt { path, detail },
                 });
@@ -702,9 +718,18 @@ impl StateStore {
         }
         let merge = logged.len >= MERGE_AT;
         drop(logged);
-        self.clear_in_flight()?;
+        let after = |step: &'static str| {
+            move |e: StateError| StateError::AfterCommit {
+                path: self.path.clone(),
+                step,
+                detail: e.to_string(),
+            }
+        };
+        self.clear_in_flight()
+            .map_err(after("removing the in-flight marker"))?;
         if merge {
-            self.merge_log()?;
+            self.merge_log()
+                .map_err(after("moving logged ids into the by-id index"))?;
         }
         Ok(())
     }
@@ -766,10 +791,26 @@ impl StateStore {
         Ok(at)
     }
 
-    /// The highest horizon `ns`'s delivered ids were pruned below: no read may reach below it
-    /// (it could not tell delivered items from new ones there).
+    /// Just after the newest delivered id of `ns` ever pruned: no read may reach below it (it
+    /// could not tell delivered items from new ones there).
     pub fn pruned_before(&self, ns: &str) -> Result<Option<i64>, StateError> {
         self.bound(PRUNED_BEFORE, ns)
+    }
+
+    /// Records that `ns` was read completely and delivered, as of `mark_us` (its read mark), and
+    /// forgets its delivered ids older than `keep_us` before that mark, or before its newest
+    /// delivered item if that is older: an item's time is the source's own, so a local clock
+    /// running ahead cannot forget ids that a late pass on the corrected clock still needs.
+    /// Returns the ids forgotten.
+    pub fn record_complete_read(
+        &self,
+        ns: &str,
+        mark_us: i64,
+        keep_us: i64,
+    ) -> Result<u64, StateError> {
+        self.set_read_mark(ns, mark_us)?;
+        let newest = self.cursor(ns)?.map_or(mark_us, |c| c.time_us);
+        self.prune(ns, mark_us.min(newest).saturating_sub(keep_us))
     }
 
     /// Forgets delivered ids of `table` older than `before_us` (no later read can reach them:
@@ -796,6 +837,7 @@ impl StateStore {
                 .transpose()
                 .map_err(|e| self.io(e))?
                 .is_some_and(|(k, _)| k.value().0 == table);
+            let newest_removed = old.iter().map(|(t, _)| *t).max();
             for (t, id) in old {
                 by_time
                     .remove((table, t, id.as_str()))
@@ -807,14 +849,19 @@ impl StateStore {
                 }
                 removed += 1;
             }
-            let mut bounds = txn.open_table(BOUNDS).map_err(|e| self.io(e))?;
-            let horizon = bounds
-                .get((PRUNED_BEFORE, table))
-                .map_err(|e| self.io(e))?
-                .map_or(before_us, |v| v.value().max(before_us));
-            bounds
-                .insert((PRUNED_BEFORE, table), horizon)
-                .map_err(|e| self.io(e))?;
+            // Reads must not reach the ids just forgotten: at or below the newest of them. (Not
+            // `before_us`: where nothing was forgotten, nothing needs guarding, and a horizon
+            // computed on a clock running ahead must not cut off late rows that come later.)
+            if let Some(t) = newest_removed {
+                let mut bounds = txn.open_table(BOUNDS).map_err(|e| self.io(e))?;
+                let horizon = bounds
+                    .get((PRUNED_BEFORE, table))
+                    .map_err(|e| self.io(e))?
+                    .map_or(t + 1, |v| v.value().max(t + 1));
+                bounds
+                    .insert((PRUNED_BEFORE, table), horizon)
+                    .map_err(|e| self.io(e))?;
+            }
         }
         txn.commit().map_err(|e| self.io(e))?;
         Ok(removed)
@@ -1281,6 +1328,11 @@ mod tests {
         }
         let file = dir.path().join(FILE_NAME);
         let len = fs::metadata(&file).unwrap().len();
+        // Cut short after its header: damaged, not a disk problem.
+        let whole = fs::read(&file).unwrap();
+        fs::write(&file, &whole[..100]).unwrap();
+        let err = StateStore::open(dir.path(), false).unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
         fs::write(&file, vec![0x5a; len as usize]).unwrap();
         let err = StateStore::open(dir.path(), false).unwrap_err();
         assert!(err.to_string().contains("--reset-state"), "{err}");

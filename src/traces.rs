@@ -1005,9 +1005,18 @@ pub async fn collect_otel_table(
                     location: table.to_string(),
                 };
                 behind_n += u64::from(behind);
+                // Kept (by id) until its newest root span leaves the window: a trace with a
+                // second root later than the first is listed again until then, and must still
+                // be known as delivered.
+                let newest_root = spans
+                    .iter()
+                    .filter(|s| s.parent_span_id.is_none())
+                    .filter_map(|s| s.start_ns)
+                    .map(|ns| ns.div_euclid(1000))
+                    .fold(t, i64::max);
                 units.push(Prepared {
                     id,
-                    time_us: t,
+                    time_us: newest_root,
                     agent,
                     host: source.host.clone(),
                     records: span_records(&source, account_id, &meta, &spans),

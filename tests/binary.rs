@@ -406,10 +406,7 @@ async fn a_checkpoint_that_cannot_be_written_stops_the_service() {
         text.contains("Fix: free space on the disk of STATE_DIR"),
         "{text}"
     );
-    assert!(
-        text.contains("Stopping: what was delivered cannot be checkpointed"),
-        "{text}"
-    );
+    assert!(text.contains("Stopping: the state store failed"), "{text}");
     assert_eq!(
         text.matches("Results:").count(),
         1,

@@ -279,6 +279,13 @@ async fn otel_span_tables_are_read_through_sql_exactly_once() {
         assert_eq!(r.request_payload, "{\"query\":\"status\"}");
         databricks_shield::traffic::validate(r).unwrap();
     }
+    // A trace with two root spans (the emulator gives its oldest trace a second one, 30 s ago)
+    // is one unit, kept as long as its newest root is in the window: its time is that root's.
+    let newest = got.iter().map(|(_, u)| u.time_us).max().unwrap();
+    assert!(
+        newest > now_us() - 60_000_000,
+        "the two-root trace carries its newest root's time"
+    );
     // Roots stored with a '' parent are roots too (the emulator writes every other one so), and
     // a struct `status` of STATUS_CODE_ERROR fails its span, with the status message as the body.
     let failed: Vec<_> = got
@@ -864,13 +871,47 @@ async fn a_clock_set_back_does_not_re_read_rows_whose_ids_were_pruned() {
         })
         .collect();
     state.commit_delivered(&rows).unwrap();
-    // What a cycle at `now + 60 min` (the fast clock) records: its read, and the ids pruned a
-    // lookback and 10 minutes before it.
+    // What a cycle at `now + 60 min` (the fast clock) records: its read, and the ids kept a
+    // lookback and 10 minutes back. Had they been pruned by the fast clock (all of them), the
+    // next late pass could not tell them from new rows.
     let fast = now + 60 * min;
-    state.set_read_mark(&table.full_name, fast).unwrap();
-    state.prune(&table.full_name, fast - 40 * min).unwrap();
-    // The clock is right again.
+    state
+        .record_complete_read(&table.full_name, fast, 40 * min)
+        .unwrap();
+    // Even pruned that way, no read reaches below what was forgotten.
+    let guarded = tempfile::tempdir().unwrap();
+    let guarded = StateStore::open(guarded.path(), false).unwrap();
+    let rows_again: Vec<DeliveredRow<'_>> = rows.iter().map(|r| DeliveredRow { ..*r }).collect();
+    guarded.commit_delivered(&rows_again).unwrap();
+    guarded.set_read_mark(&table.full_name, fast).unwrap();
+    guarded.prune(&table.full_name, fast - 40 * min).unwrap();
+    // The clock is right again: nothing is sent twice, from either state.
     let again = read_table(&c, &state, &wh.id, table, now + min).await;
     assert!(again.is_empty(), "{} rows sent again", again.len());
+    let again = read_table(&c, &guarded, &wh.id, table, now + min).await;
+    assert!(again.is_empty(), "{} rows sent again", again.len());
+    // Rows landing late, inside the lookback of the right clock, are still read: the fast
+    // clock's cycle moved no bound past them.
+    let of_table = |emu: &databricks_emulator::Emulator| -> BTreeMap<String, i64> {
+        emu.ground_truth()
+            .into_iter()
+            .filter(|r| r.table == table.full_name)
+            .map(|r| {
+                let t = databricks_shield::collect::parse_timestamp(&r.request_time).unwrap();
+                (r.databricks_request_id, t)
+            })
+            .collect()
+    };
+    let before = of_table(&emu);
+    emu.generate(0, 100);
+    let at = now + 2 * min;
+    let want: Vec<String> = of_table(&emu)
+        .into_iter()
+        .filter(|(id, t)| !before.contains_key(id) && *t >= at - 30 * min)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(!want.is_empty(), "late rows inside the lookback");
+    let late = read_table(&c, &state, &wh.id, table, at).await;
+    assert_eq!(late.into_keys().collect::<Vec<_>>(), want);
     emu.shutdown().await;
 }
