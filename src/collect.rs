@@ -1122,11 +1122,15 @@ mod tests {
         );
     }
 
+    /// A minute, a 60-minute lookback, a catch-up floor far back, and the cycle at minute 100.
+    fn window_clock() -> (i64, i64, i64, i64) {
+        let min: i64 = 60_000_000;
+        (min, 60 * min, -1_000 * min, 100 * min)
+    }
+
     #[test]
     fn the_head_of_a_table_without_a_cursor_starts_a_lookback_before_the_last_read() {
-        let min: i64 = 60_000_000;
-        let (lookback, floor) = (60 * min, -1_000 * min);
-        let now = 100 * min;
+        let (min, lookback, floor, now) = window_clock();
         // Never read: the lookback before now.
         assert_eq!(
             head_start(None, None, None, now, lookback, floor),
@@ -1178,9 +1182,7 @@ mod tests {
 
     #[test]
     fn the_late_pass_reaches_back_to_where_reading_began_never_below_the_pruned_horizon() {
-        let min: i64 = 60_000_000;
-        let (lookback, floor) = (60 * min, -1_000 * min);
-        let now = 100 * min;
+        let (min, lookback, floor, now) = window_clock();
         // A cursor at 105, no complete read yet (the first cycle failed after delivering some
         // rows; this cycle's clock reads 110): the late pass starts where the first window
         // began (40), not a lookback before the cursor (45).
@@ -1220,7 +1222,7 @@ mod tests {
         );
         // The clock stepped back 30 minutes after a cycle at 130 pruned below 130 - 70 = 60:
         // the late pass does not reach below 60, where delivered ids are gone.
-        assert_eq!(
+        let stepped_back = |floor| {
             late_start(
                 128 * min,
                 Some(130 * min),
@@ -1228,22 +1230,11 @@ mod tests {
                 Some(60 * min),
                 now,
                 lookback,
-                floor
-            ),
-            60 * min
-        );
-        assert_eq!(
-            late_start(
-                128 * min,
-                Some(130 * min),
-                None,
-                Some(60 * min),
-                now,
-                lookback,
-                70 * min
-            ),
-            70 * min
-        );
+                floor,
+            )
+        };
+        assert_eq!(stepped_back(floor), 60 * min);
+        assert_eq!(stepped_back(70 * min), 70 * min);
     }
 
     #[test]

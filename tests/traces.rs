@@ -738,38 +738,99 @@ async fn a_trace_that_ends_after_the_lookback_is_still_sent_once() {
     }
 }
 
-/// A reader of the first inference table, at the cycle time `now`, with a 30-minute lookback
-/// (the emulator's rows span the past hour, so rows lie on both sides of every window start).
-async fn read_table(
-    c: &databricks_shield::databricks::DatabricksClient,
-    state: &StateStore,
-    warehouse: &str,
-    table: &databricks_shield::discovery::InferenceTable,
-    now: i64,
-) -> BTreeMap<String, i64> {
-    let o = CollectOptions {
-        lookback: std::time::Duration::from_secs(1800),
-        ..Default::default()
-    };
-    let (r, chunks) = chunks_of(|tx| async move {
-        databricks_shield::collect::TableReader {
-            client: c,
-            state,
-            warehouse_id: warehouse,
-            table,
-            opts: &o,
-            now_us: now,
+/// The emulator, a client, its first inference table, a warehouse and a fresh state: for the
+/// reader tests below, which set the cycle's clock themselves.
+struct TableRig {
+    emu: databricks_emulator::Emulator,
+    c: databricks_shield::databricks::DatabricksClient,
+    table: databricks_shield::discovery::InferenceTable,
+    warehouse: String,
+    state: StateStore,
+    _dir: tempfile::TempDir,
+}
+
+const MIN: i64 = 60_000_000;
+
+impl TableRig {
+    async fn new() -> TableRig {
+        let emu = emulator(emulator_config()).await;
+        let c = client(&emu.base_url(), "emulator-client", SECRET);
+        let inv = discover(&emu).await;
+        let (_, table) = inv.readable().next().expect("an inference table");
+        let (wh, _) = c.choose_warehouse(None).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        TableRig {
+            table: table.clone(),
+            state: StateStore::open(dir.path(), false).unwrap(),
+            warehouse: wh.id,
+            emu,
+            c,
+            _dir: dir,
         }
-        .collect(&tx)
-        .await
-    })
-    .await;
-    r.unwrap_or_else(|e| panic!("the table is read: {e}"));
-    chunks
-        .iter()
-        .flat_map(|c| c.executions.iter())
-        .map(|e| (e.request_id.clone(), e.request_time.timestamp_micros()))
-        .collect()
+    }
+
+    /// The rows (id -> time) one reader of the table emits at the cycle time `now`, with a
+    /// 30-minute lookback (the emulator's rows span the past hour, so rows lie on both sides of
+    /// every window start), on `state`.
+    async fn read_on(&self, state: &StateStore, now: i64) -> BTreeMap<String, i64> {
+        let o = CollectOptions {
+            lookback: std::time::Duration::from_secs(1800),
+            ..Default::default()
+        };
+        let (r, chunks) = chunks_of(|tx| async move {
+            databricks_shield::collect::TableReader {
+                client: &self.c,
+                state,
+                warehouse_id: &self.warehouse,
+                table: &self.table,
+                opts: &o,
+                now_us: now,
+            }
+            .collect(&tx)
+            .await
+        })
+        .await;
+        r.unwrap_or_else(|e| panic!("the table is read: {e}"));
+        chunks
+            .iter()
+            .flat_map(|c| c.executions.iter())
+            .map(|e| (e.request_id.clone(), e.request_time.timestamp_micros()))
+            .collect()
+    }
+
+    async fn read(&self, now: i64) -> BTreeMap<String, i64> {
+        self.read_on(&self.state, now).await
+    }
+
+    /// Commits `rows` as delivered, on `state`.
+    fn deliver_on<'a>(
+        &self,
+        state: &StateStore,
+        rows: impl Iterator<Item = (&'a String, &'a i64)>,
+    ) {
+        let rows: Vec<DeliveredRow<'_>> = rows
+            .map(|(id, t)| DeliveredRow {
+                table: &self.table.full_name,
+                id,
+                time_us: *t,
+                by_id: false,
+            })
+            .collect();
+        state.commit_delivered(&rows).unwrap();
+    }
+
+    /// The table's rows in the emulator (id -> time).
+    fn truth(&self) -> BTreeMap<String, i64> {
+        self.emu
+            .ground_truth()
+            .into_iter()
+            .filter(|r| r.table == self.table.full_name)
+            .map(|r| {
+                let t = databricks_shield::collect::parse_timestamp(&r.request_time).unwrap();
+                (r.databricks_request_id, t)
+            })
+            .collect()
+    }
 }
 
 /// Nothing delivered yet (Akto unreachable at the first deploy, say): the next cycle, ten
@@ -777,27 +838,20 @@ async fn read_table(
 /// rows of those ten minutes are not skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cycles_that_deliver_nothing_do_not_slide_the_first_window() {
-    let emu = emulator(emulator_config()).await;
-    let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discover(&emu).await;
-    let (_, table) = inv.readable().next().expect("an inference table");
-    let (wh, _) = c.choose_warehouse(None).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateStore::open(dir.path(), false).unwrap();
+    let rig = TableRig::new().await;
     let t0 = now_us();
-    let min = 60_000_000;
-    let first = read_table(&c, &state, &wh.id, table, t0).await;
+    let first = rig.read(t0).await;
     assert!(
-        first.values().any(|t| *t < t0 - 20 * min),
+        first.values().any(|t| *t < t0 - 20 * MIN),
         "rows in the first window's first ten minutes"
     );
     // Not delivered. Ten minutes later:
-    let second = read_table(&c, &state, &wh.id, table, t0 + 10 * min).await;
+    let second = rig.read(t0 + 10 * MIN).await;
     assert_eq!(
         second.keys().collect::<Vec<_>>(),
         first.keys().collect::<Vec<_>>()
     );
-    emu.shutdown().await;
+    rig.emu.shutdown().await;
 }
 
 /// The first cycle delivered its newest rows (stamped after the cycle started) and failed
@@ -805,113 +859,74 @@ async fn cycles_that_deliver_nothing_do_not_slide_the_first_window() {
 /// reaches back to where reading began, so the older rows not delivered yet are read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_cycle_that_delivered_only_its_newest_rows_loses_none_of_the_others() {
-    let emu = emulator(emulator_config()).await;
-    let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discover(&emu).await;
-    let (_, table) = inv.readable().next().expect("an inference table");
-    let (wh, _) = c.choose_warehouse(None).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateStore::open(dir.path(), false).unwrap();
-    let min = 60_000_000;
+    let rig = TableRig::new().await;
     // The cycle started five minutes ago: rows of the last five minutes are after its start.
-    let t0 = now_us() - 5 * min;
-    let first = read_table(&c, &state, &wh.id, table, t0).await;
-    let newest: Vec<(&String, &i64)> = first.iter().filter(|(_, t)| **t > t0).collect();
-    assert!(!newest.is_empty(), "rows stamped after the cycle's start");
-    let rows: Vec<DeliveredRow<'_>> = newest
-        .iter()
-        .map(|(id, t)| DeliveredRow {
-            table: &table.full_name,
-            id,
-            time_us: **t,
-            by_id: false,
-        })
-        .collect();
-    state.commit_delivered(&rows).unwrap();
+    let t0 = now_us() - 5 * MIN;
+    let first = rig.read(t0).await;
+    assert!(
+        first.values().any(|t| *t > t0),
+        "rows stamped after the cycle's start"
+    );
+    assert!(
+        first.values().any(|t| *t < t0 - 25 * MIN),
+        "rows in the first window's first five minutes"
+    );
+    rig.deliver_on(&rig.state, first.iter().filter(|(_, t)| **t > t0));
     // The next cycle, ten minutes after the first started: everything else of the first
     // window, the rows in its first five minutes included (a lookback before the cursor would
     // start after them).
-    let second = read_table(&c, &state, &wh.id, table, t0 + 10 * min).await;
+    let second = rig.read(t0 + 10 * MIN).await;
     let want: Vec<&String> = first
         .iter()
         .filter(|(_, t)| **t <= t0)
         .map(|(id, _)| id)
         .collect();
-    assert!(
-        first.values().any(|t| *t < t0 - 25 * min),
-        "rows in the first window's first five minutes"
-    );
     assert_eq!(second.keys().collect::<Vec<_>>(), want);
-    emu.shutdown().await;
+    rig.emu.shutdown().await;
 }
 
-/// A clock that ran an hour ahead and was then set right: the cycle on the fast clock pruned the
-/// delivered ids of the whole window, so the late pass of the next cycle must not reach below
-/// that horizon, or it would send every row of the window again.
+/// A clock that ran an hour ahead, then was set right. The cycle on the fast clock keeps the
+/// delivered ids behind the newest delivered row (source time), so the corrected clock's late
+/// pass neither sends them again nor misses rows that land late. Ids pruned by the fast clock
+/// anyway (as a plain prune does) are guarded: no read reaches below them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_clock_set_back_does_not_re_read_rows_whose_ids_were_pruned() {
-    let emu = emulator(emulator_config()).await;
-    let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discover(&emu).await;
-    let (_, table) = inv.readable().next().expect("an inference table");
-    let (wh, _) = c.choose_warehouse(None).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let state = StateStore::open(dir.path(), false).unwrap();
-    let min = 60_000_000;
+async fn a_clock_set_back_neither_re_sends_nor_skips_late_rows() {
+    let rig = TableRig::new().await;
     let now = now_us();
-    let first = read_table(&c, &state, &wh.id, table, now).await;
+    let first = rig.read(now).await;
     assert!(!first.is_empty());
-    let rows: Vec<DeliveredRow<'_>> = first
-        .iter()
-        .map(|(id, t)| DeliveredRow {
-            table: &table.full_name,
-            id,
-            time_us: *t,
-            by_id: false,
-        })
-        .collect();
-    state.commit_delivered(&rows).unwrap();
+    rig.deliver_on(&rig.state, first.iter());
     // What a cycle at `now + 60 min` (the fast clock) records: its read, and the ids kept a
-    // lookback and 10 minutes back. Had they been pruned by the fast clock (all of them), the
-    // next late pass could not tell them from new rows.
-    let fast = now + 60 * min;
-    state
-        .record_complete_read(&table.full_name, fast, 40 * min)
+    // lookback and 10 minutes back.
+    let fast = now + 60 * MIN;
+    let name = &rig.table.full_name;
+    rig.state
+        .record_complete_read(name, fast, 40 * MIN)
         .unwrap();
-    // Even pruned that way, no read reaches below what was forgotten.
-    let guarded = tempfile::tempdir().unwrap();
-    let guarded = StateStore::open(guarded.path(), false).unwrap();
-    let rows_again: Vec<DeliveredRow<'_>> = rows.iter().map(|r| DeliveredRow { ..*r }).collect();
-    guarded.commit_delivered(&rows_again).unwrap();
-    guarded.set_read_mark(&table.full_name, fast).unwrap();
-    guarded.prune(&table.full_name, fast - 40 * min).unwrap();
+    // The same state with every id pruned by the fast clock.
+    let dir = tempfile::tempdir().unwrap();
+    let pruned = StateStore::open(dir.path(), false).unwrap();
+    rig.deliver_on(&pruned, first.iter());
+    pruned.set_read_mark(name, fast).unwrap();
+    pruned.prune(name, fast - 40 * MIN).unwrap();
     // The clock is right again: nothing is sent twice, from either state.
-    let again = read_table(&c, &state, &wh.id, table, now + min).await;
-    assert!(again.is_empty(), "{} rows sent again", again.len());
-    let again = read_table(&c, &guarded, &wh.id, table, now + min).await;
-    assert!(again.is_empty(), "{} rows sent again", again.len());
+    for state in [&rig.state, &pruned] {
+        let again = rig.read_on(state, now + MIN).await;
+        assert!(again.is_empty(), "{} rows sent again", again.len());
+    }
     // Rows landing late, inside the lookback of the right clock, are still read: the fast
     // clock's cycle moved no bound past them.
-    let of_table = |emu: &databricks_emulator::Emulator| -> BTreeMap<String, i64> {
-        emu.ground_truth()
-            .into_iter()
-            .filter(|r| r.table == table.full_name)
-            .map(|r| {
-                let t = databricks_shield::collect::parse_timestamp(&r.request_time).unwrap();
-                (r.databricks_request_id, t)
-            })
-            .collect()
-    };
-    let before = of_table(&emu);
-    emu.generate(0, 100);
-    let at = now + 2 * min;
-    let want: Vec<String> = of_table(&emu)
+    let before = rig.truth();
+    rig.emu.generate(0, 100);
+    let at = now + 2 * MIN;
+    let want: Vec<String> = rig
+        .truth()
         .into_iter()
-        .filter(|(id, t)| !before.contains_key(id) && *t >= at - 30 * min)
+        .filter(|(id, t)| !before.contains_key(id) && *t >= at - 30 * MIN)
         .map(|(id, _)| id)
         .collect();
     assert!(!want.is_empty(), "late rows inside the lookback");
-    let late = read_table(&c, &state, &wh.id, table, at).await;
+    let late = rig.read(at).await;
     assert_eq!(late.into_keys().collect::<Vec<_>>(), want);
-    emu.shutdown().await;
+    rig.emu.shutdown().await;
 }

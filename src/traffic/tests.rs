@@ -241,17 +241,22 @@ fn blank_tool_call_ids_are_no_ids() {
     let resp = r#"{"choices":[{"message":{"tool_calls":[
         {"id":"","type":"function","function":{"name":"a","arguments":"{}"}},
         {"id":" ","call_id":"cx","type":"function","function":{"name":"b","arguments":"{}"}}]}}]}"#;
-    let e = exec(Some(req), Some(resp));
-    let m = map_execution(&ctx(), &e, &MapOptions::default());
-    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    let (got, calls) = tool_records(req, resp);
     assert_eq!(
-        Value::Array(got),
+        got,
         json!([
             tool("a", "req-1#0", "{}", "", "200", "OK"),
             tool("b", "cx", "{}", "", "200", "OK"),
         ])
     );
-    assert_eq!(m.tool_calls, 2);
+    assert_eq!(calls, 2);
+}
+
+/// The tool-call records (readable) of an execution with `req` and `resp`, and their count.
+fn tool_records(req: &str, resp: &str) -> (Value, u32) {
+    let m = map_execution(&ctx(), &exec(Some(req), Some(resp)), &MapOptions::default());
+    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    (Value::Array(got), m.tool_calls)
 }
 
 #[test]
