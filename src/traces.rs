@@ -636,7 +636,11 @@ pub async fn collect_experiment(
             .await
             .map_err(|_| CollectError::Closed)?;
         }
-        match page.next_page_token.filter(|t| !t.is_empty()) {
+        match crate::databricks::next_page(
+            "POST /api/3.0/mlflow/traces/search",
+            token.as_deref(),
+            page.next_page_token,
+        )? {
             Some(t) => token = Some(t),
             None => return Ok(stats),
         }

@@ -450,3 +450,80 @@ async fn statement_starts_refused_with_429_or_503_are_still_retried() {
     assert!(c.stats().retries() >= 4, "retries: {}", c.stats().retries());
     assert_eq!(counter(&emu, "statements_running"), 0);
 }
+
+/// A dropped connection is retried whatever the request's URL holds: a schema named `dns_logs`
+/// (or a page token with "tls" in it) once made it a "DNS lookup failed", never retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connection_is_retried_whatever_the_url_says() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    c.authenticate().await.unwrap();
+    emu.set_faults("route=/api/2.1/unity-catalog/tables,kind=drop,count=1")
+        .unwrap();
+    let r = c.list_tables("workspace", "dns_tls_logs").await;
+    assert!(
+        !matches!(r, Err(DatabricksError::Connect { .. })),
+        "the drop was not retried: {r:?}"
+    );
+    assert_eq!(c.stats().retries(), 1, "{r:?}");
+    emu.shutdown().await;
+}
+
+/// A token refresh that fails while the token in hand is still valid (refreshes start early)
+/// does not fail the requests: the valid token is used meanwhile, and the requests queued
+/// behind the failed refresh do not each repeat it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_refresh_keeps_using_the_still_valid_token() {
+    let mut cfg = emulator_config();
+    // Stale (refreshed) after 2 s, valid for 4 s.
+    cfg.token_ttl_secs = 4;
+    let emu = emulator(cfg).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    c.authenticate().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    emu.set_faults("route=/oidc,kind=403,count=unlimited")
+        .unwrap();
+    let (a, b, d) = tokio::join!(
+        c.list_warehouses(),
+        c.list_warehouses(),
+        c.list_warehouses()
+    );
+    for r in [a, b, d] {
+        r.expect("the still valid token serves the requests");
+    }
+    let refreshes: u64 = c
+        .stats()
+        .snapshot()
+        .iter()
+        .filter(|((route, _), _)| route == "POST /oidc/v1/token")
+        .map(|(_, n)| *n)
+        .sum();
+    assert_eq!(refreshes, 2, "one token at start, one failed refresh");
+    emu.set_faults("").unwrap();
+    emu.shutdown().await;
+}
+
+/// A statement's poll that is itself retrying (the poll route answers 503) does not stretch
+/// STATEMENT_TIMEOUT_SECONDS: the statement times out (and is cancelled) at its limit, not
+/// after the poll's own retry budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_poll_does_not_stretch_the_statement_timeout() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    c.authenticate().await.unwrap();
+    emu.set_faults(
+        "route=/api/2.0/sql/statements,kind=pending,polls=100000;\
+         route=/api/2.0/sql/statements/,method=GET,kind=503,count=unlimited",
+    )
+    .unwrap();
+    let st = statement(&emu, Duration::from_secs(1));
+    let Err(e) = c.execute(&st).await else {
+        panic!("the statement times out")
+    };
+    assert!(
+        matches!(&e, DatabricksError::Statement { error_code, .. } if error_code == "STATEMENT_TIMEOUT"),
+        "{e}"
+    );
+    emu.set_faults("").unwrap();
+    emu.shutdown().await;
+}

@@ -57,8 +57,15 @@ impl Credentials {
 
 struct Cached {
     token: SecretString,
+    /// When a new token is fetched (well before expiry).
     stale_at: Instant,
+    /// When the workspace stops accepting this one.
+    expires_at: Instant,
 }
+
+/// After a failed refresh, how long a still valid token is used before the next attempt: the
+/// requests queued behind the failed one do not each repeat it.
+const REFRESH_RETRY: Duration = Duration::from_secs(30);
 
 /// The token request's route in the API request counters.
 const TOKEN_ROUTE: &str = "POST /oidc/v1/token";
@@ -143,10 +150,29 @@ impl TokenSource {
             Some(f) => f.read().0,
             None => client_secret.clone(),
         };
-        let fresh = self.fetch(http, stats, client_id, &client_secret).await?;
-        let token = fresh.token.clone();
-        *cached = Some(fresh);
-        Ok(token)
+        match self.fetch(http, stats, client_id, &client_secret).await {
+            Ok(fresh) => {
+                let token = fresh.token.clone();
+                *cached = Some(fresh);
+                Ok(token)
+            }
+            // The refresh failed while the token in hand is still valid (refreshes start up to
+            // 20 minutes early): go on with it, and try again a little later.
+            Err(e) => {
+                match cached.as_mut() {
+                    Some(c) if Instant::now() < c.expires_at => {
+                        tracing::warn!(
+                        "refreshing the OAuth token failed ({e}); the current token stays valid \
+                         for {}s and is used meanwhile",
+                        c.expires_at.saturating_duration_since(Instant::now()).as_secs()
+                    );
+                        c.stale_at = (Instant::now() + REFRESH_RETRY).min(c.expires_at);
+                        Ok(c.token.clone())
+                    }
+                    _ => Err(e),
+                }
+            }
+        }
     }
 
     /// Forget the cached token (after a 401), unless another request already replaced it.
@@ -204,7 +230,24 @@ impl TokenSource {
             };
             let status = resp.status();
             stats.record(TOKEN_ROUTE, status.as_str());
-            let body = resp.text().await.unwrap_or_default();
+            let server_wait = super::http::retry_after(resp.headers());
+            let backoff = Duration::from_millis(250 * 2u64.pow(attempt));
+            let body = match resp.text().await {
+                Ok(b) => b,
+                // The answer was cut off: a network failure, retried like one.
+                Err(e) if attempt < 4 => {
+                    tracing::debug!("token response cut off ({e}), retrying");
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(DatabricksError::Connect {
+                        host: self.host_label(),
+                        kind: ConnectKind::Other,
+                        detail: format!("the token response was cut off: {e}"),
+                    })
+                }
+            };
             if status.is_success() {
                 let parsed: TokenResponse =
                     serde_json::from_str(&body).map_err(|e| DatabricksError::Decode {
@@ -216,12 +259,16 @@ impl TokenSource {
                 return Ok(Cached {
                     token: SecretString::from(parsed.access_token),
                     stale_at: started + ttl.saturating_sub(early),
+                    expires_at: started + ttl,
                 });
             }
             let retriable = status == StatusCode::TOO_MANY_REQUESTS
                 || status == StatusCode::SERVICE_UNAVAILABLE;
             if retriable && attempt < 5 && started.elapsed() < Duration::from_secs(60) {
-                tokio::time::sleep(Duration::from_millis(250 * 2u64.pow(attempt))).await;
+                // The server's Retry-After (capped at 30 s), never shorter than the backoff.
+                let wait =
+                    server_wait.map_or(backoff, |w| w.min(Duration::from_secs(30)).max(backoff));
+                tokio::time::sleep(wait).await;
                 continue;
             }
             let err: TokenError = serde_json::from_str(&body).unwrap_or_default();

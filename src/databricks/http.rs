@@ -51,16 +51,19 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
-        if let Some(ra) = retry_after {
-            return ra.min(self.max_delay);
-        }
         let exp = self
             .base_delay
             .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(16)))
             .min(self.max_delay);
         // Full jitter, but never less than a tenth of the step, so retries do not hammer.
         let ms = exp.as_millis().max(1) as u64;
-        Duration::from_millis(rand::rng().random_range(ms / 10..=ms))
+        let jittered = Duration::from_millis(rand::rng().random_range(ms / 10..=ms));
+        match retry_after {
+            // The server's wait, capped; never shorter than the backoff (`Retry-After: 0` from a
+            // server that keeps refusing would otherwise be a busy loop).
+            Some(ra) => ra.min(self.max_delay).max(jittered),
+            None => jittered,
+        }
     }
 }
 
@@ -188,10 +191,29 @@ pub(crate) fn classify_transport_error(e: &reqwest::Error) -> (ConnectKind, Stri
         chain.push_str(&s.to_string());
         src = s.source();
     }
-    let lower = chain.to_lowercase();
+    // Sorted on the error's own words, not on its URL (a schema named `dns_logs` or a page
+    // token holding "tls" must not make a dropped connection a DNS or TLS failure).
+    let mut lower = chain.to_lowercase();
+    if let Some(url) = e.url() {
+        lower = lower.replace(&url.as_str().to_lowercase(), "<url>");
+    }
+    let closed = [
+        "connection reset",
+        "close_notify",
+        "broken pipe",
+        "unexpected eof",
+        "connection closed",
+        "connection aborted",
+        "incompletemessage",
+        "incomplete message",
+    ];
     let kind = if e.is_timeout() {
         ConnectKind::Timeout
-    } else if lower.contains("dns") || lower.contains("failed to lookup address") {
+    } else if closed.iter().any(|w| lower.contains(w)) {
+        // A connection the peer closed (an idle keep-alive dropped by a load balancer, which
+        // rustls reports as a missing close_notify): transient, whatever layer noticed it.
+        ConnectKind::Refused
+    } else if lower.contains("dns error") || lower.contains("failed to lookup address") {
         ConnectKind::Dns
     } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
     {
@@ -234,9 +256,19 @@ fn is_retriable_code(code: &str) -> bool {
     )
 }
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let v = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+/// `Retry-After` in seconds, or as an HTTP date (RFC 9110: `Wed, 21 Oct 2026 07:28:00 GMT`).
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let v = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let wait = at.signed_duration_since(chrono::Utc::now());
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 
 /// The authenticated HTTP client every Databricks API module uses.
@@ -508,5 +540,33 @@ mod tests {
         assert!(text.contains("not allowed in an HTTP header"), "{text}");
         assert!(!text.contains("break-secret"), "{text}");
         assert_eq!(client.stats().retries(), 0);
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_or_as_a_date_and_never_makes_a_busy_loop() {
+        let headers = |v: &str| {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(reqwest::header::RETRY_AFTER, v.parse().unwrap());
+            h
+        };
+        assert_eq!(
+            super::retry_after(&headers("7")),
+            Some(Duration::from_secs(7))
+        );
+        let later = super::retry_after(&headers("Wed, 21 Oct 2099 07:28:00 GMT")).unwrap();
+        assert!(later > Duration::from_secs(3600), "{later:?}");
+        assert_eq!(
+            super::retry_after(&headers("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(super::retry_after(&headers("soon")), None);
+        let policy = super::RetryPolicy::default();
+        for attempt in 1..5 {
+            // `Retry-After: 0` waits the backoff at least (a tenth of its step at worst)...
+            let d = policy.backoff(attempt, Some(Duration::ZERO));
+            assert!(d >= Duration::from_millis(50), "{d:?}");
+            // ...and a far date is capped.
+            assert_eq!(policy.backoff(attempt, Some(later)), policy.max_delay);
+        }
     }
 }

@@ -205,7 +205,11 @@ impl DatabricksClient {
                     .into_iter()
                     .filter(|e| e.lifecycle_stage.as_deref() != Some("deleted")),
             );
-            match page.next_page_token.filter(|t| !t.is_empty()) {
+            match super::next_page(
+                "POST /api/2.0/mlflow/experiments/search",
+                token.as_deref(),
+                page.next_page_token,
+            )? {
                 Some(t) => token = Some(t),
                 None => return Ok(out),
             }

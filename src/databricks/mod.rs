@@ -80,7 +80,14 @@ impl DatabricksClient {
     ) -> Result<Self, DatabricksError> {
         let mut builder = reqwest::Client::builder();
         if let Some(path) = ca_bundle {
-            let pem = std::fs::read(path).unwrap_or_default();
+            let pem = std::fs::read(path).map_err(|e| DatabricksError::Connect {
+                host: host.to_string(),
+                kind: ConnectKind::Tls,
+                detail: format!(
+                    "DATABRICKS_CA_BUNDLE {}: cannot be read ({e}); set it to a readable PEM file",
+                    path.display()
+                ),
+            })?;
             let certs = parse_ca_bundle(&pem).map_err(|detail| DatabricksError::Connect {
                 host: host.to_string(),
                 kind: ConnectKind::Tls,
@@ -148,5 +155,64 @@ impl DatabricksClient {
     /// Request counters by route and status.
     pub fn stats(&self) -> Arc<ApiStats> {
         self.api.stats.clone()
+    }
+}
+
+/// The token of a listing's next page: `None` at its end (no token, or an empty one). A token
+/// equal to the one just used is an error: the server would hand back the same page forever.
+pub(crate) fn next_page(
+    route: &str,
+    used: Option<&str>,
+    next: Option<String>,
+) -> Result<Option<String>, DatabricksError> {
+    match next.filter(|t| !t.is_empty()) {
+        Some(t) if used == Some(t.as_str()) => Err(DatabricksError::Decode {
+            route: route.to_string(),
+            detail: "the next page token is the one just used: the listing would repeat its \
+                     page forever"
+                .into(),
+        }),
+        next => Ok(next),
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::next_page;
+
+    #[test]
+    fn a_listing_ends_at_no_token_and_refuses_a_repeated_one() {
+        assert_eq!(next_page("r", None, None).unwrap(), None);
+        assert_eq!(
+            next_page("r", Some("a"), Some(String::new())).unwrap(),
+            None
+        );
+        assert_eq!(
+            next_page("r", Some("a"), Some("b".into()))
+                .unwrap()
+                .as_deref(),
+            Some("b")
+        );
+        let e = next_page("GET /x", Some("a"), Some("a".into())).unwrap_err();
+        assert!(e.to_string().contains("repeat"), "{e}");
+        assert!(!e.is_retriable());
+    }
+
+    #[test]
+    fn an_unreadable_ca_bundle_is_named_as_such() {
+        let Err(e) = super::DatabricksClient::with_ca_bundle(
+            &url::Url::parse("https://ws.example").unwrap(),
+            super::Credentials::Pat("t".to_string().into()),
+            Default::default(),
+            Some(std::path::Path::new("/nonexistent/ca.pem")),
+        ) else {
+            panic!("an unreadable bundle is an error")
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("DATABRICKS_CA_BUNDLE /nonexistent/ca.pem"),
+            "{text}"
+        );
+        assert!(text.contains("cannot be read"), "{text}");
     }
 }

@@ -349,6 +349,16 @@ impl Rows {
             .await
             .map_err(|e| vanished(e, &self.table, &self.statement_id))?;
         self.next_link = next_link(&self.statement_id, &chunk);
+        if self.next_link.as_deref() == Some(link.as_str()) {
+            // Reading on would return the same rows forever.
+            return Err(DatabricksError::Decode {
+                route: self.table.clone(),
+                detail: format!(
+                    "statement {}: the next result chunk is the one just read",
+                    self.statement_id
+                ),
+            });
+        }
         Ok(Some(chunk.data_array))
     }
 
@@ -601,32 +611,39 @@ impl DatabricksClient {
             match resp.status.state.as_str() {
                 "SUCCEEDED" => return Ok(resp),
                 "PENDING" | "RUNNING" => {
+                    let timed_out = |state: &str| {
+                        DatabricksError::Statement {
+                        table: st.table.clone(),
+                        state: "TIMED OUT".into(),
+                        error_code: "STATEMENT_TIMEOUT".into(),
+                        message: format!(
+                            "still {state} after {}s (STATEMENT_TIMEOUT_SECONDS); cancelled, retried next cycle. \
+                             A larger or running warehouse makes this faster",
+                            st.timeout.as_secs()
+                        ),
+                        retriable: true,
+                    }
+                    };
                     if started.elapsed() + delay > st.timeout {
-                        return Err(DatabricksError::Statement {
-                            table: st.table.clone(),
-                            state: "TIMED OUT".into(),
-                            error_code: "STATEMENT_TIMEOUT".into(),
-                            message: format!(
-                                "still {} after {}s (STATEMENT_TIMEOUT_SECONDS); cancelled, retried next cycle. \
-                                 A larger or running warehouse makes this faster",
-                                resp.status.state,
-                                st.timeout.as_secs()
-                            ),
-                            retriable: true,
-                        });
+                        return Err(timed_out(&resp.status.state));
                     }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
-                    let polled = self
-                        .api
-                        .request(
+                    // A poll that is itself retrying (503s, dropped connections) does not
+                    // stretch the statement's time limit either.
+                    let left = st.timeout.saturating_sub(started.elapsed());
+                    let polled = tokio::time::timeout(
+                        left,
+                        self.api.request(
                             Method::GET,
                             "GET /api/2.0/sql/statements/{id}",
                             &format!("/api/2.0/sql/statements/{}", resp.statement_id),
                             &[],
                             None,
-                        )
-                        .await;
+                        ),
+                    )
+                    .await
+                    .map_err(|_| timed_out(&resp.status.state))?;
                     resp = match polled {
                         Ok(r) => r,
                         Err(e @ DatabricksError::NotFound { .. }) => {
