@@ -250,8 +250,8 @@ pub async fn run_loop_outcome(
         };
         if report.fatal {
             tracing::error!(
-                "Stopping: the state store failed (the error above says where), and going on \
-                 could send the same records every cycle. Restart once the cause is fixed"
+                "Stopping: records sent may not be checkpointed (the error above says why), \
+                 and going on could send them again every cycle. Restart once the cause is fixed"
             );
             settle_cancels(&connector).await;
             return outcome;

@@ -562,10 +562,12 @@ impl Connector {
         join_readers(&mut readers, report, &mut completed).await;
         let delivered = match delivery.await {
             Ok(r) => r,
-            Err(e) => Err(DeliveryError::State(StateError::Io {
-                path: self.state.path().to_path_buf(),
-                detail: format!("delivery task failed: {e}"),
-            })),
+            // A panic (a bug): what it had confirmed but not checkpointed is sent again at the
+            // next start; stopping beats sending it again every cycle.
+            Err(e) => Err(DeliveryError::Unrecorded(format!(
+                "the delivery task failed ({e}); records it had sent but not checkpointed are \
+                 sent again at the next start (announced then). Please report this with the log"
+            ))),
         };
         match delivered {
             Ok(d) => {

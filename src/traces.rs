@@ -640,7 +640,7 @@ pub async fn collect_experiment(
             "POST /api/3.0/mlflow/traces/search",
             token.as_deref(),
             page.next_page_token,
-        )? {
+        ) {
             Some(t) => token = Some(t),
             None => return Ok(stats),
         }

@@ -406,7 +406,10 @@ async fn a_checkpoint_that_cannot_be_written_stops_the_service() {
         text.contains("Fix: free space on the disk of STATE_DIR"),
         "{text}"
     );
-    assert!(text.contains("Stopping: the state store failed"), "{text}");
+    assert!(
+        text.contains("Stopping: records sent may not be checkpointed"),
+        "{text}"
+    );
     assert_eq!(
         text.matches("Results:").count(),
         1,

@@ -524,6 +524,42 @@ async fn a_retrying_poll_does_not_stretch_the_statement_timeout() {
         matches!(&e, DatabricksError::Statement { error_code, .. } if error_code == "STATEMENT_TIMEOUT"),
         "{e}"
     );
+    // And it is cancelled on the warehouse (once the poll route answers again).
     emu.set_faults("").unwrap();
+    let stats = settled(&emu, cancelled_and_none_running).await;
+    assert!(cancelled_and_none_running(&stats), "{stats}");
+    emu.shutdown().await;
+}
+
+/// While one request refreshes the token (here a token endpoint answering slowly), the others
+/// go on with the token still valid instead of queueing behind the refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_refresh_does_not_hold_up_the_other_requests() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mut cfg = emulator_config();
+    // Stale (refreshed) after 3 s, valid for 6 s.
+    cfg.token_ttl_secs = 6;
+    let emu = emulator(cfg).await;
+    let c = Arc::new(client(&emu.base_url(), "emulator-client", SECRET));
+    c.authenticate().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    emu.set_faults("route=/oidc,kind=latency,ms=2000,count=1")
+        .unwrap();
+    let order = Arc::new(AtomicUsize::new(0));
+    let call = |c: Arc<DatabricksClient>, order: Arc<AtomicUsize>| async move {
+        c.list_warehouses().await.expect("served");
+        order.fetch_add(1, Ordering::SeqCst)
+    };
+    // The first request takes the (slow) refresh; the second starts while it runs.
+    let refreshing = tokio::spawn(call(c.clone(), order.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = tokio::spawn(call(c.clone(), order.clone()));
+    let (refreshing, other) = (refreshing.await.unwrap(), other.await.unwrap());
+    assert_eq!(
+        (other, refreshing),
+        (0, 1),
+        "the second request finished first, with the valid token"
+    );
     emu.shutdown().await;
 }

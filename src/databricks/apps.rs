@@ -111,7 +111,7 @@ impl DatabricksClient {
                     other => other,
                 })?;
             out.extend(page.apps);
-            match super::next_page("GET /api/2.0/apps", token.as_deref(), page.next_page_token)? {
+            match super::next_page("GET /api/2.0/apps", token.as_deref(), page.next_page_token) {
                 Some(t) => token = Some(t),
                 None => return Ok(out),
             }

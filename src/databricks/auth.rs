@@ -78,6 +78,8 @@ pub struct TokenSource {
     credentials: Credentials,
     token_url: String,
     cached: Mutex<Option<Cached>>,
+    /// Held by the one caller fetching a new token; the cache is never locked across a fetch.
+    refreshing: Mutex<()>,
     secret_file: Option<SecretFile>,
 }
 
@@ -103,6 +105,7 @@ impl TokenSource {
             credentials,
             token_url: format!("{base}/oidc/v1/token"),
             cached: Mutex::new(None),
+            refreshing: Mutex::new(()),
             secret_file: None,
         }
     }
@@ -140,24 +143,38 @@ impl TokenSource {
                 client_secret,
             } => (client_id, client_secret),
         };
-        let mut cached = self.cached.lock().await;
-        if let Some(c) = cached.as_ref() {
-            if Instant::now() < c.stale_at {
-                return Ok(c.token.clone());
+        if let Some(t) = self.cached_token(|c| c.stale_at).await {
+            return Ok(t);
+        }
+        // One refresh at a time. While it runs, a token still valid serves the other callers
+        // (refreshes start well before expiry); without one, they wait for the refresh.
+        let _refresh = match self.refreshing.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                if let Some(t) = self.cached_token(|c| c.expires_at).await {
+                    return Ok(t);
+                }
+                self.refreshing.lock().await
             }
+        };
+        // Another caller may have refreshed while this one waited.
+        if let Some(t) = self.cached_token(|c| c.stale_at).await {
+            return Ok(t);
         }
         let client_secret = match &self.secret_file {
             Some(f) => f.read().0,
             None => client_secret.clone(),
         };
-        match self.fetch(http, stats, client_id, &client_secret).await {
+        let fetched = self.fetch(http, stats, client_id, &client_secret).await;
+        let mut cached = self.cached.lock().await;
+        match fetched {
             Ok(fresh) => {
                 let token = fresh.token.clone();
                 *cached = Some(fresh);
                 Ok(token)
             }
-            // The refresh failed while the token in hand is still valid (refreshes start up to
-            // 20 minutes early): go on with it, and try again a little later.
+            // The refresh failed while the token in hand is still valid: go on with it, and
+            // try again a little later.
             Err(e) => {
                 match cached.as_mut() {
                     Some(c) if Instant::now() < c.expires_at => {
@@ -173,6 +190,16 @@ impl TokenSource {
                 }
             }
         }
+    }
+
+    /// The cached token while `now` is before the instant `until` picks (its refresh time, or
+    /// its expiry).
+    async fn cached_token(&self, until: impl Fn(&Cached) -> Instant) -> Option<SecretString> {
+        let cached = self.cached.lock().await;
+        cached
+            .as_ref()
+            .filter(|c| Instant::now() < until(c))
+            .map(|c| c.token.clone())
     }
 
     /// Forget the cached token (after a 401), unless another request already replaced it.

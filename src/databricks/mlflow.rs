@@ -209,7 +209,7 @@ impl DatabricksClient {
                 "POST /api/2.0/mlflow/experiments/search",
                 token.as_deref(),
                 page.next_page_token,
-            )? {
+            ) {
                 Some(t) => token = Some(t),
                 None => return Ok(out),
             }

@@ -159,20 +159,18 @@ impl DatabricksClient {
 }
 
 /// The token of a listing's next page: `None` at its end (no token, or an empty one). A token
-/// equal to the one just used is an error: the server would hand back the same page forever.
-pub(crate) fn next_page(
-    route: &str,
-    used: Option<&str>,
-    next: Option<String>,
-) -> Result<Option<String>, DatabricksError> {
+/// equal to the one just used also ends it, with a WARN: some Databricks list APIs have handed
+/// back the last page's token again, and asking on would return that page forever.
+pub(crate) fn next_page(route: &str, used: Option<&str>, next: Option<String>) -> Option<String> {
     match next.filter(|t| !t.is_empty()) {
-        Some(t) if used == Some(t.as_str()) => Err(DatabricksError::Decode {
-            route: route.to_string(),
-            detail: "the next page token is the one just used: the listing would repeat its \
-                     page forever"
-                .into(),
-        }),
-        next => Ok(next),
+        Some(t) if used == Some(t.as_str()) => {
+            tracing::warn!(
+                "{route}: the next page token is the one just used; taking the listing as \
+                 complete (asking on would return the same page forever)"
+            );
+            None
+        }
+        next => next,
     }
 }
 
@@ -181,21 +179,15 @@ mod page_tests {
     use super::next_page;
 
     #[test]
-    fn a_listing_ends_at_no_token_and_refuses_a_repeated_one() {
-        assert_eq!(next_page("r", None, None).unwrap(), None);
+    fn a_listing_ends_at_no_token_and_at_a_repeated_one() {
+        assert_eq!(next_page("r", None, None), None);
+        assert_eq!(next_page("r", Some("a"), Some(String::new())), None);
         assert_eq!(
-            next_page("r", Some("a"), Some(String::new())).unwrap(),
-            None
-        );
-        assert_eq!(
-            next_page("r", Some("a"), Some("b".into()))
-                .unwrap()
-                .as_deref(),
+            next_page("r", Some("a"), Some("b".into())).as_deref(),
             Some("b")
         );
-        let e = next_page("GET /x", Some("a"), Some("a".into())).unwrap_err();
-        assert!(e.to_string().contains("repeat"), "{e}");
-        assert!(!e.is_retriable());
+        // A repeated token ends the listing (its page is already taken).
+        assert_eq!(next_page("GET /x", Some("a"), Some("a".into())), None);
     }
 
     #[test]

@@ -185,7 +185,7 @@ impl DatabricksClient {
             let page: P = self.api.request(Method::GET, route, path, &q, None).await?;
             let (items, next) = page.into_parts();
             out.extend(items);
-            match super::next_page(route, token.as_deref(), next)? {
+            match super::next_page(route, token.as_deref(), next) {
                 Some(t) => token = Some(t),
                 None => return Ok(out),
             }
