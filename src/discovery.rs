@@ -466,6 +466,8 @@ pub async fn discover(
                     },
                 );
             }
+            // Sorted below: the inventory entries (and their hashes) must not depend on the
+            // order Unity Catalog lists tables in.
             TableKind::OtelSpans => inv.otel_span_tables.push(full),
             TableKind::Other => {
                 tracing::debug!(table = %full, "not an inference or trace table; ignored")
@@ -585,6 +587,7 @@ pub async fn discover(
     };
     inv.tools = functions.into_iter().map(|f| f.full_name).collect();
     inv.tools.sort();
+    inv.otel_span_tables.sort();
 
     let models = match client.list_models(catalog, schema).await {
         Ok(m) => m,

@@ -5,7 +5,8 @@
 //! The record is `GET /serving-endpoints/<endpoint>` (agents without an endpoint:
 //! `GET /tables/<catalog.schema.table>`, or `GET /apps/<app>` for an app with no table) on the
 //! agent's host; its response payload is the agent's inventory entry as JSON. Once per change of
-//! the agent's description: the unit id is `<agent>#<config hash>` in the state namespace
+//! the agent's description: the unit id is `<agent>#<config hash>` (`<agent>@<record path>#...`
+//! when two agents share a name) in the state namespace
 //! `inventory`, where the hash covers the whole entry (served models and versions, task, tools,
 //! tables, tags, app, experiment) and the agent's Akto host. A record is sent when that hash is
 //! not the one of the agent's LAST delivered record (the newest `<agent>#...` id by delivery
@@ -156,18 +157,29 @@ pub fn inventory_units(
             return Vec::new();
         }
     };
+    // Two agents of one name (an endpoint and a table-only agent, say) are told apart by their
+    // record's path, or each cycle would re-send the one that was not last.
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for a in &inv.agents {
+        *names.entry(a.name.as_str()).or_default() += 1;
+    }
     inv.agents
         .iter()
         .filter_map(|a| {
             let host = inv.agent_host(&a.name, workspace_host);
             let e = entry(a, inv);
             let h = config_hash(&e, &host);
-            if last.get(&a.name) == Some(&h) {
+            let key = if names.get(a.name.as_str()).is_some_and(|n| *n > 1) {
+                format!("{}@{}", a.name, inventory_path(a))
+            } else {
+                a.name.clone()
+            };
+            if last.get(&key) == Some(&h) {
                 return None;
             }
             let records = vec![inventory_record(a, &e, &h, &host, account_id, now_us)];
             Some(Prepared {
-                id: format!("{}#{h}", a.name),
+                id: format!("{key}#{h}"),
                 time_us,
                 agent: a.name.clone(),
                 host,

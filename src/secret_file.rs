@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 
-/// The secret in a file's (or a variable's) content: the text without surrounding whitespace
-/// and line breaks (`echo` adds one; a secret never starts or ends with a space); None when
-/// nothing is left.
+/// The secret in a file's (or a variable's) content: the text without a leading byte order mark
+/// (PowerShell's `Set-Content -Encoding UTF8` writes one) and without surrounding whitespace and
+/// line breaks (`echo` adds one; a secret never starts or ends with a space); None when nothing
+/// is left.
 pub(crate) fn secret_text(content: &str) -> Option<&str> {
+    let content = content.trim_start_matches('\u{feff}');
     Some(content.trim()).filter(|s| !s.is_empty())
 }
 
@@ -173,5 +175,9 @@ mod tests {
         assert_eq!(f.read().0.expose_secret(), "fourth");
         assert_eq!(secret_text(" \r\n\t"), None);
         assert!(has_control("a\u{7f}b") && !has_control("eyJ.a-b_c"));
+        // A byte order mark (PowerShell's UTF-8) is no part of the secret.
+        std::fs::write(&path, "\u{feff}sixth\r\n").unwrap();
+        assert_eq!(f.read().0.expose_secret(), "sixth");
+        assert_eq!(secret_text("\u{feff}\r\n"), None);
     }
 }

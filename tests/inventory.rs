@@ -178,3 +178,44 @@ async fn inventory_record_again_when_the_description_goes_back_or_the_host_chang
     assert!(inventory::inventory_units(&moved, "127.0.0.1", "1000000", &state, now).is_empty());
     emu.shutdown().await;
 }
+
+/// Two agents of one name (an endpoint, and a table-only agent whose table the endpoint no
+/// longer claims) are two records, each sent once: before, each cycle re-sent the one whose
+/// description was not the last one delivered under that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_of_one_name_are_each_sent_once() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let mut inv = discovery::discover(&c, "workspace", "default", "")
+        .await
+        .unwrap();
+    let with_table = inv
+        .agents
+        .iter()
+        .find(|a| a.endpoint.is_some() && a.table.is_some())
+        .expect("an endpoint agent with a table")
+        .clone();
+    let mut table_only = with_table.clone();
+    table_only.endpoint = None;
+    table_only.task = None;
+    let mut endpoint_only = with_table;
+    endpoint_only.table = None;
+    inv.agents.retain(|a| a.name != endpoint_only.name);
+    inv.agents.push(endpoint_only);
+    inv.agents.push(table_only);
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let now = chrono::Utc::now().timestamp_micros();
+    let first = inventory::inventory_units(&inv, "127.0.0.1", "1000000", &state, now);
+    assert_eq!(first.len(), inv.agents.len());
+    deliver(&state, &first);
+    for cycle in 1..=3 {
+        let again = inventory::inventory_units(&inv, "127.0.0.1", "1000000", &state, now + cycle);
+        assert!(
+            again.is_empty(),
+            "cycle {cycle} re-sent {:?}",
+            again.iter().map(|u| &u.id).collect::<Vec<_>>()
+        );
+    }
+    emu.shutdown().await;
+}
