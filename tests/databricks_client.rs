@@ -563,3 +563,37 @@ async fn a_slow_refresh_does_not_hold_up_the_other_requests() {
     );
     emu.shutdown().await;
 }
+
+/// A statement that ends FAILED for a passing reason on the warehouse (`INTERNAL_ERROR`, here an
+/// injected fault) may succeed when run again; one refused as bad SQL (`BAD_REQUEST`) cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_statement_is_retriable_only_for_a_passing_reason() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    c.authenticate().await.unwrap();
+    emu.set_faults("route=/api/2.0/sql/statements,kind=fail,count=1")
+        .unwrap();
+    let st = statement(&emu, Duration::from_secs(30));
+    let Err(e) = c.execute(&st).await else {
+        panic!("the injected fault fails the statement")
+    };
+    assert!(
+        matches!(&e, DatabricksError::Statement { state, error_code, .. }
+            if state == "FAILED" && error_code == "INTERNAL_ERROR"),
+        "{e}"
+    );
+    assert!(e.is_retriable(), "{e}");
+    emu.set_faults("").unwrap();
+    let mut bad = statement(&emu, Duration::from_secs(30));
+    bad.statement = format!("SELEC databricks_request_id FROM {}", bad.table);
+    let Err(e) = c.execute(&bad).await else {
+        panic!("bad SQL fails")
+    };
+    assert!(
+        matches!(&e, DatabricksError::Statement { state, error_code, .. }
+            if state == "FAILED" && error_code == "BAD_REQUEST"),
+        "{e}"
+    );
+    assert!(!e.is_retriable(), "{e}");
+    emu.shutdown().await;
+}

@@ -688,10 +688,9 @@ impl DatabricksClient {
         DatabricksError::Statement {
             table: st.table.clone(),
             state: state.to_string(),
+            retriable: state != "FAILED" || failed_transiently(&code),
             error_code: code,
             message,
-            // A cancelled or closed statement can be run again; bad SQL cannot.
-            retriable: state != "FAILED",
         }
     }
 
@@ -727,4 +726,22 @@ impl DatabricksClient {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Whether a statement that ended `FAILED` with this `error_code` may succeed when run again: a
+/// cancelled or closed statement can, and so can one the warehouse failed for a passing reason
+/// (the Statement Execution API's `ServiceErrorCode`s below); bad SQL or a missing table cannot.
+fn failed_transiently(code: &str) -> bool {
+    matches!(
+        code,
+        "ABORTED"
+            | "CANCELLED"
+            | "DEADLINE_EXCEEDED"
+            | "INTERNAL_ERROR"
+            | "IO_ERROR"
+            | "RESOURCE_EXHAUSTED"
+            | "SERVICE_UNDER_MAINTENANCE"
+            | "TEMPORARILY_UNAVAILABLE"
+            | "WORKSPACE_TEMPORARILY_UNAVAILABLE"
+    )
 }
