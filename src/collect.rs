@@ -109,6 +109,9 @@ pub struct TableStats {
     pub duplicates_skipped: u64,
     /// Late rows found behind the cursor.
     pub late_found: u64,
+    /// Payloads (or span attributes) read cut because their row alone was larger than a
+    /// statement may return ([`read_cut`](TableReader::read_cut)); each carries a cut marker.
+    pub payloads_cut: u64,
     /// The oldest time the next read must still reach back to: an unfinished MLflow trace's
     /// start (read when it has ended). `None`: the usual lookback.
     pub hold_from: Option<i64>,
@@ -194,6 +197,29 @@ impl Dialect {
                 out.push_str(c);
             }
         }
+        out
+    }
+
+    /// [`select_list`](Self::select_list) for a row too large for one statement: the payloads
+    /// cut to `caps` characters (request, response), and their full sizes in bytes
+    /// (`request_bytes`, `response_bytes`) to name in the cut markers.
+    fn cut_select_list(&self, table_columns: &[String], caps: &[usize]) -> String {
+        let list = self.select_list(table_columns);
+        let cap = |i: usize| caps.get(i).copied().unwrap_or(0);
+        let mut out = String::with_capacity(list.len() + 128);
+        for (i, c) in list.split(", ").enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            match c {
+                "request" => out.push_str(&format!("left(request, {}) AS request", cap(0))),
+                "response" => out.push_str(&format!("left(response, {}) AS response", cap(1))),
+                other => out.push_str(other),
+            }
+        }
+        out.push_str(
+            ", octet_length(request) AS request_bytes, octet_length(response) AS response_bytes",
+        );
         out
     }
 
@@ -457,6 +483,50 @@ fn too_large(table: &str) -> CollectError {
     })
 }
 
+/// What the texts of a row too large for one statement may take together when read cut: half the
+/// statement byte limit, leaving room for their JSON escapes and the other columns.
+pub(crate) const CUT_BUDGET_BYTES: usize = crate::databricks::sql::INLINE_BYTE_LIMIT / 2;
+
+/// Caps, in characters, for texts of `(characters, bytes)` so that together they take about
+/// `budget` bytes: a text within its share stays whole, the larger ones share the rest equally
+/// (so a short prompt next to a huge response is never cut).
+pub(crate) fn water_fill(texts: &[(usize, usize)], budget: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].1);
+    let mut caps = vec![0; texts.len()];
+    let mut left = budget;
+    for (k, &i) in order.iter().enumerate() {
+        let (chars, bytes) = texts[i];
+        let share = left / (texts.len() - k);
+        if bytes <= share {
+            caps[i] = chars;
+            left -= bytes;
+        } else {
+            // Bytes to characters at this text's own density.
+            caps[i] = (share as u128 * chars as u128 / bytes.max(1) as u128) as usize;
+            left -= share;
+        }
+    }
+    caps
+}
+
+/// Marks a payload read cut: its text followed by the cut marker naming `original` bytes, when
+/// the text read is shorter than that. Returns 1 when it was cut.
+fn mark_cut(p: &mut Option<JsonString>, original: Option<usize>) -> u64 {
+    match (p.as_ref(), original) {
+        (Some(lit), Some(orig)) if lit.text_len() < orig => {
+            let text = format!(
+                "{}{}",
+                lit.text(),
+                crate::traffic::record::truncation_marker(orig)
+            );
+            *p = Some(JsonString::encode(&text));
+            1
+        }
+        _ => 0,
+    }
+}
+
 /// Reads one table, sending chunks of new executions to `out`.
 pub struct TableReader<'a> {
     pub client: &'a DatabricksClient,
@@ -585,22 +655,40 @@ impl TableReader<'_> {
                 params.push(d.time_param("after_time", *t));
                 params.push(Param::new("after_id", id.clone(), "STRING"));
             }
-            let sql = format!(
-                "SELECT {cols} FROM {t} WHERE {date} >= :from_date{and}{conds} \
-                 ORDER BY {tc}, databricks_request_id LIMIT {limit}",
-                cols = d.select_list(&self.table.columns),
-                t = quote_table(&self.table.full_name),
+            let where_ = format!(
+                "{date} >= :from_date{and}{conds}",
                 date = d.date_col,
                 and = if conds.is_empty() { "" } else { " AND " },
                 conds = conds.join(" AND "),
+            );
+            let sql = format!(
+                "SELECT {cols} FROM {t} WHERE {where_} \
+                 ORDER BY {tc}, databricks_request_id LIMIT {limit}",
+                cols = d.select_list(&self.table.columns),
+                t = quote_table(&self.table.full_name),
                 tc = d.time_col,
             );
-            let rows = self.run(self.statement(sql, params), stats).await?;
+            let rows = self.run(self.statement(sql, params.clone()), stats).await?;
             // Cut by the byte limit: more rows follow even though the page is not full.
             let truncated = rows.truncated;
             let (n, bytes, last, _) = self.emit_rows(rows, None, out, stats).await?;
             if n == 0 && truncated {
-                return Err(too_large(&self.table.full_name));
+                // The next row alone is larger than a statement may return: read it with its
+                // payloads cut, then go on after it.
+                let (_, last) = self.read_cut(&where_, params, None, out, stats).await?;
+                match (last, &after) {
+                    (Some(key), Some((at, aid))) if (key.0, key.1.as_str()) > (*at, aid.as_str()) => {
+                        after = Some(key)
+                    }
+                    (Some(key), None) => after = Some(key),
+                    _ => {
+                        return Err(CollectError::Databricks(DatabricksError::Decode {
+                            route: self.table.full_name.clone(),
+                            detail: "a row too large for one statement was not found again, or has no readable request_time or id: cannot page further".into(),
+                        }))
+                    }
+                }
+                continue;
             }
             if n == 0 || (n < limit && !truncated) {
                 return Ok(());
@@ -639,6 +727,10 @@ impl TableReader<'_> {
         let d = self.dialect();
         let mut seen = HashSet::new();
         let cols = RowColumns::locate(d.format, |n| rows.column(n));
+        // Only a cut read ([`Self::read_cut`]) has these: the payloads' full sizes.
+        let full_sizes = (rows.column("request_bytes"), rows.column("response_bytes"));
+        let size =
+            |row: &Row, i: Option<usize>| cell(row, i).and_then(|s| s.trim().parse::<usize>().ok());
         let mut n = 0usize;
         let mut bytes = 0usize;
         let mut last = None;
@@ -656,8 +748,13 @@ impl TableReader<'_> {
             stats.bytes_returned += chunk_bytes as u64;
             let mut keyed = Vec::with_capacity(chunk.len());
             for row in chunk {
+                let full = (size(&row, full_sizes.0), size(&row, full_sizes.1));
                 match execution_from_row(&self.table.full_name, d.format, &cols, row) {
-                    Ok(x) => keyed.push(x),
+                    Ok((t, mut e)) => {
+                        stats.payloads_cut +=
+                            mark_cut(&mut e.request, full.0) + mark_cut(&mut e.response, full.1);
+                        keyed.push((t, e))
+                    }
                     Err(bad) => unreadable.push(bad),
                 }
             }
@@ -690,6 +787,83 @@ impl TableReader<'_> {
             }
         }
         Ok((n, bytes, last, seen))
+    }
+
+    /// Reads the first row (in keyset order) of `where_` (with `params`), a row larger than a
+    /// statement may return, with its payloads cut to fit: first its id and payload sizes, then
+    /// the row with the payloads cut to share [`CUT_BUDGET_BYTES`] (halved while the result is
+    /// still cut), each cut payload ending with the marker naming its full size. Emits it like
+    /// any row. Returns (rows emitted, its key); (0, None) when no row matches any more.
+    async fn read_cut(
+        &self,
+        where_: &str,
+        mut params: Vec<Param>,
+        wanted: Option<&HashSet<String>>,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(usize, Option<(i64, String)>), CollectError> {
+        let d = self.dialect();
+        let t = quote_table(&self.table.full_name);
+        let sql = format!(
+            "SELECT databricks_request_id, length(request) AS request_chars, \
+             octet_length(request) AS request_bytes, length(response) AS response_chars, \
+             octet_length(response) AS response_bytes FROM {t} WHERE {where_} \
+             ORDER BY {tc}, databricks_request_id LIMIT 1",
+            tc = d.time_col
+        );
+        let found = self.run(self.statement(sql, params.clone()), stats).await?;
+        let (found, cut) = found.collect_prefix().await?;
+        let Some(row) = found.first() else {
+            return if cut {
+                Err(too_large(&self.table.full_name))
+            } else {
+                Ok((0, None))
+            };
+        };
+        let num = |i: usize| {
+            cell(row, Some(i))
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        let Some(id) = cell(row, Some(0)).map(Cow::into_owned) else {
+            return Err(too_large(&self.table.full_name));
+        };
+        let texts = [(num(1), num(2)), (num(3), num(4))];
+        params.push(Param::new("cut_id", id.clone(), "STRING"));
+        let mut budget = ((texts[0].1 + texts[1].1) / 2).min(CUT_BUDGET_BYTES);
+        // Halving from at most 6 MiB reaches 0 within 24 rounds.
+        for _ in 0..32 {
+            let caps = water_fill(&texts, budget);
+            let sql = format!(
+                "SELECT {cols} FROM {t} WHERE {where_} AND databricks_request_id = :cut_id \
+                 ORDER BY {tc}, databricks_request_id LIMIT 1",
+                cols = d.cut_select_list(&self.table.columns, &caps),
+                tc = d.time_col
+            );
+            let rows = self.run(self.statement(sql, params.clone()), stats).await?;
+            if !rows.truncated {
+                let cut_before = stats.payloads_cut;
+                let (n, _, last, _) = self.emit_rows(rows, wanted, out, stats).await?;
+                tracing::warn!(
+                    "{}: request {id} is larger than one statement may return ({} MiB): read with \
+                     its payloads cut to {} and {} characters (full sizes {} and {} bytes); {} \
+                     payload(s) carry a cut marker",
+                    self.table.full_name,
+                    crate::databricks::sql::INLINE_BYTE_LIMIT >> 20,
+                    caps[0],
+                    caps[1],
+                    texts[0].1,
+                    texts[1].1,
+                    stats.payloads_cut - cut_before
+                );
+                return Ok((n, last));
+            }
+            if budget == 0 {
+                break;
+            }
+            budget /= 2;
+        }
+        Err(too_large(&self.table.full_name))
     }
 
     /// Finds rows at or before the cursor that are not delivered yet, and emits them.
@@ -1043,10 +1217,28 @@ impl TableReader<'_> {
             let truncated = rows.truncated;
             let (n, _, _, seen) = self.emit_rows(rows, Some(&wanted), out, stats).await?;
             if truncated {
-                // Cut by the byte limit: fetch the rest of this group again, in smaller groups.
                 if n == 0 {
-                    return Err(too_large(&self.table.full_name));
+                    if let [id] = group {
+                        // This row alone is larger than a statement may return: read it cut.
+                        let params = vec![
+                            Param::new("from_date", date_of(floor), "DATE"),
+                            Param::new("id0", id.clone(), "STRING"),
+                        ];
+                        let where_ = format!(
+                            "{} >= :from_date AND databricks_request_id = :id0",
+                            d.date_col
+                        );
+                        self.read_cut(&where_, params, Some(&wanted), out, stats)
+                            .await?;
+                        continue;
+                    }
+                    // Which of them is too large is not known: ask again in halves.
+                    let (a, b) = group.split_at(group.len() / 2);
+                    Box::pin(self.fetch_ids(a.to_vec(), out, stats)).await?;
+                    Box::pin(self.fetch_ids(b.to_vec(), out, stats)).await?;
+                    continue;
                 }
+                // Cut by the byte limit: fetch the rest of this group again, in smaller groups.
                 let rest: Vec<String> = group
                     .iter()
                     .filter(|id| !seen.contains(*id))
@@ -1062,6 +1254,25 @@ impl TableReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_read_keeps_short_texts_whole_and_shares_the_rest() {
+        // A short prompt next to a huge response: the prompt stays whole.
+        assert_eq!(
+            water_fill(&[(100, 100), (10_000, 10_000)], 1000),
+            vec![100, 900]
+        );
+        // Both large: halves.
+        assert_eq!(
+            water_fill(&[(4000, 4000), (8000, 8000)], 1000),
+            vec![500, 500]
+        );
+        // Characters of several bytes: the cap is in characters at the text's own density.
+        assert_eq!(water_fill(&[(1000, 4000)], 400), vec![100]);
+        // Everything fits: nothing is cut.
+        assert_eq!(water_fill(&[(10, 10), (20, 20)], 1000), vec![10, 20]);
+        assert_eq!(water_fill(&[(10, 10)], 0), vec![0]);
+    }
 
     #[test]
     fn timestamps_round_trip_in_microseconds() {

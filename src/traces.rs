@@ -413,7 +413,7 @@ fn span_record(
         MAX_RECORD_PAYLOAD_BYTES,
         &mut cut,
     );
-    AktoRecord {
+    let mut record = AktoRecord {
         path: fit(&path, MAX_STRING_BYTES, &mut cut),
         method: "POST".into(),
         request_headers: h.encode(),
@@ -431,7 +431,11 @@ fn span_record(
         is_pending: "false".into(),
         source: "MIRRORING".into(),
         tag: tag.encode(),
-    }
+    };
+    // The content-type was chosen from the whole inputs: cut ones go out as text, or Akto would
+    // drop the record as incomplete JSON.
+    crate::traffic::record::settle_request_content_type(&mut record);
+    record
 }
 
 /// The call id of a tool-call record (`/tools/<name>` with an `x-tool-call-id` request header),
@@ -1173,6 +1177,176 @@ where
     Ok(by_trace)
 }
 
+/// An attribute value this long or shorter is never cut by a cut read.
+const KEEP_WHOLE_BYTES: usize = 1024;
+
+/// Attributes of one span that a cut read selects one by one, at most.
+const MAX_CUT_ATTRIBUTES: usize = 256;
+
+/// The first span of trace `id` after span `after` (in `span_id` order), one larger than a
+/// statement may return, read with its attribute values cut to fit: first its span id and
+/// attribute keys (`map_keys`), then each value's size, then the span with each value cut
+/// (`left(element_at(attributes, key), n)`) to share [`crate::collect`]'s cut budget (halved
+/// while the result is still cut), a cut value ending with the marker naming its full size.
+/// `None` when no span follows any more.
+async fn read_cut_span<F>(
+    client: &DatabricksClient,
+    statement: &F,
+    table: &str,
+    id: &str,
+    after: Option<&str>,
+    stats: &mut TableStats,
+) -> Result<Option<Span>, CollectError>
+where
+    F: Fn(String, Vec<Param>) -> Statement,
+{
+    let t = quote_table(table);
+    let too_large = || row_too_large(table, &format!("a span of trace {id}"));
+    let mut params = vec![Param::new("t0", id.to_string(), "STRING")];
+    let keyset = match after {
+        Some(a) => {
+            params.push(Param::new("after_span", a.to_string(), "STRING"));
+            " AND span_id > :after_span"
+        }
+        None => "",
+    };
+    let sql = format!(
+        "SELECT span_id, map_keys(attributes) AS attribute_keys FROM {t} \
+         WHERE trace_id = :t0{keyset} ORDER BY span_id LIMIT 1"
+    );
+    let (rows, cut) = read_prefix(client, statement(sql, params), stats).await?;
+    let Some(row) = rows.first() else {
+        return if cut { Err(too_large()) } else { Ok(None) };
+    };
+    let Some(span_id) = row.first().and_then(Cell::text).map(Cow::into_owned) else {
+        return Err(too_large());
+    };
+    let keys: Vec<String> = row
+        .get(1)
+        .and_then(Cell::text)
+        .and_then(|k| serde_json::from_str(&k).ok())
+        .unwrap_or_default();
+    if keys.len() > MAX_CUT_ATTRIBUTES {
+        return Err(row_too_large(
+            table,
+            &format!("a span of trace {id} with more than {MAX_CUT_ATTRIBUTES} attributes"),
+        ));
+    }
+    let mut params = vec![
+        Param::new("t0", id.to_string(), "STRING"),
+        Param::new("s0", span_id.clone(), "STRING"),
+    ];
+    for (i, k) in keys.iter().enumerate() {
+        params.push(Param::new(format!("k{i}"), k.clone(), "STRING"));
+    }
+    let mut texts = vec![(0usize, 0usize); keys.len()];
+    if !keys.is_empty() {
+        let cols: Vec<String> = (0..keys.len())
+            .map(|i| {
+                format!(
+                    "length(element_at(attributes, :k{i})) AS c{i}, \
+                     octet_length(element_at(attributes, :k{i})) AS b{i}"
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {t} WHERE trace_id = :t0 AND span_id = :s0",
+            cols.join(", ")
+        );
+        let (rows, cut) = read_prefix(client, statement(sql, params.clone()), stats).await?;
+        let Some(row) = rows.first().filter(|_| !cut) else {
+            return if cut { Err(too_large()) } else { Ok(None) };
+        };
+        let num = |i: usize| {
+            row.get(i)
+                .and_then(Cell::text)
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        for (i, t) in texts.iter_mut().enumerate() {
+            *t = (num(2 * i), num(2 * i + 1));
+        }
+    }
+    // Small values (the span type, ids, model names) are never cut; the large ones share the
+    // budget.
+    let large: Vec<usize> = (0..texts.len())
+        .filter(|&i| texts[i].1 > KEEP_WHOLE_BYTES)
+        .collect();
+    let large_texts: Vec<(usize, usize)> = large.iter().map(|&i| texts[i]).collect();
+    let total: usize = large_texts.iter().map(|t| t.1).sum();
+    let mut budget = (total / 2).min(crate::collect::CUT_BUDGET_BYTES);
+    for _ in 0..32 {
+        let mut caps: Vec<usize> = texts.iter().map(|t| t.0).collect();
+        for (&i, cap) in large
+            .iter()
+            .zip(crate::collect::water_fill(&large_texts, budget))
+        {
+            caps[i] = cap;
+        }
+        let cols: String = caps
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!(", left(element_at(attributes, :k{i}), {c}) AS a{i}"))
+            .collect();
+        let sql = format!(
+            "SELECT trace_id, span_id, parent_span_id, name, start_time_unix_nano, \
+             end_time_unix_nano, status{cols} FROM {t} WHERE trace_id = :t0 AND span_id = :s0"
+        );
+        let (rows, cut) = read_prefix(client, statement(sql, params.clone()), stats).await?;
+        if cut {
+            if budget == 0 {
+                break;
+            }
+            budget /= 2;
+            continue;
+        }
+        let Some(mut r) = rows.into_iter().next() else {
+            return Ok(None);
+        };
+        let mut attributes = serde_json::Map::new();
+        let mut n_cut = 0u64;
+        for (i, k) in keys.iter().enumerate() {
+            let Some(v) = r.get(7 + i).and_then(Cell::text) else {
+                continue;
+            };
+            let v = if v.len() < texts[i].1 {
+                n_cut += 1;
+                format!(
+                    "{v}{}",
+                    crate::traffic::record::truncation_marker(texts[i].1)
+                )
+            } else {
+                v.into_owned()
+            };
+            attributes.insert(k.clone(), Value::String(v));
+        }
+        stats.payloads_cut += n_cut;
+        tracing::warn!(
+            "{table}: span {span_id} of trace {id} is larger than one statement may return ({} \
+             MiB): read with {n_cut} of its {} attribute values cut (a marker names each full \
+             size)",
+            crate::databricks::sql::INLINE_BYTE_LIMIT >> 20,
+            keys.len()
+        );
+        let mut take = |i: usize| Cell(r.get_mut(i).and_then(Cell::take_literal));
+        // The columns of SPAN_COLUMNS, in its order.
+        let cells = vec![
+            take(0),
+            take(1),
+            take(2),
+            take(3),
+            take(4),
+            take(5),
+            Cell(Some(crate::json::JsonString::encode(
+                &Value::Object(attributes).to_string(),
+            ))),
+            take(6),
+        ];
+        return Ok(otel_span(&cells, stats));
+    }
+    Err(too_large())
+}
+
 /// Every span of one trace, paged by `span_id` when they exceed one statement's byte limit.
 async fn fetch_trace_spans<F>(
     client: &DatabricksClient,
@@ -1201,7 +1375,20 @@ where
         );
         let (rows, cut) = read_prefix(client, statement(sql, params), stats).await?;
         if rows.is_empty() && cut {
-            return Err(row_too_large(table, &format!("a span of trace {id}")));
+            // The next span alone is larger than a statement may return: read it with its
+            // attribute values cut, then go on after it.
+            let span = read_cut_span(client, statement, table, id, after.as_deref(), stats)
+                .await?
+                .ok_or_else(|| row_too_large(table, &format!("a span of trace {id}")))?;
+            match &after {
+                Some(a) if span.span_id <= *a => {
+                    return Err(row_too_large(table, &format!("a span of trace {id}")))
+                }
+                _ => {}
+            }
+            after = Some(span.span_id.clone());
+            spans.push(span);
+            continue;
         }
         let last = rows
             .last()

@@ -355,7 +355,14 @@ async fn read_otel(
                 u.records.len(),
                 u.records
                     .iter()
-                    .map(|r| format!("{} {}", r.path, r.request_payload.text()))
+                    .map(|r| {
+                        format!(
+                            "{} {} {}",
+                            r.path,
+                            r.request_payload.text(),
+                            r.response_payload.text()
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join("|"),
             )
@@ -406,6 +413,65 @@ async fn otel_span_results_cut_at_the_byte_limit_lose_no_span() {
     emu.set_faults("").unwrap();
     emu.shutdown().await;
 }
+
+/// A span larger than one statement may return (here every span, the warehouse's byte limit
+/// lowered below them) is read with its attribute values cut: the same traces with the same
+/// span records, each payload either whole or its start followed by the marker naming its full
+/// size. Before, such a span stopped the table on every cycle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_spans_larger_than_a_statement_are_read_with_their_attributes_cut() {
+    // One TOOL span returned a 3 KB document; the limit holds every other span alone.
+    let mut cfg = emulator_config();
+    cfg.otel_output_bytes = 3000;
+    let emu = emulator(cfg).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let inv = discover(&emu).await;
+    let table = inv
+        .otel_span_tables
+        .first()
+        .expect("an OTel span table")
+        .clone();
+    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (_, want) = read_otel(&c, &state, &wh.id, &table, &inv).await;
+    assert_eq!(want.len(), 5);
+
+    emu.set_faults(
+        &format!("kind=byte_limit,bytes=BYTES,table={table},count=unlimited")
+            .replace("BYTES", &SPAN_LIMIT.to_string()),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (stats, got) = read_otel(&c, &state, &wh.id, &table, &inv).await;
+    emu.set_faults("").unwrap();
+    assert!(stats.payloads_cut > 0, "some attribute was cut: {stats:?}");
+    assert_eq!(got.len(), want.len(), "{got:?}");
+    const MARKER: &str = "...[truncated by databricks-shield: original ";
+    let mut cut = 0;
+    for ((id, n, records), (wid, wn, wrecords)) in got.iter().zip(&want) {
+        assert_eq!((id, n), (wid, wn), "the same traces with as many records");
+        for (r, w) in records.split('|').zip(wrecords.split('|')) {
+            if r == w {
+                continue;
+            }
+            let at = r
+                .find(MARKER)
+                .unwrap_or_else(|| panic!("{r} differs from {w} without a marker"));
+            assert!(w.starts_with(&r[..at]), "{r} is a start of {w}");
+            cut += 1;
+        }
+    }
+    assert_eq!(
+        cut, 1,
+        "the large span's record carries a cut payload, no other"
+    );
+    emu.shutdown().await;
+}
+
+/// A byte limit below the large span, above every other span alone.
+const SPAN_LIMIT: usize = 700;
 
 /// A result cut at the byte limit is refused by `collect_all` (never taken for the whole).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

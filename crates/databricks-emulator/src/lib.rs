@@ -57,6 +57,9 @@ pub struct EmulatorConfig {
     pub chunk_rows: usize,
     /// Approximate size of each request+response payload in bytes.
     pub payload_bytes: usize,
+    /// Bytes of `mlflow.spanOutputs` on one TOOL span of the OTel span table (0: none), to make
+    /// a span as large as a test needs (e.g. larger than a statement may return).
+    pub otel_output_bytes: usize,
     /// The end of the generated initial hour, µs since the epoch (None: the moment it starts).
     /// Two emulators with the same seed and anchor hold the same rows, with the same times: a
     /// workspace that restarts, not a new one.
@@ -83,6 +86,7 @@ impl Default for EmulatorConfig {
             token_ttl_secs: 3600,
             chunk_rows: 1000,
             payload_bytes: 1500,
+            otel_output_bytes: 0,
             anchor_us: None,
             no_metastore: false,
         }
@@ -234,11 +238,13 @@ impl Emulator {
             now_ms,
         ));
         let (l2, pb, seed, rows) = (layout.clone(), cfg.payload_bytes, cfg.seed, cfg.rows);
-        let store = tokio::task::spawn_blocking(move || Store::open(l2, pb, seed, rows, anchor_us))
-            .await
-            .map_err(|e| {
-                EmulatorError::Storage(format!("store initialisation task failed: {e}"))
-            })??;
+        let ob = cfg.otel_output_bytes;
+        let store =
+            tokio::task::spawn_blocking(move || Store::open(l2, (pb, ob), seed, rows, anchor_us))
+                .await
+                .map_err(|e| {
+                    EmulatorError::Storage(format!("store initialisation task failed: {e}"))
+                })??;
         let mut f = faults::Faults::default();
         f.replace(rules);
         let shared = Arc::new(Shared {

@@ -119,6 +119,7 @@ async fn main() -> std::process::ExitCode {
         token_ttl_secs: c.token_ttl_secs,
         chunk_rows: c.chunk_rows,
         payload_bytes: c.payload_bytes,
+        otel_output_bytes: 0,
         anchor_us: c.anchor_unix_ms.map(|ms| ms.saturating_mul(1000)),
         no_metastore: c.no_metastore,
     };

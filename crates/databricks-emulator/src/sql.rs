@@ -623,6 +623,8 @@ pub(crate) fn translate(
                     match lower.as_str() {
                         "if" => out.push_str("iif"),
                         "get_json_object" => out.push_str("json_extract"),
+                        // `LEFT` is a join keyword to SQLite.
+                        "left" => out.push_str("emu_left"),
                         "date" => out.push_str("to_date"),
                         "cast" | "try_cast" => {
                             out.push_str("emu_cast");

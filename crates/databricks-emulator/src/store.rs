@@ -101,6 +101,8 @@ pub(crate) struct Store {
     next_reader: AtomicUsize,
     layout: Arc<Layout>,
     payload_bytes: usize,
+    /// `EmulatorConfig::otel_output_bytes`.
+    otel_output_bytes: usize,
     rng: Mutex<Rng>,
     rows_total: AtomicU64,
     /// Per agent: the first initial rows whose execution MLflow traces mirror (see [`MirroredRow`]).
@@ -277,6 +279,43 @@ fn register_functions(
             }
         })
     })?;
+    // Spark's `left(str, len)`: the first `len` characters (none when `len` <= 0).
+    conn.create_scalar_function("emu_left", 2, det, |ctx| {
+        Ok(match (arg_text(ctx, 0), arg_i64(ctx, 1)) {
+            (Some(s), Some(n)) => Some(match usize::try_from(n) {
+                Ok(n) => s.chars().take(n).collect::<String>(),
+                Err(_) => String::new(),
+            }),
+            _ => None,
+        })
+    })?;
+    // Spark's `octet_length(str)`: bytes of its UTF-8 form (SQLite's `length` counts characters,
+    // as Spark's does).
+    conn.create_scalar_function("octet_length", 1, det, |ctx| {
+        Ok(arg_text(ctx, 0).map(|s| s.len() as i64))
+    })?;
+    // MAP<STRING,STRING> columns are kept as JSON object text. `element_at(map, key)`: the value
+    // (NULL when the key is absent); `map_keys(map)`: the keys as an ARRAY<STRING> (JSON text).
+    conn.create_scalar_function("element_at", 2, det, |ctx| {
+        let map = arg_text(ctx, 0).and_then(|m| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&m).ok()
+        });
+        Ok(match (map, arg_text(ctx, 1)) {
+            (Some(m), Some(k)) => m.get(&k).and_then(|v| match v {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(s.clone()),
+                other => Some(other.to_string()),
+            }),
+            _ => None,
+        })
+    })?;
+    conn.create_scalar_function("map_keys", 1, det, |ctx| {
+        Ok(arg_text(ctx, 0)
+            .and_then(|m| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&m).ok()
+            })
+            .map(|m| serde_json::Value::from(m.keys().cloned().collect::<Vec<_>>()).to_string()))
+    })?;
     conn.create_scalar_function("size", 1, det, |ctx| {
         Ok(match arg_text(ctx, 0) {
             Some(s) => match serde_json::from_str::<serde_json::Value>(&s) {
@@ -367,7 +406,7 @@ impl Store {
     /// Create the database, the schema and the initial rows.
     pub(crate) fn open(
         layout: Arc<Layout>,
-        payload_bytes: usize,
+        (payload_bytes, otel_output_bytes): (usize, usize),
         seed: u64,
         initial_rows: usize,
         anchor_us: i64,
@@ -390,6 +429,7 @@ impl Store {
             next_reader: AtomicUsize::new(0),
             layout,
             payload_bytes,
+            otel_output_bytes,
             rng: Mutex::new(Rng::new(seed ^ 0xD47A)),
             rows_total: AtomicU64::new(0),
             mirrored: Vec::new(),
@@ -598,8 +638,26 @@ impl Store {
                         } else {
                             status("STATUS_CODE_OK", "")
                         };
-                        st.execute(params![trace, rng.hex(16), root, tool, "SPAN_KIND_INTERNAL", start + 100_000_000, start + 300_000_000,
-                            serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"query\":\"status\"}"}).to_string(), tool_status])?;
+                        let mut attributes = serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"query\":\"status\"}"});
+                        if k == 1 && self.otel_output_bytes > 0 {
+                            // A tool that returned a large document (JSON text, quotes escaped
+                            // once more inside the map's JSON).
+                            let rows = "{\"line\":\"lorem ipsum dolor\"},"
+                                .repeat(self.otel_output_bytes / 29 + 1);
+                            attributes["mlflow.spanOutputs"] =
+                                format!("{{\"rows\":[{}]}}", rows.trim_end_matches(',')).into();
+                        }
+                        st.execute(params![
+                            trace,
+                            rng.hex(16),
+                            root,
+                            tool,
+                            "SPAN_KIND_INTERNAL",
+                            start + 100_000_000,
+                            start + 300_000_000,
+                            attributes.to_string(),
+                            tool_status
+                        ])?;
                         // The oldest trace gets a second root span, the newest of all (a
                         // follow-up run in the same trace): it is still one trace.
                         if k + 1 == l.agents.len().min(8) {

@@ -466,3 +466,36 @@ async fn inline_limit_25_mib() {
     assert_eq!(v["status"]["state"], "SUCCEEDED");
     env.emu.shutdown().await;
 }
+
+/// The Spark built-ins a cut read of a too-large row uses: `left` (characters), `octet_length`
+/// (UTF-8 bytes), and `element_at` / `map_keys` over a MAP<STRING,STRING> column.
+#[tokio::test]
+async fn cut_read_builtins_behave_like_spark() {
+    let env = default_env().await;
+    let v = env
+        .sql(
+            "SELECT left('héllo', 2) AS a, left('abc', 0) AS b, octet_length('héllo') AS c, \
+             length('héllo') AS d FROM `workspace`.`default`.`support_bot_payload` LIMIT 1",
+            json!([]),
+        )
+        .await;
+    assert_eq!(v["status"]["state"], "SUCCEEDED", "{v}");
+    assert_eq!(
+        v["result"]["data_array"][0],
+        json!(["hé", "", "6", "5"]),
+        "{v}"
+    );
+    let v = env
+        .sql(
+            "SELECT map_keys(attributes) AS k, element_at(attributes, 'mlflow.spanType') AS t, \
+             element_at(attributes, 'absent') AS n FROM `workspace`.`default`.`agent_traces_otel_spans` LIMIT 1",
+            json!([]),
+        )
+        .await;
+    assert_eq!(v["status"]["state"], "SUCCEEDED", "{v}");
+    let row = &v["result"]["data_array"][0];
+    let keys: Vec<String> = serde_json::from_str(row[0].as_str().unwrap()).unwrap();
+    assert!(keys.contains(&"mlflow.spanType".to_string()), "{row}");
+    assert!(row[1].is_string() && row[2].is_null(), "{row}");
+    env.emu.shutdown().await;
+}
