@@ -118,6 +118,50 @@ impl JsonString {
         }
         None
     }
+
+    /// Whether Akto's runtime would take this text for a possibly incomplete JSON document (see
+    /// [`possibly_incomplete_json`]), looking only at the literal's first and last bytes in the
+    /// common case: the text is decoded only when it starts with whitespace or an escape, or
+    /// when it starts like JSON and an escape may end it.
+    pub fn possibly_incomplete_json(&self) -> bool {
+        let inner = &self.0.as_bytes()[1..self.0.len() - 1];
+        let (Some(&first), Some(&last)) = (inner.first(), inner.last()) else {
+            return false;
+        };
+        let close = match first {
+            b'{' => b'}',
+            b'[' => b']',
+            // The text starts with a character that opens no JSON and that no trim removes
+            // (a byte >= 0x80 starts a non-ASCII character; Java's trim keeps those).
+            b if b > b' ' && b != b'\\' => return false,
+            // Whitespace or an escape first: decode.
+            _ => return possibly_incomplete_json(&self.text()),
+        };
+        // `}` and `]` never end an escape: the text ends with `close`, and nothing is trimmed.
+        if last == close {
+            return false;
+        }
+        // Every escape has its backslash within its last 6 bytes: without one there, `last` is
+        // the text's own last character, which is not `close`.
+        if !inner[inner.len().saturating_sub(6)..].contains(&b'\\') {
+            return true;
+        }
+        possibly_incomplete_json(&self.text())
+    }
+}
+
+/// Whether Akto's runtime drops a request body `text` as possibly incomplete JSON when the
+/// request's `content-type` is `application/json` (or missing, which Akto takes for it): the
+/// text starts with `{` but does not end with `}`, or starts with `[` but does not end with `]`.
+/// Checked on the text as is and trimmed as Java's `String.trim` does (characters up to U+0020;
+/// one Akto version trims first, another does not): either firing counts. A cut payload
+/// (`{"messages":[... ...[truncated by databricks-shield: original N bytes]`) is one; so is a
+/// complete document followed by a newline.
+pub fn possibly_incomplete_json(text: &str) -> bool {
+    fn fires(s: &str) -> bool {
+        (s.starts_with('{') && !s.ends_with('}')) || (s.starts_with('[') && !s.ends_with(']'))
+    }
+    fires(text) || fires(text.trim_matches(|c: char| c <= ' '))
 }
 
 impl From<&str> for JsonString {
@@ -331,6 +375,42 @@ mod tests {
         }
     }
 
+    #[test]
+    fn possibly_incomplete_json_is_what_akto_drops_as_such() {
+        for (text, want) in [
+            ("", false),
+            ("{}", false),
+            ("[1]", false),
+            ("{\"a\":", true),
+            ("[1,", true),
+            ("{\"a\":1]", true),
+            (
+                "{\"messages\":[1 ...[truncated by databricks-shield: original 9 bytes]",
+                true,
+            ),
+            // Akto without a trim sees a trailing newline; with a trim, a leading one.
+            ("{\"a\":1}\n", true),
+            ("\n {\"a\":", true),
+            ("[1]\r\n", true),
+            // Neither sees an incomplete document.
+            ("\t[1]\r\n", false),
+            ("  {}  ", false),
+            ("\u{1}{\"a\"", true),
+            ("hello {", false),
+            ("\u{a0}{\"a\":", false),
+            ("é{", false),
+            ("{\"q\":\"\\\"}\"", true),
+            ("{\"k\":\"}\"}", false),
+        ] {
+            assert_eq!(possibly_incomplete_json(text), want, "{text:?}");
+            let literal = JsonString::encode(text);
+            assert_eq!(literal.possibly_incomplete_json(), want, "{text:?}");
+            // The same text escaped otherwise (every character as `\uXXXX`).
+            let other = read(&literal_otherwise(text, &[0])).unwrap();
+            assert_eq!(other.possibly_incomplete_json(), want, "{text:?} escaped");
+        }
+    }
+
     /// `s` as a literal escaped otherwise than serde_json would (as another JSON writer may):
     /// per character, by `style`, `\uXXXX` (surrogate pairs above U+FFFF), `\/` or canonical.
     fn literal_otherwise(s: &str, style: &[u8]) -> String {
@@ -370,10 +450,25 @@ mod tests {
             prop_assert!(j.text_len() <= j.escaped_len());
             prop_assert_eq!(j.first_non_whitespace(), s.trim_start().chars().next());
             prop_assert_eq!(j.clone().into_text(), s.clone());
+            prop_assert_eq!(j.possibly_incomplete_json(), possibly_incomplete_json(&s));
             // Inside a document, it reads back as the same text.
             let doc = format!("{{\"p\":{}}}", j.literal());
             let v: serde_json::Value = serde_json::from_str(&doc).unwrap();
             prop_assert_eq!(v["p"].as_str(), Some(s.as_str()));
+        }
+
+        #[test]
+        fn the_first_and_last_bytes_decide_incomplete_json_as_the_text_would(
+            open in prop::sample::select(vec!["", "{", "[", " {", "\n[", "\u{1}{", "\\", "\""]),
+            body in any::<String>(),
+            close in prop::sample::select(vec!["", "}", "]", " ", "\n", "\\", "\"", "}\n", "\u{7f}", "é"]),
+            style in proptest::collection::vec(any::<u8>(), 1..8),
+        ) {
+            let s = format!("{open}{body}{close}");
+            let want = possibly_incomplete_json(&s);
+            prop_assert_eq!(JsonString::encode(&s).possibly_incomplete_json(), want);
+            let other = read(&literal_otherwise(&s, &style)).unwrap();
+            prop_assert_eq!(other.possibly_incomplete_json(), want);
         }
 
         #[test]

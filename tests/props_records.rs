@@ -257,7 +257,11 @@ proptest! {
                 for rec in &mapped.records {
                     match validate(rec) {
                         Ok(()) => batch.push(serde_json::from_str::<Value>(&encode(rec)).unwrap()),
-                        Err(_) => quarantined += 1,
+                        Err(v) => {
+                            // A cut (or broken) JSON request is sent as text, never refused.
+                            prop_assert_ne!(v.field, "requestPayload", "{}", v);
+                            quarantined += 1;
+                        }
                     }
                 }
                 prop_assert_eq!(batch.len() + quarantined, mapped.records.len());
@@ -313,4 +317,78 @@ fn a_payload_over_akto_limit_is_cut_not_refused() {
     let body = format!("{{\"batchData\":[{}]}}", encode(&m.records[0]));
     let checked = akto_standin::check_batch(body.as_bytes());
     assert!(checked.is_ok(), "{} bytes: {:?}", body.len(), checked.err());
+}
+
+/// The request `content-type` of an encoded record.
+fn request_content_type(rec: &Value) -> Option<String> {
+    let headers: Value = serde_json::from_str(rec["requestHeaders"].as_str()?).ok()?;
+    headers["content-type"].as_str().map(str::to_string)
+}
+
+#[test]
+fn a_cut_json_request_row_goes_out_as_text_and_akto_keeps_it() {
+    // The same 6 MiB JSON request as above: cut, it starts with `{` but ends with the marker.
+    let names: Vec<String> = AI_COLUMNS.iter().map(|s| s.to_string()).collect();
+    let cols = RowColumns::locate(TableFormat::AiGateway, |n| {
+        names.iter().position(|c| c == n)
+    });
+    let huge = format!(
+        "{{\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
+        "x".repeat(6 << 20)
+    );
+    let mut row: Row = vec![Cell(None); AI_COLUMNS.len()];
+    row[0] = Cell(Some("id-1".into()));
+    row[2] = Cell(Some("2026-01-01T00:00:00.000001Z".into()));
+    row[5] = Cell(Some(huge.as_str().into()));
+    row[6] = Cell(Some("{\"choices\":[]}".into()));
+    let (_, exec) = execution_from_row("c.s.t", TableFormat::AiGateway, &cols, row).unwrap();
+    let (host, path) = ctx_parts("c.s.t");
+    let ctx = AgentContext {
+        agent: "support_bot",
+        host: &host,
+        path: &path,
+        account_id: "1000000",
+    };
+    let m = map_execution(&ctx, &exec, &MapOptions::default());
+    assert_eq!(m.truncated_payloads, 1);
+    let rec: Value = serde_json::from_str(&encode(&m.records[0])).unwrap();
+    let payload = rec["requestPayload"].as_str().unwrap();
+    assert!(payload.starts_with("{\"messages\"") && payload.ends_with(" bytes]"));
+    assert_eq!(request_content_type(&rec).as_deref(), Some("text/plain"));
+    validate(&m.records[0]).unwrap();
+    akto_standin::check_record(&rec).unwrap();
+}
+
+#[test]
+fn a_span_with_huge_json_inputs_goes_out_as_text_and_akto_keeps_it() {
+    use databricks_shield::traces::{span_records, Span, TraceMeta, TraceSource};
+    let inputs = json!({"messages": [{"role": "user", "content": "y".repeat(6 << 20)}]});
+    let span = Span::from_json(&json!({
+        "trace_id": "tr-1", "span_id": "s1", "name": "chat",
+        "start_time_unix_nano": 1_700_000_000_000_000_000i64,
+        "attributes": {
+            "mlflow.spanType": "\"LLM\"",
+            "mlflow.spanInputs": inputs.to_string(),
+            "mlflow.spanOutputs": "{\"choices\":[]}",
+        },
+    }));
+    let source = TraceSource {
+        experiment_id: "1".into(),
+        agent: "support_bot".into(),
+        host: agent_host("support_bot", "adb-1.azuredatabricks.net"),
+        execution_path: None,
+    };
+    let meta = TraceMeta {
+        trace_id: "tr-1".into(),
+        ..Default::default()
+    };
+    let records = span_records(&source, "1000000", &meta, &[span]);
+    assert_eq!(records.len(), 1);
+    let rec: Value = serde_json::from_str(&encode(&records[0])).unwrap();
+    assert!(rec["requestPayload"]
+        .as_str()
+        .is_some_and(|p| p.starts_with("{\"messages\"") && p.ends_with(" bytes]")));
+    assert_eq!(request_content_type(&rec).as_deref(), Some("text/plain"));
+    validate(&records[0]).unwrap();
+    akto_standin::check_record(&rec).unwrap();
 }

@@ -9,7 +9,9 @@
 //!   "logging_error_codes":[...]}`; the codes are also in the response header
 //!   `x-databricks-logging-error-codes` (comma separated).
 //! - `content-type` is `application/json` when the payload starts like JSON (or is NULL), else
-//!   `text/plain`: non-JSON payloads are still sent, verbatim, as text.
+//!   `text/plain`: non-JSON payloads are still sent, verbatim, as text. A request body that
+//!   starts like JSON but, as sent, does not end like it (it was cut, or a newline follows it) is
+//!   `text/plain` too: Akto drops a JSON request it takes for incomplete.
 //! - `time` is clamped to 1..=i32::MAX epoch seconds (Akto parses it as a positive 32-bit int).
 //! - Legacy `request_metadata` entries become request headers `x-databricks-metadata-<key>`.
 //! - Header and tag values are cut at 4096 bytes with the truncation marker; payloads at
@@ -18,8 +20,8 @@
 use super::execution::{AgentContext, Execution};
 use super::host::tool_path;
 use super::record::{
-    fit, fit_literal, fit_pair, fit_text, reason_phrase, AktoRecord, JsonObject,
-    MAX_RECORD_PAYLOAD_BYTES, MAX_STRING_BYTES,
+    fit, fit_literal, fit_pair, fit_text, reason_phrase, settled_content_type, AktoRecord,
+    JsonObject, MAX_RECORD_PAYLOAD_BYTES, MAX_STRING_BYTES,
 };
 use super::tools::{output_says_error, scan};
 use crate::json::JsonString;
@@ -288,6 +290,12 @@ fn map_payloads(
         MAX_RECORD_PAYLOAD_BYTES,
         &mut truncated,
     );
+    // The content-type was chosen from the whole request: a cut one (or JSON that does not end
+    // like it) goes out as text, or Akto would drop the record as incomplete JSON.
+    let settled_ct = settled_content_type(req_ct, &request_payload);
+    if settled_ct != req_ct {
+        req_h.set("content-type", settled_ct, &mut truncated);
+    }
 
     let mut records = Vec::with_capacity(1 + scan.calls.len());
     records.push(base.record(
@@ -304,11 +312,25 @@ fn map_payloads(
             Some(id) => id.clone(),
             None => format!("{}#{}", exec.request_id, idx),
         };
+        let payloads = fit_pair(
+            (
+                fit_text(&call.arguments, max, &mut truncated),
+                call.arguments.len(),
+            ),
+            (
+                call.output
+                    .as_deref()
+                    .map_or_else(JsonString::empty, |o| fit_text(o, max, &mut truncated)),
+                call.output.as_deref().map_or(0, str::len),
+            ),
+            MAX_RECORD_PAYLOAD_BYTES,
+            &mut truncated,
+        );
         let mut h = JsonObject::default();
         h.set("host", ctx.host, &mut truncated)
             .set(
                 "content-type",
-                content_type(Some(&call.arguments)),
+                settled_content_type(content_type(Some(&call.arguments)), &payloads.0),
                 &mut truncated,
             )
             .set("x-databricks-request-id", &exec.request_id, &mut truncated)
@@ -331,28 +353,13 @@ fn map_payloads(
         t.set("gen-ai", "Gen AI", &mut truncated)
             .set("ai-agent", &base.tag_agent, &mut truncated)
             .set("tool", &call.name, &mut truncated);
-        records.push(
-            base.record(
-                tool_path(&call.name),
-                (h.encode(), rh.encode()),
-                fit_pair(
-                    (
-                        fit_text(&call.arguments, max, &mut truncated),
-                        call.arguments.len(),
-                    ),
-                    (
-                        call.output
-                            .as_deref()
-                            .map_or_else(JsonString::empty, |o| fit_text(o, max, &mut truncated)),
-                        call.output.as_deref().map_or(0, str::len),
-                    ),
-                    MAX_RECORD_PAYLOAD_BYTES,
-                    &mut truncated,
-                ),
-                code,
-                t.encode(),
-            ),
-        );
+        records.push(base.record(
+            tool_path(&call.name),
+            (h.encode(), rh.encode()),
+            payloads,
+            code,
+            t.encode(),
+        ));
         tool_calls += 1;
     }
 

@@ -25,6 +25,6 @@ mod tests;
 pub use execution::{AgentContext, Execution, TableFormat};
 pub use host::{agent_host, invocation_path};
 pub use map::{map_execution, map_execution_taking, MapOptions, Mapped};
-pub use record::{encode, fit_record, AktoRecord, MAX_STRING_BYTES};
+pub use record::{encode, fit_record, settle_request_content_type, AktoRecord, MAX_STRING_BYTES};
 pub use redact::{parse_kinds, RedactKind, RedactionCounts, Redactor, UnknownRedactKind};
 pub use validate::{validate, ContractViolation, ALLOWED_SOURCES};

@@ -4,6 +4,8 @@
 //! `shared/reference/akto-ingestion.md`); a wrong name or type makes Akto drop the record
 //! silently, so this type is the one place they are spelled.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 pub(crate) use crate::json::write_json_str;
@@ -260,7 +262,53 @@ pub fn fit_record(
     );
     record.request_payload = request;
     record.response_payload = response;
+    // A request body cut here must not go out as JSON: Akto would drop the record.
+    settle_request_content_type(record);
     true
+}
+
+/// The request `content-type` a record goes out with when its request body is `payload`:
+/// `text/plain` instead of `application/json` when the body is possibly incomplete JSON (e.g. a
+/// cut one), which Akto would otherwise drop silently (see
+/// [`crate::json::possibly_incomplete_json`]); `content_type` otherwise. Looks only at the
+/// body's first and last bytes in the common case.
+pub(crate) fn settled_content_type(
+    content_type: &'static str,
+    payload: &JsonString,
+) -> &'static str {
+    if content_type == "application/json" && payload.possibly_incomplete_json() {
+        "text/plain"
+    } else {
+        content_type
+    }
+}
+
+/// Makes sure Akto keeps `record`: when its request body is possibly incomplete JSON (a cut
+/// one, say) and its request `content-type` is `application/json` or missing (which Akto takes
+/// for JSON), the `content-type` becomes `text/plain`. Every builder of a record whose request
+/// body may end up cut calls this (or [`settled_content_type`]) once the body is final. Costs a
+/// look at the body's first and last bytes unless it has to change the headers. Returns whether
+/// it changed them (headers that are not a JSON object of strings are left for `validate`).
+pub fn settle_request_content_type(record: &mut AktoRecord) -> bool {
+    if !record.request_payload.possibly_incomplete_json() {
+        return false;
+    }
+    let Ok(mut headers) = serde_json::from_str::<BTreeMap<String, String>>(&record.request_headers)
+    else {
+        return false;
+    };
+    match headers.get("content-type").map(String::as_str) {
+        None | Some("application/json") => {}
+        Some(_) => return false,
+    }
+    headers.insert("content-type".to_string(), "text/plain".to_string());
+    match serde_json::to_string(&headers) {
+        Ok(h) => {
+            record.request_headers = h;
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// Builder for a JSON object of string values (headers, tag) with lowercase keys, encoded with

@@ -6,23 +6,32 @@
 //!
 //! Kinds: `email`, `phone`, `card` (13-19 digits, Luhn-checked), `ssn` (US, `ddd-dd-dddd`),
 //! `iban` (mod-97 checked), and the secrets `aws_key` (`AKIA...`), `databricks_token`
-//! (`dapi...`), `jwt`, `private_key` (PEM blocks), `password` (`api_key=`, `password: ...`,
-//! `"clientSecret": "..."`, `password='...'` style assignments, also inside JSON-encoded strings
-//! at any depth, and the whole value of a header named like a secret). In
-//! `REDACT_KINDS`, `secret`/`secrets` selects all five secret kinds.
+//! (`dapi...`), `jwt`, `private_key` (PEM and PGP private key blocks), `password` (`api_key=`,
+//! `password: ...`, `"clientSecret": "..."`, `password='...'`, `token`, `authorization`,
+//! `cookie`, `credentials` style assignments, also inside JSON-encoded strings at any depth;
+//! the credential of `Authorization: Bearer <credential>` and of `Bearer <20+ characters>`
+//! anywhere; a secret-named JSON member whose value is a number, an array or an object, masked
+//! whole; and the whole value of a header named like a secret). In `REDACT_KINDS`,
+//! `secret`/`secrets` selects all five secret kinds.
 //!
 //! JSON stays valid: a payload that parses as JSON, or a JSON document cut by the truncation
 //! marker, is scanned as JSON; anything else (a log line starting with `[INFO]`, a Python
 //! `{'k': 'v'}`) is plain text. Inside strings a match never starts or ends inside an escape
-//! sequence and the replacement has no character that needs escaping; outside strings (a card
-//! number written as a JSON number, masked only when its key names a card) the replacement is
-//! quoted. Redaction is a single pass over the bytes that only looks closer at token starts and
-//! at `@`, `\u0040`, `:`, `=` and `-----BEGIN`; a detector that fails does not scan the same
-//! run again, so the cost stays linear (a JSON validity check plus a fraction of a parse).
+//! sequence and the replacement has no character that needs escaping; a replaced JSON value
+//! that is not a string (a card number written as a JSON number, masked only when its key names
+//! a card; a secret-named member's number or array) is quoted, with escaped quotes in JSON inside
+//! a string. A string with a printable character written as `\u00XX` (.NET writes `"` as
+//! `\u0022`, `+` as `\u002B`) is looked at decoded, and escaped again only when something in it
+//! was masked. Redaction is a single pass over the bytes that only looks closer at token starts
+//! and at `@`, `\`, `:`, `=` and `-----BEGIN`; a detector that fails does not scan the same run
+//! again, so the cost stays linear (a JSON validity check plus a fraction of a parse; the ends
+//! of values in JSON nested in strings, near-linear: one pass per nesting level at most).
 //!
-//! Not over-masked: JSON numbers (timestamps, ids) other than under a card key, a whole string
-//! value of a key naming an id or a time (`span_id`, `timestamp_ms`), dates (`2024-01-15
-//! 10:30`) and IPv4 addresses. A secret cut by the truncation marker (`dapi0123...`,
+//! Not over-masked: JSON numbers (timestamps, ids) other than under a card key, also as member
+//! values of JSON inside a string (tool-call arguments: `{\"start_ms\": 1700000000004}`; array
+//! elements there are still looked at as text), a whole string value of a key naming an id or a
+//! time (`span_id`, `timestamp_ms`), counts of tokens (`max_tokens`, `prompt_tokens`), dates
+//! (`2024-01-15 10:30`) and IPv4 addresses. A secret cut by the truncation marker (`dapi0123...`,
 //! `AKIA...`, a JWT after its header) is masked although shorter than a whole one.
 //!
 //! Not redacted: the `host` header (it names the Akto collection), ids (request, tool call, and
@@ -33,7 +42,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use super::map::Mapped;
-use super::record::{fit_text, AktoRecord};
+use super::record::{fit_text, write_json_str, AktoRecord};
 
 /// A kind of sensitive value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -228,8 +237,10 @@ const STRUCTURAL_HEADERS: [&str; 19] = [
 ];
 
 /// Names whose value is a secret: a key (or header name) whose lowercase letters and digits
-/// end with one of these (see [`is_secret_key`]).
-const SECRET_KEYS: [&str; 14] = [
+/// end with one of these (see [`is_secret_key`]). `token` covers `access_token`, `id_token`,
+/// `x-auth-token`, ...; `tokens`, `max_tokens`, `token_count` and the other counts of tokens do
+/// not end with it.
+const SECRET_KEYS: [&str; 15] = [
     "password",
     "passwd",
     "pwd",
@@ -238,12 +249,45 @@ const SECRET_KEYS: [&str; 14] = [
     "apikey",
     "accesskey",
     "privatekey",
-    "accesstoken",
-    "refreshtoken",
-    "authtoken",
-    "idtoken",
-    "apitoken",
-    "sessiontoken",
+    "token",
+    "auth",
+    "authorization",
+    "bearer",
+    "cookie",
+    "credential",
+    "credentials",
+];
+
+/// The last two letters of the names of [`SECRET_KEYS`] (a quick reject of other keys).
+const SECRET_KEY_ENDINGS: [[u8; 2]; 11] = [
+    *b"rd", *b"wd", *b"et", *b"ey", *b"en", *b"th", *b"on", *b"er", *b"ie", *b"al", *b"ls",
+];
+
+/// Names ending like a secret name that are not secrets: a tokenizer's special tokens
+/// (`eos_token: "</s>"`) and limits (`max_token`).
+const NOT_SECRET_KEYS: [&str; 10] = [
+    "eostoken",
+    "bostoken",
+    "padtoken",
+    "unktoken",
+    "septoken",
+    "clstoken",
+    "masktoken",
+    "stoptoken",
+    "maxtoken",
+    "maxnewtoken",
+];
+
+/// Authorization schemes written before a credential (`Authorization: Bearer <token>`): the
+/// credential after one is the secret value, not the scheme's name.
+const AUTH_SCHEMES: [&str; 7] = [
+    "bearer",
+    "basic",
+    "token",
+    "digest",
+    "bot",
+    "negotiate",
+    "apikey",
 ];
 
 /// Masks sensitive values of the enabled kinds.
@@ -258,13 +302,15 @@ impl Default for Redactor {
     }
 }
 
-/// One match: byte span, kind, and whether the replacement must be quoted (outside a JSON
-/// string).
+/// One match: byte span, kind, and whether the replacement must be quoted (a JSON value that
+/// is not a string).
 struct Hit {
     start: usize,
     end: usize,
     kind: RedactKind,
-    quote: bool,
+    /// Quote the replacement with a `"` after this many backslashes: `Some(0)` for a value
+    /// of the JSON document itself, `Some(1)` for one of JSON inside a JSON string, ...
+    quote: Option<usize>,
     /// The span is the content of a JSON string whose opening quote the scanner skipped.
     enter_string: bool,
 }
@@ -358,6 +404,8 @@ impl Redactor {
                 *h = new;
             }
         }
+        // A payload that grew past the limit was cut again: not as JSON (Akto would drop it).
+        super::record::settle_request_content_type(r);
     }
 
     /// Redact the values of a header object string, except structural headers.
@@ -418,6 +466,18 @@ impl Redactor {
     /// [`is_json`], a header object), whose strings and structure are kept valid, else as
     /// plain text (a header value, a log line).
     fn redact_in(&self, s: &str, json: bool, counts: &mut RedactionCounts) -> Option<String> {
+        self.redact_at(s, json, counts, 0)
+    }
+
+    /// [`Redactor::redact_in`] of a string found `depth` levels of `\u00XX`-escaped strings
+    /// deep (see [`Redactor::redact_escaped_string`]).
+    fn redact_at(
+        &self,
+        s: &str,
+        json: bool,
+        counts: &mut RedactionCounts,
+        depth: usize,
+    ) -> Option<String> {
         if !self.any_enabled() {
             return None;
         }
@@ -426,6 +486,8 @@ impl Redactor {
         let mut out: Option<String> = None;
         let mut copied = 0usize; // bytes of `s` already handled in `out`
         let mut in_string = false;
+        // The opening quote of the string the scan is in (when `in_string`).
+        let mut str_start = 0usize;
         // Start of the current run without escapes or quotes: matches never reach before it.
         let mut seg = 0usize;
         let mut i = 0usize;
@@ -440,6 +502,7 @@ impl Redactor {
             let word = flags & F_WORD != 0;
             if json && b == b'"' {
                 in_string = !in_string;
+                str_start = i;
                 i += 1;
                 seg = i;
                 continue;
@@ -456,11 +519,27 @@ impl Redactor {
                             start,
                             end,
                             kind: RedactKind::Email,
-                            quote: false,
+                            quote: None,
                             enter_string: false,
                         };
                         emit(&mut out, s, &mut copied, &h, counts);
                         i = end;
+                        continue;
+                    }
+                }
+                // A printable ASCII character written as `\u00XX` (.NET writes `"`, `+`, `'`,
+                // `<`, `>` and `&` so): the string is looked at decoded.
+                if json
+                    && in_string
+                    && depth < MAX_ESCAPED_DEPTH
+                    && escaped_byte(bytes, i).is_some_and(|c| (b' '..=b'~').contains(&c))
+                {
+                    let from = copied.max(str_start + 1);
+                    if let Some(end) =
+                        self.redact_escaped_string(s, from, &mut out, &mut copied, counts, depth)
+                    {
+                        i = end;
+                        seg = i;
                         continue;
                     }
                 }
@@ -496,6 +575,7 @@ impl Redactor {
                     i = h.end;
                     if h.enter_string {
                         in_string = true;
+                        str_start = h.start.saturating_sub(1);
                     }
                 }
                 _ if word => {
@@ -513,6 +593,54 @@ impl Redactor {
         Some(o)
     }
 
+    /// The rest of a JSON string, from `from` (inside its literal, not inside an escape) to its
+    /// closing quote, decoded, redacted and escaped again (serde_json's way) when anything in it
+    /// matched; left as written otherwise. Returns where the scan goes on (the closing quote),
+    /// or `None` when the rest does not decode (a string cut inside an escape): then it is
+    /// scanned as written.
+    fn redact_escaped_string(
+        &self,
+        s: &str,
+        from: usize,
+        out: &mut Option<String>,
+        copied: &mut usize,
+        counts: &mut RedactionCounts,
+        depth: usize,
+    ) -> Option<usize> {
+        let end = string_end(s.as_bytes(), from);
+        let literal = format!("\"{}\"", s.get(from..end)?);
+        let text: String = serde_json::from_str(&literal).ok()?;
+        let redacted = self.redact_at(&text, is_json(&text), counts, depth + 1);
+        if let Some(r) = redacted {
+            let o = out.get_or_insert_with(|| String::with_capacity(s.len() + 32));
+            o.push_str(s.get(*copied..from).unwrap_or(""));
+            let mut escaped = String::with_capacity(r.len() + 2);
+            write_json_str(&mut escaped, &r);
+            o.push_str(&escaped[1..escaped.len() - 1]);
+            *copied = end;
+        }
+        Some(end)
+    }
+
+    /// The end of the JWT, Databricks token or AWS key starting at `start`, if one of the enabled
+    /// kinds does.
+    fn token_end(&self, bytes: &[u8], start: usize) -> Option<usize> {
+        if self.enabled(RedactKind::Jwt) && bytes[start..].starts_with(b"eyJ") {
+            if let Ok(end) = jwt(bytes, start) {
+                return Some(end);
+            }
+        }
+        if self.enabled(RedactKind::DatabricksToken) {
+            if let Some(end) = databricks_token(bytes, start) {
+                return Some(end);
+            }
+        }
+        if self.enabled(RedactKind::AwsKey) {
+            return aws_key(bytes, start);
+        }
+        None
+    }
+
     /// Try every detector that can start (or is anchored) at byte `i`.
     #[inline]
     #[allow(clippy::too_many_arguments)]
@@ -528,13 +656,13 @@ impl Redactor {
     ) -> Option<Hit> {
         let bytes = s.as_bytes();
         let b = bytes[i];
-        let quote = json && !in_string;
+        let outside = json && !in_string;
         let hit = |start: usize, end: usize, kind: RedactKind| {
             Some(Hit {
                 start,
                 end,
                 kind,
-                quote,
+                quote: outside.then_some(0),
                 enter_string: false,
             })
         };
@@ -544,21 +672,38 @@ impl Redactor {
                 hit(start, end, RedactKind::Email)
             }
             b'0'..=b'9' | b'+' | b'(' if !prev_word && !after_joined_word(bytes, i, lo) => {
-                if quote {
+                // Replace a negative number whole: `-"[REDACTED:card]"` is not JSON.
+                let start = if i > lo && bytes[i - 1] == b'-' {
+                    i - 1
+                } else {
+                    i
+                };
+                // A number that is a member value of JSON inside this string (tool-call
+                // arguments: `{\"start_ms\": 1700000000004}`) follows the rules of a bare one.
+                let nested = if json && in_string && b.is_ascii_digit() {
+                    nested_member_key(bytes, start).filter(|_| json_number_at(bytes, i))
+                } else {
+                    None
+                };
+                if outside || nested.is_some() {
                     // A bare JSON number is a timestamp, an id or a count, not a card number,
                     // unless its key names a card (`"card_number": 4111111111111111`).
                     if self.enabled(RedactKind::Card) && b.is_ascii_digit() {
                         let end = card(bytes, i, false)?;
-                        // Replace a negative number whole: `-"[REDACTED:card]"` is not JSON.
-                        let start = if i > lo && bytes[i - 1] == b'-' {
-                            i - 1
-                        } else {
-                            i
+                        let (key, r) = match nested {
+                            Some((key, r)) => (Some(key), r),
+                            None => (member_key(bytes, start), 0),
                         };
-                        if !member_key(bytes, start).is_some_and(names_card) {
+                        if !key.is_some_and(names_card) {
                             return None;
                         }
-                        return hit(start, end, RedactKind::Card);
+                        return Some(Hit {
+                            start,
+                            end,
+                            kind: RedactKind::Card,
+                            quote: Some(r),
+                            enter_string: false,
+                        });
                     }
                     return None;
                 }
@@ -570,11 +715,10 @@ impl Redactor {
                 if self.enabled(RedactKind::Card) && b.is_ascii_digit() {
                     if let Some(end) = card(bytes, i, true) {
                         // A whole string value of an id or a time (`"span_id": "..."`,
-                        // `"timestamp_ms": "..."`) is not a card number.
+                        // `"timestamp_ms": "..."`, also in JSON inside a string) is not a card
+                        // number.
                         let id = in_string
-                            && bytes[i - 1] == b'"'
-                            && bytes.get(end) == Some(&b'"')
-                            && member_key(bytes, i - 1).is_some_and(names_id_or_time);
+                            && whole_string_value_key(bytes, i, end).is_some_and(names_id_or_time);
                         if !id {
                             return hit(i, end, RedactKind::Card);
                         }
@@ -588,6 +732,11 @@ impl Redactor {
                 None
             }
             b'A'..=b'Z' if !prev_word => {
+                if b == b'B' && self.enabled(RedactKind::Password) {
+                    if let Some((start, end)) = bearer(bytes, i) {
+                        return hit(start, end, RedactKind::Password);
+                    }
+                }
                 if self.enabled(RedactKind::AwsKey) {
                     if let Some(end) = aws_key(bytes, i) {
                         return hit(i, end, RedactKind::AwsKey);
@@ -618,14 +767,20 @@ impl Redactor {
                 hit(i, end, RedactKind::PrivateKey)
             }
             b':' | b'=' if self.enabled(RedactKind::Password) => {
-                let (start, end) = assignment(bytes, i, lo, json, in_string)?;
-                // The value replaced is always inside a string or plain text.
+                let (start, end, quote) = assignment(bytes, i, lo, json, in_string)?;
+                // A value that is a whole JWT, Databricks or AWS token is left to the detector
+                // of its kind (`token: eyJ...` is counted as a JWT).
+                if quote.is_none() && self.token_end(bytes, start) == Some(end) {
+                    return None;
+                }
                 Some(Hit {
                     start,
                     end,
                     kind: RedactKind::Password,
-                    quote: false,
-                    enter_string: quote,
+                    // A value that is not a string (`"password": 12345678`) is replaced by a
+                    // string; a string value's content is replaced inside its quotes.
+                    enter_string: outside && quote.is_none(),
+                    quote,
                 })
             }
             _ => None,
@@ -643,12 +798,17 @@ fn emit(
 ) {
     let o = out.get_or_insert_with(|| String::with_capacity(s.len() + 32));
     o.push_str(s.get(*copied..h.start).unwrap_or(""));
-    if h.quote {
-        o.push('"');
-        o.push_str(h.kind.replacement());
-        o.push('"');
-    } else {
-        o.push_str(h.kind.replacement());
+    match h.quote {
+        Some(r) => {
+            let q = |o: &mut String| {
+                o.extend(std::iter::repeat_n('\\', r));
+                o.push('"');
+            };
+            q(o);
+            o.push_str(h.kind.replacement());
+            q(o);
+        }
+        None => o.push_str(h.kind.replacement()),
     }
     counts.bump(h.kind);
     *copied = h.end;
@@ -783,6 +943,97 @@ fn member_key(bytes: &[u8], v: usize) -> Option<&[u8]> {
     let open = bytes[floor..end].iter().rposition(|c| *c == b'"')? + floor;
     let key = &bytes[open + 1..end];
     (!key.contains(&b'\\')).then_some(key)
+}
+
+/// The key of the member of JSON inside a JSON string whose value starts at `v`
+/// (`\"key\": <value>`, or deeper with more backslashes), and the number of backslashes
+/// before each of its quotes (odd). `None` when `v` is no such value.
+fn nested_member_key(bytes: &[u8], v: usize) -> Option<(&[u8], usize)> {
+    let mut j = v;
+    while j > 0 && bytes[j - 1] == b' ' {
+        j -= 1;
+    }
+    if j == 0 || bytes[j - 1] != b':' {
+        return None;
+    }
+    j -= 1;
+    while j > 0 && bytes[j - 1] == b' ' {
+        j -= 1;
+    }
+    if j == 0 || bytes[j - 1] != b'"' {
+        return None;
+    }
+    let r = backslashes_before(bytes, j - 1, 0);
+    if r.is_multiple_of(2) {
+        return None;
+    }
+    let end = j - 1 - r;
+    let floor = end.saturating_sub(MAX_KEY + 1);
+    let open = bytes[floor..end].iter().rposition(|c| *c == b'"')? + floor;
+    let key = &bytes[open + 1..end];
+    let opened = open >= r && bytes[open - r..open].iter().all(|c| *c == b'\\');
+    (opened && !key.contains(&b'\\')).then_some((key, r))
+}
+
+/// Does a JSON number start at `i` (digits, an optional fraction and exponent) and end where
+/// a JSON value may (before `,`, `}`, `]`, an escape such as `\n`, or the end, spaces
+/// between)? `123-45-6789` or `555 123 4567` after a key in text is not one.
+fn json_number_at(bytes: &[u8], i: usize) -> bool {
+    let mut j = i;
+    let digits = |j: &mut usize| {
+        let n = bytes[*j..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        *j += n;
+        n
+    };
+    if digits(&mut j) == 0 {
+        return false;
+    }
+    if bytes.get(j) == Some(&b'.') {
+        j += 1;
+        if digits(&mut j) == 0 {
+            return false;
+        }
+    }
+    if matches!(bytes.get(j), Some(b'e' | b'E')) {
+        j += 1;
+        if matches!(bytes.get(j), Some(b'+' | b'-')) {
+            j += 1;
+        }
+        if digits(&mut j) == 0 {
+            return false;
+        }
+    }
+    while bytes.get(j) == Some(&b' ') {
+        j += 1;
+    }
+    matches!(bytes.get(j), None | Some(b',' | b'}' | b']' | b'\\'))
+}
+
+/// The key of the member whose whole string value is `bytes[start..end]` (`"key": "value"`, or
+/// `\"key\": \"value\"` in JSON inside a string, at any depth), if it is one.
+fn whole_string_value_key(bytes: &[u8], start: usize, end: usize) -> Option<&[u8]> {
+    if start == 0 || bytes[start - 1] != b'"' {
+        return None;
+    }
+    // An even run before the quote is escaped backslashes: the quote is a plain one.
+    let r = match backslashes_before(bytes, start - 1, 0) {
+        r if r.is_multiple_of(2) => 0,
+        r => r,
+    };
+    let close = bytes.get(end..end + r + 1)?;
+    if close[r] != b'"' || close[..r].iter().any(|c| *c != b'\\') {
+        return None;
+    }
+    if r == 0 {
+        member_key(bytes, start - 1)
+    } else {
+        nested_member_key(bytes, start - 1 - r)
+            .filter(|(_, kr)| *kr == r)
+            .map(|(k, _)| k)
+    }
 }
 
 /// The tokens of a key: split at every byte that is not an ASCII letter
@@ -1119,6 +1370,30 @@ fn aws_key(bytes: &[u8], i: usize) -> Option<usize> {
     (whole || (body > 0 && at_marker(bytes, end))).then_some(end)
 }
 
+/// The credential of `Bearer <credential>` (at least 20 token characters, fewer when the
+/// truncation marker cuts it), wherever it is written (`curl -H "Authorization: Bearer ..."`
+/// in a prompt, a log line). A JWT or a Databricks token after `Bearer` is left to its own
+/// detector, which names its kind.
+fn bearer(bytes: &[u8], i: usize) -> Option<(usize, usize)> {
+    if !bytes.get(i..)?.starts_with(b"Bearer ") {
+        return None;
+    }
+    let start = i + 7 + bytes[i + 7..].iter().take_while(|c| **c == b' ').count();
+    let token = |c: &u8| c.is_ascii_alphanumeric() || b"-._~+/=".contains(c);
+    let mut end = start + bytes[start..].iter().take_while(|c| token(c)).count();
+    // `.` ending a sentence (or starting the marker) is not part of the credential.
+    while end > start && bytes[end - 1] == b'.' {
+        end -= 1;
+    }
+    let long = end - start >= 20 && ends_token(bytes, end);
+    if !(long || (end > start && at_marker(bytes, end))) {
+        return None;
+    }
+    let own_detector = (bytes[start..].starts_with(b"eyJ") && jwt(bytes, start).is_ok())
+        || databricks_token(bytes, start).is_some();
+    (!own_detector).then_some((start, end))
+}
+
 /// `dapi`, 32 lowercase hex digits and an optional `-<digits>` suffix; fewer digits when the
 /// truncation marker cuts it.
 fn databricks_token(bytes: &[u8], i: usize) -> Option<usize> {
@@ -1183,20 +1458,22 @@ fn jwt(bytes: &[u8], i: usize) -> Result<usize, usize> {
     Ok(j)
 }
 
-/// `-----BEGIN ... PRIVATE KEY-----` through the matching END line, or to the end of the
-/// string when the block is cut. In JSON the block never crosses an unescaped quote.
+/// `-----BEGIN ... PRIVATE KEY-----` (PEM) or `-----BEGIN PGP PRIVATE KEY BLOCK-----` through
+/// the matching END line, or to the end of the string when the block is cut. In JSON the block
+/// never crosses an unescaped quote.
 fn private_key(bytes: &[u8], i: usize, json: bool) -> Option<usize> {
     const BEGIN: &[u8] = b"-----BEGIN ";
-    const TAIL: &[u8] = b"PRIVATE KEY-----";
+    const TAILS: [&[u8]; 2] = [b"PRIVATE KEY-----", b"PRIVATE KEY BLOCK-----"];
     if !bytes.get(i..)?.starts_with(BEGIN) {
         return None;
     }
     // The header line is short: look no further than 80 bytes for its end.
     let header = &bytes[..bytes.len().min(i + 80)];
     let line_end = find(header, i + BEGIN.len(), b"-----")? + 5;
-    if !bytes[..line_end].ends_with(TAIL) || line_end - i > 80 {
+    if line_end - i > 80 {
         return None;
     }
+    let tail = *TAILS.iter().find(|t| bytes[..line_end].ends_with(t))?;
     // Where the enclosing string (or text) ends.
     let limit = if json {
         string_end(bytes, line_end)
@@ -1204,8 +1481,8 @@ fn private_key(bytes: &[u8], i: usize, json: bool) -> Option<usize> {
         bytes.len()
     };
     let end = match find(&bytes[..limit], line_end, b"-----END ") {
-        Some(e) => match find(&bytes[..limit], e + 9, TAIL) {
-            Some(t) => t + TAIL.len(),
+        Some(e) => match find(&bytes[..limit], e + 9, tail) {
+            Some(t) => t + tail.len(),
             None => limit,
         },
         None => limit,
@@ -1265,9 +1542,16 @@ fn is_secret_key(key: &[u8]) -> bool {
         return false;
     }
     // Quick reject (this runs at every `:` and `=`): every name of SECRET_KEYS ends with one
-    // of these letters.
-    let last = key.iter().rev().find(|c| !matches!(c, b'_' | b'-' | b'.'));
-    if !last.is_some_and(|c| matches!(c.to_ascii_lowercase(), b'd' | b't' | b'y' | b'n')) {
+    // of these pairs of letters (`role`, `type`, `name`, `messages` do not).
+    let mut tail = key
+        .iter()
+        .rev()
+        .filter(|c| !matches!(c, b'_' | b'-' | b'.'))
+        .map(u8::to_ascii_lowercase);
+    let (Some(last), Some(before)) = (tail.next(), tail.next()) else {
+        return false;
+    };
+    if !SECRET_KEY_ENDINGS.contains(&[before, last]) {
         return false;
     }
     let mut buf = [0u8; MAX_KEY];
@@ -1280,10 +1564,14 @@ fn is_secret_key(key: &[u8]) -> bool {
     }
     let key = &buf[..n];
     SECRET_KEYS.iter().any(|k| key.ends_with(k.as_bytes()))
+        && !NOT_SECRET_KEYS.iter().any(|k| key.ends_with(k.as_bytes()))
 }
 
 /// Longest key looked at.
 const MAX_KEY: usize = 64;
+
+/// How many levels of strings within strings written with `\u00XX` escapes are decoded.
+const MAX_ESCAPED_DEPTH: usize = 3;
 
 /// Number of `\` directly before `bytes[end]`, not looking before `floor`.
 fn backslashes_before(bytes: &[u8], end: usize, floor: usize) -> usize {
@@ -1295,22 +1583,38 @@ fn backslashes_before(bytes: &[u8], end: usize, floor: usize) -> usize {
 }
 
 /// The end of a value quoted by `q` backslashes and a `"` (JSON-encoded JSON, `q` = 1, 3, 7 for
-/// one, two, three levels): the next run of exactly `q` backslashes before a `"`. A longer run
-/// is a quote escaped inside the value; a shorter one (or a bare `"`) ends an enclosing string
-/// first, and then there is no value.
+/// one, two, three levels): the next run of exactly `q` backslashes before a `"`. A run of
+/// `2q + 1`, `4q + 3`, ... is a quote escaped inside the value (one, two levels deeper); any
+/// other run before a `"` (or a bare `"`) ends an enclosing string or is not JSON at this
+/// depth, and then there is no value. Stopping there keeps the scan near-linear: a scan
+/// for `q` only passes quotes of deeper levels, so a byte is passed by at most one scan per
+/// level (`pwd:\"x pwd:\\"x pwd:\\\"x ...` scanned the rest of the text from every `pwd:`).
 fn nested_value_end(bytes: &[u8], start: usize, q: usize) -> Option<usize> {
+    let deeper = |run: usize| {
+        let mut level = 2 * q + 1;
+        while level < run {
+            level = 2 * level + 1;
+        }
+        level == run
+    };
     let mut j = start;
     while j < bytes.len() {
+        #[cfg(test)]
+        tests::NESTED_SCANNED.with(|c| c.set(c.get() + 1));
         match bytes[j] {
             b'"' => return None,
             b'\\' => {
                 let run = bytes[j..].iter().take_while(|c| **c == b'\\').count();
+                #[cfg(test)]
+                tests::NESTED_SCANNED.with(|c| c.set(c.get() + run));
                 if bytes.get(j + run) == Some(&b'"') {
-                    match run.cmp(&q) {
-                        std::cmp::Ordering::Equal => return Some(j),
-                        std::cmp::Ordering::Less => return None,
-                        std::cmp::Ordering::Greater => j += run + 1,
+                    if run == q {
+                        return Some(j);
                     }
+                    if !deeper(run) {
+                        return None;
+                    }
+                    j += run + 1;
                 } else {
                     j += run;
                 }
@@ -1322,16 +1626,18 @@ fn nested_value_end(bytes: &[u8], start: usize, q: usize) -> Option<usize> {
 }
 
 /// An assignment whose key names a secret, anchored at its `:` or `=` at `op`; returns the
-/// span of the value. Forms: `key=value`, `key: value`, `"key": "value"`, `'key': 'value'`,
-/// `key='value'` (also inside a JSON string), and the same with escaped quotes inside JSON
-/// strings, at any depth (`{\"key\":\"value\"}`, `{\\\"key\\\":\\\"value\\\"}`).
+/// span of the value, and for a JSON value that is not a string (`"password": 12345678`,
+/// `"password": ["a"]`), how its replacement is quoted (see [`Hit::quote`]). Forms:
+/// `key=value`, `key: value`, `"key": "value"`, `'key': 'value'`, `key='value'` (also inside a
+/// JSON string), `Authorization: Bearer <credential>`, and the same with escaped quotes inside
+/// JSON strings, at any depth (`{\"key\":\"value\"}`, `{\\\"key\\\":\\\"value\\\"}`).
 fn assignment(
     bytes: &[u8],
     op: usize,
     lo: usize,
     json: bool,
     in_string: bool,
-) -> Option<(usize, usize)> {
+) -> Option<(usize, usize, Option<usize>)> {
     let key_char = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'-' || c == b'.';
     // Look back over spaces to the key (possibly quoted).
     let mut k_end = op;
@@ -1370,13 +1676,29 @@ fn assignment(
         .iter()
         .take_while(|c| **c == b'\\')
         .count();
+    let opens_value = |c: Option<&u8>| matches!(c, Some(b'0'..=b'9' | b'-' | b'[' | b'{'));
     let (start, end) = if json && !in_string {
-        // `"key": "value"` in JSON: the value is a whole string.
-        if key_quote != Some(0) || bytes.get(v) != Some(&b'"') {
+        // `"key": "value"` in JSON: the value is a whole string; a number, an array or an
+        // object is replaced whole by the (quoted) mask.
+        if key_quote != Some(0) {
+            return None;
+        }
+        if opens_value(bytes.get(v)) {
+            let end = json_value_end(bytes, v);
+            return (end > v).then_some((v, end, Some(0)));
+        }
+        if bytes.get(v) != Some(&b'"') {
             return None;
         }
         let start = v + 1;
         (start, string_end(bytes, start))
+    } else if let (true, Some(r)) = (in_string && opens_value(bytes.get(v)), key_quote) {
+        // `\"key\": 12345678` in JSON inside a JSON string: replaced whole, quoted as the key.
+        if r.is_multiple_of(2) {
+            return None;
+        }
+        let end = nested_json_value_end(bytes, v, r);
+        return (end > v).then_some((v, end, Some(r)));
     } else if escaped_quote > 0 && bytes.get(v + escaped_quote) == Some(&b'"') {
         // `\"key\":\"value\"` inside a JSON string (or deeper).
         let start = v + escaped_quote + 1;
@@ -1403,17 +1725,170 @@ fn assignment(
         };
         (start, end)
     } else {
-        let start = v;
-        let mut j = v;
-        while j < bytes.len() && !ends_value(bytes[j]) && !bytes[j..].starts_with(b"-----BEGIN ") {
-            j += 1;
+        let end = bare_value_end(bytes, v, json && in_string);
+        // `Authorization: Bearer <credential>`: the credential is the value.
+        let scheme = &bytes[v..end];
+        let after = end + bytes[end..].iter().take_while(|c| **c == b' ').count();
+        if after > end
+            && AUTH_SCHEMES
+                .iter()
+                .any(|s| scheme.eq_ignore_ascii_case(s.as_bytes()))
+        {
+            let credential_end = bare_value_end(bytes, after, json && in_string);
+            if credential_end > after {
+                return (!bytes[after..credential_end].starts_with(b"[REDACTED:")).then_some((
+                    after,
+                    credential_end,
+                    None,
+                ));
+            }
         }
-        (start, j)
+        (v, end)
     };
     if end <= start || bytes[start..end].starts_with(b"[REDACTED:") {
         return None;
     }
-    Some((start, end))
+    Some((start, end, None))
+}
+
+/// The end of an unquoted assignment value starting at `v`: the first byte that
+/// [`ends_value`], or `-----BEGIN `. Inside a JSON string (`in_json_string`) an escape is part
+/// of the value (`wJalrXUtnFEMI\/K7MDENG`) unless it stands for a byte that ends it (`\"`,
+/// `\n`, `\t`, `\u0022`, ...): the value is not cut short at its first escaped `/`.
+fn bare_value_end(bytes: &[u8], v: usize, in_json_string: bool) -> usize {
+    let mut j = v;
+    while j < bytes.len() && !bytes[j..].starts_with(b"-----BEGIN ") {
+        let c = bytes[j];
+        if c == b'\\' && in_json_string {
+            let (stands_for, len) = match bytes.get(j + 1) {
+                Some(b'u') => (escaped_byte(bytes, j), 6),
+                Some(b'n') => (Some(b'\n'), 2),
+                Some(b'r') => (Some(b'\r'), 2),
+                Some(b't') => (Some(b'\t'), 2),
+                Some(&e) => (Some(e).filter(|e| *e != b'\\'), 2),
+                None => break,
+            };
+            // An escape cut by the end of the text is not part of the value either.
+            if stands_for.is_some_and(ends_value) || j + len > bytes.len() {
+                break;
+            }
+            j += len;
+            continue;
+        }
+        if ends_value(c) {
+            break;
+        }
+        j += 1;
+    }
+    j
+}
+
+/// The ASCII byte a `\u00XX` escape at `j` stands for (`None` for another escape or a
+/// non-ASCII character).
+fn escaped_byte(bytes: &[u8], j: usize) -> Option<u8> {
+    let e = bytes.get(j..j + 6)?;
+    if !e.starts_with(b"\\u00") {
+        return None;
+    }
+    let hex = std::str::from_utf8(&e[4..6]).ok()?;
+    u8::from_str_radix(hex, 16).ok().filter(u8::is_ascii)
+}
+
+/// The end of the JSON number, array or object starting at `v` in a JSON document (strings in
+/// it skipped whole); the end of the text when it is cut before the value closes (the mask then
+/// stops at the truncation marker).
+fn json_value_end(bytes: &[u8], v: usize) -> usize {
+    if bytes[v] != b'[' && bytes[v] != b'{' {
+        let n = bytes[v..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit() || matches!(c, b'-' | b'+' | b'.' | b'e' | b'E'))
+            .count();
+        return v + n;
+    }
+    let mut depth = 0usize;
+    let mut j = v;
+    while j < bytes.len() {
+        match bytes[j] {
+            b'"' => {
+                j = string_end(bytes, j + 1);
+            }
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    return j + 1;
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    cut_marker_start(bytes)
+        .filter(|m| *m > v)
+        .unwrap_or(bytes.len())
+}
+
+/// Where the truncation marker ending `bytes` starts, if it ends with one.
+fn cut_marker_start(bytes: &[u8]) -> Option<usize> {
+    let rest = bytes.strip_suffix(b" bytes]")?;
+    let at = find_last(rest, CUT_MARKER.as_bytes())?;
+    rest[at + CUT_MARKER.len()..]
+        .iter()
+        .all(u8::is_ascii_digit)
+        .then_some(at)
+}
+
+/// Index of the last occurrence of `needle` in `hay`.
+fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).rposition(|w| w == needle)
+}
+
+/// [`json_value_end`] for a value of JSON inside a JSON string, whose quotes are preceded by
+/// `r` backslashes (odd). A value that does not close before its enclosing string does (a bare
+/// `"` or a shorter run before one) ends there: the rest of that string is masked.
+fn nested_json_value_end(bytes: &[u8], v: usize, r: usize) -> usize {
+    if bytes[v] != b'[' && bytes[v] != b'{' {
+        let n = bytes[v..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit() || matches!(c, b'-' | b'+' | b'.' | b'e' | b'E'))
+            .count();
+        return v + n;
+    }
+    let mut depth = 0usize;
+    let mut in_str = false;
+    let mut j = v;
+    while j < bytes.len() {
+        match bytes[j] {
+            b'\\' => {
+                let run = bytes[j..].iter().take_while(|c| **c == b'\\').count();
+                if bytes.get(j + run) == Some(&b'"') {
+                    if run < r {
+                        return j;
+                    }
+                    if run == r {
+                        in_str = !in_str;
+                    }
+                    j += run + 1;
+                } else {
+                    j += run;
+                }
+                continue;
+            }
+            b'"' => return j,
+            b'[' | b'{' if !in_str => depth += 1,
+            b']' | b'}' if !in_str => {
+                depth -= 1;
+                if depth == 0 {
+                    return j + 1;
+                }
+            }
+            _ => {}
+        }
+        j += 1;
+    }
+    cut_marker_start(bytes)
+        .filter(|m| *m > v)
+        .unwrap_or(bytes.len())
 }
 
 #[cfg(test)]
@@ -1423,6 +1898,8 @@ mod tests {
     thread_local! {
         /// Bytes the JWT detector scanned on this thread.
         pub(super) static JWT_SCANNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        /// Steps `nested_value_end` took on this thread.
+        pub(super) static NESTED_SCANNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         /// Bytes handed to the JSON validity check on this thread.
         pub(super) static JSON_PARSED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
@@ -1517,8 +1994,14 @@ mod tests {
         // Cut inside the payload part: still masked; cut inside the header: not a JWT yet.
         let cut = format!("Bearer {}{}", &JWT[..30], marker(99));
         assert_eq!(red(&cut), format!("Bearer [REDACTED:jwt]{}", marker(99)));
-        let cut = format!("Bearer {}{}", &JWT[..15], marker(99));
+        let cut = format!("id {}{}", &JWT[..15], marker(99));
         assert_eq!(red(&cut), cut);
+        // After `Bearer`, the cut credential is masked all the same (not as a JWT).
+        let cut = format!("Bearer {}{}", &JWT[..15], marker(99));
+        assert_eq!(
+            red(&cut),
+            format!("Bearer [REDACTED:password]{}", marker(99))
+        );
         // Still one token: more base64url after the signature belongs to it.
         assert_eq!(red(&format!("{JWT}_-x ok")), "[REDACTED:jwt] ok");
     }
@@ -1586,13 +2069,7 @@ mod tests {
         ] {
             assert!(is_secret_key(key.as_bytes()), "{key}");
         }
-        for key in [
-            "passwordless",
-            "password_hint",
-            "token",
-            "max_tokens",
-            "keyboard",
-        ] {
+        for key in ["passwordless", "password_hint", "max_tokens", "keyboard"] {
             assert!(!is_secret_key(key.as_bytes()), "{key}");
         }
         let h = red_headers(
@@ -1765,8 +2242,11 @@ mod tests {
     #[test]
     fn the_secret_key_quick_reject_keeps_every_name() {
         for k in SECRET_KEYS {
-            let last = k.as_bytes()[k.len() - 1];
-            assert!(matches!(last, b'd' | b't' | b'y' | b'n'), "{k}");
+            let b = k.as_bytes();
+            assert!(
+                SECRET_KEY_ENDINGS.contains(&[b[b.len() - 2], b[b.len() - 1]]),
+                "{k}"
+            );
             assert!(is_secret_key(k.as_bytes()), "{k}");
             assert!(is_secret_key(k.to_uppercase().as_bytes()), "{k}");
             assert!(is_secret_key(format!("x-{k}_").as_bytes()), "{k}");
@@ -1915,5 +2395,292 @@ mod tests {
         assert_eq!(v["x-user"], "[REDACTED:email]");
         // A header string that is not a JSON object is left as it is.
         assert_eq!(r.redact_headers("bob@example.com", &mut counts), None);
+    }
+
+    /// `red` and the output parses as JSON (the input does).
+    fn red_json(input: &str) -> String {
+        serde_json::from_str::<serde_json::Value>(input).expect("the input is JSON");
+        let out = red(input);
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap_or_else(|e| panic!("JSON broken ({e}): {out}"));
+        out
+    }
+
+    /// The string value `v[key]` parsed as JSON (JSON inside a JSON string).
+    fn inner(doc: &str, key: &str) -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(doc).expect("JSON");
+        let s = v[key].as_str().expect("a string").to_string();
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("inner JSON broken ({e}): {s}"))
+    }
+
+    #[test]
+    fn bearer_credentials_and_authorization_token_cookie_names_are_masked() {
+        for (input, want) in [
+            (
+                r#"{"authorization":"Bearer sk-proj-abcdefghijklmnopqrstuvwx"}"#,
+                r#"{"authorization":"[REDACTED:password]"}"#,
+            ),
+            (
+                r#"{"t":"Authorization: Bearer sk-ant-api03-abcdefghijklmnopqrstuvwxyz0123"}"#,
+                r#"{"t":"Authorization: Bearer [REDACTED:password]"}"#,
+            ),
+            (
+                r#"{"token":"abc123secret","auth":"u:p","cookie":"sid=1","aws_credentials":[1]}"#,
+                r#"{"token":"[REDACTED:password]","auth":"[REDACTED:password]","cookie":"[REDACTED:password]","aws_credentials":"[REDACTED:password]"}"#,
+            ),
+            (
+                r#"{"headers":{"X-Auth-Token":"t0k3n","Proxy-Authorization":"Basic dXNlcjpwYXNz"}}"#,
+                r#"{"headers":{"X-Auth-Token":"[REDACTED:password]","Proxy-Authorization":"[REDACTED:password]"}}"#,
+            ),
+        ] {
+            assert_eq!(red_json(input), want, "{input}");
+        }
+        // In text: after the header name, and `Bearer <credential>` anywhere.
+        assert_eq!(
+            red("curl -H 'Authorization: Basic dXNlcjpwYXNzd29yZA==' https://x"),
+            "curl -H 'Authorization: Basic [REDACTED:password]' https://x"
+        );
+        assert_eq!(
+            red("send Bearer sk-ant-api03-abcdefghijklmnopqrstuvwxyz. Then"),
+            "send Bearer [REDACTED:password]. Then"
+        );
+        assert_eq!(
+            red(&format!("Bearer abc{}", marker(99))),
+            format!("Bearer [REDACTED:password]{}", marker(99))
+        );
+        // A JWT or a Databricks token keeps its own kind.
+        let mut counts = RedactionCounts::default();
+        let out = Redactor::default()
+            .redact_text(
+                &format!("Bearer {JWT} and token: dapi0123456789abcdef0123456789abcdef"),
+                &mut counts,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "Bearer [REDACTED:jwt] and token: [REDACTED:databricks_token]"
+        );
+        assert_eq!(counts.get(RedactKind::Password), 0);
+        // Not secrets: counts of tokens, a tokenizer's special tokens, `Bearer` as a word.
+        for kept in [
+            r#"{"max_tokens":100,"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12,"input_tokens":1,"output_tokens":2},"tokens":["a","b"],"token_count":3,"eos_token":"</s>","pad_token_id":0,"author":"x"}"#,
+            r#"{"t":"Bearer of bad news, a token of thanks"}"#,
+        ] {
+            assert_eq!(red_json(kept), kept);
+        }
+        for key in [
+            "authorization",
+            "x-databricks-metadata-authorization",
+            "x-databricks-metadata-cookie",
+            "Set-Cookie",
+            "token",
+            "X-Auth-Token",
+            "csrf_token",
+            "credentials",
+            "oauth",
+        ] {
+            assert!(is_secret_key(key.as_bytes()), "{key}");
+        }
+        for key in [
+            "max_tokens",
+            "tokens",
+            "token_count",
+            "total_tokens",
+            "eos_token",
+            "max_new_token",
+            "author",
+        ] {
+            assert!(!is_secret_key(key.as_bytes()), "{key}");
+        }
+        let h = red_headers(
+            r#"{"host":"h","x-databricks-metadata-authorization":"Bearer abcdefghijklmnopqrstuvwxyz","x-databricks-metadata-cookie":"sid=abc"}"#,
+        );
+        assert_eq!(
+            h["x-databricks-metadata-authorization"],
+            "[REDACTED:password]"
+        );
+        assert_eq!(h["x-databricks-metadata-cookie"], "[REDACTED:password]");
+        assert_eq!(h["host"], "h");
+    }
+
+    #[test]
+    fn values_written_with_unicode_escapes_are_masked() {
+        // How .NET's System.Text.Json writes `"`, `+`, `'`, `<`, `>` and `&`.
+        let out = red_json(r#"{"args":"{\u0022api_key\u0022:\u0022sk-live-abcdef\u0022}"}"#);
+        assert_eq!(
+            inner(&out, "args"),
+            serde_json::json!({"api_key": "[REDACTED:password]"})
+        );
+        assert_eq!(
+            red_json(r#"{"phone":"\u002B14155551234","e":"bob\u0040example.com"}"#),
+            r#"{"phone":"[REDACTED:phone]","e":"[REDACTED:email]"}"#
+        );
+        assert_eq!(
+            red_json(r#"{"q":"it\u0027s password=hunter2 \u003Cb\u003E"}"#),
+            r#"{"q":"it's password=[REDACTED:password] <b>"}"#
+        );
+        // Two levels: a string inside a string, both written with escapes.
+        let out = red_json(
+            r#"{"a":"{\u0022b\u0022:\u0022{\\u0022password\\u0022:\\u0022hunter2\\u0022}\u0022}"}"#,
+        );
+        assert!(!out.contains("hunter2"), "{out}");
+        // Nothing matched: the string is left exactly as written.
+        for kept in [
+            r#"{"a":"it\u0027s \u003Cfine\u003E","b":"x\u0040y"}"#,
+            r#"{"a":"caf\u00e9 \u0001"}"#,
+        ] {
+            assert_eq!(red_json(kept), kept);
+        }
+        // A hit before the escape is kept; the rest of the string is looked at decoded.
+        assert_eq!(
+            red_json(r#"{"a":"bob@example.com \u0027+14155551234\u0027"}"#),
+            r#"{"a":"[REDACTED:email] '[REDACTED:phone]'"}"#
+        );
+    }
+
+    #[test]
+    fn escaped_slashes_do_not_end_a_key_value() {
+        assert_eq!(
+            red_json(
+                r#"{"t":"AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI\/K7MDENG\/bPxRfiCYEXAMPLEKEY rest"}"#
+            ),
+            r#"{"t":"AWS_SECRET_ACCESS_KEY=[REDACTED:password] rest"}"#
+        );
+        // An escaped backslash is part of the value; an escaped quote, newline or tab, or an
+        // escaped `&`, ends it.
+        for (input, want) in [
+            (
+                r#"{"t":"password=ab\\cd ok"}"#,
+                r#"{"t":"password=[REDACTED:password] ok"}"#,
+            ),
+            (
+                r#"{"t":"password=abc\"x"}"#,
+                r#"{"t":"password=[REDACTED:password]\"x"}"#,
+            ),
+            (
+                r#"{"t":"password=abc\nnext"}"#,
+                r#"{"t":"password=[REDACTED:password]\nnext"}"#,
+            ),
+            (
+                r#"{"t":"password=abc\tnext"}"#,
+                r#"{"t":"password=[REDACTED:password]\tnext"}"#,
+            ),
+        ] {
+            assert_eq!(red_json(input), want, "{input}");
+        }
+        // In plain text a backslash still ends the value.
+        assert_eq!(
+            red(r"password=abc\def"),
+            r"password=[REDACTED:password]\def"
+        );
+    }
+
+    #[test]
+    fn numbers_in_json_inside_strings_follow_the_json_number_rules() {
+        // Both pass the Luhn check: as JSON numbers of tool-call arguments they are kept.
+        assert!(luhn(b"1700000000004") && luhn(b"1700000000012"));
+        let args = r#"{"arguments":"{\"start_ms\": 1700000000004,\n \"user_id\": 1700000000012}"}"#;
+        assert_eq!(red_json(args), args);
+        // Under a card key, masked with quotes: the inner document stays JSON.
+        let out = red_json(
+            r#"{"arguments":"{\"card_number\": 4111111111111111, \"cc\":-4111111111111111}"}"#,
+        );
+        assert_eq!(
+            inner(&out, "arguments"),
+            serde_json::json!({"card_number": "[REDACTED:card]", "cc": "[REDACTED:card]"})
+        );
+        // A whole string value of an id or a time is no card, in nested JSON too.
+        let ids =
+            r#"{"a":"{\"span_id\":\"4111111111111111\",\"startTimeMs\": \"4111111111111111\"}"}"#;
+        assert_eq!(red_json(ids), ids);
+        assert_eq!(
+            red_json(r#"{"a":"{\"note\":\"4111111111111111\",\"ssn\": \"123-45-6789\"}"}"#),
+            r#"{"a":"{\"note\":\"[REDACTED:card]\",\"ssn\": \"[REDACTED:ssn]\"}"}"#
+        );
+        // Text after a key that is not a JSON number is still text.
+        assert_eq!(
+            red_json(r#"{"a":"{\"x\": 123-45-6789}"}"#),
+            r#"{"a":"{\"x\": [REDACTED:ssn]}"}"#
+        );
+    }
+
+    #[test]
+    fn nested_values_are_found_in_near_linear_steps() {
+        // `pwd:\"x pwd:\\"x pwd:\\\"x ...`: every assignment scanned the rest of the text.
+        let mut text = String::new();
+        for k in 1..600 {
+            text.push_str("pwd:");
+            text.push_str(&"\\".repeat(k));
+            text.push_str("\"x ");
+        }
+        NESTED_SCANNED.with(|c| c.set(0));
+        let _ = red(&text);
+        let steps = NESTED_SCANNED.with(|c| c.get());
+        assert!(
+            steps <= 4 * text.len(),
+            "{steps} steps for {} bytes",
+            text.len()
+        );
+        // The values still end where they should: at their own quote, past deeper ones.
+        assert_eq!(
+            red(r#"{"a":"{\"password\":\"x\\\"y\"}"}"#),
+            r#"{"a":"{\"password\":\"[REDACTED:password]\"}"}"#
+        );
+        assert_eq!(
+            red(r#"{"a":"{\"b\":\"{\\\"password\\\":\\\"x\\\\\\\"y\\\"}\"}"}"#),
+            r#"{"a":"{\"b\":\"{\\\"password\\\":\\\"[REDACTED:password]\\\"}\"}"}"#
+        );
+    }
+
+    #[test]
+    fn pgp_private_key_blocks_are_masked() {
+        let block = "-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF0AAAAB\n=abcd\n\
+                     -----END PGP PRIVATE KEY BLOCK-----";
+        assert_eq!(
+            red(&format!("key:\n{block}\nbye")),
+            "key:\n[REDACTED:private_key]\nbye"
+        );
+        let doc = serde_json::json!({ "k": block, "z": "ok" }).to_string();
+        assert_eq!(red_json(&doc), r#"{"k":"[REDACTED:private_key]","z":"ok"}"#);
+        // A public key block is not a secret.
+        let public =
+            "-----BEGIN PGP PUBLIC KEY BLOCK-----\nmQINBF\n-----END PGP PUBLIC KEY BLOCK-----";
+        assert_eq!(red(public), public);
+    }
+
+    #[test]
+    fn secrets_that_are_numbers_arrays_or_objects_are_masked_whole() {
+        for (input, want) in [
+            (
+                r#"{"password":12345678,"n":1}"#,
+                r#"{"password":"[REDACTED:password]","n":1}"#,
+            ),
+            (
+                r#"{"password": -1.5e3, "api_key": ["a", "b]\"", {"c": 1}], "secret": {"k": "v"}}"#,
+                r#"{"password": "[REDACTED:password]", "api_key": "[REDACTED:password]", "secret": "[REDACTED:password]"}"#,
+            ),
+            // Nothing to hide: kept.
+            (
+                r#"{"password":null,"token":true}"#,
+                r#"{"password":null,"token":true}"#,
+            ),
+        ] {
+            assert_eq!(red_json(input), want, "{input}");
+        }
+        // Pretty-printed, and in JSON inside a JSON string.
+        let pretty = serde_json::to_string_pretty(&serde_json::json!({"pwd": [1, 2]})).unwrap();
+        assert!(red_json(&pretty).contains(r#""pwd": "[REDACTED:password]""#));
+        let out =
+            red_json(r#"{"a":"{\"password\": 12345678, \"api_key\": [\"x\", {\"y\": \"]\"}]}"}"#);
+        assert_eq!(
+            inner(&out, "a"),
+            serde_json::json!({"password": "[REDACTED:password]", "api_key": "[REDACTED:password]"})
+        );
+        // Cut inside the value: masked up to the marker.
+        let cut = format!(r#"{{"password":["abc","de{}"#, marker(999));
+        assert_eq!(
+            red(&cut),
+            format!(r#"{{"password":"[REDACTED:password]"{}"#, marker(999))
+        );
     }
 }

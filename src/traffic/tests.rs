@@ -1111,7 +1111,7 @@ fn arb_text() -> impl Strategy<Value = String> {
         Just("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig".to_string()),
         Just("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY-----".to_string()),
         Just("password=hunter2".to_string()),
-        Just("{\"api_key\":\"zzz\"}".to_string()),
+        Just("{\"api_key\":\"zq9secretzq9\"}".to_string()),
         Just("\"".to_string()),
         Just("\\".to_string()),
         Just("\n".to_string()),
@@ -1137,6 +1137,35 @@ fn arb_text() -> impl Strategy<Value = String> {
     ];
     prop::collection::vec((frag, sep), 0..12)
         .prop_map(|v| v.into_iter().map(|(f, s)| f + s).collect())
+}
+
+/// `json` (as serde_json writes it) re-escaped the way .NET's System.Text.Json writes strings:
+/// `"` as `\u0022`, and `+`, `'`, `<`, `>`, `&` as `\u00XX`.
+fn dotnet_escaped(json: &str) -> String {
+    let mut out = String::with_capacity(json.len() * 2);
+    let mut in_string = false;
+    let mut chars = json.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                in_string = !in_string;
+                out.push(c);
+            }
+            '\\' if in_string => match chars.next() {
+                Some('"') => out.push_str("\\u0022"),
+                Some(e) => {
+                    out.push('\\');
+                    out.push(e);
+                }
+                None => out.push('\\'),
+            },
+            '+' | '\'' | '<' | '>' | '&' if in_string => {
+                out.push_str(&format!("\\u{:04X}", u32::from(c)));
+            }
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 fn arb_text_json() -> impl Strategy<Value = Value> {
@@ -1172,7 +1201,24 @@ proptest! {
         prop_assert!(back.is_ok(), "broken JSON {} from {}", out, text);
         for planted in ["jane.doe@example.com", "4111 1111 1111 1111", "123-45-6789",
                         "GB82WEST12345698765432", "AKIAIOSFODNN7EXAMPLE", "dapi0123456789abcdef",
-                        "eyJhbGciOiJIUzI1NiJ9", "MIIEvQIBADANBg", "hunter2", "4111111111111111"] {
+                        "eyJhbGciOiJIUzI1NiJ9", "MIIEvQIBADANBg", "hunter2", "4111111111111111",
+                        "zq9secretzq9"] {
+            prop_assert!(!out.contains(planted), "{} left in {}", planted, out);
+        }
+    }
+
+    #[test]
+    fn redaction_of_json_escaped_the_dotnet_way_removes_planted_values(v in arb_text_json()) {
+        let text = dotnet_escaped(&v.to_string());
+        prop_assert_eq!(serde_json::from_str::<Value>(&text).ok(), Some(v));
+        let mut c = RedactionCounts::default();
+        let out = Redactor::default().redact_text(&text, &mut c).unwrap_or_else(|| text.clone());
+        let back: Result<Value, _> = serde_json::from_str(&out);
+        prop_assert!(back.is_ok(), "broken JSON {} from {}", out, text);
+        for planted in ["jane.doe@example.com", "4111 1111 1111 1111", "123-45-6789",
+                        "GB82WEST12345698765432", "AKIAIOSFODNN7EXAMPLE", "dapi0123456789abcdef",
+                        "eyJhbGciOiJIUzI1NiJ9", "MIIEvQIBADANBg", "hunter2", "4111111111111111",
+                        "zq9secretzq9"] {
             prop_assert!(!out.contains(planted), "{} left in {}", planted, out);
         }
     }
@@ -1420,4 +1466,162 @@ fn a_payload_escaped_longer_than_serde_json_would_is_measured_as_serde_json_writ
     assert_eq!(x, long);
     assert!(x.escaped_len() <= 1_000_000);
     assert!(y.text().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cut JSON requests: Akto drops a request it takes for incomplete JSON when it is sent as JSON.
+
+/// The request `content-type` of a record.
+fn request_content_type(r: &AktoRecord) -> Option<String> {
+    readable(r)["requestHeaders"]["content-type"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The record passes `validate` and the strict stand-in (which refuses what Akto drops).
+fn akto_keeps(r: &AktoRecord) {
+    validate(r).unwrap_or_else(|v| panic!("{v}"));
+    let v: Value = serde_json::from_str(&encode(r)).unwrap();
+    akto_standin::check_record(&v).unwrap_or_else(|e| panic!("the stand-in refused: {e}"));
+}
+
+#[test]
+fn a_cut_json_request_goes_out_as_text_and_akto_keeps_it() {
+    let req = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(800)
+    );
+    let args = serde_json::to_string(&json!({"q": "y".repeat(800)})).unwrap();
+    let resp = json!({"output": [{"type": "function_call", "call_id": "c1", "name": "search",
+        "arguments": args}]})
+    .to_string();
+    let opts = MapOptions {
+        tool_calls: true,
+        max_string_bytes: 301,
+    };
+    let m = map_execution(&ctx(), &exec(Some(&req), Some(&resp)), &opts);
+    assert_eq!(m.records.len(), 2);
+    for r in &m.records {
+        assert!(r.request_payload.text().starts_with('{'));
+        assert!(r.request_payload.text().ends_with(" bytes]"));
+        assert_eq!(request_content_type(r).as_deref(), Some("text/plain"));
+        akto_keeps(r);
+    }
+    // Uncut, the same execution stays JSON.
+    let m = map_execution(
+        &ctx(),
+        &exec(Some(&req), Some(&resp)),
+        &MapOptions::default(),
+    );
+    for r in &m.records {
+        assert_eq!(request_content_type(r).as_deref(), Some("application/json"));
+        akto_keeps(r);
+    }
+    // Whole JSON followed by a newline (Akto without a trim sees it end with `\n`), and JSON a
+    // model broke in its tool-call arguments: text too.
+    let resp = json!({"output": [{"type": "function_call", "call_id": "c1", "name": "search",
+        "arguments": "{\"q\": \"unfinished"}]})
+    .to_string();
+    let m = map_execution(
+        &ctx(),
+        &exec(Some("{\"a\":1}\n"), Some(&resp)),
+        &MapOptions::default(),
+    );
+    assert_eq!(m.records.len(), 2);
+    for r in &m.records {
+        assert_eq!(request_content_type(r).as_deref(), Some("text/plain"));
+        akto_keeps(r);
+    }
+}
+
+#[test]
+fn a_json_request_cut_for_a_sink_limit_goes_out_as_text() {
+    // A Kafka topic limited to 200 KB: the 300 KB JSON request is cut by `fit_record`.
+    let req = format!("{{\"input\":\"{}\"}}", "y".repeat(300_000));
+    let m = map_execution(
+        &ctx(),
+        &exec(Some(&req), Some("{\"output\":\"ok\"}")),
+        &MapOptions::default(),
+    );
+    let mut r = m.records[0].clone();
+    assert_eq!(
+        request_content_type(&r).as_deref(),
+        Some("application/json")
+    );
+    let mut cuts = 0;
+    let len = encode(&r).len();
+    assert!(fit_record(&mut r, len, 200_000, &mut cuts));
+    assert_eq!(cuts, 1);
+    assert!(encode(&r).len() <= 200_000);
+    assert_eq!(request_content_type(&r).as_deref(), Some("text/plain"));
+    akto_keeps(&r);
+    // The other headers are kept as they were.
+    let before = readable(&m.records[0])["requestHeaders"].clone();
+    let mut after = readable(&r)["requestHeaders"].clone();
+    after["content-type"] = json!("application/json");
+    assert_eq!(after, before);
+}
+
+#[test]
+fn a_json_request_cut_again_after_redaction_goes_out_as_text() {
+    let req = format!("{{\"input\":\"{}\"}}", "a@b.io ".repeat(20));
+    let mut m = map_execution(&ctx(), &exec(Some(&req), None), &MapOptions::default());
+    assert_eq!(
+        request_content_type(&m.records[0]).as_deref(),
+        Some("application/json")
+    );
+    Redactor::default().redact_mapped(&mut m, 100);
+    assert_eq!(m.truncated_payloads, 1);
+    assert_eq!(
+        request_content_type(&m.records[0]).as_deref(),
+        Some("text/plain")
+    );
+    akto_keeps(&m.records[0]);
+}
+
+#[test]
+fn settling_the_content_type_changes_only_a_json_one_of_an_incomplete_request() {
+    let with = |payload: &str, headers: &str| {
+        let mut r = good();
+        r.request_payload = payload.into();
+        r.request_headers = headers.into();
+        let changed = settle_request_content_type(&mut r);
+        (changed, r.request_headers)
+    };
+    let json_ct = format!(r#"{{"content-type":"application/json","host":"{HOST}"}}"#);
+    let text_ct = format!(r#"{{"content-type":"text/plain","host":"{HOST}"}}"#);
+    let no_ct = format!(r#"{{"host":"{HOST}"}}"#);
+    let html = format!(r#"{{"content-type":"text/html","host":"{HOST}"}}"#);
+    assert_eq!(with("{\"a\":", &json_ct), (true, text_ct.clone()));
+    assert_eq!(with("[1,", &no_ct), (true, text_ct.clone()));
+    assert_eq!(with("{\"a\":", &html), (false, html.clone()));
+    assert_eq!(with("{\"a\":1}", &json_ct), (false, json_ct.clone()));
+    assert_eq!(with("", &no_ct), (false, no_ct.clone()));
+    assert_eq!(with("plain", &json_ct), (false, json_ct.clone()));
+}
+
+#[test]
+fn validate_refuses_a_json_request_akto_would_drop_as_incomplete() {
+    for payload in ["{\"a\":", "[1,", "{\"a\":1}\n", " {\"a\":"] {
+        for headers in [
+            format!(r#"{{"content-type":"application/json","host":"{HOST}"}}"#),
+            format!(r#"{{"host":"{HOST}"}}"#),
+        ] {
+            let mut r = good();
+            r.request_payload = payload.into();
+            r.request_headers = headers;
+            let err = validate(&r).expect_err(payload);
+            assert_eq!(err.field, "requestPayload", "{err}");
+            assert!(err.to_string().contains("incomplete JSON"), "{err}");
+            assert!(err.to_string().contains("text/plain"), "{err}");
+        }
+        let mut r = good();
+        r.request_payload = payload.into();
+        r.request_headers = format!(r#"{{"content-type":"text/plain","host":"{HOST}"}}"#);
+        assert_eq!(validate(&r), Ok(()));
+    }
+    // The response body is not checked by Akto.
+    let mut r = good();
+    r.response_payload = "{\"a\":".into();
+    assert_eq!(validate(&r), Ok(()));
 }

@@ -290,6 +290,23 @@ pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
         }
         Some(_) => {}
     }
+    // Akto's runtime drops, silently, a request whose body starts like JSON but does not end
+    // like it when its content-type is `application/json` (a missing one counts as such).
+    if record.request_payload.possibly_incomplete_json() {
+        let content_type = req
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "content-type")
+            .and_then(|(_, v)| v.as_deref());
+        if matches!(content_type, None | Some("application/json")) {
+            return Err(violation(
+                "requestPayload",
+                "starts like JSON (`{` or `[`) but does not end like it (`}` or `]`) while the \
+                 request content-type is application/json or missing: Akto drops such a record \
+                 as possibly incomplete JSON; send it with content-type text/plain",
+            ));
+        }
+    }
     headers("responseHeaders", &record.response_headers)?;
     string_object("tag", &record.tag)?;
     Ok(())

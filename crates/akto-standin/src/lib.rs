@@ -16,7 +16,11 @@
 //! - `time` a positive 32-bit decimal integer (epoch seconds), `statusCode`, `akto_account_id`
 //!   and `akto_vxlan_id` decimal 32-bit integers;
 //! - `requestHeaders`, `responseHeaders`, `tag`: JSON objects encoded as strings with string
-//!   values; header keys lowercase; a `host` request header using only `[a-z0-9.-]`.
+//!   values; header keys lowercase; a `host` request header using only `[a-z0-9.-]`;
+//! - a `requestPayload` that Akto's runtime takes for incomplete JSON (it starts with `{` or `[`
+//!   but does not end with `}` or `]`, as is or trimmed) only with a request `content-type`
+//!   other than exactly `application/json` (a missing one counts as `application/json`): Akto
+//!   drops such a record silently.
 //!
 //! 422 answers carry `{"actionErrors":["batchData[i].field: what is wrong"]}`. With
 //! `require_jwt`, the `authorization` header must equal the raw JWT (no `Bearer `), else 401.
@@ -497,6 +501,17 @@ fn cut(s: &str) -> &str {
     }
 }
 
+/// Akto's `isPossiblyIncompleteJson`: non-empty, and starts with `{` without ending with `}`,
+/// or starts with `[` without ending with `]`. One Akto version applies it to the body as is,
+/// another to the body trimmed (Java's `trim`: characters up to U+0020); strict, this fires
+/// when either would.
+pub fn possibly_incomplete_json(body: &str) -> bool {
+    fn fires(s: &str) -> bool {
+        (s.starts_with('{') && !s.ends_with('}')) || (s.starts_with('[') && !s.ends_with(']'))
+    }
+    fires(body) || fires(body.trim_matches(|c: char| c <= ' '))
+}
+
 fn object_string(
     field: &str,
     s: &str,
@@ -569,6 +584,19 @@ pub fn check_record(rec: &Value) -> Result<(), String> {
     let req = object_string("requestHeaders", s("requestHeaders"), true)?;
     object_string("responseHeaders", s("responseHeaders"), true)?;
     object_string("tag", s("tag"), false)?;
+    // Akto's runtime (SampleParser): a request whose content-type is exactly application/json,
+    // or missing (taken for it), and whose body is possibly incomplete JSON is dropped.
+    let content_type = req.get("content-type").and_then(Value::as_str);
+    if matches!(content_type, None | Some("application/json"))
+        && possibly_incomplete_json(s("requestPayload"))
+    {
+        return Err(format!(
+            "requestPayload: {:?} starts like JSON but does not end like it while the request \
+             content-type is {}: Akto drops it as possibly incomplete JSON",
+            cut(s("requestPayload")),
+            content_type.unwrap_or("missing (taken for application/json)")
+        ));
+    }
     match req.get("host").and_then(Value::as_str) {
         None => Err("requestHeaders: host header missing".to_string()),
         Some(h)
@@ -627,6 +655,42 @@ mod tests {
         let resp = req.send().await.expect("the stand-in answers");
         let code = resp.status().as_u16();
         (code, resp.json::<Value>().await.unwrap_or(Value::Null))
+    }
+
+    #[test]
+    fn a_json_request_akto_takes_for_incomplete_is_refused() {
+        let with = |payload: &str, headers: &str| {
+            let mut r = record(1_700_000_000);
+            r["requestPayload"] = json!(payload);
+            r["requestHeaders"] = json!(headers);
+            check_record(&r)
+        };
+        let no_ct = "{\"host\":\"bot.ai-agent.ws.example.com\"}";
+        let json_ct =
+            "{\"host\":\"bot.ai-agent.ws.example.com\",\"content-type\":\"application/json\"}";
+        let text_ct = "{\"host\":\"bot.ai-agent.ws.example.com\",\"content-type\":\"text/plain\"}";
+        for bad in [
+            "{\"a\":",
+            "[1,",
+            "{\"a\":1}\n",
+            "\n{\"a\":",
+            "{\"m\":[1 ...[truncated]",
+        ] {
+            for h in [no_ct, json_ct] {
+                let e = with(bad, h).expect_err(bad);
+                assert!(e.starts_with("requestPayload:"), "{e}");
+            }
+            // The same body as text is kept.
+            assert_eq!(with(bad, text_ct), Ok(()), "{bad:?}");
+        }
+        for good in ["", "{}", "[1]", "{\"a\":1}", "hello {", "plain"] {
+            for h in [no_ct, json_ct, text_ct] {
+                assert_eq!(with(good, h), Ok(()), "{good:?} {h}");
+            }
+        }
+        // Only the exact application/json counts (Akto compares with equals).
+        let charset = "{\"host\":\"h\",\"content-type\":\"application/json; charset=utf-8\"}";
+        assert_eq!(with("{\"a\":", charset), Ok(()));
     }
 
     #[tokio::test]
