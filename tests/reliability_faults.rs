@@ -123,6 +123,11 @@ async fn sink_connection_refused_then_back() {
     assert_exactly_once(&rig);
 }
 
+/// A service slower than the sink's timeout: the cycle fails, nothing is checkpointed, and the
+/// next cycles deliver everything. The stand-in (axum) drops a request whose client went away,
+/// so no abandoned request is stored here; a service that stores it anyway ends up with the
+/// records twice (Akto has no idempotency key), which the sink announces: a WARN and a count
+/// (`tests/sink_http.rs::a_request_stored_after_its_timeout_is_announced_as_maybe_stored_twice`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_slower_than_the_timeout_then_normal() {
     let rig = Rig::new(emulator_config()).await;
@@ -150,7 +155,7 @@ async fn a_sink_slower_than_the_timeout_then_normal() {
     let r = cycle_of(&impatient).await;
     assert!(!r.ok(), "timeouts must fail the cycle");
     drop(impatient);
-    // Give a stand-in still sleeping on an abandoned request time to finish (or not).
+    // Give a stand-in still sleeping on an abandoned request time to finish (it drops it).
     tokio::time::sleep(Duration::from_millis(3_200)).await;
     rig.standin.set_behavior(Behavior::Normal);
     converge(&rig).await;

@@ -1,5 +1,7 @@
 //! The file sink across a crash: a torn last line (the process killed or the power lost in the
 //! middle of a write) must not glue onto the next record when the sink opens the file again.
+//! And on a device or FIFO (`--output /dev/null`, `/dev/stdout` piped), which cannot be fsynced
+//! or sought: every checkpoint's sync must succeed.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -158,7 +160,48 @@ async fn a_new_file_in_a_new_directory_is_created_and_written() {
 #[tokio::test]
 async fn a_device_is_written_without_a_tail_check() {
     // Not a regular file: nothing to read back or cut (e.g. --output /dev/null or /dev/stdout).
-    let sink = FileSink::new(Some("/dev/null".into())).expect("a device opens");
+    let sink = AnySink::File(FileSink::new(Some("/dev/null".into())).expect("a device opens"));
     let out = sink.deliver(&[rec("{\"a\":1}")]).await.unwrap();
     assert_eq!(out.delivered, vec![0]);
+    // What every checkpoint does: fsync on a device answers EINVAL, which must not stop the
+    // service (it has nothing to sync).
+    sink.sync_confirmed()
+        .await
+        .expect("a device has nothing to sync");
+    sink.flush().await.unwrap();
+    sink.close().await.unwrap();
+}
+
+/// `--output` a FIFO (or `/dev/stdout` piped to another program): it can be neither fsynced nor
+/// sought; the lines reach the reader and every checkpoint's sync succeeds.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_fifo_is_written_and_synced_without_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("records.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success(), "mkfifo failed");
+    // The reader: opening a FIFO blocks until its other end is opened too.
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo))
+    };
+    let sink = AnySink::File(FileSink::new(Some(fifo.clone())).expect("a FIFO opens"));
+    let out = sink
+        .deliver(&[rec("{\"a\":1}"), rec("{\"b\":2}")])
+        .await
+        .expect("written to the FIFO");
+    assert_eq!(out.delivered, vec![0, 1]);
+    sink.sync_confirmed()
+        .await
+        .expect("a FIFO has nothing to sync");
+    let out = sink.deliver(&[rec("{\"c\":3}")]).await.unwrap();
+    assert_eq!(out.delivered, vec![0]);
+    sink.flush().await.unwrap();
+    drop(sink);
+    let got = reader.join().unwrap().expect("the reader reads to EOF");
+    assert_eq!(got, "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n");
 }

@@ -1,5 +1,7 @@
 //! The HTTP sink against real loopback servers: a scriptable axum server for failure modes
-//! (retries, bisection, auth, timeouts, size limits).
+//! (retries, bisection, auth, timeouts, size limits), the strict Akto stand-in, a raw server
+//! that goes on storing a request after the client gave up on it (possible duplicates must be
+//! announced), and a TLS front signed by a private CA (`AKTO_CA_BUNDLE`).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -253,6 +255,8 @@ async fn transient_errors_are_retried_then_delivered() {
     let batch: Vec<_> = (0..3).map(record).collect();
     let out = s.deliver(&batch).await.unwrap();
     assert_eq!(out.delivered, vec![0, 1, 2]);
+    // Answered refusals were not stored: nothing may be there twice.
+    assert_eq!(s.records_maybe_stored_twice(), 0);
     server.with(|g| {
         assert_eq!(g.bodies.len(), 5);
         assert!(
@@ -312,6 +316,9 @@ async fn unreachable_service_is_retriable_and_names_the_url() {
     assert!(msg.contains(&addr.to_string()), "{msg}");
     assert!(msg.contains("DATA_INGESTION_SERVICE_URL"), "{msg}");
     assert!(!msg.contains("secret-token-value"));
+    // A refused connection sent nothing: nothing may be stored twice.
+    assert_eq!(s.records_maybe_stored_twice(), 0);
+    assert!(!msg.contains("stored"), "{msg}");
     let err = s.healthcheck().await.unwrap_err();
     assert!(err.is_retriable());
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
@@ -406,11 +413,16 @@ async fn bad_token_is_a_permanent_config_error() {
     assert!(!format!("{err:?}").contains("wrong-jwt-value"));
     assert_eq!(server.with(|g| g.bodies.len()), 1, "no retry, no bisection");
 
-    server.with(|g| g.script.push_back(Answer::status(403)));
+    // No token at all: the 401 says one is needed.
+    server.with(|g| g.script.push_back(Answer::status(401)));
     let s = sink(server.url(), None, fast_retry(5));
     let err = s.deliver(&[record(0)]).await.unwrap_err();
     assert!(!err.is_retriable());
-    assert!(err.to_string().contains("AKTO_JWT_TOKEN (403)"), "{err}");
+    assert!(matches!(err, SinkError::Auth { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("requires AKTO_JWT_TOKEN (401)"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -858,27 +870,136 @@ async fn standin_413_for_one_record_names_the_body_limit_to_raise() {
     assert!(reason.contains("raise that limit to 10m"), "{reason}");
 }
 
+/// Akto answering 422 to every record of a batch, each sent alone (e.g. an Akto version that
+/// expects another record format): quarantining them all would hide it and move state past
+/// them. They stay pending and the error names the cause. A bad record among good ones, or the
+/// only record of a batch, is still refused.
 #[tokio::test]
-async fn standin_422_for_every_record_still_rejects_each() {
+async fn standin_422_for_every_record_of_a_batch_keeps_them_pending() {
     let st = standin(None).await;
     let s = sink(standin_url(&st), None, fast_retry(3));
-    let records: Vec<_> = (0..4)
-        .map(|i| {
-            let mut r = akto_record(i);
-            r.json = r.json.replace("\"MIRRORING\"", "\"DATABRICKS\"");
-            r
-        })
-        .collect();
-    let out = s.deliver(&records).await.unwrap();
-    assert!(out.delivered.is_empty());
+    let bad = |i: usize| {
+        let mut r = akto_record(i);
+        r.json = r.json.replace("\"MIRRORING\"", "\"DATABRICKS\"");
+        r
+    };
+    let records: Vec<_> = (0..4).map(bad).collect();
+    let err = s.deliver(&records).await.unwrap_err();
+    assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
+    assert!(!err.is_retriable(), "{err}");
+    assert_all_pending(&err);
+    let msg = err.to_string();
+    for part in [
+        "HTTP 422",
+        "every one of the batch's 4 records",
+        "each sent alone",
+        "stay pending",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing: {msg}");
+    }
+    // Bisected down to single records before concluding (1 + 2 + 4 requests).
+    assert_eq!(st.rejected_batches(), 7);
+
+    // The only record of a batch: refused (quarantined by delivery), as before.
+    let out = s.deliver(&records[..1]).await.unwrap();
+    assert_eq!(out.rejected.len(), 1);
+    assert!(out.rejected[0].1.contains("422"), "{:?}", out.rejected);
+
+    // Bad records among a good one: each bad one refused, the good one delivered.
+    let mixed = vec![bad(0), akto_record(1), bad(2)];
+    let out = s.deliver(&mixed).await.unwrap();
+    assert_eq!(out.delivered, vec![1]);
     let mut rejected: Vec<usize> = out.rejected.iter().map(|(i, _)| *i).collect();
     rejected.sort_unstable();
-    assert_eq!(rejected, vec![0, 1, 2, 3]);
+    assert_eq!(rejected, vec![0, 2]);
     assert!(out.rejected.iter().all(|(_, r)| r.contains("422")));
+    assert_eq!(st.records(), values(&mixed, &[1]));
+}
+
+/// A 403 is not the token's fault (Akto answers a bad token with 401): a WAF or ingress in
+/// front of the service refusing requests. To every record alone: nothing quarantined, the
+/// records pending, an error naming the WAF, not AKTO_JWT_TOKEN.
+#[tokio::test]
+async fn standin_403_to_every_record_is_a_path_error_not_a_token_error() {
+    let st = standin(Some("valid-jwt")).await;
+    let s = sink(standin_url(&st), Some("valid-jwt"), fast_retry(3));
+    let records: Vec<_> = (0..6).map(akto_record).collect();
+    st.set_behavior(Behavior::FailAll { status: 403 });
+    let err = s.deliver(&records).await.unwrap_err();
+    assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
+    assert_all_pending(&err);
+    let msg = err.to_string();
+    for part in [
+        "HTTP 403",
+        "to every one of the batch's 6 records",
+        "WAF",
+        "stay pending",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing: {msg}");
+    }
+    assert!(!msg.contains("rejected AKTO_JWT_TOKEN"), "{msg}");
+    assert!(st.injected_failures() > 1, "the batch was bisected");
+    assert!(st.records().is_empty());
+    // The WAF rule fixed: the same records go out, each once.
+    st.set_behavior(Behavior::Normal);
+    let out = s.deliver(&records).await.unwrap();
+    assert_eq!(out.delivered, (0..6).collect::<Vec<_>>());
+    assert_eq!(st.records(), values(&records, &[0, 1, 2, 3, 4, 5]));
+}
+
+/// A WAF refusing one record's content with 403 (e.g. a prompt that looks like SQL
+/// injection): that record alone is refused, with a reason naming the WAF; the rest delivered.
+#[tokio::test]
+async fn standin_403_for_one_record_rejects_only_that_record_naming_the_waf() {
+    let st = standin(Some("valid-jwt")).await;
+    st.set_behavior(Behavior::RejectMatching {
+        needle: "\"1700000002\"".into(),
+        status: 403,
+    });
+    let s = sink(standin_url(&st), Some("valid-jwt"), fast_retry(3));
+    let records: Vec<_> = (0..5).map(akto_record).collect();
+    let out = s.deliver(&records).await.unwrap();
+    assert_eq!(out.delivered, vec![0, 1, 3, 4]);
+    assert_eq!(
+        out.rejected.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        vec![2]
+    );
+    let reason = &out.rejected[0].1;
+    assert!(
+        reason.contains("HTTP 403") && reason.contains("WAF"),
+        "{reason}"
+    );
+    assert_eq!(st.records(), values(&records, &[0, 1, 3, 4]));
+}
+
+/// With `AKTO_JWT_TOKEN_FILE`, a 403 still makes the sink read the file again: a new token
+/// there is sent at once; an unchanged one leaves the 403 to the WAF rule.
+#[tokio::test]
+async fn a_403_reads_the_token_file_again_and_sends_a_new_token() {
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("akto_jwt_token");
+    std::fs::write(&file, "jwt-new\n").unwrap();
+    let s = sink(server.url(), Some("jwt-old"), fast_retry(3)).reread_jwt_from(file.clone());
+    server.with(|g| g.script.push_back(Answer::status(403)));
+    let out = s.deliver(&[record(0), record(1)]).await.unwrap();
+    assert_eq!(out.delivered, vec![0, 1]);
+    server.with(|g| {
+        assert_eq!(
+            g.auths,
+            vec![Some("jwt-old".to_string()), Some("jwt-new".to_string())]
+        )
+    });
+    // The file holds the token sent already: the 403 is not about it.
+    server.with(|g| g.fail_after_accepted = Some((0, 403)));
+    let err = s.deliver(&[record(2)]).await.unwrap_err();
+    assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
+    assert!(!err.to_string().contains("AKTO_JWT_TOKEN"), "{err}");
+    assert!(err.to_string().contains("WAF"), "{err}");
 }
 
 #[tokio::test]
-async fn path_error_during_bisection_keeps_what_akto_refused_and_leaves_the_rest_pending() {
+async fn path_error_during_bisection_leaves_every_record_pending() {
     let server = Server::start().await;
     // The batch: 422; its first half (record 0) alone: 422 (a bad record); the second: 407.
     server.with(|g| {
@@ -892,11 +1013,9 @@ async fn path_error_during_bisection_keeps_what_akto_refused_and_leaves_the_rest
     let err = s.deliver(&[record(0), record(1)]).await.unwrap_err();
     assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
     assert!(err.to_string().contains("HTTP 407"), "{err}");
-    assert!(err.delivered_before_failure().is_empty());
-    let rejected = err.rejected_before_failure();
-    assert_eq!(rejected.len(), 1, "{rejected:?}");
-    assert_eq!(rejected[0].0, 0);
-    assert!(rejected[0].1.contains("422"), "{rejected:?}");
+    // Record 0's 422 is doubtful until the batch ends (had record 1 been refused alone with
+    // 422 too, the service refuses everything): it stays pending with record 1.
+    assert_all_pending(&err);
 }
 
 #[tokio::test]
@@ -979,4 +1098,268 @@ async fn standin_refuses_a_body_without_json_content_type_and_the_sink_declares_
     let out = s.deliver(&[akto_record(0)]).await.unwrap();
     assert_eq!(out.delivered, vec![0]);
     assert_eq!(st.records(), values(&[akto_record(0)], &[0]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A request the service stores after the client gave up on it: the sink sends it again (Akto has
+// no idempotency key), so the records may be stored twice. That must be announced, never silent.
+
+/// An ingestion service that finishes a request even when the client has gone (as a real one
+/// does: its handler does not watch the connection). It reads the whole request, waits
+/// `delays[n]` before the n-th one, stores its body, then answers 200 to whoever is left.
+struct Lingering {
+    addr: std::net::SocketAddr,
+    bodies: Arc<Mutex<Vec<String>>>,
+}
+
+impl Lingering {
+    async fn start(delays: Vec<Duration>) -> Lingering {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bodies = Arc::new(Mutex::new(Vec::new()));
+        let stored = Arc::clone(&bodies);
+        let delays = Arc::new(delays);
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let (stored, delays, count) = (stored.clone(), delays.clone(), count.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // The head, then `content-length` bytes of body.
+                    let head_end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        if buf.len() > 1 << 20 {
+                            return;
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        match conn.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let body = String::from_utf8_lossy(&buf[head_end..head_end + len]).into_owned();
+                    let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if let Some(d) = delays.get(n) {
+                        tokio::time::sleep(*d).await;
+                    }
+                    // Stored whether or not the client is still there.
+                    stored.lock().unwrap().push(body);
+                    let _ = conn
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                        )
+                        .await;
+                });
+            }
+        });
+        Lingering { addr, bodies }
+    }
+
+    fn url(&self) -> Url {
+        Url::parse(&format!("http://{}/", self.addr)).unwrap()
+    }
+
+    /// The bodies stored, once there are `n` of them (bounded wait).
+    async fn stored(&self, n: usize) -> Vec<String> {
+        for _ in 0..200 {
+            if self.bodies.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+/// A sink that gives up on a request after 500 ms.
+fn impatient(url: Url, attempts: u32) -> HttpSink {
+    HttpSink::new(HttpSinkConfig {
+        url,
+        jwt: None,
+        timeout: Duration::from_millis(500),
+        retry: fast_retry(attempts),
+    })
+    .unwrap()
+}
+
+/// Collects what `tracing` writes on this thread (the tests run on a current-thread runtime).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn start(&self) -> tracing::subscriber::DefaultGuard {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn a_request_stored_after_its_timeout_is_announced_as_maybe_stored_twice() {
+    // The first request is stored after 1.5 s, long after the sink gave up on it (500 ms);
+    // the retry is answered at once.
+    let server = Lingering::start(vec![Duration::from_millis(1500)]).await;
+    let s = impatient(server.url(), 3);
+    let batch: Vec<_> = (0..5).map(record).collect();
+    let log = Captured::default();
+    let out = {
+        let _guard = log.start();
+        s.deliver(&batch).await.unwrap()
+    };
+    assert_eq!(out.delivered, vec![0, 1, 2, 3, 4]);
+    // The service really holds the batch twice...
+    let stored = server.stored(2).await;
+    assert!(stored.len() >= 2, "{stored:?}");
+    assert!(stored.iter().all(|b| b == &stored[0]), "{stored:?}");
+    // ...and the sink said so: a counter and a WARN with the number of records.
+    assert_eq!(s.records_maybe_stored_twice(), 5);
+    let text = log.text();
+    assert!(text.contains("WARN"), "{text}");
+    assert!(
+        text.contains("5 records may be stored twice") && text.contains("records=5"),
+        "{text}"
+    );
+    assert!(text.contains("AKTO_REQUEST_TIMEOUT_SECONDS"), "{text}");
+}
+
+#[tokio::test]
+async fn a_failed_delivery_whose_requests_may_be_stored_says_so() {
+    // Every attempt is stored too late: the delivery fails, the records stay pending and are
+    // sent again next cycle, so the error says they may already be there.
+    let server = Lingering::start(vec![Duration::from_millis(1500); 2]).await;
+    let s = impatient(server.url(), 2);
+    let err = s.deliver(&[record(0), record(1)]).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert!(err.delivered_before_failure().is_empty());
+    let msg = err.to_string();
+    assert!(msg.contains("timed out"), "{msg}");
+    assert!(
+        msg.contains("2 of these records may already be stored"),
+        "{msg}"
+    );
+    assert_eq!(s.records_maybe_stored_twice(), 2);
+    assert_eq!(server.stored(2).await.len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// An ingestion service whose certificate is signed by a private CA (or re-signed by a
+// TLS-inspecting proxy): trusted only with AKTO_CA_BUNDLE.
+
+#[allow(dead_code)]
+#[path = "common/tls.rs"]
+mod tls;
+
+#[tokio::test]
+async fn a_service_signed_by_a_private_ca_needs_akto_ca_bundle() {
+    let st = standin(None).await;
+    let front = tls::tls_front(&st.url()).await;
+    let url = Url::parse(&format!("https://127.0.0.1:{}/", front.port)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Without the bundle: refused at the handshake, not retried, and the error names the fix.
+    let plain = sink(url.clone(), None, fast_retry(3));
+    let err = plain.deliver(&[akto_record(0)]).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("AKTO_CA_BUNDLE"), "{msg}");
+    assert!(msg.contains("certificate"), "{msg}");
+    assert_eq!(
+        front.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a certificate error is not retried"
+    );
+    let err = plain.healthcheck().await.unwrap_err();
+    assert!(err.to_string().contains("AKTO_CA_BUNDLE"), "{err}");
+
+    // The bundle of another CA of the same name: still refused, the bundle named.
+    let (other, _) = tls::test_ca();
+    let other_pem = dir.path().join("other-ca.pem");
+    std::fs::write(&other_pem, other.pem()).unwrap();
+    let wrong = sink(url.clone(), None, fast_retry(3))
+        .with_ca_bundle(&other_pem)
+        .unwrap();
+    let err = wrong.deliver(&[akto_record(0)]).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("AKTO_CA_BUNDLE") && msg.contains(&other_pem.display().to_string()),
+        "{msg}"
+    );
+    assert!(st.records().is_empty());
+
+    // With the CA that signed it: healthy and delivered.
+    let ca_pem = dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, &front.ca_pem).unwrap();
+    let trusted = sink(url, None, fast_retry(3))
+        .with_ca_bundle(&ca_pem)
+        .unwrap();
+    trusted
+        .healthcheck()
+        .await
+        .expect("trusted with the bundle");
+    let records: Vec<_> = (0..3).map(akto_record).collect();
+    let out = trusted.deliver(&records).await.unwrap();
+    assert_eq!(out.delivered, vec![0, 1, 2]);
+    assert_eq!(st.records(), values(&records, &[0, 1, 2]));
+}
+
+#[test]
+fn an_unusable_akto_ca_bundle_is_a_config_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = Url::parse("https://akto.example/").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let err = sink(url.clone(), None, fast_retry(1))
+        .with_ca_bundle(&missing)
+        .unwrap_err();
+    assert!(matches!(err, SinkError::Config { .. }), "{err:?}");
+    assert!(!err.is_retriable());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("AKTO_CA_BUNDLE")
+            && msg.contains(&missing.display().to_string())
+            && msg.contains("cannot be read"),
+        "{msg}"
+    );
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "just text, no certificate").unwrap();
+    let err = sink(url, None, fast_retry(1))
+        .with_ca_bundle(&not_pem)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("AKTO_CA_BUNDLE") && msg.contains("no PEM certificate"),
+        "{msg}"
+    );
 }

@@ -4,7 +4,8 @@
 //! byte, one record per line. A record counts as delivered once its line was written and
 //! flushed to the kernel; [`FileSink::flush`] fsyncs, and delivery calls it before every state
 //! commit, so state never records a line that is not on disk (one fsync per checkpoint instead
-//! of one per batch).
+//! of one per batch). A pipe, FIFO or device (`--output /dev/null`, `/dev/stdout` piped) has
+//! nothing to fsync, seek or cut: its lines are only written and flushed.
 //!
 //! Architecture Invariant: a failed write leaves no partial line behind (the file is cut back
 //! to its previous length), so a retry never produces a torn or duplicated record. A torn last
@@ -37,6 +38,10 @@ enum Target {
 /// The open output file.
 struct Output {
     file: File,
+    /// A regular file: it can be fsynced, sought and cut back. A pipe, FIFO or device
+    /// (`/dev/null`, `/dev/stdout` piped) cannot (fsync answers EINVAL, seek ESPIPE): lines are
+    /// only written to it, and "durable" means handed to the kernel.
+    regular: bool,
     /// Set when a failed write could not be cut back: the length the file had before it. The
     /// next write first cuts the file back (or to its last complete line) and writes nothing
     /// until that worked.
@@ -63,10 +68,21 @@ impl FileSink {
             }
         };
         let file = open_output(&path)?;
+        let regular = file
+            .metadata()
+            .map_err(|source| SinkError::Io {
+                target: path.display().to_string(),
+                source,
+            })?
+            .is_file();
         Ok(FileSink {
             target: Target::File {
                 path,
-                file: Arc::new(Mutex::new(Output { file, cut_to: None })),
+                file: Arc::new(Mutex::new(Output {
+                    file,
+                    regular,
+                    cut_to: None,
+                })),
             },
         })
     }
@@ -160,7 +176,7 @@ impl FileSink {
         Ok(out)
     }
 
-    /// Flushes (and fsyncs a file).
+    /// Flushes (and fsyncs a regular file; a pipe or device has nothing to sync).
     pub async fn flush(&self) -> Result<(), SinkError> {
         let res = match &self.target {
             Target::Stdout => {
@@ -171,7 +187,11 @@ impl FileSink {
                 tokio::task::spawn_blocking(move || {
                     let mut out = file.lock().map_err(|_| poisoned())?;
                     out.file.flush()?;
-                    out.file.sync_all()
+                    if out.regular {
+                        out.file.sync_all()
+                    } else {
+                        Ok(())
+                    }
                 })
                 .await
             }
@@ -322,8 +342,12 @@ fn cut_torn_tail(f: &mut File) -> std::io::Result<u64> {
     Ok(len - keep)
 }
 
-/// Appends `buf` and flushes it; on failure cuts the file back to where it was.
+/// Appends `buf` and flushes it; on failure cuts the file back to where it was (a regular file
+/// only: a pipe or device cannot be sought or cut, what it took is gone).
 fn append(out: &mut Output, buf: &[u8]) -> std::io::Result<()> {
+    if !out.regular {
+        return out.file.write_all(buf).and_then(|()| out.file.flush());
+    }
     if let Some(cut_to) = out.cut_to {
         // An earlier failed write was not cut back: do it now, before writing anything.
         let len = out.file.metadata()?.len();
@@ -455,7 +479,11 @@ mod tests {
         std::fs::write(&path, "{}\n").unwrap();
         // A read-only handle makes the write fail; the file must be unchanged.
         let file = OpenOptions::new().read(true).open(&path).unwrap();
-        let mut out = Output { file, cut_to: None };
+        let mut out = Output {
+            file,
+            regular: true,
+            cut_to: None,
+        };
         assert!(append(&mut out, b"{\"x\":1}\n").is_err());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{}\n");
     }
@@ -474,6 +502,7 @@ mod tests {
             .unwrap();
         let mut out = Output {
             file,
+            regular: true,
             cut_to: Some(8),
         };
         append(&mut out, b"{\"b\":2}\n").unwrap();

@@ -4,15 +4,23 @@
 //! a service that answers per batch:
 //! - 200 means every record was taken;
 //! - 408/429/5xx and connection failures (timeouts included) are retried with capped, jittered
-//!   backoff (honouring `Retry-After`);
+//!   backoff (honouring `Retry-After`). A request that timed out or lost its connection after
+//!   it was sent may have been stored by the service all the same (Akto has no idempotency
+//!   key): its records are counted and announced in a WARN ("N records may be stored twice")
+//!   and in the delivery error, never silently;
 //! - 422 is how Akto refuses a bad record (`actionErrors`): the batch is bisected so only the
 //!   bad record(s) are rejected (and quarantined by the caller);
-//! - 400 and 413 may come from Akto or from something in between (an ingress, a WAF, a proxy
-//!   with a smaller body limit): the batch is bisected too, but when every record of the batch
-//!   ends up refused alone with the same status, the path refuses the requests, not the
-//!   records: a delivery error that keeps them all pending for the next cycle;
-//! - any other 4xx (407, 411, 415, 431, ...) says the same at once; 401/403 mean the JWT is
-//!   wrong and 404/405/3xx a wrong URL. No retry fixes those, and no record is rejected for them.
+//! - 400, 403 and 413 may come from Akto or from something in between (an ingress, a WAF
+//!   refusing a payload that looks like an attack, a proxy with a smaller body limit): the batch
+//!   is bisected too;
+//! - when every record of a batch ends up refused alone with the same status (400/403/413; 422
+//!   for a batch of two or more records), the requests are refused, not the records: a delivery
+//!   error that keeps them all pending for the next cycle instead of quarantining everything;
+//! - any other 4xx (407, 411, 415, 431, ...) says the same at once; 401 means the JWT is wrong
+//!   and 404/405/3xx a wrong URL. No retry fixes those, and no record is rejected for them.
+//!
+//! TLS is always verified: against the webpki roots, plus the certificates of a PEM bundle given
+//! with [`HttpSink::with_ca_bundle`] (`AKTO_CA_BUNDLE`: a private CA or a TLS-inspecting proxy).
 //!
 //! A request may take [`HttpSinkConfig::timeout`] (`AKTO_REQUEST_TIMEOUT_SECONDS`) plus one
 //! second per [`UPLOAD_FLOOR_BYTES_PER_SEC`] bytes of its body, so a 10 MiB body has time to
@@ -23,6 +31,8 @@
 //! marked sensitive and never logged.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
@@ -100,6 +110,11 @@ pub struct HttpSink {
     /// Base timeout of one request (see [`HttpSink::request_timeout`]).
     timeout: Duration,
     retry: RetryPolicy,
+    /// `AKTO_CA_BUNDLE`, when its certificates are trusted too (for messages).
+    ca_bundle: Option<PathBuf>,
+    /// Records sent in a request that timed out or lost its connection after it was sent, and
+    /// were sent again: the service may hold them twice. Since the sink was built.
+    maybe_stored_twice: AtomicU64,
 }
 
 /// How often a JWT read from a file is looked at again.
@@ -119,6 +134,7 @@ impl fmt::Debug for HttpSink {
             )
             .field("timeout", &self.timeout)
             .field("retry", &self.retry)
+            .field("ca_bundle", &self.ca_bundle)
             .finish()
     }
 }
@@ -126,7 +142,7 @@ impl fmt::Debug for HttpSink {
 /// What one HTTP exchange said about a batch.
 enum Reply {
     Accepted,
-    /// Refused with 422 (Akto's answer to a bad record) or 400/413 (Akto's or the path's):
+    /// Refused with 422 (Akto's answer to a bad record) or 400/403/413 (Akto's or the path's):
     /// bisected; see [`HttpSink::deliver`] for when a refusal rejects a record.
     Refused {
         status: StatusCode,
@@ -136,6 +152,9 @@ enum Reply {
     Transient {
         reason: String,
         retry_after: Option<Duration>,
+        /// The request was sent (it timed out or lost its connection afterwards): the service
+        /// may have stored it.
+        maybe_stored: bool,
     },
 }
 
@@ -177,17 +196,7 @@ impl HttpSink {
         } else {
             config.timeout
         };
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("databricks-shield/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| SinkError::Config {
-                field: "DATA_INGESTION_SERVICE_URL",
-                message: format!("could not build the HTTP client: {}", error_chain(&e)),
-            })?;
+        let client = build_client(timeout, Vec::new())?;
         let mut retry = config.retry;
         retry.max_attempts = retry.max_attempts.max(1);
         Ok(HttpSink {
@@ -199,7 +208,39 @@ impl HttpSink {
             jwt_file: None,
             timeout,
             retry,
+            ca_bundle: None,
+            maybe_stored_twice: AtomicU64::new(0),
         })
+    }
+
+    /// Also trusts the CA certificates of the PEM bundle at `path` (`AKTO_CA_BUNDLE`: the CA of a
+    /// private ingestion endpoint or of a TLS-inspecting proxy), besides the webpki roots.
+    /// Certificates are always verified. Errors name `AKTO_CA_BUNDLE`, the file and the fix.
+    pub fn with_ca_bundle(mut self, path: impl AsRef<Path>) -> Result<HttpSink, SinkError> {
+        let path = path.as_ref();
+        let pem = std::fs::read(path).map_err(|e| SinkError::Config {
+            field: "AKTO_CA_BUNDLE",
+            message: format!(
+                "{} cannot be read ({e}); set AKTO_CA_BUNDLE to a readable PEM file of the CA \
+                 that signed the ingestion service's certificate",
+                path.display()
+            ),
+        })?;
+        let certs =
+            crate::databricks::parse_ca_bundle(&pem).map_err(|detail| SinkError::Config {
+                field: "AKTO_CA_BUNDLE",
+                message: format!("{}: {detail}", path.display()),
+            })?;
+        self.client = build_client(self.timeout, certs)?;
+        self.ca_bundle = Some(path.to_path_buf());
+        Ok(self)
+    }
+
+    /// Records sent in a request that timed out or lost its connection after it was sent and
+    /// that were sent again, since this sink was built: the ingestion service may hold them
+    /// twice (each such delivery is announced in a WARN, `records=N`).
+    pub fn records_maybe_stored_twice(&self) -> u64 {
+        self.maybe_stored_twice.load(Ordering::Relaxed)
     }
 
     /// How long one POST of `body_len` bytes may take: the base timeout plus one second per
@@ -212,7 +253,8 @@ impl HttpSink {
     }
 
     /// The JWT came from `path` (`AKTO_JWT_TOKEN_FILE`): read it again at most every 30 s and
-    /// at once after a 401/403, so that a rotated token needs no restart.
+    /// at once after a 401/403, so that a rotated token needs no restart (a 403 counts as the
+    /// token's fault only when the file holds a new token, which is then sent).
     pub fn reread_jwt_from(mut self, path: std::path::PathBuf) -> Self {
         let initial = self
             .auth
@@ -276,10 +318,13 @@ impl HttpSink {
             req = req.header(AUTHORIZATION, auth);
         }
         let shown_health = shown(&self.health_url);
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| SinkError::retriable(unreachable_message(&shown_health, &e)))?;
+        let resp = req.send().await.map_err(|e| {
+            let mut message = unreachable_message(&shown_health, &e);
+            if is_certificate_error(&message) {
+                message = format!("{message}; {}", self.certificate_hint());
+            }
+            SinkError::retriable(message)
+        })?;
         let status = resp.status();
         if status == StatusCode::OK {
             return Ok(());
@@ -288,9 +333,15 @@ impl HttpSink {
         if let Some(err) = self.config_error(status, &body, &shown_health) {
             return Err(err);
         }
+        let hint = if status == StatusCode::FORBIDDEN {
+            " (a 403 with a valid token: a WAF, ingress or proxy in between, or an access rule \
+             in front of the service, refuses the request; Akto answers a bad token with 401)"
+        } else {
+            ""
+        };
         Err(SinkError::retriable(format!(
             "No data appearing: the Akto ingestion service health check at {shown_health} \
-             answered HTTP {status} ({body}); check DATA_INGESTION_SERVICE_URL and the \
+             answered HTTP {status} ({body}){hint}; check DATA_INGESTION_SERVICE_URL and the \
              service's own logs"
         )))
     }
@@ -317,12 +368,56 @@ impl HttpSink {
     /// Delivers `batch` (see [`super::AnySink::deliver`] for the contract).
     ///
     /// Records that alone exceed Akto's 10 MiB body limit are rejected without sending; the
-    /// rest go out in as few requests as the body limit allows, bisected on 422/400/413
-    /// answers. A record refused alone with 422 is rejected. One refused alone with 400 or 413
-    /// is rejected only when the batch did not end with every sent record refused with that
-    /// same status: then the path between the connector and Akto refuses the requests, and
-    /// the result is a [`SinkError::Protocol`] that keeps them all pending.
+    /// rest go out in as few requests as the body limit allows, bisected on 422/400/403/413
+    /// answers. A record refused alone is rejected only when the batch did not end with every
+    /// sent record refused alone with that same status (for 422: in a batch of two or more
+    /// records): then the service, or the path between the connector and Akto, refuses the
+    /// requests rather than the records, and the result is a [`SinkError::Protocol`] that keeps
+    /// them all pending. Records of a request that timed out or lost its connection after it
+    /// was sent are counted (WARN, [`Self::records_maybe_stored_twice`]): they may be stored
+    /// twice.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
+        let mut maybe_stored = vec![false; batch.len()];
+        let result = self.deliver_counted(batch, &mut maybe_stored).await;
+        let count = maybe_stored.iter().filter(|m| **m).count();
+        if count == 0 {
+            return result;
+        }
+        self.maybe_stored_twice
+            .fetch_add(u64::try_from(count).unwrap_or(u64::MAX), Ordering::Relaxed);
+        let sent_again = if result.is_ok() {
+            "were sent again and accepted"
+        } else {
+            "stay pending and are sent again"
+        };
+        tracing::warn!(
+            sink = "http",
+            records = count,
+            "{count} records may be stored twice by the Akto ingestion service at {}: a request \
+             holding them timed out or lost its connection after it was sent (the service may \
+             have stored it all the same) and they {sent_again}; Akto's ingestion API has no \
+             idempotency key. If this repeats, raise AKTO_REQUEST_TIMEOUT_SECONDS",
+            self.shown_url
+        );
+        result.map_err(|e| {
+            with_note(
+                e,
+                &format!(
+                    "; {count} of these records may already be stored by the service (a request \
+                     holding them timed out or lost its connection after it was sent) and are \
+                     sent again: Akto may hold them twice"
+                ),
+            )
+        })
+    }
+
+    /// [`Self::deliver`], marking in `maybe_stored` the records of requests the service may have
+    /// stored although no answer came.
+    async fn deliver_counted(
+        &self,
+        batch: &[OutRecord],
+        maybe_stored: &mut [bool],
+    ) -> Result<BatchOutcome, SinkError> {
         let deadline = Instant::now() + self.retry.max_elapsed;
         let mut out = BatchOutcome::default();
         let mut sendable = Vec::with_capacity(batch.len());
@@ -352,18 +447,17 @@ impl HttpSink {
             .rev()
             .map(|r| sendable[r].to_vec())
             .collect();
-        // Records refused alone with 400/413: rejected only if not every sent record was.
+        // Records refused alone: rejected only if not every sent record was (same status).
         let mut doubtful: Vec<(usize, StatusCode, String)> = Vec::new();
         while let Some(group) = stack.pop() {
-            match self.send_with_retry(batch, &group, deadline).await {
+            match self
+                .send_with_retry(batch, &group, deadline, maybe_stored)
+                .await
+            {
                 Ok(None) => out.delivered.extend_from_slice(&group),
                 Ok(Some((status, body))) => {
                     if let [only] = group.as_slice() {
-                        if status == StatusCode::UNPROCESSABLE_ENTITY {
-                            out.rejected.push((*only, refusal(status, &body)));
-                        } else {
-                            doubtful.push((*only, status, body));
-                        }
+                        doubtful.push((*only, status, body));
                     } else {
                         let (left, right) = group.split_at(group.len() / 2);
                         stack.push(right.to_vec());
@@ -371,12 +465,19 @@ impl HttpSink {
                     }
                 }
                 // Doubtful refusals stay pending: the batch did not finish, so whether the
-                // path refused them all cannot be told.
+                // service or the path refused them all cannot be told.
                 Err(e) => return Err(e.with_progress(out.delivered, out.rejected)),
             }
         }
         if let Some((_, status, body)) = doubtful.first() {
-            if doubtful.len() == sendable.len() && doubtful.iter().all(|(_, s, _)| s == status) {
+            let all_alike =
+                doubtful.len() == sendable.len() && doubtful.iter().all(|(_, s, _)| s == status);
+            if all_alike && *status == StatusCode::UNPROCESSABLE_ENTITY && doubtful.len() >= 2 {
+                return Err(self
+                    .refused_all_error(body, doubtful.len())
+                    .with_progress(Vec::new(), out.rejected));
+            }
+            if all_alike && *status != StatusCode::UNPROCESSABLE_ENTITY {
                 let what = if doubtful.len() == 1 {
                     "to the batch's only record".to_string()
                 } else {
@@ -389,8 +490,9 @@ impl HttpSink {
                     .path_error(*status, body, &what)
                     .with_progress(Vec::new(), out.rejected));
             }
-            // Others went through: this record itself is refused. Kept in quarantine (with the
-            // fix) rather than pending, which would stop all delivery at it every cycle.
+            // Others went through (or were refused otherwise): this record itself is refused.
+            // Kept in quarantine (with the fix) rather than pending, which would stop all
+            // delivery at it every cycle.
             for (i, status, body) in doubtful {
                 let reason = if status == StatusCode::PAYLOAD_TOO_LARGE {
                     tracing::error!(
@@ -406,6 +508,15 @@ impl HttpSink {
                          limit to 10m",
                         refusal(status, &body)
                     )
+                } else if status == StatusCode::FORBIDDEN {
+                    format!(
+                        "{}; other records were accepted, so a WAF, ingress or proxy between the \
+                         connector and Akto refuses this record's content (e.g. a prompt that \
+                         looks like SQL injection or a script; Akto itself answers a bad token \
+                         with 401): allow it there; the record is kept in \
+                         STATE_DIR/quarantine.jsonl",
+                        refusal(status, &body)
+                    )
                 } else {
                     refusal(status, &body)
                 };
@@ -415,10 +526,33 @@ impl HttpSink {
         Ok(out)
     }
 
+    /// The error for a batch of two or more records Akto refused with 422 one by one: a bad
+    /// record is refused among good ones; all of them refused says the service does not take
+    /// this connector's records at all. The records stay pending.
+    fn refused_all_error(&self, body: &str, records: usize) -> SinkError {
+        SinkError::protocol(format!(
+            "No data appearing: the Akto ingestion service at {} refused every one of the \
+             batch's {records} records with HTTP 422, each sent alone ({body}). Akto refuses a \
+             bad record with 422 while taking the others; refusing all of them says the service \
+             does not take this connector's records at all (e.g. an Akto version expecting \
+             another record format, or a validation rule of the account): check the ingestion \
+             service's logs and version and DATA_INGESTION_SERVICE_URL; the records stay pending \
+             (not quarantined) and are sent again next cycle",
+            self.shown_url
+        ))
+    }
+
     /// The error for a 4xx that refuses requests rather than records: what answered, and where
     /// to look (the URL, a proxy, WAF or ingress in between). The records stay pending.
     fn path_error(&self, status: StatusCode, body: &str, what: &str) -> SinkError {
         let hint = match status.as_u16() {
+            403 => {
+                "Akto answers a bad token with 401 and a bad record with 422, so a WAF, ingress \
+                 or proxy between the connector and Akto (or an access rule in front of the \
+                 service) refuses the requests, e.g. a WAF rule matching payloads that look like \
+                 SQL injection or scripts: check its logs and rules for this connector's \
+                 requests"
+            }
             407 => {
                 "a proxy between the connector and Akto requires authentication: give its \
                  credentials in HTTPS_PROXY / HTTP_PROXY (http://user:password@proxy:port), or \
@@ -453,12 +587,14 @@ impl HttpSink {
     }
 
     /// Sends one group until accepted (`Ok(None)`), refused (`Ok(Some((status, body
-    /// excerpt)))`) or the retry budget runs out (`Err`).
+    /// excerpt)))`) or the retry budget runs out (`Err`). Marks the group in `maybe_stored`
+    /// when an attempt was sent but got no answer.
     async fn send_with_retry(
         &self,
         batch: &[OutRecord],
         group: &[usize],
         deadline: Instant,
+        maybe_stored: &mut [bool],
     ) -> Result<Option<(StatusCode, String)>, SinkError> {
         // Shared, not copied, by each attempt.
         let body = bytes::Bytes::from(build_body(batch, group));
@@ -470,7 +606,15 @@ impl HttpSink {
                 Reply::Transient {
                     reason,
                     retry_after,
+                    maybe_stored: sent,
                 } => {
+                    if sent {
+                        for &i in group {
+                            if let Some(m) = maybe_stored.get_mut(i) {
+                                *m = true;
+                            }
+                        }
+                    }
                     let give_up = |why: &str| {
                         SinkError::retriable(format!(
                             "No data appearing: delivery to the Akto ingestion service at {} \
@@ -505,6 +649,22 @@ impl HttpSink {
         }
     }
 
+    /// What to do about a certificate the client does not trust.
+    fn certificate_hint(&self) -> String {
+        match &self.ca_bundle {
+            None => "the service's TLS certificate is not trusted: when it is signed by a \
+                     private CA or a TLS-inspecting proxy re-signs it, set AKTO_CA_BUNDLE to the \
+                     PEM file of that CA (TLS is always verified)"
+                .to_string(),
+            Some(path) => format!(
+                "the service's TLS certificate is not trusted, also not with the CA \
+                 certificates of AKTO_CA_BUNDLE {}: set AKTO_CA_BUNDLE to the PEM file of the CA \
+                 that signed it (TLS is always verified)",
+                path.display()
+            ),
+        }
+    }
+
     /// `POST /api/ingestData` of `body` with the token, and whether a token went with it.
     fn ingest_request(&self, body: bytes::Bytes) -> (reqwest::RequestBuilder, bool) {
         let mut req = self
@@ -526,10 +686,24 @@ impl HttpSink {
         let resp = match req.send().await {
             Ok(resp) => resp,
             Err(e) => {
+                let reason = error_chain(&e);
+                if is_certificate_error(&reason) {
+                    // No retry makes an untrusted certificate trusted.
+                    return Err(SinkError::retriable(format!(
+                        "No data appearing: delivery to the Akto ingestion service at {} failed \
+                         ({reason}); {}; the records stay pending and are retried next cycle",
+                        self.shown_url,
+                        self.certificate_hint()
+                    )));
+                }
                 return Ok(Reply::Transient {
-                    reason: error_chain(&e),
+                    reason,
                     retry_after: None,
-                })
+                    // A connect error (refused, DNS, TLS handshake, connect timeout) sent
+                    // nothing; anything later (a timeout, a connection lost while sending or
+                    // waiting) may have left the whole request with the service.
+                    maybe_stored: !e.is_connect(),
+                });
             }
         };
         let status = resp.status();
@@ -546,7 +720,8 @@ impl HttpSink {
             Err(e) => format!("body unreadable: {}", error_chain(&e)),
         };
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-            // A rotated token: the file may hold the new one already; if so, send again.
+            // A rotated token: the file may hold the new one already; if so, send again. (A 403
+            // is a token error only then: Akto answers a bad token with 401.)
             if let Some(f) = &self.jwt_file {
                 let (token, _) = f.read();
                 if self.use_token(f, &token) {
@@ -556,6 +731,7 @@ impl HttpSink {
                              new one"
                         ),
                         retry_after: Some(Duration::ZERO),
+                        maybe_stored: false,
                     });
                 }
             }
@@ -570,10 +746,12 @@ impl HttpSink {
             return Ok(Reply::Transient {
                 reason: format!("HTTP {status}: {body}"),
                 retry_after,
+                maybe_stored: false,
             });
         }
         if status == StatusCode::UNPROCESSABLE_ENTITY
             || status == StatusCode::BAD_REQUEST
+            || status == StatusCode::FORBIDDEN
             || status == StatusCode::PAYLOAD_TOO_LARGE
         {
             return Ok(Reply::Refused { status, body });
@@ -589,9 +767,10 @@ impl HttpSink {
         )))
     }
 
-    /// Answers that no retry and no bisection can fix: bad token, wrong URL, redirects.
+    /// Answers that no retry and no bisection can fix: bad token (401; a 403 is a WAF's or
+    /// ingress' refusal as often, see [`Self::deliver`]), wrong URL, redirects.
     fn config_error(&self, status: StatusCode, body: &str, shown_url: &str) -> Option<SinkError> {
-        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        if status == StatusCode::UNAUTHORIZED {
             let has_token = self.auth.lock().map(|a| a.is_some()).unwrap_or(false);
             let message = if let (true, Some(f)) = (has_token, &self.jwt_file) {
                 format!(
@@ -634,6 +813,65 @@ impl HttpSink {
             )));
         }
         None
+    }
+}
+
+/// The HTTP client of the sink: rustls (webpki roots, plus `extra_roots`), no redirects.
+fn build_client(
+    timeout: Duration,
+    extra_roots: Vec<reqwest::Certificate>,
+) -> Result<reqwest::Client, SinkError> {
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    for cert in extra_roots {
+        builder = builder.add_root_certificate(cert);
+    }
+    builder
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("databricks-shield/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| SinkError::Config {
+            field: "DATA_INGESTION_SERVICE_URL",
+            message: format!("could not build the HTTP client: {}", error_chain(&e)),
+        })
+}
+
+/// Whether an error (as [`error_chain`] words it) says the server's certificate is not trusted.
+fn is_certificate_error(reason: &str) -> bool {
+    let lower = reason.to_ascii_lowercase();
+    lower.contains("certificate") || lower.contains("unknownissuer")
+}
+
+/// `e` with `note` appended to its message (errors that carry one).
+fn with_note(e: SinkError, note: &str) -> SinkError {
+    match e {
+        SinkError::Retriable {
+            message,
+            delivered_before_failure,
+            rejected_before_failure,
+        } => SinkError::Retriable {
+            message: format!("{message}{note}"),
+            delivered_before_failure,
+            rejected_before_failure,
+        },
+        SinkError::Auth {
+            message,
+            delivered_before_failure,
+        } => SinkError::Auth {
+            message: format!("{message}{note}"),
+            delivered_before_failure,
+        },
+        SinkError::Protocol {
+            message,
+            delivered_before_failure,
+            rejected_before_failure,
+        } => SinkError::Protocol {
+            message: format!("{message}{note}"),
+            delivered_before_failure,
+            rejected_before_failure,
+        },
+        other => other,
     }
 }
 

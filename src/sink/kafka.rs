@@ -13,6 +13,10 @@
 //! counted in a warning (they are sent again: possible duplicates). After such a time-out, or an
 //! error that says the broker no longer accepts the producer's session, the producer is replaced.
 //!
+//! A record the broker refuses for what it is is tried alone once, then rejected (quarantined by
+//! the caller); but when every record of a batch of two or more is refused alone, the topic or
+//! broker refuses them all (a policy, schema validation), and the call fails with them pending.
+//!
 //! Architecture Invariant: the SASL password is only ever handed to librdkafka; it never appears
 //! in Debug output, logs or errors (rdkafka's own `ClientConfig` Debug would print it, so this
 //! module never keeps or formats one).
@@ -507,7 +511,9 @@ impl KafkaSink {
     /// broker policy) are retried alone once (a batch of small records can exceed a broker limit
     /// together) and then reported rejected, with the error code as the reason. Records the
     /// broker refused only because another record of their request was invalid are sent again
-    /// without it (see [`settle`]).
+    /// without it (see [`settle`]). When the batch holds two or more records and the broker
+    /// refused every one of them alone (those within the producer's own limit), none is
+    /// rejected: a [`SinkError::Protocol`] naming the refusal keeps them pending.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
         let producer = self.producer()?;
         self.clear_last_error();
@@ -522,7 +528,13 @@ impl KafkaSink {
             state_failure,
             timed_out,
             maybe_stored,
+            all_refused,
         } = tally(settled, batch, producer_limit(&self.config));
+        if let Some((e, refused)) = all_refused {
+            return Err(self
+                .refused_all_error(&e, refused)
+                .with_progress(out.delivered, out.rejected));
+        }
         if !out.delivered.is_empty() {
             self.set_auth_failure(None);
         }
@@ -686,6 +698,24 @@ impl KafkaSink {
         };
         retire(old);
         Ok(())
+    }
+
+    /// The error for a batch whose every record the broker refused, each also alone: a topic or
+    /// broker policy, not bad records. The records stay pending.
+    fn refused_all_error(&self, e: &KafkaError, records: usize) -> SinkError {
+        let code = kafka_code(e)
+            .map(|c| format!("{c:?}: {c}"))
+            .unwrap_or_else(|| e.to_string());
+        SinkError::protocol(format!(
+            "No data appearing: the Kafka broker(s) {} refused every one of the batch's \
+             {records} records for topic {}, each also when sent alone ({code}). A bad record is \
+             refused among good ones; all of them refused says the topic or broker does not take \
+             this connector's records at all (e.g. a topic policy or broker-side schema \
+             validation such as confluent.value.schema.validation, or a message size limit below \
+             KAFKA_MAX_MESSAGE_BYTES): fix the topic's configuration or KAFKA_TOPIC; the records \
+             stay pending (not quarantined) and are sent again next cycle",
+            self.config.brokers, self.config.topic
+        ))
     }
 
     fn failure(&self, e: &KafkaError, what: &str) -> SinkError {
@@ -1031,6 +1061,11 @@ struct Tally {
     timed_out: bool,
     /// Failed records the broker may have stored nevertheless.
     maybe_stored: usize,
+    /// Set when the batch held two or more records and the broker refused every one of them
+    /// (those within the producer's own limit), each also when sent alone: a topic or broker
+    /// policy refuses them all, not a bad record. They stay pending (not in `out.rejected`);
+    /// the first refusal and how many records it covers.
+    all_refused: Option<(KafkaError, usize)>,
 }
 
 /// Sorts the settled fates into delivered, rejected (refused alone, or larger than the
@@ -1042,17 +1077,27 @@ fn tally(settled: Settled, batch: &[OutRecord], own_limit: usize) -> Tally {
         state_failure: None,
         timed_out: false,
         maybe_stored: 0,
+        all_refused: None,
     };
     // Why records stay pending when none failed outright (a refusal not verified alone, a
     // bystander): reported only without a real failure, which names the actual cause.
     let mut weak_failure = None;
+    // The refusals of records within the producer's limit that the broker refused alone.
+    let mut refused_alone: Vec<KafkaError> = Vec::new();
+    let mut over_limit = 0usize;
     for (i, fate) in settled.fates.into_iter().enumerate() {
         match fate {
             Some(Fate::Delivered) => t.out.delivered.push(i),
             Some(Fate::Refused { reason, .. })
-                if settled.alone.get(i).copied().unwrap_or(false)
-                    || batch.get(i).is_some_and(|r| r.json.len() > own_limit) =>
+                if batch.get(i).is_some_and(|r| r.json.len() > own_limit) =>
             {
+                over_limit += 1;
+                t.out.rejected.push((i, reason))
+            }
+            Some(Fate::Refused { reason, error })
+                if settled.alone.get(i).copied().unwrap_or(false) =>
+            {
+                refused_alone.push(error);
                 t.out.rejected.push((i, reason))
             }
             // Not verified alone (something else failed first): pending.
@@ -1083,6 +1128,16 @@ fn tally(settled: Settled, batch: &[OutRecord], own_limit: usize) -> Tally {
     }
     if t.first_failure.is_none() {
         t.first_failure = weak_failure;
+    }
+    // Every record the broker could take refused, in a batch of two or more: the topic (a
+    // policy, schema validation) refuses them all, which quarantining would hide; they stay
+    // pending and the call fails, naming the refusal.
+    let refused = refused_alone.len();
+    if refused >= 2 && refused + over_limit == batch.len() && t.first_failure.is_none() {
+        t.out
+            .rejected
+            .retain(|(i, _)| batch.get(*i).is_some_and(|r| r.json.len() > own_limit));
+        t.all_refused = refused_alone.into_iter().next().map(|e| (e, refused));
     }
     t
 }
@@ -1431,6 +1486,81 @@ mod tests {
             broker.requests,
             vec![vec![0, 1, 2], vec![0], vec![1], vec![2]]
         );
+    }
+
+    #[tokio::test]
+    async fn a_broker_refusing_every_record_alone_keeps_them_all_pending() {
+        // A topic policy (e.g. broker-side schema validation) refusing every record: none is
+        // quarantined, the call fails naming the refusal.
+        let mut broker = FakeBroker::new(&[0, 1, 2]);
+        let t = run(&mut broker, 3).await;
+        assert!(t.out.delivered.is_empty());
+        assert!(t.out.rejected.is_empty(), "{:?}", t.out.rejected);
+        let (e, n) = t
+            .all_refused
+            .expect("every record refused: a failure of the call");
+        assert_eq!(kafka_code(&e), Some(RDKafkaErrorCode::InvalidRecord));
+        assert_eq!(n, 3);
+        assert!(t.first_failure.is_none());
+        // Each was tried alone first: the whole batch, then one by one.
+        assert_eq!(
+            broker.requests,
+            vec![vec![0, 1, 2], vec![0], vec![1], vec![2]]
+        );
+
+        // Records over the producer's own limit are rejected as before; when all the others
+        // are refused alone too, those stay pending.
+        let mut broker = FakeBroker::new(&[0, 1, 2]);
+        let first = broker.send(3, vec![0, 1, 2]);
+        let b = std::cell::RefCell::new(&mut broker);
+        let settled = settle(first, |indices| {
+            let fates = b.borrow_mut().send(3, indices);
+            async move { fates }
+        })
+        .await;
+        let mut batch = records(3);
+        batch[2].json = "x".repeat(50);
+        let t = tally(settled, &batch, 20);
+        let rejected: Vec<usize> = t.out.rejected.iter().map(|(i, _)| *i).collect();
+        assert_eq!(rejected, vec![2]);
+        assert_eq!(t.all_refused.as_ref().map(|(_, n)| *n), Some(2));
+
+        // A batch of one refused record: that record is quarantined (no way to tell the topic
+        // from the record, and stopping delivery at it every cycle would be worse).
+        let mut broker = FakeBroker::new(&[0]);
+        let t = run(&mut broker, 1).await;
+        assert_eq!(t.out.rejected.len(), 1);
+        assert!(t.all_refused.is_none());
+
+        // One good record among refused ones: the refused ones are bad records, quarantined.
+        let mut broker = FakeBroker::new(&[0, 1]);
+        let t = run(&mut broker, 3).await;
+        assert_eq!(t.out.delivered, vec![2]);
+        assert_eq!(t.out.rejected.len(), 2);
+        assert!(t.all_refused.is_none());
+
+        // The error names the refusal, the topic and the fix, and keeps them pending.
+        let sink = KafkaSink::new(KafkaSinkConfig::new("b1:9092", DEFAULT_KAFKA_TOPIC)).unwrap();
+        let e = sink
+            .refused_all_error(
+                &KafkaError::MessageProduction(RDKafkaErrorCode::PolicyViolation),
+                4,
+            )
+            .with_progress(Vec::new(), Vec::new());
+        assert!(matches!(e, SinkError::Protocol { .. }), "{e:?}");
+        assert!(e.delivered_before_failure().is_empty());
+        assert!(e.rejected_before_failure().is_empty());
+        let msg = e.to_string();
+        for part in [
+            "b1:9092",
+            "every one of the batch's 4 records",
+            "PolicyViolation",
+            "akto.api.logs",
+            "KAFKA_TOPIC",
+            "stay pending",
+        ] {
+            assert!(msg.contains(part), "{part:?} missing: {msg}");
+        }
     }
 
     /// A record left pending only because a neighbour's refusal was not verified alone does not

@@ -90,7 +90,8 @@ pub enum SinkError {
         /// Records of this call that were permanently rejected before the failure.
         rejected_before_failure: Vec<(usize, String)>,
     },
-    /// The sink refused our credentials (HTTP 401/403): a configuration error, not retriable.
+    /// The sink refused our credentials (HTTP 401, a Kafka authentication or authorization
+    /// error): a configuration error, not retriable.
     #[error("{message}")]
     Auth {
         /// Says which setting (e.g. `AKTO_JWT_TOKEN`) to fix.
@@ -108,16 +109,19 @@ pub enum SinkError {
     },
     /// The sink, or something on the path to it, answered in a way no retry within the cycle
     /// and no bisection fixes: a redirect, a wrong URL (404/405), or a 4xx that refuses the
-    /// requests themselves rather than a record (a proxy, WAF or ingress in between). Not
-    /// retriable: the records of the batch stay pending (neither delivered nor quarantined) and
-    /// go out again next cycle, once the operator fixed the path.
+    /// requests themselves rather than a record (a proxy, WAF or ingress in between), or a
+    /// refusal of every record of a batch, each sent alone (Akto's 422 to all of them, a Kafka
+    /// topic policy refusing all of them). Not retriable: the records of the batch stay pending
+    /// (neither delivered nor quarantined) and go out again next cycle, once the operator fixed
+    /// the path or the destination's configuration.
     #[error("{message}")]
     Protocol {
         /// What happened and what to check.
         message: String,
         /// Records acknowledged before the failure.
         delivered_before_failure: Vec<usize>,
-        /// Records the service itself refused (Akto's 422) before the failure.
+        /// Records the sink refused for what they are (e.g. refused alone while others of the
+        /// batch were taken) before the failure.
         rejected_before_failure: Vec<(usize, String)>,
     },
     /// Writing the output file failed. Not retriable within the cycle; nothing of the failed
