@@ -1,13 +1,14 @@
 //! Assembly: turns a validated [`Config`] into a running [`Connector`], and drives it once or on a
 //! schedule. Also the logging setup, shared by every command.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::collect::CollectOptions;
 use crate::config::{Config, DatabricksAuth, LogFormat, SinkConfig};
 use crate::databricks::{ClientOptions, Credentials, DatabricksClient};
-use crate::run::{Connector, CycleReport, Settings, Shutdown};
+use crate::run::{Connector, CycleReport, Settings, Shutdown, IN_FLIGHT_GRACE};
 use crate::sink::FileSink;
 use crate::sink::{AnySink, SinkError};
 use crate::sink::{HttpSink, HttpSinkConfig, KafkaSink, KafkaSinkConfig};
@@ -53,7 +54,8 @@ pub fn client(config: &Config) -> Result<DatabricksClient, crate::databricks::Da
 }
 
 /// The sink a configuration asks for.
-pub fn sink(config: &SinkConfig) -> Result<AnySink, SinkError> {
+/// `ca_bundle`: extra CAs the HTTP sink trusts (`Config::akto_ca_bundle`).
+pub fn sink(config: &SinkConfig, ca_bundle: Option<&Path>) -> Result<AnySink, SinkError> {
     Ok(match config {
         SinkConfig::Http {
             url,
@@ -67,6 +69,10 @@ pub fn sink(config: &SinkConfig) -> Result<AnySink, SinkError> {
                 timeout: *timeout,
                 retry: Default::default(),
             })?;
+            let sink = match ca_bundle {
+                Some(path) => sink.with_ca_bundle(path)?,
+                None => sink,
+            };
             match jwt_file {
                 Some(path) => sink.reread_jwt_from(path.clone()),
                 None => sink,
@@ -155,7 +161,7 @@ pub enum StartError {
 pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
     let client = client(config)?;
     let sink_config = config.sink.as_ref().ok_or(StartError::NoSink)?;
-    let sink = sink(sink_config)?;
+    let sink = sink(sink_config, config.akto_ca_bundle())?;
     tracing::info!(
         "Sending records to {} (sink {})",
         sink.describe(),
@@ -223,6 +229,36 @@ pub struct LoopOutcome {
     pub stopped: bool,
 }
 
+/// How a `run` ended, which decides its exit code and its last `ERROR` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunEnd {
+    /// The last cycle finished without an error (exit 0).
+    Success,
+    /// The last cycle had an error (exit 1).
+    Failed,
+    /// A `-once` cycle stopped at `ONCE_TIME_LIMIT_SECONDS` before it finished (exit 1).
+    TimeLimited,
+    /// A `-once` cycle stopped by SIGTERM or Ctrl-C before it finished (exit 1).
+    Signalled,
+}
+
+impl RunEnd {
+    /// `time_limit_fired`: the `-once` timer went off. It counts only when it stopped the cycle:
+    /// a cycle that had finished (the timer fired while the sink was flushed or statement
+    /// cancels settled) is no time-limited run.
+    pub fn of(outcome: LoopOutcome, once: bool, time_limit_fired: bool) -> RunEnd {
+        if time_limit_fired && outcome.stopped {
+            RunEnd::TimeLimited
+        } else if once && outcome.stopped {
+            RunEnd::Signalled
+        } else if outcome.ok {
+            RunEnd::Success
+        } else {
+            RunEnd::Failed
+        }
+    }
+}
+
 /// [`run_loop_observed`], also saying whether the last cycle was cut short by shutdown, so that
 /// a `-once` run stopped by a signal does not pass for a finished one.
 pub async fn run_loop_outcome(
@@ -235,7 +271,7 @@ pub async fn run_loop_outcome(
     loop {
         let mut report = connector.run_cycle(&shutdown).await;
         // A failed flush (a file's fsync) fails the cycle: what it held is not known durable.
-        if let Err(e) = connector.sink.flush().await {
+        if let Err(e) = flush(&connector, shutdown.is_triggered()).await {
             report
                 .errors
                 .push(format!("flushing {}: {e}", connector.sink.name()));
@@ -272,6 +308,28 @@ pub async fn run_loop_outcome(
     }
 }
 
+/// Flushes the sink after a cycle. At shutdown for at most [`IN_FLIGHT_GRACE`]: what it still
+/// holds then (a Kafka producer's queue after a batch was abandoned) was never confirmed, so it
+/// is not checkpointed and the next run sends it again; what was checkpointed was made durable
+/// before (`AnySink::sync_confirmed`).
+async fn flush(connector: &Connector, stopping: bool) -> Result<(), SinkError> {
+    if !stopping {
+        return connector.sink.flush().await;
+    }
+    match tokio::time::timeout(IN_FLIGHT_GRACE, connector.sink.flush()).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(
+                "flushing {} did not finish within {}s at shutdown; records it had not \
+                 confirmed are not checkpointed and are sent again by the next run",
+                connector.sink.name(),
+                IN_FLIGHT_GRACE.as_secs()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// Before the process exits: lets the cancels of statements left running (a reader stopped by
 /// shutdown or the once time limit) reach the warehouse, for at most 10 s.
 async fn settle_cancels(connector: &Connector) {
@@ -285,5 +343,40 @@ async fn settle_cancels(connector: &Connector) {
             "{left} SQL statement cancel(s) still in flight at exit; the warehouse ends those \
              statements at their own timeout"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LoopOutcome, RunEnd};
+
+    #[test]
+    fn the_time_limit_counts_only_when_it_stopped_the_cycle() {
+        let finished = LoopOutcome {
+            ok: true,
+            stopped: false,
+        };
+        let stopped = LoopOutcome {
+            ok: true,
+            stopped: true,
+        };
+        // The timer went off after the cycle had finished (while flushing): a success.
+        assert_eq!(RunEnd::of(finished, true, true), RunEnd::Success);
+        assert_eq!(RunEnd::of(stopped, true, true), RunEnd::TimeLimited);
+        assert_eq!(RunEnd::of(stopped, true, false), RunEnd::Signalled);
+        assert_eq!(
+            RunEnd::of(
+                LoopOutcome {
+                    ok: false,
+                    ..finished
+                },
+                true,
+                true
+            ),
+            RunEnd::Failed
+        );
+        // The service loop: a stop between cycles is no failure.
+        assert_eq!(RunEnd::of(finished, false, false), RunEnd::Success);
+        assert_eq!(RunEnd::of(stopped, false, false), RunEnd::Success);
     }
 }

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::collect::quote_table;
 use crate::config::Config;
 use crate::databricks::sql::Statement;
+use crate::databricks::DatabricksError;
 use crate::discovery;
 
 /// One line of the checklist.
@@ -16,23 +17,49 @@ pub struct Step {
     pub name: String,
     pub ok: bool,
     pub detail: String,
+    /// Passed with a limitation a run lives with too (it logs the same `WARN`): `[WARN]`, and
+    /// `check` still exits 0.
+    pub warning: bool,
+}
+
+/// The lines gathered so far.
+struct Checklist {
+    steps: Vec<Step>,
+}
+
+impl Checklist {
+    /// Adds a passed or failed line; returns whether it passed.
+    fn push(&mut self, name: &str, r: Result<String, String>) -> bool {
+        let ok = r.is_ok();
+        self.steps.push(Step {
+            name: name.into(),
+            ok,
+            detail: r.unwrap_or_else(|e| e),
+            warning: false,
+        });
+        ok
+    }
+
+    /// Adds a passed line with a warning (`[WARN]`).
+    fn warn(&mut self, name: &str, detail: String) {
+        self.steps.push(Step {
+            name: name.into(),
+            ok: true,
+            detail,
+            warning: true,
+        });
+    }
 }
 
 /// Runs the checks; stops at the first failure that makes later ones meaningless.
 pub async fn run(config: &Config) -> Vec<Step> {
-    let mut steps = vec![Step {
-        name: "configuration".into(),
-        ok: true,
-        detail: config.summary(),
-    }];
-    let mut push = |name: &str, r: Result<String, String>| {
-        let ok = r.is_ok();
-        steps.push(Step {
-            name: name.into(),
-            ok,
-            detail: r.unwrap_or_else(|e| e),
-        });
-        ok
+    let mut list = Checklist {
+        steps: vec![Step {
+            name: "configuration".into(),
+            ok: true,
+            detail: config.summary(),
+            warning: false,
+        }],
     };
     // Reachability, each layer named: DNS, then TCP, then TLS (https hosts). Through a proxy
     // (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY, unless NO_PROXY exempts the host), the connection
@@ -66,22 +93,22 @@ pub async fn run(config: &Config) -> Vec<Step> {
                              this machine's DNS"
                         .to_string(),
                 };
-                push(
+                list.push(
                     "DNS",
                     Err(format!(
                         "Failed to connect to Databricks workspace: {target}{via} does not \
                          resolve ({e}). Fix: {fix}"
                     )),
                 );
-                return steps;
+                return list.steps;
             }
         };
     if addrs.is_empty() {
-        push("DNS", Err(format!("{target}{via} resolves to no address")));
-        return steps;
+        list.push("DNS", Err(format!("{target}{via} resolves to no address")));
+        return list.steps;
     }
     let listed: Vec<String> = addrs.iter().map(|a| a.ip().to_string()).collect();
-    push(
+    list.push(
         "DNS",
         Ok(format!("{target}{via} resolves to {}", listed.join(", "))),
     );
@@ -116,17 +143,17 @@ pub async fn run(config: &Config) -> Vec<Step> {
             }
         )),
     };
-    if !push("TCP", tcp_ok) {
-        return steps;
+    if !list.push("TCP", tcp_ok) {
+        return list.steps;
     }
     // The real client, built once: the TLS probe goes through it so that it trusts exactly what
-    // every later request trusts (the system roots plus DATABRICKS_CA_BUNDLE, else
-    // SSL_CERT_FILE) and takes the same proxy.
+    // every later request trusts (the built-in Mozilla roots of webpki-roots, never the system
+    // store, plus DATABRICKS_CA_BUNDLE, else SSL_CERT_FILE) and takes the same proxy.
     let client = match crate::app::client(config) {
         Ok(c) => c,
         Err(e) => {
-            push("databricks client", Err(e.to_string()));
-            return steps;
+            list.push("databricks client", Err(e.to_string()));
+            return list.steps;
         }
     };
     if config.host.scheme() == "https" {
@@ -158,16 +185,16 @@ pub async fn run(config: &Config) -> Vec<Step> {
                  behind a proxy, HTTPS_PROXY / NO_PROXY"
             )),
         };
-        if !push("TLS", result) {
-            return steps;
+        if !list.push("TLS", result) {
+            return list.steps;
         }
     }
-    if !push("authentication", authentication(&client, config).await) {
-        return steps;
+    if !list.push("authentication", authentication(&client, config).await) {
+        return list.steps;
     }
     // Each API on its own line, so a missing grant names the right one.
     let listed = client.list_tables(&config.catalog, &config.schema).await;
-    if !push(
+    if !list.push(
         "catalog and schema access",
         listed
             .map(|t| {
@@ -180,29 +207,32 @@ pub async fn run(config: &Config) -> Vec<Step> {
             })
             .map_err(|e| e.to_string()),
     ) {
-        return steps;
+        return list.steps;
     }
-    let endpoints = client.list_serving_endpoints().await;
-    if !push(
-        "serving endpoints",
-        endpoints
-            .map(|e| format!("{} serving endpoints readable", e.len()))
-            .map_err(|e| e.to_string()),
-    ) {
-        return steps;
+    // A refused listing is a warning, as in a run (discovery goes on without it): only an
+    // outage or a refused login stops here.
+    match serving_endpoints_step(client.list_serving_endpoints().await) {
+        EndpointsStep::Listed(detail) => {
+            list.push("serving endpoints", Ok(detail));
+        }
+        EndpointsStep::Warning(detail) => list.warn("serving endpoints", detail),
+        EndpointsStep::Stop(detail) => {
+            list.push("serving endpoints", Err(detail));
+            return list.steps;
+        }
     }
     let inv =
         match discovery::discover(&client, &config.catalog, &config.schema, &config.prefix).await {
             Ok(inv) => inv,
             Err(e) => {
-                push("agent discovery", Err(e.to_string()));
-                return steps;
+                list.push("agent discovery", Err(e.to_string()));
+                return list.steps;
             }
         };
     let tables: Vec<_> = inv.readable().map(|(_, t)| t.clone()).collect();
     let workspace_host = config.host.host_str().unwrap_or("databricks");
     let trace_sources = crate::traces::trace_sources(&inv, workspace_host).len();
-    push(
+    list.push(
         "inference tables",
         sources_step(&inv, &config.prefix, tables.len(), trace_sources),
     );
@@ -220,11 +250,11 @@ pub async fn run(config: &Config) -> Vec<Step> {
                      keep STATEMENT_TIMEOUT_SECONDS above it, or use a serverless warehouse)"
                 )
             };
-            push("SQL warehouse", Ok(format!("{} ({why}){note}", w.id)));
+            list.push("SQL warehouse", Ok(format!("{} ({why}){note}", w.id)));
             Some(w.id)
         }
         Err(e) => {
-            push("SQL warehouse", Err(e.to_string()));
+            list.push("SQL warehouse", Err(e.to_string()));
             None
         }
     };
@@ -251,7 +281,7 @@ pub async fn run(config: &Config) -> Vec<Step> {
                     format!("readable ({} ms)", took.as_millis())
                 }
             });
-            push(
+            list.push(
                 &format!("SELECT on {}", t.full_name),
                 result.map_err(|e| e.to_string()),
             );
@@ -280,8 +310,12 @@ pub async fn run(config: &Config) -> Vec<Step> {
             Err(e) => Err(e.to_string()),
         }
     };
-    push("state directory", state);
-    match config.sink.as_ref().map(crate::app::sink) {
+    list.push("state directory", state);
+    match config
+        .sink
+        .as_ref()
+        .map(|s| crate::app::sink(s, config.akto_ca_bundle()))
+    {
         Some(Ok(sink)) => {
             let checked = sink.healthcheck().await.map(|_| {
                 // After the health check: a Kafka topic's own message limit is known then.
@@ -291,19 +325,48 @@ pub async fn run(config: &Config) -> Vec<Step> {
                     sink.max_record_bytes()
                 )
             });
-            let reachable = push("sink reachable", checked.map_err(|e| e.to_string()));
+            let reachable = list.push("sink reachable", checked.map_err(|e| e.to_string()));
             if let (true, crate::sink::AnySink::Http(http)) = (reachable, &sink) {
-                push("sink token", sink_token(http).await);
+                list.push("sink token", sink_token(http).await);
             }
         }
         Some(Err(e)) => {
-            push("sink reachable", Err(e.to_string()));
+            list.push("sink reachable", Err(e.to_string()));
         }
         None => {
-            push("sink reachable", Err("no sink configured".into()));
+            list.push("sink reachable", Err("no sink configured".into()));
         }
     }
-    steps
+    list.steps
+}
+
+/// What the `serving endpoints` line says, and whether `check` goes on.
+#[derive(Debug, PartialEq, Eq)]
+enum EndpointsStep {
+    Listed(String),
+    /// Refused for good (no grant, no such API): a run logs a WARN and finds its agents from
+    /// the inference tables and apps, so the later lines still matter.
+    Warning(String),
+    /// The workspace failed or refused the login: nothing later can pass.
+    Stop(String),
+}
+
+/// The `serving endpoints` line from the listing's answer, with the rule discovery applies.
+fn serving_endpoints_step(
+    listed: Result<Vec<crate::databricks::serving::ServingEndpoint>, DatabricksError>,
+) -> EndpointsStep {
+    match listed {
+        Ok(e) => EndpointsStep::Listed(format!("{} serving endpoints readable", e.len())),
+        // The rule of `discovery::discover`, which warns and goes on for these.
+        Err(e) if !e.is_retriable() && !matches!(e, DatabricksError::Auth { .. }) => {
+            EndpointsStep::Warning(format!(
+            "cannot list serving endpoints ({e}); a run finds agents from inference tables and \
+             apps only (and logs this WARN every cycle). Fix: give the service principal \
+             CAN_VIEW (or CAN_QUERY) on the serving endpoints of its agents"
+            ))
+        }
+        Err(e) => EndpointsStep::Stop(e.to_string()),
+    }
 }
 
 /// The `inference tables` step: what a run reads. Inference tables, and also MLflow traces
@@ -349,7 +412,6 @@ async fn authentication(
     client: &crate::databricks::DatabricksClient,
     config: &Config,
 ) -> Result<String, String> {
-    use crate::databricks::DatabricksError;
     client.authenticate().await.map_err(|e| e.to_string())?;
     match client.list_warehouses().await {
         Ok(_) => Ok(format!(
@@ -442,15 +504,21 @@ async fn sink_token(sink: &crate::sink::HttpSink) -> Result<String, String> {
             "no AKTO_JWT_TOKEN set, and the service does not ask for one (an empty batch \
              answered HTTP {status})"
         )),
-        (401 | 403, true) => Err(format!(
+        (401, true) => Err(format!(
             "Akto's ingestion service refused AKTO_JWT_TOKEN: POST {shown_url} answered HTTP \
              {status}. Fix: set AKTO_JWT_TOKEN (or AKTO_JWT_TOKEN_FILE) to the token from \
              Akto's dashboard, the raw JWT without a 'Bearer ' prefix, current (not expired)"
         )),
-        (401 | 403, false) => Err(format!(
+        (401, false) => Err(format!(
             "Akto's ingestion service requires a token: POST {shown_url} answered HTTP \
              {status}. Fix: set AKTO_JWT_TOKEN (or AKTO_JWT_TOKEN_FILE) to the token from \
              Akto's dashboard"
+        )),
+        // Akto answers a bad token with 401; a 403 comes from what stands in front of it.
+        (403, _) => Err(format!(
+            "POST {shown_url} with an empty batch answered HTTP 403: a WAF, ingress or proxy in \
+             front of Akto's ingestion service refuses this host or request (Akto itself answers \
+             a bad token with 401). Fix: have this host allowed there"
         )),
         _ => Ok(format!(
             "token not verified: POST {shown_url} with an empty batch answered HTTP {status} \
@@ -530,7 +598,11 @@ pub fn render(steps: &[Step]) -> String {
         .map(|s| {
             format!(
                 "[{}] {}: {}\n",
-                if s.ok { "PASS" } else { "FAIL" },
+                match (s.ok, s.warning) {
+                    (true, false) => "PASS",
+                    (true, true) => "WARN",
+                    (false, _) => "FAIL",
+                },
                 s.name,
                 s.detail
             )
@@ -540,7 +612,46 @@ pub fn render(steps: &[Step]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{lookup_name, proxy_for, sources_step, state_dir_writable, Matcher};
+    use super::{
+        lookup_name, proxy_for, render, serving_endpoints_step, sources_step, state_dir_writable,
+        EndpointsStep, Matcher, Step,
+    };
+    use crate::databricks::DatabricksError;
+
+    /// A refused endpoint listing is a warning, as in a run; an outage or a refused login stops.
+    #[test]
+    fn a_refused_endpoint_listing_is_a_warning_not_a_stop() {
+        let denied = DatabricksError::PermissionDenied {
+            object: "serving endpoints".into(),
+            detail: "PERMISSION_DENIED".into(),
+            fix: "grant CAN_VIEW".into(),
+        };
+        let EndpointsStep::Warning(detail) = serving_endpoints_step(Err(denied)) else {
+            panic!("a refused listing must not stop check")
+        };
+        assert!(detail.contains("CAN_VIEW"), "{detail}");
+        let down = DatabricksError::Api {
+            status: 503,
+            error_code: "TEMPORARILY_UNAVAILABLE".into(),
+            message: "down".into(),
+            route: "/api/2.0/serving-endpoints".into(),
+        };
+        assert!(matches!(
+            serving_endpoints_step(Err(down)),
+            EndpointsStep::Stop(_)
+        ));
+        assert_eq!(
+            serving_endpoints_step(Ok(Vec::new())),
+            EndpointsStep::Listed("0 serving endpoints readable".into())
+        );
+        let steps = [Step {
+            name: "serving endpoints".into(),
+            ok: true,
+            detail: "x".into(),
+            warning: true,
+        }];
+        assert_eq!(render(&steps), "[WARN] serving endpoints: x\n");
+    }
 
     #[test]
     fn traces_without_inference_tables_pass_the_sources_step() {

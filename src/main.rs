@@ -1,5 +1,7 @@
 //! The `databricks-shield` binary: parses the command line, then runs the chosen command.
-//! Exit codes: 0 success, 1 a cycle or check failed, 2 bad configuration.
+//! Exit codes: 0 success, 1 a cycle or check failed (or a `-once` cycle was stopped by a signal
+//! or its time limit before it finished), 2 bad configuration, 130 a second stop signal (exit at
+//! once, without waiting for the batch in flight).
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +71,7 @@ async fn async_main(cli: cli::Cli) -> ExitCode {
                     name: "configuration".into(),
                     ok: false,
                     detail: e.to_string(),
+                    warning: false,
                 }];
                 print_steps(&steps, json);
             } else {
@@ -213,23 +216,21 @@ async fn run(config: Config) -> ExitCode {
     if let Some(timer) = limit_timer {
         timer.abort();
     }
-    let limited = time_limited.load(Ordering::SeqCst);
-    // A -once cycle cut short by SIGTERM / Ctrl-C is no success, even without an error.
-    let signalled = config.once && outcome.stopped && !limited;
-    if limited {
-        tracing::error!(
+    let end = app::RunEnd::of(outcome, config.once, time_limited.load(Ordering::SeqCst));
+    match end {
+        app::RunEnd::TimeLimited => tracing::error!(
             "-once stopped at its time limit before the cycle finished: what was delivered is \
              checkpointed and the next run continues from there. A large backlog takes several \
              runs; if every run stops here without records, run `databricks-shield check`"
-        );
-    } else if signalled {
-        tracing::error!(
+        ),
+        app::RunEnd::Signalled => tracing::error!(
             "-once stopped by a signal before the cycle finished; what was not delivered is \
              sent by the next run"
-        );
+        ),
+        app::RunEnd::Success | app::RunEnd::Failed => {}
     }
     tracing::info!("databricks-shield stopped");
-    if outcome.ok && !limited && !signalled {
+    if end == app::RunEnd::Success {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)

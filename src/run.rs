@@ -48,6 +48,12 @@ use crate::sink::{AnySink, OutRecord, SinkError, BODY_WRAPPER_BYTES, MAX_BODY_BY
 use crate::state::{create_private_file, DeliveredRow, StateError, StateStore};
 use crate::traffic::{self, AgentContext, MapOptions, RedactionCounts, Redactor};
 
+/// How long a batch in flight when shutdown is requested (SIGTERM, the `-once` time limit) may
+/// still take. After that it is abandoned: not checkpointed, announced at the next start as
+/// possibly stored (the in-flight marker), and sent again then. A batch can otherwise take a
+/// minute or more (an HTTP sink's retries, a Kafka broker's time-out), past Akto's 300 s kill.
+pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(10);
+
 /// Stopping, as an explicit value handed to every long-running part (after mini-redis).
 #[derive(Clone)]
 pub struct Shutdown {
@@ -215,6 +221,19 @@ impl CycleReport {
         )
     }
 
+    /// Adds what the delivery stage counted (also when it ended with an error: what the sink
+    /// confirmed before the error was sent).
+    fn add_delivery(&mut self, d: DeliveryTotals) {
+        self.records_sent += d.records_sent;
+        self.truncated += d.truncated;
+        self.tool_calls += d.tool_calls;
+        self.tool_calls_deduplicated += d.tool_calls_deduplicated;
+        for (agent, n) in d.per_agent {
+            *self.per_agent.entry(agent).or_default() += n;
+        }
+        self.redacted.add(&d.redacted);
+    }
+
     fn add_table(&mut self, s: &TableStats) {
         self.rows_read += s.rows_returned;
         self.bytes_read += s.bytes_returned;
@@ -222,6 +241,8 @@ impl CycleReport {
         self.executions += s.executions;
         self.duplicates_skipped += s.duplicates_skipped;
         self.late_found += s.late_found;
+        // Payloads cut while reading (a row larger than one statement may return).
+        self.truncated += s.payloads_cut;
     }
 }
 
@@ -268,7 +289,13 @@ impl Quarantine {
     }
 }
 
-type Readers = tokio::task::JoinSet<(String, Result<TableStats, CollectError>)>;
+/// The readers of a cycle, and the source each task reads: a reader that panicked (a bug) is
+/// reported with its source's name.
+#[derive(Default)]
+struct Readers {
+    set: tokio::task::JoinSet<(String, Result<TableStats, CollectError>)>,
+    names: std::collections::HashMap<tokio::task::Id, String>,
+}
 
 /// Runs one source's reader under the concurrency bound; shutdown stops it at once (a statement
 /// may poll for minutes): what it already handed to delivery is delivered or left unconfirmed,
@@ -282,7 +309,8 @@ fn spawn_reader(
 ) {
     let sem = sem.clone();
     let mut shutdown = shutdown.clone();
-    readers.spawn(async move {
+    let task_name = name.clone();
+    let handle = readers.set.spawn(async move {
         let _permit = sem.acquire_owned().await;
         if shutdown.is_triggered() {
             return (name, Err(CollectError::Closed));
@@ -293,6 +321,7 @@ fn spawn_reader(
         };
         (name, result)
     });
+    readers.names.insert(handle.id(), task_name);
 }
 
 /// The agent a table belongs to, as records need it.
@@ -307,11 +336,23 @@ struct AgentInfo {
 /// source failed this cycle (`failed`), it may still catch up on units older than the usual
 /// horizon, whose tool calls must still be found then, so only what the catch-up floor no
 /// longer reaches is pruned.
-fn registry_horizon(cycle_start_us: i64, keep_us: i64, max_catchup: Duration, failed: bool) -> i64 {
+///
+/// Like delivered ids (`StateStore::record_complete_read`), the horizon counts back from the
+/// newest source time delivered (`newest_source_us`, the sources' own clock) when that is older
+/// than the cycle's start: a local clock running ahead (an NTP step, a VM resumed) cannot make
+/// one cycle forget tool calls that a late pass on the corrected clock still needs.
+fn registry_horizon(
+    cycle_start_us: i64,
+    newest_source_us: Option<i64>,
+    keep_us: i64,
+    max_catchup: Duration,
+    failed: bool,
+) -> i64 {
+    let now = newest_source_us.map_or(cycle_start_us, |n| n.min(cycle_start_us));
     if failed {
-        cycle_start_us - (max_catchup + Duration::from_secs(600)).as_micros() as i64
+        now - (max_catchup + Duration::from_secs(600)).as_micros() as i64
     } else {
-        cycle_start_us - keep_us
+        now - keep_us
     }
 }
 
@@ -326,6 +367,10 @@ enum DeliveryError {
     /// (the state commit): the run must stop, or every later cycle would send it again.
     #[error("{0}")]
     Unrecorded(String),
+    /// Shutdown was requested and the batch in flight was not confirmed within
+    /// [`IN_FLIGHT_GRACE`]: it was abandoned (not an error: the cycle ends as stopped).
+    #[error("the batch in flight ({records} records) was abandoned at shutdown")]
+    Abandoned { records: usize },
 }
 
 impl Connector {
@@ -363,21 +408,27 @@ impl Connector {
         Ok(())
     }
 
+    /// The warehouse of this cycle. One set by `DATABRICKS_WAREHOUSE_ID` is looked up once; one
+    /// picked automatically is picked again every cycle (one listing call), so a warehouse that
+    /// was deleted, or whose CAN USE was revoked, is replaced by the next cycle instead of
+    /// failing every cycle until a restart. The choice is logged when it changes.
     async fn warehouse_id(&self) -> Result<String, DatabricksError> {
         let mut w = self.warehouse.lock().await;
-        if let Some(id) = w.as_ref() {
+        if let (Some(_), Some(id)) = (&self.settings.warehouse_id, w.as_ref()) {
             return Ok(id.clone());
         }
         let (wh, why) = self
             .client
             .choose_warehouse(self.settings.warehouse_id.as_deref())
             .await?;
-        tracing::info!(
-            "Using SQL warehouse {} ({}) [{}]",
-            wh.id,
-            wh.name.as_deref().unwrap_or("unnamed"),
-            why
-        );
+        if w.as_deref() != Some(wh.id.as_str()) {
+            tracing::info!(
+                "Using SQL warehouse {} ({}) [{}]",
+                wh.id,
+                wh.name.as_deref().unwrap_or("unnamed"),
+                why
+            );
+        }
         *w = Some(wh.id.clone());
         Ok(wh.id)
     }
@@ -500,7 +551,7 @@ impl Connector {
         // hold the permits the trace readers need to finish.
         let sem = Arc::new(Semaphore::new(s.table_concurrency.max(1)));
         let trace_sem = Arc::new(Semaphore::new(s.table_concurrency.max(1)));
-        let mut readers = Readers::new();
+        let mut readers = Readers::default();
         let inv_arc = Arc::new(inv.clone());
         for src in trace_sources {
             let (this, tx) = (self.clone(), tx.clone());
@@ -560,23 +611,24 @@ impl Connector {
         drop(table_tx);
         let mut completed: Vec<(String, Option<i64>)> = Vec::new();
         join_readers(&mut readers, report, &mut completed).await;
-        let delivered = match delivery.await {
+        let (totals, delivered) = match delivery.await {
             Ok(r) => r,
             // A panic (a bug): what it had confirmed but not checkpointed is sent again at the
             // next start; stopping beats sending it again every cycle.
-            Err(e) => Err(DeliveryError::Unrecorded(format!(
-                "the delivery task failed ({e}); records it had sent but not checkpointed are \
-                 sent again at the next start (announced then). Please report this with the log"
-            ))),
+            Err(e) => (
+                DeliveryTotals::default(),
+                Err(DeliveryError::Unrecorded(format!(
+                    "the delivery task failed ({e}); records it had sent but not checkpointed \
+                     are sent again at the next start (announced then). Please report this with \
+                     the log"
+                ))),
+            ),
         };
+        // What the sink confirmed counts whether delivery ended well or not: a catch-up that
+        // sent 900 records before Akto failed sent (and checkpointed) those 900.
+        report.add_delivery(totals);
         match delivered {
-            Ok(d) => {
-                report.records_sent += d.records_sent;
-                report.truncated += d.truncated;
-                report.tool_calls += d.tool_calls;
-                report.tool_calls_deduplicated += d.tool_calls_deduplicated;
-                report.per_agent = d.per_agent;
-                report.redacted = d.redacted;
+            Ok(()) => {
                 // Tables read completely and delivered: remember when, and forget old ids.
                 if !shutdown.is_triggered() {
                     let keep = (s.collect.lookback + Duration::from_secs(600)).as_micros() as i64;
@@ -591,8 +643,19 @@ impl Connector {
                             report.errors.push(format!("{table}: {e}"));
                         }
                     }
+                    let mut newest = None;
+                    for (table, _) in &completed {
+                        match self.state.cursor(table) {
+                            Ok(c) => newest = newest.max(c.map(|c| c.time_us)),
+                            Err(e) => {
+                                report.fatal = true;
+                                report.errors.push(format!("{table}: {e}"));
+                            }
+                        }
+                    }
                     let horizon = registry_horizon(
                         cycle_start_us,
+                        newest,
                         keep,
                         s.collect.max_catchup,
                         !report.errors.is_empty(),
@@ -619,9 +682,13 @@ impl Connector {
                         report.fatal = true;
                         m.clone()
                     }
+                    // Stopped, not failed: the WARN logged then says what happens to it.
+                    DeliveryError::Abandoned { .. } => String::new(),
                 };
                 // Logged with the cycle's other errors (`app::log_report`).
-                report.errors.push(msg);
+                if !msg.is_empty() {
+                    report.errors.push(msg);
+                }
             }
         }
         report.inventory = Some(inv);
@@ -650,18 +717,20 @@ impl Connector {
         tables: mpsc::Receiver<Chunk>,
         agents: BTreeMap<String, Arc<AgentInfo>>,
         shutdown: Shutdown,
-    ) -> Result<DeliveryTotals, DeliveryError> {
-        let mut totals = DeliveryTotals::default();
+    ) -> (DeliveryTotals, Result<(), DeliveryError>) {
+        let mut totals = DeliveryTotals {
+            stop: Some(shutdown.clone()),
+            ..Default::default()
+        };
         let mut pending = Pending::default();
         self.sink.prepare().await;
         let result = self
             .deliver_chunks(first, tables, agents, shutdown, &mut totals, &mut pending)
             .await;
         let committed = self.commit_pending(&mut pending).await;
-        // A commit that failed outranks the sink's error: it stops the run.
-        committed?;
-        result?;
-        Ok(totals)
+        // A commit that failed outranks the sink's error: it stops the run. The totals count
+        // what the sink confirmed either way.
+        (totals, committed.and(result))
     }
 
     /// The loop of [`Self::deliver`]; confirmed rows not yet committed stay in `pending`.
@@ -676,6 +745,7 @@ impl Connector {
     ) -> Result<(), DeliveryError> {
         let mut ledger = ToolCallLedger {
             partly_sent: PartlySent::load(&self.state)?,
+            quarantined: KnownQuarantined::load(&self.state)?,
             ..Default::default()
         };
         let mut first_open = true;
@@ -777,7 +847,6 @@ impl Connector {
                 )?;
                 for (exec, m) in group.iter().zip(mapped) {
                     totals.truncated += u64::from(m.truncated_payloads);
-                    totals.tool_calls += u64::from(m.tool_calls);
                     let unit_ref = UnitRef {
                         table: &chunk.table,
                         by_id: chunk.by_id,
@@ -828,7 +897,7 @@ impl Connector {
         if chunk.unreadable.is_empty() {
             return Ok(());
         }
-        let ns = format!("{QUARANTINED_PREFIX}{}", chunk.table);
+        let ns = quarantined_namespace(&chunk.table);
         let keys: Vec<String> = chunk
             .unreadable
             .iter()
@@ -881,17 +950,17 @@ impl Connector {
             // A payload that masking made longer than the limit was cut: count it too.
             totals.truncated += u64::from(mapped.truncated_payloads);
         }
-        let (mut records, mut calls, mut uncut) = self.accept(
-            unit.table,
-            unit.id,
-            unit.host,
+        let (mut records, mut calls, mut meta) = self.accept(
+            unit,
             mapped.records.iter().zip(calls),
             &mut totals.truncated,
+            &mut ledger.quarantined,
+            pending,
         )?;
         let before = records.len();
         ledger
             .partly_sent
-            .filter(unit.table, unit.id, &mut records, &mut calls, &mut uncut);
+            .filter(unit.table, unit.id, &mut records, &mut calls, &mut meta);
         if records.len() < before {
             tracing::info!(
                 "{}: {} is sent again after a failure that confirmed only part of it; {} of its \
@@ -901,36 +970,51 @@ impl Connector {
                 before - records.len()
             );
         }
-        self.add_unit(batch, unit, (records, calls, uncut), totals, pending)
+        self.add_unit(batch, unit, (records, calls, meta), totals, pending)
             .await
     }
 
     /// Validates and encodes records, cutting the payloads of one longer than the sink takes;
-    /// what Akto would reject goes to quarantine. Returns the records, by their index the tool
-    /// call ids they carry, and for each record the content key of its form before a cut (only
-    /// for the records that were cut: see [`record_key`]).
+    /// what Akto would reject goes to quarantine, once: a record quarantined before (its unit is
+    /// staged again because other records of it were not confirmed) is left out without a new
+    /// quarantine entry, and so is one the sink refused before. Returns the records, by their
+    /// index the tool call ids they carry, and for each record its [`RecordMeta`].
     fn accept<'r>(
         &self,
-        table: &str,
-        id: &str,
-        host: &str,
+        unit: UnitRef<'_>,
         records: impl Iterator<Item = (&'r traffic::AktoRecord, Option<String>)>,
         truncated: &mut u64,
+        known: &mut KnownQuarantined,
+        pending: &mut Pending,
     ) -> Result<Staged, StateError> {
         let max = self.sink.max_record_bytes();
         let mut out = Vec::new();
         let mut calls = Vec::new();
-        let mut uncut_keys = Vec::new();
+        let mut metas = Vec::new();
+        // Hashing every record only when this namespace has quarantined records at all.
+        let check_known = known.has_any(unit.table);
         for (rec, call) in records {
+            let mut json = traffic::encode(rec);
+            let mut key = check_known.then(|| content_key(&json));
+            if let Some(k) = &key {
+                if known.contains(unit.table, k) {
+                    tracing::debug!(
+                        "{}: a record of {} was quarantined before and is left out",
+                        unit.table,
+                        unit.id
+                    );
+                    continue;
+                }
+            }
             if let Err(v) = traffic::validate(rec) {
-                self.quarantine
-                    .put(table, id, &v.to_string(), &traffic::encode(rec))?;
+                let k = key.take().unwrap_or_else(|| content_key(&json));
+                self.quarantine_once(unit, &v.to_string(), &json, k, known, pending)?;
                 continue;
             }
-            let mut json = traffic::encode(rec);
             let mut uncut = None;
             if json.len() > max {
-                uncut = Some(content_key(&json));
+                let k = key.take().unwrap_or_else(|| content_key(&json));
+                uncut = Some(k);
                 // Rare (a sink limit below the mapping's 10 MiB, e.g. a Kafka topic's): cut.
                 let mut cut = rec.clone();
                 let mut cuts = 0u32;
@@ -945,7 +1029,8 @@ impl Connector {
                         json.len(),
                         self.sink.name()
                     );
-                    self.quarantine.put(table, id, &reason, &json)?;
+                    let k = uncut.take().unwrap_or_default();
+                    self.quarantine_once(unit, &reason, &json, k, known, pending)?;
                     continue;
                 }
             }
@@ -953,12 +1038,38 @@ impl Connector {
                 calls.push((out.len(), c));
             }
             out.push(OutRecord {
-                key: host.to_string(),
+                key: unit.host.to_string(),
                 json,
             });
-            uncut_keys.push(uncut);
+            metas.push(RecordMeta {
+                uncut,
+                tool: rec.path.starts_with("/tools/"),
+            });
         }
-        Ok((out, calls, uncut_keys))
+        Ok((out, calls, metas))
+    }
+
+    /// Quarantines a record of `unit` found unsendable before it was sent, and remembers its
+    /// key (the content key of the record before any cut) with the next checkpoint, so that the
+    /// unit staged again does not quarantine it again.
+    fn quarantine_once(
+        &self,
+        unit: UnitRef<'_>,
+        reason: &str,
+        json: &str,
+        key: String,
+        known: &mut KnownQuarantined,
+        pending: &mut Pending,
+    ) -> Result<(), StateError> {
+        self.quarantine.put(unit.table, unit.id, reason, json)?;
+        pending.rows.push((
+            quarantined_namespace(unit.table),
+            key.clone(),
+            chrono::Utc::now().timestamp_micros(),
+            true,
+        ));
+        known.insert(unit.table, key);
+        Ok(())
     }
 
     /// Adds one unit's records to the batch, sending the batch first when the unit would not
@@ -967,7 +1078,7 @@ impl Connector {
         &self,
         batch: &mut Batch,
         unit: UnitRef<'_>,
-        (records, calls, uncut): Staged,
+        (records, calls, meta): Staged,
         totals: &mut DeliveryTotals,
         pending: &mut Pending,
     ) -> Result<bool, DeliveryError> {
@@ -983,7 +1094,7 @@ impl Connector {
                 .await?;
             sent = true;
         }
-        batch.push(unit, (records, calls, uncut), bytes);
+        batch.push(unit, (records, calls, meta), bytes);
         Ok(sent)
     }
 
@@ -1017,7 +1128,13 @@ impl Connector {
         let result = if b.records.is_empty() {
             Ok(Default::default())
         } else {
-            self.sink.deliver(&b.records).await
+            match self
+                .deliver_within_grace(&b.records, totals.stop.clone())
+                .await
+            {
+                Some(r) => r,
+                None => return Err(self.abandon(&b, table, pending).await),
+            }
         };
         let (done, rejected, failure): (Vec<usize>, Vec<(usize, String)>, Option<SinkError>) =
             match result {
@@ -1044,9 +1161,13 @@ impl Connector {
         // A refused record settles its unit only once it is in quarantine. When that write
         // fails, the rest of the batch is still recorded below (what the sink took must not be
         // sent again) and the error is returned after that.
+        // Its key is remembered with the checkpoint: a unit staged again (another of its
+        // records was not confirmed) leaves it out instead of sending and quarantining it again.
         let mut quarantine_failed = None;
         for (i, reason) in &rejected {
-            if let (Some(s), Some(rec)) = (settled.get_mut(*i), b.records.get(*i)) {
+            if let (Some(s), Some(rec), Some(meta)) =
+                (settled.get_mut(*i), b.records.get(*i), b.meta.get(*i))
+            {
                 let owner = b.owner_of(*i).map(|e| e.0.as_str()).unwrap_or("");
                 match self.quarantine.put(
                     table,
@@ -1054,7 +1175,15 @@ impl Connector {
                     &format!("the sink refused it: {reason}"),
                     &rec.json,
                 ) {
-                    Ok(()) => *s = true,
+                    Ok(()) => {
+                        *s = true;
+                        pending.rows.push((
+                            quarantined_namespace(table),
+                            record_key(&rec.json, &meta.uncut),
+                            chrono::Utc::now().timestamp_micros(),
+                            true,
+                        ));
+                    }
                     Err(e) => {
                         quarantine_failed.get_or_insert(e);
                     }
@@ -1080,7 +1209,7 @@ impl Connector {
             for i in range.clone().filter(|i| delivered[*i]) {
                 pending.rows.push((
                     partial_ns.clone(),
-                    partly_sent_key(id, &record_key(&b.records[i].json, &b.uncut[i])),
+                    partly_sent_key(id, &record_key(&b.records[i].json, &b.meta[i].uncut)),
                     *t,
                     true,
                 ));
@@ -1103,6 +1232,10 @@ impl Connector {
             self.commit_pending(pending).await?;
         }
         totals.records_sent += done.len() as u64;
+        totals.tool_calls += done
+            .iter()
+            .filter(|i| b.meta.get(**i).is_some_and(|m| m.tool))
+            .count() as u64;
         for i in &done {
             let owner = b.execs.iter().position(|(_, _, r)| r.contains(i));
             let who = owner
@@ -1116,6 +1249,50 @@ impl Connector {
             (None, Some(e)) => Err(e.into()),
             (None, None) => Ok(()),
         }
+    }
+
+    /// Sends `records`; `None` when shutdown was requested and they were not confirmed within
+    /// [`IN_FLIGHT_GRACE`] after that (the sink's call is dropped then).
+    async fn deliver_within_grace(
+        &self,
+        records: &[OutRecord],
+        stop: Option<Shutdown>,
+    ) -> Option<Result<crate::sink::BatchOutcome, SinkError>> {
+        let Some(mut stop) = stop else {
+            return Some(self.sink.deliver(records).await);
+        };
+        let grace = async move {
+            stop.requested().await;
+            tokio::time::sleep(IN_FLIGHT_GRACE).await;
+        };
+        tokio::select! {
+            biased;
+            r = self.sink.deliver(records) => Some(r),
+            () = grace => None,
+        }
+    }
+
+    /// Gives up the batch `b` in flight at shutdown: the batches confirmed before it are
+    /// committed, and the in-flight marker is left for `b` alone, so that the next start
+    /// announces that its records (which the destination may have stored) are sent again.
+    async fn abandon(&self, b: &Batch, table: &str, pending: &mut Pending) -> DeliveryError {
+        let records = b.records.len();
+        tracing::warn!(
+            "Shutdown: the batch in flight ({records} records to {}) was not confirmed within \
+             {}s; it is left unconfirmed and sent again by the next run, which says so (the \
+             destination may have stored it)",
+            self.sink.describe(),
+            IN_FLIGHT_GRACE.as_secs()
+        );
+        pending.records = pending.records.saturating_sub(records);
+        if let Err(e) = self.commit_pending(pending).await {
+            return e;
+        }
+        let probe = b.execs.first().map(|(id, t, _)| (table, id.as_str(), *t));
+        if let Err(e) = self.state.mark_in_flight(records, probe) {
+            return e.into();
+        }
+        DeliveryError::Abandoned { records }
     }
 
     /// Commits the pending checkpoint in one durable transaction (and removes the in-flight
@@ -1191,7 +1368,7 @@ async fn join_readers(
     report: &mut CycleReport,
     completed: &mut Vec<(String, Option<i64>)>,
 ) {
-    while let Some(joined) = readers.join_next().await {
+    while let Some(joined) = readers.set.join_next().await {
         match joined {
             Ok((table, Ok(stats))) => {
                 report.add_table(&stats);
@@ -1206,7 +1383,18 @@ async fn join_readers(
                 tracing::error!("reading {msg}");
                 report.errors.push(msg);
             }
-            Err(e) => report.errors.push(format!("a table reader failed: {e}")),
+            Err(e) => {
+                let source = readers
+                    .names
+                    .get(&e.id())
+                    .map_or("a source", String::as_str);
+                let msg = format!(
+                    "{source}: its reader failed ({e}); it is read again by the next cycle. \
+                     Please report this with the log"
+                );
+                tracing::error!("{msg}");
+                report.errors.push(msg);
+            }
         }
     }
 }
@@ -1241,9 +1429,47 @@ fn partly_sent_namespace(table: &str) -> String {
     format!("{PARTLY_SENT_PREFIX}{table}")
 }
 
-/// State namespaces `quarantined:<namespace>`: unreadable rows already quarantined (id: their
-/// [`content_key`]).
+/// State namespaces `quarantined:<namespace>`: unreadable rows and records already quarantined
+/// (id: the [`content_key`] of the row, or of the record before any cut).
 pub const QUARANTINED_PREFIX: &str = "quarantined:";
+
+fn quarantined_namespace(table: &str) -> String {
+    format!("{QUARANTINED_PREFIX}{table}")
+}
+
+/// What was quarantined before, by (namespace, key): rare, so all of it is loaded when delivery
+/// starts, and what this delivery quarantines is added.
+#[derive(Default)]
+struct KnownQuarantined {
+    keys: HashSet<(String, String)>,
+    tables: HashSet<String>,
+}
+
+impl KnownQuarantined {
+    fn load(state: &StateStore) -> Result<KnownQuarantined, StateError> {
+        let mut out = KnownQuarantined::default();
+        for ns in state.namespaces_with_prefix(QUARANTINED_PREFIX)? {
+            let table = &ns[QUARANTINED_PREFIX.len()..];
+            for key in state.ids_in_range(&ns, i64::MIN, i64::MAX)? {
+                out.insert(table, key);
+            }
+        }
+        Ok(out)
+    }
+
+    fn has_any(&self, table: &str) -> bool {
+        self.tables.contains(table)
+    }
+
+    fn contains(&self, table: &str, key: &str) -> bool {
+        self.keys.contains(&(table.to_string(), key.to_string()))
+    }
+
+    fn insert(&mut self, table: &str, key: String) {
+        self.tables.insert(table.to_string());
+        self.keys.insert((table.to_string(), key));
+    }
+}
 
 /// The first 128 bits of the SHA-256 of `text`, in hex.
 fn content_key(text: &str) -> String {
@@ -1261,9 +1487,10 @@ fn partly_sent_key(unit: &str, record_key: &str) -> String {
     format!("{unit}#{record_key}")
 }
 
-/// A record's key in the `partly-sent` registry: the content key of the record as mapped, before
-/// any cut to a sink's per-record limit (`uncut`, kept for the records that were cut). A limit
-/// that changes between cycles (a Kafka topic's) then does not change the key.
+/// A record's key in the `partly-sent` and `quarantined` registries: the content key of the
+/// record as mapped, before any cut to a sink's per-record limit (`uncut`, kept for the records
+/// that were cut). A limit that changes between cycles (a Kafka topic's) then does not change
+/// the key.
 fn record_key(json: &str, uncut: &Option<String>) -> String {
     match uncut {
         Some(key) => key.clone(),
@@ -1272,8 +1499,18 @@ fn record_key(json: &str, uncut: &Option<String>) -> String {
 }
 
 /// A unit's records as staged for a batch: the records, by index the tool call ids they carry,
-/// and per record its content key before a cut ([`record_key`]).
-type Staged = (Vec<OutRecord>, Vec<RecordCall>, Vec<Option<String>>);
+/// and per record its [`RecordMeta`].
+type Staged = (Vec<OutRecord>, Vec<RecordCall>, Vec<RecordMeta>);
+
+/// What delivery keeps about a staged record besides its JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct RecordMeta {
+    /// Its content key before a cut, when it was cut ([`record_key`]).
+    uncut: Option<String>,
+    /// A tool-call record (`/tools/<name>`, from an inference row or a trace's TOOL span):
+    /// counted in `tool_calls` once the sink confirmed it.
+    tool: bool,
+}
 
 /// Records confirmed of units that were sent only in part (see [`Connector::flush`]): rare, so
 /// all of them are loaded when delivery starts.
@@ -1308,18 +1545,18 @@ impl PartlySent {
         id: &str,
         records: &mut Vec<OutRecord>,
         calls: &mut Vec<RecordCall>,
-        uncut: &mut Vec<Option<String>>,
+        meta: &mut Vec<RecordMeta>,
     ) {
         if self.units.is_empty() || !self.units.contains(&(table.to_string(), id.to_string())) {
             return;
         }
         let keep: Vec<bool> = records
             .iter()
-            .zip(uncut.iter())
-            .map(|(r, u)| {
+            .zip(meta.iter())
+            .map(|(r, m)| {
                 !self.records.contains(&(
                     table.to_string(),
-                    partly_sent_key(id, &record_key(&r.json, u)),
+                    partly_sent_key(id, &record_key(&r.json, &m.uncut)),
                 ))
             })
             .collect();
@@ -1339,7 +1576,7 @@ impl PartlySent {
         let mut it = keep.iter();
         records.retain(|_| it.next().copied().unwrap_or(true));
         let mut it = keep.iter();
-        uncut.retain(|_| it.next().copied().unwrap_or(true));
+        meta.retain(|_| it.next().copied().unwrap_or(true));
     }
 }
 
@@ -1349,6 +1586,8 @@ impl PartlySent {
 struct ToolCallLedger {
     /// Records of units that were sent only in part before (loaded when delivery starts).
     partly_sent: PartlySent,
+    /// Records and rows quarantined before (loaded when delivery starts).
+    quarantined: KnownQuarantined,
     /// `(host, call id)` staged in this chunk (pending in the batch or sent by a flush).
     seen: HashSet<(String, String)>,
     /// `(host, call id)` found in the registry by the last [`ToolCallLedger::prefetch`].
@@ -1428,6 +1667,8 @@ struct UnitRef<'a> {
 
 #[derive(Default)]
 struct DeliveryTotals {
+    /// Shutdown, watched while a batch is in flight ([`IN_FLIGHT_GRACE`]); `None`: never.
+    stop: Option<Shutdown>,
     redacted: RedactionCounts,
     records_sent: u64,
     truncated: u64,
@@ -1454,8 +1695,8 @@ struct BatchedCall {
 #[derive(Default)]
 struct Batch {
     records: Vec<OutRecord>,
-    /// Per record: its content key before a cut, when it was cut ([`record_key`]).
-    uncut: Vec<Option<String>>,
+    /// Per record: what else delivery keeps about it.
+    meta: Vec<RecordMeta>,
     /// (request id, time µs, its records' indices)
     execs: Vec<(String, i64, std::ops::Range<usize>)>,
     /// The agent of each entry of `execs` (a prepared-units batch mixes agents).
@@ -1469,7 +1710,7 @@ impl Batch {
     fn is_empty(&self) -> bool {
         self.execs.is_empty()
     }
-    fn push(&mut self, unit: UnitRef<'_>, (records, calls, uncut): Staged, bytes: usize) {
+    fn push(&mut self, unit: UnitRef<'_>, (records, calls, meta): Staged, bytes: usize) {
         self.agents.push(unit.agent.to_string());
         let start = self.records.len();
         let namespace = tool_call_namespace(unit.host);
@@ -1481,7 +1722,7 @@ impl Batch {
                 time_us: unit.time_us,
             }));
         self.records.extend(records);
-        self.uncut.extend(uncut);
+        self.meta.extend(meta);
         self.execs
             .push((unit.id.to_string(), unit.time_us, start..self.records.len()));
         self.bytes += bytes;
@@ -1578,13 +1819,27 @@ mod tests {
         let day = Duration::from_secs(24 * 3600);
         // Every source read: a lookback and 10 minutes back.
         assert_eq!(
-            registry_horizon(1000 * min, 70 * min, day, false),
+            registry_horizon(1000 * min, None, 70 * min, day, false),
+            930 * min
+        );
+        assert_eq!(
+            registry_horizon(1000 * min, Some(1005 * min), 70 * min, day, false),
             930 * min
         );
         // One failed: back to the catch-up floor and 10 minutes, where it resumes at worst.
         assert_eq!(
-            registry_horizon(2000 * min, 70 * min, day, true),
+            registry_horizon(2000 * min, None, 70 * min, day, true),
             2000 * min - 24 * 60 * min - 10 * min
+        );
+        // The local clock runs an hour ahead of the sources: the horizon counts from the
+        // newest source time delivered, not from the clock.
+        assert_eq!(
+            registry_horizon(1060 * min, Some(1000 * min), 70 * min, day, false),
+            930 * min
+        );
+        assert_eq!(
+            registry_horizon(1060 * min, Some(1000 * min), 70 * min, day, true),
+            1000 * min - 24 * 60 * min - 10 * min
         );
     }
 
@@ -1616,7 +1871,8 @@ mod tests {
         table_tx.send(table_chunk(execs)).await.unwrap();
         drop(table_tx);
         let (_t, shutdown) = Shutdown::new();
-        c.deliver(rx, table_rx, bot_agents(), shutdown).await
+        let (totals, result) = c.deliver(rx, table_rx, bot_agents(), shutdown).await;
+        result.map(|()| totals)
     }
 
     fn connector_with(dir: &std::path::Path, sink: AnySink) -> Connector {
@@ -1661,8 +1917,8 @@ mod tests {
         drop(tx);
         let (_t, shutdown) = Shutdown::new();
         match c.deliver(rx, table_rx, agents, shutdown).await {
-            Ok(t) => t,
-            Err(e) => panic!("delivery failed: {e}"),
+            (t, Ok(())) => t,
+            (_, Err(e)) => panic!("delivery failed: {e}"),
         }
     }
 
@@ -1945,16 +2201,104 @@ mod tests {
         // Now cut to a smaller limit; a second record, never confirmed, is kept.
         let mut records = vec![out("{\"responsePayload\":\"long\"}"), out("{\"other\":1}")];
         let mut calls: Vec<RecordCall> = vec![(1, "call_1".to_string())];
-        let mut keys = vec![Some(content_key(uncut)), None];
+        let meta = |uncut: Option<String>| RecordMeta { uncut, tool: false };
+        let mut keys = vec![meta(Some(content_key(uncut))), meta(None)];
         partly.filter(TABLE, "req-1", &mut records, &mut calls, &mut keys);
         assert_eq!(records, vec![out("{\"other\":1}")]);
         assert_eq!(calls, vec![(0, "call_1".to_string())]);
-        assert_eq!(keys, vec![None]);
+        assert_eq!(keys, vec![meta(None)]);
         // Another unit is not touched.
         let mut records = vec![out(uncut)];
-        let mut keys = vec![None];
+        let mut keys = vec![meta(None)];
         partly.filter(TABLE, "req-2", &mut records, &mut Vec::new(), &mut keys);
         assert_eq!(records.len(), 1);
+    }
+
+    /// A warehouse picked automatically that is gone (deleted, or its CAN USE revoked) is not
+    /// kept for the life of the process: the next cycle picks one that works.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_warehouse_picked_automatically_is_picked_again_each_cycle() {
+        let emu = databricks_emulator::Emulator::start(databricks_emulator::EmulatorConfig {
+            agents: 1,
+            rows: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let cfg = databricks_emulator::EmulatorConfig::default();
+        let dir = tempfile::tempdir().unwrap();
+        let client = DatabricksClient::new(
+            &url::Url::parse(&emu.base_url()).unwrap(),
+            crate::databricks::Credentials::OAuth {
+                client_id: cfg.client_id.clone(),
+                client_secret: cfg.client_secret.clone().into(),
+            },
+            Default::default(),
+        )
+        .unwrap();
+        let sink =
+            AnySink::File(crate::sink::FileSink::new(Some(dir.path().join("out.jsonl"))).unwrap());
+        let state = StateStore::open(&dir.path().join("state"), false).unwrap();
+        let mut settings =
+            crate::app::settings_for_demo(&cfg.catalog, &cfg.schema, &dir.path().join("state"));
+        settings.collect.lookback = Duration::from_secs(7200);
+        let c = Arc::new(Connector::new(client, sink, state, settings));
+        // An earlier cycle picked a warehouse that has been deleted since.
+        *c.warehouse.lock().await = Some("0000000000deleted".into());
+        let (_t, shutdown) = Shutdown::new();
+        let report = c.run_cycle(&shutdown).await;
+        assert!(report.ok(), "{:?}", report.errors);
+        assert!(report.records_sent > 0);
+        let picked = c.warehouse.lock().await.clone().unwrap_or_default();
+        assert_ne!(picked, "0000000000deleted");
+        emu.shutdown().await;
+    }
+
+    /// A reader that panics (a bug) is reported with the source it was reading.
+    #[tokio::test]
+    async fn a_reader_that_panics_is_named() {
+        let mut readers = Readers::default();
+        let sem = Arc::new(Semaphore::new(2));
+        let (_t, shutdown) = Shutdown::new();
+        spawn_reader(
+            &mut readers,
+            &sem,
+            &shutdown,
+            "c.s.broken_payload".into(),
+            async { panic!("a bug") },
+        );
+        spawn_reader(
+            &mut readers,
+            &sem,
+            &shutdown,
+            "c.s.fine_payload".into(),
+            async { Ok(TableStats::default()) },
+        );
+        let mut report = CycleReport::default();
+        let mut completed = Vec::new();
+        join_readers(&mut readers, &mut report, &mut completed).await;
+        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert!(
+            report.errors[0].starts_with("c.s.broken_payload: its reader failed"),
+            "{:?}",
+            report.errors
+        );
+        assert_eq!(completed, [("c.s.fine_payload".to_string(), None)]);
+    }
+
+    /// Payloads cut while reading count with those cut while mapping.
+    #[test]
+    fn payloads_cut_while_reading_count_as_truncated() {
+        let mut report = CycleReport::default();
+        report.add_table(&TableStats {
+            payloads_cut: 3,
+            ..Default::default()
+        });
+        report.add_delivery(DeliveryTotals {
+            truncated: 2,
+            ..Default::default()
+        });
+        assert_eq!(report.truncated, 5);
     }
 
     #[test]
@@ -1991,6 +2335,109 @@ mod tests {
             sent_calls(dir.path()),
             [("call_1".into(), true), ("call_2".into(), true)]
         );
+        // Tool-call records sent, whichever source built them (here the traces' TOOL spans).
+        assert_eq!(t.tool_calls, 2);
+    }
+
+    /// `tool_calls` counts the tool-call records the sink confirmed: none when it confirmed
+    /// nothing, and not the ones left out as already sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tool_calls_counts_the_tool_call_records_confirmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (standin, c) = http_connector(dir.path(), fast_retry).await;
+        standin.set_behavior(akto_standin::Behavior::FailAll { status: 503 });
+        let exec = || execution("req-1", 2_000, &["call_1", "call_2"]);
+        let (t, r) = deliver_both(&c, Vec::new(), vec![table_chunk(vec![exec()])]).await;
+        assert!(r.is_err());
+        assert_eq!((t.records_sent, t.tool_calls), (0, 0));
+        standin.set_behavior(akto_standin::Behavior::Normal);
+        let (t, r) = deliver_both(
+            &c,
+            vec![trace_chunk(vec![trace_unit("tr-1", 1_000, &["call_1"])])],
+            vec![table_chunk(vec![exec()])],
+        )
+        .await;
+        assert!(r.is_ok());
+        // call_1 by the trace, call_2 by the row; the row's call_1 left out.
+        assert_eq!((t.tool_calls, t.tool_calls_deduplicated), (2, 1));
+    }
+
+    fn fast_retry(cfg: &mut crate::sink::HttpSinkConfig) {
+        cfg.retry.max_attempts = 2;
+        cfg.retry.max_elapsed = Duration::from_secs(2);
+        cfg.retry.base_delay = Duration::from_millis(10);
+        cfg.retry.max_delay = Duration::from_millis(50);
+    }
+
+    /// One delivery of `first` (trace sources) and `tables`, whatever its outcome.
+    async fn deliver_both(
+        c: &Connector,
+        first: Vec<Chunk>,
+        tables: Vec<Chunk>,
+    ) -> (DeliveryTotals, Result<(), DeliveryError>) {
+        let (tx, rx) = mpsc::channel(16);
+        for chunk in first {
+            tx.send(chunk).await.unwrap();
+        }
+        drop(tx);
+        let (table_tx, table_rx) = mpsc::channel(16);
+        for chunk in tables {
+            table_tx.send(chunk).await.unwrap();
+        }
+        drop(table_tx);
+        let (_t, shutdown) = Shutdown::new();
+        c.deliver(rx, table_rx, bot_agents(), shutdown).await
+    }
+
+    /// A record quarantined before (Akto would reject it, or the sink refused it) is neither
+    /// quarantined nor sent again when its unit is staged again (a unit is staged again when
+    /// other records of it were not confirmed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_is_quarantined_once_however_often_its_unit_is_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (standin, c) = http_connector(dir.path(), fast_retry).await;
+        let lines = || {
+            std::fs::read_to_string(dir.path().join("state").join("quarantine.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .count()
+        };
+        // A trace whose LLM record has a time Akto rejects: quarantined before sending.
+        let mut unit = trace_unit("tr-1", 1_000, &["call_1"]);
+        unit.records[0].time = "0".into();
+        standin.set_behavior(akto_standin::Behavior::FailAll { status: 503 });
+        for _ in 0..2 {
+            let (_, r) = deliver_both(&c, vec![trace_chunk(vec![unit.clone()])], Vec::new()).await;
+            assert!(r.is_err(), "the sink is down: the unit stays open");
+            assert_eq!(lines(), 1);
+        }
+        standin.set_behavior(akto_standin::Behavior::Normal);
+        let (t, r) = deliver_both(&c, vec![trace_chunk(vec![unit])], Vec::new()).await;
+        assert!(r.is_ok());
+        assert_eq!(t.records_sent, 1, "the TOOL record");
+        assert_eq!(lines(), 1);
+        assert_eq!(c.state.delivered_count("mlflow:1").unwrap(), 1);
+
+        // Akto refuses a tool call record (422): quarantined once; the unit staged again leaves
+        // it out.
+        standin.set_behavior(akto_standin::Behavior::RejectMatching {
+            needle: "/tools/lookup".into(),
+            status: 422,
+        });
+        let exec = || execution("req-9", 9_000, &["call_x"]);
+        deliver_table(&c, vec![exec()]).await.expect("delivered");
+        assert_eq!(lines(), 2);
+        standin.set_behavior(akto_standin::Behavior::Normal);
+        let before = standin.records().len();
+        let t = deliver_table(&c, vec![exec()]).await.expect("delivered");
+        assert_eq!(lines(), 2);
+        let again: Vec<String> = standin.records()[before..]
+            .iter()
+            .map(|r| r["path"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(again, ["/serving-endpoints/bot/invocations"]);
+        assert_eq!(t.tool_calls, 0);
+        assert_eq!(c.quarantine.count.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -35,6 +35,31 @@ fn demo_writes_records_and_prints_the_summary() {
     }
 }
 
+/// `demo --output` never deletes a file that is not its own: an existing file of the user's and
+/// a path that is not a regular file are refused untouched (exit 1, the reason and the fix).
+#[test]
+fn demo_refuses_to_replace_a_file_that_is_not_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mine = dir.path().join("records.jsonl");
+    std::fs::write(&mine, "precious\n").unwrap();
+    for target in [mine.clone(), dir.path().to_path_buf()] {
+        let o = Command::new(BIN)
+            .args(["demo", "--output"])
+            .arg(&target)
+            .env_clear()
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("--output") && stderr.contains("Fix:"),
+            "{stderr}"
+        );
+        assert!(!String::from_utf8_lossy(&o.stdout).contains("Started a Databricks"));
+    }
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "precious\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn once_check_and_discover_against_the_emulator_leak_no_secret() {
     let secret = "Sup3r-Secret-Value-9f8e7d";
@@ -197,6 +222,86 @@ async fn once_stops_cleanly_at_its_time_limit_and_the_next_run_continues() {
         all.values().all(|n| *n == 1),
         "sent twice: {:?}",
         all.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+}
+
+/// Akto stops answering near the `-once` time limit: the batch in flight is given
+/// `IN_FLIGHT_GRACE` (10 s) and then abandoned, so the run ends with its summary well before the
+/// runner's 300 s kill instead of waiting out the sink's time-outs and retries. The abandoned
+/// batch is not checkpointed; the next run announces it and sends it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_abandons_a_batch_that_never_returns_after_its_grace() {
+    use std::io::{Read as _, Write as _};
+    let emu = common::emulator(common::emulator_config()).await;
+    // Answers the health check, then holds every POST open without a reply.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_url = format!("http://{}", hang.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in hang.incoming().take(50) {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET") {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nOK",
+                    );
+                    return;
+                }
+                // Until the client gives up on it.
+                while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let standin = common::standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut cmd = common::shield_command(&emu, &standin, &state);
+    cmd.arg("-once")
+        .env("DATA_INGESTION_SERVICE_URL", &hang_url)
+        .env("AKTO_REQUEST_TIMEOUT_SECONDS", "300")
+        .env("ONCE_TIME_LIMIT_SECONDS", "5");
+    let mut run = Logged::spawn(cmd, dir.path().join("log"));
+    // Bounded far below the 300 s the sink alone would wait for one attempt.
+    let status = tokio::task::block_in_place(|| run.exit_within(90));
+    let text = run.text();
+    assert!(
+        status.is_some(),
+        "still waiting on the batch in flight:\n{text}"
+    );
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{text}");
+    assert!(text.contains("-once time limit of 5s reached"), "{text}");
+    assert!(
+        text.contains("the batch in flight") && text.contains("not confirmed within 10s"),
+        "{text}"
+    );
+    assert!(text.contains("Cycle stopped before it finished"), "{text}");
+    assert!(text.contains("stopped at its time limit"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+
+    // The next run announces the abandoned batch and delivers everything.
+    let next = tokio::task::block_in_place(|| {
+        common::shield_command(&emu, &standin, &state)
+            .arg("-once")
+            .output()
+            .unwrap()
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&next.stdout),
+        String::from_utf8_lossy(&next.stderr)
+    );
+    assert!(next.status.success(), "{text}");
+    assert!(text.contains("re-sending"), "{text}");
+    assert_eq!(
+        common::executions_in(&standin.records()).len(),
+        emu.ground_truth().len()
     );
 }
 

@@ -106,7 +106,7 @@ async fn a_healthy_setup_passes_every_line_and_each_case_fails_its_own() {
     assert_eq!(f[0].0, "catalog and schema access");
     assert!(
         f[0].1
-            .contains("GRANT USE CATALOG ON CATALOG workspace TO `emulator-client`"),
+            .contains("GRANT USE CATALOG ON CATALOG `workspace` TO `emulator-client`"),
         "{}",
         f[0].1
     );
@@ -451,4 +451,45 @@ async fn a_proxy_refusing_connect_points_at_its_credentials() {
         f[0].1
     );
     assert!(!f[0].1.contains("DATABRICKS_CA_BUNDLE"), "{}", f[0].1);
+}
+
+/// The service principal may not list serving endpoints (no CAN_VIEW): a run warns and finds its
+/// agents from the inference tables, so `check` says so with a `[WARN]` line and goes on to the
+/// warehouse, the SELECTs, the state directory and the sink, and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_endpoint_listing_warns_and_check_goes_on() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    emu.set_faults("route=/api/2.0/serving-endpoints,kind=403,count=unlimited")
+        .unwrap();
+    let (ok, steps, out) = check(&Setup {
+        host: emu.base_url(),
+        secret: common::SECRET.into(),
+        sink: standin.url(),
+        prefix: String::new(),
+        extra: Vec::new(),
+    });
+    assert!(ok, "{out}");
+    let line = steps
+        .iter()
+        .find(|s| s["name"] == "serving endpoints")
+        .expect("a serving endpoints line");
+    assert_eq!(line["warning"], true, "{out}");
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("CAN_VIEW"),
+        "{out}"
+    );
+    for later in ["SQL warehouse", "state directory", "sink reachable"] {
+        assert!(step(&steps, later).0, "{later}: {out}");
+    }
+    assert!(
+        steps.iter().any(|s| s["name"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("SELECT on ")),
+        "{out}"
+    );
 }

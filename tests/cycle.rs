@@ -150,6 +150,41 @@ async fn a_sink_that_fails_some_batches_loses_nothing_across_restarts() {
     assert_exactly_once(&rig);
 }
 
+/// A cycle that fails part way (Akto answers 503 to one batch until the retries run out) still
+/// reports what the sink confirmed before the failure: those records were sent and checkpointed,
+/// and the summary, the metrics and the status page count them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cycle_that_fails_after_confirmed_batches_reports_them_sent() {
+    let rig = Rig::new(emulator_config()).await;
+    let truth = rig.truth();
+    let stuck = truth.keys().last().unwrap().clone();
+    rig.standin
+        .set_behavior(akto_standin::Behavior::RejectMatching {
+            needle: stuck.clone(),
+            status: 503,
+        });
+    let failed = rig.cycle().await;
+    assert!(!failed.ok(), "the batch holding {stuck} failed");
+    let stored = rig.standin.records().len() as u64;
+    // The agent inventory records go first, so some batches were confirmed before the failure.
+    assert!(stored > 0, "nothing was confirmed before the failure");
+    assert_eq!(failed.records_sent, stored, "{:?}", failed.summary_line());
+    assert_eq!(failed.per_agent.values().sum::<u64>(), stored);
+    assert!(failed
+        .summary_line()
+        .contains(&format!("records_sent={stored} ")));
+
+    // The next cycle sends the rest, and counts only those.
+    rig.standin.set_behavior(akto_standin::Behavior::Normal);
+    let next = rig.cycle().await;
+    assert!(next.ok(), "{:?}", next.errors);
+    assert_eq!(
+        next.records_sent,
+        rig.standin.records().len() as u64 - stored
+    );
+    assert_exactly_once(&rig);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_the_sink_refuses_is_quarantined_and_the_rest_delivered() {
     let rig = Rig::new(emulator_config()).await;

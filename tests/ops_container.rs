@@ -487,7 +487,7 @@ fn env_file_names_only_real_settings_and_loads() {
             "the seed's {seed} is missing"
         );
     }
-    // The file as shipped loads; only the service principal is left to fill in.
+    // The file as shipped loads; only the service principal and the sink are left to fill in.
     let dir = tempfile::tempdir().unwrap();
     let run = |with_sp: bool| {
         let mut c = Command::new(BIN);
@@ -497,7 +497,8 @@ fn env_file_names_only_real_settings_and_loads() {
             .env("STATE_DIR", dir.path());
         if with_sp {
             c.env("DATABRICKS_CLIENT_ID", "sp-id")
-                .env("DATABRICKS_CLIENT_SECRET", "sp-secret-value");
+                .env("DATABRICKS_CLIENT_SECRET", "sp-secret-value")
+                .env("DATA_INGESTION_SERVICE_URL", "http://127.0.0.1:9");
         }
         c.output().unwrap()
     };

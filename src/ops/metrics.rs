@@ -471,13 +471,13 @@ impl Metrics {
         fam(
             "databricks_shield_records_truncated_total",
             "counter",
-            "Records whose payload was cut to Akto's size limit.",
+            "Payloads cut: to Akto's size limits or the sink's per-record limit, or while reading a row larger than one statement may return.",
             &plain(s.truncated),
         );
         fam(
             "databricks_shield_tool_calls_total",
             "counter",
-            "Tool-call records sent (one per tool call inside an execution).",
+            "Tool-call records the sink confirmed (one per tool call, from an inference row or a trace's TOOL span).",
             &plain(s.tool_calls),
         );
         fam(

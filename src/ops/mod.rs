@@ -3,7 +3,8 @@
 //! [`Metrics`] is fed once after every cycle (from the [`CycleReport`](crate::run::CycleReport)
 //! and the Databricks client's [`ApiStats`](crate::databricks::ApiStats)) and is the only source
 //! of truth for the HTTP listener ([`OpsServer`], `METRICS_ADDR`): `GET /healthz` (alive),
-//! `GET /readyz` (the last cycle succeeded within two intervals), `GET /metrics` (Prometheus text
+//! `GET /readyz` (the last successful cycle ended less than two intervals ago, or a cycle
+//! still running had records confirmed within two intervals), `GET /metrics` (Prometheus text
 //! exposition) and `GET /` (a server-rendered status page, no external assets).
 //!
 //! Architecture Invariant: ops only observes. It never drives a cycle, never touches state or
