@@ -33,8 +33,12 @@ with --env-file (KEY=value lines, as in databricks-cron.env). Secrets can also c
 (DATABRICKS_CLIENT_SECRET_FILE, DATABRICKS_TOKEN_FILE, AKTO_JWT_TOKEN_FILE) or a Databricks
 config profile (DATABRICKS_CONFIG_FILE, DATABRICKS_CONFIG_PROFILE); prefer them to flags.
 Network: HTTPS_PROXY, HTTP_PROXY, ALL_PROXY and NO_PROXY route the workspace and the HTTP sink
-through a proxy; SSL_CERT_FILE adds trusted CAs; RUST_LOG tunes the log filter. They are read
-from the environment, and from --env-file when the environment does not set them.
+through a proxy; RUST_LOG tunes the log filter. HTTPS to the workspace and to the HTTP sink
+trusts the built-in Mozilla roots (not the system's certificate store) plus DATABRICKS_CA_BUNDLE
+(workspace) and AKTO_CA_BUNDLE (HTTP sink; unset: DATABRICKS_CA_BUNDLE); SSL_CERT_FILE stands
+in for DATABRICKS_CA_BUNDLE when that is unset, so it then applies to both. Kafka uses
+KAFKA_CA_FILE. These are read from the environment, and from --env-file when the environment
+does not set them.
 
 First step when something does not work: `databricks-shield check` tests every prerequisite
 (configuration, network, authentication, grants, tables, warehouse, sink) and prints the fix for
@@ -143,7 +147,9 @@ pub struct Cli {
     #[arg(skip)]
     pub env_file_problems: Vec<Problem>,
 
-    /// Warnings about `--env-file` (keys that are no setting), for main to log as WARN.
+    /// Warnings about where settings come from, for main to log as WARN: `--env-file` keys that
+    /// are no setting, a secret whose other form (`_FILE` or direct) a higher source sets, a
+    /// sink setting that the other one makes unused. Never a value.
     #[arg(skip)]
     pub env_file_warnings: Vec<String>,
 
@@ -208,8 +214,9 @@ pub struct DatabricksArgs {
     #[arg(long, env = "DATABRICKS_HOST", value_name = "URL", global = true)]
     pub host: Option<String>,
 
-    /// Extra CA certificates (PEM bundle) trusted for the workspace, e.g. a corporate TLS proxy's;
-    /// falls back to SSL_CERT_FILE. TLS is always verified
+    /// Extra CA certificates (PEM bundle) trusted for the workspace, e.g. a corporate TLS proxy's,
+    /// besides the built-in Mozilla roots; also for the HTTP sink unless AKTO_CA_BUNDLE is set
+    /// [default: SSL_CERT_FILE]. TLS is always verified
     #[arg(value_parser = path_parser(), long, env = "DATABRICKS_CA_BUNDLE", value_name = "PATH", global = true)]
     pub ca_bundle: Option<PathBuf>,
 
@@ -344,6 +351,12 @@ pub struct SinkArgs {
     /// File holding the JWT for the ingestion service
     #[arg(value_parser = path_parser(), long, env = "AKTO_JWT_TOKEN_FILE", value_name = "PATH", global = true)]
     pub jwt_file: Option<PathBuf>,
+
+    /// Extra CA certificates (PEM bundle) trusted for DATA_INGESTION_SERVICE_URL, besides the
+    /// built-in Mozilla roots, e.g. a private CA's [default: DATABRICKS_CA_BUNDLE, else
+    /// SSL_CERT_FILE: a TLS-inspecting proxy signs both]
+    #[arg(value_parser = path_parser(), long, env = "AKTO_CA_BUNDLE", value_name = "PATH", global = true)]
+    pub akto_ca_bundle: Option<PathBuf>,
 
     /// Timeout of one request to the ingestion service, in seconds (1-3600); a request gets one
     /// more second per 256 KiB of body, so a 10 MiB batch has time to upload on a slow link
@@ -661,12 +674,166 @@ pub fn parse_from(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap:
             Err(problem) => problems.push(problem),
         }
     }
+    let env_file = find_env_file(&args);
     let matches = command.try_get_matches_from(args)?;
     let mut cli = Cli::from_arg_matches(&matches)?;
     cli.env_file_problems = problems;
+    warnings.extend(settle_secret_pairs(&mut cli, &matches, env_file.as_deref()));
+    warnings.extend(unused_sink_setting(&cli));
     cli.env_file_warnings = warnings;
     cli.env_file_exports = exports;
     Ok(cli)
+}
+
+/// Where a setting's value came from, highest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Source {
+    /// The `--env-file` (applied as the argument's default; secrets have no other default).
+    EnvFile,
+    Environment,
+    CommandLine,
+}
+
+fn source_of(matches: &clap::ArgMatches, id: &str) -> Option<Source> {
+    match matches.value_source(id)? {
+        clap::parser::ValueSource::CommandLine => Some(Source::CommandLine),
+        clap::parser::ValueSource::EnvVariable => Some(Source::Environment),
+        _ => Some(Source::EnvFile),
+    }
+}
+
+/// One secret setting given two ways: directly and as a file.
+struct SecretPair {
+    variable: &'static str,
+    flag: &'static str,
+    file_variable: &'static str,
+    file_flag: &'static str,
+}
+
+/// A secret and its `_FILE` form are ONE setting for precedence (flag > environment >
+/// `--env-file`): when they come from different sources, the lower one is dropped with a WARN
+/// naming it and where it came from (never its value). From the same source both stay, and
+/// configuration refuses them ("keep only one").
+fn settle_secret_pairs(
+    cli: &mut Cli,
+    matches: &clap::ArgMatches,
+    env_file: Option<&Path>,
+) -> Vec<String> {
+    let given_secret = |s: &Option<SecretArg>| {
+        s.as_ref()
+            .is_some_and(|s| crate::secret_file::secret_text(s.expose()).is_some())
+    };
+    let given_path = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| !p.as_os_str().is_empty());
+    let d = &mut cli.databricks;
+    let s = &mut cli.sink;
+    let pairs: [(SecretPair, &mut Option<SecretArg>, &mut Option<PathBuf>); 4] = [
+        (
+            SecretPair {
+                variable: "DATABRICKS_CLIENT_SECRET",
+                flag: "--client-secret",
+                file_variable: "DATABRICKS_CLIENT_SECRET_FILE",
+                file_flag: "--client-secret-file",
+            },
+            &mut d.client_secret,
+            &mut d.client_secret_file,
+        ),
+        (
+            SecretPair {
+                variable: "DATABRICKS_TOKEN",
+                flag: "--token",
+                file_variable: "DATABRICKS_TOKEN_FILE",
+                file_flag: "--token-file",
+            },
+            &mut d.token,
+            &mut d.token_file,
+        ),
+        (
+            SecretPair {
+                variable: "AKTO_JWT_TOKEN",
+                flag: "--jwt",
+                file_variable: "AKTO_JWT_TOKEN_FILE",
+                file_flag: "--jwt-file",
+            },
+            &mut s.jwt,
+            &mut s.jwt_file,
+        ),
+        (
+            SecretPair {
+                variable: "KAFKA_SASL_PASSWORD",
+                flag: "--kafka-sasl-password",
+                file_variable: "KAFKA_SASL_PASSWORD_FILE",
+                file_flag: "--kafka-sasl-password-file",
+            },
+            &mut s.kafka_sasl_password,
+            &mut s.kafka_sasl_password_file,
+        ),
+    ];
+    let id = |flag: &str| flag.trim_start_matches("--").replace('-', "_");
+    let described = |source: Source, variable: &str, flag: &str| match source {
+        Source::CommandLine => format!("{flag} on the command line"),
+        Source::Environment => format!("{variable} in the environment"),
+        Source::EnvFile => match env_file {
+            Some(path) => format!("{variable} in --env-file {}", path.display()),
+            None => format!("{variable} in --env-file"),
+        },
+    };
+    let mut warnings = Vec::new();
+    for (names, direct, file) in pairs {
+        if !given_secret(direct) || !given_path(file) {
+            continue;
+        }
+        let (Some(direct_source), Some(file_source)) = (
+            source_of(matches, &id(names.flag)),
+            source_of(matches, &id(names.file_flag)),
+        ) else {
+            continue;
+        };
+        let direct_text = described(direct_source, names.variable, names.flag);
+        let file_text = described(file_source, names.file_variable, names.file_flag);
+        let (kept, dropped) = match direct_source.cmp(&file_source) {
+            std::cmp::Ordering::Equal => continue,
+            std::cmp::Ordering::Greater => {
+                *file = None;
+                (direct_text, file_text)
+            }
+            std::cmp::Ordering::Less => {
+                *direct = None;
+                (file_text, direct_text)
+            }
+        };
+        warnings.push(format!(
+            "{dropped} is ignored: {kept} sets the same secret and wins (command line > \
+             environment > --env-file); remove the one you do not use"
+        ));
+    }
+    warnings
+}
+
+/// A WARN when both sinks are configured and nothing says which to use: the ingestion service
+/// wins (it publishes to Akto's Kafka topic itself, so a record is never sent both ways) and
+/// `KAFKA_BROKER_HOST` is unused.
+fn unused_sink_setting(cli: &Cli) -> Option<String> {
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+    let sends = !matches!(
+        cli.command,
+        Some(Command::Discover { .. }) | Some(Command::Demo { .. })
+    );
+    let output = cli
+        .output
+        .as_ref()
+        .is_some_and(|p| !p.as_os_str().is_empty());
+    (sends
+        && !output
+        && !set(&cli.sink.kind)
+        && set(&cli.sink.ingestion_url)
+        && set(&cli.sink.kafka_brokers))
+    .then(|| {
+        "both DATA_INGESTION_SERVICE_URL and KAFKA_BROKER_HOST are set: records go to the \
+         ingestion service (which publishes them to Akto's Kafka topic itself) and \
+         KAFKA_BROKER_HOST is ignored; set AKTO_SINK=kafka (--sink kafka) to send to Kafka \
+         instead, or AKTO_SINK=http, or clear the one you do not use"
+            .to_owned()
+    })
 }
 
 /// The environment variable of every setting.

@@ -69,6 +69,9 @@ pub struct Config {
     pub warehouse_id: Option<String>,
     /// `DATABRICKS_CA_BUNDLE` (else `SSL_CERT_FILE`): extra trusted CA certificates, PEM.
     pub ca_bundle: Option<PathBuf>,
+    /// `AKTO_CA_BUNDLE` as set (validated); [`Config::akto_ca_bundle`] gives the bundle the HTTP
+    /// sink trusts, this one else [`Config::ca_bundle`].
+    akto_ca_bundle: Option<PathBuf>,
     /// `None` only for commands that send nothing ([`Needs::Databricks`]).
     pub sink: Option<SinkConfig>,
     /// `AKTO_ACCOUNT_ID`, digits, default `1000000`.
@@ -328,19 +331,35 @@ impl Config {
         let profile = load_profile(cli, home, &mut p);
         let d = &cli.databricks;
 
-        let host = match given(&d.host).or(profile.host.as_deref()) {
-            Some(raw) => match parse_host(raw) {
+        let host = match (given(&d.host), profile.host.as_deref(), &profile.source) {
+            (Some(raw), _, _) => match parse_host(raw) {
                 Ok(url) => Some(url),
                 Err(why) => {
                     p.push("DATABRICKS_HOST", format!("DATABRICKS_HOST (--host) {why}"));
                     None
                 }
             },
-            None => {
+            (None, Some(raw), Some(source)) => match parse_host(raw) {
+                Ok(url) => Some(url),
+                Err(why) => {
+                    p.push(
+                        "DATABRICKS_CONFIG_FILE",
+                        format!(
+                            "{source}: host {why}; fix it in that file, or set DATABRICKS_HOST \
+                             (--host), which wins over the profile"
+                        ),
+                    );
+                    None
+                }
+            },
+            _ => {
                 p.push(
                     "DATABRICKS_HOST",
-                    "DATABRICKS_HOST (--host) is not set: set it to your workspace URL, e.g. \
-                     https://your-workspace.cloud.databricks.com",
+                    format!(
+                        "DATABRICKS_HOST (--host) is not set: set it to your workspace URL, e.g. \
+                         https://your-workspace.cloud.databricks.com{}",
+                        profile.note("host")
+                    ),
                 );
                 None
             }
@@ -382,17 +401,7 @@ impl Config {
                     .map(|v| ("SSL_CERT_FILE", PathBuf::from(v)))
             });
         if let Some((variable, path)) = &ca_bundle {
-            let pem = std::fs::read(path).unwrap_or_default();
-            if crate::databricks::parse_ca_bundle(&pem).is_err() {
-                p.push(
-                    variable,
-                    format!(
-                        "{variable} {} is not a readable PEM file with at least one CA \
-                         certificate: give the path of the CA bundle (-----BEGIN CERTIFICATE-----)",
-                        path.display()
-                    ),
-                );
-            }
+            check_ca_bundle(&mut p, variable, path);
         }
         let ca_bundle = ca_bundle.map(|(_, path)| path);
         let warehouse_id = given(&d.warehouse_id).map(str::to_owned);
@@ -413,6 +422,15 @@ impl Config {
         let sink = match needs {
             Needs::Databricks => None,
             Needs::DatabricksAndSink => resolve_sink(cli, &mut p),
+        };
+        // Read only when records are sent; checked whatever the sink, so that a wrong path is
+        // found before AKTO_SINK changes to http.
+        let akto_ca_bundle = match needs {
+            Needs::Databricks => None,
+            Needs::DatabricksAndSink => given_path(&cli.sink.akto_ca_bundle).map(|path| {
+                check_ca_bundle(&mut p, "AKTO_CA_BUNDLE", path);
+                path.to_path_buf()
+            }),
         };
 
         let s = &cli.sink;
@@ -436,6 +454,7 @@ impl Config {
         }
 
         let r = &cli.runtime;
+        let before_schedule = p.0.len();
         let interval = number(
             &mut p,
             &r.interval_seconds,
@@ -475,6 +494,9 @@ impl Config {
                 hint: "24",
             },
         );
+        if p.0.len() == before_schedule {
+            check_late_rows_window(&mut p, interval, lookback, max_catchup);
+        }
         let table_concurrency = number(
             &mut p,
             &r.table_concurrency,
@@ -639,6 +661,7 @@ impl Config {
             prefix,
             warehouse_id,
             ca_bundle,
+            akto_ca_bundle,
             sink,
             akto_account_id,
             interval: Duration::from_secs(interval),
@@ -658,6 +681,15 @@ impl Config {
         })
     }
 
+    /// The PEM bundle of extra CA certificates the HTTP sink (`DATA_INGESTION_SERVICE_URL`)
+    /// trusts besides the built-in roots: `AKTO_CA_BUNDLE`, else the workspace's bundle
+    /// ([`Config::ca_bundle`]: `DATABRICKS_CA_BUNDLE`, else `SSL_CERT_FILE`), since a
+    /// TLS-inspecting proxy signs both. Validated at configuration (a readable PEM file holding
+    /// at least one certificate).
+    pub fn akto_ca_bundle(&self) -> Option<&Path> {
+        self.akto_ca_bundle.as_deref().or(self.ca_bundle.as_deref())
+    }
+
     /// One line for the startup log: every setting, no secret (only whether one is set).
     pub fn summary(&self) -> String {
         let auth = match &self.auth {
@@ -669,9 +701,13 @@ impl Config {
             Some(SinkConfig::Http {
                 url, jwt, timeout, ..
             }) => format!(
-                "http(url={url} jwt={} request_timeout={}s)",
+                "http(url={url} jwt={} request_timeout={}s{})",
                 if jwt.is_some() { "set" } else { "unset" },
-                timeout.as_secs()
+                timeout.as_secs(),
+                match self.akto_ca_bundle() {
+                    Some(path) => format!(" ca_bundle={}", path.display()),
+                    None => String::new(),
+                }
             ),
             Some(SinkConfig::Kafka {
                 brokers,
@@ -798,6 +834,49 @@ fn name_setting(
         );
     }
     value
+}
+
+/// The late pass of a cycle re-reads from a lookback before the previous read, but never before
+/// `now - MAX_CATCHUP_HOURS`: when a cycle's gap plus the lookback is longer than the catch-up,
+/// late rows in between would never be read, and nothing would say so. Refused here, naming the
+/// three settings and the smallest `MAX_CATCHUP_HOURS` that works.
+fn check_late_rows_window(p: &mut Problems, interval_s: u64, lookback_min: u64, catchup_h: u64) {
+    let needed_s = interval_s + lookback_min * 60;
+    if needed_s <= catchup_h * 3600 {
+        return;
+    }
+    let needed_h = needed_s.div_ceil(3600);
+    p.push(
+        "MAX_CATCHUP_HOURS",
+        format!(
+            "RECURRING_INTERVAL_SECONDS ({interval_s} s) plus LOOKBACK_MINUTES ({lookback_min} \
+             min) is longer than MAX_CATCHUP_HOURS ({catchup_h} h): each cycle re-reads the last \
+             LOOKBACK_MINUTES for late rows but never further back than MAX_CATCHUP_HOURS, so \
+             rows landing late would be skipped without a word: raise MAX_CATCHUP_HOURS \
+             (--max-catchup-hours) to at least {needed_h}, or lower LOOKBACK_MINUTES or \
+             RECURRING_INTERVAL_SECONDS"
+        ),
+    );
+}
+
+/// Checks a CA bundle setting: a readable file holding at least one PEM certificate.
+fn check_ca_bundle(p: &mut Problems, variable: &'static str, path: &Path) {
+    let pem = std::fs::read(path).unwrap_or_default();
+    if crate::databricks::parse_ca_bundle(&pem).is_err() {
+        let flag = match variable {
+            "DATABRICKS_CA_BUNDLE" => " (--ca-bundle)",
+            "AKTO_CA_BUNDLE" => " (--akto-ca-bundle)",
+            _ => "",
+        };
+        p.push(
+            variable,
+            format!(
+                "{variable}{flag} {} is not a readable PEM file with at least one CA \
+                 certificate: give the path of the CA bundle (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        );
+    }
 }
 
 /// Unity Catalog's naming rule (no `.`, space, `/`, control characters, at most 255
@@ -1150,6 +1229,34 @@ struct ProfileValues {
     client_id: Option<String>,
     client_secret: Option<SecretString>,
     token: Option<SecretString>,
+    /// Where the values come from, for messages: `profile [NAME] of FILE`; `None` when no
+    /// profile was read.
+    source: Option<String>,
+    /// Why an explicitly named config file gave nothing (it lacks the `DEFAULT` profile, listing
+    /// the ones it has), added to a "not set" message.
+    skipped: Option<String>,
+}
+
+impl ProfileValues {
+    /// A note for a "not set" message: the profile that was read (and lacked `what`), or why
+    /// the named config file gave nothing; empty otherwise.
+    fn note(&self, what: &str) -> String {
+        match (&self.source, &self.skipped) {
+            (Some(source), _) => format!(" ({source} has no {what} either)"),
+            (None, Some(why)) => format!(" ({why})"),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// `a, b` or `none`, for a list of profile names.
+fn profile_list(sections: &BTreeMap<String, BTreeMap<String, String>>) -> String {
+    let known: Vec<&str> = sections.keys().map(String::as_str).collect();
+    if known.is_empty() {
+        "none".to_owned()
+    } else {
+        known.join(", ")
+    }
 }
 
 /// Reads `DATABRICKS_CONFIG_FILE` (default `~/.databrickscfg` when there is a home folder) and
@@ -1198,7 +1305,6 @@ fn load_profile(cli: &Cli, home: Option<&Path>, p: &mut Problems) -> ProfileValu
     let sections = parse_databricks_cfg(&text);
     let Some(values) = sections.get(profile) else {
         if explicit_profile.is_some() {
-            let known: Vec<&str> = sections.keys().map(String::as_str).collect();
             p.push(
                 "DATABRICKS_CONFIG_PROFILE",
                 format!(
@@ -1206,13 +1312,21 @@ fn load_profile(cli: &Cli, home: Option<&Path>, p: &mut Problems) -> ProfileValu
                      {}): use one of those names",
                     shown(profile),
                     path.display(),
-                    if known.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        known.join(", ")
-                    }
+                    profile_list(&sections)
                 ),
             );
+        } else if explicit_file.is_some() {
+            // Named on purpose but without [DEFAULT]: not an error while the variables give
+            // everything, but said wherever a value is then missing.
+            return ProfileValues {
+                skipped: Some(format!(
+                    "DATABRICKS_CONFIG_FILE {} has no [DEFAULT] profile and was not used; it has: \
+                     {}: set DATABRICKS_CONFIG_PROFILE (--profile) to one of those",
+                    path.display(),
+                    profile_list(&sections)
+                )),
+                ..ProfileValues::default()
+            };
         }
         return ProfileValues::default();
     };
@@ -1222,6 +1336,8 @@ fn load_profile(cli: &Cli, home: Option<&Path>, p: &mut Problems) -> ProfileValu
         client_id: get("client_id"),
         client_secret: get("client_secret").map(SecretString::from),
         token: get("token").map(SecretString::from),
+        source: Some(format!("profile [{profile}] of {}", path.display())),
+        skipped: None,
     }
 }
 
@@ -1280,6 +1396,8 @@ fn resolve_auth(cli: &Cli, profile: &ProfileValues, p: &mut Problems) -> Option<
         || given_path(&d.token_file).is_some();
     let none = ProfileValues::default();
     let profile = if explicit { &none } else { profile };
+    // The credentials came from the profile (none was set explicitly): problems name it.
+    let from_profile = profile.source.as_deref();
     let client_id = given(&d.client_id)
         .map(str::to_owned)
         .or_else(|| profile.client_id.clone());
@@ -1323,6 +1441,31 @@ fn resolve_auth(cli: &Cli, profile: &ProfileValues, p: &mut Problems) -> Option<
             client_secret,
         }),
         (_, SecretFound::Failed, _) => None,
+        (Some(_), SecretFound::Missing, _) if from_profile.is_some() => {
+            p.push(
+                "DATABRICKS_CONFIG_FILE",
+                format!(
+                    "{} has client_id but no client_secret: add the service principal's OAuth \
+                     secret as client_secret there, or set DATABRICKS_CLIENT_ID and \
+                     DATABRICKS_CLIENT_SECRET (or DATABRICKS_TOKEN), which replace the profile's \
+                     credentials",
+                    from_profile.unwrap_or_default()
+                ),
+            );
+            None
+        }
+        (None, SecretFound::Given(_), _) if from_profile.is_some() => {
+            p.push(
+                "DATABRICKS_CONFIG_FILE",
+                format!(
+                    "{} has client_secret but no client_id: add the service principal's \
+                     application (client) id as client_id there, or set DATABRICKS_CLIENT_ID and \
+                     DATABRICKS_CLIENT_SECRET, which replace the profile's credentials",
+                    from_profile.unwrap_or_default()
+                ),
+            );
+            None
+        }
         (Some(_), SecretFound::Missing, _) => {
             p.push(
                 "DATABRICKS_CLIENT_SECRET",
@@ -1347,10 +1490,14 @@ fn resolve_auth(cli: &Cli, profile: &ProfileValues, p: &mut Problems) -> Option<
         (None, SecretFound::Missing, SecretFound::Missing) => {
             p.push(
                 "DATABRICKS_CLIENT_ID",
-                "no Databricks credentials: set DATABRICKS_CLIENT_ID (--client-id) and \
-                 DATABRICKS_CLIENT_SECRET (--client-secret, or DATABRICKS_CLIENT_SECRET_FILE) to \
-                 a service principal's id and OAuth secret (recommended), or DATABRICKS_TOKEN \
-                 (--token, or DATABRICKS_TOKEN_FILE) to a personal access token",
+                format!(
+                    "no Databricks credentials: set DATABRICKS_CLIENT_ID (--client-id) and \
+                     DATABRICKS_CLIENT_SECRET (--client-secret, or DATABRICKS_CLIENT_SECRET_FILE) \
+                     to a service principal's id and OAuth secret (recommended), or \
+                     DATABRICKS_TOKEN (--token, or DATABRICKS_TOKEN_FILE) to a personal access \
+                     token{}",
+                    profile.note("client_id/client_secret or token")
+                ),
             );
             None
         }
@@ -2362,6 +2509,45 @@ mod tests {
             cli.sink.kafka_max_message_bytes = s(bad);
             assert_eq!(problems_of(&cli), vec!["KAFKA_MAX_MESSAGE_BYTES"], "{bad}");
         }
+    }
+
+    #[test]
+    fn the_sink_trusts_akto_ca_bundle_else_the_workspace_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".into()]).unwrap();
+        let (akto, proxy) = (dir.path().join("akto.pem"), dir.path().join("proxy.pem"));
+        std::fs::write(&akto, ca.cert.pem()).unwrap();
+        std::fs::write(&proxy, ca.cert.pem()).unwrap();
+        // (Unset, the answer depends on SSL_CERT_FILE in this process: not checked here.)
+        let mut cli = valid_cli();
+        cli.databricks.ca_bundle = Some(proxy.clone());
+        assert_eq!(
+            build(&cli).expect("valid").akto_ca_bundle(),
+            Some(proxy.as_path())
+        );
+        cli.sink.akto_ca_bundle = Some(akto.clone());
+        let c = build(&cli).expect("valid");
+        assert_eq!(c.akto_ca_bundle(), Some(akto.as_path()));
+        assert_eq!(c.ca_bundle.as_deref(), Some(proxy.as_path()));
+        // A command that sends nothing does not read it.
+        cli.sink.akto_ca_bundle = Some(dir.path().join("missing.pem"));
+        assert!(Config::from_cli_with_home(&cli, Needs::Databricks, None).is_ok());
+        assert_eq!(problems_of(&cli), vec!["AKTO_CA_BUNDLE"]);
+    }
+
+    #[test]
+    fn late_rows_window_must_fit_in_the_catchup() {
+        let mut cli = valid_cli();
+        // 600 s + 50 min = 1 h exactly: fits.
+        cli.runtime.max_catchup_hours = s("1");
+        cli.runtime.interval_seconds = s("600");
+        cli.runtime.lookback_minutes = s("50");
+        assert!(problems_of(&cli).is_empty(), "{:?}", problems_of(&cli));
+        cli.runtime.interval_seconds = s("601");
+        assert_eq!(problems_of(&cli), vec!["MAX_CATCHUP_HOURS"]);
+        // A bad value is reported alone, not again as a window problem.
+        cli.runtime.lookback_minutes = s("lots");
+        assert_eq!(problems_of(&cli), vec!["LOOKBACK_MINUTES"]);
     }
 
     #[test]

@@ -143,6 +143,7 @@ fn help_mentions_every_variable_and_never_a_secret_value() {
         "REDACT_SENSITIVE_DATA",
         "REDACT_KINDS",
         "DATABRICKS_CA_BUNDLE",
+        "AKTO_CA_BUNDLE",
     ] {
         assert!(all.contains(name), "{name} missing from --help:\n{all}");
     }
@@ -442,4 +443,344 @@ fn kafka_broker_credentials_are_never_echoed() {
     assert!(!all.contains("KPASSLEAK"), "{all}");
     assert!(all.contains("KAFKA_SASL_PASSWORD"), "{all}");
     assert_no_secret(&out);
+}
+
+/// The first line holding `ERROR`, or a panic showing everything.
+fn error_line(all: &str) -> &str {
+    all.lines()
+        .find(|l| l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("no ERROR line:\n{all}"))
+}
+
+/// A PEM file with one self-signed CA certificate.
+fn write_ca(path: &Path) {
+    let ca = rcgen::generate_simple_self_signed(vec!["akto.internal".into()]).expect("cert");
+    std::fs::write(path, ca.cert.pem()).expect("write CA");
+}
+
+/// AKTO_CA_BUNDLE (--akto-ca-bundle): extra CAs for the HTTP sink, checked at configuration like
+/// DATABRICKS_CA_BUNDLE; unset, the workspace's bundle applies to the sink too.
+#[test]
+fn akto_ca_bundle_is_validated_and_defaults_to_the_workspace_bundle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ca(&dir.path().join("akto-ca.pem"));
+    write_ca(&dir.path().join("proxy-ca.pem"));
+    std::fs::write(dir.path().join("not-pem.txt"), "not a certificate").expect("write");
+
+    // Nothing set: no bundle for the sink.
+    let out = shield(&["--print-config"], &valid_env(), dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(!all.contains("ca_bundle="), "{all}");
+
+    // Its own bundle.
+    let mut env = valid_env();
+    env.push(("AKTO_CA_BUNDLE", "akto-ca.pem"));
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("request_timeout=30s ca_bundle=akto-ca.pem)"),
+        "{all}"
+    );
+
+    // The flag, over DATABRICKS_CA_BUNDLE.
+    let mut env = valid_env();
+    env.push(("DATABRICKS_CA_BUNDLE", "proxy-ca.pem"));
+    let out = shield(
+        &["--print-config", "--akto-ca-bundle", "akto-ca.pem"],
+        &env,
+        dir.path(),
+    );
+    assert!(
+        text(&out).contains(" ca_bundle=akto-ca.pem)"),
+        "{}",
+        text(&out)
+    );
+    // Unset: DATABRICKS_CA_BUNDLE (a TLS-inspecting proxy signs both).
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains(" ca_bundle=proxy-ca.pem)"), "{all}");
+
+    // A missing file or one without a certificate: exit 2 naming the setting and its flag.
+    for bad in ["no-such-ca.pem", "not-pem.txt"] {
+        let mut env = valid_env();
+        env.push(("AKTO_CA_BUNDLE", bad));
+        let out = shield(&["-once", "--print-config"], &env, dir.path());
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {all}");
+        let line = error_line(&all);
+        assert!(
+            line.contains(&format!("AKTO_CA_BUNDLE (--akto-ca-bundle) {bad}"))
+                && line.contains("PEM"),
+            "{line}"
+        );
+        assert_no_secret(&out);
+    }
+}
+
+/// --help says what is true of TLS trust: rustls with the built-in roots, SSL_CERT_FILE only as
+/// the stand-in for DATABRICKS_CA_BUNDLE (no longer "SSL_CERT_FILE adds trusted CAs").
+#[test]
+fn help_describes_which_cas_are_trusted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = shield(&["--help"], &[], dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(!all.contains("SSL_CERT_FILE adds trusted CAs"), "{all}");
+    assert!(all.contains("built-in Mozilla roots"), "{all}");
+    assert!(all.contains("--akto-ca-bundle"), "{all}");
+}
+
+/// Each cycle re-reads the last LOOKBACK_MINUTES for late rows, never further back than
+/// MAX_CATCHUP_HOURS: a setting where interval + lookback exceeds the catch-up would skip late
+/// rows silently, so it is refused naming all three settings and the fix.
+#[test]
+fn a_catchup_shorter_than_interval_plus_lookback_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = valid_env();
+    env.push(("MAX_CATCHUP_HOURS", "1"));
+    // Defaults: 300 s + 60 min = 65 min > 1 h.
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    let line = error_line(&all);
+    for name in [
+        "RECURRING_INTERVAL_SECONDS",
+        "LOOKBACK_MINUTES",
+        "MAX_CATCHUP_HOURS",
+    ] {
+        assert!(line.contains(name), "{name} missing from {line}");
+    }
+    assert!(
+        line.contains("raise MAX_CATCHUP_HOURS (--max-catchup-hours) to at least 2"),
+        "{line}"
+    );
+    // Within it: accepted.
+    let mut ok = env.clone();
+    ok.push(("LOOKBACK_MINUTES", "50"));
+    let out = shield(&["--print-config"], &ok, dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("max_catchup=1h"), "{}", text(&out));
+    // 900 s + 24 h = 24.25 h: the default catch-up is too short for a day-long lookback.
+    let mut env = valid_env();
+    env.push(("RECURRING_INTERVAL_SECONDS", "900"));
+    env.push(("LOOKBACK_MINUTES", "1440"));
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(error_line(&all).contains("to at least 25"), "{all}");
+}
+
+/// Both sinks set and AKTO_SINK unset: the ingestion service is used (as documented) and a WARN
+/// names the ignored KAFKA_BROKER_HOST; AKTO_SINK makes the choice explicit and silences it.
+#[test]
+fn both_sinks_set_warns_that_the_kafka_broker_is_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut env = valid_env();
+    env.push(("KAFKA_BROKER_HOST", "127.0.0.1:9"));
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("sink=http("), "{all}");
+    let warn = all
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("KAFKA_BROKER_HOST is ignored"))
+        .unwrap_or_else(|| panic!("no WARN about KAFKA_BROKER_HOST:\n{all}"));
+    assert!(
+        warn.contains("DATA_INGESTION_SERVICE_URL") && warn.contains("AKTO_SINK=kafka"),
+        "{warn}"
+    );
+
+    env.push(("AKTO_SINK", "kafka"));
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("sink=kafka("), "{all}");
+    assert!(!all.contains("is ignored"), "{all}");
+}
+
+/// The shipped env template leaves the sink to fill in: a placeholder ingestion URL would win
+/// over a KAFKA_BROKER_HOST the operator sets (records sent to a host that does not exist).
+#[test]
+fn env_template_sets_no_sink_placeholder() {
+    let template = include_str!("../databricks-cron.env");
+    for key in ["DATA_INGESTION_SERVICE_URL", "KAFKA_BROKER_HOST"] {
+        let line = template
+            .lines()
+            .find(|l| l.starts_with(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{key} missing from databricks-cron.env"));
+        assert_eq!(line, format!("{key}="), "{key} must ship empty");
+    }
+}
+
+/// A secret and its `_FILE` form are one setting for precedence: the higher source wins and the
+/// lower gets a WARN naming it and where it came from, never its value. Here the lower value is
+/// unusable (a missing file; a secret with a tab inside), so using it would exit 2.
+#[test]
+fn a_secret_and_its_file_form_follow_the_source_precedence() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("client_secret"), CLIENT_SECRET).expect("write");
+    let base = [
+        ("DATABRICKS_HOST", "http://127.0.0.1:9"),
+        ("DATABRICKS_CLIENT_ID", "sp-application-id"),
+        ("DATA_INGESTION_SERVICE_URL", "http://127.0.0.1:9"),
+    ];
+
+    // The environment's _FILE beats the env file's direct secret.
+    std::fs::write(
+        dir.path().join("low.env"),
+        "DATABRICKS_CLIENT_SECRET=\"bad\\tsecret-LOWVALUE\"\n",
+    )
+    .expect("write env file");
+    let mut env = base.to_vec();
+    env.push(("DATABRICKS_CLIENT_SECRET_FILE", "client_secret"));
+    let out = shield(
+        &["--env-file", "low.env", "--print-config"],
+        &env,
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("auth=oauth"), "{all}");
+    assert!(
+        all.lines().any(|l| l.contains("WARN")
+            && l.contains("DATABRICKS_CLIENT_SECRET in --env-file low.env is ignored")
+            && l.contains("DATABRICKS_CLIENT_SECRET_FILE in the environment")),
+        "{all}"
+    );
+    assert!(!all.contains("LOWVALUE"), "{all}");
+    assert_no_secret(&out);
+
+    // The environment's direct secret beats the env file's _FILE (a missing file).
+    std::fs::write(
+        dir.path().join("low.env"),
+        "DATABRICKS_CLIENT_SECRET_FILE=/nonexistent/secret\n",
+    )
+    .expect("write env file");
+    let mut env = base.to_vec();
+    env.push(("DATABRICKS_CLIENT_SECRET", CLIENT_SECRET));
+    let out = shield(
+        &["--env-file", "low.env", "--print-config"],
+        &env,
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("DATABRICKS_CLIENT_SECRET_FILE in --env-file low.env is ignored"),
+        "{all}"
+    );
+    assert_no_secret(&out);
+
+    // A flag beats the environment.
+    let mut env = base.to_vec();
+    env.push(("DATABRICKS_CLIENT_SECRET_FILE", "/nonexistent/secret"));
+    let out = shield(
+        &["--print-config", "--client-secret", CLIENT_SECRET],
+        &env,
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.contains("DATABRICKS_CLIENT_SECRET_FILE in the environment is ignored")
+            && all.contains("--client-secret on the command line"),
+        "{all}"
+    );
+
+    // Both from the same source: still refused, naming both.
+    let mut env = base.to_vec();
+    env.push(("DATABRICKS_CLIENT_SECRET", CLIENT_SECRET));
+    env.push(("DATABRICKS_CLIENT_SECRET_FILE", "client_secret"));
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    assert!(error_line(&all).contains("keep only one"), "{all}");
+    assert_no_secret(&out);
+}
+
+/// Problems with values from a Databricks config profile name the profile and its file, not the
+/// environment variables the operator never set; a named config file without [DEFAULT] says so.
+#[test]
+fn profile_problems_name_the_profile_and_its_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home = dir.path().to_str().expect("utf-8 path").to_owned();
+    let sink = ("DATA_INGESTION_SERVICE_URL", "http://127.0.0.1:9");
+
+    std::fs::write(
+        dir.path().join(".databrickscfg"),
+        "[DEFAULT]\nhost = https://adb-1.azuredatabricks.net/?o=1\ntoken = dapi-profile-token-77\n",
+    )
+    .expect("write cfg");
+    let out = shield(
+        &["--print-config"],
+        &[("HOME", home.as_str()), sink],
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    let line = error_line(&all);
+    assert!(
+        line.contains("profile [DEFAULT] of ")
+            && line.contains(".databrickscfg: host")
+            && line.contains("https://adb-1.azuredatabricks.net"),
+        "{line}"
+    );
+    assert!(!line.contains("DATABRICKS_HOST (--host) \""), "{line}");
+    assert!(!all.contains("dapi-profile-token-77"), "{all}");
+
+    std::fs::write(
+        dir.path().join(".databrickscfg"),
+        "[DEFAULT]\nhost = https://adb-1.azuredatabricks.net\nclient_id = profile-sp\n",
+    )
+    .expect("write cfg");
+    let out = shield(
+        &["--print-config"],
+        &[("HOME", home.as_str()), sink],
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    let line = error_line(&all);
+    assert!(
+        line.contains("profile [DEFAULT] of ")
+            && line.contains("has client_id but no client_secret"),
+        "{line}"
+    );
+    assert!(!line.contains("unset DATABRICKS_CLIENT_ID"), "{line}");
+
+    // An explicitly named file without [DEFAULT]: its profiles are listed.
+    std::fs::write(
+        dir.path().join("team.cfg"),
+        "[prod]\nhost = https://adb-1.azuredatabricks.net\ntoken = dapi-x\n[staging]\n",
+    )
+    .expect("write cfg");
+    let out = shield(
+        &["--print-config"],
+        &[("DATABRICKS_CONFIG_FILE", "team.cfg"), sink],
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{all}");
+    let line = error_line(&all);
+    assert!(
+        line.contains("DATABRICKS_CONFIG_FILE team.cfg has no [DEFAULT] profile")
+            && line.contains("it has: prod, staging")
+            && line.contains("DATABRICKS_CONFIG_PROFILE"),
+        "{line}"
+    );
+    // ...and naming one of them works.
+    let out = shield(
+        &["--print-config"],
+        &[
+            ("DATABRICKS_CONFIG_FILE", "team.cfg"),
+            ("DATABRICKS_CONFIG_PROFILE", "prod"),
+            sink,
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("auth=pat"), "{}", text(&out));
 }

@@ -135,7 +135,7 @@ async fn missing_grants_print_the_grant_statements() {
     let msg = err.to_string();
     assert!(msg.contains("Access denied"), "{msg}");
     assert!(
-        msg.contains("GRANT USE SCHEMA ON SCHEMA workspace.default TO `emulator-client`"),
+        msg.contains("GRANT USE SCHEMA ON SCHEMA `workspace`.`default` TO `emulator-client`"),
         "{msg}"
     );
     assert!(msg.contains("SHOW GRANTS"), "{msg}");

@@ -138,14 +138,64 @@ impl DatabricksError {
     }
 }
 
-/// The `SHOW GRANTS` / `GRANT` statements that give `principal` what the connector needs.
+/// One name part (catalog, schema, table or principal) as a SQL identifier: in backticks, a
+/// backtick inside doubled. Unity Catalog accepts names such as `prod-agents` that are valid SQL
+/// only quoted, so every statement the connector prints for an operator to paste quotes them.
+pub fn quote_ident(part: &str) -> String {
+    format!("`{}`", part.replace('`', "``"))
+}
+
+/// A dotted name (`catalog.schema.table`) with each part quoted by [`quote_ident`].
+pub fn quote_name(full_name: &str) -> String {
+    full_name
+        .split('.')
+        .map(quote_ident)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// The `SHOW GRANTS` / `GRANT` statements that give `principal` what the connector needs, every
+/// name quoted ([`quote_ident`]) so that they can be pasted as they are.
 pub fn grants_fix(catalog: &str, schema: &str, principal: &str) -> String {
+    let c = quote_ident(catalog);
+    let s = format!("{c}.{}", quote_ident(schema));
+    let p = quote_ident(principal);
     format!(
         "the service principal needs USE CATALOG, USE SCHEMA and SELECT. Check with \
-         `SHOW GRANTS `{principal}` ON SCHEMA {catalog}.{schema};` and grant with \
-         `GRANT USE CATALOG ON CATALOG {catalog} TO `{principal}`; \
-         GRANT USE SCHEMA ON SCHEMA {catalog}.{schema} TO `{principal}`; \
-         GRANT SELECT ON SCHEMA {catalog}.{schema} TO `{principal}`;` \
+         `SHOW GRANTS {p} ON SCHEMA {s};` and grant with \
+         `GRANT USE CATALOG ON CATALOG {c} TO {p}; \
+         GRANT USE SCHEMA ON SCHEMA {s} TO {p}; \
+         GRANT SELECT ON SCHEMA {s} TO {p};` \
          (Unity Catalog must be enabled for the workspace)"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_quoted_and_backticks_doubled() {
+        assert_eq!(quote_ident("prod-agents"), "`prod-agents`");
+        assert_eq!(quote_ident("we`ird"), "`we``ird`");
+        assert_eq!(
+            quote_name("prod-agents.default.t"),
+            "`prod-agents`.`default`.`t`"
+        );
+    }
+
+    #[test]
+    fn grants_fix_quotes_a_hyphenated_catalog() {
+        let fix = grants_fix("prod-agents", "ai-apps", "sp-1234");
+        for statement in [
+            "SHOW GRANTS `sp-1234` ON SCHEMA `prod-agents`.`ai-apps`;",
+            "GRANT USE CATALOG ON CATALOG `prod-agents` TO `sp-1234`;",
+            "GRANT USE SCHEMA ON SCHEMA `prod-agents`.`ai-apps` TO `sp-1234`;",
+            "GRANT SELECT ON SCHEMA `prod-agents`.`ai-apps` TO `sp-1234`;",
+        ] {
+            assert!(fix.contains(statement), "{statement} missing from {fix}");
+        }
+        // No unquoted name is left for SQL to misread (`prod - agents`).
+        assert!(!fix.contains(" prod-agents"), "{fix}");
+    }
 }

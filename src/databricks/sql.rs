@@ -679,9 +679,9 @@ impl DatabricksClient {
                 object: format!("table {}", st.table),
                 detail: format!("{code}: {message}"),
                 fix: format!(
-                    "`GRANT SELECT ON TABLE {} TO `{}`;` (or SELECT on its schema), and CAN USE on the SQL warehouse",
-                    st.table,
-                    self.principal()
+                    "`GRANT SELECT ON TABLE {} TO {};` (or SELECT on its schema), and CAN USE on the SQL warehouse",
+                    super::error::quote_name(&st.table),
+                    super::error::quote_ident(&self.principal())
                 ),
             };
         }

@@ -239,7 +239,10 @@ impl DatabricksClient {
                 } else if error_code == "CATALOG_DOES_NOT_EXIST" {
                     format!("catalog '{catalog}' does not exist: set DATABRICKS_CATALOG to an existing catalog (SHOW CATALOGS;)")
                 } else if error_code == "SCHEMA_DOES_NOT_EXIST" {
-                    format!("schema '{schema}' does not exist in catalog '{catalog}': set DATABRICKS_SCHEMA (SHOW SCHEMAS IN {catalog};)")
+                    format!(
+                        "schema '{schema}' does not exist in catalog '{catalog}': set DATABRICKS_SCHEMA (SHOW SCHEMAS IN {};)",
+                        super::error::quote_ident(catalog)
+                    )
                 } else {
                     format!("check DATABRICKS_CATALOG ({catalog}) and DATABRICKS_SCHEMA ({schema})")
                 };
@@ -321,5 +324,37 @@ mod tests {
         assert_eq!(url.query(), None);
         assert_eq!(url.fragment(), None);
         assert_eq!(url.path_segments().unwrap().count(), 6);
+    }
+
+    #[test]
+    fn schema_fixes_quote_a_hyphenated_catalog() {
+        let host = url::Url::parse("https://adb-1.azuredatabricks.net").unwrap();
+        let client = DatabricksClient::new(
+            &host,
+            crate::databricks::Credentials::OAuth {
+                client_id: "sp-1".into(),
+                client_secret: secrecy::SecretString::from("unused"),
+            },
+            crate::databricks::ClientOptions::default(),
+        )
+        .unwrap();
+        let missing = DatabricksError::NotFound {
+            object: String::new(),
+            error_code: "SCHEMA_DOES_NOT_EXIST".into(),
+            message: String::new(),
+            fix: String::new(),
+        };
+        let text = client.in_schema(missing, "prod-agents", "ai").to_string();
+        assert!(text.contains("SHOW SCHEMAS IN `prod-agents`;"), "{text}");
+        let denied = DatabricksError::PermissionDenied {
+            object: String::new(),
+            detail: String::new(),
+            fix: String::new(),
+        };
+        let text = client.in_schema(denied, "prod-agents", "ai").to_string();
+        assert!(
+            text.contains("GRANT USE CATALOG ON CATALOG `prod-agents` TO `sp-1`;"),
+            "{text}"
+        );
     }
 }
