@@ -1,7 +1,9 @@
 //! Discovery: the agent inventory of one catalog.schema.
 //!
 //! Joins what Unity Catalog and Model Serving say: which tables are inference tables (classified
-//! by their columns, not their names), which serving endpoint logs to which table (AI Gateway
+//! by their columns, not their names; only the legacy Agent Framework's tables derived from an
+//! inference table, `*_payload_request_logs` and `*_payload_assessment_logs`, are ruled out by
+//! name, as they repeat its requests), which serving endpoint logs to which table (AI Gateway
 //! config first, legacy auto-capture second), which models and versions each endpoint serves, and
 //! which UC functions (tools) the schema offers. An inference table with no endpoint still yields
 //! an agent, since agents may run outside Model Serving (e.g. as Databricks Apps).
@@ -14,10 +16,14 @@
 //!
 //! Scope: one instance reads what its DATABRICKS_CATALOG.DATABRICKS_SCHEMA and DATABRICKS_PREFIX
 //! (compared case-insensitively, as Unity Catalog names are) hold. Endpoints and apps are listed
-//! from the whole workspace, so an agent whose Unity Catalog anchor lies elsewhere (the inference
-//! table its endpoint names, else its served UC models; or the table an app writes, when that is
-//! in the schema outside the prefix) is listed with a note but gets no MLflow experiment: the
-//! instance of that scope reads its traces. An agent with no anchor at all stays in scope.
+//! from the whole workspace, so an agent whose Unity Catalog anchor lies elsewhere is listed with
+//! a note but gets no MLflow experiment (nor an inventory record, [`Inventory::out_of_scope`]):
+//! the instance of that scope reads its traces. The anchor of an endpoint is the inference table
+//! it names, else its served UC models; of an app, the inference table of the agent endpoint it
+//! queries, else the inference table named after it, exactly or after a table prefix (decided
+//! from the schema listing, so instances split by prefix agree: [`name_anchor`]). An agent with
+//! no anchor at all stays in scope, in every instance; so does an app whose table is in another
+//! schema, which this instance cannot see.
 //! Serving endpoints, UC functions or UC models that cannot be listed (refused, not found) cost
 //! a WARN naming the fix, not the discovery: the inference tables alone find the agents.
 //!
@@ -73,8 +79,20 @@ const OTEL_COLUMNS: &[&str] = &[
     "end_time_unix_nano",
 ];
 
-/// Classifies a table by the columns it has.
+/// Name endings of the tables the legacy Agent Framework (`databricks-agents` `deploy()`) derived
+/// from an agent's `<model>_payload` table. `_payload_request_logs` has the legacy payload columns
+/// (`databricks_request_id`, `date`, `timestamp_ms`, `request`, ...), yet its rows are the payload
+/// table's requests again, reformatted: reading it as an agent would send each request twice.
+const DERIVED_TABLE_SUFFIXES: &[&str] = &["_payload_request_logs", "_payload_assessment_logs"];
+
+/// Classifies a table by the columns it has; the tables derived from an inference table
+/// ([`DERIVED_TABLE_SUFFIXES`], compared ignoring case) are [`TableKind::Other`] whatever their
+/// columns.
 pub fn classify(table: &TableInfo) -> TableKind {
+    let name = table.name.to_ascii_lowercase();
+    if DERIVED_TABLE_SUFFIXES.iter().any(|s| name.ends_with(s)) {
+        return TableKind::Other;
+    }
     let cols: BTreeSet<String> = table
         .columns
         .iter()
@@ -183,6 +201,12 @@ pub struct Inventory {
     /// [`Inventory::agent_host`].
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub host_labels: BTreeMap<String, String>,
+    /// The agents out of this instance's scope (their Unity Catalog anchor lies outside
+    /// catalog.schema and prefix), as `endpoint:<name>` or `app:<name>`: listed, but this
+    /// instance sends neither their traces nor their inventory records; the instance of their
+    /// scope does. Read it through [`Inventory::is_out_of_scope`].
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub out_of_scope: BTreeSet<String>,
 }
 
 impl Inventory {
@@ -191,6 +215,12 @@ impl Inventory {
         self.agents
             .iter()
             .filter_map(|a| a.table.as_ref().map(|t| (a, t)))
+    }
+
+    /// Whether `agent` is out of this instance's scope (see [`Inventory::out_of_scope`]): its
+    /// traces and inventory record are another instance's to send.
+    pub fn is_out_of_scope(&self, agent: &Agent) -> bool {
+        scope_key(agent).is_some_and(|k| self.out_of_scope.contains(&k))
     }
 
     /// The Akto `host` header (= collection) of the agent named `agent`: [`agent_host`], unless
@@ -426,23 +456,28 @@ pub async fn discover(
 
     // Inference tables in scope, by full name (lowercase: UC names are case-insensitive).
     let mut payload_tables: BTreeMap<String, InferenceTable> = BTreeMap::new();
-    // Inference tables of the schema outside the prefix, by the normalized name of their agent:
-    // an app linked to one of them belongs to another instance.
-    let mut out_of_prefix: BTreeMap<String, String> = BTreeMap::new();
+    // Every inference table of the schema, in the prefix or not: what an app or an experiment
+    // named after an agent belongs to is decided from these ([`name_anchor`]).
+    let mut schema_tables: Vec<SchemaTable> = Vec::new();
     for t in &tables {
+        if matches!(
+            classify(t),
+            TableKind::AiGatewayPayload | TableKind::LegacyPayload
+        ) {
+            let agent = table_agent_name(&t.name);
+            schema_tables.push(SchemaTable {
+                full: t
+                    .full_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{catalog}.{schema}.{}", t.name)),
+                agent: normalize_name(&agent),
+                stripped: strip_prefix_ci(&t.name, prefix)
+                    .map(|rest| normalize_name(&table_agent_name(rest))),
+            });
+        }
         if strip_prefix_ci(&t.name, prefix).is_none() {
             if inv.filtered_out_examples.len() < 5 {
                 inv.filtered_out_examples.push(t.name.clone());
-            }
-            if matches!(
-                classify(t),
-                TableKind::AiGatewayPayload | TableKind::LegacyPayload
-            ) {
-                let full = t
-                    .full_name
-                    .clone()
-                    .unwrap_or_else(|| format!("{catalog}.{schema}.{}", t.name));
-                out_of_prefix.insert(normalize_name(&table_agent_name(&t.name)), full);
             }
             continue;
         }
@@ -488,6 +523,9 @@ pub async fn discover(
         Err(e) => return Err(e),
     };
     let mut claimed: BTreeSet<String> = BTreeSet::new();
+    // Agent endpoint -> the inference table its config names (visible or not, in scope or not):
+    // an app querying that endpoint belongs with that table.
+    let mut endpoint_tables: BTreeMap<String, String> = BTreeMap::new();
     // Agents out of scope (by [`scope_key`]): no experiment is looked up for them.
     let mut out_of_scope: BTreeSet<String> = BTreeSet::new();
     for listed in endpoints {
@@ -506,6 +544,9 @@ pub async fn discover(
         };
         let is_agent = is_agent_endpoint(&ep);
         let target = ep.inference_table();
+        if let (true, Some(t)) = (is_agent, &target) {
+            endpoint_tables.insert(ep.name.clone(), t.clone());
+        }
         let table = target
             .as_ref()
             .and_then(|t| payload_tables.get(&t.to_ascii_lowercase()).cloned());
@@ -629,8 +670,13 @@ pub async fn discover(
     }
     inv.models.sort_by(|a, b| a.full_name.cmp(&b.full_name));
 
-    add_apps(client, &mut inv, &out_of_prefix, &mut out_of_scope).await?;
-    find_experiments(client, &mut inv, &run_ids, &out_of_scope).await?;
+    let anchors = Anchors {
+        schema_tables: &schema_tables,
+        endpoint_tables: &endpoint_tables,
+    };
+    add_apps(client, &mut inv, &anchors, &mut out_of_scope).await?;
+    find_experiments(client, &mut inv, &run_ids, &out_of_scope, &schema_tables).await?;
+    inv.out_of_scope = out_of_scope;
     for w in assign_hosts(&mut inv, client.base_url()) {
         warn_once(w);
     }
@@ -639,11 +685,14 @@ pub async fn discover(
 
 /// The grants that let the service principal see a schema's UC functions and models.
 fn uc_objects_fix(catalog: &str, schema: &str, principal: &str) -> String {
+    use crate::databricks::error::quote_ident;
+    let c = quote_ident(catalog);
+    let s = format!("{c}.{}", quote_ident(schema));
+    let p = quote_ident(principal);
     format!(
         "the service principal needs USE CATALOG, USE SCHEMA and EXECUTE to see the schema's \
-         functions and models: `GRANT USE CATALOG ON CATALOG {catalog} TO `{principal}`; \
-         GRANT USE SCHEMA ON SCHEMA {catalog}.{schema} TO `{principal}`; \
-         GRANT EXECUTE ON SCHEMA {catalog}.{schema} TO `{principal}`;`"
+         functions and models: `GRANT USE CATALOG ON CATALOG {c} TO {p}; \
+         GRANT USE SCHEMA ON SCHEMA {s} TO {p}; GRANT EXECUTE ON SCHEMA {s} TO {p};`"
     )
 }
 
@@ -665,10 +714,17 @@ pub fn normalize_name(name: &str) -> String {
 /// The names an agent may be known by elsewhere (app, experiment): its own name, that name
 /// without the table prefix, its app's name, and its UC model's short name.
 fn agent_aliases(a: &Agent, prefix: &str) -> Vec<String> {
+    aliases(a, prefix, |_| true)
+}
+
+/// [`agent_aliases`], the name without the prefix only when `keep_stripped` accepts it.
+fn aliases(a: &Agent, prefix: &str, keep_stripped: impl Fn(&str) -> bool) -> Vec<String> {
     let mut names = vec![normalize_name(&a.name)];
     if !prefix.is_empty() {
-        if let Some(short) = strip_prefix_ci(&a.name, prefix) {
-            names.push(normalize_name(short));
+        if let Some(short) = strip_prefix_ci(&a.name, prefix).map(normalize_name) {
+            if keep_stripped(&short) {
+                names.push(short);
+            }
         }
     }
     if let Some(app) = &a.app {
@@ -682,18 +738,91 @@ fn agent_aliases(a: &Agent, prefix: &str) -> Vec<String> {
     names
 }
 
+/// An inference table of the schema listing, in this instance's prefix or not.
+#[derive(Debug, Clone)]
+struct SchemaTable {
+    /// Its full name, as listed.
+    full: String,
+    /// Its agent's name ([`table_agent_name`]), normalized ([`normalize_name`]).
+    agent: String,
+    /// That name without this instance's prefix, normalized; `None` when the table is outside
+    /// the prefix.
+    stripped: Option<String>,
+}
+
+impl SchemaTable {
+    fn in_scope(&self) -> bool {
+        self.stripped.is_some()
+    }
+}
+
+/// What ties an app to a Unity Catalog scope.
+struct Anchors<'a> {
+    /// Every inference table of the schema ([`SchemaTable`]).
+    schema_tables: &'a [SchemaTable],
+    /// Agent endpoint name -> the inference table its config names.
+    endpoint_tables: &'a BTreeMap<String, String>,
+}
+
+/// The inference tables an app or experiment named `key` (normalized) may belong to, the one it
+/// belongs to first. Decided from the schema listing alone, which every instance reading this
+/// catalog.schema sees alike, so that they all agree on which of them reads it: the tables of an
+/// agent named `key`, or named `key` after a table prefix (its name ends with `_key`, as
+/// `prod_code_reviewer` for `code_reviewer`, or it is `key` once this instance's prefix is
+/// stripped). The shortest agent name comes first (the exact name before any prefixed one), then
+/// the full names in order.
+fn name_anchor<'a>(key: &str, tables: &'a [SchemaTable]) -> Vec<&'a SchemaTable> {
+    if key.is_empty() {
+        return Vec::new();
+    }
+    let suffix = format!("_{key}");
+    let mut hits: Vec<&SchemaTable> = tables
+        .iter()
+        .filter(|t| {
+            t.agent == key || t.agent.ends_with(&suffix) || t.stripped.as_deref() == Some(key)
+        })
+        .collect();
+    hits.sort_by(|a, b| {
+        a.agent.len().cmp(&b.agent.len()).then_with(|| {
+            a.full
+                .to_ascii_lowercase()
+                .cmp(&b.full.to_ascii_lowercase())
+        })
+    });
+    hits
+}
+
+/// [`agent_aliases`] as used to find an agent's MLflow experiment by name: the name without the
+/// table prefix counts only when the agent's own inference table is the one that name belongs to
+/// ([`name_anchor`]). Otherwise another instance's table may be named so too
+/// (`dev_support_bot_payload` next to `prod_support_bot_payload`), or the agent has no table to
+/// tell: an experiment named `support_bot` would then be read by several instances.
+fn experiment_aliases(a: &Agent, prefix: &str, tables: &[SchemaTable]) -> Vec<String> {
+    let Some(own) = a.table.as_ref().map(|t| t.full_name.to_ascii_lowercase()) else {
+        return aliases(a, prefix, |_| false);
+    };
+    aliases(a, prefix, |short| {
+        name_anchor(short, tables)
+            .first()
+            .is_some_and(|t| t.full.to_ascii_lowercase() == own)
+    })
+}
+
 /// Lists Databricks Apps: an app whose name matches a table-only agent is that agent; an app
 /// with a serving-endpoint or experiment resource is an agent of its own (its executions come
 /// from its MLflow traces); other apps (dashboards, ...) are not agents. An apps API that is
 /// not available (disabled, no permission) only costs a WARN.
 ///
-/// An app that matches no agent in scope but an inference table of the schema outside the prefix
-/// (`out_of_prefix`: agent name -> table) belongs to the instance of that prefix: it is listed,
-/// without its experiment, and added to `out_of_scope`.
+/// An app's scope anchor, decided alike by every instance: the inference table of the agent
+/// endpoint it queries (a serving-endpoint resource; the first such table by name when it has
+/// several), else the inference table named after it ([`name_anchor`]; a WARN when several
+/// are), else none (the app is in scope). An app whose anchor is outside this instance's scope is
+/// listed, without its experiment, and added to `out_of_scope`; an app is matched to a
+/// table-only agent only when that agent's table is its anchor by name.
 async fn add_apps(
     client: &DatabricksClient,
     inv: &mut Inventory,
-    out_of_prefix: &BTreeMap<String, String>,
+    anchors: &Anchors<'_>,
     out_of_scope: &mut BTreeSet<String>,
 ) -> Result<(), DatabricksError> {
     let apps = match client.list_apps().await {
@@ -730,8 +859,48 @@ async fn add_apps(
             .filter(|e| !e.is_empty());
         let key = normalize_name(&app.name);
         let prefix = inv.prefix.clone();
+        let scope = format!(
+            "{}.{} with prefix '{}'",
+            inv.catalog, inv.schema, inv.prefix
+        );
+        let by_resource = entry
+            .serving_endpoints
+            .iter()
+            .filter_map(|e| anchors.endpoint_tables.get(e).map(|t| (e, t)))
+            .min_by_key(|(_, t)| t.to_ascii_lowercase());
+        let by_name = name_anchor(&key, anchors.schema_tables);
+        if by_resource.is_none() && by_name.len() > 1 {
+            let names: Vec<&str> = by_name.iter().map(|t| t.full.as_str()).collect();
+            warn_once(format!(
+                "app {} is named after {} inference tables ({}): it is taken to belong to {},                  and only the instance whose scope holds that table reads its MLflow traces.                  Fix: if it belongs to another one, give the app that agent's serving endpoint                  as a resource, or name the app after the table (without `_payload`)",
+                app.name,
+                names.len(),
+                names.join(", "),
+                names[0]
+            ));
+        }
+        let out_note = match (by_resource, by_name.first()) {
+            (Some((e, t)), _) => (!in_scope(t, &inv.catalog, &inv.schema, &inv.prefix)).then(|| {
+                format!(
+                    "deployed as a Databricks App querying agent endpoint {e}, whose inference                      table {t} is outside {scope}: {OUT_OF_SCOPE}"
+                )
+            }),
+            (None, Some(t)) if !t.in_scope() => Some(format!(
+                "deployed as a Databricks App named after inference table {}, outside {scope}:                  {OUT_OF_SCOPE}",
+                t.full
+            )),
+            _ => None,
+        };
+        let anchor = by_name
+            .first()
+            .filter(|t| out_note.is_none() && t.in_scope())
+            .map(|t| t.full.to_ascii_lowercase());
         let matched = inv.agents.iter_mut().find(|a| {
-            a.endpoint.is_none() && a.app.is_none() && agent_aliases(a, &prefix).contains(&key)
+            a.endpoint.is_none()
+                && a.app.is_none()
+                && anchor.is_some()
+                && a.table.as_ref().map(|t| t.full_name.to_ascii_lowercase()) == anchor
+                && agent_aliases(a, &prefix).contains(&key)
         });
         match matched {
             Some(a) => {
@@ -741,20 +910,15 @@ async fn add_apps(
                 }
             }
             None if !entry.serving_endpoints.is_empty() || experiment.is_some() => {
-                let linked = out_of_prefix.get(&key);
-                let table_note = match linked {
-                    Some(t) => {
-                        out_of_scope.insert(format!("app:{}", app.name));
-                        format!(
-                            "deployed as a Databricks App writing inference table {t}, outside \
-                             {}.{} with prefix '{}': {OUT_OF_SCOPE}",
-                            inv.catalog, inv.schema, inv.prefix
-                        )
-                    }
-                    None => "deployed as a Databricks App: executions come from its MLflow traces"
-                        .to_string(),
-                };
-                let experiment_id = if linked.is_some() { None } else { experiment };
+                let out = out_note.is_some();
+                if out {
+                    out_of_scope.insert(format!("app:{}", app.name));
+                }
+                let table_note = out_note.unwrap_or_else(|| {
+                    "deployed as a Databricks App: executions come from its MLflow traces"
+                        .to_string()
+                });
+                let experiment_id = if out { None } else { experiment };
                 inv.agents.push(Agent {
                     name: app.name.clone(),
                     endpoint: None,
@@ -778,17 +942,21 @@ async fn add_apps(
 /// Finds each agent's MLflow experiment: the run that logged its served UC model version
 /// (`runs/get` -> `experiment_id`), else an experiment whose name (last path segment) or
 /// `agent`/`agent_name` tag names the agent. An experiment belongs to one agent only (the first
-/// in inventory order; a second claimant gets a WARN), so no trace is sent twice.
+/// in inventory order; a second claimant gets a WARN), so this instance sends no trace twice.
 ///
 /// This is where the scope of the traces is decided: the agents in `out_of_scope` (by
 /// [`scope_key`]: their Unity Catalog anchor is outside catalog.schema and prefix) get no
 /// experiment, so [`crate::traces::trace_sources`] never reads their traces; the instance whose
-/// scope they are in does. Two instances split by schema or prefix never read the same traces.
+/// scope they are in does. An experiment found by name uses the agent's name without the table
+/// prefix only when [`experiment_aliases`] allows it. What this guarantees, and where instances
+/// may still read the same traces (agents with no anchor), is in README "Which agents' traces are
+/// read".
 async fn find_experiments(
     client: &DatabricksClient,
     inv: &mut Inventory,
     run_ids: &BTreeMap<(String, String), String>,
     out_of_scope: &BTreeSet<String>,
+    schema_tables: &[SchemaTable],
 ) -> Result<(), DatabricksError> {
     let skipped = |a: &Agent| scope_key(a).is_some_and(|k| out_of_scope.contains(&k));
     for a in inv.agents.iter_mut().filter(|a| skipped(a)) {
@@ -828,7 +996,8 @@ async fn find_experiments(
             Ok(exps) => {
                 let prefix = inv.prefix.clone();
                 for a in inv.agents.iter_mut().filter(|a| wanted(a) && a.is_agent) {
-                    a.experiment_id = match_experiment(&agent_aliases(a, &prefix), &exps);
+                    a.experiment_id =
+                        match_experiment(&experiment_aliases(a, &prefix, schema_tables), &exps);
                 }
             }
             Err(e) if !e.is_retriable() => {
@@ -1155,6 +1324,122 @@ mod tests {
         // Aliases strip it alike: an app or experiment named without the prefix is found.
         let a = agent("PROD_Support_Bot", false, None);
         assert!(agent_aliases(&a, "prod_").contains(&"support_bot".to_string()));
+    }
+
+    fn table(full: &str, prefix: &str) -> SchemaTable {
+        let name = full.rsplit('.').next().unwrap_or(full);
+        SchemaTable {
+            full: full.into(),
+            agent: normalize_name(&table_agent_name(name)),
+            stripped: strip_prefix_ci(name, prefix).map(|r| normalize_name(&table_agent_name(r))),
+        }
+    }
+
+    #[test]
+    fn a_name_belongs_to_the_same_table_in_every_instance_of_a_schema() {
+        let fulls = [
+            "c.s.prod_support_bot_payload",
+            "c.s.dev_support_bot_payload",
+            "c.s.prod_old_support_bot_payload",
+            "c.s.code_reviewer_payload",
+            "c.s.prod_code_reviewer_payload",
+        ];
+        let winner = |key: &str, prefix: &str| {
+            let tables: Vec<SchemaTable> = fulls.iter().map(|f| table(f, prefix)).collect();
+            name_anchor(key, &tables)
+                .first()
+                .map(|t| (t.full.clone(), t.in_scope()))
+        };
+        // The same table for every prefix; in scope for the instance of its prefix only.
+        for (prefix, in_scope) in [("prod_", false), ("dev_", true), ("", true), ("qa_", false)] {
+            assert_eq!(
+                winner("support_bot", prefix),
+                Some(("c.s.dev_support_bot_payload".into(), in_scope)),
+                "{prefix}"
+            );
+        }
+        // The exact name first; a longer prefixed name never wins over a shorter one.
+        assert_eq!(
+            winner("code_reviewer", "prod_").map(|w| w.0),
+            Some("c.s.code_reviewer_payload".into())
+        );
+        assert_eq!(
+            winner("old_support_bot", "dev_").map(|w| w.0),
+            Some("c.s.prod_old_support_bot_payload".into())
+        );
+        // A name is a table's after a `_` only, not inside a word.
+        assert_eq!(
+            winner("bot", "prod_").map(|w| w.0),
+            Some("c.s.dev_support_bot_payload".into())
+        );
+        assert_eq!(winner("ort_bot", "prod_"), None);
+        assert_eq!(winner("", "prod_"), None);
+    }
+
+    #[test]
+    fn the_name_without_the_prefix_finds_an_experiment_only_for_its_table() {
+        let tables = |prefix: &str| -> Vec<SchemaTable> {
+            [
+                "c.s.prod_support_bot_payload",
+                "c.s.dev_support_bot_payload",
+            ]
+            .iter()
+            .map(|f| table(f, prefix))
+            .collect()
+        };
+        let mut prod = agent("prod_support_bot", false, None);
+        prod.table.as_mut().unwrap().full_name = "c.s.prod_support_bot_payload".into();
+        let mut dev = agent("dev_support_bot", false, None);
+        dev.table.as_mut().unwrap().full_name = "c.s.dev_support_bot_payload".into();
+        let prod_aliases = experiment_aliases(&prod, "prod_", &tables("prod_"));
+        let dev_aliases = experiment_aliases(&dev, "dev_", &tables("dev_"));
+        assert_eq!(prod_aliases, ["prod_support_bot"]);
+        assert_eq!(dev_aliases, ["dev_support_bot", "support_bot"]);
+        // Alone in its schema, the prefixed table owns the short name.
+        let alone = vec![table("c.s.prod_support_bot_payload", "prod_")];
+        assert_eq!(
+            experiment_aliases(&prod, "prod_", &alone),
+            ["prod_support_bot", "support_bot"]
+        );
+        // No table to anchor it: the short name of an endpoint agent finds nothing.
+        let mut ep = agent("prod_support_bot", true, None);
+        ep.models.push(model("c.s.support_bot_model", "uc_model"));
+        assert_eq!(
+            experiment_aliases(&ep, "prod_", &alone),
+            ["prod_support_bot", "support_bot_model"]
+        );
+        // agent_aliases (app matching) is unchanged.
+        assert!(agent_aliases(&ep, "prod_").contains(&"support_bot".to_string()));
+    }
+
+    #[test]
+    fn tables_derived_from_an_inference_table_are_not_inference_tables() {
+        use crate::databricks::unity_catalog::ColumnInfo;
+        let t = |name: &str| TableInfo {
+            name: name.into(),
+            columns: LEGACY_COLUMNS
+                .iter()
+                .chain(["timestamp", "trace", "request_raw"].iter())
+                .map(|c| ColumnInfo {
+                    name: (*c).into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(classify(&t("bot_payload")), TableKind::LegacyPayload);
+        for n in [
+            "bot_payload_request_logs",
+            "BOT_PAYLOAD_REQUEST_LOGS",
+            "bot_payload_assessment_logs",
+        ] {
+            assert_eq!(classify(&t(n)), TableKind::Other, "{n}");
+        }
+        // Only the exact endings: an agent named `..._logs` is still an agent.
+        assert_eq!(
+            classify(&t("request_logs_payload")),
+            TableKind::LegacyPayload
+        );
     }
 
     #[test]

@@ -14,6 +14,12 @@
 //! description (A -> B -> A), or moves to another host (a new host collision), is sent again, so
 //! Akto's latest inventory record of an agent is always its current description.
 //!
+//! Only the agents in this instance's scope get a record: an agent discovery marks out of scope
+//! ([`Inventory::is_out_of_scope`]) is described by the instance of its catalog.schema and
+//! prefix, which knows its inference table and tools; a record from here would carry this
+//! instance's catalog, schema and tools and no table, one more conflicting description per
+//! instance.
+//!
 //! Pure apart from reading state: no I/O towards Databricks or the sink.
 
 use std::collections::HashMap;
@@ -132,8 +138,8 @@ pub fn inventory_record(
     }
 }
 
-/// Units for the agents whose current description (entry and host) is not the one last
-/// delivered for them: one per such agent, id `<agent>#<config hash>`, to be sent in a
+/// Units for the agents in scope whose current description (entry and host) is not the one last
+/// delivered for them (agents out of scope get none): one per such agent, id `<agent>#<config hash>`, to be sent in a
 /// [`crate::collect::Chunk`] with table [`NAMESPACE`]. The units' time is `now_us`, or just after
 /// the newest inventory record delivered when that is later (it orders an agent's records); the
 /// records carry `now_us`. A state read failure yields no units (WARN): the next cycle tries again.
@@ -159,12 +165,12 @@ pub fn inventory_units(
     };
     // Two agents of one name (an endpoint and a table-only agent, say) are told apart by their
     // record's path, or each cycle would re-send the one that was not last.
+    let in_scope = || inv.agents.iter().filter(|a| !inv.is_out_of_scope(a));
     let mut names: HashMap<&str, usize> = HashMap::new();
-    for a in &inv.agents {
+    for a in in_scope() {
         *names.entry(a.name.as_str()).or_default() += 1;
     }
-    inv.agents
-        .iter()
+    in_scope()
         .filter_map(|a| {
             let host = inv.agent_host(&a.name, workspace_host);
             let e = entry(a, inv);

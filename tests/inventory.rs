@@ -1,6 +1,6 @@
 //! Agent inventory records against the emulator: one per agent, valid for Akto, carrying the
 //! agent's entry; never again once delivered; again (for that agent only) after a configuration
-//! change.
+//! change; none for an agent out of the instance's scope (the instance of its scope sends it).
 
 mod common;
 
@@ -216,6 +216,69 @@ async fn two_agents_of_one_name_are_each_sent_once() {
             "cycle {cycle} re-sent {:?}",
             again.iter().map(|u| &u.id).collect::<Vec<_>>()
         );
+    }
+    emu.shutdown().await;
+}
+
+/// Two instances split by prefix (`prod_`, whose tables the emulator has, and `dev_`): every
+/// agent gets its record from one of them, the one whose scope holds it. Before, `dev_` also sent
+/// one for each agent it lists as out of scope, with its own catalog, schema and tools and no
+/// inference table: a conflicting description in each agent's Akto collection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_out_of_scope_get_their_record_from_the_instance_of_their_scope_only() {
+    let mut cfg = emulator_config();
+    cfg.table_prefix = "prod_".into();
+    let emu = emulator(cfg).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let prod = discovery::discover(&c, "workspace", "default", "prod_")
+        .await
+        .unwrap();
+    let dev = discovery::discover(&c, "workspace", "default", "dev_")
+        .await
+        .unwrap();
+    // dev_ lists the workspace's agents (endpoints and the app), all out of its scope.
+    let out: Vec<&str> = dev
+        .agents
+        .iter()
+        .filter(|a| dev.is_out_of_scope(a))
+        .map(|a| a.name.as_str())
+        .collect();
+    assert!(!out.is_empty() && out.len() == dev.agents.len(), "{out:?}");
+    assert!(prod.agents.iter().all(|a| !prod.is_out_of_scope(a)));
+
+    let dir = tempfile::tempdir().unwrap();
+    let now = chrono::Utc::now().timestamp_micros();
+    let units = |inv: &discovery::Inventory, state: &StateStore| {
+        inventory::inventory_units(inv, "127.0.0.1", "1000000", state, now)
+    };
+    let prod_state = StateStore::open(&dir.path().join("prod"), false).unwrap();
+    let dev_state = StateStore::open(&dir.path().join("dev"), false).unwrap();
+    let from_prod = units(&prod, &prod_state);
+    let from_dev = units(&dev, &dev_state);
+    assert!(
+        from_dev.is_empty(),
+        "{:?}",
+        from_dev.iter().map(|u| &u.id).collect::<Vec<_>>()
+    );
+    assert_eq!(from_prod.len(), prod.agents.len());
+    // Each listed agent is described once, by prod_, with its inference table.
+    let mut described: Vec<&str> = from_prod.iter().map(|u| u.agent.as_str()).collect();
+    described.sort_unstable();
+    described.dedup();
+    assert_eq!(described.len(), from_prod.len());
+    for u in &from_prod {
+        let body: serde_json::Value =
+            serde_json::from_str(&u.records[0].response_payload.text()).unwrap();
+        assert!(body["inference_table"]["name"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("workspace.default.prod_")));
+    }
+    for a in &dev.agents {
+        let twin = a.endpoint.as_ref().map_or_else(
+            || prod.agents.iter().any(|p| p.app == a.app),
+            |e| prod.agents.iter().any(|p| p.endpoint.as_ref() == Some(e)),
+        );
+        assert!(twin, "{} is described by prod_", a.name);
     }
     emu.shutdown().await;
 }

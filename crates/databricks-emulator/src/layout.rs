@@ -134,6 +134,37 @@ pub(crate) const OTEL_COLUMNS: &[Column] = &[
     ("status", SparkType::String, true),
 ];
 
+/// The legacy Agent Framework's `<model>_payload_request_logs` (derived from the payload table):
+/// it has every column of a legacy inference table, and more.
+pub(crate) const REQUEST_LOG_COLUMNS: &[Column] = &[
+    ("client_request_id", SparkType::String, true),
+    ("databricks_request_id", SparkType::String, false),
+    ("date", SparkType::Date, false),
+    ("timestamp_ms", SparkType::Bigint, false),
+    ("timestamp", SparkType::Timestamp, true),
+    ("status_code", SparkType::Int, false),
+    ("execution_time_ms", SparkType::Bigint, true),
+    ("conversation_id", SparkType::String, true),
+    ("request", SparkType::String, true),
+    ("response", SparkType::String, true),
+    ("request_raw", SparkType::String, true),
+    ("response_raw", SparkType::String, true),
+    ("trace", SparkType::String, true),
+    ("request_metadata", SparkType::MapStringString, true),
+    ("schema_version", SparkType::String, true),
+];
+
+/// The legacy Agent Framework's `<model>_payload_assessment_logs` (Review App feedback).
+pub(crate) const ASSESSMENT_LOG_COLUMNS: &[Column] = &[
+    ("request_id", SparkType::String, false),
+    ("step_id", SparkType::String, true),
+    ("source", SparkType::MapStringString, true),
+    ("timestamp", SparkType::Timestamp, true),
+    ("text_assessment", SparkType::String, true),
+    ("retrieval_assessment", SparkType::String, true),
+    ("schema_version", SparkType::String, true),
+];
+
 /// A table of the emulated schema.
 #[derive(Debug, Clone)]
 pub(crate) struct TableDef {
@@ -466,6 +497,25 @@ impl Layout {
             OTEL_COLUMNS,
             &mut rng,
         ));
+        // Older `databricks-agents` `deploy()` created two tables derived from the payload table
+        // of the agent (here the legacy-era `hr_helper`): not agents, their rows repeat the
+        // payload table's. Empty, and only in the unprefixed layout (as `legacy_bot_payload` is
+        // only in a prefixed one), so a prefixed listing keeps its tables.
+        if prefix.is_empty() && agents > 2 {
+            let base = agent_name(2);
+            tables.push(distractor(
+                format!("{base}_payload_request_logs"),
+                TableKind::Legacy,
+                REQUEST_LOG_COLUMNS,
+                &mut rng,
+            ));
+            tables.push(distractor(
+                format!("{base}_payload_assessment_logs"),
+                TableKind::Legacy,
+                ASSESSMENT_LOG_COLUMNS,
+                &mut rng,
+            ));
+        }
         if !prefix.is_empty() {
             tables.push(distractor(
                 "legacy_bot_payload".into(),
