@@ -1,6 +1,7 @@
 //! Faults a production connector meets, each injected for real over loopback sockets and each
 //! ending with the same check against the emulator's ground truth: every execution delivered,
-//! none twice, no panic. Sink faults come from the strict Akto stand-in's behaviors (or a closed
+//! none twice, no panic (none twice except where Akto's ingestion API, which has no idempotency
+//! key, cannot tell: a gateway's 504 after Akto stored a batch; those copies must be announced). Sink faults come from the strict Akto stand-in's behaviors (or a closed
 //! port), Databricks faults from the emulator's fault rules (crates/databricks-emulator/README.md).
 //!
 //! Every cycle uses a fresh connector on the same STATE_DIR, as a restarted process would.
@@ -204,6 +205,91 @@ async fn sink_down_longer_than_the_lookback_catches_up_from_the_cursor() {
     let caught_up = executions_in(&rig.standin.records()[before..]);
     assert_eq!(caught_up.len(), 40, "the 40 rows of the outage, once");
     assert_exactly_once(&rig);
+}
+
+/// A gateway in front of Akto (load balancer, ingress) that passes every request on, but answers
+/// the first `fail` of them with 504 whatever Akto answered: as one whose timeout is shorter than
+/// a slow Akto's answer. Akto stored those batches.
+async fn gateway_504_in_front_of(upstream: String, fail: usize) -> String {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(
+        move |method: Method, uri: Uri, headers: HeaderMap, body: Bytes| {
+            let (client, upstream, count) = (client.clone(), upstream.clone(), count.clone());
+            async move {
+                let url = format!("{}{}", upstream.trim_end_matches('/'), uri.path());
+                let mut req = client.request(method.clone(), url).body(body);
+                for name in ["authorization", "content-type"] {
+                    if let Some(v) = headers.get(name) {
+                        req = req.header(name, v.clone());
+                    }
+                }
+                let Ok(resp) = req.send().await else {
+                    return (StatusCode::BAD_GATEWAY, String::new());
+                };
+                let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+                let text = resp.text().await.unwrap_or_default();
+                let posted = method == Method::POST;
+                if posted && count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail {
+                    return (StatusCode::GATEWAY_TIMEOUT, "gateway timeout".to_string());
+                }
+                (status, text)
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    format!("http://{addr}")
+}
+
+/// A gateway answering 504 after Akto stored the batch: the batch is sent again (nothing is
+/// lost), and the records Akto now holds more than once are never more than the sink announced as
+/// maybe stored twice (a 504 may come after the upstream got the body). Not `assert_exactly_once`:
+/// Akto's ingestion API has no idempotency key, so these duplicates are announced, not avoided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_504_after_akto_stored_the_batch_is_announced() {
+    let rig = Rig::new(emulator_config()).await;
+    let gateway = gateway_504_in_front_of(rig.standin.url(), 2).await;
+    let mut announced = 0;
+    let mut done = false;
+    for _ in 0..4 {
+        let c = connector_with(&rig, &gateway, |_| {});
+        let r = cycle_of(&c).await;
+        if let databricks_shield::sink::AnySink::Http(h) = &c.sink {
+            announced += h.records_maybe_stored_twice();
+        }
+        if r.ok() {
+            done = true;
+            break;
+        }
+    }
+    assert!(done, "the connector did not recover behind the gateway");
+    let truth = rig.truth();
+    let got = rig.received_executions();
+    assert!(
+        truth.keys().all(|id| got.contains_key(id)),
+        "executions lost behind the gateway"
+    );
+    // Records Akto holds more than once (a record sent in two such requests may be there three
+    // times: it is one record announced).
+    let mut copies: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for r in rig.standin.records() {
+        *copies.entry(r.to_string()).or_default() += 1;
+    }
+    let twice = u64::try_from(copies.values().filter(|n| **n > 1).count()).unwrap();
+    assert!(
+        twice > 0,
+        "the gateway's 504s came after Akto stored the batch"
+    );
+    assert!(
+        twice <= announced,
+        "{twice} records stored more than once, {announced} announced"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

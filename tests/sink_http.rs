@@ -280,6 +280,14 @@ async fn persistent_5xx_gives_up_retriable_after_max_attempts() {
     assert!(msg.contains(&server.addr.to_string()), "{msg}");
     assert!(msg.contains("502"), "{msg}");
     assert_eq!(server.with(|g| g.bodies.len()), 3);
+    // A 502 comes from a gateway that may have passed the request on to Akto before failing:
+    // the records may be stored already, and the error says so.
+    assert!(msg.contains("gateway in front of the service"), "{msg}");
+    assert!(
+        msg.contains("2 of these records may already be stored"),
+        "{msg}"
+    );
+    assert_eq!(s.records_maybe_stored_twice(), 2);
 }
 
 #[tokio::test]
@@ -871,11 +879,13 @@ async fn standin_413_for_one_record_names_the_body_limit_to_raise() {
 }
 
 /// Akto answering 422 to every record of a batch, each sent alone (e.g. an Akto version that
-/// expects another record format): quarantining them all would hide it and move state past
-/// them. They stay pending and the error names the cause. A bad record among good ones, or the
-/// only record of a batch, is still refused.
+/// expects another record format, or one bad unit alone in its batch): the records are refused
+/// (quarantined by delivery: kept pending, a bad unit alone in its batch would block its source
+/// every cycle), and the outcome says the whole batch was refused, naming the code and the fix,
+/// so that the cycle is reported failed. A bad record among good ones, or the only record of a
+/// batch, is refused without that.
 #[tokio::test]
-async fn standin_422_for_every_record_of_a_batch_keeps_them_pending() {
+async fn standin_422_for_every_record_of_a_batch_quarantines_them_and_says_so() {
     let st = standin(None).await;
     let s = sink(standin_url(&st), None, fast_retry(3));
     let bad = |i: usize| {
@@ -884,26 +894,33 @@ async fn standin_422_for_every_record_of_a_batch_keeps_them_pending() {
         r
     };
     let records: Vec<_> = (0..4).map(bad).collect();
-    let err = s.deliver(&records).await.unwrap_err();
-    assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
-    assert!(!err.is_retriable(), "{err}");
-    assert_all_pending(&err);
-    let msg = err.to_string();
+    let out = s.deliver(&records).await.unwrap();
+    assert!(out.delivered.is_empty());
+    assert_eq!(out.all_indices(), vec![0, 1, 2, 3]);
+    assert!(out.rejected.iter().all(|(_, r)| r.contains("HTTP 422")));
+    let why = out
+        .whole_batch_refused
+        .as_deref()
+        .expect("every record refused: the outcome says so");
+    assert!(!why.contains('\n') && !why.contains("  "), "{why}");
     for part in [
         "HTTP 422",
-        "every one of the batch's 4 records",
+        "every record of a batch of 4",
         "each sent alone",
-        "stay pending",
+        "quarantine.jsonl",
+        "check its version and the record format",
+        "/api/ingestData",
     ] {
-        assert!(msg.contains(part), "{part:?} missing: {msg}");
+        assert!(why.contains(part), "{part:?} missing: {why}");
     }
     // Bisected down to single records before concluding (1 + 2 + 4 requests).
     assert_eq!(st.rejected_batches(), 7);
 
-    // The only record of a batch: refused (quarantined by delivery), as before.
+    // The only record of a batch: refused (quarantined by delivery), nothing more said.
     let out = s.deliver(&records[..1]).await.unwrap();
     assert_eq!(out.rejected.len(), 1);
     assert!(out.rejected[0].1.contains("422"), "{:?}", out.rejected);
+    assert_eq!(out.whole_batch_refused, None);
 
     // Bad records among a good one: each bad one refused, the good one delivered.
     let mixed = vec![bad(0), akto_record(1), bad(2)];
@@ -913,6 +930,7 @@ async fn standin_422_for_every_record_of_a_batch_keeps_them_pending() {
     rejected.sort_unstable();
     assert_eq!(rejected, vec![0, 2]);
     assert!(out.rejected.iter().all(|(_, r)| r.contains("422")));
+    assert_eq!(out.whole_batch_refused, None);
     assert_eq!(st.records(), values(&mixed, &[1]));
 }
 
@@ -1013,8 +1031,8 @@ async fn path_error_during_bisection_leaves_every_record_pending() {
     let err = s.deliver(&[record(0), record(1)]).await.unwrap_err();
     assert!(matches!(err, SinkError::Protocol { .. }), "{err:?}");
     assert!(err.to_string().contains("HTTP 407"), "{err}");
-    // Record 0's 422 is doubtful until the batch ends (had record 1 been refused alone with
-    // 422 too, the service refuses everything): it stays pending with record 1.
+    // Record 0's 422 is doubtful until the batch ends (the path may refuse every request):
+    // it stays pending with record 1.
     assert_all_pending(&err);
 }
 
@@ -1274,6 +1292,50 @@ async fn a_failed_delivery_whose_requests_may_be_stored_says_so() {
     assert_eq!(server.stored(2).await.len(), 2);
 }
 
+/// A gateway in front of Akto (a load balancer, an ingress) answering 504 gave up waiting on a
+/// slow Akto that may have stored the request all the same: the records are announced as maybe
+/// stored twice, with the advice on the gateway's own timeout. The group sent again is then split
+/// on 422 and one record refused: the WARN says "sent again", never "accepted".
+#[tokio::test]
+async fn a_gateway_timeout_is_announced_as_maybe_stored_twice() {
+    let server = Server::start().await;
+    server.with(|g| {
+        g.script.extend([
+            Answer::status(504),
+            Answer::status(422),
+            Answer::status(200),
+            Answer::status(422),
+        ])
+    });
+    let s = sink(server.url(), None, fast_retry(3));
+    let log = Captured::default();
+    let out = {
+        let _guard = log.start();
+        s.deliver(&[record(0), record(1)]).await.unwrap()
+    };
+    assert_eq!(out.delivered, vec![0]);
+    assert_eq!(out.rejected.len(), 1);
+    assert_eq!(s.records_maybe_stored_twice(), 2);
+    let text = log.text();
+    for part in [
+        "2 records may be stored twice",
+        "records=2",
+        "502/504 from a gateway in front of the service",
+        "were sent again;",
+        "AKTO_REQUEST_TIMEOUT_SECONDS",
+        "gateway in front of Akto",
+        "with a shorter timeout makes that useless",
+    ] {
+        assert!(text.contains(part), "{part:?} missing: {text}");
+    }
+    assert!(!text.contains("accepted;"), "{text}");
+    // A 503 (the service itself is unavailable) stored nothing.
+    let s = sink(server.url(), None, fast_retry(3));
+    server.with(|g| g.script.push_back(Answer::status(503)));
+    assert_eq!(s.deliver(&[record(2)]).await.unwrap().delivered, vec![0]);
+    assert_eq!(s.records_maybe_stored_twice(), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // An ingestion service whose certificate is signed by a private CA (or re-signed by a
 // TLS-inspecting proxy): trusted only with AKTO_CA_BUNDLE.
@@ -1319,6 +1381,25 @@ async fn a_service_signed_by_a_private_ca_needs_akto_ca_bundle() {
     );
     assert!(st.records().is_empty());
 
+    // The same bundle trusted because AKTO_CA_BUNDLE is unset and DATABRICKS_CA_BUNDLE is set:
+    // the advice names where the bundle came from, and AKTO_CA_BUNDLE as the fix.
+    let inherited = sink(url.clone(), None, fast_retry(3))
+        .with_ca_bundle_from(&other_pem, "DATABRICKS_CA_BUNDLE")
+        .unwrap();
+    let msg = inherited
+        .deliver(&[akto_record(0)])
+        .await
+        .unwrap_err()
+        .to_string();
+    for part in [
+        format!("DATABRICKS_CA_BUNDLE {}", other_pem.display()).as_str(),
+        "because AKTO_CA_BUNDLE is unset",
+        "set AKTO_CA_BUNDLE to the PEM file of the CA",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing: {msg}");
+    }
+    assert!(!msg.contains("of AKTO_CA_BUNDLE"), "{msg}");
+
     // With the CA that signed it: healthy and delivered.
     let ca_pem = dir.path().join("ca.pem");
     std::fs::write(&ca_pem, &front.ca_pem).unwrap();
@@ -1333,6 +1414,50 @@ async fn a_service_signed_by_a_private_ca_needs_akto_ca_bundle() {
     let out = trusted.deliver(&records).await.unwrap();
     assert_eq!(out.delivered, vec![0, 1, 2]);
     assert_eq!(st.records(), values(&records, &[0, 1, 2]));
+}
+
+/// A certificate the client refuses for another reason than its issuer (here: issued for other
+/// names) gets that reason's fix, not the advice to set AKTO_CA_BUNDLE, which changes nothing.
+#[tokio::test]
+async fn a_certificate_for_another_host_name_is_not_called_an_unknown_ca() {
+    let st = standin(None).await;
+    let front = tls::tls_front(&st.url()).await;
+    // The front's certificate names localhost and 127.0.0.1; a relay on 127.0.0.2 reaches it
+    // under a name it does not list.
+    let relay = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    let front_port = front.port;
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = relay.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut up) = tokio::net::TcpStream::connect(("127.0.0.1", front_port)).await
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca_pem = dir.path().join("ca.pem");
+    std::fs::write(&ca_pem, &front.ca_pem).unwrap();
+    let url = Url::parse(&format!("https://127.0.0.2:{relay_port}/")).unwrap();
+    let s = sink(url, None, fast_retry(3))
+        .with_ca_bundle(&ca_pem)
+        .unwrap();
+    let err = s.deliver(&[akto_record(0)]).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("certificate"), "{msg}");
+    assert!(
+        msg.contains("not issued for the host name in DATA_INGESTION_SERVICE_URL"),
+        "{msg}"
+    );
+    assert!(!msg.contains("set AKTO_CA_BUNDLE"), "{msg}");
+    let err = s.healthcheck().await.unwrap_err();
+    assert!(
+        err.to_string().contains("not issued for the host name"),
+        "{err}"
+    );
+    assert!(st.records().is_empty());
 }
 
 #[test]
@@ -1362,4 +1487,24 @@ fn an_unusable_akto_ca_bundle_is_a_config_error_naming_it() {
         msg.contains("AKTO_CA_BUNDLE") && msg.contains("no PEM certificate"),
         "{msg}"
     );
+    // A bundle the sink trusts because AKTO_CA_BUNDLE is unset: the error names its setting.
+    let err = sink(
+        Url::parse("https://akto.example/").unwrap(),
+        None,
+        fast_retry(1),
+    )
+    .with_ca_bundle_from(&missing, "SSL_CERT_FILE")
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SinkError::Config {
+                field: "SSL_CERT_FILE",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("because AKTO_CA_BUNDLE is unset"), "{msg}");
 }

@@ -583,3 +583,86 @@ async fn scram_logins_deliver_and_a_wrong_scram_password_is_refused() {
     let stored = consume_all_as(&brokers, topic, 1, &login).await;
     assert_eq!(stored.len(), 2, "one record per mechanism");
 }
+
+/// Shutdown with records the broker never took: `flush_within` returns within its bound after
+/// purging them (queued for a broker that is gone, or in flight to one that stopped answering),
+/// and the runtime then shuts down without a thread of the producer holding it. Before, the
+/// shutdown flush waited the whole delivery time-out (120 s by default) on the blocking pool,
+/// which the runtime's drop then waited for: past the 300 s an orchestrator gives a process.
+///
+/// The whole shutdown runs on its own thread; a generous wait for it is the failure signal.
+fn shutdown_with_undelivered_records(freeze: bool) {
+    let Some(mut broker) = start_broker() else {
+        return;
+    };
+    let brokers = broker.brokers();
+    let topic = "akto.api.logs";
+    let (tx, rx) = std::sync::mpsc::channel();
+    let shutdown = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (sink, flushed) = rt.block_on(async {
+            create_topic(&brokers, topic, 1).await;
+            // The default delivery time-out: 120 s.
+            let sink =
+                AnySink::Kafka(KafkaSink::new(KafkaSinkConfig::new(&brokers, topic)).unwrap());
+            sink.healthcheck().await.expect("healthcheck");
+            let first: Vec<OutRecord> = (0..5).map(|i| record(i, 50)).collect();
+            assert_eq!(sink.deliver(&first).await.unwrap().delivered.len(), 5);
+            let before = progress(&brokers, topic, 1);
+            let records: Vec<OutRecord> = (5..20_005).map(|i| record(i, 1000)).collect();
+            let mut deliver = Box::pin(sink.deliver(&records));
+            if freeze {
+                // Frozen once part of the batch is stored: the rest is queued or in flight.
+                tokio::select! {
+                    res = &mut deliver => panic!("delivered before the freeze: {res:?}"),
+                    _ = async {
+                        while progress(&brokers, topic, 1) <= before {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    } => {}
+                }
+                broker.signal("STOP");
+            } else {
+                broker.kill();
+                // The batch is queued for a broker that is gone.
+                let res = tokio::time::timeout(Duration::from_millis(300), &mut deliver).await;
+                assert!(
+                    res.is_err(),
+                    "a delivery to a stopped broker ended: {res:?}"
+                );
+            }
+            // The run stage abandons the batch in flight at shutdown.
+            drop(deliver);
+            let flushed = sink.flush_within(Duration::from_millis(500)).await;
+            (sink, flushed)
+        });
+        // Dropping the sink joins the producer's threads: off the runtime, as at exit.
+        std::thread::spawn(move || drop(sink));
+        drop(rt);
+        let _ = tx.send(flushed.map_err(|e| e.to_string()));
+        broker
+    });
+    let flushed = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the shutdown flush and the runtime's shutdown did not end");
+    let broker = shutdown.join().unwrap();
+    broker.signal("CONT");
+    let msg = flushed.expect_err("records never delivered cannot flush");
+    assert!(msg.contains("purged"), "{msg}");
+    assert!(msg.contains("stay pending"), "{msg}");
+    eprintln!("{msg}");
+}
+
+#[test]
+fn flush_within_purges_records_queued_for_a_stopped_broker() {
+    shutdown_with_undelivered_records(false);
+}
+
+#[test]
+fn flush_within_purges_records_in_flight_to_a_frozen_broker() {
+    shutdown_with_undelivered_records(true);
+}

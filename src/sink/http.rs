@@ -5,22 +5,32 @@
 //! - 200 means every record was taken;
 //! - 408/429/5xx and connection failures (timeouts included) are retried with capped, jittered
 //!   backoff (honouring `Retry-After`). A request that timed out or lost its connection after
-//!   it was sent may have been stored by the service all the same (Akto has no idempotency
-//!   key): its records are counted and announced in a WARN ("N records may be stored twice")
-//!   and in the delivery error, never silently;
+//!   it was sent, or got a 502/504 from a gateway in front of Akto (which may have passed it on
+//!   before giving up), may have been stored by the service all the same (Akto has no
+//!   idempotency key): its records are counted and announced in a WARN ("N records may be
+//!   stored twice") and in the delivery error, never silently;
 //! - 422 is how Akto refuses a bad record (`actionErrors`): the batch is bisected so only the
 //!   bad record(s) are rejected (and quarantined by the caller);
 //! - 400, 403 and 413 may come from Akto or from something in between (an ingress, a WAF
 //!   refusing a payload that looks like an attack, a proxy with a smaller body limit): the batch
 //!   is bisected too;
-//! - when every record of a batch ends up refused alone with the same status (400/403/413; 422
-//!   for a batch of two or more records), the requests are refused, not the records: a delivery
-//!   error that keeps them all pending for the next cycle instead of quarantining everything;
+//! - when every record of a batch ends up refused alone with the same status 400, 403 or 413,
+//!   the requests are refused, not the records (most often a WAF or ingress in between): a
+//!   delivery error that keeps them all pending for the next cycle instead of quarantining
+//!   everything;
+//! - when Akto refuses every record of a batch of two or more with 422, each alone, they are
+//!   quarantined like any refused record (kept pending, one bad unit alone in its batch would
+//!   stop its source for good), and [`BatchOutcome::whole_batch_refused`] says so: the caller
+//!   reports the cycle as failed;
 //! - any other 4xx (407, 411, 415, 431, ...) says the same at once; 401 means the JWT is wrong
 //!   and 404/405/3xx a wrong URL. No retry fixes those, and no record is rejected for them.
 //!
 //! TLS is always verified: against the webpki roots, plus the certificates of a PEM bundle given
-//! with [`HttpSink::with_ca_bundle`] (`AKTO_CA_BUNDLE`: a private CA or a TLS-inspecting proxy).
+//! with [`HttpSink::with_ca_bundle`] (`AKTO_CA_BUNDLE`: a private CA or a TLS-inspecting proxy)
+//! or [`HttpSink::with_ca_bundle_from`] (the same from another setting, e.g. the workspace's
+//! `DATABRICKS_CA_BUNDLE`). A certificate error names its cause: only an unknown issuer gets the
+//! advice to give the CA's bundle; an expired certificate, one for another name, or a demand for
+//! a client certificate get their own fix.
 //!
 //! A request may take [`HttpSinkConfig::timeout`] (`AKTO_REQUEST_TIMEOUT_SECONDS`) plus one
 //! second per [`UPLOAD_FLOOR_BYTES_PER_SEC`] bytes of its body, so a 10 MiB body has time to
@@ -110,10 +120,12 @@ pub struct HttpSink {
     /// Base timeout of one request (see [`HttpSink::request_timeout`]).
     timeout: Duration,
     retry: RetryPolicy,
-    /// `AKTO_CA_BUNDLE`, when its certificates are trusted too (for messages).
-    ca_bundle: Option<PathBuf>,
-    /// Records sent in a request that timed out or lost its connection after it was sent, and
-    /// were sent again: the service may hold them twice. Since the sink was built.
+    /// The PEM bundle whose certificates are trusted too, and the setting it came from (e.g.
+    /// `AKTO_CA_BUNDLE`), for messages.
+    ca_bundle: Option<(PathBuf, &'static str)>,
+    /// Records sent in a request that timed out, lost its connection after it was sent or got a
+    /// gateway's 502/504, and were sent again: the service may hold them twice. Since the sink
+    /// was built.
     maybe_stored_twice: AtomicU64,
 }
 
@@ -152,8 +164,8 @@ enum Reply {
     Transient {
         reason: String,
         retry_after: Option<Duration>,
-        /// The request was sent (it timed out or lost its connection afterwards): the service
-        /// may have stored it.
+        /// The request was sent (it timed out or lost its connection afterwards, or a gateway
+        /// in front of the service answered 502/504): the service may have stored it.
         maybe_stored: bool,
     },
 }
@@ -216,29 +228,50 @@ impl HttpSink {
     /// Also trusts the CA certificates of the PEM bundle at `path` (`AKTO_CA_BUNDLE`: the CA of a
     /// private ingestion endpoint or of a TLS-inspecting proxy), besides the webpki roots.
     /// Certificates are always verified. Errors name `AKTO_CA_BUNDLE`, the file and the fix.
-    pub fn with_ca_bundle(mut self, path: impl AsRef<Path>) -> Result<HttpSink, SinkError> {
+    pub fn with_ca_bundle(self, path: impl AsRef<Path>) -> Result<HttpSink, SinkError> {
+        self.with_ca_bundle_from(path, "AKTO_CA_BUNDLE")
+    }
+
+    /// [`Self::with_ca_bundle`] for a bundle given by `setting` (e.g. `DATABRICKS_CA_BUNDLE` or
+    /// `SSL_CERT_FILE` when `AKTO_CA_BUNDLE` is unset and the sink trusts the workspace's bundle):
+    /// errors and certificate advice name that setting, and say that `AKTO_CA_BUNDLE` gives the
+    /// sink a bundle of its own.
+    pub fn with_ca_bundle_from(
+        mut self,
+        path: impl AsRef<Path>,
+        setting: &'static str,
+    ) -> Result<HttpSink, SinkError> {
         let path = path.as_ref();
+        let fix = if setting == "AKTO_CA_BUNDLE" {
+            String::new()
+        } else {
+            format!(
+                " (the ingestion sink trusts {setting} because AKTO_CA_BUNDLE is unset; set \
+                 AKTO_CA_BUNDLE to give it a bundle of its own)"
+            )
+        };
         let pem = std::fs::read(path).map_err(|e| SinkError::Config {
-            field: "AKTO_CA_BUNDLE",
+            field: setting,
             message: format!(
-                "{} cannot be read ({e}); set AKTO_CA_BUNDLE to a readable PEM file of the CA \
-                 that signed the ingestion service's certificate",
+                "{} cannot be read ({e}); set {setting} to a readable PEM file of the CA that \
+                 signed the ingestion service's certificate{fix}",
                 path.display()
             ),
         })?;
         let certs =
             crate::databricks::parse_ca_bundle(&pem).map_err(|detail| SinkError::Config {
-                field: "AKTO_CA_BUNDLE",
-                message: format!("{}: {detail}", path.display()),
+                field: setting,
+                message: format!("{}: {detail}{fix}", path.display()),
             })?;
         self.client = build_client(self.timeout, certs)?;
-        self.ca_bundle = Some(path.to_path_buf());
+        self.ca_bundle = Some((path.to_path_buf(), setting));
         Ok(self)
     }
 
-    /// Records sent in a request that timed out or lost its connection after it was sent and
-    /// that were sent again, since this sink was built: the ingestion service may hold them
-    /// twice (each such delivery is announced in a WARN, `records=N`).
+    /// Records sent in a request that timed out, lost its connection after it was sent or got a
+    /// 502/504 from a gateway in front of the service, and that were sent again, since this sink
+    /// was built: the ingestion service may hold them twice (each such delivery is announced in
+    /// a WARN, `records=N`).
     pub fn records_maybe_stored_twice(&self) -> u64 {
         self.maybe_stored_twice.load(Ordering::Relaxed)
     }
@@ -321,7 +354,7 @@ impl HttpSink {
         let resp = req.send().await.map_err(|e| {
             let mut message = unreachable_message(&shown_health, &e);
             if is_certificate_error(&message) {
-                message = format!("{message}; {}", self.certificate_hint());
+                message = format!("{message}; {}", self.certificate_hint(&message));
             }
             SinkError::retriable(message)
         })?;
@@ -369,13 +402,14 @@ impl HttpSink {
     ///
     /// Records that alone exceed Akto's 10 MiB body limit are rejected without sending; the
     /// rest go out in as few requests as the body limit allows, bisected on 422/400/403/413
-    /// answers. A record refused alone is rejected only when the batch did not end with every
-    /// sent record refused alone with that same status (for 422: in a batch of two or more
-    /// records): then the service, or the path between the connector and Akto, refuses the
-    /// requests rather than the records, and the result is a [`SinkError::Protocol`] that keeps
-    /// them all pending. Records of a request that timed out or lost its connection after it
-    /// was sent are counted (WARN, [`Self::records_maybe_stored_twice`]): they may be stored
-    /// twice.
+    /// answers. A record refused alone is rejected, unless every sent record of the batch was
+    /// refused alone with the same 400, 403 or 413: then the path between the connector and
+    /// Akto (or the service) refuses the requests rather than the records, and the result is a
+    /// [`SinkError::Protocol`] that keeps them all pending. When Akto refused every record of a
+    /// batch of two or more with 422, they are rejected and
+    /// [`BatchOutcome::whole_batch_refused`] says so. Records of a request that timed out or
+    /// lost its connection after it was sent are counted (WARN,
+    /// [`Self::records_maybe_stored_twice`]): they may be stored twice.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
         let mut maybe_stored = vec![false; batch.len()];
         let result = self.deliver_counted(batch, &mut maybe_stored).await;
@@ -385,8 +419,9 @@ impl HttpSink {
         }
         self.maybe_stored_twice
             .fetch_add(u64::try_from(count).unwrap_or(u64::MAX), Ordering::Relaxed);
+        // Not "accepted": a group sent again may have been split on 422 and partly refused.
         let sent_again = if result.is_ok() {
-            "were sent again and accepted"
+            "were sent again"
         } else {
             "stay pending and are sent again"
         };
@@ -394,9 +429,12 @@ impl HttpSink {
             sink = "http",
             records = count,
             "{count} records may be stored twice by the Akto ingestion service at {}: a request \
-             holding them timed out or lost its connection after it was sent (the service may \
-             have stored it all the same) and they {sent_again}; Akto's ingestion API has no \
-             idempotency key. If this repeats, raise AKTO_REQUEST_TIMEOUT_SECONDS",
+             holding them timed out, lost its connection after it was sent, or got HTTP 502/504 \
+             from a gateway in front of the service (the service may have stored it all the \
+             same) and they {sent_again}; Akto's ingestion API has no idempotency key. If this \
+             repeats, raise AKTO_REQUEST_TIMEOUT_SECONDS; a gateway in front of Akto (load \
+             balancer, ingress) with a shorter timeout makes that useless: raise the gateway's \
+             timeout too (e.g. an ingress' proxy-read-timeout)",
             self.shown_url
         );
         result.map_err(|e| {
@@ -404,8 +442,9 @@ impl HttpSink {
                 e,
                 &format!(
                     "; {count} of these records may already be stored by the service (a request \
-                     holding them timed out or lost its connection after it was sent) and are \
-                     sent again: Akto may hold them twice"
+                     holding them timed out, lost its connection after it was sent, or got HTTP \
+                     502/504 from a gateway in front of it) and are sent again: Akto may hold \
+                     them twice"
                 ),
             )
         })
@@ -473,9 +512,9 @@ impl HttpSink {
             let all_alike =
                 doubtful.len() == sendable.len() && doubtful.iter().all(|(_, s, _)| s == status);
             if all_alike && *status == StatusCode::UNPROCESSABLE_ENTITY && doubtful.len() >= 2 {
-                return Err(self
-                    .refused_all_error(body, doubtful.len())
-                    .with_progress(Vec::new(), out.rejected));
+                // Quarantined like any refused record (kept pending, one bad unit alone in its
+                // batch would stop its source for good), but said: the caller fails the cycle.
+                out.whole_batch_refused = Some(self.refused_all_reason(body, doubtful.len()));
             }
             if all_alike && *status != StatusCode::UNPROCESSABLE_ENTITY {
                 let what = if doubtful.len() == 1 {
@@ -526,20 +565,18 @@ impl HttpSink {
         Ok(out)
     }
 
-    /// The error for a batch of two or more records Akto refused with 422 one by one: a bad
-    /// record is refused among good ones; all of them refused says the service does not take
-    /// this connector's records at all. The records stay pending.
-    fn refused_all_error(&self, body: &str, records: usize) -> SinkError {
-        SinkError::protocol(format!(
-            "No data appearing: the Akto ingestion service at {} refused every one of the \
-             batch's {records} records with HTTP 422, each sent alone ({body}). Akto refuses a \
-             bad record with 422 while taking the others; refusing all of them says the service \
-             does not take this connector's records at all (e.g. an Akto version expecting \
-             another record format, or a validation rule of the account): check the ingestion \
-             service's logs and version and DATA_INGESTION_SERVICE_URL; the records stay pending \
-             (not quarantined) and are sent again next cycle",
+    /// The one-line reason of [`BatchOutcome::whole_batch_refused`] for a batch of two or more
+    /// records Akto refused with 422, each sent alone: a bad record is refused among good ones;
+    /// all of them refused may say the service does not take this connector's records at all.
+    fn refused_all_reason(&self, body: &str, records: usize) -> String {
+        format!(
+            "Akto refused every record of a batch of {records} with HTTP 422, each sent alone \
+             (the Akto ingestion service at {}: {body}): they are in STATE_DIR/quarantine.jsonl; \
+             if Akto refuses every record, check its version and the record format (an Akto \
+             version expecting another format, a validation rule of the account) and the \
+             ingestion service's logs",
             self.shown_url
-        ))
+        )
     }
 
     /// The error for a 4xx that refuses requests rather than records: what answered, and where
@@ -649,19 +686,58 @@ impl HttpSink {
         }
     }
 
-    /// What to do about a certificate the client does not trust.
-    fn certificate_hint(&self) -> String {
-        match &self.ca_bundle {
-            None => "the service's TLS certificate is not trusted: when it is signed by a \
-                     private CA or a TLS-inspecting proxy re-signs it, set AKTO_CA_BUNDLE to the \
-                     PEM file of that CA (TLS is always verified)"
+    /// What to do about the certificate error `reason` (as [`error_chain`] words it): the CA's
+    /// bundle only for an unknown issuer, the certificate's own fix otherwise.
+    fn certificate_hint(&self, reason: &str) -> String {
+        match certificate_problem(reason) {
+            CertProblem::UnknownIssuer => match &self.ca_bundle {
+                None => "the service's TLS certificate is not trusted (not signed by a CA \
+                         trusted here): when it is signed by a private CA or a TLS-inspecting \
+                         proxy re-signs it, set AKTO_CA_BUNDLE to the PEM file of that CA (TLS is \
+                         always verified)"
+                    .to_string(),
+                Some((path, "AKTO_CA_BUNDLE")) => format!(
+                    "the service's TLS certificate is not trusted (not signed by a CA trusted \
+                     here), also not with the CA certificates of AKTO_CA_BUNDLE {}: set \
+                     AKTO_CA_BUNDLE to the PEM file of the CA that signed it (TLS is always \
+                     verified)",
+                    path.display()
+                ),
+                Some((path, setting)) => format!(
+                    "the service's TLS certificate is not trusted (not signed by a CA trusted \
+                     here), also not with the CA certificates of {setting} {}, which the \
+                     ingestion sink trusts because AKTO_CA_BUNDLE is unset: set AKTO_CA_BUNDLE \
+                     to the PEM file of the CA that signed the ingestion service's certificate \
+                     (TLS is always verified)",
+                    path.display()
+                ),
+            },
+            CertProblem::Expired => "the service's TLS certificate has expired (or this host's \
+                                     clock is wrong): renew the ingestion service's certificate, \
+                                     or set the clock right (NTP); no CA bundle changes that"
                 .to_string(),
-            Some(path) => format!(
-                "the service's TLS certificate is not trusted, also not with the CA \
-                 certificates of AKTO_CA_BUNDLE {}: set AKTO_CA_BUNDLE to the PEM file of the CA \
-                 that signed it (TLS is always verified)",
-                path.display()
-            ),
+            CertProblem::NotValidYet => "the service's TLS certificate is not valid yet: set this \
+                                         host's clock right (NTP), or check the certificate's \
+                                         start date"
+                .to_string(),
+            CertProblem::WrongName => "the service's TLS certificate is not issued for the host \
+                                       name in DATA_INGESTION_SERVICE_URL: use a name the \
+                                       certificate lists, or have the ingestion service's \
+                                       certificate issued for this name; no CA bundle changes \
+                                       that"
+                .to_string(),
+            CertProblem::ClientCertificateWanted => "the service, or a proxy in front of it, asks \
+                                                     for a client certificate (mutual TLS), which \
+                                                     this connector does not send: let it connect \
+                                                     without one"
+                .to_string(),
+            CertProblem::Revoked => "the service's TLS certificate has been revoked: the \
+                                     ingestion service needs a new certificate"
+                .to_string(),
+            CertProblem::Other => "the service's TLS certificate was refused for the reason \
+                                   above: fix the ingestion service's certificate (TLS is always \
+                                   verified)"
+                .to_string(),
         }
     }
 
@@ -693,7 +769,7 @@ impl HttpSink {
                         "No data appearing: delivery to the Akto ingestion service at {} failed \
                          ({reason}); {}; the records stay pending and are retried next cycle",
                         self.shown_url,
-                        self.certificate_hint()
+                        self.certificate_hint(&reason)
                     )));
                 }
                 return Ok(Reply::Transient {
@@ -743,10 +819,22 @@ impl HttpSink {
             || status == StatusCode::TOO_MANY_REQUESTS
             || status.is_server_error()
         {
+            // A 502/504 comes from a gateway in front of Akto (a load balancer, an ingress) that
+            // gave up on it: a slow Akto may have stored the request all the same.
+            let gateway =
+                status == StatusCode::BAD_GATEWAY || status == StatusCode::GATEWAY_TIMEOUT;
+            let reason = if gateway {
+                format!(
+                    "HTTP {status} from a gateway in front of the service, which may have passed \
+                     the request on (a gateway timeout: the service may have stored it): {body}"
+                )
+            } else {
+                format!("HTTP {status}: {body}")
+            };
             return Ok(Reply::Transient {
-                reason: format!("HTTP {status}: {body}"),
+                reason,
                 retry_after,
-                maybe_stored: false,
+                maybe_stored: gateway,
             });
         }
         if status == StatusCode::UNPROCESSABLE_ENTITY
@@ -835,6 +923,49 @@ fn build_client(
             field: "DATA_INGESTION_SERVICE_URL",
             message: format!("could not build the HTTP client: {}", error_chain(&e)),
         })
+}
+
+/// What is wrong with a certificate, as far as the TLS error (rustls' words) says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CertProblem {
+    /// Signed by a CA not trusted here (or by another CA of the same name: a bad signature).
+    UnknownIssuer,
+    Expired,
+    NotValidYet,
+    /// Issued for other host names.
+    WrongName,
+    /// The server asked for a client certificate (a TLS alert).
+    ClientCertificateWanted,
+    Revoked,
+    Other,
+}
+
+/// Sorts a certificate error by rustls' words (`invalid peer certificate: UnknownIssuer`,
+/// `certificate expired: ...`, `certificate not valid for name ...`, `received fatal alert:
+/// CertificateRequired`, ...).
+fn certificate_problem(reason: &str) -> CertProblem {
+    let lower = reason.to_ascii_lowercase();
+    let has = |words: &[&str]| words.iter().any(|w| lower.contains(w));
+    if has(&[
+        "unknownissuer",
+        "unknown issuer",
+        "badsignature",
+        "bad signature",
+    ]) {
+        CertProblem::UnknownIssuer
+    } else if has(&["notvalidforname", "not valid for name"]) {
+        CertProblem::WrongName
+    } else if has(&["notvalidyet", "not valid yet"]) {
+        CertProblem::NotValidYet
+    } else if has(&["expired"]) {
+        CertProblem::Expired
+    } else if has(&["certificaterequired", "certificate required"]) {
+        CertProblem::ClientCertificateWanted
+    } else if has(&["revoked"]) {
+        CertProblem::Revoked
+    } else {
+        CertProblem::Other
+    }
 }
 
 /// Whether an error (as [`error_chain`] words it) says the server's certificate is not trusted.
@@ -1076,6 +1207,66 @@ mod tests {
             sink(Duration::ZERO).request_timeout(0),
             DEFAULT_REQUEST_TIMEOUT
         );
+    }
+
+    #[test]
+    fn certificate_errors_are_sorted_by_rustls_words() {
+        use CertProblem::*;
+        for (reason, want) in [
+            ("invalid peer certificate: UnknownIssuer", UnknownIssuer),
+            ("invalid peer certificate: BadSignature", UnknownIssuer),
+            (
+                "invalid peer certificate: certificate expired: verification time 1 (UNIX), but \
+                 certificate is not valid after 0 (1 seconds ago)",
+                Expired,
+            ),
+            ("invalid peer certificate: Expired", Expired),
+            (
+                "invalid peer certificate: certificate not valid yet: verification time 0",
+                NotValidYet,
+            ),
+            (
+                "invalid peer certificate: certificate not valid for name \"a\"; certificate is \
+                 only valid for b",
+                WrongName,
+            ),
+            ("invalid peer certificate: NotValidForName", WrongName),
+            (
+                "received fatal alert: CertificateRequired",
+                ClientCertificateWanted,
+            ),
+            ("invalid peer certificate: Revoked", Revoked),
+            (
+                "invalid peer certificate: UnhandledCriticalExtension",
+                Other,
+            ),
+        ] {
+            assert_eq!(certificate_problem(reason), want, "{reason}");
+            assert!(is_certificate_error(reason), "{reason}");
+        }
+        let s =
+            HttpSink::new(HttpSinkConfig::new(Url::parse("https://h/").unwrap(), None)).unwrap();
+        // Only an unknown issuer is told to give a CA bundle.
+        assert!(s
+            .certificate_hint("invalid peer certificate: UnknownIssuer")
+            .contains("set AKTO_CA_BUNDLE"));
+        for reason in [
+            "invalid peer certificate: Expired",
+            "invalid peer certificate: NotValidForName",
+            "received fatal alert: CertificateRequired",
+            "invalid peer certificate: Revoked",
+            "invalid peer certificate: UnhandledCriticalExtension",
+        ] {
+            let hint = s.certificate_hint(reason);
+            assert!(!hint.contains("AKTO_CA_BUNDLE"), "{reason}: {hint}");
+            assert!(!hint.contains("  "), "{hint}");
+        }
+        assert!(s
+            .certificate_hint("invalid peer certificate: Expired")
+            .contains("renew the ingestion service's certificate"));
+        assert!(s
+            .certificate_hint("received fatal alert: CertificateRequired")
+            .contains("client certificate"));
     }
 
     #[test]

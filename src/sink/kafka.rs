@@ -14,8 +14,10 @@
 //! error that says the broker no longer accepts the producer's session, the producer is replaced.
 //!
 //! A record the broker refuses for what it is is tried alone once, then rejected (quarantined by
-//! the caller); but when every record of a batch of two or more is refused alone, the topic or
-//! broker refuses them all (a policy, schema validation), and the call fails with them pending.
+//! the caller); when every record of a batch of two or more is refused alone, the topic or
+//! broker may refuse them all (a policy, schema validation): they are rejected all the same (kept
+//! pending, one bad unit alone in its batch would stop its source for good) and the outcome's
+//! `whole_batch_refused` says so, so that the caller reports the cycle as failed.
 //!
 //! Architecture Invariant: the SASL password is only ever handed to librdkafka; it never appears
 //! in Debug output, logs or errors (rdkafka's own `ClientConfig` Debug would print it, so this
@@ -34,7 +36,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use secrecy::{ExposeSecret, SecretString};
 
 use super::{BatchOutcome, OutRecord, SinkError, MAX_BODY_BYTES};
@@ -57,6 +61,8 @@ pub const DEFAULT_KAFKA_MESSAGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Upper bound on the time-out of one request to a broker (`request.timeout.ms`,
 /// `socket.timeout.ms`): a quarter of the message time-out, at most this.
 const MAX_KAFKA_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`KafkaSink::flush_within`] waits past its bound for the purge to end.
+const FLUSH_PURGE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Settings of the [`KafkaSink`]. Debug output redacts the password.
 #[derive(Debug, Clone)]
@@ -512,8 +518,8 @@ impl KafkaSink {
     /// together) and then reported rejected, with the error code as the reason. Records the
     /// broker refused only because another record of their request was invalid are sent again
     /// without it (see [`settle`]). When the batch holds two or more records and the broker
-    /// refused every one of them alone (those within the producer's own limit), none is
-    /// rejected: a [`SinkError::Protocol`] naming the refusal keeps them pending.
+    /// refused every one of them alone (those within the producer's own limit), they are
+    /// rejected too and [`BatchOutcome::whole_batch_refused`] names the refusal and the fix.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
         let producer = self.producer()?;
         self.clear_last_error();
@@ -523,7 +529,7 @@ impl KafkaSink {
         let settled = settle(first, |indices| self.send_all(&producer, batch, indices)).await;
         let fatal_restart = self.reset_if_fatal(&producer);
         let Tally {
-            out,
+            mut out,
             first_failure,
             state_failure,
             timed_out,
@@ -531,9 +537,7 @@ impl KafkaSink {
             all_refused,
         } = tally(settled, batch, producer_limit(&self.config));
         if let Some((e, refused)) = all_refused {
-            return Err(self
-                .refused_all_error(&e, refused)
-                .with_progress(out.delivered, out.rejected));
+            out.whole_batch_refused = Some(self.refused_all_reason(&e, refused));
         }
         if !out.delivered.is_empty() {
             self.set_auth_failure(None);
@@ -594,6 +598,56 @@ impl KafkaSink {
             .await
             .map_err(|e| SinkError::retriable(format!("Kafka flush task failed: {e}")))?;
         res.map_err(|e| self.failure(&e, "flush"))
+    }
+
+    /// [`Self::flush`] bounded by `within`, for shutdown: waits up to `within` for the queued and
+    /// in-flight records, then purges what is left (librdkafka's queue and in-flight requests),
+    /// so that the producer holds no record and no thread of it waits any longer. A purged
+    /// record was never reported delivered: it stays pending and goes out again at the next
+    /// start (one that was in flight may already be in the topic, so it may be stored twice).
+    ///
+    /// The wait runs on a thread of its own, not tokio's blocking pool, so that even a
+    /// librdkafka call that overruns never holds the runtime's shutdown; the call itself
+    /// returns at most about two seconds after `within`.
+    pub async fn flush_within(&self, within: Duration) -> Result<(), SinkError> {
+        let producer = self.producer()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("kafka-flush".into())
+            .spawn(move || {
+                let flushed = producer.flush(within);
+                let left = if flushed.is_err() {
+                    let left = producer.in_flight_count();
+                    producer.purge(PurgeConfig::default().queue().inflight());
+                    left
+                } else {
+                    0
+                };
+                let _ = tx.send((flushed, left));
+            })
+            .map_err(|e| SinkError::retriable(format!("cannot start the Kafka flush: {e}")))?;
+        // The flush ends at `within` and a purge takes moments; the margin only guards against
+        // a librdkafka call that overruns.
+        let answer = tokio::time::timeout(within.saturating_add(FLUSH_PURGE_MARGIN), rx).await;
+        match answer {
+            Ok(Ok((Ok(()), _))) => Ok(()),
+            Ok(Ok((Err(e), left))) => Err(self.failure_with(
+                &e,
+                "flush at shutdown",
+                &format!(
+                    "; {left} records were still queued or in flight after {within:?} and were \
+                     purged: they were never reported delivered, so they stay pending and are \
+                     sent at the next start (those already in flight may be stored twice)"
+                ),
+            )),
+            Ok(Err(_)) => Err(SinkError::retriable(
+                "the Kafka flush at shutdown ended without an answer",
+            )),
+            Err(_) => Err(SinkError::retriable(format!(
+                "the Kafka flush at shutdown did not end within {within:?} and its purge; \
+                 records not reported delivered stay pending and are sent at the next start"
+            ))),
+        }
     }
 
     /// Enqueues `indices` of `batch` and awaits their delivery reports; `None` = unknown.
@@ -700,22 +754,21 @@ impl KafkaSink {
         Ok(())
     }
 
-    /// The error for a batch whose every record the broker refused, each also alone: a topic or
-    /// broker policy, not bad records. The records stay pending.
-    fn refused_all_error(&self, e: &KafkaError, records: usize) -> SinkError {
+    /// The one-line reason of [`BatchOutcome::whole_batch_refused`] for a batch whose every
+    /// record the broker refused, each also alone: more likely a topic or broker policy than bad
+    /// records.
+    fn refused_all_reason(&self, e: &KafkaError, records: usize) -> String {
         let code = kafka_code(e)
             .map(|c| format!("{c:?}: {c}"))
             .unwrap_or_else(|| e.to_string());
-        SinkError::protocol(format!(
-            "No data appearing: the Kafka broker(s) {} refused every one of the batch's \
-             {records} records for topic {}, each also when sent alone ({code}). A bad record is \
-             refused among good ones; all of them refused says the topic or broker does not take \
-             this connector's records at all (e.g. a topic policy or broker-side schema \
-             validation such as confluent.value.schema.validation, or a message size limit below \
-             KAFKA_MAX_MESSAGE_BYTES): fix the topic's configuration or KAFKA_TOPIC; the records \
-             stay pending (not quarantined) and are sent again next cycle",
+        format!(
+            "the Kafka broker(s) {} refused every record of a batch of {records} for topic {}, \
+             each also when sent alone ({code}): they are in STATE_DIR/quarantine.jsonl; if the \
+             topic refuses every record, check its configuration (a topic policy, broker-side \
+             schema validation such as confluent.value.schema.validation, a message size limit \
+             below KAFKA_MAX_MESSAGE_BYTES) and AKTO_KAFKA_TOPIC_NAME",
             self.config.brokers, self.config.topic
-        ))
+        )
     }
 
     fn failure(&self, e: &KafkaError, what: &str) -> SinkError {
@@ -1062,9 +1115,9 @@ struct Tally {
     /// Failed records the broker may have stored nevertheless.
     maybe_stored: usize,
     /// Set when the batch held two or more records and the broker refused every one of them
-    /// (those within the producer's own limit), each also when sent alone: a topic or broker
-    /// policy refuses them all, not a bad record. They stay pending (not in `out.rejected`);
-    /// the first refusal and how many records it covers.
+    /// (those within the producer's own limit), each also when sent alone: perhaps a topic or
+    /// broker policy refusing them all rather than bad records. They are in `out.rejected`; the
+    /// first refusal and how many records it covers.
     all_refused: Option<(KafkaError, usize)>,
 }
 
@@ -1129,14 +1182,11 @@ fn tally(settled: Settled, batch: &[OutRecord], own_limit: usize) -> Tally {
     if t.first_failure.is_none() {
         t.first_failure = weak_failure;
     }
-    // Every record the broker could take refused, in a batch of two or more: the topic (a
-    // policy, schema validation) refuses them all, which quarantining would hide; they stay
-    // pending and the call fails, naming the refusal.
+    // Every record the broker could take refused, in a batch of two or more: perhaps the topic
+    // (a policy, schema validation) refuses them all, which quarantining alone would hide; they
+    // stay rejected and the outcome says so.
     let refused = refused_alone.len();
     if refused >= 2 && refused + over_limit == batch.len() && t.first_failure.is_none() {
-        t.out
-            .rejected
-            .retain(|(i, _)| batch.get(*i).is_some_and(|r| r.json.len() > own_limit));
         t.all_refused = refused_alone.into_iter().next().map(|e| (e, refused));
     }
     t
@@ -1489,16 +1539,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_broker_refusing_every_record_alone_keeps_them_all_pending() {
-        // A topic policy (e.g. broker-side schema validation) refusing every record: none is
-        // quarantined, the call fails naming the refusal.
+    async fn a_broker_refusing_every_record_alone_quarantines_them_and_says_so() {
+        // A topic policy (e.g. broker-side schema validation) refusing every record: each is
+        // quarantined (kept pending, one bad unit alone in its batch would block its source for
+        // good), and the outcome says the whole batch was refused.
         let mut broker = FakeBroker::new(&[0, 1, 2]);
         let t = run(&mut broker, 3).await;
         assert!(t.out.delivered.is_empty());
-        assert!(t.out.rejected.is_empty(), "{:?}", t.out.rejected);
+        let rejected: Vec<usize> = t.out.rejected.iter().map(|(i, _)| *i).collect();
+        assert_eq!(rejected, vec![0, 1, 2]);
         let (e, n) = t
             .all_refused
-            .expect("every record refused: a failure of the call");
+            .expect("every record refused: the whole batch is said refused");
         assert_eq!(kafka_code(&e), Some(RDKafkaErrorCode::InvalidRecord));
         assert_eq!(n, 3);
         assert!(t.first_failure.is_none());
@@ -1508,8 +1560,8 @@ mod tests {
             vec![vec![0, 1, 2], vec![0], vec![1], vec![2]]
         );
 
-        // Records over the producer's own limit are rejected as before; when all the others
-        // are refused alone too, those stay pending.
+        // Records over the producer's own limit are rejected too; the others refused alone
+        // still make the whole batch refused.
         let mut broker = FakeBroker::new(&[0, 1, 2]);
         let first = broker.send(3, vec![0, 1, 2]);
         let b = std::cell::RefCell::new(&mut broker);
@@ -1521,12 +1573,13 @@ mod tests {
         let mut batch = records(3);
         batch[2].json = "x".repeat(50);
         let t = tally(settled, &batch, 20);
-        let rejected: Vec<usize> = t.out.rejected.iter().map(|(i, _)| *i).collect();
-        assert_eq!(rejected, vec![2]);
+        let mut rejected: Vec<usize> = t.out.rejected.iter().map(|(i, _)| *i).collect();
+        rejected.sort_unstable();
+        assert_eq!(rejected, vec![0, 1, 2]);
         assert_eq!(t.all_refused.as_ref().map(|(_, n)| *n), Some(2));
 
-        // A batch of one refused record: that record is quarantined (no way to tell the topic
-        // from the record, and stopping delivery at it every cycle would be worse).
+        // A batch of one refused record: that record is quarantined, nothing more is said (no
+        // way to tell the topic from the record).
         let mut broker = FakeBroker::new(&[0]);
         let t = run(&mut broker, 1).await;
         assert_eq!(t.out.rejected.len(), 1);
@@ -1539,25 +1592,20 @@ mod tests {
         assert_eq!(t.out.rejected.len(), 2);
         assert!(t.all_refused.is_none());
 
-        // The error names the refusal, the topic and the fix, and keeps them pending.
+        // The reason names the refusal, the topic, the quarantine and the fix, on one line.
         let sink = KafkaSink::new(KafkaSinkConfig::new("b1:9092", DEFAULT_KAFKA_TOPIC)).unwrap();
-        let e = sink
-            .refused_all_error(
-                &KafkaError::MessageProduction(RDKafkaErrorCode::PolicyViolation),
-                4,
-            )
-            .with_progress(Vec::new(), Vec::new());
-        assert!(matches!(e, SinkError::Protocol { .. }), "{e:?}");
-        assert!(e.delivered_before_failure().is_empty());
-        assert!(e.rejected_before_failure().is_empty());
-        let msg = e.to_string();
+        let msg = sink.refused_all_reason(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::PolicyViolation),
+            4,
+        );
+        assert!(!msg.contains('\n') && !msg.contains("  "), "{msg}");
         for part in [
             "b1:9092",
-            "every one of the batch's 4 records",
+            "every record of a batch of 4",
             "PolicyViolation",
             "akto.api.logs",
-            "KAFKA_TOPIC",
-            "stay pending",
+            "quarantine.jsonl",
+            "AKTO_KAFKA_TOPIC_NAME",
         ] {
             assert!(msg.contains(part), "{part:?} missing: {msg}");
         }

@@ -57,6 +57,12 @@ pub struct BatchOutcome {
     pub delivered: Vec<usize>,
     /// Records the sink refused permanently, with the sink's reason; the caller quarantines them.
     pub rejected: Vec<(usize, String)>,
+    /// Set when every record of a batch of two or more was refused (each sent alone) with the
+    /// same reason: Akto's HTTP 422 to all of them, or a Kafka topic refusing all of them. The
+    /// records are in `rejected` (quarantined like any refused record), but a destination that
+    /// refuses everything is more likely misconfigured than fed bad records, so the caller
+    /// reports the cycle as failed with this one-line reason (it names the code and the fix).
+    pub whole_batch_refused: Option<String>,
 }
 
 impl BatchOutcome {
@@ -109,11 +115,10 @@ pub enum SinkError {
     },
     /// The sink, or something on the path to it, answered in a way no retry within the cycle
     /// and no bisection fixes: a redirect, a wrong URL (404/405), or a 4xx that refuses the
-    /// requests themselves rather than a record (a proxy, WAF or ingress in between), or a
-    /// refusal of every record of a batch, each sent alone (Akto's 422 to all of them, a Kafka
-    /// topic policy refusing all of them). Not retriable: the records of the batch stay pending
-    /// (neither delivered nor quarantined) and go out again next cycle, once the operator fixed
-    /// the path or the destination's configuration.
+    /// requests themselves rather than a record (a proxy, WAF or ingress in between, e.g. a 403,
+    /// 400 or 413 to every record of a batch, each sent alone). Not retriable: the records of the
+    /// batch stay pending (neither delivered nor quarantined) and go out again next cycle, once
+    /// the operator fixed the path or the destination's configuration.
     #[error("{message}")]
     Protocol {
         /// What happened and what to check.
@@ -397,9 +402,10 @@ impl AnySink {
         }
     }
 
-    /// Makes what `deliver` confirmed durable, before state records it: a file is fsynced (its
-    /// `deliver` stops at the kernel, so one fsync covers a whole checkpoint); HTTP (200) and
-    /// Kafka (`acks=all`) confirmations are durable already.
+    /// Makes what `deliver` confirmed durable, before state records it: a regular file is fsynced
+    /// (its `deliver` stops at the kernel, so one fsync covers a whole checkpoint; a pipe or
+    /// device is only flushed, it has nothing to sync); HTTP (200) and Kafka (`acks=all`)
+    /// confirmations are durable already.
     pub async fn sync_confirmed(&self) -> Result<(), SinkError> {
         match self {
             AnySink::File(s) => s.flush().await,
@@ -413,6 +419,19 @@ impl AnySink {
             AnySink::Http(_) => Ok(()),
             AnySink::File(s) => s.flush().await,
             AnySink::Kafka(s) => s.flush().await,
+        }
+    }
+
+    /// [`Self::flush`] bounded by `within`, for shutdown: a Kafka sink waits at most `within`
+    /// for its queued and in-flight records, then purges them (their fate stays unknown, they
+    /// were never reported delivered, so they stay pending), so that no thread of the producer
+    /// outlives the call by much. HTTP holds nothing back; a file is flushed (not bounded: a
+    /// local write).
+    pub async fn flush_within(&self, within: Duration) -> Result<(), SinkError> {
+        match self {
+            AnySink::Http(_) => Ok(()),
+            AnySink::File(s) => s.flush().await,
+            AnySink::Kafka(s) => s.flush_within(within).await,
         }
     }
 
