@@ -54,8 +54,12 @@ pub fn client(config: &Config) -> Result<DatabricksClient, crate::databricks::Da
 }
 
 /// The sink a configuration asks for.
-/// `ca_bundle`: extra CAs the HTTP sink trusts (`Config::akto_ca_bundle`).
-pub fn sink(config: &SinkConfig, ca_bundle: Option<&Path>) -> Result<AnySink, SinkError> {
+/// `ca_bundle`: extra CAs the HTTP sink trusts and the setting they came from
+/// (`Config::akto_ca_bundle`, `Config::akto_ca_bundle_setting`).
+pub fn sink(
+    config: &SinkConfig,
+    ca_bundle: Option<(&Path, &'static str)>,
+) -> Result<AnySink, SinkError> {
     Ok(match config {
         SinkConfig::Http {
             url,
@@ -70,7 +74,7 @@ pub fn sink(config: &SinkConfig, ca_bundle: Option<&Path>) -> Result<AnySink, Si
                 retry: Default::default(),
             })?;
             let sink = match ca_bundle {
-                Some(path) => sink.with_ca_bundle(path)?,
+                Some((path, setting)) => sink.with_ca_bundle_from(path, setting)?,
                 None => sink,
             };
             match jwt_file {
@@ -161,7 +165,7 @@ pub enum StartError {
 pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
     let client = client(config)?;
     let sink_config = config.sink.as_ref().ok_or(StartError::NoSink)?;
-    let sink = sink(sink_config, config.akto_ca_bundle())?;
+    let sink = sink(sink_config, config.akto_ca_bundle_with_setting())?;
     tracing::info!(
         "Sending records to {} (sink {})",
         sink.describe(),
@@ -308,25 +312,22 @@ pub async fn run_loop_outcome(
     }
 }
 
-/// Flushes the sink after a cycle. At shutdown for at most [`IN_FLIGHT_GRACE`]: what it still
-/// holds then (a Kafka producer's queue after a batch was abandoned) was never confirmed, so it
-/// is not checkpointed and the next run sends it again; what was checkpointed was made durable
-/// before (`AnySink::sync_confirmed`).
+/// Flushes the sink after a cycle. At shutdown bounded by [`IN_FLIGHT_GRACE`]
+/// ([`AnySink::flush_within`]): what a Kafka producer still holds then (its queue after a batch
+/// was abandoned) is purged, so that no producer thread keeps the process alive past Akto's
+/// kill; it was never confirmed, so it is not checkpointed and the next run sends it again. What
+/// was checkpointed was made durable before (`AnySink::sync_confirmed`), so the purge is a
+/// warning, not a failed cycle; a file that cannot be flushed still fails it.
 async fn flush(connector: &Connector, stopping: bool) -> Result<(), SinkError> {
     if !stopping {
         return connector.sink.flush().await;
     }
-    match tokio::time::timeout(IN_FLIGHT_GRACE, connector.sink.flush()).await {
-        Ok(r) => r,
-        Err(_) => {
-            tracing::warn!(
-                "flushing {} did not finish within {}s at shutdown; records it had not \
-                 confirmed are not checkpointed and are sent again by the next run",
-                connector.sink.name(),
-                IN_FLIGHT_GRACE.as_secs()
-            );
+    match connector.sink.flush_within(IN_FLIGHT_GRACE).await {
+        Err(e) if matches!(connector.sink, AnySink::Kafka(_)) => {
+            tracing::warn!("at shutdown: {e}");
             Ok(())
         }
+        r => r,
     }
 }
 

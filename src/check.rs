@@ -314,7 +314,7 @@ pub async fn run(config: &Config) -> Vec<Step> {
     match config
         .sink
         .as_ref()
-        .map(|s| crate::app::sink(s, config.akto_ca_bundle()))
+        .map(|s| crate::app::sink(s, config.akto_ca_bundle_with_setting()))
     {
         Some(Ok(sink)) => {
             let checked = sink.healthcheck().await.map(|_| {

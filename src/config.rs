@@ -72,6 +72,8 @@ pub struct Config {
     /// `AKTO_CA_BUNDLE` as set (validated); [`Config::akto_ca_bundle`] gives the bundle the HTTP
     /// sink trusts, this one else [`Config::ca_bundle`].
     akto_ca_bundle: Option<PathBuf>,
+    /// The setting [`Config::ca_bundle`] came from (`DATABRICKS_CA_BUNDLE` or `SSL_CERT_FILE`).
+    ca_bundle_setting: &'static str,
     /// `None` only for commands that send nothing ([`Needs::Databricks`]).
     pub sink: Option<SinkConfig>,
     /// `AKTO_ACCOUNT_ID`, digits, default `1000000`.
@@ -403,6 +405,9 @@ impl Config {
         if let Some((variable, path)) = &ca_bundle {
             check_ca_bundle(&mut p, variable, path);
         }
+        let ca_bundle_setting = ca_bundle
+            .as_ref()
+            .map_or("DATABRICKS_CA_BUNDLE", |(v, _)| *v);
         let ca_bundle = ca_bundle.map(|(_, path)| path);
         let warehouse_id = given(&d.warehouse_id).map(str::to_owned);
         if let Some(id) = &warehouse_id {
@@ -662,6 +667,7 @@ impl Config {
             warehouse_id,
             ca_bundle,
             akto_ca_bundle,
+            ca_bundle_setting,
             sink,
             akto_account_id,
             interval: Duration::from_secs(interval),
@@ -688,6 +694,22 @@ impl Config {
     /// at least one certificate).
     pub fn akto_ca_bundle(&self) -> Option<&Path> {
         self.akto_ca_bundle.as_deref().or(self.ca_bundle.as_deref())
+    }
+
+    /// [`Config::akto_ca_bundle`] with [`Config::akto_ca_bundle_setting`].
+    pub fn akto_ca_bundle_with_setting(&self) -> Option<(&Path, &'static str)> {
+        self.akto_ca_bundle()
+            .map(|p| (p, self.akto_ca_bundle_setting()))
+    }
+
+    /// The setting [`Config::akto_ca_bundle`] came from, to name in errors: `AKTO_CA_BUNDLE`,
+    /// `DATABRICKS_CA_BUNDLE` or `SSL_CERT_FILE`.
+    pub fn akto_ca_bundle_setting(&self) -> &'static str {
+        if self.akto_ca_bundle.is_some() {
+            "AKTO_CA_BUNDLE"
+        } else {
+            self.ca_bundle_setting
+        }
     }
 
     /// One line for the startup log: every setting, no secret (only whether one is set).
@@ -2522,12 +2544,13 @@ mod tests {
         let mut cli = valid_cli();
         cli.databricks.ca_bundle = Some(proxy.clone());
         assert_eq!(
-            build(&cli).expect("valid").akto_ca_bundle(),
-            Some(proxy.as_path())
+            build(&cli).expect("valid").akto_ca_bundle_with_setting(),
+            Some((proxy.as_path(), "DATABRICKS_CA_BUNDLE"))
         );
         cli.sink.akto_ca_bundle = Some(akto.clone());
         let c = build(&cli).expect("valid");
         assert_eq!(c.akto_ca_bundle(), Some(akto.as_path()));
+        assert_eq!(c.akto_ca_bundle_setting(), "AKTO_CA_BUNDLE");
         assert_eq!(c.ca_bundle.as_deref(), Some(proxy.as_path()));
         // A command that sends nothing does not read it.
         cli.sink.akto_ca_bundle = Some(dir.path().join("missing.pem"));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use databricks_shield::cli::{self, Command};
 use databricks_shield::config::{Config, LogFormat, Needs};
 use databricks_shield::ops::{self, Metrics, OpsServer, ServiceInfo};
-use databricks_shield::run::{Connector, Shutdown};
+use databricks_shield::run::{self, Connector, Shutdown};
 use databricks_shield::{app, discovery};
 
 fn main() -> ExitCode {
@@ -37,8 +37,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async_main(cli))
+    let code = runtime.block_on(async_main(cli));
+    // Dropping the runtime would wait for every blocking task, however long: a sink call left
+    // behind at shutdown (a Kafka flush waiting out its message timeout) would hold the exit
+    // past Akto's 300 s kill. Everything delivered was checkpointed before this point.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    code
 }
+
+/// How long tasks still running when `main` returns (a Kafka producer's threads winding down,
+/// a statement cancel) get before the process exits without them.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 async fn async_main(cli: cli::Cli) -> ExitCode {
     let command = cli.command.clone().unwrap_or(Command::Run);
@@ -165,7 +174,9 @@ async fn run(config: Config) -> ExitCode {
                 return;
             }
             tracing::info!(
-                "Shutdown requested: finishing the current batch (a second signal stops at once)"
+                "Shutdown requested: the batch in flight gets up to {}s to be confirmed (a second \
+                 signal stops at once)",
+                run::IN_FLIGHT_GRACE.as_secs()
             );
             trigger.trigger();
             if signals.recv().await.is_some() {
@@ -187,9 +198,10 @@ async fn run(config: Config) -> ExitCode {
             tokio::time::sleep(limit).await;
             flag.store(true, Ordering::SeqCst);
             tracing::warn!(
-                "-once time limit of {}s reached (ONCE_TIME_LIMIT_SECONDS): stopping after the \
-                 current batch",
-                limit.as_secs()
+                "-once time limit of {}s reached (ONCE_TIME_LIMIT_SECONDS): stopping; the batch \
+                 in flight gets up to {}s to be confirmed",
+                limit.as_secs(),
+                run::IN_FLIGHT_GRACE.as_secs()
             );
             trigger.trigger();
         }));

@@ -165,10 +165,12 @@ pub struct CycleReport {
     pub duplicates_skipped: u64,
     pub late_found: u64,
     pub quarantined: u64,
+    /// Payloads cut: while reading (a row larger than one statement may return), and in the
+    /// units committed (by the mapping, after masking, to the sink's per-record limit).
     pub truncated: u64,
     pub tool_calls: u64,
     /// Tool-call records not sent because the same call was already sent (by a trace or an
-    /// inference row, this cycle or an earlier one).
+    /// inference row, this cycle or an earlier one), counted with their unit's commit.
     pub tool_calls_deduplicated: u64,
     pub errors: Vec<String>,
     /// The state store failed (a read, a write, or the checkpoint of records the sink
@@ -221,8 +223,11 @@ impl CycleReport {
         )
     }
 
-    /// Adds what the delivery stage counted (also when it ended with an error: what the sink
-    /// confirmed before the error was sent).
+    /// Adds what the delivery stage counted, also when it ended with an error or was stopped:
+    /// the records the sink confirmed (sent and checkpointed), and the payloads cut, values
+    /// masked and tool-call records left out of the units committed. A unit left open (a batch
+    /// of it failed or was abandoned) counts nothing here; it counts once, in the cycle that
+    /// commits it.
     fn add_delivery(&mut self, d: DeliveryTotals) {
         self.records_sent += d.records_sent;
         self.truncated += d.truncated;
@@ -232,6 +237,10 @@ impl CycleReport {
             *self.per_agent.entry(agent).or_default() += n;
         }
         self.redacted.add(&d.redacted);
+        // Records settled in quarantine, but the cycle failed: the operator must look.
+        if let Some(e) = d.refused_whole.error() {
+            self.errors.push(e);
+        }
     }
 
     fn add_table(&mut self, s: &TableStats) {
@@ -356,6 +365,12 @@ fn registry_horizon(
     }
 }
 
+/// A warehouse that statements can still run on: any state but being deleted (a stopped one
+/// starts on the first statement).
+fn warehouse_usable(w: &crate::databricks::sql::Warehouse) -> bool {
+    !matches!(w.state.as_deref(), Some("DELETING" | "DELETED"))
+}
+
 /// Why a cycle's delivery stopped early.
 #[derive(Debug, thiserror::Error)]
 enum DeliveryError {
@@ -408,14 +423,35 @@ impl Connector {
         Ok(())
     }
 
-    /// The warehouse of this cycle. One set by `DATABRICKS_WAREHOUSE_ID` is looked up once; one
-    /// picked automatically is picked again every cycle (one listing call), so a warehouse that
-    /// was deleted, or whose CAN USE was revoked, is replaced by the next cycle instead of
-    /// failing every cycle until a restart. The choice is logged when it changes.
+    /// The warehouse of this cycle. One set by `DATABRICKS_WAREHOUSE_ID` is looked up once. One
+    /// picked automatically is kept while the listing (one call per cycle) still holds it, not
+    /// being deleted: a warehouse that was deleted, or whose CAN USE was revoked, is replaced by
+    /// the next cycle instead of failing every cycle until a restart, but another one that
+    /// happens to be running does not take its place (no alternating between warehouses). A
+    /// listing that fails with a retriable error (5xx, 429, the network) keeps the pick. The
+    /// choice is logged when it changes.
     async fn warehouse_id(&self) -> Result<String, DatabricksError> {
         let mut w = self.warehouse.lock().await;
-        if let (Some(_), Some(id)) = (&self.settings.warehouse_id, w.as_ref()) {
-            return Ok(id.clone());
+        if let Some(id) = w.as_ref() {
+            if self.settings.warehouse_id.is_some() {
+                return Ok(id.clone());
+            }
+            match self.client.list_warehouses().await {
+                Ok(all) if all.iter().any(|wh| wh.id == *id && warehouse_usable(wh)) => {
+                    return Ok(id.clone());
+                }
+                Ok(_) => tracing::warn!(
+                    "SQL warehouse {id} is no longer listed for this service principal (deleted,                      or its CAN USE revoked): choosing another one"
+                ),
+                Err(e) if e.is_retriable() => {
+                    tracing::warn!(
+                        "listing the SQL warehouses failed ({e}); this cycle keeps warehouse {id}"
+                    );
+                    return Ok(id.clone());
+                }
+                // Choosing again says what is wrong, with the fix.
+                Err(_) => {}
+            }
         }
         let (wh, why) = self
             .client
@@ -697,10 +733,15 @@ impl Connector {
 
     /// Forgets what the delivery stage's own namespaces hold from before `before_us`: tool calls
     /// sent (every agent's registry, also of agents no longer discovered), records of units
-    /// confirmed in part, unreadable rows quarantined. None of them grows without bound.
+    /// confirmed in part, unreadable rows and records quarantined. None of them grows without bound.
     fn prune_registries(&self, before_us: i64) -> Result<u64, StateError> {
         let mut removed = 0;
-        for prefix in [TOOL_CALL_PREFIX, PARTLY_SENT_PREFIX, QUARANTINED_PREFIX] {
+        for prefix in [
+            TOOL_CALL_PREFIX,
+            PARTLY_SENT_PREFIX,
+            QUARANTINED_PREFIX,
+            QUARANTINED_RECORD_PREFIX,
+        ] {
             for ns in self.state.namespaces_with_prefix(prefix)? {
                 removed += self.state.prune(&ns, before_us)?;
             }
@@ -795,7 +836,7 @@ impl Connector {
                         &mut batch,
                         &mut ledger,
                         unit_ref,
-                        unit.records.clone(),
+                        (unit.records.clone(), 0),
                         totals,
                         pending,
                     )
@@ -846,7 +887,6 @@ impl Connector {
                         .map(|m| (agent.host.as_str(), m.records.as_slice())),
                 )?;
                 for (exec, m) in group.iter().zip(mapped) {
-                    totals.truncated += u64::from(m.truncated_payloads);
                     let unit_ref = UnitRef {
                         table: &chunk.table,
                         by_id: chunk.by_id,
@@ -860,7 +900,7 @@ impl Connector {
                             &mut batch,
                             &mut ledger,
                             unit_ref,
-                            m.records,
+                            (m.records, m.truncated_payloads),
                             totals,
                             pending,
                         )
@@ -918,13 +958,16 @@ impl Connector {
     }
 
     /// One unit's records into the batch: tool calls already sent dropped, redacted, validated
-    /// and encoded. Returns whether a batch was sent to make room.
+    /// and encoded. `cut`: payloads its mapping cut. What staging counts (payloads cut, values
+    /// masked, tool-call records left out) goes with the unit into the batch and into the totals
+    /// only once the unit is committed ([`UnitCounts`]). Returns whether a batch was sent to make
+    /// room.
     async fn stage(
         &self,
         batch: &mut Batch,
         ledger: &mut ToolCallLedger,
         unit: UnitRef<'_>,
-        records: Vec<traffic::AktoRecord>,
+        (records, cut): (Vec<traffic::AktoRecord>, u32),
         totals: &mut DeliveryTotals,
         pending: &mut Pending,
     ) -> Result<bool, DeliveryError> {
@@ -933,9 +976,13 @@ impl Connector {
             truncated_payloads: 0,
             tool_calls: 0,
         };
+        let mut counts = UnitCounts {
+            truncated: u64::from(cut),
+            ..Default::default()
+        };
         let before = ledger.dropped;
         let calls = ledger.filter(unit.host, &mut mapped.records);
-        totals.tool_calls_deduplicated += ledger.dropped - before;
+        counts.tool_calls_deduplicated = ledger.dropped - before;
         if ledger.dropped > before {
             tracing::debug!(
                 "{}: {} tool call record(s) of {} not sent: the same call was already sent",
@@ -945,15 +992,14 @@ impl Connector {
             );
         }
         if let Some(r) = &self.settings.redactor {
-            let counts = r.redact_mapped(&mut mapped, self.settings.map.max_string_bytes);
-            totals.redacted.add(&counts);
+            counts.redacted = r.redact_mapped(&mut mapped, self.settings.map.max_string_bytes);
             // A payload that masking made longer than the limit was cut: count it too.
-            totals.truncated += u64::from(mapped.truncated_payloads);
+            counts.truncated += u64::from(mapped.truncated_payloads);
         }
         let (mut records, mut calls, mut meta) = self.accept(
             unit,
             mapped.records.iter().zip(calls),
-            &mut totals.truncated,
+            &mut counts.truncated,
             &mut ledger.quarantined,
             pending,
         )?;
@@ -970,7 +1016,7 @@ impl Connector {
                 before - records.len()
             );
         }
-        self.add_unit(batch, unit, (records, calls, meta), totals, pending)
+        self.add_unit(batch, unit, (records, calls, meta), counts, totals, pending)
             .await
     }
 
@@ -1063,7 +1109,7 @@ impl Connector {
     ) -> Result<(), StateError> {
         self.quarantine.put(unit.table, unit.id, reason, json)?;
         pending.rows.push((
-            quarantined_namespace(unit.table),
+            quarantined_record_namespace(unit.table),
             key.clone(),
             chrono::Utc::now().timestamp_micros(),
             true,
@@ -1079,6 +1125,7 @@ impl Connector {
         batch: &mut Batch,
         unit: UnitRef<'_>,
         (records, calls, meta): Staged,
+        counts: UnitCounts,
         totals: &mut DeliveryTotals,
         pending: &mut Pending,
     ) -> Result<bool, DeliveryError> {
@@ -1094,7 +1141,7 @@ impl Connector {
                 .await?;
             sent = true;
         }
-        batch.push(unit, (records, calls, meta), bytes);
+        batch.push(unit, (records, calls, meta), counts, bytes);
         Ok(sent)
     }
 
@@ -1138,7 +1185,12 @@ impl Connector {
         };
         let (done, rejected, failure): (Vec<usize>, Vec<(usize, String)>, Option<SinkError>) =
             match result {
-                Ok(outcome) => (outcome.delivered, outcome.rejected, None),
+                Ok(outcome) => {
+                    if let Some(reason) = outcome.whole_batch_refused {
+                        totals.refused_whole.note(reason);
+                    }
+                    (outcome.delivered, outcome.rejected, None)
+                }
                 Err(e) => (
                     e.delivered_before_failure().to_vec(),
                     e.rejected_before_failure().to_vec(),
@@ -1178,7 +1230,7 @@ impl Connector {
                     Ok(()) => {
                         *s = true;
                         pending.rows.push((
-                            quarantined_namespace(table),
+                            quarantined_record_namespace(table),
                             record_key(&rec.json, &meta.uncut),
                             chrono::Utc::now().timestamp_micros(),
                             true,
@@ -1200,6 +1252,13 @@ impl Connector {
             pending
                 .rows
                 .push((table.to_string(), id.clone(), *t, by_id));
+        }
+        // Counted once, with the unit's commit: a unit left open is staged (and counted) again
+        // by the next cycle.
+        for (counts, _) in b.counts.iter().zip(&committed).filter(|(_, c)| **c) {
+            totals.truncated += counts.truncated;
+            totals.tool_calls_deduplicated += counts.tool_calls_deduplicated;
+            totals.redacted.add(&counts.redacted);
         }
         // A unit confirmed in part (its records split over requests or partitions, and a later
         // one failed) is read and sent again: its records confirmed now are remembered, so
@@ -1429,16 +1488,27 @@ fn partly_sent_namespace(table: &str) -> String {
     format!("{PARTLY_SENT_PREFIX}{table}")
 }
 
-/// State namespaces `quarantined:<namespace>`: unreadable rows and records already quarantined
-/// (id: the [`content_key`] of the row, or of the record before any cut).
+/// State namespaces `quarantined:<namespace>`: unreadable rows already quarantined (id: the
+/// [`content_key`] of the row). Looked up per chunk, for the rows it could not read.
 pub const QUARANTINED_PREFIX: &str = "quarantined:";
 
 fn quarantined_namespace(table: &str) -> String {
     format!("{QUARANTINED_PREFIX}{table}")
 }
 
-/// What was quarantined before, by (namespace, key): rare, so all of it is loaded when delivery
-/// starts, and what this delivery quarantines is added.
+/// State namespaces `quarantined-record:<namespace>`: records already quarantined, found
+/// unsendable or refused by the sink (id: the [`record_key`], the record before any cut). Apart
+/// from the unreadable rows: a table whose rows lack ids keeps one key per row for a lookback,
+/// and neither loading those keys at every delivery nor hashing every record of that table
+/// (as [`KnownQuarantined::has_any`] would then ask) is needed.
+pub const QUARANTINED_RECORD_PREFIX: &str = "quarantined-record:";
+
+fn quarantined_record_namespace(table: &str) -> String {
+    format!("{QUARANTINED_RECORD_PREFIX}{table}")
+}
+
+/// The records quarantined before, by (namespace, key): rare, so all of them are loaded when
+/// delivery starts, and what this delivery quarantines is added.
 #[derive(Default)]
 struct KnownQuarantined {
     keys: HashSet<(String, String)>,
@@ -1448,8 +1518,8 @@ struct KnownQuarantined {
 impl KnownQuarantined {
     fn load(state: &StateStore) -> Result<KnownQuarantined, StateError> {
         let mut out = KnownQuarantined::default();
-        for ns in state.namespaces_with_prefix(QUARANTINED_PREFIX)? {
-            let table = &ns[QUARANTINED_PREFIX.len()..];
+        for ns in state.namespaces_with_prefix(QUARANTINED_RECORD_PREFIX)? {
+            let table = &ns[QUARANTINED_RECORD_PREFIX.len()..];
             for key in state.ids_in_range(&ns, i64::MIN, i64::MAX)? {
                 out.insert(table, key);
             }
@@ -1487,7 +1557,7 @@ fn partly_sent_key(unit: &str, record_key: &str) -> String {
     format!("{unit}#{record_key}")
 }
 
-/// A record's key in the `partly-sent` and `quarantined` registries: the content key of the
+/// A record's key in the `partly-sent` and `quarantined-record` registries: the content key of the
 /// record as mapped, before any cut to a sink's per-record limit (`uncut`, kept for the records
 /// that were cut). A limit that changes between cycles (a Kafka topic's) then does not change
 /// the key.
@@ -1665,6 +1735,8 @@ struct UnitRef<'a> {
     time_us: i64,
 }
 
+/// What the delivery stage counted: records the sink confirmed (`records_sent`, `tool_calls`,
+/// `per_agent`), and the [`UnitCounts`] of the units committed.
 #[derive(Default)]
 struct DeliveryTotals {
     /// Shutdown, watched while a batch is in flight ([`IN_FLIGHT_GRACE`]); `None`: never.
@@ -1675,6 +1747,52 @@ struct DeliveryTotals {
     tool_calls: u64,
     tool_calls_deduplicated: u64,
     per_agent: BTreeMap<String, u64>,
+    /// Batches whose every record the sink refused ([`crate::sink::BatchOutcome::whole_batch_refused`]).
+    refused_whole: RefusedWhole,
+}
+
+/// Batches of two or more records the sink refused every record of, with the same reason. The
+/// records are quarantined (settled, not sent again), but a destination that refuses everything
+/// is more likely misconfigured than fed bad records: the cycle fails, with one error for all
+/// such batches of the cycle (the first reason and how many batches).
+#[derive(Debug, Default)]
+struct RefusedWhole {
+    first: Option<String>,
+    batches: u64,
+}
+
+impl RefusedWhole {
+    fn note(&mut self, reason: String) {
+        self.batches += 1;
+        self.first.get_or_insert(reason);
+    }
+
+    /// The cycle's error, if any batch was refused whole.
+    fn error(&self) -> Option<String> {
+        let first = self.first.as_deref()?;
+        Some(if self.batches > 1 {
+            format!(
+                "{first} ({} batches were refused whole this cycle)",
+                self.batches
+            )
+        } else {
+            first.to_string()
+        })
+    }
+}
+
+/// What staging one unit counted. Added to the cycle's totals when the unit is committed (every
+/// record settled), not when it is staged: a unit that a failed or stopped cycle left open is
+/// staged again by the next one, and counting it at every staging would count it once per
+/// retry (an hour of Akto outage: a dozen times).
+#[derive(Debug, Clone, Copy, Default)]
+struct UnitCounts {
+    /// Payloads cut: by the mapping, after masking, to the sink's per-record limit.
+    truncated: u64,
+    /// Values masked.
+    redacted: RedactionCounts,
+    /// Tool-call records left out: the same call was already sent.
+    tool_calls_deduplicated: u64,
 }
 
 /// `(index of a unit's record, the tool call id it carries)`.
@@ -1701,6 +1819,8 @@ struct Batch {
     execs: Vec<(String, i64, std::ops::Range<usize>)>,
     /// The agent of each entry of `execs` (a prepared-units batch mixes agents).
     agents: Vec<String>,
+    /// What staging counted of each entry of `execs`.
+    counts: Vec<UnitCounts>,
     /// Tool calls of the records, for the registry.
     calls: Vec<BatchedCall>,
     bytes: usize,
@@ -1710,8 +1830,15 @@ impl Batch {
     fn is_empty(&self) -> bool {
         self.execs.is_empty()
     }
-    fn push(&mut self, unit: UnitRef<'_>, (records, calls, meta): Staged, bytes: usize) {
+    fn push(
+        &mut self,
+        unit: UnitRef<'_>,
+        (records, calls, meta): Staged,
+        counts: UnitCounts,
+        bytes: usize,
+    ) {
         self.agents.push(unit.agent.to_string());
+        self.counts.push(counts);
         let start = self.records.len();
         let namespace = tool_call_namespace(unit.host);
         self.calls
@@ -2215,9 +2342,10 @@ mod tests {
     }
 
     /// A warehouse picked automatically that is gone (deleted, or its CAN USE revoked) is not
-    /// kept for the life of the process: the next cycle picks one that works.
+    /// kept for the life of the process: the next cycle picks one that works. One still listed
+    /// is kept, also when another one is running, and also when the listing fails for a while.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_warehouse_picked_automatically_is_picked_again_each_cycle() {
+    async fn a_warehouse_picked_automatically_is_kept_while_it_is_listed() {
         let emu = databricks_emulator::Emulator::start(databricks_emulator::EmulatorConfig {
             agents: 1,
             rows: 5,
@@ -2233,7 +2361,14 @@ mod tests {
                 client_id: cfg.client_id.clone(),
                 client_secret: cfg.client_secret.clone().into(),
             },
-            Default::default(),
+            crate::databricks::ClientOptions {
+                retry: crate::databricks::RetryPolicy {
+                    max_elapsed: Duration::from_secs(2),
+                    base_delay: Duration::from_millis(20),
+                    max_delay: Duration::from_millis(200),
+                },
+                ..Default::default()
+            },
         )
         .unwrap();
         let sink =
@@ -2243,14 +2378,34 @@ mod tests {
             crate::app::settings_for_demo(&cfg.catalog, &cfg.schema, &dir.path().join("state"));
         settings.collect.lookback = Duration::from_secs(7200);
         let c = Arc::new(Connector::new(client, sink, state, settings));
+        let (_t, shutdown) = Shutdown::new();
+        let picked = || async { c.warehouse.lock().await.clone().unwrap_or_default() };
+
         // An earlier cycle picked a warehouse that has been deleted since.
         *c.warehouse.lock().await = Some("0000000000deleted".into());
-        let (_t, shutdown) = Shutdown::new();
         let report = c.run_cycle(&shutdown).await;
         assert!(report.ok(), "{:?}", report.errors);
         assert!(report.records_sent > 0);
-        let picked = c.warehouse.lock().await.clone().unwrap_or_default();
-        assert_ne!(picked, "0000000000deleted");
+        assert_ne!(picked().await, "0000000000deleted");
+
+        // The emulator's stopped classic warehouse, still listed, is kept although its
+        // serverless one is running (choosing afresh would prefer that one).
+        let stopped = "4b9f1c2d3e5a6002";
+        *c.warehouse.lock().await = Some(stopped.into());
+        emu.generate(3, 0);
+        let report = c.run_cycle(&shutdown).await;
+        assert!(report.ok(), "{:?}", report.errors);
+        assert!(report.records_sent > 0);
+        assert_eq!(picked().await, stopped);
+
+        // The listing fails (503 until the retries run out): the cycle keeps its warehouse.
+        emu.set_faults("route=/api/2.0/sql/warehouses,method=GET,kind=503,count=unlimited")
+            .unwrap();
+        emu.generate(3, 0);
+        let report = c.run_cycle(&shutdown).await;
+        assert!(report.ok(), "{:?}", report.errors);
+        assert!(report.records_sent > 0);
+        assert_eq!(picked().await, stopped);
         emu.shutdown().await;
     }
 
@@ -2438,6 +2593,99 @@ mod tests {
         assert_eq!(again, ["/serving-endpoints/bot/invocations"]);
         assert_eq!(t.tool_calls, 0);
         assert_eq!(c.quarantine.count.load(Ordering::Relaxed), 2);
+    }
+
+    /// Payloads cut, values masked and tool-call records left out count once, with the commit
+    /// of their unit: a delivery that failed counts none of them (the unit is staged again, and
+    /// counted, by the cycle that delivers it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn staging_counts_come_with_the_commit_of_their_unit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (standin, mut c) = http_connector(dir.path(), fast_retry).await;
+        c.settings.redactor = Some(Redactor::new(&crate::traffic::RedactKind::ALL));
+        c.settings.map.max_string_bytes = 400;
+        // A row repeating a call the trace sent, with an e-mail address and a long answer.
+        let exec = || {
+            let mut e = execution("req-1", 2_000, &["call_1"]);
+            e.request = Some(
+                json!({"input": [{"role": "user", "content": "write to jane.doe@example.com"}]})
+                    .to_string()
+                    .into(),
+            );
+            e.response = Some(
+                json!({"output": [
+                    {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"},
+                    {"type": "message", "content": "x".repeat(2_000)},
+                ]})
+                .to_string()
+                .into(),
+            );
+            e
+        };
+        // The trace sends call_1; then Akto answers 503 to the row's batch until the retries
+        // run out, twice.
+        let trace = trace_chunk(vec![trace_unit("tr-1", 1_000, &["call_1"])]);
+        let (_, r) = deliver_both(&c, vec![trace], Vec::new()).await;
+        assert!(r.is_ok());
+        standin.set_behavior(akto_standin::Behavior::RejectMatching {
+            needle: "req-1".into(),
+            status: 503,
+        });
+        for _ in 0..2 {
+            let (t, r) = deliver_both(&c, Vec::new(), vec![table_chunk(vec![exec()])]).await;
+            assert!(r.is_err(), "the row's batch failed");
+            assert_eq!(
+                (t.truncated, t.tool_calls_deduplicated, t.redacted.total()),
+                (0, 0, 0),
+                "nothing of the unit left open is counted"
+            );
+        }
+        standin.set_behavior(akto_standin::Behavior::Normal);
+        let t = deliver_table(&c, vec![exec()]).await.expect("delivered");
+        assert_eq!(t.records_sent, 1, "the execution record");
+        assert_eq!(t.tool_calls_deduplicated, 1);
+        assert!(t.truncated >= 1, "the long answer was cut");
+        assert!(t.redacted.total() >= 1, "the address was masked");
+        let sent = standin.records();
+        assert!(!sent.iter().any(|r| r.to_string().contains("jane.doe@")));
+    }
+
+    /// Rows quarantined because they could not be read are kept apart from records quarantined:
+    /// a table whose rows lack ids (one key per row for a lookback) neither has those keys
+    /// loaded by every delivery nor every one of its records hashed.
+    #[tokio::test]
+    async fn unreadable_rows_are_kept_apart_from_quarantined_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = connector(dir.path());
+        let unreadable = Chunk {
+            table: TABLE.into(),
+            unreadable: vec![(
+                "row without a usable databricks_request_id".into(),
+                "[null,\"1\"]".into(),
+            )],
+            ..Default::default()
+        };
+        deliver(&c, Vec::new(), vec![unreadable]).await;
+        let known = KnownQuarantined::load(&c.state).unwrap();
+        assert!(
+            !known.has_any(TABLE),
+            "records of {TABLE} would all be hashed"
+        );
+        assert!(known.keys.is_empty());
+
+        // A trace's record with a time Akto rejects: quarantined, and known as a record.
+        let mut unit = trace_unit("tr-1", 1_000, &["call_1"]);
+        unit.records[0].time = "0".into();
+        deliver(&c, vec![trace_chunk(vec![unit])], Vec::new()).await;
+        let known = KnownQuarantined::load(&c.state).unwrap();
+        assert!(known.has_any("mlflow:1"));
+        assert!(!known.has_any(TABLE));
+        assert_eq!(known.keys.len(), 1);
+        // Both pruned with the registries.
+        c.prune_registries(i64::MAX).unwrap();
+        for prefix in [QUARANTINED_PREFIX, QUARANTINED_RECORD_PREFIX] {
+            assert!(c.state.namespaces_with_prefix(prefix).unwrap().is_empty());
+        }
     }
 
     #[test]

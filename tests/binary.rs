@@ -413,6 +413,81 @@ async fn a_second_stop_signal_exits_at_once() {
     assert!(!text.contains("panicked"), "{text}");
 }
 
+/// A Kafka broker that stalls (SIGSTOP) during a `-once` run: at the time limit the batch in
+/// flight gets its grace and is abandoned, and the producer's queue is flushed for at most the
+/// same grace, then purged. The process exits long before Akto's 300 s kill; before, the
+/// producer's flush waited out its 120 s message timeout on a blocking thread, and dropping the
+/// runtime at exit waited for it. The next run announces the abandoned batch and delivers all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_against_a_stalled_kafka_broker_exits_well_before_the_kill() {
+    use common::kafka::{consume_all, create_topic, start_broker};
+    let Some(broker) = start_broker() else { return };
+    let topic = "akto.api.logs";
+    create_topic(&broker.brokers(), topic, 1).await;
+    let emu = common::emulator(common::emulator_config()).await;
+    // Slower statements: the cycle is still reading when the broker stalls.
+    emu.set_faults("route=/api/2.0/sql/statements,kind=latency,ms=200")
+        .unwrap();
+    let standin = common::standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let kafka = |mut c: Command| {
+        c.env_remove("DATA_INGESTION_SERVICE_URL")
+            .env("KAFKA_BROKER_HOST", broker.brokers())
+            .env("AKTO_KAFKA_TOPIC_NAME", topic)
+            .arg("-once");
+        c
+    };
+    let mut cmd = kafka(common::shield_command(&emu, &standin, &state));
+    cmd.env("ONCE_TIME_LIMIT_SECONDS", "8");
+    let mut run = Logged::spawn(cmd, dir.path().join("log"));
+    let status = tokio::task::block_in_place(|| {
+        // Past the health check and discovery: the broker stops answering.
+        run.wait_for("Using SQL warehouse");
+        broker.signal("STOP");
+        // Bounded far below the 120 s message timeout the old flush waited out.
+        run.exit_within(90)
+    });
+    broker.signal("CONT");
+    let text = run.text();
+    assert!(status.is_some(), "still running:\n{text}");
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{text}");
+    assert!(text.contains("-once time limit of 8s reached"), "{text}");
+    assert!(
+        text.contains("the batch in flight") && text.contains("not confirmed within 10s"),
+        "{text}"
+    );
+    assert!(text.contains("purged"), "{text}");
+    assert!(!text.contains("panicked"), "{text}");
+
+    // The next run announces the abandoned batch and delivers every execution.
+    let next = tokio::task::block_in_place(|| {
+        kafka(common::shield_command(&emu, &standin, &state))
+            .output()
+            .unwrap()
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&next.stdout),
+        String::from_utf8_lossy(&next.stderr)
+    );
+    assert!(next.status.success(), "{text}");
+    assert!(text.contains("re-sending"), "{text}");
+    let values: Vec<serde_json::Value> = consume_all(&broker.brokers(), topic, 1)
+        .await
+        .iter()
+        .map(|(_, _, v)| serde_json::from_str(v).expect("a flat JSON record"))
+        .collect();
+    let got = common::executions_in(&values);
+    for row in emu.ground_truth() {
+        assert!(
+            got.contains_key(&row.databricks_request_id),
+            "{} never reached the topic",
+            row.databricks_request_id
+        );
+    }
+}
+
 /// The binary's stdout and stderr, gathered in one file.
 struct Logged {
     child: std::process::Child,

@@ -385,3 +385,51 @@ async fn spans_and_inventory_records_arrive_once_and_again_after_a_config_change
         .unwrap()
         .contains("someone-else"));
 }
+
+/// Akto refuses every record (HTTP 422 to each, also sent alone): the records are quarantined
+/// (not kept pending: a unit alone in its batch would otherwise stop its source for good), but
+/// the cycle fails, with one error that names the refusal and the fix, so that the operator
+/// looks (and `-once` exits 1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_refusing_every_record_fails_the_cycle_with_them_quarantined() {
+    let rig = Rig::new(databricks_emulator::EmulatorConfig {
+        agents: 2,
+        rows: 20,
+        seed: 7,
+        ..Default::default()
+    })
+    .await;
+    rig.standin
+        .set_behavior(akto_standin::Behavior::FailAll { status: 422 });
+    let report = rig.cycle().await;
+    assert!(
+        !report.ok(),
+        "a destination refusing everything fails the cycle"
+    );
+    assert!(!report.fatal, "{:?}", report.errors);
+    let refused: Vec<&String> = report
+        .errors
+        .iter()
+        .filter(|e| e.contains("refused every record"))
+        .collect();
+    assert_eq!(refused.len(), 1, "once per cycle: {:?}", report.errors);
+    assert!(
+        refused[0].contains("422") && refused[0].contains("quarantine.jsonl"),
+        "{}",
+        refused[0]
+    );
+    assert_eq!(report.records_sent, 0);
+    assert!(report.quarantined > 0);
+    let q = std::fs::read_to_string(rig.state_path().join("quarantine.jsonl")).unwrap();
+    assert_eq!(q.lines().count() as u64, report.quarantined);
+    for id in rig.truth().keys() {
+        assert!(q.contains(id.as_str()), "{id} is not in quarantine");
+    }
+
+    // Settled: the next cycle sends nothing again and quarantines nothing twice.
+    rig.standin.set_behavior(akto_standin::Behavior::Normal);
+    let next = rig.cycle().await;
+    assert!(next.ok(), "{:?}", next.errors);
+    assert_eq!((next.records_sent, next.quarantined), (0, 0));
+    assert!(rig.received_executions().is_empty());
+}

@@ -471,7 +471,7 @@ impl Metrics {
         fam(
             "databricks_shield_records_truncated_total",
             "counter",
-            "Payloads cut: to Akto's size limits or the sink's per-record limit, or while reading a row larger than one statement may return.",
+            "Payloads cut: in records of executions and traces delivered (to Akto's size limits or the sink's per-record limit), and while reading a row larger than one statement may return (each time it is read).",
             &plain(s.truncated),
         );
         fam(
@@ -483,7 +483,7 @@ impl Metrics {
         fam(
             "databricks_shield_tool_calls_deduplicated_total",
             "counter",
-            "Tool-call records of inference rows left out because a trace (or an earlier record) already sent the same call.",
+            "Tool-call records left out because a trace (or an earlier record) already sent the same call, counted once their execution or trace is delivered.",
             &plain(s.tool_calls_deduplicated),
         );
         fam(
