@@ -19,11 +19,13 @@
 //! from the whole workspace, so an agent whose Unity Catalog anchor lies elsewhere is listed with
 //! a note but gets no MLflow experiment (nor an inventory record, [`Inventory::out_of_scope`]):
 //! the instance of that scope reads its traces. The anchor of an endpoint is the inference table
-//! it names, else its served UC models; of an app, the inference table of the agent endpoint it
-//! queries, else the inference table named after it, exactly or after a table prefix (decided
-//! from the schema listing, so instances split by prefix agree: [`name_anchor`]). An agent with
-//! no anchor at all stays in scope, in every instance; so does an app whose table is in another
-//! schema, which this instance cannot see.
+//! it names, else its served UC models; of an app, the inference tables of the agent endpoints it
+//! queries (those named after it first: [`resource_scope`]), else the inference tables named
+//! after it ([`name_anchor`]: one in this instance's scope, exactly or after its prefix, always
+//! wins; only when none is may one outside, exactly or after a prefix of whole words, leave the
+//! app to another instance, with a WARN). Two instances whose own tables are both named after an
+//! app or experiment both read it. An agent with no anchor at all stays in scope, in every
+//! instance; so does an app whose table is in another schema, which this instance cannot see.
 //! Serving endpoints, UC functions or UC models that cannot be listed (refused, not found) cost
 //! a WARN naming the fix, not the discovery: the inference tables alone find the agents.
 //!
@@ -764,48 +766,181 @@ struct Anchors<'a> {
     endpoint_tables: &'a BTreeMap<String, String>,
 }
 
-/// The inference tables an app or experiment named `key` (normalized) may belong to, the one it
-/// belongs to first. Decided from the schema listing alone, which every instance reading this
-/// catalog.schema sees alike, so that they all agree on which of them reads it: the tables of an
-/// agent named `key`, or named `key` after a table prefix (its name ends with `_key`, as
-/// `prod_code_reviewer` for `code_reviewer`, or it is `key` once this instance's prefix is
-/// stripped). The shortest agent name comes first (the exact name before any prefixed one), then
-/// the full names in order.
-fn name_anchor<'a>(key: &str, tables: &'a [SchemaTable]) -> Vec<&'a SchemaTable> {
+/// What the inference tables of the schema say about an app or experiment named `key`
+/// (normalized), seen from this instance ([`name_anchor`]).
+#[derive(Debug)]
+enum NameAnchor<'a> {
+    /// Tables in this instance's scope named `key`, exactly or once this instance's prefix is
+    /// stripped: the name is this instance's, whatever other tables are named so. The first
+    /// (the exact name, then the first by full name) is the anchor.
+    InScope(Vec<&'a SchemaTable>),
+    /// No table in scope is named `key`, but these tables outside it are: exactly, or once a
+    /// prefix of whole `_`-separated words is stripped (`test_hr_assistant` for `assistant`).
+    /// The first (the shortest name, then the first by full name) is the anchor.
+    OutOfScope(Vec<&'a SchemaTable>),
+    /// No inference table is named `key`.
+    Unknown,
+}
+
+/// Where an app or experiment named `key` (normalized) belongs, from the schema listing: a table
+/// inside this instance's scope named `key` (exactly, or after this instance's prefix) always
+/// wins; only when there is none may tables outside the scope named `key` (exactly, or after a
+/// prefix of whole words) make it another instance's. Two instances whose own tables are both
+/// named so both claim it: the documented limit (README "Which agents' traces are read").
+fn name_anchor<'a>(key: &str, tables: &'a [SchemaTable]) -> NameAnchor<'a> {
     if key.is_empty() {
-        return Vec::new();
+        return NameAnchor::Unknown;
     }
-    let suffix = format!("_{key}");
-    let mut hits: Vec<&SchemaTable> = tables
-        .iter()
-        .filter(|t| {
-            t.agent == key || t.agent.ends_with(&suffix) || t.stripped.as_deref() == Some(key)
-        })
-        .collect();
-    hits.sort_by(|a, b| {
+    let order = |a: &&SchemaTable, b: &&SchemaTable| {
         a.agent.len().cmp(&b.agent.len()).then_with(|| {
             a.full
                 .to_ascii_lowercase()
                 .cmp(&b.full.to_ascii_lowercase())
         })
-    });
-    hits
+    };
+    let mut ours: Vec<&SchemaTable> = tables
+        .iter()
+        .filter(|t| t.in_scope() && (t.agent == key || t.stripped.as_deref() == Some(key)))
+        .collect();
+    if !ours.is_empty() {
+        // The exact name first, then the first by full name.
+        ours.sort_by(|a, b| {
+            (a.agent != key)
+                .cmp(&(b.agent != key))
+                .then_with(|| order(a, b))
+        });
+        return NameAnchor::InScope(ours);
+    }
+    let suffix = format!("_{key}");
+    let mut theirs: Vec<&SchemaTable> = tables
+        .iter()
+        .filter(|t| !t.in_scope() && (t.agent == key || t.agent.ends_with(&suffix)))
+        .collect();
+    if theirs.is_empty() {
+        return NameAnchor::Unknown;
+    }
+    theirs.sort_by(order);
+    NameAnchor::OutOfScope(theirs)
 }
 
 /// [`agent_aliases`] as used to find an agent's MLflow experiment by name: the name without the
 /// table prefix counts only when the agent's own inference table is the one that name belongs to
-/// ([`name_anchor`]). Otherwise another instance's table may be named so too
-/// (`dev_support_bot_payload` next to `prod_support_bot_payload`), or the agent has no table to
-/// tell: an experiment named `support_bot` would then be read by several instances.
+/// in this instance ([`name_anchor`]: a table in scope always wins over tables outside it, such
+/// as `dev_support_bot_payload` next to this instance's `prod_support_bot_payload`). An agent
+/// with no table of its own has nothing to tell: its name without the prefix is not used.
 fn experiment_aliases(a: &Agent, prefix: &str, tables: &[SchemaTable]) -> Vec<String> {
     let Some(own) = a.table.as_ref().map(|t| t.full_name.to_ascii_lowercase()) else {
         return aliases(a, prefix, |_| false);
     };
-    aliases(a, prefix, |short| {
-        name_anchor(short, tables)
+    aliases(a, prefix, |short| match name_anchor(short, tables) {
+        NameAnchor::InScope(ts) => ts
             .first()
-            .is_some_and(|t| t.full.to_ascii_lowercase() == own)
+            .is_some_and(|t| t.full.to_ascii_lowercase() == own),
+        NameAnchor::OutOfScope(_) | NameAnchor::Unknown => false,
     })
+}
+
+/// Whether an agent endpoint or its inference table is named after the app `key` (normalized):
+/// exactly, or after a prefix of whole `_`-separated words (`agents_main-prod-support_bot`).
+fn named_after(key: &str, endpoint: &str, table: &str) -> bool {
+    let suffix = format!("_{key}");
+    let short = table.rsplit('.').next().unwrap_or(table);
+    [
+        normalize_name(endpoint),
+        normalize_name(&table_agent_name(short)),
+    ]
+    .iter()
+    .any(|n| n == key || n.ends_with(&suffix))
+}
+
+/// The scope of an app, decided from its agent-endpoint resources (`(endpoint, inference
+/// table)`, known from the endpoint listing every instance sees): `None` when it has none with
+/// a known table (its name decides, [`name_anchor`]), `Some(None)` when it is in scope,
+/// `Some(Some(note))` when it is out of scope, the note saying why. The resources named after
+/// the app ([`named_after`]) decide when there are any, the others are then shared endpoints (a
+/// guardrail, a retriever); among the deciding ones, any table in scope puts the app in scope.
+/// The second value is a WARN when the resource tables lie in several scopes.
+fn resource_scope(
+    app: &str,
+    key: &str,
+    resources: &[(&str, &str)],
+    (catalog, schema, prefix): (&str, &str, &str),
+) -> (Option<Option<String>>, Option<String>) {
+    if resources.is_empty() {
+        return (None, None);
+    }
+    let here = |t: &str| in_scope(t, catalog, schema, prefix);
+    let scope = format!("{catalog}.{schema} with prefix '{prefix}'");
+    let named: Vec<(&str, &str)> = resources
+        .iter()
+        .copied()
+        .filter(|(e, t)| named_after(key, e, t))
+        .collect();
+    let deciding = if named.is_empty() {
+        resources.to_vec()
+    } else {
+        named.clone()
+    };
+    let mut by_table = deciding.clone();
+    by_table.sort_by_key(|(_, t)| t.to_ascii_lowercase());
+    let ours = by_table.iter().find(|(_, t)| here(t));
+    let verdict = match (ours, by_table.first()) {
+        (Some(_), _) | (None, None) => None,
+        (None, Some((e, t))) => Some(format!(
+            "deployed as a Databricks App querying agent endpoint {e}, whose inference table {t} \
+             is outside {scope}: {OUT_OF_SCOPE}"
+        )),
+    };
+    // Several scopes: other catalog.schema pairs, or in and out of this instance's prefix.
+    let scopes: BTreeSet<(String, bool)> = resources
+        .iter()
+        .map(|(_, t)| {
+            let cs = t.rsplit_once('.').map_or(*t, |(cs, _)| cs);
+            (cs.to_ascii_lowercase(), here(t))
+        })
+        .collect();
+    let tables_of = |rs: &[(&str, &str)]| {
+        let mut ts: Vec<&str> = rs.iter().map(|(_, t)| *t).collect();
+        ts.sort();
+        ts.join(", ")
+    };
+    let warning = (scopes.len() > 1).then(|| {
+        let mut listed: Vec<String> = resources
+            .iter()
+            .map(|(e, t)| format!("{e} -> {t}"))
+            .collect();
+        listed.sort();
+        let decided = match (&verdict, named.is_empty()) {
+            (None, true) => format!(
+                "none is named after the app, so every instance whose scope holds one of their \
+                 tables reads its MLflow traces; this instance ({scope}) does. Fix: name the app \
+                 after its own agent's endpoint or inference table, so that it belongs with that \
+                 one alone"
+            ),
+            (Some(_), true) => format!(
+                "none is named after the app and none is in this instance's scope ({scope}), so \
+                 the instances whose scope holds one of them read its MLflow traces. Fix: name \
+                 the app after its own agent's endpoint or inference table, so that it belongs \
+                 with that one alone"
+            ),
+            (None, false) => format!(
+                "it belongs with {}, named after it, in this instance's scope ({scope}): this \
+                 instance reads its MLflow traces",
+                tables_of(&named)
+            ),
+            (Some(_), false) => format!(
+                "it belongs with {}, named after it, outside this instance's scope ({scope}): \
+                 the instance whose scope holds that table reads its MLflow traces",
+                tables_of(&named)
+            ),
+        };
+        format!(
+            "app {app} queries agent endpoints whose inference tables lie in several scopes ({}): \
+             {decided}",
+            listed.join(", ")
+        )
+    });
+    (Some(verdict), warning)
 }
 
 /// Lists Databricks Apps: an app whose name matches a table-only agent is that agent; an app
@@ -813,12 +948,14 @@ fn experiment_aliases(a: &Agent, prefix: &str, tables: &[SchemaTable]) -> Vec<St
 /// from its MLflow traces); other apps (dashboards, ...) are not agents. An apps API that is
 /// not available (disabled, no permission) only costs a WARN.
 ///
-/// An app's scope anchor, decided alike by every instance: the inference table of the agent
-/// endpoint it queries (a serving-endpoint resource; the first such table by name when it has
-/// several), else the inference table named after it ([`name_anchor`]; a WARN when several
-/// are), else none (the app is in scope). An app whose anchor is outside this instance's scope is
-/// listed, without its experiment, and added to `out_of_scope`; an app is matched to a
-/// table-only agent only when that agent's table is its anchor by name.
+/// An app's scope anchor: the inference tables of the agent endpoints it queries (its
+/// serving-endpoint resources: those named after it when some are, else all of them; any one
+/// of them in scope puts the app in scope, [`resource_scope`]), else the inference tables named
+/// after it
+/// ([`name_anchor`]: one in scope wins; only when none is may one outside make it out of scope,
+/// with a WARN), else none (the app is in scope). An app out of scope is listed, without its
+/// experiment, and added to `out_of_scope`; an app is matched to a table-only agent only when
+/// that agent's table is its anchor by name.
 async fn add_apps(
     client: &DatabricksClient,
     inv: &mut Inventory,
@@ -863,38 +1000,53 @@ async fn add_apps(
             "{}.{} with prefix '{}'",
             inv.catalog, inv.schema, inv.prefix
         );
-        let by_resource = entry
+        let resources: Vec<(&str, &str)> = entry
             .serving_endpoints
             .iter()
-            .filter_map(|e| anchors.endpoint_tables.get(e).map(|t| (e, t)))
-            .min_by_key(|(_, t)| t.to_ascii_lowercase());
-        let by_name = name_anchor(&key, anchors.schema_tables);
-        if by_resource.is_none() && by_name.len() > 1 {
-            let names: Vec<&str> = by_name.iter().map(|t| t.full.as_str()).collect();
-            warn_once(format!(
-                "app {} is named after {} inference tables ({}): it is taken to belong to {},                  and only the instance whose scope holds that table reads its MLflow traces.                  Fix: if it belongs to another one, give the app that agent's serving endpoint                  as a resource, or name the app after the table (without `_payload`)",
-                app.name,
-                names.len(),
-                names.join(", "),
-                names[0]
-            ));
+            .filter_map(|e| {
+                anchors
+                    .endpoint_tables
+                    .get(e)
+                    .map(|t| (e.as_str(), t.as_str()))
+            })
+            .collect();
+        let (by_resource, resource_warning) = resource_scope(
+            &app.name,
+            &key,
+            &resources,
+            (&inv.catalog, &inv.schema, &inv.prefix),
+        );
+        if let Some(w) = resource_warning {
+            warn_once(w);
         }
-        let out_note = match (by_resource, by_name.first()) {
-            (Some((e, t)), _) => (!in_scope(t, &inv.catalog, &inv.schema, &inv.prefix)).then(|| {
-                format!(
-                    "deployed as a Databricks App querying agent endpoint {e}, whose inference                      table {t} is outside {scope}: {OUT_OF_SCOPE}"
-                )
-            }),
-            (None, Some(t)) if !t.in_scope() => Some(format!(
-                "deployed as a Databricks App named after inference table {}, outside {scope}:                  {OUT_OF_SCOPE}",
-                t.full
-            )),
+        let by_name = name_anchor(&key, anchors.schema_tables);
+        let out_note = match (by_resource, &by_name) {
+            (Some(verdict), _) => verdict,
+            (None, NameAnchor::OutOfScope(ts)) => {
+                let listed: Vec<&str> = ts.iter().map(|t| t.full.as_str()).collect();
+                let first = listed.first().copied().unwrap_or_default();
+                warn_once(format!(
+                    "app {} is named after inference table(s) {} outside this instance's scope \
+                     ({scope}) and after none in it: its MLflow traces are left to the instance \
+                     whose DATABRICKS_PREFIX covers {first}. Fix: if this instance should read \
+                     them, set DATABRICKS_PREFIX to cover that table, or add the agent's serving \
+                     endpoint to the app's resources",
+                    app.name,
+                    listed.join(", "),
+                ));
+                Some(format!(
+                    "deployed as a Databricks App named after inference table {first}, outside \
+                     {scope}: {OUT_OF_SCOPE}"
+                ))
+            }
+            (None, _) => None,
+        };
+        let anchor = match &by_name {
+            NameAnchor::InScope(ts) if out_note.is_none() => {
+                ts.first().map(|t| t.full.to_ascii_lowercase())
+            }
             _ => None,
         };
-        let anchor = by_name
-            .first()
-            .filter(|t| out_note.is_none() && t.in_scope())
-            .map(|t| t.full.to_ascii_lowercase());
         let matched = inv.agents.iter_mut().find(|a| {
             a.endpoint.is_none()
                 && a.app.is_none()
@@ -949,8 +1101,8 @@ async fn add_apps(
 /// experiment, so [`crate::traces::trace_sources`] never reads their traces; the instance whose
 /// scope they are in does. An experiment found by name uses the agent's name without the table
 /// prefix only when [`experiment_aliases`] allows it. What this guarantees, and where instances
-/// may still read the same traces (agents with no anchor), is in README "Which agents' traces are
-/// read".
+/// may still read the same traces (agents with no anchor, names their own tables share), is in
+/// README "Which agents' traces are read".
 async fn find_experiments(
     client: &DatabricksClient,
     inv: &mut Inventory,
@@ -1335,49 +1487,88 @@ mod tests {
         }
     }
 
+    /// `(whether the name is this instance's, the anchor tables in order)`.
+    fn anchored(key: &str, prefix: &str, fulls: &[&str]) -> (Option<bool>, Vec<String>) {
+        let tables: Vec<SchemaTable> = fulls.iter().map(|f| table(f, prefix)).collect();
+        match name_anchor(key, &tables) {
+            NameAnchor::InScope(ts) => (Some(true), ts.iter().map(|t| t.full.clone()).collect()),
+            NameAnchor::OutOfScope(ts) => {
+                (Some(false), ts.iter().map(|t| t.full.clone()).collect())
+            }
+            NameAnchor::Unknown => (None, Vec::new()),
+        }
+    }
+
     #[test]
-    fn a_name_belongs_to_the_same_table_in_every_instance_of_a_schema() {
+    fn a_table_in_scope_named_after_the_key_always_wins() {
         let fulls = [
             "c.s.prod_support_bot_payload",
             "c.s.dev_support_bot_payload",
             "c.s.prod_old_support_bot_payload",
             "c.s.code_reviewer_payload",
             "c.s.prod_code_reviewer_payload",
+            "c.s.test_hr_assistant_payload",
         ];
-        let winner = |key: &str, prefix: &str| {
-            let tables: Vec<SchemaTable> = fulls.iter().map(|f| table(f, prefix)).collect();
-            name_anchor(key, &tables)
-                .first()
-                .map(|t| (t.full.clone(), t.in_scope()))
-        };
-        // The same table for every prefix; in scope for the instance of its prefix only.
-        for (prefix, in_scope) in [("prod_", false), ("dev_", true), ("", true), ("qa_", false)] {
-            assert_eq!(
-                winner("support_bot", prefix),
-                Some(("c.s.dev_support_bot_payload".into(), in_scope)),
-                "{prefix}"
-            );
-        }
-        // The exact name first; a longer prefixed name never wins over a shorter one.
+        let a = |key: &str, prefix: &str| anchored(key, prefix, &fulls);
+        // Each instance's own table, though `dev_support_bot` is shorter and other tables match.
         assert_eq!(
-            winner("code_reviewer", "prod_").map(|w| w.0),
-            Some("c.s.code_reviewer_payload".into())
+            a("support_bot", "prod_"),
+            (Some(true), vec!["c.s.prod_support_bot_payload".into()])
         );
         assert_eq!(
-            winner("old_support_bot", "dev_").map(|w| w.0),
-            Some("c.s.prod_old_support_bot_payload".into())
+            a("support_bot", "dev_"),
+            (Some(true), vec!["c.s.dev_support_bot_payload".into()])
         );
-        // A name is a table's after a `_` only, not inside a word.
+        // In scope after the prefix beats an exact name outside it.
         assert_eq!(
-            winner("bot", "prod_").map(|w| w.0),
-            Some("c.s.dev_support_bot_payload".into())
+            a("code_reviewer", "prod_"),
+            (Some(true), vec!["c.s.prod_code_reviewer_payload".into()])
         );
-        assert_eq!(winner("ort_bot", "prod_"), None);
-        assert_eq!(winner("", "prod_"), None);
+        // No prefix: the exact name only; a longer name in scope is another agent.
+        assert_eq!(
+            a("code_reviewer", ""),
+            (Some(true), vec!["c.s.code_reviewer_payload".into()])
+        );
+        assert_eq!(a("support_bot", ""), (None, Vec::new()));
+        // No table in scope: the tables outside named so, the shortest first.
+        assert_eq!(
+            a("support_bot", "qa_"),
+            (
+                Some(false),
+                vec![
+                    "c.s.dev_support_bot_payload".into(),
+                    "c.s.prod_support_bot_payload".into(),
+                    "c.s.prod_old_support_bot_payload".into(),
+                ]
+            )
+        );
+        // A prefix of whole words outside the scope (announced with a WARN by add_apps).
+        assert_eq!(
+            a("assistant", "prod_"),
+            (Some(false), vec!["c.s.test_hr_assistant_payload".into()])
+        );
+        // After a `_` only, not inside a word; an empty name is nobody's.
+        assert_eq!(a("ort_bot", "qa_"), (None, Vec::new()));
+        assert_eq!(a("", "prod_"), (None, Vec::new()));
+        // Two tables in scope: the exact name first.
+        assert_eq!(
+            anchored(
+                "prod_x",
+                "prod_",
+                &["c.s.prod_prod_x_payload", "c.s.prod_x_payload"]
+            ),
+            (
+                Some(true),
+                vec![
+                    "c.s.prod_x_payload".into(),
+                    "c.s.prod_prod_x_payload".into()
+                ]
+            )
+        );
     }
 
     #[test]
-    fn the_name_without_the_prefix_finds_an_experiment_only_for_its_table() {
+    fn the_name_without_the_prefix_finds_an_experiment_for_a_table_in_scope() {
         let tables = |prefix: &str| -> Vec<SchemaTable> {
             [
                 "c.s.prod_support_bot_payload",
@@ -1391,25 +1582,105 @@ mod tests {
         prod.table.as_mut().unwrap().full_name = "c.s.prod_support_bot_payload".into();
         let mut dev = agent("dev_support_bot", false, None);
         dev.table.as_mut().unwrap().full_name = "c.s.dev_support_bot_payload".into();
-        let prod_aliases = experiment_aliases(&prod, "prod_", &tables("prod_"));
-        let dev_aliases = experiment_aliases(&dev, "dev_", &tables("dev_"));
-        assert_eq!(prod_aliases, ["prod_support_bot"]);
-        assert_eq!(dev_aliases, ["dev_support_bot", "support_bot"]);
-        // Alone in its schema, the prefixed table owns the short name.
-        let alone = vec![table("c.s.prod_support_bot_payload", "prod_")];
+        // Each instance keeps its own agent's short name (both read an experiment named so:
+        // the documented limit), whatever the table outside its prefix.
         assert_eq!(
-            experiment_aliases(&prod, "prod_", &alone),
+            experiment_aliases(&prod, "prod_", &tables("prod_")),
             ["prod_support_bot", "support_bot"]
         );
+        assert_eq!(
+            experiment_aliases(&dev, "dev_", &tables("dev_")),
+            ["dev_support_bot", "support_bot"]
+        );
+        // Another in-scope table with the exact short name owns it.
+        let mut x = agent("prod_prod_x", false, None);
+        x.table.as_mut().unwrap().full_name = "c.s.prod_prod_x_payload".into();
+        let both = [
+            table("c.s.prod_prod_x_payload", "prod_"),
+            table("c.s.prod_x_payload", "prod_"),
+        ];
+        assert_eq!(experiment_aliases(&x, "prod_", &both), ["prod_prod_x"]);
         // No table to anchor it: the short name of an endpoint agent finds nothing.
         let mut ep = agent("prod_support_bot", true, None);
         ep.models.push(model("c.s.support_bot_model", "uc_model"));
         assert_eq!(
-            experiment_aliases(&ep, "prod_", &alone),
+            experiment_aliases(&ep, "prod_", &tables("prod_")),
             ["prod_support_bot", "support_bot_model"]
         );
         // agent_aliases (app matching) is unchanged.
         assert!(agent_aliases(&ep, "prod_").contains(&"support_bot".to_string()));
+    }
+
+    #[test]
+    fn an_app_is_named_after_an_endpoint_or_table_by_whole_words() {
+        assert!(named_after(
+            "support_bot",
+            "agents_main-prod-support_bot",
+            "main.prod.x_payload"
+        ));
+        assert!(named_after("bot", "guard", "main.prod.prod_bot_payload"));
+        assert!(!named_after(
+            "ort_bot",
+            "agents_support_bot",
+            "c.s.support_bot_payload"
+        ));
+        assert!(!named_after("bot", "agents_guard", "main.g.safety_payload"));
+    }
+
+    #[test]
+    fn an_app_querying_several_agent_endpoints_is_in_scope_with_any_it_belongs_with() {
+        let own = ("agents_bot", "main.prod.bot_payload");
+        let guard = ("agents_guard", "main.guardrails.safety_payload");
+        let scope = |schema: &'static str| ("main", schema, "");
+        // Named after one: that one decides, in its scope only.
+        let (v, w) = resource_scope("bot", "bot", &[guard, own], scope("prod"));
+        assert_eq!(v, Some(None));
+        let w = w.expect("several scopes");
+        assert!(
+            w.contains("agents_bot -> main.prod.bot_payload")
+                && w.contains("agents_guard -> main.guardrails.safety_payload")
+                && w.contains("this instance reads"),
+            "{w}"
+        );
+        let (v, w) = resource_scope("bot", "bot", &[own, guard], scope("guardrails"));
+        let note = v
+            .flatten()
+            .expect("out of scope with the guardrail's instance");
+        assert!(
+            note.contains("agents_bot") && note.contains("main.prod.bot_payload"),
+            "{note}"
+        );
+        assert!(w.is_some_and(|w| w.contains("outside this instance's scope")));
+        // Named after none: any one in scope puts the app in scope, with a WARN saying so.
+        for schema in ["prod", "guardrails"] {
+            let (v, w) = resource_scope("front", "front", &[own, guard], scope(schema));
+            assert_eq!(v, Some(None), "{schema}");
+            assert!(
+                w.is_some_and(|w| w.contains("every instance") && w.contains("Fix:")),
+                "{schema}"
+            );
+        }
+        let (v, _) = resource_scope("front", "front", &[own, guard], scope("dev"));
+        assert!(v
+            .flatten()
+            .is_some_and(|n| n.contains("main.guardrails.safety_payload")));
+        // One scope: no WARN; in and out of the prefix within one schema: a WARN.
+        assert_eq!(
+            resource_scope("bot", "bot", &[own], scope("prod")),
+            (Some(None), None)
+        );
+        let split = [
+            ("agents_bot", "main.s.prod_bot_payload"),
+            ("agents_guard", "main.s.dev_guard_payload"),
+        ];
+        let (v, w) = resource_scope("bot", "bot", &split, ("main", "s", "prod_"));
+        assert_eq!(v, Some(None));
+        assert!(w.is_some());
+        // No resource with a known table: the name decides.
+        assert_eq!(
+            resource_scope("bot", "bot", &[], scope("prod")),
+            (None, None)
+        );
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! - The prefix is compared case-insensitively, as Unity Catalog names are.
 //! - An agent whose Unity Catalog anchor (its inference table) is outside the scope stays in the
 //!   inventory with a note but gets no trace source: the instance of its prefix reads its traces.
-//! - An app belongs with the inference table of the agent endpoint it queries, else with the
-//!   table named after it, exactly or after a table prefix; instances split by prefix (or by
-//!   schema, for an app querying an agent endpoint) agree on which of them reads its traces, and
-//!   an experiment found by the name without the prefix is read by one instance only.
+//! - An app belongs with the inference tables of the agent endpoints it queries (those named
+//!   after it first; any one in scope keeps it in scope), else with the tables named after it: one
+//!   in this instance's scope (exactly or after its prefix) always wins, one outside (exactly or
+//!   after a prefix of whole words) leaves it to another instance with a WARN. An experiment found
+//!   by the name without the prefix is read for an agent whose own table is in scope; two
+//!   instances whose own tables share that name both read it (the documented limit).
 //! - The legacy Agent Framework's `*_payload_request_logs` / `*_payload_assessment_logs` tables
 //!   (derived from an inference table) are not agents.
 //! - A serving-endpoint listing or a UC function listing that is refused (403/404) costs a WARN
@@ -324,7 +326,7 @@ async fn an_app_named_after_a_prefixed_table_is_read_by_the_instance_of_that_pre
     let c = client(&emu.base_url(), "emulator-client", SECRET);
     let (prod, _) = discover_logged(&c, "prod_").await;
     let prod = prod.unwrap();
-    let (dev, _) = discover_logged(&c, "dev_").await;
+    let (dev, dev_logs) = discover_logged(&c, "dev_").await;
     let dev = dev.unwrap();
 
     let in_prod = app_agent(&prod, "code-reviewer");
@@ -345,6 +347,15 @@ async fn an_app_named_after_a_prefixed_table_is_read_by_the_instance_of_that_pre
         "{note}"
     );
 
+    // The dev_ instance says so in a WARN naming the table and the fix.
+    assert!(
+        dev_logs.contains(
+            "app code-reviewer is named after inference table(s) \
+             workspace.default.prod_code_reviewer_payload outside this instance's scope"
+        ) && dev_logs.contains("DATABRICKS_PREFIX"),
+        "{dev_logs}"
+    );
+
     // Across the two instances, every experiment is read once, the app's by prod_.
     let read = readers(&[&prod, &dev]);
     assert!(read.values().all(|n| *n == 1), "{read:?}");
@@ -361,8 +372,8 @@ struct Workspace {
     tables: BTreeMap<&'static str, Vec<&'static str>>,
     /// Agent endpoints with the full name of the inference table each logs to.
     endpoints: Vec<(&'static str, &'static str)>,
-    /// `(app name, serving endpoint it queries, its experiment id)`.
-    apps: Vec<(&'static str, Option<&'static str>, &'static str)>,
+    /// `(app name, serving endpoints it queries, its experiment id)`.
+    apps: Vec<(&'static str, &'static [&'static str], &'static str)>,
     /// `(experiment id, experiment name)`.
     experiments: Vec<(&'static str, &'static str)>,
 }
@@ -429,10 +440,10 @@ async fn answer(
             .iter()
             .map(|(n, t)| endpoint_json(n, t))
             .collect::<Vec<_>>()}),
-        "/api/2.0/apps" => json!({"apps": ws.apps.iter().map(|(name, ep, exp)| {
+        "/api/2.0/apps" => json!({"apps": ws.apps.iter().map(|(name, eps, exp)| {
             let mut resources = vec![json!({"name": "experiment", "experiment": {"experiment_id": exp}})];
-            if let Some(ep) = ep {
-                resources.push(json!({"name": "agent", "serving_endpoint": {"name": ep}}));
+            for (i, ep) in eps.iter().enumerate() {
+                resources.push(json!({"name": format!("agent{i}"), "serving_endpoint": {"name": ep}}));
             }
             json!({"name": name, "resources": resources})
         }).collect::<Vec<_>>()}),
@@ -478,12 +489,97 @@ async fn serve(ws: Workspace) -> (DatabricksClient, tokio::task::JoinHandle<()>)
     (client, server)
 }
 
-/// One schema, instances `prod_` and `dev_`, each agent under both prefixes. The app
-/// `code-reviewer` and the experiment named `support_bot` match both instances' tables once the
-/// prefix is stripped: before, each instance claimed them and read their traces. Now the name
-/// belongs to one table (the shortest name, then the first by name), the same in both instances.
+/// One schema, one instance `prod_`, the tables of `dev_` (no instance: the prefix is a filter)
+/// named alike. A table in scope named after the app or experiment always wins: before, the
+/// shorter `dev_support_bot_payload` took the app `support-bot` and the experiment named
+/// `code_reviewer`, and no instance read them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_same_agent_under_two_prefixes_has_its_traces_read_once() {
+async fn an_instance_keeps_the_app_and_experiment_of_its_table_next_to_an_excluded_one() {
+    let (c, server) = serve(Workspace {
+        tables: BTreeMap::from([(
+            "d1",
+            vec![
+                "dev_code_reviewer_payload",
+                "dev_support_bot_payload",
+                "prod_code_reviewer_payload",
+                "prod_support_bot_payload",
+            ],
+        )]),
+        apps: vec![("support-bot", &[], "930")],
+        experiments: vec![("931", "/Users/owner@example.com/code_reviewer")],
+        ..Default::default()
+    })
+    .await;
+    let (prod, logs) = discover_in(&c, "c", "d1", "prod_").await;
+    let prod = prod.unwrap();
+
+    let app = app_agent(&prod, "support-bot");
+    assert_eq!(app.name, "prod_support_bot", "matched to its table agent");
+    assert!(!prod.is_out_of_scope(app));
+    assert_eq!(app.experiment_id.as_deref(), Some("930"));
+    let reviewer = prod
+        .agents
+        .iter()
+        .find(|a| a.name == "prod_code_reviewer")
+        .unwrap_or_else(|| panic!("prod_code_reviewer in {:?}", names(&prod)));
+    assert_eq!(reviewer.experiment_id.as_deref(), Some("931"));
+    assert_eq!(
+        readers(&[&prod]),
+        BTreeMap::from([("930".into(), 1), ("931".into(), 1)])
+    );
+    assert!(prod.agents.iter().all(|a| !prod.is_out_of_scope(a)));
+    assert!(
+        !logs.contains("out of scope") && !logs.contains("left to"),
+        "{logs}"
+    );
+    server.abort();
+}
+
+/// Instance `prod_`, an app `assistant` whose only table named after it is outside the prefix,
+/// after whole words (`test_hr_assistant_payload`): out of scope, as before, but no longer
+/// silently: a WARN names the table, who reads the app and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_left_to_a_table_outside_the_prefix_is_announced() {
+    let (c, server) = serve(Workspace {
+        tables: BTreeMap::from([(
+            "d1w",
+            vec!["prod_support_bot_payload", "test_hr_assistant_payload"],
+        )]),
+        apps: vec![("assistant", &[], "940")],
+        ..Default::default()
+    })
+    .await;
+    let (prod, logs) = discover_in(&c, "c", "d1w", "prod_").await;
+    let prod = prod.unwrap();
+    let app = app_agent(&prod, "assistant");
+    assert!(prod.is_out_of_scope(app) && app.experiment_id.is_none());
+    assert!(
+        app.table_note
+            .as_deref()
+            .is_some_and(|n| n.contains("c.d1w.test_hr_assistant_payload")),
+        "{:?}",
+        app.table_note
+    );
+    assert!(
+        logs.contains("WARN")
+            && logs.contains(
+                "app assistant is named after inference table(s) c.d1w.test_hr_assistant_payload"
+            )
+            && logs.contains("left to the instance whose DATABRICKS_PREFIX covers")
+            && logs.contains("Fix: if this instance should read them, set DATABRICKS_PREFIX")
+            && logs.contains("serving endpoint to the app's resources"),
+        "{logs}"
+    );
+    // One line, no run of spaces from a lost line continuation.
+    assert!(!logs.contains("   "), "{logs}");
+    server.abort();
+}
+
+/// One schema, instances `prod_` and `dev_`, each agent under both prefixes: the app and the
+/// experiment named without the prefix match each instance's own table, so both read them (the
+/// documented limit, as before this session's anchoring by name); neither leaves them out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_prefixes_whose_own_tables_share_a_name_both_read_it() {
     let (c, server) = serve(Workspace {
         tables: BTreeMap::from([(
             "s",
@@ -494,60 +590,86 @@ async fn the_same_agent_under_two_prefixes_has_its_traces_read_once() {
                 "prod_support_bot_payload",
             ],
         )]),
-        apps: vec![("code-reviewer", None, "900")],
-        experiments: vec![
-            ("901", "/Users/owner@example.com/support_bot"),
-            ("902", "/Users/owner@example.com/prod_code_reviewer"),
-        ],
+        apps: vec![("code-reviewer", &[], "900")],
+        experiments: vec![("901", "/Users/owner@example.com/support_bot")],
         ..Default::default()
     })
     .await;
-    let (prod, prod_logs) = discover_in(&c, "c", "s", "prod_").await;
+    let (prod, _) = discover_in(&c, "c", "s", "prod_").await;
     let prod = prod.unwrap();
-    let (dev, dev_logs) = discover_in(&c, "c", "s", "dev_").await;
+    let (dev, _) = discover_in(&c, "c", "s", "dev_").await;
     let dev = dev.unwrap();
 
     let read = readers(&[&prod, &dev]);
     assert_eq!(
         read,
-        BTreeMap::from([("900".into(), 1), ("901".into(), 1), ("902".into(), 1)]),
+        BTreeMap::from([("900".into(), 2), ("901".into(), 2)]),
         "prod: {:?}, dev: {:?}",
         traces::trace_sources(&prod, "h"),
         traces::trace_sources(&dev, "h")
     );
-    let exp = |inv: &Inventory, agent: &str| {
-        inv.agents
-            .iter()
-            .find(|a| a.name == agent)
-            .unwrap_or_else(|| panic!("{agent} in {:?}", names(inv)))
-            .experiment_id
-            .clone()
-    };
-    // `dev_support_bot` is shorter than `prod_support_bot`: the name `support_bot` is its.
-    assert_eq!(exp(&dev, "dev_support_bot").as_deref(), Some("901"));
-    assert_eq!(exp(&prod, "prod_support_bot"), None);
-    // An experiment named exactly after a prefixed agent is that agent's.
-    assert_eq!(exp(&prod, "prod_code_reviewer").as_deref(), Some("902"));
-    // The app belongs with dev_code_reviewer_payload: matched there, out of scope in prod_.
+    assert_eq!(app_agent(&prod, "code-reviewer").name, "prod_code_reviewer");
     assert_eq!(app_agent(&dev, "code-reviewer").name, "dev_code_reviewer");
-    assert_eq!(exp(&dev, "dev_code_reviewer").as_deref(), Some("900"));
-    let in_prod = app_agent(&prod, "code-reviewer");
-    assert!(prod.is_out_of_scope(in_prod) && in_prod.experiment_id.is_none());
+    server.abort();
+}
+
+/// Catalog `c`, instances `c.prod`, `c.guardrails` and `c.dev`. An app querying its own agent
+/// endpoint and a shared guardrail endpoint belongs with the one named after it: before, the
+/// first table by name (the guardrail's) decided and `c.prod` left the app out. An app named
+/// after neither is in scope wherever one of them is, with a WARN naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_querying_several_agent_endpoints_is_in_scope_where_its_own_is() {
+    let (c, server) = serve(Workspace {
+        tables: BTreeMap::from([
+            ("prod", vec!["bot_payload"]),
+            ("guardrails", vec!["safety_payload"]),
+        ]),
+        endpoints: vec![
+            ("agents_bot", "c.prod.bot_payload"),
+            ("agents_guard", "c.guardrails.safety_payload"),
+        ],
+        apps: vec![
+            ("bot", &["agents_guard", "agents_bot"], "950"),
+            ("front-desk", &["agents_bot", "agents_guard"], "951"),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let (prod, prod_logs) = discover_in(&c, "c", "prod", "").await;
+    let prod = prod.unwrap();
+    let (guard, _) = discover_in(&c, "c", "guardrails", "").await;
+    let guard = guard.unwrap();
+    let (dev, _) = discover_in(&c, "c", "dev", "").await;
+    let dev = dev.unwrap();
+
+    let bot = app_agent(&prod, "bot");
+    assert!(!prod.is_out_of_scope(bot));
+    assert_eq!(bot.experiment_id.as_deref(), Some("950"));
+    let in_guard = app_agent(&guard, "bot");
+    assert!(guard.is_out_of_scope(in_guard) && in_guard.experiment_id.is_none());
     assert!(
-        in_prod
+        in_guard
             .table_note
             .as_deref()
-            .is_some_and(|n| n.contains("c.s.dev_code_reviewer_payload")),
+            .is_some_and(|n| n.contains("agents_bot") && n.contains("c.prod.bot_payload")),
         "{:?}",
-        in_prod.table_note
+        in_guard.table_note
     );
-    // The ambiguity is a WARN naming both tables and the fix (logged once per process).
-    let logs = format!("{prod_logs}{dev_logs}");
+    // Named after neither: read where either table is (the WARN says so), not in c.dev.
+    let read = readers(&[&prod, &guard, &dev]);
+    assert_eq!(read.get("950"), Some(&1), "{read:?}");
+    assert_eq!(read.get("951"), Some(&2), "{read:?}");
+    assert!(dev.is_out_of_scope(app_agent(&dev, "front-desk")));
     assert!(
-        logs.contains("app code-reviewer is named after 2 inference tables")
-            && logs.contains("c.s.prod_code_reviewer_payload")
-            && logs.contains("Fix:"),
-        "{logs}"
+        prod_logs.contains(
+            "app front-desk queries agent endpoints whose inference tables lie in several scopes"
+        ) && prod_logs.contains("agents_guard -> c.guardrails.safety_payload")
+            && prod_logs.contains("Fix: name the app after its own agent"),
+        "{prod_logs}"
+    );
+    assert!(
+        prod_logs.contains("app bot queries agent endpoints") && !prod_logs.contains("   "),
+        "{prod_logs}"
     );
     server.abort();
 }
@@ -572,9 +694,9 @@ async fn a_schema_split_reads_an_app_querying_an_agent_endpoint_once() {
             ("agents_hr_helper", "c.dev.hr_helper_payload"),
         ],
         apps: vec![
-            ("support-bot", Some("agents_support_bot"), "910"),
-            ("hr-chat", Some("agents_hr_helper"), "911"),
-            ("travel-planner", None, "912"),
+            ("support-bot", &["agents_support_bot"], "910"),
+            ("hr-chat", &["agents_hr_helper"], "911"),
+            ("travel-planner", &[], "912"),
         ],
         ..Default::default()
     })
