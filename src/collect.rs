@@ -487,9 +487,15 @@ fn too_large(table: &str) -> CollectError {
 /// statement byte limit, leaving room for their JSON escapes and the other columns.
 pub(crate) const CUT_BUDGET_BYTES: usize = crate::databricks::sql::INLINE_BYTE_LIMIT / 2;
 
+/// The most one value read cut keeps, in bytes: within Akto's 5 MiB per string with room for
+/// the marker, so the mapping never cuts it again (a second cut would name the cut size, not the
+/// full one).
+const CUT_TEXT_MAX_BYTES: usize = crate::traffic::MAX_STRING_BYTES - 256;
+
 /// Caps, in characters, for texts of `(characters, bytes)` so that together they take about
 /// `budget` bytes: a text within its share stays whole, the larger ones share the rest equally
-/// (so a short prompt next to a huge response is never cut).
+/// (so a short prompt next to a huge response is never cut); no share is above
+/// [`CUT_TEXT_MAX_BYTES`].
 pub(crate) fn water_fill(texts: &[(usize, usize)], budget: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| texts[i].1);
@@ -497,7 +503,7 @@ pub(crate) fn water_fill(texts: &[(usize, usize)], budget: usize) -> Vec<usize> 
     let mut left = budget;
     for (k, &i) in order.iter().enumerate() {
         let (chars, bytes) = texts[i];
-        let share = left / (texts.len() - k);
+        let share = (left / (texts.len() - k)).min(CUT_TEXT_MAX_BYTES);
         if bytes <= share {
             caps[i] = chars;
             left -= bytes;
@@ -587,6 +593,23 @@ impl TableReader<'_> {
                 lookback,
                 catchup_floor,
             );
+            if let Some(r) = read_mark.filter(|r| (*r).min(self.now_us) - lookback < catchup_floor)
+            {
+                // The last complete read is older than MAX_CATCHUP_HOURS allows to reach back
+                // (with -once, the job runner's gap between runs): late rows of that gap are
+                // not read.
+                tracing::warn!(
+                    "{}: the last complete read was at {}, so late rows since {} are due, but \
+                     MAX_CATCHUP_HOURS={} reaches back only to {}: late rows before it are not \
+                     read. Fix: raise MAX_CATCHUP_HOURS above the longest gap between runs plus \
+                     LOOKBACK_MINUTES",
+                    self.table.full_name,
+                    format_timestamp(r),
+                    format_timestamp(r.min(self.now_us) - lookback),
+                    self.opts.max_catchup.as_secs() / 3600,
+                    format_timestamp(catchup_floor)
+                );
+            }
             if from <= c.time_us {
                 self.collect_late(from, c, out, &mut stats).await?;
             }
@@ -1272,6 +1295,12 @@ mod tests {
         // Everything fits: nothing is cut.
         assert_eq!(water_fill(&[(10, 10), (20, 20)], 1000), vec![10, 20]);
         assert_eq!(water_fill(&[(10, 10)], 0), vec![0]);
+        // One huge text never keeps more than Akto takes in one string (with the marker).
+        let huge = 20 << 20;
+        assert_eq!(
+            water_fill(&[(huge, huge)], 6 << 20),
+            vec![CUT_TEXT_MAX_BYTES]
+        );
     }
 
     #[test]
