@@ -609,6 +609,8 @@ impl Redactor {
     ) -> Option<usize> {
         let end = string_end(s.as_bytes(), from);
         let literal = format!("\"{}\"", s.get(from..end)?);
+        #[cfg(test)]
+        tests::DECODED.with(|c| c.set(c.get() + literal.len()));
         let text: String = serde_json::from_str(&literal).ok()?;
         let redacted = self.redact_at(&text, is_json(&text), counts, depth + 1);
         if let Some(r) = redacted {
@@ -1900,6 +1902,8 @@ mod tests {
         pub(super) static JWT_SCANNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         /// Steps `nested_value_end` took on this thread.
         pub(super) static NESTED_SCANNED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+        /// Bytes of `\u00XX`-escaped strings decoded on this thread.
+        pub(super) static DECODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         /// Bytes handed to the JSON validity check on this thread.
         pub(super) static JSON_PARSED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     }
