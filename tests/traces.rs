@@ -221,7 +221,20 @@ async fn otel_table() -> (
     String,
     databricks_shield::databricks::sql::Warehouse,
 ) {
-    let emu = emulator(emulator_config()).await;
+    otel_table_of(emulator_config()).await
+}
+
+/// [`otel_table`] of an emulator configured as `cfg`.
+async fn otel_table_of(
+    cfg: databricks_emulator::EmulatorConfig,
+) -> (
+    databricks_emulator::Emulator,
+    databricks_shield::databricks::DatabricksClient,
+    Inventory,
+    String,
+    databricks_shield::databricks::sql::Warehouse,
+) {
+    let emu = emulator(cfg).await;
     let c = client(&emu.base_url(), "emulator-client", SECRET);
     let inv = discover(&emu).await;
     let table = inv
@@ -423,15 +436,7 @@ async fn otel_spans_larger_than_a_statement_are_read_with_their_attributes_cut()
     // One TOOL span returned a 3 KB document; the limit holds every other span alone.
     let mut cfg = emulator_config();
     cfg.otel_output_bytes = 3000;
-    let emu = emulator(cfg).await;
-    let c = client(&emu.base_url(), "emulator-client", SECRET);
-    let inv = discover(&emu).await;
-    let table = inv
-        .otel_span_tables
-        .first()
-        .expect("an OTel span table")
-        .clone();
-    let (wh, _) = c.choose_warehouse(None).await.unwrap();
+    let (emu, c, inv, table, wh) = otel_table_of(cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let state = StateStore::open(dir.path(), false).unwrap();
     let (_, want) = read_otel(&c, &state, &wh.id, &table, &inv).await;
