@@ -4,33 +4,41 @@
 //! Off by default: Akto's own sensitive-data detection needs the raw values. When on, every
 //! match is replaced by `[REDACTED:<kind>]`.
 //!
-//! Kinds: `email`, `phone`, `card` (13-19 digits, Luhn-checked), `ssn` (US, `ddd-dd-dddd`),
-//! `iban` (mod-97 checked), and the secrets `aws_key` (`AKIA...`), `databricks_token`
-//! (`dapi...`), `jwt`, `private_key` (PEM and PGP private key blocks), `password` (`api_key=`,
-//! `password: ...`, `"clientSecret": "..."`, `password='...'`, `token`, `authorization`,
-//! `cookie`, `credentials` style assignments, also inside JSON-encoded strings at any depth;
-//! the credential of `Authorization: Bearer <credential>` and of `Bearer <20+ characters>`
-//! anywhere; a secret-named JSON member whose value is a number, an array or an object, masked
-//! whole; and the whole value of a header named like a secret). In `REDACT_KINDS`,
-//! `secret`/`secrets` selects all five secret kinds.
+//! Kinds: `email`, `phone`, `card` (13-19 digits, Luhn-checked), `ssn` (US, `ddd-dd-dddd`), `iban`
+//! (mod-97 checked), and the secrets `aws_key` (`AKIA...`), `databricks_token` (`dapi...`), `jwt`,
+//! `private_key` (PEM and PGP private key blocks), `password` (`api_key=`, `password: ...`,
+//! `"clientSecret": "..."`, `password='...'`, `token`, `authorization`, `cookie`, `credentials`
+//! style assignments, also inside JSON-encoded strings at any depth; the credential of
+//! `Authorization: Bearer <credential>` and of `Bearer <20+ characters>` anywhere, `\/` in it
+//! included; a secret-named JSON member whose value is a number, an array or an object, masked
+//! whole; and the whole value of a header named like a secret). A name ending in `token` or `auth`
+//! alone (`token`, `csrf_token`, `oauth`) also names what is no secret (logprobs and TGI `token`s,
+//! `auth` settings, prose): its value is masked only when it is a string shaped like a credential
+//! (16+ characters, no spaces, not a plain word); `access_token`, `id_token`, `x-auth-token` and
+//! the like mask any value. In `REDACT_KINDS`, `secret`/`secrets` selects all five secret kinds.
 //!
 //! JSON stays valid: a payload that parses as JSON, or a JSON document cut by the truncation
 //! marker, is scanned as JSON; anything else (a log line starting with `[INFO]`, a Python
 //! `{'k': 'v'}`) is plain text. Inside strings a match never starts or ends inside an escape
-//! sequence and the replacement has no character that needs escaping; a replaced JSON value
-//! that is not a string (a card number written as a JSON number, masked only when its key names
-//! a card; a secret-named member's number or array) is quoted, with escaped quotes in JSON inside
-//! a string. A string with a printable character written as `\u00XX` (.NET writes `"` as
-//! `\u0022`, `+` as `\u002B`) is looked at decoded, and escaped again only when something in it
-//! was masked. Redaction is a single pass over the bytes that only looks closer at token starts
+//! sequence and the replacement has no character that needs escaping; a replaced JSON value that is
+//! not a string (a card number written as a JSON number, masked only when its key names a card; a
+//! secret-named member's number or array) is quoted, with escaped quotes in JSON inside a string. A
+//! string with a printable character written as `\u00XX` (.NET writes `"` as `\u0022`, `+` as
+//! `\u002B`) is looked at decoded, and escaped again only when something in it was masked; a decode
+//! stops at an escape that does not decode (a lone surrogate, an escape cut by the truncation
+//! marker) and goes on after it, so each byte is decoded once. In JSON inside strings a quote's
+//! level is read from its run of backslashes, escaped backslashes ending a string included
+//! (`\"x\\\\\"`). Redaction is a single pass over the bytes that only looks closer at token starts
 //! and at `@`, `\`, `:`, `=` and `-----BEGIN`; a detector that fails does not scan the same run
-//! again, so the cost stays linear (a JSON validity check plus a fraction of a parse; the ends
-//! of values in JSON nested in strings, near-linear: one pass per nesting level at most).
+//! again, so the cost stays linear (a JSON validity check plus a fraction of a parse; the ends of
+//! values in JSON nested in strings, near-linear: one pass per nesting level at most).
 //!
 //! Not over-masked: JSON numbers (timestamps, ids) other than under a card key, also as member
 //! values of JSON inside a string (tool-call arguments: `{\"start_ms\": 1700000000004}`; array
 //! elements there are still looked at as text), a whole string value of a key naming an id or a
-//! time (`span_id`, `timestamp_ms`), counts of tokens (`max_tokens`, `prompt_tokens`), dates
+//! time (`span_id`, `timestamp_ms`), counts of tokens (`max_tokens`, `prompt_tokens`),
+//! pagination and latency names (`next_page_token`, `NextToken`, `time_to_first_token`),
+//! `true`/`false`/`null` of a secret name (also in JSON inside a string), dates
 //! (`2024-01-15 10:30`) and IPv4 addresses. A secret cut by the truncation marker (`dapi0123...`,
 //! `AKIA...`, a JWT after its header) is masked although shorter than a whole one.
 //!
@@ -237,9 +245,9 @@ const STRUCTURAL_HEADERS: [&str; 19] = [
 ];
 
 /// Names whose value is a secret: a key (or header name) whose lowercase letters and digits
-/// end with one of these (see [`is_secret_key`]). `token` covers `access_token`, `id_token`,
+/// end with one of these (see [`secret_name`]). `token` covers `access_token`, `id_token`,
 /// `x-auth-token`, ...; `tokens`, `max_tokens`, `token_count` and the other counts of tokens do
-/// not end with it.
+/// not end with it. `token` and `auth` alone are [`SHAPE_CHECKED_KEYS`].
 const SECRET_KEYS: [&str; 15] = [
     "password",
     "passwd",
@@ -263,9 +271,36 @@ const SECRET_KEY_ENDINGS: [[u8; 2]; 11] = [
     *b"rd", *b"wd", *b"et", *b"ey", *b"en", *b"th", *b"on", *b"er", *b"ie", *b"al", *b"ls",
 ];
 
+/// Names of [`SECRET_KEYS`] that also name what is no secret: a `token` of logprobs or of a
+/// TGI stream (`{"token": "Hello"}`, `{"token": {"id": 4013, ...}}`), an `auth` settings
+/// object, prose (`each token: a piece`). Their value is masked only when it is a string shaped
+/// like a credential ([`credential_shaped`]), unless the name is one of
+/// [`CREDENTIAL_NAMES`].
+const SHAPE_CHECKED_KEYS: [&str; 2] = ["token", "auth"];
+
+/// Names ending with one of [`SHAPE_CHECKED_KEYS`] whose value is a credential whatever its
+/// shape (`access_token`, `x-auth-token`, `basic_auth`): masked as any other secret name.
+const CREDENTIAL_NAMES: [&str; 14] = [
+    "accesstoken",
+    "refreshtoken",
+    "idtoken",
+    "apitoken",
+    "authtoken",
+    "bearertoken",
+    "sessiontoken",
+    "securitytoken",
+    "secrettoken",
+    "oauthtoken",
+    "privatetoken",
+    "csrftoken",
+    "xsrftoken",
+    "basicauth",
+];
+
 /// Names ending like a secret name that are not secrets: a tokenizer's special tokens
-/// (`eos_token: "</s>"`) and limits (`max_token`).
-const NOT_SECRET_KEYS: [&str; 10] = [
+/// (`eos_token: "</s>"`), limits (`max_token`), pagination (`next_page_token`, `NextToken`)
+/// and latency (`time_to_first_token`).
+const NOT_SECRET_KEYS: [&str; 16] = [
     "eostoken",
     "bostoken",
     "padtoken",
@@ -276,6 +311,12 @@ const NOT_SECRET_KEYS: [&str; 10] = [
     "stoptoken",
     "maxtoken",
     "maxnewtoken",
+    "pagetoken",
+    "nexttoken",
+    "prevtoken",
+    "previoustoken",
+    "continuationtoken",
+    "firsttoken",
 ];
 
 /// Authorization schemes written before a credential (`Authorization: Bearer <token>`): the
@@ -425,8 +466,13 @@ impl Redactor {
                 continue;
             }
             // A header named like a secret (`x-databricks-metadata-api-key`) is masked whole.
+            let secret = match secret_name(k.as_bytes()) {
+                Some(SecretName::Any) => true,
+                Some(SecretName::Shaped) => credential_shaped(v.as_bytes(), false),
+                None => false,
+            };
             if self.enabled(RedactKind::Password)
-                && is_secret_key(k.as_bytes())
+                && secret
                 && !v.is_empty()
                 && v != RedactKind::Password.replacement()
             {
@@ -490,6 +536,8 @@ impl Redactor {
         let mut str_start = 0usize;
         // Start of the current run without escapes or quotes: matches never reach before it.
         let mut seg = 0usize;
+        // Bytes of `\u00XX`-escaped strings before this were decoded already.
+        let mut decoded_to = 0usize;
         let mut i = 0usize;
         let n = bytes.len();
         while i < n {
@@ -529,19 +577,34 @@ impl Redactor {
                 }
                 // A printable ASCII character written as `\u00XX` (.NET writes `"`, `+`, `'`,
                 // `<`, `>` and `&` so): the string is looked at decoded.
+                // Each byte is decoded once: a decode stops at an escape that does not decode
+                // (a lone surrogate, an escape cut by the truncation marker) and the next one
+                // starts after it, never again at the start of the string.
                 if json
                     && in_string
                     && depth < MAX_ESCAPED_DEPTH
                     && escaped_byte(bytes, i).is_some_and(|c| (b' '..=b'~').contains(&c))
                 {
-                    let from = copied.max(str_start + 1);
-                    if let Some(end) =
-                        self.redact_escaped_string(s, from, &mut out, &mut copied, counts, depth)
-                    {
-                        i = end;
-                        seg = i;
-                        continue;
+                    let mut from = copied.max(str_start + 1).max(decoded_to);
+                    loop {
+                        let (stop, bad) = self.redact_escaped_string(
+                            s,
+                            from,
+                            &mut out,
+                            &mut copied,
+                            counts,
+                            depth,
+                        );
+                        decoded_to = stop + bad;
+                        // Stopped before this escape: go on decoding after the bad one.
+                        if stop > i || bad == 0 {
+                            i = stop;
+                            break;
+                        }
+                        from = decoded_to;
                     }
+                    seg = i;
+                    continue;
                 }
                 // Inside JSON an escape is skipped whole; in text a backslash is a boundary.
                 let len = if json && in_string {
@@ -595,9 +658,11 @@ impl Redactor {
 
     /// The rest of a JSON string, from `from` (inside its literal, not inside an escape) to its
     /// closing quote, decoded, redacted and escaped again (serde_json's way) when anything in it
-    /// matched; left as written otherwise. Returns where the scan goes on (the closing quote),
-    /// or `None` when the rest does not decode (a string cut inside an escape): then it is
-    /// scanned as written.
+    /// matched; left as written otherwise. The decode stops at an escape that does not decode
+    /// (a lone surrogate such as `\ud800`, an escape cut by the truncation marker): the text
+    /// before it is redacted all the same, as JSON when it is the start of a JSON document.
+    /// Returns where the decode stopped (the closing quote, or the bad escape) and the length
+    /// of the bad escape (0 at the closing quote).
     fn redact_escaped_string(
         &self,
         s: &str,
@@ -606,22 +671,24 @@ impl Redactor {
         copied: &mut usize,
         counts: &mut RedactionCounts,
         depth: usize,
-    ) -> Option<usize> {
+    ) -> (usize, usize) {
         let end = string_end(s.as_bytes(), from);
-        let literal = format!("\"{}\"", s.get(from..end)?);
-        #[cfg(test)]
-        tests::DECODED.with(|c| c.set(c.get() + literal.len()));
-        let text: String = serde_json::from_str(&literal).ok()?;
-        let redacted = self.redact_at(&text, is_json(&text), counts, depth + 1);
+        let (text, stop, bad) = decode_literal(s, from, end);
+        let json = if bad == 0 {
+            is_json(&text)
+        } else {
+            starts_json(&text)
+        };
+        let redacted = self.redact_at(&text, json, counts, depth + 1);
         if let Some(r) = redacted {
             let o = out.get_or_insert_with(|| String::with_capacity(s.len() + 32));
             o.push_str(s.get(*copied..from).unwrap_or(""));
             let mut escaped = String::with_capacity(r.len() + 2);
             write_json_str(&mut escaped, &r);
             o.push_str(&escaped[1..escaped.len() - 1]);
-            *copied = end;
+            *copied = stop;
         }
-        Some(end)
+        (stop, bad)
     }
 
     /// The end of the JWT, Databricks token or AWS key starting at `start`, if one of the enabled
@@ -735,7 +802,7 @@ impl Redactor {
             }
             b'A'..=b'Z' if !prev_word => {
                 if b == b'B' && self.enabled(RedactKind::Password) {
-                    if let Some((start, end)) = bearer(bytes, i) {
+                    if let Some((start, end)) = bearer(bytes, i, json && in_string) {
                         return hit(start, end, RedactKind::Password);
                     }
                 }
@@ -850,6 +917,91 @@ fn is_json(s: &str) -> bool {
         Some(body) => parse(body).is_err_and(|e| e.is_eof()),
         None => parses(s),
     }
+}
+
+/// Is `s` the start of a JSON object, array or string (the text decoded before an escape
+/// that does not decode): it parses, or fails only for want of more text.
+fn starts_json(s: &str) -> bool {
+    match s.trim_start().as_bytes().first() {
+        Some(b'{' | b'[' | b'"') => parse(s).map_or_else(|e| e.is_eof(), |_| true),
+        _ => false,
+    }
+}
+
+/// The literal of a JSON string, `s[from..end]` (no quotes), decoded up to `end` or to its
+/// first escape that does not decode (a lone surrogate, an escape cut short): the text, where
+/// the decode stopped, and the length of the escape it stopped at (0 when it reached `end`).
+/// Linear; serde_json would refuse the whole literal for one such escape.
+fn decode_literal(s: &str, from: usize, end: usize) -> (String, usize, usize) {
+    #[cfg(test)]
+    tests::DECODED.with(|c| c.set(c.get() + end.saturating_sub(from)));
+    let bytes = s.as_bytes();
+    let hex4 = |j: usize| -> Option<u32> {
+        let h = bytes
+            .get(j..j + 4)
+            .filter(|h| j + 4 <= end && h.iter().all(u8::is_ascii_hexdigit))?;
+        u32::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
+    };
+    let mut text = String::with_capacity(end.saturating_sub(from));
+    let mut j = from;
+    while j < end {
+        let Some(k) = bytes[j..end].iter().position(|c| *c == b'\\') else {
+            text.push_str(s.get(j..end).unwrap_or(""));
+            break;
+        };
+        text.push_str(s.get(j..j + k).unwrap_or(""));
+        j += k;
+        let decoded = match bytes.get(j + 1).filter(|_| j + 1 < end) {
+            Some(b'"') => Some(('"', 2)),
+            Some(b'\\') => Some(('\\', 2)),
+            Some(b'/') => Some(('/', 2)),
+            Some(b'b') => Some(('\u{8}', 2)),
+            Some(b'f') => Some(('\u{c}', 2)),
+            Some(b'n') => Some(('\n', 2)),
+            Some(b'r') => Some(('\r', 2)),
+            Some(b't') => Some(('\t', 2)),
+            Some(b'u') => match hex4(j + 2) {
+                Some(hi @ 0xD800..=0xDBFF) => {
+                    let lo = bytes
+                        .get(j + 6..j + 8)
+                        .filter(|e| *e == b"\\u")
+                        .and_then(|_| hex4(j + 8))
+                        .filter(|lo| (0xDC00..=0xDFFF).contains(lo));
+                    lo.and_then(|lo| {
+                        char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00))
+                    })
+                    .map(|c| (c, 12))
+                }
+                Some(u) => char::from_u32(u).map(|c| (c, 6)),
+                None => None,
+            },
+            _ => None,
+        };
+        match decoded {
+            Some((c, len)) => {
+                text.push(c);
+                j += len;
+            }
+            None => {
+                // Skip the bad escape: the backslash, its letter, and the hex digits after `u`.
+                let mut len = 1 + usize::from(j + 1 < end);
+                if bytes.get(j + 1) == Some(&b'u') {
+                    len += bytes
+                        .get(j + 2..end)
+                        .unwrap_or(&[])
+                        .iter()
+                        .take(4)
+                        .take_while(|c| c.is_ascii_hexdigit())
+                        .count();
+                }
+                while j + len < end && !s.is_char_boundary(j + len) {
+                    len += 1;
+                }
+                return (text, j, len);
+            }
+        }
+    }
+    (text, end, 0)
 }
 
 /// Parse `t` as JSON, keeping nothing.
@@ -1374,15 +1526,23 @@ fn aws_key(bytes: &[u8], i: usize) -> Option<usize> {
 
 /// The credential of `Bearer <credential>` (at least 20 token characters, fewer when the
 /// truncation marker cuts it), wherever it is written (`curl -H "Authorization: Bearer ..."`
-/// in a prompt, a log line). A JWT or a Databricks token after `Bearer` is left to its own
-/// detector, which names its kind.
-fn bearer(bytes: &[u8], i: usize) -> Option<(usize, usize)> {
+/// in a prompt, a log line; inside a JSON string (`in_json_string`) `\/` is part of it). A JWT
+/// or a Databricks token after `Bearer` is left to its own detector, which names its kind.
+fn bearer(bytes: &[u8], i: usize, in_json_string: bool) -> Option<(usize, usize)> {
     if !bytes.get(i..)?.starts_with(b"Bearer ") {
         return None;
     }
     let start = i + 7 + bytes[i + 7..].iter().take_while(|c| **c == b' ').count();
     let token = |c: &u8| c.is_ascii_alphanumeric() || b"-._~+/=".contains(c);
-    let mut end = start + bytes[start..].iter().take_while(|c| token(c)).count();
+    let mut end = start;
+    loop {
+        match bytes.get(end) {
+            Some(c) if token(c) => end += 1,
+            // Inside a JSON string `\/` is a `/` (PHP, Go's encoders write it so).
+            Some(b'\\') if in_json_string && bytes.get(end + 1) == Some(&b'/') => end += 2,
+            _ => break,
+        }
+    }
     // `.` ending a sentence (or starting the marker) is not part of the credential.
     while end > start && bytes[end - 1] == b'.' {
         end -= 1;
@@ -1536,12 +1696,22 @@ fn ends_value(c: u8) -> bool {
     )
 }
 
-/// Does `key` name a secret? Compared without case and without `_`, `-` and `.`, so
-/// `client_secret`, `clientSecret`, `SecretAccessKey` and `x-databricks-metadata-api-key` all
-/// end with a name of [`SECRET_KEYS`].
-fn is_secret_key(key: &[u8]) -> bool {
+/// How the value of a secret name is masked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SecretName {
+    /// Any value (`password`, `api_key`, `access_token`, `authorization`, `cookie`).
+    Any,
+    /// A string value shaped like a credential only (`token`, `auth`: see
+    /// [`SHAPE_CHECKED_KEYS`]).
+    Shaped,
+}
+
+/// Does `key` name a secret, and how is its value masked? Compared without case and without
+/// `_`, `-` and `.`, so `client_secret`, `clientSecret`, `SecretAccessKey` and
+/// `x-databricks-metadata-api-key` all end with a name of [`SECRET_KEYS`].
+fn secret_name(key: &[u8]) -> Option<SecretName> {
     if key.len() > MAX_KEY {
-        return false;
+        return None;
     }
     // Quick reject (this runs at every `:` and `=`): every name of SECRET_KEYS ends with one
     // of these pairs of letters (`role`, `type`, `name`, `messages` do not).
@@ -1551,10 +1721,10 @@ fn is_secret_key(key: &[u8]) -> bool {
         .filter(|c| !matches!(c, b'_' | b'-' | b'.'))
         .map(u8::to_ascii_lowercase);
     let (Some(last), Some(before)) = (tail.next(), tail.next()) else {
-        return false;
+        return None;
     };
     if !SECRET_KEY_ENDINGS.contains(&[before, last]) {
-        return false;
+        return None;
     }
     let mut buf = [0u8; MAX_KEY];
     let mut n = 0usize;
@@ -1565,8 +1735,49 @@ fn is_secret_key(key: &[u8]) -> bool {
         }
     }
     let key = &buf[..n];
-    SECRET_KEYS.iter().any(|k| key.ends_with(k.as_bytes()))
-        && !NOT_SECRET_KEYS.iter().any(|k| key.ends_with(k.as_bytes()))
+    let ends = |names: &[&str]| names.iter().any(|k| key.ends_with(k.as_bytes()));
+    if ends(&NOT_SECRET_KEYS) {
+        return None;
+    }
+    let any = SECRET_KEYS
+        .iter()
+        .filter(|k| !SHAPE_CHECKED_KEYS.contains(k))
+        .any(|k| key.ends_with(k.as_bytes()));
+    if any || ends(&CREDENTIAL_NAMES) {
+        Some(SecretName::Any)
+    } else if ends(&SHAPE_CHECKED_KEYS) {
+        Some(SecretName::Shaped)
+    } else {
+        None
+    }
+}
+
+/// Fewest bytes of a credential under a name of [`SHAPE_CHECKED_KEYS`].
+const MIN_CREDENTIAL: usize = 16;
+
+/// Is the value `v` (as written; `\/` is a `/`) shaped like a credential: at least
+/// [`MIN_CREDENTIAL`] bytes of letters, digits and `-._~+/=:%` (no spaces, no brackets), and
+/// not a plain word (it has a digit, or both upper- and lowercase letters)? A value `cut` by
+/// the truncation marker (or running into it) is one when it is such bytes, however short.
+fn credential_shaped(v: &[u8], cut: bool) -> bool {
+    let (mut digit, mut upper, mut lower) = (false, false, false);
+    let mut j = 0usize;
+    while j < v.len() {
+        match v[j] {
+            b'0'..=b'9' => digit = true,
+            b'A'..=b'Z' => upper = true,
+            b'a'..=b'z' => lower = true,
+            b'.' if at_marker(v, j) => return j > 0,
+            b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'=' | b':' | b'%' => {}
+            b'\\' if v.get(j + 1) == Some(&b'/') => j += 1,
+            _ => return false,
+        }
+        j += 1;
+    }
+    if cut {
+        return !v.is_empty();
+    }
+    v.len() >= MIN_CREDENTIAL && (digit || (upper && lower))
 }
 
 /// Longest key looked at.
@@ -1584,21 +1795,30 @@ fn backslashes_before(bytes: &[u8], end: usize, floor: usize) -> usize {
         .count()
 }
 
+/// The level of a `"` after a run of `run` backslashes: how many of them escape the quote
+/// itself (0 for a bare quote, 1 in JSON inside a JSON string, then 3, 7, ...). The others are
+/// escaped backslashes ending the string content before it: a run is `q + 2k(q + 1)` for `k`
+/// backslashes in the content of a string closed by a quote of level `q` (`"x\\"` in JSON
+/// inside a string is written `\"x\\\\\"`, five), so `q + 1` is the largest power of two
+/// dividing `run + 1`.
+fn quote_level(run: usize) -> usize {
+    let n = run.saturating_add(1);
+    (n & n.wrapping_neg()) - 1
+}
+
 /// The end of a value quoted by `q` backslashes and a `"` (JSON-encoded JSON, `q` = 1, 3, 7 for
-/// one, two, three levels): the next run of exactly `q` backslashes before a `"`. A run of
-/// `2q + 1`, `4q + 3`, ... is a quote escaped inside the value (one, two levels deeper); any
-/// other run before a `"` (or a bare `"`) ends an enclosing string or is not JSON at this
-/// depth, and then there is no value. Stopping there keeps the scan near-linear: a scan
-/// for `q` only passes quotes of deeper levels, so a byte is passed by at most one scan per
-/// level (`pwd:\"x pwd:\\"x pwd:\\\"x ...` scanned the rest of the text from every `pwd:`).
+/// one, two, three levels; see [`quote_level`]): the next quote of the same level, after the
+/// escaped backslashes ending the value (`\"x\\\\\"` is the value `x\`: five backslashes).
+/// A quote of a deeper level is a quote escaped inside the value; one of a shallower level (or
+/// a bare `"`) ends an enclosing string or is not JSON at this depth, and then there is no
+/// value. Stopping there keeps the scan near-linear: a scan for `q` only passes quotes of
+/// deeper levels, so a byte is passed by at most one scan per level (`pwd:\"x pwd:\\"x
+/// pwd:\\\"x ...` scanned the rest of the text from every `pwd:`).
 fn nested_value_end(bytes: &[u8], start: usize, q: usize) -> Option<usize> {
-    let deeper = |run: usize| {
-        let mut level = 2 * q + 1;
-        while level < run {
-            level = 2 * level + 1;
-        }
-        level == run
-    };
+    let q = quote_level(q);
+    if q == 0 {
+        return None;
+    }
     let mut j = start;
     while j < bytes.len() {
         #[cfg(test)]
@@ -1610,10 +1830,12 @@ fn nested_value_end(bytes: &[u8], start: usize, q: usize) -> Option<usize> {
                 #[cfg(test)]
                 tests::NESTED_SCANNED.with(|c| c.set(c.get() + run));
                 if bytes.get(j + run) == Some(&b'"') {
-                    if run == q {
-                        return Some(j);
+                    let level = quote_level(run);
+                    if level == q {
+                        // The escaped backslashes before the quote end the value.
+                        return Some(j + run - q);
                     }
-                    if !deeper(run) {
+                    if level < q {
                         return None;
                     }
                     j += run + 1;
@@ -1666,9 +1888,10 @@ fn assignment(
     while k_start > floor && key_char(bytes[k_start - 1]) {
         k_start -= 1;
     }
-    if k_start == k_end || !is_secret_key(&bytes[k_start..k_end]) {
+    if k_start == k_end {
         return None;
     }
+    let shaped = secret_name(&bytes[k_start..k_end])? == SecretName::Shaped;
     // Forward to the value.
     let mut v = op + 1;
     while v < bytes.len() && bytes[v] == b' ' {
@@ -1679,6 +1902,11 @@ fn assignment(
         .take_while(|c| **c == b'\\')
         .count();
     let opens_value = |c: Option<&u8>| matches!(c, Some(b'0'..=b'9' | b'-' | b'[' | b'{'));
+    // `true`, `false` and `null` of a quoted key (JSON, also inside a string) hide nothing and
+    // stay as they are: a mask without quotes would break JSON inside a string.
+    if key_quote.is_some() && json_literal_at(bytes, v) {
+        return None;
+    }
     let (start, end) = if json && !in_string {
         // `"key": "value"` in JSON: the value is a whole string; a number, an array or an
         // object is replaced whole by the (quoted) mask.
@@ -1686,6 +1914,10 @@ fn assignment(
             return None;
         }
         if opens_value(bytes.get(v)) {
+            // A `token` object or number (TGI's `{"id": 4013, ...}`) is no credential.
+            if shaped {
+                return None;
+            }
             let end = json_value_end(bytes, v);
             return (end > v).then_some((v, end, Some(0)));
         }
@@ -1693,10 +1925,17 @@ fn assignment(
             return None;
         }
         let start = v + 1;
-        (start, string_end(bytes, start))
+        // A string cut by the truncation marker is masked up to the marker, which stays.
+        let end = match string_end(bytes, start) {
+            end if end == bytes.len() => cut_marker_start(bytes)
+                .filter(|m| *m > start)
+                .unwrap_or(end),
+            end => end,
+        };
+        (start, end)
     } else if let (true, Some(r)) = (in_string && opens_value(bytes.get(v)), key_quote) {
         // `\"key\": 12345678` in JSON inside a JSON string: replaced whole, quoted as the key.
-        if r.is_multiple_of(2) {
+        if r.is_multiple_of(2) || shaped {
             return None;
         }
         let end = nested_json_value_end(bytes, v, r);
@@ -1738,29 +1977,43 @@ fn assignment(
         {
             let credential_end = bare_value_end(bytes, after, json && in_string);
             if credential_end > after {
-                return (!bytes[after..credential_end].starts_with(b"[REDACTED:")).then_some((
-                    after,
-                    credential_end,
-                    None,
-                ));
+                let credential = &bytes[after..credential_end];
+                let masked = credential.starts_with(b"[REDACTED:")
+                    || (shaped && !credential_shaped(credential, at_marker(bytes, credential_end)));
+                return (!masked).then_some((after, credential_end, None));
             }
         }
         (v, end)
     };
-    if end <= start || bytes[start..end].starts_with(b"[REDACTED:") {
+    if end <= start
+        || bytes[start..end].starts_with(b"[REDACTED:")
+        || (shaped && !credential_shaped(&bytes[start..end], at_marker(bytes, end)))
+    {
         return None;
     }
     Some((start, end, None))
 }
 
-/// The end of an unquoted assignment value starting at `v`: the first byte that
-/// [`ends_value`], or `-----BEGIN `. Inside a JSON string (`in_json_string`) an escape is part
-/// of the value (`wJalrXUtnFEMI\/K7MDENG`) unless it stands for a byte that ends it (`\"`,
+/// Does the JSON literal `true`, `false` or `null` start at `v` (and end there as a token)?
+fn json_literal_at(bytes: &[u8], v: usize) -> bool {
+    let rest = bytes.get(v..).unwrap_or(&[]);
+    [&b"true"[..], b"false", b"null"]
+        .iter()
+        .any(|w| rest.starts_with(w) && ends_token(bytes, v + w.len()))
+}
+
+/// The end of an unquoted assignment value starting at `v`: the first byte that [`ends_value`],
+/// `-----BEGIN ` or the truncation marker. Inside a JSON string (`in_json_string`) an escape is
+/// part of the value (`wJalrXUtnFEMI\/K7MDENG`) unless it stands for a byte that ends it (`\"`,
 /// `\n`, `\t`, `\u0022`, ...): the value is not cut short at its first escaped `/`.
 fn bare_value_end(bytes: &[u8], v: usize, in_json_string: bool) -> usize {
     let mut j = v;
     while j < bytes.len() && !bytes[j..].starts_with(b"-----BEGIN ") {
         let c = bytes[j];
+        // The truncation marker is not part of the value: it stays whole.
+        if c == b'.' && at_marker(bytes, j) {
+            break;
+        }
         if c == b'\\' && in_json_string {
             let (stands_for, len) = match bytes.get(j + 1) {
                 Some(b'u') => (escaped_byte(bytes, j), 6),
@@ -1846,9 +2099,11 @@ fn find_last(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// [`json_value_end`] for a value of JSON inside a JSON string, whose quotes are preceded by
-/// `r` backslashes (odd). A value that does not close before its enclosing string does (a bare
-/// `"` or a shorter run before one) ends there: the rest of that string is masked.
+/// `r` backslashes (odd; a quote's level is read as [`quote_level`] says, so a string ending in
+/// escaped backslashes closes). A value that does not close before its enclosing string does
+/// (a bare `"` or a quote of a shallower level) ends there: the rest of that string is masked.
 fn nested_json_value_end(bytes: &[u8], v: usize, r: usize) -> usize {
+    let r = quote_level(r);
     if bytes[v] != b'[' && bytes[v] != b'{' {
         let n = bytes[v..]
             .iter()
@@ -1864,10 +2119,13 @@ fn nested_json_value_end(bytes: &[u8], v: usize, r: usize) -> usize {
             b'\\' => {
                 let run = bytes[j..].iter().take_while(|c| **c == b'\\').count();
                 if bytes.get(j + run) == Some(&b'"') {
-                    if run < r {
+                    // Escaped backslashes may end a string before its quote (see
+                    // [`quote_level`]).
+                    let level = quote_level(run);
+                    if level < r {
                         return j;
                     }
-                    if run == r {
+                    if level == r {
                         in_str = !in_str;
                     }
                     j += run + 1;
@@ -1906,6 +2164,11 @@ mod tests {
         pub(super) static DECODED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
         /// Bytes handed to the JSON validity check on this thread.
         pub(super) static JSON_PARSED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
+    /// Does `key` name a secret (whatever the shape of its value)?
+    fn is_secret_key(key: &[u8]) -> bool {
+        secret_name(key).is_some()
     }
 
     /// Redact with all kinds; the output (the input when nothing matched).
@@ -2174,6 +2437,15 @@ mod tests {
             red(&format!("key AKIAIOSFOD{m}")),
             format!("key [REDACTED:aws_key]{m}")
         );
+        // A secret value cut by the marker is masked up to it; the marker stays whole.
+        assert_eq!(
+            red(&format!("password=abc{m}")),
+            format!("password=[REDACTED:password]{m}")
+        );
+        assert_eq!(
+            red(&format!(r#"{{"password":"abc{m}"#)),
+            format!(r#"{{"password":"[REDACTED:password]{m}"#)
+        );
         // Not cut: a short one is not a token.
         assert_eq!(
             red("dapi0123456789abcdef01234567 AKIAIOSFOD."),
@@ -2429,7 +2701,7 @@ mod tests {
                 r#"{"t":"Authorization: Bearer [REDACTED:password]"}"#,
             ),
             (
-                r#"{"token":"abc123secret","auth":"u:p","cookie":"sid=1","aws_credentials":[1]}"#,
+                r#"{"token":"abc123secret0123456","auth":"dXNlcjpwYXNzd29yZA==","cookie":"sid=1","aws_credentials":[1]}"#,
                 r#"{"token":"[REDACTED:password]","auth":"[REDACTED:password]","cookie":"[REDACTED:password]","aws_credentials":"[REDACTED:password]"}"#,
             ),
             (
@@ -2686,5 +2958,210 @@ mod tests {
             red(&cut),
             format!(r#"{{"password":"[REDACTED:password]"{}"#, marker(999))
         );
+    }
+
+    /// Bytes of `\u00XX`-escaped strings decoded while `f` ran.
+    fn decoded_by(f: impl FnOnce()) -> usize {
+        DECODED.with(|c| c.set(0));
+        f();
+        DECODED.with(|c| c.get())
+    }
+
+    #[test]
+    fn a_string_that_does_not_decode_whole_is_decoded_once() {
+        // Go and .NET write `"` as `\u0022`; the string is cut inside an escape, or holds a
+        // lone surrogate (JSON all the same): every escape decoded the rest of the string again.
+        let body = r"word \u0022q\u0022 ".repeat(2000);
+        let cut = format!(r#"{{"a":"{body}\u00{}"#, marker(999_999));
+        let lone = format!(r#"{{"a":"{body}\ud800"}}"#);
+        let lone_first = format!(r#"{{"a":"\udc00 {body}"}}"#);
+        for text in [&cut, &lone, &lone_first] {
+            assert!(is_json(text), "{text}");
+            let n = decoded_by(|| assert_eq!(&red(text), text));
+            assert!(n <= 2 * text.len(), "{n} bytes decoded for {}", text.len());
+        }
+        // What decodes before (and after) such an escape is still looked at decoded.
+        let out = red(
+            r#"{"a":"{\u0022password\u0022:\u0022hunter2\u0022} \ud800 \u0027+14155551234\u0027"}"#,
+        );
+        assert_eq!(
+            out,
+            r#"{"a":"{\"password\":\"[REDACTED:password]\"} \ud800 '[REDACTED:phone]'"}"#
+        );
+        parse(&out).expect("still JSON");
+        let cut = format!(
+            r#"{{"args":"{{\u0022api_key\u0022:\u0022sk-live-abcdef\u0022, \u0022n\u0022:\u00{}"#,
+            marker(99)
+        );
+        let out = red(&cut);
+        assert_eq!(
+            out,
+            format!(
+                r#"{{"args":"{{\"api_key\":\"[REDACTED:password]\", \"n\":\u00{}"#,
+                marker(99)
+            )
+        );
+    }
+
+    #[test]
+    fn the_level_of_a_quote_is_read_from_its_run_of_backslashes() {
+        // `q + 2k(q + 1)` backslashes: `k` escaped backslashes before a quote of level `q`.
+        for (run, level) in [
+            (0, 0),
+            (2, 0),
+            (4, 0),
+            (1, 1),
+            (5, 1),
+            (9, 1),
+            (3, 3),
+            (11, 3),
+        ] {
+            assert_eq!(quote_level(run), level, "{run}");
+        }
+        assert_eq!(
+            (quote_level(7), quote_level(23), quote_level(15)),
+            (7, 7, 15)
+        );
+    }
+
+    #[test]
+    fn nested_strings_ending_in_escaped_backslashes_end_at_their_own_quote() {
+        // `"hunter2\\"` in JSON inside a string: five backslashes before its closing quote.
+        let out = red_json(r#"{"arguments":"{\"password\": \"hunter2\\\\\", \"q\": \"x\"}"}"#);
+        assert_eq!(
+            inner(&out, "arguments"),
+            serde_json::json!({"password": "[REDACTED:password]", "q": "x"})
+        );
+        let out = red_json(
+            r#"{"arguments":"{\"credentials\": {\"dir\": \"C:\\\\keys\\\\\"}, \"query\": \"weather in Paris\", \"user_email\": \"bob@example.com\"}"}"#,
+        );
+        assert_eq!(
+            inner(&out, "arguments"),
+            serde_json::json!({
+                "credentials": "[REDACTED:password]",
+                "query": "weather in Paris",
+                "user_email": "[REDACTED:email]"
+            })
+        );
+        // Two levels deep (eleven backslashes), and a backslash and a quote ending a value.
+        for (secret, want) in [
+            (
+                serde_json::json!({"password": "x\\", "q": "y\\"}),
+                serde_json::json!({"password": "[REDACTED:password]", "q": "y\\"}),
+            ),
+            (
+                serde_json::json!({"credentials": {"dir": "C:\\"}, "q": "a\\\"", "pwd": "\\\"\\"}),
+                serde_json::json!({"credentials": "[REDACTED:password]", "q": "a\\\"", "pwd": "[REDACTED:password]"}),
+            ),
+        ] {
+            let doc = serde_json::json!({ "a": serde_json::json!({ "b": secret.to_string() }).to_string() })
+                .to_string();
+            let out = red_json(&doc);
+            let b = inner(&out, "a");
+            let got: serde_json::Value =
+                serde_json::from_str(b["b"].as_str().expect("a string")).expect("still JSON");
+            assert_eq!(got, want, "{out}");
+        }
+    }
+
+    #[test]
+    fn true_false_and_null_of_secret_names_in_nested_json_are_kept() {
+        for kept in [
+            r#"{"role":"tool","content":"{\"items\": [1], \"password\": null}"}"#,
+            r#"{"a":"{\"api_key\":true, \"secret\" : false,\"pwd\":null}"}"#,
+            r#"{"a":"{\"b\":\"{\\\"password\\\": null}\"}"}"#,
+        ] {
+            assert_eq!(red_json(kept), kept);
+        }
+        // A word that merely starts like one is a value.
+        assert_eq!(
+            red_json(r#"{"a":"{\"password\": nullable}"}"#.replace("nullable", "\\\"nullable\\\"").as_str()),
+            r#"{"a":"{\"password\": \"[REDACTED:password]\"}"}"#
+        );
+        assert_eq!(red("password: nullable"), "password: [REDACTED:password]");
+    }
+
+    #[test]
+    fn bearer_credentials_with_escaped_slashes_are_masked_whole() {
+        for (input, want) in [
+            (
+                r#"{"t":"use Bearer ab\/cdefghijklmnopqrstuvwxyz0123 now"}"#,
+                r#"{"t":"use Bearer [REDACTED:password] now"}"#,
+            ),
+            (
+                r#"{"t":"Bearer abcdefghijklmnopqrstuvwxyz\/0123"}"#,
+                r#"{"t":"Bearer [REDACTED:password]"}"#,
+            ),
+        ] {
+            assert_eq!(red_json(input), want, "{input}");
+        }
+        // In text a backslash is no escape: it ends the credential.
+        assert_eq!(
+            red(r"Bearer abcdefghijklmnopqrstuvwxyz\/0123"),
+            r"Bearer [REDACTED:password]\/0123"
+        );
+    }
+
+    #[test]
+    fn token_and_auth_names_mask_only_credential_shaped_strings() {
+        // LLM fields named like a token: logprobs, TGI stream tokens, pagination, latency,
+        // prose and code.
+        for kept in [
+            r#"{"logprobs":{"content":[{"token":"Hello","logprob":-0.1,"bytes":[72],"top_logprobs":[{"token":" Hi","logprob":-2.3}]}]}}"#,
+            r#"{"token":{"id":4013,"text":"Hello","logprob":-0.5,"special":false}}"#,
+            r#"{"next_page_token":"CiAKGjBpNDd2Nmp2Zml2cXRp","page_token":"Q2lBS0dqQnBORGQyTm1wMlptbDJjWFJw","nextToken":"AAAABBBBCCCCDDDD1234","NextPageToken":"x","time_to_first_token":0.32,"timeToFirstToken":0.3}"#,
+            r#"{"t":"each token: a piece of a word. Auth: users log in. token = tokenizer.encode(text)"}"#,
+            r#"{"auth":{"type":"oauth2","scopes":["read"]},"token":12345678901234567,"tokens":["a"]}"#,
+            r#"{"max_tokens":10,"usage":{"total_tokens":3},"token_type":"bearer","auth_type":"pat","author":"x","authority":"y","tokenizer":"z","cookie_consent":"yes"}"#,
+            r#"{"a":"{\"token\": \"Hello\", \"token\": [1, 2], \"auth\": {\"k\": 1}}"}"#,
+        ] {
+            assert_eq!(red_json(kept), kept);
+        }
+        assert_eq!(
+            red("each token: a piece; Auth: users log in; token = tokenizer.encode(text)"),
+            "each token: a piece; Auth: users log in; token = tokenizer.encode(text)"
+        );
+        // A credential under those names, and every value of the unambiguous ones.
+        for (input, want) in [
+            (
+                r#"{"token":"ghp_16CharactersAndMore0123","auth":"dXNlcjpwYXNzd29yZA==","oauth":"ya29.a0AfH6SMBx-abcdefghijk"}"#,
+                r#"{"token":"[REDACTED:password]","auth":"[REDACTED:password]","oauth":"[REDACTED:password]"}"#,
+            ),
+            (
+                r#"{"access_token":"at","refresh_token":"rt 1","id_token":"x","api_token":"y","auth_token":"z","authorization":"Basic a","cookie":"sid=1","credentials":"c","x_auth_token":[1]}"#,
+                r#"{"access_token":"[REDACTED:password]","refresh_token":"[REDACTED:password]","id_token":"[REDACTED:password]","api_token":"[REDACTED:password]","auth_token":"[REDACTED:password]","authorization":"[REDACTED:password]","cookie":"[REDACTED:password]","credentials":"[REDACTED:password]","x_auth_token":"[REDACTED:password]"}"#,
+            ),
+            (
+                r#"{"a":"{\"token\": \"s3cr3tTokenValue0123\", \"id_token\": \"x\"}"}"#,
+                r#"{"a":"{\"token\": \"[REDACTED:password]\", \"id_token\": \"[REDACTED:password]\"}"}"#,
+            ),
+        ] {
+            assert_eq!(red_json(input), want, "{input}");
+        }
+        assert_eq!(
+            red("token: ghp_abcdefghijklmnop0123456789 auth=dXNlcjpwYXNzd29yZA== x"),
+            "token: [REDACTED:password] auth=[REDACTED:password] x"
+        );
+        // Cut by the marker: masked although short.
+        let cut = format!(r#"{{"token":"ghp_abc{}"#, marker(999));
+        assert_eq!(
+            red(&cut),
+            format!(r#"{{"token":"[REDACTED:password]{}"#, marker(999))
+        );
+        for key in [
+            "next_page_token",
+            "pageToken",
+            "NextToken",
+            "time_to_first_token",
+        ] {
+            assert!(!is_secret_key(key.as_bytes()), "{key}");
+        }
+        // Headers follow the same rule.
+        let h = red_headers(
+            r#"{"host":"h","x-token":"hello","x-auth-token":"t","token":"ghp_abcdefghijklmnop0123"}"#,
+        );
+        assert_eq!(h["x-token"], "hello");
+        assert_eq!(h["x-auth-token"], "[REDACTED:password]");
+        assert_eq!(h["token"], "[REDACTED:password]");
     }
 }

@@ -1189,8 +1189,83 @@ fn arb_text_json() -> impl Strategy<Value = Value> {
     })
 }
 
+/// JSON documents whose strings end in backslashes and quotes (`"C:\\keys\\"`), with
+/// `hunter2...` planted only as values of secret names.
+fn arb_backslashed_json() -> impl Strategy<Value = Value> {
+    let text = prop_oneof![
+        Just("x\\".to_string()),
+        Just("C:\\keys\\".to_string()),
+        Just("\\".to_string()),
+        Just("\\\\\\".to_string()),
+        Just("a\"".to_string()),
+        Just("\\\"".to_string()),
+        Just("\"\\".to_string()),
+        Just("weather in Paris".to_string()),
+        "[a-z\\\\\"{}:, ]{0,8}",
+    ];
+    let secret = text
+        .clone()
+        .prop_map(|t| Value::String(format!("hunter2{t}")));
+    let leaf = prop_oneof![
+        text.prop_map(Value::String),
+        any::<i32>().prop_map(Value::from),
+        any::<bool>().prop_map(Value::Bool),
+        Just(Value::Null),
+    ];
+    leaf.prop_recursive(3, 24, 4, move |inner| {
+        let plain = (
+            prop_oneof![Just("q"), Just("dir"), Just("n")],
+            inner.clone(),
+        );
+        let hidden = (
+            prop_oneof![Just("password"), Just("credentials"), Just("api_key")],
+            prop_oneof![secret.clone(), inner.clone()],
+        );
+        prop_oneof![
+            prop::collection::vec(inner, 0..4).prop_map(Value::Array),
+            (
+                prop::collection::vec(plain, 0..4),
+                prop::collection::vec(hidden, 0..2)
+            )
+                .prop_map(|(a, b)| {
+                    Value::Object(
+                        a.into_iter()
+                            .chain(b)
+                            .map(|(k, v)| (k.to_string(), v))
+                            .collect(),
+                    )
+                }),
+        ]
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn redaction_keeps_json_inside_strings_parseable_at_every_level(
+        v in arb_backslashed_json(),
+        levels in 1usize..=3,
+    ) {
+        // `{"arguments": "<v as JSON>"}`, one to three levels deep.
+        let mut text = v.to_string();
+        for _ in 0..levels {
+            text = json!({ "arguments": text }).to_string();
+        }
+        let mut c = RedactionCounts::default();
+        let out = Redactor::default().redact_text(&text, &mut c).unwrap_or_else(|| text.clone());
+        prop_assert!(!out.contains("hunter2"), "hunter2 left in {} from {}", out, text);
+        let mut doc = out.clone();
+        for level in 0..levels {
+            let outer: Result<Value, _> = serde_json::from_str(&doc);
+            prop_assert!(outer.is_ok(), "level {} broken: {} from {}", level, out, text);
+            let inner = outer.unwrap_or_default()["arguments"].as_str().map(str::to_string);
+            prop_assert!(inner.is_some(), "level {} lost its string: {}", level, out);
+            doc = inner.unwrap_or_default();
+        }
+        let innermost: Result<Value, _> = serde_json::from_str(&doc);
+        prop_assert!(innermost.is_ok(), "innermost JSON broken: {} from {}", out, text);
+    }
 
     #[test]
     fn redaction_never_breaks_json_and_removes_planted_values(v in arb_text_json(), pretty in any::<bool>()) {
