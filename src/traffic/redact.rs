@@ -380,7 +380,10 @@ static FLAGS: [u8; 256] = {
         if b.is_ascii_alphanumeric() || b == b'_' {
             f |= F_WORD;
         }
-        if b.is_ascii_digit() || b.is_ascii_uppercase() || matches!(b, b'+' | b'(' | b'd' | b'e') {
+        if b.is_ascii_digit()
+            || b.is_ascii_uppercase()
+            || matches!(b, b'+' | b'(' | b'b' | b'd' | b'e')
+        {
             f |= F_TOKEN_START;
         }
         if matches!(b, b'"' | b'\\' | b'@' | b'-' | b':' | b'=') {
@@ -817,6 +820,10 @@ impl Redactor {
                     }
                 }
                 None
+            }
+            b'b' if !prev_word && self.enabled(RedactKind::Password) => {
+                let (start, end) = bearer(bytes, i, json && in_string)?;
+                hit(start, end, RedactKind::Password)
             }
             b'd' if !prev_word && self.enabled(RedactKind::DatabricksToken) => {
                 let end = databricks_token(bytes, i)?;
@@ -1529,7 +1536,8 @@ fn aws_key(bytes: &[u8], i: usize) -> Option<usize> {
 /// in a prompt, a log line; inside a JSON string (`in_json_string`) `\/` is part of it). A JWT
 /// or a Databricks token after `Bearer` is left to its own detector, which names its kind.
 fn bearer(bytes: &[u8], i: usize, in_json_string: bool) -> Option<(usize, usize)> {
-    if !bytes.get(i..)?.starts_with(b"Bearer ") {
+    // The scheme is case-insensitive (RFC 9110): `Bearer`, `bearer`, `BEARER`.
+    if !bytes.get(i..i + 7)?.eq_ignore_ascii_case(b"bearer ") {
         return None;
     }
     let start = i + 7 + bytes[i + 7..].iter().take_while(|c| **c == b' ').count();
@@ -2691,6 +2699,18 @@ mod tests {
 
     #[test]
     fn bearer_credentials_and_authorization_token_cookie_names_are_masked() {
+        // The scheme in any case.
+        for scheme in ["bearer", "BEARER", "Bearer"] {
+            let text = format!("curl -H 'x: {scheme} sk-proj-abcdefghijklmnopqrstuvwx' ...");
+            assert_eq!(
+                red(&text),
+                format!("curl -H 'x: {scheme} [REDACTED:password]' ..."),
+                "{scheme}"
+            );
+        }
+        // Prose is no credential.
+        let prose = "the bearer of this letter is welcome";
+        assert_eq!(red(prose), prose);
         for (input, want) in [
             (
                 r#"{"authorization":"Bearer sk-proj-abcdefghijklmnopqrstuvwx"}"#,
