@@ -34,8 +34,8 @@
 //! values in JSON nested in strings, near-linear: one pass per nesting level at most).
 //!
 //! Not over-masked: JSON numbers (timestamps, ids) other than under a card key, also as member
-//! values of JSON inside a string (tool-call arguments: `{\"start_ms\": 1700000000004}`; array
-//! elements there are still looked at as text), a whole string value of a key naming an id or a
+//! values of JSON inside a string (tool-call arguments: `{\"start_ms\": 1700000000004}`) and as
+//! elements of its arrays of numbers (`[1700000000004, 12]`), a whole string value of a key naming an id or a
 //! time (`span_id`, `timestamp_ms`), counts of tokens (`max_tokens`, `prompt_tokens`),
 //! pagination and latency names (`next_page_token`, `NextToken`, `time_to_first_token`),
 //! `true`/`false`/`null` of a secret name (also in JSON inside a string), dates
@@ -757,6 +757,18 @@ impl Redactor {
                 } else {
                     None
                 };
+                // An element of an array of numbers in JSON inside this string
+                // (`{\"ids\": [1700000000004, 1700000000012]}`): an id or a time, like a bare
+                // number outside any string.
+                if nested.is_none()
+                    && json
+                    && in_string
+                    && b.is_ascii_digit()
+                    && nested_array_number(bytes, start, lo)
+                    && json_number_at(bytes, i)
+                {
+                    return None;
+                }
                 if outside || nested.is_some() {
                     // A bare JSON number is a timestamp, an id or a count, not a card number,
                     // unless its key names a card (`"card_number": 4111111111111111`).
@@ -1171,6 +1183,41 @@ fn json_number_at(bytes: &[u8], i: usize) -> bool {
         j += 1;
     }
     matches!(bytes.get(j), None | Some(b',' | b'}' | b']' | b'\\'))
+}
+
+/// Whether the number at `start` stands where an element of a JSON array of numbers does: right
+/// after `[`, or after a `,` that follows a number or an array (`[1, 2]`, `[[1], 2]`), and is
+/// followed by `,` or `]`. A number in prose (`card 4111..., exp 12/29`) is not: the comma there
+/// follows a word. Not before `lo` (text already replaced).
+fn nested_array_number(bytes: &[u8], start: usize, lo: usize) -> bool {
+    let back = |mut j: usize| {
+        while j > lo && bytes[j - 1] == b' ' {
+            j -= 1;
+        }
+        j
+    };
+    let j = back(start);
+    let opens = match j.checked_sub(1).filter(|&k| k >= lo).map(|k| bytes[k]) {
+        Some(b'[') => true,
+        Some(b',') => {
+            let k = back(j - 1);
+            k > lo && (bytes[k - 1].is_ascii_digit() || bytes[k - 1] == b']')
+        }
+        _ => false,
+    };
+    if !opens {
+        return false;
+    }
+    let mut e = start + usize::from(bytes.get(start) == Some(&b'-'));
+    while e < bytes.len()
+        && (bytes[e].is_ascii_digit() || matches!(bytes[e], b'.' | b'e' | b'E' | b'+' | b'-'))
+    {
+        e += 1;
+    }
+    while e < bytes.len() && bytes[e] == b' ' {
+        e += 1;
+    }
+    matches!(bytes.get(e), Some(b',' | b']'))
 }
 
 /// The key of the member whose whole string value is `bytes[start..end]` (`"key": "value"`, or
@@ -2925,6 +2972,23 @@ mod tests {
         assert_eq!(
             red(r#"{"a":"{\"b\":\"{\\\"password\\\":\\\"x\\\\\\\"y\\\"}\"}"}"#),
             r#"{"a":"{\"b\":\"{\\\"password\\\":\\\"[REDACTED:password]\\\"}\"}"}"#
+        );
+    }
+
+    #[test]
+    fn numbers_in_arrays_of_json_inside_strings_are_ids_not_cards() {
+        // 4111111111111111 and 1700000000004 pass the Luhn check.
+        let args = r#"{"arguments":"{\"ids\": [4111111111111111, 1700000000004],\"m\":[[1], 4111111111111111]}"}"#;
+        assert_eq!(red_json(args), args);
+        // In prose a card number after a word and a comma is still a card.
+        assert_eq!(
+            red(r#"{"t":"card, 4111111111111111, exp 12/29"}"#),
+            r#"{"t":"card, [REDACTED:card], exp 12/29"}"#
+        );
+        assert_eq!(
+            red(r#"{"t":"pay with [4111111111111111 ] now"}"#),
+            r#"{"t":"pay with [4111111111111111 ] now"}"#,
+            "a lone number in brackets reads as an array element"
         );
     }
 
