@@ -1037,13 +1037,13 @@ impl Connector {
         let mut out = Vec::new();
         let mut calls = Vec::new();
         let mut metas = Vec::new();
-        // Hashing every record only when this namespace has quarantined records at all.
-        let check_known = known.has_any(unit.table);
+        // Hashing the records only of a unit that had a record quarantined before.
+        let check_known = known.has_unit(unit.table, unit.id);
         for (rec, call) in records {
             let mut json = traffic::encode(rec);
             let mut key = check_known.then(|| content_key(&json));
             if let Some(k) = &key {
-                if known.contains(unit.table, k) {
+                if known.contains(unit.table, unit.id, k) {
                     tracing::debug!(
                         "{}: a record of {} was quarantined before and is left out",
                         unit.table,
@@ -1110,11 +1110,11 @@ impl Connector {
         self.quarantine.put(unit.table, unit.id, reason, json)?;
         pending.rows.push((
             quarantined_record_namespace(unit.table),
-            key.clone(),
+            partly_sent_key(unit.id, &key),
             chrono::Utc::now().timestamp_micros(),
             true,
         ));
-        known.insert(unit.table, key);
+        known.insert(unit.table, unit.id, key);
         Ok(())
     }
 
@@ -1231,7 +1231,7 @@ impl Connector {
                         *s = true;
                         pending.rows.push((
                             quarantined_record_namespace(table),
-                            record_key(&rec.json, &meta.uncut),
+                            partly_sent_key(owner, &record_key(&rec.json, &meta.uncut)),
                             chrono::Utc::now().timestamp_micros(),
                             true,
                         ));
@@ -1497,22 +1497,25 @@ fn quarantined_namespace(table: &str) -> String {
 }
 
 /// State namespaces `quarantined-record:<namespace>`: records already quarantined, found
-/// unsendable or refused by the sink (id: the [`record_key`], the record before any cut). Apart
-/// from the unreadable rows: a table whose rows lack ids keeps one key per row for a lookback,
-/// and neither loading those keys at every delivery nor hashing every record of that table
-/// (as [`KnownQuarantined::has_any`] would then ask) is needed.
+/// unsendable or refused by the sink (id: `<unit id>#<record key>`, [`partly_sent_key`] of the
+/// [`record_key`], the record before any cut). Apart from the unreadable rows: a table whose rows
+/// lack ids keeps one key per row for a lookback, and loading those keys at every delivery is
+/// not needed.
 pub const QUARANTINED_RECORD_PREFIX: &str = "quarantined-record:";
 
 fn quarantined_record_namespace(table: &str) -> String {
     format!("{QUARANTINED_RECORD_PREFIX}{table}")
 }
 
-/// The records quarantined before, by (namespace, key): rare, so all of them are loaded when
-/// delivery starts, and what this delivery quarantines is added.
+/// The records quarantined before, by unit: rare, so all of them are loaded when delivery
+/// starts, and what this delivery quarantines is added. Only the records of a unit listed here
+/// are hashed to be looked up.
 #[derive(Default)]
 struct KnownQuarantined {
+    /// (namespace, unit id) of the units.
+    units: HashSet<(String, String)>,
+    /// (namespace, `<unit id>#<record key>`) of their quarantined records.
     keys: HashSet<(String, String)>,
-    tables: HashSet<String>,
 }
 
 impl KnownQuarantined {
@@ -1521,23 +1524,28 @@ impl KnownQuarantined {
         for ns in state.namespaces_with_prefix(QUARANTINED_RECORD_PREFIX)? {
             let table = &ns[QUARANTINED_RECORD_PREFIX.len()..];
             for key in state.ids_in_range(&ns, i64::MIN, i64::MAX)? {
-                out.insert(table, key);
+                if let Some((unit, _)) = key.rsplit_once('#') {
+                    out.units.insert((table.to_string(), unit.to_string()));
+                }
+                out.keys.insert((table.to_string(), key));
             }
         }
         Ok(out)
     }
 
-    fn has_any(&self, table: &str) -> bool {
-        self.tables.contains(table)
+    fn has_unit(&self, table: &str, unit: &str) -> bool {
+        self.units.contains(&(table.to_string(), unit.to_string()))
     }
 
-    fn contains(&self, table: &str, key: &str) -> bool {
-        self.keys.contains(&(table.to_string(), key.to_string()))
+    fn contains(&self, table: &str, unit: &str, key: &str) -> bool {
+        self.keys
+            .contains(&(table.to_string(), partly_sent_key(unit, key)))
     }
 
-    fn insert(&mut self, table: &str, key: String) {
-        self.tables.insert(table.to_string());
-        self.keys.insert((table.to_string(), key));
+    fn insert(&mut self, table: &str, unit: &str, key: String) {
+        self.units.insert((table.to_string(), unit.to_string()));
+        self.keys
+            .insert((table.to_string(), partly_sent_key(unit, &key)));
     }
 }
 
@@ -2667,19 +2675,18 @@ mod tests {
         };
         deliver(&c, Vec::new(), vec![unreadable]).await;
         let known = KnownQuarantined::load(&c.state).unwrap();
-        assert!(
-            !known.has_any(TABLE),
-            "records of {TABLE} would all be hashed"
-        );
-        assert!(known.keys.is_empty());
+        assert!(known.units.is_empty() && known.keys.is_empty());
 
         // A trace's record with a time Akto rejects: quarantined, and known as a record.
         let mut unit = trace_unit("tr-1", 1_000, &["call_1"]);
         unit.records[0].time = "0".into();
         deliver(&c, vec![trace_chunk(vec![unit])], Vec::new()).await;
         let known = KnownQuarantined::load(&c.state).unwrap();
-        assert!(known.has_any("mlflow:1"));
-        assert!(!known.has_any(TABLE));
+        assert!(
+            known.has_unit("mlflow:1", "tr-1"),
+            "only that unit's records are hashed"
+        );
+        assert!(!known.has_unit("mlflow:1", "tr-2"));
         assert_eq!(known.keys.len(), 1);
         // Both pruned with the registries.
         c.prune_registries(i64::MAX).unwrap();

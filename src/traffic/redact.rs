@@ -694,6 +694,15 @@ impl Redactor {
         (stop, bad)
     }
 
+    /// The credential after `Bearer ` at `i` ([`bearer`]), unless it is a JWT, Databricks token
+    /// or AWS key whose own detector is enabled (it is masked as its kind then).
+    fn bearer(&self, bytes: &[u8], i: usize, in_json_string: bool) -> Option<(usize, usize)> {
+        let (start, end) = bearer(bytes, i, in_json_string)?;
+        self.token_end(bytes, start)
+            .is_none()
+            .then_some((start, end))
+    }
+
     /// The end of the JWT, Databricks token or AWS key starting at `start`, if one of the enabled
     /// kinds does.
     fn token_end(&self, bytes: &[u8], start: usize) -> Option<usize> {
@@ -817,7 +826,7 @@ impl Redactor {
             }
             b'A'..=b'Z' if !prev_word => {
                 if b == b'B' && self.enabled(RedactKind::Password) {
-                    if let Some((start, end)) = bearer(bytes, i, json && in_string) {
+                    if let Some((start, end)) = self.bearer(bytes, i, json && in_string) {
                         return hit(start, end, RedactKind::Password);
                     }
                 }
@@ -834,7 +843,7 @@ impl Redactor {
                 None
             }
             b'b' if !prev_word && self.enabled(RedactKind::Password) => {
-                let (start, end) = bearer(bytes, i, json && in_string)?;
+                let (start, end) = self.bearer(bytes, i, json && in_string)?;
                 hit(start, end, RedactKind::Password)
             }
             b'd' if !prev_word && self.enabled(RedactKind::DatabricksToken) => {
@@ -1580,8 +1589,8 @@ fn aws_key(bytes: &[u8], i: usize) -> Option<usize> {
 
 /// The credential of `Bearer <credential>` (at least 20 token characters, fewer when the
 /// truncation marker cuts it), wherever it is written (`curl -H "Authorization: Bearer ..."`
-/// in a prompt, a log line; inside a JSON string (`in_json_string`) `\/` is part of it). A JWT
-/// or a Databricks token after `Bearer` is left to its own detector, which names its kind.
+/// in a prompt, a log line; inside a JSON string (`in_json_string`) `\/` is part of it).
+/// [`Redactor::bearer`] leaves a token of a kind with its own detector to that one.
 fn bearer(bytes: &[u8], i: usize, in_json_string: bool) -> Option<(usize, usize)> {
     // The scheme is case-insensitive (RFC 9110): `Bearer`, `bearer`, `BEARER`.
     if !bytes.get(i..i + 7)?.eq_ignore_ascii_case(b"bearer ") {
@@ -1606,9 +1615,7 @@ fn bearer(bytes: &[u8], i: usize, in_json_string: bool) -> Option<(usize, usize)
     if !(long || (end > start && at_marker(bytes, end))) {
         return None;
     }
-    let own_detector = (bytes[start..].starts_with(b"eyJ") && jwt(bytes, start).is_ok())
-        || databricks_token(bytes, start).is_some();
-    (!own_detector).then_some((start, end))
+    Some((start, end))
 }
 
 /// `dapi`, 32 lowercase hex digits and an optional `-<digits>` suffix; fewer digits when the
@@ -2758,6 +2765,17 @@ mod tests {
         // Prose is no credential.
         let prose = "the bearer of this letter is welcome";
         assert_eq!(red(prose), prose);
+        // A JWT after Bearer is masked as a JWT, or as a password when only passwords are.
+        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+        let text = format!("curl -H 'x: Bearer {jwt}'");
+        assert_eq!(red(&text), "curl -H 'x: Bearer [REDACTED:jwt]'");
+        let mut counts = RedactionCounts::default();
+        assert_eq!(
+            Redactor::new(&[RedactKind::Password])
+                .redact_text(&text, &mut counts)
+                .as_deref(),
+            Some("curl -H 'x: Bearer [REDACTED:password]'")
+        );
         for (input, want) in [
             (
                 r#"{"authorization":"Bearer sk-proj-abcdefghijklmnopqrstuvwx"}"#,
