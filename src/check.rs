@@ -358,13 +358,11 @@ fn serving_endpoints_step(
     match listed {
         Ok(e) => EndpointsStep::Listed(format!("{} serving endpoints readable", e.len())),
         // The rule of `discovery::discover`, which warns and goes on for these.
-        Err(e) if !e.is_retriable() && !matches!(e, DatabricksError::Auth { .. }) => {
-            EndpointsStep::Warning(format!(
+        Err(e) if e.is_listing_refused() => EndpointsStep::Warning(format!(
             "cannot list serving endpoints ({e}); a run finds agents from inference tables and \
              apps only (and logs this WARN every cycle). Fix: give the service principal \
              CAN_VIEW (or CAN_QUERY) on the serving endpoints of its agents"
-            ))
-        }
+        )),
         Err(e) => EndpointsStep::Stop(e.to_string()),
     }
 }

@@ -514,7 +514,7 @@ pub async fn discover(
 
     let endpoints = match client.list_serving_endpoints().await {
         Ok(e) => e,
-        Err(e) if !e.is_retriable() && !matches!(e, DatabricksError::Auth { .. }) => {
+        Err(e) if e.is_listing_refused() => {
             tracing::warn!(
                 "cannot list serving endpoints ({e}); agents are found from inference tables and \
                  apps only this cycle. Fix: give the service principal CAN_VIEW (or CAN_QUERY) on \
@@ -528,8 +528,6 @@ pub async fn discover(
     // Agent endpoint -> the inference table its config names (visible or not, in scope or not):
     // an app querying that endpoint belongs with that table.
     let mut endpoint_tables: BTreeMap<String, String> = BTreeMap::new();
-    // Agents out of scope (by [`scope_key`]): no experiment is looked up for them.
-    let mut out_of_scope: BTreeSet<String> = BTreeSet::new();
     for listed in endpoints {
         // The list omits legacy auto-capture settings: fetch the endpoint when needed.
         let ep = if listed.inference_table().is_none() {
@@ -557,7 +555,7 @@ pub async fn discover(
             endpoint_out_of_scope(target.as_deref(), &models, (catalog, schema, prefix));
         let table_note = match (&target, &table) {
             _ if scope_note.is_some() => {
-                out_of_scope.insert(format!("endpoint:{}", ep.name));
+                inv.out_of_scope.insert(format!("endpoint:{}", ep.name));
                 scope_note
             }
             (None, _) => Some("no inference table enabled on this endpoint".to_string()),
@@ -618,7 +616,7 @@ pub async fn discover(
     let principal = client.principal();
     let functions: Vec<FunctionInfo> = match client.list_functions(catalog, schema).await {
         Ok(f) => f,
-        Err(e) if !e.is_retriable() && !matches!(e, DatabricksError::Auth { .. }) => {
+        Err(e) if e.is_listing_refused() => {
             tracing::warn!(
                 "cannot list the UC functions of {catalog}.{schema} ({e}); agent tools are not \
                  listed this cycle. Fix: {}",
@@ -634,7 +632,7 @@ pub async fn discover(
 
     let models = match client.list_models(catalog, schema).await {
         Ok(m) => m,
-        Err(e) if !e.is_retriable() && !matches!(e, DatabricksError::Auth { .. }) => {
+        Err(e) if e.is_listing_refused() => {
             tracing::warn!(
                 "cannot list the UC models of {catalog}.{schema} ({e}); model versions are not \
                  listed and experiments are not found through them this cycle. Fix: {}",
@@ -676,9 +674,8 @@ pub async fn discover(
         schema_tables: &schema_tables,
         endpoint_tables: &endpoint_tables,
     };
-    add_apps(client, &mut inv, &anchors, &mut out_of_scope).await?;
-    find_experiments(client, &mut inv, &run_ids, &out_of_scope, &schema_tables).await?;
-    inv.out_of_scope = out_of_scope;
+    add_apps(client, &mut inv, &anchors).await?;
+    find_experiments(client, &mut inv, &run_ids, &schema_tables).await?;
     for w in assign_hosts(&mut inv, client.base_url()) {
         warn_once(w);
     }
@@ -954,13 +951,12 @@ fn resource_scope(
 /// after it
 /// ([`name_anchor`]: one in scope wins; only when none is may one outside make it out of scope,
 /// with a WARN), else none (the app is in scope). An app out of scope is listed, without its
-/// experiment, and added to `out_of_scope`; an app is matched to a table-only agent only when
+/// experiment, and added to [`Inventory::out_of_scope`]; an app is matched to a table-only agent only when
 /// that agent's table is its anchor by name.
 async fn add_apps(
     client: &DatabricksClient,
     inv: &mut Inventory,
     anchors: &Anchors<'_>,
-    out_of_scope: &mut BTreeSet<String>,
 ) -> Result<(), DatabricksError> {
     let apps = match client.list_apps().await {
         Ok(a) => a,
@@ -1064,7 +1060,7 @@ async fn add_apps(
             None if !entry.serving_endpoints.is_empty() || experiment.is_some() => {
                 let out = out_note.is_some();
                 if out {
-                    out_of_scope.insert(format!("app:{}", app.name));
+                    inv.out_of_scope.insert(format!("app:{}", app.name));
                 }
                 let table_note = out_note.unwrap_or_else(|| {
                     "deployed as a Databricks App: executions come from its MLflow traces"
@@ -1096,7 +1092,7 @@ async fn add_apps(
 /// `agent`/`agent_name` tag names the agent. An experiment belongs to one agent only (the first
 /// in inventory order; a second claimant gets a WARN), so this instance sends no trace twice.
 ///
-/// This is where the scope of the traces is decided: the agents in `out_of_scope` (by
+/// This is where the scope of the traces is decided: the agents in [`Inventory::out_of_scope`] (by
 /// [`scope_key`]: their Unity Catalog anchor is outside catalog.schema and prefix) get no
 /// experiment, so [`crate::traces::trace_sources`] never reads their traces; the instance whose
 /// scope they are in does. An experiment found by name uses the agent's name without the table
@@ -1107,9 +1103,9 @@ async fn find_experiments(
     client: &DatabricksClient,
     inv: &mut Inventory,
     run_ids: &BTreeMap<(String, String), String>,
-    out_of_scope: &BTreeSet<String>,
     schema_tables: &[SchemaTable],
 ) -> Result<(), DatabricksError> {
+    let out_of_scope = &inv.out_of_scope;
     let skipped = |a: &Agent| scope_key(a).is_some_and(|k| out_of_scope.contains(&k));
     for a in inv.agents.iter_mut().filter(|a| skipped(a)) {
         a.experiment_id = None;

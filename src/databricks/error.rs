@@ -122,6 +122,13 @@ impl DatabricksError {
         }
     }
 
+    /// A listing refused for good but not for the credentials (403, 404, a decode error): a
+    /// listing that only adds to the inventory (serving endpoints, UC functions and models)
+    /// costs a WARN then, instead of the cycle. An outage or a refused login stops it.
+    pub fn is_listing_refused(&self) -> bool {
+        !self.is_retriable() && !matches!(self, DatabricksError::Auth { .. })
+    }
+
     /// A short stable name for metrics and the cycle summary.
     pub fn kind(&self) -> &'static str {
         match self {
