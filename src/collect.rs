@@ -485,7 +485,7 @@ fn too_large(table: &str) -> CollectError {
 
 /// What the texts of a row too large for one statement may take together when read cut: half the
 /// statement byte limit, leaving room for their JSON escapes and the other columns.
-pub(crate) const CUT_BUDGET_BYTES: usize = crate::databricks::sql::INLINE_BYTE_LIMIT / 2;
+const CUT_BUDGET_BYTES: usize = crate::databricks::sql::INLINE_BYTE_LIMIT / 2;
 
 /// The most one value read cut keeps, in bytes: within Akto's 5 MiB per string with room for
 /// the marker, so the mapping never cuts it again (a second cut would name the cut size, not the
@@ -516,21 +516,31 @@ pub(crate) fn water_fill(texts: &[(usize, usize)], budget: usize) -> Vec<usize> 
     caps
 }
 
-/// Marks a payload read cut: its text followed by the cut marker naming `original` bytes, when
-/// the text read is shorter than that. Returns 1 when it was cut.
+/// The budgets a cut read tries in turn for texts of `total` bytes: half of them (at most
+/// [`CUT_BUDGET_BYTES`]), halved while the result is still cut, down to 0 (at most 24 rounds).
+pub(crate) fn cut_budgets(total: usize) -> impl Iterator<Item = usize> {
+    let first = (total / 2).min(CUT_BUDGET_BYTES);
+    std::iter::successors(Some(first), |b| (*b > 0).then_some(b / 2))
+}
+
+/// `text` read cut followed by the cut marker naming its `full` size in bytes, when it is
+/// shorter than that; `None` when it was read whole.
+pub(crate) fn with_cut_marker(text: &str, full: usize) -> Option<String> {
+    (text.len() < full)
+        .then(|| format!("{text}{}", crate::traffic::record::truncation_marker(full)))
+}
+
+/// Marks a payload read cut ([`with_cut_marker`]). Returns 1 when it was cut.
 fn mark_cut(p: &mut Option<JsonString>, original: Option<usize>) -> u64 {
-    match (p.as_ref(), original) {
-        (Some(lit), Some(orig)) if lit.text_len() < orig => {
-            let text = format!(
-                "{}{}",
-                lit.text(),
-                crate::traffic::record::truncation_marker(orig)
-            );
-            *p = Some(JsonString::encode(&text));
-            1
-        }
-        _ => 0,
-    }
+    let Some(cut) = p
+        .as_ref()
+        .zip(original)
+        .and_then(|(lit, full)| with_cut_marker(&lit.text(), full))
+    else {
+        return 0;
+    };
+    *p = Some(JsonString::encode(&cut));
+    1
 }
 
 /// Reads one table, sending chunks of new executions to `out`.
@@ -853,9 +863,7 @@ impl TableReader<'_> {
         };
         let texts = [(num(1), num(2)), (num(3), num(4))];
         params.push(Param::new("cut_id", id.clone(), "STRING"));
-        let mut budget = ((texts[0].1 + texts[1].1) / 2).min(CUT_BUDGET_BYTES);
-        // Halving from at most 6 MiB reaches 0 within 24 rounds.
-        for _ in 0..32 {
+        for budget in cut_budgets(texts[0].1 + texts[1].1) {
             let caps = water_fill(&texts, budget);
             let sql = format!(
                 "SELECT {cols} FROM {t} WHERE {where_} AND databricks_request_id = :cut_id \
@@ -881,10 +889,6 @@ impl TableReader<'_> {
                 );
                 return Ok((n, last));
             }
-            if budget == 0 {
-                break;
-            }
-            budget /= 2;
         }
         Err(too_large(&self.table.full_name))
     }
@@ -1295,6 +1299,17 @@ mod tests {
         // Everything fits: nothing is cut.
         assert_eq!(water_fill(&[(10, 10), (20, 20)], 1000), vec![10, 20]);
         assert_eq!(water_fill(&[(10, 10)], 0), vec![0]);
+        // Budgets halve down to 0, from half the texts (at most CUT_BUDGET_BYTES).
+        assert_eq!(
+            cut_budgets(40).collect::<Vec<_>>(),
+            vec![20, 10, 5, 2, 1, 0]
+        );
+        assert_eq!(cut_budgets(usize::MAX).count(), 24);
+        assert_eq!(with_cut_marker("ab", 2), None);
+        assert_eq!(
+            with_cut_marker("ab", 9).as_deref(),
+            Some("ab...[truncated by databricks-shield: original 9 bytes]")
+        );
         // One huge text never keeps more than Akto takes in one string (with the marker).
         let huge = 20 << 20;
         assert_eq!(

@@ -1274,8 +1274,7 @@ where
         .collect();
     let large_texts: Vec<(usize, usize)> = large.iter().map(|&i| texts[i]).collect();
     let total: usize = large_texts.iter().map(|t| t.1).sum();
-    let mut budget = (total / 2).min(crate::collect::CUT_BUDGET_BYTES);
-    for _ in 0..32 {
+    for budget in crate::collect::cut_budgets(total) {
         let mut caps: Vec<usize> = texts.iter().map(|t| t.0).collect();
         for (&i, cap) in large
             .iter()
@@ -1294,10 +1293,6 @@ where
         );
         let (rows, cut) = read_prefix(client, statement(sql, params.clone()), stats).await?;
         if cut {
-            if budget == 0 {
-                break;
-            }
-            budget /= 2;
             continue;
         }
         let Some(mut r) = rows.into_iter().next() else {
@@ -1309,14 +1304,12 @@ where
             let Some(v) = r.get(7 + i).and_then(Cell::text) else {
                 continue;
             };
-            let v = if v.len() < texts[i].1 {
-                n_cut += 1;
-                format!(
-                    "{v}{}",
-                    crate::traffic::record::truncation_marker(texts[i].1)
-                )
-            } else {
-                v.into_owned()
+            let v = match crate::collect::with_cut_marker(&v, texts[i].1) {
+                Some(cut) => {
+                    n_cut += 1;
+                    cut
+                }
+                None => v.into_owned(),
             };
             attributes.insert(k.clone(), Value::String(v));
         }
