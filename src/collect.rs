@@ -189,12 +189,21 @@ impl Dialect {
     /// older schema without, say, `requester` is read without it (its header is then absent),
     /// instead of failing every cycle.
     fn select_list(&self, table_columns: &[String]) -> String {
+        self.select_list_with(table_columns, |c| c.to_string())
+    }
+
+    /// [`select_list`](Self::select_list) with each payload column written by `column`.
+    fn select_list_with(
+        &self,
+        table_columns: &[String],
+        column: impl Fn(&str) -> String,
+    ) -> String {
         let mut out = self.time_key.to_string();
         for (i, c) in self.columns.iter().enumerate() {
             if i < self.required || table_columns.is_empty() || table_columns.iter().any(|t| t == c)
             {
                 out.push_str(", ");
-                out.push_str(c);
+                out.push_str(&column(c));
             }
         }
         out
@@ -204,19 +213,12 @@ impl Dialect {
     /// cut to `caps` characters (request, response), and their full sizes in bytes
     /// (`request_bytes`, `response_bytes`) to name in the cut markers.
     fn cut_select_list(&self, table_columns: &[String], caps: &[usize]) -> String {
-        let list = self.select_list(table_columns);
         let cap = |i: usize| caps.get(i).copied().unwrap_or(0);
-        let mut out = String::with_capacity(list.len() + 128);
-        for (i, c) in list.split(", ").enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            match c {
-                "request" => out.push_str(&format!("left(request, {}) AS request", cap(0))),
-                "response" => out.push_str(&format!("left(response, {}) AS response", cap(1))),
-                other => out.push_str(other),
-            }
-        }
+        let mut out = self.select_list_with(table_columns, |c| match c {
+            "request" => format!("left(request, {}) AS request", cap(0)),
+            "response" => format!("left(response, {}) AS response", cap(1)),
+            other => other.to_string(),
+        });
         out.push_str(
             ", octet_length(request) AS request_bytes, octet_length(response) AS response_bytes",
         );
