@@ -189,10 +189,13 @@ async fn an_expired_token_is_replaced_once_without_failing() {
         .stats()
         .snapshot()
         .iter()
-        .filter(|((route, status), _)| route.contains("tables") && status == "401")
+        .filter(|((route, status), _)| route.contains("tables") && status == "403")
         .map(|(_, n)| *n)
         .sum();
-    assert_eq!(oidc, 1, "one 401, then a fresh token");
+    assert_eq!(
+        oidc, 1,
+        "one 403 refusing the expired token (as the workspace answers), then a fresh token"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

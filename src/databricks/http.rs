@@ -153,15 +153,39 @@ pub(crate) enum Replay {
     OnlyUnsent,
 }
 
-/// The documented error body (`error_code` + `message`; older APIs use `error`).
+/// The documented error body (`error_code` + `message`; older APIs use `error`). Some answers
+/// carry the HTTP status as a number in `error_code` (`{"error_code": 403, "message": "Invalid
+/// access token."}`): it is read as text.
 #[derive(Deserialize, Default)]
 pub(crate) struct ApiErrorBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "code_text")]
     pub error_code: Option<String>,
     #[serde(default)]
     pub message: Option<String>,
     #[serde(default)]
     pub error: Option<serde_json::Value>,
+}
+
+/// `error_code` as a string, or a number written as text; anything else is no code.
+fn code_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Option::<serde_json::Value>::deserialize(d)? {
+        Some(serde_json::Value::String(s)) => Some(s),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+/// Whether a 403 refuses the token itself (invalid, expired or about to expire), as the
+/// workspace answers for a bad PAT or an expired OAuth token: `Invalid access token.`,
+/// `JWT has expired`, `Token is expiring within 30 seconds. (token expired)`. Such a 403 is an
+/// authentication failure, not a missing grant.
+pub(crate) fn refuses_token(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("invalid access token")
+        || m.contains("token expired")
+        || m.contains("jwt has expired")
+        || m.contains("token is expiring")
+        || m.contains("invalid token")
 }
 
 impl ApiErrorBody {
@@ -417,11 +441,17 @@ impl ApiClient {
                 return Ok(text);
             }
             let (code, message) = ApiErrorBody::parse(&String::from_utf8_lossy(&text));
-            if status == StatusCode::UNAUTHORIZED && !reauthenticated {
+            let token_refused = status == StatusCode::UNAUTHORIZED
+                || (status == StatusCode::FORBIDDEN && refuses_token(&message));
+            if token_refused && !reauthenticated {
                 // The token may have expired or been revoked mid-run: get a new one, once.
                 reauthenticated = true;
                 self.tokens.invalidate(&token).await;
-                tracing::info!(route, "Databricks answered 401; re-authenticating once");
+                tracing::info!(
+                    route,
+                    "Databricks refused the token (HTTP {}); re-authenticating once",
+                    status.as_u16()
+                );
                 continue;
             }
             let retriable = status == StatusCode::TOO_MANY_REQUESTS
@@ -450,6 +480,9 @@ impl ApiClient {
             return Err(match status.as_u16() {
                 401 => DatabricksError::Auth {
                     detail: format!("{route} answered 401 {code}: {message}"),
+                },
+                403 if token_refused => DatabricksError::Auth {
+                    detail: format!("{route} answered 403 {code}: {message}"),
                 },
                 403 => DatabricksError::PermissionDenied {
                     object: route.to_string(),
@@ -509,6 +542,30 @@ mod tests {
     use std::time::Duration;
 
     use crate::databricks::{ClientOptions, Credentials, DatabricksClient, DatabricksError};
+
+    /// The workspace refuses a bad PAT or an expired OAuth token with 403 and the status as a
+    /// number in `error_code`: both are read, and such a 403 is about the token, not a grant.
+    #[test]
+    fn a_403_refusing_the_token_is_read_and_told_apart_from_a_missing_grant() {
+        let (code, message) = super::ApiErrorBody::parse(
+            r#"{"error_code": 403, "message": "Invalid access token."}"#,
+        );
+        assert_eq!(
+            (code.as_str(), message.as_str()),
+            ("403", "Invalid access token.")
+        );
+        assert!(super::refuses_token(&message));
+        assert!(super::refuses_token(
+            "Token is expiring within 30 seconds. (token expired)"
+        ));
+        assert!(super::refuses_token("JWT has expired"));
+        assert!(!super::refuses_token(
+            "User does not have USE CATALOG on Catalog 'main'."
+        ));
+        let (code, _) =
+            super::ApiErrorBody::parse(r#"{"error_code": "PERMISSION_DENIED", "message": "no"}"#);
+        assert_eq!(code, "PERMISSION_DENIED");
+    }
 
     /// A token that cannot be a header value fails at once as an authentication problem: no
     /// retry, no "network error" (the host is a closed loopback port: nothing is ever sent).

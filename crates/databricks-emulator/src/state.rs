@@ -84,8 +84,8 @@ impl Shared {
         let tokens = lock(&self.tokens);
         match tokens.get(bearer) {
             Some((p, exp)) if *exp > Instant::now() => Ok(p.clone()),
-            Some(_) => Err("The access token has expired; request a new one from /oidc/v1/token"),
-            None => Err("Invalid access token"),
+            Some(_) => Err("Token is expiring within 30 seconds. (token expired)"),
+            None => Err("Invalid access token."),
         }
     }
 

@@ -213,12 +213,15 @@ async fn auth_mw(State(shared): State<Arc<Shared>>, mut req: Request, next: Next
                 .or_else(|| h.strip_prefix("bearer "))
         })
         .map(|t| t.trim().to_string());
-    let result = match bearer {
-        None => {
-            Err("Missing or malformed Authorization header: send `Authorization: Bearer <token>`")
-        }
-        Some(t) => shared.authenticate(&t),
+    let Some(bearer) = bearer else {
+        lock(&shared.stats).unauthenticated += 1;
+        return err(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHENTICATED",
+            "Credential was not sent or was of an unsupported type for this API.",
+        );
     };
+    let result = shared.authenticate(&bearer);
     match result {
         Ok(_)
             if shared.cfg.no_metastore
@@ -234,9 +237,15 @@ async fn auth_mw(State(shared): State<Arc<Shared>>, mut req: Request, next: Next
             req.extensions_mut().insert(Principal(p));
             next.run(req).await
         }
+        // As the workspace answers a token it refuses (a bad PAT, an expired OAuth token):
+        // 403, with the HTTP status as a number in `error_code`.
         Err(m) => {
             lock(&shared.stats).unauthenticated += 1;
-            err(StatusCode::UNAUTHORIZED, "UNAUTHENTICATED", m)
+            (
+                StatusCode::FORBIDDEN,
+                Json(json!({"error_code": 403, "message": m})),
+            )
+                .into_response()
         }
     }
 }

@@ -148,8 +148,10 @@ fn prepare(
     let mut suggest = Vec::new();
     for (c, s, t) in &tr.tables {
         let denied = |what: &str, on: String| {
+            // The Statement Execution API's codes are ServiceErrorCodes (no PERMISSION_DENIED):
+            // a missing privilege is a BAD_REQUEST whose message names the Spark condition.
             SqlError {
-            code: "PERMISSION_DENIED",
+            code: "BAD_REQUEST",
             message: format!("[INSUFFICIENT_PERMISSIONS] Insufficient privileges: User does not have {what} on {on}."),
         }
         };

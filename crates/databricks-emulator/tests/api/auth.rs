@@ -63,7 +63,7 @@ async fn token_good_bad_and_api_requires_it() {
         "unsupported_grant_type"
     );
 
-    // No token / bad token -> 401 UNAUTHENTICATED.
+    // No token -> 401 UNAUTHENTICATED; a bad token -> 403 with a numeric error_code.
     let r = env
         .http
         .get(format!("{}/api/2.0/serving-endpoints", env.base))
@@ -82,7 +82,10 @@ async fn token_good_bad_and_api_requires_it() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 401);
+    assert_eq!(r.status(), 403);
+    let v = r.json::<Value>().await.unwrap();
+    assert_eq!(v["error_code"], 403);
+    assert_eq!(v["message"], "Invalid access token.");
     let (s, _) = env.get("/api/2.0/serving-endpoints").await;
     assert_eq!(s, 200);
     env.emu.shutdown().await;
@@ -102,14 +105,14 @@ async fn tokens_expire_and_pat_works() {
     let mut expired = false;
     for _ in 0..40 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        if env.get("/api/2.0/sql/warehouses").await.0 == 401 {
+        if env.get("/api/2.0/sql/warehouses").await.0 == 403 {
             expired = true;
             break;
         }
     }
     assert!(expired, "token never expired");
     let (_, v) = env.get("/api/2.0/sql/warehouses").await;
-    assert_eq!(v["error_code"], "UNAUTHENTICATED");
+    assert_eq!(v["error_code"], 403);
     assert!(v["message"].as_str().unwrap_or("").contains("expired"));
     let r = env
         .http

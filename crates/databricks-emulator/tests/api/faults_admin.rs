@@ -173,7 +173,7 @@ async fn fault_drop_expire_pending_fail() {
         .0,
         200
     );
-    assert_eq!(env.get("/api/2.0/sql/warehouses").await.0, 401);
+    assert_eq!(env.get("/api/2.0/sql/warehouses").await.0, 403);
     let (status, v) = env
         .post_open("/_emulator/faults", json!({"spec": "kind=explode"}))
         .await;
@@ -233,7 +233,7 @@ async fn admin_permissions_over_http() {
     let v = env
         .sql("SELECT 1 FROM support_bot_payload", json!([]))
         .await;
-    assert_eq!(v["status"]["error"]["error_code"], "PERMISSION_DENIED");
+    assert_eq!(v["status"]["error"]["error_code"], "BAD_REQUEST");
     let r = env
         .http
         .post(format!("{}/_emulator/permissions", env.base))

@@ -386,7 +386,8 @@ async fn missing_select_fails_with_permission_denied() {
         json!([]),
     )
     .await;
-    assert_eq!(code, "PERMISSION_DENIED");
+    assert_eq!(code, "BAD_REQUEST");
+    assert!(m.starts_with("[INSUFFICIENT_PERMISSIONS]"), "{m}");
     assert!(
         m.contains("workspace.default.support_bot_payload") && m.contains("SELECT"),
         "{m}"
