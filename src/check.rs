@@ -234,7 +234,12 @@ pub async fn run(config: &Config) -> Vec<Step> {
     let trace_sources = crate::traces::trace_sources(&inv, workspace_host).len();
     list.push(
         "inference tables",
-        sources_step(&inv, &config.prefix, tables.len(), trace_sources),
+        sources_step(
+            &inv,
+            (&config.prefix, &client.principal()),
+            tables.len(),
+            trace_sources,
+        ),
     );
     let warehouse = match client
         .choose_warehouse(config.warehouse_id.as_deref())
@@ -371,7 +376,7 @@ fn serving_endpoints_step(
 /// and OTel span tables: an agent with traces but no inference table is read by `-once` too.
 fn sources_step(
     inv: &discovery::Inventory,
-    prefix: &str,
+    (prefix, principal): (&str, &str),
     tables: usize,
     trace_sources: usize,
 ) -> Result<String, String> {
@@ -396,10 +401,16 @@ fn sources_step(
         Err(format!(
             "no inference table matches prefix '{prefix}' ({} of {} tables match; outside it: \
              {}), and no agent has MLflow traces to read. Fix: check DATABRICKS_PREFIX / \
-             DATABRICKS_SCHEMA, or enable inference tables on the agents' endpoints",
+             DATABRICKS_SCHEMA, or enable inference tables on the agents' endpoints. Unity \
+             Catalog lists only the tables the service principal may read: without SELECT they \
+             do not show, so also check `SHOW GRANTS {principal} ON SCHEMA {schema}` and grant \
+             `GRANT SELECT ON SCHEMA {schema} TO {principal};`",
             inv.tables_matching_prefix,
             inv.tables_total,
-            inv.filtered_out_examples.join(", ")
+            inv.filtered_out_examples.join(", "),
+            principal = crate::databricks::error::quote_ident(principal),
+            schema =
+                crate::databricks::error::quote_name(&format!("{}.{}", inv.catalog, inv.schema)),
         ))
     }
 }
@@ -657,18 +668,25 @@ mod tests {
             tables_total: 7,
             ..Default::default()
         };
-        let err = sources_step(&inv, "nothing_", 0, 0).unwrap_err();
+        inv.catalog = "main".into();
+        inv.schema = "agents".into();
+        let err = sources_step(&inv, ("nothing_", "sp-1"), 0, 0).unwrap_err();
         assert!(
             err.contains("DATABRICKS_PREFIX") && err.contains("0 of 7"),
             "{err}"
         );
-        let ok = sources_step(&inv, "nothing_", 0, 3).unwrap();
+        // Unity Catalog lists only the tables the principal may read: the GRANT is named.
+        assert!(
+            err.contains("GRANT SELECT ON SCHEMA `main`.`agents` TO `sp-1`;"),
+            "{err}"
+        );
+        let ok = sources_step(&inv, ("nothing_", "sp-1"), 0, 3).unwrap();
         assert!(
             ok.contains("no inference tables") && ok.contains("3 trace sources"),
             "{ok}"
         );
         inv.tables_matching_prefix = 2;
-        let ok = sources_step(&inv, "", 2, 1).unwrap();
+        let ok = sources_step(&inv, ("", "sp-1"), 2, 1).unwrap();
         assert!(ok.contains("2 inference tables, 1 trace sources"), "{ok}");
     }
 

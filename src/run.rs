@@ -515,7 +515,8 @@ impl Connector {
         if report.tables == 0 && trace_sources.is_empty() {
             tracing::warn!(
                 "no inference tables or MLflow traces to read in {}.{} (prefix '{}'): {} tables found, \
-                 {} match the prefix. Run `databricks-shield discover` to see what was found",
+                 {} match the prefix (Unity Catalog lists only the tables the service principal \
+                 may SELECT). Run `databricks-shield check` or `discover` to see what was found",
                 s.catalog,
                 s.schema,
                 s.prefix,
