@@ -292,6 +292,20 @@ pub async fn run(config: &Config) -> Vec<Step> {
             );
         }
     }
+    // Tables an agent endpoint logs to that Unity Catalog did not list: it lists only the tables
+    // the principal may read, so a missing SELECT shows as a table that is not there.
+    for (endpoint, t) in &inv.unseen_tables {
+        list.push(
+            &format!("SELECT on {t}"),
+            Err(format!(
+                "endpoint {endpoint} logs to {t}, but Unity Catalog does not list it to the \
+                 service principal: it lists only the tables it may read (or the table was not \
+                 created yet). Fix: `GRANT SELECT ON TABLE {} TO {};` (or SELECT on its schema)",
+                crate::databricks::error::quote_name(t),
+                crate::databricks::error::quote_ident(&client.principal())
+            )),
+        );
+    }
     // The state directory: writable, and not held by another instance. An older state format is
     // reported, not upgraded: `check` changes nothing.
     let state_file = config.state_dir.join(crate::state::FILE_NAME);

@@ -209,6 +209,11 @@ pub struct Inventory {
     /// scope does. Read it through [`Inventory::is_out_of_scope`].
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub out_of_scope: BTreeSet<String>,
+    /// Inference tables in scope that an agent endpoint's configuration names but Unity Catalog
+    /// did not list (endpoint name -> table): not created yet, or (usually) no SELECT on it, since
+    /// Unity Catalog lists only the tables the principal may read. `check` names the GRANT.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unseen_tables: BTreeMap<String, String>,
 }
 
 impl Inventory {
@@ -559,10 +564,13 @@ pub async fn discover(
                 scope_note
             }
             (None, _) => Some("no inference table enabled on this endpoint".to_string()),
-            (Some(t), None) => Some(format!(
-                "inference table {t} is not visible in {catalog}.{schema} (not created yet, no \
-                 SELECT on it, or not an inference table)"
-            )),
+            (Some(t), None) => {
+                inv.unseen_tables.insert(ep.name.clone(), t.clone());
+                Some(format!(
+                    "inference table {t} is not visible in {catalog}.{schema} (not created yet, \
+                     no SELECT on it, or not an inference table)"
+                ))
+            }
             _ => None,
         };
         if let Some(t) = &table {

@@ -196,10 +196,14 @@ pub(crate) async fn tables(
         return r;
     }
     let l = &shared.layout;
-    let list: &[TableDef] = if schema.eq_ignore_ascii_case(&l.schema) {
-        &l.tables
+    // As Unity Catalog does: only the tables the caller may read (SELECT) are listed.
+    let list: Vec<&TableDef> = if schema.eq_ignore_ascii_case(&l.schema) {
+        l.tables
+            .iter()
+            .filter(|t| may_select(&shared, &p.0, t))
+            .collect()
     } else {
-        &[]
+        Vec::new()
     };
     let (s, e, next) = match page(list.len(), &q, 50, true) {
         Ok(v) => v,
@@ -207,6 +211,16 @@ pub(crate) async fn tables(
     };
     let items: Vec<Value> = list[s..e].iter().map(|t| table_info(&shared, t)).collect();
     listing("tables", items, next)
+}
+
+/// Whether `principal` holds SELECT on `t` (what Unity Catalog asks to list or get a table).
+fn may_select(shared: &Shared, principal: &str, t: &TableDef) -> bool {
+    shared.allowed(
+        principal,
+        &crate::Privilege::Select {
+            table: shared.layout.full_name(&t.name),
+        },
+    )
 }
 
 pub(crate) async fn table(
@@ -223,6 +237,14 @@ pub(crate) async fn table(
     }
     let l = &shared.layout;
     match l.table_by_name(&parts[2]).filter(|_| parts[1] == l.schema) {
+        Some(t) if !may_select(&shared, &p.0, t) => err(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            format!(
+                "User does not have SELECT on Table '{}'.",
+                l.full_name(&t.name)
+            ),
+        ),
         Some(t) => ok(table_info(&shared, t)),
         None => err(
             StatusCode::NOT_FOUND,
