@@ -708,20 +708,21 @@ fn profile_problems_name_the_profile_and_its_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let home = dir.path().to_str().expect("utf-8 path").to_owned();
     let sink = ("DATA_INGESTION_SERVICE_URL", "http://127.0.0.1:9");
+    // Writes `file` with `cfg`, runs `--print-config` with `env`: the refusal's error line and
+    // the whole output.
+    let refused = |file: &str, cfg: &str, env: &[(&str, &str)]| {
+        std::fs::write(dir.path().join(file), cfg).expect("write cfg");
+        let out = shield(&["--print-config"], env, dir.path());
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{all}");
+        (error_line(&all).to_string(), all)
+    };
 
-    std::fs::write(
-        dir.path().join(".databrickscfg"),
+    let (line, all) = refused(
+        ".databrickscfg",
         "[DEFAULT]\nhost = https://adb-1.azuredatabricks.net/?o=1\ntoken = dapi-profile-token-77\n",
-    )
-    .expect("write cfg");
-    let out = shield(
-        &["--print-config"],
         &[("HOME", home.as_str()), sink],
-        dir.path(),
     );
-    let all = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{all}");
-    let line = error_line(&all);
     assert!(
         line.contains("profile [DEFAULT] of ")
             && line.contains(".databrickscfg: host")
@@ -731,19 +732,11 @@ fn profile_problems_name_the_profile_and_its_file() {
     assert!(!line.contains("DATABRICKS_HOST (--host) \""), "{line}");
     assert!(!all.contains("dapi-profile-token-77"), "{all}");
 
-    std::fs::write(
-        dir.path().join(".databrickscfg"),
+    let (line, _) = refused(
+        ".databrickscfg",
         "[DEFAULT]\nhost = https://adb-1.azuredatabricks.net\nclient_id = profile-sp\n",
-    )
-    .expect("write cfg");
-    let out = shield(
-        &["--print-config"],
         &[("HOME", home.as_str()), sink],
-        dir.path(),
     );
-    let all = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{all}");
-    let line = error_line(&all);
     assert!(
         line.contains("profile [DEFAULT] of ")
             && line.contains("has client_id but no client_secret"),
@@ -752,19 +745,11 @@ fn profile_problems_name_the_profile_and_its_file() {
     assert!(!line.contains("unset DATABRICKS_CLIENT_ID"), "{line}");
 
     // An explicitly named file without [DEFAULT]: its profiles are listed.
-    std::fs::write(
-        dir.path().join("team.cfg"),
+    let (line, _) = refused(
+        "team.cfg",
         "[prod]\nhost = https://adb-1.azuredatabricks.net\ntoken = dapi-x\n[staging]\n",
-    )
-    .expect("write cfg");
-    let out = shield(
-        &["--print-config"],
         &[("DATABRICKS_CONFIG_FILE", "team.cfg"), sink],
-        dir.path(),
     );
-    let all = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{all}");
-    let line = error_line(&all);
     assert!(
         line.contains("DATABRICKS_CONFIG_FILE team.cfg has no [DEFAULT] profile")
             && line.contains("it has: prod, staging")

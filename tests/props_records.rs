@@ -284,18 +284,13 @@ proptest! {
     }
 }
 
-#[test]
-fn a_payload_over_akto_limit_is_cut_not_refused() {
-    // 6 MiB of text in the request cell: over Akto's 5 MiB string limit. (Both request and
-    // response that large are cut further to fit one 10 MiB body: `traffic` unit tests.)
+/// An AI Gateway row whose request is a chat message holding `content`, mapped.
+fn map_huge_request(content: &str) -> databricks_shield::traffic::Mapped {
     let names: Vec<String> = AI_COLUMNS.iter().map(|s| s.to_string()).collect();
     let cols = RowColumns::locate(TableFormat::AiGateway, |n| {
         names.iter().position(|c| c == n)
     });
-    let huge = format!(
-        "{{\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
-        "é".repeat(3 << 20)
-    );
+    let huge = format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"{content}\"}}]}}");
     let mut row: Row = vec![Cell(None); AI_COLUMNS.len()];
     row[0] = Cell(Some("id-1".into()));
     row[2] = Cell(Some("2026-01-01T00:00:00.000001Z".into()));
@@ -309,7 +304,14 @@ fn a_payload_over_akto_limit_is_cut_not_refused() {
         path: &path,
         account_id: "1000000",
     };
-    let m = map_execution(&ctx, &exec, &MapOptions::default());
+    map_execution(&ctx, &exec, &MapOptions::default())
+}
+
+#[test]
+fn a_payload_over_akto_limit_is_cut_not_refused() {
+    // 6 MiB of text in the request cell: over Akto's 5 MiB string limit. (Both request and
+    // response that large are cut further to fit one 10 MiB body: `traffic` unit tests.)
+    let m = map_huge_request(&"é".repeat(3 << 20));
     assert_eq!(m.truncated_payloads, 1);
     for rec in &m.records {
         validate(rec).unwrap();
@@ -328,28 +330,7 @@ fn request_content_type(rec: &Value) -> Option<String> {
 #[test]
 fn a_cut_json_request_row_goes_out_as_text_and_akto_keeps_it() {
     // The same 6 MiB JSON request as above: cut, it starts with `{` but ends with the marker.
-    let names: Vec<String> = AI_COLUMNS.iter().map(|s| s.to_string()).collect();
-    let cols = RowColumns::locate(TableFormat::AiGateway, |n| {
-        names.iter().position(|c| c == n)
-    });
-    let huge = format!(
-        "{{\"messages\":[{{\"role\":\"user\",\"content\":\"{}\"}}]}}",
-        "x".repeat(6 << 20)
-    );
-    let mut row: Row = vec![Cell(None); AI_COLUMNS.len()];
-    row[0] = Cell(Some("id-1".into()));
-    row[2] = Cell(Some("2026-01-01T00:00:00.000001Z".into()));
-    row[5] = Cell(Some(huge.as_str().into()));
-    row[6] = Cell(Some("{\"choices\":[]}".into()));
-    let (_, exec) = execution_from_row("c.s.t", TableFormat::AiGateway, &cols, row).unwrap();
-    let (host, path) = ctx_parts("c.s.t");
-    let ctx = AgentContext {
-        agent: "support_bot",
-        host: &host,
-        path: &path,
-        account_id: "1000000",
-    };
-    let m = map_execution(&ctx, &exec, &MapOptions::default());
+    let m = map_huge_request(&"x".repeat(6 << 20));
     assert_eq!(m.truncated_payloads, 1);
     let rec: Value = serde_json::from_str(&encode(&m.records[0])).unwrap();
     let payload = rec["requestPayload"].as_str().unwrap();
