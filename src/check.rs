@@ -309,13 +309,22 @@ pub async fn run(config: &Config) -> Vec<Step> {
     // The state directory: writable, and not held by another instance. An older state format is
     // reported, not upgraded: `check` changes nothing.
     let state_file = config.state_dir.join(crate::state::FILE_NAME);
+    // Tables this state delivered from that Unity Catalog no longer lists.
+    let mut vanished = Vec::new();
+    let since =
+        chrono::Utc::now().timestamp_micros() - crate::run::VANISHED_WITHIN.as_micros() as i64;
     let state = if !state_file.exists() {
         // No state yet: nothing is created (not the folder, not the file), only the place the
         // first run creates them in is tested.
         state_dir_writable(&config.state_dir)
     } else {
         match crate::state::StateStore::open_unchanged(&config.state_dir) {
-            Ok((_, None)) => Ok(format!("{} is usable", config.state_dir.display())),
+            Ok((store, None)) => {
+                vanished = store
+                    .cursors()
+                    .map_or_else(|_| Vec::new(), |c| inv.vanished(&c, since));
+                Ok(format!("{} is usable", config.state_dir.display()))
+            }
             Ok((_, Some(old))) => Ok(format!(
                 "{} is usable (state format {old}: the next run upgrades it, after which older \
              releases refuse it)",
@@ -330,6 +339,27 @@ pub async fn run(config: &Config) -> Vec<Step> {
         }
     };
     list.push("state directory", state);
+    // An agent endpoint's table is named above already (`SELECT on <table>`).
+    let named: Vec<String> = inv
+        .unseen_tables
+        .values()
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
+    vanished.retain(|(t, _)| !named.contains(&t.to_ascii_lowercase()));
+    for (table, last_us) in vanished {
+        let last = chrono::DateTime::from_timestamp_micros(last_us)
+            .map_or_else(|| last_us.to_string(), |t| t.to_rfc3339());
+        list.warn(
+            &format!("{table} no longer listed"),
+            format!(
+                "rows of {table} were delivered until {last}, but Unity Catalog no longer lists \
+                 it: it was dropped or renamed, or the service principal lost SELECT on it. If it \
+                 still exists: `GRANT SELECT ON TABLE {} TO {};` (or SELECT on its schema)",
+                crate::databricks::error::quote_name(&table),
+                crate::databricks::error::quote_ident(&client.principal())
+            ),
+        );
+    }
     match config
         .sink
         .as_ref()

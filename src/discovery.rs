@@ -214,6 +214,11 @@ pub struct Inventory {
     /// Unity Catalog lists only the tables the principal may read. `check` names the GRANT.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub unseen_tables: BTreeMap<String, String>,
+    /// Every table Unity Catalog listed in catalog.schema, in the prefix or not, by full name in
+    /// lowercase: a table read before that is missing here was dropped, renamed or made
+    /// unreadable ([`Inventory::vanished`]).
+    #[serde(skip)]
+    pub listed_tables: BTreeSet<String>,
 }
 
 impl Inventory {
@@ -222,6 +227,28 @@ impl Inventory {
         self.agents
             .iter()
             .filter_map(|a| a.table.as_ref().map(|t| (a, t)))
+    }
+
+    /// The tables of this instance's scope that delivered rows since `since_us` (their state
+    /// cursor, `cursors`, says so) but that Unity Catalog no longer lists: dropped, renamed, or
+    /// no longer readable by the service principal (it lists only the tables it may SELECT). Their
+    /// agents are no longer read, and nothing else would say so. Names as the state holds them,
+    /// with the time of their newest delivered row (µs).
+    pub fn vanished(
+        &self,
+        cursors: &[(String, crate::state::Cursor)],
+        since_us: i64,
+    ) -> Vec<(String, i64)> {
+        cursors
+            .iter()
+            .filter(|(ns, c)| {
+                c.time_us >= since_us
+                    && !ns.contains(':')
+                    && in_scope(ns, &self.catalog, &self.schema, &self.prefix)
+                    && !self.listed_tables.contains(&ns.to_ascii_lowercase())
+            })
+            .map(|(ns, c)| (ns.clone(), c.time_us))
+            .collect()
     }
 
     /// Whether `agent` is out of this instance's scope (see [`Inventory::out_of_scope`]): its
@@ -458,6 +485,15 @@ pub async fn discover(
         schema: schema.to_string(),
         prefix: prefix.to_string(),
         tables_total: tables.len(),
+        listed_tables: tables
+            .iter()
+            .map(|t| {
+                t.full_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{catalog}.{schema}.{}", t.name))
+                    .to_ascii_lowercase()
+            })
+            .collect(),
         ..Default::default()
     };
 

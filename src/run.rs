@@ -54,6 +54,11 @@ use crate::traffic::{self, AgentContext, MapOptions, RedactionCounts, Redactor};
 /// minute or more (an HTTP sink's retries, a Kafka broker's time-out), past Akto's 300 s kill.
 pub const IN_FLIGHT_GRACE: Duration = Duration::from_secs(10);
 
+/// How far back a table's last delivered row may lie for its disappearance from Unity Catalog to
+/// be reported ([`Inventory::vanished`]): a table dropped on purpose stops being named a week
+/// after its last row.
+pub const VANISHED_WITHIN: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Stopping, as an explicit value handed to every long-running part (after mini-redis).
 #[derive(Clone)]
 pub struct Shutdown {
@@ -128,6 +133,9 @@ pub struct Connector {
     pub progress: Arc<Progress>,
     warehouse: tokio::sync::Mutex<Option<String>>,
     quarantine: Quarantine,
+    /// The vanished tables already named in a WARN by this process (see
+    /// [`CycleReport::vanished_tables`]); one listed again leaves it.
+    vanished_warned: Mutex<HashSet<String>>,
 }
 
 /// When the sink last confirmed records of this process. A cycle that catches up after an outage
@@ -184,6 +192,10 @@ pub struct CycleReport {
     /// Values masked, by kind (redaction on).
     pub redacted: RedactionCounts,
     pub inventory: Option<Inventory>,
+    /// Tables of this instance's scope that delivered rows within [`VANISHED_WITHIN`] but that
+    /// Unity Catalog no longer lists (dropped, renamed, or SELECT revoked): their agents are not
+    /// read. Each is named in a WARN the first cycle it is missing.
+    pub vanished_tables: Vec<String>,
 }
 
 impl CycleReport {
@@ -408,6 +420,7 @@ impl Connector {
             progress: Default::default(),
             warehouse: tokio::sync::Mutex::new(None),
             quarantine,
+            vanished_warned: Mutex::new(HashSet::new()),
         }
     }
 
@@ -441,7 +454,8 @@ impl Connector {
                     return Ok(id.clone());
                 }
                 Ok(_) => tracing::warn!(
-                    "SQL warehouse {id} is no longer listed for this service principal (deleted,                      or its CAN USE revoked): choosing another one"
+                    "SQL warehouse {id} is no longer listed for this service principal (deleted, \
+                     or its CAN USE revoked): choosing another one"
                 ),
                 Err(e) if e.is_retriable() => {
                     tracing::warn!(
@@ -467,6 +481,41 @@ impl Connector {
         }
         *w = Some(wh.id.clone());
         Ok(wh.id)
+    }
+
+    /// The tables read before that Unity Catalog no longer lists ([`Inventory::vanished`]), each
+    /// named in a WARN the first time this process misses it. A state that cannot be read here
+    /// fails nothing: the cycle's own reads report it.
+    fn note_vanished_tables(&self, inv: &Inventory, cycle_start_us: i64) -> Vec<String> {
+        let since = cycle_start_us.saturating_sub(VANISHED_WITHIN.as_micros() as i64);
+        let vanished = match self.state.cursors() {
+            Ok(cursors) => inv.vanished(&cursors, since),
+            Err(e) => {
+                tracing::debug!("cannot list the state's cursors: {e}");
+                return Vec::new();
+            }
+        };
+        let mut warned = self
+            .vanished_warned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        warned.retain(|t| vanished.iter().any(|(v, _)| v == t));
+        for (table, last_us) in &vanished {
+            if warned.insert(table.clone()) {
+                let last = chrono::DateTime::from_timestamp_micros(*last_us)
+                    .map_or_else(|| last_us.to_string(), |t| t.to_rfc3339());
+                tracing::warn!(
+                    "{table} delivered rows until {last}, but Unity Catalog no longer lists it: \
+                     it was dropped or renamed, or the service principal lost SELECT on it \
+                     (Unity Catalog lists only the tables it may read). Its agent's traffic is \
+                     not read while it is missing. If the table still exists: `GRANT SELECT ON \
+                     TABLE {} TO {};` (or SELECT on its schema)",
+                    crate::databricks::error::quote_name(table),
+                    crate::databricks::error::quote_ident(&self.client.principal())
+                );
+            }
+        }
+        vanished.into_iter().map(|(t, _)| t).collect()
     }
 
     /// Runs one cycle. Never panics on bad data; every problem ends up in `errors`.
@@ -510,6 +559,7 @@ impl Connector {
             }
         };
         report.agents = inv.agents.len();
+        report.vanished_tables = self.note_vanished_tables(&inv, cycle_start_us);
         report.tables = inv.readable().count();
         let trace_sources = crate::traces::trace_sources(&inv, &s.workspace_host);
         if report.tables == 0 && trace_sources.is_empty() {

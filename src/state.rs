@@ -569,6 +569,24 @@ impl StateStore {
         }
     }
 
+    /// Every namespace's cursor, in namespace order: what was delivered from where, also from
+    /// tables no longer discovered (cursors are kept when ids are pruned).
+    pub fn cursors(&self) -> Result<Vec<(String, Cursor)>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let t = txn.open_table(CURSORS).map_err(|e| self.io(e))?;
+        let mut out = Vec::new();
+        for entry in t.iter().map_err(|e| self.io(e))? {
+            let (k, v) = entry.map_err(|e| self.io(e))?;
+            let ns = k.value().to_string();
+            let c = serde_json::from_str(v.value()).map_err(|e| StateError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("cursor of {ns}: {e}"),
+            })?;
+            out.push((ns, c));
+        }
+        Ok(out)
+    }
+
     /// Which of `ids` of `table` were delivered already, for namespaces committed with
     /// [`DeliveredRow::by_id`] (a row committed without it is not found here).
     pub fn delivered_among<'a>(
@@ -1262,6 +1280,16 @@ mod tests {
         assert!(s.delivered_among("t", ["a"]).unwrap().is_empty());
         assert_eq!(s.delivered_count("t").unwrap(), 1);
         assert_eq!(s.cursor("t").unwrap().unwrap().id, "z");
+        // Cursors outlive pruning, and are listed in namespace order.
+        s.commit_delivered(&rows("a.b.c", &[("x", 7)])).unwrap();
+        assert_eq!(s.prune("t", i64::MAX).unwrap(), 1);
+        let all: Vec<(String, i64)> = s
+            .cursors()
+            .unwrap()
+            .into_iter()
+            .map(|(ns, c)| (ns, c.time_us))
+            .collect();
+        assert_eq!(all, vec![("a.b.c".to_string(), 7), ("t".to_string(), 50)]);
     }
 
     #[test]

@@ -495,3 +495,47 @@ async fn a_refused_endpoint_listing_warns_and_check_goes_on() {
         "{out}"
     );
 }
+
+/// Tables this state delivered rows from that Unity Catalog no longer lists (here: SELECT
+/// revoked) are named once each: an agent endpoint's table by its failing `SELECT on` line, any
+/// other (an app's) by a `[WARN]` line with the GRANT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_read_before_and_no_longer_listed_are_named_once() {
+    let rig = common::Rig::new(common::emulator_config()).await;
+    let first = rig.cycle().await;
+    assert!(first.ok(), "{:?}", first.errors);
+    let tables: std::collections::BTreeSet<String> = rig.truth().into_values().collect();
+    assert!(tables.len() >= 4, "{tables:?}");
+    for t in &tables {
+        rig.emulator
+            .revoke("emulator-client", Privilege::Select { table: t.clone() });
+    }
+    let (_, steps, out) = check(&Setup {
+        host: rig.emulator.base_url(),
+        secret: common::SECRET.into(),
+        sink: rig.standin.url(),
+        prefix: String::new(),
+        extra: vec![("STATE_DIR", rig.state_path().display().to_string())],
+    });
+    let mut warned = 0;
+    for t in &tables {
+        let failing = steps
+            .iter()
+            .filter(|s| s["ok"] == false && s["name"] == format!("SELECT on {t}"))
+            .count();
+        let warnings: Vec<&serde_json::Value> = steps
+            .iter()
+            .filter(|s| s["warning"] == true && s["name"] == format!("{t} no longer listed"))
+            .collect();
+        assert_eq!(failing + warnings.len(), 1, "{t}: {out}");
+        if let Some(w) = warnings.first() {
+            let detail = w["detail"].as_str().unwrap_or_default();
+            assert!(
+                detail.contains("GRANT SELECT ON TABLE") && detail.contains("emulator-client"),
+                "{detail}"
+            );
+            warned += 1;
+        }
+    }
+    assert!(warned >= 1, "no table-only agent among {tables:?}: {out}");
+}

@@ -433,3 +433,44 @@ async fn a_destination_refusing_every_record_fails_the_cycle_with_them_quarantin
     assert_eq!((next.records_sent, next.quarantined), (0, 0));
     assert!(rig.received_executions().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_read_before_that_unity_catalog_no_longer_lists_is_named() {
+    use databricks_emulator::Privilege;
+    let rig = Rig::new(emulator_config()).await;
+    let first = rig.cycle().await;
+    assert!(first.ok(), "{:?}", first.errors);
+    assert!(
+        first.vanished_tables.is_empty(),
+        "{:?}",
+        first.vanished_tables
+    );
+    let delivered = rig.standin.records().len();
+
+    // SELECT revoked: Unity Catalog stops listing the table, its agent is no longer read, and
+    // the report names it (the WARN says why and gives the GRANT).
+    let table = rig.truth().into_values().max().unwrap();
+    let select = || Privilege::Select {
+        table: table.clone(),
+    };
+    rig.emulator.revoke("emulator-client", select());
+    let second = rig.cycle().await;
+    assert!(second.ok(), "{:?}", second.errors);
+    assert_eq!(second.vanished_tables, vec![table.clone()]);
+    assert_eq!(second.tables + 1, first.tables);
+    // (The agent's inventory record may change: its table is gone from its description.)
+    assert!(executions_in(&rig.standin.records()[delivered..]).is_empty());
+
+    // Granted again: listed, read, nothing missing and nothing twice.
+    rig.emulator.grant("emulator-client", select());
+    rig.emulator.generate(20, 0);
+    let third = rig.cycle().await;
+    assert!(third.ok(), "{:?}", third.errors);
+    assert!(
+        third.vanished_tables.is_empty(),
+        "{:?}",
+        third.vanished_tables
+    );
+    assert_eq!(third.tables, first.tables);
+    assert_exactly_once(&rig);
+}
