@@ -1335,12 +1335,16 @@ impl Connector {
                 .rows
                 .push((c.namespace.clone(), c.call_id.clone(), c.time_us, true));
         }
-        if failure.is_some()
+        let commit = if failure.is_some()
             || quarantine_failed.is_some()
             || pending.batches >= self.settings.checkpoint_batches.max(1)
         {
-            self.commit_pending(pending).await?;
-        }
+            self.commit_pending(pending).await
+        } else {
+            Ok(())
+        };
+        // What the sink confirmed counts also when its checkpoint failed (those records are
+        // sent again at the next start, announced then).
         totals.records_sent += done.len() as u64;
         totals.tool_calls += done
             .iter()
@@ -1353,6 +1357,13 @@ impl Connector {
                 .map(String::as_str)
                 .unwrap_or(agent);
             *totals.per_agent.entry(who.to_string()).or_default() += 1;
+        }
+        if let Err(e) = commit {
+            // The state error stops the service; the sink's own failure is not lost with it.
+            if let Some(f) = &failure {
+                tracing::error!("delivery to {} also failed: {f}", self.sink.describe());
+            }
+            return Err(e.into());
         }
         match (failure, quarantine_failed) {
             (Some(e), _) => Err(e.into()),
