@@ -306,6 +306,21 @@ pub async fn run(config: &Config) -> Vec<Step> {
             )),
         );
     }
+    // Unity Catalog lists only the models and functions the principal may EXECUTE: served UC
+    // models of the schema missing from the listing mean no EXECUTE (a run logs the same WARN).
+    if !inv.unlisted_models.is_empty() {
+        list.warn(
+            &format!("EXECUTE on {}.{}", inv.catalog, inv.schema),
+            discovery::unlisted_models_warning(&inv, &client.principal()),
+        );
+    }
+    // Runs that logged an agent's model whose experiment the principal may not read.
+    for r in &inv.unreadable_runs {
+        list.warn(
+            &format!("CAN READ on the experiment of run {}", r.run_id),
+            r.describe(&client.principal()),
+        );
+    }
     // The state directory: writable, and not held by another instance. An older state format is
     // reported, not upgraded: `check` changes nothing.
     let state_file = config.state_dir.join(crate::state::FILE_NAME);

@@ -27,7 +27,11 @@
 //! app or experiment both read it. An agent with no anchor at all stays in scope, in every
 //! instance; so does an app whose table is in another schema, which this instance cannot see.
 //! Serving endpoints, UC functions or UC models that cannot be listed (refused, not found) cost
-//! a WARN naming the fix, not the discovery: the inference tables alone find the agents.
+//! a WARN naming the fix, not the discovery: the inference tables alone find the agents. Unity
+//! Catalog lists only the models and functions the principal may EXECUTE, as empty lists rather
+//! than refusals: served UC models of the schema missing from the listing are named with the
+//! GRANT ([`Inventory::unlisted_models`]); a model version's run refused by MLflow (no CAN READ on
+//! its experiment) is named with the agent ([`Inventory::unreadable_runs`]).
 //!
 //! Architecture Invariant: discovery only reads; it never touches state or sinks, and it returns
 //! the same inventory (same order) for the same workspace.
@@ -219,6 +223,59 @@ pub struct Inventory {
     /// unreadable ([`Inventory::vanished`]).
     #[serde(skip)]
     pub listed_tables: BTreeSet<String>,
+    /// UC models of catalog.schema that serving endpoints in this instance's scope serve but that
+    /// Unity Catalog did not list (model full name -> the first such endpoint, by name). Unity
+    /// Catalog lists only the models, model versions and functions the principal may EXECUTE (or
+    /// owns), and answers an empty list rather than a refusal: without EXECUTE the model
+    /// versions' runs cannot lead to the agents' MLflow experiments and no tool is listed.
+    /// `check` names the GRANT ([`execute_fix`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub unlisted_models: BTreeMap<String, String>,
+    /// The MLflow runs that logged an agent's served model version whose `runs/get` was refused
+    /// (403): no CAN READ on the experiment holding the run, so that experiment (where an agent
+    /// deployed with `agents.deploy()` logs its traces) is unknown. In agent order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unreadable_runs: Vec<UnreadableRun>,
+}
+
+/// A run that logged an agent's served UC model version, not readable by the service principal.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UnreadableRun {
+    pub agent: String,
+    /// The UC model's full name.
+    pub model: String,
+    pub version: String,
+    pub run_id: String,
+    /// The experiment the agent's traces are read from anyway (found by name), if any.
+    pub experiment_id: Option<String>,
+}
+
+impl UnreadableRun {
+    /// What is lost and the fix, for the run's WARN and `check`.
+    pub fn describe(&self, principal: &str) -> String {
+        let lost = match &self.experiment_id {
+            None => "its MLflow traces are not read".to_string(),
+            Some(e) => format!(
+                "its traces are read from experiment {e} (found by another run or by name), \
+                 which may not be the one this run logged to"
+            ),
+        };
+        format!(
+            "agent {}: MLflow run {} (which logged its model {} version {}) is not readable by \
+             the service principal (403 PERMISSION_DENIED), so the experiment holding it, where \
+             an agent deployed with agents.deploy() logs its traces, is unknown: {lost}. Fix: give \
+             {} CAN READ on the experiment of run {} (Catalog Explorer: model {} version {} -> \
+             its source run -> experiment -> Permissions)",
+            self.agent,
+            self.run_id,
+            self.model,
+            self.version,
+            principal,
+            self.run_id,
+            self.model,
+            self.version,
+        )
+    }
 }
 
 impl Inventory {
@@ -468,6 +525,32 @@ fn scope_key(a: &Agent) -> Option<String> {
     }
 }
 
+/// Gives an inference table that several endpoints name to the first of them (by name) only:
+/// one reader per table, or every row of it would be read and sent twice in one cycle. The others
+/// keep a note naming the agent whose records carry their rows, and a WARN says so.
+fn share_tables_once(agents: &mut [Agent]) {
+    let mut owner: BTreeMap<String, String> = BTreeMap::new();
+    for a in agents.iter_mut() {
+        let Some(t) = &a.table else { continue };
+        let key = t.full_name.to_ascii_lowercase();
+        match owner.get(&key) {
+            None => {
+                owner.insert(key, a.name.clone());
+            }
+            Some(first) => {
+                let note = format!(
+                    "inference table {} is also the table of endpoint {first}: its rows, this \
+                     endpoint's too, are read once and sent as {first}'s",
+                    t.full_name
+                );
+                tracing::warn!("endpoint {}: {note}", a.name);
+                a.table = None;
+                a.table_note = Some(note);
+            }
+        }
+    }
+}
+
 /// The end of every out-of-scope note.
 const OUT_OF_SCOPE: &str = "out of scope, its MLflow traces are not read by this instance \
      (the instance for that catalog.schema and prefix reads them)";
@@ -656,6 +739,7 @@ pub async fn discover(
     }
     inv.agents.sort_by(|a, b| a.name.cmp(&b.name));
     inv.llm_endpoints.sort_by(|a, b| a.name.cmp(&b.name));
+    share_tables_once(&mut inv.agents);
 
     let principal = client.principal();
     let functions: Vec<FunctionInfo> = match client.list_functions(catalog, schema).await {
@@ -674,15 +758,16 @@ pub async fn discover(
     inv.tools.sort();
     inv.otel_span_tables.sort();
 
-    let models = match client.list_models(catalog, schema).await {
-        Ok(m) => m,
+    // Whether the listing answered: a refused one is its own WARN, not a missing EXECUTE.
+    let (models, models_listed) = match client.list_models(catalog, schema).await {
+        Ok(m) => (m, true),
         Err(e) if e.is_listing_refused() => {
             tracing::warn!(
                 "cannot list the UC models of {catalog}.{schema} ({e}); model versions are not \
                  listed and experiments are not found through them this cycle. Fix: {}",
                 uc_objects_fix(catalog, schema, &principal)
             );
-            Vec::new()
+            (Vec::new(), false)
         }
         Err(e) => return Err(e),
     };
@@ -713,6 +798,12 @@ pub async fn discover(
         });
     }
     inv.models.sort_by(|a, b| a.full_name.cmp(&b.full_name));
+    if models_listed {
+        inv.unlisted_models = unlisted_models(&inv);
+    }
+    if !inv.unlisted_models.is_empty() {
+        tracing::warn!("{}", unlisted_models_warning(&inv, &principal));
+    }
 
     let anchors = Anchors {
         schema_tables: &schema_tables,
@@ -724,6 +815,73 @@ pub async fn discover(
         warn_once(w);
     }
     Ok(inv)
+}
+
+/// The UC models of catalog.schema that the endpoints in scope serve and Unity Catalog did not
+/// list ([`Inventory::unlisted_models`]), compared case-insensitively.
+fn unlisted_models(inv: &Inventory) -> BTreeMap<String, String> {
+    let listed: BTreeSet<String> = inv
+        .models
+        .iter()
+        .map(|m| m.full_name.to_ascii_lowercase())
+        .collect();
+    let mut endpoints: Vec<&Agent> = inv
+        .agents
+        .iter()
+        .chain(inv.llm_endpoints.iter())
+        .filter(|a| a.endpoint.is_some() && !inv.is_out_of_scope(a))
+        .collect();
+    endpoints.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    for a in endpoints {
+        for m in a.models.iter().filter(|m| m.kind == "uc_model") {
+            let key = m.name.to_ascii_lowercase();
+            if in_scope(&key, &inv.catalog, &inv.schema, "")
+                && !listed.contains(&key)
+                && !out.keys().any(|k| k.eq_ignore_ascii_case(&key))
+            {
+                out.insert(m.name.clone(), a.endpoint.clone().unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+/// The WARN (and `check` line) for [`Inventory::unlisted_models`].
+pub fn unlisted_models_warning(inv: &Inventory, principal: &str) -> String {
+    let served: Vec<String> = inv
+        .unlisted_models
+        .iter()
+        .map(|(m, e)| format!("{m} (served by endpoint {e})"))
+        .collect();
+    let tools = if inv.tools.is_empty() {
+        "its UC functions (agent tools) are not listed either (the list came back empty)"
+    } else {
+        "UC functions (agent tools) the principal may not EXECUTE are not listed either"
+    };
+    format!(
+        "Unity Catalog did not list the UC model(s) {} of {}.{}: it lists only the models, model \
+         versions and functions the service principal may EXECUTE (an empty list, not an \
+         error), so these models' versions cannot lead to the MLflow experiments their runs \
+         logged to (an agent deployed with agents.deploy() logs its traces to its notebook's \
+         experiment: those traces are not read unless an experiment is named after the agent), \
+         and {tools}. Fix: {}",
+        served.join(", "),
+        inv.catalog,
+        inv.schema,
+        execute_fix(&inv.catalog, &inv.schema, principal)
+    )
+}
+
+/// The GRANT of EXECUTE on the schema, names quoted to be pasted as they are.
+pub fn execute_fix(catalog: &str, schema: &str, principal: &str) -> String {
+    use crate::databricks::error::quote_ident;
+    format!(
+        "`GRANT EXECUTE ON SCHEMA {}.{} TO {};`",
+        quote_ident(catalog),
+        quote_ident(schema),
+        quote_ident(principal)
+    )
 }
 
 /// The grants that let the service principal see a schema's UC functions and models.
@@ -1155,7 +1313,10 @@ async fn find_experiments(
         a.experiment_id = None;
     }
     let wanted = |a: &Agent| a.experiment_id.is_none() && !skipped(a);
-    let mut by_run: BTreeMap<String, Option<String>> = BTreeMap::new();
+    // Run id -> its experiment, or whether reading it was refused (403) rather than failed
+    // otherwise (deleted run: 404).
+    let mut by_run: BTreeMap<String, Result<String, bool>> = BTreeMap::new();
+    let mut denied: Vec<UnreadableRun> = Vec::new();
     for a in inv.agents.iter_mut().filter(|a| wanted(a)) {
         for m in a.models.iter().filter(|m| m.kind == "uc_model") {
             let Some(v) = &m.version else { continue };
@@ -1166,10 +1327,14 @@ async fn find_experiments(
                 Some(e) => e.clone(),
                 None => {
                     let e = match client.run_experiment(run).await {
-                        Ok(e) => Some(e),
+                        Ok(e) => Ok(e),
+                        Err(e @ DatabricksError::PermissionDenied { .. }) => {
+                            tracing::debug!("run {run} of {} v{v} refused: {e}", m.name);
+                            Err(true)
+                        }
                         Err(e) if !e.is_retriable() => {
                             tracing::debug!("run {run} of {} v{v} not readable: {e}", m.name);
-                            None
+                            Err(false)
                         }
                         Err(e) => return Err(e),
                     };
@@ -1177,9 +1342,19 @@ async fn find_experiments(
                     e
                 }
             };
-            if exp.is_some() {
-                a.experiment_id = exp;
-                break;
+            match exp {
+                Ok(e) => {
+                    a.experiment_id = Some(e);
+                    break;
+                }
+                Err(true) => denied.push(UnreadableRun {
+                    agent: a.name.clone(),
+                    model: m.name.clone(),
+                    version: v.clone(),
+                    run_id: run.clone(),
+                    experiment_id: None,
+                }),
+                Err(false) => {}
             }
         }
     }
@@ -1212,6 +1387,18 @@ async fn find_experiments(
         } else {
             owner.insert(e, a.name.clone());
         }
+    }
+    // A refused run is named once the agent's experiment is settled: an agent that found one by
+    // name is still told, since that one may not be where the run logged to.
+    let principal = client.principal();
+    for mut r in denied {
+        r.experiment_id = inv
+            .agents
+            .iter()
+            .find(|a| a.name == r.agent)
+            .and_then(|a| a.experiment_id.clone());
+        tracing::warn!("{}", r.describe(&principal));
+        inv.unreadable_runs.push(r);
     }
     Ok(())
 }
@@ -1368,6 +1555,32 @@ mod tests {
     const WS: &str = "https://adb-1.azuredatabricks.net";
 
     #[test]
+    fn a_table_named_by_two_endpoints_is_read_by_the_first_only() {
+        let shared = |name: &str| {
+            let mut a = agent(name, true, None);
+            a.table = Some(InferenceTable {
+                full_name: "c.s.Shared_payload".into(),
+                kind: TableKind::AiGatewayPayload,
+                columns: Vec::new(),
+            });
+            a
+        };
+        let mut agents = vec![shared("alpha"), agent("solo", false, None), shared("beta")];
+        agents[2].table.as_mut().unwrap().full_name = "C.S.shared_payload".into();
+        share_tables_once(&mut agents);
+        assert!(agents[0].table.is_some() && agents[0].table_note.is_none());
+        assert!(agents[1].table.is_some());
+        assert!(agents[2].table.is_none());
+        let note = agents[2].table_note.as_deref().unwrap();
+        assert!(
+            note.contains("endpoint alpha") && note.contains("C.S.shared_payload"),
+            "{note}"
+        );
+        let inv = inventory(agents);
+        assert_eq!(inv.readable().count(), 2);
+    }
+
+    #[test]
     fn endpoint_and_app_with_colliding_names_get_their_own_hosts() {
         let mut inv = inventory(vec![
             agent("support_bot", true, None),
@@ -1497,6 +1710,103 @@ mod tests {
             version: Some("1".into()),
             kind,
         }
+    }
+
+    #[test]
+    fn served_uc_models_of_the_schema_missing_from_the_listing_are_named() {
+        let mut bot = agent("bot", true, None);
+        bot.models.push(model("Main.Agents.Bot", "uc_model"));
+        bot.models.push(model(
+            "databricks-meta-llama-3-3-70b-instruct",
+            "foundation_model",
+        ));
+        let mut other_schema = agent("other", true, None);
+        other_schema
+            .models
+            .push(model("main.elsewhere.other", "uc_model"));
+        let mut listed = agent("listed", true, None);
+        listed.models.push(model("main.agents.listed", "uc_model"));
+        let mut out = agent("far", true, None);
+        out.models.push(model("main.agents.far", "uc_model"));
+        let mut twice = agent("a_second_endpoint", true, None);
+        twice.models.push(model("main.agents.bot", "uc_model"));
+        let mut plain = agent("plain_llm", true, None);
+        plain.is_agent = false;
+        plain
+            .models
+            .push(model("main.agents.finetuned", "uc_model"));
+        let mut inv = Inventory {
+            catalog: "main".into(),
+            schema: "agents".into(),
+            prefix: "prod_".into(),
+            agents: vec![bot, other_schema, listed, out, twice],
+            llm_endpoints: vec![plain],
+            models: vec![ModelEntry {
+                full_name: "main.agents.listed".into(),
+                versions: vec!["1".into()],
+            }],
+            out_of_scope: ["endpoint:far".to_string()].into(),
+            ..Default::default()
+        };
+        // Compared case-insensitively, named once (by the first endpoint by name); the table
+        // prefix does not apply to model names; out-of-scope endpoints and other schemas do
+        // not count.
+        let expected: BTreeMap<String, String> = [
+            (
+                "main.agents.bot".to_string(),
+                "a_second_endpoint".to_string(),
+            ),
+            ("main.agents.finetuned".to_string(), "plain_llm".to_string()),
+        ]
+        .into();
+        assert_eq!(unlisted_models(&inv), expected);
+        inv.unlisted_models = expected;
+        let w = unlisted_models_warning(&inv, "sp-1");
+        assert!(
+            w.contains("main.agents.bot (served by endpoint a_second_endpoint)")
+                && w.contains("GRANT EXECUTE ON SCHEMA `main`.`agents` TO `sp-1`;")
+                && w.contains("functions (agent tools) are not listed either"),
+            "{w}"
+        );
+        // Every served model listed: nothing to say.
+        inv.models = [
+            "main.agents.bot",
+            "main.agents.finetuned",
+            "main.agents.listed",
+        ]
+        .iter()
+        .map(|m| ModelEntry {
+            full_name: (*m).into(),
+            versions: Vec::new(),
+        })
+        .collect();
+        assert!(unlisted_models(&inv).is_empty());
+        assert_eq!(
+            execute_fix("prod-agents", "ai", "we`ird"),
+            "`GRANT EXECUTE ON SCHEMA `prod-agents`.`ai` TO `we``ird`;`"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_run_names_the_agent_the_run_and_the_fix() {
+        let mut r = UnreadableRun {
+            agent: "support_bot".into(),
+            model: "main.agents.support_bot".into(),
+            version: "3".into(),
+            run_id: "abc123".into(),
+            experiment_id: None,
+        };
+        let d = r.describe("sp-1");
+        assert!(
+            d.contains("agent support_bot")
+                && d.contains("run abc123")
+                && d.contains("version 3")
+                && d.contains("traces are not read")
+                && d.contains("sp-1 CAN READ on the experiment of run abc123"),
+            "{d}"
+        );
+        r.experiment_id = Some("42".into());
+        assert!(r.describe("sp-1").contains("read from experiment 42"));
     }
 
     #[test]

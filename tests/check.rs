@@ -539,3 +539,87 @@ async fn tables_read_before_and_no_longer_listed_are_named_once() {
     }
     assert!(warned >= 1, "no table-only agent among {tables:?}: {out}");
 }
+
+/// Without EXECUTE on the schema Unity Catalog lists no model or function: `check` passes with a
+/// `[WARN]` line `EXECUTE on <catalog>.<schema>` quoting the GRANT. A run in an experiment the
+/// principal may not read gets a `[WARN]` line naming the run and CAN READ. With the grants back,
+/// neither line shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_execute_or_experiment_read_are_warned_with_the_fix() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let setup = || Setup {
+        host: emu.base_url(),
+        secret: common::SECRET.into(),
+        sink: standin.url(),
+        prefix: String::new(),
+        extra: Vec::new(),
+    };
+    let warnings = |steps: &[serde_json::Value]| -> Vec<(String, String)> {
+        steps
+            .iter()
+            .filter(|s| s["warning"] == true)
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap_or_default().to_string(),
+                    s["detail"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    let (ok, steps, out) = check(&setup());
+    assert!(ok, "{out}");
+    assert!(warnings(&steps).is_empty(), "{out}");
+
+    emu.revoke("emulator-client", Privilege::Execute);
+    let (ok, steps, out) = check(&setup());
+    assert!(ok, "a run lives without EXECUTE: {out}");
+    let w = warnings(&steps);
+    assert_eq!(w.len(), 1, "{out}");
+    assert_eq!(w[0].0, "EXECUTE on workspace.default");
+    assert!(
+        w[0].1
+            .contains("GRANT EXECUTE ON SCHEMA `workspace`.`default` TO `emulator-client`;")
+            && w[0]
+                .1
+                .contains("workspace.default.support_bot (served by endpoint"),
+        "{}",
+        w[0].1
+    );
+    emu.grant("emulator-client", Privilege::Execute);
+
+    // The experiment of support_bot's runs, by the name the emulator gives it.
+    let c = common::client(&emu.base_url(), "emulator-client", common::SECRET);
+    let exp = c
+        .search_experiments()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| {
+            e.name
+                .as_deref()
+                .is_some_and(|n| n.ends_with("/support_bot"))
+        })
+        .expect("support_bot's experiment")
+        .experiment_id;
+    let read = Privilege::ReadExperiment { experiment_id: exp };
+    emu.revoke("emulator-client", read.clone());
+    let (ok, steps, out) = check(&setup());
+    assert!(ok, "{out}");
+    let w = warnings(&steps);
+    assert_eq!(w.len(), 1, "{out}");
+    assert!(
+        w[0].0.starts_with("CAN READ on the experiment of run "),
+        "{out}"
+    );
+    assert!(
+        w[0].1
+            .contains("agent agents_workspace-default-support_bot")
+            && w[0].1.contains("CAN READ on the experiment of run"),
+        "{}",
+        w[0].1
+    );
+    emu.grant("emulator-client", read);
+    let (ok, steps, out) = check(&setup());
+    assert!(ok && warnings(&steps).is_empty(), "{out}");
+}

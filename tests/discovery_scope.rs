@@ -14,6 +14,8 @@
 //!   (derived from an inference table) are not agents.
 //! - A serving-endpoint listing or a UC function listing that is refused (403/404) costs a WARN
 //!   naming the fix, not the whole discovery; an unavailable one (503) still fails it.
+//! - Without EXECUTE the model and function lists are empty: the served models they leave out are
+//!   named with the GRANT. A model's run in an experiment without CAN READ is named with the fix.
 
 mod common;
 
@@ -23,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use databricks_emulator::Privilege;
 use databricks_shield::collect::{Chunk, CollectOptions};
 use databricks_shield::databricks::{ClientOptions, Credentials, DatabricksClient, RetryPolicy};
 use databricks_shield::discovery::{self, Inventory};
@@ -287,11 +290,198 @@ async fn uc_functions_or_models_refused_leave_the_rest_of_the_inventory() {
     let (inv, logs) = discover_logged(&c, "").await;
     let inv = inv.unwrap_or_else(|e| panic!("discovery goes on without models: {e}"));
     assert!(inv.models.is_empty());
+    // A refused listing is not taken for a missing EXECUTE.
+    assert!(inv.unlisted_models.is_empty(), "{:?}", inv.unlisted_models);
     assert_eq!(inv.tools, full.tools);
     assert_eq!(names(&inv), names(&full));
     assert!(
         logs.contains("cannot list the UC models of workspace.default"),
         "{logs}"
+    );
+    emu.shutdown().await;
+}
+
+/// Without EXECUTE on the schema, Unity Catalog lists no registered model, model version or
+/// function (empty lists, not a refusal): discovery still finds every agent from its table and
+/// endpoint, and names the served models the listing left out, with the GRANT, in a WARN and in
+/// the inventory; with EXECUTE back all is as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_execute_the_served_models_not_listed_are_named_with_the_grant() {
+    let emu = emulator(emulator_config()).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let (full, logs) = discover_logged(&c, "").await;
+    let full = full.unwrap();
+    assert!(!full.tools.is_empty() && !full.models.is_empty());
+    assert!(
+        full.unlisted_models.is_empty(),
+        "{:?}",
+        full.unlisted_models
+    );
+    assert!(!logs.contains("GRANT EXECUTE"), "{logs}");
+    let model = full.models[0].full_name.clone();
+
+    emu.revoke("emulator-client", Privilege::Execute);
+    // The lists are empty, as Unity Catalog answers them; getting a model is refused.
+    assert!(c
+        .list_models("workspace", "default")
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(c
+        .list_functions("workspace", "default")
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(c.list_model_versions(&model).await.unwrap().is_empty());
+
+    let (inv, logs) = discover_logged(&c, "").await;
+    let inv = inv.unwrap_or_else(|e| panic!("discovery goes on without EXECUTE: {e}"));
+    assert_eq!(names(&inv), names(&full));
+    assert!(inv.models.is_empty() && inv.tools.is_empty());
+    for a in full.agents.iter().filter(|a| a.table.is_some()) {
+        let now = inv.agents.iter().find(|b| b.name == a.name).unwrap();
+        assert_eq!(now.table, a.table, "{}", a.name);
+    }
+    // Every UC model an endpoint serves, each named with its endpoint.
+    let served: BTreeSet<String> = full
+        .agents
+        .iter()
+        .flat_map(|a| a.models.iter())
+        .filter(|m| m.kind == "uc_model")
+        .map(|m| m.name.clone())
+        .collect();
+    assert!(served.len() >= 3, "{served:?}");
+    assert_eq!(
+        inv.unlisted_models.keys().cloned().collect::<BTreeSet<_>>(),
+        served
+    );
+    let support = endpoint_agent(&inv, "support_bot");
+    assert_eq!(
+        inv.unlisted_models.get(&support.models[0].name),
+        support.endpoint.as_ref()
+    );
+    assert!(
+        logs.contains("Unity Catalog did not list the UC model(s)")
+            && logs.contains(&format!("{} (served by endpoint", support.models[0].name))
+            && logs.contains("GRANT EXECUTE ON SCHEMA `workspace`.`default` TO `emulator-client`;"),
+        "{logs}"
+    );
+    // Shown by `discover` (the inventory's JSON).
+    let json = serde_json::to_value(&inv).unwrap();
+    assert!(json["unlisted_models"].is_object(), "{json}");
+
+    emu.grant("emulator-client", Privilege::Execute);
+    let (back, logs) = discover_logged(&c, "").await;
+    let back = back.unwrap();
+    assert!(
+        back.unlisted_models.is_empty() && !logs.contains("GRANT EXECUTE"),
+        "{logs}"
+    );
+    assert_eq!(back.tools, full.tools);
+    assert_eq!(back.models.len(), full.models.len());
+    emu.shutdown().await;
+}
+
+/// The run that logged an agent's model is in an experiment the principal may not read: MLflow
+/// answers `runs/get` 403 and leaves the experiment out of `experiments/search`, so the agent
+/// gets no experiment; discovery names the agent, the run and the fix (CAN READ) in a WARN and
+/// in the inventory. With CAN READ back, the agent has its experiment again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_in_an_unreadable_experiment_is_named_with_the_fix() {
+    let mut cfg = emulator_config();
+    cfg.pat = Some("dapi-discovery-pat".into());
+    let emu = emulator(cfg).await;
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let (full, _) = discover_logged(&c, "").await;
+    let full = full.unwrap();
+    assert!(
+        full.unreadable_runs.is_empty(),
+        "{:?}",
+        full.unreadable_runs
+    );
+    let support = endpoint_agent(&full, "support_bot");
+    let exp = support
+        .experiment_id
+        .clone()
+        .expect("support_bot's experiment");
+    let others: Vec<(String, Option<String>)> = full
+        .agents
+        .iter()
+        .filter(|a| a.name != support.name)
+        .map(|a| (a.name.clone(), a.experiment_id.clone()))
+        .collect();
+
+    // Everyone (this client and the PAT) loses CAN READ on it.
+    emu.revoke(
+        "*",
+        Privilege::ReadExperiment {
+            experiment_id: exp.clone(),
+        },
+    );
+    let (inv, logs) = discover_logged(&c, "").await;
+    let inv = inv.unwrap();
+    let now = endpoint_agent(&inv, "support_bot");
+    assert_eq!(now.experiment_id, None);
+    for (name, e) in &others {
+        let a = inv.agents.iter().find(|a| &a.name == name).unwrap();
+        assert_eq!(&a.experiment_id, e, "{name}");
+    }
+    assert_eq!(inv.unreadable_runs.len(), 1, "{:?}", inv.unreadable_runs);
+    let r = &inv.unreadable_runs[0];
+    assert_eq!(r.agent, now.name);
+    assert_eq!(Some(&r.model), now.models.first().map(|m| &m.name));
+    assert_eq!(r.experiment_id, None);
+    assert!(
+        logs.contains(&format!("agent {}: MLflow run {}", now.name, r.run_id))
+            && logs.contains(&format!("CAN READ on the experiment of run {}", r.run_id))
+            && logs.contains("traces are not read"),
+        "{logs}"
+    );
+
+    // MLflow's answers: 403 with its JSON error shape, the experiment left out of the search,
+    // its traces refused.
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(format!("{}/api/2.0/mlflow/runs/get", emu.base_url()))
+        .query(&[("run_id", r.run_id.as_str())])
+        .bearer_auth("dapi-discovery-pat")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error_code"], "PERMISSION_DENIED", "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| m.contains(&exp)),
+        "{body}"
+    );
+    let exps = c.search_experiments().await.unwrap();
+    assert!(!exps.is_empty() && exps.iter().all(|e| e.experiment_id != exp));
+    let traces = c.search_traces(&exp, "", 10, None).await;
+    assert!(
+        matches!(
+            traces,
+            Err(databricks_shield::databricks::DatabricksError::PermissionDenied { .. })
+        ),
+        "{:?}",
+        traces.map(|_| ())
+    );
+
+    emu.grant(
+        "*",
+        Privilege::ReadExperiment {
+            experiment_id: exp.clone(),
+        },
+    );
+    let (back, logs) = discover_logged(&c, "").await;
+    let back = back.unwrap();
+    assert!(
+        back.unreadable_runs.is_empty() && !logs.contains("CAN READ"),
+        "{logs}"
+    );
+    assert_eq!(
+        endpoint_agent(&back, "support_bot").experiment_id,
+        Some(exp)
     );
     emu.shutdown().await;
 }

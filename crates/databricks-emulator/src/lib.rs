@@ -157,6 +157,18 @@ pub enum Privilege {
         /// Full table name.
         table: String,
     },
+    /// EXECUTE on the configured schema (schema-wide: all its registered models, model versions
+    /// and functions). As in Unity Catalog, the model, model-version and function lists hold only
+    /// what the principal may EXECUTE: without it they are empty (not refused), and getting a
+    /// model answers 403.
+    Execute,
+    /// CAN READ on one MLflow experiment. Without it `runs/get` of a run logged there and
+    /// `traces/search` in it answer 403 `PERMISSION_DENIED`, and `experiments/search` leaves it
+    /// out, as MLflow on Databricks does.
+    ReadExperiment {
+        /// The experiment's id.
+        experiment_id: String,
+    },
 }
 
 impl Privilege {

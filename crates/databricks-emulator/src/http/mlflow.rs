@@ -8,13 +8,15 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{bad_param, err, ok, page};
+use super::{bad_param, err, ok, page, Principal};
 use crate::layout::Experiment;
 use crate::payload::{self, PayloadSpec, Rng};
 use crate::state::Shared;
+use crate::Privilege;
 
 const TRACES_PER_EXPERIMENT: usize = 12;
 
@@ -144,8 +146,10 @@ pub(crate) fn add_trace_at(shared: &Shared, ts_ms: i64) {
 
 /// `GET /api/2.0/mlflow/runs/get?run_id=`: the runs that logged the agents' UC model versions.
 /// Runs of agents with an experiment live there; other runs answer 404 (deleted).
+/// A run in an experiment the caller may not read answers 403 `PERMISSION_DENIED`.
 pub(crate) async fn runs_get(
     State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let Some(run_id) = q.get("run_id").filter(|r| !r.is_empty()) else {
@@ -163,6 +167,9 @@ pub(crate) async fn runs_get(
             let Some(exp) = l.experiments.iter().find(|e| e.agent == i) else {
                 break;
             };
+            if !may_read(&shared, &p.0, &exp.id) {
+                return read_denied(&p.0, &exp.id);
+            }
             let start = shared.started_ms - 86_400_000 * 5 + v as i64 * 3_600_000;
             return ok(json!({"run": {
                 "info": {"run_id": run_id, "run_uuid": run_id, "experiment_id": exp.id,
@@ -252,8 +259,33 @@ fn experiment_json(shared: &Shared, e: &Experiment) -> Value {
     })
 }
 
-fn experiments_page(shared: &Shared, q: &HashMap<String, String>) -> Response {
-    let exps = &shared.layout.experiments;
+/// Whether `principal` holds CAN READ on the experiment `id`.
+fn may_read(shared: &Shared, principal: &str, id: &str) -> bool {
+    shared.allowed(
+        principal,
+        &Privilege::ReadExperiment {
+            experiment_id: id.to_string(),
+        },
+    )
+}
+
+/// MLflow's answer to a request on an experiment the caller may not read.
+fn read_denied(principal: &str, id: &str) -> Response {
+    err(
+        StatusCode::FORBIDDEN,
+        "PERMISSION_DENIED",
+        format!("User '{principal}' does not have permission to 'View' experiment with id '{id}'"),
+    )
+}
+
+/// Only the experiments the caller may read are listed.
+fn experiments_page(shared: &Shared, who: &str, q: &HashMap<String, String>) -> Response {
+    let exps: Vec<&Experiment> = shared
+        .layout
+        .experiments
+        .iter()
+        .filter(|e| may_read(shared, who, &e.id))
+        .collect();
     let (s, e, next) = match page(exps.len(), q, 1000, false) {
         Ok(v) => v,
         Err(r) => return r,
@@ -283,6 +315,7 @@ fn str_map(v: &Value) -> HashMap<String, String> {
 
 pub(crate) async fn experiments_search(
     State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
     body: axum::body::Bytes,
 ) -> Response {
     let v: Value = if body.is_empty() {
@@ -299,14 +332,15 @@ pub(crate) async fn experiments_search(
             }
         }
     };
-    experiments_page(&shared, &str_map(&v))
+    experiments_page(&shared, &p.0, &str_map(&v))
 }
 
 pub(crate) async fn experiments_search_get(
     State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    experiments_page(&shared, &q)
+    experiments_page(&shared, &p.0, &q)
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -325,10 +359,26 @@ pub(crate) struct TraceSearch {
     page_token: Option<String>,
 }
 
-/// A parsed `trace.timestamp_ms OP N` / `trace.status = 'OK'` clause.
+/// A parsed `trace.timestamp_ms OP N` / `trace.execution_time_ms OP N` / `trace.status = 'OK'`
+/// clause.
 enum Clause {
     Ts(String, i64),
+    /// On the execution duration (ms): a trace still `IN_PROGRESS` has none, so it never
+    /// matches (as in MLflow, where its `execution_time_ms` is NULL).
+    Duration(String, i64),
     State(bool, String),
+}
+
+/// `value OP n` for a numeric filter clause.
+fn compare(op: &str, value: i64, n: i64) -> bool {
+    match op {
+        ">" => value > n,
+        ">=" => value >= n,
+        "<" => value < n,
+        "<=" => value <= n,
+        "=" => value == n,
+        _ => value != n,
+    }
 }
 
 fn parse_filter(f: &str) -> Result<Vec<Clause>, String> {
@@ -359,6 +409,13 @@ fn parse_filter(f: &str) -> Result<Vec<Clause>, String> {
                     .map_err(|_| format!("'{val}' is not an integer timestamp in ms"))?;
                 out.push(Clause::Ts(op.to_string(), n));
             }
+            "trace.execution_time_ms" | "execution_time_ms" | "trace.execution_time"
+            | "execution_time" => {
+                let n = val
+                    .parse::<i64>()
+                    .map_err(|_| format!("'{val}' is not an integer duration in ms"))?;
+                out.push(Clause::Duration(op.to_string(), n));
+            }
             "trace.status" | "status" | "trace.state" | "state" => {
                 let v = val.trim_matches(|c| c == '\'' || c == '"').to_string();
                 match op {
@@ -369,7 +426,7 @@ fn parse_filter(f: &str) -> Result<Vec<Clause>, String> {
             }
             other => {
                 return Err(format!(
-                "unsupported filter key '{other}' (supported: trace.timestamp_ms, trace.status)"
+                "unsupported filter key '{other}' (supported: trace.timestamp_ms, trace.execution_time_ms, trace.status)"
             ))
             }
         }
@@ -379,6 +436,7 @@ fn parse_filter(f: &str) -> Result<Vec<Clause>, String> {
 
 pub(crate) async fn traces_search(
     State(shared): State<Arc<Shared>>,
+    Extension(p): Extension<Principal>,
     body: axum::body::Bytes,
 ) -> Response {
     let req: TraceSearch = if body.is_empty() {
@@ -404,6 +462,9 @@ pub(crate) async fn traces_search(
     if exp_ids.is_empty() {
         return bad_param("locations must name at least one MLFLOW_EXPERIMENT experiment_id");
     }
+    if let Some(id) = exp_ids.iter().find(|id| !may_read(&shared, &p.0, id)) {
+        return read_denied(&p.0, id);
+    }
     let clauses = match req.filter.as_deref().map(parse_filter).transpose() {
         Ok(c) => c.unwrap_or_default(),
         Err(e) => return bad_param(e),
@@ -413,14 +474,8 @@ pub(crate) async fn traces_search(
         .filter(|t| exp_ids.contains(&t.experiment))
         .filter(|t| {
             clauses.iter().all(|c| match c {
-                Clause::Ts(op, n) => match op.as_str() {
-                    ">" => t.ts_ms > *n,
-                    ">=" => t.ts_ms >= *n,
-                    "<" => t.ts_ms < *n,
-                    "<=" => t.ts_ms <= *n,
-                    "=" => t.ts_ms == *n,
-                    _ => t.ts_ms != *n,
-                },
+                Clause::Ts(op, n) => compare(op, t.ts_ms, *n),
+                Clause::Duration(op, n) => !t.in_progress && compare(op, t.duration_ms, *n),
                 Clause::State(eq, v) => (state_of(t) == v) == *eq,
             })
         })

@@ -566,6 +566,8 @@ struct PermBody {
     grant: Option<String>,
     #[serde(default)]
     table: Option<String>,
+    #[serde(default)]
+    experiment_id: Option<String>,
 }
 
 async fn admin_permissions(
@@ -577,7 +579,7 @@ async fn admin_permissions(
             (Some(r), None) => (true, r.clone()),
             (None, Some(g)) => (false, g.clone()),
             _ => return bad_param(
-                "Send exactly one of \"revoke\" or \"grant\" (USE_CATALOG, USE_SCHEMA or SELECT)",
+                "Send exactly one of \"revoke\" or \"grant\" (USE_CATALOG, USE_SCHEMA, SELECT, EXECUTE or CAN_READ)",
             ),
         };
     let privilege = match name.to_ascii_uppercase().replace(' ', "_").as_str() {
@@ -589,10 +591,17 @@ async fn admin_permissions(
             },
             None => return bad_param("SELECT needs \"table\": \"catalog.schema.table\""),
         },
+        "EXECUTE" => Privilege::Execute,
+        "CAN_READ" => match &b.experiment_id {
+            Some(id) if !id.is_empty() => Privilege::ReadExperiment {
+                experiment_id: id.clone(),
+            },
+            _ => return bad_param("CAN_READ needs \"experiment_id\": the MLflow experiment's id"),
+        },
         other => {
             return bad_param(format!(
-                "Unknown privilege '{other}': use USE_CATALOG, USE_SCHEMA or SELECT"
-            ))
+            "Unknown privilege '{other}': use USE_CATALOG, USE_SCHEMA, SELECT, EXECUTE or CAN_READ"
+        ))
         }
     };
     let mut r = shared.revoked.write().unwrap_or_else(|e| e.into_inner());

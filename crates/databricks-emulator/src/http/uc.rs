@@ -1,6 +1,7 @@
 //! Unity Catalog routes: catalogs, schemas, tables (with real pagination including empty
 //! pages), table summaries, registered models and versions, functions; with USE CATALOG /
-//! USE SCHEMA checks per principal.
+//! USE SCHEMA checks per principal, and lists filtered as Unity Catalog filters them: tables by
+//! SELECT, registered models, model versions and functions by EXECUTE (empty, not refused).
 
 use std::sync::Arc;
 
@@ -347,9 +348,11 @@ pub(crate) async fn models(
         }
     }
     let l = &shared.layout;
+    // Only the models the caller may EXECUTE are listed (none without it: an empty list).
     let include = schema
         .as_deref()
-        .is_none_or(|s| s.eq_ignore_ascii_case(&l.schema));
+        .is_none_or(|s| s.eq_ignore_ascii_case(&l.schema))
+        && may_execute(&shared, &p.0);
     let all: Vec<Value> = if include {
         l.agents
             .iter()
@@ -383,6 +386,12 @@ fn model_ns(shared: &Shared, who: &str, full: &str) -> Result<(), Response> {
     check_ns(shared, who, Some(parts[0]), Some(parts[1]))
 }
 
+/// Whether `principal` holds EXECUTE on the schema's models and functions (what Unity Catalog
+/// asks to list them, or to get a model).
+fn may_execute(shared: &Shared, principal: &str) -> bool {
+    shared.allowed(principal, &Privilege::Execute)
+}
+
 pub(crate) async fn model(
     State(shared): State<Arc<Shared>>,
     Extension(p): Extension<Principal>,
@@ -392,6 +401,11 @@ pub(crate) async fn model(
         return r;
     }
     match find_model(&shared, &full).and_then(|a| model_json(&shared, a)) {
+        Some(_) if !may_execute(&shared, &p.0) => err(
+            StatusCode::FORBIDDEN,
+            "PERMISSION_DENIED",
+            format!("User does not have EXECUTE on Registered Model '{full}'."),
+        ),
         Some(v) => ok(v),
         None => err(
             StatusCode::NOT_FOUND,
@@ -420,7 +434,13 @@ pub(crate) async fn model_versions(
     let l = &shared.layout;
     let full = a.model_full_name.clone().unwrap_or_default();
     let created = l.tables.get(a.table).map(|t| t.created_at).unwrap_or(0);
-    let all: Vec<Value> = (1..=a.model_versions)
+    // Only the versions of models the caller may EXECUTE are listed (an empty list otherwise).
+    let listed = if may_execute(&shared, &p.0) {
+        a.model_versions
+    } else {
+        0
+    };
+    let all: Vec<Value> = (1..=listed)
         .rev()
         .map(|v| {
             let run = run_id(&full, v);
@@ -455,7 +475,8 @@ pub(crate) async fn functions(
         return r;
     }
     let l = &shared.layout;
-    let list = if schema.eq_ignore_ascii_case(&l.schema) {
+    // Only the functions the caller may EXECUTE are listed (none without it).
+    let list = if schema.eq_ignore_ascii_case(&l.schema) && may_execute(&shared, &p.0) {
         l.functions.as_slice()
     } else {
         &[]
