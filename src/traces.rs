@@ -8,10 +8,20 @@
 //! agent with no inference table (an app known only from its traces) the root span is its
 //! execution record too.
 //!
-//! Exactly once, like table rows: one unit per trace (id = trace id, time = trace start) in the
-//! state namespace `mlflow:<experiment id>` (OTel tables: the table's full name). The cursor is the
-//! newest delivered `(time, trace id)`; traces appear late (they are exported when they end), so
-//! each read also looks `lookback` behind the last complete read and skips ids already delivered.
+//! Exactly once, like table rows: one unit per trace (id = trace id, time = trace start; a long
+//! run's end, see below) in the state namespace `mlflow:<experiment id>` (OTel tables: the
+//! table's full name, time = its newest root span's end). The cursor is the newest delivered
+//! `(time, trace id)`; traces appear late (they are exported when they end), so each read also
+//! looks `lookback` behind the last complete read and skips ids already delivered.
+//!
+//! Long runs: MLflow 3 clients log a trace only when its root span ends, already final, with
+//! its start as `request_time`, so a run longer than the lookback starts before the window by
+//! the time it appears. A second search per experiment takes the runs longer than half the
+//! lookback started up to `MAX_RUN_US` before the window that ended in it; such a trace is keyed
+//! by its end whichever search finds it (and looked up under its start and its end), so it is
+//! kept in state as long as either can find it. OTel span tables list roots by their end (a
+//! root's row lands when it ends), and read a trace once its root ended `SETTLE_US` ago (spans
+//! exported after their root are not lost).
 //!
 //! A trace is never committed with less than it has. Its spans not found yet (404: not uploaded,
 //! a race with its end) leave it out of the read, for the next cycle's late window; only on its
@@ -40,7 +50,7 @@ use tokio::sync::mpsc;
 use crate::collect::{
     format_timestamp, quote_table, Chunk, CollectError, CollectOptions, Prepared, TableStats,
 };
-use crate::databricks::mlflow::TraceInfo;
+use crate::databricks::mlflow::{SpanDownload, TraceInfo, MAX_SPAN_DOCUMENT_BYTES};
 use crate::databricks::sql::{Cell, Param, Statement};
 use crate::databricks::{DatabricksClient, DatabricksError};
 use crate::discovery::{normalize_name, Agent, Inventory};
@@ -138,6 +148,23 @@ fn int_of(v: &Value) -> Option<i64> {
     }
 }
 
+/// A span's events, `(name, attributes)`: an array of `{name, attributes}` (MLflow's span
+/// document, or the `events` column of an OTel span table); anything else is none.
+fn span_events(v: &Value) -> Vec<(String, BTreeMap<String, String>)> {
+    v.as_array()
+        .map(|evs| {
+            evs.iter()
+                .map(|e| {
+                    (
+                        text_of(&e["name"]).unwrap_or_default(),
+                        string_map(&e["attributes"]),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn string_map(v: &Value) -> BTreeMap<String, String> {
     let v = match v {
         // OTel tables keep MAP<STRING,STRING> as JSON text.
@@ -184,19 +211,7 @@ impl Span {
             status: code,
             status_message: message.filter(|m| !m.is_empty()),
             attributes: string_map(&v["attributes"]),
-            events: v["events"]
-                .as_array()
-                .map(|evs| {
-                    evs.iter()
-                        .map(|e| {
-                            (
-                                text_of(&e["name"]).unwrap_or_default(),
-                                string_map(&e["attributes"]),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default(),
+            events: span_events(&v["events"]),
         }
     }
 
@@ -246,13 +261,69 @@ impl Span {
         None
     }
 
-    /// The tool call id of a TOOL span, when the framework recorded one.
+    /// The tool call id of a TOOL span: an attribute when the framework recorded one, else
+    /// where the span's data reveals it (MLflow's own TOOL spans carry no such attribute):
+    /// its outputs as LangChain records them (`str(ToolMessage)`: `... tool_call_id='call_1'`,
+    /// or a ToolMessage as JSON: `{"tool_call_id": ...}`, also under `kwargs`), or its inputs
+    /// when they are the tool call itself (`{"id": "call_1", "type": "function", ...}`,
+    /// LangChain's `{"id", "name", "args", "type": "tool_call"}`, or a `tool_call_id` field).
     pub fn tool_call_id(&self) -> Option<String> {
         ["gen_ai.tool.call.id", "mlflow.toolCallId", "tool_call_id"]
             .iter()
             .find_map(|k| self.attr(k))
             .filter(|s| !s.is_empty())
+            .or_else(|| {
+                self.attr("mlflow.spanOutputs")
+                    .and_then(|o| call_id_in_output(&o))
+            })
+            .or_else(|| {
+                self.attr("mlflow.spanInputs")
+                    .and_then(|i| call_id_in_input(&i))
+            })
     }
+}
+
+/// A call id as it may be used: non-empty, one line, of a sane length.
+fn plausible_call_id(id: &str) -> Option<String> {
+    let id = id.trim();
+    (!id.is_empty() && id.len() <= 256 && !id.contains(['\n', '\r', '\'', '"']))
+        .then(|| id.to_string())
+}
+
+/// The `tool_call_id` of a tool's output: a ToolMessage as JSON (`{"tool_call_id": ...}`, or
+/// LangChain's serialized form with it under `kwargs`), or as Python prints it
+/// (`content='...' name='lookup' tool_call_id='call_1'`).
+fn call_id_in_output(output: &str) -> Option<String> {
+    if let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(output) {
+        return [&v["tool_call_id"], &v["kwargs"]["tool_call_id"]]
+            .into_iter()
+            .find_map(|x| x.as_str().and_then(plausible_call_id));
+    }
+    // `str(ToolMessage)`: the last `tool_call_id=` (the content, printed first, may hold one).
+    let at = output.rfind("tool_call_id=")?;
+    let rest = &output[at + "tool_call_id=".len()..];
+    let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let inner = &rest[1..];
+    let end = inner.find(quote)?;
+    plausible_call_id(&inner[..end])
+}
+
+/// The call id of a tool's inputs when they are the tool call itself: OpenAI's
+/// `{"id": "call_1", "type": "function", "function": {...}}`, LangChain's ToolCall
+/// `{"id": ..., "name": ..., "args": {...}, "type": "tool_call"}`, or a `tool_call_id` field.
+/// Plain arguments (`{"order_id": "1"}`, or an `id` that is an argument) are not.
+fn call_id_in_input(input: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(input).ok()?;
+    if let Some(id) = v["tool_call_id"].as_str().and_then(plausible_call_id) {
+        return Some(id);
+    }
+    let is_call = v["function"].is_object()
+        || matches!(v["type"].as_str(), Some("function" | "tool_call"))
+        || (v["name"].is_string() && v["args"].is_object());
+    if is_call {
+        return v["id"].as_str().and_then(plausible_call_id);
+    }
+    None
 }
 
 /// What a span is, for records.
@@ -517,6 +588,12 @@ fn window(
 }
 
 impl Window {
+    /// Where the late pass starts: items at or before the cursor are read from here on (no
+    /// cursor: the window's start).
+    fn late_from(&self) -> i64 {
+        self.cursor.as_ref().map_or(self.from_us, |c| c.2)
+    }
+
     /// Whether an item keyed `(t, id)` must be looked at; the bool says it is behind the cursor.
     fn wants(&self, t: i64, id: &str) -> Option<bool> {
         if t < self.from_us {
@@ -531,7 +608,42 @@ impl Window {
     }
 }
 
-/// Reads one experiment's new traces and sends them as units to `out`.
+/// Which traces a search pass of [`collect_experiment`] takes.
+#[derive(Clone, Copy)]
+enum Pass<'a> {
+    /// Traces started in the window (`trace.timestamp_ms >= from`), as [`Window::wants`] says.
+    Main(&'a Window),
+    /// Long runs started before the window that ended in it (`end >= late_from`): MLflow 3
+    /// logs a trace only when it has ended, already final, with its start as `request_time`.
+    Long { late_from: i64 },
+}
+
+/// A trace that ran longer than this (µs) is a long run: searched again by the long-run pass
+/// while its start is before the window, and keyed by its end (see [`unit_time`]). Half the
+/// lookback: the main pass reads every trace that ran up to a lookback minus its export delay
+/// (it is exported when it ends, and read by the first cycle after that while its start is
+/// within a lookback of the previous read), so the long-run pass covers any export delay up to
+/// half the lookback, and asks only for runs far longer than agents' usual seconds.
+fn long_run_us(opts: &CollectOptions) -> i64 {
+    (opts.lookback.as_micros() as i64 / 2).max(1_000)
+}
+
+/// The time a trace's unit is keyed by in state: its start, or its end for a long run. A long
+/// run found by either pass is then kept (pruning counts back from the key) as long as the
+/// long-run pass can still find it (its end in the window), so neither pass sends it again. A
+/// trace is looked up under both times (state written before keeps every trace by its start;
+/// a changed LOOKBACK_MINUTES changes which traces are long runs).
+fn unit_time(start_us: i64, end_us: i64, long_us: i64) -> i64 {
+    if end_us - start_us > long_us {
+        end_us
+    } else {
+        start_us
+    }
+}
+
+/// Reads one experiment's new traces and sends them as units to `out`: the traces started in
+/// the window, then (a second search) the long runs started up to [`MAX_RUN_US`] before it
+/// that ended in it.
 #[allow(clippy::too_many_arguments)]
 pub async fn collect_experiment(
     client: &DatabricksClient,
@@ -546,113 +658,210 @@ pub async fn collect_experiment(
     let mut stats = TableStats::default();
     let w = window(state, &ns, opts, now_us)?;
     let floor = now_us - opts.max_catchup.as_micros() as i64;
-    let filter = format!("trace.timestamp_ms > {}", w.from_us.div_euclid(1000) - 1);
-    let last_read_before = last_read_before(opts, now_us);
+    let from_ms = w.from_us.div_euclid(1000);
+    let long_us = long_run_us(opts);
     // Trace ids emitted this cycle: the search pages by offset, so a trace logged while paging
     // shifts the results and the last trace of one page comes again on the next, before its
     // unit is committed.
     let mut emitted: HashSet<String> = HashSet::new();
-    let mut token: Option<String> = None;
-    for _ in 0..100_000 {
-        // Trace searches are REST calls (counted by the client's ApiStats), not warehouse work:
-        // they do not add to statements or rows_returned.
-        let page = client
-            .search_traces(&source.experiment_id, &filter, PAGE, token.as_deref())
-            .await?;
-        let mut todo: Vec<(TraceInfo, i64)> = Vec::new();
-        let mut unreadable = Vec::new();
-        let mut behind = 0u64;
-        // A trace without a time is never found (it is quarantined below).
-        let delivered = state.delivered_at(
-            &ns,
-            page.traces
-                .iter()
-                .map(|t| (t.time_us().unwrap_or(i64::MIN), t.trace_id.as_str())),
-        )?;
-        for (t, done) in page.traces.into_iter().zip(delivered) {
-            if t.state.as_deref() == Some("IN_PROGRESS") {
-                // Read when it has ended: until then the window is held open back to its start,
-                // for a run of up to MAX_RUN_HOURS (and within MAX_CATCHUP_HOURS). A trace left
-                // IN_PROGRESS for longer (a client that died mid-run) stops holding it.
-                match t.time_us() {
-                    Some(start) if start >= floor.max(now_us - MAX_RUN_US) => {
-                        hold(&mut stats, start)
-                    }
-                    Some(start)
-                        if start >= now_us - MAX_RUN_US - opts.lookback.as_micros() as i64 =>
-                    {
-                        tracing::warn!(
-                            "{ns}: trace {} has been IN_PROGRESS since {}, longer than {} hours: \
-                             no longer waited for (if it ends, it is read only while its start is \
-                             within LOOKBACK_MINUTES)",
-                            t.trace_id,
-                            format_timestamp(start),
-                            MAX_RUN_US / 3_600_000_000
-                        );
-                    }
-                    _ => {}
-                }
-                continue;
-            }
-            let Some(time_us) = t.time_us().filter(|_| !t.trace_id.is_empty()) else {
-                unreadable.push((
-                    "trace without a trace_id or a readable request_time".to_string(),
-                    format!(
-                        "{{\"trace_id\":{:?},\"request_time\":{:?}}}",
-                        t.trace_id, t.request_time
-                    ),
-                ));
-                continue;
-            };
-            let Some(is_behind) = w.wants(time_us, &t.trace_id) else {
-                continue;
-            };
-            if done || emitted.contains(&t.trace_id) {
-                stats.duplicates_skipped += 1;
-                continue;
-            }
-            behind += u64::from(is_behind);
-            todo.push((t, time_us));
-        }
-        todo.sort_by(|a, b| (a.1, &a.0.trace_id).cmp(&(b.1, &b.0.trace_id)));
-        // The same trace twice on one page: once.
-        todo.dedup_by(|a, b| a.0.trace_id == b.0.trace_id);
-        let units = download_all(
-            client,
-            source,
-            account_id,
-            &ns,
-            todo,
-            last_read_before,
-            &mut stats,
-        )
+    let mut reader = ExperimentRead {
+        client,
+        state,
+        source,
+        opts,
+        account_id,
+        ns: &ns,
+        now_us,
+        floor,
+        long_us,
+        last_read_before: last_read_before(opts, now_us),
+        out,
+    };
+    let main = format!("trace.timestamp_ms > {}", from_ms - 1);
+    reader
+        .search(&main, Pass::Main(&w), &mut emitted, &mut stats)
         .await?;
-        emitted.extend(units.iter().map(|u| u.id.clone()));
-        stats.late_found += behind;
-        stats.executions += units.len() as u64;
-        if !units.is_empty() || !unreadable.is_empty() {
-            out.send(Chunk {
-                table: ns.clone(),
-                prepared: units,
-                unreadable,
-                ..Default::default()
-            })
-            .await
-            .map_err(|_| CollectError::Closed)?;
+    // Long runs logged when they ended: their start is before the window (MLflow 3 clients
+    // create the trace only then, already final). Started at most MAX_RUN_US before the
+    // window's late edge, and within MAX_CATCHUP_HOURS.
+    let late_from = w.late_from();
+    let lower_ms = late_from
+        .saturating_sub(MAX_RUN_US)
+        .max(floor)
+        .div_euclid(1000);
+    if lower_ms < from_ms {
+        let long = format!(
+            "trace.timestamp_ms >= {lower_ms} AND trace.timestamp_ms < {from_ms} AND \
+             trace.execution_time_ms > {}",
+            long_us / 1000
+        );
+        reader
+            .search(&long, Pass::Long { late_from }, &mut emitted, &mut stats)
+            .await?;
+    }
+    Ok(stats)
+}
+
+/// What the passes of one experiment's read share.
+struct ExperimentRead<'a> {
+    client: &'a DatabricksClient,
+    state: &'a StateStore,
+    source: &'a TraceSource,
+    opts: &'a CollectOptions,
+    account_id: &'a str,
+    ns: &'a str,
+    now_us: i64,
+    floor: i64,
+    long_us: i64,
+    last_read_before: i64,
+    out: &'a mpsc::Sender<Chunk>,
+}
+
+impl ExperimentRead<'_> {
+    /// Pages through the traces matching `filter` and sends the units of those `pass` takes.
+    async fn search(
+        &mut self,
+        filter: &str,
+        pass: Pass<'_>,
+        emitted: &mut HashSet<String>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        let (ns, source) = (self.ns, self.source);
+        let mut token: Option<String> = None;
+        for _ in 0..100_000 {
+            // Trace searches are REST calls (counted by the client's ApiStats), not warehouse
+            // work: they do not add to statements or rows_returned.
+            let page = self
+                .client
+                .search_traces(&source.experiment_id, filter, PAGE, token.as_deref())
+                .await?;
+            let mut todo: Vec<Todo> = Vec::new();
+            let mut unreadable = Vec::new();
+            let mut behind = 0u64;
+            // Each trace under its start and its end (a trace without a time is never found:
+            // it is quarantined below).
+            let delivered = self.state.delivered_at(
+                ns,
+                page.traces.iter().flat_map(|t| {
+                    let s = t.time_us().unwrap_or(i64::MIN);
+                    [
+                        (s, t.trace_id.as_str()),
+                        (trace_end_us(t, s), t.trace_id.as_str()),
+                    ]
+                }),
+            )?;
+            for (t, done) in page.traces.into_iter().zip(delivered.chunks(2)) {
+                let done = done.iter().any(|d| *d);
+                if t.state.as_deref() == Some("IN_PROGRESS") {
+                    if matches!(pass, Pass::Main(_)) {
+                        self.in_progress(&t, stats);
+                    }
+                    continue;
+                }
+                let Some(start) = t.time_us().filter(|_| !t.trace_id.is_empty()) else {
+                    unreadable.push((
+                        "trace without a trace_id or a readable request_time".to_string(),
+                        format!(
+                            "{{\"trace_id\":{:?},\"request_time\":{:?}}}",
+                            t.trace_id, t.request_time
+                        ),
+                    ));
+                    continue;
+                };
+                let end = trace_end_us(&t, start);
+                let key = unit_time(start, end, self.long_us);
+                let is_behind = match pass {
+                    Pass::Main(w) => w.wants(start, &t.trace_id),
+                    // The main pass took the traces started in the window; this one only the
+                    // long runs that ended in it (older ones were read, or were pruned).
+                    Pass::Long { late_from } => (key == end && end >= late_from).then_some(true),
+                };
+                let Some(is_behind) = is_behind else {
+                    continue;
+                };
+                if done || emitted.contains(&t.trace_id) {
+                    stats.duplicates_skipped += 1;
+                    continue;
+                }
+                behind += u64::from(is_behind);
+                todo.push(Todo {
+                    info: t,
+                    start_us: start,
+                    key_us: key,
+                });
+            }
+            todo.sort_by(|a, b| {
+                (a.start_us, &a.info.trace_id).cmp(&(b.start_us, &b.info.trace_id))
+            });
+            // The same trace twice on one page: once.
+            todo.dedup_by(|a, b| a.info.trace_id == b.info.trace_id);
+            let units = download_all(
+                self.client,
+                source,
+                self.account_id,
+                ns,
+                todo,
+                self.last_read_before,
+                stats,
+            )
+            .await?;
+            emitted.extend(units.iter().map(|u| u.id.clone()));
+            stats.late_found += behind;
+            stats.executions += units.len() as u64;
+            if !units.is_empty() || !unreadable.is_empty() {
+                self.out
+                    .send(Chunk {
+                        table: ns.to_string(),
+                        prepared: units,
+                        unreadable,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|_| CollectError::Closed)?;
+            }
+            match crate::databricks::next_page(
+                "POST /api/3.0/mlflow/traces/search",
+                token.as_deref(),
+                page.next_page_token,
+            ) {
+                Some(t) => token = Some(t),
+                None => return Ok(()),
+            }
         }
-        match crate::databricks::next_page(
-            "POST /api/3.0/mlflow/traces/search",
-            token.as_deref(),
-            page.next_page_token,
-        ) {
-            Some(t) => token = Some(t),
-            None => return Ok(stats),
+        Err(CollectError::Databricks(DatabricksError::Decode {
+            route: "POST /api/3.0/mlflow/traces/search".into(),
+            detail: "more than 100000 pages: the search never ends".into(),
+        }))
+    }
+
+    /// A trace still `IN_PROGRESS` (MLflow 2 clients create it at its start) is read when it
+    /// has ended: until then the window is held open back to its start, for a run of up to
+    /// MAX_RUN_US (and within MAX_CATCHUP_HOURS). A trace left IN_PROGRESS for longer (a client
+    /// that died mid-run) stops holding it.
+    fn in_progress(&self, t: &TraceInfo, stats: &mut TableStats) {
+        let (now_us, ns) = (self.now_us, self.ns);
+        match t.time_us() {
+            Some(start) if start >= self.floor.max(now_us - MAX_RUN_US) => hold(stats, start),
+            Some(start) if start >= now_us - MAX_RUN_US - self.opts.lookback.as_micros() as i64 => {
+                tracing::warn!(
+                    "{ns}: trace {} has been IN_PROGRESS since {}, longer than {} hours: \
+                     no longer waited for (it is still read if it ends within \
+                     LOOKBACK_MINUTES)",
+                    t.trace_id,
+                    format_timestamp(start),
+                    MAX_RUN_US / 3_600_000_000
+                );
+            }
+            _ => {}
         }
     }
-    Err(CollectError::Databricks(DatabricksError::Decode {
-        route: "POST /api/3.0/mlflow/traces/search".into(),
-        detail: "more than 100000 pages: the search never ends".into(),
-    }))
+}
+
+/// A trace to download: its search result, its start and the time its unit is keyed by.
+struct Todo {
+    info: TraceInfo,
+    start_us: i64,
+    key_us: i64,
 }
 
 /// Runs a span-table statement and returns its rows up to the byte limit, and whether the
@@ -668,8 +877,13 @@ async fn read_prefix(
     Ok((rows, cut))
 }
 
-/// The longest agent run whose trace is waited for while `IN_PROGRESS` (6 hours).
+/// The longest agent run whose trace is waited for while `IN_PROGRESS`, and searched for once
+/// it was logged at its end (6 hours).
 const MAX_RUN_US: i64 = 6 * 3_600_000_000;
+
+/// An OTel trace is read once its root span ended this long ago (2 minutes): its other spans
+/// may be written after the root (exported in batches), and a trace is read once.
+const SETTLE_US: i64 = 120_000_000;
 
 /// The next read of the source must reach back to `time_us` (a trace not read yet).
 fn hold(stats: &mut TableStats, time_us: i64) {
@@ -723,15 +937,15 @@ async fn download_all(
     source: &TraceSource,
     account_id: &str,
     ns: &str,
-    todo: Vec<(TraceInfo, i64)>,
+    todo: Vec<Todo>,
     last_read_before: i64,
     stats: &mut TableStats,
 ) -> Result<Vec<Prepared>, CollectError> {
     let mut units = Vec::with_capacity(todo.len());
     for group in todo.chunks(DOWNLOADS) {
         let mut set = tokio::task::JoinSet::new();
-        for (k, (t, _)) in group.iter().enumerate() {
-            let (client, id) = (client.clone(), t.trace_id.clone());
+        for (k, todo) in group.iter().enumerate() {
+            let (client, id) = (client.clone(), todo.info.trace_id.clone());
             set.spawn(async move {
                 let r = match client.trace_download(&id).await {
                     Ok(dl) => client.download_spans(&id, &dl).await,
@@ -740,7 +954,7 @@ async fn download_all(
                 (k, r)
             });
         }
-        let mut got: Vec<Option<Result<Vec<Value>, DatabricksError>>> =
+        let mut got: Vec<Option<Result<SpanDownload, DatabricksError>>> =
             (0..group.len()).map(|_| None).collect();
         while let Some(j) = set.join_next().await {
             match j {
@@ -757,7 +971,8 @@ async fn download_all(
                 }
             }
         }
-        for ((t, time_us), r) in group.iter().zip(got) {
+        for (todo, r) in group.iter().zip(got) {
+            let (t, time_us) = (&todo.info, &todo.start_us);
             let meta = TraceMeta {
                 trace_id: t.trace_id.clone(),
                 client_request_id: t.client_request_id.clone(),
@@ -765,10 +980,22 @@ async fn download_all(
                 location: ns.to_string(),
             };
             let spans: Vec<Span> = match r {
-                Some(Ok(raw)) => {
-                    stats.bytes_returned +=
-                        raw.iter().map(|v| v.to_string().len() as u64).sum::<u64>();
-                    raw.iter().map(Span::from_json).collect()
+                Some(Ok(SpanDownload::Spans { spans, bytes })) => {
+                    stats.bytes_returned += bytes;
+                    spans.iter().map(Span::from_json).collect()
+                }
+                // Not read (nor held in memory): what the search said, once.
+                Some(Ok(SpanDownload::TooLarge { bytes, exact })) => {
+                    tracing::warn!(
+                        "spans of trace {} ({ns}) not read: the span document is {}{} MiB, over the \
+                         {} MiB read per trace: {}",
+                        t.trace_id,
+                        if exact { "" } else { "over " },
+                        bytes >> 20,
+                        MAX_SPAN_DOCUMENT_BYTES >> 20,
+                        summary_note(source)
+                    );
+                    vec![summary_span(t, *time_us)]
                 }
                 Some(Err(e)) if e.is_retriable() => return Err(e.into()),
                 // The connector's access, not the trace's data: fail the source with the fix.
@@ -777,7 +1004,8 @@ async fn download_all(
                 )) => return Err(span_access_error(e, source).into()),
                 // The upload follows the trace's end: waited for up to a lookback after the end
                 // (not the start: a long run ends long after it started), the window held open
-                // back to its start meanwhile.
+                // back to its unit's time meanwhile (its start; a long run's end, where the
+                // long-run pass finds it again).
                 Some(Err(e @ DatabricksError::NotFound { .. }))
                     if trace_end_us(t, *time_us) >= last_read_before =>
                 {
@@ -785,21 +1013,23 @@ async fn download_all(
                         "spans of trace {} ({ns}) not found yet (uploaded when the trace ends); it is read again next cycle: {e}",
                         t.trace_id
                     );
-                    hold(stats, *time_us);
+                    hold(stats, todo.key_us);
                     continue;
                 }
                 Some(Err(e @ DatabricksError::NotFound { .. })) => {
                     tracing::warn!(
-                        "spans of trace {} ({ns}) still not found a LOOKBACK_MINUTES after the trace ended: sending its summary only: {e}",
-                        t.trace_id
+                        "spans of trace {} ({ns}) still not found a LOOKBACK_MINUTES after the trace ended: {}: {e}",
+                        t.trace_id,
+                        summary_note(source)
                     );
                     vec![summary_span(t, *time_us)]
                 }
                 Some(Err(e)) => {
                     // Data gone or unreadable for good: keep what the search said, once.
                     tracing::warn!(
-                        "spans of trace {} ({ns}) not readable, sending its summary only: {e}",
-                        t.trace_id
+                        "spans of trace {} ({ns}) not readable: {}: {e}",
+                        t.trace_id,
+                        summary_note(source)
                     );
                     vec![summary_span(t, *time_us)]
                 }
@@ -807,7 +1037,7 @@ async fn download_all(
             };
             units.push(Prepared {
                 id: t.trace_id.clone(),
-                time_us: *time_us,
+                time_us: todo.key_us,
                 agent: source.agent.clone(),
                 host: source.host.clone(),
                 records: span_records(source, account_id, &meta, &spans),
@@ -815,6 +1045,17 @@ async fn download_all(
         }
     }
     Ok(units)
+}
+
+/// What happens to a trace whose spans cannot be read: its summary ([`summary_span`], an AGENT
+/// root) is a record only for an agent whose executions come from its traces; an agent with an
+/// inference table has its execution record there, and gets no record of the trace.
+fn summary_note(source: &TraceSource) -> &'static str {
+    if source.execution_path.is_some() {
+        "sending its summary only (the execution record, from the search's previews)"
+    } else {
+        "no record is sent for it (its execution record comes from the agent's inference table)"
+    }
 }
 
 /// A stand-in root span built from the search result (previews), when the span data is gone.
@@ -852,7 +1093,8 @@ fn summary_span(t: &TraceInfo, time_us: i64) -> Span {
 }
 
 /// Reads the new traces of a UC OTel span table (`*_otel_spans`) through SQL: a trace is read
-/// once its root span (no parent) is there, with all its spans; agents are told apart by the
+/// once its root span (no parent) ended [`SETTLE_US`] ago (roots listed by their end), with all
+/// its spans (and their `events`, where the table has that column); agents are told apart by the
 /// root span's name (an inventory agent's name, endpoint, app or model), else the table itself
 /// is the agent. State namespace: the table's full name.
 #[allow(clippy::too_many_arguments)]
@@ -903,13 +1145,17 @@ pub async fn collect_otel_table(
         .unwrap_or(short)
         .to_string();
 
+    // Roots are listed by their end, when their row lands (a root span is written when it
+    // ends, so a long run's root arrives hours after its start): the window follows arrival.
     let mut after: (i64, String) = (w.from_us.saturating_mul(1000) - 1, String::new());
     let mut emitted: HashSet<String> = HashSet::new();
+    let settled_before = now_us - SETTLE_US;
+    let mut cols: Option<&'static str> = None;
     for _ in 0..100_000 {
         let sql = format!(
-            "SELECT trace_id, start_time_unix_nano FROM {t} WHERE (parent_span_id IS NULL OR parent_span_id = '') AND \
-             (start_time_unix_nano > :after_ns OR (start_time_unix_nano = :after_ns AND trace_id > :after_id)) \
-             ORDER BY start_time_unix_nano, trace_id LIMIT {PAGE}",
+            "SELECT trace_id, start_time_unix_nano, end_time_unix_nano FROM {t} WHERE (parent_span_id IS NULL OR parent_span_id = '') AND \
+             (end_time_unix_nano > :after_ns OR (end_time_unix_nano = :after_ns AND trace_id > :after_id)) \
+             ORDER BY end_time_unix_nano, trace_id LIMIT {PAGE}",
             t = quote_table(table)
         );
         // A page cut at the byte limit holds fewer than PAGE roots yet more follow: go on after
@@ -930,36 +1176,54 @@ pub async fn collect_otel_table(
         if n == 0 && cut {
             return Err(row_too_large(table, "a root span's trace_id"));
         }
-        let keyed: Vec<(String, i64)> = roots
+        // (trace id, root start ns, root end ns).
+        let keyed: Vec<(String, i64, i64)> = roots
             .iter()
             .filter_map(|r| {
                 let id = r.first()?.text()?.into_owned();
-                let ns: i64 = r.get(1)?.text()?.trim().parse().ok()?;
-                Some((id, ns))
+                let end: i64 = r.get(2)?.text()?.trim().parse().ok()?;
+                let start: i64 = r
+                    .get(1)
+                    .and_then(Cell::text)
+                    .and_then(|s| s.trim().parse().ok())
+                    .unwrap_or(end);
+                Some((id, start, end))
             })
             .collect();
         match keyed.last() {
-            Some((id, ns)) if (*ns, id.as_str()) > (after.0, after.1.as_str()) => {
+            Some((id, _, ns)) if (*ns, id.as_str()) > (after.0, after.1.as_str()) => {
                 after = (*ns, id.clone())
             }
             // A page that cannot move the keyset forward would be read again and again.
             _ if n == PAGE || cut => {
                 return Err(CollectError::Databricks(DatabricksError::Decode {
                     route: table.to_string(),
-                    detail: "a page of root spans without a readable trace_id or start_time_unix_nano: cannot page further".into(),
+                    detail: "a page of root spans without a readable trace_id or end_time_unix_nano: cannot page further".into(),
                 }))
             }
             _ => {}
         }
-        // By id: a trace is keyed by a root span's time, but a late second root span would give
-        // it another one (the chunk is marked `by_id`).
-        let delivered = state.delivered_among(table, keyed.iter().map(|(id, _)| id.as_str()))?;
+        // By id: a trace is keyed by a root span's end, but a late second root span would give
+        // it another one (the chunk is marked `by_id`); a state written before keyed it by its
+        // root's start, also found by id.
+        let delivered = state.delivered_among(table, keyed.iter().map(|(id, _, _)| id.as_str()))?;
         let mut wanted: Vec<(String, i64, bool)> = Vec::new();
-        for (id, ns) in keyed {
-            let t = ns.div_euclid(1000);
+        // Roots are listed by end: once one has not settled, neither has any after it.
+        let mut unsettled = false;
+        for (id, start_ns, end_ns) in keyed {
+            let t = end_ns.div_euclid(1000);
             let Some(behind) = w.wants(t, &id) else {
                 continue;
             };
+            // Spans still being written (a child exported after its root): read once the root
+            // ended SETTLE_US ago; until then the window is held open back to it.
+            if t > settled_before {
+                if !emitted.contains(&id) && !delivered.contains(&id) {
+                    hold(&mut stats, t);
+                }
+                unsettled = true;
+                continue;
+            }
             // A trace with two root spans is listed twice, in one page or two: one unit, from
             // the first (its spans are all read then). Its delivery is not committed yet when
             // a later page comes, so the state cannot tell.
@@ -969,12 +1233,21 @@ pub async fn collect_otel_table(
             if delivered.contains(&id) {
                 stats.duplicates_skipped += 1;
             } else {
-                wanted.push((id, t, behind));
+                wanted.push((id, start_ns.div_euclid(1000), behind));
             }
         }
         if !wanted.is_empty() {
             let ids: Vec<String> = wanted.iter().map(|(id, _, _)| id.clone()).collect();
-            let mut by_trace = fetch_spans(client, &statement, table, ids, &mut stats).await?;
+            let cols = match cols {
+                Some(c) => c,
+                None => {
+                    let probe = format!("SELECT * FROM {} LIMIT 0", quote_table(table));
+                    let c = span_columns(client, statement(probe, Vec::new()), &mut stats).await?;
+                    *cols.insert(c)
+                }
+            };
+            let mut by_trace =
+                fetch_spans(client, &statement, table, cols, ids, &mut stats).await?;
             let mut units = Vec::new();
             let mut behind_n = 0u64;
             for (id, t, behind) in wanted {
@@ -1013,13 +1286,13 @@ pub async fn collect_otel_table(
                     location: table.to_string(),
                 };
                 behind_n += u64::from(behind);
-                // Kept (by id) until its newest root span leaves the window: a trace with a
-                // second root later than the first is listed again until then, and must still
+                // Kept (by id) until its newest root span's end leaves the window: a trace with
+                // a second root later than the first is listed again until then, and must still
                 // be known as delivered.
                 let newest_root = spans
                     .iter()
                     .filter(|s| s.parent_span_id.is_none())
-                    .filter_map(|s| s.start_ns)
+                    .filter_map(|s| s.end_ns.or(s.start_ns))
                     .map(|ns| ns.div_euclid(1000))
                     .fold(t, i64::max);
                 units.push(Prepared {
@@ -1043,6 +1316,9 @@ pub async fn collect_otel_table(
                 .map_err(|_| CollectError::Closed)?;
             }
         }
+        if unsettled {
+            return Ok(stats);
+        }
         if n < PAGE && !cut {
             return Ok(stats);
         }
@@ -1055,6 +1331,30 @@ pub async fn collect_otel_table(
 
 const SPAN_COLUMNS: &str =
     "trace_id, span_id, parent_span_id, name, start_time_unix_nano, end_time_unix_nano, attributes, status";
+
+/// [`SPAN_COLUMNS`] and `events` (`ARRAY<STRUCT<time_unix_nano, name, attributes, ...>>`),
+/// where MLflow records a failure as an `exception` event: for tables that have it.
+const SPAN_COLUMNS_EVENTS: &str = "trace_id, span_id, parent_span_id, name, start_time_unix_nano, end_time_unix_nano, attributes, status, events";
+
+/// The span columns to read from `table`: with `events` when it has that column (Databricks'
+/// OTel tables do; older or hand-made ones may not). One `LIMIT 0` statement, per read that
+/// has spans to fetch.
+async fn span_columns(
+    client: &DatabricksClient,
+    st: Statement,
+    stats: &mut TableStats,
+) -> Result<&'static str, DatabricksError> {
+    stats.statements += 1;
+    let rows = client.execute(&st).await?;
+    let has = rows.column("events").is_some();
+    // Nothing to fetch: `LIMIT 0`.
+    drop(rows);
+    Ok(if has {
+        SPAN_COLUMNS_EVENTS
+    } else {
+        SPAN_COLUMNS
+    })
+}
 
 /// A single row (a span, a root) larger than a statement may return: it can never be read.
 fn row_too_large(table: &str, what: &str) -> CollectError {
@@ -1104,7 +1404,11 @@ fn otel_span(r: &[Cell], stats: &mut TableStats) -> Option<Span> {
         attributes: cell(6)
             .map(|a| string_map(&Value::String(a)))
             .unwrap_or_default(),
-        events: Vec::new(),
+        // The SQL API returns the array of structs as JSON text.
+        events: cell(8)
+            .and_then(|e| serde_json::from_str::<Value>(&e).ok())
+            .map(|e| span_events(&e))
+            .unwrap_or_default(),
     })
 }
 
@@ -1116,6 +1420,7 @@ async fn fetch_spans<F>(
     client: &DatabricksClient,
     statement: &F,
     table: &str,
+    cols: &'static str,
     ids: Vec<String>,
     stats: &mut TableStats,
 ) -> Result<BTreeMap<String, Vec<Span>>, CollectError>
@@ -1131,7 +1436,7 @@ where
         }
         if group.len() == 1 {
             let id = group.into_iter().next().unwrap_or_default();
-            let spans = fetch_trace_spans(client, statement, table, &id, stats).await?;
+            let spans = fetch_trace_spans(client, statement, table, cols, &id, stats).await?;
             by_trace.insert(id, spans);
             continue;
         }
@@ -1145,7 +1450,7 @@ where
             })
             .collect();
         let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM {t} WHERE trace_id IN ({m}) ORDER BY trace_id, start_time_unix_nano, span_id",
+            "SELECT {cols} FROM {t} WHERE trace_id IN ({m}) ORDER BY trace_id, start_time_unix_nano, span_id",
             t = quote_table(table),
             m = marks.join(", ")
         );
@@ -1193,6 +1498,7 @@ async fn read_cut_span<F>(
     client: &DatabricksClient,
     statement: &F,
     table: &str,
+    cols: &'static str,
     id: &str,
     after: Option<&str>,
     stats: &mut TableStats,
@@ -1201,6 +1507,9 @@ where
     F: Fn(String, Vec<Param>) -> Statement,
 {
     let t = quote_table(table);
+    let with_events = cols == SPAN_COLUMNS_EVENTS;
+    // Where the attribute values start in the cut read's row.
+    let first_attr = 7 + usize::from(with_events);
     let too_large = || row_too_large(table, &format!("a span of trace {id}"));
     let mut params = vec![Param::new("t0", id.to_string(), "STRING")];
     let keyset = match after {
@@ -1282,14 +1591,15 @@ where
         {
             caps[i] = cap;
         }
-        let cols: String = caps
+        let cut_cols: String = caps
             .iter()
             .enumerate()
             .map(|(i, c)| format!(", left(element_at(attributes, :k{i}), {c}) AS a{i}"))
             .collect();
         let sql = format!(
             "SELECT trace_id, span_id, parent_span_id, name, start_time_unix_nano, \
-             end_time_unix_nano, status{cols} FROM {t} WHERE trace_id = :t0 AND span_id = :s0"
+             end_time_unix_nano, status{events}{cut_cols} FROM {t} WHERE trace_id = :t0 AND span_id = :s0",
+            events = if with_events { ", events" } else { "" },
         );
         let (rows, cut) = read_prefix(client, statement(sql, params.clone()), stats).await?;
         if cut {
@@ -1301,7 +1611,7 @@ where
         let mut attributes = serde_json::Map::new();
         let mut n_cut = 0u64;
         for (i, k) in keys.iter().enumerate() {
-            let Some(v) = r.get(7 + i).and_then(Cell::text) else {
+            let Some(v) = r.get(first_attr + i).and_then(Cell::text) else {
                 continue;
             };
             let v = match crate::collect::with_cut_marker(&v, texts[i].1) {
@@ -1322,8 +1632,8 @@ where
             keys.len()
         );
         let mut take = |i: usize| Cell(r.get_mut(i).and_then(Cell::take_literal));
-        // The columns of SPAN_COLUMNS, in its order.
-        let cells = vec![
+        // The columns of SPAN_COLUMNS (and events), in its order.
+        let mut cells = vec![
             take(0),
             take(1),
             take(2),
@@ -1335,6 +1645,9 @@ where
             ))),
             take(6),
         ];
+        if with_events {
+            cells.push(take(7));
+        }
         return Ok(otel_span(&cells, stats));
     }
     Err(too_large())
@@ -1345,6 +1658,7 @@ async fn fetch_trace_spans<F>(
     client: &DatabricksClient,
     statement: &F,
     table: &str,
+    cols: &'static str,
     id: &str,
     stats: &mut TableStats,
 ) -> Result<Vec<Span>, CollectError>
@@ -1363,14 +1677,14 @@ where
             None => "",
         };
         let sql = format!(
-            "SELECT {SPAN_COLUMNS} FROM {t} WHERE trace_id = :t0{keyset} ORDER BY span_id",
+            "SELECT {cols} FROM {t} WHERE trace_id = :t0{keyset} ORDER BY span_id",
             t = quote_table(table),
         );
         let (rows, cut) = read_prefix(client, statement(sql, params), stats).await?;
         if rows.is_empty() && cut {
             // The next span alone is larger than a statement may return: read it with its
             // attribute values cut, then go on after it.
-            let span = read_cut_span(client, statement, table, id, after.as_deref(), stats)
+            let span = read_cut_span(client, statement, table, cols, id, after.as_deref(), stats)
                 .await?
                 .ok_or_else(|| row_too_large(table, &format!("a span of trace {id}")))?;
             match &after {
@@ -1480,7 +1794,7 @@ mod tests {
             ]
         );
         for r in &recs {
-            crate::traffic::validate(r).unwrap();
+            crate::traffic::validate(&crate::traffic::for_akto_runtime(r)).unwrap();
             assert_eq!(header(r, "x-mlflow-trace-id").as_deref(), Some("tr-1"));
             assert_eq!(
                 header(r, "host").as_deref(),
@@ -1522,7 +1836,7 @@ mod tests {
         let odd = Span::from_json(&json!({"attributes": "not a map", "events": 3, "status": 7}));
         let recs = span_records(&source(true), "1", &meta, &[odd]);
         assert_eq!(recs.len(), 1);
-        crate::traffic::validate(&recs[0]).unwrap();
+        crate::traffic::validate(&crate::traffic::for_akto_runtime(&recs[0])).unwrap();
     }
 
     #[test]
@@ -1673,6 +1987,112 @@ mod tests {
         let w = window(&state, "mlflow:1", &opts, now).unwrap();
         assert_eq!(w.from_us, now - 65 * min);
         assert!(w.cursor.is_none());
+    }
+
+    #[test]
+    fn a_trace_without_spans_is_a_record_only_for_agents_without_a_table() {
+        let t = TraceInfo {
+            trace_id: "tr-9".into(),
+            request_preview: Some("{\"q\":1}".into()),
+            response_preview: Some("ok".into()),
+            ..Default::default()
+        };
+        let summary = summary_span(&t, 1_700_000_000_000_000);
+        let meta = TraceMeta::default();
+        // What the WARN says is what is sent.
+        let with_table = span_records(&source(false), "1", &meta, std::slice::from_ref(&summary));
+        assert!(with_table.is_empty());
+        assert!(summary_note(&source(false)).starts_with("no record is sent"));
+        let without = span_records(&source(true), "1", &meta, &[summary]);
+        assert_eq!(without.len(), 1);
+        assert_eq!(without[0].request_payload, "{\"q\":1}");
+        assert!(summary_note(&source(true)).starts_with("sending its summary only"));
+    }
+
+    #[test]
+    fn tool_call_ids_are_recovered_from_the_spans_data() {
+        let tool = |inputs: &str, outputs: &str| {
+            let mut attributes = BTreeMap::new();
+            attributes.insert("mlflow.spanType".to_string(), "\"TOOL\"".to_string());
+            attributes.insert(
+                "mlflow.spanInputs".to_string(),
+                Value::String(inputs.into()).to_string(),
+            );
+            attributes.insert(
+                "mlflow.spanOutputs".to_string(),
+                Value::String(outputs.into()).to_string(),
+            );
+            Span {
+                name: "lookup".into(),
+                attributes,
+                ..Default::default()
+            }
+        };
+        // LangChain: the output is str(ToolMessage).
+        let lc = tool(
+            "{\"order_id\": \"1\"}",
+            "content='{\"status\": \"shipped\"}' name='lookup' tool_call_id='call_Ab12'",
+        );
+        assert_eq!(lc.tool_call_id().as_deref(), Some("call_Ab12"));
+        // A ToolMessage as JSON, plain or serialized by LangChain.
+        let json_msg = tool("{}", "{\"content\": \"ok\", \"tool_call_id\": \"call_2\"}");
+        assert_eq!(json_msg.tool_call_id().as_deref(), Some("call_2"));
+        let dumped = tool(
+            "{}",
+            "{\"lc\": 1, \"type\": \"constructor\", \"kwargs\": {\"tool_call_id\": \"call_3\"}}",
+        );
+        assert_eq!(dumped.tool_call_id().as_deref(), Some("call_3"));
+        // The inputs are the tool call (OpenAI, LangChain ToolCall).
+        let openai = tool(
+            "{\"id\": \"call_4\", \"type\": \"function\", \"function\": {\"name\": \"lookup\"}}",
+            "done",
+        );
+        assert_eq!(openai.tool_call_id().as_deref(), Some("call_4"));
+        let lc_call = tool(
+            "{\"id\": \"call_5\", \"name\": \"lookup\", \"args\": {\"q\": 1}, \"type\": \"tool_call\"}",
+            "done",
+        );
+        assert_eq!(lc_call.tool_call_id().as_deref(), Some("call_5"));
+        // An attribute wins.
+        let mut attr = lc.clone();
+        attr.attributes
+            .insert("gen_ai.tool.call.id".into(), "\"call_attr\"".into());
+        assert_eq!(attr.tool_call_id().as_deref(), Some("call_attr"));
+        // Plain arguments and outputs reveal none (an `id` argument is not a call id).
+        assert_eq!(
+            tool("{\"id\": \"42\"}", "{\"status\": \"ok\"}").tool_call_id(),
+            None
+        );
+        assert_eq!(tool("\"q\"", "tool_call_id=").tool_call_id(), None);
+        assert_eq!(tool("", "tool_call_id='a\nb'").tool_call_id(), None);
+        // The record carries it, so the delivery stage merges the row's record of the call.
+        let recs = span_records(&source(false), "1", &TraceMeta::default(), &[lc]);
+        assert_eq!(
+            header(&recs[0], "x-tool-call-id").as_deref(),
+            Some("call_Ab12")
+        );
+    }
+
+    #[test]
+    fn long_runs_are_keyed_by_their_end() {
+        let o = CollectOptions {
+            lookback: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let long = long_run_us(&o);
+        assert_eq!(long, 1_800_000_000);
+        assert_eq!(unit_time(100, 100 + long, long), 100);
+        assert_eq!(unit_time(100, 101 + long, long), 101 + long);
+        let w = Window {
+            from_us: 100,
+            cursor: Some((500, "m".into(), 300)),
+        };
+        assert_eq!(w.late_from(), 300);
+        let fresh = Window {
+            from_us: 100,
+            cursor: None,
+        };
+        assert_eq!(fresh.late_from(), 100);
     }
 
     #[test]

@@ -67,6 +67,11 @@ fn header(rec: &databricks_shield::traffic::AktoRecord, key: &str) -> Option<Str
     m.get(key).cloned()
 }
 
+fn response_header(rec: &databricks_shield::traffic::AktoRecord, key: &str) -> Option<String> {
+    let m: BTreeMap<String, String> = serde_json::from_str(&rec.response_headers).ok()?;
+    m.get(key).cloned()
+}
+
 async fn read_all(
     c: &databricks_shield::databricks::DatabricksClient,
     state: &StateStore,
@@ -154,7 +159,9 @@ async fn experiment_traces_become_span_records_exactly_once() {
         assert_eq!(u.host, src.host);
         assert!(!u.records.is_empty(), "every trace has an LLM span");
         for r in &u.records {
-            databricks_shield::traffic::validate(r).unwrap();
+            // As sent (`traffic::for_akto_runtime`, applied to every record on the way out).
+            databricks_shield::traffic::validate(&databricks_shield::traffic::for_akto_runtime(r))
+                .unwrap();
             assert_eq!(header(r, "host").as_deref(), Some(src.host.as_str()));
             assert_eq!(
                 header(r, "x-mlflow-trace-id").as_deref(),
@@ -188,11 +195,20 @@ async fn experiment_traces_become_span_records_exactly_once() {
         !kinds.contains_key("AGENT"),
         "root spans are not records when a table exists"
     );
-    // Failed traces carry their error.
-    assert!(got
+    // Failed traces carry their error: built as 500, sent as 200 with the code in a header
+    // (Akto's runtime drops any other status).
+    let failed = got
         .iter()
         .flat_map(|(_, u)| &u.records)
-        .any(|r| r.status_code == "500" && r.response_payload.text().contains("timed out")));
+        .find(|r| r.status_code == "500" && r.response_payload.text().contains("timed out"))
+        .expect("a failed span record");
+    let sent = databricks_shield::traffic::for_akto_runtime(failed);
+    assert_eq!(sent.status_code, "200");
+    assert_eq!(
+        response_header(&sent, "x-databricks-status-code").as_deref(),
+        Some("500")
+    );
+    assert!(response_header(&sent, "x-span-error").is_some());
 
     // Nothing again once delivered.
     deliver(&state, &first);
@@ -290,14 +306,16 @@ async fn otel_span_tables_are_read_through_sql_exactly_once() {
             Some(u.id.as_str())
         );
         assert_eq!(r.request_payload, "{\"query\":\"status\"}");
-        databricks_shield::traffic::validate(r).unwrap();
+        databricks_shield::traffic::validate(&databricks_shield::traffic::for_akto_runtime(r))
+            .unwrap();
     }
-    // A trace with two root spans (the emulator gives its oldest trace a second one, 30 s ago)
-    // is one unit, kept as long as its newest root is in the window: its time is that root's.
+    // A trace with two root spans (the emulator gives its oldest trace a second one, ending
+    // 2.9 minutes ago, after every other root) is one unit, kept as long as its newest root is in
+    // the window: its time is that root's end.
     let newest = got.iter().map(|(_, u)| u.time_us).max().unwrap();
     assert!(
-        newest > now_us() - 60_000_000,
-        "the two-root trace carries its newest root's time"
+        newest > now_us() - 200_000_000,
+        "the two-root trace carries its newest root's end"
     );
     // Roots stored with a '' parent are roots too (the emulator writes every other one so), and
     // a struct `status` of STATUS_CODE_ERROR fails its span, with the status message as the body.
@@ -306,6 +324,12 @@ async fn otel_span_tables_are_read_through_sql_exactly_once() {
         .filter(|(_, u)| u.records[0].status_code == "500")
         .collect();
     assert_eq!(failed.len(), 1, "one tool span failed");
+    let sent = databricks_shield::traffic::for_akto_runtime(&failed[0].1.records[0]);
+    assert_eq!(sent.status_code, "200", "sent as Akto's runtime keeps it");
+    assert_eq!(
+        response_header(&sent, "x-databricks-status-code").as_deref(),
+        Some("500")
+    );
     assert!(failed[0].1.records[0]
         .response_payload
         .text()
@@ -398,18 +422,21 @@ async fn otel_span_results_cut_at_the_byte_limit_lose_no_span() {
     let (plain, want) = read_otel(&c, &state, &wh.id, &table, &inv).await;
     assert_eq!(want.len(), 5);
     assert!(want.iter().all(|(_, n, _)| *n == 1), "{want:?}");
-    assert_eq!(plain.statements, 2, "one root page, one span read");
+    assert_eq!(
+        plain.statements, 3,
+        "one root page, the probe of the table's columns (events?), one span read"
+    );
 
-    // 700 bytes: the roots (5 small rows) fit, the spans of 2+ traces do not.
-    // 300 bytes: no trace's 2 spans fit either: each is paged.
+    // 1000 bytes: the roots (5 small rows) fit, the spans of 2+ traces do not.
+    // 450 bytes: no trace's 2 spans fit either: each is paged.
     // 150 bytes for the first statement: the first page of roots is cut after 2 of 5 (the
     // oldest trace's second root span, the newest root, is then in another page: still one unit).
     for spec in [
-        format!("kind=byte_limit,bytes=700,table={table},count=unlimited"),
-        format!("kind=byte_limit,bytes=300,table={table},count=unlimited"),
+        format!("kind=byte_limit,bytes=1000,table={table},count=unlimited"),
+        format!("kind=byte_limit,bytes=450,table={table},count=unlimited"),
         format!(
             "kind=byte_limit,bytes=150,table={table},count=1;\
-             kind=byte_limit,bytes=300,table={table},count=unlimited"
+             kind=byte_limit,bytes=450,table={table},count=unlimited"
         ),
     ] {
         emu.set_faults(&spec).unwrap();
@@ -807,6 +834,316 @@ async fn a_trace_that_ends_after_the_lookback_is_still_sent_once() {
         cycle().await;
         assert!(traces_from(before).is_empty(), "sent again");
     }
+}
+
+/// An MLflow 3 client logs a trace only when its root span ends, already final, with its start
+/// as `request_time` (`start_trace` and `finish_trace` back to back: never seen IN_PROGRESS). A
+/// run longer than the lookback is then found by the long-run search, sent once, and not again
+/// by later cycles of fresh connectors on the same state (a restart each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mlflow_3_trace_of_a_run_longer_than_the_lookback_is_sent_once() {
+    let emu = emulator(emulator_config()).await;
+    let standin = standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state");
+    let cycle = || short_lookback_cycle(&emu, &standin, &state_dir);
+    let traces_from = |from: usize| experiment_traces_from(&standin, from);
+
+    emu.add_traces(1);
+    cycle().await;
+    let experiments = traces_from(0).len();
+    assert!(experiments >= 1, "no experiment trace delivered");
+
+    // A run that started a minute ago (the lookback is 2 s) and was logged when it ended.
+    let start_ms = chrono::Utc::now().timestamp_millis() - 60_000;
+    let run = emu.start_trace(start_ms);
+    emu.finish_trace(run);
+    let before = standin.records().len();
+    cycle().await;
+    let ended = traces_from(before);
+    assert_eq!(
+        ended.len(),
+        experiments,
+        "the long run's trace, once per experiment"
+    );
+    for _ in 0..2 {
+        let before = standin.records().len();
+        cycle().await;
+        assert!(traces_from(before).is_empty(), "sent again");
+    }
+}
+
+/// A complete read at `now` as `run` records it: the read mark (held back by an unfinished
+/// trace) and ids pruned a lookback and 10 minutes behind it.
+fn complete_read(
+    state: &StateStore,
+    ns: &str,
+    o: &CollectOptions,
+    now: i64,
+    stats: &databricks_shield::collect::TableStats,
+) {
+    let lookback = o.lookback.as_micros() as i64;
+    let mark = stats
+        .hold_from
+        .map_or(now, |h| now.min(h + lookback - 60_000_000));
+    state
+        .record_complete_read(ns, mark, lookback + 600_000_000)
+        .unwrap();
+}
+
+/// Long runs and the two searches of an experiment, with the cycle's clock set by the test: a
+/// run logged when it ended, hours after its start, is read once by the long-run search; a run
+/// read by the main search while its start was in the window is not read again by the long-run
+/// search once its start has left it, nor after its id would have been pruned by its start; a
+/// long run delivered by a version that kept every trace by its start is not sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_runs_are_read_once_by_either_search() {
+    let (emu, c, sources, _dir, state) = first_experiment().await;
+    let src = &sources[0];
+    let ns = traces::experiment_namespace(&src.experiment_id);
+    let o = CollectOptions {
+        lookback: std::time::Duration::from_secs(600),
+        ..Default::default()
+    };
+    let now0 = now_us();
+    // Run A: 3 hours, logged when it ended. Run B: 8 minutes (longer than half the lookback),
+    // its start in the window of the first read.
+    let a = emu.start_trace((now0 - 3 * 3_600_000_000).div_euclid(1000));
+    let b = emu.start_trace((now0 - 8 * MIN).div_euclid(1000));
+    emu.finish_trace(a);
+    emu.finish_trace(b);
+    let read = |now: i64| {
+        let (c, state, src, o) = (&c, &state, src, &o);
+        async move {
+            let (r, chunks) = read_one(c, state, src, o, now).await;
+            let stats = r.unwrap();
+            deliver(state, &chunks);
+            complete_read(
+                state,
+                &traces::experiment_namespace(&src.experiment_id),
+                o,
+                now,
+                &stats,
+            );
+            let got: Vec<(String, i64)> = units(&chunks)
+                .iter()
+                .map(|(_, u)| (u.id.clone(), u.time_us))
+                .collect();
+            (stats, got)
+        }
+    };
+    let (_, first) = read(now0).await;
+    // Keyed by their ends (about now0), not their starts.
+    let long: Vec<&(String, i64)> = first
+        .iter()
+        .filter(|(_, t)| *t > now0 - 60_000_000)
+        .collect();
+    assert_eq!(long.len(), 2, "both runs read once: {first:?}");
+    let ids: BTreeSet<String> = long.iter().map(|(id, _)| id.clone()).collect();
+    // Later reads: B's start leaves the main search's window (the long-run search finds it and
+    // A, both delivered), then both ends leave the window and their ids are pruned.
+    for minutes in [1, 9, 12, 30, 31, 40] {
+        let (stats, got) = read(now0 + minutes * MIN).await;
+        assert!(got.is_empty(), "+{minutes} min: sent again: {got:?}");
+        if minutes == 12 {
+            assert!(stats.duplicates_skipped >= 2, "+{minutes} min: {stats:?}");
+        }
+    }
+
+    // A version that kept every trace by its start delivered the long runs (ids not pruned
+    // yet): they are looked up under their starts too, and not sent again.
+    let page = c
+        .search_traces(
+            &src.experiment_id,
+            "trace.execution_time_ms > 300000",
+            100,
+            None,
+        )
+        .await
+        .unwrap();
+    let starts: Vec<(String, i64)> = page
+        .traces
+        .iter()
+        .map(|t| (t.trace_id.clone(), t.time_us().unwrap()))
+        .collect();
+    assert_eq!(
+        starts
+            .iter()
+            .map(|(id, _)| id.clone())
+            .collect::<BTreeSet<_>>(),
+        ids,
+        "the emulator's search filters on the execution time"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let old = StateStore::open(dir.path(), false).unwrap();
+    let rows: Vec<DeliveredRow<'_>> = starts
+        .iter()
+        .map(|(id, t)| DeliveredRow {
+            table: &ns,
+            id,
+            time_us: *t,
+            by_id: false,
+        })
+        .collect();
+    old.commit_delivered(&rows).unwrap();
+    let (r, chunks) = read_one(&c, &old, src, &o, now0).await;
+    r.unwrap();
+    let again: Vec<&str> = units(&chunks)
+        .iter()
+        .map(|(_, u)| u.id.as_str())
+        .filter(|id| ids.contains(*id))
+        .collect();
+    assert!(again.is_empty(), "sent again after an upgrade: {again:?}");
+    emu.shutdown().await;
+}
+
+/// A span document larger than the cap is not read (nor held): `TooLarge` with its length; one
+/// within it comes back with its spans and its length (what the reader counts, not a second
+/// serialization).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_documents_over_the_cap_are_not_read() {
+    use databricks_shield::databricks::mlflow::SpanDownload;
+    let (emu, c, sources, _dir, _state) = first_experiment().await;
+    let page = c
+        .search_traces(&sources[0].experiment_id, "", 1, None)
+        .await
+        .unwrap();
+    let id = &page.traces[0].trace_id;
+    let dl = c.trace_download(id).await.unwrap();
+    let (spans, bytes) = match c.download_spans(id, &dl).await.unwrap() {
+        SpanDownload::Spans { spans, bytes } => (spans, bytes),
+        other => panic!("a small document is read: {other:?}"),
+    };
+    assert!(spans.len() >= 2 && bytes > 100, "{bytes}");
+    match c.download_spans_capped(id, &dl, bytes - 1).await.unwrap() {
+        SpanDownload::TooLarge { bytes: b, .. } => assert!(b >= bytes - 1, "{b}"),
+        other => panic!("over the cap: {other:?}"),
+    }
+    match c.download_spans_capped(id, &dl, bytes).await.unwrap() {
+        SpanDownload::Spans { bytes: b, .. } => assert_eq!(b, bytes),
+        other => panic!("at the cap: {other:?}"),
+    }
+    emu.shutdown().await;
+}
+
+/// How long after its anchor the emulator's OTel scenario traces land (its
+/// `OTEL_SCENARIO_OFFSET_US`): `tr-long-run` (3 hours, root row at +2 s) and `tr-late-child`
+/// (root row at +1 s, its failed TOOL span exported after it, at +4 s).
+const OTEL_SCENARIO_OFFSET_US: i64 = 30 * 86_400_000_000;
+
+/// Waits (bounded) until the span `span_id` of `table` is visible, as a writer's row lands.
+async fn wait_landed(
+    c: &databricks_shield::databricks::DatabricksClient,
+    wh: &str,
+    table: &str,
+    span_id: &str,
+) {
+    for _ in 0..200 {
+        let st = databricks_shield::databricks::sql::Statement {
+            warehouse_id: wh.to_string(),
+            statement: format!("SELECT span_id FROM {table} WHERE span_id = :s"),
+            parameters: vec![databricks_shield::databricks::sql::Param::new(
+                "s", span_id, "STRING",
+            )],
+            table: table.to_string(),
+            timeout: std::time::Duration::from_secs(20),
+        };
+        let rows = c.execute(&st).await.unwrap().collect_all().await.unwrap();
+        if !rows.is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("span {span_id} never landed");
+}
+
+/// OTel span tables: a trace is read once its root row has landed and settled (ended 2 minutes
+/// before the read): a span exported after its root is not lost. A long run's root lands hours
+/// after its start, beyond the lookback: roots are listed by their end, so it is read, once,
+/// also by later reads after its id would have been pruned by its start. A failed tool span's
+/// `exception` event (the `events` column) is its error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_traces_are_read_once_their_root_has_landed_and_settled() {
+    let mut cfg = emulator_config();
+    let at = now_us();
+    cfg.anchor_us = Some(at - OTEL_SCENARIO_OFFSET_US);
+    let (emu, c, inv, table, wh) = otel_table_of(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let o = CollectOptions {
+        lookback: std::time::Duration::from_secs(600),
+        ..Default::default()
+    };
+    let read = |now: i64| {
+        let (c, state, inv, table, wh, o) = (&c, &state, &inv, &table, &wh.id, &o);
+        async move {
+            let (r, chunks) = chunks_of(|tx| async move {
+                traces::collect_otel_table(
+                    c,
+                    state,
+                    wh,
+                    table,
+                    inv,
+                    "127.0.0.1",
+                    "1000000",
+                    o,
+                    now,
+                    &tx,
+                )
+                .await
+            })
+            .await;
+            let stats = r.unwrap_or_else(|e| panic!("the span table is read: {e}"));
+            deliver(state, &chunks);
+            complete_read(state, table, o, now, &stats);
+            let got: BTreeMap<String, Vec<databricks_shield::traffic::AktoRecord>> = units(&chunks)
+                .iter()
+                .map(|(_, u)| (u.id.clone(), u.records.clone()))
+                .collect();
+            (stats, got)
+        }
+    };
+
+    // The late child's root has landed; its TOOL span has not, or just has: a read now (by the
+    // connector's clock, the root ended under 2 minutes ago) takes nothing and holds the window.
+    wait_landed(&c, &wh.id, &table, "late-root").await;
+    let (stats, got) = read(now_us()).await;
+    assert!(got.is_empty(), "read before its root settled: {got:?}");
+    assert!(
+        stats.hold_from.is_some(),
+        "the unsettled trace holds the window"
+    );
+
+    // Both roots and the late TOOL span have landed; 3 minutes later by the connector's clock.
+    wait_landed(&c, &wh.id, &table, "late-tool").await;
+    wait_landed(&c, &wh.id, &table, "long-root").await;
+    let (_, got) = read(at + 3 * MIN).await;
+    let ids: BTreeSet<&str> = got.keys().map(String::as_str).collect();
+    assert_eq!(
+        ids,
+        BTreeSet::from(["tr-late-child", "tr-long-run"]),
+        "both traces, once"
+    );
+    let late = &got["tr-late-child"];
+    assert_eq!(
+        late.len(),
+        1,
+        "the TOOL span exported after its root: {late:?}"
+    );
+    assert_eq!(late[0].status_code, "500");
+    let body = late[0].response_payload.text();
+    assert!(
+        body.contains("ValueError") && body.contains("order 42 not found"),
+        "the exception event is the error: {body}"
+    );
+    assert_eq!(got["tr-long-run"].len(), 1, "the long run's TOOL span");
+
+    // Later reads (a restart reads the same state): never again, also once ids are pruned.
+    for minutes in [4, 9, 15, 25, 40, 41] {
+        let (_, got) = read(at + minutes * MIN).await;
+        assert!(got.is_empty(), "+{minutes} min: sent again: {got:?}");
+    }
+    emu.shutdown().await;
 }
 
 /// The emulator, a client, its first inference table, a warehouse and a fresh state: for the

@@ -168,6 +168,39 @@ const DOWNLOAD_ROUTE: &str = "GET <signed trace data URI>";
 /// How long one span document download may take (they can be large).
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The largest span document read (64 MiB): a larger one is not read (nor held in memory),
+/// and the trace is sent as its summary. Its records would be cut to Akto's 10 MiB per record
+/// anyway.
+pub const MAX_SPAN_DOCUMENT_BYTES: u64 = 64 << 20;
+
+/// How much of a refusal's body is read for its error code.
+const ERROR_BODY_BYTES: u64 = 4096;
+
+/// A trace's downloaded span document.
+#[derive(Debug)]
+pub enum SpanDownload {
+    /// Its spans, and the length of the document (bytes).
+    Spans { spans: Vec<Value>, bytes: u64 },
+    /// Larger than the cap: not read. `bytes` is its `Content-Length`, or (`exact: false`) what
+    /// was read before the cap was passed.
+    TooLarge { bytes: u64, exact: bool },
+}
+
+/// Reads a response body up to `cap` bytes: `Ok(None)` when it is longer.
+async fn read_capped(
+    resp: &mut reqwest::Response,
+    cap: u64,
+) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0).min(cap) as usize);
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() as u64 + chunk.len() as u64 > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
+}
+
 fn mlflow_denied(e: DatabricksError, what: &str) -> DatabricksError {
     match e {
         DatabricksError::PermissionDenied { detail, .. } => DatabricksError::PermissionDenied {
@@ -319,7 +352,19 @@ impl DatabricksClient {
         &self,
         trace_id: &str,
         dl: &TraceDownload,
-    ) -> Result<Vec<Value>, DatabricksError> {
+    ) -> Result<SpanDownload, DatabricksError> {
+        self.download_spans_capped(trace_id, dl, MAX_SPAN_DOCUMENT_BYTES)
+            .await
+    }
+
+    /// [`Self::download_spans`] with the largest document read set to `cap` bytes: a longer
+    /// one (by its `Content-Length`, else while it is read) is [`SpanDownload::TooLarge`].
+    pub async fn download_spans_capped(
+        &self,
+        trace_id: &str,
+        dl: &TraceDownload,
+        cap: u64,
+    ) -> Result<SpanDownload, DatabricksError> {
         // The workspace client's own reqwest client, so the same trusted roots
         // (DATABRICKS_CA_BUNDLE: a TLS-inspecting proxy sees storage too) and proxies. It holds
         // no credentials: the Databricks token is added per API request, and none is added here.
@@ -336,10 +381,29 @@ impl DatabricksClient {
                 req = req.header(k.as_str(), v.as_str());
             }
             let transient = match req.send().await {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     let status = resp.status();
-                    match resp.bytes().await {
-                        Ok(body) if status.is_success() => {
+                    if status.is_success() {
+                        if let Some(n) = resp.content_length().filter(|n| *n > cap) {
+                            return Ok(SpanDownload::TooLarge {
+                                bytes: n,
+                                exact: true,
+                            });
+                        }
+                    }
+                    let limit = if status.is_success() {
+                        cap
+                    } else {
+                        ERROR_BODY_BYTES
+                    };
+                    match read_capped(&mut resp, limit).await {
+                        Ok(None) if status.is_success() => {
+                            return Ok(SpanDownload::TooLarge {
+                                bytes: cap,
+                                exact: false,
+                            })
+                        }
+                        Ok(Some(body)) if status.is_success() => {
                             let doc: SpansDoc = serde_json::from_slice(&body).map_err(|e| {
                                 DatabricksError::Decode {
                                     route: DOWNLOAD_ROUTE.into(),
@@ -348,9 +412,14 @@ impl DatabricksClient {
                                     ),
                                 }
                             })?;
-                            return Ok(doc.spans);
+                            return Ok(SpanDownload::Spans {
+                                spans: doc.spans,
+                                bytes: body.len() as u64,
+                            });
                         }
                         Ok(body) => {
+                            // A refusal: its first bytes name the code (a longer body is cut).
+                            let body = body.unwrap_or_default();
                             let code = status.as_u16();
                             if !(code == 429 || code >= 500) {
                                 let text: String =

@@ -18,6 +18,9 @@ pub(crate) enum SparkType {
     Boolean,
     ArrayString,
     MapStringString,
+    /// An OTel span's `events`: `ARRAY<STRUCT<time_unix_nano, name, attributes, ...>>`, which
+    /// the SQL API returns as JSON text.
+    SpanEvents,
 }
 
 impl SparkType {
@@ -33,6 +36,7 @@ impl SparkType {
             SparkType::Boolean => "BOOLEAN",
             SparkType::ArrayString => "ARRAY",
             SparkType::MapStringString => "MAP",
+            SparkType::SpanEvents => "ARRAY",
         }
     }
     /// `type_text` as Databricks reports it in UC (lowercase Spark DDL).
@@ -47,6 +51,9 @@ impl SparkType {
             SparkType::Boolean => "boolean",
             SparkType::ArrayString => "array<string>",
             SparkType::MapStringString => "map<string,string>",
+            SparkType::SpanEvents => {
+                "array<struct<time_unix_nano:bigint,name:string,attributes:map<string,string>,dropped_attributes_count:int>>"
+            }
         }
     }
     pub(crate) fn from_sqlite_decl(decl: &str) -> Option<SparkType> {
@@ -60,6 +67,7 @@ impl SparkType {
             "BOOLEAN_INT" => SparkType::Boolean,
             "ARRAY_TEXT" => SparkType::ArrayString,
             "MAP_TEXT" => SparkType::MapStringString,
+            "EVENTS_TEXT" => SparkType::SpanEvents,
             _ => return None,
         })
     }
@@ -132,6 +140,7 @@ pub(crate) const OTEL_COLUMNS: &[Column] = &[
     ("end_time_unix_nano", SparkType::Bigint, true),
     ("attributes", SparkType::MapStringString, true),
     ("status", SparkType::String, true),
+    ("events", SparkType::SpanEvents, true),
 ];
 
 /// The legacy Agent Framework's `<model>_payload_request_logs` (derived from the payload table):

@@ -196,6 +196,9 @@ fn register_functions(
             }))
     })?;
     conn.create_scalar_function("emu_current_timestamp", 0, nondet, |_| Ok(fmt_ts(now_us())))?;
+    conn.create_scalar_function("emu_now_ns", 0, nondet, |_| {
+        Ok(now_us().saturating_mul(1000))
+    })?;
     conn.create_scalar_function("emu_current_date", 0, nondet, |_| Ok(fmt_date(now_us())))?;
     conn.create_scalar_function("timestamp_millis", 1, det, |ctx| {
         Ok(arg_i64(ctx, 0).map(|ms| fmt_ts(ms.saturating_mul(1000))))
@@ -398,6 +401,210 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// When the scenario traces of an OTel span table land, after the anchor (30 days): tests that
+/// set `EmulatorConfig::anchor_us` 30 days back see them land a few seconds after the start.
+/// With the anchor at now they land in 30 days: never seen by other tests.
+pub(crate) const OTEL_SCENARIO_OFFSET_US: i64 = 30 * 86_400_000_000;
+
+/// A scenario span row: (trace, span, parent, span type, start, end, status, events, landed).
+type ScenarioSpan<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    &'a str,
+    i64,
+    i64,
+    String,
+    String,
+    i64,
+);
+
+/// The rows of an OTel span table: one trace per agent (up to 8), each a root AGENT span and a
+/// TOOL span, all landed a few minutes before the anchor; then the scenario traces, landing
+/// [`OTEL_SCENARIO_OFFSET_US`] after the anchor (+1 s to +4 s, by the clock):
+/// - `tr-long-run`: a 3-hour run whose root row lands at its end (+2 s); its TOOL span landed
+///   hours before, at its own end.
+/// - `tr-late-child`: a 10-second run whose root lands at +1 s and whose failed TOOL span (an
+///   `exception` event, no status message) is exported after it, at +4 s.
+fn insert_otel_spans(
+    tx: &rusqlite::Transaction<'_>,
+    phys: &str,
+    l: &Layout,
+    now: i64,
+    rng: &mut Rng,
+    otel_output_bytes: usize,
+) -> Result<(), EmulatorError> {
+    let mut st = tx.prepare(&format!(
+        "INSERT INTO {phys} (trace_id, span_id, parent_span_id, name, kind, start_time_unix_nano, \
+         end_time_unix_nano, attributes, status, events, landed_ns) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))?;
+    // As Databricks' OTel tables hold them: `status` is a struct and `events` an array of
+    // structs, which the SQL API returns as JSON text; writers store a root's parent as NULL
+    // or as ''.
+    let status = |code: &str, message: &str| {
+        serde_json::json!({"code": code, "message": message}).to_string()
+    };
+    let exception = |ty: &str, message: &str, at_ns: i64| {
+        serde_json::json!([{"time_unix_nano": at_ns, "name": "exception", "attributes": {
+            "exception.type": ty, "exception.message": message}, "dropped_attributes_count": 0}])
+        .to_string()
+    };
+    let agent_attr = serde_json::json!({"mlflow.spanType": "AGENT"}).to_string();
+    for (k, agent) in l.agents.iter().enumerate().take(8) {
+        let trace = format!("tr-{}", rng.hex(32));
+        let root = rng.hex(16);
+        // Every root ended minutes ago: a trace is read once its root has settled.
+        let start = (now - (k as i64 + 1) * 60_000_000 - 180_000_000) * 1000;
+        st.execute(params![
+            trace,
+            root,
+            (k % 2 == 1).then_some(""),
+            agent.name,
+            "SPAN_KIND_SERVER",
+            start,
+            start + 900_000_000,
+            agent_attr,
+            status("STATUS_CODE_OK", ""),
+            "[]",
+            Option::<i64>::None
+        ])?;
+        let tool = agent.tools.first().cloned().unwrap_or_default();
+        let (tool_status, events) = if k == 2 {
+            (
+                status("STATUS_CODE_ERROR", "upstream timeout"),
+                exception("TimeoutError", "upstream timeout", start + 300_000_000),
+            )
+        } else {
+            (status("STATUS_CODE_OK", ""), "[]".to_string())
+        };
+        let mut attributes = serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"query\":\"status\"}"});
+        if k == 1 && otel_output_bytes > 0 {
+            // A tool that returned a large document (JSON text, quotes escaped once more
+            // inside the map's JSON).
+            let rows = "{\"line\":\"lorem ipsum dolor\"},".repeat(otel_output_bytes / 29 + 1);
+            attributes["mlflow.spanOutputs"] =
+                format!("{{\"rows\":[{}]}}", rows.trim_end_matches(',')).into();
+        }
+        st.execute(params![
+            trace,
+            rng.hex(16),
+            root,
+            tool,
+            "SPAN_KIND_INTERNAL",
+            start + 100_000_000,
+            start + 300_000_000,
+            attributes.to_string(),
+            tool_status,
+            events,
+            Option::<i64>::None
+        ])?;
+        // The oldest trace gets a second root span, the newest of all (a follow-up run in the
+        // same trace): it is still one trace.
+        if k + 1 == l.agents.len().min(8) {
+            let again = (now - 180_000_000) * 1000;
+            st.execute(params![
+                trace,
+                rng.hex(16),
+                Option::<String>::None,
+                agent.name,
+                "SPAN_KIND_SERVER",
+                again,
+                again + 100_000_000,
+                agent_attr,
+                status("STATUS_CODE_OK", ""),
+                "[]",
+                Option::<i64>::None
+            ])?;
+        }
+    }
+    let Some(agent) = l.agents.first() else {
+        return Ok(());
+    };
+    let tool = agent
+        .tools
+        .first()
+        .cloned()
+        .unwrap_or_else(|| "lookup".into());
+    let at = (now + OTEL_SCENARIO_OFFSET_US) * 1000;
+    let tool_attr = serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"order_id\":\"42\"}"}).to_string();
+    // (trace, span, parent, span type, start, end, status, events, landed)
+    let long_start = at - 3 * 3_600_000_000_000;
+    let late_start = at - 10_000_000_000;
+    let ok = status("STATUS_CODE_OK", "");
+    let rows: [ScenarioSpan<'_>; 4] = [
+        (
+            "tr-long-run",
+            "long-root",
+            None,
+            "AGENT",
+            long_start,
+            at + 2_000_000_000,
+            ok.clone(),
+            "[]".into(),
+            at + 2_000_000_000,
+        ),
+        (
+            "tr-long-run",
+            "long-tool",
+            Some("long-root"),
+            "TOOL",
+            long_start + 1_000_000_000,
+            long_start + 61_000_000_000,
+            ok.clone(),
+            "[]".into(),
+            long_start + 61_000_000_000,
+        ),
+        (
+            "tr-late-child",
+            "late-root",
+            None,
+            "AGENT",
+            late_start,
+            at + 1_000_000_000,
+            ok,
+            "[]".into(),
+            at + 1_000_000_000,
+        ),
+        (
+            "tr-late-child",
+            "late-tool",
+            Some("late-root"),
+            "TOOL",
+            late_start + 1_000_000_000,
+            late_start + 2_000_000_000,
+            status("STATUS_CODE_ERROR", ""),
+            exception(
+                "ValueError",
+                "order 42 not found",
+                late_start + 2_000_000_000,
+            ),
+            at + 4_000_000_000,
+        ),
+    ];
+    for (trace, span, parent, ty, start, end, st_json, events, landed) in rows {
+        let (name, attributes) = if ty == "AGENT" {
+            (agent.name.as_str(), agent_attr.clone())
+        } else {
+            (tool.as_str(), tool_attr.clone())
+        };
+        st.execute(params![
+            trace,
+            span,
+            parent,
+            name,
+            "SPAN_KIND_INTERNAL",
+            start,
+            end,
+            attributes,
+            st_json,
+            events,
+            landed
+        ])?;
+    }
+    Ok(())
+}
+
 fn q(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
@@ -577,10 +784,13 @@ impl Store {
                 }
                 TableKind::OtelSpans => {
                     sql.push_str(&format!(
+                        // A span row is visible once it has landed (`landed_ns`, hidden: the
+                        // scenario spans of `insert_otel_spans` land at their time, by the clock).
                         "CREATE TABLE {p} (trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_span_id TEXT, name TEXT, kind TEXT, \
-                         start_time_unix_nano BIGINT, end_time_unix_nano BIGINT, attributes MAP_TEXT, status TEXT);\n\
+                         start_time_unix_nano BIGINT, end_time_unix_nano BIGINT, attributes MAP_TEXT, status TEXT, events EVENTS_TEXT, \
+                         landed_ns BIGINT);\n\
                          CREATE VIEW {view} AS SELECT trace_id, span_id, parent_span_id, name, kind, start_time_unix_nano, \
-                         end_time_unix_nano, attributes, status FROM {p};\n"
+                         end_time_unix_nano, attributes, status, events FROM {p} WHERE landed_ns IS NULL OR landed_ns <= emu_now_ns();\n"
                     ));
                 }
             }
@@ -608,73 +818,7 @@ impl Store {
                     }
                 }
                 TableKind::OtelSpans => {
-                    let mut st = tx.prepare(&format!(
-                        "INSERT INTO {} VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                        t.phys
-                    ))?;
-                    // As Databricks' OTel tables hold them: `status` is a struct, which the SQL
-                    // API returns as JSON text; writers store a root's parent as NULL or as ''.
-                    let status = |code: &str, message: &str| {
-                        serde_json::json!({"code": code, "message": message}).to_string()
-                    };
-                    for (k, agent) in l.agents.iter().enumerate().take(8) {
-                        let trace = format!("tr-{}", rng.hex(32));
-                        let root = rng.hex(16);
-                        let start = (now - (k as i64 + 1) * 60_000_000) * 1000;
-                        st.execute(params![
-                            trace,
-                            root,
-                            (k % 2 == 1).then_some(""),
-                            agent.name,
-                            "SPAN_KIND_SERVER",
-                            start,
-                            start + 900_000_000,
-                            serde_json::json!({"mlflow.spanType": "AGENT"}).to_string(),
-                            status("STATUS_CODE_OK", "")
-                        ])?;
-                        let tool = agent.tools.first().cloned().unwrap_or_default();
-                        let tool_status = if k == 2 {
-                            status("STATUS_CODE_ERROR", "upstream timeout")
-                        } else {
-                            status("STATUS_CODE_OK", "")
-                        };
-                        let mut attributes = serde_json::json!({"mlflow.spanType": "TOOL", "mlflow.spanInputs": "{\"query\":\"status\"}"});
-                        if k == 1 && self.otel_output_bytes > 0 {
-                            // A tool that returned a large document (JSON text, quotes escaped
-                            // once more inside the map's JSON).
-                            let rows = "{\"line\":\"lorem ipsum dolor\"},"
-                                .repeat(self.otel_output_bytes / 29 + 1);
-                            attributes["mlflow.spanOutputs"] =
-                                format!("{{\"rows\":[{}]}}", rows.trim_end_matches(',')).into();
-                        }
-                        st.execute(params![
-                            trace,
-                            rng.hex(16),
-                            root,
-                            tool,
-                            "SPAN_KIND_INTERNAL",
-                            start + 100_000_000,
-                            start + 300_000_000,
-                            attributes.to_string(),
-                            tool_status
-                        ])?;
-                        // The oldest trace gets a second root span, the newest of all (a
-                        // follow-up run in the same trace): it is still one trace.
-                        if k + 1 == l.agents.len().min(8) {
-                            let again = (now - 30_000_000) * 1000;
-                            st.execute(params![
-                                trace,
-                                rng.hex(16),
-                                Option::<String>::None,
-                                agent.name,
-                                "SPAN_KIND_SERVER",
-                                again,
-                                again + 100_000_000,
-                                serde_json::json!({"mlflow.spanType": "AGENT"}).to_string(),
-                                status("STATUS_CODE_OK", "")
-                            ])?;
-                        }
-                    }
+                    insert_otel_spans(&tx, &t.phys, l, now, &mut rng, self.otel_output_bytes)?;
                 }
                 TableKind::AiGateway if t.agent.is_none() => {
                     insert_ai_rows(
