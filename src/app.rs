@@ -66,13 +66,15 @@ pub fn sink(
             jwt,
             jwt_file,
             timeout,
+            max_record_bytes,
         } => AnySink::Http({
             let sink = HttpSink::new(HttpSinkConfig {
                 url: url.clone(),
                 jwt: jwt.clone(),
                 timeout: *timeout,
                 retry: Default::default(),
-            })?;
+            })?
+            .with_max_record_bytes(*max_record_bytes)?;
             let sink = match ca_bundle {
                 Some((path, setting)) => sink.with_ca_bundle_from(path, setting)?,
                 None => sink,
@@ -82,7 +84,10 @@ pub fn sink(
                 None => sink,
             }
         }),
-        SinkConfig::File { path } => AnySink::File(FileSink::new(path.clone())?),
+        SinkConfig::File {
+            path,
+            max_record_bytes,
+        } => AnySink::File(FileSink::new(path.clone())?.with_max_record_bytes(*max_record_bytes)?),
         SinkConfig::Kafka {
             brokers,
             topic,

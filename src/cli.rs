@@ -369,6 +369,22 @@ pub struct SinkArgs {
     )]
     pub akto_request_timeout_seconds: Option<String>,
 
+    /// The longest record sent to the ingestion service (and written by AKTO_SINK=file), in
+    /// bytes of its JSON (65536-10485744): longer records have their payloads cut to fit, with a
+    /// marker naming the original size. Akto's ingestion service answers 200 and then drops a
+    /// record its Kafka producer finds over max.request.size (AKTO_KAFKA_MAX_REQUEST_SIZE,
+    /// 5242880 by default); the default leaves 64 KiB of that for Akto's re-encoding. Set
+    /// 1000000 for Akto releases whose ingestion producer keeps Kafka's 1 MB default (no
+    /// AKTO_KAFKA_MAX_REQUEST_SIZE)
+    #[arg(
+        long,
+        env = "AKTO_MAX_RECORD_BYTES",
+        value_name = "BYTES",
+        default_value = "5177344",
+        global = true
+    )]
+    pub akto_max_record_bytes: Option<String>,
+
     /// Kafka brokers, comma-separated host:port, e.g. your-kafka-broker:9092
     #[arg(
         long,
@@ -1207,7 +1223,7 @@ mod tests {
     }
 
     /// Every environment variable the connector reads.
-    pub(crate) const ALL_VARIABLES: [&str; 32] = [
+    pub(crate) const ALL_VARIABLES: [&str; 33] = [
         "DATABRICKS_HOST",
         "DATABRICKS_CLIENT_ID",
         "DATABRICKS_CLIENT_SECRET",
@@ -1224,6 +1240,7 @@ mod tests {
         "DATA_INGESTION_SERVICE_URL",
         "AKTO_JWT_TOKEN",
         "AKTO_JWT_TOKEN_FILE",
+        "AKTO_MAX_RECORD_BYTES",
         "KAFKA_BROKER_HOST",
         "AKTO_KAFKA_TOPIC_NAME",
         "KAFKA_SECURITY_PROTOCOL",
@@ -1280,6 +1297,7 @@ mod tests {
             "[default: 4]",
             "[default: 120]",
             "[default: 50]",
+            "[default: 5177344]",
         ] {
             assert!(help.contains(default), "{default} missing from --help");
         }

@@ -158,6 +158,8 @@ pub enum SinkConfig {
         /// `AKTO_REQUEST_TIMEOUT_SECONDS`: base timeout of one request (the sink adds time for
         /// the body's upload).
         timeout: Duration,
+        /// `AKTO_MAX_RECORD_BYTES`: the longest record sent; longer ones are cut to fit.
+        max_record_bytes: usize,
     },
     /// Akto's Kafka topic.
     Kafka {
@@ -183,6 +185,9 @@ pub enum SinkConfig {
     File {
         /// Target file, or `None` for stdout.
         path: Option<PathBuf>,
+        /// `AKTO_MAX_RECORD_BYTES`: the file holds what would go to Akto's ingestion service,
+        /// cut alike.
+        max_record_bytes: usize,
     },
 }
 
@@ -721,9 +726,13 @@ impl Config {
         let sink = match &self.sink {
             None => "none".to_owned(),
             Some(SinkConfig::Http {
-                url, jwt, timeout, ..
+                url,
+                jwt,
+                timeout,
+                max_record_bytes,
+                ..
             }) => format!(
-                "http(url={url} jwt={} request_timeout={}s{})",
+                "http(url={url} jwt={} request_timeout={}s max_record_bytes={max_record_bytes}{})",
                 if jwt.is_some() { "set" } else { "unset" },
                 timeout.as_secs(),
                 match self.akto_ca_bundle() {
@@ -764,9 +773,15 @@ impl Config {
                 text.push(')');
                 text
             }
-            Some(SinkConfig::File { path }) => match path {
-                Some(path) => format!("file({})", path.display()),
-                None => "file(stdout)".to_owned(),
+            Some(SinkConfig::File {
+                path,
+                max_record_bytes,
+            }) => match path {
+                Some(path) => format!(
+                    "file({} max_record_bytes={max_record_bytes})",
+                    path.display()
+                ),
+                None => format!("file(stdout max_record_bytes={max_record_bytes})"),
             },
         };
         format!(
@@ -1531,7 +1546,8 @@ fn resolve_auth(cli: &Cli, profile: &ProfileValues, p: &mut Problems) -> Option<
 fn resolve_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
     let s = &cli.sink;
     if let Some(out) = given_path(&cli.output) {
-        return Some(file_sink(out));
+        let max_record_bytes = akto_max_record_bytes(cli, p);
+        return Some(file_sink(out, max_record_bytes));
     }
     let kind = match given(&s.kind).map(str::to_ascii_lowercase).as_deref() {
         Some("http") => "http",
@@ -1565,20 +1581,41 @@ fn resolve_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
     match kind {
         "http" => http_sink(cli, p),
         "kafka" => kafka_sink(cli, p),
-        _ => Some(file_sink(
-            given_path(&s.output_path).unwrap_or(Path::new("-")),
-        )),
+        _ => {
+            let max_record_bytes = akto_max_record_bytes(cli, p);
+            Some(file_sink(
+                given_path(&s.output_path).unwrap_or(Path::new("-")),
+                max_record_bytes,
+            ))
+        }
     }
 }
 
-fn file_sink(path: &Path) -> SinkConfig {
-    if path == Path::new("-") {
-        SinkConfig::File { path: None }
-    } else {
-        SinkConfig::File {
-            path: Some(path.to_path_buf()),
-        }
+fn file_sink(path: &Path, max_record_bytes: usize) -> SinkConfig {
+    let path = (path != Path::new("-")).then(|| path.to_path_buf());
+    SinkConfig::File {
+        path,
+        max_record_bytes,
     }
+}
+
+/// `AKTO_MAX_RECORD_BYTES`, for the HTTP and file sinks.
+fn akto_max_record_bytes(cli: &Cli, p: &mut Problems) -> usize {
+    number(
+        p,
+        &cli.sink.akto_max_record_bytes,
+        NumberSetting {
+            variable: "AKTO_MAX_RECORD_BYTES",
+            flag: "--akto-max-record-bytes",
+            default: crate::sink::DEFAULT_AKTO_MAX_RECORD_BYTES as u64,
+            min: crate::sink::MIN_AKTO_MAX_RECORD_BYTES as u64,
+            max: crate::sink::MAX_AKTO_MAX_RECORD_BYTES as u64,
+            unit: "bytes",
+            hint: "1000000 for Akto releases whose ingestion producer keeps Kafka's 1 MB default \
+                   (no AKTO_KAFKA_MAX_REQUEST_SIZE); at most Akto's AKTO_KAFKA_MAX_REQUEST_SIZE \
+                   less 64 KiB",
+        },
+    ) as usize
 }
 
 fn http_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
@@ -1636,11 +1673,13 @@ fn http_sink(cli: &Cli, p: &mut Problems) -> Option<SinkConfig> {
                    of body)",
         },
     );
+    let max_record_bytes = akto_max_record_bytes(cli, p);
     url.map(|url| SinkConfig::Http {
         url,
         jwt,
         jwt_file,
         timeout: Duration::from_secs(timeout),
+        max_record_bytes,
     })
 }
 
@@ -1881,6 +1920,55 @@ mod tests {
             }
             other => panic!("expected http sink, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn akto_max_record_bytes_defaults_parses_and_applies_to_http_and_file() {
+        let limit_of = |c: &Config| match &c.sink {
+            Some(SinkConfig::Http {
+                max_record_bytes, ..
+            })
+            | Some(SinkConfig::File {
+                max_record_bytes, ..
+            }) => *max_record_bytes,
+            other => panic!("expected an http or file sink, got {other:?}"),
+        };
+        assert_eq!(
+            limit_of(&build(&valid_cli()).expect("valid")),
+            crate::sink::DEFAULT_AKTO_MAX_RECORD_BYTES
+        );
+        assert_eq!(crate::sink::DEFAULT_AKTO_MAX_RECORD_BYTES, 5_177_344);
+        let mut cli = valid_cli();
+        cli.sink.akto_max_record_bytes = s(" 1000000 ");
+        assert_eq!(limit_of(&build(&cli).expect("valid")), 1_000_000);
+        cli.output = Some(PathBuf::from("-"));
+        assert_eq!(limit_of(&build(&cli).expect("valid")), 1_000_000);
+        for bad in ["65535", "10485745", "1e6", "", "-3"] {
+            cli.sink.akto_max_record_bytes = s(bad);
+            if bad.is_empty() {
+                // Empty means unset: the default.
+                assert_eq!(
+                    limit_of(&build(&cli).expect("valid")),
+                    crate::sink::DEFAULT_AKTO_MAX_RECORD_BYTES
+                );
+                continue;
+            }
+            let err = build(&cli).expect_err(bad);
+            assert_eq!(problems_of(&cli), vec!["AKTO_MAX_RECORD_BYTES"], "{bad}");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("AKTO_MAX_RECORD_BYTES (--akto-max-record-bytes)")
+                    && msg.contains("from 65536 to 10485744")
+                    && msg.contains("1000000 for Akto releases"),
+                "{msg}"
+            );
+        }
+        // The Kafka sink has its own limit (KAFKA_MAX_MESSAGE_BYTES): not checked there.
+        let mut cli = valid_cli();
+        cli.sink.ingestion_url = None;
+        cli.sink.kafka_brokers = s("kafka:9092");
+        cli.sink.akto_max_record_bytes = s("1");
+        assert!(build(&cli).is_ok());
     }
 
     #[test]
@@ -2383,7 +2471,7 @@ mod tests {
         cli.sink.kind = s("file");
         cli.sink.output_path = Some(PathBuf::from("/tmp/out.jsonl"));
         match build(&cli).expect("valid").sink {
-            Some(SinkConfig::File { path }) => {
+            Some(SinkConfig::File { path, .. }) => {
                 assert_eq!(path, Some(PathBuf::from("/tmp/out.jsonl")))
             }
             other => panic!("expected file, got {other:?}"),
@@ -2391,7 +2479,7 @@ mod tests {
         cli.sink.output_path = None;
         assert!(matches!(
             build(&cli).expect("valid").sink,
-            Some(SinkConfig::File { path: None })
+            Some(SinkConfig::File { path: None, .. })
         ));
         cli.sink.kind = s("carrier-pigeon");
         assert_eq!(problems_of(&cli), vec!["AKTO_SINK"]);
@@ -2409,7 +2497,7 @@ mod tests {
         cli.output = Some(PathBuf::from("-"));
         assert!(matches!(
             build(&cli).expect("valid").sink,
-            Some(SinkConfig::File { path: None })
+            Some(SinkConfig::File { path: None, .. })
         ));
     }
 

@@ -102,8 +102,11 @@ pub fn inventory_record(
 ) -> AktoRecord {
     let mut cut = 0u32;
     let mut h = JsonObject::default();
+    // A GET has no body, and Akto releases up to 018552b4 drop an empty body sent as JSON
+    // (`content-type` application/json or missing): text/plain keeps it.
     h.set("host", host, &mut cut)
-        .set("accept", "application/json", &mut cut);
+        .set("accept", "application/json", &mut cut)
+        .set("content-type", "text/plain", &mut cut);
     let mut rh = JsonObject::default();
     rh.set("content-type", "application/json", &mut cut).set(
         "x-databricks-shield-inventory-hash",
@@ -241,6 +244,14 @@ mod tests {
             1_700_000_000_000_000,
         );
         crate::traffic::validate(&r).unwrap();
+        // Kept by Akto as built (an empty GET body as text): nothing to rewrite on the way out.
+        assert!(matches!(
+            crate::traffic::for_akto_runtime(&r),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        assert!(r
+            .request_headers
+            .contains("\"content-type\":\"text/plain\""));
         assert_eq!(r.method, "GET");
         assert_eq!(r.path, "/tables/c.s.support_bot_payload");
         let body: Value = serde_json::from_str(&r.response_payload.text()).unwrap();

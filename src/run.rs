@@ -1084,14 +1084,18 @@ impl Connector {
         known: &mut KnownQuarantined,
         pending: &mut Pending,
     ) -> Result<Staged, StateError> {
-        let max = self.sink.max_record_bytes();
         let mut out = Vec::new();
         let mut calls = Vec::new();
         let mut metas = Vec::new();
         // Hashing the records only of a unit that had a record quarantined before.
         let check_known = known.has_unit(unit.table, unit.id);
         for (rec, call) in records {
-            let mut json = traffic::encode(rec);
+            // What Akto accepts but its runtime would drop (status, path, empty JSON body) goes
+            // out in the equivalent form it keeps; the common record is borrowed as is.
+            let rec = traffic::for_akto_runtime(rec);
+            let mut json = traffic::encode(&rec);
+            // The limit as Akto will measure this record (it re-encodes it, escaping more).
+            let max = self.sink.max_record_bytes_for(&json);
             let mut key = check_known.then(|| content_key(&json));
             if let Some(k) = &key {
                 if known.contains(unit.table, unit.id, k) {
@@ -1103,7 +1107,7 @@ impl Connector {
                     continue;
                 }
             }
-            if let Err(v) = traffic::validate(rec) {
+            if let Err(v) = traffic::validate(&rec) {
                 let k = key.take().unwrap_or_else(|| content_key(&json));
                 self.quarantine_once(unit, &v.to_string(), &json, k, known, pending)?;
                 continue;
@@ -1113,7 +1117,7 @@ impl Connector {
                 let k = key.take().unwrap_or_else(|| content_key(&json));
                 uncut = Some(k);
                 // Rare (a sink limit below the mapping's 10 MiB, e.g. a Kafka topic's): cut.
-                let mut cut = rec.clone();
+                let mut cut = traffic::AktoRecord::clone(&rec);
                 let mut cuts = 0u32;
                 if traffic::fit_record(&mut cut, json.len(), max, &mut cuts) {
                     json = traffic::encode(&cut);
@@ -1363,7 +1367,7 @@ impl Connector {
             if let Some(f) = &failure {
                 tracing::error!("delivery to {} also failed: {f}", self.sink.describe());
             }
-            return Err(e.into());
+            return Err(e);
         }
         match (failure, quarantine_failed) {
             (Some(e), _) => Err(e.into()),

@@ -252,6 +252,89 @@ fn akto_request_timeout_is_configurable_and_validated() {
     }
 }
 
+/// `AKTO_MAX_RECORD_BYTES`: Akto's ingestion producer drops (after answering 200) a record over
+/// its `max.request.size`; the connector's per-record limit defaults to 5 MiB less a margin for
+/// Akto's re-encoding, comes from the flag, the environment or the env file, applies to the file
+/// sink too, and a bad value names the setting, its range and the 1 MB advice.
+#[test]
+fn akto_max_record_bytes_is_configurable_and_validated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = shield(&["--print-config"], &valid_env(), dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(all.contains("max_record_bytes=5177344"), "{all}");
+
+    let mut env = valid_env();
+    env.push(("AKTO_MAX_RECORD_BYTES", "1000000"));
+    let out = shield(&["--print-config"], &env, dir.path());
+    assert!(
+        text(&out).contains("max_record_bytes=1000000)"),
+        "{}",
+        text(&out)
+    );
+    let out = shield(
+        &["--print-config", "--akto-max-record-bytes", "2000000"],
+        &env,
+        dir.path(),
+    );
+    assert!(
+        text(&out).contains("max_record_bytes=2000000"),
+        "flag beats env: {}",
+        text(&out)
+    );
+    std::fs::write(
+        dir.path().join("shield.env"),
+        "AKTO_MAX_RECORD_BYTES=900000\n",
+    )
+    .expect("write env file");
+    let out = shield(
+        &["--env-file", "shield.env", "--print-config"],
+        &valid_env(),
+        dir.path(),
+    );
+    assert!(
+        text(&out).contains("max_record_bytes=900000"),
+        "{}",
+        text(&out)
+    );
+    // The file sink holds what would go to Akto: the same limit.
+    let out = shield(
+        &["--print-config", "--output", "out.jsonl"],
+        &env,
+        dir.path(),
+    );
+    assert!(
+        text(&out).contains("file(out.jsonl max_record_bytes=1000000)"),
+        "{}",
+        text(&out)
+    );
+
+    for bad in ["65535", "10485745", "5MB", "-1"] {
+        let mut env = valid_env();
+        env.push(("AKTO_MAX_RECORD_BYTES", bad));
+        let out = shield(&["--print-config"], &env, dir.path());
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {all}");
+        let line = error_line(&all);
+        for part in [
+            "AKTO_MAX_RECORD_BYTES (--akto-max-record-bytes)",
+            "from 65536 to 10485744",
+            "1000000 for Akto releases whose ingestion producer keeps Kafka's 1 MB default",
+            "default 5177344",
+        ] {
+            assert!(line.contains(part), "{bad}: {part:?} missing: {line}");
+        }
+        assert_no_secret(&out);
+    }
+    // The extremes are accepted.
+    for good in ["65536", "10485744"] {
+        let mut env = valid_env();
+        env.push(("AKTO_MAX_RECORD_BYTES", good));
+        let out = shield(&["--print-config"], &env, dir.path());
+        assert_eq!(out.status.code(), Some(0), "{good}: {}", text(&out));
+    }
+}
+
 #[test]
 fn env_file_has_the_lowest_precedence() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -480,7 +563,7 @@ fn akto_ca_bundle_is_validated_and_defaults_to_the_workspace_bundle() {
     let all = text(&out);
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(
-        all.contains("request_timeout=30s ca_bundle=akto-ca.pem)"),
+        all.contains("request_timeout=30s max_record_bytes=5177344 ca_bundle=akto-ca.pem)"),
         "{all}"
     );
 

@@ -121,6 +121,27 @@ async fn every_record_satisfies_the_contract() {
         "one Akto collection per agent table"
     );
     assert_eq!(rig.standin.rejected_batches(), 0);
+    // Rows that failed (the emulator logs 400, 429, 500 and 503) reach Akto: as 200, the only
+    // kind its runtime keeps, with the real code in `x-databricks-status-code`.
+    let mut real_codes = std::collections::BTreeSet::new();
+    for r in rig.standin.records() {
+        assert_eq!(r["statusCode"], "200", "{}", r["path"]);
+        assert_eq!(r["status"], "OK");
+        if let Some(code) = header(&r, "responseHeaders", "x-databricks-status-code") {
+            let row = r["path"].as_str().unwrap().ends_with("/invocations");
+            if row && code.parse::<u16>().is_ok_and(|c| c >= 400) {
+                // The row's error body, as logged.
+                assert!(r["responsePayload"]
+                    .as_str()
+                    .unwrap()
+                    .contains("error_code"));
+            }
+            real_codes.insert(code);
+        }
+    }
+    let class = |c: &str| real_codes.iter().any(|r| r.starts_with(c) && r.len() == 3);
+    assert!(class("4") && class("5"), "{real_codes:?}");
+    assert_eq!(report.quarantined, 0, "nothing refused on the way out");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

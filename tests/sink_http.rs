@@ -1508,3 +1508,219 @@ fn an_unusable_akto_ca_bundle_is_a_config_error_naming_it() {
     let msg = err.to_string();
     assert!(msg.contains("because AKTO_CA_BUNDLE is unset"), "{msg}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Akto's ingestion service answers 200 and then hands each record to its own Kafka producer,
+// which drops a record over its max.request.size: AKTO_MAX_RECORD_BYTES keeps records under it.
+
+use databricks_shield::sink::{
+    FileSink, AKTO_FIXED_OVERHEAD_BYTES, DEFAULT_AKTO_MAX_RECORD_BYTES, MAX_AKTO_MAX_RECORD_BYTES,
+    MIN_AKTO_MAX_RECORD_BYTES,
+};
+
+#[tokio::test]
+async fn records_over_akto_max_record_bytes_are_rejected_without_sending() {
+    let server = Server::start().await;
+    let s = sink(server.url(), None, fast_retry(2));
+    assert_eq!(s.max_record_bytes(), DEFAULT_AKTO_MAX_RECORD_BYTES);
+    assert_eq!(DEFAULT_AKTO_MAX_RECORD_BYTES, 5_242_880 - 65_536);
+    let s = s.with_max_record_bytes(100_000).unwrap();
+    let big = OutRecord {
+        key: "k".into(),
+        json: format!(r#"{{"i":1,"pad":"{}"}}"#, "x".repeat(100_000)),
+    };
+    let batch = vec![record(0), big, record(2)];
+    let out = s.deliver(&batch).await.unwrap();
+    assert_eq!(out.delivered, vec![0, 2]);
+    assert_eq!(out.rejected.len(), 1);
+    let (i, reason) = &out.rejected[0];
+    assert_eq!(*i, 1);
+    for part in [
+        "over AKTO_MAX_RECORD_BYTES (100000)",
+        "max.request.size",
+        "AKTO_KAFKA_MAX_REQUEST_SIZE",
+    ] {
+        assert!(reason.contains(part), "{part:?} missing: {reason}");
+    }
+    server.with(|g| {
+        assert_eq!(g.bodies.len(), 1);
+        assert!(!g.bodies[0].contains("\"pad\""));
+    });
+    // Exactly at the limit is sent.
+    let at = OutRecord {
+        key: "k".into(),
+        json: format!(r#"{{"pad":"{}"}}"#, "x".repeat(100_000 - 10)),
+    };
+    assert_eq!(at.json.len(), 100_000);
+    assert_eq!(s.deliver(&[at]).await.unwrap().delivered, vec![0]);
+
+    // The sink (and, through the enum, the run stage) cuts records to the setting.
+    let any = AnySink::Http(s);
+    assert_eq!(any.max_record_bytes(), 100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let file = FileSink::new(Some(dir.path().join("out.jsonl"))).unwrap();
+    assert_eq!(file.max_record_bytes(), DEFAULT_AKTO_MAX_RECORD_BYTES);
+    let file = AnySink::File(file.with_max_record_bytes(1_000_000).unwrap());
+    assert_eq!(file.max_record_bytes(), 1_000_000);
+}
+
+#[test]
+fn akto_max_record_bytes_out_of_range_names_the_setting() {
+    let url = Url::parse("http://127.0.0.1:9/").unwrap();
+    for bad in [
+        0,
+        MIN_AKTO_MAX_RECORD_BYTES - 1,
+        MAX_AKTO_MAX_RECORD_BYTES + 1,
+    ] {
+        let err = sink(url.clone(), None, fast_retry(1))
+            .with_max_record_bytes(bad)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SinkError::Config {
+                    field: "AKTO_MAX_RECORD_BYTES",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("between 65536 and 10485744") && msg.contains("1000000"),
+            "{msg}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let err = FileSink::new(Some(dir.path().join("o.jsonl")))
+            .unwrap()
+            .with_max_record_bytes(bad)
+            .unwrap_err();
+        assert!(err.to_string().contains("AKTO_MAX_RECORD_BYTES"), "{err}");
+    }
+    for good in [MIN_AKTO_MAX_RECORD_BYTES, MAX_AKTO_MAX_RECORD_BYTES] {
+        let s = sink(url.clone(), None, fast_retry(1))
+            .with_max_record_bytes(good)
+            .unwrap();
+        assert_eq!(s.max_record_bytes(), good);
+    }
+}
+
+/// The limit per record the run stage can apply: the setting for a record whose JSON cannot
+/// outgrow it, lowered by what Akto's re-encoding may add (Java writes an emoji as a 12-byte
+/// surrogate pair escape) for one near it; Kafka records are not re-encoded.
+#[test]
+fn the_limit_per_record_accounts_for_akto_re_encoding() {
+    let s = sink(
+        Url::parse("http://127.0.0.1:9/").unwrap(),
+        None,
+        fast_retry(1),
+    )
+    .with_max_record_bytes(1_000_000)
+    .unwrap();
+    let any = AnySink::Http(s);
+    let small = format!(r#"{{"requestPayload":"{}"}}"#, "😀".repeat(1000));
+    assert_eq!(any.max_record_bytes_for(&small), 1_000_000);
+    let near = format!(
+        r#"{{"requestPayload":"{}{}"}}"#,
+        "a".repeat(900_000),
+        "😀".repeat(20_000)
+    );
+    assert!(near.len() <= 1_000_000, "{}", near.len());
+    let limit = any.max_record_bytes_for(&near);
+    assert_eq!(limit, 1_000_000 - AKTO_FIXED_OVERHEAD_BYTES - 20_000 * 8);
+    assert!(limit < near.len(), "the record must be cut: {limit}");
+}
+
+/// Akto answers 422 when an exception escapes its per-record loop, after the records before the
+/// failing one were handed to its Kafka producer: the records of a refused batch that are
+/// accepted when sent again may be stored twice, and that is counted and announced.
+#[tokio::test]
+async fn records_of_a_batch_refused_with_422_and_accepted_later_are_announced() {
+    let server = Server::start().await;
+    let mut batch: Vec<_> = (0..4).map(record).collect();
+    batch[3].json = r#"{"path":"/p/3","poison":"POISON"}"#.into();
+    server.with(|g| g.poison = Some("POISON".into()));
+    let s = sink(server.url(), None, fast_retry(2));
+    let log = Captured::default();
+    let out = {
+        let _guard = log.start();
+        s.deliver(&batch).await.unwrap()
+    };
+    let mut delivered = out.delivered.clone();
+    delivered.sort_unstable();
+    assert_eq!(delivered, vec![0, 1, 2]);
+    assert_eq!(out.rejected.len(), 1);
+    // All three were in the first (refused) request, then accepted: three may be there twice.
+    assert_eq!(s.records_maybe_stored_twice(), 3);
+    let text = log.text();
+    for part in [
+        "3 records may be stored twice",
+        "records=3",
+        "3 were in a batch the service answered with HTTP 422",
+        "Error while inserting data to Kafka",
+    ] {
+        assert!(text.contains(part), "{part:?} missing: {text}");
+    }
+    assert!(!text.contains("AKTO_REQUEST_TIMEOUT_SECONDS"), "{text}");
+
+    // A record refused alone in a batch of one is not counted: nothing else was in the request.
+    let s = sink(server.url(), None, fast_retry(2));
+    let out = s.deliver(&batch[3..]).await.unwrap();
+    assert_eq!(out.rejected.len(), 1);
+    assert_eq!(s.records_maybe_stored_twice(), 0);
+}
+
+/// The strict stand-in plays Akto's producer limit: a record whose JSON is over it is refused
+/// with 422 (Akto would answer 200 and drop it), naming max.request.size; one at it is taken.
+#[tokio::test]
+async fn standin_refuses_a_record_over_akto_producer_limit() {
+    let st = standin(None).await;
+    let s = sink(standin_url(&st), None, fast_retry(2));
+    let rec = akto_record(0);
+    let len = serde_json::to_vec(&serde_json::from_str::<serde_json::Value>(&rec.json).unwrap())
+        .unwrap()
+        .len();
+    st.set_max_record_bytes(len);
+    assert_eq!(
+        s.deliver(std::slice::from_ref(&rec))
+            .await
+            .unwrap()
+            .delivered,
+        vec![0]
+    );
+    st.set_max_record_bytes(len - 1);
+    let out = s.deliver(&[rec]).await.unwrap();
+    assert_eq!(out.rejected.len(), 1);
+    let reason = &out.rejected[0].1;
+    assert!(
+        reason.contains("422") && reason.contains("max.request.size"),
+        "{reason}"
+    );
+    assert_eq!(st.records().len(), 1);
+
+    // The default: Akto's 5,242,880. A 6 MB record (each payload under the 5 MiB string limit)
+    // is refused by the stand-in when the connector's own limit lets it through.
+    st.set_max_record_bytes(akto_standin::DEFAULT_MAX_RECORD_BYTES);
+    let mut v: serde_json::Value = serde_json::from_str(&akto_record(1).json).unwrap();
+    v["requestPayload"] = serde_json::Value::String("q".repeat(3_000_000));
+    v["responsePayload"] = serde_json::Value::String("r".repeat(3_000_000));
+    let big = OutRecord {
+        key: "agent-1.ws-1.databricks".into(),
+        json: v.to_string(),
+    };
+    let wide = sink(standin_url(&st), None, fast_retry(2))
+        .with_max_record_bytes(MAX_AKTO_MAX_RECORD_BYTES)
+        .unwrap();
+    let out = wide.deliver(&[akto_record(2), big.clone()]).await.unwrap();
+    assert_eq!(out.delivered, vec![0]);
+    assert_eq!(out.rejected.len(), 1);
+    assert!(out.rejected[0].1.contains("max.request.size"), "{out:?}");
+    // With the connector's default limit, it is never sent.
+    let before = st.rejected_batches();
+    let out = s.deliver(&[big]).await.unwrap();
+    assert!(
+        out.rejected[0].1.contains("AKTO_MAX_RECORD_BYTES"),
+        "{out:?}"
+    );
+    assert_eq!(st.rejected_batches(), before);
+}

@@ -7,8 +7,8 @@
 use databricks_shield::collect::{execution_from_row, RowColumns};
 use databricks_shield::databricks::sql::{Cell, Row};
 use databricks_shield::traffic::{
-    agent_host, encode, invocation_path, map_execution, validate, AgentContext, MapOptions,
-    TableFormat,
+    agent_host, encode, for_akto_runtime, invocation_path, map_execution, validate, AgentContext,
+    MapOptions, TableFormat,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -27,7 +27,9 @@ fuzz_target!(|data: &[u8]| {
             if c == [0xFE] {
                 Cell(None)
             } else {
-                Cell(Some(String::from_utf8_lossy(c).into_owned()))
+                Cell(Some(databricks_shield::json::JsonString::encode(
+                    &String::from_utf8_lossy(c),
+                )))
             }
         })
         .collect();
@@ -65,8 +67,10 @@ fuzz_target!(|data: &[u8]| {
     );
     assert!(!m.records.is_empty());
     for r in &m.records {
-        if validate(r).is_ok() {
-            let body = format!("{{\"batchData\":[{}]}}", encode(r));
+        // As the connector sends it.
+        let r = for_akto_runtime(r);
+        if validate(&r).is_ok() {
+            let body = format!("{{\"batchData\":[{}]}}", encode(&r));
             assert!(akto_standin::check_batch(body.as_bytes()).is_ok());
         }
     }

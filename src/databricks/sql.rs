@@ -401,6 +401,24 @@ fn truncated_error(table: &str, statement_id: &str) -> DatabricksError {
     }
 }
 
+/// A 403 to the request starting a statement: the service principal may see the warehouse (it
+/// was listed or configured) but may not use it (no CAN USE). Table grants are not checked at
+/// that point (a statement without SELECT fails later, see `statement_error`), so the fix names
+/// the warehouse.
+fn warehouse_refused(e: DatabricksError, warehouse_id: &str) -> DatabricksError {
+    match e {
+        DatabricksError::PermissionDenied { detail, .. } => DatabricksError::PermissionDenied {
+            object: format!("SQL warehouse {warehouse_id}"),
+            detail: format!("POST /api/2.0/sql/statements answered 403 {detail}"),
+            fix: format!(
+                "give the service principal CAN USE on SQL warehouse {warehouse_id}, or set \
+                 DATABRICKS_WAREHOUSE_ID to one it may use"
+            ),
+        },
+        other => other,
+    }
+}
+
 /// A statement the warehouse no longer knows (results expired, warehouse or workspace restarted
 /// while it ran) is not a configuration problem: the table is read again next cycle.
 fn vanished(e: DatabricksError, table: &str, statement_id: &str) -> DatabricksError {
@@ -515,7 +533,10 @@ impl DatabricksClient {
             // continued from its last row) instead of failing the statement.
             "byte_limit": INLINE_BYTE_LIMIT,
         });
-        let resp = self.start(st, body).await?;
+        let resp = self
+            .start(st, body)
+            .await
+            .map_err(|e| warehouse_refused(e, &st.warehouse_id))?;
         let mut open = Unfinished::new(self, &resp.statement_id, &resp.status.state);
         let resp = match self.wait_until_done(st, started, resp, &mut open).await {
             Ok(resp) => resp,
@@ -744,4 +765,61 @@ fn failed_transiently(code: &str) -> bool {
             | "TEMPORARILY_UNAVAILABLE"
             | "WORKSPACE_TEMPORARILY_UNAVAILABLE"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service principal that can list a warehouse but has no CAN USE on it gets a 403 to the
+    /// statement's start: the error names the warehouse and the two fixes, not "this API".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_statement_refused_with_403_names_the_warehouse_and_the_fix() {
+        let emu = databricks_emulator::Emulator::start(databricks_emulator::EmulatorConfig {
+            agents: 1,
+            rows: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let cfg = databricks_emulator::EmulatorConfig::default();
+        let client = DatabricksClient::new(
+            &url::Url::parse(&emu.base_url()).unwrap(),
+            crate::databricks::Credentials::OAuth {
+                client_id: cfg.client_id.clone(),
+                client_secret: cfg.client_secret.clone().into(),
+            },
+            crate::databricks::ClientOptions::default(),
+        )
+        .unwrap();
+        let warehouse = client.list_warehouses().await.unwrap()[0].id.clone();
+        emu.set_faults("route=/api/2.0/sql/statements,method=POST,kind=403,count=1")
+            .unwrap();
+        let st = Statement {
+            warehouse_id: warehouse.clone(),
+            statement: "SELECT 1".into(),
+            parameters: Vec::new(),
+            table: "workspace.default.t".into(),
+            timeout: Duration::from_secs(30),
+        };
+        let err = client.execute(&st).await.expect_err("refused");
+        assert!(
+            matches!(&err, DatabricksError::PermissionDenied { object, .. }
+                if *object == format!("SQL warehouse {warehouse}")),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        for part in [
+            format!("give the service principal CAN USE on SQL warehouse {warehouse}"),
+            "or set DATABRICKS_WAREHOUSE_ID to one it may use".to_string(),
+            "PERMISSION_DENIED".to_string(),
+        ] {
+            assert!(msg.contains(&part), "{part:?} missing: {msg}");
+        }
+        assert!(!msg.contains("access to this API"), "{msg}");
+        // Other errors pass through unchanged.
+        let other = warehouse_refused(DatabricksError::Auth { detail: "x".into() }, "w");
+        assert!(matches!(other, DatabricksError::Auth { .. }), "{other:?}");
+        emu.shutdown().await;
+    }
 }

@@ -25,6 +25,9 @@ use super::{BatchOutcome, OutRecord, SinkError};
 /// Appends records as JSON lines to a file (created with mode 0600) or stdout.
 pub struct FileSink {
     target: Target,
+    /// `AKTO_MAX_RECORD_BYTES`: the file holds what would go to Akto's ingestion service, so
+    /// records are cut to the same size as for the HTTP sink.
+    max_record_bytes: usize,
 }
 
 enum Target {
@@ -64,6 +67,7 @@ impl FileSink {
             _ => {
                 return Ok(FileSink {
                     target: Target::Stdout,
+                    max_record_bytes: super::DEFAULT_AKTO_MAX_RECORD_BYTES,
                 })
             }
         };
@@ -84,7 +88,21 @@ impl FileSink {
                     cut_to: None,
                 })),
             },
+            max_record_bytes: super::DEFAULT_AKTO_MAX_RECORD_BYTES,
         })
+    }
+
+    /// Sets `AKTO_MAX_RECORD_BYTES` (see [`super::HttpSink::with_max_record_bytes`]): the file
+    /// feeds the same pipeline as the HTTP sink, so its records are cut alike. Out of range: a
+    /// configuration error naming the setting.
+    pub fn with_max_record_bytes(mut self, bytes: usize) -> Result<FileSink, SinkError> {
+        self.max_record_bytes = super::http::checked_max_record_bytes(bytes)?;
+        Ok(self)
+    }
+
+    /// `AKTO_MAX_RECORD_BYTES`: the longest record (its JSON) the connector writes.
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes
     }
 
     /// `JSON lines file /path` or `JSON lines on stdout`.

@@ -2,15 +2,25 @@
 //!
 //! It exists to turn "a batch of encoded records" into exactly-acknowledged deliveries against
 //! a service that answers per batch:
-//! - 200 means every record was taken;
+//! - 200 means the service took every record: Akto's hand-off, not durable storage. Akto's
+//!   ingestion service answers 200 and then hands each record to its own Kafka producer,
+//!   asynchronously and without retries; a record it re-encodes to more than the producer's
+//!   `max.request.size` is dropped there with only a log line in Akto. So records longer than
+//!   `AKTO_MAX_RECORD_BYTES` ([`HttpSink::max_record_bytes`], default
+//!   [`super::DEFAULT_AKTO_MAX_RECORD_BYTES`]) are rejected without sending (the connector cuts
+//!   their payloads before, so this only catches what a caller did not cut);
 //! - 408/429/5xx and connection failures (timeouts included) are retried with capped, jittered
 //!   backoff (honouring `Retry-After`). A request that timed out or lost its connection after
 //!   it was sent, or got a 502/504 from a gateway in front of Akto (which may have passed it on
 //!   before giving up), may have been stored by the service all the same (Akto has no
 //!   idempotency key): its records are counted and announced in a WARN ("N records may be
 //!   stored twice") and in the delivery error, never silently;
-//! - 422 is how Akto refuses a bad record (`actionErrors`): the batch is bisected so only the
-//!   bad record(s) are rejected (and quarantined by the caller);
+//! - 422: Akto's ingestion service validates nothing; it answers 422 (`actionErrors`) when an
+//!   exception escapes its per-record loop, after the records before the failing one were
+//!   already handed to its producer. The strict stand-in answers 422 for a record Akto would
+//!   drop silently. Either way the batch is bisected so only the refused record(s) are rejected
+//!   (and quarantined by the caller); records of a refused batch of two or more that are then
+//!   accepted may be stored twice, and are counted and announced as such;
 //! - 400, 403 and 413 may come from Akto or from something in between (an ingress, a WAF
 //!   refusing a payload that looks like an attack, a proxy with a smaller body limit): the batch
 //!   is bisected too;
@@ -124,9 +134,11 @@ pub struct HttpSink {
     /// `AKTO_CA_BUNDLE`), for messages.
     ca_bundle: Option<(PathBuf, &'static str)>,
     /// Records sent in a request that timed out, lost its connection after it was sent or got a
-    /// gateway's 502/504, and were sent again: the service may hold them twice. Since the sink
-    /// was built.
+    /// gateway's 502/504, and were sent again, or in a batch of two or more refused with 422 and
+    /// then accepted: the service may hold them twice. Since the sink was built.
     maybe_stored_twice: AtomicU64,
+    /// `AKTO_MAX_RECORD_BYTES`: longer records are rejected without sending.
+    max_record_bytes: usize,
 }
 
 /// How often a JWT read from a file is looked at again.
@@ -151,11 +163,20 @@ impl fmt::Debug for HttpSink {
     }
 }
 
+/// Per record of one `deliver` call: what may have been stored although it was not confirmed.
+struct Marks {
+    /// In a request that was sent but got no answer (timeout, lost connection, gateway 502/504).
+    maybe_stored: Vec<bool>,
+    /// In a batch of two or more refused with 422 (Akto may have handed part of it on).
+    refused_in_batch: Vec<bool>,
+}
+
 /// What one HTTP exchange said about a batch.
 enum Reply {
     Accepted,
-    /// Refused with 422 (Akto's answer to a bad record) or 400/403/413 (Akto's or the path's):
-    /// bisected; see [`HttpSink::deliver`] for when a refusal rejects a record.
+    /// Refused with 422 (Akto's answer when a record failed mid-batch, the stand-in's for a
+    /// record Akto would drop) or 400/403/413 (Akto's or the path's): bisected; see
+    /// [`HttpSink::deliver`] for when a refusal rejects a record.
     Refused {
         status: StatusCode,
         body: String,
@@ -222,7 +243,22 @@ impl HttpSink {
             retry,
             ca_bundle: None,
             maybe_stored_twice: AtomicU64::new(0),
+            max_record_bytes: super::DEFAULT_AKTO_MAX_RECORD_BYTES,
         })
+    }
+
+    /// Sets `AKTO_MAX_RECORD_BYTES`: the longest record (its JSON) sent, for Akto's ingestion
+    /// producer's `max.request.size` (1,000,000 for Akto releases whose producer keeps Kafka's
+    /// 1 MB default). Between [`super::MIN_AKTO_MAX_RECORD_BYTES`] and
+    /// [`super::MAX_AKTO_MAX_RECORD_BYTES`], else a configuration error naming the setting.
+    pub fn with_max_record_bytes(mut self, bytes: usize) -> Result<HttpSink, SinkError> {
+        self.max_record_bytes = checked_max_record_bytes(bytes)?;
+        Ok(self)
+    }
+
+    /// `AKTO_MAX_RECORD_BYTES`: the longest record (its JSON) this sink sends.
+    pub fn max_record_bytes(&self) -> usize {
+        self.max_record_bytes
     }
 
     /// Also trusts the CA certificates of the PEM bundle at `path` (`AKTO_CA_BUNDLE`: the CA of a
@@ -269,9 +305,11 @@ impl HttpSink {
     }
 
     /// Records sent in a request that timed out, lost its connection after it was sent or got a
-    /// 502/504 from a gateway in front of the service, and that were sent again, since this sink
-    /// was built: the ingestion service may hold them twice (each such delivery is announced in
-    /// a WARN, `records=N`).
+    /// 502/504 from a gateway in front of the service, and that were sent again, or that were
+    /// in a batch of two or more refused with 422 (Akto hands the records before a failing one
+    /// on before it answers 422) and were then accepted, since this sink was built: the
+    /// ingestion service may hold them twice (each such delivery is announced in a WARN,
+    /// `records=N`).
     pub fn records_maybe_stored_twice(&self) -> u64 {
         self.maybe_stored_twice.load(Ordering::Relaxed)
     }
@@ -400,62 +438,93 @@ impl HttpSink {
 
     /// Delivers `batch` (see [`super::AnySink::deliver`] for the contract).
     ///
-    /// Records that alone exceed Akto's 10 MiB body limit are rejected without sending; the
-    /// rest go out in as few requests as the body limit allows, bisected on 422/400/403/413
-    /// answers. A record refused alone is rejected, unless every sent record of the batch was
-    /// refused alone with the same 400, 403 or 413: then the path between the connector and
-    /// Akto (or the service) refuses the requests rather than the records, and the result is a
-    /// [`SinkError::Protocol`] that keeps them all pending. When Akto refused every record of a
-    /// batch of two or more with 422, they are rejected and
-    /// [`BatchOutcome::whole_batch_refused`] says so. Records of a request that timed out or
-    /// lost its connection after it was sent are counted (WARN,
+    /// Records longer than [`Self::max_record_bytes`] (`AKTO_MAX_RECORD_BYTES`), or that alone
+    /// exceed Akto's 10 MiB body limit, are rejected without sending; the rest go out in as few
+    /// requests as the body limit allows, bisected on 422/400/403/413 answers. A record refused
+    /// alone is rejected, unless every sent record of the batch was refused alone with the same
+    /// 400, 403 or 413: then the path between the connector and Akto (or the service) refuses
+    /// the requests rather than the records, and the result is a [`SinkError::Protocol`] that
+    /// keeps them all pending. When every record of a batch of two or more was refused with
+    /// 422, they are rejected and [`BatchOutcome::whole_batch_refused`] says so. Records of a
+    /// request that timed out or lost its connection after it was sent, and records of a batch
+    /// of two or more refused with 422 that were accepted afterwards, are counted (WARN,
     /// [`Self::records_maybe_stored_twice`]): they may be stored twice.
     pub async fn deliver(&self, batch: &[OutRecord]) -> Result<BatchOutcome, SinkError> {
-        let mut maybe_stored = vec![false; batch.len()];
-        let result = self.deliver_counted(batch, &mut maybe_stored).await;
-        let count = maybe_stored.iter().filter(|m| **m).count();
+        let mut marks = Marks {
+            maybe_stored: vec![false; batch.len()],
+            refused_in_batch: vec![false; batch.len()],
+        };
+        let result = self.deliver_counted(batch, &mut marks).await;
+        let unanswered = marks.maybe_stored.iter().filter(|m| **m).count();
+        // Accepted after a 422 to a batch holding them: Akto may have handed them on already.
+        let delivered = match &result {
+            Ok(out) => out.delivered.as_slice(),
+            Err(e) => e.delivered_before_failure(),
+        };
+        let after_422 = delivered
+            .iter()
+            .filter(|&&i| marks.refused_in_batch[i] && !marks.maybe_stored[i])
+            .count();
+        let count = unanswered + after_422;
         if count == 0 {
             return result;
         }
         self.maybe_stored_twice
             .fetch_add(u64::try_from(count).unwrap_or(u64::MAX), Ordering::Relaxed);
-        // Not "accepted": a group sent again may have been split on 422 and partly refused.
-        let sent_again = if result.is_ok() {
-            "were sent again"
+        let mut causes = Vec::new();
+        if unanswered > 0 {
+            // Not "accepted": a group sent again may have been split on 422 and partly refused.
+            let sent_again = if result.is_ok() {
+                "were sent again"
+            } else {
+                "stay pending and are sent again"
+            };
+            causes.push(format!(
+                "{unanswered} were in a request that timed out, lost its connection after it was \
+                 sent, or got HTTP 502/504 from a gateway in front of the service (the service \
+                 may have stored it all the same) and {sent_again}"
+            ));
+        }
+        if after_422 > 0 {
+            causes.push(format!(
+                "{after_422} were in a batch the service answered with HTTP 422 and were \
+                 accepted when sent again in smaller batches (Akto answers 422 when a record \
+                 fails mid-batch, after it handed the records before it on)"
+            ));
+        }
+        let causes = causes.join("; ");
+        let advice = if unanswered > 0 {
+            ". If this repeats, raise AKTO_REQUEST_TIMEOUT_SECONDS; a gateway in front of Akto \
+             (load balancer, ingress) with a shorter timeout makes that useless: raise the \
+             gateway's timeout too (e.g. an ingress' proxy-read-timeout)"
         } else {
-            "stay pending and are sent again"
+            ". If this repeats, look in the ingestion service's logs for \"Error while \
+             inserting data to Kafka\""
         };
         tracing::warn!(
             sink = "http",
             records = count,
-            "{count} records may be stored twice by the Akto ingestion service at {}: a request \
-             holding them timed out, lost its connection after it was sent, or got HTTP 502/504 \
-             from a gateway in front of the service (the service may have stored it all the \
-             same) and they {sent_again}; Akto's ingestion API has no idempotency key. If this \
-             repeats, raise AKTO_REQUEST_TIMEOUT_SECONDS; a gateway in front of Akto (load \
-             balancer, ingress) with a shorter timeout makes that useless: raise the gateway's \
-             timeout too (e.g. an ingress' proxy-read-timeout)",
+            "{count} records may be stored twice by the Akto ingestion service at {}: {causes}; \
+             Akto's ingestion API has no idempotency key{advice}",
             self.shown_url
         );
         result.map_err(|e| {
             with_note(
                 e,
                 &format!(
-                    "; {count} of these records may already be stored by the service (a request \
-                     holding them timed out, lost its connection after it was sent, or got HTTP \
-                     502/504 from a gateway in front of it) and are sent again: Akto may hold \
-                     them twice"
+                    "; {count} of these records may already be stored by the service ({causes}): \
+                     Akto may hold them twice"
                 ),
             )
         })
     }
 
-    /// [`Self::deliver`], marking in `maybe_stored` the records of requests the service may have
-    /// stored although no answer came.
+    /// [`Self::deliver`], marking in `marks` the records of requests the service may have
+    /// stored although no answer came, and those of batches of two or more refused with 422.
     async fn deliver_counted(
         &self,
         batch: &[OutRecord],
-        maybe_stored: &mut [bool],
+        marks: &mut Marks,
     ) -> Result<BatchOutcome, SinkError> {
         let deadline = Instant::now() + self.retry.max_elapsed;
         let mut out = BatchOutcome::default();
@@ -469,6 +538,18 @@ impl HttpSink {
                         "record is {} bytes; a request holding only it would be {alone} bytes, \
                          over Akto's {MAX_BODY_BYTES}-byte body limit",
                         r.json.len()
+                    ),
+                ));
+            } else if r.json.len() > self.max_record_bytes {
+                out.rejected.push((
+                    i,
+                    format!(
+                        "record is {} bytes, over AKTO_MAX_RECORD_BYTES ({}): Akto's ingestion \
+                         service would answer 200 and then drop it (its Kafka producer refuses \
+                         records over its max.request.size); cut its payloads, or raise \
+                         AKTO_MAX_RECORD_BYTES together with Akto's AKTO_KAFKA_MAX_REQUEST_SIZE",
+                        r.json.len(),
+                        self.max_record_bytes
                     ),
                 ));
             } else {
@@ -490,7 +571,7 @@ impl HttpSink {
         let mut doubtful: Vec<(usize, StatusCode, String)> = Vec::new();
         while let Some(group) = stack.pop() {
             match self
-                .send_with_retry(batch, &group, deadline, maybe_stored)
+                .send_with_retry(batch, &group, deadline, &mut marks.maybe_stored)
                 .await
             {
                 Ok(None) => out.delivered.extend_from_slice(&group),
@@ -498,6 +579,11 @@ impl HttpSink {
                     if let [only] = group.as_slice() {
                         doubtful.push((*only, status, body));
                     } else {
+                        if status == StatusCode::UNPROCESSABLE_ENTITY {
+                            for &i in &group {
+                                marks.refused_in_batch[i] = true;
+                            }
+                        }
                         let (left, right) = group.split_at(group.len() / 2);
                         stack.push(right.to_vec());
                         stack.push(left.to_vec());
@@ -566,8 +652,10 @@ impl HttpSink {
     }
 
     /// The one-line reason of [`BatchOutcome::whole_batch_refused`] for a batch of two or more
-    /// records Akto refused with 422, each sent alone: a bad record is refused among good ones;
-    /// all of them refused may say the service does not take this connector's records at all.
+    /// records refused with 422, each sent alone: one record refused among good ones is that
+    /// record's fault (Akto's per-record loop failed on it; the strict stand-in answers 422 for
+    /// a record Akto would drop); all of them refused may say the service does not take this
+    /// connector's records at all.
     fn refused_all_reason(&self, body: &str, records: usize) -> String {
         format!(
             "Akto refused every record of a batch of {records} with HTTP 422, each sent alone \
@@ -584,9 +672,9 @@ impl HttpSink {
     fn path_error(&self, status: StatusCode, body: &str, what: &str) -> SinkError {
         let hint = match status.as_u16() {
             403 => {
-                "Akto answers a bad token with 401 and a bad record with 422, so a WAF, ingress \
-                 or proxy between the connector and Akto (or an access rule in front of the \
-                 service) refuses the requests, e.g. a WAF rule matching payloads that look like \
+                "Akto answers a bad token with 401 and never 403, so a WAF, ingress or proxy \
+                 between the connector and Akto (or an access rule in front of the service) \
+                 refuses the requests, e.g. a WAF rule matching payloads that look like \
                  SQL injection or scripts: check its logs and rules for this connector's \
                  requests"
             }
@@ -609,8 +697,9 @@ impl HttpSink {
                  large"
             }
             _ => {
-                "Akto refuses a bad record with 422, so a proxy, WAF or ingress between the \
-                 connector and Akto (or another service at that URL) refuses the requests"
+                "Akto's ingestion service answers only 200, 401 or 422, so a proxy, WAF or \
+                 ingress between the connector and Akto (or another service at that URL) \
+                 refuses the requests"
             }
         };
         SinkError::protocol(format!(
@@ -1004,6 +1093,23 @@ fn with_note(e: SinkError, note: &str) -> SinkError {
         },
         other => other,
     }
+}
+
+/// `bytes` as `AKTO_MAX_RECORD_BYTES`, or the configuration error naming it and the fix.
+pub(crate) fn checked_max_record_bytes(bytes: usize) -> Result<usize, SinkError> {
+    if (super::MIN_AKTO_MAX_RECORD_BYTES..=super::MAX_AKTO_MAX_RECORD_BYTES).contains(&bytes) {
+        return Ok(bytes);
+    }
+    Err(SinkError::Config {
+        field: "AKTO_MAX_RECORD_BYTES",
+        message: format!(
+            "{bytes} is out of range: set it between {} and {} bytes (default {}; 1000000 for \
+             Akto releases whose ingestion producer keeps Kafka's 1 MB default)",
+            super::MIN_AKTO_MAX_RECORD_BYTES,
+            super::MAX_AKTO_MAX_RECORD_BYTES,
+            super::DEFAULT_AKTO_MAX_RECORD_BYTES
+        ),
+    })
 }
 
 /// The reason recorded for a record refused alone.

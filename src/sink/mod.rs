@@ -17,10 +17,15 @@
 use std::ops::Range;
 use std::time::Duration;
 
+mod akto_size;
 mod file;
 mod http;
 mod kafka;
 
+pub use akto_size::{
+    akto_escape_growth, akto_limit_for, akto_size_upper_bound, AKTO_FIXED_OVERHEAD_BYTES,
+    AKTO_MAX_GROWTH_FACTOR,
+};
 pub use file::FileSink;
 pub use http::{HttpSink, HttpSinkConfig, DEFAULT_REQUEST_TIMEOUT, UPLOAD_FLOOR_BYTES_PER_SEC};
 pub use kafka::{
@@ -34,6 +39,28 @@ pub const MAX_BODY_BYTES: usize = 10_485_760;
 pub const MAX_RECORDS_PER_BATCH: usize = 50;
 /// `{"batchData":[` + `]}`: the bytes the HTTP body adds around the records.
 pub const BODY_WRAPPER_BYTES: usize = BODY_PREFIX.len() + BODY_SUFFIX.len();
+
+/// Akto's ingestion producer's `max.request.size` when `AKTO_KAFKA_MAX_REQUEST_SIZE` is unset, in
+/// current Akto releases (older ones keep Kafka's 1,048,576). A record Akto re-encodes to more
+/// is dropped by Akto after it answered 200.
+pub const AKTO_PRODUCER_MAX_REQUEST_BYTES: usize = 5_242_880;
+/// What the default of `AKTO_MAX_RECORD_BYTES` leaves below
+/// [`AKTO_PRODUCER_MAX_REQUEST_BYTES`] for Akto's re-encoding of a record (see
+/// [`akto_size_upper_bound`]): at most [`AKTO_FIXED_OVERHEAD_BYTES`] (1 KiB) for the field names,
+/// quotes and Kafka's framing whatever the record holds, and 63 KiB for characters Java escapes
+/// and serde does not: about 8,000 emoji (+8 bytes each) or 16,000 combining marks (+4) per
+/// record. Text in Latin, Cyrillic, Greek, Hebrew, Arabic, CJK or Hangul letters does not grow;
+/// a record near the limit dense in emoji or marks (Indic or Thai vowel signs) may outgrow it
+/// unless the limit is applied per record with [`AnySink::max_record_bytes_for`].
+pub const AKTO_REENCODING_MARGIN_BYTES: usize = 64 * 1024;
+/// Default of `AKTO_MAX_RECORD_BYTES`: 5,177,344 = 5,242,880 - 64 KiB.
+pub const DEFAULT_AKTO_MAX_RECORD_BYTES: usize =
+    AKTO_PRODUCER_MAX_REQUEST_BYTES - AKTO_REENCODING_MARGIN_BYTES;
+/// Lowest `AKTO_MAX_RECORD_BYTES` accepted (64 KiB).
+pub const MIN_AKTO_MAX_RECORD_BYTES: usize = 64 * 1024;
+/// Highest `AKTO_MAX_RECORD_BYTES` accepted: a record alone in one request of Akto's 10 MiB body
+/// limit (10,485,744).
+pub const MAX_AKTO_MAX_RECORD_BYTES: usize = MAX_BODY_BYTES - BODY_WRAPPER_BYTES;
 
 pub(crate) const BODY_PREFIX: &str = "{\"batchData\":[";
 pub(crate) const BODY_SUFFIX: &str = "]}";
@@ -385,11 +412,25 @@ impl AnySink {
     }
 
     /// The longest record (its JSON) this sink can deliver; the connector cuts the payloads of a
-    /// longer one to fit (HTTP and file: alone in one 10 MiB Akto request; Kafka: the message
-    /// size limit, `KAFKA_MAX_MESSAGE_BYTES`).
+    /// longer one to fit. HTTP and file: `AKTO_MAX_RECORD_BYTES` (what Akto's ingestion producer
+    /// takes after its re-encoding, see [`DEFAULT_AKTO_MAX_RECORD_BYTES`]; the file holds what
+    /// would go to Akto); Kafka: the message size limit, `KAFKA_MAX_MESSAGE_BYTES`.
     pub fn max_record_bytes(&self) -> usize {
         match self {
-            AnySink::Http(_) | AnySink::File(_) => MAX_BODY_BYTES - BODY_WRAPPER_BYTES,
+            AnySink::Http(s) => s.max_record_bytes(),
+            AnySink::File(s) => s.max_record_bytes(),
+            AnySink::Kafka(s) => s.max_record_bytes(),
+        }
+    }
+
+    /// [`Self::max_record_bytes`] for this record (its JSON): for HTTP and file, lowered by what
+    /// Akto's re-encoding may add to it (Java escapes emoji, combining marks and control
+    /// characters our JSON holds raw, see [`akto_limit_for`]), so that `json.len()` at most this
+    /// also fits Akto's producer once re-encoded. Costs nothing for a record under a sixth of the
+    /// limit; one pass over the text otherwise. Kafka: the message limit (no re-encoding).
+    pub fn max_record_bytes_for(&self, json: &str) -> usize {
+        match self {
+            AnySink::Http(_) | AnySink::File(_) => akto_limit_for(json, self.max_record_bytes()),
             AnySink::Kafka(s) => s.max_record_bytes(),
         }
     }
@@ -404,8 +445,11 @@ impl AnySink {
 
     /// Makes what `deliver` confirmed durable, before state records it: a regular file is fsynced
     /// (its `deliver` stops at the kernel, so one fsync covers a whole checkpoint; a pipe or
-    /// device is only flushed, it has nothing to sync); HTTP (200) and Kafka (`acks=all`)
-    /// confirmations are durable already.
+    /// device is only flushed, it has nothing to sync). Kafka (`acks=all`) confirmations are
+    /// durable already. HTTP's 200 is Akto's hand-off, not durability: Akto's ingestion service
+    /// answers before its own Kafka producer (`retries=0`, asynchronous) wrote the records, so a
+    /// broker outage or a record over its `max.request.size` can still lose them there, and
+    /// nothing can be done here about that; the Kafka sink is the durable path.
     pub async fn sync_confirmed(&self) -> Result<(), SinkError> {
         match self {
             AnySink::File(s) => s.flush().await,

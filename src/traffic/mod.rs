@@ -10,12 +10,15 @@
 //!   [`map`]).
 //! - [`validate()`]: the local copy of Akto's acceptance rules; [`encode`]: the wire form.
 //! - [`Redactor`]: opt-in masking of sensitive values before egress (see [`redact`]).
+//! - [`for_akto_runtime`]: the last step before egress, so that what Akto accepts it also keeps
+//!   (see [`runtime`]).
 
 pub mod execution;
 pub mod host;
 pub mod map;
 pub mod record;
 pub mod redact;
+pub mod runtime;
 mod tools;
 pub mod validate;
 
@@ -27,4 +30,5 @@ pub use host::{agent_host, invocation_path};
 pub use map::{map_execution, map_execution_taking, MapOptions, Mapped};
 pub use record::{encode, fit_record, settle_request_content_type, AktoRecord, MAX_STRING_BYTES};
 pub use redact::{parse_kinds, RedactKind, RedactionCounts, Redactor, UnknownRedactKind};
+pub use runtime::{for_akto_runtime, STATUS_HEADER};
 pub use validate::{validate, ContractViolation, ALLOWED_SOURCES};

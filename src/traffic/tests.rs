@@ -61,11 +61,12 @@ fn rec(over: Value) -> Value {
     base
 }
 
-/// Map with default options; every record must validate; compare the whole list.
+/// Map with default options; every record, as sent ([`for_akto_runtime`]), must validate;
+/// compare the whole list as built.
 fn check(e: &Execution, expected: Value) -> Mapped {
     let m = map_execution(&ctx(), e, &MapOptions::default());
     for r in &m.records {
-        validate(r).unwrap_or_else(|v| panic!("{v}: {r:?}"));
+        validate(&for_akto_runtime(r)).unwrap_or_else(|v| panic!("{v}: {r:?}"));
     }
     let got: Vec<Value> = m.records.iter().map(readable).collect();
     assert_eq!(Value::Array(got), expected);
@@ -348,7 +349,14 @@ fn missing_status_code_defaults_are_documented() {
             note,
             "{code:?}"
         );
-        validate(&m.records[0]).unwrap();
+        // As sent: a code Akto's runtime drops goes as 200, the header naming it (a note the
+        // mapping set is kept).
+        let sent = readable(&for_akto_runtime(&m.records[0]));
+        validate(&for_akto_runtime(&m.records[0])).unwrap();
+        let kept = want != "500" && want != "503";
+        assert_eq!(sent["statusCode"], json!("200"), "{code:?}");
+        let header = sent["responseHeaders"]["x-databricks-status-code"].as_str();
+        assert_eq!(header, if kept { note } else { note.or(Some(want)) });
     }
 }
 
@@ -714,9 +722,10 @@ proptest! {
         prop_assert!(!m.records.is_empty());
         prop_assert_eq!(m.records.len(), 1 + m.tool_calls as usize);
         for r in &m.records {
-            prop_assert!(validate(r).is_ok(), "{:?}: {:?}", validate(r), r);
-            // The independent stand-in must agree.
-            let v: Value = serde_json::from_str(&encode(r)).unwrap();
+            // As sent: every record validates, and the independent stand-in agrees.
+            let sent = for_akto_runtime(r);
+            prop_assert!(validate(&sent).is_ok(), "{:?}: {:?}", validate(&sent), r);
+            let v: Value = serde_json::from_str(&encode(&sent)).unwrap();
             prop_assert!(akto_standin::check_record(&v).is_ok(), "{:?}", akto_standin::check_record(&v));
             prop_assert!(r.request_payload.text().len() <= max);
             prop_assert!(r.response_payload.text().len() <= max);
@@ -770,7 +779,7 @@ fn hostile_payloads_do_not_panic() {
     for (req, resp) in cases {
         let m = map_execution(&ctx(), &exec(req, resp), &MapOptions::default());
         for r in &m.records {
-            validate(r).unwrap();
+            validate(&for_akto_runtime(r)).unwrap();
         }
     }
     // Nesting under serde_json's limit still finds the call.
@@ -1699,4 +1708,371 @@ fn validate_refuses_a_json_request_akto_would_drop_as_incomplete() {
     let mut r = good();
     r.response_payload = "{\"a\":".into();
     assert_eq!(validate(&r), Ok(()));
+}
+
+// ---- What Akto's runtime keeps (`for_akto_runtime`) ----
+
+/// `r` as sent, decoded for expectations; and whether it was rewritten.
+fn as_sent(r: &AktoRecord) -> (Value, bool) {
+    let sent = for_akto_runtime(r);
+    let owned = matches!(sent, std::borrow::Cow::Owned(_));
+    (readable(&sent), owned)
+}
+
+/// The record as sent validates and the independent stand-in accepts it.
+fn sent_is_kept(r: &AktoRecord) {
+    let sent = for_akto_runtime(r);
+    validate(&sent).unwrap_or_else(|v| panic!("{v}: {sent:?}"));
+    let v: Value = serde_json::from_str(&encode(&sent)).unwrap();
+    akto_standin::check_record(&v).unwrap_or_else(|e| panic!("the stand-in refused: {e}"));
+    // Applying it again changes nothing.
+    assert!(matches!(
+        for_akto_runtime(&sent),
+        std::borrow::Cow::Borrowed(_)
+    ));
+}
+
+/// Percent-decodes the escapes of RFC 3986 unreserved characters (the normalization under which
+/// two URLs are equivalent).
+fn normalized(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| char::from(c).to_digit(16);
+        if let (b'%', Some(h), Some(l)) = (b[i], b.get(i + 1), b.get(i + 2)) {
+            if let (Some(h), Some(l)) = (hex(*h), hex(*l)) {
+                let v = (h * 16 + l) as u8;
+                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+                    out.push(v);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn a_common_record_is_sent_as_is_without_a_copy() {
+    let e = exec(
+        Some(r#"{"messages":[{"role":"user","content":"hi"}]}"#),
+        Some(
+            r#"{"output":[{"type":"function_call","call_id":"c1","name":"lookup","arguments":"{\"q\":1}"},{"type":"function_call_output","call_id":"c1","output":"ok"}]}"#,
+        ),
+    );
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    assert_eq!(m.records.len(), 2);
+    for r in &m.records {
+        let sent = for_akto_runtime(r);
+        assert!(matches!(sent, std::borrow::Cow::Borrowed(_)), "{r:?}");
+        assert!(std::ptr::eq(&*sent, r));
+        validate(r).unwrap();
+    }
+}
+
+#[test]
+fn a_status_akto_drops_goes_out_as_200_with_the_real_code_in_a_header() {
+    // (row status, response, sent x-databricks-status-code)
+    let cases: [(Option<i64>, Option<&str>, Option<&str>); 9] = [
+        (Some(200), Some("{}"), None),
+        (Some(204), Some("{}"), None),
+        (Some(302), Some("{}"), None),
+        (Some(301), Some("{}"), Some("301")),
+        (
+            Some(400),
+            Some(r#"{"error_code":"BAD_REQUEST"}"#),
+            Some("400"),
+        ),
+        (
+            Some(429),
+            Some(r#"{"error_code":"REQUEST_LIMIT_EXCEEDED"}"#),
+            Some("429"),
+        ),
+        (Some(500), None, Some("500")),
+        (Some(199), Some("{}"), Some("199")),
+        // No response and no code: built as 500, the header already says `missing`: kept.
+        (None, None, Some("missing")),
+    ];
+    for (code, resp, header) in cases {
+        let mut e = exec(Some("{}"), resp);
+        e.status_code = code;
+        let m = map_execution(&ctx(), &e, &MapOptions::default());
+        let (sent, owned) = as_sent(&m.records[0]);
+        assert_eq!(owned, header.is_some(), "{code:?}");
+        let want_code = if header.is_some() {
+            "200".to_string()
+        } else {
+            code.unwrap_or(200).to_string()
+        };
+        assert_eq!(sent["statusCode"], json!(want_code), "{code:?}");
+        if header.is_some() {
+            assert_eq!(sent["status"], json!("OK"));
+        }
+        assert_eq!(
+            sent["responseHeaders"]["x-databricks-status-code"].as_str(),
+            header,
+            "{code:?}"
+        );
+        // The rest of the record is untouched.
+        let built = readable(&m.records[0]);
+        for k in [
+            "path",
+            "requestHeaders",
+            "requestPayload",
+            "responsePayload",
+            "time",
+            "tag",
+        ] {
+            assert_eq!(sent[k], built[k], "{k}");
+        }
+        let mut rest = built["responseHeaders"].as_object().unwrap().clone();
+        rest.remove("x-databricks-status-code");
+        for (k, v) in rest {
+            assert_eq!(sent["responseHeaders"][&k], v, "{k}");
+        }
+        sent_is_kept(&m.records[0]);
+    }
+}
+
+#[test]
+fn an_error_tool_call_keeps_its_error_headers_and_goes_out_as_200() {
+    let resp = r#"{"output":[{"type":"function_call","call_id":"c1","name":"pay","arguments":"{}"},
+        {"type":"function_call_output","call_id":"c1","output":"{\"error\":\"card declined\"}"},
+        {"type":"function_call","call_id":"c2","name":"lookup","arguments":"{}"}]}"#;
+    let m = map_execution(
+        &ctx(),
+        &exec(Some("{}"), Some(resp)),
+        &MapOptions::default(),
+    );
+    assert_eq!(m.records.len(), 3);
+    assert_eq!(m.records[1].status_code, "500", "built with the error code");
+    let (sent, owned) = as_sent(&m.records[1]);
+    assert!(owned);
+    assert_eq!(sent["statusCode"], json!("200"));
+    assert_eq!(
+        sent["responseHeaders"]["x-databricks-status-code"],
+        json!("500")
+    );
+    // The call without output keeps its `x-tool-output: missing`.
+    let (missing, _) = as_sent(&m.records[2]);
+    assert_eq!(
+        missing["responseHeaders"]["x-tool-output"],
+        json!("missing")
+    );
+    for r in &m.records {
+        sent_is_kept(r);
+    }
+}
+
+#[test]
+fn health_and_static_file_paths_are_encoded_to_an_equivalent_url() {
+    // (path as built, path as sent)
+    let cases = [
+        (
+            "/serving-endpoints/healthcare-assistant/invocations",
+            "/serving-endpoints/%68ealthcare-assistant/invocations",
+        ),
+        ("/tools/health_check", "/tools/%68ealth_check"),
+        ("/tools/HEALTH", "/tools/%48EALTH"),
+        (
+            "/tables/c.health.t/invocations",
+            "/tables/c.health.t/invocations",
+        ),
+        ("/health/x/Health/y", "/%68ealth/x/%48ealth/y"),
+        ("/tables/c.s.json", "/tables/c.s%2Ejson"),
+        ("/tools/app.JS", "/tools/app%2EJS"),
+        ("/tools/bundle.js.map", "/tools/bundle%2Ejs.map"),
+        ("/tools/x..json", "/tools/x%2E%2Ejson"),
+        ("/tools/a.png?x=1", "/tools/a%2Epng?x=1"),
+        ("/tools/healthy.html", "/tools/%68ealthy%2Ehtml"),
+        ("/tools/lookup.jsx", "/tools/lookup.jsx"),
+        ("/tools/x.json.bak", "/tools/x.json.bak"),
+    ];
+    for (built, want) in cases {
+        let mut r = good();
+        r.path = built.to_string();
+        let (sent, owned) = as_sent(&r);
+        assert_eq!(sent["path"], json!(want), "{built}");
+        assert_eq!(owned, built != want, "{built}");
+        assert_eq!(normalized(want), built, "equivalent URL");
+        if built != want {
+            let err = validate(&r).expect_err(built);
+            assert_eq!(err.field, "path", "{err}");
+            assert!(
+                err.reason.contains("filterHttpResponseParams")
+                    || err.reason.contains("allowRedundantEndpointsList"),
+                "{err}"
+            );
+        }
+        sent_is_kept(&r);
+    }
+}
+
+proptest! {
+    #[test]
+    fn no_path_is_left_for_akto_to_drop(
+        segs in proptest::collection::vec(
+            prop_oneof![
+                Just("health".to_string()),
+                Just("HEALTH".to_string()),
+                Just("Health_check".to_string()),
+                Just("healthcare-assistant".to_string()),
+                Just("x.json".to_string()),
+                Just("a.JSON".to_string()),
+                Just("m.js.map".to_string()),
+                Just("deck..pptx".to_string()),
+                Just("i.png?s=1".to_string()),
+                Just("f.woff2".to_string()),
+                Just("ok.jsx".to_string()),
+                Just(".".to_string()),
+                "[a-zA-Z0-9._~%-]{0,12}",
+                any::<String>(),
+            ],
+            1..6,
+        ),
+        tail in prop_oneof![Just(""), Just("/"), Just(".html"), Just(".js"), Just("/health"), Just("?q")],
+    ) {
+        let built = format!("/{}{tail}", segs.join("/"));
+        let mut r = good();
+        r.path = built.clone();
+        let sent = for_akto_runtime(&r);
+        let path = sent.path.clone();
+        prop_assert!(!path.to_lowercase().contains("/health"), "{}", path);
+        prop_assert!(super::runtime::static_extension_dot(&path).is_none(), "{}", path);
+        prop_assert!(!akto_standin::redundant_endpoint(&path), "{}", path);
+        prop_assert_eq!(normalized(&path), normalized(&built));
+        prop_assert!(validate(&sent).is_ok(), "{:?}", validate(&sent));
+        let v: Value = serde_json::from_str(&encode(&sent)).unwrap();
+        prop_assert!(akto_standin::check_record(&v).is_ok(), "{:?}", akto_standin::check_record(&v));
+        // Untouched when nothing matched.
+        let matched = built.to_lowercase().contains("/health")
+            || super::runtime::static_extension_dot(&built).is_some();
+        prop_assert_eq!(matches!(sent, std::borrow::Cow::Owned(_)), matched);
+    }
+}
+
+#[test]
+fn an_empty_request_body_goes_out_as_text() {
+    let with = |payload: &str, headers: String| {
+        let mut r = good();
+        r.request_payload = payload.into();
+        r.request_headers = headers;
+        r
+    };
+    let json_ct = format!(r#"{{"content-type":"application/json","host":"{HOST}"}}"#);
+    let no_ct = format!(r#"{{"host":"{HOST}"}}"#);
+    let text_ct = format!(r#"{{"content-type":"text/plain","host":"{HOST}"}}"#);
+    let other_ct = format!(r#"{{"content-type":"application/xml","host":"{HOST}"}}"#);
+    for payload in ["", " ", "\n\t ", "\r\n", "see [", "[1,["] {
+        for headers in [&json_ct, &no_ct] {
+            let r = with(payload, headers.clone());
+            let err = validate(&r).expect_err(payload);
+            assert_eq!(err.field, "requestPayload", "{err}");
+            assert!(err.reason.contains("018552b4"), "{err}");
+            let (sent, owned) = as_sent(&r);
+            assert!(owned);
+            assert_eq!(sent["requestHeaders"]["content-type"], json!("text/plain"));
+            assert_eq!(sent["requestHeaders"]["host"], json!(HOST));
+            assert_eq!(sent["requestPayload"], json!(payload));
+            sent_is_kept(&r);
+        }
+        for headers in [&text_ct, &other_ct] {
+            let r = with(payload, headers.clone());
+            assert_eq!(validate(&r), Ok(()));
+            assert!(matches!(
+                for_akto_runtime(&r),
+                std::borrow::Cow::Borrowed(_)
+            ));
+        }
+    }
+    // Escapes that decode to whitespace, or to `[`, count too.
+    let mut r = with("", no_ct.clone());
+    r.request_payload = JsonString::from_raw(serde_json::from_str(r#""\u0020\n""#).unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        as_sent(&r).0["requestHeaders"]["content-type"],
+        json!("text/plain")
+    );
+    r.request_payload = JsonString::from_raw(serde_json::from_str(r#""a \u005b""#).unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        as_sent(&r).0["requestHeaders"]["content-type"],
+        json!("text/plain")
+    );
+    // A body with content stays as it is.
+    for payload in ["{}", "x", " {}", "[1]", r#"{"q":"say \"hi\""}"#, "a\\u005b"] {
+        let r = with(payload, json_ct.clone());
+        assert!(
+            matches!(for_akto_runtime(&r), std::borrow::Cow::Borrowed(_)),
+            "{payload:?}"
+        );
+    }
+}
+
+#[test]
+fn a_row_with_no_request_reaches_akto() {
+    // A NULL request: empty body, built as JSON; sent as text.
+    let m = map_execution(&ctx(), &exec(None, Some("{}")), &MapOptions::default());
+    let (sent, owned) = as_sent(&m.records[0]);
+    assert!(owned);
+    assert_eq!(sent["requestHeaders"]["content-type"], json!("text/plain"));
+    sent_is_kept(&m.records[0]);
+}
+
+#[test]
+fn validate_refuses_what_akto_runtime_drops() {
+    type Edit = fn(&mut AktoRecord);
+    let cases: [(Edit, &str, &str); 5] = [
+        (
+            |r| r.status_code = "500".into(),
+            "statusCode",
+            "validHttpResponseCode",
+        ),
+        (
+            |r| r.status_code = "404".into(),
+            "statusCode",
+            "x-databricks-status-code",
+        ),
+        (|r| r.path = "/tools/Health".into(), "path", "/health"),
+        (
+            |r| r.path = "/tools/x.svg".into(),
+            "path",
+            "redundant-endpoint",
+        ),
+        (
+            |r| r.request_payload = "".into(),
+            "requestPayload",
+            "text/plain",
+        ),
+    ];
+    for (edit, field, says) in cases {
+        let mut r = good();
+        edit(&mut r);
+        let err = validate(&r).expect_err(field);
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+        // ... and the stand-in, independently.
+        let v: Value = serde_json::from_str(&encode(&r)).unwrap();
+        assert!(akto_standin::check_record(&v).is_err(), "{field}");
+        sent_is_kept(&r);
+    }
+}
+
+#[test]
+fn headers_that_are_not_an_object_are_left_for_validate() {
+    let mut r = good();
+    r.status_code = "500".into();
+    r.response_headers = "not json".into();
+    let sent = for_akto_runtime(&r);
+    assert_eq!(
+        sent.status_code, "500",
+        "no header to carry the code: left as is"
+    );
+    assert_eq!(validate(&sent).unwrap_err().field, "statusCode");
 }

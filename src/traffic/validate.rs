@@ -6,6 +6,10 @@ use std::borrow::Cow;
 use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::record::{AktoRecord, MAX_STRING_BYTES};
+use super::runtime::{
+    blank_or_open_bracket, dropped_status, health_at, static_extension_dot, STATIC_EXTENSIONS,
+    STATUS_HEADER,
+};
 
 /// The `source` values Akto's runtime accepts; anything else is dropped silently.
 pub const ALLOWED_SOURCES: [&str; 10] = [
@@ -223,6 +227,16 @@ pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
             ),
         ));
     }
+    if let Some(code) = dropped_status(&record.status_code) {
+        return Err(violation(
+            "statusCode",
+            format!(
+                "{code} is dropped silently by Akto's runtime, which keeps only 200-299 and 302 \
+                 (HttpResponseParams.validHttpResponseCode); send 200 with the real code in the \
+                 response header {STATUS_HEADER} (traffic::for_akto_runtime)"
+            ),
+        ));
+    }
     if !ALLOWED_SOURCES.contains(&record.source.as_str()) {
         return Err(violation(
             "source",
@@ -260,6 +274,30 @@ pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
     if !record.path.starts_with('/') {
         return Err(violation("path", "must start with '/'"));
     }
+    if let Some(i) = health_at(&record.path) {
+        return Err(violation(
+            "path",
+            format!(
+                "{:?} contains \"/health\" (any case) at byte {i}: Akto's runtime \
+                 (HttpCallParser.filterHttpResponseParams) drops such URLs as health checks; \
+                 percent-encode the letter after the slash (traffic::for_akto_runtime)",
+                short(&record.path)
+            ),
+        ));
+    }
+    if let Some(i) = static_extension_dot(&record.path) {
+        return Err(violation(
+            "path",
+            format!(
+                "{:?} ends (or has a query after) a static-file extension at byte {i}: Akto's \
+                 runtime drops URLs matching its default redundant-endpoint pattern \
+                 .*\\.({})(\\?.*)? (AccountSettings.allowRedundantEndpointsList); encode the dot \
+                 as %2E (traffic::for_akto_runtime)",
+                short(&record.path),
+                STATIC_EXTENSIONS.join("|")
+            ),
+        ));
+    }
     let req = headers("requestHeaders", &record.request_headers)?;
     // A repeated key: the last one counts, as in a JSON parser building a map.
     let host = req
@@ -292,20 +330,32 @@ pub fn validate(record: &AktoRecord) -> Result<(), ContractViolation> {
     }
     // Akto's runtime drops, silently, a request whose body starts like JSON but does not end
     // like it when its content-type is `application/json` (a missing one counts as such).
-    if record.request_payload.possibly_incomplete_json() {
-        let content_type = req
-            .iter()
+    let content_type = || {
+        req.iter()
             .rev()
             .find(|(k, _)| k == "content-type")
-            .and_then(|(_, v)| v.as_deref());
-        if matches!(content_type, None | Some("application/json")) {
-            return Err(violation(
-                "requestPayload",
-                "starts like JSON (`{` or `[`) but does not end like it (`}` or `]`) while the \
-                 request content-type is application/json or missing: Akto drops such a record \
-                 as possibly incomplete JSON; send it with content-type text/plain",
-            ));
-        }
+            .and_then(|(_, v)| v.as_deref())
+    };
+    if blank_or_open_bracket(&record.request_payload)
+        && matches!(content_type(), None | Some("application/json"))
+    {
+        return Err(violation(
+            "requestPayload",
+            "is empty, whitespace only or ends with `[` while the request content-type is \
+             application/json or missing: Akto releases up to 018552b4 drop such a record \
+             (SampleParser.isPossiblyIncompleteJson); send it with content-type text/plain \
+             (traffic::for_akto_runtime)",
+        ));
+    }
+    if record.request_payload.possibly_incomplete_json()
+        && matches!(content_type(), None | Some("application/json"))
+    {
+        return Err(violation(
+            "requestPayload",
+            "starts like JSON (`{` or `[`) but does not end like it (`}` or `]`) while the \
+             request content-type is application/json or missing: Akto drops such a record \
+             as possibly incomplete JSON; send it with content-type text/plain",
+        ));
     }
     headers("responseHeaders", &record.response_headers)?;
     string_object("tag", &record.tag)?;

@@ -10,6 +10,9 @@
 //! - `Content-Type: application/json` (parameters such as `; charset=utf-8` allowed), else 415,
 //!   as Akto's JSON endpoint answers;
 //! - body at most 10,485,760 bytes (else 413), JSON, an object with a `batchData` array (else 422);
+//! - every record, re-serialized, at most [`DEFAULT_MAX_RECORD_BYTES`] (5,242,880; see
+//!   [`StandIn::set_max_record_bytes`]), else 422: Akto's ingestion producer (`max.request.size`,
+//!   `AKTO_KAFKA_MAX_REQUEST_SIZE`) drops a larger record silently after answering 200;
 //! - every record an object with all 17 fields, each a string (only the optional
 //!   `publishToGuardrails` may be, and must be, a boolean), none longer than 5,242,880 bytes;
 //! - `source` one of HAR, PCAP, MIRRORING, SDK, OTHER, POSTMAN, OPEN_API, BURP, IMPERVA, WIZ;
@@ -20,7 +23,15 @@
 //! - a `requestPayload` that Akto's runtime takes for incomplete JSON (it starts with `{` or `[`
 //!   but does not end with `}` or `]`, as is or trimmed) only with a request `content-type`
 //!   other than exactly `application/json` (a missing one counts as `application/json`): Akto
-//!   drops such a record silently.
+//!   drops such a record silently;
+//! - what Akto's runtime accepts and then drops from its inventory without a word
+//!   (`HttpCallParser.filterHttpResponseParams`): a `statusCode` outside 200-299 and 302
+//!   (`HttpResponseParams.validHttpResponseCode`); a `path` whose lowercase form contains
+//!   `/health`; a `path` matching the default redundant-endpoint pattern
+//!   `.*\.(htm|html|css|js|...)(\?.*)?` ([`REDUNDANT_EXTENSIONS`]); and a `requestPayload` that
+//!   is empty, whitespace only or ends with `[` under a `content-type` of exactly
+//!   `application/json` or none (`SampleParser.isPossiblyIncompleteJson` of Akto releases up to
+//!   018552b4).
 //!
 //! 422 answers carry `{"actionErrors":["batchData[i].field: what is wrong"]}`. With
 //! `require_jwt`, the `authorization` header must equal the raw JWT (no `Bearer `), else 401.
@@ -49,6 +60,10 @@ pub const MAX_BODY_BYTES: usize = 10_485_760;
 const READ_LIMIT_BYTES: usize = 4 * MAX_BODY_BYTES;
 /// Akto's limit on any one string of a record.
 pub const MAX_STRING_BYTES: usize = 5_242_880;
+/// Akto's ingestion producer's `max.request.size` by default (`AKTO_KAFKA_MAX_REQUEST_SIZE`
+/// unset, current releases; older ones keep Kafka's 1,048,576): a record re-encoded to more is
+/// dropped by Akto after it answered 200. The stand-in refuses such a record with 422.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 5_242_880;
 /// Accepted `source` values.
 pub const ALLOWED_SOURCES: [&str; 10] = [
     "HAR",
@@ -154,6 +169,8 @@ struct Inner {
 struct Shared {
     /// The JWT required now (`StandIn::set_required_jwt` rotates it).
     jwt: Mutex<Option<String>>,
+    /// Longest record accepted, re-serialized (`StandIn::set_max_record_bytes`).
+    max_record_bytes: std::sync::atomic::AtomicUsize,
     inner: Mutex<Inner>,
 }
 
@@ -185,6 +202,7 @@ impl StandIn {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             jwt: Mutex::new(cfg.require_jwt),
+            max_record_bytes: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_RECORD_BYTES),
             inner: Mutex::new(Inner::default()),
         });
         let app = Router::new()
@@ -238,6 +256,15 @@ impl StandIn {
     /// Rotates the required JWT: from now on only `jwt` is accepted (None: no token needed).
     pub fn set_required_jwt(&self, jwt: Option<&str>) {
         *self.shared.jwt.lock().unwrap_or_else(|e| e.into_inner()) = jwt.map(str::to_string);
+    }
+
+    /// The longest record accepted, re-serialized: Akto's ingestion producer's
+    /// `max.request.size` (default [`DEFAULT_MAX_RECORD_BYTES`]; 1,048,576 plays an Akto release
+    /// whose producer keeps Kafka's default). A batch holding a longer record is refused with 422.
+    pub fn set_max_record_bytes(&self, bytes: usize) {
+        self.shared
+            .max_record_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn set_behavior(&self, b: Behavior) {
@@ -420,7 +447,10 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
         }
     }
 
-    match check_batch(&bytes) {
+    let max_record_bytes = shared
+        .max_record_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    match check_batch(&bytes).and_then(|records| check_record_sizes(records, max_record_bytes)) {
         Ok(records) => {
             let n = records.len();
             let mut g = shared.lock();
@@ -447,6 +477,33 @@ async fn ingest(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bod
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `records` when each, re-serialized as JSON, takes at most `max_record_bytes`, else a problem
+/// per longer record (up to 20): Akto would answer 200 and its producer drop the record.
+pub fn check_record_sizes(
+    records: Vec<Value>,
+    max_record_bytes: usize,
+) -> Result<Vec<Value>, Vec<String>> {
+    let mut errors = Vec::new();
+    for (i, rec) in records.iter().enumerate() {
+        let len = serde_json::to_vec(rec).map_or(usize::MAX, |v| v.len());
+        if len > max_record_bytes {
+            errors.push(format!(
+                "batchData[{i}].(record): {len} bytes, over Akto's ingestion producer \
+                 max.request.size ({max_record_bytes}, AKTO_KAFKA_MAX_REQUEST_SIZE): Akto would \
+                 answer 200 and drop it silently"
+            ));
+            if errors.len() >= MAX_ERRORS {
+                break;
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(records)
+    } else {
+        Err(errors)
+    }
 }
 
 /// At most this many problems are reported per batch.
@@ -510,6 +567,64 @@ pub fn possibly_incomplete_json(body: &str) -> bool {
         (s.starts_with('{') && !s.ends_with('}')) || (s.starts_with('[') && !s.ends_with(']'))
     }
     fires(body) || fires(body.trim_matches(|c: char| c <= ' '))
+}
+
+/// Akto's `HttpResponseParams.validHttpResponseCode`: the status codes its runtime keeps.
+pub fn akto_keeps_status(code: i32) -> bool {
+    code >= 200 && (code < 300 || code == 302)
+}
+
+/// The extensions of Akto's default `allowRedundantEndpointsList`
+/// (`AccountSettings.getAllowRedundantEndpointsList` of an account that never set one), as the
+/// regex alternatives they are: the union of its releases' lists (the newest adds `js.map` and
+/// `ico`; an older one has `.pptx` and `.json`, whose `.` matches any character).
+pub const REDUNDANT_EXTENSIONS: [&str; 29] = [
+    "htm", "html", "css", "js", "js.map", "jpg", "jpeg", "png", "gif", "svg", "webp", "mp4",
+    "webm", "ogg", "ogv", "avi", "mov", "mp3", "wav", "oga", "woff", "woff2", "ttf", "otf", "pptx",
+    "json", "ico", ".pptx", ".json",
+];
+
+/// What Java's regex `.` matches: any character but a line terminator.
+fn java_dot(c: char) -> bool {
+    !matches!(c, '\n' | '\r' | '\u{85}' | '\u{2028}' | '\u{2029}')
+}
+
+/// Whether `url` fully matches Akto's redundant-endpoint pattern built by
+/// `Utils.createRegexPatternFromList(REDUNDANT_EXTENSIONS)`: `.*\.(ext|...)(\?.*)?`
+/// (case-sensitive, as Java compiles it). The extension must end where the URL ends or where a
+/// `?` starts the rest.
+pub fn redundant_endpoint(url: &str) -> bool {
+    let chars: Vec<char> = url.chars().collect();
+    let mut ends = vec![chars.len()];
+    for (i, &c) in chars.iter().enumerate() {
+        if c == '?' && chars[i + 1..].iter().all(|&c| java_dot(c)) {
+            ends.push(i);
+        }
+    }
+    ends.into_iter().any(|end| {
+        REDUNDANT_EXTENSIONS.iter().any(|ext| {
+            let n = ext.chars().count();
+            let Some(dot) = end.checked_sub(n + 1) else {
+                return false;
+            };
+            chars[dot] == '.'
+                && chars[..dot].iter().all(|&c| java_dot(c))
+                && ext.chars().zip(&chars[dot + 1..end]).all(|(e, &c)| {
+                    if e == '.' {
+                        java_dot(c)
+                    } else {
+                        e == c
+                    }
+                })
+        })
+    })
+}
+
+/// `SampleParser.isPossiblyIncompleteJson` of Akto releases up to 018552b4, beyond what
+/// [`possibly_incomplete_json`] covers: an empty or blank body (`json.trim().isEmpty()`), or one
+/// ending with `[` (its `json.endsWith("[") && !json.endsWith("]")`).
+pub fn blank_or_open_bracket(body: &str) -> bool {
+    body.chars().all(|c| c <= ' ') || body.ends_with('[')
 }
 
 fn object_string(
@@ -581,12 +696,47 @@ pub fn check_record(rec: &Value) -> Result<(), String> {
             return Err(format!("{f}: {:?} is not numeric", cut(s(f))));
         }
     }
+    if let Some(code) = digits_i32(s("statusCode")).filter(|&c| !akto_keeps_status(c)) {
+        return Err(format!(
+            "statusCode: {code}: Akto's runtime drops the record (HttpCallParser.\
+             filterHttpResponseParams keeps only HttpResponseParams.validHttpResponseCode: \
+             200-299 and 302)"
+        ));
+    }
+    let path = s("path");
+    if path.to_lowercase().contains("/health") {
+        return Err(format!(
+            "path: {:?} contains \"/health\" once lowercased: Akto's runtime drops the record \
+             (HttpCallParser.filterHttpResponseParams skips health checks)",
+            cut(path)
+        ));
+    }
+    if redundant_endpoint(path) {
+        return Err(format!(
+            "path: {:?} matches Akto's default redundant-endpoint pattern .*\\.({})(\\?.*)?: \
+             Akto's runtime drops the record (HttpCallParser.filterHttpResponseParams, \
+             AccountSettings.allowRedundantEndpointsList)",
+            cut(path),
+            REDUNDANT_EXTENSIONS.join("|")
+        ));
+    }
     let req = object_string("requestHeaders", s("requestHeaders"), true)?;
     object_string("responseHeaders", s("responseHeaders"), true)?;
     object_string("tag", s("tag"), false)?;
     // Akto's runtime (SampleParser): a request whose content-type is exactly application/json,
     // or missing (taken for it), and whose body is possibly incomplete JSON is dropped.
     let content_type = req.get("content-type").and_then(Value::as_str);
+    if matches!(content_type, None | Some("application/json"))
+        && blank_or_open_bracket(s("requestPayload"))
+    {
+        return Err(format!(
+            "requestPayload: {:?} is empty, blank or ends with '[' while the request \
+             content-type is {}: Akto releases up to 018552b4 drop it \
+             (SampleParser.isPossiblyIncompleteJson)",
+            cut(s("requestPayload")),
+            content_type.unwrap_or("missing (taken for application/json)")
+        ));
+    }
     if matches!(content_type, None | Some("application/json"))
         && possibly_incomplete_json(s("requestPayload"))
     {
@@ -683,14 +833,95 @@ mod tests {
             // The same body as text is kept.
             assert_eq!(with(bad, text_ct), Ok(()), "{bad:?}");
         }
-        for good in ["", "{}", "[1]", "{\"a\":1}", "hello {", "plain"] {
+        for good in ["{}", "[1]", "{\"a\":1}", "hello {", "plain"] {
             for h in [no_ct, json_ct, text_ct] {
                 assert_eq!(with(good, h), Ok(()), "{good:?} {h}");
             }
         }
+        // Akto releases up to 018552b4 also drop an empty or blank body, or one ending with
+        // `[`, taken for JSON; as text it is kept.
+        for old_release in ["", " ", "\n\t ", "see [", "[1,["] {
+            for h in [no_ct, json_ct] {
+                let e = with(old_release, h).expect_err(old_release);
+                assert!(e.starts_with("requestPayload:"), "{e}");
+                assert!(e.contains("018552b4"), "{e}");
+            }
+            assert_eq!(with(old_release, text_ct), Ok(()), "{old_release:?}");
+        }
         // Only the exact application/json counts (Akto compares with equals).
         let charset = "{\"host\":\"h\",\"content-type\":\"application/json; charset=utf-8\"}";
         assert_eq!(with("{\"a\":", charset), Ok(()));
+    }
+
+    #[test]
+    fn only_status_codes_akto_keeps_are_accepted() {
+        let with = |code: &str| {
+            let mut r = record(1_700_000_000);
+            r["statusCode"] = json!(code);
+            check_record(&r)
+        };
+        for kept in ["200", "201", "204", "299", "302"] {
+            assert_eq!(with(kept), Ok(()), "{kept}");
+        }
+        for dropped in [
+            "0", "100", "199", "300", "301", "304", "400", "429", "500", "503",
+        ] {
+            let e = with(dropped).expect_err(dropped);
+            assert!(e.starts_with("statusCode:"), "{e}");
+            assert!(e.contains("validHttpResponseCode"), "{e}");
+        }
+    }
+
+    #[test]
+    fn paths_akto_filters_out_are_refused() {
+        let with = |path: &str| {
+            let mut r = record(1_700_000_000);
+            r["path"] = json!(path);
+            check_record(&r)
+        };
+        for dropped in [
+            "/serving-endpoints/healthcare-assistant/invocations",
+            "/tools/HEALTH_check",
+            "/a/Health",
+            "/health",
+            "/tables/c.s.t.json",
+            "/tools/app.js",
+            "/tools/map.js.map",
+            "/tools/map.jsXmap",
+            "/tools/x.png?size=1",
+            "/tools/a.b.woff2",
+            "/tools/deck..pptx",
+            "/tools/ajson.xjson",
+        ] {
+            let e = with(dropped).expect_err(dropped);
+            assert!(e.starts_with("path:"), "{e}");
+            assert!(e.contains("filterHttpResponseParams"), "{e}");
+        }
+        for kept in [
+            "/serving-endpoints/%68ealthcare-assistant/invocations",
+            "/tools/my-health",
+            "/tools/x%2Ejson",
+            "/tools/x.jsx",
+            "/tools/x.js.js1",
+            "/tools/x.JSON",
+            "/tables/c.s.t/invocations",
+            "/tools/json",
+            "/tools/x.json/more",
+            "/tools/x.json\n?q",
+        ] {
+            assert_eq!(with(kept), Ok(()), "{kept:?}");
+        }
+    }
+
+    #[test]
+    fn redundant_endpoint_agrees_with_akto_own_test() {
+        // Akto's HttpCallParserTest.testRedundantUrlCheck, with the list ["js"] replaced by the
+        // default list (which holds js).
+        assert!(redundant_endpoint("test1.js"));
+        assert!(!redundant_endpoint("test2.jsx"));
+        assert!(!redundant_endpoint("test3.js.js1"));
+        assert!(redundant_endpoint("test4.js?temp=test"));
+        assert!(redundant_endpoint("test5.js.js"));
     }
 
     #[tokio::test]

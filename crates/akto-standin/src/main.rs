@@ -1,5 +1,5 @@
 //! `akto-standin`: run the strict Akto ingestion stand-in as a process, for manual runs and
-//! demos (`akto-standin --listen 127.0.0.1:0 [--require-jwt X]`).
+//! demos (`akto-standin --listen 127.0.0.1:0 [--require-jwt X] [--max-record-bytes N]`).
 
 use std::net::SocketAddr;
 
@@ -16,6 +16,15 @@ struct Args {
     /// Require `authorization: <JWT>` on every batch.
     #[arg(long, env = "AKTO_STANDIN_JWT", hide_env_values = true)]
     require_jwt: Option<String>,
+    /// Longest record accepted (re-serialized), as Akto's ingestion producer's
+    /// max.request.size: 5242880 (AKTO_KAFKA_MAX_REQUEST_SIZE's default), 1048576 for Akto
+    /// releases whose producer keeps Kafka's default. A batch with a longer record gets 422.
+    #[arg(
+        long,
+        env = "AKTO_STANDIN_MAX_RECORD_BYTES",
+        default_value_t = akto_standin::DEFAULT_MAX_RECORD_BYTES
+    )]
+    max_record_bytes: usize,
 }
 
 #[tokio::main]
@@ -37,6 +46,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    standin.set_max_record_bytes(args.max_record_bytes);
     println!("listening on {}", standin.url());
     wait_for_stop().await;
     let (ok, bad, n) = (
