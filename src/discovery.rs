@@ -223,6 +223,11 @@ pub struct Inventory {
     /// unreadable ([`Inventory::vanished`]).
     #[serde(skip)]
     pub listed_tables: BTreeSet<String>,
+    /// Endpoints whose inference table another endpoint also names (agent -> the agent that
+    /// reads the table, [`share_tables_once`]): their rows reach Akto as that agent's records, so
+    /// their traces must not be sent as executions too.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub shared_tables: BTreeMap<String, String>,
     /// UC models of catalog.schema that serving endpoints in this instance's scope serve but that
     /// Unity Catalog did not list (model full name -> the first such endpoint, by name). Unity
     /// Catalog lists only the models, model versions and functions the principal may EXECUTE (or
@@ -525,30 +530,55 @@ fn scope_key(a: &Agent) -> Option<String> {
     }
 }
 
-/// Gives an inference table that several endpoints name to the first of them (by name) only:
-/// one reader per table, or every row of it would be read and sent twice in one cycle. The others
-/// keep a note naming the agent whose records carry their rows, and a WARN says so.
-fn share_tables_once(agents: &mut [Agent]) {
+/// Gives an inference table that several endpoints name to one of them only: the endpoint the
+/// table is named after (`support_bot` for `prod_support_bot_payload` with prefix `prod_`), else
+/// the first by name. One reader per table, or every row of it would be read and sent twice in
+/// one cycle. The others keep a note naming the agent whose records carry their rows, are listed
+/// in [`Inventory::shared_tables`] (their traces then send no execution records, which their
+/// rows already are), and a WARN says so.
+fn share_tables_once(inv: &mut Inventory) {
+    let named_after = |a: &Agent, t: &InferenceTable| {
+        let short = t.full_name.rsplit('.').next().unwrap_or(&t.full_name);
+        let own = normalize_name(&a.name);
+        own == normalize_name(&table_agent_name(short))
+            || strip_prefix_ci(short, &inv.prefix)
+                .is_some_and(|rest| own == normalize_name(&table_agent_name(rest)))
+    };
     let mut owner: BTreeMap<String, String> = BTreeMap::new();
-    for a in agents.iter_mut() {
+    for a in &inv.agents {
         let Some(t) = &a.table else { continue };
         let key = t.full_name.to_ascii_lowercase();
-        match owner.get(&key) {
-            None => {
+        if !owner.contains_key(&key) || named_after(a, t) {
+            let keep_first = owner.get(&key).is_some_and(|o| {
+                inv.agents
+                    .iter()
+                    .any(|b| &b.name == o && b.table.as_ref().is_some_and(|bt| named_after(b, bt)))
+            });
+            if !keep_first {
                 owner.insert(key, a.name.clone());
-            }
-            Some(first) => {
-                let note = format!(
-                    "inference table {} is also the table of endpoint {first}: its rows, this \
-                     endpoint's too, are read once and sent as {first}'s",
-                    t.full_name
-                );
-                tracing::warn!("endpoint {}: {note}", a.name);
-                a.table = None;
-                a.table_note = Some(note);
             }
         }
     }
+    let mut shared = BTreeMap::new();
+    for a in inv.agents.iter_mut() {
+        let Some(t) = &a.table else { continue };
+        let Some(first) = owner.get(&t.full_name.to_ascii_lowercase()) else {
+            continue;
+        };
+        if *first == a.name {
+            continue;
+        }
+        let note = format!(
+            "inference table {} is also the table of endpoint {first}: its rows, this \
+             endpoint's too, are read once and sent as {first}'s",
+            t.full_name
+        );
+        warn_once(format!("endpoint {}: {note}", a.name));
+        shared.insert(a.name.clone(), first.clone());
+        a.table = None;
+        a.table_note = Some(note);
+    }
+    inv.shared_tables = shared;
 }
 
 /// The end of every out-of-scope note.
@@ -739,7 +769,7 @@ pub async fn discover(
     }
     inv.agents.sort_by(|a, b| a.name.cmp(&b.name));
     inv.llm_endpoints.sort_by(|a, b| a.name.cmp(&b.name));
-    share_tables_once(&mut inv.agents);
+    share_tables_once(&mut inv);
 
     let principal = client.principal();
     let functions: Vec<FunctionInfo> = match client.list_functions(catalog, schema).await {
@@ -799,10 +829,22 @@ pub async fn discover(
     }
     inv.models.sort_by(|a, b| a.full_name.cmp(&b.full_name));
     if models_listed {
-        inv.unlisted_models = unlisted_models(&inv);
+        // A served name the listing left out is a missing EXECUTE only when Unity Catalog says so
+        // for that model: not when it was deleted, or is no model (a Feature Serving spec).
+        for (model, endpoint) in unlisted_models(&inv) {
+            match client.get_model(&model).await {
+                Err(DatabricksError::PermissionDenied { .. }) => {
+                    inv.unlisted_models.insert(model, endpoint);
+                }
+                Err(e) if e.is_retriable() => return Err(e),
+                Ok(_) | Err(_) => {
+                    tracing::debug!("served model {model} is not listed, but not for a grant")
+                }
+            }
+        }
     }
     if !inv.unlisted_models.is_empty() {
-        tracing::warn!("{}", unlisted_models_warning(&inv, &principal));
+        warn_once(unlisted_models_warning(&inv, &principal));
     }
 
     let anchors = Anchors {
@@ -1397,7 +1439,7 @@ async fn find_experiments(
             .iter()
             .find(|a| a.name == r.agent)
             .and_then(|a| a.experiment_id.clone());
-        tracing::warn!("{}", r.describe(&principal));
+        warn_once(r.describe(&principal));
         inv.unreadable_runs.push(r);
     }
     Ok(())
@@ -1567,7 +1609,9 @@ mod tests {
         };
         let mut agents = vec![shared("alpha"), agent("solo", false, None), shared("beta")];
         agents[2].table.as_mut().unwrap().full_name = "C.S.shared_payload".into();
-        share_tables_once(&mut agents);
+        let mut inv = inventory(agents);
+        share_tables_once(&mut inv);
+        let agents = &inv.agents;
         assert!(agents[0].table.is_some() && agents[0].table_note.is_none());
         assert!(agents[1].table.is_some());
         assert!(agents[2].table.is_none());
@@ -1576,8 +1620,22 @@ mod tests {
             note.contains("endpoint alpha") && note.contains("C.S.shared_payload"),
             "{note}"
         );
-        let inv = inventory(agents);
         assert_eq!(inv.readable().count(), 2);
+        assert_eq!(
+            inv.shared_tables,
+            BTreeMap::from([("beta".to_string(), "alpha".to_string())])
+        );
+
+        // The endpoint the table is named after keeps it, whatever the name order.
+        let mut inv = inventory(vec![shared("a_canary"), shared("shared"), shared("zeta")]);
+        inv.prefix = "prod_".into();
+        for a in &mut inv.agents {
+            a.table.as_mut().unwrap().full_name = "c.s.prod_shared_payload".into();
+        }
+        share_tables_once(&mut inv);
+        let with_table: Vec<&str> = inv.readable().map(|(a, _)| a.name.as_str()).collect();
+        assert_eq!(with_table, vec!["shared"]);
+        assert_eq!(inv.shared_tables.len(), 2);
     }
 
     #[test]

@@ -97,7 +97,8 @@ pub fn trace_sources(inv: &Inventory, workspace_host: &str) -> Vec<TraceSource> 
                 experiment_id: exp,
                 agent: a.name.clone(),
                 host: inv.agent_host(&a.name, workspace_host),
-                execution_path: execution_path(a),
+                execution_path: execution_path(a)
+                    .filter(|_| !inv.shared_tables.contains_key(&a.name)),
             })
         })
         .collect()
@@ -1270,7 +1271,9 @@ pub async fn collect_otel_table(
                     .cloned()
                     .unwrap_or_else(|| fallback_agent.clone());
                 let execution_path = match inv.agents.iter().find(|a| a.name == agent) {
-                    Some(a) => execution_path(a),
+                    Some(a) => {
+                        execution_path(a).filter(|_| !inv.shared_tables.contains_key(&a.name))
+                    }
                     None => Some(format!("/agents/{}/invocations", encode_segment(&agent))),
                 };
                 let source = TraceSource {
@@ -1933,6 +1936,19 @@ mod tests {
             Some("/agents/Support%20Bot/invocations")
         );
         assert_eq!(execution_path(&agent(Some("ep"), true)), None);
+
+        // An endpoint whose table another endpoint reads (its rows are that one's records):
+        // its traces send no executions either.
+        let mut shared = agent(Some("ep"), false);
+        shared.experiment_id = Some("7".into());
+        let mut inv = Inventory {
+            agents: vec![shared],
+            ..Default::default()
+        };
+        assert!(trace_sources(&inv, "w")[0].execution_path.is_some());
+        inv.shared_tables
+            .insert("Support Bot".into(), "other".into());
+        assert_eq!(trace_sources(&inv, "w")[0].execution_path, None);
     }
 
     #[test]

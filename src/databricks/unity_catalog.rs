@@ -277,6 +277,23 @@ impl DatabricksClient {
             .await
     }
 
+    /// One registered model: answers `PermissionDenied` when the principal may not EXECUTE it
+    /// (the listing leaves such a model out instead), `NotFound` when it does not exist.
+    pub async fn get_model(&self, full_name: &str) -> Result<RegisteredModel, DatabricksError> {
+        self.api
+            .request(
+                Method::GET,
+                "GET /api/2.1/unity-catalog/models/{name}",
+                &format!(
+                    "/api/2.1/unity-catalog/models/{}",
+                    encode_segment(full_name)
+                ),
+                &[],
+                None,
+            )
+            .await
+    }
+
     /// Versions of one registered model.
     pub async fn list_model_versions(
         &self,
