@@ -696,6 +696,7 @@ pub fn parse_from(args: impl IntoIterator<Item = OsString>) -> Result<Cli, clap:
     cli.env_file_problems = problems;
     warnings.extend(settle_secret_pairs(&mut cli, &matches, env_file.as_deref()));
     warnings.extend(unused_sink_setting(&cli));
+    warnings.extend(unused_record_limit(&cli));
     cli.env_file_warnings = warnings;
     cli.env_file_exports = exports;
     Ok(cli)
@@ -848,6 +849,35 @@ fn unused_sink_setting(cli: &Cli) -> Option<String> {
          ingestion service (which publishes them to Akto's Kafka topic itself) and \
          KAFKA_BROKER_HOST is ignored; set AKTO_SINK=kafka (--sink kafka) to send to Kafka \
          instead, or AKTO_SINK=http, or clear the one you do not use"
+            .to_owned()
+    })
+}
+
+/// A WARN when `AKTO_MAX_RECORD_BYTES` is set but records go to Kafka, where it does nothing
+/// (the topic's own limit applies).
+fn unused_record_limit(cli: &Cli) -> Option<String> {
+    let set = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.trim().is_empty());
+    let kind = cli.sink.kind.as_deref().map(str::trim).unwrap_or_default();
+    let output = cli
+        .output
+        .as_ref()
+        .is_some_and(|p| !p.as_os_str().is_empty());
+    let kafka = kind.eq_ignore_ascii_case("kafka")
+        || (kind.is_empty()
+            && !output
+            && !set(&cli.sink.ingestion_url)
+            && set(&cli.sink.kafka_brokers));
+    // Its default is filled in by clap: only another value was set by the operator.
+    let default = crate::sink::DEFAULT_AKTO_MAX_RECORD_BYTES.to_string();
+    let changed = cli
+        .sink
+        .akto_max_record_bytes
+        .as_deref()
+        .is_some_and(|v| !v.trim().is_empty() && v.trim() != default);
+    (kafka && changed).then(|| {
+        "AKTO_MAX_RECORD_BYTES is ignored: records go to Kafka, where each record is cut to the \
+         topic's max.message.bytes (or KAFKA_MAX_MESSAGE_BYTES); unset it, or set \
+         KAFKA_MAX_MESSAGE_BYTES instead"
             .to_owned()
     })
 }

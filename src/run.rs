@@ -1116,23 +1116,26 @@ impl Connector {
             if json.len() > max {
                 let k = key.take().unwrap_or_else(|| content_key(&json));
                 uncut = Some(k);
-                // Rare (a sink limit below the mapping's 10 MiB, e.g. a Kafka topic's): cut.
-                let mut cut = traffic::AktoRecord::clone(&rec);
-                let mut cuts = 0u32;
-                if traffic::fit_record(&mut cut, json.len(), max, &mut cuts) {
-                    json = traffic::encode(&cut);
-                    *truncated += u64::from(cuts);
-                }
-                if json.len() > max {
-                    let reason = format!(
-                        "the record is {} bytes even with its payloads cut, over the {} sink's \
-                         {max}-byte limit per record",
-                        json.len(),
-                        self.sink.name()
-                    );
-                    let k = uncut.take().unwrap_or_default();
-                    self.quarantine_once(unit, &reason, &json, k, known, pending)?;
-                    continue;
+                // Rare (a record over the sink's limit, or one Akto's re-encoding would take
+                // over it): cut.
+                match self.cut_to_fit(&rec, json.len()) {
+                    Some((cut, cuts)) => {
+                        json = cut;
+                        *truncated += u64::from(cuts);
+                    }
+                    None => {
+                        let reason = format!(
+                            "the record is {} bytes and its headers alone leave no room for its \
+                             payloads under the {} sink's {}-byte limit per record ({})",
+                            json.len(),
+                            self.sink.name(),
+                            self.sink.max_record_bytes(),
+                            self.sink.limit_setting()
+                        );
+                        let k = uncut.take().unwrap_or_default();
+                        self.quarantine_once(unit, &reason, &json, k, known, pending)?;
+                        continue;
+                    }
                 }
             }
             if let Some(c) = call {
@@ -1374,6 +1377,35 @@ impl Connector {
             (None, Some(e)) => Err(e.into()),
             (None, None) => Ok(()),
         }
+    }
+
+    /// `rec` (`json_len` bytes encoded, over the sink's limit) with its payloads cut until it
+    /// fits the limit as measured for the cut record itself (`max_record_bytes_for`: what Akto's
+    /// re-encoding adds to what remains), and how many strings were cut. The first cut is to the
+    /// nominal limit; a cut that Akto's re-encoding would still take over it is cut again by
+    /// that overshoot, which then fits (a shorter cut keeps shorter prefixes of the payloads,
+    /// whose growth is no larger). `None` when the rest of the record leaves no room for the
+    /// payloads.
+    fn cut_to_fit(&self, rec: &traffic::AktoRecord, json_len: usize) -> Option<(String, u32)> {
+        let mut target = self.sink.max_record_bytes();
+        for _ in 0..4 {
+            let mut cut = rec.clone();
+            let mut cuts = 0u32;
+            if !traffic::fit_record(&mut cut, json_len, target, &mut cuts) {
+                return None;
+            }
+            let json = traffic::encode(&cut);
+            let max = self.sink.max_record_bytes_for(&json);
+            if json.len() <= max {
+                return Some((json, cuts));
+            }
+            let over = json.len() - max;
+            target = json
+                .len()
+                .saturating_sub(over)
+                .min(target.saturating_sub(1));
+        }
+        None
     }
 
     /// Sends `records`; `None` when shutdown was requested and they were not confirmed within
@@ -2151,6 +2183,46 @@ mod tests {
             table: TABLE.into(),
             executions: execs,
             ..Default::default()
+        }
+    }
+
+    /// A record whose payloads Akto's re-encoding would grow past the limit (emoji: 4 bytes
+    /// each, 12 once Java escapes them) is cut until its re-encoded size fits: sent, never
+    /// quarantined. (Conservatively: the cut is sized as if every byte grew alike, so the ASCII
+    /// request is cut too.)
+    #[tokio::test]
+    async fn a_record_akto_would_grow_past_the_limit_is_cut_to_fit_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let limit = 100_000;
+        let sink = AnySink::File(
+            crate::sink::FileSink::new(Some(dir.path().join("out.jsonl")))
+                .unwrap()
+                .with_max_record_bytes(limit)
+                .unwrap(),
+        );
+        let c = connector_with(dir.path(), sink);
+        let mut e = execution("r-emoji", 1_000_000, &[]);
+        e.request = Some(crate::json::JsonString::encode(&"q".repeat(30_000)));
+        e.response = Some(crate::json::JsonString::encode(&"😀".repeat(20_000)));
+        let totals = deliver_table(&c, vec![e]).await.unwrap();
+        assert_eq!(totals.records_sent, 1);
+        assert!(totals.truncated >= 1);
+        let text = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+        let line = text.lines().next().unwrap();
+        assert!(
+            crate::sink::akto_size_upper_bound(line) <= limit,
+            "{}",
+            line.len()
+        );
+        let rec: Value = serde_json::from_str(line).unwrap();
+        // Both payloads keep a part, each marked with its original size.
+        for (field, original) in [("requestPayload", 30_000), ("responsePayload", 80_000)] {
+            let p = rec[field].as_str().unwrap();
+            assert!(p.len() > 5_000, "{field}: {}", p.len());
+            assert!(
+                p.ends_with(&format!("original {original} bytes]")),
+                "{field}"
+            );
         }
     }
 

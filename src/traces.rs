@@ -1241,11 +1241,16 @@ pub async fn collect_otel_table(
             let ids: Vec<String> = wanted.iter().map(|(id, _, _)| id.clone()).collect();
             let cols = match cols {
                 Some(c) => c,
-                None => {
-                    let probe = format!("SELECT * FROM {} LIMIT 0", quote_table(table));
-                    let c = span_columns(client, statement(probe, Vec::new()), &mut stats).await?;
-                    *cols.insert(c)
-                }
+                None => match known_span_columns(table) {
+                    Some(c) => *cols.insert(c),
+                    None => {
+                        let probe = format!("SELECT * FROM {} LIMIT 0", quote_table(table));
+                        let c =
+                            span_columns(client, statement(probe, Vec::new()), &mut stats).await?;
+                        remember_span_columns(table, c);
+                        *cols.insert(c)
+                    }
+                },
             };
             let mut by_trace =
                 fetch_spans(client, &statement, table, cols, ids, &mut stats).await?;
@@ -1298,6 +1303,12 @@ pub async fn collect_otel_table(
                     .filter_map(|s| s.end_ns.or(s.start_ns))
                     .map(|ns| ns.div_euclid(1000))
                     .fold(t, i64::max);
+                // A second root span still settling: its children may still be landing. Read
+                // the whole trace once it has settled too.
+                if newest_root > settled_before {
+                    hold(&mut stats, newest_root);
+                    continue;
+                }
                 units.push(Prepared {
                     id,
                     time_us: newest_root,
@@ -1339,9 +1350,33 @@ const SPAN_COLUMNS: &str =
 /// where MLflow records a failure as an `exception` event: for tables that have it.
 const SPAN_COLUMNS_EVENTS: &str = "trace_id, span_id, parent_span_id, name, start_time_unix_nano, end_time_unix_nano, attributes, status, events";
 
+/// How long the columns found for a span table are trusted ([`known_span_columns`]).
+const SPAN_COLUMNS_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The span columns of each table found by this process, and when: a table's columns rarely
+/// change, so the `LIMIT 0` probe runs once an hour per table, not on every read.
+static SPAN_COLUMNS_SEEN: std::sync::Mutex<BTreeMap<String, (std::time::Instant, &'static str)>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn known_span_columns(table: &str) -> Option<&'static str> {
+    let seen = SPAN_COLUMNS_SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    seen.get(table)
+        .filter(|(at, _)| at.elapsed() < SPAN_COLUMNS_TTL)
+        .map(|(_, c)| *c)
+}
+
+fn remember_span_columns(table: &str, cols: &'static str) {
+    SPAN_COLUMNS_SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(table.to_string(), (std::time::Instant::now(), cols));
+}
+
 /// The span columns to read from `table`: with `events` when it has that column (Databricks'
-/// OTel tables do; older or hand-made ones may not). One `LIMIT 0` statement, per read that
-/// has spans to fetch.
+/// OTel tables do; older or hand-made ones may not). One `LIMIT 0` statement, remembered for
+/// [`SPAN_COLUMNS_TTL`].
 async fn span_columns(
     client: &DatabricksClient,
     st: Statement,
@@ -1372,6 +1407,12 @@ fn row_too_large(table: &str, what: &str) -> CollectError {
         ),
         retriable: false,
     })
+}
+
+/// Whether `e` is [`row_too_large`]'s.
+fn is_row_too_large(e: &CollectError) -> bool {
+    matches!(e, CollectError::Databricks(DatabricksError::Statement { error_code, .. })
+        if error_code == "ROW_TOO_LARGE")
 }
 
 /// The `status` cell of an OTel span table: a plain code (`STATUS_CODE_ERROR`), or the struct
@@ -1501,7 +1542,7 @@ async fn read_cut_span<F>(
     client: &DatabricksClient,
     statement: &F,
     table: &str,
-    cols: &'static str,
+    with_events: bool,
     id: &str,
     after: Option<&str>,
     stats: &mut TableStats,
@@ -1510,7 +1551,6 @@ where
     F: Fn(String, Vec<Param>) -> Statement,
 {
     let t = quote_table(table);
-    let with_events = cols == SPAN_COLUMNS_EVENTS;
     // Where the attribute values start in the cut read's row.
     let first_attr = 7 + usize::from(with_events);
     let too_large = || row_too_large(table, &format!("a span of trace {id}"));
@@ -1687,8 +1727,19 @@ where
         if rows.is_empty() && cut {
             // The next span alone is larger than a statement may return: read it with its
             // attribute values cut, then go on after it.
-            let span = read_cut_span(client, statement, table, cols, id, after.as_deref(), stats)
-                .await?
+            let with_events = cols == SPAN_COLUMNS_EVENTS;
+            let after_id = after.as_deref();
+            let span =
+                match read_cut_span(client, statement, table, with_events, id, after_id, stats)
+                    .await
+                {
+                    // Events too may be what makes the span so large (a streamed generation records
+                    // each chunk as one): read it without them, its error then from its status.
+                    Err(e) if with_events && is_row_too_large(&e) => {
+                        read_cut_span(client, statement, table, false, id, after_id, stats).await?
+                    }
+                    r => r?,
+                }
                 .ok_or_else(|| row_too_large(table, &format!("a span of trace {id}")))?;
             match &after {
                 Some(a) if span.span_id <= *a => {

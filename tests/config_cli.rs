@@ -682,6 +682,18 @@ fn both_sinks_set_warns_that_the_kafka_broker_is_ignored() {
     assert_eq!(out.status.code(), Some(0), "{all}");
     assert!(all.contains("sink=kafka("), "{all}");
     assert!(!all.contains("is ignored"), "{all}");
+
+    // AKTO_MAX_RECORD_BYTES with Kafka: it does nothing there, and a WARN says so.
+    env.push(("AKTO_MAX_RECORD_BYTES", "1000000"));
+    let out = shield(&["--print-config"], &env, dir.path());
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(
+        all.lines().any(|l| l.contains("WARN")
+            && l.contains("AKTO_MAX_RECORD_BYTES is ignored")
+            && l.contains("KAFKA_MAX_MESSAGE_BYTES")),
+        "{all}"
+    );
 }
 
 /// The shipped env template leaves the sink to fill in: a placeholder ingestion URL would win

@@ -1668,6 +1668,31 @@ async fn records_of_a_batch_refused_with_422_and_accepted_later_are_announced() 
     let out = s.deliver(&batch[3..]).await.unwrap();
     assert_eq!(out.rejected.len(), 1);
     assert_eq!(s.records_maybe_stored_twice(), 0);
+
+    // The service fails while the 422 batch is being split: the records of it still pending
+    // are sent again next cycle, and counted too.
+    let server = Server::start().await;
+    server.with(|g| {
+        g.poison = Some("POISON".into());
+        g.fail_after_accepted = Some((1, 503));
+    });
+    let s = sink(server.url(), None, fast_retry(2));
+    let log = Captured::default();
+    let err = {
+        let _guard = log.start();
+        s.deliver(&batch).await.unwrap_err()
+    };
+    let mut delivered = err.delivered_before_failure().to_vec();
+    delivered.sort_unstable();
+    assert_eq!(delivered, vec![0, 1]);
+    assert_eq!(s.records_maybe_stored_twice(), 4);
+    let text = log.text();
+    for part in [
+        "2 were in a batch the service answered with HTTP 422 and were accepted",
+        "2 were in a batch the service answered with HTTP 422 (Akto may have handed them on",
+    ] {
+        assert!(text.contains(part), "{part:?} missing: {text}");
+    }
 }
 
 /// The strict stand-in plays Akto's producer limit: a record whose JSON is over it is refused

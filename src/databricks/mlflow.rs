@@ -418,7 +418,8 @@ impl DatabricksClient {
                             });
                         }
                         Ok(body) => {
-                            // A refusal: its first bytes name the code (a longer body is cut).
+                            // A refusal: its first bytes name the code (a body over 4 KiB is not
+                            // kept: the status alone decides then).
                             let body = body.unwrap_or_default();
                             let code = status.as_u16();
                             if !(code == 429 || code >= 500) {

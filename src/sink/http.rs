@@ -465,7 +465,27 @@ impl HttpSink {
             .iter()
             .filter(|&&i| marks.refused_in_batch[i] && !marks.maybe_stored[i])
             .count();
-        let count = unanswered + after_422;
+        // Of a 422 batch and left pending by a later failure: sent again next cycle, and Akto
+        // may hold them already.
+        let pending_422 = match &result {
+            Ok(_) => 0,
+            Err(e) => {
+                let rejected: std::collections::HashSet<usize> = e
+                    .rejected_before_failure()
+                    .iter()
+                    .map(|(i, _)| *i)
+                    .collect();
+                (0..batch.len())
+                    .filter(|&i| {
+                        marks.refused_in_batch[i]
+                            && !marks.maybe_stored[i]
+                            && !delivered.contains(&i)
+                            && !rejected.contains(&i)
+                    })
+                    .count()
+            }
+        };
+        let count = unanswered + after_422 + pending_422;
         if count == 0 {
             return result;
         }
@@ -490,6 +510,13 @@ impl HttpSink {
                 "{after_422} were in a batch the service answered with HTTP 422 and were \
                  accepted when sent again in smaller batches (Akto answers 422 when a record \
                  fails mid-batch, after it handed the records before it on)"
+            ));
+        }
+        if pending_422 > 0 {
+            causes.push(format!(
+                "{pending_422} were in a batch the service answered with HTTP 422 (Akto may have \
+                 handed them on before the record that failed) and stay pending and are sent \
+                 again"
             ));
         }
         let causes = causes.join("; ");

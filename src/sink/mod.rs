@@ -435,6 +435,14 @@ impl AnySink {
         }
     }
 
+    /// The setting [`Self::max_record_bytes`] comes from, to name in messages.
+    pub fn limit_setting(&self) -> &'static str {
+        match self {
+            AnySink::Http(_) | AnySink::File(_) => "AKTO_MAX_RECORD_BYTES",
+            AnySink::Kafka(_) => "KAFKA_MAX_MESSAGE_BYTES, else the topic's max.message.bytes",
+        }
+    }
+
     /// Called before a delivery stage maps records, so that [`Self::max_record_bytes`] is the
     /// destination's own limit (a Kafka topic's `max.message.bytes`, read once it answers).
     pub async fn prepare(&self) {

@@ -90,26 +90,30 @@ pub(crate) fn static_extension_dot(path: &str) -> Option<usize> {
 }
 
 /// Whether a request body is one Akto release 018552b4 takes for incomplete JSON whatever its
-/// start: empty, whitespace only (Java's `trim`: characters up to U+0020), or ending with `[`.
-/// Looks at the literal's first and last bytes unless an escape may hide the answer.
+/// start: once trimmed (`rawToJsonString` trims it first; Java's `trim`: characters up to
+/// U+0020), empty or ending with `[`. Looks at the literal's first and last bytes unless
+/// whitespace or an escape there may hide the answer.
 pub(crate) fn blank_or_open_bracket(payload: &JsonString) -> bool {
     let lit = payload.literal().as_bytes();
     let inner = &lit[1..lit.len() - 1];
-    let (Some(&first), Some(&last)) = (inner.first(), inner.last()) else {
+    let Some(&last) = inner.last() else {
         return true;
     };
-    // `[` never ends an escape; the only escape that decodes to it is `\u005b` (any case).
+    // `[` never ends an escape.
     if last == b'[' {
         return true;
     }
-    let tail = &inner[inner.len().saturating_sub(5)..];
-    let escaped_bracket = tail.eq_ignore_ascii_case(b"u005b");
-    if first > b' ' && first != b'\\' && !escaped_bracket {
+    // The last character is plain (not whitespace, not part of an escape: an escape is at most
+    // six bytes, `\uXXXX`): the trimmed body ends as the literal does, so it is not empty and
+    // does not end with `[`.
+    let tail = &inner[inner.len().saturating_sub(6)..];
+    if last > b' ' && !tail.contains(&b'\\') {
         return false;
     }
-    // Rare: a body starting with whitespace or an escape, or ending like `\u005b`.
+    // Rare: whitespace or an escape at the end.
     let text = payload.text();
-    text.chars().all(|c| c <= ' ') || text.ends_with('[')
+    let trimmed = text.trim_matches(|c: char| c <= ' ');
+    trimmed.is_empty() || trimmed.ends_with('[')
 }
 
 /// Whether the request `content-type` of these headers is `application/json` or missing (which

@@ -624,7 +624,9 @@ pub fn redundant_endpoint(url: &str) -> bool {
 /// [`possibly_incomplete_json`] covers: an empty or blank body (`json.trim().isEmpty()`), or one
 /// ending with `[` (its `json.endsWith("[") && !json.endsWith("]")`).
 pub fn blank_or_open_bracket(body: &str) -> bool {
-    body.chars().all(|c| c <= ' ') || body.ends_with('[')
+    // `rawToJsonString` trims the body first (Java's `trim`: characters up to U+0020).
+    let trimmed = body.trim_matches(|c: char| c <= ' ');
+    trimmed.is_empty() || trimmed.ends_with('[')
 }
 
 fn object_string(
