@@ -578,6 +578,17 @@ impl TableReader<'_> {
     /// Reads everything new and sends it. Returns what it did.
     pub async fn collect(&self, out: &mpsc::Sender<Chunk>) -> Result<TableStats, CollectError> {
         let mut stats = TableStats::default();
+        self.collect_into(out, &mut stats).await?;
+        Ok(stats)
+    }
+
+    /// [`TableReader::collect`], counting what it did into `stats` as it goes: a read that
+    /// fails (or is stopped) still reports the statements it ran and the rows it delivered.
+    pub async fn collect_into(
+        &self,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
         let lookback = self.opts.lookback.as_micros() as i64;
         let catchup_floor = self.now_us - self.opts.max_catchup.as_micros() as i64;
         let ns = self.table.full_name.as_str();
@@ -623,7 +634,7 @@ impl TableReader<'_> {
                 );
             }
             if from <= c.time_us {
-                self.collect_late(from, c, out, &mut stats).await?;
+                self.collect_late(from, c, out, stats).await?;
             }
         }
 
@@ -645,9 +656,7 @@ impl TableReader<'_> {
                 format_timestamp(catchup_floor)
             );
         }
-        self.collect_head(after_us, after_id, out, &mut stats)
-            .await?;
-        Ok(stats)
+        self.collect_head(after_us, after_id, out, stats).await
     }
 
     async fn collect_head(

@@ -314,9 +314,19 @@ impl Quarantine {
 /// reported with its source's name.
 #[derive(Default)]
 struct Readers {
-    set: tokio::task::JoinSet<(String, Result<TableStats, CollectError>)>,
+    set: tokio::task::JoinSet<(String, TableStats, Result<(), CollectError>)>,
     names: std::collections::HashMap<tokio::task::Id, String>,
 }
+
+/// A reader's work: it counts into the [`TableStats`] it is given as it goes, so what it did is
+/// reported also when it fails or is stopped.
+type ReaderWork = Box<
+    dyn for<'a> FnOnce(
+            &'a mut TableStats,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<(), CollectError>> + Send + 'a>,
+        > + Send,
+>;
 
 /// Runs one source's reader under the concurrency bound; shutdown stops it at once (a statement
 /// may poll for minutes): what it already handed to delivery is delivered or left unconfirmed,
@@ -326,21 +336,22 @@ fn spawn_reader(
     sem: &Arc<Semaphore>,
     shutdown: &Shutdown,
     name: String,
-    work: impl std::future::Future<Output = Result<TableStats, CollectError>> + Send + 'static,
+    work: ReaderWork,
 ) {
     let sem = sem.clone();
     let mut shutdown = shutdown.clone();
     let task_name = name.clone();
     let handle = readers.set.spawn(async move {
+        let mut stats = TableStats::default();
         let _permit = sem.acquire_owned().await;
         if shutdown.is_triggered() {
-            return (name, Err(CollectError::Closed));
+            return (name, stats, Err(CollectError::Closed));
         }
         let result = tokio::select! {
-            r = work => r,
+            r = work(&mut stats) => r,
             _ = shutdown.wait() => Err(CollectError::Closed),
         };
-        (name, result)
+        (name, stats, result)
     });
     readers.names.insert(handle.id(), task_name);
 }
@@ -643,57 +654,68 @@ impl Connector {
         for src in trace_sources {
             let (this, tx) = (self.clone(), tx.clone());
             let name = crate::traces::experiment_namespace(&src.experiment_id);
-            spawn_reader(&mut readers, &trace_sem, shutdown, name, async move {
-                let st = &this.settings;
-                crate::traces::collect_experiment(
-                    &this.client,
-                    &this.state,
-                    &src,
-                    &st.collect,
-                    &st.account_id,
-                    cycle_start_us,
-                    &tx,
-                )
-                .await
+            let work: ReaderWork = Box::new(move |stats| {
+                Box::pin(async move {
+                    let st = &this.settings;
+                    crate::traces::collect_experiment_into(
+                        &this.client,
+                        &this.state,
+                        &src,
+                        &st.collect,
+                        &st.account_id,
+                        cycle_start_us,
+                        &tx,
+                        stats,
+                    )
+                    .await
+                })
             });
+            spawn_reader(&mut readers, &trace_sem, shutdown, name, work);
         }
         for table in inv.otel_span_tables.clone() {
             let (this, tx, inv) = (self.clone(), tx.clone(), inv_arc.clone());
             let warehouse = warehouse.clone().unwrap_or_default();
             let name = table.clone();
-            spawn_reader(&mut readers, &trace_sem, shutdown, name, async move {
-                let st = &this.settings;
-                crate::traces::collect_otel_table(
-                    &this.client,
-                    &this.state,
-                    &warehouse,
-                    &table,
-                    &inv,
-                    &st.workspace_host,
-                    &st.account_id,
-                    &st.collect,
-                    cycle_start_us,
-                    &tx,
-                )
-                .await
+            let work: ReaderWork = Box::new(move |stats| {
+                Box::pin(async move {
+                    let st = &this.settings;
+                    crate::traces::collect_otel_table_into(
+                        &this.client,
+                        &this.state,
+                        &warehouse,
+                        &table,
+                        &inv,
+                        &st.workspace_host,
+                        &st.account_id,
+                        &st.collect,
+                        cycle_start_us,
+                        &tx,
+                        stats,
+                    )
+                    .await
+                })
             });
+            spawn_reader(&mut readers, &trace_sem, shutdown, name, work);
         }
         drop(tx);
         for (_, table) in inv.readable() {
             let (this, tx, table) = (self.clone(), table_tx.clone(), table.clone());
             let warehouse = warehouse.clone().unwrap_or_default();
             let name = table.full_name.clone();
-            spawn_reader(&mut readers, &sem, shutdown, name, async move {
-                let reader = TableReader {
-                    client: &this.client,
-                    state: &this.state,
-                    warehouse_id: &warehouse,
-                    table: &table,
-                    opts: &this.settings.collect,
-                    now_us: cycle_start_us,
-                };
-                reader.collect(&tx).await
+            let work: ReaderWork = Box::new(move |stats| {
+                Box::pin(async move {
+                    let reader = TableReader {
+                        client: &this.client,
+                        state: &this.state,
+                        warehouse_id: &warehouse,
+                        table: &table,
+                        opts: &this.settings.collect,
+                        now_us: cycle_start_us,
+                    };
+                    reader.collect_into(&tx, stats).await
+                })
             });
+            spawn_reader(&mut readers, &sem, shutdown, name, work);
         }
         drop(table_tx);
         let mut completed: Vec<(String, Option<i64>)> = Vec::new();
@@ -1526,13 +1548,17 @@ async fn join_readers(
     completed: &mut Vec<(String, Option<i64>)>,
 ) {
     while let Some(joined) = readers.set.join_next().await {
+        // What a reader did counts however it ended (a failed or stopped one too: its
+        // statements ran, and the rows it handed on are delivered or pending).
+        if let Ok((_, stats, _)) = &joined {
+            report.add_table(stats);
+        }
         match joined {
-            Ok((table, Ok(stats))) => {
-                report.add_table(&stats);
+            Ok((table, stats, Ok(()))) => {
                 completed.push((table, stats.hold_from));
             }
-            Ok((_, Err(CollectError::Closed))) => {}
-            Ok((table, Err(e))) => {
+            Ok((_, _, Err(CollectError::Closed))) => {}
+            Ok((table, _, Err(e))) => {
                 // The state store refused a read or a write: an operator is needed (redb
                 // refuses every write after a failed one until restart).
                 report.fatal |= matches!(e, CollectError::State(_));
@@ -2566,25 +2592,51 @@ mod tests {
             &sem,
             &shutdown,
             "c.s.broken_payload".into(),
-            async { panic!("a bug") },
+            Box::new(|_| Box::pin(async { panic!("a bug") })),
         );
         spawn_reader(
             &mut readers,
             &sem,
             &shutdown,
             "c.s.fine_payload".into(),
-            async { Ok(TableStats::default()) },
+            Box::new(|stats| {
+                Box::pin(async move {
+                    stats.statements += 2;
+                    Ok(())
+                })
+            }),
+        );
+        // A reader that fails after some work: what it did still counts.
+        spawn_reader(
+            &mut readers,
+            &sem,
+            &shutdown,
+            "c.s.failing_payload".into(),
+            Box::new(|stats| {
+                Box::pin(async move {
+                    stats.statements += 3;
+                    stats.payloads_cut += 1;
+                    Err(CollectError::Databricks(DatabricksError::NoWarehouse(
+                        "gone".into(),
+                    )))
+                })
+            }),
         );
         let mut report = CycleReport::default();
         let mut completed = Vec::new();
         join_readers(&mut readers, &mut report, &mut completed).await;
-        assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+        assert_eq!(report.errors.len(), 2, "{:?}", report.errors);
         assert!(
-            report.errors[0].starts_with("c.s.broken_payload: its reader failed"),
+            report
+                .errors
+                .iter()
+                .any(|e| e.starts_with("c.s.broken_payload: its reader failed")),
             "{:?}",
             report.errors
         );
         assert_eq!(completed, [("c.s.fine_payload".to_string(), None)]);
+        assert_eq!(report.statements, 5);
+        assert_eq!(report.truncated, 1);
     }
 
     /// Payloads cut while reading count with those cut while mapping.

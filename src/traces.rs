@@ -646,7 +646,7 @@ fn unit_time(start_us: i64, end_us: i64, long_us: i64) -> i64 {
 /// the window, then (a second search) the long runs started up to [`MAX_RUN_US`] before it
 /// that ended in it.
 #[allow(clippy::too_many_arguments)]
-pub async fn collect_experiment(
+pub async fn collect_experiment_into(
     client: &DatabricksClient,
     state: &StateStore,
     source: &TraceSource,
@@ -654,9 +654,9 @@ pub async fn collect_experiment(
     account_id: &str,
     now_us: i64,
     out: &mpsc::Sender<Chunk>,
-) -> Result<TableStats, CollectError> {
+    stats: &mut TableStats,
+) -> Result<(), CollectError> {
     let ns = experiment_namespace(&source.experiment_id);
-    let mut stats = TableStats::default();
     let w = window(state, &ns, opts, now_us)?;
     let floor = now_us - opts.max_catchup.as_micros() as i64;
     let from_ms = w.from_us.div_euclid(1000);
@@ -680,7 +680,7 @@ pub async fn collect_experiment(
     };
     let main = format!("trace.timestamp_ms > {}", from_ms - 1);
     reader
-        .search(&main, Pass::Main(&w), &mut emitted, &mut stats)
+        .search(&main, Pass::Main(&w), &mut emitted, stats)
         .await?;
     // Long runs logged when they ended: their start is before the window (MLflow 3 clients
     // create the trace only then, already final). Started at most MAX_RUN_US before the
@@ -697,9 +697,28 @@ pub async fn collect_experiment(
             long_us / 1000
         );
         reader
-            .search(&long, Pass::Long { late_from }, &mut emitted, &mut stats)
+            .search(&long, Pass::Long { late_from }, &mut emitted, stats)
             .await?;
     }
+    Ok(())
+}
+
+/// [`collect_experiment_into`] counting into its own [`TableStats`], returned when it succeeds.
+#[allow(clippy::too_many_arguments)]
+pub async fn collect_experiment(
+    client: &DatabricksClient,
+    state: &StateStore,
+    source: &TraceSource,
+    opts: &CollectOptions,
+    account_id: &str,
+    now_us: i64,
+    out: &mpsc::Sender<Chunk>,
+) -> Result<TableStats, CollectError> {
+    let mut stats = TableStats::default();
+    collect_experiment_into(
+        client, state, source, opts, account_id, now_us, out, &mut stats,
+    )
+    .await?;
     Ok(stats)
 }
 
@@ -1099,7 +1118,7 @@ fn summary_span(t: &TraceInfo, time_us: i64) -> Span {
 /// root span's name (an inventory agent's name, endpoint, app or model), else the table itself
 /// is the agent. State namespace: the table's full name.
 #[allow(clippy::too_many_arguments)]
-pub async fn collect_otel_table(
+pub async fn collect_otel_table_into(
     client: &DatabricksClient,
     state: &StateStore,
     warehouse_id: &str,
@@ -1110,8 +1129,8 @@ pub async fn collect_otel_table(
     opts: &CollectOptions,
     now_us: i64,
     out: &mpsc::Sender<Chunk>,
-) -> Result<TableStats, CollectError> {
-    let mut stats = TableStats::default();
+    stats: &mut TableStats,
+) -> Result<(), CollectError> {
     let w = window(state, table, opts, now_us)?;
     let statement = |sql: String, params: Vec<Param>| Statement {
         warehouse_id: warehouse_id.to_string(),
@@ -1170,7 +1189,7 @@ pub async fn collect_otel_table(
                     Param::new("after_id", after.1.clone(), "STRING"),
                 ],
             ),
-            &mut stats,
+            stats,
         )
         .await?;
         let n = roots.len();
@@ -1220,7 +1239,7 @@ pub async fn collect_otel_table(
             // ended SETTLE_US ago; until then the window is held open back to it.
             if t > settled_before {
                 if !emitted.contains(&id) && !delivered.contains(&id) {
-                    hold(&mut stats, t);
+                    hold(stats, t);
                 }
                 unsettled = true;
                 continue;
@@ -1245,15 +1264,13 @@ pub async fn collect_otel_table(
                     Some(c) => *cols.insert(c),
                     None => {
                         let probe = format!("SELECT * FROM {} LIMIT 0", quote_table(table));
-                        let c =
-                            span_columns(client, statement(probe, Vec::new()), &mut stats).await?;
+                        let c = span_columns(client, statement(probe, Vec::new()), stats).await?;
                         remember_span_columns(table, c);
                         *cols.insert(c)
                     }
                 },
             };
-            let mut by_trace =
-                fetch_spans(client, &statement, table, cols, ids, &mut stats).await?;
+            let mut by_trace = fetch_spans(client, &statement, table, cols, ids, stats).await?;
             let mut units = Vec::new();
             let mut behind_n = 0u64;
             for (id, t, behind) in wanted {
@@ -1306,7 +1323,7 @@ pub async fn collect_otel_table(
                 // A second root span still settling: its children may still be landing. Read
                 // the whole trace once it has settled too.
                 if newest_root > settled_before {
-                    hold(&mut stats, newest_root);
+                    hold(stats, newest_root);
                     continue;
                 }
                 units.push(Prepared {
@@ -1331,16 +1348,48 @@ pub async fn collect_otel_table(
             }
         }
         if unsettled {
-            return Ok(stats);
+            return Ok(());
         }
         if n < PAGE && !cut {
-            return Ok(stats);
+            return Ok(());
         }
     }
     Err(CollectError::Databricks(DatabricksError::Decode {
         route: table.to_string(),
         detail: "more than 100000 pages of root spans".into(),
     }))
+}
+
+/// [`collect_otel_table_into`] counting into its own [`TableStats`], returned when it succeeds.
+#[allow(clippy::too_many_arguments)]
+pub async fn collect_otel_table(
+    client: &DatabricksClient,
+    state: &StateStore,
+    warehouse_id: &str,
+    table: &str,
+    inv: &Inventory,
+    workspace_host: &str,
+    account_id: &str,
+    opts: &CollectOptions,
+    now_us: i64,
+    out: &mpsc::Sender<Chunk>,
+) -> Result<TableStats, CollectError> {
+    let mut stats = TableStats::default();
+    collect_otel_table_into(
+        client,
+        state,
+        warehouse_id,
+        table,
+        inv,
+        workspace_host,
+        account_id,
+        opts,
+        now_us,
+        out,
+        &mut stats,
+    )
+    .await?;
+    Ok(stats)
 }
 
 const SPAN_COLUMNS: &str =
