@@ -422,9 +422,13 @@ async fn otel_span_results_cut_at_the_byte_limit_lose_no_span() {
     let (plain, want) = read_otel(&c, &state, &wh.id, &table, &inv).await;
     assert_eq!(want.len(), 5);
     assert!(want.iter().all(|(_, n, _)| *n == 1), "{want:?}");
-    assert_eq!(
-        plain.statements, 3,
-        "one root page, the probe of the table's columns (events?), one span read"
+    // The probe of a table's columns (events?) runs once an hour per table name in a process
+    // (`known_span_columns`): another test of this binary, reading a table of the same name,
+    // may have run it already.
+    assert!(
+        (2..=3).contains(&plain.statements),
+        "one root page, the probe of the table's columns unless known, one span read: {}",
+        plain.statements
     );
 
     // 1000 bytes: the roots (5 small rows) fit, the spans of 2+ traces do not.
@@ -1337,4 +1341,326 @@ async fn a_clock_set_back_neither_re_sends_nor_skips_late_rows() {
     let late = rig.read(at).await;
     assert_eq!(late.into_keys().collect::<Vec<_>>(), want);
     rig.emu.shutdown().await;
+}
+
+/// The rows of a SQL statement on `table` (the test's own look at the emulator's data).
+async fn sql_rows(
+    c: &databricks_shield::databricks::DatabricksClient,
+    wh: &str,
+    table: &str,
+    sql: String,
+    params: Vec<databricks_shield::databricks::sql::Param>,
+) -> Vec<Vec<String>> {
+    let st = databricks_shield::databricks::sql::Statement {
+        warehouse_id: wh.to_string(),
+        statement: sql,
+        parameters: params,
+        table: table.to_string(),
+        timeout: std::time::Duration::from_secs(20),
+    };
+    c.execute(&st)
+        .await
+        .unwrap()
+        .collect_all()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|cell| cell.text().map(|t| t.into_owned()).unwrap_or_default())
+                .collect()
+        })
+        .collect()
+}
+
+/// A span too large for one statement because of its `events` column, its attributes small: a
+/// streamed generation, which MLflow records chunk by chunk as span events. The cut read with
+/// events is still too large (cutting attributes does not help), so the span is read without
+/// them: its record is sent once, the same as an uncut read's (its events hold no
+/// `exception`), no attribute cut, and the table does not fail.
+///
+/// Catches: removing the `is_row_too_large` fallback of `fetch_trace_spans` (the cut read with
+/// events answers ROW_TOO_LARGE, the table fails on every cycle and the read here panics), or a
+/// fallback that drops the span instead of reading it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otel_spans_too_large_by_their_events_are_read_without_them() {
+    let (emu, c, inv, table, wh) = otel_table().await;
+    let id = emu
+        .add_streamed_otel_trace(20 * SPAN_LIMIT, now_us() - 5 * MIN)
+        .unwrap();
+    // Its events alone are over the lowered limit; its attributes far under it.
+    let rows = sql_rows(
+        &c,
+        &wh.id,
+        &table,
+        format!("SELECT attributes, events FROM {table} WHERE trace_id = :t AND parent_span_id IS NOT NULL"),
+        vec![databricks_shield::databricks::sql::Param::new(
+            "t", id.as_str(), "STRING",
+        )],
+    )
+    .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0][0].len() < SPAN_LIMIT / 2, "{}", rows[0][0]);
+    assert!(rows[0][1].len() > 10 * SPAN_LIMIT, "{}", rows[0][1].len());
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (_, want) = read_otel(&c, &state, &wh.id, &table, &inv).await;
+    assert_eq!(want.len(), 6, "{want:?}");
+    let streamed = want
+        .iter()
+        .find(|(t, _, _)| *t == id)
+        .expect("the streamed generation's trace");
+    assert_eq!(streamed.1, 1, "its CHAT_MODEL span: {streamed:?}");
+    assert!(streamed.2.starts_with("/llm/"), "{streamed:?}");
+
+    emu.set_faults(&format!(
+        "kind=byte_limit,bytes={SPAN_LIMIT},table={table},count=unlimited"
+    ))
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (stats, got) = read_otel(&c, &state, &wh.id, &table, &inv).await;
+    emu.set_faults("").unwrap();
+    assert_eq!(
+        got, want,
+        "every trace once, the streamed generation's record as an uncut read's"
+    );
+    assert_eq!(stats.payloads_cut, 0, "no attribute was cut: {stats:?}");
+    emu.shutdown().await;
+}
+
+/// One read of an OTel span table at `now` (the connector's clock), delivered and recorded as
+/// `run` records a complete read: the stats and the units by trace id.
+async fn read_otel_at(
+    c: &databricks_shield::databricks::DatabricksClient,
+    state: &StateStore,
+    wh: &str,
+    table: &str,
+    inv: &Inventory,
+    now: i64,
+) -> (
+    databricks_shield::collect::TableStats,
+    BTreeMap<String, Prepared>,
+) {
+    let o = opts();
+    let (r, chunks) = chunks_of(|tx| async move {
+        traces::collect_otel_table(
+            c,
+            state,
+            wh,
+            table,
+            inv,
+            "127.0.0.1",
+            "1000000",
+            &opts(),
+            now,
+            &tx,
+        )
+        .await
+    })
+    .await;
+    let stats = r.unwrap_or_else(|e| panic!("the span table is read: {e}"));
+    deliver(state, &chunks);
+    complete_read(state, table, &o, now, &stats);
+    let mut got = BTreeMap::new();
+    for (_, u) in units(&chunks) {
+        assert!(
+            got.insert(u.id.clone(), u.clone()).is_none(),
+            "{} twice in one read",
+            u.id
+        );
+    }
+    (stats, got)
+}
+
+/// OTel: a trace with two root spans, the first ended long ago, the second 90 s before the read
+/// (under the 2 minutes a root settles in: its children may still be landing). The trace is not
+/// sent by that read, which holds the window back to the second root's end; a later read, both
+/// roots settled, sends it once, with all its spans, keyed by its newest root's end.
+///
+/// Catches: removing the `newest_root > settled_before` hold of `collect_otel_table` (the trace
+/// would be sent by the first read, from its settled first root, before the second root's
+/// children have landed), or holding it without `hold` (the read mark would move past it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_otel_trace_waits_until_its_newest_root_has_settled() {
+    const SETTLE_US: i64 = 120_000_000;
+    let (emu, c, inv, table, wh) = otel_table().await;
+    // The roots' ends (µs) by trace, from the table: the emulator gives one trace two roots.
+    let mut roots: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for r in sql_rows(
+        &c,
+        &wh.id,
+        &table,
+        format!(
+            "SELECT trace_id, end_time_unix_nano FROM {table} \
+             WHERE parent_span_id IS NULL OR parent_span_id = ''"
+        ),
+        Vec::new(),
+    )
+    .await
+    {
+        let end: i64 = r[1].parse().unwrap();
+        roots
+            .entry(r[0].clone())
+            .or_default()
+            .push(end.div_euclid(1000));
+    }
+    let (id, ends) = roots
+        .iter()
+        .find(|(_, e)| e.len() == 2)
+        .map(|(id, e)| (id.clone(), e.clone()))
+        .expect("a trace with two root spans");
+    let (first, second) = (*ends.iter().min().unwrap(), *ends.iter().max().unwrap());
+    // The read's clock: the second root ended 90 s before; the first root, and every other
+    // trace's root, settled before.
+    let at = second + 90_000_000;
+    assert!(first <= at - SETTLE_US - 60_000_000, "{ends:?}");
+    let others: BTreeSet<String> = roots.keys().filter(|t| **t != id).cloned().collect();
+    assert!(roots
+        .iter()
+        .filter(|(t, _)| others.contains(*t))
+        .all(|(_, e)| e.iter().all(|end| *end <= at - SETTLE_US)));
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = StateStore::open(dir.path(), false).unwrap();
+    let (stats, got) = read_otel_at(&c, &state, &wh.id, &table, &inv, at).await;
+    assert!(
+        !got.contains_key(&id),
+        "sent before its second root settled"
+    );
+    assert_eq!(
+        got.keys().cloned().collect::<BTreeSet<_>>(),
+        others,
+        "the settled traces are sent"
+    );
+    assert_eq!(
+        stats.hold_from,
+        Some(second),
+        "the window is held back to the unsettled root's end"
+    );
+
+    // Both roots settled (the connector's clock at the real time, minutes later).
+    let (_, got) = read_otel_at(&c, &state, &wh.id, &table, &inv, now_us()).await;
+    assert_eq!(
+        got.keys().map(String::as_str).collect::<Vec<_>>(),
+        [id.as_str()],
+        "the held trace, once"
+    );
+    let u = &got[&id];
+    assert_eq!(u.time_us, second, "keyed by its newest root's end");
+    assert_eq!(u.records.len(), 1, "its TOOL span");
+    for _ in 0..2 {
+        let (_, got) = read_otel_at(&c, &state, &wh.id, &table, &inv, now_us()).await;
+        assert!(got.is_empty(), "sent again: {:?}", got.keys());
+    }
+    emu.shutdown().await;
+}
+
+/// Log lines written by a `tracing_subscriber` under test.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Cloud storage answering without a Content-Length (chunked transfer encoding): the span
+/// document is counted while it is read and dropped past the cap (`TooLarge`, not exact); one
+/// within the cap comes back whole, the same spans and length as with a Content-Length. A
+/// document over the 64 MiB read per trace sends the trace's summary, with a WARN.
+///
+/// Catches: a read of a body without Content-Length that ignores the cap (`read_capped`), which
+/// would hold any document in memory and send its spans here; an emulator answer that kept its
+/// Content-Length (then `exact` would be true).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn span_documents_without_a_content_length_are_capped_while_read() {
+    use databricks_shield::databricks::mlflow::{SpanDownload, MAX_SPAN_DOCUMENT_BYTES};
+    use tracing::instrument::WithSubscriber;
+    let (emu, c, sources, _dir, state) = first_experiment().await;
+    let mut src = sources[0].clone();
+    src.execution_path = Some("/agents/streamed/invocations".into());
+    let page = c
+        .search_traces(&src.experiment_id, "", 1, None)
+        .await
+        .unwrap();
+    let info = &page.traces[0];
+    let id = info.trace_id.clone();
+    let dl = c.trace_download(&id).await.unwrap();
+    let (spans, bytes) = match c.download_spans(&id, &dl).await.unwrap() {
+        SpanDownload::Spans { spans, bytes } => (spans, bytes),
+        other => panic!("a small document is read: {other:?}"),
+    };
+    assert!(spans.len() >= 2 && bytes > 100, "{bytes}");
+
+    emu.stream_span_document(&id, 0);
+    match c.download_spans_capped(&id, &dl, bytes).await.unwrap() {
+        SpanDownload::Spans { spans: s, bytes: b } => {
+            assert_eq!((s, b), (spans, bytes), "the same document, read to its end")
+        }
+        other => panic!("at the cap: {other:?}"),
+    }
+    for cap in [bytes - 1, 10] {
+        match c.download_spans_capped(&id, &dl, cap).await.unwrap() {
+            SpanDownload::TooLarge { bytes: b, exact } => {
+                assert!(!exact, "no Content-Length: the length is not known");
+                assert_eq!(b, cap, "what was read before the cap was passed");
+            }
+            other => panic!("over the cap {cap}: {other:?}"),
+        }
+    }
+
+    // Over the 64 MiB read per trace: its summary (the search's previews), with a WARN.
+    emu.stream_span_document(&id, MAX_SPAN_DOCUMENT_BYTES as usize + (1 << 20));
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let (r, chunks) = read_one(&c, &state, &src, &opts(), now_us())
+        .with_subscriber(subscriber)
+        .await;
+    r.unwrap();
+    let got = units(&chunks);
+    assert_eq!(got.len(), 12, "every trace once");
+    for (_, u) in &got {
+        if u.id == id {
+            assert_eq!(u.records.len(), 1, "its summary: {:?}", u.records);
+            assert_eq!(u.records[0].path, "/agents/streamed/invocations");
+            assert_eq!(
+                u.records[0].request_payload.text(),
+                info.request_preview.clone().unwrap_or_default()
+            );
+        } else {
+            assert!(
+                u.records.iter().any(|r| r.path.starts_with("/llm/")),
+                "{}: its spans",
+                u.id
+            );
+        }
+    }
+    let logs = logs.text();
+    let warn = logs
+        .lines()
+        .find(|l| l.contains(&id))
+        .unwrap_or_else(|| panic!("a WARN names the trace: {logs}"));
+    assert!(
+        warn.contains("WARN") && warn.contains("not read") && warn.contains("over 64 MiB"),
+        "{warn}"
+    );
+    emu.shutdown().await;
 }

@@ -389,6 +389,28 @@ impl Emulator {
         *lock(&self.shared.storage_url) = url.map(|u| u.trim_end_matches('/').to_string());
     }
 
+    /// Logs one trace to the OTel span table, ended at `end_us` (µs since the epoch) and visible
+    /// at once: a root AGENT span of the first agent and the CHAT_MODEL span of a streamed
+    /// generation, whose chunks MLflow records as span events (`mlflow.chunk.item.N`), at least
+    /// `event_bytes` of them in its `events` column (its attributes stay small). Returns the
+    /// trace id. Blocks while writing.
+    pub fn add_streamed_otel_trace(
+        &self,
+        event_bytes: usize,
+        end_us: i64,
+    ) -> Result<String, EmulatorError> {
+        self.shared
+            .store
+            .insert_streamed_generation(event_bytes, end_us)
+    }
+
+    /// From now on cloud storage serves the span document of MLflow trace `trace_id` streamed,
+    /// with chunked transfer encoding and no Content-Length (as storage behind some gateways
+    /// does), `pad_bytes` of padding (a field readers ignore) ahead of its spans.
+    pub fn stream_span_document(&self, trace_id: &str, pad_bytes: usize) {
+        self.shared.store.stream_span_document(trace_id, pad_bytes);
+    }
+
     /// Tool calls described by both an inference row and an MLflow trace (the first successful
     /// tool-calling rows of each agent with an experiment), deterministic for a seed.
     pub fn mirrored_tool_calls(&self) -> Vec<MirroredToolCall> {

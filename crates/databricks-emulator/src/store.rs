@@ -109,6 +109,9 @@ pub(crate) struct Store {
     mirrored: Vec<Vec<MirroredRow>>,
     /// The end of the initial hour of rows (µs): `EmulatorConfig::anchor_us`.
     anchor_us: i64,
+    /// MLflow traces whose span documents cloud storage serves streamed, without a
+    /// Content-Length (`Emulator::stream_span_document`): trace id -> padding bytes.
+    streamed_span_documents: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// How many executions of each agent also have an MLflow trace describing them.
@@ -641,6 +644,7 @@ impl Store {
             rows_total: AtomicU64::new(0),
             mirrored: Vec::new(),
             anchor_us,
+            streamed_span_documents: Mutex::new(Default::default()),
         };
         store.create_schema()?;
         store.insert_rows(initial_rows, anchor_us - 3_600_000_000, anchor_us)?;
@@ -894,6 +898,101 @@ impl Store {
         tx.commit()?;
         self.rows_total.fetch_add(rows as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Logs one trace to the OTel span table, ended at `end_us`, its rows visible at once: a root
+    /// AGENT span of the first agent and a CHAT_MODEL span of a streamed generation, which
+    /// MLflow records chunk by chunk as span events (`mlflow.chunk.item.N`): at least
+    /// `event_bytes` of `events`, while its attributes stay small. Returns the trace id.
+    pub(crate) fn insert_streamed_generation(
+        &self,
+        event_bytes: usize,
+        end_us: i64,
+    ) -> Result<String, EmulatorError> {
+        let l = &self.layout;
+        let Some(table) = l.tables.iter().find(|t| t.kind == TableKind::OtelSpans) else {
+            return Err(EmulatorError::Storage(
+                "the workspace has no OTel span table to log a trace to".into(),
+            ));
+        };
+        let agent = l
+            .agents
+            .first()
+            .map_or_else(|| "agent".to_string(), |a| a.name.clone());
+        let (trace, root, llm) = {
+            let mut rng = lock(&self.rng);
+            (format!("tr-{}", rng.hex(32)), rng.hex(16), rng.hex(16))
+        };
+        let end = end_us.saturating_mul(1000);
+        let (start, llm_start, llm_end) =
+            (end - 5_000_000_000, end - 4_500_000_000, end - 500_000_000);
+        let mut events = Vec::new();
+        let mut size = 2usize;
+        while size < event_bytes {
+            let i = events.len() as i64;
+            let chunk =
+                serde_json::json!({"choices": [{"delta": {"content": "lorem ipsum dolor "}}]});
+            let e = serde_json::json!({"time_unix_nano": llm_start + i * 1_000_000,
+                "name": format!("mlflow.chunk.item.{i}"),
+                "attributes": {"mlflow.chunk.value": chunk.to_string()},
+                "dropped_attributes_count": 0});
+            size += e.to_string().len() + 1;
+            events.push(e);
+        }
+        let ok = serde_json::json!({"code": "STATUS_CODE_OK", "message": ""}).to_string();
+        let root_attr = serde_json::json!({"mlflow.spanType": "AGENT"}).to_string();
+        let llm_attr = serde_json::json!({"mlflow.spanType": "CHAT_MODEL",
+            "mlflow.spanInputs": "{\"messages\":[{\"role\":\"user\",\"content\":\"write a poem\"}]}",
+            "mlflow.spanOutputs": "\"lorem ipsum dolor\""})
+        .to_string();
+        let w = lock(&self.writer);
+        let tx = w.unchecked_transaction()?;
+        {
+            let mut st = tx.prepare(&format!(
+                "INSERT INTO {} (trace_id, span_id, parent_span_id, name, kind, \
+                 start_time_unix_nano, end_time_unix_nano, attributes, status, events, landed_ns) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULL)",
+                table.phys
+            ))?;
+            st.execute(params![
+                trace,
+                root,
+                Option::<String>::None,
+                agent,
+                "SPAN_KIND_SERVER",
+                start,
+                end,
+                root_attr,
+                ok,
+                "[]"
+            ])?;
+            st.execute(params![
+                trace,
+                llm,
+                root,
+                "databricks-meta-llama-3-3-70b-instruct",
+                "SPAN_KIND_CLIENT",
+                llm_start,
+                llm_end,
+                llm_attr,
+                ok,
+                serde_json::Value::Array(events).to_string()
+            ])?;
+        }
+        tx.commit()?;
+        Ok(trace)
+    }
+
+    /// From now on the span document of MLflow trace `trace_id` is served streamed, without a
+    /// Content-Length, `pad_bytes` of padding ahead of its spans.
+    pub(crate) fn stream_span_document(&self, trace_id: &str, pad_bytes: usize) {
+        lock(&self.streamed_span_documents).insert(trace_id.to_string(), pad_bytes);
+    }
+
+    /// The padding of a span document served streamed ([`Self::stream_span_document`]); `None`
+    /// when it is served whole, with its Content-Length.
+    pub(crate) fn streamed_span_document(&self, trace_id: &str) -> Option<usize> {
+        lock(&self.streamed_span_documents).get(trace_id).copied()
     }
 
     pub(crate) fn rows_total(&self) -> u64 {
