@@ -862,11 +862,15 @@ fn unused_record_limit(cli: &Cli) -> Option<String> {
         .output
         .as_ref()
         .is_some_and(|p| !p.as_os_str().is_empty());
-    let kafka = kind.eq_ignore_ascii_case("kafka")
-        || (kind.is_empty()
-            && !output
-            && !set(&cli.sink.ingestion_url)
-            && set(&cli.sink.kafka_brokers));
+    let sends = !matches!(
+        cli.command,
+        Some(Command::Discover { .. }) | Some(Command::Demo { .. })
+    );
+    // `--output` (the file sink) wins over any other sink, and the limit applies to it.
+    let kafka = sends
+        && !output
+        && (kind.eq_ignore_ascii_case("kafka")
+            || (kind.is_empty() && !set(&cli.sink.ingestion_url) && set(&cli.sink.kafka_brokers)));
     // Its default is filled in by clap: only another value was set by the operator.
     let default = crate::sink::DEFAULT_AKTO_MAX_RECORD_BYTES.to_string();
     let changed = cli

@@ -228,6 +228,10 @@ pub struct Inventory {
     /// their traces must not be sent as executions too.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub shared_tables: BTreeMap<String, String>,
+    /// The OTel span tables (of [`Inventory::otel_span_tables`]) that have an `events` column, as
+    /// Unity Catalog lists them each cycle: their spans are read with their events.
+    #[serde(skip)]
+    pub otel_events: BTreeSet<String>,
     /// UC models of catalog.schema that serving endpoints in this instance's scope serve but that
     /// Unity Catalog did not list (model full name -> the first such endpoint, by name). Unity
     /// Catalog lists only the models, model versions and functions the principal may EXECUTE (or
@@ -311,6 +315,13 @@ impl Inventory {
             })
             .map(|(ns, c)| (ns.clone(), c.time_us))
             .collect()
+    }
+
+    /// The agent whose Akto host a trace of `agent` goes to: the agent reading its inference
+    /// table ([`Inventory::shared_tables`]) when another endpoint reads it, so that a tool call
+    /// seen in a trace and in a row is told apart on one host; else `agent` itself.
+    pub fn trace_agent<'a>(&'a self, agent: &'a str) -> &'a str {
+        self.shared_tables.get(agent).map_or(agent, String::as_str)
     }
 
     /// Whether `agent` is out of this instance's scope (see [`Inventory::out_of_scope`]): its
@@ -659,7 +670,15 @@ pub async fn discover(
             }
             // Sorted below: the inventory entries (and their hashes) must not depend on the
             // order Unity Catalog lists tables in.
-            TableKind::OtelSpans => inv.otel_span_tables.push(full),
+            TableKind::OtelSpans => {
+                if t.columns
+                    .iter()
+                    .any(|c| c.name.eq_ignore_ascii_case("events"))
+                {
+                    inv.otel_events.insert(full.clone());
+                }
+                inv.otel_span_tables.push(full)
+            }
             TableKind::Other => {
                 tracing::debug!(table = %full, "not an inference or trace table; ignored")
             }
@@ -836,7 +855,10 @@ pub async fn discover(
                 Err(DatabricksError::PermissionDenied { .. }) => {
                     inv.unlisted_models.insert(model, endpoint);
                 }
-                Err(e) if e.is_retriable() => return Err(e),
+                // Only a WARN depends on it: a transient failure skips it this cycle.
+                Err(e) if e.is_retriable() => {
+                    tracing::debug!("cannot tell why served model {model} is not listed: {e}")
+                }
                 Ok(_) | Err(_) => {
                     tracing::debug!("served model {model} is not listed, but not for a grant")
                 }

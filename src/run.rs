@@ -1141,14 +1141,14 @@ impl Connector {
                 // Rare (a record over the sink's limit, or one Akto's re-encoding would take
                 // over it): cut.
                 match self.cut_to_fit(&rec, json.len()) {
-                    Some((cut, cuts)) => {
+                    Ok((cut, cuts)) => {
                         json = cut;
                         *truncated += u64::from(cuts);
                     }
-                    None => {
+                    Err(why) => {
                         let reason = format!(
-                            "the record is {} bytes and its headers alone leave no room for its \
-                             payloads under the {} sink's {}-byte limit per record ({})",
+                            "the record is {} bytes and {why} under the {} sink's {}-byte limit \
+                             per record ({})",
                             json.len(),
                             self.sink.name(),
                             self.sink.max_record_bytes(),
@@ -1406,20 +1406,23 @@ impl Connector {
     /// re-encoding adds to what remains), and how many strings were cut. The first cut is to the
     /// nominal limit; a cut that Akto's re-encoding would still take over it is cut again by
     /// that overshoot, which then fits (a shorter cut keeps shorter prefixes of the payloads,
-    /// whose growth is no larger). `None` when the rest of the record leaves no room for the
-    /// payloads.
-    fn cut_to_fit(&self, rec: &traffic::AktoRecord, json_len: usize) -> Option<(String, u32)> {
+    /// whose growth is no larger). Otherwise why it cannot be cut to fit.
+    fn cut_to_fit(
+        &self,
+        rec: &traffic::AktoRecord,
+        json_len: usize,
+    ) -> Result<(String, u32), &'static str> {
         let mut target = self.sink.max_record_bytes();
         for _ in 0..4 {
             let mut cut = rec.clone();
             let mut cuts = 0u32;
             if !traffic::fit_record(&mut cut, json_len, target, &mut cuts) {
-                return None;
+                return Err("its headers alone leave no room for its payloads");
             }
             let json = traffic::encode(&cut);
             let max = self.sink.max_record_bytes_for(&json);
             if json.len() <= max {
-                return Some((json, cuts));
+                return Ok((json, cuts));
             }
             let over = json.len() - max;
             target = json
@@ -1427,7 +1430,7 @@ impl Connector {
                 .saturating_sub(over)
                 .min(target.saturating_sub(1));
         }
-        None
+        Err("its payloads cut four times still grow past the limit once Akto re-encodes them")
     }
 
     /// Sends `records`; `None` when shutdown was requested and they were not confirmed within
@@ -2230,16 +2233,34 @@ mod tests {
         let mut e = execution("r-emoji", 1_000_000, &[]);
         e.request = Some(crate::json::JsonString::encode(&"q".repeat(30_000)));
         e.response = Some(crate::json::JsonString::encode(&"😀".repeat(20_000)));
-        let totals = deliver_table(&c, vec![e]).await.unwrap();
-        assert_eq!(totals.records_sent, 1);
-        assert!(totals.truncated >= 1);
+        // An answer whose emoji all lie in the part that is cut off: once they are gone the
+        // rest does not grow, so the cut keeps far more than the length at which any content
+        // fits (about a sixth of the limit), which is where a limit taken from the uncut record
+        // would have cut it.
+        let mut tail = execution("r-tail", 2_000_000, &[]);
+        tail.request = Some(crate::json::JsonString::encode(&"q".repeat(5_000)));
+        tail.response = Some(crate::json::JsonString::encode(&format!(
+            "{}{}",
+            "a".repeat(80_000),
+            "😀".repeat(10_000)
+        )));
+        let totals = deliver_table(&c, vec![e, tail]).await.unwrap();
+        assert_eq!(totals.records_sent, 2);
+        assert!(totals.truncated >= 2);
         let text = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+        for line in text.lines() {
+            assert!(
+                crate::sink::akto_size_upper_bound(line) <= limit,
+                "{}",
+                line.len()
+            );
+        }
+        let tail: Value = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
+        assert_eq!(tail["requestPayload"].as_str().unwrap().len(), 5_000);
+        let answer = tail["responsePayload"].as_str().unwrap();
+        assert!(answer.len() > 60_000, "{}", answer.len());
+        assert!(answer.ends_with("original 120000 bytes]"), "{answer:.80}");
         let line = text.lines().next().unwrap();
-        assert!(
-            crate::sink::akto_size_upper_bound(line) <= limit,
-            "{}",
-            line.len()
-        );
         let rec: Value = serde_json::from_str(line).unwrap();
         // Both payloads keep a part, each marked with its original size.
         for (field, original) in [("requestPayload", 30_000), ("responsePayload", 80_000)] {

@@ -96,7 +96,7 @@ pub fn trace_sources(inv: &Inventory, workspace_host: &str) -> Vec<TraceSource> 
             Some(TraceSource {
                 experiment_id: exp,
                 agent: a.name.clone(),
-                host: inv.agent_host(&a.name, workspace_host),
+                host: inv.agent_host(inv.trace_agent(&a.name), workspace_host),
                 execution_path: execution_path(a)
                     .filter(|_| !inv.shared_tables.contains_key(&a.name)),
             })
@@ -1170,7 +1170,6 @@ pub async fn collect_otel_table_into(
     let mut after: (i64, String) = (w.from_us.saturating_mul(1000) - 1, String::new());
     let mut emitted: HashSet<String> = HashSet::new();
     let settled_before = now_us - SETTLE_US;
-    let mut cols: Option<&'static str> = None;
     for _ in 0..100_000 {
         let sql = format!(
             "SELECT trace_id, start_time_unix_nano, end_time_unix_nano FROM {t} WHERE (parent_span_id IS NULL OR parent_span_id = '') AND \
@@ -1258,17 +1257,11 @@ pub async fn collect_otel_table_into(
         }
         if !wanted.is_empty() {
             let ids: Vec<String> = wanted.iter().map(|(id, _, _)| id.clone()).collect();
-            let cols = match cols {
-                Some(c) => c,
-                None => match known_span_columns(table) {
-                    Some(c) => *cols.insert(c),
-                    None => {
-                        let probe = format!("SELECT * FROM {} LIMIT 0", quote_table(table));
-                        let c = span_columns(client, statement(probe, Vec::new()), stats).await?;
-                        remember_span_columns(table, c);
-                        *cols.insert(c)
-                    }
-                },
+            // Unity Catalog's columns of the table, as discovery listed them this cycle.
+            let cols = if inv.otel_events.contains(table) {
+                SPAN_COLUMNS_EVENTS
+            } else {
+                SPAN_COLUMNS
             };
             let mut by_trace = fetch_spans(client, &statement, table, cols, ids, stats).await?;
             let mut units = Vec::new();
@@ -1300,7 +1293,7 @@ pub async fn collect_otel_table_into(
                 };
                 let source = TraceSource {
                     experiment_id: String::new(),
-                    host: inv.agent_host(&agent, workspace_host),
+                    host: inv.agent_host(inv.trace_agent(&agent), workspace_host),
                     execution_path,
                     agent: agent.clone(),
                 };
@@ -1398,50 +1391,6 @@ const SPAN_COLUMNS: &str =
 /// [`SPAN_COLUMNS`] and `events` (`ARRAY<STRUCT<time_unix_nano, name, attributes, ...>>`),
 /// where MLflow records a failure as an `exception` event: for tables that have it.
 const SPAN_COLUMNS_EVENTS: &str = "trace_id, span_id, parent_span_id, name, start_time_unix_nano, end_time_unix_nano, attributes, status, events";
-
-/// How long the columns found for a span table are trusted ([`known_span_columns`]).
-const SPAN_COLUMNS_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
-
-/// The span columns of each table found by this process, and when: a table's columns rarely
-/// change, so the `LIMIT 0` probe runs once an hour per table, not on every read.
-static SPAN_COLUMNS_SEEN: std::sync::Mutex<BTreeMap<String, (std::time::Instant, &'static str)>> =
-    std::sync::Mutex::new(BTreeMap::new());
-
-fn known_span_columns(table: &str) -> Option<&'static str> {
-    let seen = SPAN_COLUMNS_SEEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    seen.get(table)
-        .filter(|(at, _)| at.elapsed() < SPAN_COLUMNS_TTL)
-        .map(|(_, c)| *c)
-}
-
-fn remember_span_columns(table: &str, cols: &'static str) {
-    SPAN_COLUMNS_SEEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(table.to_string(), (std::time::Instant::now(), cols));
-}
-
-/// The span columns to read from `table`: with `events` when it has that column (Databricks'
-/// OTel tables do; older or hand-made ones may not). One `LIMIT 0` statement, remembered for
-/// [`SPAN_COLUMNS_TTL`].
-async fn span_columns(
-    client: &DatabricksClient,
-    st: Statement,
-    stats: &mut TableStats,
-) -> Result<&'static str, DatabricksError> {
-    stats.statements += 1;
-    let rows = client.execute(&st).await?;
-    let has = rows.column("events").is_some();
-    // Nothing to fetch: `LIMIT 0`.
-    drop(rows);
-    Ok(if has {
-        SPAN_COLUMNS_EVENTS
-    } else {
-        SPAN_COLUMNS
-    })
-}
 
 /// A single row (a span, a root) larger than a statement may return: it can never be read.
 fn row_too_large(table: &str, what: &str) -> CollectError {
@@ -1785,7 +1734,18 @@ where
                     // Events too may be what makes the span so large (a streamed generation records
                     // each chunk as one): read it without them, its error then from its status.
                     Err(e) if with_events && is_row_too_large(&e) => {
-                        read_cut_span(client, statement, table, false, id, after_id, stats).await?
+                        let span =
+                            read_cut_span(client, statement, table, false, id, after_id, stats)
+                                .await?;
+                        if let Some(s) = &span {
+                            tracing::warn!(
+                                "{table}: span {} of trace {id} is too large to read with its \
+                                 events (a streamed generation records each chunk as one): read \
+                                 without them, its error (if any) from its status",
+                                s.span_id
+                            );
+                        }
+                        span
                     }
                     r => r?,
                 }
@@ -2048,7 +2008,12 @@ mod tests {
         assert!(trace_sources(&inv, "w")[0].execution_path.is_some());
         inv.shared_tables
             .insert("Support Bot".into(), "other".into());
-        assert_eq!(trace_sources(&inv, "w")[0].execution_path, None);
+        let src = &trace_sources(&inv, "w")[0];
+        assert_eq!(src.execution_path, None);
+        // ... and its spans go to the host of the agent reading the table, where that table's
+        // rows (and their tool calls) go: one call is sent once.
+        assert_eq!(src.host, inv.agent_host("other", "w"));
+        assert_ne!(src.host, inv.agent_host("Support Bot", "w"));
     }
 
     #[test]

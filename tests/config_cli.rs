@@ -694,6 +694,15 @@ fn both_sinks_set_warns_that_the_kafka_broker_is_ignored() {
             && l.contains("KAFKA_MAX_MESSAGE_BYTES")),
         "{all}"
     );
+    // ... but with --output the file sink wins, and the limit applies to it: no WARN.
+    let out = shield(
+        &["--print-config", "--output", "out.jsonl"],
+        &env,
+        dir.path(),
+    );
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    assert!(!all.contains("AKTO_MAX_RECORD_BYTES is ignored"), "{all}");
 }
 
 /// The shipped env template leaves the sink to fill in: a placeholder ingestion URL would win
