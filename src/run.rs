@@ -2215,6 +2215,45 @@ mod tests {
         }
     }
 
+    /// A table read before and no longer listed is named every cycle in the report, but in a
+    /// WARN only the first time this process misses it, and again once it came back and went.
+    #[test]
+    fn a_vanished_table_is_warned_about_once_until_it_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = connector(dir.path());
+        let now = 10 * 24 * 3_600_000_000i64;
+        c.state
+            .commit_delivered(&[DeliveredRow {
+                table: "c.s.gone_payload",
+                id: "r1",
+                time_us: now - 3_600_000_000,
+                by_id: false,
+            }])
+            .unwrap();
+        let mut inv = Inventory {
+            catalog: "c".into(),
+            schema: "s".into(),
+            ..Default::default()
+        };
+        let warned = |c: &Connector| c.vanished_warned.lock().unwrap().len();
+        assert_eq!(c.note_vanished_tables(&inv, now), vec!["c.s.gone_payload"]);
+        assert_eq!(warned(&c), 1);
+        // Still missing: still reported, not warned again (the set does not grow).
+        assert_eq!(
+            c.note_vanished_tables(&inv, now + 1),
+            vec!["c.s.gone_payload"]
+        );
+        assert_eq!(warned(&c), 1);
+        // Listed again: nothing to report, and a later disappearance warns anew.
+        inv.listed_tables.insert("c.s.gone_payload".into());
+        assert!(c.note_vanished_tables(&inv, now + 2).is_empty());
+        assert_eq!(warned(&c), 0);
+        // Its last row older than VANISHED_WITHIN: a table dropped on purpose stops being named.
+        inv.listed_tables.clear();
+        let later = now + VANISHED_WITHIN.as_micros() as i64;
+        assert!(c.note_vanished_tables(&inv, later).is_empty());
+    }
+
     /// A record whose payloads Akto's re-encoding would grow past the limit (emoji: 4 bytes
     /// each, 12 once Java escapes them) is cut until its re-encoded size fits: sent, never
     /// quarantined. (Conservatively: the cut is sized as if every byte grew alike, so the ASCII
