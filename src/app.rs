@@ -188,6 +188,7 @@ pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
     let state = StateStore::open(&config.state_dir, config.reset_state)?;
     let connector = Arc::new(Connector::new(client, sink, state, settings(config)));
     connector.report_unconfirmed()?;
+    connector.announce_upgrade()?;
     Ok(connector)
 }
 

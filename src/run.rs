@@ -435,6 +435,28 @@ impl Connector {
         }
     }
 
+    /// Announces, once per state, what the first start of this release may send again: state
+    /// written by an earlier release (a state that has delivered anything) keyed long traces by
+    /// their start and held records Akto's runtime would drop in their earlier form.
+    pub fn announce_upgrade(&self) -> Result<(), StateError> {
+        if !self.state.first_time("traces-keyed-by-end")? {
+            return Ok(());
+        }
+        if self.state.cursors()?.is_empty() {
+            // A new state: nothing was delivered before, nothing can come again.
+            return Ok(());
+        }
+        tracing::warn!(
+            "this release keys MLflow and OTel traces of runs over 10 minutes by their end \
+             (earlier releases: by their start), and sends records Akto's runtime would drop in \
+             the form it keeps (status 2xx with the real code in a header, /health paths \
+             encoded, empty bodies as text): such a trace delivered within LOOKBACK_MINUTES \
+             before this upgrade, and such a record of a unit confirmed only in part, may be \
+             sent once more. Said once, at the first start of this release"
+        );
+        Ok(())
+    }
+
     /// Reports a batch left unconfirmed by the previous run (it will be sent again).
     pub fn report_unconfirmed(&self) -> Result<(), StateError> {
         if let Some(n) = self.state.unconfirmed_batch()? {

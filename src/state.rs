@@ -569,6 +569,24 @@ impl StateStore {
         }
     }
 
+    /// Whether `mark` is set for the first time in this state (it is set now, durably): for a
+    /// change of behaviour to be announced once per state, at the first start of the release
+    /// that brings it.
+    pub fn first_time(&self, mark: &str) -> Result<bool, StateError> {
+        let key = format!("mark:{mark}");
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        let first = {
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            let seen = meta.get(key.as_str()).map_err(|e| self.io(e))?.is_some();
+            if !seen {
+                meta.insert(key.as_str(), "1").map_err(|e| self.io(e))?;
+            }
+            !seen
+        };
+        txn.commit().map_err(|e| self.io(e))?;
+        Ok(first)
+    }
+
     /// Every namespace's cursor, in namespace order: what was delivered from where, also from
     /// tables no longer discovered (cursors are kept when ids are pruned).
     pub fn cursors(&self) -> Result<Vec<(String, Cursor)>, StateError> {
@@ -1290,6 +1308,26 @@ mod tests {
             .map(|(ns, c)| (ns, c.time_us))
             .collect();
         assert_eq!(all, vec![("a.b.c".to_string(), 7), ("t".to_string(), 50)]);
+    }
+
+    #[test]
+    fn a_mark_is_new_once_per_state_across_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            assert!(s.first_time("x").unwrap());
+            assert!(!s.first_time("x").unwrap());
+            assert!(s.first_time("y").unwrap());
+        }
+        let s = StateStore::open(dir.path(), false).unwrap();
+        assert!(!s.first_time("x").unwrap());
+        assert!(!s.first_time("y").unwrap());
+        // Marks live beside the format, which they leave alone.
+        let (_, older) = {
+            drop(s);
+            StateStore::open_unchanged(dir.path()).unwrap()
+        };
+        assert_eq!(older, None);
     }
 
     #[test]

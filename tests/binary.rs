@@ -644,3 +644,53 @@ fn size_limited(inner: Command, kib: u64, args: &str) -> Command {
         .arg(inner.get_program());
     cmd
 }
+
+/// The first start of this release on a state an earlier release wrote (one without this
+/// release's mark) says once what may be sent again; a new state and later starts say nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_start_on_an_earlier_releases_state_announces_what_may_come_again() {
+    const META: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
+    const NOTE: &str = "this release keys MLflow and OTel traces";
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let once = || {
+        let mut c = common::shield_command(&emu, &standin, &state);
+        c.arg("-once");
+        let out = tokio::task::block_in_place(|| c.output().unwrap());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    assert!(
+        !once().contains(NOTE),
+        "a new state has nothing to send again"
+    );
+    // The state as an earlier release left it: delivered rows, no mark.
+    {
+        let db = redb::Database::create(state.join(databricks_shield::state::FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        let removed = txn
+            .open_table(META)
+            .unwrap()
+            .remove("mark:traces-keyed-by-end")
+            .unwrap()
+            .is_some();
+        assert!(removed, "the first start set the mark");
+        txn.commit().unwrap();
+    }
+    let log = once();
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains(NOTE)),
+        "{log}"
+    );
+    assert!(!once().contains(NOTE), "said once");
+}
