@@ -439,6 +439,7 @@ impl Connector {
     /// written by an earlier release (a state that has delivered anything) keyed long traces by
     /// their start and held records Akto's runtime would drop in their earlier form.
     pub fn announce_upgrade(&self) -> Result<(), StateError> {
+        self.announce_lookback_change()?;
         if !self.state.first_time("traces-keyed-by-end")? {
             return Ok(());
         }
@@ -454,6 +455,28 @@ impl Connector {
              before this upgrade, and such a record of a unit confirmed only in part, may be \
              sent once more. Said once, at the first start of this release"
         );
+        Ok(())
+    }
+
+    /// A WARN when LOOKBACK_MINUTES is lower than at the previous start: a trace longer than
+    /// half the old lookback but not half the new one was kept by its end and is now looked up
+    /// by its start, so one delivered within the old lookback may be sent once more.
+    fn announce_lookback_change(&self) -> Result<(), StateError> {
+        let now = self.settings.collect.lookback.as_secs() / 60;
+        let before = self
+            .state
+            .swap_setting("lookback_minutes", &now.to_string())?;
+        if let Some(old) = before.and_then(|b| b.parse::<u64>().ok()) {
+            if now < old {
+                tracing::warn!(
+                    "LOOKBACK_MINUTES is {now}, {old} at the previous start: an MLflow trace of a \
+                     run between {} and {} minutes long delivered in the last {old} minutes may \
+                     be sent once more (it was kept by its end, and is now looked up by its start)",
+                    now / 2,
+                    old / 2
+                );
+            }
+        }
         Ok(())
     }
 

@@ -587,6 +587,26 @@ impl StateStore {
         Ok(first)
     }
 
+    /// Records `value` for the setting `name` (durably) and returns the value recorded before, if
+    /// any: for a change of a setting between runs to be announced.
+    pub fn swap_setting(&self, name: &str, value: &str) -> Result<Option<String>, StateError> {
+        let key = format!("setting:{name}");
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        let before = {
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            let before = meta
+                .get(key.as_str())
+                .map_err(|e| self.io(e))?
+                .map(|v| v.value().to_string());
+            if before.as_deref() != Some(value) {
+                meta.insert(key.as_str(), value).map_err(|e| self.io(e))?;
+            }
+            before
+        };
+        txn.commit().map_err(|e| self.io(e))?;
+        Ok(before)
+    }
+
     /// Every namespace's cursor, in namespace order: what was delivered from where, also from
     /// tables no longer discovered (cursors are kept when ids are pruned).
     pub fn cursors(&self) -> Result<Vec<(String, Cursor)>, StateError> {
@@ -1308,6 +1328,28 @@ mod tests {
             .map(|(ns, c)| (ns, c.time_us))
             .collect();
         assert_eq!(all, vec![("a.b.c".to_string(), 7), ("t".to_string(), 50)]);
+    }
+
+    #[test]
+    fn a_setting_swapped_returns_the_value_before() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            assert_eq!(s.swap_setting("lookback", "60").unwrap(), None);
+            assert_eq!(
+                s.swap_setting("lookback", "60").unwrap().as_deref(),
+                Some("60")
+            );
+            assert_eq!(
+                s.swap_setting("lookback", "30").unwrap().as_deref(),
+                Some("60")
+            );
+        }
+        let s = StateStore::open(dir.path(), false).unwrap();
+        assert_eq!(
+            s.swap_setting("lookback", "45").unwrap().as_deref(),
+            Some("30")
+        );
     }
 
     #[test]

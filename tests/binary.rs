@@ -655,9 +655,9 @@ async fn the_first_start_on_an_earlier_releases_state_announces_what_may_come_ag
     let standin = common::standin().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let once = || {
+    let once_with = |lookback: &str| {
         let mut c = common::shield_command(&emu, &standin, &state);
-        c.arg("-once");
+        c.arg("-once").env("LOOKBACK_MINUTES", lookback);
         let out = tokio::task::block_in_place(|| c.output().unwrap());
         assert!(
             out.status.success(),
@@ -670,6 +670,7 @@ async fn the_first_start_on_an_earlier_releases_state_announces_what_may_come_ag
             String::from_utf8_lossy(&out.stderr)
         )
     };
+    let once = || once_with("120");
     assert!(
         !once().contains(NOTE),
         "a new state has nothing to send again"
@@ -693,4 +694,13 @@ async fn the_first_start_on_an_earlier_releases_state_announces_what_may_come_ag
         "{log}"
     );
     assert!(!once().contains(NOTE), "said once");
+
+    // A lower LOOKBACK_MINUTES than at the previous start: said too (a higher one is safe).
+    let lowered = once_with("60");
+    assert!(
+        lowered.lines().any(|l| l.contains("WARN")
+            && l.contains("LOOKBACK_MINUTES is 60, 120 at the previous start")),
+        "{lowered}"
+    );
+    assert!(!once_with("90").contains("at the previous start"));
 }
