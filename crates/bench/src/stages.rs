@@ -224,6 +224,8 @@ fn bodies(tables: &[TablePages]) -> Result<Vec<(String, usize)>, BenchError> {
                     .map_err(|(why, _)| step_err("reading a row", why))?;
                 rows += 1;
                 for rec in traffic::map_execution_taking(&ctx, &mut exec, &opts).records {
+                    // As the connector sends it (a failed row's status rewritten, ...).
+                    let rec = traffic::for_akto_runtime(&rec);
                     body.push_str(if in_body == 0 {
                         "{\"batchData\":["
                     } else {
