@@ -375,7 +375,8 @@ pub struct SinkArgs {
     /// record its Kafka producer finds over max.request.size (AKTO_KAFKA_MAX_REQUEST_SIZE,
     /// 5242880 by default); the default leaves 64 KiB of that for Akto's re-encoding. Set
     /// 1000000 for Akto releases whose ingestion producer keeps Kafka's 1 MB default (no
-    /// AKTO_KAFKA_MAX_REQUEST_SIZE)
+    /// AKTO_KAFKA_MAX_REQUEST_SIZE). Ignored with the Kafka sink (a WARN says so; see
+    /// KAFKA_MAX_MESSAGE_BYTES)
     #[arg(
         long,
         env = "AKTO_MAX_RECORD_BYTES",

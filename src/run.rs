@@ -448,19 +448,21 @@ impl Connector {
             return Ok(());
         }
         tracing::warn!(
-            "this release keys MLflow and OTel traces of runs over 10 minutes by their end \
-             (earlier releases: by their start), and sends records Akto's runtime would drop in \
-             the form it keeps (status 2xx with the real code in a header, /health paths \
-             encoded, empty bodies as text): such a trace delivered within LOOKBACK_MINUTES \
-             before this upgrade, and such a record of a unit confirmed only in part, may be \
-             sent once more. Said once, at the first start of this release"
+            "this release keys long MLflow and OTel traces by their end (earlier releases: by \
+             their start), and sends records Akto's runtime would drop in the form it keeps \
+             (status 2xx with the real code in a header, /health paths encoded, empty bodies as \
+             text): an MLflow trace of a run longer than both half LOOKBACK_MINUTES and 10 \
+             minutes, or an OTel trace whose root ran over 10 minutes, delivered within \
+             LOOKBACK_MINUTES before this upgrade, and such a record of a unit confirmed only in \
+             part, may be sent once more. Said once, at the first start of this release"
         );
         Ok(())
     }
 
     /// A WARN when LOOKBACK_MINUTES is lower than at the previous start: a trace longer than
-    /// half the old lookback but not half the new one was kept by its end and is now looked up
-    /// by its start, so one delivered within the old lookback may be sent once more.
+    /// half the new lookback but not half the old one was kept by its start and is now kept by
+    /// its end; its start key is forgotten while the long-run search still finds it, so one
+    /// delivered within the old lookback may be sent once more.
     fn announce_lookback_change(&self) -> Result<(), StateError> {
         let now = self.settings.collect.lookback.as_secs() / 60;
         let before = self
@@ -471,7 +473,7 @@ impl Connector {
                 tracing::warn!(
                     "LOOKBACK_MINUTES is {now}, {old} at the previous start: an MLflow trace of a \
                      run between {} and {} minutes long delivered in the last {old} minutes may \
-                     be sent once more (it was kept by its end, and is now looked up by its start)",
+                     be sent once more (it was kept by its start, and is now kept by its end)",
                     now / 2,
                     old / 2
                 );

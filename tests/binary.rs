@@ -650,7 +650,7 @@ fn size_limited(inner: Command, kib: u64, args: &str) -> Command {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_start_on_an_earlier_releases_state_announces_what_may_come_again() {
     const META: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("meta");
-    const NOTE: &str = "this release keys MLflow and OTel traces";
+    const NOTE: &str = "this release keys long MLflow and OTel traces";
     let emu = common::emulator(common::emulator_config()).await;
     let standin = common::standin().await;
     let dir = tempfile::tempdir().unwrap();
