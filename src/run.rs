@@ -541,6 +541,18 @@ impl Connector {
         Ok(wh.id)
     }
 
+    /// The trace readers' shared settings for the cycle starting at `cycle_start_us`.
+    fn trace_reader(&self, cycle_start_us: i64) -> crate::traces::TraceReader<'_> {
+        crate::traces::TraceReader {
+            client: &self.client,
+            state: &self.state,
+            opts: &self.settings.collect,
+            account_id: &self.settings.account_id,
+            workspace_host: &self.settings.workspace_host,
+            now_us: cycle_start_us,
+        }
+    }
+
     /// The tables read before that Unity Catalog no longer lists ([`Inventory::vanished`]), each
     /// named in a WARN the first time this process misses it. A state that cannot be read here
     /// fails nothing: the cycle's own reads report it.
@@ -703,18 +715,9 @@ impl Connector {
             let name = crate::traces::experiment_namespace(&src.experiment_id);
             let work: ReaderWork = Box::new(move |stats| {
                 Box::pin(async move {
-                    let st = &this.settings;
-                    crate::traces::collect_experiment_into(
-                        &this.client,
-                        &this.state,
-                        &src,
-                        &st.collect,
-                        &st.account_id,
-                        cycle_start_us,
-                        &tx,
-                        stats,
-                    )
-                    .await
+                    this.trace_reader(cycle_start_us)
+                        .experiment_into(&src, &tx, stats)
+                        .await
                 })
             });
             spawn_reader(&mut readers, &trace_sem, shutdown, name, work);
@@ -725,21 +728,9 @@ impl Connector {
             let name = table.clone();
             let work: ReaderWork = Box::new(move |stats| {
                 Box::pin(async move {
-                    let st = &this.settings;
-                    crate::traces::collect_otel_table_into(
-                        &this.client,
-                        &this.state,
-                        &warehouse,
-                        &table,
-                        &inv,
-                        &st.workspace_host,
-                        &st.account_id,
-                        &st.collect,
-                        cycle_start_us,
-                        &tx,
-                        stats,
-                    )
-                    .await
+                    this.trace_reader(cycle_start_us)
+                        .otel_table_into(&warehouse, &table, &inv, &tx, stats)
+                        .await
                 })
             });
             spawn_reader(&mut readers, &trace_sem, shutdown, name, work);

@@ -609,7 +609,7 @@ impl Window {
     }
 }
 
-/// Which traces a search pass of [`collect_experiment`] takes.
+/// Which traces a search pass of [`TraceReader::experiment`] takes.
 #[derive(Clone, Copy)]
 enum Pass<'a> {
     /// Traces started in the window (`trace.timestamp_ms >= from`), as [`Window::wants`] says.
@@ -642,20 +642,94 @@ fn unit_time(start_us: i64, end_us: i64, long_us: i64) -> i64 {
     }
 }
 
-/// Reads one experiment's new traces and sends them as units to `out`: the traces started in
-/// the window, then (a second search) the long runs started up to [`MAX_RUN_US`] before it
-/// that ended in it.
-#[allow(clippy::too_many_arguments)]
-pub async fn collect_experiment_into(
-    client: &DatabricksClient,
-    state: &StateStore,
+/// What every trace read of a cycle shares: the counterpart of [`crate::collect::TableReader`]
+/// for MLflow experiments ([`TraceReader::experiment`]) and OTel span tables
+/// ([`TraceReader::otel_table`]).
+#[derive(Clone, Copy)]
+pub struct TraceReader<'a> {
+    pub client: &'a DatabricksClient,
+    pub state: &'a StateStore,
+    pub opts: &'a CollectOptions,
+    /// The Databricks account id of the records (`akto_account_id`).
+    pub account_id: &'a str,
+    /// The workspace host: a span table's agents unknown to the inventory are sent on it.
+    pub workspace_host: &'a str,
+    /// The cycle's start (µs since the epoch): the end of every window.
+    pub now_us: i64,
+}
+
+impl TraceReader<'_> {
+    /// [`TraceReader::experiment_into`] counting into its own [`TableStats`], returned when it
+    /// succeeds.
+    pub async fn experiment(
+        &self,
+        source: &TraceSource,
+        out: &mpsc::Sender<Chunk>,
+    ) -> Result<TableStats, CollectError> {
+        let mut stats = TableStats::default();
+        self.experiment_into(source, out, &mut stats).await?;
+        Ok(stats)
+    }
+
+    /// Reads one experiment's new traces and sends them as units to `out`: the traces started
+    /// in the window, then (a second search) the long runs started up to [`MAX_RUN_US`] before
+    /// it that ended in it.
+    pub async fn experiment_into(
+        &self,
+        source: &TraceSource,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        collect_experiment(self, source, out, stats).await
+    }
+
+    /// [`TraceReader::otel_table_into`] counting into its own [`TableStats`], returned when it
+    /// succeeds.
+    pub async fn otel_table(
+        &self,
+        warehouse_id: &str,
+        table: &str,
+        inv: &Inventory,
+        out: &mpsc::Sender<Chunk>,
+    ) -> Result<TableStats, CollectError> {
+        let mut stats = TableStats::default();
+        self.otel_table_into(warehouse_id, table, inv, out, &mut stats)
+            .await?;
+        Ok(stats)
+    }
+
+    /// Reads the new traces of a UC OTel span table (`*_otel_spans`) through SQL: a trace is
+    /// read once its root span (no parent) ended [`SETTLE_US`] ago (roots listed by their end),
+    /// with all its spans (and their `events`, where the table has that column); agents are told
+    /// apart by the root span's name (an inventory agent's name, endpoint, app or model), else
+    /// the table itself is the agent. State namespace: the table's full name.
+    pub async fn otel_table_into(
+        &self,
+        warehouse_id: &str,
+        table: &str,
+        inv: &Inventory,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        collect_otel_table(self, warehouse_id, table, inv, out, stats).await
+    }
+}
+
+/// [`TraceReader::experiment_into`].
+async fn collect_experiment(
+    r: &TraceReader<'_>,
     source: &TraceSource,
-    opts: &CollectOptions,
-    account_id: &str,
-    now_us: i64,
     out: &mpsc::Sender<Chunk>,
     stats: &mut TableStats,
 ) -> Result<(), CollectError> {
+    let TraceReader {
+        client,
+        state,
+        opts,
+        account_id,
+        now_us,
+        ..
+    } = *r;
     let ns = experiment_namespace(&source.experiment_id);
     let w = window(state, &ns, opts, now_us)?;
     let floor = now_us - opts.max_catchup.as_micros() as i64;
@@ -701,25 +775,6 @@ pub async fn collect_experiment_into(
             .await?;
     }
     Ok(())
-}
-
-/// [`collect_experiment_into`] counting into its own [`TableStats`], returned when it succeeds.
-#[allow(clippy::too_many_arguments)]
-pub async fn collect_experiment(
-    client: &DatabricksClient,
-    state: &StateStore,
-    source: &TraceSource,
-    opts: &CollectOptions,
-    account_id: &str,
-    now_us: i64,
-    out: &mpsc::Sender<Chunk>,
-) -> Result<TableStats, CollectError> {
-    let mut stats = TableStats::default();
-    collect_experiment_into(
-        client, state, source, opts, account_id, now_us, out, &mut stats,
-    )
-    .await?;
-    Ok(stats)
 }
 
 /// What the passes of one experiment's read share.
@@ -1112,25 +1167,23 @@ fn summary_span(t: &TraceInfo, time_us: i64) -> Span {
     }
 }
 
-/// Reads the new traces of a UC OTel span table (`*_otel_spans`) through SQL: a trace is read
-/// once its root span (no parent) ended [`SETTLE_US`] ago (roots listed by their end), with all
-/// its spans (and their `events`, where the table has that column); agents are told apart by the
-/// root span's name (an inventory agent's name, endpoint, app or model), else the table itself
-/// is the agent. State namespace: the table's full name.
-#[allow(clippy::too_many_arguments)]
-pub async fn collect_otel_table_into(
-    client: &DatabricksClient,
-    state: &StateStore,
+/// [`TraceReader::otel_table_into`].
+async fn collect_otel_table(
+    r: &TraceReader<'_>,
     warehouse_id: &str,
     table: &str,
     inv: &Inventory,
-    workspace_host: &str,
-    account_id: &str,
-    opts: &CollectOptions,
-    now_us: i64,
     out: &mpsc::Sender<Chunk>,
     stats: &mut TableStats,
 ) -> Result<(), CollectError> {
+    let TraceReader {
+        client,
+        state,
+        opts,
+        account_id,
+        workspace_host,
+        now_us,
+    } = *r;
     let w = window(state, table, opts, now_us)?;
     let statement = |sql: String, params: Vec<Param>| Statement {
         warehouse_id: warehouse_id.to_string(),
@@ -1351,38 +1404,6 @@ pub async fn collect_otel_table_into(
         route: table.to_string(),
         detail: "more than 100000 pages of root spans".into(),
     }))
-}
-
-/// [`collect_otel_table_into`] counting into its own [`TableStats`], returned when it succeeds.
-#[allow(clippy::too_many_arguments)]
-pub async fn collect_otel_table(
-    client: &DatabricksClient,
-    state: &StateStore,
-    warehouse_id: &str,
-    table: &str,
-    inv: &Inventory,
-    workspace_host: &str,
-    account_id: &str,
-    opts: &CollectOptions,
-    now_us: i64,
-    out: &mpsc::Sender<Chunk>,
-) -> Result<TableStats, CollectError> {
-    let mut stats = TableStats::default();
-    collect_otel_table_into(
-        client,
-        state,
-        warehouse_id,
-        table,
-        inv,
-        workspace_host,
-        account_id,
-        opts,
-        now_us,
-        out,
-        &mut stats,
-    )
-    .await?;
-    Ok(stats)
 }
 
 const SPAN_COLUMNS: &str =

@@ -171,9 +171,17 @@ async fn agents_outside_the_prefix_are_listed_but_their_traces_are_not_read() {
         ..Default::default()
     };
     let now = chrono::Utc::now().timestamp_micros();
-    let stats = traces::collect_experiment(&c, &state, &sources[0], &opts, "1000000", now, &tx)
-        .await
-        .unwrap();
+    let stats = traces::TraceReader {
+        client: &c,
+        state: &state,
+        opts: &opts,
+        account_id: "1000000",
+        workspace_host: "127.0.0.1",
+        now_us: now,
+    }
+    .experiment(&sources[0], &tx)
+    .await
+    .unwrap();
     drop(tx);
     let mut units = 0;
     while let Ok(chunk) = rx.try_recv() {

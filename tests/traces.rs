@@ -72,6 +72,23 @@ fn response_header(rec: &databricks_shield::traffic::AktoRecord, key: &str) -> O
     m.get(key).cloned()
 }
 
+/// The trace reader of a test: account 1000000, unknown agents on 127.0.0.1.
+fn reader<'a>(
+    client: &'a databricks_shield::databricks::DatabricksClient,
+    state: &'a StateStore,
+    opts: &'a CollectOptions,
+    now_us: i64,
+) -> traces::TraceReader<'a> {
+    traces::TraceReader {
+        client,
+        state,
+        opts,
+        account_id: "1000000",
+        workspace_host: "127.0.0.1",
+        now_us,
+    }
+}
+
 async fn read_all(
     c: &databricks_shield::databricks::DatabricksClient,
     state: &StateStore,
@@ -79,10 +96,11 @@ async fn read_all(
 ) -> Vec<Chunk> {
     let mut all = Vec::new();
     for s in sources {
-        let (r, chunks) = chunks_of(|tx| async move {
-            traces::collect_experiment(c, state, s, &opts(), "1000000", now_us(), &tx).await
-        })
-        .await;
+        let (r, chunks) =
+            chunks_of(
+                |tx| async move { reader(c, state, &opts(), now_us()).experiment(s, &tx).await },
+            )
+            .await;
         let stats = r.unwrap();
         assert_eq!(
             stats.executions as usize,
@@ -270,19 +288,9 @@ async fn otel_span_tables_are_read_through_sql_exactly_once() {
     let read = || {
         let (c, inv, table, wh, state) = (&c, &inv, &table, &wh.id, &state);
         chunks_of(move |tx| async move {
-            traces::collect_otel_table(
-                c,
-                state,
-                wh,
-                table,
-                inv,
-                "127.0.0.1",
-                "1000000",
-                &opts(),
-                now_us(),
-                &tx,
-            )
-            .await
+            reader(c, state, &opts(), now_us())
+                .otel_table(wh, table, inv, &tx)
+                .await
         })
     };
     let (r, first) = read().await;
@@ -351,10 +359,7 @@ async fn read_one(
     Result<databricks_shield::collect::TableStats, databricks_shield::collect::CollectError>,
     Vec<Chunk>,
 ) {
-    chunks_of(
-        |tx| async move { traces::collect_experiment(c, state, s, o, "1000000", now, &tx).await },
-    )
-    .await
+    chunks_of(|tx| async move { reader(c, state, o, now).experiment(s, &tx).await }).await
 }
 
 async fn read_otel(
@@ -368,19 +373,9 @@ async fn read_otel(
     Vec<(String, usize, String)>,
 ) {
     let (r, chunks) = chunks_of(|tx| async move {
-        traces::collect_otel_table(
-            c,
-            state,
-            wh,
-            table,
-            inv,
-            "127.0.0.1",
-            "1000000",
-            &opts(),
-            now_us(),
-            &tx,
-        )
-        .await
+        reader(c, state, &opts(), now_us())
+            .otel_table(wh, table, inv, &tx)
+            .await
     })
     .await;
     let stats = r.unwrap_or_else(|e| panic!("the span table is read: {e}"));
@@ -1080,19 +1075,9 @@ async fn otel_traces_are_read_once_their_root_has_landed_and_settled() {
         let (c, state, inv, table, wh, o) = (&c, &state, &inv, &table, &wh.id, &o);
         async move {
             let (r, chunks) = chunks_of(|tx| async move {
-                traces::collect_otel_table(
-                    c,
-                    state,
-                    wh,
-                    table,
-                    inv,
-                    "127.0.0.1",
-                    "1000000",
-                    o,
-                    now,
-                    &tx,
-                )
-                .await
+                reader(c, state, o, now)
+                    .otel_table(wh, table, inv, &tx)
+                    .await
             })
             .await;
             let stats = r.unwrap_or_else(|e| panic!("the span table is read: {e}"));
@@ -1443,19 +1428,9 @@ async fn read_otel_at(
 ) {
     let o = opts();
     let (r, chunks) = chunks_of(|tx| async move {
-        traces::collect_otel_table(
-            c,
-            state,
-            wh,
-            table,
-            inv,
-            "127.0.0.1",
-            "1000000",
-            &opts(),
-            now,
-            &tx,
-        )
-        .await
+        reader(c, state, &opts(), now)
+            .otel_table(wh, table, inv, &tx)
+            .await
     })
     .await;
     let stats = r.unwrap_or_else(|e| panic!("the span table is read: {e}"));
