@@ -12,9 +12,11 @@
 //! Tool calls are sent once per agent, whichever source describes them. An MLflow trace's TOOL
 //! span and an inference row's tool call record can describe the same call (same
 //! `x-tool-call-id`); the delivery stage identifies a tool-call record by (agent host, call id)
-//! and drops it when that call was already sent: by an earlier cycle (the registry, state
-//! namespace `toolcall:<agent host>`, id = call id, time = the unit's time) or earlier in this
-//! chunk (an in-memory set). A call enters the registry in the `commit_delivered` transaction
+//! and drops it when the other source already sent that call (the registry, state namespace
+//! `toolcall:<agent host>`, id = `trace`/`row`, U+001F, call id; time = the unit's time; bare ids
+//! of an earlier release count for both). Calls of one source are never merged: each source
+//! sends a unit once, and agents reuse call ids across requests. A call enters the registry in
+//! the `commit_delivered` transaction
 //! that follows its record's delivery (also when other records of its unit were not delivered);
 //! the registry is pruned with the same horizon as delivered ids (lookback + 10 minutes).
 //!
@@ -928,6 +930,7 @@ impl Connector {
             // Units with ready records (traces, inventory): validated, batched, checkpointed alike.
             ledger.prefetch(
                 &self.state,
+                CallSource::Trace,
                 chunk
                     .prepared
                     .iter()
@@ -941,6 +944,7 @@ impl Connector {
                     host: &unit.host,
                     id: &unit.id,
                     time_us: unit.time_us,
+                    source: CallSource::Trace,
                 };
                 if self
                     .stage(
@@ -993,6 +997,7 @@ impl Connector {
                     .collect();
                 ledger.prefetch(
                     &self.state,
+                    CallSource::Row,
                     mapped
                         .iter()
                         .map(|m| (agent.host.as_str(), m.records.as_slice())),
@@ -1005,6 +1010,7 @@ impl Connector {
                         host: &agent.host,
                         id: &exec.request_id,
                         time_us: exec.request_time.timestamp_micros(),
+                        source: CallSource::Row,
                     };
                     if self
                         .stage(
@@ -1092,11 +1098,12 @@ impl Connector {
             ..Default::default()
         };
         let before = ledger.dropped;
-        let calls = ledger.filter(unit.host, &mut mapped.records);
+        let calls = ledger.filter(unit.host, unit.source, &mut mapped.records);
         counts.tool_calls_deduplicated = ledger.dropped - before;
         if ledger.dropped > before {
             tracing::debug!(
-                "{}: {} tool call record(s) of {} not sent: the same call was already sent",
+                "{}: {} tool call record(s) of {} not sent: the same call was already sent from \
+                 the other source (trace or inference row)",
                 unit.table,
                 ledger.dropped - before,
                 unit.id
@@ -1823,57 +1830,94 @@ impl PartlySent {
     }
 }
 
-/// Which tool calls were sent already (see the module doc): the registry's answer for the units
-/// being staged, and the calls staged in the current chunk.
+/// Where a tool call record comes from: an MLflow trace or OTel span table (a TOOL span), or an
+/// inference row. The registry merges a call only across the two: each source sends its own
+/// calls once by their units, and an agent that reuses call ids (`call_0` in every request,
+/// `functions.lookup:0`) makes distinct calls with the same id, which must all be sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CallSource {
+    Trace,
+    Row,
+}
+
+impl CallSource {
+    /// The registry key of a call of this source sent with this id. Registries written before
+    /// (kept a lookback) hold bare ids of either source; the separator (U+001F) is never part of
+    /// a call id.
+    fn key(self, id: &str) -> String {
+        match self {
+            CallSource::Trace => format!("trace\u{1f}{id}"),
+            CallSource::Row => format!("row\u{1f}{id}"),
+        }
+    }
+
+    /// The source whose calls this one's are merged with.
+    fn other(self) -> CallSource {
+        match self {
+            CallSource::Trace => CallSource::Row,
+            CallSource::Row => CallSource::Trace,
+        }
+    }
+}
+
+/// Which tool calls the other source sent already (see the module doc): the registry's answer
+/// for the units being staged.
 #[derive(Default)]
 struct ToolCallLedger {
     /// Records of units that were sent only in part before (loaded when delivery starts).
     partly_sent: PartlySent,
     /// Records and rows quarantined before (loaded when delivery starts).
     quarantined: KnownQuarantined,
-    /// `(host, call id)` staged in this chunk (pending in the batch or sent by a flush).
-    seen: HashSet<(String, String)>,
-    /// `(host, call id)` found in the registry by the last [`ToolCallLedger::prefetch`].
+    /// `(host, call id)` that the registry holds as sent by the other source (or by a release
+    /// that did not tell the sources apart), found by the last [`ToolCallLedger::prefetch`].
     registered: HashSet<(String, String)>,
     /// Records dropped so far.
     dropped: u64,
 }
 
 impl ToolCallLedger {
-    /// A new chunk: the previous one was flushed, so its calls are in the registry (delivered)
-    /// or were not sent (refused by the sink) and may be sent by the other source.
+    /// A new chunk: the previous one was flushed and checkpointed, so its calls are in the
+    /// registry (delivered) or were not sent (refused by the sink) and may be sent by the other
+    /// source. A chunk holds units of one source (a trace reader's, or a table reader's).
     fn start_chunk(&mut self) {
-        self.seen.clear();
         self.registered.clear();
     }
 
-    /// Looks up, once per host, which tool calls of these records the registry holds.
+    /// Looks up, once per host, which tool calls of these records (of `source`) the registry
+    /// holds as sent by the other source.
     fn prefetch<'a>(
         &mut self,
         state: &StateStore,
+        source: CallSource,
         units: impl Iterator<Item = (&'a str, &'a [traffic::AktoRecord])>,
     ) -> Result<(), StateError> {
         self.registered.clear();
         let mut by_host: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (host, records) in units {
             for id in records.iter().filter_map(crate::traces::tool_call_id) {
-                by_host.entry(host).or_default().push(id);
+                let keys = by_host.entry(host).or_default();
+                keys.push(source.other().key(&id));
+                keys.push(id);
             }
         }
-        for (host, ids) in by_host {
+        for (host, keys) in by_host {
             let ns = tool_call_namespace(host);
-            for id in state.delivered_among(&ns, ids.iter().map(String::as_str))? {
-                self.registered.insert((host.to_string(), id));
+            for key in state.delivered_among(&ns, keys.iter().map(String::as_str))? {
+                let id = key
+                    .strip_prefix(&source.other().key(""))
+                    .map_or(key.as_str(), |id| id);
+                self.registered.insert((host.to_string(), id.to_string()));
             }
         }
         Ok(())
     }
 
-    /// Drops the records of tool calls already sent or staged; returns, for each record kept,
-    /// the call id it carries (registered once the record is delivered).
+    /// Drops the records of tool calls the other source already sent; returns, for each record
+    /// kept, the registry key of the call it carries (registered once the record is delivered).
     fn filter(
         &mut self,
         host: &str,
+        source: CallSource,
         records: &mut Vec<traffic::AktoRecord>,
     ) -> Vec<Option<String>> {
         let mut calls = Vec::with_capacity(records.len());
@@ -1883,12 +1927,11 @@ impl ToolCallLedger {
                 return true;
             };
             let key = (host.to_string(), id);
-            if self.registered.contains(&key) || self.seen.contains(&key) {
+            if self.registered.contains(&key) {
                 self.dropped += 1;
                 return false;
             }
-            calls.push(Some(key.1.clone()));
-            self.seen.insert(key);
+            calls.push(Some(source.key(&key.1)));
             true
         });
         calls
@@ -1906,6 +1949,8 @@ struct UnitRef<'a> {
     host: &'a str,
     id: &'a str,
     time_us: i64,
+    /// Where its tool call records come from.
+    source: CallSource,
 }
 
 /// What the delivery stage counted: records the sink confirmed (`records_sent`, `tool_calls`,
@@ -2374,13 +2419,16 @@ mod tests {
         assert_eq!(t.tool_calls_deduplicated, 1);
         assert_eq!(t.tool_calls, 2, "found in the row, whether sent or not");
         // Registered with the unit that carried each call, at the unit's time.
-        let reg = c
-            .state
-            .delivered_among(&ns, ["call_1", "call_2", "call_3"])
-            .unwrap();
+        // Registered under its source's key: the trace's call_1, the row's call_2.
+        let (t1, r2) = (
+            CallSource::Trace.key("call_1"),
+            CallSource::Row.key("call_2"),
+        );
+        let keys = [t1.as_str(), r2.as_str(), "call_1", "call_2", "call_3"];
+        let reg = c.state.delivered_among(&ns, keys).unwrap();
         assert_eq!(reg.len(), 2, "{reg:?}");
-        assert_eq!(c.state.ids_in_range(&ns, 1_000, 1_001).unwrap(), ["call_1"]);
-        assert_eq!(c.state.ids_in_range(&ns, 2_000, 2_001).unwrap(), ["call_2"]);
+        assert_eq!(c.state.ids_in_range(&ns, 1_000, 1_001).unwrap(), [t1]);
+        assert_eq!(c.state.ids_in_range(&ns, 2_000, 2_001).unwrap(), [r2]);
         assert_eq!(c.state.delivered_count("mlflow:1").unwrap(), 1);
         assert_eq!(c.state.delivered_count(TABLE).unwrap(), 1);
 
@@ -2497,7 +2545,15 @@ mod tests {
         let ns = tool_call_namespace(HOST);
         assert_eq!(
             c.state
-                .delivered_among(&ns, ["call_big", "call_p"])
+                .delivered_among(
+                    &ns,
+                    [
+                        CallSource::Row.key("call_big"),
+                        CallSource::Row.key("call_p")
+                    ]
+                    .iter()
+                    .map(String::as_str)
+                )
                 .unwrap()
                 .len(),
             1
@@ -2768,8 +2824,11 @@ mod tests {
         );
     }
 
+    /// An agent that reuses call ids (`call_0` in every request) makes distinct calls with one
+    /// id: a source's calls are all sent, in one unit, one chunk or later cycles; only the other
+    /// source's record of a call is merged with them.
     #[tokio::test]
-    async fn the_same_call_twice_in_one_chunk_or_unit_is_sent_once() {
+    async fn calls_of_one_source_with_one_id_are_all_sent() {
         let dir = tempfile::tempdir().unwrap();
         let c = connector(dir.path());
         let t = deliver(
@@ -2778,16 +2837,41 @@ mod tests {
                 trace_unit("tr-1", 1_000, &["call_1", "call_1"]),
                 trace_unit("tr-2", 1_500, &["call_1", "call_2"]),
             ])],
-            Vec::new(),
+            vec![table_chunk(vec![
+                execution("req-1", 2_000, &["call_0"]),
+                execution("req-2", 2_500, &["call_0"]),
+            ])],
         )
         .await;
-        assert_eq!(t.tool_calls_deduplicated, 2);
+        assert_eq!(t.tool_calls_deduplicated, 0);
+        assert_eq!(t.tool_calls, 6);
+        let t = deliver(
+            &c,
+            Vec::new(),
+            vec![table_chunk(vec![execution("req-3", 3_000, &["call_0"])])],
+        )
+        .await;
+        assert_eq!((t.tool_calls_deduplicated, t.tool_calls), (0, 1));
+        // The row of a call a trace sent is still merged with it.
+        let t = deliver(
+            &c,
+            Vec::new(),
+            vec![table_chunk(vec![execution("req-4", 3_500, &["call_2"])])],
+        )
+        .await;
+        assert_eq!((t.tool_calls_deduplicated, t.tool_calls), (1, 0));
         assert_eq!(
             sent_calls(dir.path()),
-            [("call_1".into(), true), ("call_2".into(), true)]
+            [
+                ("call_1".into(), true),
+                ("call_1".into(), true),
+                ("call_1".into(), true),
+                ("call_2".into(), true),
+                ("call_0".into(), false),
+                ("call_0".into(), false),
+                ("call_0".into(), false),
+            ]
         );
-        // Tool-call records sent, whichever source built them (here the traces' TOOL spans).
-        assert_eq!(t.tool_calls, 2);
     }
 
     /// `tool_calls` counts the tool-call records the sink confirmed: none when it confirmed
@@ -2984,41 +3068,58 @@ mod tests {
     }
 
     #[test]
-    fn ledger_filters_by_host_registry_and_chunk() {
+    fn ledger_merges_a_call_across_sources_only() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateStore::open(dir.path(), false).unwrap();
         let ns = tool_call_namespace(HOST);
-        state
-            .commit_delivered(&[DeliveredRow {
+        let row_key = CallSource::Row.key("by-row");
+        let trace_key = CallSource::Trace.key("by-trace");
+        let rows: Vec<DeliveredRow<'_>> = ["old", row_key.as_str(), trace_key.as_str()]
+            .into_iter()
+            .map(|id| DeliveredRow {
                 table: &ns,
-                id: "old",
+                id,
                 time_us: 1,
                 by_id: true,
-            }])
-            .unwrap();
-        let unit = trace_unit("tr", 5, &["old", "new"]);
+            })
+            .collect();
+        state.commit_delivered(&rows).unwrap();
+        let unit = trace_unit("tr", 5, &["old", "by-row", "by-trace", "new"]);
+        let ids = |records: &[traffic::AktoRecord]| -> Vec<String> {
+            records.iter().filter_map(tool_call_id).collect()
+        };
         let mut ledger = ToolCallLedger::default();
-        ledger.start_chunk();
-        ledger
-            .prefetch(&state, [(HOST, unit.records.as_slice())].into_iter())
-            .unwrap();
-        let mut records = unit.records.clone();
-        let calls = ledger.filter(HOST, &mut records);
-        assert_eq!(calls, [None, Some("new".to_string())]);
-        assert_eq!(records.len(), 2);
-        assert_eq!(tool_call_id(&records[1]).as_deref(), Some("new"));
-        // Staged in this chunk: dropped again; on another host the same id is another call.
-        let mut again = unit.records.clone();
-        assert_eq!(ledger.filter(HOST, &mut again), [None]);
-        let mut other = unit.records.clone();
-        assert_eq!(
-            ledger.filter("other.host", &mut other),
-            [None, Some("old".to_string()), Some("new".to_string())]
-        );
-        assert_eq!(ledger.dropped, 3);
-        // A new chunk forgets what this chunk staged (it is in the registry once delivered).
-        ledger.start_chunk();
-        let mut next = unit.records.clone();
-        assert_eq!(ledger.filter(HOST, &mut next).len(), 3);
+        for (source, kept) in [
+            // A trace's call is dropped when a row sent it (or a release that kept bare ids).
+            (CallSource::Trace, ["by-trace", "new"]),
+            // A row's call is dropped when a trace sent it, not when another row did: an agent
+            // may reuse ids across requests.
+            (CallSource::Row, ["by-row", "new"]),
+        ] {
+            ledger.start_chunk();
+            ledger
+                .prefetch(
+                    &state,
+                    source,
+                    [(HOST, unit.records.as_slice())].into_iter(),
+                )
+                .unwrap();
+            let mut records = unit.records.clone();
+            let calls = ledger.filter(HOST, source, &mut records);
+            assert_eq!(ids(&records), kept, "{source:?}");
+            assert_eq!(
+                calls,
+                [None, Some(source.key(kept[0])), Some(source.key(kept[1]))],
+                "{source:?}: registered under the source's own key"
+            );
+            // Filtering the same records again in the chunk keeps them: a source sends its
+            // calls once by their units, and two calls of one source with one id are two calls.
+            let mut again = unit.records.clone();
+            assert_eq!(ledger.filter(HOST, source, &mut again).len(), 3);
+            // On another host the same ids are other calls.
+            let mut other = unit.records.clone();
+            assert_eq!(ledger.filter("other.host", source, &mut other).len(), 5);
+        }
+        assert_eq!(ledger.dropped, 8);
     }
 }

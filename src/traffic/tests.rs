@@ -124,9 +124,10 @@ fn plain_chat_execution() {
 }
 
 #[test]
-fn chat_completions_tool_calls_with_outputs_from_next_turn_history() {
-    // The assistant asks for two tools; the request already carries an older tool result,
-    // which must not produce a record of its own.
+fn chat_completions_tool_calls_go_out_without_outputs_which_come_with_the_next_request() {
+    // The assistant asks for two tools: their results come in the client's next request, so the
+    // records carry the arguments alone. The request already carries an older tool result,
+    // which must not produce a record of its own nor be taken for these calls' outputs.
     let req = r#"{"messages":[{"role":"user","content":"weather?"},
         {"role":"assistant","tool_calls":[{"id":"old","type":"function","function":{"name":"old_tool","arguments":"{}"}}]},
         {"role":"tool","tool_call_id":"old","content":"old result"}]}"#;
@@ -176,6 +177,37 @@ fn chat_agent_tool_calls_matched_by_tool_call_id() {
             ),
         ])
     );
+}
+
+/// An agent that numbers its calls per step (`call_0` at every step): two calls with one id but
+/// other names or arguments are two calls, each taking that id's outputs in order.
+#[test]
+fn calls_that_reuse_an_id_are_kept_apart_and_take_their_outputs_in_order() {
+    let resp = r#"{"messages":[
+        {"role":"assistant","content":"","tool_calls":[
+            {"id":"call_0","type":"function","function":{"name":"search","arguments":"{\"q\":\"x\"}"}}]},
+        {"role":"tool","tool_call_id":"call_0","content":"first"},
+        {"role":"assistant","content":"","tool_calls":[
+            {"id":"call_0","type":"function","function":{"name":"fetch","arguments":"{\"url\":1}"}}]},
+        {"role":"tool","tool_call_id":"call_0","content":"second"},
+        {"role":"assistant","content":"","tool_calls":[
+            {"id":"call_0","type":"function","function":{"name":"search","arguments":"{\"q\":\"y\"}"}}]},
+        {"role":"assistant","content":"done"}]}"#;
+    let e = exec(
+        Some(r#"{"messages":[{"role":"user","content":"go"}]}"#),
+        Some(resp),
+    );
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    assert_eq!(
+        Value::Array(got),
+        json!([
+            tool("search", "call_0", r#"{"q":"x"}"#, "first", "200", "OK"),
+            tool("fetch", "call_0", r#"{"url":1}"#, "second", "200", "OK"),
+            tool("search", "call_0", r#"{"q":"y"}"#, "", "200", "OK"),
+        ])
+    );
+    assert_eq!(m.tool_calls, 3);
 }
 
 #[test]
@@ -852,23 +884,31 @@ proptest! {
     ) {
         let response = build_response(format, &calls);
         let m = map_execution(&ctx(), &exec(Some("{}"), Some(&response)), &MapOptions::default());
+        // Distinct calls: the same id, name and arguments twice is one call.
         let mut first: Vec<&(String, String, String, Option<String>)> = vec![];
         for c in &calls {
-            if !first.iter().any(|f| f.0 == c.0) {
+            if !first.iter().any(|f| (&f.0, &f.1, &f.2) == (&c.0, &c.1, &c.2)) {
                 first.push(c);
             }
         }
         prop_assert_eq!(m.tool_calls as usize, first.len());
-        for (rec, (id, name, args, _)) in m.records.iter().skip(1).zip(first) {
+        for (k, (rec, (id, name, args, _))) in m.records.iter().skip(1).zip(&first).enumerate() {
             let r = readable(rec);
             prop_assert_eq!(&r["requestHeaders"]["x-tool-call-id"], &json!(id));
             prop_assert_eq!(&r["tag"]["tool"], &json!(name));
             prop_assert_eq!(&r["path"], &json!(format!("/tools/{}", super::host::encode_segment(name))));
             prop_assert_eq!(&r["requestPayload"], &json!(args));
-            // The output of the first call with this id that has one (completions carry none).
+            // The outputs given for an id go to its distinct calls in order (completions carry
+            // none).
+            let nth = first[..k].iter().filter(|f| &f.0 == id).count();
             let want = match format {
                 Format::Completions => String::new(),
-                _ => calls.iter().filter(|c| &c.0 == id).find_map(|c| c.3.clone()).unwrap_or_default(),
+                _ => calls
+                    .iter()
+                    .filter(|c| &c.0 == id)
+                    .filter_map(|c| c.3.clone())
+                    .nth(nth)
+                    .unwrap_or_default(),
             };
             prop_assert_eq!(&r["responsePayload"], &json!(want));
         }

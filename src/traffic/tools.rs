@@ -17,7 +17,7 @@
 //! id in the response first and then in the request's history (`messages[]` of `role: tool`,
 //! `input[]` items `function_call_output`); the request is parsed only when an output is missing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -71,16 +71,18 @@ pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan
     out.response_parsed = Some(true);
 
     let mut calls: Vec<ToolCall> = Vec::new();
-    let mut outputs: HashMap<String, String> = HashMap::new();
+    let mut outputs = Outputs::new();
     collect(doc, &mut calls, &mut outputs);
     if calls.is_empty() {
         return out;
     }
 
-    // Deduplicate by id, first occurrence wins.
-    let mut seen: HashSet<String> = HashSet::new();
+    // The same call listed twice (same id, name and arguments) is one call. Calls that share an
+    // id but differ are distinct (an agent may number its calls `call_0` at every step): each
+    // takes the outputs given for that id in order.
+    let mut seen: HashSet<(String, String, String)> = HashSet::new();
     calls.retain(|c| match &c.id {
-        Some(id) => seen.insert(id.clone()),
+        Some(id) => seen.insert((id.clone(), c.name.clone(), c.arguments.clone())),
         None => true,
     });
 
@@ -94,7 +96,7 @@ pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan
                     out.request_parsed = Some(true);
                     // Calls in the request history are not this execution's; only outputs are used.
                     let mut ignored = Vec::new();
-                    let mut req_outputs = HashMap::new();
+                    let mut req_outputs = Outputs::new();
                     collect(doc, &mut ignored, &mut req_outputs);
                     for (k, v) in req_outputs {
                         outputs.entry(k).or_insert(v);
@@ -106,14 +108,17 @@ pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan
     }
     for c in &mut calls {
         if let Some(id) = &c.id {
-            c.output = outputs.remove(id);
+            c.output = outputs.get_mut(id).and_then(VecDeque::pop_front);
         }
     }
     out.calls = calls;
     out
 }
 
-fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, String>) {
+/// The outputs of a payload by call id, in the order given.
+type Outputs = HashMap<String, VecDeque<String>>;
+
+fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut Outputs) {
     for choice in doc.choices.0 {
         if let Some(msg) = choice.message {
             item(*msg, calls, outputs);
@@ -131,7 +136,7 @@ fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, St
 }
 
 /// Read one message / output item.
-fn item(it: Item, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, String>) {
+fn item(it: Item, calls: &mut Vec<ToolCall>, outputs: &mut Outputs) {
     let Item {
         role,
         kind,
@@ -174,13 +179,13 @@ fn item(it: Item, calls: &mut Vec<ToolCall>, outputs: &mut HashMap<String, Strin
         ),
         Some("function_call_output") => {
             if let (Some(cid), Some(o)) = (nonblank(call_id.0), output.0) {
-                outputs.entry(cid).or_insert(o);
+                outputs.entry(cid).or_default().push_back(o);
             }
         }
         _ => {
             if role.0.as_deref() == Some("tool") {
                 if let (Some(cid), Some(c)) = (nonblank(tool_call_id.0), content.0) {
-                    outputs.entry(cid).or_insert(c);
+                    outputs.entry(cid).or_default().push_back(c);
                 }
             }
         }
