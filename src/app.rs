@@ -166,6 +166,20 @@ pub enum StartError {
     NoSink,
 }
 
+impl StartError {
+    /// Whether the settings must change before a start can succeed (exit code 2, like a
+    /// configuration refused before any start): a sink setting found wrong when the sink is
+    /// built, no sink, or a `STATE_DIR` that holds another workspace's state.
+    pub fn is_configuration(&self) -> bool {
+        matches!(
+            self,
+            StartError::Sink(SinkError::Config { .. })
+                | StartError::NoSink
+                | StartError::State(crate::state::StateError::OtherWorkspace { .. })
+        )
+    }
+}
+
 /// Builds the connector: client, sink (health-checked), state (locked).
 pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
     let client = client(config)?;
@@ -186,6 +200,7 @@ pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
         Err(e) => return Err(e.into()),
     }
     let state = StateStore::open(&config.state_dir, config.reset_state)?;
+    state.bind_workspace(&config.workspace_identity())?;
     let connector = Arc::new(Connector::new(client, sink, state, settings(config)));
     connector.report_unconfirmed()?;
     connector.announce_upgrade()?;

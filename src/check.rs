@@ -334,12 +334,24 @@ pub async fn run(config: &Config) -> Vec<Step> {
         state_dir_writable(&config.state_dir)
     } else {
         match crate::state::StateStore::open_unchanged(&config.state_dir) {
-            Ok((store, None)) => {
-                vanished = store
-                    .cursors()
-                    .map_or_else(|_| Vec::new(), |c| inv.vanished(&c, since));
-                Ok(format!("{} is usable", config.state_dir.display()))
-            }
+            Ok((store, None)) => match store.workspace() {
+                // Another workspace's state: the run refuses it (its rows would look delivered).
+                Ok(Some(recorded)) if recorded != config.workspace_identity() => {
+                    Err(crate::state::StateError::OtherWorkspace {
+                        path: state_file.clone(),
+                        recorded,
+                        configured: config.workspace_identity(),
+                    }
+                    .to_string())
+                }
+                Ok(_) => {
+                    vanished = store
+                        .cursors()
+                        .map_or_else(|_| Vec::new(), |c| inv.vanished(&c, since));
+                    Ok(format!("{} is usable", config.state_dir.display()))
+                }
+                Err(e) => Err(e.to_string()),
+            },
             Ok((_, Some(old))) => Ok(format!(
                 "{} is usable (state format {old}: the next run upgrades it, after which older \
              releases refuse it)",

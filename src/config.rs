@@ -717,6 +717,16 @@ impl Config {
         }
     }
 
+    /// The workspace a state belongs to (`StateStore::bind_workspace`): `DATABRICKS_HOST`'s host,
+    /// lowercase, with its port when it is not the scheme's default.
+    pub fn workspace_identity(&self) -> String {
+        let host = self.host.host_str().unwrap_or("").to_ascii_lowercase();
+        match self.host.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host,
+        }
+    }
+
     /// One line for the startup log: every setting, no secret (only whether one is set).
     pub fn summary(&self) -> String {
         let auth = match &self.auth {

@@ -210,13 +210,15 @@ async fn run(config: Config) -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
-            return ExitCode::from(1);
+            tracing::info!("databricks-shield stopped");
+            return ExitCode::from(if e.is_configuration() { 2 } else { 1 });
         }
     };
     let (ops, metrics) = match start_ops(&config, &connector, &shutdown).await {
         Ok(x) => x,
         Err(e) => {
             tracing::error!("{e}");
+            tracing::info!("databricks-shield stopped");
             return ExitCode::from(1);
         }
     };

@@ -63,6 +63,9 @@ pub const MERGE_AT: usize = 16_384;
 /// empty log.
 /// A build refuses a newer format rather than miss ids and send rows again.
 const FORMAT_VERSION: &str = "3";
+
+/// The `META` key of the workspace the state belongs to ([`StateStore::bind_workspace`]).
+const WORKSPACE_KEY: &str = "workspace";
 /// Older formats this build upgrades.
 const UPGRADES_FROM: &[&str] = &["1", "2"];
 /// The state file's name inside STATE_DIR.
@@ -107,6 +110,21 @@ pub enum StateError {
     Newer { path: PathBuf, detail: String },
     #[error("cannot use STATE_DIR {path}: {detail}. Fix: make it a writable directory for this user, or set STATE_DIR")]
     Dir { path: PathBuf, detail: String },
+    /// The state was written for another workspace: its table names and experiment ids would be
+    /// taken for this one's, and rows skipped as delivered.
+    #[error(
+        "the state file {path} belongs to the workspace {recorded}, not to DATABRICKS_HOST \
+         {configured}: its read positions would make this workspace's rows look delivered. \
+         Nothing was sent. Fix: give each workspace its own STATE_DIR (e.g. \
+         STATE_DIR=./state-<workspace>; under Akto's job runner, set it in each job). If it is \
+         the same workspace under a new address, run once with --reset-state (it moves the old \
+         file aside and re-sends the last LOOKBACK_MINUTES)"
+    )]
+    OtherWorkspace {
+        path: PathBuf,
+        recorded: String,
+        configured: String,
+    },
     #[error("state store error in {path}: {detail}")]
     Io { path: PathBuf, detail: String },
     /// A commit went through, a step after it did not (removing the in-flight marker, moving
@@ -585,6 +603,48 @@ impl StateStore {
         };
         txn.commit().map_err(|e| self.io(e))?;
         Ok(first)
+    }
+
+    /// Binds the state to the workspace `identity` (its host, see
+    /// [`crate::config::Config::workspace_identity`]): recorded by the first start (a state of a
+    /// release that recorded none is taken as this workspace's), refused when another workspace
+    /// wrote it. Table names (`workspace.default.bot_payload`) and experiment ids repeat across
+    /// workspaces: one workspace's cursors and delivered ids would skip another's rows.
+    pub fn bind_workspace(&self, identity: &str) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+            let recorded = meta
+                .get(WORKSPACE_KEY)
+                .map_err(|e| self.io(e))?
+                .map(|v| v.value().to_string());
+            match recorded {
+                Some(r) if r == identity => {}
+                Some(recorded) => {
+                    return Err(StateError::OtherWorkspace {
+                        path: self.path.clone(),
+                        recorded,
+                        configured: identity.to_string(),
+                    })
+                }
+                None => {
+                    meta.insert(WORKSPACE_KEY, identity)
+                        .map_err(|e| self.io(e))?;
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// The workspace the state was bound to by [`StateStore::bind_workspace`], if any.
+    pub fn workspace(&self) -> Result<Option<String>, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let meta = txn.open_table(META).map_err(|e| self.io(e))?;
+        let recorded = meta
+            .get(WORKSPACE_KEY)
+            .map_err(|e| self.io(e))?
+            .map(|v| v.value().to_string());
+        Ok(recorded)
     }
 
     /// Records `value` for the setting `name` (durably) and returns the value recorded before, if
@@ -1350,6 +1410,43 @@ mod tests {
             s.swap_setting("lookback", "45").unwrap().as_deref(),
             Some("30")
         );
+    }
+
+    #[test]
+    fn a_state_serves_the_workspace_it_was_bound_to_only() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            assert_eq!(s.workspace().unwrap(), None);
+            s.bind_workspace("adb-1.azuredatabricks.net").unwrap();
+            s.bind_workspace("adb-1.azuredatabricks.net").unwrap();
+        }
+        let s = StateStore::open(dir.path(), false).unwrap();
+        assert_eq!(
+            s.workspace().unwrap().as_deref(),
+            Some("adb-1.azuredatabricks.net")
+        );
+        let e = s.bind_workspace("dbc-2.cloud.databricks.com").unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, StateError::OtherWorkspace { .. }), "{e:?}");
+        for want in [
+            "belongs to the workspace adb-1.azuredatabricks.net",
+            "not to DATABRICKS_HOST dbc-2.cloud.databricks.com",
+            "Nothing was sent",
+            "its own STATE_DIR",
+            "--reset-state",
+        ] {
+            assert!(text.contains(want), "{want}: {text}");
+        }
+        // Refused, it still belongs to the first workspace.
+        assert_eq!(
+            s.workspace().unwrap().as_deref(),
+            Some("adb-1.azuredatabricks.net")
+        );
+        // --reset-state starts a new state, bound by the next start.
+        drop(s);
+        let s = StateStore::open(dir.path(), true).unwrap();
+        s.bind_workspace("dbc-2.cloud.databricks.com").unwrap();
     }
 
     #[test]

@@ -704,3 +704,79 @@ async fn the_first_start_on_an_earlier_releases_state_announces_what_may_come_ag
     );
     assert!(!once_with("90").contains("at the previous start"));
 }
+
+/// Two workspaces on one `STATE_DIR` (Akto's job runner starts every job in the same folder):
+/// the second is refused before it reads anything, exit 2, with the fix; `check` says the same;
+/// the first workspace goes on using its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_of_another_workspace_is_refused_before_anything_is_read() {
+    let emu = common::emulator(common::emulator_config()).await;
+    let standin = common::standin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let output = |c: &mut Command| {
+        let out = tokio::task::block_in_place(|| c.output().unwrap());
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = output(common::shield_command(&emu, &standin, &state).arg("-once"));
+    assert_eq!(code, Some(0), "{text}");
+    let sent = standin.records().len();
+    // Another workspace, with the same table names.
+    let other = common::emulator(common::emulator_config()).await;
+    let (code, text) = output(common::shield_command(&other, &standin, &state).arg("-once"));
+    assert_eq!(code, Some(2), "{text}");
+    let host =
+        |e: &databricks_emulator::Emulator| e.base_url().trim_start_matches("http://").to_string();
+    for want in [
+        format!(
+            "belongs to the workspace {}, not to DATABRICKS_HOST {}",
+            host(&emu),
+            host(&other)
+        ),
+        "Fix: give each workspace its own STATE_DIR".to_string(),
+        "databricks-shield stopped".to_string(),
+    ] {
+        assert!(text.contains(&want), "{want}:\n{text}");
+    }
+    assert_eq!(standin.records().len(), sent, "nothing sent");
+    assert_eq!(other.stats()["requests_total"], 0, "nothing read");
+    let (code, text) = output(common::shield_command(&other, &standin, &state).arg("check"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("[FAIL] state directory") && text.contains("belongs to the workspace"),
+        "{text}"
+    );
+    let (code, text) = output(common::shield_command(&emu, &standin, &state).arg("-once"));
+    assert_eq!(code, Some(0), "{text}");
+}
+
+/// A sink setting found wrong when the sink is built is a configuration error like any other:
+/// exit 2, and the log's last line says the connector stopped.
+#[test]
+fn a_sink_setting_refused_at_start_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("records.jsonl");
+    // Not a file of records this connector wrote (no line end): never appended to.
+    std::fs::write(&out, "abc").unwrap();
+    let o = Command::new(BIN)
+        .arg("-once")
+        .arg("--output")
+        .arg(&out)
+        .env_clear()
+        .env("DATABRICKS_HOST", "https://127.0.0.1:9")
+        .env("DATABRICKS_TOKEN", "dapi-unused-token")
+        .env("STATE_DIR", dir.path().join("state"))
+        .env("METRICS_ADDR", "off")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{text}");
+    assert!(text.contains("invalid sink configuration"), "{text}");
+    assert!(text.contains("databricks-shield stopped"), "{text}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "abc");
+}
