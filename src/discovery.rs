@@ -498,6 +498,18 @@ pub fn in_scope(full_name: &str, catalog: &str, schema: &str, prefix: &str) -> b
     }
 }
 
+/// How a table out of scope ([`in_scope`] is false) is out: outside `catalog.schema`, or in it
+/// with a name `DATABRICKS_PREFIX` does not match.
+fn outside(full_name: &str, catalog: &str, schema: &str, prefix: &str) -> String {
+    let mut parts = full_name.splitn(3, '.');
+    match (parts.next(), parts.next()) {
+        (Some(c), Some(s)) if c.eq_ignore_ascii_case(catalog) && s.eq_ignore_ascii_case(schema) => {
+            format!("does not match DATABRICKS_PREFIX '{prefix}'")
+        }
+        _ => format!("is outside {catalog}.{schema}"),
+    }
+}
+
 /// Why an endpoint's agent is out of this instance's scope, or `None` when it is in scope.
 ///
 /// The agent's Unity Catalog anchor decides: the inference table its config names (whether or
@@ -511,10 +523,13 @@ fn endpoint_out_of_scope(
     models: &[ServedModel],
     (catalog, schema, prefix): (&str, &str, &str),
 ) -> Option<String> {
-    let scope = format!("{catalog}.{schema} with prefix '{prefix}'");
     if let Some(t) = target {
-        return (!in_scope(t, catalog, schema, prefix))
-            .then(|| format!("inference table {t} is outside {scope}: {OUT_OF_SCOPE}"));
+        return (!in_scope(t, catalog, schema, prefix)).then(|| {
+            format!(
+                "inference table {t} {}: {OUT_OF_SCOPE}",
+                outside(t, catalog, schema, prefix)
+            )
+        });
     }
     let uc: Vec<&str> = models
         .iter()
@@ -1151,7 +1166,8 @@ fn resource_scope(
         (Some(_), _) | (None, None) => None,
         (None, Some((e, t))) => Some(format!(
             "deployed as a Databricks App querying agent endpoint {e}, whose inference table {t} \
-             is outside {scope}: {OUT_OF_SCOPE}"
+             {}: {OUT_OF_SCOPE}",
+            outside(t, catalog, schema, prefix)
         )),
     };
     // Several scopes: other catalog.schema pairs, or in and out of this instance's prefix.
@@ -2169,12 +2185,15 @@ mod tests {
             endpoint_out_of_scope(Some("main.agents.prod_bot_payload"), &[], s),
             None
         );
-        for t in ["main.other.prod_bot_payload", "main.agents.dev_bot_payload"] {
+        for (t, why) in [
+            ("main.other.prod_bot_payload", "is outside main.agents:"),
+            (
+                "main.agents.dev_bot_payload",
+                "does not match DATABRICKS_PREFIX 'prod_':",
+            ),
+        ] {
             let note = endpoint_out_of_scope(Some(t), std::slice::from_ref(&uc_in), s).unwrap();
-            assert!(
-                note.contains(t) && note.contains("main.agents with prefix 'prod_'"),
-                "{note}"
-            );
+            assert!(note.contains(&format!("{t} {why}")), "{note}");
             assert!(note.contains("out of scope"), "{note}");
         }
         // No table: the served UC models decide, in scope when any one is.
