@@ -198,11 +198,11 @@ fn map_payloads(
     };
 
     let scan = if opts.tool_calls {
-        // Only a response that starts like an object is decoded (for its tool calls); the
-        // request only when an output is missing.
+        // Only a response that starts like an object (or an array: a streamed response's
+        // chunks) is decoded, for its tool calls; the request only when an output is missing.
         let response_text = response
             .as_ref()
-            .filter(|r| r.first_non_whitespace() == Some('{'))
+            .filter(|r| matches!(r.first_non_whitespace(), Some('{' | '[')))
             .map(JsonString::text);
         scan(request.as_ref(), response_text.as_deref())
     } else {

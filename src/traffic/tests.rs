@@ -210,6 +210,81 @@ fn calls_that_reuse_an_id_are_kept_apart_and_take_their_outputs_in_order() {
     assert_eq!(m.tool_calls, 3);
 }
 
+/// Streamed responses logged as their chunks or events, and a pyfunc model's `predictions`:
+/// the same tool call records as the whole response would give.
+#[test]
+fn streamed_and_wrapped_responses_give_their_tool_calls() {
+    let calls = |resp: &str| -> Value {
+        let e = exec(
+            Some(r#"{"messages":[{"role":"user","content":"go"}]}"#),
+            Some(resp),
+        );
+        let m = map_execution(&ctx(), &e, &MapOptions::default());
+        Value::Array(m.records.iter().skip(1).map(readable).collect())
+    };
+    // Chat completion chunks: a call's arguments come in fragments of its index.
+    let chunks = r#"[
+        {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","tool_calls":[
+            {"index":0,"id":"c1","type":"function","function":{"name":"get_weather","arguments":""}}]}}]},
+        {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"tool_calls":[
+            {"index":0,"function":{"arguments":"{\"city\":"}}]}}]},
+        {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"tool_calls":[
+            {"index":0,"function":{"arguments":"\"Paris\"}"}},
+            {"index":1,"id":"c2","type":"function","function":{"name":"lookup","arguments":"{}"}}]}}]},
+        {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}]"#;
+    assert_eq!(
+        calls(chunks),
+        json!([
+            tool("get_weather", "c1", r#"{"city":"Paris"}"#, "", "200", "OK"),
+            tool("lookup", "c2", "{}", "", "200", "OK"),
+        ])
+    );
+    // ChatAgent chunks: each delta a message, the tool's result one of them.
+    let chat_agent = r#"[
+        {"delta":{"role":"assistant","content":"","id":"m1","tool_calls":[
+            {"id":"t1","type":"function","function":{"name":"search","arguments":"{\"q\":1}"}}]}},
+        {"delta":{"role":"tool","name":"search","tool_call_id":"t1","content":"3 hits","id":"m2"}},
+        {"delta":{"role":"assistant","content":"done","id":"m3"}}]"#;
+    assert_eq!(
+        calls(chat_agent),
+        json!([tool("search", "t1", r#"{"q":1}"#, "3 hits", "200", "OK")])
+    );
+    // ResponsesAgent events: the done items (an added item has no arguments yet).
+    let events = r#"[
+        {"type":"response.output_item.added","item":{"type":"function_call","call_id":"f1","name":"get_time","arguments":""}},
+        {"type":"response.function_call_arguments.delta","item_id":"i1","delta":"{\"tz\""},
+        {"type":"response.output_item.done","item":{"type":"function_call","call_id":"f1","name":"get_time","arguments":"{\"tz\":1}"}},
+        {"type":"response.output_item.done","item":{"type":"function_call_output","call_id":"f1","output":"12:00"}},
+        {"type":"response.output_text.delta","item_id":"i2","delta":"It is noon"}]"#;
+    assert_eq!(
+        calls(events),
+        json!([tool("get_time", "f1", r#"{"tz":1}"#, "12:00", "200", "OK")])
+    );
+    // A pyfunc model's predictions, a list or one object.
+    for wrapped in [
+        r#"{"predictions":[{"choices":[{"message":{"role":"assistant","tool_calls":[
+            {"id":"p1","type":"function","function":{"name":"f","arguments":"{}"}}]}}]}]}"#,
+        r#"{"predictions":{"choices":[{"message":{"role":"assistant","tool_calls":[
+            {"id":"p1","type":"function","function":{"name":"f","arguments":"{}"}}]}}]}}"#,
+    ] {
+        assert_eq!(
+            calls(wrapped),
+            json!([tool("f", "p1", "{}", "", "200", "OK")])
+        );
+    }
+    // Arrays of anything else give no calls, and stay JSON.
+    for other in ["[1, 2, [3]]", r#"[{"embedding":[0.1]}]"#, "[]"] {
+        let e = exec(Some("{}"), Some(other));
+        let m = map_execution(&ctx(), &e, &MapOptions::default());
+        assert_eq!(m.tool_calls, 0, "{other}");
+        let r = readable(&m.records[0]);
+        assert_eq!(
+            r["responseHeaders"]["content-type"], "application/json",
+            "{other}"
+        );
+    }
+}
+
 #[test]
 fn responses_agent_function_calls_matched_by_call_id_in_response_and_request() {
     let req = r#"{"input":[{"role":"user","content":"hi"},

@@ -12,6 +12,11 @@
 //!   results by `tool_call_id`;
 //! - ResponsesAgent: response `output[]` items `function_call` (`call_id`, `name`, `arguments`)
 //!   and `function_call_output` (`call_id`, `output`).
+//! - Streamed responses logged as the list of their chunks or events (a top-level JSON array):
+//!   chat completion chunks (`choices[].delta.tool_calls[]`, fragments joined by `index`),
+//!   ChatAgent chunks (`delta`, a message), ResponsesAgent stream events (the `item` of
+//!   `response.output_item.done`).
+//! - A pyfunc model's `predictions` (an object or a list) holding any of these.
 //!
 //! Calls come from the response (what this execution did). Their outputs are looked up by call
 //! id in the response first and then in the request's history (`messages[]` of `role: tool`,
@@ -48,9 +53,9 @@ pub(crate) struct Scan {
     pub request_parsed: Option<bool>,
 }
 
-/// Does `s` start like a JSON object?
+/// Does `s` start like a JSON object, or an array (a streamed response's chunks)?
 fn looks_like_object(s: &str) -> bool {
-    s.trim_start().starts_with('{')
+    s.trim_start().starts_with(['{', '['])
 }
 
 /// Find the tool calls of an execution. Never fails: unparsable payloads yield no calls.
@@ -61,7 +66,7 @@ pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan
     let Some(resp) = response.filter(|r| looks_like_object(r)) else {
         return out;
     };
-    let doc: Doc = match serde_json::from_str(resp) {
+    let docs: Docs = match serde_json::from_str(resp) {
         Ok(d) => d,
         Err(_) => {
             out.response_parsed = Some(false);
@@ -72,7 +77,11 @@ pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan
 
     let mut calls: Vec<ToolCall> = Vec::new();
     let mut outputs = Outputs::new();
-    collect(doc, &mut calls, &mut outputs);
+    let mut streamed = Fragments::default();
+    for doc in docs.0 {
+        collect(doc, &mut calls, &mut outputs, &mut streamed);
+    }
+    streamed.finish(&mut calls);
     if calls.is_empty() {
         return out;
     }
@@ -97,7 +106,12 @@ pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan
                     // Calls in the request history are not this execution's; only outputs are used.
                     let mut ignored = Vec::new();
                     let mut req_outputs = Outputs::new();
-                    collect(doc, &mut ignored, &mut req_outputs);
+                    collect(
+                        doc,
+                        &mut ignored,
+                        &mut req_outputs,
+                        &mut Fragments::default(),
+                    );
                     for (k, v) in req_outputs {
                         outputs.entry(k).or_insert(v);
                     }
@@ -118,10 +132,13 @@ pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan
 /// The outputs of a payload by call id, in the order given.
 type Outputs = HashMap<String, VecDeque<String>>;
 
-fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut Outputs) {
+fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut Outputs, streamed: &mut Fragments) {
     for choice in doc.choices.0 {
         if let Some(msg) = choice.message {
             item(*msg, calls, outputs);
+        }
+        if let Some(delta) = choice.delta {
+            streamed.add(*delta);
         }
     }
     for it in doc
@@ -132,6 +149,83 @@ fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut Outputs) {
         .chain(doc.input.0)
     {
         item(it, calls, outputs);
+    }
+    // A ChatAgent chunk: its delta is a whole message (tool calls complete, or a tool result).
+    if let Some(delta) = doc.delta {
+        item(*delta, calls, outputs);
+    }
+    // A ResponsesAgent stream event: the item once done (`added` has no arguments yet).
+    if doc.kind.0.as_deref() == Some("response.output_item.done") {
+        if let Some(it) = doc.item {
+            item(*it, calls, outputs);
+        }
+    }
+    for p in doc.predictions.0 {
+        collect(p, calls, outputs, streamed);
+    }
+}
+
+/// The tool calls of chat completion chunks (`choices[].delta.tool_calls[]`): the first fragment
+/// of a call carries its `index`, `id` and name, the next ones (same `index`) more of its
+/// arguments.
+#[derive(Default)]
+struct Fragments {
+    /// `(index, call)` in the order the calls started.
+    calls: Vec<(String, ToolCall)>,
+}
+
+impl Fragments {
+    fn add(&mut self, delta: Item) {
+        for tc in delta.tool_calls.0 {
+            let Item {
+                id,
+                name,
+                arguments,
+                function,
+                index,
+                ..
+            } = tc;
+            let (fname, fargs) = match function {
+                Some(f) => (f.name.0, f.arguments.0),
+                None => (None, None),
+            };
+            let (id, name, args) = (nonblank(id.0), fname.or(name.0), fargs.or(arguments.0));
+            let index = index.0.unwrap_or_default();
+            let open = self
+                .calls
+                .iter_mut()
+                .rev()
+                .find(|(i, _)| *i == index)
+                .map(|(_, c)| c)
+                // A new id at an index starts another call there.
+                .filter(|c| id.is_none() || c.id == id);
+            match open {
+                Some(c) => {
+                    c.arguments.push_str(args.as_deref().unwrap_or_default());
+                    if c.name.is_empty() {
+                        c.name = name.unwrap_or_default();
+                    }
+                }
+                None => self.calls.push((
+                    index,
+                    ToolCall {
+                        id,
+                        name: name.unwrap_or_default(),
+                        arguments: args.unwrap_or_default(),
+                        output: None,
+                    },
+                )),
+            }
+        }
+    }
+
+    /// The joined calls, after the others.
+    fn finish(self, calls: &mut Vec<ToolCall>) {
+        for (_, c) in self.calls {
+            let name = (!c.name.trim().is_empty()).then_some(c.name);
+            let arguments = (!c.arguments.is_empty()).then_some(c.arguments);
+            push_call(calls, c.id, name, arguments);
+        }
     }
 }
 
@@ -357,14 +451,27 @@ impl<'de> Deserialize<'de> for Items {
     }
 }
 
-/// The keys read at the top level of a payload.
+/// The keys read at the top level of a payload (or of a streamed response's chunk or event).
 #[derive(Debug, Default)]
 struct Doc {
     choices: Items,
     messages: Items,
     output: Items,
     input: Items,
+    /// A stream event's `type`.
+    kind: Word,
+    /// A ChatAgent chunk's message.
+    delta: Option<Box<Item>>,
+    /// A ResponsesAgent stream event's item.
+    item: Option<Box<Item>>,
+    /// A pyfunc model's output.
+    predictions: Docs,
 }
+
+/// A payload's documents: the object itself, or each object of an array (a streamed response's
+/// chunks, a pyfunc model's `predictions`); anything else is no document.
+#[derive(Debug, Default)]
+struct Docs(Vec<Doc>);
 
 /// The keys read inside a message, choice, output item or tool call.
 #[derive(Debug, Default)]
@@ -380,6 +487,10 @@ struct Item {
     content: Text,
     function: Option<Box<Item>>,
     message: Option<Box<Item>>,
+    /// A chat completion chunk's `choices[].delta`.
+    delta: Option<Box<Item>>,
+    /// A streamed tool call fragment's position.
+    index: Text,
     tool_calls: Items,
 }
 
@@ -400,6 +511,10 @@ enum Key {
     Function,
     Message,
     ToolCalls,
+    Delta,
+    Item,
+    Predictions,
+    Index,
     Other,
 }
 
@@ -428,6 +543,10 @@ impl<'de> Deserialize<'de> for Key {
                     "function" => Key::Function,
                     "message" => Key::Message,
                     "tool_calls" => Key::ToolCalls,
+                    "delta" => Key::Delta,
+                    "item" => Key::Item,
+                    "predictions" => Key::Predictions,
+                    "index" => Key::Index,
                     _ => Key::Other,
                 })
             }
@@ -452,6 +571,10 @@ impl<'de> Deserialize<'de> for Doc {
                         Key::Messages => doc.messages = map.next_value()?,
                         Key::Output => doc.output = map.next_value()?,
                         Key::Input => doc.input = map.next_value()?,
+                        Key::Type => doc.kind = map.next_value()?,
+                        Key::Delta => doc.delta = Some(Box::new(map.next_value()?)),
+                        Key::Item => doc.item = Some(Box::new(map.next_value()?)),
+                        Key::Predictions => doc.predictions = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -461,6 +584,95 @@ impl<'de> Deserialize<'de> for Doc {
             }
         }
         d.deserialize_map(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Docs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct DocsVisitor;
+        impl<'de> Visitor<'de> for DocsVisitor {
+            type Value = Docs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Docs, E> {
+                Ok(Docs::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Docs, E> {
+                Ok(Docs::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Docs, E> {
+                Ok(Docs::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Docs, E> {
+                Ok(Docs::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Docs, E> {
+                Ok(Docs::default())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Docs, E> {
+                Ok(Docs::default())
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Docs, E> {
+                Ok(Docs::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Docs, A::Error> {
+                let mut v = Vec::new();
+                // Nested arrays are not documents: one level of chunks only.
+                while let Some(Flat(d)) = seq.next_element::<Flat>()? {
+                    v.extend(d);
+                }
+                Ok(Docs(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Docs, A::Error> {
+                let doc = Doc::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(Docs(vec![doc]))
+            }
+        }
+        /// An array element: an object read as a document, anything else skipped whole.
+        struct Flat(Option<Doc>);
+        impl<'de> Deserialize<'de> for Flat {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct FlatVisitor;
+                impl<'de> Visitor<'de> for FlatVisitor {
+                    type Value = Flat;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("any JSON value")
+                    }
+                    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Flat, E> {
+                        Ok(Flat(None))
+                    }
+                    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Flat, E> {
+                        Ok(Flat(None))
+                    }
+                    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Flat, E> {
+                        Ok(Flat(None))
+                    }
+                    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Flat, E> {
+                        Ok(Flat(None))
+                    }
+                    fn visit_str<E: de::Error>(self, _: &str) -> Result<Flat, E> {
+                        Ok(Flat(None))
+                    }
+                    fn visit_unit<E: de::Error>(self) -> Result<Flat, E> {
+                        Ok(Flat(None))
+                    }
+                    fn visit_none<E: de::Error>(self) -> Result<Flat, E> {
+                        Ok(Flat(None))
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Flat, A::Error> {
+                        while seq.next_element::<IgnoredAny>()?.is_some() {}
+                        Ok(Flat(None))
+                    }
+                    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Flat, A::Error> {
+                        let doc = Doc::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                        Ok(Flat(Some(doc)))
+                    }
+                }
+                d.deserialize_any(FlatVisitor)
+            }
+        }
+        d.deserialize_any(DocsVisitor)
     }
 }
 
@@ -522,6 +734,8 @@ impl<'de> Deserialize<'de> for Item {
                         Key::Function => it.function = Some(Box::new(map.next_value()?)),
                         Key::Message => it.message = Some(Box::new(map.next_value()?)),
                         Key::ToolCalls => it.tool_calls = map.next_value()?,
+                        Key::Delta => it.delta = Some(Box::new(map.next_value()?)),
+                        Key::Index => it.index = map.next_value()?,
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
