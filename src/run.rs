@@ -393,7 +393,7 @@ fn registry_horizon(
 /// A warehouse that statements can still run on: any state but being deleted (a stopped one
 /// starts on the first statement).
 fn warehouse_usable(w: &crate::databricks::sql::Warehouse) -> bool {
-    !matches!(w.state.as_deref(), Some("DELETING" | "DELETED"))
+    !w.is_deleted()
 }
 
 /// Why a cycle's delivery stopped early.
@@ -514,8 +514,8 @@ impl Connector {
                     return Ok(id.clone());
                 }
                 Ok(_) => tracing::warn!(
-                    "SQL warehouse {id} is no longer listed for this service principal (deleted, \
-                     or its CAN USE revoked): choosing another one"
+                    "SQL warehouse {id} is no longer listed for this service principal, or is \
+                     being deleted (or its CAN USE was revoked): choosing another one"
                 ),
                 Err(e) if e.is_retriable() => {
                     tracing::warn!(

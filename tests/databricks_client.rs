@@ -91,6 +91,12 @@ async fn bad_credentials_say_authentication_failed_and_never_echo_the_secret() {
         msg.contains("Authentication failed") && msg.contains("DATABRICKS_CLIENT_SECRET"),
         "{msg}"
     );
+    // An OAuth `invalid_client` answer: its words are kept, and the fix says which secret works.
+    assert!(
+        msg.contains("invalid client credentials") && msg.contains("invalid_client"),
+        "{msg}"
+    );
+    assert!(msg.contains("Databricks OAuth secret"), "{msg}");
     assert!(
         !msg.contains("wrong-secret-value-123")
             && !format!("{err:?}").contains("wrong-secret-value-123")
@@ -122,6 +128,64 @@ async fn unreachable_host_says_failed_to_connect() {
         "{err}"
     );
     assert!(err.is_retriable());
+    // The advice names the port of DATABRICKS_HOST, not always 443.
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("reach it on port {port} ")),
+        "{text}"
+    );
+    assert!(!text.contains("port 443"), "{text}");
+}
+
+/// A token endpoint that refuses with a Databricks error body (an IP access list, a proxy), not
+/// an OAuth one: its words are kept, and it is not called a wrong secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_request_refused_with_403_keeps_the_answer_and_names_ip_access_lists() {
+    let emu = emulator(emulator_config()).await;
+    emu.set_faults("route=/oidc,kind=403,count=unlimited")
+        .unwrap();
+    let c = client(&emu.base_url(), "emulator-client", SECRET);
+    let err = c.authenticate().await.unwrap_err();
+    assert!(matches!(err, DatabricksError::Auth { .. }), "{err:?}");
+    assert!(!err.is_retriable());
+    let msg = err.to_string();
+    assert!(
+        msg.contains("HTTP 403 PERMISSION_DENIED")
+            && msg.contains("User does not have permission to access this resource"),
+        "{msg}"
+    );
+    assert!(msg.contains("IP access list"), "{msg}");
+    assert!(!msg.contains("invalid client credentials"), "{msg}");
+    assert!(!msg.contains(SECRET) && !format!("{err:?}").contains(SECRET));
+}
+
+/// A refused personal access token is named as such: no OAuth advice, no status repeated as
+/// its code, no `..`, and never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_personal_access_token_is_named_with_its_fix() {
+    let mut cfg = emulator_config();
+    cfg.pat = Some("dapi-right-token-0123".into());
+    let emu = emulator(cfg).await;
+    let c = DatabricksClient::new(
+        &url::Url::parse(&emu.base_url()).unwrap(),
+        Credentials::Pat("dapiWRONG-token-9876".to_string().into()),
+        fast_retry(),
+    )
+    .unwrap();
+    let err = c.list_warehouses().await.unwrap_err();
+    assert!(matches!(err, DatabricksError::Auth { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("DATABRICKS_TOKEN was refused: GET /api/2.0/sql/warehouses answered 403: Invalid access token. Fix:"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("expired, revoked or not a token of this workspace"),
+        "{msg}"
+    );
+    assert!(!msg.contains("DATABRICKS_CLIENT_ID"), "{msg}");
+    assert!(!msg.contains("403 403") && !msg.contains(".."), "{msg}");
+    assert!(!msg.contains("dapiWRONG") && !format!("{err:?}").contains("dapiWRONG"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,6 +236,11 @@ async fn rate_limits_and_unavailability_are_retried_with_retry_after() {
         .unwrap();
     assert!(inv.readable().count() > 0);
     assert!(c.stats().retries() >= 4, "retries: {}", c.stats().retries());
+    // The two 429s asked for `Retry-After: 1`: the waits chosen before the retries add up to
+    // 2 s at least. Without it they are backoffs of this client (20 ms, 40 ms, ...): far less.
+    // (The waits chosen are counted, not the time they took: no clock is asserted.)
+    let waited = c.stats().retry_wait();
+    assert!(waited >= Duration::from_secs(2), "{waited:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

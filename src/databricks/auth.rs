@@ -17,8 +17,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
-use super::error::{ConnectKind, DatabricksError};
-use super::http::classify_transport_error;
+use super::error::{status_and_code, ConnectKind, DatabricksError};
+use super::http::{classify_transport_error, ApiErrorBody};
 use crate::secret_file::SecretFile;
 
 /// How the connector proves who it is.
@@ -73,6 +73,31 @@ const TOKEN_ROUTE: &str = "POST /oidc/v1/token";
 /// How often a personal access token read from a file is looked at again.
 pub const PAT_RECHECK: Duration = Duration::from_secs(30);
 
+/// The longest a token is taken to live, whatever `expires_in` says (Databricks issues them for
+/// an hour): a huge value from a broken endpoint must not overflow the clock.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// When a token fetched at `started` with `expires_in` (seconds; an hour when absent) is
+/// refreshed, and when it expires. The lifetime is capped at [`MAX_TOKEN_TTL`].
+fn token_times(started: Instant, expires_in: Option<u64>) -> (Instant, Instant) {
+    let ttl = Duration::from_secs(expires_in.unwrap_or(3600)).min(MAX_TOKEN_TTL);
+    let early = (ttl / 2).min(Duration::from_secs(20 * 60));
+    let expires_at = started.checked_add(ttl).unwrap_or(started);
+    let stale_at = started
+        .checked_add(ttl.saturating_sub(early))
+        .unwrap_or(started);
+    (stale_at, expires_at)
+}
+
+/// `text` with every occurrence of a secret replaced, for an error message (an answer echoing
+/// the request must not carry it into a log).
+fn redact(text: &str, secrets: &[&str]) -> String {
+    secrets
+        .iter()
+        .filter(|s| s.len() >= 4)
+        .fold(text.to_string(), |t, s| t.replace(s, "[redacted]"))
+}
+
 /// Hands out bearer tokens, fetching and caching them as needed.
 pub struct TokenSource {
     credentials: Credentials,
@@ -122,6 +147,56 @@ impl TokenSource {
 
     pub fn credentials(&self) -> &Credentials {
         &self.credentials
+    }
+
+    /// The setting the secret came from: `DATABRICKS_TOKEN` or `DATABRICKS_CLIENT_SECRET`, or
+    /// the `_FILE` variable of the file it is read from.
+    fn secret_setting(&self) -> &'static str {
+        match (&self.secret_file, &self.credentials) {
+            (Some(f), _) => f.variable(),
+            (None, Credentials::Pat(_)) => "DATABRICKS_TOKEN",
+            (None, Credentials::OAuth { .. }) => "DATABRICKS_CLIENT_SECRET",
+        }
+    }
+
+    /// The fix for refused OAuth client credentials; `secret_kind` adds that the secret must be
+    /// a Databricks OAuth secret (the usual mistake on Azure).
+    fn oauth_fix(&self, secret_kind: bool) -> String {
+        let setting = self.secret_setting();
+        let mut fix = format!(
+            "check DATABRICKS_CLIENT_ID and {setting}: the service principal must exist and be \
+             enabled in this workspace, and its OAuth secret must not be expired (secrets should \
+             be rotated every 90 days)"
+        );
+        if secret_kind {
+            fix.push_str(&format!(
+                "; {setting} must be a Databricks OAuth secret: on Azure an Entra ID client \
+                 secret is refused here, generate a Databricks OAuth secret for the service \
+                 principal in the account console (service principal > Secrets)"
+            ));
+        }
+        fix
+    }
+
+    /// An API call refused the credentials (`answer`: what it answered, e.g. a 401, or a 403
+    /// refusing the token): the error and its fix name them by kind, never their value.
+    pub(crate) fn refused(&self, answer: &str) -> DatabricksError {
+        let setting = self.secret_setting();
+        match &self.credentials {
+            Credentials::Pat(_) => DatabricksError::Auth {
+                detail: format!("{setting} was refused: {answer}"),
+                fix: format!(
+                    "the token is expired, revoked or not a token of this workspace ({}): create \
+                     a new one (in the workspace: Settings > Developer > Access tokens) and set it \
+                     in {setting}",
+                    self.host_label()
+                ),
+            },
+            Credentials::OAuth { client_id, .. } => DatabricksError::Auth {
+                detail: format!("the OAuth token of client id {client_id} was refused: {answer}"),
+                fix: self.oauth_fix(false),
+            },
+        }
     }
 
     /// A valid bearer token, fetching a new one when the cached one is stale.
@@ -281,12 +356,11 @@ impl TokenSource {
                         route: "/oidc/v1/token".into(),
                         detail: format!("token response is not the documented JSON: {e}"),
                     })?;
-                let ttl = Duration::from_secs(parsed.expires_in.unwrap_or(3600));
-                let early = (ttl / 2).min(Duration::from_secs(20 * 60));
+                let (stale_at, expires_at) = token_times(started, parsed.expires_in);
                 return Ok(Cached {
                     token: SecretString::from(parsed.access_token),
-                    stale_at: started + ttl.saturating_sub(early),
-                    expires_at: started + ttl,
+                    stale_at,
+                    expires_at,
                 });
             }
             let retriable = status == StatusCode::TOO_MANY_REQUESTS
@@ -298,45 +372,91 @@ impl TokenSource {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            let err: TokenError = serde_json::from_str(&body).unwrap_or_default();
-            let detail = match status.as_u16() {
-                400 | 401 | 403 => format!(
-                    "the token endpoint {} answered HTTP {} {}{}",
-                    self.token_url,
-                    status.as_u16(),
-                    if err.error.is_empty() {
-                        "error"
-                    } else {
-                        &err.error
-                    },
-                    if err.error_description.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", err.error_description)
-                    }
+            return Err(self.token_refused(status, &body, client_id, client_secret));
+        }
+    }
+
+    /// The error for a token request answered `status` (not a success, retries done): the
+    /// answer's own words (an OAuth `error` or a Databricks `error_code`/`message`, else the start
+    /// of the body), and a fix that fits it. "Invalid client credentials" only for an OAuth
+    /// `invalid_client`/`unauthorized_client` or a 401.
+    fn token_refused(
+        &self,
+        status: StatusCode,
+        body: &str,
+        client_id: &str,
+        client_secret: &SecretString,
+    ) -> DatabricksError {
+        let oauth: TokenError = serde_json::from_str(body).unwrap_or_default();
+        let oauth_named = !oauth.error.is_empty();
+        let (code, message) = if oauth_named {
+            (oauth.error, oauth.error_description)
+        } else {
+            ApiErrorBody::parse(body)
+        };
+        let secret = client_secret.expose_secret();
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{secret}"));
+        let message = redact(message.trim(), &[secret, &basic]);
+        let code = redact(&code, &[secret, &basic]);
+        let answered = format!(
+            "the token endpoint {} answered HTTP {}{}",
+            self.token_url,
+            status_and_code(status.as_u16(), &code),
+            if message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", message.trim_end_matches('.'))
+            }
+        );
+        match status.as_u16() {
+            404 => DatabricksError::Connect {
+                host: self.host_label(),
+                kind: ConnectKind::Other,
+                detail: format!(
+                    "{} answered 404: this does not look like a Databricks workspace",
+                    self.token_url
                 ),
-                404 => {
-                    return Err(DatabricksError::Connect {
-                        host: self.host_label(),
-                        kind: ConnectKind::Other,
+            },
+            400 | 401 | 403 => {
+                let bad_client = matches!(code.as_str(), "invalid_client" | "unauthorized_client")
+                    || status == StatusCode::UNAUTHORIZED;
+                if bad_client {
+                    DatabricksError::Auth {
                         detail: format!(
-                            "{} answered 404: this does not look like a Databricks workspace",
-                            self.token_url
+                            "invalid client credentials for client id {client_id}: {answered}"
                         ),
-                    })
+                        fix: self.oauth_fix(true),
+                    }
+                } else if status == StatusCode::FORBIDDEN && !oauth_named {
+                    // Not an OAuth answer: refused before the credentials were looked at.
+                    DatabricksError::Auth {
+                        detail: format!(
+                            "the token request for client id {client_id} was refused: {answered}"
+                        ),
+                        fix: format!(
+                            "a 403 that is not an OAuth answer is most often given before the \
+                             credentials are checked: by an IP access list of the workspace that \
+                             does not allow this machine's address, or by a proxy or firewall on \
+                             the way (HTTPS_PROXY/NO_PROXY are honoured); if neither applies, {}",
+                            self.oauth_fix(false)
+                        ),
+                    }
+                } else {
+                    DatabricksError::Auth {
+                        detail: format!(
+                            "the token request for client id {client_id} was refused: {answered}"
+                        ),
+                        fix: self.oauth_fix(false),
+                    }
                 }
-                code => {
-                    return Err(DatabricksError::Api {
-                        route: "/oidc/v1/token".into(),
-                        status: code,
-                        error_code: err.error,
-                        message: err.error_description,
-                    })
-                }
-            };
-            return Err(DatabricksError::Auth {
-                detail: format!("invalid client credentials for client id {client_id}: {detail}"),
-            });
+            }
+            code_num => DatabricksError::Api {
+                route: "/oidc/v1/token".into(),
+                status: code_num,
+                error_code: code,
+                message,
+            },
         }
     }
 
@@ -344,5 +464,191 @@ impl TokenSource {
         self.token_url
             .trim_end_matches("/oidc/v1/token")
             .to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::{token_times, Credentials, TokenSource, MAX_TOKEN_TTL};
+    use crate::databricks::{ApiStats, DatabricksError};
+
+    const SECRET: &str = "the-client-secret-4711";
+
+    /// A token endpoint on 127.0.0.1 that answers every request `status` with `body`.
+    async fn token_endpoint(status: u16, body: &'static str) -> url::Url {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    // Read the request's head and its (short) body, then answer and close.
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !String::from_utf8_lossy(&seen).contains("grant_type") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        url::Url::parse(&format!("http://{addr}")).unwrap()
+    }
+
+    /// Asks `host` for a token with the OAuth test credentials.
+    async fn fetch(host: &url::Url) -> Result<(), DatabricksError> {
+        let source = TokenSource::new(
+            Credentials::OAuth {
+                client_id: "sp-1234".into(),
+                client_secret: SECRET.to_string().into(),
+            },
+            host,
+        );
+        source
+            .token(&reqwest::Client::new(), &ApiStats::default())
+            .await
+            .map(|_| ())
+    }
+
+    #[test]
+    fn a_huge_expires_in_is_capped_instead_of_overflowing_the_clock() {
+        let now = Instant::now();
+        let (stale, expires) = token_times(now, Some(u64::MAX));
+        assert_eq!(expires - now, MAX_TOKEN_TTL);
+        assert!(stale < expires && stale > now);
+        // The usual hour: refreshed 20 minutes early; a missing expires_in is taken as an hour.
+        let (stale, expires) = token_times(now, Some(3600));
+        assert_eq!(
+            (stale - now, expires - now),
+            (Duration::from_secs(2400), Duration::from_secs(3600))
+        );
+        assert_eq!(token_times(now, None), token_times(now, Some(3600)));
+    }
+
+    #[tokio::test]
+    async fn a_token_answer_with_a_huge_expires_in_is_used() {
+        let host = token_endpoint(
+            200,
+            r#"{"access_token":"tok","token_type":"Bearer","expires_in":18446744073709551615}"#,
+        )
+        .await;
+        fetch(&host).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn invalid_client_is_called_so_and_names_the_databricks_oauth_secret() {
+        let host = token_endpoint(
+            401,
+            r#"{"error":"invalid_client","error_description":"Client authentication failed."}"#,
+        )
+        .await;
+        let err = fetch(&host).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, DatabricksError::Auth { .. }), "{msg}");
+        assert!(
+            msg.contains("invalid client credentials for client id sp-1234")
+                && msg.contains("HTTP 401 invalid_client: Client authentication failed. Fix:"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("Databricks OAuth secret") && msg.contains("Entra ID"),
+            "{msg}"
+        );
+    }
+
+    /// A 400 the OAuth server names (not a client error) keeps its name and is not called a wrong
+    /// secret.
+    #[tokio::test]
+    async fn another_oauth_refusal_is_not_called_invalid_credentials() {
+        let host = token_endpoint(
+            400,
+            r#"{"error":"invalid_scope","error_description":"scope all-apis is not allowed"}"#,
+        )
+        .await;
+        let msg = fetch(&host).await.unwrap_err().to_string();
+        assert!(
+            msg.contains("HTTP 400 invalid_scope: scope all-apis is not allowed"),
+            "{msg}"
+        );
+        assert!(!msg.contains("invalid client credentials"), "{msg}");
+    }
+
+    /// A 403 page that is no JSON (a proxy's): its start is kept, the secret it echoes is not,
+    /// and the fix names IP access lists and proxies.
+    #[tokio::test]
+    async fn a_403_that_is_not_oauth_keeps_the_body_start_and_names_ip_access_lists() {
+        let host = token_endpoint(
+            403,
+            "<html>Blocked by proxy policy for the-client-secret-4711</html>",
+        )
+        .await;
+        let err = fetch(&host).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("HTTP 403: <html>Blocked by proxy policy"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("IP access list") && msg.contains("proxy"),
+            "{msg}"
+        );
+        assert!(!msg.contains("invalid client credentials"), "{msg}");
+        assert!(!msg.contains(SECRET) && !format!("{err:?}").contains(SECRET));
+    }
+
+    /// A server error (not retried by the token fetch) keeps the Databricks error body's words.
+    #[tokio::test]
+    async fn a_server_error_keeps_the_databricks_message() {
+        let host = token_endpoint(
+            500,
+            r#"{"error_code":"INTERNAL_ERROR","message":"token service is down"}"#,
+        )
+        .await;
+        let err = fetch(&host).await.unwrap_err();
+        assert!(err.is_retriable(), "{err}");
+        let DatabricksError::Api {
+            status,
+            error_code,
+            message,
+            ..
+        } = &err
+        else {
+            panic!("an API error expected: {err:?}")
+        };
+        assert_eq!(
+            (*status, error_code.as_str(), message.as_str()),
+            (500, "INTERNAL_ERROR", "token service is down")
+        );
+    }
+
+    /// A refused personal access token names DATABRICKS_TOKEN (or its file), never the OAuth
+    /// settings.
+    #[test]
+    fn a_refused_pat_is_named_by_its_setting() {
+        let host = url::Url::parse("https://ws.example").unwrap();
+        let mut source = TokenSource::new(Credentials::Pat("dapi-x".to_string().into()), &host);
+        let msg = source
+            .refused("GET /x answered 403: Invalid access token")
+            .to_string();
+        assert!(
+            msg.starts_with("Authentication failed: DATABRICKS_TOKEN was refused: GET /x"),
+            "{msg}"
+        );
+        assert!(!msg.contains("DATABRICKS_CLIENT"), "{msg}");
+        source.reread_secret_from("/nonexistent/token".into(), "DATABRICKS_TOKEN_FILE");
+        let msg = source.refused("GET /x answered 401").to_string();
+        assert!(msg.contains("set it in DATABRICKS_TOKEN_FILE"), "{msg}");
     }
 }

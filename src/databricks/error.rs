@@ -39,26 +39,26 @@ impl fmt::Display for ConnectKind {
 pub enum DatabricksError {
     /// Troubleshooting case 1.
     #[error(
-        "Failed to connect to Databricks workspace {host} ({kind}): {detail}. Fix: check that \
+        "Failed to connect to Databricks workspace {host} ({kind}): {}. Fix: check that \
          DATABRICKS_HOST is your workspace URL (https://<workspace>.cloud.databricks.com), that its \
-         name resolves (DNS), that a firewall or proxy lets this machine reach it on port 443 \
+         name resolves (DNS), that a firewall or proxy lets this machine reach it on {} \
          (HTTPS_PROXY/NO_PROXY are honoured), and that its TLS certificate is trusted (behind a \
-         TLS-inspecting proxy, set DATABRICKS_CA_BUNDLE to the PEM file of its CA)"
+         TLS-inspecting proxy, set DATABRICKS_CA_BUNDLE to the PEM file of its CA)",
+        sentence(.detail),
+        port_of(.host)
     )]
     Connect {
         host: String,
         kind: ConnectKind,
         detail: String,
     },
-    /// Troubleshooting case 2.
-    #[error(
-        "Authentication failed: {detail}. Fix: check DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET \
-         (or DATABRICKS_TOKEN): the service principal must exist and be enabled in this workspace, \
-         and its OAuth secret must not be expired (secrets should be rotated every 90 days)"
-    )]
-    Auth { detail: String },
+    /// Troubleshooting case 2. `fix` depends on the kind of credential (OAuth secret or personal
+    /// access token) and on how it was refused: built by the token source
+    /// ([`super::auth::TokenSource`]), which knows both.
+    #[error("Authentication failed: {}. Fix: {fix}", sentence(.detail))]
+    Auth { detail: String, fix: String },
     /// Troubleshooting case 3.
-    #[error("Access denied to {object}: {detail}. Fix: {fix}")]
+    #[error("Access denied to {object}: {}. Fix: {fix}", sentence(.detail))]
     PermissionDenied {
         object: String,
         detail: String,
@@ -73,7 +73,10 @@ pub enum DatabricksError {
         fix: String,
     },
     /// Rate limited or unavailable, still so when the retry budget ran out.
-    #[error("Databricks kept answering {status} {error_code} for {route} after {attempts} attempts over {elapsed_s}s: {message}")]
+    #[error(
+        "Databricks kept answering {} for {route} after {attempts} attempts over {elapsed_s}s: {message}",
+        status_and_code(*.status, .error_code)
+    )]
     Exhausted {
         route: String,
         status: u16,
@@ -83,7 +86,10 @@ pub enum DatabricksError {
         elapsed_s: u64,
     },
     /// Any other API error.
-    #[error("Databricks API error on {route}: HTTP {status} {error_code}: {message}")]
+    #[error(
+        "Databricks API error on {route}: HTTP {}: {message}",
+        status_and_code(*.status, .error_code)
+    )]
     Api {
         route: String,
         status: u16,
@@ -142,6 +148,35 @@ impl DatabricksError {
             DatabricksError::Statement { .. } => "statement",
             DatabricksError::NoWarehouse(_) => "no_warehouse",
         }
+    }
+}
+
+/// `detail` as the first part of a sentence the message goes on after: without the full stop
+/// it may end with (`Invalid access token.` would otherwise print `..`).
+fn sentence(detail: &str) -> &str {
+    detail.trim_end().trim_end_matches('.')
+}
+
+/// "port 8443" for the workspace URL `host`, from its explicit port or its scheme's default
+/// (443 for https); a host that is no URL gets the https default named.
+fn port_of(host: &str) -> String {
+    match url::Url::parse(host)
+        .ok()
+        .and_then(|u| u.port_or_known_default())
+    {
+        Some(port) => format!("port {port}"),
+        None => "its port (443 for https)".to_string(),
+    }
+}
+
+/// An HTTP status with the answer's `error_code`, the code left out when it is missing or only
+/// repeats the status (`{"error_code": 403, ...}`): `403`, `403 PERMISSION_DENIED`.
+pub(crate) fn status_and_code(status: u16, code: &str) -> String {
+    let code = code.trim();
+    if code.is_empty() || code == status.to_string() {
+        status.to_string()
+    } else {
+        format!("{status} {code}")
     }
 }
 
@@ -204,5 +239,52 @@ mod tests {
         }
         // No unquoted name is left for SQL to misread (`prod - agents`).
         assert!(!fix.contains(" prod-agents"), "{fix}");
+    }
+
+    /// The connection advice names the port of the workspace URL, its scheme's default when the
+    /// URL has none.
+    #[test]
+    fn connect_advice_names_the_real_port() {
+        let text = |host: &str| {
+            DatabricksError::Connect {
+                host: host.into(),
+                kind: ConnectKind::Refused,
+                detail: "connection refused".into(),
+            }
+            .to_string()
+        };
+        assert!(text("https://ws.example:8443").contains("reach it on port 8443 "));
+        assert!(text("https://ws.example/").contains("reach it on port 443 "));
+        assert!(text("http://127.0.0.1:1234").contains("reach it on port 1234 "));
+        assert!(text("trace storage").contains("reach it on its port (443 for https)"));
+    }
+
+    /// A status repeated as the code is said once; a message's full stop is not doubled.
+    #[test]
+    fn codes_that_repeat_the_status_and_full_stops_are_not_doubled() {
+        assert_eq!(status_and_code(403, "403"), "403");
+        assert_eq!(status_and_code(403, ""), "403");
+        assert_eq!(
+            status_and_code(403, "PERMISSION_DENIED"),
+            "403 PERMISSION_DENIED"
+        );
+        let api = DatabricksError::Api {
+            route: "GET /x".into(),
+            status: 500,
+            error_code: "500".into(),
+            message: "boom".into(),
+        };
+        assert_eq!(
+            api.to_string(),
+            "Databricks API error on GET /x: HTTP 500: boom"
+        );
+        let auth = DatabricksError::Auth {
+            detail: "Invalid access token.".into(),
+            fix: "create a new one".into(),
+        };
+        assert_eq!(
+            auth.to_string(),
+            "Authentication failed: Invalid access token. Fix: create a new one"
+        );
     }
 }

@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::auth::TokenSource;
-use super::error::{ConnectKind, DatabricksError};
+use super::error::{status_and_code, ConnectKind, DatabricksError};
 
 /// How hard to retry.
 #[derive(Debug, Clone)]
@@ -75,6 +75,8 @@ impl RetryPolicy {
 pub struct ApiStats {
     counts: Mutex<BTreeMap<(String, String), u64>>,
     retries: std::sync::atomic::AtomicU64,
+    /// The waits chosen before those retries, in milliseconds (what `Retry-After` asked counts).
+    retry_wait_ms: std::sync::atomic::AtomicU64,
     background: std::sync::atomic::AtomicU64,
     background_idle: tokio::sync::Notify,
 }
@@ -121,6 +123,14 @@ impl ApiStats {
     /// Retries performed.
     pub fn retries(&self) -> u64 {
         self.retries.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// The waits chosen before retries, added up: the backoffs and the honoured `Retry-After`
+    /// delays (not the time they took, which the scheduler may stretch).
+    pub fn retry_wait(&self) -> Duration {
+        Duration::from_millis(
+            self.retry_wait_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
     /// Background work in flight: statement starts, cancels of abandoned statements.
     pub fn background(&self) -> u64 {
@@ -259,9 +269,11 @@ pub(crate) fn request_not_built(route: &str, e: &reqwest::Error) -> DatabricksEr
             detail: format!(
                 "the request {route} could not be built ({chain}): the token or secret holds a \
                  character not allowed in an HTTP header (e.g. a line break inside it), so \
-                 nothing was sent; set DATABRICKS_TOKEN / DATABRICKS_CLIENT_SECRET (or their \
-                 _FILE) to the secret alone, on one line"
+                 nothing was sent"
             ),
+            fix: "set DATABRICKS_TOKEN / DATABRICKS_CLIENT_SECRET (or their _FILE) to the \
+                  secret alone, on one line"
+                .into(),
         }
     } else {
         DatabricksError::Api {
@@ -477,16 +489,22 @@ impl ApiClient {
                     elapsed_s: started.elapsed().as_secs(),
                 });
             }
+            if token_refused {
+                let said = message.trim().trim_end_matches('.');
+                return Err(self.tokens.refused(&format!(
+                    "{route} answered {}{}{said}",
+                    status_and_code(status.as_u16(), &code),
+                    if said.is_empty() { "" } else { ": " },
+                )));
+            }
             return Err(match status.as_u16() {
-                401 => DatabricksError::Auth {
-                    detail: format!("{route} answered 401 {code}: {message}"),
-                },
-                403 if token_refused => DatabricksError::Auth {
-                    detail: format!("{route} answered 403 {code}: {message}"),
-                },
                 403 => DatabricksError::PermissionDenied {
                     object: route.to_string(),
-                    detail: format!("{code}: {message}"),
+                    detail: if status_and_code(403, &code) == "403" {
+                        message
+                    } else {
+                        format!("{code}: {message}")
+                    },
                     fix: "grant the service principal access to this API".into(),
                 },
                 404 => DatabricksError::NotFound {
@@ -533,6 +551,10 @@ impl ApiClient {
         self.stats
             .retries
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.retry_wait_ms.fetch_add(
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Some(d)
     }
 }
@@ -617,6 +639,19 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(super::retry_after(&headers("soon")), None);
+        // A Retry-After longer than the backoff is waited exactly (up to the cap).
+        let fast = super::RetryPolicy {
+            max_elapsed: Duration::from_secs(10),
+            base_delay: Duration::from_millis(20),
+            max_delay: Duration::from_millis(1500),
+        };
+        for attempt in 1..4 {
+            assert_eq!(
+                fast.backoff(attempt, Some(Duration::from_secs(1))),
+                Duration::from_secs(1)
+            );
+            assert!(fast.backoff(attempt, None) <= Duration::from_millis(80));
+        }
         let policy = super::RetryPolicy::default();
         for attempt in 1..5 {
             // `Retry-After: 0` waits the backoff at least (a tenth of its step at worst)...

@@ -156,6 +156,14 @@ pub struct Warehouse {
     pub enable_serverless_compute: Option<bool>,
 }
 
+impl Warehouse {
+    /// Being deleted (`DELETING`) or deleted: no statement will run on it. Any other state can
+    /// (a stopped warehouse starts on the first statement).
+    pub fn is_deleted(&self) -> bool {
+        matches!(self.state.as_deref(), Some("DELETING" | "DELETED"))
+    }
+}
+
 #[derive(Deserialize)]
 struct WarehouseList {
     #[serde(default)]
@@ -401,6 +409,58 @@ fn truncated_error(table: &str, statement_id: &str) -> DatabricksError {
     }
 }
 
+/// The warehouse to use among `all`: the configured one (an error when it is not listed or is
+/// being deleted), else a running one (serverless first), else any serverless one, else the
+/// first. Warehouses being deleted are never picked: one would be refused every cycle.
+pub fn pick_warehouse(
+    all: Vec<Warehouse>,
+    configured: Option<&str>,
+) -> Result<(Warehouse, String), DatabricksError> {
+    if let Some(id) = configured {
+        return match all.into_iter().find(|w| w.id == id) {
+            Some(w) if w.is_deleted() => Err(DatabricksError::NoWarehouse(format!(
+                "DATABRICKS_WAREHOUSE_ID={id} is a SQL warehouse in state {}: no statement can \
+                 run on it; set DATABRICKS_WAREHOUSE_ID to another warehouse (SQL > SQL \
+                 Warehouses) or leave it unset to let the connector pick one",
+                w.state.as_deref().unwrap_or("DELETED")
+            ))),
+            Some(w) => Ok((w, "set by DATABRICKS_WAREHOUSE_ID".to_string())),
+            None => Err(DatabricksError::NoWarehouse(format!(
+                "DATABRICKS_WAREHOUSE_ID={id} is not a SQL warehouse this service principal can see; \
+                 list them in the workspace (SQL > SQL Warehouses) and grant CAN USE"
+            ))),
+        };
+    }
+    let usable: Vec<Warehouse> = all.into_iter().filter(|w| !w.is_deleted()).collect();
+    let running = |w: &Warehouse| w.state.as_deref() == Some("RUNNING");
+    let serverless = |w: &Warehouse| w.enable_serverless_compute == Some(true);
+    let pick = usable
+        .iter()
+        .find(|w| running(w) && serverless(w))
+        .map(|w| (w, "running, serverless"))
+        .or_else(|| usable.iter().find(|w| running(w)).map(|w| (w, "running")))
+        .or_else(|| {
+            usable
+                .iter()
+                .find(|w| serverless(w))
+                .map(|w| (w, "serverless, will start on first query"))
+        })
+        .or_else(|| {
+            usable
+                .first()
+                .map(|w| (w, "the only kind available, will start on first query"))
+        });
+    match pick {
+        Some((w, why)) => Ok((w.clone(), why.to_string())),
+        None => Err(DatabricksError::NoWarehouse(
+            "the workspace has no SQL warehouse this service principal can use (none listed, or \
+             all being deleted): create one (a small serverless warehouse is enough) and grant \
+             the service principal CAN USE on it"
+                .into(),
+        )),
+    }
+}
+
 /// A 403 to the request starting a statement: the service principal may see the warehouse (it
 /// was listed or configured) but may not use it (no CAN USE). Table grants are not checked at
 /// that point (a statement without SELECT fails later, see `statement_error`), so the fix names
@@ -409,7 +469,7 @@ fn warehouse_refused(e: DatabricksError, warehouse_id: &str) -> DatabricksError 
     match e {
         DatabricksError::PermissionDenied { detail, .. } => DatabricksError::PermissionDenied {
             object: format!("SQL warehouse {warehouse_id}"),
-            detail: format!("POST /api/2.0/sql/statements answered 403 {detail}"),
+            detail: format!("POST /api/2.0/sql/statements answered 403: {detail}"),
             fix: format!(
                 "give the service principal CAN USE on SQL warehouse {warehouse_id}, or set \
                  DATABRICKS_WAREHOUSE_ID to one it may use"
@@ -465,8 +525,8 @@ impl DatabricksClient {
         Ok(list.warehouses)
     }
 
-    /// Picks the warehouse to use: the configured one, else a running one (serverless first),
-    /// else any serverless one, else the first. Returns it with the reason, for the log.
+    /// Picks the warehouse to use ([`pick_warehouse`]) from the listing. Returns it with the
+    /// reason, for the log.
     pub async fn choose_warehouse(
         &self,
         configured: Option<&str>,
@@ -479,42 +539,7 @@ impl DatabricksClient {
             },
             other => other,
         })?;
-        if let Some(id) = configured {
-            return all
-                .into_iter()
-                .find(|w| w.id == id)
-                .map(|w| (w, "set by DATABRICKS_WAREHOUSE_ID".to_string()))
-                .ok_or_else(|| {
-                    DatabricksError::NoWarehouse(format!(
-                        "DATABRICKS_WAREHOUSE_ID={id} is not a SQL warehouse this service principal can see; \
-                         list them in the workspace (SQL > SQL Warehouses) and grant CAN USE"
-                    ))
-                });
-        }
-        let running = |w: &Warehouse| w.state.as_deref() == Some("RUNNING");
-        let serverless = |w: &Warehouse| w.enable_serverless_compute == Some(true);
-        let pick = all
-            .iter()
-            .find(|w| running(w) && serverless(w))
-            .map(|w| (w, "running, serverless"))
-            .or_else(|| all.iter().find(|w| running(w)).map(|w| (w, "running")))
-            .or_else(|| {
-                all.iter()
-                    .find(|w| serverless(w))
-                    .map(|w| (w, "serverless, will start on first query"))
-            })
-            .or_else(|| {
-                all.first()
-                    .map(|w| (w, "the only kind available, will start on first query"))
-            });
-        match pick {
-            Some((w, why)) => Ok((w.clone(), why.to_string())),
-            None => Err(DatabricksError::NoWarehouse(
-                "the workspace has no SQL warehouse this service principal can use: create one (a small \
-                 serverless warehouse is enough) and grant the service principal CAN USE on it"
-                    .into(),
-            )),
-        }
+        pick_warehouse(all, configured)
     }
 
     /// Runs a statement to completion and returns its rows as a chunk stream. A statement it
@@ -818,8 +843,83 @@ mod tests {
         }
         assert!(!msg.contains("access to this API"), "{msg}");
         // Other errors pass through unchanged.
-        let other = warehouse_refused(DatabricksError::Auth { detail: "x".into() }, "w");
+        let other = warehouse_refused(
+            DatabricksError::Auth {
+                detail: "x".into(),
+                fix: "y".into(),
+            },
+            "w",
+        );
         assert!(matches!(other, DatabricksError::Auth { .. }), "{other:?}");
         emu.shutdown().await;
+    }
+
+    fn wh(id: &str, state: &str, serverless: bool) -> Warehouse {
+        Warehouse {
+            id: id.into(),
+            state: Some(state.into()),
+            enable_serverless_compute: Some(serverless),
+            ..Warehouse::default()
+        }
+    }
+
+    /// Warehouses being deleted are never picked, whatever else they are (serverless, first);
+    /// a configured one being deleted is an error naming its state and the fix.
+    #[test]
+    fn warehouses_being_deleted_are_never_picked() {
+        let all = vec![
+            wh("gone", "DELETED", true),
+            wh("going", "DELETING", true),
+            wh("stopped", "STOPPED", false),
+        ];
+        let (w, why) = pick_warehouse(all.clone(), None).unwrap();
+        assert_eq!(
+            (w.id.as_str(), why.as_str()),
+            (
+                "stopped",
+                "the only kind available, will start on first query"
+            )
+        );
+        let running = vec![wh("going", "DELETING", true), wh("up", "RUNNING", false)];
+        assert_eq!(pick_warehouse(running, None).unwrap().0.id, "up");
+        let only_deleted = vec![wh("gone", "DELETED", false), wh("going", "DELETING", true)];
+        let err = pick_warehouse(only_deleted, None).unwrap_err();
+        assert!(matches!(err, DatabricksError::NoWarehouse(_)), "{err:?}");
+        assert!(err.to_string().contains("all being deleted"), "{err}");
+        let err = pick_warehouse(all.clone(), Some("going")).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, DatabricksError::NoWarehouse(_)), "{err:?}");
+        assert!(
+            text.contains("DATABRICKS_WAREHOUSE_ID=going is a SQL warehouse in state DELETING"),
+            "{text}"
+        );
+        // A configured one that is usable is taken even when stopped and not serverless.
+        let (w, why) = pick_warehouse(all, Some("stopped")).unwrap();
+        assert_eq!(
+            (w.id.as_str(), why.as_str()),
+            ("stopped", "set by DATABRICKS_WAREHOUSE_ID")
+        );
+    }
+
+    #[test]
+    fn a_running_serverless_warehouse_comes_first() {
+        let all = vec![
+            wh("a", "STOPPED", true),
+            wh("b", "RUNNING", false),
+            wh("c", "RUNNING", true),
+        ];
+        let (w, why) = pick_warehouse(all.clone(), None).unwrap();
+        assert_eq!((w.id.as_str(), why.as_str()), ("c", "running, serverless"));
+        let (w, _) = pick_warehouse(all[..2].to_vec(), None).unwrap();
+        assert_eq!(w.id, "b");
+        let (w, why) = pick_warehouse(all[..1].to_vec(), None).unwrap();
+        assert_eq!(
+            (w.id.as_str(), why.as_str()),
+            ("a", "serverless, will start on first query")
+        );
+        let err = pick_warehouse(vec![], Some("x")).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("is not a SQL warehouse this service principal can see"));
     }
 }
