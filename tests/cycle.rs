@@ -144,6 +144,43 @@ async fn every_record_satisfies_the_contract() {
     assert_eq!(report.quarantined, 0, "nothing refused on the way out");
 }
 
+/// Every tool call an inference row made reaches Akto once as its own record, whatever the
+/// response's form: whole, or streamed and logged as its chunks or events (about a quarter of
+/// the rows: chat completion chunks with the arguments in fragments, ChatAgent deltas,
+/// ResponsesAgent events).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_call_of_every_row_arrives_once_streamed_or_not() {
+    let rig = Rig::new(emulator_config()).await;
+    let report = rig.cycle().await;
+    assert!(report.ok(), "{:?}", report.errors);
+    let truth = rig.emulator.row_tool_calls();
+    let streamed = truth.iter().filter(|c| c.streamed).count();
+    assert!(
+        streamed >= 10 && streamed < truth.len(),
+        "both forms are exercised: {streamed} of {}",
+        truth.len()
+    );
+    // By call id (the emulator's are unique): a call a trace mirrors comes as the trace's
+    // record, which names the trace, not the row.
+    let mut got: std::collections::HashMap<String, Vec<serde_json::Value>> = Default::default();
+    for r in rig.standin.records() {
+        if let Some(id) = header(&r, "requestHeaders", "x-tool-call-id") {
+            got.entry(id).or_default().push(r);
+        }
+    }
+    for call in &truth {
+        let records = got
+            .get(&call.tool_call_id)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        assert_eq!(records.len(), 1, "{call:?}: {records:?}");
+        let r = &records[0];
+        let tag: serde_json::Value = serde_json::from_str(r["tag"].as_str().unwrap()).unwrap();
+        assert_eq!(tag["tool"], call.tool.as_str(), "{call:?}");
+        assert_eq!(r["requestPayload"], call.arguments.as_str(), "{call:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_that_fails_some_batches_loses_nothing_across_restarts() {
     let rig = Rig::new(emulator_config()).await;

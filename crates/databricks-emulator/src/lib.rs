@@ -127,6 +127,22 @@ pub struct GroundTruthRow {
     pub request_time: String,
 }
 
+/// The tool call an inference row's response carries (ground truth for tool call records).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RowToolCall {
+    /// `catalog.schema.table`.
+    pub table: String,
+    /// The row's `databricks_request_id`.
+    pub databricks_request_id: String,
+    pub tool_call_id: String,
+    /// The tool's name as the agent called it.
+    pub tool: String,
+    /// The call's arguments (a JSON text).
+    pub arguments: String,
+    /// The response was streamed: logged as the list of its chunks or events.
+    pub streamed: bool,
+}
+
 /// A tool call that both an inference row and an MLflow trace of the same agent describe: the
 /// row's response carries it and the trace's TOOL span has the same `gen_ai.tool.call.id`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -307,6 +323,18 @@ impl Emulator {
             Ok(v) => v,
             Err(e) => {
                 tracing::error!(error = %e, "ground truth query failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The tool call of every visible inference row that made one, as its response carries it
+    /// (about one row in four was streamed: its response is the list of its chunks or events).
+    pub fn row_tool_calls(&self) -> Vec<RowToolCall> {
+        match self.shared.store.row_tool_calls() {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(error = %e, "row tool call query failed");
                 Vec::new()
             }
         }

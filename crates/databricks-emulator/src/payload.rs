@@ -420,7 +420,91 @@ pub(crate) fn response_json(spec: &PayloadSpec<'_>) -> Option<String> {
                     "total_tokens": c.in_tokens + c.out_tokens}})
         }
     };
+    if streamed(spec) {
+        return Some(as_stream(spec.format, v).to_string());
+    }
     Some(v.to_string())
+}
+
+/// Whether a successful row's response was streamed, and so logged as the list of its chunks
+/// (chat completions, ChatAgent) or events (ResponsesAgent): about one row in four, decided by
+/// the row's seed alone (the conversation's random draws are not disturbed).
+pub(crate) fn streamed(spec: &PayloadSpec<'_>) -> bool {
+    spec.status < 400 && Rng::new(spec.seed ^ 0x57ea_57ea).chance(250)
+}
+
+/// A whole response `v` as the chunks or events it was streamed in.
+fn as_stream(format: Format, v: Value) -> Value {
+    let list = |v: &Value, key: &str| v[key].as_array().cloned().unwrap_or_default();
+    match format {
+        // One chunk per delta; a tool call's arguments in two fragments of its index.
+        Format::ChatCompletions => {
+            let id = v["id"].clone();
+            let message = &v["choices"][0]["message"];
+            let chunk = |delta: Value, finish: Value| {
+                json!({"id": id, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            };
+            let mut chunks = vec![chunk(json!({"role": "assistant"}), Value::Null)];
+            for (i, tc) in list(message, "tool_calls").iter().enumerate() {
+                let args = tc["function"]["arguments"].as_str().unwrap_or("");
+                let cut = args.len() / 2;
+                let (head, tail) = (args.get(..cut).unwrap_or(""), args.get(cut..).unwrap_or(""));
+                chunks.push(chunk(
+                    json!({"tool_calls": [{"index": i, "id": tc["id"], "type": "function",
+                        "function": {"name": tc["function"]["name"], "arguments": head}}]}),
+                    Value::Null,
+                ));
+                chunks.push(chunk(
+                    json!({"tool_calls": [{"index": i, "function": {"arguments": tail}}]}),
+                    Value::Null,
+                ));
+            }
+            if let Some(text) = message["content"].as_str() {
+                chunks.push(chunk(json!({"content": text}), Value::Null));
+            }
+            chunks.push(chunk(json!({}), v["choices"][0]["finish_reason"].clone()));
+            Value::Array(chunks)
+        }
+        // One chunk per message, each whole.
+        Format::ChatAgent => Value::Array(
+            list(&v, "messages")
+                .into_iter()
+                .map(|m| json!({"delta": m}))
+                .collect(),
+        ),
+        // Per output item: added (arguments still empty), its deltas, done.
+        Format::Responses => {
+            let mut events = Vec::new();
+            for (i, item) in list(&v, "output").into_iter().enumerate() {
+                let mut added = item.clone();
+                if added.get("arguments").is_some() {
+                    added["arguments"] = json!("");
+                }
+                events.push(
+                    json!({"type": "response.output_item.added", "output_index": i,
+                    "item": added}),
+                );
+                if let Some(args) = item["arguments"].as_str() {
+                    events.push(json!({"type": "response.function_call_arguments.delta",
+                        "output_index": i, "delta": args}));
+                }
+                if let Some(text) = item["content"][0]["text"].as_str() {
+                    events.push(json!({"type": "response.output_text.delta",
+                        "output_index": i, "delta": text}));
+                }
+                events.push(
+                    json!({"type": "response.output_item.done", "output_index": i,
+                    "item": item}),
+                );
+            }
+            events.push(
+                json!({"type": "response.completed", "response": {"id": v["id"],
+                "usage": v["usage"]}}),
+            );
+            Value::Array(events)
+        }
+    }
 }
 
 #[cfg(test)]

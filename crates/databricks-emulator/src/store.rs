@@ -1013,6 +1013,56 @@ impl Store {
     }
 
     /// Every visible row of the agents' inference tables.
+    /// The tool call of every visible inference row that made one (successful, response logged),
+    /// as its response carries it: ground truth for tool call records.
+    pub(crate) fn row_tool_calls(&self) -> Result<Vec<crate::RowToolCall>, EmulatorError> {
+        let l = self.layout.clone();
+        let payload_bytes = self.payload_bytes;
+        self.with_reader(|c| {
+            let mut out = Vec::new();
+            for t in l.tables.iter().filter(|t| t.ground_truth) {
+                let Some(agent) = t.agent.and_then(|a| l.agents.get(a)) else {
+                    continue;
+                };
+                if !matches!(t.kind, TableKind::AiGateway | TableKind::Legacy) {
+                    continue;
+                }
+                let sql = format!(
+                    "SELECT databricks_request_id, g, status_code, f FROM {}",
+                    t.phys
+                );
+                let mut st = c.prepare(&sql)?;
+                let mut rows = st.query([])?;
+                while let Some(r) = rows.next()? {
+                    let id: String = r.get(0)?;
+                    let spec = PayloadSpec {
+                        format: agent.format,
+                        agent: &agent.name,
+                        tools: &agent.tools,
+                        seed: r.get::<_, i64>(1)? as u64,
+                        status: r.get::<_, Option<i64>>(2)?.unwrap_or(200),
+                        flags: r.get::<_, Option<i64>>(3)?.unwrap_or(0),
+                        payload_bytes,
+                    };
+                    if spec.status >= 400 || spec.flags & payload::FLAG_RESPONSE_TOO_LARGE != 0 {
+                        continue;
+                    }
+                    if let Some((call_id, tool, arguments, _)) = payload::tool_call(&spec) {
+                        out.push(crate::RowToolCall {
+                            table: l.full_name(&t.name),
+                            databricks_request_id: id,
+                            tool_call_id: call_id,
+                            tool,
+                            arguments,
+                            streamed: payload::streamed(&spec),
+                        });
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
     pub(crate) fn ground_truth(&self) -> Result<Vec<GroundTruthRow>, EmulatorError> {
         let l = self.layout.clone();
         self.with_reader(|c| {
