@@ -339,6 +339,34 @@ pub(crate) fn output_says_error(output: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Lenient shallow parsing.
 
+/// The visits of a lenient visitor for every scalar: each gives `$value` (a value of an
+/// unexpected type is ignored instead of failing the whole parse).
+macro_rules! skip_scalars {
+    ($ty:ty, $value:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<$ty, E> {
+            Ok($value)
+        }
+    };
+}
+
 /// A scalar or JSON value kept as text: strings verbatim, other values re-serialized, null absent.
 #[derive(Debug, Default)]
 struct Text(Option<String>);
@@ -414,27 +442,7 @@ impl<'de> Deserialize<'de> for Items {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Items, E> {
-                Ok(Items::default())
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Items, E> {
-                Ok(Items::default())
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Items, E> {
-                Ok(Items::default())
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Items, E> {
-                Ok(Items::default())
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Items, E> {
-                Ok(Items::default())
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Items, E> {
-                Ok(Items::default())
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Items, E> {
-                Ok(Items::default())
-            }
+            skip_scalars!(Items, Items::default());
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Items, A::Error> {
                 let mut v = Vec::new();
                 while let Some(it) = seq.next_element::<Item>()? {
@@ -468,8 +476,9 @@ struct Doc {
     predictions: Docs,
 }
 
-/// A payload's documents: the object itself, or each object of an array (a streamed response's
-/// chunks, a pyfunc model's `predictions`); anything else is no document.
+/// A payload's documents: the object itself, or each object of an array, nested arrays
+/// flattened (a streamed response's chunks, a pyfunc model's `predictions`); anything else is no
+/// document.
 #[derive(Debug, Default)]
 struct Docs(Vec<Doc>);
 
@@ -595,31 +604,10 @@ impl<'de> Deserialize<'de> for Docs {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Docs, E> {
-                Ok(Docs::default())
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Docs, E> {
-                Ok(Docs::default())
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Docs, E> {
-                Ok(Docs::default())
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Docs, E> {
-                Ok(Docs::default())
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Docs, E> {
-                Ok(Docs::default())
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Docs, E> {
-                Ok(Docs::default())
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Docs, E> {
-                Ok(Docs::default())
-            }
+            skip_scalars!(Docs, Docs::default());
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Docs, A::Error> {
                 let mut v = Vec::new();
-                // Nested arrays are not documents: one level of chunks only.
-                while let Some(Flat(d)) = seq.next_element::<Flat>()? {
+                while let Some(Docs(d)) = seq.next_element::<Docs>()? {
                     v.extend(d);
                 }
                 Ok(Docs(v))
@@ -627,49 +615,6 @@ impl<'de> Deserialize<'de> for Docs {
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Docs, A::Error> {
                 let doc = Doc::deserialize(de::value::MapAccessDeserializer::new(map))?;
                 Ok(Docs(vec![doc]))
-            }
-        }
-        /// An array element: an object read as a document, anything else skipped whole.
-        struct Flat(Option<Doc>);
-        impl<'de> Deserialize<'de> for Flat {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct FlatVisitor;
-                impl<'de> Visitor<'de> for FlatVisitor {
-                    type Value = Flat;
-                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                        f.write_str("any JSON value")
-                    }
-                    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Flat, E> {
-                        Ok(Flat(None))
-                    }
-                    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Flat, E> {
-                        Ok(Flat(None))
-                    }
-                    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Flat, E> {
-                        Ok(Flat(None))
-                    }
-                    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Flat, E> {
-                        Ok(Flat(None))
-                    }
-                    fn visit_str<E: de::Error>(self, _: &str) -> Result<Flat, E> {
-                        Ok(Flat(None))
-                    }
-                    fn visit_unit<E: de::Error>(self) -> Result<Flat, E> {
-                        Ok(Flat(None))
-                    }
-                    fn visit_none<E: de::Error>(self) -> Result<Flat, E> {
-                        Ok(Flat(None))
-                    }
-                    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Flat, A::Error> {
-                        while seq.next_element::<IgnoredAny>()?.is_some() {}
-                        Ok(Flat(None))
-                    }
-                    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Flat, A::Error> {
-                        let doc = Doc::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                        Ok(Flat(Some(doc)))
-                    }
-                }
-                d.deserialize_any(FlatVisitor)
             }
         }
         d.deserialize_any(DocsVisitor)
@@ -686,27 +631,7 @@ impl<'de> Deserialize<'de> for Item {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any JSON value")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Item, E> {
-                Ok(Item::default())
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Item, E> {
-                Ok(Item::default())
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Item, E> {
-                Ok(Item::default())
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Item, E> {
-                Ok(Item::default())
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Item, E> {
-                Ok(Item::default())
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Item, E> {
-                Ok(Item::default())
-            }
-            fn visit_none<E: de::Error>(self) -> Result<Item, E> {
-                Ok(Item::default())
-            }
+            skip_scalars!(Item, Item::default());
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
                 while seq.next_element::<IgnoredAny>()?.is_some() {}
                 Ok(Item::default())
