@@ -512,7 +512,8 @@ pub struct RuntimeArgs {
     )]
     pub max_catchup_hours: Option<String>,
 
-    /// Folder for read positions (relative to the working directory)
+    /// Folder for read positions (relative to the working directory), one per workspace: a
+    /// state of another DATABRICKS_HOST is refused
     #[arg(
         value_parser = path_parser(),
         long,
