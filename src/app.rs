@@ -110,6 +110,23 @@ pub fn sink(
     })
 }
 
+/// The folder of the state (and the quarantine file): `STATE_DIR` when it is set, else this
+/// workspace's folder under `./state` ([`crate::state::default_state_dir`]). Creates nothing.
+pub fn state_dir(config: &Config) -> Result<std::path::PathBuf, crate::state::StateError> {
+    if config.state_dir_given {
+        return Ok(config.state_dir.clone());
+    }
+    let workspace_host = config.host.host_str().unwrap_or("databricks");
+    // Agent hosts are `<agent>.ai-agent.<workspace>`.
+    let ours = crate::traffic::host::host_for_label("agent", workspace_host);
+    let suffix = ours.strip_prefix("agent").unwrap_or(&ours).to_string();
+    crate::state::default_state_dir(
+        &config.state_dir,
+        &config.workspace_identity(),
+        move |host| host.ends_with(&suffix),
+    )
+}
+
 /// Cycle settings derived from a configuration.
 pub fn settings(config: &Config) -> Settings {
     Settings {
@@ -199,9 +216,15 @@ pub async fn connector(config: &Config) -> Result<Arc<Connector>, StartError> {
         }
         Err(e) => return Err(e.into()),
     }
-    let state = StateStore::open(&config.state_dir, config.reset_state)?;
+    let state_dir = state_dir(config)?;
+    if !config.state_dir_given {
+        tracing::info!("State in {}", state_dir.display());
+    }
+    let state = StateStore::open(&state_dir, config.reset_state)?;
     state.bind_workspace(&config.workspace_identity())?;
-    let connector = Arc::new(Connector::new(client, sink, state, settings(config)));
+    let mut settings = settings(config);
+    settings.state_dir = state_dir;
+    let connector = Arc::new(Connector::new(client, sink, state, settings));
     connector.report_unconfirmed()?;
     connector.announce_upgrade()?;
     Ok(connector)

@@ -321,49 +321,49 @@ pub async fn run(config: &Config) -> Vec<Step> {
             r.describe(&client.principal()),
         );
     }
-    // The state directory: writable, and not held by another instance. An older state format is
-    // reported, not upgraded: `check` changes nothing.
-    let state_file = config.state_dir.join(crate::state::FILE_NAME);
+    // The state directory: writable, and not held by another instance or another workspace. An
+    // older state format is reported, not upgraded: `check` changes nothing.
     // Tables this state delivered from that Unity Catalog no longer lists.
     let mut vanished = Vec::new();
     let since =
         chrono::Utc::now().timestamp_micros() - crate::run::VANISHED_WITHIN.as_micros() as i64;
-    let state = if !state_file.exists() {
-        // No state yet: nothing is created (not the folder, not the file), only the place the
-        // first run creates them in is tested.
-        state_dir_writable(&config.state_dir)
-    } else {
-        match crate::state::StateStore::open_unchanged(&config.state_dir) {
-            Ok((store, None)) => match store.workspace() {
-                // Another workspace's state: the run refuses it (its rows would look delivered).
-                Ok(Some(recorded)) if recorded != config.workspace_identity() => {
-                    Err(crate::state::StateError::OtherWorkspace {
-                        path: state_file.clone(),
-                        recorded,
-                        configured: config.workspace_identity(),
-                    }
-                    .to_string())
-                }
-                Ok(_) => {
-                    vanished = store
-                        .cursors()
-                        .map_or_else(|_| Vec::new(), |c| inv.vanished(&c, since));
-                    Ok(format!("{} is usable", config.state_dir.display()))
-                }
-                Err(e) => Err(e.to_string()),
-            },
-            Ok((_, Some(old))) => Ok(format!(
-                "{} is usable (state format {old}: the next run upgrades it, after which older \
-             releases refuse it)",
-                config.state_dir.display()
-            )),
-            Err(crate::state::StateError::Locked(dir)) => Ok(format!(
-                "{} is in use by a running instance (fine when that is this connector's service; \
-             a second instance needs its own STATE_DIR)",
-                dir.display()
-            )),
-            Err(e) => Err(e.to_string()),
+    let state = match crate::app::state_dir(config) {
+        Err(crate::state::StateError::Locked(dir)) => Ok(in_use(&dir)),
+        Err(e) => Err(e.to_string()),
+        Ok(dir) if !dir.join(crate::state::FILE_NAME).exists() => {
+            // No state yet: nothing is created (not the folder, not the file), only the place
+            // the first run creates them in is tested.
+            state_dir_writable(&dir)
         }
+        Ok(dir) => match crate::state::StateStore::open_unchanged(&dir) {
+            Ok((store, older)) => match store.serves_workspace(&config.workspace_identity()) {
+                // Another workspace's state: the run refuses it (its rows would look delivered).
+                Err(e @ crate::state::StateError::OtherWorkspace { .. }) if !config.reset_state => {
+                    Err(e.to_string())
+                }
+                Err(crate::state::StateError::OtherWorkspace { recorded, .. }) => Ok(format!(
+                    "{} holds the state of the workspace {recorded}: --reset-state moves it \
+                     aside at the next run",
+                    dir.display()
+                )),
+                Err(e) => Err(e.to_string()),
+                Ok(_) => match older {
+                    None => {
+                        vanished = store
+                            .cursors()
+                            .map_or_else(|_| Vec::new(), |c| inv.vanished(&c, since));
+                        Ok(format!("{} is usable", dir.display()))
+                    }
+                    Some(old) => Ok(format!(
+                        "{} is usable (state format {old}: the next run upgrades it, after which \
+                         older releases refuse it)",
+                        dir.display()
+                    )),
+                },
+            },
+            Err(crate::state::StateError::Locked(dir)) => Ok(in_use(&dir)),
+            Err(e) => Err(e.to_string()),
+        },
     };
     list.push("state directory", state);
     // An agent endpoint's table is named above already (`SELECT on <table>`).
@@ -514,6 +514,15 @@ async fn authentication(
 /// Whether the first run can create `dir` (or use it, empty): the folder, or its nearest
 /// existing parent, must be a writable folder. Leaves nothing behind (a probe file is created
 /// and removed at once).
+/// The state line of a state another process holds.
+fn in_use(dir: &std::path::Path) -> String {
+    format!(
+        "{} is in use by a running instance (fine when that is this connector's service; a \
+         second instance needs its own STATE_DIR)",
+        dir.display()
+    )
+}
+
 fn state_dir_writable(dir: &std::path::Path) -> Result<String, String> {
     let mut existing = dir;
     while !existing.as_os_str().is_empty() && !existing.exists() {

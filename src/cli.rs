@@ -512,14 +512,14 @@ pub struct RuntimeArgs {
     )]
     pub max_catchup_hours: Option<String>,
 
-    /// Folder for read positions (relative to the working directory), one per workspace: a
-    /// state of another DATABRICKS_HOST is refused
+    /// Folder for read positions, one per workspace: a state of another DATABRICKS_HOST is
+    /// refused. Unset: ./state/<workspace host> (relative to the working directory), so that
+    /// jobs of several workspaces started in one folder keep apart
     #[arg(
         value_parser = path_parser(),
         long,
         env = "STATE_DIR",
         value_name = "PATH",
-        default_value = "./state",
         global = true
     )]
     pub state_dir: Option<PathBuf>,

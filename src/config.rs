@@ -84,8 +84,11 @@ pub struct Config {
     pub lookback: Duration,
     /// `MAX_CATCHUP_HOURS`, default 24.
     pub max_catchup: Duration,
-    /// `STATE_DIR`, default `./state`.
+    /// `STATE_DIR`; unset, `./state` ([`DEFAULT_STATE_DIR`]), the folder under which each
+    /// workspace's state gets a folder of its own (`state::default_state_dir`).
     pub state_dir: PathBuf,
+    /// Whether `STATE_DIR` was set: the state is then in that folder itself.
+    pub state_dir_given: bool,
     /// `LOG_FORMAT`, default text.
     pub log_format: LogFormat,
     /// `-once` / `--once`: one cycle, then exit.
@@ -606,6 +609,7 @@ impl Config {
             }
         };
 
+        let state_dir_given = given_path(&r.state_dir).is_some();
         let state_dir = given_path(&r.state_dir)
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
@@ -679,6 +683,7 @@ impl Config {
             lookback: Duration::from_secs(lookback * 60),
             max_catchup: Duration::from_secs(max_catchup * 3600),
             state_dir,
+            state_dir_given,
             log_format,
             once: cli.once,
             once_time_limit: (once_time_limit > 0).then(|| Duration::from_secs(once_time_limit)),
@@ -1910,6 +1915,7 @@ mod tests {
         assert_eq!(config.lookback, Duration::from_secs(3600));
         assert_eq!(config.max_catchup, Duration::from_secs(24 * 3600));
         assert_eq!(config.state_dir, PathBuf::from("./state"));
+        assert!(!config.state_dir_given);
         assert_eq!(config.log_format, LogFormat::Text);
         assert_eq!(
             config.metrics_addr,
@@ -2048,6 +2054,7 @@ mod tests {
         assert_eq!(c.lookback, Duration::from_secs(15 * 60));
         assert_eq!(c.max_catchup, Duration::from_secs(2 * 3600));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/shield"));
+        assert!(c.state_dir_given);
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.metrics_addr, None);
         assert_eq!(c.table_concurrency, 32);

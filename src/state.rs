@@ -27,7 +27,9 @@
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 /// (table, request id) -> request time in microseconds since the epoch; only the rows committed
 /// with [`DeliveredRow::by_id`] (format 2; format 1 held every row here).
@@ -226,6 +228,73 @@ pub fn create_private_file(path: &Path, append: bool) -> std::io::Result<fs::Fil
         opts.mode(0o600);
     }
     opts.open(path)
+}
+
+/// The folder of the workspace `identity`'s state when `STATE_DIR` was not set: its own folder
+/// under `base` (`./state/<host>`, `:` of a port as `_`), so that the jobs of several workspaces,
+/// which Akto's job runner starts in one folder and cannot give a `STATE_DIR`, keep apart.
+///
+/// A state that an earlier release left in `base` itself stays in use when it is this
+/// workspace's: bound to it, or bound to none and showing no other workspace's agents (the tool
+/// call registry names every agent host it sent calls on; `host_is_ours` tells this workspace's
+/// from others). Otherwise it is left as it is, with a WARN when it is unbound (this workspace's
+/// state then starts anew). Nothing is created here.
+pub fn default_state_dir(
+    base: &Path,
+    identity: &str,
+    host_is_ours: impl Fn(&str) -> bool,
+) -> Result<PathBuf, StateError> {
+    let slug: String = identity
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let own = base.join(if slug.is_empty() { "workspace" } else { &slug });
+    if own.join(FILE_NAME).exists() || !base.join(FILE_NAME).exists() {
+        return Ok(own);
+    }
+    let (earlier, _) = StateStore::open_unchanged(base)?;
+    match earlier.workspace()? {
+        Some(w) if w == identity => Ok(base.to_path_buf()),
+        Some(w) => {
+            tracing::info!(
+                "the state in {} belongs to the workspace {w}; this workspace's is in {}",
+                base.display(),
+                own.display()
+            );
+            Ok(own)
+        }
+        None => {
+            let foreign: Vec<String> = earlier
+                .namespaces_with_prefix(crate::run::TOOL_CALL_PREFIX)?
+                .into_iter()
+                .filter_map(|ns| {
+                    ns.strip_prefix(crate::run::TOOL_CALL_PREFIX)
+                        .map(str::to_string)
+                })
+                .filter(|host| !host_is_ours(host))
+                .collect();
+            if foreign.is_empty() {
+                return Ok(base.to_path_buf());
+            }
+            tracing::warn!(
+                "the state in {} (written by an earlier release) holds agents of other \
+                 workspaces too (tool calls sent on {}): several workspaces shared it, so its \
+                 read positions are not this workspace's alone. It is left as it is; this \
+                 workspace's state starts in {}, and its first run sends the last \
+                 LOOKBACK_MINUTES again (Akto may receive records it already has)",
+                base.display(),
+                foreign.first().map_or("", String::as_str),
+                own.display()
+            );
+            Ok(own)
+        }
+    }
 }
 
 impl StateStore {
@@ -609,31 +678,63 @@ impl StateStore {
     /// [`crate::config::Config::workspace_identity`]): recorded by the first start (a state of a
     /// release that recorded none is taken as this workspace's), refused when another workspace
     /// wrote it. Table names (`workspace.default.bot_payload`) and experiment ids repeat across
-    /// workspaces: one workspace's cursors and delivered ids would skip another's rows.
+    /// workspaces: one workspace's cursors and delivered ids would skip another's rows. A state
+    /// that holds nothing yet (a first start that failed before reading, say with a mistyped
+    /// host) is bound anew.
     pub fn bind_workspace(&self, identity: &str) -> Result<(), StateError> {
+        if self.serves_workspace(identity)? {
+            return Ok(());
+        }
         let txn = self.db.begin_write().map_err(|e| self.io(e))?;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
-            let recorded = meta
-                .get(WORKSPACE_KEY)
-                .map_err(|e| self.io(e))?
-                .map(|v| v.value().to_string());
-            match recorded {
-                Some(r) if r == identity => {}
-                Some(recorded) => {
-                    return Err(StateError::OtherWorkspace {
-                        path: self.path.clone(),
-                        recorded,
-                        configured: identity.to_string(),
-                    })
-                }
-                None => {
-                    meta.insert(WORKSPACE_KEY, identity)
-                        .map_err(|e| self.io(e))?;
-                }
-            }
+            meta.insert(WORKSPACE_KEY, identity)
+                .map_err(|e| self.io(e))?;
         }
         txn.commit().map_err(|e| self.io(e))
+    }
+
+    /// Whether the state is bound to the workspace `identity` already (`Ok(false)`: it may be,
+    /// [`StateStore::bind_workspace`] records it); the error [`StateError::OtherWorkspace`] when
+    /// another workspace's reads and deliveries are in it. Changes nothing (for `check`).
+    pub fn serves_workspace(&self, identity: &str) -> Result<bool, StateError> {
+        match self.workspace()? {
+            Some(r) if r == identity => Ok(true),
+            Some(recorded) if !self.holds_nothing()? => Err(StateError::OtherWorkspace {
+                path: self.path.clone(),
+                recorded,
+                configured: identity.to_string(),
+            }),
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether nothing was read or delivered with this state yet: no cursor, read mark, window
+    /// bound or delivered id.
+    fn holds_nothing(&self) -> Result<bool, StateError> {
+        let txn = self.db.begin_read().map_err(|e| self.io(e))?;
+        let empty = txn
+            .open_table(CURSORS)
+            .and_then(|t| Ok(t.is_empty()?))
+            .map_err(|e| self.io(e))?
+            && txn
+                .open_table(READ_MARKS)
+                .and_then(|t| Ok(t.is_empty()?))
+                .map_err(|e| self.io(e))?
+            && txn
+                .open_table(BOUNDS)
+                .and_then(|t| Ok(t.is_empty()?))
+                .map_err(|e| self.io(e))?
+            && txn
+                .open_table(BY_TIME)
+                .and_then(|t| Ok(t.is_empty()?))
+                .map_err(|e| self.io(e))?
+            && txn
+                .open_table(DELIVERED)
+                .and_then(|t| Ok(t.is_empty()?))
+                .map_err(|e| self.io(e))?
+            && self.logged.lock().unwrap_or_else(|p| p.into_inner()).len == 0;
+        Ok(empty)
     }
 
     /// The workspace the state was bound to by [`StateStore::bind_workspace`], if any.
@@ -1418,7 +1519,12 @@ mod tests {
         {
             let s = StateStore::open(dir.path(), false).unwrap();
             assert_eq!(s.workspace().unwrap(), None);
+            // A first start with a mistyped host binds a state that holds nothing: the right
+            // host takes it over.
+            s.bind_workspace("typo.cloud.databricks.com").unwrap();
             s.bind_workspace("adb-1.azuredatabricks.net").unwrap();
+            assert!(s.serves_workspace("adb-1.azuredatabricks.net").unwrap());
+            s.commit_delivered(&timed("t", &[("r1", 10)])).unwrap();
             s.bind_workspace("adb-1.azuredatabricks.net").unwrap();
         }
         let s = StateStore::open(dir.path(), false).unwrap();
@@ -1429,6 +1535,10 @@ mod tests {
         let e = s.bind_workspace("dbc-2.cloud.databricks.com").unwrap_err();
         let text = e.to_string();
         assert!(matches!(e, StateError::OtherWorkspace { .. }), "{e:?}");
+        assert!(matches!(
+            s.serves_workspace("dbc-2.cloud.databricks.com"),
+            Err(StateError::OtherWorkspace { .. })
+        ));
         for want in [
             "belongs to the workspace adb-1.azuredatabricks.net",
             "not to DATABRICKS_HOST dbc-2.cloud.databricks.com",
@@ -1447,6 +1557,60 @@ mod tests {
         drop(s);
         let s = StateStore::open(dir.path(), true).unwrap();
         s.bind_workspace("dbc-2.cloud.databricks.com").unwrap();
+    }
+
+    /// Without STATE_DIR each workspace has a folder of its own under `./state`; a state an
+    /// earlier release left in `./state` itself stays in use when it is this workspace's.
+    #[test]
+    fn the_default_folder_is_the_workspaces_own_or_its_earlier_state() {
+        let ours = |host: &str| host.ends_with(".ai-agent.adb-1");
+        let pick = |base: &Path| default_state_dir(base, "adb-1:8443", ours).unwrap();
+        // Nothing yet: the workspace's own folder, not created.
+        let base = tempfile::tempdir().unwrap();
+        let own = base.path().join("adb-1_8443");
+        assert_eq!(pick(base.path()), own);
+        assert!(!own.exists());
+        let earlier = |calls_on: &[&str], bound: Option<&str>| {
+            let base = tempfile::tempdir().unwrap();
+            let s = StateStore::open(base.path(), false).unwrap();
+            let namespaces: Vec<String> = calls_on
+                .iter()
+                .map(|h| format!("{}{h}", crate::run::TOOL_CALL_PREFIX))
+                .collect();
+            let rows: Vec<DeliveredRow<'_>> = namespaces
+                .iter()
+                .map(|ns| DeliveredRow {
+                    table: ns,
+                    id: "row\u{1f}call_1",
+                    time_us: 5,
+                    by_id: true,
+                })
+                .collect();
+            s.commit_delivered(&rows).unwrap();
+            s.commit_delivered(&timed("t", &[("r1", 10)])).unwrap();
+            if let Some(w) = bound {
+                s.bind_workspace(w).unwrap();
+            }
+            base
+        };
+        // An earlier release's state of this workspace's agents (or of no agent's tool call).
+        for calls_on in [&["bot.ai-agent.adb-1"][..], &[]] {
+            let base = earlier(calls_on, None);
+            assert_eq!(pick(base.path()), base.path(), "{calls_on:?}");
+        }
+        // Bound to this workspace; to another one.
+        let base = earlier(&[], Some("adb-1:8443"));
+        assert_eq!(pick(base.path()), base.path());
+        let base = earlier(&[], Some("adb-2"));
+        assert_eq!(pick(base.path()), base.path().join("adb-1_8443"));
+        // Shared by several workspaces under an earlier release: left as it is.
+        let base = earlier(&["bot.ai-agent.adb-1", "bot.ai-agent.adb-2"], None);
+        assert_eq!(pick(base.path()), base.path().join("adb-1_8443"));
+        // Once the workspace has its own folder, that is it.
+        let base = earlier(&[], None);
+        let own = base.path().join("adb-1_8443");
+        StateStore::open(&own, false).unwrap();
+        assert_eq!(pick(base.path()), own);
     }
 
     #[test]

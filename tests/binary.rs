@@ -780,3 +780,44 @@ fn a_sink_setting_refused_at_start_exits_2() {
     assert!(text.contains("databricks-shield stopped"), "{text}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "abc");
 }
+
+/// Akto's job runner starts every job in the binary's folder and cannot set `STATE_DIR`: without
+/// it, each workspace keeps its state in a folder of its own under `./state`, so the jobs of two
+/// workspaces both deliver everything, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_state_dir_each_workspace_keeps_its_own_state() {
+    let first = common::emulator(common::emulator_config()).await;
+    let second = common::emulator(common::emulator_config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut standins = Vec::new();
+    for emu in [&first, &second] {
+        standins.push(common::standin().await);
+        let standin = standins.last().unwrap();
+        for _ in 0..2 {
+            let mut c = common::shield_command(emu, standin, &dir.path().join("unused"));
+            c.arg("-once")
+                .env_remove("STATE_DIR")
+                .current_dir(dir.path());
+            let out = tokio::task::block_in_place(|| c.output().unwrap());
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let host = emu
+            .base_url()
+            .trim_start_matches("http://")
+            .replace(':', "_");
+        assert!(dir
+            .path()
+            .join("state")
+            .join(host)
+            .join(databricks_shield::state::FILE_NAME)
+            .exists());
+        let got = common::executions_in(&standin.records());
+        assert_eq!(got.len(), emu.ground_truth().len());
+        assert!(got.values().all(|n| *n == 1), "each once");
+    }
+    assert!(!dir.path().join("unused").exists());
+}
