@@ -63,13 +63,16 @@ pub const MERGE_AT: usize = 16_384;
 /// place (its extra by-id entries are harmless and pruned with the rest).
 /// 3: by-id rows may wait in `BY_ID_LOG` before they are in `DELIVERED`. Upgrading 2 adds the
 /// empty log.
+/// 4: tool call registry ids are `trace`/`row`, U+001F, call id (`run::CallSource`); the bare
+/// ids of format 3 are still read. Upgrading 3 changes nothing else; a format 3 build would not
+/// find the new ids and send tool calls again, so it must refuse the file.
 /// A build refuses a newer format rather than miss ids and send rows again.
-const FORMAT_VERSION: &str = "3";
+const FORMAT_VERSION: &str = "4";
 
 /// The `META` key of the workspace the state belongs to ([`StateStore::bind_workspace`]).
 const WORKSPACE_KEY: &str = "workspace";
 /// Older formats this build upgrades.
-const UPGRADES_FROM: &[&str] = &["1", "2"];
+const UPGRADES_FROM: &[&str] = &["1", "2", "3"];
 /// The state file's name inside STATE_DIR.
 pub const FILE_NAME: &str = "databricks-shield.redb";
 /// Next to it: the in-flight marker of the batch being sent.
@@ -1417,11 +1420,11 @@ mod tests {
         {
             let db = Database::create(dir.path().join(FILE_NAME)).unwrap();
             let txn = db.begin_write().unwrap();
-            txn.open_table(META).unwrap().insert("format", "4").unwrap();
+            txn.open_table(META).unwrap().insert("format", "5").unwrap();
             txn.commit().unwrap();
         }
         let err = StateStore::open(dir.path(), false).unwrap_err();
-        assert!(err.to_string().contains("format version 4"), "{err}");
+        assert!(err.to_string().contains("format version 5"), "{err}");
         // A newer build's file: the advice is that build, never a reset that re-sends.
         assert!(matches!(err, StateError::Newer { .. }), "{err:?}");
         assert!(err.to_string().contains("Not --reset-state"), "{err}");

@@ -168,6 +168,14 @@ async fn every_tool_call_of_every_row_arrives_once_streamed_or_not() {
             got.entry(id).or_default().push(r);
         }
     }
+    // No call joined wrongly from stream fragments into a nameless one.
+    let unknown = rig
+        .standin
+        .records()
+        .into_iter()
+        .filter(|r| r["path"] == "/tools/unknown")
+        .count();
+    assert_eq!(unknown, 0);
     for call in &truth {
         let records = got
             .get(&call.tool_call_id)

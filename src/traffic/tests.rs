@@ -285,6 +285,107 @@ fn streamed_and_wrapped_responses_give_their_tool_calls() {
     }
 }
 
+/// Ids reused across steps: an output in the request's history belongs to the call the history
+/// shows with that id, not to this response's new call; a call made again with the same id,
+/// name and arguments and answered twice is two calls.
+#[test]
+fn reused_ids_never_take_another_calls_output() {
+    let names_outputs = |req: &str, resp: &str| -> Vec<(String, String)> {
+        let m = map_execution(&ctx(), &exec(Some(req), Some(resp)), &MapOptions::default());
+        m.records
+            .iter()
+            .skip(1)
+            .map(readable)
+            .map(|r| {
+                (
+                    r["tag"]["tool"].as_str().unwrap().to_string(),
+                    r["responsePayload"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    // The history's call_0 was another call (search "old"): its result is not this one's.
+    let req = r#"{"messages":[{"role":"user","content":"go"},
+        {"role":"assistant","tool_calls":[{"id":"call_0","type":"function","function":{"name":"search","arguments":"{\"q\":\"old\"}"}}]},
+        {"role":"tool","tool_call_id":"call_0","content":"OLD RESULT"}]}"#;
+    let resp = r#"{"choices":[{"message":{"role":"assistant","tool_calls":[
+        {"id":"call_0","type":"function","function":{"name":"search","arguments":"{\"q\":\"new\"}"}}]}}]}"#;
+    assert_eq!(names_outputs(req, resp), [("search".into(), String::new())]);
+    // The history shows no other call with that id and one output for it: it is this call's
+    // (a client that ran the tool and sent its result along).
+    let req = r#"{"input":[{"role":"user","content":"go"},
+        {"type":"function_call_output","call_id":"call_0","output":"RESULT"}]}"#;
+    let resp = r#"{"output":[{"type":"function_call","call_id":"call_0","name":"search","arguments":"{}"}]}"#;
+    assert_eq!(
+        names_outputs(req, resp),
+        [("search".into(), "RESULT".into())]
+    );
+    // Two outputs there for that id: which one is unknown, none is taken.
+    let req = r#"{"input":[{"type":"function_call_output","call_id":"call_0","output":"A"},
+        {"type":"function_call_output","call_id":"call_0","output":"B"}]}"#;
+    assert_eq!(names_outputs(req, resp), [("search".into(), String::new())]);
+    // The same call made again (a retry), answered twice: two calls, each with its output.
+    let resp = r#"{"messages":[
+        {"role":"assistant","tool_calls":[{"id":"call_0","type":"function","function":{"name":"search","arguments":"{}"}}]},
+        {"role":"tool","tool_call_id":"call_0","content":"Error: timeout"},
+        {"role":"assistant","tool_calls":[{"id":"call_0","type":"function","function":{"name":"search","arguments":"{}"}}]},
+        {"role":"tool","tool_call_id":"call_0","content":"3 hits"}]}"#;
+    assert_eq!(
+        names_outputs("{}", resp),
+        [
+            ("search".into(), "Error: timeout".into()),
+            ("search".into(), "3 hits".into())
+        ]
+    );
+}
+
+/// Chat completion chunks of several choices, and parallel calls whose fragments carry no
+/// index or id: each call's arguments stay its own.
+#[test]
+fn stream_fragments_are_joined_per_choice_and_call() {
+    let calls = |resp: &str| -> Vec<(String, String)> {
+        let m = map_execution(
+            &ctx(),
+            &exec(Some("{}"), Some(resp)),
+            &MapOptions::default(),
+        );
+        m.records
+            .iter()
+            .skip(1)
+            .map(readable)
+            .map(|r| {
+                (
+                    r["tag"]["tool"].as_str().unwrap().to_string(),
+                    r["requestPayload"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let two_choices = r#"[
+        {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"fa","arguments":""}}]}}]},
+        {"choices":[{"index":1,"delta":{"tool_calls":[{"index":0,"id":"b","function":{"name":"fb","arguments":""}}]}}]},
+        {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"a\":1}"}}]}}]},
+        {"choices":[{"index":1,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\"b\":2}"}}]}}]}]"#;
+    assert_eq!(
+        calls(two_choices),
+        [
+            ("fa".into(), r#"{"a":1}"#.into()),
+            ("fb".into(), r#"{"b":2}"#.into())
+        ]
+    );
+    let no_index = r#"[
+        {"choices":[{"delta":{"tool_calls":[{"id":"","function":{"name":"fa","arguments":"{\"a\":"}}]}}]},
+        {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"1}"}}]}}]},
+        {"choices":[{"delta":{"tool_calls":[{"id":"","function":{"name":"fb","arguments":"{\"b\":2}"}}]}}]}]"#;
+    assert_eq!(
+        calls(no_index),
+        [
+            ("fa".into(), r#"{"a":1}"#.into()),
+            ("fb".into(), r#"{"b":2}"#.into())
+        ]
+    );
+}
+
 #[test]
 fn responses_agent_function_calls_matched_by_call_id_in_response_and_request() {
     let req = r#"{"input":[{"role":"user","content":"hi"},
@@ -953,16 +1054,29 @@ proptest! {
     fn every_distinct_tool_call_becomes_exactly_one_record(
         format in prop_oneof![Just(Format::Completions), Just(Format::ChatAgent), Just(Format::Responses)],
         calls in prop::collection::vec(
-            ("c[0-5]", "[a-z_.]{1,8}", any::<String>(), proptest::option::of("[a-z ]{0,10}")),
+            // Few ids, names and arguments: calls listed again, and ids reused by other calls.
+            (
+                "c[0-3]",
+                "(a|b|[a-z_.]{1,8})",
+                prop_oneof![Just("{}".to_string()), any::<String>()],
+                proptest::option::of("[a-z ]{0,10}"),
+            ),
             0..8,
         ),
     ) {
         let response = build_response(format, &calls);
         let m = map_execution(&ctx(), &exec(Some("{}"), Some(&response)), &MapOptions::default());
-        // Distinct calls: the same id, name and arguments twice is one call.
+        // Distinct calls: the same id, name and arguments twice is one call, unless the
+        // response holds an output for each listing of that id (completions hold none).
+        let outputs_of = |id: &str| match format {
+            Format::Completions => 0,
+            _ => calls.iter().filter(|c| c.0 == id && c.3.is_some()).count(),
+        };
+        let listed = |id: &str| calls.iter().filter(|c| c.0 == id).count();
         let mut first: Vec<&(String, String, String, Option<String>)> = vec![];
         for c in &calls {
-            if !first.iter().any(|f| (&f.0, &f.1, &f.2) == (&c.0, &c.1, &c.2)) {
+            let again = first.iter().any(|f| (&f.0, &f.1, &f.2) == (&c.0, &c.1, &c.2));
+            if !again || outputs_of(&c.0) >= listed(&c.0) {
                 first.push(c);
             }
         }

@@ -86,43 +86,69 @@ pub(crate) fn scan(request: Option<&JsonString>, response: Option<&str>) -> Scan
         return out;
     }
 
-    // The same call listed twice (same id, name and arguments) is one call. Calls that share an
-    // id but differ are distinct (an agent may number its calls `call_0` at every step): each
-    // takes the outputs given for that id in order.
+    // The same call listed twice (same id, name and arguments: a message and its stream form,
+    // say) is one call, unless the response holds an output for each listing (a call made
+    // again). Calls that share an id but differ are distinct (an agent may number its calls
+    // `call_0` at every step): each takes the outputs given for that id in order.
+    let mut listed: HashMap<String, usize> = HashMap::new();
+    for id in calls.iter().filter_map(|c| c.id.clone()) {
+        *listed.entry(id).or_default() += 1;
+    }
     let mut seen: HashSet<(String, String, String)> = HashSet::new();
     calls.retain(|c| match &c.id {
-        Some(id) => seen.insert((id.clone(), c.name.clone(), c.arguments.clone())),
-        None => true,
+        Some(id) if outputs.get(id).map_or(0, VecDeque::len) < listed[id] => {
+            seen.insert((id.clone(), c.name.clone(), c.arguments.clone()))
+        }
+        _ => true,
     });
+    for c in &mut calls {
+        if let Some(id) = &c.id {
+            c.output = outputs.get_mut(id).and_then(VecDeque::pop_front);
+        }
+    }
 
-    let missing = calls
+    // Calls still without an output: the request's history may hold it (a client that ran the
+    // tool). Only an output that is alone for its id there, for the only such call, and whose
+    // call the history does not show as another one (an id reused by a later step).
+    let waiting: HashMap<String, usize> = calls
         .iter()
-        .any(|c| c.id.as_ref().is_some_and(|id| !outputs.contains_key(id)));
-    if missing {
+        .filter(|c| c.output.is_none())
+        .filter_map(|c| c.id.clone())
+        .fold(HashMap::new(), |mut m, id| {
+            *m.entry(id).or_default() += 1;
+            m
+        });
+    if !waiting.is_empty() {
         if let Some(req) = request.filter(|r| r.first_non_whitespace() == Some('{')) {
             match serde_json::from_str::<Doc>(&req.text()) {
                 Ok(doc) => {
                     out.request_parsed = Some(true);
-                    // Calls in the request history are not this execution's; only outputs are used.
-                    let mut ignored = Vec::new();
+                    // Calls in the request history are not this execution's: they only tell
+                    // which call an output there belongs to.
+                    let mut history = Vec::new();
                     let mut req_outputs = Outputs::new();
                     collect(
                         doc,
-                        &mut ignored,
+                        &mut history,
                         &mut req_outputs,
                         &mut Fragments::default(),
                     );
-                    for (k, v) in req_outputs {
-                        outputs.entry(k).or_insert(v);
+                    for c in calls.iter_mut().filter(|c| c.output.is_none()) {
+                        let Some(id) = c.id.as_deref() else {
+                            continue;
+                        };
+                        let other_call = history.iter().any(|h| {
+                            h.id.as_deref() == Some(id)
+                                && (&h.name, &h.arguments) != (&c.name, &c.arguments)
+                        });
+                        let alone = req_outputs.get(id).filter(|q| q.len() == 1);
+                        if let (false, Some(q), Some(1)) = (other_call, alone, waiting.get(id)) {
+                            c.output = q.front().cloned();
+                        }
                     }
                 }
                 Err(_) => out.request_parsed = Some(false),
             }
-        }
-    }
-    for c in &mut calls {
-        if let Some(id) = &c.id {
-            c.output = outputs.get_mut(id).and_then(VecDeque::pop_front);
         }
     }
     out.calls = calls;
@@ -138,7 +164,7 @@ fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut Outputs, streamed:
             item(*msg, calls, outputs);
         }
         if let Some(delta) = choice.delta {
-            streamed.add(*delta);
+            streamed.add(choice.index.0.clone(), *delta);
         }
     }
     for it in doc
@@ -166,16 +192,17 @@ fn collect(doc: Doc, calls: &mut Vec<ToolCall>, outputs: &mut Outputs, streamed:
 }
 
 /// The tool calls of chat completion chunks (`choices[].delta.tool_calls[]`): the first fragment
-/// of a call carries its `index`, `id` and name, the next ones (same `index`) more of its
-/// arguments.
+/// of a call carries its `index`, `id` and name, the next ones (same choice and `index`) more of
+/// its arguments.
 #[derive(Default)]
 struct Fragments {
-    /// `(index, call)` in the order the calls started.
-    calls: Vec<(String, ToolCall)>,
+    /// `((choice index, tool call index), call)` in the order the calls started.
+    calls: Vec<((String, Option<String>), ToolCall)>,
 }
 
 impl Fragments {
-    fn add(&mut self, delta: Item) {
+    fn add(&mut self, choice: Option<String>, delta: Item) {
+        let choice = choice.unwrap_or_default();
         for tc in delta.tool_calls.0 {
             let Item {
                 id,
@@ -190,24 +217,31 @@ impl Fragments {
                 None => (None, None),
             };
             let (id, name, args) = (nonblank(id.0), fname.or(name.0), fargs.or(arguments.0));
-            let index = index.0.unwrap_or_default();
+            let name = name.filter(|n| !n.trim().is_empty());
+            // The open call of this choice at this index (without an index: its latest call).
             let open = self
                 .calls
                 .iter_mut()
                 .rev()
-                .find(|(i, _)| *i == index)
-                .map(|(_, c)| c)
-                // A new id at an index starts another call there.
-                .filter(|c| id.is_none() || c.id == id);
+                .find(|((c, i), _)| *c == choice && (index.0.is_none() || *i == index.0))
+                .map(|(_, call)| call)
+                // Another id, or a name when the call has one, starts another call.
+                .filter(|call| match &id {
+                    Some(id) => call.id.as_ref().is_none_or(|own| own == id),
+                    None => name.is_none() || call.name.is_empty(),
+                });
             match open {
-                Some(c) => {
-                    c.arguments.push_str(args.as_deref().unwrap_or_default());
-                    if c.name.is_empty() {
-                        c.name = name.unwrap_or_default();
+                Some(call) => {
+                    call.arguments.push_str(args.as_deref().unwrap_or_default());
+                    if call.name.is_empty() {
+                        call.name = name.unwrap_or_default();
+                    }
+                    if call.id.is_none() {
+                        call.id = id;
                     }
                 }
                 None => self.calls.push((
-                    index,
+                    (choice.clone(), index.0),
                     ToolCall {
                         id,
                         name: name.unwrap_or_default(),
