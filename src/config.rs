@@ -723,9 +723,14 @@ impl Config {
     }
 
     /// The workspace a state belongs to (`StateStore::bind_workspace`): `DATABRICKS_HOST`'s host,
-    /// lowercase, with its port when it is not the scheme's default.
+    /// lowercase, without a trailing dot, with its port when it is not the scheme's default.
     pub fn workspace_identity(&self) -> String {
-        let host = self.host.host_str().unwrap_or("").to_ascii_lowercase();
+        let host = self
+            .host
+            .host_str()
+            .unwrap_or("")
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
         match self.host.port() {
             Some(port) => format!("{host}:{port}"),
             None => host,
@@ -2019,6 +2024,29 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    /// One workspace is one identity however its URL is written; another port is another one.
+    #[test]
+    fn a_workspace_has_one_identity_however_its_url_is_written() {
+        let identity = |host: &str| {
+            let mut cli = valid_cli();
+            cli.databricks.host = s(host);
+            build(&cli).expect("valid").workspace_identity()
+        };
+        for host in [
+            "https://dbc-1.cloud.databricks.com",
+            "https://DBC-1.cloud.databricks.com/",
+            "https://dbc-1.cloud.databricks.com:443",
+            "dbc-1.cloud.databricks.com",
+            "https://dbc-1.cloud.databricks.com.",
+        ] {
+            assert_eq!(identity(host), "dbc-1.cloud.databricks.com", "{host}");
+        }
+        assert_eq!(
+            identity("https://dbc-1.cloud.databricks.com:8443"),
+            "dbc-1.cloud.databricks.com:8443"
+        );
     }
 
     #[test]

@@ -85,6 +85,8 @@ async fn async_main(cli: cli::Cli) -> ExitCode {
                 print_steps(&steps, json);
             } else {
                 eprintln!("ERROR {e}");
+                // The line Akto's job runner shows for every exit.
+                eprintln!("databricks-shield stopped (configuration refused, exit code 2)");
             }
             return ExitCode::from(2);
         }

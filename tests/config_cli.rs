@@ -180,6 +180,8 @@ fn missing_configuration_exits_2_naming_every_missing_variable_in_one_message() 
         line.contains("https://your-workspace.cloud.databricks.com"),
         "{line}"
     );
+    // The job runner's last line, as for every exit.
+    assert!(all.contains("databricks-shield stopped"), "{all}");
 }
 
 #[test]

@@ -91,7 +91,7 @@ fn token_times(started: Instant, expires_in: Option<u64>) -> (Instant, Instant) 
 
 /// `text` with every occurrence of a secret replaced, for an error message (an answer echoing
 /// the request must not carry it into a log).
-fn redact(text: &str, secrets: &[&str]) -> String {
+pub(crate) fn redact(text: &str, secrets: &[&str]) -> String {
     secrets
         .iter()
         .filter(|s| s.len() >= 4)
@@ -387,18 +387,20 @@ impl TokenSource {
         client_id: &str,
         client_secret: &SecretString,
     ) -> DatabricksError {
-        let oauth: TokenError = serde_json::from_str(body).unwrap_or_default();
+        // The whole body redacted first: a secret echoed across the cut of a long body would
+        // leave a part of it otherwise.
+        let secret = client_secret.expose_secret();
+        let basic =
+            base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{secret}"));
+        let body = redact(body, &[secret, &basic]);
+        let oauth: TokenError = serde_json::from_str(&body).unwrap_or_default();
         let oauth_named = !oauth.error.is_empty();
         let (code, message) = if oauth_named {
             (oauth.error, oauth.error_description)
         } else {
-            ApiErrorBody::parse(body)
+            ApiErrorBody::parse(&body)
         };
-        let secret = client_secret.expose_secret();
-        let basic =
-            base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{secret}"));
-        let message = redact(message.trim(), &[secret, &basic]);
-        let code = redact(&code, &[secret, &basic]);
+        let message = message.trim().to_string();
         let answered = format!(
             "the token endpoint {} answered HTTP {}{}",
             self.token_url,

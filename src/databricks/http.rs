@@ -452,7 +452,11 @@ impl ApiClient {
             if status.is_success() {
                 return Ok(text);
             }
-            let (code, message) = ApiErrorBody::parse(&String::from_utf8_lossy(&text));
+            // The body may echo the request (a proxy's or firewall's error page showing its
+            // headers): the token never goes into an error.
+            let body =
+                super::auth::redact(&String::from_utf8_lossy(&text), &[token.expose_secret()]);
+            let (code, message) = ApiErrorBody::parse(&body);
             let token_refused = status == StatusCode::UNAUTHORIZED
                 || (status == StatusCode::FORBIDDEN && refuses_token(&message));
             if token_refused && !reauthenticated {
