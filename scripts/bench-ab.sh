@@ -5,6 +5,8 @@
 #
 #   scripts/bench-ab.sh <base-rev>                        # 3 rounds, 100k rows, HTTP sink
 #   scripts/bench-ab.sh <base-rev> --rounds 5 --rows 50000 --sink file
+#   scripts/bench-ab.sh <base-rev> --same-input   # both builds read the base's emulator's rows
+#                                                 # (when the emulator's rows changed too)
 #
 # Prints one line per run (connector CPU-s per 100k rows, ratio to the serde_json floor, rows/s)
 # and the medians. The base build is kept under target/bench-ab/ (reused when the same revision
@@ -12,18 +14,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ $# -ge 1 ] || { sed -n '2,11p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,13p' "$0"; exit 2; }
 base="$(git rev-parse --verify "$1^{commit}")"
 shift
 rounds=3
 rows=100000
 sink=http
+same_input=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) rounds="$2"; shift 2 ;;
     --rows) rows="$2"; shift 2 ;;
     --sink) sink="$2"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --same-input) same_input=1; shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) echo "bench-ab.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -48,7 +52,11 @@ run() {
 results=()
 for i in $(seq "$rounds"); do
   b="$(run "$work/target/release/shield-bench")"
-  n="$(run target/release/shield-bench)"
+  if [ "$same_input" = 1 ]; then
+    n="$(SHIELD_BENCH_EMULATOR="$PWD/$work/target/release/databricks-emulator" run target/release/shield-bench)"
+  else
+    n="$(run target/release/shield-bench)"
+  fi
   echo "round $i  base ${base:0:9}: $b   current: $n   (CPU-s per 100k rows, floor ratio, rows/s)"
   results+=("base $b" "new $n")
 done

@@ -64,8 +64,13 @@ impl Work {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // `SHIELD_BENCH_EMULATOR`: another build's emulator, so that an A/B of two connector
+        // builds reads the same rows (`scripts/bench-ab.sh --same-input`).
+        let emulator = std::env::var_os("SHIELD_BENCH_EMULATOR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.bins.join("databricks-emulator"));
         let s = Service::spawn(
-            &self.bins.join("databricks-emulator"),
+            &emulator,
             &args,
             &self.path("emulator.log"),
         )?;
