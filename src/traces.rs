@@ -671,18 +671,6 @@ impl TraceReader<'_> {
         Ok(stats)
     }
 
-    /// Reads one experiment's new traces and sends them as units to `out`: the traces started
-    /// in the window, then (a second search) the long runs started up to [`MAX_RUN_US`] before
-    /// it that ended in it.
-    pub async fn experiment_into(
-        &self,
-        source: &TraceSource,
-        out: &mpsc::Sender<Chunk>,
-        stats: &mut TableStats,
-    ) -> Result<(), CollectError> {
-        collect_experiment(self, source, out, stats).await
-    }
-
     /// [`TraceReader::otel_table_into`] counting into its own [`TableStats`], returned when it
     /// succeeds.
     pub async fn otel_table(
@@ -697,84 +685,72 @@ impl TraceReader<'_> {
             .await?;
         Ok(stats)
     }
+}
 
-    /// Reads the new traces of a UC OTel span table (`*_otel_spans`) through SQL: a trace is
-    /// read once its root span (no parent) ended [`SETTLE_US`] ago (roots listed by their end),
-    /// with all its spans (and their `events`, where the table has that column); agents are told
-    /// apart by the root span's name (an inventory agent's name, endpoint, app or model), else
-    /// the table itself is the agent. State namespace: the table's full name.
-    pub async fn otel_table_into(
+impl TraceReader<'_> {
+    /// Reads one experiment's new traces and sends them as units to `out`: the traces started
+    /// in the window, then (a second search) the long runs started up to [`MAX_RUN_US`] before
+    /// it that ended in it.
+    pub async fn experiment_into(
         &self,
-        warehouse_id: &str,
-        table: &str,
-        inv: &Inventory,
+        source: &TraceSource,
         out: &mpsc::Sender<Chunk>,
         stats: &mut TableStats,
     ) -> Result<(), CollectError> {
-        collect_otel_table(self, warehouse_id, table, inv, out, stats).await
-    }
-}
-
-/// [`TraceReader::experiment_into`].
-async fn collect_experiment(
-    r: &TraceReader<'_>,
-    source: &TraceSource,
-    out: &mpsc::Sender<Chunk>,
-    stats: &mut TableStats,
-) -> Result<(), CollectError> {
-    let TraceReader {
-        client,
-        state,
-        opts,
-        account_id,
-        now_us,
-        ..
-    } = *r;
-    let ns = experiment_namespace(&source.experiment_id);
-    let w = window(state, &ns, opts, now_us)?;
-    let floor = now_us - opts.max_catchup.as_micros() as i64;
-    let from_ms = w.from_us.div_euclid(1000);
-    let long_us = long_run_us(opts);
-    // Trace ids emitted this cycle: the search pages by offset, so a trace logged while paging
-    // shifts the results and the last trace of one page comes again on the next, before its
-    // unit is committed.
-    let mut emitted: HashSet<String> = HashSet::new();
-    let mut reader = ExperimentRead {
-        client,
-        state,
-        source,
-        opts,
-        account_id,
-        ns: &ns,
-        now_us,
-        floor,
-        long_us,
-        last_read_before: last_read_before(opts, now_us),
-        out,
-    };
-    let main = format!("trace.timestamp_ms > {}", from_ms - 1);
-    reader
-        .search(&main, Pass::Main(&w), &mut emitted, stats)
-        .await?;
-    // Long runs logged when they ended: their start is before the window (MLflow 3 clients
-    // create the trace only then, already final). Started at most MAX_RUN_US before the
-    // window's late edge, and within MAX_CATCHUP_HOURS.
-    let late_from = w.late_from();
-    let lower_ms = late_from
-        .saturating_sub(MAX_RUN_US)
-        .max(floor)
-        .div_euclid(1000);
-    if lower_ms < from_ms {
-        let long = format!(
-            "trace.timestamp_ms >= {lower_ms} AND trace.timestamp_ms < {from_ms} AND \
-             trace.execution_time_ms > {}",
-            long_us / 1000
-        );
+        let TraceReader {
+            client,
+            state,
+            opts,
+            account_id,
+            now_us,
+            ..
+        } = *self;
+        let ns = experiment_namespace(&source.experiment_id);
+        let w = window(state, &ns, opts, now_us)?;
+        let floor = now_us - opts.max_catchup.as_micros() as i64;
+        let from_ms = w.from_us.div_euclid(1000);
+        let long_us = long_run_us(opts);
+        // Trace ids emitted this cycle: the search pages by offset, so a trace logged while paging
+        // shifts the results and the last trace of one page comes again on the next, before its
+        // unit is committed.
+        let mut emitted: HashSet<String> = HashSet::new();
+        let mut reader = ExperimentRead {
+            client,
+            state,
+            source,
+            opts,
+            account_id,
+            ns: &ns,
+            now_us,
+            floor,
+            long_us,
+            last_read_before: last_read_before(opts, now_us),
+            out,
+        };
+        let main = format!("trace.timestamp_ms > {}", from_ms - 1);
         reader
-            .search(&long, Pass::Long { late_from }, &mut emitted, stats)
+            .search(&main, Pass::Main(&w), &mut emitted, stats)
             .await?;
+        // Long runs logged when they ended: their start is before the window (MLflow 3 clients
+        // create the trace only then, already final). Started at most MAX_RUN_US before the
+        // window's late edge, and within MAX_CATCHUP_HOURS.
+        let late_from = w.late_from();
+        let lower_ms = late_from
+            .saturating_sub(MAX_RUN_US)
+            .max(floor)
+            .div_euclid(1000);
+        if lower_ms < from_ms {
+            let long = format!(
+                "trace.timestamp_ms >= {lower_ms} AND trace.timestamp_ms < {from_ms} AND \
+             trace.execution_time_ms > {}",
+                long_us / 1000
+            );
+            reader
+                .search(&long, Pass::Long { late_from }, &mut emitted, stats)
+                .await?;
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// What the passes of one experiment's read share.
@@ -1167,102 +1143,107 @@ fn summary_span(t: &TraceInfo, time_us: i64) -> Span {
     }
 }
 
-/// [`TraceReader::otel_table_into`].
-async fn collect_otel_table(
-    r: &TraceReader<'_>,
-    warehouse_id: &str,
-    table: &str,
-    inv: &Inventory,
-    out: &mpsc::Sender<Chunk>,
-    stats: &mut TableStats,
-) -> Result<(), CollectError> {
-    let TraceReader {
-        client,
-        state,
-        opts,
-        account_id,
-        workspace_host,
-        now_us,
-    } = *r;
-    let w = window(state, table, opts, now_us)?;
-    let statement = |sql: String, params: Vec<Param>| Statement {
-        warehouse_id: warehouse_id.to_string(),
-        statement: sql,
-        parameters: params,
-        table: table.to_string(),
-        timeout: opts.statement_timeout,
-    };
-    // Agents by every name their root spans may carry.
-    let mut names: BTreeMap<String, String> = BTreeMap::new();
-    for a in &inv.agents {
-        let mut keys = vec![a.name.clone()];
-        keys.extend(a.endpoint.clone());
-        keys.extend(a.app.as_ref().map(|p| p.name.clone()));
-        keys.extend(
-            a.models
-                .iter()
-                .map(|m| m.name.rsplit('.').next().unwrap_or(&m.name).to_string()),
-        );
-        if let Some(s) = crate::discovery::strip_prefix_ci(&a.name, &inv.prefix) {
-            keys.push(s.to_string());
+impl TraceReader<'_> {
+    /// Reads the new traces of a UC OTel span table (`*_otel_spans`) through SQL: a trace is
+    /// read once its root span (no parent) ended [`SETTLE_US`] ago (roots listed by their end),
+    /// with all its spans (and their `events`, where the table has that column); agents are told
+    /// apart by the root span's name (an inventory agent's name, endpoint, app or model), else
+    /// the table itself is the agent. State namespace: the table's full name.
+    pub async fn otel_table_into(
+        &self,
+        warehouse_id: &str,
+        table: &str,
+        inv: &Inventory,
+        out: &mpsc::Sender<Chunk>,
+        stats: &mut TableStats,
+    ) -> Result<(), CollectError> {
+        let TraceReader {
+            client,
+            state,
+            opts,
+            account_id,
+            workspace_host,
+            now_us,
+        } = *self;
+        let w = window(state, table, opts, now_us)?;
+        let statement = |sql: String, params: Vec<Param>| Statement {
+            warehouse_id: warehouse_id.to_string(),
+            statement: sql,
+            parameters: params,
+            table: table.to_string(),
+            timeout: opts.statement_timeout,
+        };
+        // Agents by every name their root spans may carry.
+        let mut names: BTreeMap<String, String> = BTreeMap::new();
+        for a in &inv.agents {
+            let mut keys = vec![a.name.clone()];
+            keys.extend(a.endpoint.clone());
+            keys.extend(a.app.as_ref().map(|p| p.name.clone()));
+            keys.extend(
+                a.models
+                    .iter()
+                    .map(|m| m.name.rsplit('.').next().unwrap_or(&m.name).to_string()),
+            );
+            if let Some(s) = crate::discovery::strip_prefix_ci(&a.name, &inv.prefix) {
+                keys.push(s.to_string());
+            }
+            for k in keys {
+                names
+                    .entry(normalize_name(&k))
+                    .or_insert_with(|| a.name.clone());
+            }
         }
-        for k in keys {
-            names
-                .entry(normalize_name(&k))
-                .or_insert_with(|| a.name.clone());
-        }
-    }
-    let short = table.rsplit('.').next().unwrap_or(table);
-    let fallback_agent = short
-        .strip_suffix("_otel_spans")
-        .unwrap_or(short)
-        .to_string();
+        let short = table.rsplit('.').next().unwrap_or(table);
+        let fallback_agent = short
+            .strip_suffix("_otel_spans")
+            .unwrap_or(short)
+            .to_string();
 
-    // Roots are listed by their end, when their row lands (a root span is written when it
-    // ends, so a long run's root arrives hours after its start): the window follows arrival.
-    let mut after: (i64, String) = (w.from_us.saturating_mul(1000) - 1, String::new());
-    let mut emitted: HashSet<String> = HashSet::new();
-    let settled_before = now_us - SETTLE_US;
-    for _ in 0..100_000 {
-        let sql = format!(
+        // Roots are listed by their end, when their row lands (a root span is written when it
+        // ends, so a long run's root arrives hours after its start): the window follows arrival.
+        let mut after: (i64, String) = (w.from_us.saturating_mul(1000) - 1, String::new());
+        let mut emitted: HashSet<String> = HashSet::new();
+        let settled_before = now_us - SETTLE_US;
+        for _ in 0..100_000 {
+            let sql = format!(
             "SELECT trace_id, start_time_unix_nano, end_time_unix_nano FROM {t} WHERE (parent_span_id IS NULL OR parent_span_id = '') AND \
              (end_time_unix_nano > :after_ns OR (end_time_unix_nano = :after_ns AND trace_id > :after_id)) \
              ORDER BY end_time_unix_nano, trace_id LIMIT {PAGE}",
             t = quote_table(table)
         );
-        // A page cut at the byte limit holds fewer than PAGE roots yet more follow: go on after
-        // its last root (keyset), never take it for the end.
-        let (roots, cut) = read_prefix(
-            client,
-            statement(
-                sql,
-                vec![
-                    Param::new("after_ns", after.0.to_string(), "BIGINT"),
-                    Param::new("after_id", after.1.clone(), "STRING"),
-                ],
-            ),
-            stats,
-        )
-        .await?;
-        let n = roots.len();
-        if n == 0 && cut {
-            return Err(row_too_large(table, "a root span's trace_id"));
-        }
-        // (trace id, root start ns, root end ns).
-        let keyed: Vec<(String, i64, i64)> = roots
-            .iter()
-            .filter_map(|r| {
-                let id = r.first()?.text()?.into_owned();
-                let end: i64 = r.get(2)?.text()?.trim().parse().ok()?;
-                let start: i64 = r
-                    .get(1)
-                    .and_then(Cell::text)
-                    .and_then(|s| s.trim().parse().ok())
-                    .unwrap_or(end);
-                Some((id, start, end))
-            })
-            .collect();
-        match keyed.last() {
+            // A page cut at the byte limit holds fewer than PAGE roots yet more follow: go on after
+            // its last root (keyset), never take it for the end.
+            let (roots, cut) = read_prefix(
+                client,
+                statement(
+                    sql,
+                    vec![
+                        Param::new("after_ns", after.0.to_string(), "BIGINT"),
+                        Param::new("after_id", after.1.clone(), "STRING"),
+                    ],
+                ),
+                stats,
+            )
+            .await?;
+            let n = roots.len();
+            if n == 0 && cut {
+                return Err(row_too_large(table, "a root span's trace_id"));
+            }
+            // (trace id, root start ns, root end ns).
+            let keyed: Vec<(String, i64, i64)> = roots
+                .iter()
+                .filter_map(|r| {
+                    let id = r.first()?.text()?.into_owned();
+                    let end: i64 = r.get(2)?.text()?.trim().parse().ok()?;
+                    let start: i64 = r
+                        .get(1)
+                        .and_then(Cell::text)
+                        .and_then(|s| s.trim().parse().ok())
+                        .unwrap_or(end);
+                    Some((id, start, end))
+                })
+                .collect();
+            match keyed.last() {
             Some((id, _, ns)) if (*ns, id.as_str()) > (after.0, after.1.as_str()) => {
                 after = (*ns, id.clone())
             }
@@ -1275,135 +1256,137 @@ async fn collect_otel_table(
             }
             _ => {}
         }
-        // By id: a trace is keyed by a root span's end, but a late second root span would give
-        // it another one (the chunk is marked `by_id`); a state written before keyed it by its
-        // root's start, also found by id.
-        let delivered = state.delivered_among(table, keyed.iter().map(|(id, _, _)| id.as_str()))?;
-        let mut wanted: Vec<(String, i64, bool)> = Vec::new();
-        // Roots are listed by end: once one has not settled, neither has any after it.
-        let mut unsettled = false;
-        for (id, start_ns, end_ns) in keyed {
-            let t = end_ns.div_euclid(1000);
-            let Some(behind) = w.wants(t, &id) else {
-                continue;
-            };
-            // Spans still being written (a child exported after its root): read once the root
-            // ended SETTLE_US ago; until then the window is held open back to it.
-            if t > settled_before {
-                if !emitted.contains(&id) && !delivered.contains(&id) {
-                    hold(stats, t);
+            // By id: a trace is keyed by a root span's end, but a late second root span would give
+            // it another one (the chunk is marked `by_id`); a state written before keyed it by its
+            // root's start, also found by id.
+            let delivered =
+                state.delivered_among(table, keyed.iter().map(|(id, _, _)| id.as_str()))?;
+            let mut wanted: Vec<(String, i64, bool)> = Vec::new();
+            // Roots are listed by end: once one has not settled, neither has any after it.
+            let mut unsettled = false;
+            for (id, start_ns, end_ns) in keyed {
+                let t = end_ns.div_euclid(1000);
+                let Some(behind) = w.wants(t, &id) else {
+                    continue;
+                };
+                // Spans still being written (a child exported after its root): read once the root
+                // ended SETTLE_US ago; until then the window is held open back to it.
+                if t > settled_before {
+                    if !emitted.contains(&id) && !delivered.contains(&id) {
+                        hold(stats, t);
+                    }
+                    unsettled = true;
+                    continue;
                 }
-                unsettled = true;
-                continue;
+                // A trace with two root spans is listed twice, in one page or two: one unit, from
+                // the first (its spans are all read then). Its delivery is not committed yet when
+                // a later page comes, so the state cannot tell.
+                if !emitted.insert(id.clone()) {
+                    continue;
+                }
+                if delivered.contains(&id) {
+                    stats.duplicates_skipped += 1;
+                } else {
+                    wanted.push((id, start_ns.div_euclid(1000), behind));
+                }
             }
-            // A trace with two root spans is listed twice, in one page or two: one unit, from
-            // the first (its spans are all read then). Its delivery is not committed yet when
-            // a later page comes, so the state cannot tell.
-            if !emitted.insert(id.clone()) {
-                continue;
-            }
-            if delivered.contains(&id) {
-                stats.duplicates_skipped += 1;
-            } else {
-                wanted.push((id, start_ns.div_euclid(1000), behind));
-            }
-        }
-        if !wanted.is_empty() {
-            let ids: Vec<String> = wanted.iter().map(|(id, _, _)| id.clone()).collect();
-            // Unity Catalog's columns of the table, as discovery listed them this cycle.
-            let cols = if inv.otel_events.contains(table) {
-                SPAN_COLUMNS_EVENTS
-            } else {
-                SPAN_COLUMNS
-            };
-            let mut by_trace = fetch_spans(client, &statement, table, cols, ids, stats).await?;
-            let mut units = Vec::new();
-            let mut behind_n = 0u64;
-            for (id, t, behind) in wanted {
-                // Its root span was just listed, and the span read was complete: a trace without
-                // spans now means the table changed in between. Not a unit (it would be
-                // committed with no record): read again next cycle.
-                let Some(spans) = by_trace.remove(&id).filter(|s| !s.is_empty()) else {
-                    tracing::warn!(
+            if !wanted.is_empty() {
+                let ids: Vec<String> = wanted.iter().map(|(id, _, _)| id.clone()).collect();
+                // Unity Catalog's columns of the table, as discovery listed them this cycle.
+                let cols = if inv.otel_events.contains(table) {
+                    SPAN_COLUMNS_EVENTS
+                } else {
+                    SPAN_COLUMNS
+                };
+                let mut by_trace = fetch_spans(client, &statement, table, cols, ids, stats).await?;
+                let mut units = Vec::new();
+                let mut behind_n = 0u64;
+                for (id, t, behind) in wanted {
+                    // Its root span was just listed, and the span read was complete: a trace without
+                    // spans now means the table changed in between. Not a unit (it would be
+                    // committed with no record): read again next cycle.
+                    let Some(spans) = by_trace.remove(&id).filter(|s| !s.is_empty()) else {
+                        tracing::warn!(
                         "{table}: trace {id} has a root span but no span was returned for it; it is read again next cycle"
                     );
-                    continue;
-                };
-                let root_name = spans
-                    .iter()
-                    .find(|s| s.parent_span_id.is_none())
-                    .map(|s| s.name.clone())
-                    .unwrap_or_default();
-                let agent = names
-                    .get(&normalize_name(&root_name))
-                    .cloned()
-                    .unwrap_or_else(|| fallback_agent.clone());
-                let execution_path = match inv.agents.iter().find(|a| a.name == agent) {
-                    Some(a) => {
-                        execution_path(a).filter(|_| !inv.shared_tables.contains_key(&a.name))
+                        continue;
+                    };
+                    let root_name = spans
+                        .iter()
+                        .find(|s| s.parent_span_id.is_none())
+                        .map(|s| s.name.clone())
+                        .unwrap_or_default();
+                    let agent = names
+                        .get(&normalize_name(&root_name))
+                        .cloned()
+                        .unwrap_or_else(|| fallback_agent.clone());
+                    let execution_path = match inv.agents.iter().find(|a| a.name == agent) {
+                        Some(a) => {
+                            execution_path(a).filter(|_| !inv.shared_tables.contains_key(&a.name))
+                        }
+                        None => Some(format!("/agents/{}/invocations", encode_segment(&agent))),
+                    };
+                    let source = TraceSource {
+                        experiment_id: String::new(),
+                        host: inv.agent_host(inv.trace_agent(&agent), workspace_host),
+                        execution_path,
+                        agent: agent.clone(),
+                    };
+                    let meta = TraceMeta {
+                        trace_id: id.clone(),
+                        client_request_id: None,
+                        time_us: t,
+                        location: table.to_string(),
+                    };
+                    behind_n += u64::from(behind);
+                    // Kept (by id) until its newest root span's end leaves the window: a trace with
+                    // a second root later than the first is listed again until then, and must still
+                    // be known as delivered.
+                    let newest_root = spans
+                        .iter()
+                        .filter(|s| s.parent_span_id.is_none())
+                        .filter_map(|s| s.end_ns.or(s.start_ns))
+                        .map(|ns| ns.div_euclid(1000))
+                        .fold(t, i64::max);
+                    // A second root span still settling: its children may still be landing. Read
+                    // the whole trace once it has settled too.
+                    if newest_root > settled_before {
+                        hold(stats, newest_root);
+                        continue;
                     }
-                    None => Some(format!("/agents/{}/invocations", encode_segment(&agent))),
-                };
-                let source = TraceSource {
-                    experiment_id: String::new(),
-                    host: inv.agent_host(inv.trace_agent(&agent), workspace_host),
-                    execution_path,
-                    agent: agent.clone(),
-                };
-                let meta = TraceMeta {
-                    trace_id: id.clone(),
-                    client_request_id: None,
-                    time_us: t,
-                    location: table.to_string(),
-                };
-                behind_n += u64::from(behind);
-                // Kept (by id) until its newest root span's end leaves the window: a trace with
-                // a second root later than the first is listed again until then, and must still
-                // be known as delivered.
-                let newest_root = spans
-                    .iter()
-                    .filter(|s| s.parent_span_id.is_none())
-                    .filter_map(|s| s.end_ns.or(s.start_ns))
-                    .map(|ns| ns.div_euclid(1000))
-                    .fold(t, i64::max);
-                // A second root span still settling: its children may still be landing. Read
-                // the whole trace once it has settled too.
-                if newest_root > settled_before {
-                    hold(stats, newest_root);
-                    continue;
+                    units.push(Prepared {
+                        id,
+                        time_us: newest_root,
+                        agent,
+                        host: source.host.clone(),
+                        records: span_records(&source, account_id, &meta, &spans),
+                    });
                 }
-                units.push(Prepared {
-                    id,
-                    time_us: newest_root,
-                    agent,
-                    host: source.host.clone(),
-                    records: span_records(&source, account_id, &meta, &spans),
-                });
+                stats.late_found += behind_n;
+                stats.executions += units.len() as u64;
+                if !units.is_empty() {
+                    out.send(Chunk {
+                        table: table.to_string(),
+                        prepared: units,
+                        by_id: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|_| CollectError::Closed)?;
+                }
             }
-            stats.late_found += behind_n;
-            stats.executions += units.len() as u64;
-            if !units.is_empty() {
-                out.send(Chunk {
-                    table: table.to_string(),
-                    prepared: units,
-                    by_id: true,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|_| CollectError::Closed)?;
+            if unsettled {
+                return Ok(());
+            }
+            if n < PAGE && !cut {
+                return Ok(());
             }
         }
-        if unsettled {
-            return Ok(());
-        }
-        if n < PAGE && !cut {
-            return Ok(());
-        }
+        Err(CollectError::Databricks(DatabricksError::Decode {
+            route: table.to_string(),
+            detail: "more than 100000 pages of root spans".into(),
+        }))
     }
-    Err(CollectError::Databricks(DatabricksError::Decode {
-        route: table.to_string(),
-        detail: "more than 100000 pages of root spans".into(),
-    }))
 }
 
 const SPAN_COLUMNS: &str =

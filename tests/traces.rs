@@ -1452,9 +1452,10 @@ async fn read_otel_at(
 /// sent by that read, which holds the window back to the second root's end; a later read, both
 /// roots settled, sends it once, with all its spans, keyed by its newest root's end.
 ///
-/// Catches: removing the `newest_root > settled_before` hold of `collect_otel_table` (the trace
-/// would be sent by the first read, from its settled first root, before the second root's
-/// children have landed), or holding it without `hold` (the read mark would move past it).
+/// Catches: removing the `newest_root > settled_before` hold of
+/// `TraceReader::otel_table_into` (the trace would be sent by the first read, from its settled
+/// first root, before the second root's children have landed), or holding it without `hold`
+/// (the read mark would move past it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_otel_trace_waits_until_its_newest_root_has_settled() {
     const SETTLE_US: i64 = 120_000_000;

@@ -179,6 +179,23 @@ fn chat_agent_tool_calls_matched_by_tool_call_id() {
     );
 }
 
+/// The tool records of an execution: each one's tool name and `field` (a payload).
+fn tools_with(request: &str, response: &str, field: &str) -> Vec<(String, String)> {
+    let e = exec(Some(request), Some(response));
+    let m = map_execution(&ctx(), &e, &MapOptions::default());
+    m.records
+        .iter()
+        .skip(1)
+        .map(readable)
+        .map(|r| {
+            (
+                r["tag"]["tool"].as_str().unwrap_or("").to_string(),
+                r[field].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
 /// An agent that numbers its calls per step (`call_0` at every step): two calls with one id but
 /// other names or arguments are two calls, each taking that id's outputs in order.
 #[test]
@@ -290,20 +307,7 @@ fn streamed_and_wrapped_responses_give_their_tool_calls() {
 /// name and arguments and answered twice is two calls.
 #[test]
 fn reused_ids_never_take_another_calls_output() {
-    let names_outputs = |req: &str, resp: &str| -> Vec<(String, String)> {
-        let m = map_execution(&ctx(), &exec(Some(req), Some(resp)), &MapOptions::default());
-        m.records
-            .iter()
-            .skip(1)
-            .map(readable)
-            .map(|r| {
-                (
-                    r["tag"]["tool"].as_str().unwrap().to_string(),
-                    r["responsePayload"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    };
+    let names_outputs = |req: &str, resp: &str| tools_with(req, resp, "responsePayload");
     // The history's call_0 was another call (search "old"): its result is not this one's.
     let req = r#"{"messages":[{"role":"user","content":"go"},
         {"role":"assistant","tool_calls":[{"id":"call_0","type":"function","function":{"name":"search","arguments":"{\"q\":\"old\"}"}}]},
@@ -343,24 +347,7 @@ fn reused_ids_never_take_another_calls_output() {
 /// index or id: each call's arguments stay its own.
 #[test]
 fn stream_fragments_are_joined_per_choice_and_call() {
-    let calls = |resp: &str| -> Vec<(String, String)> {
-        let m = map_execution(
-            &ctx(),
-            &exec(Some("{}"), Some(resp)),
-            &MapOptions::default(),
-        );
-        m.records
-            .iter()
-            .skip(1)
-            .map(readable)
-            .map(|r| {
-                (
-                    r["tag"]["tool"].as_str().unwrap().to_string(),
-                    r["requestPayload"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
-    };
+    let calls = |resp: &str| tools_with("{}", resp, "requestPayload");
     let two_choices = r#"[
         {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"fa","arguments":""}}]}}]},
         {"choices":[{"index":1,"delta":{"tool_calls":[{"index":0,"id":"b","function":{"name":"fb","arguments":""}}]}}]},
