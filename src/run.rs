@@ -13,8 +13,9 @@
 //! span and an inference row's tool call record can describe the same call (same
 //! `x-tool-call-id`); the delivery stage identifies a tool-call record by (agent host, call id)
 //! and drops it when the other source already sent that call (the registry, state namespace
-//! `toolcall:<agent host>`, id = `trace`/`row`, U+001F, call id; time = the unit's time; bare ids
-//! of an earlier release count for both). Calls of one source are never merged: each source
+//! `toolcall:<agent host>`, id = `trace`/`row`, U+001F, call id; time = the unit's time; the
+//! bare ids of an earlier release are registered under both keys by the state's format 4
+//! upgrade). Calls of one source are never merged: each source
 //! sends a unit once, and agents reuse call ids across requests. A call enters the registry in
 //! the `commit_delivered` transaction
 //! that follows its record's delivery (also when other records of its unit were not delivered);
@@ -1841,9 +1842,9 @@ enum CallSource {
 }
 
 impl CallSource {
-    /// The registry key of a call of this source sent with this id. Registries written before
-    /// (kept a lookback) hold bare ids of either source; the separator (U+001F) is never part of
-    /// a call id.
+    /// The registry key of a call of this source sent with this id (the separator, U+001F, is
+    /// never part of a call id). Registries of state format 3 held bare ids of either source: the
+    /// upgrade registers each under both keys ([`tool_call_keys`]).
     fn key(self, id: &str) -> String {
         match self {
             CallSource::Trace => format!("trace\u{1f}{id}"),
@@ -1858,6 +1859,12 @@ impl CallSource {
             CallSource::Row => CallSource::Trace,
         }
     }
+}
+
+/// The registry keys of a call id of both sources: what a call registered by a release that
+/// did not tell them apart counts as (`StateStore`'s format 4 upgrade).
+pub(crate) fn tool_call_keys(id: &str) -> [String; 2] {
+    [CallSource::Trace.key(id), CallSource::Row.key(id)]
 }
 
 /// Which tool calls the other source sent already (see the module doc): the registry's answer
@@ -1895,9 +1902,10 @@ impl ToolCallLedger {
         let mut by_host: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (host, records) in units {
             for id in records.iter().filter_map(crate::traces::tool_call_id) {
-                let keys = by_host.entry(host).or_default();
-                keys.push(source.other().key(&id));
-                keys.push(id);
+                by_host
+                    .entry(host)
+                    .or_default()
+                    .push(source.other().key(&id));
             }
         }
         for (host, keys) in by_host {
@@ -3074,15 +3082,23 @@ mod tests {
         let ns = tool_call_namespace(HOST);
         let row_key = CallSource::Row.key("by-row");
         let trace_key = CallSource::Trace.key("by-trace");
-        let rows: Vec<DeliveredRow<'_>> = ["old", row_key.as_str(), trace_key.as_str()]
-            .into_iter()
-            .map(|id| DeliveredRow {
-                table: &ns,
-                id,
-                time_us: 1,
-                by_id: true,
-            })
-            .collect();
+        // "old": sent by a release that kept bare ids, which the state's upgrade registers
+        // under both sources' keys.
+        let [old_trace, old_row] = tool_call_keys("old");
+        let rows: Vec<DeliveredRow<'_>> = [
+            old_trace.as_str(),
+            old_row.as_str(),
+            row_key.as_str(),
+            trace_key.as_str(),
+        ]
+        .into_iter()
+        .map(|id| DeliveredRow {
+            table: &ns,
+            id,
+            time_us: 1,
+            by_id: true,
+        })
+        .collect();
         state.commit_delivered(&rows).unwrap();
         let unit = trace_unit("tr", 5, &["old", "by-row", "by-trace", "new"]);
         let ids = |records: &[traffic::AktoRecord]| -> Vec<String> {

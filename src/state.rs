@@ -438,6 +438,7 @@ impl StateStore {
     fn init(&self, upgrade: bool) -> Result<Option<String>, StateError> {
         let txn = self.db.begin_write().map_err(|e| self.io(e))?;
         let mut older = None;
+        let mut tag_tool_call_ids = false;
         {
             let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
             let existing = meta
@@ -460,6 +461,7 @@ impl StateStore {
                     );
                     meta.insert("format", FORMAT_VERSION)
                         .map_err(|e| self.io(e))?;
+                    tag_tool_call_ids = true;
                 }
                 Some(other) => {
                     let detail = format!(
@@ -482,6 +484,9 @@ impl StateStore {
             txn.open_table(CURSORS).map_err(|e| self.io(e))?;
             txn.open_table(READ_MARKS).map_err(|e| self.io(e))?;
             txn.open_table(BOUNDS).map_err(|e| self.io(e))?;
+            if tag_tool_call_ids {
+                self.tag_tool_call_ids(&txn)?;
+            }
             if older.is_none() {
                 let log = txn.open_table(BY_ID_LOG).map_err(|e| self.io(e))?;
                 self.load_log(&log)?;
@@ -494,6 +499,49 @@ impl StateStore {
             txn.commit().map_err(|e| self.io(e))?;
         }
         Ok(older)
+    }
+
+    /// Format 4: the tool call registry's ids of an earlier format (bare call ids, of either
+    /// source) are registered under both sources' keys too (`run::tool_call_keys`), at the same
+    /// time, so the registry needs no lookup of bare ids; the bare rows are pruned as usual.
+    fn tag_tool_call_ids(&self, txn: &redb::WriteTransaction) -> Result<(), StateError> {
+        let prefix = crate::run::TOOL_CALL_PREFIX;
+        let mut bare: Vec<(String, i64, String)> = Vec::new();
+        {
+            let by_time = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+            let end = format!("{}\u{10ffff}", prefix);
+            for entry in by_time
+                .range((prefix, i64::MIN, "")..(end.as_str(), i64::MIN, ""))
+                .map_err(|e| self.io(e))?
+            {
+                let (k, _) = entry.map_err(|e| self.io(e))?;
+                let (table, time_us, id) = k.value();
+                if !id.contains('\u{1f}') {
+                    bare.push((table.to_string(), time_us, id.to_string()));
+                }
+            }
+        }
+        let mut by_time = txn.open_table(BY_TIME).map_err(|e| self.io(e))?;
+        let mut delivered = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
+        for (table, time_us, id) in &bare {
+            for key in crate::run::tool_call_keys(id) {
+                by_time
+                    .insert((table.as_str(), *time_us, key.as_str()), ())
+                    .map_err(|e| self.io(e))?;
+                delivered
+                    .insert((table.as_str(), key.as_str()), *time_us)
+                    .map_err(|e| self.io(e))?;
+            }
+        }
+        if !bare.is_empty() {
+            tracing::info!(
+                "state file {}: {} tool call(s) registered by an earlier release kept under \
+                 their sources' keys",
+                self.path.display(),
+                bare.len()
+            );
+        }
+        Ok(())
     }
 
     /// Loads the by-id rows waiting in the log into memory.
@@ -1372,6 +1420,52 @@ mod tests {
         assert_eq!(on_disk(&dir.path().join(FILE_NAME)), (0, 1));
     }
 
+    /// Format 3 kept a tool call by its bare id, whichever source sent it: the upgrade registers
+    /// it under both sources' keys, at its time, so that neither source sends it again; the bare
+    /// row goes with pruning as before. A format 3 build refuses the upgraded file.
+    #[test]
+    fn a_format_3_files_tool_calls_are_kept_under_both_sources_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE_NAME);
+        {
+            let s = StateStore::open(dir.path(), false).unwrap();
+            s.commit_delivered(&rows("toolcall:h.ai-agent.ws", &[("call_1", 10)]))
+                .unwrap();
+            s.commit_delivered(&timed("c.s.t", &[("call_1", 10)]))
+                .unwrap();
+        }
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("format", "3").unwrap();
+            txn.commit().unwrap();
+        }
+        let s = StateStore::open(dir.path(), false).unwrap();
+        let keys = crate::run::tool_call_keys("call_1");
+        let found = s
+            .delivered_among("toolcall:h.ai-agent.ws", keys.iter().map(String::as_str))
+            .unwrap();
+        assert_eq!(found.len(), 2, "{found:?}");
+        let mut at_10 = s.ids_in_range("toolcall:h.ai-agent.ws", 10, 11).unwrap();
+        at_10.sort();
+        let mut want = vec!["call_1".to_string(), keys[0].clone(), keys[1].clone()];
+        want.sort();
+        assert_eq!(at_10, want);
+        // Other namespaces are left as they were.
+        assert_eq!(s.ids_in_range("c.s.t", 10, 11).unwrap(), ["call_1"]);
+        // Pruned with the rest.
+        s.prune("toolcall:h.ai-agent.ws", 11).unwrap();
+        assert!(s
+            .delivered_among("toolcall:h.ai-agent.ws", keys.iter().map(String::as_str))
+            .unwrap()
+            .is_empty());
+        drop(s);
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get("format").unwrap().unwrap().value(), "4");
+    }
+
     #[test]
     fn a_format_2_file_is_upgraded_with_an_empty_log() {
         let dir = tempfile::tempdir().unwrap();
@@ -1407,7 +1501,8 @@ mod tests {
         s.commit_delivered(&rows("toolcall:h", &[("call_2", 20)]))
             .unwrap();
         drop(s);
-        assert_eq!(on_disk(&path), (1, 1));
+        // call_2 in the log; call_1 in the index, bare and under both sources' keys (format 4).
+        assert_eq!(on_disk(&path), (1, 3));
         let db = Database::create(&path).unwrap();
         let txn = db.begin_read().unwrap();
         let meta = txn.open_table(META).unwrap();

@@ -69,11 +69,7 @@ impl Work {
         let emulator = std::env::var_os("SHIELD_BENCH_EMULATOR")
             .map(PathBuf::from)
             .unwrap_or_else(|| self.bins.join("databricks-emulator"));
-        let s = Service::spawn(
-            &emulator,
-            &args,
-            &self.path("emulator.log"),
-        )?;
+        let s = Service::spawn(&emulator, &args, &self.path("emulator.log"))?;
         eprintln!(
             "  emulator: {rows} rows, {agents} agents, ready in {:.1}s at {}",
             started.elapsed().as_secs_f64(),
