@@ -1319,13 +1319,17 @@ mod tests {
                 "{name} missing from --help"
             );
         }
+        // STATE_DIR has no fixed default: unset, each workspace's folder under ./state.
+        assert!(
+            help.contains("Unset: ./state/<workspace host>"),
+            "STATE_DIR's default missing from --help"
+        );
         for default in [
             "[default: workspace]",
             "[default: default]",
             "[default: 300]",
             "[default: 60]",
             "[default: 24]",
-            "[default: ./state]",
             "[default: text]",
             "[default: 127.0.0.1:9464]",
             "[default: 1000000]",

@@ -818,7 +818,11 @@ impl Config {
             self.interval.as_secs(),
             self.lookback.as_secs() / 60,
             self.max_catchup.as_secs() / 3600,
-            self.state_dir.display(),
+            if self.state_dir_given {
+                self.state_dir.display().to_string()
+            } else {
+                format!("{}/<workspace host>", self.state_dir.display())
+            },
             self.log_format,
             self.metrics_addr
                 .map(|a| a.to_string())

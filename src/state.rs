@@ -71,6 +71,9 @@ const FORMAT_VERSION: &str = "4";
 
 /// The `META` key of the workspace the state belongs to ([`StateStore::bind_workspace`]).
 const WORKSPACE_KEY: &str = "workspace";
+/// Next to the state file: the same workspace as plain text, read without the state's lock by
+/// [`default_state_dir`].
+const WORKSPACE_FILE: &str = "workspace";
 /// Older formats this build upgrades.
 const UPGRADES_FROM: &[&str] = &["1", "2", "3"];
 /// The state file's name inside STATE_DIR.
@@ -188,10 +191,31 @@ impl Logged {
             Some(ids) => ids,
             None => self.rows.entry(table.to_string()).or_default(),
         };
-        if ids.insert(id.into(), time_us).is_none() {
-            self.len += 1;
+        // The newest time of an id registered more than once (see `keep_newest`).
+        match ids.get_mut(id) {
+            Some(t) => *t = (*t).max(time_us),
+            None => {
+                ids.insert(id.into(), time_us);
+                self.len += 1;
+            }
         }
     }
+}
+
+/// Indexes `(table, id)` at `time_us` in `DELIVERED`, keeping the newest time of an id registered
+/// more than once (a tool call id an agent reuses): pruning removes an id's index entry with
+/// its newest row only. Costs a second write only when an older time comes after a newer one.
+fn keep_newest(
+    delivered: &mut redb::Table<(&str, &str), i64>,
+    table: &str,
+    id: &str,
+    time_us: i64,
+) -> Result<(), redb::StorageError> {
+    let before = delivered.insert((table, id), time_us)?.map(|v| v.value());
+    if let Some(newer) = before.filter(|&b| b > time_us) {
+        delivered.insert((table, id), newer)?;
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for StateStore {
@@ -261,7 +285,39 @@ pub fn default_state_dir(
     if own.join(FILE_NAME).exists() || !base.join(FILE_NAME).exists() {
         return Ok(own);
     }
-    let (earlier, _) = StateStore::open_unchanged(base)?;
+    // Bound: its workspace is in a plain file next to it, read without the state's lock (the
+    // state may be in use by its own workspace's run).
+    if let Ok(recorded) = fs::read_to_string(base.join(WORKSPACE_FILE)) {
+        let recorded = recorded.trim();
+        if recorded == identity {
+            return Ok(base.to_path_buf());
+        }
+        tracing::info!(
+            "the state in {} belongs to the workspace {recorded}; this workspace's is in {}",
+            base.display(),
+            own.display()
+        );
+        return Ok(own);
+    }
+    let earlier = match StateStore::open_unchanged(base) {
+        Ok((earlier, _)) => earlier,
+        // In use and not bound: another run is taking it or looking into it (a run that holds
+        // it for long has bound it). This workspace's own state starts.
+        Err(StateError::Locked(_)) => {
+            tracing::warn!(
+                "the state in {} (written by an earlier release) is in use by another run and \
+                 bound to no workspace yet; this workspace's state starts in {}, and its first \
+                 run sends the last LOOKBACK_MINUTES again (Akto may receive records it already \
+                 has)",
+                base.display(),
+                own.display()
+            );
+            return Ok(own);
+        }
+        // Damaged, or a newer build's: the start opens it and says so (and --reset-state moves
+        // it aside there).
+        Err(_) => return Ok(base.to_path_buf()),
+    };
     match earlier.workspace()? {
         Some(w) if w == identity => Ok(base.to_path_buf()),
         Some(w) => {
@@ -273,13 +329,22 @@ pub fn default_state_dir(
             Ok(own)
         }
         None => {
-            let foreign: Vec<String> = earlier
+            // Every agent host it sent tool calls on: registry namespaces still holding calls,
+            // and those whose cursor alone is left (cursors are never pruned).
+            let mut hosts: std::collections::BTreeSet<String> = earlier
                 .namespaces_with_prefix(crate::run::TOOL_CALL_PREFIX)?
                 .into_iter()
-                .filter_map(|ns| {
-                    ns.strip_prefix(crate::run::TOOL_CALL_PREFIX)
-                        .map(str::to_string)
-                })
+                .collect();
+            hosts.extend(
+                earlier
+                    .cursors()?
+                    .into_iter()
+                    .map(|(ns, _)| ns)
+                    .filter(|ns| ns.starts_with(crate::run::TOOL_CALL_PREFIX)),
+            );
+            let foreign: Vec<&str> = hosts
+                .iter()
+                .filter_map(|ns| ns.strip_prefix(crate::run::TOOL_CALL_PREFIX))
                 .filter(|host| !host_is_ours(host))
                 .collect();
             if foreign.is_empty() {
@@ -292,7 +357,7 @@ pub fn default_state_dir(
                  workspace's state starts in {}, and its first run sends the last \
                  LOOKBACK_MINUTES again (Akto may receive records it already has)",
                 base.display(),
-                foreign.first().map_or("", String::as_str),
+                foreign.first().copied().unwrap_or(""),
                 own.display()
             );
             Ok(own)
@@ -528,9 +593,7 @@ impl StateStore {
                 by_time
                     .insert((table.as_str(), *time_us, key.as_str()), ())
                     .map_err(|e| self.io(e))?;
-                delivered
-                    .insert((table.as_str(), key.as_str()), *time_us)
-                    .map_err(|e| self.io(e))?;
+                keep_newest(&mut delivered, table, &key, *time_us).map_err(|e| self.io(e))?;
             }
         }
         if !bare.is_empty() {
@@ -578,9 +641,7 @@ impl StateStore {
         {
             let mut delivered = txn.open_table(DELIVERED).map_err(|e| self.io(e))?;
             for (table, id, time_us) in &rows {
-                delivered
-                    .insert((*table, *id), *time_us)
-                    .map_err(|e| self.io(e))?;
+                keep_newest(&mut delivered, table, id, *time_us).map_err(|e| self.io(e))?;
             }
             let mut log = txn.open_table(BY_ID_LOG).map_err(|e| self.io(e))?;
             log.retain_in(..=last_seq, |_, _| false)
@@ -733,16 +794,29 @@ impl StateStore {
     /// that holds nothing yet (a first start that failed before reading, say with a mistyped
     /// host) is bound anew.
     pub fn bind_workspace(&self, identity: &str) -> Result<(), StateError> {
-        if self.serves_workspace(identity)? {
-            return Ok(());
+        if !self.serves_workspace(identity)? {
+            let txn = self.db.begin_write().map_err(|e| self.io(e))?;
+            {
+                let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
+                meta.insert(WORKSPACE_KEY, identity)
+                    .map_err(|e| self.io(e))?;
+            }
+            txn.commit().map_err(|e| self.io(e))?;
         }
-        let txn = self.db.begin_write().map_err(|e| self.io(e))?;
-        {
-            let mut meta = txn.open_table(META).map_err(|e| self.io(e))?;
-            meta.insert(WORKSPACE_KEY, identity)
-                .map_err(|e| self.io(e))?;
+        // The plain copy for [`default_state_dir`] (rewritten when it says otherwise).
+        let file = self.path.with_file_name(WORKSPACE_FILE);
+        if fs::read_to_string(&file).ok().as_deref() != Some(identity) {
+            create_private_file(&file, false)
+                .and_then(|mut f| {
+                    f.set_len(0)?;
+                    std::io::Write::write_all(&mut f, identity.as_bytes())
+                })
+                .map_err(|e| StateError::Io {
+                    path: file,
+                    detail: format!("cannot record the state's workspace: {e}"),
+                })?;
         }
-        txn.commit().map_err(|e| self.io(e))
+        Ok(())
     }
 
     /// Whether the state is bound to the workspace `identity` already (`Ok(false)`: it may be,
@@ -1111,9 +1185,17 @@ impl StateStore {
                     .remove((table, t, id.as_str()))
                     .map_err(|e| self.io(e))?;
                 if indexed {
-                    delivered
+                    let newest = delivered
                         .remove((table, id.as_str()))
-                        .map_err(|e| self.io(e))?;
+                        .map_err(|e| self.io(e))?
+                        .map(|v| v.value());
+                    // An id registered again later (a tool call id an agent reuses): the index
+                    // holds its newest time (`keep_newest`), and keeps it while that row is kept.
+                    if let Some(at) = newest.filter(|&at| at > t && at >= before_us) {
+                        delivered
+                            .insert((table, id.as_str()), at)
+                            .map_err(|e| self.io(e))?;
+                    }
                 }
                 removed += 1;
             }
@@ -1466,6 +1548,32 @@ mod tests {
         assert_eq!(meta.get("format").unwrap().unwrap().value(), "4");
     }
 
+    /// An id registered again at another time (a tool call id an agent reuses) is known while any
+    /// row of it is kept, whichever order the two came in, and forgotten with its newest row.
+    #[test]
+    fn an_id_registered_twice_is_kept_with_its_newest_row() {
+        for order in [[5, 100], [100, 5]] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = StateStore::open(dir.path(), false).unwrap();
+            for t in order {
+                s.commit_delivered(&rows("toolcall:h", &[("k", t)]))
+                    .unwrap();
+            }
+            assert_eq!(s.prune("toolcall:h", 50).unwrap(), 1, "{order:?}");
+            assert_eq!(
+                s.delivered_among("toolcall:h", ["k"]).unwrap().len(),
+                1,
+                "{order:?}: its row at 100 is kept"
+            );
+            // Across a reopen (the index, not the log, answers).
+            drop(s);
+            let s = StateStore::open(dir.path(), false).unwrap();
+            assert_eq!(s.delivered_among("toolcall:h", ["k"]).unwrap().len(), 1);
+            assert_eq!(s.prune("toolcall:h", 200).unwrap(), 1);
+            assert!(s.delivered_among("toolcall:h", ["k"]).unwrap().is_empty());
+        }
+    }
+
     #[test]
     fn a_format_2_file_is_upgraded_with_an_empty_log() {
         let dir = tempfile::tempdir().unwrap();
@@ -1709,6 +1817,33 @@ mod tests {
         let own = base.path().join("adb-1_8443");
         StateStore::open(&own, false).unwrap();
         assert_eq!(pick(base.path()), own);
+        // Bound, and in use by its workspace's run: told by the plain file, without the lock.
+        let base = earlier(&[], Some("adb-1:8443"));
+        let held = StateStore::open(base.path(), false).unwrap();
+        assert_eq!(pick(base.path()), base.path());
+        let other = default_state_dir(base.path(), "adb-2", |_| false).unwrap();
+        assert_eq!(other, base.path().join("adb-2"));
+        drop(held);
+        // Not bound and in use by another run: this workspace starts its own.
+        let base = earlier(&[], None);
+        let held = StateStore::open(base.path(), false).unwrap();
+        assert_eq!(pick(base.path()), base.path().join("adb-1_8443"));
+        drop(held);
+        // Damaged: the start opens it and names --reset-state, which applies there.
+        let base = tempfile::tempdir().unwrap();
+        fs::write(base.path().join(FILE_NAME), b"not a state file at all").unwrap();
+        assert_eq!(pick(base.path()), base.path());
+        // Another workspace's agents known only by their registry's cursor (its calls pruned).
+        let base = earlier(&["bot.ai-agent.adb-2"], None);
+        {
+            let s = StateStore::open(base.path(), false).unwrap();
+            s.prune("toolcall:bot.ai-agent.adb-2", i64::MAX).unwrap();
+            assert!(s
+                .namespaces_with_prefix(crate::run::TOOL_CALL_PREFIX)
+                .unwrap()
+                .is_empty());
+        }
+        assert_eq!(pick(base.path()), base.path().join("adb-1_8443"));
     }
 
     #[test]

@@ -400,7 +400,9 @@ impl TokenSource {
         } else {
             ApiErrorBody::parse(&body)
         };
-        let message = message.trim().to_string();
+        // Again once decoded: JSON may have written an echoed secret with escapes (`\/`).
+        let message = redact(message.trim(), &[secret, &basic]);
+        let code = redact(&code, &[secret, &basic]);
         let answered = format!(
             "the token endpoint {} answered HTTP {}{}",
             self.token_url,

@@ -342,6 +342,19 @@ impl HttpSink {
     }
 
     /// The `authorization` header to send (the token file read again when due).
+    /// [`snippet`] of an answer, without the token when the answer echoes the request (a
+    /// proxy's or firewall's error page showing its headers).
+    fn answer_snippet(&self, body: &str) -> String {
+        let token = self
+            .auth_header()
+            .and_then(|h| h.to_str().ok().map(str::to_string))
+            .filter(|t| t.len() >= 8 && body.contains(t.as_str()));
+        match token {
+            Some(t) => snippet(&body.replace(&t, "[redacted]")),
+            None => snippet(body),
+        }
+    }
+
     fn auth_header(&self) -> Option<HeaderValue> {
         if let Some(f) = self.jwt_file.as_ref().filter(|f| f.due(JWT_RECHECK)) {
             if let (token, true) = f.read() {
@@ -400,7 +413,7 @@ impl HttpSink {
         if status == StatusCode::OK {
             return Ok(());
         }
-        let body = snippet(&resp.text().await.unwrap_or_default());
+        let body = self.answer_snippet(&resp.text().await.unwrap_or_default());
         if let Some(err) = self.config_error(status, &body, &shown_health) {
             return Err(err);
         }
@@ -908,7 +921,7 @@ impl HttpSink {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let body = match resp.text().await {
-            Ok(text) => snippet(&text),
+            Ok(text) => self.answer_snippet(&text),
             Err(e) => format!("body unreadable: {}", error_chain(&e)),
         };
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {

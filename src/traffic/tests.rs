@@ -360,6 +360,11 @@ fn stream_fragments_are_joined_per_choice_and_call() {
             ("fb".into(), r#"{"b":2}"#.into())
         ]
     );
+    // A server that repeats the name in every fragment of a call (same index, no id).
+    let repeated_name = r#"[
+        {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"fa","arguments":"{\"a\":"}}]}}]},
+        {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"fa","arguments":"1}"}}]}}]}]"#;
+    assert_eq!(calls(repeated_name), [("fa".into(), r#"{"a":1}"#.into())]);
     let no_index = r#"[
         {"choices":[{"delta":{"tool_calls":[{"id":"","function":{"name":"fa","arguments":"{\"a\":"}}]}}]},
         {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"1}"}}]}}]},

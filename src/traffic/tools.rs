@@ -225,10 +225,11 @@ impl Fragments {
                 .rev()
                 .find(|((c, i), _)| *c == choice && (index.0.is_none() || *i == index.0))
                 .map(|(_, call)| call)
-                // Another id, or a name when the call has one, starts another call.
+                // Another id starts another call; so does, without an index, a name when the
+                // call has one (a fragment with an index may repeat its call's name).
                 .filter(|call| match &id {
                     Some(id) => call.id.as_ref().is_none_or(|own| own == id),
-                    None => name.is_none() || call.name.is_empty(),
+                    None => index.0.is_some() || name.is_none() || call.name.is_empty(),
                 });
             match open {
                 Some(call) => {
