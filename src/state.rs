@@ -73,7 +73,7 @@ const FORMAT_VERSION: &str = "4";
 const WORKSPACE_KEY: &str = "workspace";
 /// Next to the state file: the same workspace as plain text, read without the state's lock by
 /// [`default_state_dir`].
-const WORKSPACE_FILE: &str = "workspace";
+const WORKSPACE_FILE: &str = "databricks-shield.workspace";
 /// Older formats this build upgrades.
 const UPGRADES_FROM: &[&str] = &["1", "2", "3"];
 /// The state file's name inside STATE_DIR.
@@ -287,8 +287,10 @@ pub fn default_state_dir(
     }
     // Bound: its workspace is in a plain file next to it, read without the state's lock (the
     // state may be in use by its own workspace's run).
-    if let Ok(recorded) = fs::read_to_string(base.join(WORKSPACE_FILE)) {
-        let recorded = recorded.trim();
+    // (An empty one, from a write cut short, says nothing.)
+    let recorded = fs::read_to_string(base.join(WORKSPACE_FILE)).unwrap_or_default();
+    let recorded = recorded.trim();
+    if !recorded.is_empty() {
         if recorded == identity {
             return Ok(base.to_path_buf());
         }
@@ -301,21 +303,9 @@ pub fn default_state_dir(
     }
     let earlier = match StateStore::open_unchanged(base) {
         Ok((earlier, _)) => earlier,
-        // In use and not bound: another run is taking it or looking into it (a run that holds
-        // it for long has bound it). This workspace's own state starts.
-        Err(StateError::Locked(_)) => {
-            tracing::warn!(
-                "the state in {} (written by an earlier release) is in use by another run and \
-                 bound to no workspace yet; this workspace's state starts in {}, and its first \
-                 run sends the last LOOKBACK_MINUTES again (Akto may receive records it already \
-                 has)",
-                base.display(),
-                own.display()
-            );
-            return Ok(own);
-        }
-        // Damaged, or a newer build's: the start opens it and says so (and --reset-state moves
-        // it aside there).
+        // In use and not bound (a run of this release binds it as it opens it, an earlier
+        // release's never does), or damaged, or a newer build's: the start opens it and says so
+        // (another instance is running; --reset-state moves a damaged one aside there).
         Err(_) => return Ok(base.to_path_buf()),
     };
     match earlier.workspace()? {
@@ -803,14 +793,18 @@ impl StateStore {
             }
             txn.commit().map_err(|e| self.io(e))?;
         }
-        // The plain copy for [`default_state_dir`] (rewritten when it says otherwise).
+        // The plain copy for [`default_state_dir`] (rewritten when it says otherwise), replaced
+        // whole: written beside it, synced, renamed over it.
         let file = self.path.with_file_name(WORKSPACE_FILE);
         if fs::read_to_string(&file).ok().as_deref() != Some(identity) {
-            create_private_file(&file, false)
+            let next = self.path.with_file_name(format!("{WORKSPACE_FILE}.next"));
+            create_private_file(&next, false)
                 .and_then(|mut f| {
                     f.set_len(0)?;
-                    std::io::Write::write_all(&mut f, identity.as_bytes())
+                    std::io::Write::write_all(&mut f, identity.as_bytes())?;
+                    f.sync_all()
                 })
+                .and_then(|()| fs::rename(&next, &file))
                 .map_err(|e| StateError::Io {
                     path: file,
                     detail: format!("cannot record the state's workspace: {e}"),
@@ -1558,6 +1552,8 @@ mod tests {
             for t in order {
                 s.commit_delivered(&rows("toolcall:h", &[("k", t)]))
                     .unwrap();
+                // Into the index before the next one (a prune merges the log first).
+                s.prune("toolcall:h", i64::MIN).unwrap();
             }
             assert_eq!(s.prune("toolcall:h", 50).unwrap(), 1, "{order:?}");
             assert_eq!(
@@ -1824,11 +1820,16 @@ mod tests {
         let other = default_state_dir(base.path(), "adb-2", |_| false).unwrap();
         assert_eq!(other, base.path().join("adb-2"));
         drop(held);
-        // Not bound and in use by another run: this workspace starts its own.
+        // Not bound and in use by another run (maybe an earlier release's run of this very
+        // workspace): the start opens it and stops as another instance's, as before.
         let base = earlier(&[], None);
         let held = StateStore::open(base.path(), false).unwrap();
-        assert_eq!(pick(base.path()), base.path().join("adb-1_8443"));
+        assert_eq!(pick(base.path()), base.path());
         drop(held);
+        // A plain file left empty by a write cut short says nothing: the state itself answers.
+        let base = earlier(&[], Some("adb-1:8443"));
+        fs::write(base.path().join(WORKSPACE_FILE), "").unwrap();
+        assert_eq!(pick(base.path()), base.path());
         // Damaged: the start opens it and names --reset-state, which applies there.
         let base = tempfile::tempdir().unwrap();
         fs::write(base.path().join(FILE_NAME), b"not a state file at all").unwrap();

@@ -341,20 +341,19 @@ impl HttpSink {
         self
     }
 
-    /// The `authorization` header to send (the token file read again when due).
-    /// [`snippet`] of an answer, without the token when the answer echoes the request (a
-    /// proxy's or firewall's error page showing its headers).
-    fn answer_snippet(&self, body: &str) -> String {
-        let token = self
-            .auth_header()
-            .and_then(|h| h.to_str().ok().map(str::to_string))
-            .filter(|t| t.len() >= 8 && body.contains(t.as_str()));
+    /// [`snippet`] of an answer, without the token `sent` with the request when the answer
+    /// echoes it (a proxy's or firewall's error page showing its headers).
+    fn answer_snippet(body: &str, sent: Option<&HeaderValue>) -> String {
+        let token = sent
+            .and_then(|h| h.to_str().ok())
+            .filter(|t| t.len() >= 8 && body.contains(*t));
         match token {
-            Some(t) => snippet(&body.replace(&t, "[redacted]")),
+            Some(t) => snippet(&body.replace(t, "[redacted]")),
             None => snippet(body),
         }
     }
 
+    /// The `authorization` header to send (the token file read again when due).
     fn auth_header(&self) -> Option<HeaderValue> {
         if let Some(f) = self.jwt_file.as_ref().filter(|f| f.due(JWT_RECHECK)) {
             if let (token, true) = f.read() {
@@ -398,8 +397,9 @@ impl HttpSink {
     /// `GET {url}/healthCheck` once: 200 is healthy.
     pub async fn healthcheck(&self) -> Result<(), SinkError> {
         let mut req = self.client.get(self.health_url.clone());
-        if let Some(auth) = self.auth_header() {
-            req = req.header(AUTHORIZATION, auth);
+        let sent = self.auth_header();
+        if let Some(auth) = &sent {
+            req = req.header(AUTHORIZATION, auth.clone());
         }
         let shown_health = shown(&self.health_url);
         let resp = req.send().await.map_err(|e| {
@@ -413,7 +413,7 @@ impl HttpSink {
         if status == StatusCode::OK {
             return Ok(());
         }
-        let body = self.answer_snippet(&resp.text().await.unwrap_or_default());
+        let body = Self::answer_snippet(&resp.text().await.unwrap_or_default(), sent.as_ref());
         if let Some(err) = self.config_error(status, &body, &shown_health) {
             return Err(err);
         }
@@ -441,7 +441,7 @@ impl HttpSink {
             .send()
             .await
             .map_err(|e| format!("POST {} failed ({})", self.shown_url, error_chain(&e)))?;
-        Ok((resp.status(), with_token))
+        Ok((resp.status(), with_token.is_some()))
     }
 
     /// The ingestion URL as shown in messages (no credentials, no query).
@@ -870,8 +870,8 @@ impl HttpSink {
         }
     }
 
-    /// `POST /api/ingestData` of `body` with the token, and whether a token went with it.
-    fn ingest_request(&self, body: bytes::Bytes) -> (reqwest::RequestBuilder, bool) {
+    /// `POST /api/ingestData` of `body` with the token, and the token that went with it.
+    fn ingest_request(&self, body: bytes::Bytes) -> (reqwest::RequestBuilder, Option<HeaderValue>) {
         let mut req = self
             .client
             .post(self.ingest_url.clone())
@@ -879,15 +879,14 @@ impl HttpSink {
             .header(CONTENT_TYPE, "application/json")
             .body(body);
         let auth = self.auth_header();
-        let with_token = auth.is_some();
-        if let Some(auth) = auth {
-            req = req.header(AUTHORIZATION, auth);
+        if let Some(auth) = &auth {
+            req = req.header(AUTHORIZATION, auth.clone());
         }
-        (req, with_token)
+        (req, auth)
     }
 
     async fn send_once(&self, body: bytes::Bytes) -> Result<Reply, SinkError> {
-        let (req, _) = self.ingest_request(body);
+        let (req, sent) = self.ingest_request(body);
         let resp = match req.send().await {
             Ok(resp) => resp,
             Err(e) => {
@@ -921,7 +920,7 @@ impl HttpSink {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let body = match resp.text().await {
-            Ok(text) => self.answer_snippet(&text),
+            Ok(text) => Self::answer_snippet(&text, sent.as_ref()),
             Err(e) => format!("body unreadable: {}", error_chain(&e)),
         };
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {

@@ -365,6 +365,17 @@ fn stream_fragments_are_joined_per_choice_and_call() {
         {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"a","function":{"name":"fa","arguments":"{\"a\":"}}]}}]},
         {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"fa","arguments":"1}"}}]}}]}]"#;
     assert_eq!(calls(repeated_name), [("fa".into(), r#"{"a":1}"#.into())]);
+    // Every call at index 0 without an id (a known server bug): told apart by name.
+    let index_0 = r#"[
+        {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"fa","arguments":"{\"a\":1}"}}]}}]},
+        {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"fb","arguments":"{\"b\":2}"}}]}}]}]"#;
+    assert_eq!(
+        calls(index_0),
+        [
+            ("fa".into(), r#"{"a":1}"#.into()),
+            ("fb".into(), r#"{"b":2}"#.into())
+        ]
+    );
     let no_index = r#"[
         {"choices":[{"delta":{"tool_calls":[{"id":"","function":{"name":"fa","arguments":"{\"a\":"}}]}}]},
         {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"1}"}}]}}]},

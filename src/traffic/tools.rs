@@ -225,11 +225,16 @@ impl Fragments {
                 .rev()
                 .find(|((c, i), _)| *c == choice && (index.0.is_none() || *i == index.0))
                 .map(|(_, call)| call)
-                // Another id starts another call; so does, without an index, a name when the
-                // call has one (a fragment with an index may repeat its call's name).
+                // Another id starts another call; so does another name when the call has one
+                // (a fragment may repeat its call's name; servers that give every call index 0
+                // without an id still tell them apart by name).
                 .filter(|call| match &id {
                     Some(id) => call.id.as_ref().is_none_or(|own| own == id),
-                    None => index.0.is_some() || name.is_none() || call.name.is_empty(),
+                    None => {
+                        name.is_none()
+                            || call.name.is_empty()
+                            || (index.0.is_some() && name.as_deref() == Some(call.name.as_str()))
+                    }
                 });
             match open {
                 Some(call) => {
