@@ -192,34 +192,7 @@ async fn a_refused_personal_access_token_is_named_with_its_fix() {
 /// never reaches the error (its Display or Debug).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_page_echoing_the_token_does_not_carry_it_into_the_error() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let body = format!(
-                    "<html>Request blocked by policy. Your request:\n{}</html>",
-                    String::from_utf8_lossy(&head)
-                );
-                let answer = format!(
-                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
-                     connection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(answer.as_bytes()).await;
-                let _ = conn.shutdown().await;
-            });
-        }
-    });
+    let addr = common::echo::echoing_error_page().await;
     let c = DatabricksClient::new(
         &url::Url::parse(&format!("http://{addr}")).unwrap(),
         Credentials::Pat("dapi-echoed-token-5555".to_string().into()),

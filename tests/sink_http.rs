@@ -21,6 +21,9 @@ use databricks_shield::sink::{
 use secrecy::SecretString;
 use url::Url;
 
+#[path = "common/echo.rs"]
+mod echo;
+
 /// One scripted answer of the test server.
 #[derive(Clone)]
 struct Answer {
@@ -1754,32 +1757,7 @@ async fn standin_refuses_a_record_over_akto_producer_limit() {
 /// reaches the error, for a batch or for the start's health check.
 #[tokio::test]
 async fn an_answer_echoing_the_jwt_does_not_carry_it_into_the_error() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut conn, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 8192];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let headers = String::from_utf8_lossy(&head).replace("\r\n", " | ");
-                let body = format!("Blocked by policy: {headers}");
-                let answer = format!(
-                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
-                     connection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = conn.write_all(answer.as_bytes()).await;
-                let _ = conn.shutdown().await;
-            });
-        }
-    });
+    let addr = echo::echoing_error_page().await;
     let jwt = "eyJhbGciOiJIUzI1NiJ9.echoed-jwt-payload.sig";
     let s = sink(
         Url::parse(&format!("http://{addr}")).unwrap(),
@@ -1793,7 +1771,7 @@ async fn an_answer_echoing_the_jwt_does_not_carry_it_into_the_error() {
         format!("{health:?}"),
         format!("{batch:?}"),
     ];
-    assert!(texts[0].contains("Blocked by policy"), "{}", texts[0]);
+    assert!(texts[0].contains("blocked by policy"), "{}", texts[0]);
     assert!(texts.iter().any(|t| t.contains("[redacted]")), "{texts:?}");
     for t in &texts {
         assert!(!t.contains("echoed-jwt-payload"), "{t}");

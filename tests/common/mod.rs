@@ -2,6 +2,7 @@
 //! both over real loopback sockets.
 #![allow(dead_code)]
 
+pub mod echo;
 pub mod kafka;
 pub mod sasl;
 pub mod tls;
