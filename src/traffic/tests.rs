@@ -179,6 +179,9 @@ fn chat_agent_tool_calls_matched_by_tool_call_id() {
     );
 }
 
+/// A user's request without history.
+const GO: &str = r#"{"messages":[{"role":"user","content":"go"}]}"#;
+
 /// The tool records of an execution: each one's tool name and `field` (a payload).
 fn tools_with(request: &str, response: &str, field: &str) -> Vec<(String, String)> {
     let e = exec(Some(request), Some(response));
@@ -210,35 +213,23 @@ fn calls_that_reuse_an_id_are_kept_apart_and_take_their_outputs_in_order() {
         {"role":"assistant","content":"","tool_calls":[
             {"id":"call_0","type":"function","function":{"name":"search","arguments":"{\"q\":\"y\"}"}}]},
         {"role":"assistant","content":"done"}]}"#;
-    let e = exec(
-        Some(r#"{"messages":[{"role":"user","content":"go"}]}"#),
-        Some(resp),
-    );
-    let m = map_execution(&ctx(), &e, &MapOptions::default());
-    let got: Vec<Value> = m.records.iter().skip(1).map(readable).collect();
+    let (got, calls) = tool_records(GO, resp);
     assert_eq!(
-        Value::Array(got),
+        got,
         json!([
             tool("search", "call_0", r#"{"q":"x"}"#, "first", "200", "OK"),
             tool("fetch", "call_0", r#"{"url":1}"#, "second", "200", "OK"),
             tool("search", "call_0", r#"{"q":"y"}"#, "", "200", "OK"),
         ])
     );
-    assert_eq!(m.tool_calls, 3);
+    assert_eq!(calls, 3);
 }
 
 /// Streamed responses logged as their chunks or events, and a pyfunc model's `predictions`:
 /// the same tool call records as the whole response would give.
 #[test]
 fn streamed_and_wrapped_responses_give_their_tool_calls() {
-    let calls = |resp: &str| -> Value {
-        let e = exec(
-            Some(r#"{"messages":[{"role":"user","content":"go"}]}"#),
-            Some(resp),
-        );
-        let m = map_execution(&ctx(), &e, &MapOptions::default());
-        Value::Array(m.records.iter().skip(1).map(readable).collect())
-    };
+    let calls = |resp: &str| tool_records(GO, resp).0;
     // Chat completion chunks: a call's arguments come in fragments of its index.
     let chunks = r#"[
         {"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"role":"assistant","tool_calls":[
