@@ -512,9 +512,11 @@ pub struct RuntimeArgs {
     )]
     pub max_catchup_hours: Option<String>,
 
-    /// Folder for read positions, one per workspace: a state of another DATABRICKS_HOST is
-    /// refused. Unset: ./state/<workspace host> (relative to the working directory), so that
-    /// jobs of several workspaces started in one folder keep apart
+    /// Folder for read positions and the quarantine file, one per workspace: a state another
+    /// DATABRICKS_HOST has read with is refused. Unset: ./state/<workspace host> (a non-default
+    /// port as _<port>; relative to the working directory), so that jobs of several workspaces
+    /// started in one folder keep apart; a state an earlier release kept in ./state itself stays
+    /// in use for its own workspace
     #[arg(
         value_parser = path_parser(),
         long,

@@ -124,9 +124,9 @@ pub enum StateError {
         "the state file {path} belongs to the workspace {recorded}, not to DATABRICKS_HOST \
          {configured}: its read positions would make this workspace's rows look delivered. \
          Nothing was sent. Fix: give each workspace its own STATE_DIR (e.g. \
-         STATE_DIR=./state-<workspace>; under Akto's job runner, set it in each job). If it is \
-         the same workspace under a new address, run once with --reset-state (it moves the old \
-         file aside and re-sends the last LOOKBACK_MINUTES)"
+         STATE_DIR=./state-<workspace>), or leave STATE_DIR unset: each workspace then keeps its \
+         state in ./state/<host>. If it is the same workspace under a new address, run once with \
+         --reset-state (it moves the old file aside and re-sends the last LOOKBACK_MINUTES)"
     )]
     OtherWorkspace {
         path: PathBuf,
@@ -341,9 +341,9 @@ pub fn default_state_dir(
                 return Ok(base.to_path_buf());
             }
             tracing::warn!(
-                "the state in {} (written by an earlier release) holds agents of other \
-                 workspaces too (tool calls sent on {}): several workspaces shared it, so its \
-                 read positions are not this workspace's alone. It is left as it is; this \
+                "the state in {} (written by an earlier release) holds agents of another \
+                 workspace (tool calls sent on {}): another workspace read with it, so its read \
+                 positions are not this workspace's alone. It is left as it is; this \
                  workspace's state starts in {}, and its first run sends the last \
                  LOOKBACK_MINUTES again (Akto may receive records it already has)",
                 base.display(),
