@@ -831,29 +831,23 @@ impl StateStore {
     /// Whether nothing was read or delivered with this state yet: no cursor, read mark, window
     /// bound or delivered id.
     fn holds_nothing(&self) -> Result<bool, StateError> {
+        if self.logged.lock().unwrap_or_else(|p| p.into_inner()).len > 0 {
+            return Ok(false);
+        }
         let txn = self.db.begin_read().map_err(|e| self.io(e))?;
-        let empty = txn
-            .open_table(CURSORS)
-            .and_then(|t| Ok(t.is_empty()?))
-            .map_err(|e| self.io(e))?
-            && txn
-                .open_table(READ_MARKS)
-                .and_then(|t| Ok(t.is_empty()?))
-                .map_err(|e| self.io(e))?
-            && txn
-                .open_table(BOUNDS)
-                .and_then(|t| Ok(t.is_empty()?))
-                .map_err(|e| self.io(e))?
-            && txn
-                .open_table(BY_TIME)
-                .and_then(|t| Ok(t.is_empty()?))
-                .map_err(|e| self.io(e))?
-            && txn
-                .open_table(DELIVERED)
-                .and_then(|t| Ok(t.is_empty()?))
-                .map_err(|e| self.io(e))?
-            && self.logged.lock().unwrap_or_else(|p| p.into_inner()).len == 0;
-        Ok(empty)
+        let empty = |len: Result<u64, redb::TableError>| len.map(|n| n == 0);
+        let all = [
+            empty(txn.open_table(CURSORS).and_then(|t| Ok(t.len()?))),
+            empty(txn.open_table(READ_MARKS).and_then(|t| Ok(t.len()?))),
+            empty(txn.open_table(BOUNDS).and_then(|t| Ok(t.len()?))),
+            empty(txn.open_table(BY_TIME).and_then(|t| Ok(t.len()?))),
+            empty(txn.open_table(DELIVERED).and_then(|t| Ok(t.len()?))),
+        ];
+        let mut nothing = true;
+        for e in all {
+            nothing &= e.map_err(|e| self.io(e))?;
+        }
+        Ok(nothing)
     }
 
     /// The workspace the state was bound to by [`StateStore::bind_workspace`], if any.
